@@ -1,0 +1,335 @@
+"""Typed configuration, one dataclass per component.
+
+Each component receives only its own section, so a model never reads optimizer
+settings and the schedule never reads model shapes. Field names are Megatron's
+flag names with dashes turned into underscores; `cli.py` builds the flags from
+these fields, so a new option is added in exactly one place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A bad or inconsistent setting; the CLI prints it as one line."""
+
+
+def opt(default: Any, help: str, choices: Optional[list] = None, flag: Optional[str] = None,
+        aliases: tuple = ()) -> Any:
+    """A dataclass field carrying its CLI help, choices and extra flag aliases."""
+    meta = {"help": help, "choices": choices, "flag": flag, "aliases": aliases}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = opt(4, "number of transformer layers")
+    hidden_size: int = opt(64, "transformer hidden size")
+    num_attention_heads: int = opt(4, "number of attention heads")
+    num_key_value_heads: Optional[int] = opt(
+        None, "key/value heads for grouped-query attention (default: = attention heads)",
+        aliases=("--num-query-groups",))
+    ffn_hidden_size: Optional[int] = opt(None, "MLP hidden size (default 4*hidden, or 8/3*hidden for SwiGLU)")
+    seq_length: int = opt(64, "tokens per training sample")
+    max_position_embeddings: Optional[int] = opt(None, "learned position table size (default: seq length)")
+    vocab_size: Optional[int] = opt(None, "vocabulary size (default: from the tokenizer; 50257 with mock data)")
+    make_vocab_size_divisible_by: int = opt(128, "pad the vocabulary to a multiple of this (times TP)")
+    init_method_std: float = opt(0.02, "std of the normal weight initialisation")
+    hidden_dropout: float = opt(0.1, "dropout after attention/MLP and on embeddings")
+    attention_dropout: float = opt(0.1, "dropout on attention probabilities")
+    use_rotary_position_embeddings: bool = opt(False, "RoPE instead of learned positions",
+                                               aliases=("--position-embedding-type-rope",))
+    rotary_percent: float = opt(1.0, "fraction of each head's dims that RoPE rotates")
+    rotary_base: int = opt(10000, "RoPE base frequency")
+    normalization: str = opt("layernorm", "normalization layer", choices=["layernorm", "rmsnorm"])
+    layernorm_epsilon: float = opt(1e-5, "epsilon of LayerNorm/RMSNorm")
+    swiglu: bool = opt(False, "SwiGLU MLP instead of GeLU")
+    disable_bias_linear: bool = opt(False, "no biases in linear layers")
+    untie_embeddings_and_output_weights: bool = opt(False, "separate output head instead of tied embedding")
+    recompute_granularity: Optional[str] = opt(None, "activation checkpointing", choices=["full", "selective"])
+    recompute_num_layers: Optional[int] = opt(None, "with full recompute: layers per stage to recompute (default all)")
+    use_flash_attn: bool = opt(False, "use the flash-attn package if installed (else torch SDPA)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.swiglu:  # keep the parameter count of a 4h GeLU MLP, rounded like Megatron
+            return int(4 * self.hidden_size * 2 / 3 / 64) * 64 or 4 * self.hidden_size
+        return 4 * self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = opt(1, "tensor parallel size", aliases=("--tp",))
+    pipeline_model_parallel_size: int = opt(1, "pipeline parallel size", aliases=("--pp",))
+    sequence_parallel: bool = opt(False, "split norm/dropout regions along the sequence across TP")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = opt(None, "interleaved 1F1B: layers per model chunk")
+    pipeline_model_parallel_split: Optional[str] = opt(
+        None, "explicit layers per stage, comma separated (e.g. 3,5); default even split")
+    zero_stage: int = opt(1, "0: data parallel all-reduce; 1: ZeRO-1 sharded optimizer", choices=[0, 1])
+    bucket_size_mb: float = opt(40.0, "gradient bucket size for overlapped reduction")
+    overlap_grad_reduce: bool = opt(True, "reduce gradient buckets during backward",
+                                    flag="--overlap-grad-reduce")
+    distributed_backend: str = opt("auto", "torch.distributed backend", choices=["auto", "nccl", "gloo"])
+    distributed_timeout_minutes: float = opt(10.0, "collective timeout, so a dead rank ends the job")
+
+
+@dataclass
+class OptimizerConfig:
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms)")
+    adam_beta1: float = opt(0.9, "Adam beta1")
+    adam_beta2: float = opt(0.999, "Adam beta2")
+    adam_eps: float = opt(1e-8, "Adam epsilon")
+    clip_grad: float = opt(1.0, "global gradient-norm clipping (0 disables)")
+
+
+@dataclass
+class SchedulerConfig:
+    lr: float = opt(3e-4, "peak learning rate")
+    min_lr: float = opt(0.0, "learning rate at the end of decay")
+    lr_decay_style: str = opt("cosine", "decay shape", choices=["cosine", "linear", "constant"])
+    lr_warmup_iters: int = opt(0, "linear warm-up iterations")
+    lr_warmup_tokens: Optional[int] = opt(None, "linear warm-up in tokens (overrides iterations)")
+    lr_warmup_fraction: Optional[float] = opt(None, "warm-up as a fraction of the decay length")
+    lr_decay_iters: Optional[int] = opt(None, "decay iterations (default: train iters)")
+    lr_decay_tokens: Optional[int] = opt(None, "decay length in tokens (makes the schedule token based)")
+
+
+@dataclass
+class PrecisionConfig:
+    bf16: bool = opt(False, "bf16 autocast with fp32 master weights")
+    fp16: bool = opt(False, "fp16 params with dynamic loss scaling")
+    loss_scale: Optional[float] = opt(None, "static fp16 loss scale (default dynamic)")
+    initial_loss_scale: float = opt(2.0 ** 16, "initial dynamic loss scale")
+    min_loss_scale: float = opt(1.0, "smallest dynamic loss scale")
+    loss_scale_window: int = opt(1000, "good steps before the loss scale grows")
+    hysteresis: int = opt(2, "overflows tolerated before the scale drops")
+    accumulate_allreduce_grads_in_fp32: bool = opt(True, "fp32 gradient buffers for bf16/fp16 params")
+
+
+@dataclass
+class DataConfig:
+    data_path: list = opt([], "data prefixes, optionally weighted: [w1] p1 [w2 p2 ...]")
+    split: str = opt("969,30,1", "train,valid,test split over documents")
+    vocab_file: Optional[str] = opt(None, "GPT-2 vocab.json")
+    merge_file: Optional[str] = opt(None, "GPT-2 merges.txt")
+    mock_data: bool = opt(False, "synthetic learnable tokens, no files needed")
+    num_workers: int = opt(0, "data loader worker processes")
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = opt(4, "samples per micro-batch per data-parallel rank")
+    global_batch_size: Optional[int] = opt(None, "samples per optimizer step (default: micro batch x DP)")
+    train_iters: Optional[int] = opt(None, "optimizer steps")
+    train_tokens: Optional[int] = opt(None, "stop after this many tokens")
+    seed: int = opt(1234, "random seed (weights do not depend on the parallel layout)")
+    device: str = opt("auto", "where to train", choices=["auto", "cpu", "cuda"])
+    eval_interval: int = opt(1000, "iterations between validations")
+    eval_iters: int = opt(10, "batches per validation")
+    log_interval: int = opt(10, "iterations between log lines")
+    log_file: Optional[str] = opt(None, "JSON-lines metrics file")
+    tensorboard_dir: Optional[str] = opt(None, "TensorBoard log directory")
+    peak_tflops: float = opt(989.0, "per-device peak for MFU (H100 bf16 dense)")
+    compile: bool = opt(False, "torch.compile the transformer layers")
+    exit_duration_in_mins: Optional[float] = opt(None, "save and exit after this many minutes")
+    exit_signal_handler: bool = opt(True, "SIGTERM/SIGINT: finish the step, save, exit 0")
+    max_skipped_steps: int = opt(10, "stop after this many consecutive non-finite steps")
+    check_for_nan_in_loss_and_grad: bool = opt(False, "stop at once on a non-finite loss/grad (not fp16)")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = opt(None, "checkpoint directory to write")
+    load: Optional[str] = opt(None, "checkpoint directory to resume from")
+    save_interval: Optional[int] = opt(None, "iterations between checkpoints")
+    keep_last: Optional[int] = opt(None, "keep only the newest N checkpoints")
+    no_load_optim: bool = opt(False, "load weights only")
+    no_load_rng: bool = opt(False, "do not restore RNG states")
+    finetune: bool = opt(False, "load weights, reset iteration/optimizer/data position")
+
+
+SECTIONS = {
+    "model": ModelConfig, "parallel": ParallelConfig, "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig, "precision": PrecisionConfig, "data": DataConfig,
+    "training": TrainingConfig, "checkpoint": CheckpointConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls()
+        apply_flat(cfg, flatten(d))
+        return cfg
+
+    def validate(self, world_size: int = 1) -> None:
+        validate(self, world_size)
+
+
+def field_index() -> dict:
+    """Map every field name to its section, refusing duplicates so a flat key is unambiguous."""
+    index = {}
+    for section, klass in SECTIONS.items():
+        for f in dataclasses.fields(klass):
+            assert f.name not in index, f"duplicate config field {f.name}"
+            index[f.name] = section
+    return index
+
+
+def flatten(d: dict, source: str = "config") -> dict:
+    """Accept both `{model: {num_layers: 2}}` and flat `{num-layers: 2}` YAML styles."""
+    flat = {}
+    for key, value in (d or {}).items():
+        if key in SECTIONS and isinstance(value, dict):
+            for k, v in value.items():
+                flat[k.replace("-", "_")] = v
+        else:
+            flat[key.replace("-", "_")] = value
+    index = field_index()
+    for key in flat:
+        if key not in index:
+            close = difflib.get_close_matches(key, index, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown setting '{key}' in {source}{hint}")
+    return flat
+
+
+def apply_flat(cfg: Config, flat: dict) -> None:
+    index = field_index()
+    for key, value in flat.items():
+        section = getattr(cfg, index[key])
+        setattr(section, key, _coerce(section, key, value))
+
+
+def _coerce(section, key: str, value: Any) -> Any:
+    f = next(f for f in dataclasses.fields(section) if f.name == key)
+    t = str(f.type).replace("Optional[", "").rstrip("]")
+    if value is None:
+        return None
+    try:
+        if key == "data_path":
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split()
+        if t == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if t == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if t == "float":
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting '{key}' expects {t}, got {value!r}") from None
+    return value
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Check every cross-field rule up front so a bad run fails in its first second."""
+    m, p, t, s, o, pr = cfg.model, cfg.parallel, cfg.training, cfg.scheduler, cfg.optimizer, cfg.precision
+    for name, value in [("num-layers", m.num_layers), ("hidden-size", m.hidden_size),
+                        ("num-attention-heads", m.num_attention_heads), ("seq-length", m.seq_length),
+                        ("micro-batch-size", t.micro_batch_size),
+                        ("tensor-model-parallel-size", p.tensor_model_parallel_size),
+                        ("pipeline-model-parallel-size", p.pipeline_model_parallel_size),
+                        ("log-interval", t.log_interval), ("eval-interval", t.eval_interval)]:
+        _need(value is not None and value > 0, f"--{name} must be positive, got {value}")
+    _need(m.hidden_size % m.num_attention_heads == 0,
+          f"--num-attention-heads ({m.num_attention_heads}) must divide --hidden-size ({m.hidden_size})")
+    _need(m.num_attention_heads % m.kv_heads == 0,
+          f"--num-key-value-heads ({m.kv_heads}) must divide --num-attention-heads ({m.num_attention_heads})")
+    _need(m.seq_length <= m.max_positions or m.use_rotary_position_embeddings,
+          f"--seq-length ({m.seq_length}) exceeds --max-position-embeddings ({m.max_positions})")
+    _need(0.0 < m.rotary_percent <= 1.0, f"--rotary-percent must be in (0, 1], got {m.rotary_percent}")
+    if m.use_rotary_position_embeddings:
+        rot = int(m.head_dim * m.rotary_percent)
+        _need(rot >= 2 and rot % 2 == 0, f"rotary dims (head dim {m.head_dim} x {m.rotary_percent}) must be even")
+    for name, v in [("hidden-dropout", m.hidden_dropout), ("attention-dropout", m.attention_dropout)]:
+        _need(0.0 <= v < 1.0, f"--{name} must be in [0, 1), got {v}")
+    _need(m.init_method_std > 0, f"--init-method-std must be positive, got {m.init_method_std}")
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _need(world_size % (tp * pp) == 0,
+          f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
+    dp = world_size // (tp * pp)
+    _need(m.num_attention_heads % tp == 0, f"TP size {tp} must divide --num-attention-heads ({m.num_attention_heads})")
+    _need(m.kv_heads % tp == 0, f"TP size {tp} must divide the key/value heads ({m.kv_heads})")
+    _need(m.ffn_size % tp == 0, f"TP size {tp} must divide the FFN hidden size ({m.ffn_size})")
+    _need(m.hidden_size % tp == 0, f"TP size {tp} must divide --hidden-size ({m.hidden_size})")
+    if p.sequence_parallel and tp > 1:
+        _need(m.seq_length % tp == 0, f"--sequence-parallel needs TP ({tp}) to divide --seq-length ({m.seq_length})")
+    if p.pipeline_model_parallel_split:
+        parts = [int(x) for x in p.pipeline_model_parallel_split.split(",")]
+        _need(len(parts) == pp and sum(parts) == m.num_layers and min(parts) > 0,
+              f"--pipeline-model-parallel-split {p.pipeline_model_parallel_split} must be {pp} positive "
+              f"numbers summing to {m.num_layers}")
+    else:
+        _need(m.num_layers % pp == 0, f"PP size {pp} must divide --num-layers ({m.num_layers}) "
+              "(or give --pipeline-model-parallel-split)")
+    if p.num_layers_per_virtual_pipeline_stage:
+        v = p.num_layers_per_virtual_pipeline_stage
+        _need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        _need(m.num_layers % (v * pp) == 0,
+              f"--num-layers ({m.num_layers}) must be divisible by layers-per-virtual-stage x PP ({v} x {pp})")
+    gbs = t.global_batch_size or t.micro_batch_size * dp
+    _need(gbs % (t.micro_batch_size * dp) == 0,
+          f"--global-batch-size ({gbs}) must be divisible by micro batch x DP ({t.micro_batch_size} x {dp})")
+    _need(t.train_iters is not None or t.train_tokens is not None, "give --train-iters or --train-tokens")
+    for name, v in [("train-iters", t.train_iters), ("train-tokens", t.train_tokens),
+                    ("eval-iters", t.eval_iters)]:
+        _need(v is None or v >= 0, f"--{name} must not be negative, got {v}")
+    _need(not (pr.bf16 and pr.fp16), "--bf16 and --fp16 are exclusive")
+    _need(s.lr >= 0 and s.min_lr >= 0 and s.min_lr <= s.lr, f"need 0 <= --min-lr ({s.min_lr}) <= --lr ({s.lr})")
+    _need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "Adam betas must be in [0, 1)")
+    _need(o.weight_decay >= 0 and o.clip_grad >= 0, "--weight-decay and --clip-grad must not be negative")
+    d = cfg.data
+    if not d.mock_data:
+        _need(bool(d.data_path), "give --data-path (or --mock-data for synthetic tokens)")
+        _need(bool(d.vocab_file) and bool(d.merge_file), "--data-path needs --vocab-file and --merge-file")
+        parts = d.split.replace("/", ",").split(",")
+        try:
+            vals = [float(x) for x in parts]
+        except ValueError:
+            raise ConfigError(f"--split '{d.split}' must be numbers like 949,50,1") from None
+        _need(all(v >= 0 for v in vals) and sum(vals) > 0 and len(vals) <= 3, f"bad --split '{d.split}'")
+    c = cfg.checkpoint
+    _need(c.save_interval is None or c.save_interval > 0, "--save-interval must be positive")
+    _need(c.keep_last is None or c.keep_last > 0, "--keep-last must be positive")

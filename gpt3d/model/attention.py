@@ -1,0 +1,77 @@
+"""Causal self-attention with heads split across tensor-parallel ranks.
+
+The fused QKV weight is laid out per key/value group, [q heads of the group, k, v],
+so a contiguous TP slice of its rows holds whole groups: QKV splits by heads and,
+with GQA, by KV heads, without any reshuffling.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
+from ..parallel.random import TPRNG, checkpoint
+from ..parallel.state import ParallelState
+from .rope import RotaryEmbedding, apply_rotary
+
+try:  # optional: the flash-attn package (--use-flash-attn)
+    from flash_attn import flash_attn_func as _flash_attn_func
+except ImportError:
+    _flash_attn_func = None
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, tp_rng: TPRNG):
+        super().__init__()
+        self.ps, self.tp_rng = ps, tp_rng
+        self.head_dim = cfg.head_dim
+        self.heads = cfg.num_attention_heads // ps.tp       # query heads on this rank
+        self.kv_heads = cfg.kv_heads // ps.tp                # key/value heads on this rank
+        self.dropout = cfg.attention_dropout
+        self.selective_recompute = cfg.recompute_granularity == "selective"
+        self.use_flash_attn = cfg.use_flash_attn and _flash_attn_func is not None
+        bias = not cfg.disable_bias_linear
+        qkv_out = (cfg.num_attention_heads + 2 * cfg.kv_heads) * self.head_dim
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, ps, bias=bias, std=cfg.init_method_std)
+        self.proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, ps, bias=bias,
+                                      std=cfg.init_method_std / math.sqrt(2 * cfg.num_layers))
+        self.rotary = None
+        if cfg.use_rotary_position_embeddings:
+            self.rotary = RotaryEmbedding(int(self.head_dim * cfg.rotary_percent), cfg.rotary_base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)                                      # [b, s, (heads + 2 kv) * hd]
+        b, s, _ = qkv.shape
+        group = self.heads // self.kv_heads
+        qkv = qkv.view(b, s, self.kv_heads, group + 2, self.head_dim)
+        q = qkv[:, :, :, :group].reshape(b, s, self.heads, self.head_dim)
+        k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]    # [b, s, kv, hd]
+        if self.selective_recompute and self.training:
+            y = checkpoint(self._core, self.tp_rng, q, k, v)
+        else:
+            y = self._core(q, k, v)                            # [b, s, heads, hd]
+        return self.proj(y.reshape(b, s, self.heads * self.head_dim))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """RoPE + causal softmax attention: [b, s, heads|kv, hd] -> [b, s, heads, hd]."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads|kv, s, hd]
+        if self.rotary is not None:
+            cos, sin = self.rotary(q.shape[2], q.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        p = self.dropout if self.training else 0.0
+        if p > 0.0:  # heads are split across TP: each rank draws its own mask
+            with self.tp_rng.fork():
+                return self._attend(q, k, v, p)
+        return self._attend(q, k, v, 0.0)
+
+    def _attend(self, q, k, v, p: float) -> torch.Tensor:
+        if self.use_flash_attn and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            y = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
+            return y                                           # [b, s, heads, hd]
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                           enable_gqa=self.kv_heads != self.heads)
+        return y.transpose(1, 2)                               # [b, s, heads, hd]

@@ -1,0 +1,181 @@
+"""GPT decoder (GPT-3/Megatron style by default, Llama style by config).
+
+One stage of the pipeline is one `GPTModel` holding some global layer ids;
+the first stage also holds the embeddings, the last the final norm, the output
+head and the loss. Layers are keyed by their global id, so parameter names (and
+checkpoints) do not depend on how the pipeline is cut.
+
+Activation layout is [batch, seq, hidden]; with sequence parallelism the
+residual stream between layers is [batch, seq/tp, hidden].
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..parallel.cross_entropy import vocab_parallel_cross_entropy
+from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, init_parameters,
+                               mark)
+from ..parallel.mappings import copy_to_tp, gather_from_sequence
+from ..parallel.random import TPRNG, checkpoint
+from ..parallel.state import ParallelState
+from .attention import SelfAttention
+
+EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
+    step = multiple * tp
+    return (vocab_size + step - 1) // step * step
+
+
+def build_norm(cfg: ModelConfig, ps: ParallelState) -> nn.Module:
+    if cfg.normalization == "rmsnorm":
+        norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=ps.device)
+    else:
+        norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=ps.device)
+    mark(norm.weight, None, ("ones",), sequence_parallel=ps.sp)
+    if getattr(norm, "bias", None) is not None:
+        mark(norm.bias, None, ("zeros",), sequence_parallel=ps.sp)
+    return norm
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState):
+        super().__init__()
+        bias, h, f = not cfg.disable_bias_linear, cfg.hidden_size, cfg.ffn_size
+        std = cfg.init_method_std
+        self.swiglu = cfg.swiglu
+        if self.swiglu:
+            self.gate = ColumnParallelLinear(h, f, ps, bias=bias, std=std)
+        self.fc1 = ColumnParallelLinear(h, f, ps, bias=bias, std=std)
+        self.fc2 = RowParallelLinear(f, h, ps, bias=bias, std=std / (2 * cfg.num_layers) ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.fc2(F.silu(self.gate(x)) * self.fc1(x))   # [b, s, f/tp] -> [b, s(/tp), h]
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, tp_rng: TPRNG):
+        super().__init__()
+        self.ps, self.tp_rng, self.p = ps, tp_rng, cfg.hidden_dropout
+        self.input_norm = build_norm(cfg, ps)
+        self.attention = SelfAttention(cfg, ps, tp_rng)
+        self.post_attention_norm = build_norm(cfg, ps)
+        self.mlp = MLP(cfg, ps)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.ps.sp:  # sequence shards differ per TP rank, so must their masks
+            with self.tp_rng.fork():
+                return F.dropout(x, self.p, True)
+        return F.dropout(x, self.p, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # [b, s(/tp), h]
+        x = x + self._dropout(self.attention(self.input_norm(x)))
+        return x + self._dropout(self.mlp(self.post_attention_norm(x)))
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, padded_vocab: int, tp_rng: TPRNG):
+        super().__init__()
+        self.ps, self.tp_rng, self.p = ps, tp_rng, cfg.hidden_dropout
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, ps, std=cfg.init_method_std)
+        self.position_embeddings = None
+        if not cfg.use_rotary_position_embeddings:
+            self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size, device=ps.device)
+            mark(self.position_embeddings.weight, None, ("normal", cfg.init_method_std), sequence_parallel=ps.sp)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [b, s] -> [b, s(/tp), h]
+        x = self.word_embeddings(tokens)
+        if self.position_embeddings is not None:
+            s = tokens.shape[1]
+            pos = torch.arange(s, device=tokens.device)
+            if self.ps.sp:
+                pos = pos.chunk(self.ps.tp)[self.ps.tp_rank]
+            x = x + self.position_embeddings(pos)
+        if self.training and self.p > 0.0:
+            if self.ps.sp:
+                with self.tp_rng.fork():
+                    return F.dropout(x, self.p, True)
+            return F.dropout(x, self.p, True)
+        return x
+
+
+class GPTModel(nn.Module):
+    """The layers `layer_ids` of a GPT, plus embeddings/head when this is the first/last stage."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, tp_rng: TPRNG, *, vocab_size: int,
+                 layer_ids: Optional[list] = None, pre_process: bool = True, post_process: bool = True):
+        super().__init__()
+        self.cfg, self.ps = cfg, ps
+        self.vocab_size = vocab_size
+        self.padded_vocab = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, ps.tp)
+        self.pre_process, self.post_process = pre_process, post_process
+        layer_ids = list(range(cfg.num_layers)) if layer_ids is None else list(layer_ids)
+        self.embedding = Embedding(cfg, ps, self.padded_vocab, tp_rng) if pre_process else None
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, ps, tp_rng) for i in layer_ids})
+        self.recompute_layers = set()
+        if cfg.recompute_granularity == "full":
+            n = len(layer_ids) if cfg.recompute_num_layers is None else cfg.recompute_num_layers
+            self.recompute_layers = {str(i) for i in layer_ids[:n]}
+        self.tp_rng = tp_rng
+        self.final_norm = build_norm(cfg, ps) if post_process else None
+        self.output_layer = None
+        if post_process and (cfg.untie_embeddings_and_output_weights or not pre_process):
+            w = nn.Parameter(torch.empty(self.padded_vocab // ps.tp, cfg.hidden_size, device=ps.device))
+            self.output_layer = mark(w, 0, ("normal", cfg.init_method_std))
+            if not cfg.untie_embeddings_and_output_weights:
+                w.tied_to = EMBEDDING   # last stage's copy of the first stage's embedding
+
+    def init_weights(self, seed: int) -> None:
+        names = {EMBEDDING: self.vocab_size, "output_layer.weight": self.vocab_size}
+        init_parameters(self, seed, self.ps, rows_limit=names)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.output_layer if self.output_layer is not None else self.embedding.word_embeddings.weight
+
+    def forward(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None,
+                hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens/labels: [b, s]. Returns per-token loss [b, s] on the last stage when labels are given,
+        logits [b, s, V/tp] without labels, else the hidden state [b, s(/tp), h] for the next stage."""
+        x = self.embedding(tokens) if self.pre_process else hidden
+        for key, layer in self.layers.items():
+            if key in self.recompute_layers and self.training:
+                x = checkpoint(layer, self.tp_rng, x)
+            else:
+                x = layer(x)
+        if not self.post_process:
+            return x
+        x = self.final_norm(x)
+        x = gather_from_sequence(x, self.ps) if self.ps.sp else copy_to_tp(x, self.ps)
+        logits = F.linear(x, self.output_weight())            # [b, s, V/tp]
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels, self.vocab_size, self.ps)
+
+
+def count_parameters(cfg: ModelConfig, vocab_size: int) -> dict:
+    """Full-model parameter counts (layout independent), for FLOPs and for naming models."""
+    h, f, L = cfg.hidden_size, cfg.ffn_size, cfg.num_layers
+    hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.kv_heads
+    b = 0 if cfg.disable_bias_linear else 1
+    attn = h * (nh + 2 * nkv) * hd + b * (nh + 2 * nkv) * hd + nh * hd * h + b * h
+    mlp = (3 if cfg.swiglu else 2) * h * f + b * ((2 if cfg.swiglu else 1) * f + h)
+    norm = h * (1 if cfg.normalization == "rmsnorm" else 2)
+    layer = attn + mlp + 2 * norm
+    emb = vocab_size * h
+    pos = 0 if cfg.use_rotary_position_embeddings else cfg.max_positions * h
+    head = emb if cfg.untie_embeddings_and_output_weights else 0
+    total = L * layer + emb + pos + norm + head
+    return {"total": total, "non_embedding": total - emb - pos - head, "layers": L * layer,
+            "embedding": emb, "position": pos}

@@ -1,0 +1,261 @@
+"""Micro-batch schedules: one code path for gradient accumulation with and without pipelining.
+
+`forward_backward` runs every micro-batch of one global step through this
+rank's model chunk(s) and returns the per-micro-batch mean losses on the last
+stage. Without pipelining it is plain gradient accumulation; with pipelining it
+is 1F1B (warm-up forwards, steady one-forward-one-backward, cool-down
+backwards), activations moving between stages by batched isend/irecv.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .state import ParallelState
+
+
+def _loss(model: nn.Module, mb: dict, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+    return model(mb["tokens"], mb["labels"], hidden=hidden)
+
+
+def forward_backward_no_pipelining(chunks: list[nn.Module], microbatches: list[dict], ps: ParallelState, *,
+                                   forward_only: bool, loss_scale: Optional[torch.Tensor],
+                                   set_last_microbatch: Callable[[bool], None]) -> list[torch.Tensor]:
+    model, n, losses = chunks[0], len(microbatches), []
+    for i, mb in enumerate(microbatches):
+        set_last_microbatch(i == n - 1)
+        with torch.set_grad_enabled(not forward_only):
+            loss = _loss(model, mb, None).float().mean()
+        losses.append(loss.detach())
+        if not forward_only:
+            (loss * loss_scale / n if loss_scale is not None else loss / n).backward()
+    return losses
+
+
+def forward_backward(chunks: list[nn.Module], microbatches: list[dict], ps: ParallelState, *, forward_only: bool,
+                     loss_scale: Optional[torch.Tensor], set_last_microbatch: Callable[[bool], None],
+                     hidden_shape: tuple, dtype: torch.dtype) -> list[torch.Tensor]:
+    if ps.pp == 1:
+        return forward_backward_no_pipelining(chunks, microbatches, ps, forward_only=forward_only,
+                                              loss_scale=loss_scale, set_last_microbatch=set_last_microbatch)
+    return forward_backward_1f1b(chunks, microbatches, ps, forward_only=forward_only, loss_scale=loss_scale,
+                                       set_last_microbatch=set_last_microbatch, hidden_shape=hidden_shape,
+                                       dtype=dtype)
+
+
+def stage_layers(num_layers: int, pp: int, pp_rank: int, split: Optional[str] = None,
+                 layers_per_virtual_stage: Optional[int] = None) -> list[list[int]]:
+    """Global layer ids of each model chunk on stage `pp_rank`.
+
+    Interleaved (Megatron): chunk v of stage p holds virtual stage v*pp + p, so a
+    micro-batch visits every stage once per chunk round.
+    """
+    if layers_per_virtual_stage:
+        n = layers_per_virtual_stage
+        chunks = num_layers // (n * pp)
+        return [list(range((v * pp + pp_rank) * n, (v * pp + pp_rank + 1) * n)) for v in range(chunks)]
+    sizes = [int(x) for x in split.split(",")] if split else [num_layers // pp] * pp
+    start = sum(sizes[:pp_rank])
+    return [list(range(start, start + sizes[pp_rank]))]
+
+
+class _P2P:
+    """Point-to-point between neighbouring stages with batched isend/irecv."""
+
+    def __init__(self, ps: ParallelState, shape: tuple, dtype: torch.dtype, ring: bool = False):
+        self.ps, self.shape, self.dtype = ps, shape, dtype
+        r, p = ps.pp_rank, ps.pp
+        self.prev = ps.pp_ranks[(r - 1) % p] if r > 0 or ring else None
+        self.next = ps.pp_ranks[(r + 1) % p] if r < p - 1 or ring else None
+
+    def __call__(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        ops, from_prev, from_next = [], None, None
+        if send_prev is not None and self.prev is not None:
+            ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), self.prev))
+        if recv_prev and self.prev is not None:
+            from_prev = torch.empty(self.shape, dtype=self.dtype, device=self.ps.device)
+            ops.append(dist.P2POp(dist.irecv, from_prev, self.prev))
+        if send_next is not None and self.next is not None:
+            ops.append(dist.P2POp(dist.isend, send_next.contiguous(), self.next))
+        if recv_next and self.next is not None:
+            from_next = torch.empty(self.shape, dtype=self.dtype, device=self.ps.device)
+            ops.append(dist.P2POp(dist.irecv, from_next, self.next))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        if from_prev is not None:
+            from_prev.requires_grad_()
+        return from_prev, from_next
+
+
+def forward_backward_1f1b(chunks: list[nn.Module], microbatches: list[dict], ps: ParallelState, *,
+                          forward_only: bool, loss_scale: Optional[torch.Tensor],
+                          set_last_microbatch: Callable[[bool], None], hidden_shape: tuple,
+                          dtype: torch.dtype) -> list[torch.Tensor]:
+    """Non-interleaved 1F1B: stage r runs P-r-1 warm-up forwards, then alternates, then drains.
+
+    At most P-r micro-batches' activations are alive on stage r (vs all M with GPipe).
+    """
+    if len(chunks) > 1:
+        return forward_backward_interleaved(chunks, microbatches, ps, forward_only=forward_only,
+                                            loss_scale=loss_scale, set_last_microbatch=set_last_microbatch,
+                                            hidden_shape=hidden_shape, dtype=dtype)
+    model, m = chunks[0], len(microbatches)
+    p2p = _P2P(ps, hidden_shape, dtype)
+    losses: list[torch.Tensor] = []
+    inputs, outputs = [], []
+    done_backward = [0]
+
+    def forward(i: int, x: Optional[torch.Tensor]) -> torch.Tensor:
+        mb = microbatches[i]
+        with torch.set_grad_enabled(not forward_only):
+            y = model(mb["tokens"] if ps.is_first_stage else None, mb["labels"] if ps.is_last_stage else None,
+                      hidden=x)
+        if ps.is_last_stage:
+            loss = y.float().mean()
+            losses.append(loss.detach())
+            y = loss * loss_scale / m if loss_scale is not None else loss / m
+        return y
+
+    def backward(x, y, gy) -> Optional[torch.Tensor]:
+        set_last_microbatch(done_backward[0] == m - 1)
+        done_backward[0] += 1
+        torch.autograd.backward(y, grad_tensors=None if ps.is_last_stage else gy)
+        return x.grad if x is not None else None
+
+    warmup = m if forward_only else min(ps.pp - ps.pp_rank - 1, m)
+    for i in range(warmup):
+        x, _ = p2p(recv_prev=True)
+        y = forward(i, x)
+        p2p(send_next=None if ps.is_last_stage else y.detach())
+        if not forward_only:
+            inputs.append(x)
+            outputs.append(y)
+    remaining = m - warmup
+    x = p2p(recv_prev=True)[0] if remaining else None
+    for i in range(remaining):
+        y = forward(warmup + i, x)
+        send = None if ps.is_last_stage else y.detach()
+        _, gy = p2p(send_next=send, recv_next=not ps.is_last_stage)
+        inputs.append(x)
+        outputs.append(y)
+        gx = backward(inputs.pop(0), outputs.pop(0), gy)
+        if i == remaining - 1:
+            p2p(send_prev=gx)
+        else:
+            x, _ = p2p(send_prev=gx, recv_prev=True)
+    for _ in range(len(inputs)):
+        _, gy = p2p(recv_next=not ps.is_last_stage)
+        gx = backward(inputs.pop(0), outputs.pop(0), gy)
+        p2p(send_prev=gx)
+    return losses
+
+
+def forward_backward_interleaved(chunks: list[nn.Module], microbatches: list[dict], ps: ParallelState, *,
+                                 forward_only: bool, loss_scale: Optional[torch.Tensor],
+                                 set_last_microbatch: Callable[[bool], None], hidden_shape: tuple,
+                                 dtype: torch.dtype) -> list[torch.Tensor]:
+    """Interleaved 1F1B (Megatron): V model chunks per stage cut the bubble to (P-1)/(V*M).
+
+    Virtual step k runs chunk (k mod P*V) // P on micro-batch (k // P*V) * P + k mod P; activations
+    travel a ring (the last stage feeds chunk v+1 of the first stage).
+    """
+    p, r, v_count, m = ps.pp, ps.pp_rank, len(chunks), len(microbatches)
+    if m % p:
+        raise ValueError(f"interleaved pipeline needs micro-batches ({m}) divisible by PP ({p})")
+    p2p = _P2P(ps, hidden_shape, dtype, ring=True)
+    total = m * v_count
+    first, last = ps.is_first_stage, ps.is_last_stage
+    losses: list[torch.Tensor] = []
+    inputs = [[] for _ in range(v_count)]
+    outputs = [[] for _ in range(v_count)]
+    grads = [[] for _ in range(v_count)]
+
+    def chunk_of(k: int, forward: bool) -> int:
+        c = (k % (p * v_count)) // p
+        return c if forward else v_count - 1 - c
+
+    def mb_of(k: int) -> int:
+        return (k // (p * v_count)) * p + k % p
+
+    def fwd(k: int) -> Optional[torch.Tensor]:
+        c = chunk_of(k, True)
+        is_first, is_last = first and c == 0, last and c == v_count - 1
+        if is_first and len(inputs[c]) == len(outputs[c]):
+            inputs[c].append(None)  # the embedding chunk reads tokens, nothing is received
+        mb, x = microbatches[mb_of(k)], inputs[c][-1]
+        with torch.set_grad_enabled(not forward_only):
+            y = chunks[c](mb["tokens"] if is_first else None, mb["labels"] if is_last else None, hidden=x)
+        if is_last:
+            loss = y.float().mean()
+            losses.append(loss.detach())
+            y = loss * loss_scale / m if loss_scale is not None else loss / m
+        outputs[c].append(y)
+        if forward_only:
+            inputs[c].pop()
+            outputs[c].pop()
+        return None if is_last else y.detach()
+
+    def bwd(k: int) -> Optional[torch.Tensor]:
+        c = chunk_of(k, False)
+        set_last_microbatch(mb_of(k) == m - 1)
+        if last and c == v_count - 1 and not grads[c]:
+            grads[c].append(None)   # the loss chunk starts backward from the loss
+        x, y, gy = inputs[c].pop(0), outputs[c].pop(0), grads[c].pop(0)
+        torch.autograd.backward(y, grad_tensors=None if (last and c == v_count - 1) else gy)
+        return None if (first and c == 0) or x is None else x.grad
+
+    all_warmup = forward_only or m == p
+    warmup = total if all_warmup else min(total, (p - r - 1) * 2 + (v_count - 1) * p)
+    remaining = total - warmup
+    if not first:
+        inputs[0].append(p2p(recv_prev=True)[0])
+    for k in range(warmup):
+        out = fwd(k)
+        nxt = chunk_of(k + 1, True)
+        recv_prev = not (first and nxt == 0) and k != total - 1
+        if k == warmup - 1 and not all_warmup:
+            x, gy = p2p(send_next=out, recv_prev=recv_prev, recv_next=not last)
+            grads[v_count - 1].append(gy)
+        else:
+            x, _ = p2p(send_next=out, recv_prev=recv_prev)
+        if recv_prev:
+            inputs[nxt].append(x)
+    for k in range(remaining):
+        fk = k + warmup
+        out = fwd(fk)
+        gx = bwd(k)
+        if first:
+            nf = chunk_of(fk - (p - 1), True)
+            recv_prev = nf != v_count - 1
+            nf += 1
+        else:
+            nf, recv_prev = chunk_of(fk + 1, True), True
+        if last:
+            nb = chunk_of(k - (p - 1), False)
+            recv_next = nb != 0
+            nb -= 1
+        else:
+            nb, recv_next = chunk_of(k + 1, False), True
+        if k == remaining - 1:
+            recv_prev = False
+        x, gy = p2p(send_next=out, send_prev=gx, recv_prev=recv_prev, recv_next=recv_next)
+        if recv_prev:
+            inputs[nf].append(x)
+        if recv_next:
+            grads[nb].append(gy)
+    if not forward_only:
+        if all_warmup:
+            if not last:
+                grads[v_count - 1].append(p2p(recv_next=True)[1])
+        for k in range(remaining, total):
+            gx = bwd(k)
+            nb = chunk_of(k + 1, False)
+            recv_next = not (last and nb == v_count - 1) and k != total - 1
+            _, gy = p2p(send_prev=gx, recv_next=recv_next)
+            if recv_next:
+                grads[nb].append(gy)
+    return losses

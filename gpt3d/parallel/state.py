@@ -1,0 +1,145 @@
+"""Process layout: which rank holds which tensor/pipeline/data slice.
+
+Built once and passed explicitly, so two models with different layouts can live
+in one process (tests) and nothing hides in module globals. Rank order follows
+Megatron with TP innermost: rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank,
+so TP peers share a node and PP hops cross nodes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError, ParallelConfig
+
+
+@dataclass
+class ParallelState:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    rank: int = 0
+    sequence_parallel: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tp_group: Optional[object] = None
+    pp_group: Optional[object] = None
+    dp_group: Optional[object] = None
+    mp_group: Optional[object] = None      # tp x pp: everything holding one model replica
+    embedding_group: Optional[object] = None  # first and last stage: tied embedding grads
+    pp_ranks: list = field(default_factory=lambda: [0])
+    tp_ranks: list = field(default_factory=lambda: [0])
+    dp_ranks: list = field(default_factory=lambda: [0])
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """Last stage, first TP and DP rank: the one rank that sees the loss."""
+        return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
+
+    @property
+    def sp(self) -> bool:
+        return self.sequence_parallel and self.tp > 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self) -> str:
+        return f"TP={self.tp} PP={self.pp} DP={self.dp}" + (" SP" if self.sp else "")
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
+                     device: str = "auto") -> tuple[int, int, torch.device]:
+    """Join the torchrun job (if any) and pick this rank's device.
+
+    NCCL on GPU and gloo on CPU by default; the timeout makes a rank that died
+    bring the others down with an error instead of a hang.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is visible")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if use_cuda else "gloo"
+        kw = {"device_id": dev} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), **kw)
+    return world, rank, dev
+
+
+def build_parallel_state(cfg: ParallelConfig, world_size: int, rank: int, device: torch.device) -> ParallelState:
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
+    dp = world_size // (tp * pp)
+    ps = ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, sequence_parallel=cfg.sequence_parallel, device=device)
+    if world_size == 1:
+        return ps
+
+    def rank_of(t: int, d: int, p: int) -> int:
+        return p * dp * tp + d * tp + t
+
+    # Every rank must create every group in the same order.
+    for p in range(pp):
+        for d in range(dp):
+            ranks = [rank_of(t, d, p) for t in range(tp)]
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                ps.tp_group, ps.tp_ranks = g, ranks
+    for p in range(pp):
+        for t in range(tp):
+            ranks = [rank_of(t, d, p) for d in range(dp)]
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                ps.dp_group, ps.dp_ranks = g, ranks
+    for d in range(dp):
+        for t in range(tp):
+            ranks = [rank_of(t, d, p) for p in range(pp)]
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                ps.pp_group, ps.pp_ranks = g, ranks
+            emb = sorted({ranks[0], ranks[-1]})
+            g = dist.new_group(emb)
+            if rank in emb:
+                ps.embedding_group = g
+    for d in range(dp):
+        ranks = [rank_of(t, d, p) for p in range(pp) for t in range(tp)]
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            ps.mp_group = g
+    return ps

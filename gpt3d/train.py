@@ -1,0 +1,288 @@
+"""The training loop: build everything from the config, then step, log, evaluate, save.
+
+`Trainer.train_step` is the one step used by `train` and by `bench`, so the
+benchmark measures exactly what training runs.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError
+from .data.sampler import MockGPTDataset, build_data_loader
+from .metrics import MetricsLogger, Throughput, fmt_duration
+from .model.gpt import GPTModel, count_parameters
+from .optim.grad_scaler import DynamicLossScaler
+from .optim.schedule import LRSchedule
+from .optim.zero1 import DistributedOptimizer
+from .parallel.pipeline import forward_backward, stage_layers
+from .parallel.random import seed_everything
+from .parallel.state import ParallelState, build_parallel_state, init_distributed
+
+MOCK_VOCAB = 50257
+
+
+def param_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.precision.bf16 else torch.float16 if cfg.precision.fp16 else torch.float32
+
+
+def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng, vocab_size: int) -> list[GPTModel]:
+    """This rank's pipeline stage: one chunk, or several with the interleaved schedule."""
+    p = cfg.parallel
+    chunks = []
+    layer_groups = stage_layers(cfg.model.num_layers, ps.pp, ps.pp_rank, p.pipeline_model_parallel_split,
+                                p.num_layers_per_virtual_pipeline_stage)
+    for v, ids in enumerate(layer_groups):
+        first = ps.is_first_stage and v == 0
+        last = ps.is_last_stage and v == len(layer_groups) - 1
+        m = GPTModel(cfg.model, ps, tp_rng, vocab_size=vocab_size, layer_ids=ids, pre_process=first,
+                     post_process=last)
+        m.init_weights(cfg.training.seed)
+        dtype = param_dtype(cfg)
+        for prm in m.parameters():
+            prm.data = prm.data.to(dtype)
+        chunks.append(m)
+    return chunks
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ps: Optional[ParallelState] = None):
+        t = cfg.training
+        if ps is None:
+            world, rank, device = init_distributed(cfg.parallel.distributed_backend,
+                                                   cfg.parallel.distributed_timeout_minutes, t.device)
+            cfg.validate(world)
+            ps = build_parallel_state(cfg.parallel, world, rank, device)
+        else:
+            cfg.validate(ps.world_size)
+        self.cfg, self.ps = cfg, ps
+        self.tp_rng = seed_everything(t.seed, ps)
+        self.vocab_size, self.tokenizer = self._vocab()
+        self.chunks = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
+        self.padded_vocab = self.chunks[0].padded_vocab
+        self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
+        self.num_micro = self.global_batch // (t.micro_batch_size * ps.dp)
+        self.tokens_per_iter = self.global_batch * cfg.model.seq_length
+        self.train_iters = t.train_iters if t.train_iters is not None else \
+            math.ceil(t.train_tokens / self.tokens_per_iter)
+        if t.compile:
+            for c in self.chunks:
+                for key in list(c.layers.keys()):
+                    c.layers[key] = torch.compile(c.layers[key])
+        self.optimizer = DistributedOptimizer(self.chunks, cfg.optimizer, ps, zero_stage=cfg.parallel.zero_stage,
+                                              bucket_size_mb=cfg.parallel.bucket_size_mb,
+                                              overlap=cfg.parallel.overlap_grad_reduce)
+        self.schedule = LRSchedule(cfg.scheduler, train_iters=self.train_iters, tokens_per_iter=self.tokens_per_iter)
+        self.scaler = DynamicLossScaler(cfg.precision, ps.device) if cfg.precision.fp16 else None
+        self.iteration, self.consumed_samples = 0, 0
+        self.throughput = Throughput(cfg.model, self.vocab_size, self.padded_vocab, self.global_batch,
+                                     ps.world_size, t.peak_tflops)
+        self.log = MetricsLogger(ps.is_logging_rank, t.log_file, t.tensorboard_dir)
+        self.stop_requested = False
+
+    # ----- setup --------------------------------------------------------------------------------------------
+    def _vocab(self):
+        d, m = self.cfg.data, self.cfg.model
+        if d.mock_data:
+            return m.vocab_size or MOCK_VOCAB, None
+        from .data.tokenizer import build_tokenizer
+        tok = build_tokenizer(d.vocab_file, d.merge_file)
+        return m.vocab_size or tok.vocab_size, tok
+
+    def build_datasets(self):
+        d, t, m = self.cfg.data, self.cfg.training, self.cfg.model
+        eval_samples = t.eval_iters * self.global_batch
+        n = (self.train_iters * self.global_batch, eval_samples, eval_samples)
+        if d.mock_data:
+            return tuple(MockGPTDataset(k, m.seq_length, self.vocab_size, t.seed + i) if k else None
+                         for i, k in enumerate(n))
+        from .data.gpt_dataset import build_train_valid_test_datasets
+        return build_train_valid_test_datasets(d.data_path, d.split, n, m.seq_length, t.seed,
+                                               is_builder=self.ps.rank == 0, barrier=self._barrier)
+
+    def _barrier(self) -> None:
+        if self.ps.distributed:
+            dist.barrier()
+
+    def microbatches(self, it: Iterator) -> list[dict]:
+        out = []
+        for _ in range(self.num_micro):
+            text = next(it)["text"].to(self.ps.device, non_blocking=True)
+            out.append({"tokens": text[:, :-1], "labels": text[:, 1:]})
+        return out
+
+    # ----- one step -----------------------------------------------------------------------------------------
+    def _hidden_shape(self) -> tuple:
+        t, m = self.cfg.training, self.cfg.model
+        s = m.seq_length // self.ps.tp if self.ps.sp else m.seq_length
+        return (t.micro_batch_size, s, m.hidden_size)
+
+    def _set_last(self, last: bool) -> None:
+        self.optimizer.last_microbatch = last
+
+    def train_step(self, microbatches: list[dict]) -> tuple[Optional[torch.Tensor], torch.Tensor, bool]:
+        """Forward/backward all micro-batches, sync grads, clip, step. No host sync except fp16's skip check.
+
+        Returns (mean loss on the last stage or None, grad norm, skipped-or-None-known)."""
+        for c in self.chunks:
+            c.train()
+        self.optimizer.zero_grad()
+        scale = self.scaler.scale if self.scaler else None
+        losses = forward_backward(self.chunks, microbatches, self.ps, forward_only=False, loss_scale=scale,
+                                  set_last_microbatch=self._set_last, hidden_shape=self._hidden_shape(),
+                                  dtype=param_dtype(self.cfg))
+        self.optimizer.finish_grad_sync()
+        lr = self.schedule.lr(self.iteration, self.consumed_samples * self.cfg.model.seq_length)
+        norm = self.optimizer.clip_and_step(lr, scale)
+        skipped = self.scaler.update(self.optimizer.found_inf) if self.scaler else False
+        self.iteration += 1
+        self.consumed_samples += self.global_batch
+        return (torch.stack(losses).mean() if losses else None), norm, skipped
+
+    @torch.no_grad()
+    def evaluate(self, dataset) -> Optional[float]:
+        """Mean loss over the first eval-iters global batches of `dataset` (a fixed window, so curves compare)."""
+        if dataset is None or self.cfg.training.eval_iters == 0:
+            return None
+        for c in self.chunks:
+            c.eval()
+        loader = iter(build_data_loader(dataset, 0, self.cfg.training.micro_batch_size, self.ps.dp_rank,
+                                        self.ps.dp))
+        total = torch.zeros(1, device=self.ps.device)
+        for _ in range(self.cfg.training.eval_iters):
+            losses = forward_backward(self.chunks, self.microbatches(loader), self.ps, forward_only=True,
+                                      loss_scale=None, set_last_microbatch=self._set_last,
+                                      hidden_shape=self._hidden_shape(), dtype=param_dtype(self.cfg))
+            if losses:
+                total += torch.stack(losses).mean()
+        return self._dp_mean(total / self.cfg.training.eval_iters)
+
+    def _dp_mean(self, value: torch.Tensor) -> Optional[float]:
+        """Average a last-stage scalar over DP; None on other stages."""
+        if not self.ps.is_last_stage:
+            return None
+        if self.ps.dp > 1:
+            dist.all_reduce(value, group=self.ps.dp_group)
+            value = value / self.ps.dp
+        return float(value.item())
+
+    # ----- the loop -----------------------------------------------------------------------------------------
+    def _install_signal_handler(self) -> None:
+        def handler(signum, frame):
+            self.stop_requested = True
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, handler)
+
+    def _should_stop(self, start: float) -> bool:
+        t = self.cfg.training
+        local = self.stop_requested or (t.exit_duration_in_mins is not None and
+                                        time.time() - start > t.exit_duration_in_mins * 60)
+        if not self.ps.distributed:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=self.ps.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def save(self) -> None:
+        c = self.cfg.checkpoint
+        if c.save:
+            ckpt.save_checkpoint(c.save, self, keep_last=c.keep_last)
+            self.log.console(f"saved checkpoint at iteration {self.iteration} to {c.save}")
+
+    def run(self) -> int:
+        cfg, t, ps = self.cfg, self.cfg.training, self.ps
+        train_ds, valid_ds, _ = self.build_datasets()
+        if cfg.checkpoint.load:
+            ckpt.load_checkpoint(cfg.checkpoint.load, self)
+        n_params = count_parameters(cfg.model, self.vocab_size)
+        self.log.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
+                         f"global batch {self.global_batch} ({self.num_micro} micro-batches of "
+                         f"{t.micro_batch_size}) | {self.train_iters} iterations | device {ps.device}")
+        if t.exit_signal_handler:
+            self._install_signal_handler()
+        loader = iter(build_data_loader(train_ds, self.consumed_samples, t.micro_batch_size, ps.dp_rank, ps.dp,
+                                        num_workers=cfg.data.num_workers))
+        loss_sum, loss_n, skipped_total = torch.zeros(1, device=ps.device), 0, 0
+        start = time.time()
+        last_log, last_log_it = time.perf_counter(), self.iteration
+        while self.iteration < self.train_iters:
+            if t.train_tokens is not None and self.consumed_samples * cfg.model.seq_length >= t.train_tokens:
+                break
+            loss, norm, skipped = self.train_step(self.microbatches(loader))
+            if loss is not None:
+                loss_sum += loss
+                loss_n += 1
+            if skipped:
+                skipped_total += 1
+            if self.iteration % t.log_interval == 0 or self.iteration == self.train_iters:
+                if ps.device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                per_iter = (now - last_log) / max(1, self.iteration - last_log_it)
+                last_log, last_log_it = now, self.iteration
+                mean_loss = self._dp_mean(loss_sum / max(loss_n, 1))
+                loss_sum.zero_()
+                loss_n = 0
+                self._log_train(mean_loss, float(norm.item()), per_iter)
+            if t.eval_interval and self.iteration % t.eval_interval == 0:
+                self._log_eval(self.evaluate(valid_ds))
+            if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
+                self.save()
+            if self._should_stop(start):
+                self.log.console(f"stop requested at iteration {self.iteration}: saving and exiting")
+                self.save()
+                return 0
+        if self.iteration % t.eval_interval != 0:
+            self._log_eval(self.evaluate(valid_ds))
+        if cfg.checkpoint.save and (not cfg.checkpoint.save_interval or
+                                    self.iteration % cfg.checkpoint.save_interval != 0):
+            self.save()
+        self.log.close()
+        return 0
+
+    def _log_train(self, loss: Optional[float], grad_norm: float, per_iter: float) -> None:
+        if not self.log.enabled:
+            return
+        lr = self.schedule.lr(self.iteration - 1, (self.consumed_samples - self.global_batch) *
+                              self.cfg.model.seq_length)
+        tp = self.throughput.report(per_iter)
+        eta = (self.train_iters - self.iteration) * per_iter
+        row = {"iteration": self.iteration, "tokens": self.consumed_samples * self.cfg.model.seq_length,
+               "loss": loss, "lr": lr, "grad_norm": grad_norm, **tp, "seconds_per_iter": per_iter}
+        if self.scaler:
+            row["loss_scale"] = float(self.scaler.scale.item())
+        self.log.record(row)
+        self.log.console(
+            f"iter {self.iteration:>6}/{self.train_iters} | loss {loss:.4f} | lr {lr:.3e} | "
+            f"grad norm {grad_norm:.3f} | {tp['tokens_per_s']:,.0f} tok/s | "
+            f"{tp['tflops_per_gpu']:.1f} TFLOPs/GPU (6N: {tp['tflops_per_gpu_6n']:.1f}) | MFU {tp['mfu']:.1%} | "
+            f"{per_iter * 1000:.0f} ms/it | ETA {fmt_duration(eta)}"
+            + (f" | loss scale {row['loss_scale']:.0f}" if self.scaler else ""))
+
+    def _log_eval(self, val: Optional[float]) -> None:
+        if val is None or not self.log.enabled:
+            return
+        ppl = math.exp(min(val, 30.0))
+        self.log.record({"iteration": self.iteration, "tokens": self.consumed_samples * self.cfg.model.seq_length,
+                         "val_loss": val, "val_ppl": ppl})
+        self.log.console(f"validation at iteration {self.iteration} | loss {val:.4f} | ppl {ppl:.2f}")
+
+
+def main(cfg: Config) -> int:
+    try:
+        trainer = Trainer(cfg)
+        return trainer.run()
+    except (ConfigError, ValueError, ckpt.CheckpointError, FileNotFoundError) as e:
+        print(f"gpt3d: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
