@@ -1,0 +1,66 @@
+"""Train a tiny GPT for a few iterations under a given layout and return its curve.
+
+Used inside spawned gloo workers (and in-process for the single-process
+reference): same seed, same data, same global batch — only the layout differs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from gpt3d.config import Config
+from gpt3d.data.sampler import build_data_loader
+from gpt3d.parallel.state import ParallelState, build_parallel_state
+from gpt3d.train import Trainer
+
+
+def tiny_config(**overrides) -> Config:
+    cfg = Config.from_dict({
+        "num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
+        "vocab_size": 256, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        "micro_batch_size": 2, "global_batch_size": 8, "train_iters": 12, "eval_iters": 2,
+        "lr": 1e-2, "min_lr": 1e-3, "lr_warmup_iters": 2, "weight_decay": 0.1, "clip_grad": 1.0,
+        "mock_data": True, "seed": 7, "bucket_size_mb": 0.01, "log_interval": 1000,
+    })
+    cfg.model.make_vocab_size_divisible_by = 8
+    for k, v in overrides.items():
+        cfg_section = next(s for s in ("model", "parallel", "optimizer", "scheduler", "precision", "data",
+                                       "training", "checkpoint") if hasattr(getattr(cfg, s), k))
+        setattr(getattr(cfg, cfg_section), k, v)
+    return cfg
+
+
+def make_trainer(cfg: Config) -> Trainer:
+    if dist.is_initialized():
+        ps = build_parallel_state(cfg.parallel, dist.get_world_size(), dist.get_rank(), torch.device("cpu"))
+    else:
+        ps = ParallelState()
+    return Trainer(cfg, ps)
+
+
+def run_curve(cfg: Config, iters: Optional[int] = None, trainer: Optional[Trainer] = None) -> dict:
+    """Per-iteration train loss and grad norm, then the validation loss (on the logging rank)."""
+    t = trainer or make_trainer(cfg)
+    train_ds, valid_ds, _ = t.build_datasets()
+    loader = iter(build_data_loader(train_ds, t.consumed_samples, cfg.training.micro_batch_size, t.ps.dp_rank,
+                                    t.ps.dp))
+    losses, norms = [], []
+    for _ in range(iters or cfg.training.train_iters - t.iteration):
+        loss, norm, _ = t.train_step(t.microbatches(loader))
+        value = t._dp_mean(loss if loss is not None else torch.zeros(1))
+        losses.append(value)
+        norms.append(float(norm))
+    val = t.evaluate(valid_ds)
+    return {"losses": losses, "norms": norms, "val": val, "logging": t.ps.is_logging_rank,
+            "state_bytes": t.optimizer.state_bytes(), "trainer": None}
+
+
+def layout_worker(rank: int, world: int, layouts: list) -> list:
+    """Run several layouts in one spawned job; returns the logging rank's curves (None elsewhere)."""
+    out = []
+    for overrides in layouts:
+        r = run_curve(tiny_config(**overrides))
+        out.append(r if r["logging"] else {"state_bytes": r["state_bytes"]})
+    return out
