@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .state import ParallelState
 
@@ -55,10 +56,28 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.dtype), None, None, None
 
 
+def _dense_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :vocab_size].float(), target, reduction="none")
+
+
+_compiled_dense = None
+
+
+def _fused_dense(logits, target, vocab_size):
+    """TP=1 on GPU: one compiled kernel reads the bf16 logits once (online log-sum-exp) and the backward
+    writes bf16 gradients directly, instead of materialising several fp32 copies of [tokens, vocab]."""
+    global _compiled_dense
+    if _compiled_dense is None:
+        _compiled_dense = torch.compile(_dense_cross_entropy, dynamic=False)
+    return _compiled_dense(logits, target, vocab_size)
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int,
                                  ps: ParallelState) -> torch.Tensor:
     """Per-token loss [*] for logits [*, V/tp] and targets [*]; columns >= vocab_size are padding."""
     shape = target.shape
+    if ps.tp == 1 and logits.is_cuda:
+        return _fused_dense(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), vocab_size).view(shape)
     loss = _VocabParallelCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                             vocab_size, ps)
     return loss.view(shape)

@@ -1,0 +1,168 @@
+"""`gpt3d bench`: gpt3d's real training step vs a Hugging Face GPT-2 peer, same shape, same batch, same process.
+
+gpt3d runs `Trainer.train_step` (bf16 params, fp32 master weights in the ZeRO
+optimizer, fused AdamW, clipping) on synthetic tokens. The peer is
+`transformers.GPT2LMHeadModel` with SDPA attention, bf16 autocast, fused AdamW,
+clipping and torch.compile. Both report tokens/s, TFLOPs/GPU by
+Megatron-DeepSpeed's formula and by 6N+12lhs, MFU against --peak-tflops, and
+peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+
+import torch
+
+from .config import Config
+from .metrics import Throughput
+
+SHAPES = {
+    "125M": dict(num_layers=12, hidden_size=768, num_attention_heads=12, micro_batch_size=16),
+    "350M": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, micro_batch_size=8),
+    "1.3B": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, micro_batch_size=8),
+}
+VOCAB = 50257
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="tokens/s, TFLOPs and MFU of the training step vs a HF GPT-2 peer")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", nargs="+", default=["125M", "1.3B"], help=f"shapes: {', '.join(SHAPES)}")
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--micro-batch-size", type=int, default=None, help="override the shape's micro batch")
+    p.add_argument("--iters", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, autotuning)")
+    p.add_argument("--peer", choices=["hf", "none"], default="hf")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="gpt3d without torch.compile")
+    p.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    p.add_argument("--use-flash-attn", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--json", action="store_true", help="print one JSON line per result")
+
+
+def _config(shape: str, args) -> Config:
+    s = dict(SHAPES[shape])
+    mbs = args.micro_batch_size or s.pop("micro_batch_size")
+    s.pop("micro_batch_size", None)
+    cfg = Config.from_dict({**s, "seq_length": args.seq_length, "max_position_embeddings": args.seq_length,
+                            "vocab_size": VOCAB, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+                            "micro_batch_size": mbs, "global_batch_size": mbs, "train_iters": 1000,
+                            "mock_data": True, "bf16": True, "lr": 1e-4, "weight_decay": 0.1,
+                            "clip_grad": 1.0, "device": "cuda", "compile": args.compile,
+                            "recompute_granularity": args.recompute_granularity,
+                            "use_flash_attn": args.use_flash_attn, "peak_tflops": args.peak_tflops,
+                            "log_interval": 1000})
+    return cfg
+
+
+def _time(step, warmup: int, iters: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters, torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def bench_gpt3d(cfg: Config, warmup: int, iters: int) -> dict:
+    from .parallel.state import ParallelState
+    from .train import Trainer
+    trainer = Trainer(cfg, ParallelState(device=torch.device("cuda")))
+    mbs, seq = cfg.training.micro_batch_size, cfg.model.seq_length
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    text = torch.randint(0, VOCAB, (mbs, seq + 1), device="cuda", generator=gen)
+    batch = [{"tokens": text[:, :-1], "labels": text[:, 1:]}]
+    sec, mem = _time(lambda: trainer.train_step(batch), warmup, iters)
+    del trainer
+    return {"seconds_per_iter": sec, "peak_mem_gib": mem}
+
+
+def bench_hf(cfg: Config, warmup: int, iters: int) -> dict:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    m = cfg.model
+    hf_cfg = GPT2Config(vocab_size=VOCAB, n_positions=m.seq_length, n_embd=m.hidden_size, n_layer=m.num_layers,
+                        n_head=m.num_attention_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa").cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    compiled = torch.compile(model)
+    mbs, seq = cfg.training.micro_batch_size, m.seq_length
+    text = torch.randint(0, VOCAB, (mbs, seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = compiled(input_ids=text, labels=text).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sec, mem = _time(step, warmup, iters)
+    del model, opt, compiled
+    return {"seconds_per_iter": sec, "peak_mem_gib": mem}
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("gpt3d bench: needs a CUDA device", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    for shape in args.model:
+        cfg = _config(shape, args)
+        from .model.gpt import padded_vocab_size
+        tp = Throughput(cfg.model, VOCAB, padded_vocab_size(VOCAB, 128, 1), cfg.training.micro_batch_size, 1,
+                        args.peak_tflops)
+        runners = [("gpt3d", bench_gpt3d)] + ([("hf-gpt2-sdpa-compile", bench_hf)] if args.peer == "hf" else [])
+        for name, fn in runners:
+            try:
+                r = fn(cfg, args.warmup, args.iters)
+            except torch.cuda.OutOfMemoryError:
+                r = {"error": "out of memory"}
+            gc.collect()
+            torch.cuda.empty_cache()
+            row = {"system": name, "shape": shape, "seq": cfg.model.seq_length,
+                   "micro_batch": cfg.training.micro_batch_size, "compile": args.compile,
+                   "recompute": args.recompute_granularity, **r}
+            if "seconds_per_iter" in r:
+                row.update(tp.report(r["seconds_per_iter"]))
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+    _table(rows)
+    return 0
+
+
+def _table(rows: list) -> None:
+    print(f"\n{'system':<22}{'shape':>6}{'mbs':>5}{'tok/s':>11}{'TFLOPs':>8}{'6N TF':>8}{'MFU':>7}"
+          f"{'peak GiB':>10}{'vs peer':>9}")
+    peers = {r["shape"]: r for r in rows if r["system"] != "gpt3d" and "tokens_per_s" in r}
+    for r in rows:
+        if "tokens_per_s" not in r:
+            print(f"{r['system']:<22}{r['shape']:>6}{r['micro_batch']:>5}  {r.get('error')}")
+            continue
+        peer = peers.get(r["shape"])
+        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer and r["system"] == "gpt3d" else ""
+        print(f"{r['system']:<22}{r['shape']:>6}{r['micro_batch']:>5}{r['tokens_per_s']:>11,.0f}"
+              f"{r['tflops_per_gpu']:>8.1f}{r['tflops_per_gpu_6n']:>8.1f}{r['mfu']:>7.1%}{r['peak_mem_gib']:>10.1f}"
+              f"{ratio:>9}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="gpt3d bench")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
