@@ -98,13 +98,14 @@ def save_checkpoint(root: str, trainer, keep_last: Optional[int] = None) -> str:
         sizes = {os.path.basename(f): os.path.getsize(f) for f in files}
     except OSError as e:
         raise CheckpointError(f"could not write checkpoint {final}: {e}; previous checkpoints are intact") from e
-    gathered = [sizes]
-    if ps.distributed:
+    gathered = [(sizes, _param_meta(trainer))]
+    if ps.distributed:   # every stage describes its own parameters
         gathered = [None] * ps.world_size
-        dist.all_gather_object(gathered, sizes)
+        dist.all_gather_object(gathered, (sizes, _param_meta(trainer)))
     if ps.rank == 0:
         meta = _meta(trainer)
-        meta["files"] = {k: v for d in gathered for k, v in d.items()}
+        meta["files"] = {k: v for d, _ in gathered for k, v in d.items()}
+        meta["params"] = {k: v for _, d in gathered for k, v in d.items()}
         try:
             _write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
             if os.path.exists(final):
@@ -128,19 +129,20 @@ def _save_st(tensors: dict, path: str, metadata: Optional[dict] = None) -> str:
     return path
 
 
+def _param_meta(trainer) -> dict:
+    return {n: {"shape": list(full_shape(p, trainer.ps.tp)), "split_dim": p.tp_split_dim,
+                "tied_to": getattr(p, "tied_to", None)}
+            for c in trainer.chunks for n, p in c.named_parameters()}
+
+
 def _meta(trainer) -> dict:
     ps = trainer.ps
-    params = {}
-    for c in trainer.chunks:
-        for n, p in c.named_parameters():
-            params[n] = {"shape": list(full_shape(p, ps.tp)), "split_dim": p.tp_split_dim,
-                         "tied_to": getattr(p, "tied_to", None)}
     return {
         "format": "gpt3d-1", "iteration": trainer.iteration, "consumed_samples": trainer.consumed_samples,
         "tokens": trainer.consumed_samples * trainer.cfg.model.seq_length,
         "layout": {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "zero": trainer.optimizer.zero},
         "vocab_size": trainer.vocab_size, "padded_vocab": trainer.padded_vocab,
-        "config": trainer.cfg.to_dict(), "params": params,
+        "config": trainer.cfg.to_dict(),
         "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
     }
 

@@ -64,3 +64,21 @@ def layout_worker(rank: int, world: int, layouts: list) -> list:
         r = run_curve(tiny_config(**overrides))
         out.append(r if r["logging"] else {"state_bytes": r["state_bytes"]})
     return out
+
+
+def save_worker(rank: int, world: int, overrides: dict, path: str, iters: int) -> Optional[list]:
+    """Train `iters` steps under a layout and save a checkpoint there."""
+    cfg = tiny_config(save=path, **overrides)
+    t = make_trainer(cfg)
+    r = run_curve(cfg, iters=iters, trainer=t)
+    t.save()
+    return r["losses"] if r["logging"] else None
+
+
+def resume_worker(rank: int, world: int, overrides: dict, path: str) -> Optional[dict]:
+    from gpt3d import checkpoint
+    cfg = tiny_config(load=path, **overrides)
+    t = make_trainer(cfg)
+    checkpoint.load_checkpoint(path, t)
+    r = run_curve(cfg, trainer=t)
+    return r if r["logging"] else None

@@ -1,0 +1,21 @@
+"""Small commands around checkpoints."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("checkpoint-info", help="print a checkpoint's layout, iteration, tokens and size")
+    p.add_argument("path", help="checkpoint root (uses `latest`) or one iter_XXXXXXX directory")
+    p.set_defaults(func=_info)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, describe
+    try:
+        print(describe(args.path))
+    except CheckpointError as e:
+        print(f"gpt3d: error: {e}", file=sys.stderr)
+        return 2
+    return 0
