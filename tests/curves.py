@@ -82,3 +82,27 @@ def resume_worker(rank: int, world: int, overrides: dict, path: str) -> Optional
     checkpoint.load_checkpoint(path, t)
     r = run_curve(cfg, trainer=t)
     return r if r["logging"] else None
+
+
+def overflow_worker(rank: int, world: int, zero_stage: int) -> dict:
+    """Rank 1 alone sees an inf gradient: every rank must skip the step."""
+    import math
+    cfg = tiny_config(zero_stage=zero_stage)
+    t = make_trainer(cfg)
+    train_ds, _, _ = t.build_datasets()
+    loader = iter(build_data_loader(train_ds, 0, 2, t.ps.dp_rank, t.ps.dp))
+    finish = t.optimizer.finish_grad_sync
+
+    def poisoned():
+        finish()
+        if rank == 1:
+            t.optimizer.masters[0].grad[0] = float("inf")
+    t.optimizer.finish_grad_sync = poisoned
+    before = [p.detach().clone() for p in t.chunks[0].parameters()]
+    _, norm, _ = t.train_step(t.microbatches(loader))
+    unchanged = all(torch.equal(a, p) for a, p in zip(before, t.chunks[0].parameters()))
+    t.optimizer.finish_grad_sync = finish
+    _, norm2, _ = t.train_step(t.microbatches(loader))
+    changed = any(not torch.equal(a, p) for a, p in zip(before, t.chunks[0].parameters()))
+    return {"unchanged": unchanged, "norm": float(norm), "skipped": float(t.optimizer.skipped),
+            "then_steps": changed and math.isfinite(float(norm2))}

@@ -78,3 +78,11 @@ def test_zero1_shards_optimizer_state():
     z0 = max(r[1]["state_bytes"] for r in results)
     assert z0 == one
     assert z1 <= one / 2 * 1.05 + 4096, (z1, one)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [0, 1])
+def test_one_rank_overflow_skips_everywhere(zero):
+    from curves import overflow_worker
+    for r in distributed.run(2, overflow_worker, zero):
+        assert r["unchanged"] and r["skipped"] == 1.0 and r["then_steps"], r

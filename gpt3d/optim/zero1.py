@@ -184,9 +184,6 @@ class DistributedOptimizer:
                 b.handle.wait()
 
     # ----- step ---------------------------------------------------------------------------------------------
-    def _norm_group(self):
-        return None if self.zero == 1 else self.ps.mp_group  # ZeRO-1 shards span every rank
-
     def clip_and_step(self, lr: float, loss_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Unscale, check for inf/nan everywhere, clip by the global norm, step; returns the norm (a tensor).
 
@@ -200,10 +197,17 @@ class DistributedOptimizer:
         sq = torch.zeros(1, device=self.ps.device, dtype=torch.float32)
         if counted:
             sq = torch.stack(torch._foreach_norm(counted, 2.0)).float().pow(2).sum().reshape(1)
+        self.found_inf = torch.maximum(self.found_inf, (~torch.isfinite(sq)).float())
         if self.ps.distributed:
-            both = torch.cat([sq, self.found_inf])
-            dist.all_reduce(both, group=self._norm_group())
-            sq, self.found_inf = both[:1], (both[1:] > 0).float()
+            if self.zero == 1:   # shards span every rank: one all-reduce carries norm and overflow flag
+                both = torch.cat([sq, self.found_inf])
+                dist.all_reduce(both)
+                sq, self.found_inf = both[:1], (both[1:] > 0).float()
+            else:                # DP replicas hold the same grads: norm over the model-parallel group only,
+                if self.ps.tp * self.ps.pp > 1:   # but an overflow on any rank skips the step everywhere
+                    dist.all_reduce(sq, group=self.ps.mp_group)
+                dist.all_reduce(self.found_inf)
+                self.found_inf = (self.found_inf > 0).float()
         norm = sq.sqrt()
         self.found_inf = torch.maximum(self.found_inf, (~torch.isfinite(norm)).float())
         if self.cfg.clip_grad > 0 and grads:
