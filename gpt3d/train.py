@@ -17,7 +17,9 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
+from .data.indexed import DataError
 from .data.sampler import MockGPTDataset, build_data_loader
+from .data.tokenizer import TokenizerError
 from .metrics import MetricsLogger, Throughput, fmt_duration
 from .model.gpt import GPTModel, count_parameters
 from .optim.grad_scaler import DynamicLossScaler
@@ -280,7 +282,7 @@ def main(cfg: Config) -> int:
     try:
         trainer = Trainer(cfg)
         return trainer.run()
-    except (ConfigError, ValueError, ckpt.CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TokenizerError, ckpt.CheckpointError) as e:
         print(f"gpt3d: error: {e}", file=sys.stderr)
         return 2
     finally:
