@@ -44,6 +44,16 @@ def build_norm(cfg: ModelConfig, ps: ParallelState) -> nn.Module:
     return norm
 
 
+def residual_dropout(x: torch.Tensor, p: float, training: bool, ps: ParallelState, tp_rng: TPRNG) -> torch.Tensor:
+    """Dropout on the residual stream: sequence shards differ per TP rank, so must their masks."""
+    if not training or p == 0.0:
+        return x
+    if ps.sp:
+        with tp_rng.fork():
+            return F.dropout(x, p, True)
+    return F.dropout(x, p, True)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState):
         super().__init__()
@@ -73,12 +83,7 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(cfg, ps)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if self.ps.sp:  # sequence shards differ per TP rank, so must their masks
-            with self.tp_rng.fork():
-                return F.dropout(x, self.p, True)
-        return F.dropout(x, self.p, True)
+        return residual_dropout(x, self.p, self.training, self.ps, self.tp_rng)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # [b, s(/tp), h]
         x = x + self._dropout(self.attention(self.input_norm(x)))
@@ -103,12 +108,7 @@ class Embedding(nn.Module):
             if self.ps.sp:
                 pos = pos.chunk(self.ps.tp)[self.ps.tp_rank]
             x = x + self.position_embeddings(pos)
-        if self.training and self.p > 0.0:
-            if self.ps.sp:
-                with self.tp_rng.fork():
-                    return F.dropout(x, self.p, True)
-            return F.dropout(x, self.p, True)
-        return x
+        return residual_dropout(x, self.p, self.training, self.ps, self.tp_rng)
 
 
 class GPTModel(nn.Module):
