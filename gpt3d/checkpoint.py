@@ -100,8 +100,8 @@ def save_checkpoint(root: str, trainer, keep_last: Optional[int] = None) -> str:
         raise CheckpointError(f"could not write checkpoint {final}: {e}; previous checkpoints are intact") from e
     gathered = [(sizes, _param_meta(trainer))]
     if ps.distributed:   # every stage describes its own parameters
-        gathered = [None] * ps.world_size
-        dist.all_gather_object(gathered, (sizes, _param_meta(trainer)))
+        mine, gathered = gathered[0], [None] * ps.world_size
+        dist.all_gather_object(gathered, mine)
     if ps.rank == 0:
         meta = _meta(trainer)
         meta["files"] = {k: v for d, _ in gathered for k, v in d.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_tiny_config_learns_real_text(shakespeare_prefix, tmp_path):
     r = _cli("train", "--config", "configs/tiny.yaml", "--no-mock-data", "--data-path", shakespeare_prefix,
              "--vocab-file", str(VOCAB), "--merge-file", str(MERGES), "--train-iters", "40", "--log-interval", "1",
              "--eval-interval", "40", "--log-file", str(log), "--device", "cpu",
-             cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+             cwd=str(Path(__file__).resolve().parents[1]))
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     train = [x for x in rows if "loss" in x]

@@ -68,23 +68,18 @@ class GPTDataset(Dataset):
         stem = f"{prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s"
         paths = {k: f"{stem}_{k}_idx.npy" for k in ("doc", "sample", "shuffle")}
         self.cache_paths = paths
+        arrays = None
         if is_builder and not (cache and all(os.path.exists(p) for p in paths.values())):
             arrays = self._build(documents, sizes, tokens_per_epoch, num_samples, seq_length, seed)
             if cache:
                 for k, arr in arrays.items():
                     _save_atomic(paths[k], arr)
-            self.doc_idx, self.sample_idx, self.shuffle_idx = arrays["doc"], arrays["sample"], arrays["shuffle"]
-            if barrier:
-                barrier()
-            return
-        if barrier:
+        if barrier:   # builder and readers call it exactly once each
             barrier()
-        if not cache:
-            arrays = self._build(documents, sizes, tokens_per_epoch, num_samples, seq_length, seed)
-            self.doc_idx, self.sample_idx, self.shuffle_idx = arrays["doc"], arrays["sample"], arrays["shuffle"]
-            return
-        self.doc_idx, self.sample_idx, self.shuffle_idx = (np.load(paths[k], mmap_mode="r")
-                                                           for k in ("doc", "sample", "shuffle"))
+        if arrays is None:
+            arrays = {k: np.load(p, mmap_mode="r") for k, p in paths.items()} if cache else \
+                self._build(documents, sizes, tokens_per_epoch, num_samples, seq_length, seed)
+        self.doc_idx, self.sample_idx, self.shuffle_idx = arrays["doc"], arrays["sample"], arrays["shuffle"]
 
     @staticmethod
     def _build(documents, sizes, tokens_per_epoch, num_samples, seq_length, seed) -> dict:
