@@ -54,6 +54,8 @@ class ModelConfig:
     recompute_granularity: Optional[str] = opt(None, "activation checkpointing", choices=["full", "selective"])
     recompute_num_layers: Optional[int] = opt(None, "with full recompute: layers per stage to recompute (default all)")
     use_flash_attn: bool = opt(False, "use the flash-attn package if installed (else torch SDPA)")
+    attention_backend: str = opt("auto", "SDPA kernel on GPU (auto: cuDNN on Hopper, else flash)",
+                                 choices=["auto", "cudnn", "flash", "efficient", "math"])
 
     @property
     def kv_heads(self) -> int:

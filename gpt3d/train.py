@@ -21,6 +21,7 @@ from .data.indexed import DataError
 from .data.sampler import MockGPTDataset, build_data_loader
 from .data.tokenizer import TokenizerError
 from .metrics import MetricsLogger, Throughput, fmt_duration
+from .model.attention import sdpa_backend_context
 from .model.gpt import GPTModel, count_parameters
 from .optim.grad_scaler import DynamicLossScaler
 from .optim.schedule import LRSchedule
@@ -76,9 +77,7 @@ class Trainer:
         self.train_iters = t.train_iters if t.train_iters is not None else \
             math.ceil(t.train_tokens / self.tokens_per_iter)
         if t.compile:
-            for c in self.chunks:
-                for key in list(c.layers.keys()):
-                    c.layers[key] = torch.compile(c.layers[key])
+            self._compile()
         self.optimizer = DistributedOptimizer(self.chunks, cfg.optimizer, ps, zero_stage=cfg.parallel.zero_stage,
                                               bucket_size_mb=cfg.parallel.bucket_size_mb,
                                               overlap=cfg.parallel.overlap_grad_reduce)
@@ -91,6 +90,21 @@ class Trainer:
         self.stop_requested = False
 
     # ----- setup --------------------------------------------------------------------------------------------
+    def _compile(self) -> None:
+        """torch.compile in place (`Module.compile`), so parameter names and checkpoints stay the same.
+
+        With no tensor or data parallelism the whole chunk, embedding to loss, is one graph: the fusions span
+        layer boundaries and the loss (measured 10% faster at 125M, benchmarks/RESULTS.md). Otherwise each
+        layer is its own graph: TP collectives stay outside compiled code, and gradients become ready layer
+        by layer, so the DP bucket reductions overlap the rest of backward (a whole-chunk graph would hand
+        every gradient over at its very end)."""
+        for c in self.chunks:
+            if self.ps.tp == 1 and self.ps.dp == 1:
+                c.compile()
+            else:
+                for layer in c.layers.values():
+                    layer.compile()
+
     def _vocab(self):
         d, m = self.cfg.data, self.cfg.model
         if d.mock_data:
@@ -127,6 +141,10 @@ class Trainer:
         s = m.seq_length // self.ps.tp if self.ps.sp else m.seq_length
         return (t.micro_batch_size, s, m.hidden_size)
 
+    def _attention_kernels(self):
+        """SDPA kernel choice, entered outside any compiled region so the trace bakes it in."""
+        return sdpa_backend_context(self.cfg.model.attention_backend, self.ps.device)
+
     def _set_last(self, last: bool) -> None:
         self.optimizer.last_microbatch = last
 
@@ -138,9 +156,10 @@ class Trainer:
             c.train()
         self.optimizer.zero_grad()
         scale = self.scaler.scale if self.scaler else None
-        losses = forward_backward(self.chunks, microbatches, self.ps, forward_only=False, loss_scale=scale,
-                                  set_last_microbatch=self._set_last, hidden_shape=self._hidden_shape(),
-                                  dtype=param_dtype(self.cfg))
+        with self._attention_kernels():
+            losses = forward_backward(self.chunks, microbatches, self.ps, forward_only=False, loss_scale=scale,
+                                      set_last_microbatch=self._set_last, hidden_shape=self._hidden_shape(),
+                                      dtype=param_dtype(self.cfg))
         self.optimizer.finish_grad_sync()
         lr = self.schedule.lr(self.iteration, self.consumed_samples * self.cfg.model.seq_length)
         norm = self.optimizer.clip_and_step(lr, scale)
@@ -160,9 +179,10 @@ class Trainer:
                                         self.ps.dp))
         total = torch.zeros(1, device=self.ps.device)
         for _ in range(self.cfg.training.eval_iters):
-            losses = forward_backward(self.chunks, self.microbatches(loader), self.ps, forward_only=True,
-                                      loss_scale=None, set_last_microbatch=self._set_last,
-                                      hidden_shape=self._hidden_shape(), dtype=param_dtype(self.cfg))
+            with self._attention_kernels():
+                losses = forward_backward(self.chunks, self.microbatches(loader), self.ps, forward_only=True,
+                                          loss_scale=None, set_last_microbatch=self._set_last,
+                                          hidden_shape=self._hidden_shape(), dtype=param_dtype(self.cfg))
             if losses:
                 total += torch.stack(losses).mean()
         return self._dp_mean(total / self.cfg.training.eval_iters)

@@ -6,6 +6,7 @@ with GQA, by KV heads, without any reshuffling.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,6 +18,29 @@ from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 from ..parallel.random import TPRNG, checkpoint
 from ..parallel.state import ParallelState
 from .rope import RotaryEmbedding, apply_rotary
+
+_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+             "math": "MATH"}
+
+
+def sdpa_backend_context(name: str, device: torch.device):
+    """Pin SDPA's kernel for a forward pass (backward follows the forward's choice).
+
+    PyTorch prefers FlashAttention-2; on Hopper cuDNN's attention is faster (benchmarks/RESULTS.md), so `auto`
+    puts cuDNN first there, with flash and the rest as fallbacks for shapes cuDNN refuses. Dynamo cannot
+    trace this context with priorities, so GPTModel enters it around its (compiled) layers and the trace
+    bakes the choice in; eager attention enters it itself, so a recompute inside backward picks the same.
+    """
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if name == "auto":
+        hopper = torch.cuda.get_device_capability(device)[0] >= 9
+        order = ["cudnn", "flash", "efficient", "math"] if hopper else ["flash", "efficient", "cudnn", "math"]
+    else:
+        order = [name] + [n for n in ("flash", "efficient", "math") if n != name]
+    return sdpa_kernel([getattr(SDPBackend, _BACKENDS[n]) for n in order], set_priority=True)
+
 
 try:  # optional: the flash-attn package (--use-flash-attn)
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -34,6 +58,7 @@ class SelfAttention(nn.Module):
         self.dropout = cfg.attention_dropout
         self.selective_recompute = cfg.recompute_granularity == "selective"
         self.use_flash_attn = cfg.use_flash_attn and _flash_attn_func is not None
+        self.backend = cfg.attention_backend
         bias = not cfg.disable_bias_linear
         qkv_out = (cfg.num_attention_heads + 2 * cfg.kv_heads) * self.head_dim
         self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, ps, bias=bias, std=cfg.init_method_std)
@@ -72,6 +97,10 @@ class SelfAttention(nn.Module):
         if self.use_flash_attn and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             y = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
             return y                                           # [b, s, heads, hd]
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                           enable_gqa=self.kv_heads != self.heads)
+        with sdpa_backend_context(self.backend, q.device):   # eager (and eager recompute in backward)
+            y = self._sdpa(q, k, v, p)
         return y.transpose(1, 2)                               # [b, s, heads, hd]
+
+    def _sdpa(self, q, k, v, p: float) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                              enable_gqa=self.kv_heads != self.heads)

@@ -23,7 +23,7 @@ from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabPar
 from ..parallel.mappings import copy_to_tp, gather_from_sequence
 from ..parallel.random import TPRNG, checkpoint
 from ..parallel.state import ParallelState
-from .attention import SelfAttention
+from .attention import SelfAttention, sdpa_backend_context
 
 EMBEDDING = "embedding.word_embeddings.weight"
 
@@ -149,11 +149,12 @@ class GPTModel(nn.Module):
         """tokens/labels: [b, s]. Returns per-token loss [b, s] on the last stage when labels are given,
         logits [b, s, V/tp] without labels, else the hidden state [b, s(/tp), h] for the next stage."""
         x = self.embedding(tokens) if self.pre_process else hidden
-        for key, layer in self.layers.items():
-            if key in self.recompute_layers and self.training:
-                x = checkpoint(layer, self.tp_rng, x)
-            else:
-                x = layer(x)
+        with sdpa_backend_context(self.cfg.attention_backend, x.device):
+            for key, layer in self.layers.items():
+                if key in self.recompute_layers and self.training:
+                    x = checkpoint(layer, self.tp_rng, x)
+                else:
+                    x = layer(x)
         if not self.post_process:
             return x
         x = self.final_norm(x)

@@ -210,9 +210,12 @@ class DistributedOptimizer:
                 self.found_inf = (self.found_inf > 0).float()
         norm = sq.sqrt()
         self.found_inf = torch.maximum(self.found_inf, (~torch.isfinite(norm)).float())
+        self.optimizer.grad_scale = None
         if self.cfg.clip_grad > 0 and grads:
+            # Clip inside the fused AdamW kernel (it divides each gradient by `grad_scale`), saving a
+            # read-modify-write pass over every fp32 gradient; a non-finite norm is skipped via found_inf.
             coef = (self.cfg.clip_grad / (norm + 1e-6)).clamp(max=1.0).reshape(())
-            torch._foreach_mul_(grads, torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef)))
+            self.optimizer.grad_scale = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef)).reciprocal()
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.found_inf = self.found_inf.reshape(())
