@@ -114,7 +114,8 @@ def test_kill9_mid_run_resumes_the_unbroken_curve(tmp_path, unbroken):
 def test_kill9_while_saving_resumes_the_unbroken_curve(tmp_path, unbroken):
     """Killed the moment a checkpoint's .tmp directory appears (a save in progress)."""
     def saving(ck: Path, log: Path) -> bool:
-        return ck.is_dir() and any(n.endswith(".tmp") and n >= "iter_0000004" for n in os.listdir(ck))
+        return ck.is_dir() and any(re.fullmatch(r"iter_\d+\.tmp", n) and n >= "iter_0000004"
+                                      for n in os.listdir(ck))
     ck, state = _kill_then_resume(tmp_path, unbroken, 1, saving)
     assert not [n for n in os.listdir(ck) if n.startswith("iter_") and n.endswith(".tmp")], \
         "the next save removes leftovers of the killed one"
