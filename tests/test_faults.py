@@ -359,3 +359,10 @@ def test_exception_on_one_rank_ends_the_job_with_its_error(tmp_path):
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root) and "error_file: <N/A>" not in root
     assert "injected fault on rank 1 at iteration 3" in root, root
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_readme_lists_every_fault_test():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Faults tried"):]
+    names = re.findall(r"^def (test_\w+)", Path(__file__).read_text(), flags=re.M)
+    assert [n for n in names if n != "test_readme_lists_every_fault_test" and f"`{n}`" not in table] == []
