@@ -72,40 +72,41 @@ def _write_text_atomic(path: str, text: str) -> None:
 
 # ----- save -------------------------------------------------------------------------------------------------------
 def save_checkpoint(root: str, trainer, keep_last: Optional[int] = None) -> str:
-    ps, opt = trainer.ps, trainer.optimizer
+    """Write iter_X.tmp/, verify every rank succeeded, rename, then point `latest` at it.
+
+    A failure on any rank (a full disk, a dead filesystem) is shared with every
+    rank, so all raise the same CheckpointError instead of one raising while the
+    others wait in a collective; the half-written directory is removed and
+    `latest` still names the previous checkpoint.
+    """
+    ps = trainer.ps
     name = f"iter_{trainer.iteration:07d}"
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+    err = None
     if ps.rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier(ps)
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as e:
+            err = str(e)
+    err = _first_error(ps, err)
+    if err:
+        raise CheckpointError(f"could not write checkpoint {final}: {err}")
+    sizes, err = {}, None
     try:
-        files = []
-        tag = f"tp{ps.tp_rank}_pp{ps.pp_rank}"
-        if ps.dp_rank == 0:
-            tensors = {n: p.detach().contiguous().cpu() for c in trainer.chunks for n, p in c.named_parameters()}
-            files.append(_save_st(tensors, os.path.join(tmp, f"model_{tag}.safetensors")))
-        pieces, step = opt.param_space_state()
-        flat = {f"{n}::{kind}::{lo}::{hi}": t.contiguous().cpu()
-                for (n, lo, hi), kinds in pieces.items() for kind, t in kinds.items()}
-        files.append(_save_st(flat, os.path.join(tmp, f"optim_{tag}_dp{ps.dp_rank}.safetensors"),
-                              {"step": str(step)}))
-        rng_path = os.path.join(tmp, f"rng_rank{ps.rank}.pt")
-        torch.save(rng_state(trainer.tp_rng), rng_path)
-        _fsync_file(rng_path)
-        files.append(rng_path)
-        sizes = {os.path.basename(f): os.path.getsize(f) for f in files}
-    except OSError as e:
-        raise CheckpointError(f"could not write checkpoint {final}: {e}; previous checkpoints are intact") from e
-    gathered = [(sizes, _param_meta(trainer))]
+        sizes = _write_rank_files(tmp, trainer)
+    except Exception as e:  # noqa: BLE001 - safetensors/torch raise their own types for OS failures
+        err = str(e) or type(e).__name__
+    gathered = [(sizes, _param_meta(trainer), err)]
     if ps.distributed:   # every stage describes its own parameters
         mine, gathered = gathered[0], [None] * ps.world_size
         dist.all_gather_object(gathered, mine)
-    if ps.rank == 0:
+    err = next((f"rank {r}: {e}" if ps.distributed else e for r, (_, _, e) in enumerate(gathered) if e), None)
+    if ps.rank == 0 and err is None:
         meta = _meta(trainer)
-        meta["files"] = {k: v for d, _ in gathered for k, v in d.items()}
-        meta["params"] = {k: v for _, d in gathered for k, v in d.items()}
+        meta["files"] = {k: v for d, _, _ in gathered for k, v in d.items()}
+        meta["params"] = {k: v for _, d, _ in gathered for k, v in d.items()}
         try:
             _write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
             if os.path.exists(final):
@@ -114,13 +115,56 @@ def save_checkpoint(root: str, trainer, keep_last: Optional[int] = None) -> str:
             _fsync_dir(root)
             _write_text_atomic(os.path.join(root, "latest"), name)
         except OSError as e:
-            raise CheckpointError(f"could not finish checkpoint {final}: {e}; previous checkpoints are intact") \
-                from e
-        if keep_last:
-            for old in list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            err = str(e)
+    err = _first_error(ps, err)
+    if err:
+        if ps.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {err}; previous checkpoints are intact")
+    if ps.rank == 0:
+        _prune(root, name, keep_last)
     _barrier(ps)
     return final
+
+
+def _first_error(ps, err: Optional[str]) -> Optional[str]:
+    """Rank 0's verdict, shared with every rank (rank 0 is the one that creates and renames)."""
+    if not ps.distributed:
+        return err
+    box = [err]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write_rank_files(tmp: str, trainer) -> dict:
+    """This rank's model shard (first DP rank only), optimizer shard and RNG state; returns their sizes."""
+    ps, opt = trainer.ps, trainer.optimizer
+    files = []
+    tag = f"tp{ps.tp_rank}_pp{ps.pp_rank}"
+    if ps.dp_rank == 0:
+        tensors = {n: p.detach().contiguous().cpu() for c in trainer.chunks for n, p in c.named_parameters()}
+        files.append(_save_st(tensors, os.path.join(tmp, f"model_{tag}.safetensors")))
+    pieces, step = opt.param_space_state()
+    flat = {f"{n}::{kind}::{lo}::{hi}": t.contiguous().cpu()
+            for (n, lo, hi), kinds in pieces.items() for kind, t in kinds.items()}
+    files.append(_save_st(flat, os.path.join(tmp, f"optim_{tag}_dp{ps.dp_rank}.safetensors"),
+                          {"step": str(step)}))
+    rng_path = os.path.join(tmp, f"rng_rank{ps.rank}.pt")
+    torch.save(rng_state(trainer.tp_rng), rng_path)
+    _fsync_file(rng_path)
+    files.append(rng_path)
+    return {os.path.basename(f): os.path.getsize(f) for f in files}
+
+
+def _prune(root: str, newest: str, keep_last: Optional[int]) -> None:
+    """Keep `newest` and the keep_last-1 checkpoints before it; drop .tmp leftovers of saves killed mid-write.
+
+    Checkpoints named after `newest` (a run resumed from an older one) are left alone."""
+    older = [d for d in list_checkpoints(root) if d < newest]
+    old = older[:len(older) - (keep_last - 1)] if keep_last else []
+    stale = [d for d in os.listdir(root) if re.fullmatch(r"iter_\d{7}\.tmp", d) and d != newest + ".tmp"]
+    for d in old + stale:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
 def _save_st(tensors: dict, path: str, metadata: Optional[dict] = None) -> str:
@@ -288,13 +332,25 @@ def check_compatible(meta: dict, cfg) -> None:
                                   f"{getattr(now, k)!r}: incompatible model shape")
 
 
-def load_checkpoint(root: str, trainer) -> None:
+def load_checkpoint(root: str, trainer) -> str:
     path = resolve(root)
     meta = read_meta(path)
-    cfg, ps = trainer.cfg, trainer.ps
-    check_compatible(meta, cfg)
+    check_compatible(meta, trainer.cfg)
     if meta["vocab_size"] != trainer.vocab_size:
         raise CheckpointError(f"checkpoint vocabulary {meta['vocab_size']} != tokenizer's {trainer.vocab_size}")
+    try:
+        _load_state(path, meta, trainer)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file that has the recorded size but not valid contents
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    trainer.log.console(f"loaded checkpoint {path} (iteration {meta['iteration']}, saved at "
+                        f"TP={meta['layout']['tp']} PP={meta['layout']['pp']} DP={meta['layout']['dp']})")
+    return path
+
+
+def _load_state(path: str, meta: dict, trainer) -> None:
+    cfg, ps = trainer.cfg, trainer.ps
     reader = _ShardReader(path, meta)
     params = {n: p for c in trainer.chunks for n, p in c.named_parameters()}
     with torch.no_grad():
@@ -323,8 +379,6 @@ def load_checkpoint(root: str, trainer) -> None:
             meta["layout"]["dp"] == ps.dp
         if not c.no_load_rng and same_layout and os.path.exists(rng_file):
             set_rng_state(torch.load(rng_file, weights_only=False), trainer.tp_rng)
-    trainer.log.console(f"loaded checkpoint {path} (iteration {meta['iteration']}, saved at "
-                        f"TP={meta['layout']['tp']} PP={meta['layout']['pp']} DP={meta['layout']['dp']})")
 
 
 def describe(root: str) -> str:

@@ -154,8 +154,9 @@ class TrainingConfig:
     compile: bool = opt(False, "torch.compile the transformer layers")
     exit_duration_in_mins: Optional[float] = opt(None, "save and exit after this many minutes")
     exit_signal_handler: bool = opt(True, "SIGTERM/SIGINT: finish the step, save, exit 0")
-    max_skipped_steps: int = opt(10, "stop after this many consecutive non-finite steps")
-    check_for_nan_in_loss_and_grad: bool = opt(False, "stop at once on a non-finite loss/grad (not fp16)")
+    max_skipped_steps: int = opt(10, "stop after this many consecutive non-finite steps (fp16: at the minimum "
+                                     "loss scale); 0 never stops")
+    check_for_nan_in_loss_and_grad: bool = opt(False, "stop at the first non-finite loss/grad (bf16/fp32)")
 
 
 @dataclass
@@ -332,6 +333,11 @@ def validate(cfg: Config, world_size: int) -> None:
         except ValueError:
             raise ConfigError(f"--split '{d.split}' must be numbers like 949,50,1") from None
         _need(all(v >= 0 for v in vals) and sum(vals) > 0 and len(vals) <= 3, f"bad --split '{d.split}'")
+    _need(t.max_skipped_steps >= 0, f"--max-skipped-steps must not be negative, got {t.max_skipped_steps}")
+    _need(t.exit_duration_in_mins is None or t.exit_duration_in_mins >= 0,
+          f"--exit-duration-in-mins must not be negative, got {t.exit_duration_in_mins}")
+    _need(p.distributed_timeout_minutes > 0,
+          f"--distributed-timeout-minutes must be positive, got {p.distributed_timeout_minutes}")
     c = cfg.checkpoint
     _need(c.save_interval is None or c.save_interval > 0, "--save-interval must be positive")
     _need(c.keep_last is None or c.keep_last > 0, "--keep-last must be positive")

@@ -6,6 +6,7 @@ benchmark measures exactly what training runs.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -14,6 +15,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
@@ -31,6 +33,23 @@ from .parallel.random import seed_everything
 from .parallel.state import ParallelState, build_parallel_state, init_distributed
 
 MOCK_VOCAB = 50257
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss diverged); the message names the iteration."""
+
+
+def parse_fault(spec: Optional[str], rank: int) -> Optional[tuple[int, str]]:
+    """GPT3D_FAULT_INJECT=RANK:ITERATION[:raise|nan], a test hook: (iteration, kind) if it targets this rank.
+
+    `raise` throws on that rank at the start of that iteration; `nan` poisons its
+    gradients from that iteration on."""
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("raise", "nan")):
+        raise ConfigError(f"GPT3D_FAULT_INJECT={spec!r}: expected RANK:ITERATION[:raise|nan]")
+    return (int(parts[1]), parts[2] if len(parts) == 3 else "raise") if int(parts[0]) == rank else None
 
 
 def param_dtype(cfg: Config) -> torch.dtype:
@@ -59,10 +78,10 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng, vocab_size: int) 
 class Trainer:
     def __init__(self, cfg: Config, ps: Optional[ParallelState] = None):
         t = cfg.training
-        if ps is None:
+        if ps is None:   # validate before joining the job, so a bad layout fails without waiting for peers
+            cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
             world, rank, device = init_distributed(cfg.parallel.distributed_backend,
                                                    cfg.parallel.distributed_timeout_minutes, t.device)
-            cfg.validate(world)
             ps = build_parallel_state(cfg.parallel, world, rank, device)
         else:
             cfg.validate(ps.world_size)
@@ -88,6 +107,10 @@ class Trainer:
                                      ps.world_size, t.peak_tflops)
         self.log = MetricsLogger(ps.is_logging_rank, t.log_file, t.tensorboard_dir)
         self.stop_requested = False
+        # consecutive non-finite steps, kept on the device; read once per step together with the stop flag
+        self.bad_streak = torch.zeros(1, device=ps.device)
+        self.last_checkpoint: Optional[str] = None
+        self.fault = parse_fault(os.environ.get("GPT3D_FAULT_INJECT"), ps.rank)
 
     # ----- setup --------------------------------------------------------------------------------------------
     def _compile(self) -> None:
@@ -154,6 +177,8 @@ class Trainer:
         Returns (mean loss on the last stage or None, grad norm, skipped-or-None-known)."""
         for c in self.chunks:
             c.train()
+        if self.fault and self.fault[1] == "raise" and self.iteration + 1 == self.fault[0]:
+            raise RuntimeError(f"injected fault on rank {self.ps.rank} at iteration {self.iteration + 1}")
         self.optimizer.zero_grad()
         scale = self.scaler.scale if self.scaler else None
         with self._attention_kernels():
@@ -161,12 +186,29 @@ class Trainer:
                                       set_last_microbatch=self._set_last, hidden_shape=self._hidden_shape(),
                                       dtype=param_dtype(self.cfg))
         self.optimizer.finish_grad_sync()
+        if self.fault and self.fault[1] == "nan" and self.iteration + 1 >= self.fault[0]:
+            for m in self.optimizer.masters[:1]:
+                m.grad.fill_(float("nan"))
         lr = self.schedule.lr(self.iteration, self.consumed_samples * self.cfg.model.seq_length)
         norm = self.optimizer.clip_and_step(lr, scale)
+        loss = torch.stack(losses).mean() if losses else None
+        self._count_bad_step(loss, scale)
         skipped = self.scaler.update(self.optimizer.found_inf) if self.scaler else False
         self.iteration += 1
         self.consumed_samples += self.global_batch
-        return (torch.stack(losses).mean() if losses else None), norm, skipped
+        return loss, norm, skipped
+
+    def _count_bad_step(self, loss: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> None:
+        """Extend or reset the streak of non-finite steps, on the device (no host sync).
+
+        The optimizer already skipped such a step on every rank. fp16 overflows are
+        routine while the scale settles, so they count only at the minimum scale."""
+        bad = self.optimizer.found_inf.reshape(1).float()
+        if scale is not None:
+            bad = bad * (scale <= self.cfg.precision.min_loss_scale).float()
+        elif loss is not None:
+            bad = torch.maximum(bad, (~torch.isfinite(loss.detach().float())).float().reshape(1))
+        self.bad_streak = (self.bad_streak + bad) * bad
 
     @torch.no_grad()
     def evaluate(self, dataset) -> Optional[float]:
@@ -197,39 +239,53 @@ class Trainer:
         return float(value.item())
 
     # ----- the loop -----------------------------------------------------------------------------------------
-    def _install_signal_handler(self) -> None:
+    def _install_signal_handler(self) -> dict:
+        """Returns the previous handlers, restored when `run` returns."""
         def handler(signum, frame):
             self.stop_requested = True
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, handler)
+        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def _should_stop(self, start: float) -> bool:
+    def _check(self, start: float) -> tuple[Optional[str], int]:
+        """(why to stop now or None, consecutive non-finite steps): one host sync, one all-reduce per step."""
         t = self.cfg.training
-        local = self.stop_requested or (t.exit_duration_in_mins is not None and
-                                        time.time() - start > t.exit_duration_in_mins * 60)
-        if not self.ps.distributed:
-            return local
-        flag = torch.tensor([1.0 if local else 0.0], device=self.ps.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        timed_out = t.exit_duration_in_mins is not None and time.time() - start > t.exit_duration_in_mins * 60
+        flags = torch.cat([torch.tensor([float(self.stop_requested), float(timed_out)], device=self.ps.device),
+                           self.bad_streak])
+        if self.ps.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, timed_out, streak = flags.tolist()
+        why = "stop signal received" if stop else \
+            f"--exit-duration-in-mins {t.exit_duration_in_mins} reached" if timed_out else None
+        return why, int(streak)
+
+    def _max_bad_steps(self) -> int:
+        t = self.cfg.training
+        return 1 if t.check_for_nan_in_loss_and_grad and not self.cfg.precision.fp16 else t.max_skipped_steps
 
     def save(self) -> None:
         c = self.cfg.checkpoint
         if c.save:
-            ckpt.save_checkpoint(c.save, self, keep_last=c.keep_last)
+            self.last_checkpoint = ckpt.save_checkpoint(c.save, self, keep_last=c.keep_last)
             self.log.console(f"saved checkpoint at iteration {self.iteration} to {c.save}")
 
     def run(self) -> int:
         cfg, t, ps = self.cfg, self.cfg.training, self.ps
         train_ds, valid_ds, _ = self.build_datasets()
         if cfg.checkpoint.load:
-            ckpt.load_checkpoint(cfg.checkpoint.load, self)
+            self.last_checkpoint = ckpt.load_checkpoint(cfg.checkpoint.load, self)
         n_params = count_parameters(cfg.model, self.vocab_size)
         self.log.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
                          f"global batch {self.global_batch} ({self.num_micro} micro-batches of "
                          f"{t.micro_batch_size}) | {self.train_iters} iterations | device {ps.device}")
-        if t.exit_signal_handler:
-            self._install_signal_handler()
+        previous = self._install_signal_handler() if t.exit_signal_handler else {}
+        try:
+            return self._loop(train_ds, valid_ds)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _loop(self, train_ds, valid_ds) -> int:
+        cfg, t, ps = self.cfg, self.cfg.training, self.ps
         loader = iter(build_data_loader(train_ds, self.consumed_samples, t.micro_batch_size, ps.dp_rank, ps.dp,
                                         num_workers=cfg.data.num_workers))
         loss_sum, loss_n, skipped_total = torch.zeros(1, device=ps.device), 0, 0
@@ -256,11 +312,19 @@ class Trainer:
                 self._log_train(mean_loss, float(norm.item()), per_iter)
             if t.eval_interval and self.iteration % t.eval_interval == 0:
                 self._log_eval(self.evaluate(valid_ds))
-            if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
+            why, streak = self._check(start)
+            if streak and streak >= self._max_bad_steps() > 0:
+                first = self.iteration - streak + 1
+                where = f"iteration {first}" if streak == 1 else f"iterations {first}-{self.iteration}"
+                raise TrainingError(f"non-finite loss or gradients at {where} ({streak} consecutive skipped "
+                                    f"steps); stopped without saving, last good checkpoint: "
+                                    f"{self.last_checkpoint or 'none'}")
+            if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0 and not streak:
                 self.save()
-            if self._should_stop(start):
-                self.log.console(f"stop requested at iteration {self.iteration}: saving and exiting")
+            if why:
+                self.log.console(f"{why} at iteration {self.iteration}: saving and exiting")
                 self.save()
+                self.log.close()
                 return 0
         if self.iteration % t.eval_interval != 0:
             self._log_eval(self.evaluate(valid_ds))
@@ -298,6 +362,7 @@ class Trainer:
         self.log.console(f"validation at iteration {self.iteration} | loss {val:.4f} | ppl {ppl:.2f}")
 
 
+@record   # under torchrun, a rank's uncaught exception goes to its error file and the job's failure summary
 def main(cfg: Config) -> int:
     try:
         trainer = Trainer(cfg)
@@ -305,6 +370,9 @@ def main(cfg: Config) -> int:
     except (ConfigError, DataError, TokenizerError, ckpt.CheckpointError) as e:
         print(f"gpt3d: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"gpt3d: error: {e}", file=sys.stderr)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -85,7 +85,9 @@ def preprocess(input_path: str, output_prefix: str, vocab_file: str, merge_file:
             else:
                 _init(vocab_file, merge_file, json_keys, append_eod)
                 results = map(_encode, lines)
-            bar = tqdm(results, unit=" docs", disable=not progress, file=sys.stderr, mininterval=1.0)
+            # disable=None: no bar when stderr is not a terminal, so logs keep one line per error
+            bar = tqdm(results, unit=" docs", disable=None if progress else True, file=sys.stderr,
+                       mininterval=1.0)
             for lineno, doc, nbytes, err in bar:
                 if err:
                     raise ValueError(f"{input_path}:{lineno}: {err}")

@@ -33,9 +33,12 @@ def _collate(items: list) -> dict:
 
 def build_data_loader(dataset: Dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                       num_workers: int = 0) -> DataLoader:
+    """A private generator: starting an iterator then draws no seed from the global RNG, so dropout after a
+    resume (or after an evaluation) sees the same random stream as the unbroken run."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      generator=torch.Generator())
 
 
 class MockGPTDataset(Dataset):

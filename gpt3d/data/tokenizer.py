@@ -29,8 +29,11 @@ class GPT2BPETokenizer:
                 raise ValueError("expected a JSON object of token -> id")
         except ValueError as e:
             raise TokenizerError(f"{vocab_file}: corrupt vocab file ({e})") from None
-        with open(merge_file, encoding="utf-8") as fh:
-            lines = [ln for ln in fh.read().split("\n") if ln and not ln.startswith("#version")]
+        try:
+            with open(merge_file, encoding="utf-8") as fh:
+                lines = [ln for ln in fh.read().split("\n") if ln and not ln.startswith("#version")]
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{merge_file}: corrupt merges file (not UTF-8 text: {e.reason})") from None
         bad = next((i for i, ln in enumerate(lines) if len(ln.split(" ")) != 2), None)
         if bad is not None or not lines:
             raise TokenizerError(f"{merge_file}: corrupt merges file (line {bad if bad is not None else 0}: "
