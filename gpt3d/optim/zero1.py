@@ -81,6 +81,7 @@ class DistributedOptimizer:
                 self.offsets[p] = off
                 p.register_post_accumulate_grad_hook(self._make_hook(b))
                 off += n
+        self._untouched = set()
         self.pieces = self._make_pieces()
         self.separate_master = pdtype != torch.float32
         groups = {True: [], False: []}
@@ -138,7 +139,11 @@ class DistributedOptimizer:
     # ----- gradient sync ------------------------------------------------------------------------------------
     def _make_hook(self, bucket: _Bucket) -> Callable:
         def hook(p: torch.Tensor) -> None:
-            p.main_grad.add_(p.grad)
+            if p in self._untouched:   # first gradient of the step: a copy, so zero_grad need not clear
+                p.main_grad.copy_(p.grad)
+                self._untouched.discard(p)
+            else:
+                p.main_grad.add_(p.grad)
             p.grad = None
             if self.overlap and self.last_microbatch and not bucket.late:
                 bucket.pending -= 1
@@ -159,12 +164,17 @@ class DistributedOptimizer:
             b.handle = dist.all_reduce(grad, group=self.ps.dp_group, async_op=True)
 
     def zero_grad(self) -> None:
-        self.grad_buffer.zero_()
+        """Lazy: each parameter's first gradient overwrites its slot (one fp32 pass fewer per step);
+        `finish_grad_sync` clears the slots of parameters that got no gradient. Padding stays zero."""
+        self._untouched = set(self.offsets)
         for b in self.buckets:
             b.pending, b.handle = len(b.params), None
 
     def finish_grad_sync(self) -> None:
         """Wait for overlapped reductions, then do the ones that had to wait for the whole backward."""
+        for p in self._untouched:
+            p.main_grad.zero_()
+        self._untouched = set()
         for b in self.buckets:
             if not b.late and b.handle is None:
                 self._reduce(b)
