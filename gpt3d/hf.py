@@ -234,9 +234,7 @@ def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[
     tmp = _fresh_output(output)
     save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     _write_json(os.path.join(tmp, "config.json"), config)
-    _write_json(os.path.join(tmp, "generation_config.json"),
-                {"bos_token_id": eod, "eos_token_id": eod, "max_length": config.get("n_positions") or
-                 config.get("max_position_embeddings")})
+    _write_json(os.path.join(tmp, "generation_config.json"), {"bos_token_id": eod, "eos_token_id": eod})
     if has_tok:
         shutil.copyfile(vocab_file, os.path.join(tmp, "vocab.json"))
         shutil.copyfile(merge_file, os.path.join(tmp, "merges.txt"))
