@@ -1,8 +1,9 @@
 """Hugging Face export/import: `gpt3d export-hf` and `gpt3d import-hf`.
 
-Two HF architectures express gpt3d models exactly: the GPT-3/Megatron default (learned positions, LayerNorm,
-tanh-GeLU, biases, multi-head) is `GPT2LMHeadModel`; RoPE + RMSNorm + SwiGLU (+ GQA, + untied head) is
-`LlamaForCausalLM`. Anything in between would load into HF with silently different maths, so it is refused.
+Three HF architectures express gpt3d models exactly: the GPT-3/Megatron default (learned positions, LayerNorm,
+tanh-GeLU, biases, multi-head) is `GPT2LMHeadModel`; the same with RoPE (any --rotary-percent) is
+`GPTNeoXForCausalLM` (sequential residual); RoPE + RMSNorm + SwiGLU (+ GQA, + untied head) is
+`LlamaForCausalLM`. Anything else would load into HF with silently different maths, so it is refused.
 Only tensors are renamed, transposed (GPT-2's Conv1D stores [in, out]) and regrouped (gpt3d fuses Q/K/V per
 key/value group, HF keeps Q, K, V apart or as [all Q, all K, all V]); no value is ever recomputed, so
 import -> export returns the same bytes.
@@ -35,23 +36,24 @@ class HFError(ValueError):
 
 # ----- architecture -----------------------------------------------------------------------------------------------
 def hf_architecture(m: dict) -> str:
-    """'gpt2' or 'llama' for a gpt3d model config (as a dict), else HFError naming what does not fit."""
+    """'gpt2', 'gpt_neox' or 'llama' for a gpt3d model config (as a dict), else HFError saying what does not fit."""
     kv = m.get("num_key_value_heads") or m["num_attention_heads"]
-    if not m["use_rotary_position_embeddings"] and m["normalization"] == "layernorm" and not m["swiglu"]:
-        why = [w for c, w in [(m["disable_bias_linear"], "--disable-bias-linear (GPT-2 always has biases)"),
+    rope, norm, swiglu = m["use_rotary_position_embeddings"], m["normalization"], m["swiglu"]
+    if norm == "layernorm" and not swiglu:   # GPT-2 (learned positions) or GPT-NeoX (RoPE, any rotary percent)
+        name = "GPT-NeoX" if rope else "GPT-2"
+        why = [w for c, w in [(m["disable_bias_linear"], f"--disable-bias-linear ({name} MLPs have biases)"),
                               (kv != m["num_attention_heads"], "grouped-query attention")] if c]
         if why:
-            raise HFError(f"a GPT-2-style model with {' and '.join(why)} has no Hugging Face equivalent")
-        return "gpt2"
-    if m["use_rotary_position_embeddings"] and m["normalization"] == "rmsnorm" and m["swiglu"]:
+            raise HFError(f"a {name}-style model with {' and '.join(why)} has no Hugging Face equivalent")
+        return "gpt_neox" if rope else "gpt2"
+    if rope and norm == "rmsnorm" and swiglu:
         if m["rotary_percent"] != 1.0:
             raise HFError(f"--rotary-percent {m['rotary_percent']} cannot be expressed in LlamaForCausalLM "
                           "(it rotates whole heads); export needs --rotary-percent 1.0")
         return "llama"
-    raise HFError("only two architectures export: GPT-2 (learned positions + layernorm + GeLU) and Llama "
-                  "(RoPE + rmsnorm + SwiGLU); this model has "
-                  f"rope={m['use_rotary_position_embeddings']} normalization={m['normalization']} "
-                  f"swiglu={m['swiglu']}")
+    raise HFError("exportable architectures: GPT-2 (learned positions + layernorm + GeLU), GPT-NeoX (RoPE + "
+                  "layernorm + GeLU) and Llama (RoPE + rmsnorm + SwiGLU); this model has "
+                  f"rope={rope} normalization={norm} swiglu={swiglu}")
 
 
 def split_qkv(w: torch.Tensor, heads: int, kv: int, hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,6 +100,25 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
                   "attn_pdrop": m["attention_dropout"], "layer_norm_epsilon": m["layernorm_epsilon"],
                   "initializer_range": m["init_method_std"], "scale_attn_weights": True,
                   "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
+    elif arch == "gpt_neox":   # fused QKV per head [q, k, v]: gpt3d's layout when every head is its own group
+        sd["gpt_neox.embed_in.weight"] = t[EMBEDDING]
+        for i in range(m["num_layers"]):
+            src, dst = f"layers.{i}.", f"gpt_neox.layers.{i}."
+            for a, b in (("input_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+                         ("attention.qkv", "attention.query_key_value"), ("attention.proj", "attention.dense"),
+                         ("mlp.fc1", "mlp.dense_h_to_4h"), ("mlp.fc2", "mlp.dense_4h_to_h")):
+                sd[f"{dst}{b}.weight"], sd[f"{dst}{b}.bias"] = t[f"{src}{a}.weight"], t[f"{src}{a}.bias"]
+        sd["gpt_neox.final_layer_norm.weight"] = t["final_norm.weight"]
+        sd["gpt_neox.final_layer_norm.bias"] = t["final_norm.bias"]
+        base, pct = float(m["rotary_base"]), m["rotary_percent"]
+        config = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": vocab_size,
+                  "hidden_size": h, "intermediate_size": cfg.ffn_size, "num_hidden_layers": m["num_layers"],
+                  "num_attention_heads": heads, "hidden_act": "gelu_new", "use_parallel_residual": False,
+                  "max_position_embeddings": cfg.max_positions, "layer_norm_eps": m["layernorm_epsilon"],
+                  "initializer_range": m["init_method_std"], "rotary_pct": pct, "rotary_emb_base": base,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": base, "partial_rotary_factor": pct},
+                  "attention_bias": True, "hidden_dropout": m["hidden_dropout"],
+                  "attention_dropout": m["attention_dropout"]}
     else:
         bias = not m["disable_bias_linear"]
         sd["model.embed_tokens.weight"] = t[EMBEDDING]
@@ -121,7 +142,7 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
                   "initializer_range": m["init_method_std"], "rope_theta": float(m["rotary_base"]),
                   "rope_parameters": {"rope_type": "default", "rope_theta": float(m["rotary_base"])},
                   "attention_bias": bias, "mlp_bias": bias, "attention_dropout": m["attention_dropout"]}
-    head = "lm_head.weight"
+    head = "embed_out.weight" if arch == "gpt_neox" else "lm_head.weight"
     if not tied:
         sd[head] = t["output_layer"]
     config.update({"tie_word_embeddings": tied, "bos_token_id": eod, "eos_token_id": eod, "use_cache": True})
@@ -132,7 +153,7 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
 def from_hf(c: dict, sd: dict) -> tuple[dict, dict]:
     """(gpt3d model config dict, full gpt3d tensors) from an HF config.json and state dict."""
     arch = c.get("model_type")
-    tied = c.get("tie_word_embeddings", True)
+    tied = c.get("tie_word_embeddings", arch == "gpt2")   # each config class's default
     t = {}
     if arch == "gpt2":
         act = c.get("activation_function", "gelu_new")
@@ -157,6 +178,33 @@ def from_hf(c: dict, sd: dict) -> tuple[dict, dict]:
             for a, b in (("attention.proj", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
                 t[f"{dst}{a}.weight"], t[f"{dst}{a}.bias"] = sd[f"{src}{b}.weight"].t(), sd[f"{src}{b}.bias"]
         t["final_norm.weight"], t["final_norm.bias"] = sd[f"{p}ln_f.weight"], sd[f"{p}ln_f.bias"]
+    elif arch == "gpt_neox":
+        h, heads, layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
+        rope = c.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", c.get("rotary_emb_base", 10000.0))
+        pct = rope.get("partial_rotary_factor", c.get("rotary_pct", 0.25))
+        why = [w for cond, w in [(c.get("use_parallel_residual", True), "parallel residual"),
+                                 (c.get("hidden_act", "gelu") not in ("gelu_new", "gelu_pytorch_tanh"),
+                                  f"hidden_act {c.get('hidden_act', 'gelu')} (gpt3d uses tanh GeLU)"),
+                                 (not c.get("attention_bias", True), "no attention bias"),
+                                 (rope.get("rope_type", "default") != "default", "RoPE scaling"),
+                                 (float(theta) != int(theta), f"non-integer rotary base {theta}")] if cond]
+        if why:
+            raise HFError(f"GPT-NeoX variant not supported: {', '.join(why)}")
+        m = {"num_layers": layers, "hidden_size": h, "num_attention_heads": heads,
+             "ffn_hidden_size": c["intermediate_size"], "seq_length": min(c["max_position_embeddings"], 4096),
+             "max_position_embeddings": c["max_position_embeddings"], "use_rotary_position_embeddings": True,
+             "rotary_base": int(theta), "rotary_percent": pct, "layernorm_epsilon": c.get("layer_norm_eps", 1e-5),
+             "hidden_dropout": c.get("hidden_dropout", 0.0), "attention_dropout": c.get("attention_dropout", 0.0)}
+        t[EMBEDDING] = sd["gpt_neox.embed_in.weight"]
+        for i in range(layers):
+            src, dst = f"gpt_neox.layers.{i}.", f"layers.{i}."
+            for a, b in (("input_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+                         ("attention.qkv", "attention.query_key_value"), ("attention.proj", "attention.dense"),
+                         ("mlp.fc1", "mlp.dense_h_to_4h"), ("mlp.fc2", "mlp.dense_4h_to_h")):
+                t[f"{dst}{a}.weight"], t[f"{dst}{a}.bias"] = sd[f"{src}{b}.weight"], sd[f"{src}{b}.bias"]
+        t["final_norm.weight"] = sd["gpt_neox.final_layer_norm.weight"]
+        t["final_norm.bias"] = sd["gpt_neox.final_layer_norm.bias"]
     elif arch == "llama":
         h, heads, layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
         kv, hd = c.get("num_key_value_heads") or heads, c.get("head_dim") or h // heads
@@ -191,9 +239,9 @@ def from_hf(c: dict, sd: dict) -> tuple[dict, dict]:
                     t[f"{dst}{a}.{kind}"] = sd[f"{src}{b}.{kind}"]
         t["final_norm.weight"] = sd["model.norm.weight"]
     else:
-        raise HFError(f"model_type {arch!r} is not supported (gpt2 and llama are)")
+        raise HFError(f"model_type {arch!r} is not supported (gpt2, gpt_neox and llama are)")
     if not tied:
-        t["output_layer"] = sd["lm_head.weight"]
+        t["output_layer"] = sd["embed_out.weight" if "embed_out.weight" in sd else "lm_head.weight"]
     m.update({"vocab_size": c["vocab_size"], "init_method_std": c.get("initializer_range", 0.02),
               "untie_embeddings_and_output_weights": not tied})
     return m, {k: v.contiguous() for k, v in t.items()}

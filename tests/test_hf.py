@@ -107,14 +107,22 @@ def test_gpt2_export_matches_transformers_loss(shakespeare_prefix, tmp_path):
     assert gen["text"].startswith("ROMEO:") and 1 <= len(gen["tokens"]) <= 8
 
 
-def test_llama_export_logits_and_kv_cache_generation(tmp_path):
-    cfg = tiny_config(num_layers=2, hidden_size=64, save=str(tmp_path / "ck"), **LLAMA)
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_rope_export_logits_and_kv_cache_generation(arch, tmp_path):
+    """Llama style (GQA, untied, no biases) -> LlamaForCausalLM; RoPE + layernorm + GeLU with rotary percent
+    0.25 (the seed's gpt-1.3B-rope) -> GPTNeoXForCausalLM. Logits match gpt3d; greedy decoding matches HF."""
+    flags = LLAMA if arch == "llama" else dict(use_rotary_position_embeddings=True, rotary_percent=0.25)
+    cfg = tiny_config(num_layers=2, hidden_size=64, save=str(tmp_path / "ck"), **flags)
     t = make_trainer(cfg)
     run_curve(cfg, iters=2, trainer=t)     # norms and weights away from their init
     t.save()
     export_hf(str(tmp_path / "ck"), str(tmp_path / "hf"))
-    hf = _load_hf(transformers.LlamaForCausalLM, tmp_path / "hf")
-    assert hf.config.num_key_value_heads == 2 and not hf.config.tie_word_embeddings
+    if arch == "llama":
+        hf = _load_hf(transformers.LlamaForCausalLM, tmp_path / "hf")
+        assert hf.config.num_key_value_heads == 2 and not hf.config.tie_word_embeddings
+    else:
+        hf = _load_hf(transformers.GPTNeoXForCausalLM, tmp_path / "hf")
+        assert hf.config.tie_word_embeddings and not hf.config.use_parallel_residual
     model, _, meta = load_model(str(tmp_path / "ck"))
     x = torch.randint(0, meta["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -134,6 +142,11 @@ def _random_hf(kind, path):
     if kind == "gpt2":
         c = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=4)
         model = transformers.GPT2LMHeadModel(c)
+    elif kind == "gpt_neox":
+        c = transformers.GPTNeoXConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=64, hidden_act="gelu_new",
+                                       use_parallel_residual=False, rotary_pct=0.5)
+        model = transformers.GPTNeoXForCausalLM(c)
     else:
         c = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -146,7 +159,7 @@ def _random_hf(kind, path):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox", "llama"])
 def test_import_export_round_trip_is_bitwise(kind, tmp_path):
     hf = _random_hf(kind, tmp_path / "src")
     import_hf(str(tmp_path / "src"), str(tmp_path / "ck"))
