@@ -387,4 +387,5 @@ def describe(root: str) -> str:
     ])
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_model_tensors", "save_weights", "resolve", "describe", "CheckpointError", "padded_vocab_size"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_model_tensors", "save_weights", "resolve", "describe",
+           "CheckpointError", "padded_vocab_size"]
