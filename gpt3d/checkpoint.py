@@ -166,6 +166,30 @@ def _prune(root: str, newest: str, keep_last: Optional[int]) -> None:
     for d in old + stale:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
+def save_weights(root: str, tensors: dict, params: dict, config: dict, vocab_size: int, padded_vocab: int) -> str:
+    """A weights-only checkpoint at layout 1x1x1, iteration 0 (import-hf), written as atomically as a training one.
+
+    `tensors` are the full parameters of a TP=1 model by name; `params` their shape/split metadata."""
+    name = "iter_0000000"
+    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+    try:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        model_file = _save_st({k: v.contiguous() for k, v in tensors.items()},
+                              os.path.join(tmp, "model_tp0_pp0.safetensors"))
+        meta = {"format": "gpt3d-1", "iteration": 0, "consumed_samples": 0, "tokens": 0,
+                "layout": {"tp": 1, "pp": 1, "dp": 1, "zero": 1}, "vocab_size": vocab_size,
+                "padded_vocab": padded_vocab, "config": config, "scaler": None,
+                "files": {os.path.basename(model_file): os.path.getsize(model_file)}, "params": params}
+        _write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_text_atomic(os.path.join(root, "latest"), name)
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {final}: {e}") from e
+    return final
+
 
 def _save_st(tensors: dict, path: str, metadata: Optional[dict] = None) -> str:
     save_file(tensors, path, metadata=metadata)
@@ -272,7 +296,7 @@ class _ShardReader:
     def _source_name(self, name: str) -> Optional[str]:
         if name in self.model_files:
             return name
-        return EMBEDDING if name == "output_layer.weight" and EMBEDDING in self.model_files and \
+        return EMBEDDING if name == "output_layer" and EMBEDDING in self.model_files and \
             not self.meta["config"]["model"]["untie_embeddings_and_output_weights"] else None
 
     def _assemble(self, name: str, shards: dict) -> torch.Tensor:
@@ -360,7 +384,7 @@ def _load_state(path: str, meta: dict, trainer) -> None:
                 raise CheckpointError(f"checkpoint {path} has no tensor for parameter {n}")
             p.copy_(_to_local(full, p, trainer.vocab_size, ps).to(p.device, p.dtype))
     c = cfg.checkpoint
-    if c.finetune or c.no_load_optim:
+    if c.finetune or c.no_load_optim or not reader.optim:   # weights-only (e.g. import-hf) checkpoints
         trainer.optimizer.reload_masters_from_params()
     else:
         def get(name: str, kind: str) -> Optional[torch.Tensor]:
@@ -381,6 +405,24 @@ def _load_state(path: str, meta: dict, trainer) -> None:
             set_rng_state(torch.load(rng_file, weights_only=False), trainer.tp_rng)
 
 
+def read_model_tensors(root: str) -> tuple[str, dict, dict]:
+    """(path, meta, {name: full tensor}) of a checkpoint at any saved layout, for export and inference.
+
+    Tied copies (the last stage's output layer) are left out and padded vocabulary rows are cut off."""
+    path = resolve(root)
+    meta = read_meta(path)
+    reader = _ShardReader(path, meta)
+    tensors = {}
+    for name, info in meta["params"].items():
+        if info.get("tied_to"):
+            continue
+        full = reader.model_tensor(name)
+        if full is None:
+            raise CheckpointError(f"checkpoint {path} has no tensor for parameter {name}")
+        tensors[name] = full[:meta["vocab_size"]] if name in (EMBEDDING, "output_layer") else full
+    return path, meta, tensors
+
+
 def describe(root: str) -> str:
     """Text for `gpt3d checkpoint-info`."""
     path = resolve(root)
@@ -398,4 +440,5 @@ def describe(root: str) -> str:
     ])
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "resolve", "describe", "CheckpointError", "padded_vocab_size"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_model_tensors", "save_weights", "resolve", "describe",
+           "CheckpointError", "padded_vocab_size"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -68,13 +69,15 @@ class SelfAttention(nn.Module):
         if cfg.use_rotary_position_embeddings:
             self.rotary = RotaryEmbedding(int(self.head_dim * cfg.rotary_percent), cfg.rotary_base)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: Optional["LayerKV"] = None) -> torch.Tensor:
         qkv = self.qkv(x)                                      # [b, s, (heads + 2 kv) * hd]
         b, s, _ = qkv.shape
         group = self.heads // self.kv_heads
         qkv = qkv.view(b, s, self.kv_heads, group + 2, self.head_dim)
         q = qkv[:, :, :, :group].reshape(b, s, self.heads, self.head_dim)
         k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]    # [b, s, kv, hd]
+        if kv_cache is not None:
+            return self.proj(self._cached(q, k, v, kv_cache).reshape(b, s, self.heads * self.head_dim))
         if self.selective_recompute and self.training:
             y = checkpoint(self._core, self.tp_rng, q, k, v)
         else:
@@ -93,6 +96,20 @@ class SelfAttention(nn.Module):
                 return self._attend(q, k, v, p)
         return self._attend(q, k, v, 0.0)
 
+    def _cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: "LayerKV") -> torch.Tensor:
+        """Inference only: the new tokens attend to the cached keys/values and their own causal prefix."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads|kv, s, hd]
+        start, s = cache.start, q.shape[2]
+        if self.rotary is not None:
+            cos, sin = self.rotary(start + s, q.device)
+            q, k = apply_rotary(q, cos[start:], sin[start:]), apply_rotary(k, cos[start:], sin[start:])
+        k, v = cache.append(k, v)                              # [b, kv, start + s, hd]
+        mask = None
+        if s > 1:   # query i sees keys up to start + i
+            mask = torch.ones(s, start + s, dtype=torch.bool, device=q.device).tril(start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
+        return y.transpose(1, 2)                               # [b, s, heads, hd]
+
     def _attend(self, q, k, v, p: float) -> torch.Tensor:
         if self.use_flash_attn and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             y = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
@@ -104,3 +121,30 @@ class SelfAttention(nn.Module):
     def _sdpa(self, q, k, v, p: float) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
                                               enable_gqa=self.kv_heads != self.heads)
+
+
+class LayerKV:
+    """One layer's cached keys/values [b, kv, t, hd]; `start` is the number of tokens already cached."""
+
+    def __init__(self, cache: "KVCache"):
+        self.cache, self.k, self.v = cache, None, None
+
+    @property
+    def start(self) -> int:
+        return self.cache.length
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class KVCache:
+    """Keys/values of every layer for incremental decoding; the model advances `length` after each call."""
+
+    def __init__(self):
+        self.layers: dict[str, LayerKV] = {}
+        self.length = 0
+
+    def layer(self, key: str) -> LayerKV:
+        return self.layers.setdefault(key, LayerKV(self))

@@ -23,7 +23,7 @@ from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabPar
 from ..parallel.mappings import copy_to_tp, gather_from_sequence
 from ..parallel.random import TPRNG, checkpoint
 from ..parallel.state import ParallelState
-from .attention import SelfAttention, sdpa_backend_context
+from .attention import KVCache, LayerKV, SelfAttention, sdpa_backend_context
 
 EMBEDDING = "embedding.word_embeddings.weight"
 
@@ -85,8 +85,8 @@ class TransformerLayer(nn.Module):
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return residual_dropout(x, self.p, self.training, self.ps, self.tp_rng)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:   # [b, s(/tp), h]
-        x = x + self._dropout(self.attention(self.input_norm(x)))
+    def forward(self, x: torch.Tensor, kv_cache: Optional[LayerKV] = None) -> torch.Tensor:   # [b, s(/tp), h]
+        x = x + self._dropout(self.attention(self.input_norm(x), kv_cache))
         return x + self._dropout(self.mlp(self.post_attention_norm(x)))
 
 
@@ -100,11 +100,11 @@ class Embedding(nn.Module):
             self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size, device=ps.device)
             mark(self.position_embeddings.weight, None, ("normal", cfg.init_method_std), sequence_parallel=ps.sp)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [b, s] -> [b, s(/tp), h]
+    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:  # [b, s] -> [b, s(/tp), h]
         x = self.word_embeddings(tokens)
         if self.position_embeddings is not None:
             s = tokens.shape[1]
-            pos = torch.arange(s, device=tokens.device)
+            pos = torch.arange(start, start + s, device=tokens.device)
             if self.ps.sp:
                 pos = pos.chunk(self.ps.tp)[self.ps.tp_rank]
             x = x + self.position_embeddings(pos)
@@ -138,23 +138,29 @@ class GPTModel(nn.Module):
                 w.tied_to = EMBEDDING   # last stage's copy of the first stage's embedding
 
     def init_weights(self, seed: int) -> None:
-        names = {EMBEDDING: self.vocab_size, "output_layer.weight": self.vocab_size}
+        names = {EMBEDDING: self.vocab_size, "output_layer": self.vocab_size}
         init_parameters(self, seed, self.ps, rows_limit=names)
 
     def output_weight(self) -> torch.Tensor:
         return self.output_layer if self.output_layer is not None else self.embedding.word_embeddings.weight
 
     def forward(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None,
-                hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+                hidden: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         """tokens/labels: [b, s]. Returns per-token loss [b, s] on the last stage when labels are given,
-        logits [b, s, V/tp] without labels, else the hidden state [b, s(/tp), h] for the next stage."""
-        x = self.embedding(tokens) if self.pre_process else hidden
+        logits [b, s, V/tp] without labels, else the hidden state [b, s(/tp), h] for the next stage.
+        `kv_cache` (inference, one stage): tokens continue the cached ones, the cache grows by s."""
+        start = kv_cache.length if kv_cache is not None else 0
+        x = self.embedding(tokens, start) if self.pre_process else hidden
         with sdpa_backend_context(self.cfg.attention_backend, x.device):
             for key, layer in self.layers.items():
-                if key in self.recompute_layers and self.training:
+                if kv_cache is not None:
+                    x = layer(x, kv_cache.layer(key))
+                elif key in self.recompute_layers and self.training:
                     x = checkpoint(layer, self.tp_rng, x)
                 else:
                     x = layer(x)
+        if kv_cache is not None:
+            kv_cache.length += x.shape[1]
         if not self.post_process:
             return x
         x = self.final_norm(x)

@@ -1,0 +1,410 @@
+"""Hugging Face export/import: `gpt3d export-hf` and `gpt3d import-hf`.
+
+Three HF architectures express gpt3d models exactly: the GPT-3/Megatron default (learned positions, LayerNorm,
+tanh-GeLU, biases, multi-head) is `GPT2LMHeadModel`; the same with RoPE (any --rotary-percent) is
+`GPTNeoXForCausalLM` (sequential residual); RoPE + RMSNorm + SwiGLU (+ GQA, + untied head) is
+`LlamaForCausalLM`. Anything else would load into HF with silently different maths, so it is refused.
+Only tensors are renamed, transposed (GPT-2's Conv1D stores [in, out]) and regrouped (gpt3d fuses Q/K/V per
+key/value group, HF keeps Q, K, V apart or as [all Q, all K, all V]); no value is ever recomputed, so
+import -> export returns the same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import CheckpointError
+from .config import Config, ConfigError
+from .model.gpt import EMBEDDING
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+EOD = "<|endoftext|>"
+
+
+class HFError(ValueError):
+    """A model or directory that cannot be converted; printed as one line."""
+
+
+# ----- architecture -----------------------------------------------------------------------------------------------
+def hf_architecture(m: dict) -> str:
+    """'gpt2', 'gpt_neox' or 'llama' for a gpt3d model config (as a dict), else HFError saying what does not fit."""
+    kv = m.get("num_key_value_heads") or m["num_attention_heads"]
+    rope, norm, swiglu = m["use_rotary_position_embeddings"], m["normalization"], m["swiglu"]
+    if norm == "layernorm" and not swiglu:   # GPT-2 (learned positions) or GPT-NeoX (RoPE, any rotary percent)
+        name = "GPT-NeoX" if rope else "GPT-2"
+        why = [w for c, w in [(m["disable_bias_linear"], f"--disable-bias-linear ({name} MLPs have biases)"),
+                              (kv != m["num_attention_heads"], "grouped-query attention")] if c]
+        if why:
+            raise HFError(f"a {name}-style model with {' and '.join(why)} has no Hugging Face equivalent")
+        return "gpt_neox" if rope else "gpt2"
+    if rope and norm == "rmsnorm" and swiglu:
+        if m["rotary_percent"] != 1.0:
+            raise HFError(f"--rotary-percent {m['rotary_percent']} cannot be expressed in LlamaForCausalLM "
+                          "(it rotates whole heads); export needs --rotary-percent 1.0")
+        return "llama"
+    raise HFError("exportable architectures: GPT-2 (learned positions + layernorm + GeLU), GPT-NeoX (RoPE + "
+                  "layernorm + GeLU) and Llama (RoPE + rmsnorm + SwiGLU); this model has "
+                  f"rope={rope} normalization={norm} swiglu={swiglu}")
+
+
+def split_qkv(w: torch.Tensor, heads: int, kv: int, hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gpt3d's fused rows [kv groups x (q heads of the group, k, v) x hd] -> Q [heads*hd], K, V [kv*hd]."""
+    g = heads // kv
+    x = w.reshape(kv, g + 2, hd, *w.shape[1:])
+    q = x[:, :g].reshape(heads * hd, *w.shape[1:])
+    return q, x[:, g].reshape(kv * hd, *w.shape[1:]), x[:, g + 1].reshape(kv * hd, *w.shape[1:])
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv: int, hd: int) -> torch.Tensor:
+    g = heads // kv
+    rest = q.shape[1:]
+    parts = [q.reshape(kv, g, hd, *rest), k.reshape(kv, 1, hd, *rest), v.reshape(kv, 1, hd, *rest)]
+    return torch.cat(parts, dim=1).reshape((heads + 2 * kv) * hd, *rest)
+
+
+# ----- gpt3d -> HF ------------------------------------------------------------------------------------------------
+def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, dict]:
+    """(HF state dict, config.json dict) from full gpt3d tensors (padded vocab rows already cut)."""
+    arch = hf_architecture(m)
+    heads, h = m["num_attention_heads"], m["hidden_size"]
+    kv, hd = m.get("num_key_value_heads") or heads, h // heads
+    cfg = Config.from_dict({"model": m}).model
+    tied = not m["untie_embeddings_and_output_weights"]
+    sd = {}
+    if arch == "gpt2":
+        sd["transformer.wte.weight"] = t[EMBEDDING]
+        sd["transformer.wpe.weight"] = t["embedding.position_embeddings.weight"]
+        for i in range(m["num_layers"]):
+            src, dst = f"layers.{i}.", f"transformer.h.{i}."
+            for a, b in (("input_norm", "ln_1"), ("post_attention_norm", "ln_2")):
+                sd[f"{dst}{b}.weight"], sd[f"{dst}{b}.bias"] = t[f"{src}{a}.weight"], t[f"{src}{a}.bias"]
+            for kind in ("weight", "bias"):
+                fused = torch.cat(split_qkv(t[f"{src}attention.qkv.{kind}"], heads, kv, hd))
+                sd[f"{dst}attn.c_attn.{kind}"] = fused.t() if kind == "weight" else fused
+            for a, b in (("attention.proj", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                sd[f"{dst}{b}.weight"], sd[f"{dst}{b}.bias"] = t[f"{src}{a}.weight"].t(), t[f"{src}{a}.bias"]
+        sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = t["final_norm.weight"], t["final_norm.bias"]
+        config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab_size,
+                  "n_positions": cfg.max_positions, "n_embd": h, "n_layer": m["num_layers"], "n_head": heads,
+                  "n_inner": cfg.ffn_size, "activation_function": "gelu_new",
+                  "resid_pdrop": m["hidden_dropout"], "embd_pdrop": m["hidden_dropout"],
+                  "attn_pdrop": m["attention_dropout"], "layer_norm_epsilon": m["layernorm_epsilon"],
+                  "initializer_range": m["init_method_std"], "scale_attn_weights": True,
+                  "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
+    elif arch == "gpt_neox":   # fused QKV per head [q, k, v]: gpt3d's layout when every head is its own group
+        sd["gpt_neox.embed_in.weight"] = t[EMBEDDING]
+        for i in range(m["num_layers"]):
+            src, dst = f"layers.{i}.", f"gpt_neox.layers.{i}."
+            for a, b in (("input_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+                         ("attention.qkv", "attention.query_key_value"), ("attention.proj", "attention.dense"),
+                         ("mlp.fc1", "mlp.dense_h_to_4h"), ("mlp.fc2", "mlp.dense_4h_to_h")):
+                sd[f"{dst}{b}.weight"], sd[f"{dst}{b}.bias"] = t[f"{src}{a}.weight"], t[f"{src}{a}.bias"]
+        sd["gpt_neox.final_layer_norm.weight"] = t["final_norm.weight"]
+        sd["gpt_neox.final_layer_norm.bias"] = t["final_norm.bias"]
+        base, pct = float(m["rotary_base"]), m["rotary_percent"]
+        config = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": vocab_size,
+                  "hidden_size": h, "intermediate_size": cfg.ffn_size, "num_hidden_layers": m["num_layers"],
+                  "num_attention_heads": heads, "hidden_act": "gelu_new", "use_parallel_residual": False,
+                  "max_position_embeddings": cfg.max_positions, "layer_norm_eps": m["layernorm_epsilon"],
+                  "initializer_range": m["init_method_std"], "rotary_pct": pct, "rotary_emb_base": base,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": base, "partial_rotary_factor": pct},
+                  "attention_bias": True, "hidden_dropout": m["hidden_dropout"],
+                  "attention_dropout": m["attention_dropout"]}
+    else:
+        bias = not m["disable_bias_linear"]
+        sd["model.embed_tokens.weight"] = t[EMBEDDING]
+        for i in range(m["num_layers"]):
+            src, dst = f"layers.{i}.", f"model.layers.{i}."
+            sd[f"{dst}input_layernorm.weight"] = t[f"{src}input_norm.weight"]
+            sd[f"{dst}post_attention_layernorm.weight"] = t[f"{src}post_attention_norm.weight"]
+            pairs = [("attention.proj", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"),
+                     ("mlp.fc1", "mlp.up_proj"), ("mlp.fc2", "mlp.down_proj")]
+            for kind in ("weight", "bias") if bias else ("weight",):
+                q, k, v = split_qkv(t[f"{src}attention.qkv.{kind}"], heads, kv, hd)
+                sd[f"{dst}self_attn.q_proj.{kind}"], sd[f"{dst}self_attn.k_proj.{kind}"] = q, k
+                sd[f"{dst}self_attn.v_proj.{kind}"] = v
+                for a, b in pairs:
+                    sd[f"{dst}{b}.{kind}"] = t[f"{src}{a}.{kind}"]
+        sd["model.norm.weight"] = t["final_norm.weight"]
+        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
+                  "hidden_size": h, "intermediate_size": cfg.ffn_size, "num_hidden_layers": m["num_layers"],
+                  "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd, "hidden_act": "silu",
+                  "max_position_embeddings": cfg.max_positions, "rms_norm_eps": m["layernorm_epsilon"],
+                  "initializer_range": m["init_method_std"], "rope_theta": float(m["rotary_base"]),
+                  "rope_parameters": {"rope_type": "default", "rope_theta": float(m["rotary_base"])},
+                  "attention_bias": bias, "mlp_bias": bias, "attention_dropout": m["attention_dropout"]}
+    head = "embed_out.weight" if arch == "gpt_neox" else "lm_head.weight"
+    if not tied:
+        sd[head] = t["output_layer"]
+    config.update({"tie_word_embeddings": tied, "bos_token_id": eod, "eos_token_id": eod, "use_cache": True})
+    return {k: v.contiguous() for k, v in sd.items()}, config
+
+
+# ----- HF -> gpt3d ------------------------------------------------------------------------------------------------
+def from_hf(c: dict, sd: dict) -> tuple[dict, dict]:
+    """(gpt3d model config dict, full gpt3d tensors) from an HF config.json and state dict."""
+    arch = c.get("model_type")
+    tied = c.get("tie_word_embeddings", arch == "gpt2")   # each config class's default
+    t = {}
+    if arch == "gpt2":
+        act = c.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh") or c.get("scale_attn_by_inverse_layer_idx") or \
+                c.get("reorder_and_upcast_attn") or c.get("scale_attn_weights", True) is False:
+            raise HFError(f"GPT-2 variant not supported (activation {act}, attention scaling options)")
+        h, heads, layers = c["n_embd"], c["n_head"], c["n_layer"]
+        m = {"num_layers": layers, "hidden_size": h, "num_attention_heads": heads,
+             "ffn_hidden_size": c.get("n_inner") or 4 * h, "seq_length": c["n_positions"],
+             "max_position_embeddings": c["n_positions"], "layernorm_epsilon": c.get("layer_norm_epsilon", 1e-5),
+             "hidden_dropout": c.get("resid_pdrop", 0.1), "attention_dropout": c.get("attn_pdrop", 0.1)}
+        p = "transformer." if "transformer.wte.weight" in sd else ""
+        t[EMBEDDING], t["embedding.position_embeddings.weight"] = sd[f"{p}wte.weight"], sd[f"{p}wpe.weight"]
+        for i in range(layers):
+            src, dst = f"{p}h.{i}.", f"layers.{i}."
+            for a, b in (("input_norm", "ln_1"), ("post_attention_norm", "ln_2")):
+                t[f"{dst}{a}.weight"], t[f"{dst}{a}.bias"] = sd[f"{src}{b}.weight"], sd[f"{src}{b}.bias"]
+            for kind in ("weight", "bias"):
+                w = sd[f"{src}attn.c_attn.{kind}"]
+                w = w.t() if kind == "weight" else w
+                t[f"{dst}attention.qkv.{kind}"] = fuse_qkv(*w.chunk(3, dim=0), heads, heads, h // heads)
+            for a, b in (("attention.proj", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                t[f"{dst}{a}.weight"], t[f"{dst}{a}.bias"] = sd[f"{src}{b}.weight"].t(), sd[f"{src}{b}.bias"]
+        t["final_norm.weight"], t["final_norm.bias"] = sd[f"{p}ln_f.weight"], sd[f"{p}ln_f.bias"]
+    elif arch == "gpt_neox":
+        h, heads, layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
+        rope = c.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", c.get("rotary_emb_base", 10000.0))
+        pct = rope.get("partial_rotary_factor", c.get("rotary_pct", 0.25))
+        why = [w for cond, w in [(c.get("use_parallel_residual", True), "parallel residual"),
+                                 (c.get("hidden_act", "gelu") not in ("gelu_new", "gelu_pytorch_tanh"),
+                                  f"hidden_act {c.get('hidden_act', 'gelu')} (gpt3d uses tanh GeLU)"),
+                                 (not c.get("attention_bias", True), "no attention bias"),
+                                 (rope.get("rope_type", "default") != "default", "RoPE scaling"),
+                                 (float(theta) != int(theta), f"non-integer rotary base {theta}")] if cond]
+        if why:
+            raise HFError(f"GPT-NeoX variant not supported: {', '.join(why)}")
+        m = {"num_layers": layers, "hidden_size": h, "num_attention_heads": heads,
+             "ffn_hidden_size": c["intermediate_size"], "seq_length": min(c["max_position_embeddings"], 4096),
+             "max_position_embeddings": c["max_position_embeddings"], "use_rotary_position_embeddings": True,
+             "rotary_base": int(theta), "rotary_percent": pct, "layernorm_epsilon": c.get("layer_norm_eps", 1e-5),
+             "hidden_dropout": c.get("hidden_dropout", 0.0), "attention_dropout": c.get("attention_dropout", 0.0)}
+        t[EMBEDDING] = sd["gpt_neox.embed_in.weight"]
+        for i in range(layers):
+            src, dst = f"gpt_neox.layers.{i}.", f"layers.{i}."
+            for a, b in (("input_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+                         ("attention.qkv", "attention.query_key_value"), ("attention.proj", "attention.dense"),
+                         ("mlp.fc1", "mlp.dense_h_to_4h"), ("mlp.fc2", "mlp.dense_4h_to_h")):
+                t[f"{dst}{a}.weight"], t[f"{dst}{a}.bias"] = sd[f"{src}{b}.weight"], sd[f"{src}{b}.bias"]
+        t["final_norm.weight"] = sd["gpt_neox.final_layer_norm.weight"]
+        t["final_norm.bias"] = sd["gpt_neox.final_layer_norm.bias"]
+    elif arch == "llama":
+        h, heads, layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
+        kv, hd = c.get("num_key_value_heads") or heads, c.get("head_dim") or h // heads
+        rope = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": c.get("rope_theta", 10000.0)}
+        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+        bias = c.get("attention_bias", False)
+        why = [w for cond, w in [(c.get("hidden_act", "silu") != "silu", f"hidden_act {c.get('hidden_act')}"),
+                                 (hd * heads != h, f"head_dim {hd} != hidden/heads"),
+                                 (rope.get("rope_type", "default") != "default" or c.get("rope_scaling"),
+                                  "RoPE scaling"),
+                                 (float(theta) != int(theta), f"non-integer rope_theta {theta}"),
+                                 (bias != c.get("mlp_bias", False), "attention_bias != mlp_bias")] if cond]
+        if why:
+            raise HFError(f"Llama variant not supported: {', '.join(why)}")
+        m = {"num_layers": layers, "hidden_size": h, "num_attention_heads": heads, "num_key_value_heads": kv,
+             "ffn_hidden_size": c["intermediate_size"], "seq_length": min(c["max_position_embeddings"], 4096),
+             "max_position_embeddings": c["max_position_embeddings"], "use_rotary_position_embeddings": True,
+             "rotary_base": int(theta), "normalization": "rmsnorm", "swiglu": True,
+             "layernorm_epsilon": c.get("rms_norm_eps", 1e-6), "disable_bias_linear": not bias,
+             "hidden_dropout": 0.0, "attention_dropout": c.get("attention_dropout", 0.0)}
+        t[EMBEDDING] = sd["model.embed_tokens.weight"]
+        for i in range(layers):
+            src, dst = f"model.layers.{i}.", f"layers.{i}."
+            t[f"{dst}input_norm.weight"] = sd[f"{src}input_layernorm.weight"]
+            t[f"{dst}post_attention_norm.weight"] = sd[f"{src}post_attention_layernorm.weight"]
+            pairs = [("attention.proj", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"),
+                     ("mlp.fc1", "mlp.up_proj"), ("mlp.fc2", "mlp.down_proj")]
+            for kind in ("weight", "bias") if bias else ("weight",):
+                t[f"{dst}attention.qkv.{kind}"] = fuse_qkv(*(sd[f"{src}self_attn.{x}_proj.{kind}"] for x in "qkv"),
+                                                           heads, kv, hd)
+                for a, b in pairs:
+                    t[f"{dst}{a}.{kind}"] = sd[f"{src}{b}.{kind}"]
+        t["final_norm.weight"] = sd["model.norm.weight"]
+    else:
+        raise HFError(f"model_type {arch!r} is not supported (gpt2, gpt_neox and llama are)")
+    if not tied:
+        t["output_layer"] = sd["embed_out.weight" if "embed_out.weight" in sd else "lm_head.weight"]
+    m.update({"vocab_size": c["vocab_size"], "init_method_std": c.get("initializer_range", 0.02),
+              "untie_embeddings_and_output_weights": not tied})
+    return m, {k: v.contiguous() for k, v in t.items()}
+
+
+# ----- commands ---------------------------------------------------------------------------------------------------
+def _fresh_output(path: str) -> str:
+    """A temporary sibling to write into; refuses to touch an existing non-empty directory."""
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise HFError(f"output {path} already exists and is not empty; choose a new directory")
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _publish(tmp: str, path: str) -> None:
+    if os.path.isdir(path):
+        os.rmdir(path)   # empty, checked by _fresh_output
+    os.replace(tmp, path)
+
+
+def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[str] = None,
+              merge_file: Optional[str] = None) -> dict:
+    from .checkpoint import read_model_tensors
+    path, meta, tensors = read_model_tensors(load)
+    m, data = meta["config"]["model"], meta["config"]["data"]
+    vocab_file, merge_file = vocab_file or data.get("vocab_file"), merge_file or data.get("merge_file")
+    has_tok = bool(vocab_file and merge_file and os.path.isfile(vocab_file) and os.path.isfile(merge_file))
+    eod = None
+    if has_tok:
+        with open(vocab_file, encoding="utf-8") as fh:
+            eod = json.load(fh).get(EOD)
+    sd, config = to_hf(m, tensors, meta["vocab_size"], eod)
+    target = DTYPES[dtype] if dtype != "auto" else next(iter(sd.values())).dtype
+    sd = {k: v.to(target) for k, v in sd.items()}
+    config["torch_dtype"] = config["dtype"] = HF_DTYPE_NAMES[target]
+    tmp = _fresh_output(output)
+    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    _write_json(os.path.join(tmp, "config.json"), config)
+    _write_json(os.path.join(tmp, "generation_config.json"), {"bos_token_id": eod, "eos_token_id": eod})
+    if has_tok:
+        shutil.copyfile(vocab_file, os.path.join(tmp, "vocab.json"))
+        shutil.copyfile(merge_file, os.path.join(tmp, "merges.txt"))
+        _write_json(os.path.join(tmp, "tokenizer_config.json"),
+                    {"tokenizer_class": "GPT2Tokenizer", "model_max_length": m["seq_length"],
+                     "bos_token": EOD, "eos_token": EOD, "unk_token": EOD, "add_prefix_space": False})
+    _publish(tmp, output)
+    return {"checkpoint": path, "output": output, "architecture": config["architectures"][0],
+            "tokenizer": has_tok, "dtype": config["dtype"]}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+
+
+def read_hf_dir(path: str) -> tuple[dict, dict]:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise HFError(f"{path} has no config.json (not a Hugging Face model directory)")
+    with open(cfg_path) as fh:
+        config = json.load(fh)
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise HFError(f"{path} has no .safetensors weights (convert pytorch_model.bin with save_pretrained "
+                      "(safe_serialization=True) first)")
+    sd = {}
+    for f in files:
+        with safe_open(os.path.join(path, f), framework="pt") as fh:
+            for k in fh.keys():
+                sd[k] = fh.get_tensor(k)
+    return config, sd
+
+
+def import_hf(src: str, save: str) -> dict:
+    from .checkpoint import save_weights
+    from .model.gpt import GPTModel
+    from .parallel.random import TPRNG
+    from .parallel.state import ParallelState
+    hf_config, sd = read_hf_dir(src)
+    try:
+        m, tensors = from_hf(hf_config, sd)
+    except KeyError as e:
+        raise HFError(f"{src}: weight {e} missing for a {hf_config.get('model_type')} model") from None
+    if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)):
+        raise HFError(f"checkpoint directory {save} already exists and is not empty; choose a new one")
+    cfg = Config.from_dict({"model": m})
+    cfg.model.make_vocab_size_divisible_by = 128
+    tok = {f: os.path.join(src, f) for f in ("vocab.json", "merges.txt")}
+    ps = ParallelState(device=torch.device("meta"))
+    model = GPTModel(cfg.model, ps, TPRNG(0, ps), vocab_size=m["vocab_size"])
+    params = {n: {"shape": list(p.shape), "split_dim": p.tp_split_dim, "tied_to": None}
+              for n, p in model.named_parameters()}
+    if set(params) != set(tensors):
+        raise HFError(f"weights do not match the derived model: missing {sorted(set(params) - set(tensors))}, "
+                      f"unexpected {sorted(set(tensors) - set(params))}")
+    for n, p in model.named_parameters():
+        w = tensors[n]
+        if n in (EMBEDDING, "output_layer"):   # pad the vocabulary like training does
+            w = torch.cat([w, w.new_zeros(p.shape[0] - w.shape[0], w.shape[1])])
+            tensors[n] = w
+        if tuple(w.shape) != tuple(p.shape):
+            raise HFError(f"{n}: HF weight has shape {tuple(w.shape)}, the model needs {tuple(p.shape)}")
+    os.makedirs(save, exist_ok=True)
+    if all(os.path.isfile(f) for f in tok.values()):
+        for f, fp in tok.items():
+            shutil.copyfile(fp, os.path.join(save, f))
+        cfg.data.vocab_file = os.path.abspath(os.path.join(save, "vocab.json"))
+        cfg.data.merge_file = os.path.abspath(os.path.join(save, "merges.txt"))
+    final = save_weights(save, tensors, params, cfg.to_dict(), m["vocab_size"], model.padded_vocab)
+    yaml_path = os.path.join(save, "model.yaml")
+    _write_model_yaml(yaml_path, cfg)
+    return {"input": src, "checkpoint": final, "config": yaml_path, "architecture": hf_config.get("model_type")}
+
+
+def _write_model_yaml(path: str, cfg: Config) -> None:
+    """The model (and tokenizer) settings a run needs to --load this checkpoint."""
+    import dataclasses
+
+    import yaml
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if v is not None}
+    doc = {"model": model}
+    if cfg.data.vocab_file:
+        doc["data"] = {"vocab_file": cfg.data.vocab_file, "merge_file": cfg.data.merge_file}
+    with open(path, "w") as fh:
+        yaml.safe_dump(doc, fh, sort_keys=False)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face model directory")
+    p.add_argument("--load", required=True, help="checkpoint root (uses `latest`) or one iter_XXXXXXX directory")
+    p.add_argument("--output", required=True, help="new directory for config.json, model.safetensors, tokenizer")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: as saved)")
+    p.add_argument("--vocab-file", help="GPT-2 vocab.json (default: the checkpoint's)")
+    p.add_argument("--merge-file", help="GPT-2 merges.txt (default: the checkpoint's)")
+    p.set_defaults(func=_export_cmd)
+    p = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2/Llama directory into a gpt3d checkpoint")
+    p.add_argument("--input", required=True, help="HF model directory (config.json + *.safetensors)")
+    p.add_argument("--save", required=True, help="new checkpoint directory")
+    p.set_defaults(func=_import_cmd)
+
+
+def _run(fn, **kw) -> int:
+    from .data.tokenizer import TokenizerError
+    try:
+        out = fn(**kw)
+    except (HFError, CheckpointError, ConfigError, TokenizerError, OSError) as e:
+        print(f"gpt3d: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+def _export_cmd(args: argparse.Namespace) -> int:
+    return _run(export_hf, load=args.load, output=args.output, dtype=args.dtype, vocab_file=args.vocab_file,
+                merge_file=args.merge_file)
+
+
+def _import_cmd(args: argparse.Namespace) -> int:
+    code = _run(import_hf, src=args.input, save=args.save)
+    if code == 0:
+        print(f"train from it: gpt3d train --config {os.path.join(args.save, 'model.yaml')} --load {args.save} "
+              "--finetune ...", file=sys.stderr)
+    return code

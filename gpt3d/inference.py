@@ -1,0 +1,213 @@
+"""`gpt3d eval` and `gpt3d generate`: one process, the whole model at TP=PP=1, from any saved layout.
+
+Evaluation uses the training loss path (the same cross entropy, padded vocabulary masked), so its numbers
+are the ones training reports; generation decodes with the model's KV cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, read_model_tensors
+from .config import Config, ConfigError
+from .data.indexed import DataError
+from .data.tokenizer import TokenizerError, build_tokenizer
+from .model.attention import KVCache
+from .model.gpt import GPTModel
+from .parallel.random import TPRNG
+from .parallel.state import ParallelState
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is visible")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def load_model(root: str, device: torch.device = torch.device("cpu"),
+               dtype: torch.dtype = torch.float32) -> tuple[GPTModel, Config, dict]:
+    """(model in eval mode, its config, checkpoint meta); dropout and recompute are off."""
+    path, meta, tensors = read_model_tensors(root)
+    cfg = Config.from_dict(meta["config"])
+    cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.0
+    cfg.model.recompute_granularity = None
+    ps = ParallelState(device=torch.device("cpu"))
+    model = GPTModel(cfg.model, ps, TPRNG(cfg.training.seed, ps), vocab_size=meta["vocab_size"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            w = tensors[name]
+            p.zero_()
+            p[:w.shape[0]].copy_(w)          # padded vocabulary rows stay zero
+    return model.to(device=device, dtype=dtype).eval(), cfg, meta
+
+
+def tokenizer_for(cfg: Config, vocab_file: Optional[str], merge_file: Optional[str]):
+    v, m = vocab_file or cfg.data.vocab_file, merge_file or cfg.data.merge_file
+    if not (v and m):
+        raise TokenizerError("the checkpoint names no tokenizer: give --vocab-file and --merge-file")
+    return build_tokenizer(v, m)
+
+
+@torch.no_grad()
+def score_tokens(model: GPTModel, ids: torch.Tensor, seq_length: int, batch_size: int = 8) -> tuple[float, int]:
+    """(summed loss, predicted tokens) over non-overlapping windows of `seq_length` tokens of `ids`;
+    each window predicts its tokens 2..n from the ones before (the last, shorter window too)."""
+    device = next(model.parameters()).device
+    windows = [ids[i:i + seq_length] for i in range(0, len(ids), seq_length)]
+    windows = [w for w in windows if len(w) >= 2]
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    full = [w for w in windows if len(w) == seq_length]
+    groups = [torch.stack(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
+    groups += [w[None] for w in windows if len(w) != seq_length]
+    for x in groups:
+        x = x.to(device)
+        loss = model(x[:, :-1], x[:, 1:])                 # [b, s-1] per-token loss
+        total += loss.double().sum()
+        count += loss.numel()
+    return float(total), count
+
+
+def _split_tokens(prefix: str, split: str, which: str) -> torch.Tensor:
+    """All tokens of one split's documents, in document order."""
+    from .data.gpt_dataset import get_split_ranges
+    from .data.indexed import MMapIndexedDataset
+    data = MMapIndexedDataset(prefix)
+    lo, hi = get_split_ranges(split, len(data))[("train", "valid", "test").index(which)]
+    if hi <= lo:
+        raise DataError(f"{prefix}: the {which} split of '{split}' has no documents")
+    return torch.from_numpy(np.concatenate([data.get(i) for i in range(lo, hi)]).astype(np.int64))
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    model, cfg, _ = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
+    seq = args.seq_length or cfg.model.seq_length
+    if not cfg.model.use_rotary_position_embeddings and seq > cfg.model.max_positions:
+        raise ConfigError(f"--seq-length {seq} exceeds the model's {cfg.model.max_positions} positions")
+    if args.text_file:
+        with open(args.text_file, encoding="utf-8") as fh:
+            text = fh.read()
+        ids = torch.tensor(tokenizer_for(cfg, args.vocab_file, args.merge_file).tokenize(text), dtype=torch.long)
+    else:
+        ids = _split_tokens(args.data_path, args.split or cfg.data.split, args.eval_split)
+    if args.max_tokens:
+        ids = ids[:args.max_tokens]
+    total, count = score_tokens(model, ids, seq, args.micro_batch_size)
+    if count == 0:
+        raise DataError("fewer than 2 tokens to score")
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+# ----- generation -------------------------------------------------------------------------------------------------
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: Optional[torch.Generator]) -> int:
+    """logits [V] (fp32) -> next token; temperature 0 is greedy."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p      # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: GPTModel, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, seed: Optional[int] = None, use_cache: bool = True,
+             stop_token: Optional[int] = None) -> list[int]:
+    """Prompt + new tokens. With `use_cache` each step feeds only the newest token; without, the whole
+    sequence is recomputed every step (the reference the cache is tested against)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    limit = None if model.cfg.use_rotary_position_embeddings else model.cfg.max_positions
+    ids = list(prompt)
+    cache = KVCache() if use_cache else None
+    feed = ids
+    for _ in range(max_new_tokens):
+        if limit is not None and len(ids) >= limit:
+            break
+        x = torch.tensor([feed if use_cache else ids], dtype=torch.long, device=device)
+        logits = model(x, kv_cache=cache)[0, -1, :model.vocab_size].float()
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)
+        ids.append(nxt)
+        feed = [nxt]
+        if stop_token is not None and nxt == stop_token:
+            break
+    return ids
+
+
+def _generate_cmd(args: argparse.Namespace) -> dict:
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
+        raise ConfigError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, --max-new-tokens >= 0")
+    model, cfg, _ = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
+    tok = tokenizer_for(cfg, args.vocab_file, args.merge_file)
+    prompt = tok.tokenize(args.prompt) or [tok.eod]
+    if model.cfg.use_rotary_position_embeddings is False and len(prompt) >= model.cfg.max_positions:
+        raise ConfigError(f"the prompt has {len(prompt)} tokens; the model has {model.cfg.max_positions} positions")
+    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, use_cache=not args.no_kv_cache,
+                   stop_token=tok.eod if args.stop_at_eod else None)
+    return {"text": tok.detokenize(out), "completion": tok.detokenize(out[len(prompt):]),
+            "tokens": out[len(prompt):]}
+
+
+# ----- CLI --------------------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--load", required=True, help="checkpoint root (uses `latest`) or one iter_XXXXXXX directory")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--vocab-file", help="GPT-2 vocab.json (default: the checkpoint's)")
+    p.add_argument("--merge-file", help="GPT-2 merges.txt (default: the checkpoint's)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="loss/perplexity of a checkpoint on a text file or a data split")
+    _common(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text-file", help="UTF-8 text, tokenized with the checkpoint's tokenizer")
+    src.add_argument("--data-path", help="prefix of Megatron .bin/.idx data")
+    p.add_argument("--split", help="with --data-path: train,valid,test weights (default: the checkpoint's)")
+    p.add_argument("--eval-split", default="valid", choices=["train", "valid", "test"])
+    p.add_argument("--seq-length", type=int, help="window length (default: the checkpoint's seq length)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    p.set_defaults(func=lambda a: _run(evaluate, a))
+    p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache)")
+    _common(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--stop-at-eod", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
+    p.add_argument("--json", action="store_true", help="print a JSON line instead of the text")
+    p.set_defaults(func=lambda a: _run(_generate_cmd, a))
+
+
+def _run(fn, args: argparse.Namespace) -> int:
+    try:
+        out = fn(args)
+    except (CheckpointError, ConfigError, DataError, TokenizerError, OSError) as e:
+        print(f"gpt3d: error: {e}", file=sys.stderr)
+        return 2
+    if fn is _generate_cmd and not args.json:
+        print(out["text"])
+    else:
+        print(json.dumps(out))
+    return 0
