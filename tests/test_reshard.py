@@ -48,3 +48,16 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     (tmp_path / "bad" / "iter_0000001").mkdir()        # no meta.json: never loaded
     with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
         checkpoint.resolve(str(tmp_path / "bad"))
+
+
+@pytest.mark.slow
+def test_save_single_resume_pipelined(tmp_path):
+    """A PP=1 checkpoint has no separate output layer: the last stage's tied copy must come from the embedding."""
+    path = str(tmp_path / "ck")
+    unbroken = run_curve(tiny_config())
+    saved = save_worker(0, 1, {}, path, 6)
+    assert saved == pytest.approx(unbroken["losses"][:6], abs=1e-6)
+    got = [x for x in distributed.run(2, resume_worker, dict(pipeline_model_parallel_size=2), path)
+           if x is not None][0]
+    for i, (a, b) in enumerate(zip(got["losses"], unbroken["losses"][6:])):
+        assert abs(a - b) <= 1e-3, f"PP=2 resumed iteration {7 + i} loss {a} vs unbroken {b}"
