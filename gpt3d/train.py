@@ -6,6 +6,7 @@ benchmark measures exactly what training runs.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ from .config import Config, ConfigError
 from .data.indexed import DataError
 from .data.sampler import MockGPTDataset, build_data_loader
 from .data.tokenizer import TokenizerError
-from .metrics import MetricsLogger, Throughput, fmt_duration
+from .metrics import MetricsLogger, Throughput, fmt_duration, warn
 from .model.gpt import GPTModel, count_parameters
 from .optim.grad_scaler import DynamicLossScaler
 from .optim.schedule import LRSchedule
@@ -236,11 +237,14 @@ class Trainer:
                 self._log_train(mean_loss, float(norm.item()), per_iter)
             if t.eval_interval and self.iteration % t.eval_interval == 0:
                 self._log_eval(self.evaluate(valid_ds))
+                last_log, last_log_it = time.perf_counter(), self.iteration   # time training steps only
             if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
                 self.save()
+                last_log, last_log_it = time.perf_counter(), self.iteration
             if self._should_stop(start):
                 self.log.console(f"stop requested at iteration {self.iteration}: saving and exiting")
                 self.save()
+                self._plot()
                 return 0
         if self.iteration % t.eval_interval != 0:
             self._log_eval(self.evaluate(valid_ds))
@@ -248,7 +252,19 @@ class Trainer:
                                     self.iteration % cfg.checkpoint.save_interval != 0):
             self.save()
         self.log.close()
+        self._plot()
         return 0
+
+    def _plot(self) -> None:
+        """`<log-file stem>.png` beside the metrics: a plotting problem warns, it never fails a finished run."""
+        log_file = self.cfg.training.log_file
+        if not (self.log.enabled and log_file):
+            return
+        try:
+            from .plot import plot_runs
+            plot_runs([log_file], os.path.splitext(log_file)[0] + ".png")
+        except Exception as e:  # noqa: BLE001 - matplotlib, fonts, disk: none of it may cost the run
+            warn(f"could not plot {log_file}: {e}")
 
     def _log_train(self, loss: Optional[float], grad_norm: float, per_iter: float) -> None:
         if not self.log.enabled:
