@@ -22,7 +22,7 @@ from .config import Config, ConfigError
 from .data.indexed import DataError
 from .data.sampler import MockGPTDataset, build_data_loader
 from .data.tokenizer import TokenizerError
-from .metrics import MetricsLogger, Throughput, fmt_duration
+from .metrics import MetricsLogger, Throughput, fmt_duration, warn
 from .model.attention import sdpa_backend_context
 from .model.gpt import GPTModel, count_parameters
 from .optim.grad_scaler import DynamicLossScaler
@@ -312,6 +312,7 @@ class Trainer:
                 self._log_train(mean_loss, float(norm.item()), per_iter)
             if t.eval_interval and self.iteration % t.eval_interval == 0:
                 self._log_eval(self.evaluate(valid_ds))
+                last_log, last_log_it = time.perf_counter(), self.iteration   # time training steps only
             why, streak = self._check(start)
             if streak and streak >= self._max_bad_steps() > 0:
                 first = self.iteration - streak + 1
@@ -321,10 +322,12 @@ class Trainer:
                                     f"{self.last_checkpoint or 'none'}")
             if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0 and not streak:
                 self.save()
+                last_log, last_log_it = time.perf_counter(), self.iteration
             if why:
                 self.log.console(f"{why} at iteration {self.iteration}: saving and exiting")
                 self.save()
                 self.log.close()
+                self._plot()
                 return 0
         if self.iteration % t.eval_interval != 0:
             self._log_eval(self.evaluate(valid_ds))
@@ -332,7 +335,19 @@ class Trainer:
                                     self.iteration % cfg.checkpoint.save_interval != 0):
             self.save()
         self.log.close()
+        self._plot()
         return 0
+
+    def _plot(self) -> None:
+        """`<log-file stem>.png` beside the metrics: a plotting problem warns, it never fails a finished run."""
+        log_file = self.cfg.training.log_file
+        if not (self.log.enabled and log_file):
+            return
+        try:
+            from .plot import plot_runs
+            plot_runs([log_file], os.path.splitext(log_file)[0] + ".png")
+        except Exception as e:  # noqa: BLE001 - matplotlib, fonts, disk: none of it may cost the run
+            warn(f"could not plot {log_file}: {e}")
 
     def _log_train(self, loss: Optional[float], grad_norm: float, per_iter: float) -> None:
         if not self.log.enabled:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One GPU: the 125M seed config without model parallelism (TP=1, PP=1, DP=1).
+# The 256-sample global batch becomes 32 micro-batches of 8 (gradient accumulation), so the
+# optimisation is the seed's; only the speed differs.
+#   DATA=data/corpus_text_document VOCAB=gpt2-vocab.json MERGES=gpt2-merges.txt bash examples/train_1gpu.sh
+# Extra flags go last and override everything, e.g. `... train_1gpu.sh --train-iters 100`.
+set -eo pipefail
+
+CONFIG=${CONFIG:-configs/gpt-125M.yaml}
+DATA=${DATA:-data/my-gpt2_text_document}      # prefix of the .bin/.idx written by `gpt3d preprocess`
+VOCAB=${VOCAB:-data/gpt2-vocab.json}
+MERGES=${MERGES:-data/gpt2-merges.txt}
+CKPT=${CKPT:-checkpoints/$(basename "$CONFIG" .yaml)-1gpu}
+
+LOAD=()
+if [ -f "$CKPT/latest" ]; then LOAD=(--load "$CKPT"); fi   # resume where the last run stopped
+
+python -m gpt3d train --config "$CONFIG" \
+    --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --micro-batch-size 8 \
+    --data-path "$DATA" --vocab-file "$VOCAB" --merge-file "$MERGES" \
+    --save "$CKPT" "${LOAD[@]}" "$@"
