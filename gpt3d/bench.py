@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="gpt3d without torch.compile")
     p.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     p.add_argument("--use-flash-attn", action="store_true")
+    p.add_argument("--attention-backend", choices=["auto", "cudnn", "flash", "efficient", "math"], default="auto",
+                   help="gpt3d's SDPA kernel (math = no flash attention)")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="micro-batches per optimizer step (gradient accumulation), for both systems")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--json", action="store_true", help="print one JSON line per result")
 
@@ -54,7 +58,8 @@ def _config(shape: str, args) -> Config:
     s.pop("micro_batch_size", None)
     cfg = Config.from_dict({**s, "seq_length": args.seq_length, "max_position_embeddings": args.seq_length,
                             "vocab_size": VOCAB, "hidden_dropout": 0.0, "attention_dropout": 0.0,
-                            "micro_batch_size": mbs, "global_batch_size": mbs, "train_iters": 1000,
+                            "micro_batch_size": mbs, "global_batch_size": mbs * args.micro_batches,
+                            "train_iters": 1000, "attention_backend": args.attention_backend,
                             "mock_data": True, "bf16": True, "lr": 1e-4, "weight_decay": 0.1,
                             "clip_grad": 1.0, "device": "cuda", "compile": args.compile,
                             "recompute_granularity": args.recompute_granularity,
@@ -81,14 +86,32 @@ def bench_gpt3d(cfg: Config, warmup: int, iters: int) -> dict:
     trainer = Trainer(cfg, ParallelState(device=torch.device("cuda")))
     mbs, seq = cfg.training.micro_batch_size, cfg.model.seq_length
     gen = torch.Generator(device="cuda").manual_seed(0)
-    text = torch.randint(0, VOCAB, (mbs, seq + 1), device="cuda", generator=gen)
-    batch = [{"tokens": text[:, :-1], "labels": text[:, 1:]}]
-    sec, mem = _time(lambda: trainer.train_step(batch), warmup, iters)
-    del trainer
+    text = torch.randint(0, VOCAB, (trainer.num_micro, mbs, seq + 1), device="cuda", generator=gen)
+    batch = [{"tokens": t[:, :-1], "labels": t[:, 1:]} for t in text]
+    try:
+        sec, mem = _time(lambda: trainer.train_step(batch), warmup, iters)
+    finally:
+        del trainer, batch, text
+        torch._dynamo.reset()   # compiled graphs hold the model's tensors
     return {"seconds_per_iter": sec, "peak_mem_gib": mem}
 
 
 def bench_hf(cfg: Config, warmup: int, iters: int) -> dict:
+    """The peer at the same global batch: if its micro-batch does not fit, halve it and accumulate more."""
+    mbs, micro = cfg.training.micro_batch_size, cfg.training.global_batch_size // cfg.training.micro_batch_size
+    while True:
+        try:
+            r = _bench_hf(cfg, mbs, micro, warmup, iters)
+            return {**r, "peer_micro_batch": f"{mbs}x{micro}"}
+        except torch.cuda.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            if mbs == 1:
+                raise
+            mbs, micro = mbs // 2, micro * 2
+
+
+def _bench_hf(cfg: Config, mbs: int, micro: int, warmup: int, iters: int) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
     m = cfg.model
     hf_cfg = GPT2Config(vocab_size=VOCAB, n_positions=m.seq_length, n_embd=m.hidden_size, n_layer=m.num_layers,
@@ -96,19 +119,22 @@ def bench_hf(cfg: Config, warmup: int, iters: int) -> dict:
     model = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa").cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     compiled = torch.compile(model)
-    mbs, seq = cfg.training.micro_batch_size, m.seq_length
-    text = torch.randint(0, VOCAB, (mbs, seq), device="cuda")
+    texts = torch.randint(0, VOCAB, (micro, mbs, m.seq_length), device="cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compiled(input_ids=text, labels=text).loss
-        loss.backward()
+        for text in texts:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = compiled(input_ids=text, labels=text).loss / micro
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sec, mem = _time(step, warmup, iters)
-    del model, opt, compiled
+    try:
+        sec, mem = _time(step, warmup, iters)
+    finally:
+        del model, opt, compiled, texts
+        torch._dynamo.reset()
     return {"seconds_per_iter": sec, "peak_mem_gib": mem}
 
 
@@ -121,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     for shape in args.model:
         cfg = _config(shape, args)
         from .model.gpt import padded_vocab_size
-        tp = Throughput(cfg.model, VOCAB, padded_vocab_size(VOCAB, 128, 1), cfg.training.micro_batch_size, 1,
+        tp = Throughput(cfg.model, VOCAB, padded_vocab_size(VOCAB, 128, 1), cfg.training.global_batch_size, 1,
                         args.peak_tflops)
         runners = [("gpt3d", bench_gpt3d)] + ([("hf-gpt2-sdpa-compile", bench_hf)] if args.peer == "hf" else [])
         for name, fn in runners:
@@ -132,8 +158,9 @@ def run(args: argparse.Namespace) -> int:
             gc.collect()
             torch.cuda.empty_cache()
             row = {"system": name, "shape": shape, "seq": cfg.model.seq_length,
-                   "micro_batch": cfg.training.micro_batch_size, "compile": args.compile,
-                   "recompute": args.recompute_granularity, **r}
+                   "micro_batch": r.pop("peer_micro_batch", f"{cfg.training.micro_batch_size}x{args.micro_batches}"),
+                   "compile": args.compile, "recompute": args.recompute_granularity,
+                   "attention": args.attention_backend if name == "gpt3d" else "sdpa-default", **r}
             if "seconds_per_iter" in r:
                 row.update(tp.report(r["seconds_per_iter"]))
             rows.append(row)
@@ -144,16 +171,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(rows: list) -> None:
-    print(f"\n{'system':<22}{'shape':>6}{'mbs':>5}{'tok/s':>11}{'TFLOPs':>8}{'6N TF':>8}{'MFU':>7}"
+    print(f"\n{'system':<22}{'shape':>6}{'mbs':>6}{'tok/s':>11}{'TFLOPs':>8}{'6N TF':>8}{'MFU':>7}"
           f"{'peak GiB':>10}{'vs peer':>9}")
     peers = {r["shape"]: r for r in rows if r["system"] != "gpt3d" and "tokens_per_s" in r}
     for r in rows:
         if "tokens_per_s" not in r:
-            print(f"{r['system']:<22}{r['shape']:>6}{r['micro_batch']:>5}  {r.get('error')}")
+            print(f"{r['system']:<22}{r['shape']:>6}{r['micro_batch']:>6}  {r.get('error')}")
             continue
         peer = peers.get(r["shape"])
         ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer and r["system"] == "gpt3d" else ""
-        print(f"{r['system']:<22}{r['shape']:>6}{r['micro_batch']:>5}{r['tokens_per_s']:>11,.0f}"
+        print(f"{r['system']:<22}{r['shape']:>6}{r['micro_batch']:>6}{r['tokens_per_s']:>11,.0f}"
               f"{r['tflops_per_gpu']:>8.1f}{r['tflops_per_gpu_6n']:>8.1f}{r['mfu']:>7.1%}{r['peak_mem_gib']:>10.1f}"
               f"{ratio:>9}")
 
