@@ -32,6 +32,10 @@ def build(shape: str, variant: str, mbs=None):
     args.compile = variant != "nocompile"
     cfg = _config(shape, args)
     cfg.model.attention_backend = "flash" if variant in ("base", "nocompile") else "cudnn"
+    if variant.startswith(("bk-", "eager-")):   # trainer's own compile (or none) with one SDPA backend
+        cfg.model.attention_backend = variant.split("-")[1]
+        cfg.training.compile = variant.startswith("bk-")
+        return cfg, Trainer(cfg, ParallelState(device=torch.device("cuda")))
     if variant == "selective":
         cfg.model.recompute_granularity = "selective"
     if variant == "full":
@@ -75,7 +79,7 @@ def time_variant(shape: str, variant: str, warmup: int, iters: int, mbs=None, pr
     row = {"shape": shape, "variant": variant, "mbs": m, "ms": sec * 1e3, "opt_ms": opt_ms, "mem": mem,
            **tp.report(sec)}
     names = {}
-    if profile or True:
+    if True:   # which attention kernels ran (one profiled step)
         from torch.profiler import ProfilerActivity, profile as prof
         with prof(activities=[ProfilerActivity.CUDA]) as pr:
             tr.train_step(batch)

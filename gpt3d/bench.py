@@ -41,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, autotuning)")
     p.add_argument("--peer", choices=["hf", "none"], default="hf")
+    p.add_argument("--peer-first", action="store_true", help="run the peer before gpt3d (order effects)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="gpt3d without torch.compile")
     p.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     p.add_argument("--use-flash-attn", action="store_true")
@@ -150,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         tp = Throughput(cfg.model, VOCAB, padded_vocab_size(VOCAB, 128, 1), cfg.training.global_batch_size, 1,
                         args.peak_tflops)
         runners = [("gpt3d", bench_gpt3d)] + ([("hf-gpt2-sdpa-compile", bench_hf)] if args.peer == "hf" else [])
+        if args.peer_first:
+            runners.reverse()
         for name, fn in runners:
             try:
                 r = fn(cfg, args.warmup, args.iters)
