@@ -291,10 +291,13 @@ class Trainer:
         loss_sum, loss_n, skipped_total = torch.zeros(1, device=ps.device), 0, 0
         start = time.time()
         last_log, last_log_it = time.perf_counter(), self.iteration
+        batch = None
         while self.iteration < self.train_iters:
             if t.train_tokens is not None and self.consumed_samples * cfg.model.seq_length >= t.train_tokens:
                 break
-            loss, norm, skipped = self.train_step(self.microbatches(loader))
+            loss, norm, skipped = self.train_step(batch or self.microbatches(loader))
+            # Read the next batch while the device still runs this step: the checks below wait for it.
+            batch = self.microbatches(loader) if self.iteration < self.train_iters else None
             if loss is not None:
                 loss_sum += loss
                 loss_n += 1
