@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .metrics import Throughput
 
 SHAPES = {
@@ -35,7 +35,11 @@ def register(sub) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", nargs="+", default=["125M", "1.3B"], help=f"shapes: {', '.join(SHAPES)}")
+    p.add_argument("--model", nargs="+", default=["125M", "1.3B"],
+                   help=f"shapes: {', '.join(SHAPES)}, or 'custom' with the three flags below")
+    p.add_argument("--num-layers", type=int, help="custom shape: layers")
+    p.add_argument("--hidden-size", type=int, help="custom shape: hidden size")
+    p.add_argument("--num-attention-heads", type=int, help="custom shape: attention heads")
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=None, help="override the shape's micro batch")
     p.add_argument("--iters", type=int, default=10, help="timed steps")
@@ -54,7 +58,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(shape: str, args) -> Config:
-    s = dict(SHAPES[shape])
+    if shape == "custom":
+        given = {"num_layers": args.num_layers, "hidden_size": args.hidden_size,
+                 "num_attention_heads": args.num_attention_heads}
+        if None in given.values():
+            raise ConfigError("--model custom needs --num-layers, --hidden-size and --num-attention-heads")
+        s = {**given, "micro_batch_size": args.micro_batch_size or 8}
+    elif shape in SHAPES:
+        s = dict(SHAPES[shape])
+    else:
+        raise ConfigError(f"unknown shape '{shape}' (choose from {', '.join(SHAPES)}, custom)")
     mbs = args.micro_batch_size or s.pop("micro_batch_size")
     s.pop("micro_batch_size", None)
     cfg = Config.from_dict({**s, "seq_length": args.seq_length, "max_position_embeddings": args.seq_length,
@@ -140,13 +153,13 @@ def _bench_hf(cfg: Config, mbs: int, micro: int, warmup: int, iters: int) -> dic
 
 
 def run(args: argparse.Namespace) -> int:
+    configs = [(shape, _config(shape, args)) for shape in args.model]   # bad shapes fail before any work
     if not torch.cuda.is_available():
-        print("gpt3d bench: needs a CUDA device", file=sys.stderr)
+        print("gpt3d: error: bench needs a CUDA device", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
-    for shape in args.model:
-        cfg = _config(shape, args)
+    for shape, cfg in configs:
         from .model.gpt import padded_vocab_size
         tp = Throughput(cfg.model, VOCAB, padded_vocab_size(VOCAB, 128, 1), cfg.training.global_batch_size, 1,
                         args.peak_tflops)
