@@ -133,7 +133,7 @@ def test_preprocess_malformed_json_keeps_existing_output(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": "ok2"}\n{"text": broken\n')
     assert preprocess_main(["--input", str(tmp_path / "bad.jsonl")] + base) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and f"{tmp_path / 'bad.jsonl'}:3: malformed JSON" in err[-1]
+    assert err[-1].startswith("gpt3d: error: ") and f"{tmp_path / 'bad.jsonl'}:3: malformed JSON" in err[-1]
     for e, data in before.items():
         assert (tmp_path / f"out_text_document{e}").read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []

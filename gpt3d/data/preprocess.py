@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         s = preprocess(args.input, args.output_prefix, args.vocab_file, args.merge_file, args.json_keys,
                        args.append_eod, args.workers)
     except (ValueError, TokenizerError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"gpt3d: error: {e}", file=sys.stderr)
         return 1
     print(f"processed {s['docs']:,} documents ({s['empty']:,} empty skipped), {s['tokens']:,} tokens in "
           f"{s['seconds']:.1f}s: {s['docs_per_s']:,.0f} docs/s, {s['mb_per_s']:.2f} MB/s -> "
