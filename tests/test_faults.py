@@ -366,3 +366,24 @@ def test_readme_lists_every_fault_test():
     table = readme[readme.index("## Faults tried"):]
     names = re.findall(r"^def (test_\w+)", Path(__file__).read_text(), flags=re.M)
     assert [n for n in names if n != "test_readme_lists_every_fault_test" and f"`{n}`" not in table] == []
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_every_stage(tmp_path):
+    """Preemption of a 2-stage pipeline job: torchrun forwards SIGTERM to its workers, which agree to stop,
+    finish the step in flight and write one complete checkpoint of both stages before the agent gives up."""
+    ck, log = tmp_path / "ck", tmp_path / "m.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gpt3d",
+                             "train", *TINY, "--pipeline-model-parallel-size", "2", "--train-iters", "100000",
+                             "--save", str(ck), "--log-file", str(log)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _wait_for(lambda: _last_iteration(log) >= 3, proc, timeout=240)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    last = _last_iteration(log)
+    assert f"stop signal received at iteration {last}: saving and exiting" in out + err
+    path = checkpoint.resolve(str(ck))
+    assert path.endswith(f"iter_{last:07d}") and checkpoint.read_meta(path)["iteration"] == last
+    assert sorted(p.name for p in Path(path).glob("model_*.safetensors")) == \
+        ["model_tp0_pp0.safetensors", "model_tp0_pp1.safetensors"]
