@@ -37,6 +37,9 @@ LAYOUTS = {
         "pp2": dict(pipeline_model_parallel_size=2),
         "pp2-rope-recompute": dict(pipeline_model_parallel_size=2, use_rotary_position_embeddings=True,
                                    recompute_granularity="full"),
+        # 4 micro-batches: at PP=2 the interleaved ring's `prev` and `next` are the same peer
+        "pp2-interleaved-m4": dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1),
+        "pp2-untied": dict(pipeline_model_parallel_size=2, untie_embeddings_and_output_weights=True),
     },
     4: {
         "dp4-zero1": dict(zero_stage=1),
@@ -51,7 +54,8 @@ LAYOUTS = {
                                sequence_parallel=True, zero_stage=1),
     },
 }
-REFERENCE_EXTRA = {"pp2-rope-recompute": dict(use_rotary_position_embeddings=True)}
+REFERENCE_EXTRA = {"pp2-rope-recompute": dict(use_rotary_position_embeddings=True),
+                   "pp2-untied": dict(untie_embeddings_and_output_weights=True)}
 
 # the seed's table: (row label, world size, layout name, TP, PP, DP)
 SEED_ROWS = [

@@ -123,6 +123,8 @@ class GPTModel(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         layer_ids = list(range(cfg.num_layers)) if layer_ids is None else list(layer_ids)
         self.embedding = Embedding(cfg, ps, self.padded_vocab, tp_rng) if pre_process else None
+        if pre_process and not cfg.untie_embeddings_and_output_weights:
+            self.embedding.word_embeddings.weight.shared_embedding = True   # the output head reuses it
         self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, ps, tp_rng) for i in layer_ids})
         self.recompute_layers = set()
         if cfg.recompute_granularity == "full":

@@ -102,8 +102,11 @@ class DistributedOptimizer:
 
     # ----- layout -------------------------------------------------------------------------------------------
     def _late(self, p) -> bool:
-        return getattr(p, "sequence_parallel", False) and self.ps.tp > 1 or \
-            self.ps.pp > 1 and (self.names[p] == "embedding.word_embeddings.weight" or hasattr(p, "tied_to"))
+        return getattr(p, "sequence_parallel", False) and self.ps.tp > 1 or self._tied_across_stages(p)
+
+    def _tied_across_stages(self, p) -> bool:
+        """The first stage's embedding and the last stage's copy of it (tied models only): summed over stages."""
+        return self.ps.pp > 1 and (getattr(p, "shared_embedding", False) or hasattr(p, "tied_to"))
 
     def _make_buckets(self, named, bucket_size_mb: float) -> list[_Bucket]:
         elem = 4  # bucket size counted in fp32 gradient bytes
@@ -182,8 +185,7 @@ class DistributedOptimizer:
         sp = [p.main_grad for p in late if getattr(p, "sequence_parallel", False) and self.ps.tp > 1]
         if sp:  # sequence-parallel params saw only this rank's tokens
             _all_reduce_coalesced(sp, self.ps.tp_group)
-        tied = [p.main_grad for p in late if self.ps.pp > 1 and
-                (hasattr(p, "tied_to") or self.names[p] == "embedding.word_embeddings.weight")]
+        tied = [p.main_grad for p in late if self._tied_across_stages(p)]
         if tied and self.ps.embedding_group is not None:
             _all_reduce_coalesced(tied, self.ps.embedding_group)
         for b in self.buckets:

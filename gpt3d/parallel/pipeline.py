@@ -72,14 +72,16 @@ class _P2P:
         self.next = ps.pp_ranks[(r + 1) % p] if r < p - 1 or ring else None
 
     def __call__(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        # Activations (forward direction) first, then gradients, on every rank: with the interleaved ring at
+        # PP=2 `prev` and `next` are the same peer, and point-to-point messages match in posting order.
         ops, from_prev, from_next = [], None, None
-        if send_prev is not None and self.prev is not None:
-            ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), self.prev))
+        if send_next is not None and self.next is not None:
+            ops.append(dist.P2POp(dist.isend, send_next.contiguous(), self.next))
         if recv_prev and self.prev is not None:
             from_prev = torch.empty(self.shape, dtype=self.dtype, device=self.ps.device)
             ops.append(dist.P2POp(dist.irecv, from_prev, self.prev))
-        if send_next is not None and self.next is not None:
-            ops.append(dist.P2POp(dist.isend, send_next.contiguous(), self.next))
+        if send_prev is not None and self.prev is not None:
+            ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), self.prev))
         if recv_next and self.next is not None:
             from_next = torch.empty(self.shape, dtype=self.dtype, device=self.ps.device)
             ops.append(dist.P2POp(dist.irecv, from_next, self.next))
