@@ -13,10 +13,10 @@ from ..config import SchedulerConfig
 
 class LRSchedule:
     def __init__(self, cfg: SchedulerConfig, *, train_iters: int, tokens_per_iter: int):
-        self.cfg = cfg
+        self.cfg, self.tokens_per_iter = cfg, tokens_per_iter
         self.by_tokens = cfg.lr_decay_tokens is not None or cfg.lr_warmup_tokens is not None
         if self.by_tokens:
-            self.decay = cfg.lr_decay_tokens or train_iters * tokens_per_iter
+            self.decay = cfg.lr_decay_tokens or (cfg.lr_decay_iters or train_iters) * tokens_per_iter
             self.warmup = cfg.lr_warmup_tokens if cfg.lr_warmup_tokens is not None else \
                 cfg.lr_warmup_iters * tokens_per_iter
         else:
@@ -30,7 +30,8 @@ class LRSchedule:
         c = self.cfg
         step = tokens if self.by_tokens else iteration
         if self.warmup > 0 and step < self.warmup:
-            return c.lr * (step + (0 if self.by_tokens else 1)) / self.warmup
+            # warm-up counts the step being taken, so the first step's learning rate is not zero
+            return c.lr * min(1.0, (step + (self.tokens_per_iter if self.by_tokens else 1)) / self.warmup)
         if c.lr_decay_style == "constant" or self.decay <= self.warmup:
             return c.lr
         frac = min(1.0, (step - self.warmup) / (self.decay - self.warmup))
