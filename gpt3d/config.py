@@ -307,7 +307,12 @@ def validate(cfg: Config, world_size: int) -> None:
     else:
         _need(m.num_layers % pp == 0, f"PP size {pp} must divide --num-layers ({m.num_layers}) "
               "(or give --pipeline-model-parallel-split)")
+    _need(pr.accumulate_allreduce_grads_in_fp32,
+          "--no-accumulate-allreduce-grads-in-fp32 is not supported: gradients are always accumulated and "
+          "reduced in fp32 (the fp32 master weights step on them)")
     if p.num_layers_per_virtual_pipeline_stage:
+        _need(not p.pipeline_model_parallel_split,
+              "--pipeline-model-parallel-split and --num-layers-per-virtual-pipeline-stage are exclusive")
         v = p.num_layers_per_virtual_pipeline_stage
         _need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
         _need(m.num_layers % (v * pp) == 0,

@@ -46,7 +46,10 @@ def load_model(root: str, device: torch.device = torch.device("cpu"),
             w = tensors[name]
             p.zero_()
             p[:w.shape[0]].copy_(w)          # padded vocabulary rows stay zero
-    return model.to(device=device, dtype=dtype).eval(), cfg, meta
+    model.to(device=device)
+    for p in model.parameters():   # parameters only, as in training: buffers (RoPE inv_freq) stay fp32
+        p.data = p.data.to(dtype)
+    return model.eval(), cfg, meta
 
 
 def tokenizer_for(cfg: Config, vocab_file: Optional[str], merge_file: Optional[str]):

@@ -135,6 +135,9 @@ def test_rope_export_logits_and_kv_cache_generation(arch, tmp_path):
                                  eos_token_id=None)[0].tolist()
     kw = dict(temperature=0.9, top_k=40, top_p=0.9, seed=5)
     assert generate(model, prompt, 20, **kw) == generate(model, prompt, 20, use_cache=False, **kw)
+    low, _, _ = load_model(str(tmp_path / "ck"), dtype=torch.bfloat16)   # like training: weights bf16,
+    assert all(p.dtype == torch.bfloat16 for p in low.parameters())       # RoPE frequencies stay fp32
+    assert all(b.dtype == torch.float32 for n, b in low.named_buffers() if n.endswith("inv_freq"))
 
 
 def _random_hf(kind, path):

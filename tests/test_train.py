@@ -47,6 +47,16 @@ def test_world_size_must_divide_tp_pp():
         cfg.validate(world_size=6)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (dict(accumulate_allreduce_grads_in_fp32=False), "--no-accumulate-allreduce-grads-in-fp32 is not supported"),
+    (dict(pipeline_model_parallel_size=2, pipeline_model_parallel_split="1,3",
+          num_layers_per_virtual_pipeline_stage=1), "are exclusive"),
+])
+def test_unsupported_combinations_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**overrides).validate(world_size=2)
+
+
 def test_yaml_then_flags_override(tmp_path):
     (tmp_path / "c.yaml").write_text("num_layers: 3\ntraining:\n  micro_batch_size: 5\nlr: 0.1\n")
     args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--lr", "0.2",
