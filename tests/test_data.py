@@ -176,6 +176,16 @@ def test_dataset_cache_built_once(shakespeare_prefix):
     assert ds[2] is None and len(calls) == 4
 
 
+def test_dataset_cache_follows_the_split(shakespeare_prefix):
+    """A new --split with the same sample counts must not reuse the old split's cached indices."""
+    n_docs = len(MMapIndexedDataset(shakespeare_prefix))
+    wide = build_train_valid_test_datasets([shakespeare_prefix], "95,5,0", (64, 16, 0), 32, 13)[0]
+    narrow = build_train_valid_test_datasets([shakespeare_prefix], "50,50,0", (64, 16, 0), 32, 13)[0]
+    hi = get_split_ranges("50,50,0", n_docs)[0][1]
+    assert wide.cache_paths != narrow.cache_paths
+    assert int(np.max(narrow.doc_idx)) < hi <= int(np.max(wide.doc_idx))
+
+
 def test_data_too_small(shakespeare_prefix):
     idx = MMapIndexedDataset(shakespeare_prefix)
     with pytest.raises(DataError, match="data too small for seq length 4096"):

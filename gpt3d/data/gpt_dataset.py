@@ -9,6 +9,7 @@ the data, built by one rank while the others wait.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Callable, Optional
@@ -65,7 +66,11 @@ class GPTDataset(Dataset):
         if len(documents) == 0 or tokens_per_epoch < seq_length + 1:
             raise DataError(f"{prefix}: the {name} split has {len(documents)} documents and {tokens_per_epoch} "
                             f"tokens: data too small for seq length {seq_length}")
-        stem = f"{prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s"
+        # The cache is valid only for these documents of this corpus: a new --split or a re-tokenized prefix
+        # gets new files instead of silently reusing old sample indices.
+        what = f"{int(documents[0])}:{int(documents[-1])}:{len(documents)}:{tokens_per_epoch}:{len(indexed)}"
+        digest = hashlib.md5(what.encode()).hexdigest()[:10]
+        stem = f"{prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s_{digest}"
         paths = {k: f"{stem}_{k}_idx.npy" for k in ("doc", "sample", "shuffle")}
         self.cache_paths = paths
         arrays = None
