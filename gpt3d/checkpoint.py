@@ -85,9 +85,7 @@ def save_checkpoint(root: str, trainer, keep_last: Optional[int] = None) -> str:
     err = None
     if ps.rank == 0:
         try:
-            os.makedirs(root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
+            _start(root, tmp)
         except OSError as e:
             err = str(e)
     err = _first_error(ps, err)
@@ -108,12 +106,7 @@ def save_checkpoint(root: str, trainer, keep_last: Optional[int] = None) -> str:
         meta["files"] = {k: v for d, _, _ in gathered for k, v in d.items()}
         meta["params"] = {k: v for _, d, _ in gathered for k, v in d.items()}
         try:
-            _write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            _write_text_atomic(os.path.join(root, "latest"), name)
+            _finish(root, name, tmp, meta)
         except OSError as e:
             err = str(e)
     err = _first_error(ps, err)
@@ -125,6 +118,24 @@ def save_checkpoint(root: str, trainer, keep_last: Optional[int] = None) -> str:
         _prune(root, name, keep_last)
     _barrier(ps)
     return final
+
+
+def _start(root: str, tmp: str) -> None:
+    """An empty temporary directory for a checkpoint (a leftover of a killed save is discarded)."""
+    os.makedirs(root, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+
+def _finish(root: str, name: str, tmp: str, meta: dict) -> None:
+    """meta.json last inside tmp, then the rename, then `latest`: a reader never sees a partial checkpoint."""
+    _write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+    final = os.path.join(root, name)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_text_atomic(os.path.join(root, "latest"), name)
 
 
 def _first_error(ps, err: Optional[str]) -> Optional[str]:
@@ -166,6 +177,7 @@ def _prune(root: str, newest: str, keep_last: Optional[int]) -> None:
     for d in old + stale:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
+
 def save_weights(root: str, tensors: dict, params: dict, config: dict, vocab_size: int, padded_vocab: int) -> str:
     """A weights-only checkpoint at layout 1x1x1, iteration 0 (import-hf), written as atomically as a training one.
 
@@ -173,19 +185,14 @@ def save_weights(root: str, tensors: dict, params: dict, config: dict, vocab_siz
     name = "iter_0000000"
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
     try:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        _start(root, tmp)
         model_file = _save_st({k: v.contiguous() for k, v in tensors.items()},
                               os.path.join(tmp, "model_tp0_pp0.safetensors"))
         meta = {"format": "gpt3d-1", "iteration": 0, "consumed_samples": 0, "tokens": 0,
                 "layout": {"tp": 1, "pp": 1, "dp": 1, "zero": 1}, "vocab_size": vocab_size,
                 "padded_vocab": padded_vocab, "config": config, "scaler": None,
                 "files": {os.path.basename(model_file): os.path.getsize(model_file)}, "params": params}
-        _write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_text_atomic(os.path.join(root, "latest"), name)
+        _finish(root, name, tmp, meta)
     except OSError as e:
         raise CheckpointError(f"could not write checkpoint {final}: {e}") from e
     return final
