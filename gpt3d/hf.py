@@ -71,6 +71,16 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv: 
     return torch.cat(parts, dim=1).reshape((heads + 2 * kv) * hd, *rest)
 
 
+# Per-layer tensor names (gpt3d module, HF module), used in both directions.
+GPT2_NORMS = (("input_norm", "ln_1"), ("post_attention_norm", "ln_2"))
+GPT2_LINEARS = (("attention.proj", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))  # Conv1D
+NEOX_LAYER = (("input_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+              ("attention.qkv", "attention.query_key_value"), ("attention.proj", "attention.dense"),
+              ("mlp.fc1", "mlp.dense_h_to_4h"), ("mlp.fc2", "mlp.dense_4h_to_h"))
+LLAMA_LINEARS = (("attention.proj", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"), ("mlp.fc1", "mlp.up_proj"),
+                 ("mlp.fc2", "mlp.down_proj"))
+
+
 # ----- gpt3d -> HF ------------------------------------------------------------------------------------------------
 def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, dict]:
     """(HF state dict, config.json dict) from full gpt3d tensors (padded vocab rows already cut)."""
@@ -85,12 +95,12 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
         sd["transformer.wpe.weight"] = t["embedding.position_embeddings.weight"]
         for i in range(m["num_layers"]):
             src, dst = f"layers.{i}.", f"transformer.h.{i}."
-            for a, b in (("input_norm", "ln_1"), ("post_attention_norm", "ln_2")):
+            for a, b in GPT2_NORMS:
                 sd[f"{dst}{b}.weight"], sd[f"{dst}{b}.bias"] = t[f"{src}{a}.weight"], t[f"{src}{a}.bias"]
             for kind in ("weight", "bias"):
                 fused = torch.cat(split_qkv(t[f"{src}attention.qkv.{kind}"], heads, kv, hd))
                 sd[f"{dst}attn.c_attn.{kind}"] = fused.t() if kind == "weight" else fused
-            for a, b in (("attention.proj", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            for a, b in GPT2_LINEARS:
                 sd[f"{dst}{b}.weight"], sd[f"{dst}{b}.bias"] = t[f"{src}{a}.weight"].t(), t[f"{src}{a}.bias"]
         sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = t["final_norm.weight"], t["final_norm.bias"]
         config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab_size,
@@ -104,9 +114,7 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
         sd["gpt_neox.embed_in.weight"] = t[EMBEDDING]
         for i in range(m["num_layers"]):
             src, dst = f"layers.{i}.", f"gpt_neox.layers.{i}."
-            for a, b in (("input_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
-                         ("attention.qkv", "attention.query_key_value"), ("attention.proj", "attention.dense"),
-                         ("mlp.fc1", "mlp.dense_h_to_4h"), ("mlp.fc2", "mlp.dense_4h_to_h")):
+            for a, b in NEOX_LAYER:
                 sd[f"{dst}{b}.weight"], sd[f"{dst}{b}.bias"] = t[f"{src}{a}.weight"], t[f"{src}{a}.bias"]
         sd["gpt_neox.final_layer_norm.weight"] = t["final_norm.weight"]
         sd["gpt_neox.final_layer_norm.bias"] = t["final_norm.bias"]
@@ -126,13 +134,11 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
             src, dst = f"layers.{i}.", f"model.layers.{i}."
             sd[f"{dst}input_layernorm.weight"] = t[f"{src}input_norm.weight"]
             sd[f"{dst}post_attention_layernorm.weight"] = t[f"{src}post_attention_norm.weight"]
-            pairs = [("attention.proj", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"),
-                     ("mlp.fc1", "mlp.up_proj"), ("mlp.fc2", "mlp.down_proj")]
             for kind in ("weight", "bias") if bias else ("weight",):
                 q, k, v = split_qkv(t[f"{src}attention.qkv.{kind}"], heads, kv, hd)
                 sd[f"{dst}self_attn.q_proj.{kind}"], sd[f"{dst}self_attn.k_proj.{kind}"] = q, k
                 sd[f"{dst}self_attn.v_proj.{kind}"] = v
-                for a, b in pairs:
+                for a, b in LLAMA_LINEARS:
                     sd[f"{dst}{b}.{kind}"] = t[f"{src}{a}.{kind}"]
         sd["model.norm.weight"] = t["final_norm.weight"]
         config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
@@ -169,13 +175,13 @@ def from_hf(c: dict, sd: dict) -> tuple[dict, dict]:
         t[EMBEDDING], t["embedding.position_embeddings.weight"] = sd[f"{p}wte.weight"], sd[f"{p}wpe.weight"]
         for i in range(layers):
             src, dst = f"{p}h.{i}.", f"layers.{i}."
-            for a, b in (("input_norm", "ln_1"), ("post_attention_norm", "ln_2")):
+            for a, b in GPT2_NORMS:
                 t[f"{dst}{a}.weight"], t[f"{dst}{a}.bias"] = sd[f"{src}{b}.weight"], sd[f"{src}{b}.bias"]
             for kind in ("weight", "bias"):
                 w = sd[f"{src}attn.c_attn.{kind}"]
                 w = w.t() if kind == "weight" else w
                 t[f"{dst}attention.qkv.{kind}"] = fuse_qkv(*w.chunk(3, dim=0), heads, heads, h // heads)
-            for a, b in (("attention.proj", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            for a, b in GPT2_LINEARS:
                 t[f"{dst}{a}.weight"], t[f"{dst}{a}.bias"] = sd[f"{src}{b}.weight"].t(), sd[f"{src}{b}.bias"]
         t["final_norm.weight"], t["final_norm.bias"] = sd[f"{p}ln_f.weight"], sd[f"{p}ln_f.bias"]
     elif arch == "gpt_neox":
@@ -199,9 +205,7 @@ def from_hf(c: dict, sd: dict) -> tuple[dict, dict]:
         t[EMBEDDING] = sd["gpt_neox.embed_in.weight"]
         for i in range(layers):
             src, dst = f"gpt_neox.layers.{i}.", f"layers.{i}."
-            for a, b in (("input_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
-                         ("attention.qkv", "attention.query_key_value"), ("attention.proj", "attention.dense"),
-                         ("mlp.fc1", "mlp.dense_h_to_4h"), ("mlp.fc2", "mlp.dense_4h_to_h")):
+            for a, b in NEOX_LAYER:
                 t[f"{dst}{a}.weight"], t[f"{dst}{a}.bias"] = sd[f"{src}{b}.weight"], sd[f"{src}{b}.bias"]
         t["final_norm.weight"] = sd["gpt_neox.final_layer_norm.weight"]
         t["final_norm.bias"] = sd["gpt_neox.final_layer_norm.bias"]
@@ -230,12 +234,10 @@ def from_hf(c: dict, sd: dict) -> tuple[dict, dict]:
             src, dst = f"model.layers.{i}.", f"layers.{i}."
             t[f"{dst}input_norm.weight"] = sd[f"{src}input_layernorm.weight"]
             t[f"{dst}post_attention_norm.weight"] = sd[f"{src}post_attention_layernorm.weight"]
-            pairs = [("attention.proj", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"),
-                     ("mlp.fc1", "mlp.up_proj"), ("mlp.fc2", "mlp.down_proj")]
             for kind in ("weight", "bias") if bias else ("weight",):
                 t[f"{dst}attention.qkv.{kind}"] = fuse_qkv(*(sd[f"{src}self_attn.{x}_proj.{kind}"] for x in "qkv"),
                                                            heads, kv, hd)
-                for a, b in pairs:
+                for a, b in LLAMA_LINEARS:
                     t[f"{dst}{a}.{kind}"] = sd[f"{src}{b}.{kind}"]
         t["final_norm.weight"] = sd["model.norm.weight"]
     else:
