@@ -46,10 +46,7 @@ def load_model(root: str, device: torch.device = torch.device("cpu"),
             w = tensors[name]
             p.zero_()
             p[:w.shape[0]].copy_(w)          # padded vocabulary rows stay zero
-    model.to(device=device)
-    for p in model.parameters():   # parameters only, as in training: buffers (RoPE inv_freq) stay fp32
-        p.data = p.data.to(dtype)
-    return model.eval(), cfg, meta
+    return model.to(device=device).cast_parameters(dtype).eval(), cfg, meta
 
 
 def tokenizer_for(cfg: Config, vocab_file: Optional[str], merge_file: Optional[str]):

@@ -68,10 +68,7 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng, vocab_size: int) 
         m = GPTModel(cfg.model, ps, tp_rng, vocab_size=vocab_size, layer_ids=ids, pre_process=first,
                      post_process=last)
         m.init_weights(cfg.training.seed)
-        dtype = param_dtype(cfg)
-        for prm in m.parameters():
-            prm.data = prm.data.to(dtype)
-        chunks.append(m)
+        chunks.append(m.cast_parameters(param_dtype(cfg)))
     return chunks
 
 
@@ -220,13 +217,13 @@ class Trainer:
         loader = iter(build_data_loader(dataset, 0, self.cfg.training.micro_batch_size, self.ps.dp_rank,
                                         self.ps.dp))
         total = torch.zeros(1, device=self.ps.device)
-        for _ in range(self.cfg.training.eval_iters):
-            with self._attention_kernels():
+        with self._attention_kernels():
+            for _ in range(self.cfg.training.eval_iters):
                 losses = forward_backward(self.chunks, self.microbatches(loader), self.ps, forward_only=True,
                                           loss_scale=None, set_last_microbatch=self._set_last,
                                           hidden_shape=self._hidden_shape(), dtype=param_dtype(self.cfg))
-            if losses:
-                total += torch.stack(losses).mean()
+                if losses:
+                    total += torch.stack(losses).mean()
         return self._dp_mean(total / self.cfg.training.eval_iters)
 
     def _dp_mean(self, value: torch.Tensor) -> Optional[float]:

@@ -143,6 +143,12 @@ class GPTModel(nn.Module):
         names = {EMBEDDING: self.vocab_size, "output_layer": self.vocab_size}
         init_parameters(self, seed, self.ps, rows_limit=names)
 
+    def cast_parameters(self, dtype: torch.dtype) -> "GPTModel":
+        """Parameters only: buffers (the RoPE frequencies) stay fp32, in training and in inference alike."""
+        for p in self.parameters():
+            p.data = p.data.to(dtype)
+        return self
+
     def output_weight(self) -> torch.Tensor:
         return self.output_layer if self.output_layer is not None else self.embedding.word_embeddings.weight
 

@@ -102,7 +102,11 @@ class DistributedOptimizer:
 
     # ----- layout -------------------------------------------------------------------------------------------
     def _late(self, p) -> bool:
-        return getattr(p, "sequence_parallel", False) and self.ps.tp > 1 or self._tied_across_stages(p)
+        return self._sequence_parallel(p) or self._tied_across_stages(p)
+
+    def _sequence_parallel(self, p) -> bool:
+        """A norm/bias that saw only this TP rank's tokens: summed over TP."""
+        return getattr(p, "sequence_parallel", False) and self.ps.tp > 1
 
     def _tied_across_stages(self, p) -> bool:
         """The first stage's embedding and the last stage's copy of it (tied models only): summed over stages."""
@@ -182,7 +186,7 @@ class DistributedOptimizer:
             if not b.late and b.handle is None:
                 self._reduce(b)
         late = [p for b in self.buckets if b.late for p in b.params]
-        sp = [p.main_grad for p in late if getattr(p, "sequence_parallel", False) and self.ps.tp > 1]
+        sp = [p.main_grad for p in late if self._sequence_parallel(p)]
         if sp:  # sequence-parallel params saw only this rank's tokens
             _all_reduce_coalesced(sp, self.ps.tp_group)
         tied = [p.main_grad for p in late if self._tied_across_stages(p)]

@@ -68,7 +68,7 @@ def seed_everything(seed: int, ps: ParallelState) -> TPRNG:
     random.seed(s)
     np.random.seed(s % (2 ** 32))
     torch.manual_seed(s)
-    return TPRNG(seed + 100 * ps.pp_rank, ps)   # stages must not share TP dropout masks either
+    return TPRNG(s, ps)   # offset per stage too: stages must not share TP dropout masks either
 
 
 def rng_state(tp_rng: TPRNG) -> dict:
