@@ -1,25 +1,54 @@
+"""Session fixtures every test builds for itself: text, a GPT-2-style BPE trained on it, and its .bin/.idx.
+
+Nothing outside the repository is read (a fresh clone has no GPT-2 files or corpora beside it);
+tests/textgen.py explains the generated text and tokenizer.
+"""
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+from textgen import english_like_text, paragraphs, train_gpt2_style_bpe
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-VOCAB, MERGES = SHARED / "gpt2-vocab.json", SHARED / "gpt2-merges.txt"
+CORPUS_CHARS = 1_000_000
+
+
+class BPEFiles(NamedTuple):
+    vocab: Path     # vocab.json, GPT-2 layout: byte-level tokens -> ids, <|endoftext|> last
+    merges: Path    # merges.txt with GPT-2's '#version' header
 
 
 @pytest.fixture(scope="session")
-def shakespeare_jsonl(tmp_path_factory) -> Path:
-    """tinyshakespeare as JSONL, one paragraph per document (real English text)."""
-    out = tmp_path_factory.mktemp("ts") / "ts.jsonl"
-    paras = [p for p in (SHARED / "tinyshakespeare.txt").read_text().split("\n\n") if p.strip()]
-    out.write_text("".join(json.dumps({"text": p + "\n\n"}) + "\n" for p in paras))
+def corpus_text() -> str:
+    """About 1 MB of seeded English-like play text (speeches, sentences, topic words)."""
+    return english_like_text(CORPUS_CHARS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def heldout_text() -> str:
+    """Text from the same grammar with another seed: not in the training corpus."""
+    return english_like_text(6000, seed=1)
+
+
+@pytest.fixture(scope="session")
+def bpe(corpus_text, tmp_path_factory) -> BPEFiles:
+    """A byte-level BPE (~1.7k tokens) trained on the corpus with HF `tokenizers`, saved like GPT-2's files."""
+    return BPEFiles(*train_gpt2_style_bpe(corpus_text, tmp_path_factory.mktemp("bpe")))
+
+
+@pytest.fixture(scope="session")
+def text_jsonl(corpus_text, tmp_path_factory) -> Path:
+    """The corpus as JSONL, one speech per document."""
+    out = tmp_path_factory.mktemp("text") / "text.jsonl"
+    out.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs(corpus_text)))
     return out
 
 
 @pytest.fixture(scope="session")
-def shakespeare_prefix(shakespeare_jsonl, tmp_path_factory) -> str:
+def text_prefix(text_jsonl, bpe, tmp_path_factory) -> str:
+    """The corpus tokenized by `preprocess` into Megatron's .bin/.idx (with end-of-document tokens)."""
     from gpt3d.data.preprocess import preprocess
-    prefix = str(tmp_path_factory.mktemp("tsbin") / "ts")
-    preprocess(str(shakespeare_jsonl), prefix, str(VOCAB), str(MERGES), ["text"], append_eod=True, workers=1,
+    prefix = str(tmp_path_factory.mktemp("textbin") / "text")
+    preprocess(str(text_jsonl), prefix, str(bpe.vocab), str(bpe.merges), ["text"], append_eod=True, workers=1,
                progress=False)
     return prefix + "_text_document"

@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import MERGES, SHARED, VOCAB
+from textgen import paragraphs
 
 from gpt3d.data.blend import BlendableDataset
 from gpt3d.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets, get_split_ranges
@@ -84,39 +84,50 @@ def test_idx_errors_name_the_file(tmp_path):
         MMapIndexedDataset(str(tmp_path / "c"))
 
 
-def test_tokenizer_matches_gpt2_reference():
+# Text the trained vocabulary never saw: wikitext-style markup, digits, contractions, runs of spaces, accents,
+# CJK, emoji, tabs; byte-level BPE must split it exactly like GPT-2's reference tokenizer does.
+UNSEEN = [" = Valkyria Chronicles III = ", "The game 's 2011 release sold 1 @,@ 200 @,@ 000 copies ( 45 % ) .",
+          "I'm sure you've heard: it's theirs, we'll see, they'd said -- don't!", "   leading and trailing   ",
+          "tabs\tand\r\nwindows line ends", "naïve café, Zürich — “quotes” and ‘single’ ones…",
+          "東京タワーは高い。", "emoji 🚀🔥 and mixed 3.14159e-10 x²", "UPPER lower MiXeD 12ab34 __init__ a_b",
+          "", " ", "\n\n\n"]
+
+
+def test_tokenizer_matches_gpt2_reference(bpe, corpus_text):
+    """Our GPT2BPETokenizer and transformers' GPT2Tokenizer on the same GPT-2-style vocab.json/merges.txt."""
     from transformers import GPT2Tokenizer
-    ours = GPT2BPETokenizer(str(VOCAB), str(MERGES))
-    ref = GPT2Tokenizer(str(VOCAB), str(MERGES))
-    lines = (SHARED / "wikitext-2-valid.txt").read_text().split("\n")[:200]
-    lines += (SHARED / "tinyshakespeare.txt").read_text().split("\n")[:200]
+    ours = GPT2BPETokenizer(str(bpe.vocab), str(bpe.merges))
+    ref = GPT2Tokenizer(str(bpe.vocab), str(bpe.merges))
+    lines = corpus_text.split("\n")[:300] + UNSEEN
     for line in lines:
         assert ours.tokenize(line) == ref.encode(line), line
         assert ours.detokenize(ours.tokenize(line)) == line
-    assert ours.vocab_size == 50257 and ours.eod == 50256
+    vocab = json.loads(bpe.vocab.read_text(encoding="utf-8"))
+    assert ours.vocab_size == len(vocab) > 1000 and ours.eod == vocab["<|endoftext|>"] == len(vocab) - 1
+    assert len(ours.tokenize(corpus_text[:20000])) < 20000 / 3.5   # merges learned the words
 
 
-def test_tokenizer_errors(tmp_path):
+def test_tokenizer_errors(tmp_path, bpe):
     with pytest.raises(TokenizerError, match="vocab file not found"):
-        GPT2BPETokenizer(str(tmp_path / "nope.json"), str(MERGES))
+        GPT2BPETokenizer(str(tmp_path / "nope.json"), str(bpe.merges))
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="bad.json: corrupt vocab"):
-        GPT2BPETokenizer(str(tmp_path / "bad.json"), str(MERGES))
+        GPT2BPETokenizer(str(tmp_path / "bad.json"), str(bpe.merges))
 
 
 def _jsonl(path, texts):
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
-def test_preprocess_workers_eod_and_empty(tmp_path):
-    texts = [p for p in (SHARED / "tinyshakespeare.txt").read_text().split("\n\n")[:300]] + [""]
+def test_preprocess_workers_eod_and_empty(tmp_path, bpe, corpus_text):
+    texts = paragraphs(corpus_text)[:300] + [""]
     _jsonl(tmp_path / "in.jsonl", texts)
-    args = ["--input", str(tmp_path / "in.jsonl"), "--vocab-file", str(VOCAB), "--merge-file", str(MERGES)]
+    args = ["--input", str(tmp_path / "in.jsonl"), "--vocab-file", str(bpe.vocab), "--merge-file", str(bpe.merges)]
     assert preprocess_main(args + ["--output-prefix", str(tmp_path / "w1"), "--workers", "1"]) == 0
     assert preprocess_main(args + ["--output-prefix", str(tmp_path / "w2"), "--workers", "2", "--append-eod"]) == 0
     one, two = MMapIndexedDataset(str(tmp_path / "w1_text_document")), \
         MMapIndexedDataset(str(tmp_path / "w2_text_document"))
-    tok = GPT2BPETokenizer(str(VOCAB), str(MERGES))
+    tok = GPT2BPETokenizer(str(bpe.vocab), str(bpe.merges))
     expect = [tok.tokenize(t) for t in texts if t]
     assert len(one) == len(two) == len(expect) == 300          # the empty document was skipped
     for i, e in enumerate(expect):
@@ -125,9 +136,9 @@ def test_preprocess_workers_eod_and_empty(tmp_path):
     assert one.dtype == np.uint16
 
 
-def test_preprocess_malformed_json_keeps_existing_output(tmp_path, capsys):
+def test_preprocess_malformed_json_keeps_existing_output(tmp_path, capsys, bpe):
     _jsonl(tmp_path / "good.jsonl", ["hello world", "second doc"])
-    base = ["--vocab-file", str(VOCAB), "--merge-file", str(MERGES), "--output-prefix", str(tmp_path / "out")]
+    base = ["--vocab-file", str(bpe.vocab), "--merge-file", str(bpe.merges), "--output-prefix", str(tmp_path / "out")]
     assert preprocess_main(["--input", str(tmp_path / "good.jsonl")] + base) == 0
     before = {e: (tmp_path / f"out_text_document{e}").read_bytes() for e in (".bin", ".idx")}
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": "ok2"}\n{"text": broken\n')
@@ -145,13 +156,13 @@ def test_split_ranges_follow_megatron():
     assert get_split_ranges("1", 10) == [(0, 10), (10, 10), (10, 10)]
 
 
-def test_dataset_samples_overlap_and_are_deterministic(shakespeare_prefix, tmp_path):
+def test_dataset_samples_overlap_and_are_deterministic(text_prefix, tmp_path):
     ds_args = dict(seq_length=32, seed=5)
-    idx = MMapIndexedDataset(shakespeare_prefix)
+    idx = MMapIndexedDataset(text_prefix)
     docs = np.arange(0, 1000)
-    a = GPTDataset("train", shakespeare_prefix, idx, docs, 200, cache=False, **ds_args)
-    b = GPTDataset("train", shakespeare_prefix, idx, docs, 200, cache=False, **ds_args)
-    c = GPTDataset("train", shakespeare_prefix, idx, docs, 200, cache=False, seq_length=32, seed=6)
+    a = GPTDataset("train", text_prefix, idx, docs, 200, cache=False, **ds_args)
+    b = GPTDataset("train", text_prefix, idx, docs, 200, cache=False, **ds_args)
+    c = GPTDataset("train", text_prefix, idx, docs, 200, cache=False, seq_length=32, seed=6)
     assert all(len(a[i]["text"]) == 33 for i in range(200))
     assert all((a[i]["text"] == b[i]["text"]).all() for i in range(200))
     assert any((a[i]["text"] != c[i]["text"]).any() for i in range(200))
@@ -162,13 +173,13 @@ def test_dataset_samples_overlap_and_are_deterministic(shakespeare_prefix, tmp_p
     assert (first == stream[:33]).all() and (second == stream[32:65]).all()
 
 
-def test_dataset_cache_built_once(shakespeare_prefix):
+def test_dataset_cache_built_once(text_prefix):
     calls = []
-    ds = build_train_valid_test_datasets([shakespeare_prefix], "90,10,0", (64, 16, 0), 32, 11,
+    ds = build_train_valid_test_datasets([text_prefix], "90,10,0", (64, 16, 0), 32, 11,
                                          barrier=lambda: calls.append(1))
     paths = ds[0].cache_paths
     mtimes = {k: os.path.getmtime(p) for k, p in paths.items()}
-    again = build_train_valid_test_datasets([shakespeare_prefix], "90,10,0", (64, 16, 0), 32, 11,
+    again = build_train_valid_test_datasets([text_prefix], "90,10,0", (64, 16, 0), 32, 11,
                                             is_builder=False, barrier=lambda: calls.append(1))
     assert {k: os.path.getmtime(p) for k, p in paths.items()} == mtimes
     assert isinstance(again[0].shuffle_idx, np.memmap)
@@ -176,20 +187,20 @@ def test_dataset_cache_built_once(shakespeare_prefix):
     assert ds[2] is None and len(calls) == 4
 
 
-def test_dataset_cache_follows_the_split(shakespeare_prefix):
+def test_dataset_cache_follows_the_split(text_prefix):
     """A new --split with the same sample counts must not reuse the old split's cached indices."""
-    n_docs = len(MMapIndexedDataset(shakespeare_prefix))
-    wide = build_train_valid_test_datasets([shakespeare_prefix], "95,5,0", (64, 16, 0), 32, 13)[0]
-    narrow = build_train_valid_test_datasets([shakespeare_prefix], "50,50,0", (64, 16, 0), 32, 13)[0]
+    n_docs = len(MMapIndexedDataset(text_prefix))
+    wide = build_train_valid_test_datasets([text_prefix], "95,5,0", (64, 16, 0), 32, 13)[0]
+    narrow = build_train_valid_test_datasets([text_prefix], "50,50,0", (64, 16, 0), 32, 13)[0]
     hi = get_split_ranges("50,50,0", n_docs)[0][1]
     assert wide.cache_paths != narrow.cache_paths
     assert int(np.max(narrow.doc_idx)) < hi <= int(np.max(wide.doc_idx))
 
 
-def test_data_too_small(shakespeare_prefix):
-    idx = MMapIndexedDataset(shakespeare_prefix)
+def test_data_too_small(text_prefix):
+    idx = MMapIndexedDataset(text_prefix)
     with pytest.raises(DataError, match="data too small for seq length 4096"):
-        GPTDataset("train", shakespeare_prefix, idx, np.arange(0, 2), 10, 4096, 1, cache=False)
+        GPTDataset("train", text_prefix, idx, np.arange(0, 2), 10, 4096, 1, cache=False)
 
 
 @pytest.mark.parametrize("weights", [[0.3, 0.7], [0.2, 0.5, 0.3], [0.1] * 10, [1.0]])

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MERGES, VOCAB
 from curves import make_trainer, run_curve, tiny_config
 
 from gpt3d import checkpoint
@@ -253,71 +252,73 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, capsys, m
 
 
 # ----- bad input: one error line, nothing existing touched ---------------------------------------------------
-def _corpus(tmp_path: Path, texts: list) -> str:
+def _corpus(tmp_path: Path, bpe, texts: list) -> str:
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     assert preprocess_main(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "c"),
-                            "--vocab-file", str(VOCAB), "--merge-file", str(MERGES)]) == 0
+                            "--vocab-file", str(bpe.vocab), "--merge-file", str(bpe.merges)]) == 0
     return str(tmp_path / "c_text_document")
 
 
-def _data_args(prefix: str, vocab=VOCAB, merges=MERGES) -> list:
-    return ["--no-mock-data", "--vocab-size", "50257", "--data-path", prefix, "--vocab-file", str(vocab),
-            "--merge-file", str(merges), "--split", "1,0,0", "--train-iters", "2"]
+def _data_args(prefix: str, bpe, vocab=None, merges=None) -> list:
+    return ["--no-mock-data", "--vocab-size", "50257", "--data-path", prefix,
+            "--vocab-file", str(vocab or bpe.vocab), "--merge-file", str(merges or bpe.merges),
+            "--split", "1,0,0", "--train-iters", "2"]
 
 
-def _bad_vocab(tmp_path):
+def _bad_vocab(tmp_path, bpe):
     (tmp_path / "v.json").write_text('{"hello": 0, ')
-    return _data_args(_corpus(tmp_path, ["some words"] * 40), vocab=tmp_path / "v.json")
+    return _data_args(_corpus(tmp_path, bpe, ["some words"] * 40), bpe, vocab=tmp_path / "v.json")
 
 
-def _bad_merges(tmp_path):
+def _bad_merges(tmp_path, bpe):
     (tmp_path / "m.txt").write_bytes(b"#version: 0.2\n\xff\xfe\x00garbage\n")
-    return _data_args(_corpus(tmp_path, ["some words"] * 40), merges=tmp_path / "m.txt")
+    return _data_args(_corpus(tmp_path, bpe, ["some words"] * 40), bpe, merges=tmp_path / "m.txt")
 
 
-def _no_bin(tmp_path):
-    prefix = _corpus(tmp_path, ["some words"] * 40)
+def _no_bin(tmp_path, bpe):
+    prefix = _corpus(tmp_path, bpe, ["some words"] * 40)
     os.remove(prefix + ".bin")
-    return _data_args(prefix)
+    return _data_args(prefix, bpe)
 
 
-def _short_bin(tmp_path):
-    prefix = _corpus(tmp_path, ["some words"] * 40)
+def _short_bin(tmp_path, bpe):
+    prefix = _corpus(tmp_path, bpe, ["some words"] * 40)
     with open(prefix + ".bin", "r+b") as fh:
         fh.truncate(os.path.getsize(prefix + ".bin") - 2)
-    return _data_args(prefix)
+    return _data_args(prefix, bpe)
 
 
-def _bad_shape_checkpoint(tmp_path):
+def _bad_shape_checkpoint(tmp_path, bpe):
     assert _train("--train-iters", "1", "--save", str(tmp_path / "ck")) == 0
     return ["--hidden-size", "64", "--load", str(tmp_path / "ck"), "--save", str(tmp_path / "ck"),
             "--train-iters", "2"]
 
 
-def _typo(tmp_path):
+def _typo(tmp_path, bpe):
     (tmp_path / "c.yaml").write_text("model:\n  num_layer: 2\n")
     return ["--config", str(tmp_path / "c.yaml"), "--train-iters", "1"]
 
 
 @pytest.mark.parametrize("case,setup,message", [
-    ("missing vocab", lambda p: _data_args(_corpus(p, ["a b"] * 40), vocab=p / "nope.json"),
+    ("missing vocab", lambda p, b: _data_args(_corpus(p, b, ["a b"] * 40), b, vocab=p / "nope.json"),
      r"vocab file not found: .*nope.json"),
     ("corrupt vocab", _bad_vocab, r"v.json: corrupt vocab file"),
     ("corrupt merges", _bad_merges, r"m.txt: corrupt merges file \(not UTF-8"),
     ("idx without bin", _no_bin, r"c_text_document.bin: data file not found \(its index .* exists\)"),
     ("bin size mismatch", _short_bin, r"c_text_document.bin: size \d+ bytes does not match its index"),
-    ("data too small", lambda p: _data_args(_corpus(p, ["a few words", "", "more"])) + ["--seq-length", "64"],
+    ("data too small",
+     lambda p, b: _data_args(_corpus(p, b, ["a few words", "", "more"]), b) + ["--seq-length", "64"],
      r"the train split has 2 documents and \d+ tokens: data too small for seq length 64"),
     ("config typo", _typo, r"unknown setting 'num_layer' in .*c.yaml \(did you mean 'num_layers'\?\)"),
-    ("world size", lambda p: ["--tp", "2", "--train-iters", "1"],
+    ("world size", lambda p, b: ["--tp", "2", "--train-iters", "1"],
      r"world size 3 is not divisible by TP x PP = 2 x 1"),
     ("incompatible checkpoint", _bad_shape_checkpoint,
      r"checkpoint model has hidden_size=32 but this run has 64: incompatible model shape"),
 ])
-def test_bad_input_one_error_line_nothing_touched(tmp_path, capsys, monkeypatch, case, setup, message):
+def test_bad_input_one_error_line_nothing_touched(tmp_path, capsys, monkeypatch, bpe, case, setup, message):
     if case == "world size":
         monkeypatch.setenv("WORLD_SIZE", "3")   # validated before joining the (absent) other ranks
-    args = setup(tmp_path)
+    args = setup(tmp_path, bpe)
     before = _snapshot(tmp_path)
     capsys.readouterr()
     rc = _train(*args)
@@ -328,14 +329,14 @@ def test_bad_input_one_error_line_nothing_touched(tmp_path, capsys, monkeypatch,
     assert {k: v for k, v in after.items() if k in before} == before
 
 
-def test_preprocess_malformed_line_and_empty_documents(tmp_path, capsys):
+def test_preprocess_malformed_line_and_empty_documents(tmp_path, capsys, bpe):
     """Empty documents are skipped and counted; a malformed line names file:line and keeps old outputs."""
-    prefix = _corpus(tmp_path, ["first", "", "second", "", ""])
+    prefix = _corpus(tmp_path, bpe, ["first", "", "second", "", ""])
     assert "processed 2 documents (3 empty skipped)" in capsys.readouterr().out
     before = _snapshot(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n\n{"text": "ok"\n')
     rc = preprocess_main(["--input", str(tmp_path / "bad.jsonl"), "--output-prefix", str(tmp_path / "c"),
-                          "--vocab-file", str(VOCAB), "--merge-file", str(MERGES)])
+                          "--vocab-file", str(bpe.vocab), "--merge-file", str(bpe.merges)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and f"{tmp_path / 'bad.jsonl'}:3: malformed JSON" in err[0], err
     after = _snapshot(tmp_path)
