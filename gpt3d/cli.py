@@ -13,11 +13,9 @@ from typing import Callable, Optional
 
 import yaml
 
-from .config import SECTIONS, Config, ConfigError, apply_flat, flatten
+from .config import SECTIONS, Config, ConfigError, apply_flat, flag_name, flatten
 
-
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+USER_ERROR = 2   # exit status of every user error (bad flag, value, file, checkpoint), in every command
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +24,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for section, klass in SECTIONS.items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(klass):
-            names = [_flag(f), *f.metadata.get("aliases", ())]
+            names = [flag_name(f), *f.metadata.get("aliases", ())]
             kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help"))
             t = str(f.type).replace("Optional[", "").rstrip("]")
             if t == "bool":
@@ -43,7 +41,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _int_tokens(text: str) -> int:
     """Token counts are often written 300e9 or 3_000_000_000."""
-    return int(float(text.replace("_", "")))
+    try:
+        return int(float(text.replace("_", "")))
+    except (ValueError, OverflowError):   # words, nan, inf
+        raise argparse.ArgumentTypeError(f"expected a token count like 300e9, got {text!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -81,10 +82,10 @@ def _optional_commands(sub) -> None:
             continue
         if hasattr(m, "register"):
             m.register(sub)
-        else:  # data.preprocess exposes Megatron's argument set
+        else:  # data.preprocess exposes Megatron's argument set; its own main exits 1 on bad input
             p = sub.add_parser("preprocess", help="tokenize JSONL into Megatron .bin/.idx")
             m.add_arguments(p)
-            p.set_defaults(func=m.run)
+            p.set_defaults(func=lambda a, run=m.run: USER_ERROR if run(a) else 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,15 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple:
+    """The project's error classes, and files the user named that cannot be read or written: a user's mistake,
+    reported as one line (commands catch most of these themselves)."""
+    from .checkpoint import CheckpointError
+    from .data.indexed import DataError
+    from .data.tokenizer import TokenizerError
+    return ConfigError, DataError, TokenizerError, CheckpointError, OSError
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)   # a bad flag exits USER_ERROR (argparse's own status is 2 too)
     func: Callable = args.func
     try:
         return int(func(args) or 0)
-    except ConfigError as e:
+    except _user_errors() as e:
         print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -256,9 +257,14 @@ def _coerce(section, key: str, value: Any) -> Any:
             return int(float(value)) if isinstance(value, str) else int(value)
         if t == "float":
             return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"setting '{key}' expects {t}, got {value!r}") from None
     return value
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field (`num_layers` -> `--num-layers`)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -266,29 +272,56 @@ def _need(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+# Value rules by field name: (test, what the value must be). Optional fields may also be None (unset).
+_POSITIVE, _NON_NEGATIVE = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "non-negative")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+RULES = {
+    **dict.fromkeys(["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                     "tensor_model_parallel_size", "pipeline_model_parallel_size", "log_interval", "eval_interval",
+                     "num_key_value_heads", "ffn_hidden_size", "max_position_embeddings", "vocab_size",
+                     "make_vocab_size_divisible_by", "rotary_base", "recompute_num_layers",
+                     "num_layers_per_virtual_pipeline_stage", "global_batch_size", "train_iters", "train_tokens",
+                     "lr_decay_iters", "lr_decay_tokens", "loss_scale_window", "hysteresis", "save_interval",
+                     "keep_last", "adam_eps", "layernorm_epsilon", "init_method_std", "loss_scale",
+                     "initial_loss_scale", "min_loss_scale", "bucket_size_mb", "peak_tflops",
+                     "distributed_timeout_minutes"], _POSITIVE),
+    **dict.fromkeys(["eval_iters", "lr_warmup_iters", "lr_warmup_tokens", "num_workers", "max_skipped_steps",
+                     "lr", "min_lr", "weight_decay", "clip_grad", "exit_duration_in_mins"], _NON_NEGATIVE),
+    **dict.fromkeys(["hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"], _FRACTION),
+    "rotary_percent": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "lr_warmup_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)"),
+}
+
+
+def _check_values(cfg: Config) -> None:
+    """Choices (YAML bypasses argparse's), every number finite (NaN/inf fail here, whatever the field, including
+    ones added later), then RULES."""
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            v, choices = getattr(getattr(cfg, section), f.name), f.metadata.get("choices")
+            _need(v is None or not choices or v in choices, f"{flag_name(f)} must be one of {choices}, got {v!r}")
+            if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            _need(not isinstance(v, float) or math.isfinite(v), f"{flag_name(f)} must be a finite number, got {v}")
+            rule = RULES.get(f.name)
+            if rule:
+                _need(rule[0](v), f"{flag_name(f)} must be {rule[1]}, got {v}")
+
+
 def validate(cfg: Config, world_size: int) -> None:
-    """Check every cross-field rule up front so a bad run fails in its first second."""
+    """Check every value and cross-field rule up front so a bad run fails in its first second."""
     m, p, t, s, o, pr = cfg.model, cfg.parallel, cfg.training, cfg.scheduler, cfg.optimizer, cfg.precision
-    for name, value in [("num-layers", m.num_layers), ("hidden-size", m.hidden_size),
-                        ("num-attention-heads", m.num_attention_heads), ("seq-length", m.seq_length),
-                        ("micro-batch-size", t.micro_batch_size),
-                        ("tensor-model-parallel-size", p.tensor_model_parallel_size),
-                        ("pipeline-model-parallel-size", p.pipeline_model_parallel_size),
-                        ("log-interval", t.log_interval), ("eval-interval", t.eval_interval)]:
-        _need(value is not None and value > 0, f"--{name} must be positive, got {value}")
+    _check_values(cfg)
     _need(m.hidden_size % m.num_attention_heads == 0,
           f"--num-attention-heads ({m.num_attention_heads}) must divide --hidden-size ({m.hidden_size})")
     _need(m.num_attention_heads % m.kv_heads == 0,
           f"--num-key-value-heads ({m.kv_heads}) must divide --num-attention-heads ({m.num_attention_heads})")
     _need(m.seq_length <= m.max_positions or m.use_rotary_position_embeddings,
           f"--seq-length ({m.seq_length}) exceeds --max-position-embeddings ({m.max_positions})")
-    _need(0.0 < m.rotary_percent <= 1.0, f"--rotary-percent must be in (0, 1], got {m.rotary_percent}")
     if m.use_rotary_position_embeddings:
         rot = int(m.head_dim * m.rotary_percent)
         _need(rot >= 2 and rot % 2 == 0, f"rotary dims (head dim {m.head_dim} x {m.rotary_percent}) must be even")
-    for name, v in [("hidden-dropout", m.hidden_dropout), ("attention-dropout", m.attention_dropout)]:
-        _need(0.0 <= v < 1.0, f"--{name} must be in [0, 1), got {v}")
-    _need(m.init_method_std > 0, f"--init-method-std must be positive, got {m.init_method_std}")
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     _need(world_size % (tp * pp) == 0,
           f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
@@ -300,7 +333,11 @@ def validate(cfg: Config, world_size: int) -> None:
     if p.sequence_parallel and tp > 1:
         _need(m.seq_length % tp == 0, f"--sequence-parallel needs TP ({tp}) to divide --seq-length ({m.seq_length})")
     if p.pipeline_model_parallel_split:
-        parts = [int(x) for x in p.pipeline_model_parallel_split.split(",")]
+        try:
+            parts = [int(x) for x in p.pipeline_model_parallel_split.split(",")]
+        except ValueError:
+            raise ConfigError(f"--pipeline-model-parallel-split '{p.pipeline_model_parallel_split}' must be "
+                              "comma-separated layer counts like 3,5") from None
         _need(len(parts) == pp and sum(parts) == m.num_layers and min(parts) > 0,
               f"--pipeline-model-parallel-split {p.pipeline_model_parallel_split} must be {pp} positive "
               f"numbers summing to {m.num_layers}")
@@ -321,13 +358,10 @@ def validate(cfg: Config, world_size: int) -> None:
     _need(gbs % (t.micro_batch_size * dp) == 0,
           f"--global-batch-size ({gbs}) must be divisible by micro batch x DP ({t.micro_batch_size} x {dp})")
     _need(t.train_iters is not None or t.train_tokens is not None, "give --train-iters or --train-tokens")
-    for name, v in [("train-iters", t.train_iters), ("train-tokens", t.train_tokens),
-                    ("eval-iters", t.eval_iters)]:
-        _need(v is None or v >= 0, f"--{name} must not be negative, got {v}")
     _need(not (pr.bf16 and pr.fp16), "--bf16 and --fp16 are exclusive")
-    _need(s.lr >= 0 and s.min_lr >= 0 and s.min_lr <= s.lr, f"need 0 <= --min-lr ({s.min_lr}) <= --lr ({s.lr})")
-    _need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "Adam betas must be in [0, 1)")
-    _need(o.weight_decay >= 0 and o.clip_grad >= 0, "--weight-decay and --clip-grad must not be negative")
+    _need(s.min_lr <= s.lr, f"need 0 <= --min-lr ({s.min_lr}) <= --lr ({s.lr})")
+    _need(pr.min_loss_scale <= pr.initial_loss_scale,
+          f"--min-loss-scale ({pr.min_loss_scale}) must not exceed --initial-loss-scale ({pr.initial_loss_scale})")
     d = cfg.data
     if not d.mock_data:
         _need(bool(d.data_path), "give --data-path (or --mock-data for synthetic tokens)")
@@ -337,12 +371,5 @@ def validate(cfg: Config, world_size: int) -> None:
             vals = [float(x) for x in parts]
         except ValueError:
             raise ConfigError(f"--split '{d.split}' must be numbers like 949,50,1") from None
-        _need(all(v >= 0 for v in vals) and sum(vals) > 0 and len(vals) <= 3, f"bad --split '{d.split}'")
-    _need(t.max_skipped_steps >= 0, f"--max-skipped-steps must not be negative, got {t.max_skipped_steps}")
-    _need(t.exit_duration_in_mins is None or t.exit_duration_in_mins >= 0,
-          f"--exit-duration-in-mins must not be negative, got {t.exit_duration_in_mins}")
-    _need(p.distributed_timeout_minutes > 0,
-          f"--distributed-timeout-minutes must be positive, got {p.distributed_timeout_minutes}")
-    c = cfg.checkpoint
-    _need(c.save_interval is None or c.save_interval > 0, "--save-interval must be positive")
-    _need(c.keep_last is None or c.keep_last > 0, "--keep-last must be positive")
+        _need(all(math.isfinite(v) and v >= 0 for v in vals) and sum(vals) > 0 and len(vals) <= 3,
+              f"bad --split '{d.split}'")

@@ -55,12 +55,16 @@ def _spawn(*args: str, env: dict | None = None) -> subprocess.Popen:
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    end = time.time() + timeout
-    while not cond():
-        assert proc.poll() is None, f"run ended before the fault: {proc.communicate()[1][-2000:]}"
-        assert time.time() < end, "timed out waiting for the run"
-        time.sleep(0.002)
+def _wait_for(cond, proc: subprocess.Popen) -> None:
+    """Poll until `cond()` holds. No clock: the run ending first fails the test, a hung run is pytest-timeout's
+    (and the run is killed on the way out, so nothing is left behind)."""
+    try:
+        while not cond():
+            assert proc.poll() is None, f"run ended before the fault: {proc.communicate()[1][-2000:]}"
+            time.sleep(0.002)
+    except BaseException:
+        proc.kill()
+        raise
 
 
 def _last_iteration(log: Path) -> int:
@@ -346,15 +350,14 @@ def test_preprocess_malformed_line_and_empty_documents(tmp_path, capsys, bpe):
 
 @pytest.mark.slow
 def test_exception_on_one_rank_ends_the_job_with_its_error(tmp_path):
-    """torchrun, 2 gloo ranks; rank 1 raises at iteration 3: the job ends in seconds, rank 1 named as root cause."""
-    start = time.time()
+    """torchrun, 2 gloo ranks; rank 1 raises at iteration 3: the job ends (well before the 10-minute collective
+    timeout: the subprocess limit below is half of it), rank 1 named as root cause."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gpt3d",
                         "train", *TINY, "--train-iters", "50", "--distributed-timeout-minutes", "10"],
                        capture_output=True, text=True, cwd=str(ROOT), timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "GPT3D_FAULT_INJECT": "1:3"})
-    elapsed = time.time() - start
     out = r.stdout + r.stderr
-    assert r.returncode != 0 and elapsed < 120, (r.returncode, elapsed)
+    assert r.returncode != 0, r.returncode
     assert "RuntimeError: injected fault on rank 1 at iteration 3" in out
     root = out[out.index("Root Cause"):]
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root) and "error_file: <N/A>" not in root
@@ -379,7 +382,7 @@ def test_sigterm_to_torchrun_saves_every_stage(tmp_path):
                              "--save", str(ck), "--log-file", str(log)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _wait_for(lambda: _last_iteration(log) >= 3, proc, timeout=240)
+    _wait_for(lambda: _last_iteration(log) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     last = _last_iteration(log)
