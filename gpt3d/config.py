@@ -201,6 +201,11 @@ class Config:
     def validate(self, world_size: int = 1) -> None:
         validate(self, world_size)
 
+    def non_defaults(self) -> dict:
+        """Flat {setting: value} of everything that differs from the defaults: what a run's flags and YAML set."""
+        default = Config().to_dict()
+        return {k: v for sec, values in self.to_dict().items() for k, v in values.items() if default[sec][k] != v}
+
 
 def field_index() -> dict:
     """Map every field name to its section, refusing duplicates so a flat key is unambiguous."""

@@ -9,6 +9,7 @@ MFU uses the model FLOPs (Megatron formula without the recompute factor) over `p
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -73,6 +74,13 @@ class MetricsLogger:
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(tensorboard_dir)
+
+    def start_run(self, iteration: int, tokens: int, settings: dict) -> None:
+        """Mark where this run's rows begin, so a reused --log-file keeps its runs apart (`gpt3d plot` draws the
+        last run: a fresh start hides the rows before it, a resume keeps the history up to its checkpoint)."""
+        if self.fh:
+            self.fh.write(json.dumps({"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
+                                      "iteration": iteration, "tokens": tokens, "settings": settings}) + "\n")
 
     def console(self, text: str) -> None:
         if self.enabled:

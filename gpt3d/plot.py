@@ -30,7 +30,10 @@ def _num(v) -> Optional[float]:
 def read_metrics(path: str) -> dict:
     """{'train': [(tokens, loss)], 'valid': [(tokens, val_loss)], 'speed': [(tokens, tokens/s)]}, sorted.
 
-    A resumed run appends the steps after its checkpoint again; the row written last wins."""
+    The last run of the file: each run starts with a `run_start` row holding the token count it starts from.
+    A fresh run (0 tokens) hides everything before it; a resumed run keeps the rows up to its checkpoint's
+    token count and replaces the rest (steps the earlier run made after that checkpoint were lost with it).
+    Rows of one run with the same token count: the row written last wins."""
     series = {"train": {}, "valid": {}, "speed": {}}
     try:
         with open(path) as fh:
@@ -50,6 +53,9 @@ def read_metrics(path: str) -> dict:
             raise PlotError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
         tokens = _num(row.get("tokens"))
         if tokens is None:
+            continue
+        if "run_start" in row:
+            series = {k: {x: y for x, y in v.items() if 0 < x <= tokens} for k, v in series.items()}
             continue
         for key, name in (("loss", "train"), ("val_loss", "valid"), ("tokens_per_s", "speed")):
             value = _num(row.get(key))

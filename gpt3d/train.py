@@ -270,6 +270,7 @@ class Trainer:
         train_ds, valid_ds, _ = self.build_datasets()
         if cfg.checkpoint.load:
             self.last_checkpoint = ckpt.load_checkpoint(cfg.checkpoint.load, self)
+        self.log.start_run(self.iteration, self.consumed_samples * cfg.model.seq_length, cfg.non_defaults())
         n_params = count_parameters(cfg.model, self.vocab_size)
         self.log.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
                          f"global batch {self.global_batch} ({self.num_micro} micro-batches of "

@@ -1,6 +1,7 @@
 """`gpt3d plot` on metrics written by real tiny runs, its errors, and the trainer's end-of-run plot."""
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -68,6 +69,46 @@ def test_later_rows_win_and_non_finite_values_are_skipped(tmp_path):
                  '{"iteration": 1, "tokens": 10, "loss": 4.0, "tokens_per_s": 8.0}\n')   # resumed run re-logs step 1
     m = read_metrics(str(f))
     assert m == {"train": [(10.0, 4.0)], "valid": [(20.0, 4.5)], "speed": [(10.0, 8.0)]}
+
+
+def test_a_fresh_run_replaces_and_a_resumed_run_continues_the_curve(tmp_path):
+    from gpt3d.plot import read_metrics
+    f = tmp_path / "m.jsonl"
+    old = ['{"iteration": 1, "tokens": 10, "loss": 9.0}', '{"iteration": 2, "tokens": 20, "loss": 8.0}',
+           '{"iteration": 3, "tokens": 30, "loss": 7.0}', '{"iteration": 3, "tokens": 30, "val_loss": 7.5}']
+    f.write_text("\n".join(old + ['{"run_start": "x", "iteration": 0, "tokens": 0, "settings": {}}',
+                                  '{"iteration": 1, "tokens": 10, "loss": 5.0}']) + "\n")
+    assert read_metrics(str(f)) == {"train": [(10.0, 5.0)], "valid": [], "speed": []}
+    f.write_text("\n".join(['{"run_start": "x", "iteration": 0, "tokens": 0, "settings": {}}', *old,
+                            '{"run_start": "y", "iteration": 2, "tokens": 20, "settings": {"load": "ck"}}',
+                            '{"iteration": 3, "tokens": 30, "loss": 6.5}']) + "\n")
+    assert read_metrics(str(f)) == {"train": [(10.0, 9.0), (20.0, 8.0), (30.0, 6.5)], "valid": [], "speed": []}
+
+
+def test_a_reused_log_file_is_marked_per_run(tmp_path):
+    """Train into one --log-file fresh, again fresh, then resume: each run starts with its marker, the plot
+    follows the last run (and the history a resume continues)."""
+    from gpt3d.plot import read_metrics
+    log, ck = tmp_path / "m.jsonl", tmp_path / "ck"
+    assert _train(log, "--train-iters", "3", "--lr", "1e-3", "--min-lr", "1e-4") == 0
+    assert _train(log, "--train-iters", "4", "--save", str(ck), "--save-interval", "2") == 0
+    alone = tmp_path / "alone.jsonl"
+    assert _train(alone, "--train-iters", "4") == 0
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    marks = [r for r in rows if "run_start" in r]
+    assert [(m["iteration"], m["tokens"]) for m in marks] == [(0, 0), (0, 0)]
+    assert (marks[0]["settings"]["lr"], marks[1]["settings"]["save"]) == (1e-3, str(ck))   # what each run set
+    assert read_metrics(str(log))["train"] == read_metrics(str(alone))["train"]
+    # the second run logged 4 iterations but its newest checkpoint is iteration 2 (as if it died before saving
+    # 4): a resume from there keeps the curve up to 2 and replaces 3 and 4
+    (ck / "latest").write_text("iter_0000002")
+    assert _train(log, "--train-iters", "6", "--load", str(ck)) == 0
+    marks = [r for r in map(json.loads, log.read_text().splitlines()) if "run_start" in r]
+    per_iter = read_metrics(str(alone))["train"][0][0]
+    assert len(marks) == 3 and (marks[-1]["iteration"], marks[-1]["tokens"]) == (2, 2 * per_iter)
+    train = read_metrics(str(log))["train"]
+    assert [t for t, _ in train] == [per_iter * i for i in range(1, 7)]
+    assert train[:2] == read_metrics(str(alone))["train"][:2]
 
 
 @pytest.mark.parametrize("content,message", [
