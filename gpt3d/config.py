@@ -316,7 +316,7 @@ def _check_values(cfg: Config) -> None:
 
 def validate(cfg: Config, world_size: int) -> None:
     """Check every value and cross-field rule up front so a bad run fails in its first second."""
-    m, p, t, s, o, pr = cfg.model, cfg.parallel, cfg.training, cfg.scheduler, cfg.optimizer, cfg.precision
+    m, p, t, s, pr = cfg.model, cfg.parallel, cfg.training, cfg.scheduler, cfg.precision
     _check_values(cfg)
     _need(m.hidden_size % m.num_attention_heads == 0,
           f"--num-attention-heads ({m.num_attention_heads}) must divide --hidden-size ({m.hidden_size})")
