@@ -61,7 +61,8 @@ def fmt_duration(seconds: float) -> str:
 class MetricsLogger:
     """Writes only on the logging rank; the others get a no-op logger."""
 
-    def __init__(self, enabled: bool, log_file: Optional[str], tensorboard_dir: Optional[str]):
+    def __init__(self, enabled: bool, log_file: Optional[str], tensorboard_dir: Optional[str],
+                 tensorboard_queue_size: int = 10):
         self.enabled = enabled
         self.fh = None
         self.tb = None
@@ -72,7 +73,7 @@ class MetricsLogger:
             self.fh = open(log_file, "a", buffering=1)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(tensorboard_dir)
+            self.tb = SummaryWriter(tensorboard_dir, max_queue=tensorboard_queue_size)
 
     def console(self, text: str) -> None:
         if self.enabled:
@@ -90,6 +91,12 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, row.get("iteration", 0))
             if "loss" in row:
                 self.tb.add_scalar("loss_vs_tokens", row["loss"], step)
+
+    def scalars(self, values: dict, step: int) -> None:
+        """TensorBoard only, under the given tags (Megatron's optional scalars, see tensorboard_extras.py)."""
+        if self.enabled and self.tb:
+            for tag, v in values.items():
+                self.tb.add_scalar(tag, v, step)
 
     def close(self) -> None:
         if self.fh:

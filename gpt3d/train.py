@@ -21,6 +21,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data.indexed import DataError
 from .data.sampler import MockGPTDataset, build_data_loader
+from .data.sizing import train_iterations, train_valid_test_num_samples
 from .data.tokenizer import TokenizerError
 from .metrics import MetricsLogger, Throughput, fmt_duration, warn
 from .model.attention import sdpa_backend_context
@@ -31,6 +32,7 @@ from .optim.zero1 import DistributedOptimizer
 from .parallel.pipeline import forward_backward, stage_layers
 from .parallel.random import seed_everything
 from .parallel.state import ParallelState, build_parallel_state, init_distributed
+from .tensorboard_extras import training_scalars, validation_scalars
 
 MOCK_VOCAB = 50257
 
@@ -90,8 +92,8 @@ class Trainer:
         self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
         self.num_micro = self.global_batch // (t.micro_batch_size * ps.dp)
         self.tokens_per_iter = self.global_batch * cfg.model.seq_length
-        self.train_iters = t.train_iters if t.train_iters is not None else \
-            math.ceil(t.train_tokens / self.tokens_per_iter)
+        self.train_iters = train_iterations(t.train_iters, t.train_samples, t.train_tokens, self.global_batch,
+                                            cfg.model.seq_length)
         if t.compile:
             self._compile()
         self.optimizer = DistributedOptimizer(self.chunks, cfg.optimizer, ps, zero_stage=cfg.parallel.zero_stage,
@@ -102,7 +104,7 @@ class Trainer:
         self.iteration, self.consumed_samples = 0, 0
         self.throughput = Throughput(cfg.model, self.vocab_size, self.padded_vocab, self.global_batch,
                                      ps.world_size, t.peak_tflops)
-        self.log = MetricsLogger(ps.is_logging_rank, t.log_file, t.tensorboard_dir)
+        self.log = MetricsLogger(ps.is_logging_rank, t.log_file, t.tensorboard_dir, t.tensorboard_queue_size)
         self.stop_requested = False
         # consecutive non-finite steps, kept on the device; read once per step together with the stop flag
         self.bad_streak = torch.zeros(1, device=ps.device)
@@ -135,8 +137,8 @@ class Trainer:
 
     def build_datasets(self):
         d, t, m = self.cfg.data, self.cfg.training, self.cfg.model
-        eval_samples = t.eval_iters * self.global_batch
-        n = (self.train_iters * self.global_batch, eval_samples, eval_samples)
+        n = train_valid_test_num_samples(self.train_iters, t.train_samples, self.global_batch, t.eval_interval,
+                                         t.eval_iters)
         if d.mock_data:
             return tuple(MockGPTDataset(k, m.seq_length, self.vocab_size, t.seed + i) if k else None
                          for i, k in enumerate(n))
@@ -268,7 +270,10 @@ class Trainer:
     def run(self) -> int:
         cfg, t, ps = self.cfg, self.cfg.training, self.ps
         train_ds, valid_ds, _ = self.build_datasets()
-        if cfg.checkpoint.load:
+        if cfg.checkpoint.load and _holds_no_checkpoint(cfg.checkpoint.load):
+            if ps.rank == 0:
+                warn(f"--load {cfg.checkpoint.load} holds no checkpoint yet: starting from scratch (as Megatron does)")
+        elif cfg.checkpoint.load:
             self.last_checkpoint = ckpt.load_checkpoint(cfg.checkpoint.load, self)
         n_params = count_parameters(cfg.model, self.vocab_size)
         self.log.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
@@ -310,6 +315,8 @@ class Trainer:
                 loss_sum.zero_()
                 loss_n = 0
                 self._log_train(mean_loss, float(norm.item()), per_iter)
+                self.log.scalars(training_scalars(t, self.optimizer, ps, cfg.parallel.zero_stage == 1 and ps.dp > 1,
+                                                  self.global_batch, per_iter), self.iteration)
             if t.eval_interval and self.iteration % t.eval_interval == 0:
                 self._log_eval(self.evaluate(valid_ds))
                 last_log, last_log_it = time.perf_counter(), self.iteration   # time training steps only
@@ -375,6 +382,14 @@ class Trainer:
         self.log.record({"iteration": self.iteration, "tokens": self.consumed_samples * self.cfg.model.seq_length,
                          "val_loss": val, "val_ppl": ppl})
         self.log.console(f"validation at iteration {self.iteration} | loss {val:.4f} | ppl {ppl:.2f}")
+        self.log.scalars(validation_scalars(self.cfg.training, ppl), self.iteration)
+
+
+def _holds_no_checkpoint(path: str) -> bool:
+    """An existing directory with no checkpoint, `latest` or leftover at all: a first run whose launch script
+    always passes --load (Megatron-DeepSpeed's do). Anything partial still goes to load_checkpoint's checks."""
+    return os.path.isdir(path) and not any(n == "latest" or n == "meta.json" or n.startswith("iter_")
+                                           for n in os.listdir(path))
 
 
 @record   # under torchrun, a rank's uncaught exception goes to its error file and the job's failure summary
