@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 from .metrics import Throughput
 
 SHAPES = {
@@ -155,8 +156,7 @@ def _bench_hf(cfg: Config, mbs: int, micro: int, warmup: int, iters: int) -> dic
 def run(args: argparse.Namespace) -> int:
     configs = [(shape, _config(shape, args)) for shape in args.model]   # bad shapes fail before any work
     if not torch.cuda.is_available():
-        print("gpt3d: error: bench needs a CUDA device", file=sys.stderr)
-        return 2
+        raise ConfigError("bench needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for shape, cfg in configs:
@@ -202,9 +202,9 @@ def _table(rows: list) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="gpt3d bench")
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    """`python -m gpt3d.bench ...` is `gpt3d bench ...`."""
+    from .cli import main as cli_main
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

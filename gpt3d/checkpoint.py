@@ -28,6 +28,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import CheckpointError
 from .metrics import warn
 from .model.gpt import EMBEDDING, padded_vocab_size
 from .parallel.layers import full_shape
@@ -36,10 +37,6 @@ from .parallel.random import rng_state, set_rng_state
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "ffn_hidden_size",
               "swiglu", "normalization", "disable_bias_linear", "use_rotary_position_embeddings",
               "untie_embeddings_and_output_weights")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which and why."""
 
 
 def _fsync_file(path: str) -> None:

@@ -21,17 +21,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError
-from .config import Config, ConfigError
+from .config import Config
+from .errors import HFError, os_errors_are_user_errors
 from .model.gpt import EMBEDDING
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 EOD = "<|endoftext|>"
-
-
-class HFError(ValueError):
-    """A model or directory that cannot be converted; printed as one line."""
 
 
 # ----- architecture -----------------------------------------------------------------------------------------------
@@ -388,14 +384,9 @@ def register(sub) -> None:
     p.set_defaults(func=_import_cmd)
 
 
+@os_errors_are_user_errors
 def _run(fn, **kw) -> int:
-    from .data.tokenizer import TokenizerError
-    try:
-        out = fn(**kw)
-    except (HFError, CheckpointError, ConfigError, TokenizerError, OSError) as e:
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(out))
+    print(json.dumps(fn(**kw)))
     return 0
 
 

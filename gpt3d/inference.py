@@ -8,16 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, read_model_tensors
-from .config import Config, ConfigError
-from .data.indexed import DataError
-from .data.tokenizer import TokenizerError, build_tokenizer
+from .checkpoint import read_model_tensors
+from .config import Config
+from .data.tokenizer import build_tokenizer
+from .errors import ConfigError, DataError, TokenizerError, os_errors_are_user_errors
 from .model.attention import KVCache
 from .model.gpt import GPTModel
 from .parallel.random import TPRNG
@@ -200,12 +199,9 @@ def register(sub) -> None:
     p.set_defaults(func=lambda a: _run(_generate_cmd, a))
 
 
+@os_errors_are_user_errors
 def _run(fn, args: argparse.Namespace) -> int:
-    try:
-        out = fn(args)
-    except (CheckpointError, ConfigError, DataError, TokenizerError, OSError) as e:
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 2
+    out = fn(args)
     if fn is _generate_cmd and not args.json:
         print(out["text"])
     else:

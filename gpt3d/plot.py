@@ -12,12 +12,9 @@ import argparse
 import json
 import math
 import os
-import sys
 from typing import Optional
 
-
-class PlotError(ValueError):
-    """A metrics file that cannot be read; the CLI prints it as one line."""
+from .errors import PlotError, os_errors_are_user_errors
 
 
 def _num(v) -> Optional[float]:
@@ -131,10 +128,7 @@ def register(sub) -> None:
     p.set_defaults(func=_run)
 
 
+@os_errors_are_user_errors
 def _run(args: argparse.Namespace) -> int:
-    try:
-        print(f"wrote {plot_runs(args.metrics, args.output, args.title)}")
-    except (PlotError, OSError) as e:
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 2
+    print(f"wrote {plot_runs(args.metrics, args.output, args.title)}")
     return 0

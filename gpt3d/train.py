@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 from typing import Iterator, Optional
 
@@ -18,10 +17,9 @@ import torch.nn as nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError
-from .data.indexed import DataError
+from .config import Config
 from .data.sampler import MockGPTDataset, build_data_loader
-from .data.tokenizer import TokenizerError
+from .errors import ConfigError, Gpt3dError, TrainingError
 from .metrics import MetricsLogger, Throughput, fmt_duration, warn
 from .model.attention import sdpa_backend_context
 from .model.gpt import GPTModel, count_parameters
@@ -33,10 +31,6 @@ from .parallel.random import seed_everything
 from .parallel.state import ParallelState, build_parallel_state, init_distributed
 
 MOCK_VOCAB = 50257
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss diverged); the message names the iteration."""
 
 
 def parse_fault(spec: Optional[str], rank: int) -> Optional[tuple[int, str]]:
@@ -377,17 +371,20 @@ class Trainer:
         self.log.console(f"validation at iteration {self.iteration} | loss {val:.4f} | ppl {ppl:.2f}")
 
 
-@record   # under torchrun, a rank's uncaught exception goes to its error file and the job's failure summary
 def main(cfg: Config) -> int:
+    """Train; a Gpt3dError (bad input, diverged run) is raised for the CLI to print as one line."""
+    outcome = _train(cfg)
+    if isinstance(outcome, Gpt3dError):
+        raise outcome
+    return outcome
+
+
+@record   # under torchrun, a crash goes to this rank's error file and the job's failure summary
+def _train(cfg: Config):
     try:
-        trainer = Trainer(cfg)
-        return trainer.run()
-    except (ConfigError, DataError, TokenizerError, ckpt.CheckpointError) as e:
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 3
+        return Trainer(cfg).run()
+    except Gpt3dError as e:   # the user's to fix, not a crash: returned past @record, so no crash report
+        return e
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
