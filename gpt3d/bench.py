@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .config import Config
+from .config import DEFAULT_VOCAB_SIZE as VOCAB, Config
 from .errors import ConfigError
 from .metrics import Throughput
 
@@ -26,7 +26,6 @@ SHAPES = {
     "350M": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, micro_batch_size=8),
     "1.3B": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, micro_batch_size=8),
 }
-VOCAB = 50257
 
 
 def register(sub) -> None:

@@ -28,43 +28,16 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import atomic
 from .errors import CheckpointError
 from .metrics import warn
-from .model.gpt import EMBEDDING, padded_vocab_size
+from .model.gpt import EMBEDDING, OUTPUT_LAYER, VOCAB_PARAMETERS, padded_vocab_size
 from .parallel.layers import full_shape
 from .parallel.random import rng_state, set_rng_state
 
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "ffn_hidden_size",
               "swiglu", "normalization", "disable_bias_linear", "use_rotary_position_embeddings",
               "untie_embeddings_and_output_weights")
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _barrier(ps) -> None:
-    if ps.distributed:
-        dist.barrier()
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 # ----- save -------------------------------------------------------------------------------------------------------
@@ -113,26 +86,21 @@ def save_checkpoint(root: str, trainer, keep_last: Optional[int] = None) -> str:
         raise CheckpointError(f"could not write checkpoint {final}: {err}; previous checkpoints are intact")
     if ps.rank == 0:
         _prune(root, name, keep_last)
-    _barrier(ps)
+    ps.barrier()
     return final
 
 
 def _start(root: str, tmp: str) -> None:
     """An empty temporary directory for a checkpoint (a leftover of a killed save is discarded)."""
     os.makedirs(root, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    atomic.fresh_dir(tmp)
 
 
 def _finish(root: str, name: str, tmp: str, meta: dict) -> None:
     """meta.json last inside tmp, then the rename, then `latest`: a reader never sees a partial checkpoint."""
-    _write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-    final = os.path.join(root, name)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    _write_text_atomic(os.path.join(root, "latest"), name)
+    atomic.write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+    atomic.publish_dir(tmp, os.path.join(root, name))
+    atomic.write_text(os.path.join(root, "latest"), name)
 
 
 def _first_error(ps, err: Optional[str]) -> Optional[str]:
@@ -159,7 +127,7 @@ def _write_rank_files(tmp: str, trainer) -> dict:
                           {"step": str(step)}))
     rng_path = os.path.join(tmp, f"rng_rank{ps.rank}.pt")
     torch.save(rng_state(trainer.tp_rng), rng_path)
-    _fsync_file(rng_path)
+    atomic.fsync_file(rng_path)
     files.append(rng_path)
     return {os.path.basename(f): os.path.getsize(f) for f in files}
 
@@ -197,7 +165,7 @@ def save_weights(root: str, tensors: dict, params: dict, config: dict, vocab_siz
 
 def _save_st(tensors: dict, path: str, metadata: Optional[dict] = None) -> str:
     save_file(tensors, path, metadata=metadata)
-    _fsync_file(path)
+    atomic.fsync_file(path)
     return path
 
 
@@ -300,7 +268,7 @@ class _ShardReader:
     def _source_name(self, name: str) -> Optional[str]:
         if name in self.model_files:
             return name
-        return EMBEDDING if name == "output_layer" and EMBEDDING in self.model_files and \
+        return EMBEDDING if name == OUTPUT_LAYER and EMBEDDING in self.model_files and \
             not self.meta["config"]["model"]["untie_embeddings_and_output_weights"] else None
 
     def _assemble(self, name: str, shards: dict) -> torch.Tensor:
@@ -423,7 +391,7 @@ def read_model_tensors(root: str) -> tuple[str, dict, dict]:
         full = reader.model_tensor(name)
         if full is None:
             raise CheckpointError(f"checkpoint {path} has no tensor for parameter {name}")
-        tensors[name] = full[:meta["vocab_size"]] if name in (EMBEDDING, "output_layer") else full
+        tensors[name] = full[:meta["vocab_size"]] if name in VOCAB_PARAMETERS else full
     return path, meta, tensors
 
 

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Optional
 
 from .config import ModelConfig
@@ -102,16 +101,6 @@ def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
-
-
-class Timer:
-    def __init__(self):
-        self.t0 = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.t0 = now - self.t0, now
-        return dt
 
 
 def warn(msg: str) -> None:

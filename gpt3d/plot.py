@@ -14,6 +14,7 @@ import math
 import os
 from typing import Optional
 
+from .atomic import replacing
 from .errors import PlotError, os_errors_are_user_errors
 
 
@@ -108,15 +109,8 @@ def plot_runs(paths: list, output: str, title: Optional[str] = None) -> str:
     speed_ax.set_ylim(bottom=0)
     for ax in (loss_ax, speed_ax):
         ax.grid(alpha=0.3)
-    out_dir = os.path.dirname(os.path.abspath(output))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f".{os.path.basename(output)}.tmp{os.getpid()}")
-    try:
+    with replacing(output) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return output
 
 

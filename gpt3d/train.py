@@ -17,20 +17,19 @@ import torch.nn as nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import checkpoint as ckpt
-from .config import Config
+from .config import DEFAULT_VOCAB_SIZE, Config
 from .data.sampler import MockGPTDataset, build_data_loader
 from .errors import ConfigError, Gpt3dError, TrainingError
 from .metrics import MetricsLogger, Throughput, fmt_duration, warn
 from .model.attention import sdpa_backend_context
-from .model.gpt import GPTModel, count_parameters
+from .model.build import build_model_chunks, param_dtype
+from .model.gpt import count_parameters
 from .optim.grad_scaler import DynamicLossScaler
 from .optim.schedule import LRSchedule
 from .optim.zero1 import DistributedOptimizer
-from .parallel.pipeline import forward_backward, stage_layers
+from .parallel.pipeline import forward_backward
 from .parallel.random import seed_everything
 from .parallel.state import ParallelState, build_parallel_state, init_distributed
-
-MOCK_VOCAB = 50257
 
 
 def parse_fault(spec: Optional[str], rank: int) -> Optional[tuple[int, str]]:
@@ -46,26 +45,6 @@ def parse_fault(spec: Optional[str], rank: int) -> Optional[tuple[int, str]]:
     return (int(parts[1]), parts[2] if len(parts) == 3 else "raise") if int(parts[0]) == rank else None
 
 
-def param_dtype(cfg: Config) -> torch.dtype:
-    return torch.bfloat16 if cfg.precision.bf16 else torch.float16 if cfg.precision.fp16 else torch.float32
-
-
-def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng, vocab_size: int) -> list[GPTModel]:
-    """This rank's pipeline stage: one chunk, or several with the interleaved schedule."""
-    p = cfg.parallel
-    chunks = []
-    layer_groups = stage_layers(cfg.model.num_layers, ps.pp, ps.pp_rank, p.pipeline_model_parallel_split,
-                                p.num_layers_per_virtual_pipeline_stage)
-    for v, ids in enumerate(layer_groups):
-        first = ps.is_first_stage and v == 0
-        last = ps.is_last_stage and v == len(layer_groups) - 1
-        m = GPTModel(cfg.model, ps, tp_rng, vocab_size=vocab_size, layer_ids=ids, pre_process=first,
-                     post_process=last)
-        m.init_weights(cfg.training.seed)
-        chunks.append(m.cast_parameters(param_dtype(cfg)))
-    return chunks
-
-
 class Trainer:
     def __init__(self, cfg: Config, ps: Optional[ParallelState] = None):
         t = cfg.training
@@ -79,15 +58,13 @@ class Trainer:
         self.cfg, self.ps = cfg, ps
         self.tp_rng = seed_everything(t.seed, ps)
         self.vocab_size, self.tokenizer = self._vocab()
-        self.chunks = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
+        self.chunks = list(build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size))
         self.padded_vocab = self.chunks[0].padded_vocab
         self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
         self.num_micro = self.global_batch // (t.micro_batch_size * ps.dp)
         self.tokens_per_iter = self.global_batch * cfg.model.seq_length
         self.train_iters = t.train_iters if t.train_iters is not None else \
             math.ceil(t.train_tokens / self.tokens_per_iter)
-        if t.compile:
-            self._compile()
         self.optimizer = DistributedOptimizer(self.chunks, cfg.optimizer, ps, zero_stage=cfg.parallel.zero_stage,
                                               bucket_size_mb=cfg.parallel.bucket_size_mb,
                                               overlap=cfg.parallel.overlap_grad_reduce)
@@ -104,25 +81,10 @@ class Trainer:
         self.fault = parse_fault(os.environ.get("GPT3D_FAULT_INJECT"), ps.rank)
 
     # ----- setup --------------------------------------------------------------------------------------------
-    def _compile(self) -> None:
-        """torch.compile in place (`Module.compile`), so parameter names and checkpoints stay the same.
-
-        With no tensor or data parallelism the whole chunk, embedding to loss, is one graph: the fusions span
-        layer boundaries and the loss (measured 10% faster at 125M, benchmarks/RESULTS.md). Otherwise each
-        layer is its own graph: TP collectives stay outside compiled code, and gradients become ready layer
-        by layer, so the DP bucket reductions overlap the rest of backward (a whole-chunk graph would hand
-        every gradient over at its very end)."""
-        for c in self.chunks:
-            if self.ps.tp == 1 and self.ps.dp == 1:
-                c.compile()
-            else:
-                for layer in c.layers.values():
-                    layer.compile()
-
     def _vocab(self):
         d, m = self.cfg.data, self.cfg.model
         if d.mock_data:
-            return m.vocab_size or MOCK_VOCAB, None
+            return m.vocab_size or DEFAULT_VOCAB_SIZE, None
         from .data.tokenizer import build_tokenizer
         tok = build_tokenizer(d.vocab_file, d.merge_file)
         return m.vocab_size or tok.vocab_size, tok
@@ -136,11 +98,7 @@ class Trainer:
                          for i, k in enumerate(n))
         from .data.gpt_dataset import build_train_valid_test_datasets
         return build_train_valid_test_datasets(d.data_path, d.split, n, m.seq_length, t.seed,
-                                               is_builder=self.ps.rank == 0, barrier=self._barrier)
-
-    def _barrier(self) -> None:
-        if self.ps.distributed:
-            dist.barrier()
+                                               is_builder=self.ps.rank == 0, barrier=self.ps.barrier)
 
     def microbatches(self, it: Iterator) -> list[dict]:
         out = []
@@ -175,7 +133,7 @@ class Trainer:
         with self._attention_kernels():
             losses = forward_backward(self.chunks, microbatches, self.ps, forward_only=False, loss_scale=scale,
                                       set_last_microbatch=self._set_last, hidden_shape=self._hidden_shape(),
-                                      dtype=param_dtype(self.cfg))
+                                      dtype=param_dtype(self.cfg.precision))
         self.optimizer.finish_grad_sync()
         if self.fault and self.fault[1] == "nan" and self.iteration + 1 >= self.fault[0]:
             for m in self.optimizer.masters[:1]:
@@ -215,7 +173,7 @@ class Trainer:
             for _ in range(self.cfg.training.eval_iters):
                 losses = forward_backward(self.chunks, self.microbatches(loader), self.ps, forward_only=True,
                                           loss_scale=None, set_last_microbatch=self._set_last,
-                                          hidden_shape=self._hidden_shape(), dtype=param_dtype(self.cfg))
+                                          hidden_shape=self._hidden_shape(), dtype=param_dtype(self.cfg.precision))
                 if losses:
                     total += torch.stack(losses).mean()
         return self._dp_mean(total / self.cfg.training.eval_iters)

@@ -223,7 +223,8 @@ def test_resume_restores_scheduler_and_loss_scaler(tmp_path):
 @pytest.mark.parametrize("where", ["shard", "latest"])
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch, where):
     ck = tmp_path / "ck"
-    real_save, real_text = checkpoint.save_file, checkpoint._write_text_atomic
+    import gpt3d.atomic
+    real_save, real_text = checkpoint.save_file, gpt3d.atomic.write_text
 
     def save_file(tensors, path, metadata=None):
         if "iter_0000004" in path:   # half a shard reaches the disk, then the disk is full
@@ -236,8 +237,8 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, capsys, m
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
         return real_text(path, text)
 
-    monkeypatch.setattr(checkpoint, "save_file" if where == "shard" else "_write_text_atomic",
-                        save_file if where == "shard" else write_text)
+    monkeypatch.setattr(checkpoint if where == "shard" else gpt3d.atomic, "save_file" if where == "shard" else
+                        "write_text", save_file if where == "shard" else write_text)
     assert _train("--train-iters", "2", "--save", str(ck)) == 0
     before = _snapshot(ck)
     capsys.readouterr()
