@@ -120,9 +120,10 @@ def _write_rank_files(tmp: str, trainer) -> dict:
     if ps.dp_rank == 0:
         tensors = {n: p.detach().contiguous().cpu() for c in trainer.chunks for n, p in c.named_parameters()}
         files.append(_save_st(tensors, os.path.join(tmp, f"model_{tag}.safetensors")))
-    pieces, step = opt.param_space_state()
+    state = opt.state_dict()
+    step = state["step"]
     flat = {f"{n}::{kind}::{lo}::{hi}": t.contiguous().cpu()
-            for (n, lo, hi), kinds in pieces.items() for kind, t in kinds.items()}
+            for (n, lo, hi), kinds in state["pieces"].items() for kind, t in kinds.items()}
     files.append(_save_st(flat, os.path.join(tmp, f"optim_{tag}_dp{ps.dp_rank}.safetensors"),
                           {"step": str(step)}))
     rng_path = os.path.join(tmp, f"rng_rank{ps.rank}.pt")
@@ -364,7 +365,11 @@ def _load_state(path: str, meta: dict, trainer) -> None:
             if full is None:
                 return None
             return _to_local(full, params[name], trainer.vocab_size, ps).reshape(-1)
-        trainer.optimizer.load_param_space_state(get, reader.step)
+        pieces = {}
+        for (name, lo, hi) in trainer.optimizer.state_dict()["pieces"]:
+            kinds = {kind: get(name, kind) for kind in ("master", "exp_avg", "exp_avg_sq")}
+            pieces[(name, lo, hi)] = {k: v[lo:hi] for k, v in kinds.items() if v is not None}
+        trainer.optimizer.load_state_dict({"step": reader.step, "pieces": pieces})
     if not c.finetune:
         trainer.iteration = meta["iteration"]
         trainer.consumed_samples = meta["consumed_samples"]

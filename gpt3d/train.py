@@ -26,7 +26,8 @@ from .model.build import build_model_chunks, param_dtype
 from .model.gpt import count_parameters
 from .optim.grad_scaler import DynamicLossScaler
 from .optim.schedule import LRSchedule
-from .optim.zero1 import DistributedOptimizer
+from .optim.grad_buffer import GradBuffer
+from .optim.zero1 import ShardedOptimizer
 from .parallel.pipeline import forward_backward
 from .parallel.random import seed_everything
 from .parallel.state import ParallelState, build_parallel_state, init_distributed
@@ -65,9 +66,9 @@ class Trainer:
         self.tokens_per_iter = self.global_batch * cfg.model.seq_length
         self.train_iters = t.train_iters if t.train_iters is not None else \
             math.ceil(t.train_tokens / self.tokens_per_iter)
-        self.optimizer = DistributedOptimizer(self.chunks, cfg.optimizer, ps, zero_stage=cfg.parallel.zero_stage,
-                                              bucket_size_mb=cfg.parallel.bucket_size_mb,
-                                              overlap=cfg.parallel.overlap_grad_reduce)
+        self.grads = GradBuffer(self.chunks, ps, zero_stage=cfg.parallel.zero_stage,
+                                bucket_size_mb=cfg.parallel.bucket_size_mb, overlap=cfg.parallel.overlap_grad_reduce)
+        self.optimizer = ShardedOptimizer(self.grads, cfg.optimizer, ps)
         self.schedule = LRSchedule(cfg.scheduler, train_iters=self.train_iters, tokens_per_iter=self.tokens_per_iter)
         self.scaler = DynamicLossScaler(cfg.precision, ps.device) if cfg.precision.fp16 else None
         self.iteration, self.consumed_samples = 0, 0
@@ -118,7 +119,7 @@ class Trainer:
         return sdpa_backend_context(self.cfg.model.attention_backend, self.ps.device)
 
     def _set_last(self, last: bool) -> None:
-        self.optimizer.last_microbatch = last
+        self.grads._sync = last
 
     def train_step(self, microbatches: list[dict]) -> tuple[Optional[torch.Tensor], torch.Tensor, bool]:
         """Forward/backward all micro-batches, sync grads, clip, step. No host sync except fp16's skip check.
@@ -128,31 +129,31 @@ class Trainer:
             c.train()
         if self.fault and self.fault[1] == "raise" and self.iteration + 1 == self.fault[0]:
             raise RuntimeError(f"injected fault on rank {self.ps.rank} at iteration {self.iteration + 1}")
-        self.optimizer.zero_grad()
+        self.grads.zero_grad()
         scale = self.scaler.scale if self.scaler else None
         with self._attention_kernels():
             losses = forward_backward(self.chunks, microbatches, self.ps, forward_only=False, loss_scale=scale,
                                       set_last_microbatch=self._set_last, hidden_shape=self._hidden_shape(),
                                       dtype=param_dtype(self.cfg.precision))
-        self.optimizer.finish_grad_sync()
+        self.grads.finish_grad_sync()
         if self.fault and self.fault[1] == "nan" and self.iteration + 1 >= self.fault[0]:
             for m in self.optimizer.masters[:1]:
                 m.grad.fill_(float("nan"))
         lr = self.schedule.lr(self.iteration, self.consumed_samples * self.cfg.model.seq_length)
-        norm = self.optimizer.clip_and_step(lr, scale)
+        norm, found_inf = self.optimizer.step(lr, scale)
         loss = torch.stack(losses).mean() if losses else None
-        self._count_bad_step(loss, scale)
-        skipped = self.scaler.update(self.optimizer.found_inf) if self.scaler else False
+        self._count_bad_step(loss, scale, found_inf)
+        skipped = self.scaler.update(found_inf) if self.scaler else False
         self.iteration += 1
         self.consumed_samples += self.global_batch
         return loss, norm, skipped
 
-    def _count_bad_step(self, loss: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> None:
+    def _count_bad_step(self, loss: Optional[torch.Tensor], scale: Optional[torch.Tensor], found_inf) -> None:
         """Extend or reset the streak of non-finite steps, on the device (no host sync).
 
         The optimizer already skipped such a step on every rank. fp16 overflows are
         routine while the scale settles, so they count only at the minimum scale."""
-        bad = self.optimizer.found_inf.reshape(1).float()
+        bad = found_inf.reshape(1).float()
         if scale is not None:
             bad = bad * (scale <= self.cfg.precision.min_loss_scale).float()
         elif loss is not None:

@@ -91,18 +91,21 @@ def overflow_worker(rank: int, world: int, zero_stage: int) -> dict:
     t = make_trainer(cfg)
     train_ds, _, _ = t.build_datasets()
     loader = iter(build_data_loader(train_ds, 0, 2, t.ps.dp_rank, t.ps.dp))
-    finish = t.optimizer.finish_grad_sync
+    finish = t.grads.finish_grad_sync
 
     def poisoned():
         finish()
         if rank == 1:
             t.optimizer.masters[0].grad[0] = float("inf")
-    t.optimizer.finish_grad_sync = poisoned
+    t.grads.finish_grad_sync = poisoned
+    step = t.optimizer.step
+    found = []
+    t.optimizer.step = lambda *a: found.append(step(*a)) or found[-1]
     before = [p.detach().clone() for p in t.chunks[0].parameters()]
     _, norm, _ = t.train_step(t.microbatches(loader))
     unchanged = all(torch.equal(a, p) for a, p in zip(before, t.chunks[0].parameters()))
-    t.optimizer.finish_grad_sync = finish
+    t.grads.finish_grad_sync = finish
     _, norm2, _ = t.train_step(t.microbatches(loader))
     changed = any(not torch.equal(a, p) for a, p in zip(before, t.chunks[0].parameters()))
-    return {"unchanged": unchanged, "norm": float(norm), "skipped": float(t.optimizer.skipped),
-            "then_steps": changed and math.isfinite(float(norm2))}
+    return {"unchanged": unchanged, "norm": float(norm), "skipped": float(found[0].found_inf),
+            "then_steps": changed and math.isfinite(float(norm2)) and float(found[1].found_inf) == 0.0}
