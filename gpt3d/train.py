@@ -46,6 +46,13 @@ def parse_fault(spec: Optional[str], rank: int) -> Optional[tuple[int, str]]:
     return (int(parts[1]), parts[2] if len(parts) == 3 else "raise") if int(parts[0]) == rank else None
 
 
+def gpt_forward_step(chunk: nn.Module, micro_batch: dict, x: Optional[torch.Tensor]):
+    """The pipeline's view of a GPT chunk: the first reads tokens, the last returns the mean token loss."""
+    out = chunk(micro_batch["tokens"] if chunk.pre_process else None,
+                micro_batch["labels"] if chunk.post_process else None, hidden=x)
+    return (None, out.float().mean()) if chunk.post_process else (out, None)
+
+
 class Trainer:
     def __init__(self, cfg: Config, ps: Optional[ParallelState] = None):
         t = cfg.training
@@ -118,9 +125,6 @@ class Trainer:
         """SDPA kernel choice, entered outside any compiled region so the trace bakes it in."""
         return sdpa_backend_context(self.cfg.model.attention_backend, self.ps.device)
 
-    def _set_last(self, last: bool) -> None:
-        self.grads._sync = last
-
     def train_step(self, microbatches: list[dict]) -> tuple[Optional[torch.Tensor], torch.Tensor, bool]:
         """Forward/backward all micro-batches, sync grads, clip, step. No host sync except fp16's skip check.
 
@@ -132,16 +136,15 @@ class Trainer:
         self.grads.zero_grad()
         scale = self.scaler.scale if self.scaler else None
         with self._attention_kernels():
-            losses = forward_backward(self.chunks, microbatches, self.ps, forward_only=False, loss_scale=scale,
-                                      set_last_microbatch=self._set_last, hidden_shape=self._hidden_shape(),
-                                      dtype=param_dtype(self.cfg.precision))
+            loss = forward_backward(self.chunks, microbatches, self.ps, forward_step=gpt_forward_step,
+                                    forward_only=False, loss_scale=scale, no_sync=self.grads.no_sync,
+                                    hidden_shape=self._hidden_shape(), dtype=param_dtype(self.cfg.precision))
         self.grads.finish_grad_sync()
         if self.fault and self.fault[1] == "nan" and self.iteration + 1 >= self.fault[0]:
             for m in self.optimizer.masters[:1]:
                 m.grad.fill_(float("nan"))
         lr = self.schedule.lr(self.iteration, self.consumed_samples * self.cfg.model.seq_length)
         norm, found_inf = self.optimizer.step(lr, scale)
-        loss = torch.stack(losses).mean() if losses else None
         self._count_bad_step(loss, scale, found_inf)
         skipped = self.scaler.update(found_inf) if self.scaler else False
         self.iteration += 1
@@ -172,11 +175,11 @@ class Trainer:
         total = torch.zeros(1, device=self.ps.device)
         with self._attention_kernels():
             for _ in range(self.cfg.training.eval_iters):
-                losses = forward_backward(self.chunks, self.microbatches(loader), self.ps, forward_only=True,
-                                          loss_scale=None, set_last_microbatch=self._set_last,
-                                          hidden_shape=self._hidden_shape(), dtype=param_dtype(self.cfg.precision))
-                if losses:
-                    total += torch.stack(losses).mean()
+                loss = forward_backward(self.chunks, self.microbatches(loader), self.ps,
+                                        forward_step=gpt_forward_step, forward_only=True,
+                                        hidden_shape=self._hidden_shape(), dtype=param_dtype(self.cfg.precision))
+                if loss is not None:
+                    total += loss
         return self._dp_mean(total / self.cfg.training.eval_iters)
 
     def _dp_mean(self, value: torch.Tensor) -> Optional[float]:
