@@ -35,7 +35,7 @@ def build(shape: str, variant: str, mbs=None):
     if variant.startswith(("bk-", "eager-")):   # trainer's own compile (or none) with one SDPA backend
         cfg.model.attention_backend = variant.split("-")[1]
         cfg.training.compile = variant.startswith("bk-")
-        return cfg, Trainer(cfg, ParallelState(device=torch.device("cuda")))
+        return cfg, Trainer(cfg, ParallelState.single(torch.device("cuda")))
     if variant == "selective":
         cfg.model.recompute_granularity = "selective"
     if variant == "full":
@@ -45,9 +45,9 @@ def build(shape: str, variant: str, mbs=None):
         cfg.training.compile = False
     if variant == "wholeflash":
         cfg.model.attention_backend = "flash"
-    tr = Trainer(cfg, ParallelState(device=torch.device("cuda")))
+    tr = Trainer(cfg, ParallelState.single(torch.device("cuda")))
     if whole:   # the chunk's whole forward (embedding .. loss) as one graph
-        for c in tr.chunks:
+        for c in tr.model:
             c.forward = torch.compile(c.forward)
     return cfg, tr
 

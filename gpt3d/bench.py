@@ -97,7 +97,7 @@ def _time(step, warmup: int, iters: int) -> tuple[float, float]:
 def bench_gpt3d(cfg: Config, warmup: int, iters: int) -> dict:
     from .parallel.state import ParallelState
     from .train import Trainer
-    trainer = Trainer(cfg, ParallelState(device=torch.device("cuda")))
+    trainer = Trainer(cfg, ParallelState.single(torch.device("cuda")))
     mbs, seq = cfg.training.micro_batch_size, cfg.model.seq_length
     gen = torch.Generator(device="cuda").manual_seed(0)
     text = torch.randint(0, VOCAB, (trainer.num_micro, mbs, seq + 1), device="cuda", generator=gen)

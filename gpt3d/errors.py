@@ -12,6 +12,7 @@ caught those keeps working.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Callable
 
 
@@ -70,3 +71,8 @@ def os_errors_are_user_errors(fn: Callable) -> Callable:
         except OSError as e:
             raise FileError(str(e)) from e
     return wrapper
+
+
+def warn(msg: str) -> None:
+    """A problem the run survives (a skipped checkpoint, a failed plot): one `gpt3d: warning:` line."""
+    print(f"gpt3d: warning: {msg}", file=sys.stderr, flush=True)

@@ -156,6 +156,10 @@ class ShardedOptimizer:
             total += m.numel() * m.element_size() if self.separate_master else 0
         return total
 
+    def piece_keys(self) -> list[tuple[str, int, int]]:
+        """(name, lo, hi) of every parameter range whose state this rank holds, as in `state_dict`."""
+        return [(pc.name, pc.lo, pc.hi) for pc in self.pieces]
+
     def state_dict(self) -> dict:
         """{"step": Adam's step count, "pieces": {(name, lo, hi): {"master", "exp_avg", "exp_avg_sq"}}}:
         this rank's state by parameter name and element range of the flattened (TP-local) parameter."""
