@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gpt3d.bench import SHAPES, VOCAB, _config, add_arguments  # noqa: E402
+from gpt3d.bench import VOCAB, _config, add_arguments  # noqa: E402
 from gpt3d.metrics import Throughput  # noqa: E402
 from gpt3d.model.gpt import padded_vocab_size  # noqa: E402
 from gpt3d.parallel.state import ParallelState  # noqa: E402

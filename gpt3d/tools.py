@@ -1,4 +1,4 @@
-"""Small commands around checkpoints."""
+"""`gpt3d checkpoint-info`: what a checkpoint holds, in a few lines."""
 from __future__ import annotations
 
 import argparse

@@ -73,3 +73,14 @@ def test_a_new_part_is_saved_checked_and_loaded(tmp_path):
     (tmp_path / "ck" / "iter_0000005" / "extra.safetensors").write_bytes(b"x")   # truncated: not loaded
     with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
         checkpoint.resolve(str(tmp_path / "ck"))
+
+
+def test_resume_with_other_data_settings_warns(tmp_path, capsys):
+    _saved(tmp_path)
+    same = make_trainer(tiny_config(bf16=True))
+    same.load(str(tmp_path / "ck"))
+    assert "warning" not in capsys.readouterr().err
+    other = make_trainer(tiny_config(bf16=True, seed=8))
+    other.load(str(tmp_path / "ck"))
+    assert "trained with other data settings" in capsys.readouterr().err
+    assert other.state.iteration == 3 and other.state.data_fingerprint != same.state.data_fingerprint

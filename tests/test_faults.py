@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import MERGES, VOCAB
 from curves import make_trainer, run_curve, tiny_config
 

@@ -1,8 +1,6 @@
 """The distributed optimizer's step equals torch's AdamW after clip_grad_norm_ (one process, fp32 and bf16)."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn

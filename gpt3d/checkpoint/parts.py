@@ -24,7 +24,7 @@ from typing import Optional, Protocol
 
 from ..config import CheckpointConfig, Config
 from ..errors import CheckpointError
-from ..parallel.random import TPRNG, rng_state, set_rng_state
+from ..parallel.random import TPRNG, RNGState
 from ..parallel.state import ParallelState
 from .reshard import check_compatible, model_file, optim_file, optim_key, to_local
 from .store import Reader, Writer
@@ -40,19 +40,6 @@ class Part(Protocol):
     def save(self, w: Writer) -> None: ...
 
     def load(self, r: Reader) -> bool: ...
-
-
-class RNGState:
-    """Every random stream of this rank (Python, numpy, torch, CUDA, the TP-split dropout stream)."""
-
-    def __init__(self, tp_rng: TPRNG):
-        self.tp_rng = tp_rng
-
-    def state_dict(self) -> dict:
-        return rng_state(self.tp_rng)
-
-    def load_state_dict(self, state: dict) -> None:
-        set_rng_state(state, self.tp_rng)
 
 
 # ----- parts ------------------------------------------------------------------------------------------------------

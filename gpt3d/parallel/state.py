@@ -3,7 +3,7 @@
 Built once and passed explicitly, so two models with different layouts can live
 in one process (tests) and nothing hides in module globals. Rank order follows
 Megatron with TP innermost: rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank,
-so TP peers share a node and PP hops cross nodes.
+so TP peers share a node and PP hops cross nodes. Joining the job and picking the device live here too.
 """
 from __future__ import annotations
 
