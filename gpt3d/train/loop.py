@@ -21,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from .. import checkpoint as ckpt
 from ..config import DEFAULT_VOCAB_SIZE, Config
 from ..data.sampler import MockGPTDataset, build_data_loader
-from ..errors import Gpt3dError
+from ..errors import Gpt3dError, warn
 from ..metrics import Throughput
 from ..model.build import build_model_chunks
 from ..model.gpt import count_parameters
@@ -136,7 +136,6 @@ class Trainer:
         if "optimizer" not in loaded.parts:   # weights only (--finetune, --no-load-optim, import-hf)
             self.optimizer.reload_masters_from_params()
         if "train" in loaded.parts and loaded.meta.get("data_fingerprint") not in (None, saved_fingerprint):
-            from ..errors import warn
             warn(f"{loaded.path} was trained with other data settings (data path, split, seq length or seed); "
                  f"continuing at sample {self.state.consumed_samples} of these")
         self.state.data_fingerprint = saved_fingerprint
