@@ -222,18 +222,18 @@ def test_optimizer_state_scalars_are_consistent():
     from gpt3d.config import Config
     from gpt3d.data.sampler import build_data_loader
     from gpt3d.parallel.state import ParallelState
-    from gpt3d.tensorboard_extras import optimizer_state_stats
     from gpt3d.train import Trainer
+    from gpt3d.train.report import optimizer_state_stats
     cfg = Config.from_dict({"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
                             "vocab_size": 128, "micro_batch_size": 2, "global_batch_size": 4, "train_iters": 3,
                             "mock_data": True, "device": "cpu"})
-    trainer = Trainer(cfg, ParallelState())
+    trainer = Trainer(cfg, ParallelState.single())
     train_ds = trainer.build_datasets()[0]
     loader = iter(build_data_loader(train_ds, 0, 2, 0, 1))
     for _ in range(3):
         trainer.train_step(trainer.microbatches(loader))
-    stats = optimizer_state_stats(trainer.optimizer, trainer.ps, sharded=False)
-    weights = torch.cat([p.detach().float().reshape(-1) for c in trainer.chunks for p in c.parameters()])
+    stats = optimizer_state_stats(trainer.optimizer.state_dict()["pieces"], trainer.ps, sharded=False)
+    weights = torch.cat([p.detach().float().reshape(-1) for _, p in trainer.model.named_parameters()])
     assert stats["optimizer/weight_l2"] == pytest.approx(float(weights.norm()), rel=1e-5)
     assert stats["optimizer/weight_abs_max"] == pytest.approx(float(weights.abs().max()), rel=1e-6)
     assert stats["optimizer/variance_sqrt_l2"] ** 2 == pytest.approx(stats["optimizer/variance_l1"], rel=1e-5)

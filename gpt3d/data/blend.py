@@ -17,14 +17,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from .. import atomic
 from .indexed import DataError
 
 
 def save_atomic(path: str, arr: np.ndarray) -> None:
-    """np.save through a temporary name, so a reader never sees half an index."""
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, arr, allow_pickle=False)
-    os.replace(tmp, path)
+    """np.save through a temporary name (atomic.replacing), so a reader never sees half an index."""
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, arr, allow_pickle=False)
 
 
 def normalize_weights(weights: Sequence[float]) -> list[float]:
