@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from gpt3d.parallel.pipeline import forward_backward
 from gpt3d.parallel.state import ParallelState
+from gpt3d.train.step import gpt_forward_step
 
 HIDDEN = (1, 2, 4)   # [b, s, h] of the activations between stages; channel 0 carries the micro-batch id,
                      # channel 1 the number of chunks the micro-batch went through
@@ -138,7 +139,7 @@ class _Recv:
 
 
 class _Logged(torch.autograd.Function):
-    """Identity that logs ('F', virtual stage, micro-batch) and, in backward, ('B', ..., last-micro-batch flag)."""
+    """Identity that logs ('F', virtual stage, micro-batch) and, in backward, ('B', ..., outside no_sync)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, chunk: "TracedChunk", mb: int) -> torch.Tensor:
@@ -154,11 +155,13 @@ class _Logged(torch.autograd.Function):
 
 
 class TracedChunk(nn.Module):
-    """A model chunk with GPTModel's calling convention that checks what it receives and logs what it runs."""
+    """A model chunk with GPTModel's calling convention (and pre/post_process flags, so training's own
+    forward_step drives it) that checks what it receives and logs what it runs."""
 
-    def __init__(self, vstage: int, log: list, last_flag: list, errors: list):
+    def __init__(self, vstage: int, num_vstages: int, log: list, last_flag: list, errors: list):
         super().__init__()
         self.vstage, self.log, self.last_flag, self.errors = vstage, log, last_flag, errors
+        self.pre_process, self.post_process = vstage == 0, vstage == num_vstages - 1
         self.w = nn.Parameter(torch.zeros(HIDDEN[-1]))
         self.register_buffer("bump", torch.tensor([0.0, 1.0] + [0.0] * (HIDDEN[-1] - 2)))
 
@@ -182,7 +185,8 @@ class Trace:
     v: int
     m: int
     logs: list                                   # per stage: events in program order
-    losses: list                                 # per stage: what forward_backward returned
+    losses: list                                 # per stage: each micro-batch's loss, as forward_step gave it
+    mean_loss: list                              # per stage: what forward_backward returned
     grads: list                                  # per stage: each chunk's w.grad
     errors: list = field(default_factory=list)   # wrong inputs seen by chunks, stray messages
 
@@ -231,19 +235,34 @@ def trace_schedule(pp: int, m: int, v: int = 1, forward_only: bool = False) -> T
     logs = [[] for _ in range(pp)]
     p2p = FakeP2P(logs)
     errors: list = []
-    losses, grads, failures = [None] * pp, [None] * pp, []
+    losses, mean_loss, grads, failures = [None] * pp, [None] * pp, [None] * pp, []
 
     def stage(rank: int) -> None:
         p2p.local.rank = rank
         try:
             ps = ParallelState(pp=pp, rank=rank, pp_ranks=list(range(pp)))
-            flag = [None]
-            chunks = [TracedChunk(c * pp + rank, logs[rank], flag, errors) for c in range(v)]
+            flag = [True]   # False inside no_sync: a backward whose gradient reduction is held back
+            chunks = [TracedChunk(c * pp + rank, pp * v, logs[rank], flag, errors) for c in range(v)]
             mbs = [{"tokens": torch.full(HIDDEN[:2], i), "labels": torch.full(HIDDEN[:2], i)} for i in range(m)]
-            out = forward_backward(chunks, mbs, ps, forward_only=forward_only, loss_scale=None,
-                                   set_last_microbatch=lambda last: flag.__setitem__(0, last),
-                                   hidden_shape=HIDDEN, dtype=torch.float32)
-            losses[rank] = [float(x) for x in out]
+            seen: list = []
+
+            def forward_step(chunk, micro_batch, x):
+                out, loss = gpt_forward_step(chunk, micro_batch, x)
+                if loss is not None:
+                    seen.append(float(loss.detach()))
+                return out, loss
+
+            @contextmanager
+            def no_sync():
+                flag[0] = False
+                try:
+                    yield
+                finally:
+                    flag[0] = True
+
+            out = forward_backward(chunks, mbs, ps, forward_step=forward_step, forward_only=forward_only,
+                                   loss_scale=None, no_sync=no_sync, hidden_shape=HIDDEN, dtype=torch.float32)
+            losses[rank], mean_loss[rank] = seen, None if out is None else float(out)
             grads[rank] = [None if c.w.grad is None else c.w.grad.clone() for c in chunks]
         except BaseException as e:  # noqa: BLE001 - reported by the caller, and the other stages stop waiting
             failures.append(f"stage {rank}: {type(e).__name__}: {e}")
@@ -259,4 +278,4 @@ def trace_schedule(pp: int, m: int, v: int = 1, forward_only: bool = False) -> T
         raise AssertionError("schedule failed: " + "; ".join(failures or ["a stage never finished"]))
     if p2p.leftover():
         errors.append(f"messages never received: {p2p.leftover()}")
-    return Trace(pp, v, m, logs, losses, grads, errors)
+    return Trace(pp, v, m, logs, losses, mean_loss, grads, errors)

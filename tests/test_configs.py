@@ -16,7 +16,7 @@ from gpt3d import cli
 from gpt3d.model.gpt import count_parameters
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
-from gpt3d.train import build_model_chunks
+from gpt3d.model.build import build_model_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

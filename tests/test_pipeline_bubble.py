@@ -37,14 +37,15 @@ def test_schedule_order_memory_and_gradients(pp, m, v):
         warmup = pp - r - 1 if v == 1 else 2 * (pp - r - 1) + (v - 1) * pp
         bound = m * v if (v > 1 and m == pp) else min(m * v, warmup + 1)
         assert trace.in_flight(r) <= bound, (r, trace.in_flight(r), bound)
-        # the last micro-batch's backward is flagged (gradient reduction starts there), no other one
+        # only the last micro-batch's backward runs outside no_sync (gradient reduction starts there)
         assert [ev[2] == m - 1 for ev in trace.logs[r] if ev[0] == "B"] == \
             [ev[3] for ev in trace.logs[r] if ev[0] == "B"]
         # loss / m per micro-batch, mean over h: every chunk's weight gets 1/h per element
         assert all(g is not None and torch.allclose(g, torch.full_like(g, 1.0 / HIDDEN[-1]))
                    for g in trace.grads[r]), trace.grads[r]
     assert trace.losses[-1] == [(i + pp * v) / HIDDEN[-1] for i in range(m)]
-    assert all(x == [] for x in trace.losses[:-1])
+    assert trace.mean_loss[-1] == pytest.approx(sum(trace.losses[-1]) / m)
+    assert all(x == [] for x in trace.losses[:-1]) and all(x is None for x in trace.mean_loss[:-1])
 
 
 @pytest.mark.parametrize("pp,m,v", [(4, 8, 1), (4, 8, 2)], ids=lambda x: str(x))
@@ -61,7 +62,8 @@ def test_simulated_clock_waits_for_sends():
     """The replay itself: a receive starts no earlier than its send; compute is charged 1 (F) and 2 (B)."""
     logs = [[("F", 0, 0), ("send", 1, 0), ("recv", 1, 0), ("B", 0, 0, True)],
             [("recv", 0, 0), ("F", 1, 0), ("B", 1, 0, True), ("send", 0, 0)]]
-    t = Trace(pp=2, v=1, m=1, logs=logs, losses=[[], []], grads=[[], []])
+    t = Trace(pp=2, v=1, m=1, logs=logs, losses=[[], []], mean_loss=[None, None], grads=[[], []])
     assert t.simulate() == [6, 4] and t.bubble() == Fraction(1, 1)
     with pytest.raises(AssertionError, match="deadlock"):
-        Trace(pp=2, v=1, m=1, logs=[[("recv", 1, 0)], [("recv", 0, 0)]], losses=[], grads=[]).simulate()
+        Trace(pp=2, v=1, m=1, logs=[[("recv", 1, 0)], [("recv", 0, 0)]], losses=[], mean_loss=[],
+              grads=[]).simulate()
