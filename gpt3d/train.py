@@ -68,6 +68,9 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng, vocab_size: int) 
         m = GPTModel(cfg.model, ps, tp_rng, vocab_size=vocab_size, layer_ids=ids, pre_process=first,
                      post_process=last)
         m.init_weights(cfg.training.seed)
+        if cfg.precision.fp8:   # FP8 GEMMs in the TP linears; parameters (names, dtypes) unchanged
+            from .model.fp8 import enable_fp8
+            enable_fp8(m, cfg.precision.fp8_recipe, ps.device)
         chunks.append(m.cast_parameters(param_dtype(cfg)))
     return chunks
 
@@ -171,7 +174,7 @@ class Trainer:
     def train_step(self, microbatches: list[dict]) -> tuple[Optional[torch.Tensor], torch.Tensor, bool]:
         """Forward/backward all micro-batches, sync grads, clip, step. No host sync except fp16's skip check.
 
-        Returns (mean loss on the last stage or None, grad norm, skipped-or-None-known)."""
+        Returns (mean loss on the last stage or None, grad norm, skipped: a device bool for fp16, else False)."""
         for c in self.chunks:
             c.train()
         if self.fault and self.fault[1] == "raise" and self.iteration + 1 == self.fault[0]:
@@ -285,21 +288,19 @@ class Trainer:
         cfg, t, ps = self.cfg, self.cfg.training, self.ps
         loader = iter(build_data_loader(train_ds, self.consumed_samples, t.micro_batch_size, ps.dp_rank, ps.dp,
                                         num_workers=cfg.data.num_workers))
-        loss_sum, loss_n, skipped_total = torch.zeros(1, device=ps.device), 0, 0
+        loss_sum, loss_n = torch.zeros(1, device=ps.device), 0
         start = time.time()
         last_log, last_log_it = time.perf_counter(), self.iteration
         batch = None
         while self.iteration < self.train_iters:
             if t.train_tokens is not None and self.consumed_samples * cfg.model.seq_length >= t.train_tokens:
                 break
-            loss, norm, skipped = self.train_step(batch or self.microbatches(loader))
+            loss, norm, _ = self.train_step(batch or self.microbatches(loader))   # no host sync (fp16 too)
             # Read the next batch while the device still runs this step: the checks below wait for it.
             batch = self.microbatches(loader) if self.iteration < self.train_iters else None
             if loss is not None:
                 loss_sum += loss
                 loss_n += 1
-            if skipped:
-                skipped_total += 1
             if self.iteration % t.log_interval == 0 or self.iteration == self.train_iters:
                 if ps.device.type == "cuda":
                     torch.cuda.synchronize()
