@@ -29,6 +29,7 @@ from gpt3d.bench import _config, add_arguments  # noqa: E402
 from gpt3d.metrics import Throughput  # noqa: E402
 from gpt3d.model.gpt import padded_vocab_size  # noqa: E402
 from gpt3d.parallel.state import ParallelState  # noqa: E402
+import gpt3d.model.build  # noqa: E402
 from gpt3d.train import Trainer  # noqa: E402
 
 OUT = os.environ.get("OUT", ".")
@@ -65,15 +66,15 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
     if "layer" in opts or "ro" in opts:
         mode = "reduce-overhead" if "ro" in opts else None
 
-        def _compile(self):
-            for c in self.chunks:
+        def _compile(chunks, ps):
+            for c in chunks:
                 if "layer" in opts:
                     for layer in c.layers.values():
                         layer.compile(mode=mode)
                 else:
                     c.compile(mode=mode)
-        Trainer._compile = _compile
-    return cfg, Trainer(cfg, ParallelState(device=torch.device("cuda")))
+        gpt3d.model.build.compile_chunks = _compile   # build_model_chunks calls it by this name
+    return cfg, Trainer(cfg, ParallelState.single(torch.device("cuda")))
 
 
 def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
@@ -107,7 +108,7 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
     mem = torch.cuda.max_memory_allocated() / 2 ** 30
     e0.record()
     for _ in range(3):
-        tr.optimizer.clip_and_step(1e-4)
+        tr.optimizer.step(1e-4)
     e1.record()
     torch.cuda.synchronize()
     opt_ms = e0.elapsed_time(e1) / 3
@@ -135,7 +136,7 @@ def head_bench(ns=(8192, 16384), h=2048, v=128256) -> None:
     """Output projection + loss, forward and backward, at the Llama head shape."""
     import torch.nn.functional as F
     from gpt3d.parallel.cross_entropy import _fused_dense, linear_cross_entropy
-    ps = ParallelState(device=torch.device("cuda"))
+    ps = ParallelState.single(torch.device("cuda"))
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as Liger
     except Exception as e:  # noqa: BLE001

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from .config import Config, ConfigError
+from .config import DEFAULT_VOCAB_SIZE as VOCAB, Config
+from .errors import ConfigError
 from .metrics import Throughput
 
 LLAMA = dict(use_rotary_position_embeddings=True, normalization="rmsnorm", swiglu=True, disable_bias_linear=True,
@@ -31,7 +32,6 @@ SHAPES = {
     "llama-1.5B": dict(num_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
                        ffn_hidden_size=8192, vocab_size=128256, micro_batch_size=4, **LLAMA),
 }
-VOCAB = 50257   # GPT-2's, for the GPT-3 shapes
 
 
 def register(sub) -> None:
@@ -114,7 +114,7 @@ def _time(step, warmup: int, iters: int) -> tuple[float, float]:
 def bench_gpt3d(cfg: Config, warmup: int, iters: int) -> dict:
     from .parallel.state import ParallelState
     from .train import Trainer
-    trainer = Trainer(cfg, ParallelState(device=torch.device("cuda")))
+    trainer = Trainer(cfg, ParallelState.single(torch.device("cuda")))
     mbs, seq = cfg.training.micro_batch_size, cfg.model.seq_length
     gen = torch.Generator(device="cuda").manual_seed(0)
     text = torch.randint(0, cfg.model.vocab_size, (trainer.num_micro, mbs, seq + 1), device="cuda", generator=gen)
@@ -200,8 +200,7 @@ def _bench_hf(cfg: Config, mbs: int, micro: int, warmup: int, iters: int) -> dic
 def run(args: argparse.Namespace) -> int:
     configs = [(shape, _config(shape, args)) for shape in args.model]   # bad shapes fail before any work
     if not torch.cuda.is_available():
-        print("gpt3d: error: bench needs a CUDA device", file=sys.stderr)
-        return 2
+        raise ConfigError("bench needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
     precision = "fp16" if args.fp16 else f"fp8-{args.fp8_recipe}" if args.fp8 else "bf16"
     rows = []
@@ -255,9 +254,9 @@ def _table(rows: list) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="gpt3d bench")
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    """`python -m gpt3d.bench ...` is `gpt3d bench ...`."""
+    from .cli import main as cli_main
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

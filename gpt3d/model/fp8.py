@@ -19,7 +19,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
