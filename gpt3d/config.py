@@ -66,6 +66,9 @@ class ModelConfig:
                        "--deepspeed-activation-checkpointing": (
                            "full", "DeepSpeed's activation checkpointing: here --recompute-granularity full")})
     recompute_num_layers: Optional[int] = opt(None, "with full recompute: layers per stage to recompute (default all)")
+    cross_entropy_loss_fusion: bool = opt(False, "fuse the output projection with the loss, chunked over tokens, "
+                                                 "so the [tokens x vocab] logits are never stored (less memory, "
+                                                 "a little slower)")
     use_flash_attn: bool = opt(False, "use the flash-attn package if installed (else torch SDPA)")
     attention_backend: str = opt("auto", "SDPA kernel on GPU (auto: cuDNN on Hopper, else flash)",
                                  choices=["auto", "cudnn", "flash", "efficient", "math"])
@@ -147,6 +150,11 @@ class PrecisionConfig:
     loss_scale_window: int = opt(1000, "good steps before the loss scale grows")
     hysteresis: int = opt(2, "overflows tolerated before the scale drops")
     accumulate_allreduce_grads_in_fp32: bool = opt(True, "fp32 gradient buffers for bf16/fp16 params")
+    fp8: bool = opt(False, "FP8 GEMMs in the transformer layers (torchao float8 training, pip install -e "
+                           "'.[fp8]'; needs --bf16 and an FP8 GPU such as H100); weights and checkpoints unchanged")
+    fp8_recipe: str = opt("tensorwise", "FP8 scaling: tensorwise (E4M3 fwd / E5M2 grads), rowwise, or "
+                                        "rowwise_with_gw_hp (weight gradient GEMM in bf16)",
+                          choices=["tensorwise", "rowwise", "rowwise_with_gw_hp"])
 
 
 @dataclass
@@ -413,6 +421,7 @@ def validate(cfg: Config, world_size: int) -> None:
           "give --train-iters, --train-samples or --train-tokens")
     _need(t.train_iters is None or t.train_samples is None, "--train-iters and --train-samples are exclusive")
     _need(not (pr.bf16 and pr.fp16), "--bf16 and --fp16 are exclusive")
+    _need(not pr.fp8 or pr.bf16, "--fp8 needs --bf16 (the FP8 GEMMs take bf16 weights and activations)")
     _need(s.min_lr <= s.lr, f"need 0 <= --min-lr ({s.min_lr}) <= --lr ({s.lr})")
     _need(pr.min_loss_scale <= pr.initial_loss_scale,
           f"--min-loss-scale ({pr.min_loss_scale}) must not exceed --initial-loss-scale ({pr.initial_loss_scale})")

@@ -180,20 +180,34 @@ class Trainer:
             # Read the next batch while the device still runs this step: the checks below wait for it.
             batch = self.microbatches(loader) if state.iteration < self.train_iters else None
             stop.observe(result)
+            late = stop.settle()   # the previous step's stop check, if it was left unread
+            if late is not None and late.diverged:
+                raise divergence_error(late, self.last_checkpoint)
             report.step(result, state)
-            if t.eval_interval and state.iteration % t.eval_interval == 0:
+            it = state.iteration
+            evaluating = bool(t.eval_interval) and it % t.eval_interval == 0
+            saving = bool(save_interval) and it % save_interval == 0
+            if evaluating:
                 with report.untimed(state):
                     report.validation(self.evaluate(valid_ds), state)
-            verdict = stop.check()
+            # Read the verdict now where it decides something or the host has synced anyway (log line,
+            # validation, save, last step); elsewhere at the next step, so the host never waits here.
+            last = it >= self.train_iters or (t.train_tokens is not None and state.tokens >= t.train_tokens)
+            verdict = stop.check(it, exact=it % t.log_interval == 0 or evaluating or saving or last)
+            if verdict is None:
+                continue
             if verdict.diverged:
-                raise divergence_error(verdict, state.iteration, self.last_checkpoint)
-            if save_interval and state.iteration % save_interval == 0 and not verdict.streak:
+                raise divergence_error(verdict, self.last_checkpoint)
+            if saving and not verdict.streak:
                 with report.untimed(state):
                     self.save()
             if verdict.reason:
-                report.console(f"{verdict.reason} at iteration {state.iteration}: saving and exiting")
+                report.console(f"{verdict.reason} at iteration {it}: saving and exiting")
                 self.save()
                 return
+        late = stop.settle()   # none is left unread by the last step; kept so no verdict can be lost
+        if late is not None and late.diverged:
+            raise divergence_error(late, self.last_checkpoint)
         if state.iteration % t.eval_interval != 0:
             report.validation(self.evaluate(valid_ds), state)
         if cfg.checkpoint.save and (not save_interval or state.iteration % save_interval != 0):

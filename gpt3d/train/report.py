@@ -8,6 +8,9 @@ Megatron-DeepSpeed's optional TensorBoard scalars (--log-timers/batch-size/valid
 to-tensorboard) are extra tags under Megatron's names, so dashboards built for its runs read gpt3d runs too.
 The optimizer-state statistics are a collective over the ranks holding optimizer state, so they are computed
 in `Reporter.step`, which every rank calls; only the logging rank writes them.
+
+A step's device tensors (loss, grad norm, fp16 loss scale) are brought to the host only for a log line,
+so the steps in between never wait for the device.
 """
 from __future__ import annotations
 
