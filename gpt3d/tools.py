@@ -1,16 +1,50 @@
-"""`gpt3d checkpoint-info`: what a checkpoint holds, in a few lines."""
+"""`gpt3d checkpoint-info` and `gpt3d checkpoint verify`: what a checkpoint holds, and whether it is intact."""
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub) -> None:
     p = sub.add_parser("checkpoint-info", help="print a checkpoint's layout, iteration, tokens and size")
     p.add_argument("path", help="checkpoint root (uses `latest`) or one iter_XXXXXXX directory")
     p.set_defaults(func=_info)
+    c = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="action", required=True)
+    v = c.add_parser("verify", help="check every checkpoint under a directory: sizes, checksums, finite values "
+                                    "(exit 0 if all are good, 2 if any is not)")
+    v.add_argument("path", help="checkpoint root or one iter_XXXXXXX directory")
+    v.set_defaults(func=_verify)
 
 
 def _info(args: argparse.Namespace) -> int:
     from .checkpoint import describe
     print(describe(args.path))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """One line per checkpoint; a CheckpointError (one error line, exit 2) if any is bad or there is none."""
+    from .checkpoint import CheckpointError, list_checkpoints
+    from .checkpoint.integrity import describe_files, problem
+    root = args.path
+    if os.path.exists(os.path.join(root, "meta.json")):
+        paths = [root]
+    else:
+        if not os.path.isdir(root):
+            raise CheckpointError(f"no checkpoint directory {root}")
+        paths = [os.path.join(root, name) for name in list_checkpoints(root)]
+    if not paths:
+        raise CheckpointError(f"no checkpoint in {root}")
+    bad = 0
+    for path in paths:
+        why = problem(path)
+        if why:
+            bad += 1
+            print(f"BAD  {path}: {why}", flush=True)
+            continue
+        n, size, checksummed = describe_files(path)
+        how = "checksums match" if checksummed else "sizes only: written before checksums"
+        print(f"ok   {path}: {n} files, {size / 2 ** 20:,.1f} MiB, {how}", flush=True)
+    if bad:
+        raise CheckpointError(f"{bad} of {len(paths)} checkpoints in {root} are bad")
     return 0

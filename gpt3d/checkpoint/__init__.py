@@ -4,17 +4,18 @@ Layout of SAVE/:
     latest                        name of the newest complete checkpoint, written last
     iter_0000100/
       meta.json                   iteration, data position, layout, config, scaler, parameter shapes,
-                                  each file's size
+                                  each file's size and checksum
       model_tp{t}_pp{p}.safetensors          this (tp, pp) shard of every parameter, by global name
       optim_tp{t}_pp{p}_dp{d}.safetensors    fp32 master + Adam moments, in parameter space
       rng_rank{r}.pt
 
 What is saved is a set of stateful parts (parts.py: model chunks, optimizer, loss scaler, RNG, train
 state); the directory, its crash-safe save sequence and every file write live in store.py; reading the
-shards back at another layout in reshard.py. A directory without a valid meta.json (or whose files do not
-have the recorded sizes) is never loaded.
+shards back at another layout in reshard.py. Only a good checkpoint is loaded (integrity.py): meta.json
+records each file's size and xxh3-128 checksum, and a file with non-finite tensors marks it bad.
 """
 from ..errors import CheckpointError
+from .integrity import structure_problem
 from .parts import skipped_parts, training_parts, weights_parts
 from .reshard import read_model_tensors
 from .store import Loaded, describe, holds_no_checkpoint, list_checkpoints, load, read_meta, resolve, save
@@ -29,4 +30,5 @@ def save_weights(root: str, tensors: dict, params: dict, config: dict, vocab_siz
 
 
 __all__ = ["save", "load", "Loaded", "training_parts", "skipped_parts", "save_weights", "read_model_tensors",
-           "resolve", "holds_no_checkpoint", "read_meta", "describe", "list_checkpoints", "CheckpointError"]
+           "resolve", "holds_no_checkpoint", "read_meta", "describe", "list_checkpoints", "CheckpointError",
+           "structure_problem"]

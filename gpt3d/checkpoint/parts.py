@@ -26,6 +26,7 @@ from ..config import CheckpointConfig, Config
 from ..errors import CheckpointError
 from ..parallel.random import TPRNG, RNGState
 from ..parallel.state import ParallelState
+from .integrity import non_finite
 from .reshard import check_compatible, model_file, optim_file, optim_key, to_local
 from .store import Reader, Writer
 
@@ -175,6 +176,9 @@ class _LocalTensors(Mapping):
                 return None
             raise CheckpointError(f"checkpoint {self.r.path} has no tensor for parameter {name}")
         local = to_local(full, self.layout[name], self.vocab_size, self.ps.tp, self.ps.tp_rank)
+        if non_finite({name: local}):   # state from before checksums, or written non-finite: never trained on
+            what = f"{name} ({kind})" if self.optimizer else name
+            raise CheckpointError(f"checkpoint {self.r.path}: {what} holds non-finite values; refusing to load it")
         return local.reshape(-1) if self.optimizer else local
 
     def __iter__(self):

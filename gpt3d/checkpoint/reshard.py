@@ -133,9 +133,11 @@ def check_compatible(meta: dict, model_cfg) -> None:
 def read_model_tensors(root: str) -> tuple[str, dict, dict]:
     """(path, meta, {name: full tensor}) of a checkpoint at any saved layout, for export and inference.
 
-    Tied copies (the last stage's output layer) are left out and padded vocabulary rows are cut off."""
+    Tied copies (the last stage's output layer) are left out and padded vocabulary rows are cut off. The model
+    shards' checksums are verified first and every tensor must be finite: a bad checkpoint is refused."""
+    from .integrity import model_files_only, non_finite
     from .store import read_meta, resolve
-    path = resolve(root)
+    path = resolve(root, fallback=False, wanted=model_files_only)   # a bad newest checkpoint is refused
     meta = read_meta(path)
     reader = ShardReader(path, meta)
     tensors = {}
@@ -146,4 +148,6 @@ def read_model_tensors(root: str) -> tuple[str, dict, dict]:
         if full is None:
             raise CheckpointError(f"checkpoint {path} has no tensor for parameter {name}")
         tensors[name] = full[:meta["vocab_size"]] if name in VOCAB_PARAMETERS else full
+        if non_finite({name: tensors[name]}):
+            raise CheckpointError(f"checkpoint {path}: {name} holds non-finite values; refusing to use it")
     return path, meta, tensors

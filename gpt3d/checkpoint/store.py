@@ -6,8 +6,11 @@ the directory, and only then rewrites `latest`. A failure on any rank is shared 
 raise the same CheckpointError instead of one raising while the others wait in a collective; the
 half-written directory is removed and `latest` still names the previous checkpoint.
 
-Load: the newest complete checkpoint (a directory with meta.json whose files have the recorded sizes);
-each part reads what it needs through a `Reader`, resharding to the current layout.
+Load: the newest good checkpoint (integrity.py: complete, every file with its recorded size and checksum,
+nothing non-finite); a training run splits the checksum reads over its ranks and skips a bad newest one
+with a warning naming the file, read-only commands refuse it. Each part reads what it needs through a
+`Reader`, resharding to the current layout; an error on any rank (a non-finite tensor, say) is shared, so
+every rank raises the same CheckpointError.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,6 +28,7 @@ from safetensors.torch import save_file
 from .. import atomic
 from ..errors import CheckpointError, warn
 from ..parallel.state import ParallelState
+from .integrity import checked_files, checksum_problem, file_checksum, non_finite, read_meta, structure_problem
 from .reshard import ShardReader
 
 FORMAT = "gpt3d-1"
@@ -33,20 +37,27 @@ FORMAT = "gpt3d-1"
 class Writer:
     """Where parts put their state: files in the checkpoint's temporary directory and entries of meta.json.
 
-    Every checkpoint file goes through here (fsynced, its size recorded for the completeness check), so a
-    new kind of file or a per-file checksum is added in this one class."""
+    Every checkpoint file goes through here: its checksum is taken right after the write (from the page
+    cache), it is fsynced, and its size and checksum are recorded for the integrity checks (integrity.py)."""
 
     def __init__(self, tmp: str, ps: ParallelState):
         self.tmp, self.ps = tmp, ps
         self.files: dict[str, int] = {}
+        self.checksums: dict[str, str] = {}
+        self.non_finite: dict[str, list] = {}
         self.entries: dict = {}
 
     def _done(self, path: str) -> None:
+        name = os.path.basename(path)
+        self.checksums[name] = file_checksum(path)
         atomic.fsync_file(path)
-        self.files[os.path.basename(path)] = os.path.getsize(path)
+        self.files[name] = os.path.getsize(path)
 
     def tensors(self, name: str, tensors: dict, metadata: Optional[dict] = None) -> None:
-        """A safetensors file of CPU tensors."""
+        """A safetensors file of CPU tensors; floating ones that are not finite mark the checkpoint bad."""
+        bad = non_finite(tensors)
+        if bad:
+            self.non_finite[name] = bad
         path = os.path.join(self.tmp, name)
         save_file(tensors, path, metadata=metadata)
         self._done(path)
@@ -120,17 +131,23 @@ def save(root: str, parts: dict, ps: ParallelState, iteration: int, keep_last: O
             part.save(w)
     except Exception as e:  # noqa: BLE001 - safetensors/torch raise their own types for OS failures
         err = str(e) or type(e).__name__
-    gathered = [(w.files, w.entries, err)]
+    gathered = [(w.files, w.entries, err, w.checksums, w.non_finite)]
     if ps.distributed:
         mine, gathered = gathered[0], [None] * ps.world_size
         dist.all_gather_object(gathered, mine)
-    err = next((f"rank {r}: {e}" if ps.distributed else e for r, (_, _, e) in enumerate(gathered) if e), None)
+    err = next((f"rank {r}: {g[2]}" if ps.distributed else g[2] for r, g in enumerate(gathered) if g[2]), None)
     if ps.rank == 0 and err is None:
         merged = Writer(tmp, ps)
-        for _, entries, _ in gathered:
+        for _, entries, _, _, _ in gathered:
             for key, value in entries.items():
                 merged.meta(key, value)
-        meta = {**merged.entries, "files": {k: v for files, _, _ in gathered for k, v in files.items()}}
+        meta = {**merged.entries, "files": {k: v for g in gathered for k, v in g[0].items()},
+                "checksums": {k: v for g in gathered for k, v in g[3].items()}}
+        bad = {k: v for g in gathered for k, v in g[4].items()}
+        if bad:   # kept (it may help a post-mortem) but never resumed from nor called good
+            meta["non_finite"] = bad
+            warn(f"checkpoint {final} holds non-finite values ({', '.join(sorted(bad))}): it is written but "
+                 "is not a good checkpoint")
         try:   # meta.json last inside tmp, then the rename, then `latest`: never a partial checkpoint
             atomic.write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
             atomic.publish_dir(tmp, final)
@@ -176,40 +193,45 @@ def list_checkpoints(root: str) -> list[str]:
 
 # ----- load -------------------------------------------------------------------------------------------------------
 def load(root: str, parts: dict, ps: ParallelState, skip: frozenset = frozenset()) -> Loaded:
-    """Restore every part not in `skip` from the newest complete checkpoint under `root`, in `parts` order."""
-    path = resolve(root)
+    """Restore every part not in `skip` from the newest good checkpoint under `root`, in `parts` order.
+    A collective: every rank verifies a share of the files and all agree on the checkpoint and the outcome."""
+    path = resolve(root, ps=ps)
     reader = Reader(path, read_meta(path), ps)
-    restored = set()
-    for name, part in parts.items():
-        if name in skip:
-            continue
-        try:
+    restored, err = set(), None
+    try:
+        for name, part in parts.items():
+            if name in skip:
+                continue
             if part.load(reader):
                 restored.add(name)
-        except CheckpointError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a file that has the recorded size but not valid contents
-            raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    except CheckpointError as e:
+        err = str(e)
+    except Exception as e:  # noqa: BLE001 - a file that has the recorded size but not valid contents
+        err = f"checkpoint {path} is unreadable ({type(e).__name__}: {e})"
+    err = _any_error(ps, err)
+    if err:
+        raise CheckpointError(err)
     return Loaded(path, reader.meta, restored)
 
 
-def _valid(path: str) -> Optional[str]:
-    """None if the checkpoint directory is complete, else why not."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.exists(meta_path):
-        return "no meta.json (incomplete save)"
-    try:
-        with open(meta_path) as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError) as e:
-        return f"unreadable meta.json ({e})"
-    for fname, size in meta.get("files", {}).items():
-        fp = os.path.join(path, fname)
-        if not os.path.exists(fp):
-            return f"missing {fname}"
-        if os.path.getsize(fp) != size:
-            return f"{fname} has {os.path.getsize(fp)} bytes, expected {size} (truncated?)"
-    return None
+def _any_error(ps: ParallelState, err: Optional[str]) -> Optional[str]:
+    """The first rank's error, on every rank (None if no rank has one)."""
+    if not ps.distributed:
+        return err
+    errors = [None] * ps.world_size
+    dist.all_gather_object(errors, err)
+    return next((e for e in errors if e), None)
+
+
+def _problem(path: str, ps: Optional[ParallelState], wanted: Optional[Callable[[str], bool]]) -> Optional[str]:
+    """integrity.problem, with the checksum reads split over the ranks of `ps` (the same verdict on all)."""
+    why = structure_problem(path)
+    if why is None:
+        files = checked_files(path, wanted)
+        if ps is not None and ps.distributed:
+            files = files[ps.rank::ps.world_size]
+        why = checksum_problem(path, files)
+    return _any_error(ps, why) if ps is not None else why
 
 
 def holds_no_checkpoint(root: str) -> bool:
@@ -220,10 +242,18 @@ def holds_no_checkpoint(root: str) -> bool:
                                            for n in os.listdir(root))
 
 
-def resolve(root: str) -> str:
-    """The newest complete checkpoint under `root` (or `root` itself if it is one)."""
+def resolve(root: str, ps: Optional[ParallelState] = None, fallback: bool = True,
+            wanted: Optional[Callable[[str], bool]] = None) -> str:
+    """The newest good checkpoint under `root` (or `root` itself if it is one), its files' checksums verified
+    (all, or those `wanted`; `lambda f: False` checks sizes only).
+
+    A directory without meta.json (a save that never finished) is skipped. A bad one (truncated, corrupt,
+    non-finite) is skipped with a warning naming the file when `fallback` (a training run resumes from the
+    previous good one); otherwise (eval, export, generate) it is refused. `ps`: split the reads over its ranks
+    (a collective; warnings from rank 0)."""
+    speak = ps is None or ps.rank == 0
     if os.path.exists(os.path.join(root, "meta.json")):
-        why = _valid(root)
+        why = _problem(root, ps, wanted)
         if why:
             raise CheckpointError(f"checkpoint {root} is unusable: {why}")
         return root
@@ -237,21 +267,21 @@ def resolve(root: str) -> str:
         if name in candidates:  # prefer what `latest` names, then anything older
             candidates = [c for c in candidates if c <= name]
     for name in reversed(candidates):
-        why = _valid(os.path.join(root, name))
+        path = os.path.join(root, name)
+        why = _problem(path, ps, wanted)
         if why is None:
-            return os.path.join(root, name)
-        warn(f"skipping checkpoint {os.path.join(root, name)}: {why}; falling back to an older one")
+            return path
+        if not fallback and os.path.exists(os.path.join(path, "meta.json")):
+            raise CheckpointError(f"checkpoint {path} is unusable: {why} (`gpt3d checkpoint verify {root}` "
+                                  "lists the good ones; pass one of them)")
+        if speak:
+            warn(f"skipping checkpoint {path}: {why}; falling back to an older one")
     raise CheckpointError(f"no complete checkpoint in {root}")
 
 
-def read_meta(path: str) -> dict:
-    with open(os.path.join(path, "meta.json")) as fh:
-        return json.load(fh)
-
-
 def describe(root: str) -> str:
-    """Text for `gpt3d checkpoint-info`."""
-    path = resolve(root)
+    """Text for `gpt3d checkpoint-info` (sizes checked, not checksums: `gpt3d checkpoint verify` reads them)."""
+    path = resolve(root, wanted=lambda f: False)
     meta = read_meta(path)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     m = meta["config"]["model"]

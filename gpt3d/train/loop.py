@@ -127,8 +127,9 @@ class Trainer:
     def save(self) -> None:
         c = self.cfg.checkpoint
         if c.save:
-            self.last_checkpoint = ckpt.save(c.save, self.checkpoint_parts(), self.ps, self.state.iteration,
-                                             keep_last=c.keep_last)
+            path = ckpt.save(c.save, self.checkpoint_parts(), self.ps, self.state.iteration, keep_last=c.keep_last)
+            if ckpt.structure_problem(path) is None:   # checksummed as written; not if it holds non-finite values
+                self.last_checkpoint = path
             self.report.console(f"saved checkpoint at iteration {self.state.iteration} to {c.save}")
 
     def load(self, root: str) -> None:

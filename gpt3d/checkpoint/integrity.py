@@ -1,0 +1,104 @@
+"""Whether a checkpoint is intact: per-file checksums, a finiteness scan of the tensors, and the verdict.
+
+Sizes alone let flipped bytes through (a model shard with 64 corrupted bytes loaded silently and evaluated to
+a loss of 1e36). So every file gets an xxh3-128 checksum in meta.json when it is written (read back right
+after the write, while it is still in the page cache; xxh3 runs at ~20 GB/s on one core, so the cost is the
+read-back, see benchmarks/RESULTS.md), and every floating tensor written is summed in float64 before it goes
+to disk: one that is not finite puts the file under meta.json "non_finite". A checkpoint is *good* when its
+meta.json is readable, every file has its recorded size and checksum, and nothing is marked non-finite;
+checkpoints written before checksums existed are checked by size only (and still by the finiteness check of
+the loaded state, see parts.py).
+
+`problem` gives the first reason a checkpoint is not good (None if it is). Training verifies the files split
+over its ranks and agrees on one verdict; read-only commands verify what they read.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, Iterable, Optional
+
+import torch
+import xxhash
+
+ALGORITHM = "xxh3_128"
+_CHUNK = 16 << 20
+
+
+def file_checksum(path: str) -> str:
+    """'xxh3_128:<hex>' of the file's bytes, read in 16 MiB blocks."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return f"{ALGORITHM}:{h.hexdigest()}"
+
+
+def non_finite(tensors: dict) -> list[str]:
+    """Names of the floating tensors holding a NaN or an infinity (one float64 sum each: no large temporaries)."""
+    return [name for name, t in tensors.items()
+            if t.is_floating_point() and t.numel() and not math.isfinite(float(t.sum(dtype=torch.float64)))]
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, "meta.json")) as fh:
+        return json.load(fh)
+
+
+def structure_problem(path: str) -> Optional[str]:
+    """Why the directory is not a complete checkpoint (missing/unreadable meta.json, missing or truncated
+    files, files marked non-finite when written), or None. Cheap: reads meta.json and file sizes only."""
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        return "no meta.json (incomplete save)"
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError) as e:
+        return f"unreadable meta.json ({e})"
+    for fname, size in meta.get("files", {}).items():
+        fp = os.path.join(path, fname)
+        if not os.path.exists(fp):
+            return f"missing {fname}"
+        if os.path.getsize(fp) != size:
+            return f"{fname} has {os.path.getsize(fp)} bytes, expected {size} (truncated?)"
+    for fname, names in meta.get("non_finite", {}).items():
+        return f"{fname} holds non-finite values ({', '.join(names[:3])}) since it was written"
+    return None
+
+
+def checksum_problem(path: str, files: Iterable[str]) -> Optional[str]:
+    """Why one of `files` (names inside the checkpoint) does not match its recorded checksum, or None."""
+    recorded = read_meta(path).get("checksums", {})
+    for fname in files:
+        want = recorded.get(fname)
+        if want is None:
+            continue   # written before checksums existed
+        got = file_checksum(os.path.join(path, fname))
+        if got != want:
+            return f"{fname} is corrupt (checksum {got.split(':')[1][:12]}..., recorded {want.split(':')[1][:12]}...)"
+    return None
+
+
+def checked_files(path: str, wanted: Optional[Callable[[str], bool]] = None) -> list[str]:
+    """The files of the checkpoint whose checksums a verification reads, sorted (all, or those `wanted`)."""
+    return sorted(f for f in read_meta(path).get("files", {}) if wanted is None or wanted(f))
+
+
+def problem(path: str, wanted: Optional[Callable[[str], bool]] = None) -> Optional[str]:
+    """Why the checkpoint at `path` is not good, or None: structure, then the checksums of every file (or of
+    those `wanted`)."""
+    return structure_problem(path) or checksum_problem(path, checked_files(path, wanted))
+
+
+def model_files_only(fname: str) -> bool:
+    """The files export, eval and generate read: the model shards, not the optimizer state."""
+    return fname.startswith("model_")
+
+
+def describe_files(path: str) -> tuple[int, int, bool]:
+    """(number of files, bytes, every file has a checksum) of a complete checkpoint."""
+    meta = read_meta(path)
+    files = meta.get("files", {})
+    return len(files), sum(files.values()), all(f in meta.get("checksums", {}) for f in files)
