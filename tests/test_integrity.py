@@ -153,3 +153,39 @@ def test_truncated_file_still_falls_back(ck, capsys):
     os.truncate(f, f.stat().st_size - 10)
     assert checkpoint.resolve(str(ck)) == str(ck / "iter_0000004")
     assert "model_tp0_pp0.safetensors has" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_agree_on_the_checkpoint_and_the_lock(tmp_path):
+    """2 gloo ranks (DP=2): the checksum reads are split over the ranks, yet both skip the corrupt newest
+    checkpoint together (one warning, from rank 0); a second job on a locked --save fails on every rank."""
+    import subprocess
+    import sys
+
+    from test_faults import ROOT, TINY
+
+    from gpt3d.checkpoint import lock_save_dir
+    from gpt3d.parallel.state import ParallelState
+
+    ck, log = tmp_path / "ck", tmp_path / "m.jsonl"
+
+    def job(*args):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                               "gpt3d", "train", *TINY, "--save", str(ck), "--log-file", str(log), *args],
+                              capture_output=True, text=True, cwd=str(ROOT), timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    r = job("--train-iters", "4", "--save-interval", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _flip(ck / "iter_0000004" / "optim_tp0_pp0_dp1.safetensors")
+    r = job("--train-iters", "6", "--load", str(ck))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count(f"skipping checkpoint {ck / 'iter_0000004'}: optim_tp0_pp0_dp1.safetensors is corrupt") == 1
+    starts = [row["iteration"] for row in map(json.loads, log.read_text().splitlines()) if "run_start" in row]
+    assert starts == [0, 2]   # the second job resumed from iter_0000002
+    held = lock_save_dir(str(ck), ParallelState.single())
+    try:
+        r = job("--train-iters", "8", "--load", str(ck))
+    finally:
+        held.release()
+    assert r.returncode != 0 and r.stderr.count(f"gpt3d: error: --save {ck} is in use by another run") == 2

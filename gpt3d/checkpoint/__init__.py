@@ -2,6 +2,7 @@
 
 Layout of SAVE/:
     latest                        name of the newest complete checkpoint, written last
+    .lock                         flock held by the run saving here (pid, host, start time inside)
     iter_0000100/
       meta.json                   iteration, data position, layout, config, scaler, parameter shapes,
                                   each file's size and checksum
@@ -16,6 +17,7 @@ records each file's size and xxh3-128 checksum, and a file with non-finite tenso
 """
 from ..errors import CheckpointError
 from .integrity import structure_problem
+from .lock import lock_save_dir
 from .parts import skipped_parts, training_parts, weights_parts
 from .reshard import read_model_tensors
 from .store import Loaded, describe, holds_no_checkpoint, list_checkpoints, load, read_meta, resolve, save
@@ -31,4 +33,4 @@ def save_weights(root: str, tensors: dict, params: dict, config: dict, vocab_siz
 
 __all__ = ["save", "load", "Loaded", "training_parts", "skipped_parts", "save_weights", "read_model_tensors",
            "resolve", "holds_no_checkpoint", "read_meta", "describe", "list_checkpoints", "CheckpointError",
-           "structure_problem"]
+           "structure_problem", "lock_save_dir"]

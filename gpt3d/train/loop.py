@@ -149,6 +149,17 @@ class Trainer:
 
     # ----- the loop -----------------------------------------------------------------------------------------
     def run(self) -> int:
+        """Train to the end (or a stop). The run owns its --save directory meanwhile (checkpoint/lock.py): a
+        second run saving there fails here, before it touches anything."""
+        save = self.cfg.checkpoint.save
+        lock = ckpt.lock_save_dir(save, self.ps) if save else None
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> int:
         cfg, t, ps = self.cfg, self.cfg.training, self.ps
         train_ds, valid_ds, _ = self.build_datasets()
         if cfg.checkpoint.load and ckpt.holds_no_checkpoint(cfg.checkpoint.load):
