@@ -213,6 +213,9 @@ class CheckpointConfig:
     no_load_optim: bool = opt(False, "load weights only")
     no_load_rng: bool = opt(False, "do not restore RNG states")
     finetune: bool = opt(False, "load weights, reset iteration/optimizer/data position")
+    override_data_state: bool = opt(
+        False, "resume even though the data stream changed (data path, split, seq length, global batch, seed, "
+               "tokenizer, sample order); the sample position and token count carry over")
 
 
 SECTIONS = {

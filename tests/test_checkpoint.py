@@ -75,12 +75,15 @@ def test_a_new_part_is_saved_checked_and_loaded(tmp_path):
         checkpoint.resolve(str(tmp_path / "ck"))
 
 
-def test_resume_with_other_data_settings_warns(tmp_path, capsys):
+def test_resume_with_other_data_settings_is_refused(tmp_path, capsys):
     _saved(tmp_path)
     same = make_trainer(tiny_config(bf16=True))
     same.load(str(tmp_path / "ck"))
     assert "warning" not in capsys.readouterr().err
     other = make_trainer(tiny_config(bf16=True, seed=8))
-    other.load(str(tmp_path / "ck"))
-    assert "trained with other data settings" in capsys.readouterr().err
-    assert other.state.iteration == 3 and other.state.data_fingerprint != same.state.data_fingerprint
+    with pytest.raises(checkpoint.CheckpointError, match="would change the data stream: --seed 7 -> 8"):
+        other.load(str(tmp_path / "ck"))
+    forced = make_trainer(tiny_config(bf16=True, seed=8, override_data_state=True))
+    forced.load(str(tmp_path / "ck"))
+    assert "--override-data-state: the data stream changed (--seed 7 -> 8)" in capsys.readouterr().err
+    assert forced.state.iteration == 3 and forced.state.data_state["seed"] == 8

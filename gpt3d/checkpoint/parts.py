@@ -12,7 +12,7 @@ the loss scaler, the RNG streams, the train state) and knows how that state is s
     scaler      DynamicLossScaler    meta.json "scaler" (null without fp16)             always
     rng         RNGState             rng_rank{r}.pt                                      same layout only
     train       TrainState           meta.json top level: iteration, consumed_samples,  always
-                                     tokens, data_fingerprint
+                                     tokens, data_state
 
 A new part is a class with `save(writer)` and `load(reader) -> bool` (True if it restored something),
 added to `training_parts`; files go through the Writer (store.py), never written here.
@@ -233,7 +233,7 @@ class _NotStarted:
     """The train state of a run that has not started (a weights-only checkpoint)."""
 
     def state_dict(self) -> dict:
-        return {"iteration": 0, "consumed_samples": 0, "tokens": 0, "data_fingerprint": None}
+        return {"iteration": 0, "consumed_samples": 0, "tokens": 0, "data_state": None}
 
 
 def weights_parts(tensors: dict, params: dict, config: dict, vocab_size: int, padded_vocab: int) -> dict:

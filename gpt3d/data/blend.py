@@ -105,6 +105,8 @@ class BlendableDataset(Dataset):
         w = np.array(weights, dtype=np.float64)
         w /= np.sum(w)
         self.datasets, self.weights, self.size = datasets, w, size
+        # the greedy's choices do not depend on `size`; each corpus' index does (see stream.py)
+        self.order = " + ".join(str(getattr(d, "order", None)) for d in datasets)
         if cache_prefix is None:
             self.dataset_index, self.sample_index = blending_indices(w, size)
             return

@@ -168,6 +168,10 @@ class GPTDataset(Dataset):
         if len(documents) == 0 or tokens_per_epoch < seq_length + 1:
             raise DataError(f"{prefix}: the {name} split has {len(documents)} documents and {tokens_per_epoch} "
                             f"tokens: data too small for seq length {seq_length}")
+        epochs = num_epochs(tokens_per_epoch, seq_length, num_samples)
+        separate = separate_last_epoch(tokens_per_epoch, seq_length, num_samples, epochs)[0]
+        # what, besides the settings, decides the sample order (a resume compares it, see stream.py)
+        self.order = f"{epochs} epoch{'s' * (epochs > 1)}" + (", the last shuffled apart" if separate else "")
         what = f"{RULES}:{int(documents[0])}:{int(documents[-1])}:{len(documents)}:{tokens_per_epoch}:{len(indexed)}"
         self.digest = hashlib.md5(what.encode()).hexdigest()[:10]
         stem = f"{prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s_{self.digest}"

@@ -19,6 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from .. import checkpoint as ckpt
 from ..config import DEFAULT_VOCAB_SIZE, Config
+from ..data import stream
 from ..data.sampler import MockGPTDataset, build_data_loader
 from ..data.sizing import train_iterations, train_valid_test_num_samples
 from ..errors import Gpt3dError, warn
@@ -37,8 +38,8 @@ from .step import StepResult, TrainState, TrainStep
 from .stop import StopPolicy, divergence_error
 
 
-def data_fingerprint(cfg: Config) -> str:
-    """The settings that decide which samples a run sees, hashed: a resume can tell if its data changed."""
+def legacy_data_fingerprint(cfg: Config) -> str:
+    """The data hash checkpoints recorded before `data_state` (meta.json "data_fingerprint")."""
     d = cfg.data
     key = {"mock_data": d.mock_data, "data_path": d.data_path, "split": d.split,
            "seq_length": cfg.model.seq_length, "seed": cfg.training.seed}
@@ -69,7 +70,7 @@ class Trainer:
         self.optimizer = ShardedOptimizer(self.grads, cfg.optimizer, ps)
         self.schedule = LRSchedule(cfg.scheduler, train_iters=self.train_iters, tokens_per_iter=tokens_per_iter)
         self.scaler = DynamicLossScaler(cfg.precision, ps.device) if cfg.precision.fp16 else None
-        self.state = TrainState(cfg.model.seq_length, data_fingerprint=data_fingerprint(cfg))
+        self.state = TrainState(cfg.model.seq_length, data_state=stream.data_state(cfg, self.global_batch))
         self.step = TrainStep(cfg, ps, self.model, self.grads, self.optimizer, self.schedule, self.scaler,
                               self.state, self.global_batch)
         throughput = Throughput(cfg.model, self.vocab_size, self.model.padded_vocab, self.global_batch,
@@ -134,18 +135,36 @@ class Trainer:
 
     def load(self, root: str) -> None:
         c = self.cfg.checkpoint
-        saved_fingerprint = self.state.data_fingerprint
         loaded = ckpt.load(root, self.checkpoint_parts(), self.ps, skip=ckpt.skipped_parts(c))
         if "optimizer" not in loaded.parts:   # weights only (--finetune, --no-load-optim, import-hf)
             self.optimizer.reload_masters_from_params()
-        if "train" in loaded.parts and loaded.meta.get("data_fingerprint") not in (None, saved_fingerprint):
-            warn(f"{loaded.path} was trained with other data settings (data path, split, seq length or seed); "
-                 f"continuing at sample {self.state.consumed_samples} of these")
-        self.state.data_fingerprint = saved_fingerprint
+        if "train" in loaded.parts:
+            self._check_data_stream(loaded)
         self.last_checkpoint = loaded.path
         lay = loaded.meta["layout"]
         self.report.console(f"loaded checkpoint {loaded.path} (iteration {loaded.meta['iteration']}, saved at "
                             f"TP={lay['tp']} PP={lay['pp']} DP={lay['dp']})")
+
+    def _check_data_stream(self, loaded) -> None:
+        """A resume that would change the data stream is refused, naming what changed, unless
+        --override-data-state; then the counters carry over (TrainState: tokens never go backwards)."""
+        saved, state = loaded.meta.get("data_state"), self.state
+        if saved is not None:
+            diffs = stream.changes(saved, state.data_state)
+        elif loaded.meta.get("data_fingerprint") not in (None, legacy_data_fingerprint(self.cfg)):
+            diffs = ["the data path, split, seq length or seed (this checkpoint records only a hash of them)"]
+        else:
+            diffs = []
+        if not diffs:
+            return
+        what = "; ".join(diffs)
+        if not self.cfg.checkpoint.override_data_state:
+            raise ckpt.CheckpointError(
+                f"resuming from {loaded.path} would change the data stream: {what}. Pass --override-data-state to "
+                f"continue anyway (sample position {state.consumed_samples:,} and {state.tokens:,} tokens carry over)")
+        if self.ps.rank == 0:
+            warn(f"--override-data-state: the data stream changed ({what}); continuing at sample "
+                 f"{state.consumed_samples:,} of the new order with {state.tokens:,} tokens trained so far")
 
     # ----- the loop -----------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -162,6 +181,7 @@ class Trainer:
     def _run(self) -> int:
         cfg, t, ps = self.cfg, self.cfg.training, self.ps
         train_ds, valid_ds, _ = self.build_datasets()
+        self.state.data_state = stream.data_state(cfg, self.global_batch, train_ds)
         if cfg.checkpoint.load and ckpt.holds_no_checkpoint(cfg.checkpoint.load):
             if ps.rank == 0:
                 warn(f"--load {cfg.checkpoint.load} holds no checkpoint yet: starting from scratch (as Megatron does)")

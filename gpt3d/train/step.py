@@ -28,22 +28,30 @@ from ..parallel.state import ParallelState
 
 @dataclass
 class TrainState:
-    """Where training stands: what a resumed run continues from."""
+    """Where training stands: what a resumed run continues from.
+
+    `consumed_samples` is the position in the data stream's sample order; `tokens` counts every token trained
+    on since the start. They are separate counters: a resume that changes the stream (--override-data-state,
+    e.g. another --seq-length) keeps both, so the token count never goes backwards."""
     seq_length: int
     iteration: int = 0
     consumed_samples: int = 0
-    data_fingerprint: Optional[str] = None   # the data settings the samples were drawn with
+    tokens: int = 0
+    data_state: Optional[dict] = None   # the settings the samples are drawn with (gpt3d/data/stream.py)
 
-    @property
-    def tokens(self) -> int:
-        return self.consumed_samples * self.seq_length
+    def advance(self, global_batch: int) -> None:
+        self.iteration += 1
+        self.consumed_samples += global_batch
+        self.tokens += global_batch * self.seq_length
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "consumed_samples": self.consumed_samples, "tokens": self.tokens,
-                "data_fingerprint": self.data_fingerprint}
+                "data_state": self.data_state}
 
     def load_state_dict(self, state: dict) -> None:
+        """The counters; the run's own data_state stays (the trainer compares the saved one with it)."""
         self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
+        self.tokens = state.get("tokens", self.consumed_samples * self.seq_length)
 
 
 @dataclass
@@ -100,8 +108,7 @@ class TrainStep:
         non_finite = self._non_finite(loss, scale, found_inf)
         if self.scaler:
             self.scaler.update(found_inf)   # on the device: the scale is read only when logged or saved
-        self.state.iteration += 1
-        self.state.consumed_samples += self.global_batch
+        self.state.advance(self.global_batch)
         return StepResult(loss, norm, lr, found_inf, non_finite, self.scaler.scale if self.scaler else None)
 
     def _non_finite(self, loss: Optional[torch.Tensor], scale: Optional[torch.Tensor],
