@@ -63,19 +63,21 @@ def score_tokens(model: GPTModel, ids: torch.Tensor, seq_length: int, batch_size
     return float(total), count
 
 
-def _split_tokens(prefix: str, split: str, which: str) -> torch.Tensor:
-    """All tokens of one split's documents, in document order."""
+def _split_tokens(prefix: str, split: str, which: str, vocab_size: int) -> torch.Tensor:
+    """All tokens of one split's documents, in document order (every id must fit the model's vocabulary)."""
     from .data.gpt_dataset import get_split_ranges
     from .data.indexed import MMapIndexedDataset
+    from .data.vocab_check import check_token_ids
     data = MMapIndexedDataset(prefix)
     lo, hi = get_split_ranges(split, len(data))[("train", "valid", "test").index(which)]
     if hi <= lo:
         raise DataError(f"{prefix}: the {which} split of '{split}' has no documents")
+    check_token_ids(data, lo, hi, vocab_size)
     return torch.from_numpy(np.concatenate([data.get(i) for i in range(lo, hi)]).astype(np.int64))
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    model, cfg, _ = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
+    model, cfg, meta = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
     seq = args.seq_length or cfg.model.seq_length
     if not cfg.model.use_rotary_position_embeddings and seq > cfg.model.max_positions:
         raise ConfigError(f"--seq-length {seq} exceeds the model's {cfg.model.max_positions} positions")
@@ -84,7 +86,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             text = fh.read()
         ids = torch.tensor(tokenizer_for(cfg, args.vocab_file, args.merge_file).tokenize(text), dtype=torch.long)
     else:
-        ids = _split_tokens(args.data_path, args.split or cfg.data.split, args.eval_split)
+        ids = _split_tokens(args.data_path, args.split or cfg.data.split, args.eval_split, meta["vocab_size"])
     if args.max_tokens:
         ids = ids[:args.max_tokens]
     total, count = score_tokens(model, ids, seq, args.micro_batch_size)

@@ -98,7 +98,7 @@ def test_gpt2_export_matches_transformers_loss(text_prefix, bpe, heldout_text, t
     assert r.returncode == 0, r.stderr
     split = json.loads(r.stdout)
     from gpt3d.inference import _split_tokens
-    ref, count = _hf_window_loss(model, _split_tokens(text_prefix, "949,50,1", "valid")[:700], 32)
+    ref, count = _hf_window_loss(model, _split_tokens(text_prefix, "949,50,1", "valid", vocab_size)[:700], 32)
     assert split["tokens"] == count and abs(split["loss"] - ref) <= 2e-3
     r = _cli("generate", "--load", str(ck), "--prompt", "ROMEO:", "--max-new-tokens", "8", "--top-k", "20",
              "--json")

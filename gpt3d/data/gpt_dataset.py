@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from .blend import BlendableDataset, corpus_num_samples, normalize_weights, save_atomic
 from .indexed import DataError, MMapIndexedDataset
+from .vocab_check import check_token_ids
 
 RULES = "mds1"   # bump when the index rules change, so old caches are not reused
 
@@ -207,17 +208,24 @@ class GPTDataset(Dataset):
 
 
 def build_train_valid_test_datasets(data_path, split: str, num_samples: tuple, seq_length: int, seed: int, *,
-                                    is_builder: bool = True, barrier: Optional[Callable[[], None]] = None):
+                                    is_builder: bool = True, barrier: Optional[Callable[[], None]] = None,
+                                    vocab_size: Optional[int] = None):
     """(train, valid, test) for `num_samples` = (train, valid, test) sample counts (see sizing.py).
 
     A weighted --data-path asks each corpus for ceil(N * w * 1.005) samples and blends them with
-    Megatron's greedy into exactly N (blend.py)."""
+    Megatron's greedy into exactly N (blend.py). With `vocab_size`, every id of the documents used must
+    fit it (vocab_check.py)."""
     prefixes, weights = parse_data_path(data_path)
     names = ("train", "valid", "test")
 
     def single(prefix: str, counts) -> list:
         indexed = MMapIndexedDataset(prefix)
         ranges = get_split_ranges(split, len(indexed))
+        if vocab_size is not None:
+            used = [r for r, n in zip(ranges, counts) if n > 0 and r[1] > r[0]]
+            if used:
+                check_token_ids(indexed, min(r[0] for r in used), max(r[1] for r in used), vocab_size,
+                                is_builder=is_builder, barrier=barrier)
         out = []
         for name, (lo, hi), n in zip(names, ranges, counts):
             if n <= 0 or hi <= lo:

@@ -98,7 +98,8 @@ class Trainer:
                          for i, k in enumerate(n))
         from ..data.gpt_dataset import build_train_valid_test_datasets
         return build_train_valid_test_datasets(d.data_path, d.split, n, m.seq_length, t.seed,
-                                               is_builder=self.ps.rank == 0, barrier=self.ps.barrier)
+                                               is_builder=self.ps.rank == 0, barrier=self.ps.barrier,
+                                               vocab_size=self.vocab_size)
 
     def microbatches(self, it: Iterator) -> list[dict]:
         out = []
