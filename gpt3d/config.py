@@ -202,6 +202,10 @@ class TrainingConfig:
     max_skipped_steps: int = opt(10, "stop after this many consecutive non-finite steps (fp16: at the minimum "
                                      "loss scale); 0 never stops")
     check_for_nan_in_loss_and_grad: bool = opt(False, "stop at the first non-finite loss/grad (bf16/fp32)")
+    deterministic_mode: bool = opt(
+        False, "same command, same GPU(s): identical losses (deterministic algorithms, cuBLAS workspace, NCCL "
+               "Ring, flash-attention backward; slower: see benchmarks/deterministic_check.py)",
+        flag="--deterministic-mode", aliases=("--deterministic",))
 
 
 @dataclass
@@ -424,6 +428,9 @@ def validate(cfg: Config, world_size: int) -> None:
           "give --train-iters, --train-samples or --train-tokens")
     _need(t.train_iters is None or t.train_samples is None, "--train-iters and --train-samples are exclusive")
     _need(not (pr.bf16 and pr.fp16), "--bf16 and --fp16 are exclusive")
+    _need(not t.deterministic_mode or m.attention_backend in ("auto", "flash", "math"),
+          f"--attention-backend {m.attention_backend} has no deterministic backward: --deterministic-mode takes "
+          "auto, flash or math")
     _need(not pr.fp8 or pr.bf16, "--fp8 needs --bf16 (the FP8 GEMMs take bf16 weights and activations)")
     _need(s.min_lr <= s.lr, f"need 0 <= --min-lr ({s.min_lr}) <= --lr ({s.lr})")
     _need(pr.min_loss_scale <= pr.initial_loss_scale,

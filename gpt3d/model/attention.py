@@ -32,11 +32,14 @@ def sdpa_backend_context(name: str, device: torch.device):
     depths only: around the whole model call by whoever runs it (the training step, evaluation, inference),
     outside any compiled region, since Dynamo cannot trace this context with priorities and bakes the
     choice in at trace time; and by eager attention itself, so a recompute inside backward picks the same.
+    In deterministic mode (gpt3d/determinism.py) only flash, then math, are allowed.
     """
     if device.type != "cuda" or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    if name == "auto":
+    if torch.are_deterministic_algorithms_enabled():   # --deterministic-mode: flash's backward is deterministic
+        order = ["flash", "math"]                          # there, cuDNN's and efficient's are not
+    elif name == "auto":
         hopper = torch.cuda.get_device_capability(device)[0] >= 9
         order = ["cudnn", "flash", "efficient", "math"] if hopper else ["flash", "efficient", "cudnn", "math"]
     else:
@@ -113,7 +116,8 @@ class SelfAttention(nn.Module):
 
     def _attend(self, q, k, v, p: float) -> torch.Tensor:
         if self.use_flash_attn and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            y = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
+            y = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True,
+                                 deterministic=torch.are_deterministic_algorithms_enabled())
             return y                                           # [b, s, heads, hd]
         with sdpa_backend_context(self.backend, q.device):   # eager (and eager recompute in backward)
             y = self._sdpa(q, k, v, p)

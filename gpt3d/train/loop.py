@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .. import checkpoint as ckpt
+from .. import determinism
 from ..config import DEFAULT_VOCAB_SIZE, Config
 from ..data import stream
 from ..data.sampler import MockGPTDataset, build_data_loader
@@ -51,11 +52,13 @@ class Trainer:
         t = cfg.training
         if ps is None:   # validate before joining the job, so a bad layout fails without waiting for peers
             cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+            self.restore_determinism = determinism.apply(t.deterministic_mode)   # before CUDA and NCCL start
             world, rank, device = init_distributed(cfg.parallel.distributed_backend,
                                                    cfg.parallel.distributed_timeout_minutes, t.device)
             ps = build_parallel_state(cfg.parallel, world, rank, device)
         else:
             cfg.validate(ps.world_size)
+            self.restore_determinism = determinism.apply(t.deterministic_mode)
         self.cfg, self.ps = cfg, ps
         self.tp_rng = seed_everything(t.seed, ps)
         self.vocab_size, self.tokenizer = self._vocab()
@@ -178,6 +181,7 @@ class Trainer:
         finally:
             if lock is not None:
                 lock.release()
+            self.restore_determinism()
 
     def _run(self) -> int:
         cfg, t, ps = self.cfg, self.cfg.training, self.ps
