@@ -404,8 +404,9 @@ def test_exception_on_one_rank_ends_the_job_with_its_error(tmp_path):
 def test_readme_lists_every_fault_test():
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("## Faults tried"):]
-    names = re.findall(r"^def (test_\w+)", Path(__file__).read_text(), flags=re.M)
-    assert [n for n in names if n != "test_readme_lists_every_fault_test" and f"`{n}`" not in table] == []
+    names = [n for f in ("test_faults.py", "test_integrity.py", "test_ownership.py", "test_resume_checks.py")
+             for n in re.findall(r"^def (test_\w+)", (Path(__file__).parent / f).read_text(), flags=re.M)]
+    assert [n for n in names if n != "test_readme_lists_every_fault_test" and n not in table] == []
 
 
 @pytest.mark.slow

@@ -60,3 +60,14 @@ def test_the_lock_goes_with_the_run(tmp_path):
     assert _train("--train-iters", "2", "--save", str(ck), "--load", str(ck), "--hidden-size", "64") == 2  # after
     held = lock_save_dir(str(ck), ParallelState.single())
     held.release()
+
+
+def test_first_run_of_save_and_load_on_a_missing_dir_starts_fresh(tmp_path, capsys):
+    """Row: the README's torchrun example (`--save ckpt --load ckpt`) failed on its first run, `ckpt` not
+    existing yet. The run takes its --save lock first (creating the directory), finds no checkpoint there
+    and starts from scratch with a warning; the second run resumes."""
+    ck = tmp_path / "ckpt"
+    assert _train("--train-iters", "2", "--save", str(ck), "--load", str(ck)) == 0
+    assert f"--load {ck} holds no checkpoint yet: starting from scratch" in capsys.readouterr().err
+    assert _train("--train-iters", "3", "--save", str(ck), "--load", str(ck)) == 0
+    assert f"loaded checkpoint {ck / 'iter_0000002'}" in capsys.readouterr().out
