@@ -49,8 +49,9 @@ def _checkpoints(ck: Path) -> list:
 
 
 def _snapshot(root: Path) -> dict:
+    """Every file's digest, but a save directory's .lock (each run that owns the directory rewrites it)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def _spawn(*args: str, env: dict | None = None) -> subprocess.Popen:

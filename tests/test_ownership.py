@@ -20,13 +20,13 @@ def test_a_second_run_fails_at_start_and_touches_nothing(tmp_path, capsys):
     assert _train("--train-iters", "2", "--save", str(ck), "--log-file", str(log)) == 0
     held = lock_save_dir(str(ck), ParallelState.single())   # another run, as far as the lock file can tell
     try:
-        before = _snapshot(tmp_path)
+        before, lock_text = _snapshot(tmp_path), (ck / ".lock").read_text()
         capsys.readouterr()
         rc = _train("--train-iters", "4", "--save", str(ck), "--load", str(ck), "--log-file", str(log))
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1, err
         assert err[0].startswith(f"gpt3d: error: --save {ck} is in use by another run (pid {os.getpid()} on ")
-        assert _snapshot(tmp_path) == before
+        assert _snapshot(tmp_path) == before and (ck / ".lock").read_text() == lock_text
     finally:
         held.release()
     assert _train("--train-iters", "4", "--save", str(ck), "--load", str(ck), "--log-file", str(log)) == 0
