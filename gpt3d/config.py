@@ -12,6 +12,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .data.tokenizer import TYPES as TOKENIZER_TYPES
+
 
 class ConfigError(ValueError):
     """A bad or inconsistent setting; the CLI prints it as one line."""
@@ -131,8 +133,11 @@ class PrecisionConfig:
 class DataConfig:
     data_path: list = opt([], "data prefixes, optionally weighted: [w1] p1 [w2 p2 ...]")
     split: str = opt("969,30,1", "train,valid,test split over documents")
-    vocab_file: Optional[str] = opt(None, "GPT-2 vocab.json")
-    merge_file: Optional[str] = opt(None, "GPT-2 merges.txt")
+    tokenizer_type: str = opt("GPT2BPETokenizer", "tokenizer, by Megatron's name", choices=list(TOKENIZER_TYPES))
+    tokenizer_model: Optional[str] = opt(None, "HuggingFaceTokenizer: tokenizer.json (or its directory); "
+                                               "SentencePiece types: the .model file")
+    vocab_file: Optional[str] = opt(None, "GPT2BPETokenizer: vocab.json")
+    merge_file: Optional[str] = opt(None, "GPT2BPETokenizer: merges.txt")
     mock_data: bool = opt(False, "synthetic learnable tokens, no files needed")
     num_workers: int = opt(0, "data loader worker processes")
 
@@ -331,7 +336,12 @@ def validate(cfg: Config, world_size: int) -> None:
     d = cfg.data
     if not d.mock_data:
         _need(bool(d.data_path), "give --data-path (or --mock-data for synthetic tokens)")
-        _need(bool(d.vocab_file) and bool(d.merge_file), "--data-path needs --vocab-file and --merge-file")
+        if d.tokenizer_type == "GPT2BPETokenizer":
+            _need(bool(d.vocab_file) and bool(d.merge_file), "--data-path needs --vocab-file and --merge-file")
+        elif d.tokenizer_type == "NullTokenizer":
+            _need(bool(cfg.model.vocab_size), "--tokenizer-type NullTokenizer needs --vocab-size")
+        else:
+            _need(bool(d.tokenizer_model), f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
         parts = d.split.replace("/", ",").split(",")
         try:
             vals = [float(x) for x in parts]

@@ -129,9 +129,9 @@ class Trainer:
         d, m = self.cfg.data, self.cfg.model
         if d.mock_data:
             return m.vocab_size or MOCK_VOCAB, None
-        from .data.tokenizer import build_tokenizer
-        tok = build_tokenizer(d.vocab_file, d.merge_file)
-        return m.vocab_size or tok.vocab_size, tok
+        from .data.tokenizer import model_vocab_size, tokenizer_from_config
+        tok = tokenizer_from_config(d, m.vocab_size)
+        return model_vocab_size(tok, m.vocab_size), tok
 
     def build_datasets(self):
         d, t, m = self.cfg.data, self.cfg.training, self.cfg.model

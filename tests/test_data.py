@@ -131,7 +131,7 @@ def test_preprocess_malformed_json_keeps_existing_output(tmp_path, capsys):
     assert preprocess_main(["--input", str(tmp_path / "good.jsonl")] + base) == 0
     before = {e: (tmp_path / f"out_text_document{e}").read_bytes() for e in (".bin", ".idx")}
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": "ok2"}\n{"text": broken\n')
-    assert preprocess_main(["--input", str(tmp_path / "bad.jsonl")] + base) == 1
+    assert preprocess_main(["--input", str(tmp_path / "bad.jsonl")] + base) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("gpt3d: error: ") and f"{tmp_path / 'bad.jsonl'}:3: malformed JSON" in err[-1]
     for e, data in before.items():

@@ -329,15 +329,16 @@ def test_bad_input_one_error_line_nothing_touched(tmp_path, capsys, monkeypatch,
 
 
 def test_preprocess_malformed_line_and_empty_documents(tmp_path, capsys):
-    """Empty documents are skipped and counted; a malformed line names file:line and keeps old outputs."""
+    """Empty documents are kept as empty documents (Megatron) and counted; a malformed line names file:line
+    and keeps old outputs."""
     prefix = _corpus(tmp_path, ["first", "", "second", "", ""])
-    assert "processed 2 documents (3 empty skipped)" in capsys.readouterr().out
+    assert "processed 5 documents (3 empty)" in capsys.readouterr().out
     before = _snapshot(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n\n{"text": "ok"\n')
     rc = preprocess_main(["--input", str(tmp_path / "bad.jsonl"), "--output-prefix", str(tmp_path / "c"),
                           "--vocab-file", str(VOCAB), "--merge-file", str(MERGES)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and f"{tmp_path / 'bad.jsonl'}:3: malformed JSON" in err[0], err
+    assert rc == 2 and len(err) == 1 and f"{tmp_path / 'bad.jsonl'}:3: malformed JSON" in err[0], err
     after = _snapshot(tmp_path)
     assert after.pop("bad.jsonl") and after == before
     assert os.path.exists(prefix + ".bin")
