@@ -331,3 +331,57 @@ def test_append_eod_needs_an_eos(tmp_path, capsys):
                           str(tmp_path / "t.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "has no end-of-document (eos) token" in err[0]
+
+
+# ----- export to transformers, and the checkpoint side -------------------------------------------------------
+@pytest.mark.parametrize("kind", ["GPT2BPETokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                                  "NullTokenizer"])
+def test_exported_tokenizer_encodes_like_gpt3d(kind, hf_bpe, spm_model, texts, tmp_path):
+    """The types the end-to-end test does not train with: AutoTokenizer on the export gives gpt3d's ids."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    from gpt3d.data.hf_tokenizer import export_tokenizer
+    if kind == "GPT2BPETokenizer":            # vocab.json + merges.txt of the BPE trained above
+        (tmp_path / "src").mkdir()
+        Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json")).model.save(str(tmp_path / "src"))
+        tok = build_tokenizer(str(tmp_path / "src" / "vocab.json"), str(tmp_path / "src" / "merges.txt"))
+    elif kind == "NullTokenizer":
+        tok = build_tokenizer(tokenizer_type=kind, vocab_size=300)
+        texts = [" ".join(str((i * 7 + j) % 301) for j in range(i % 9)) for i in range(40)]
+    else:
+        tok = build_tokenizer(tokenizer_type=kind, tokenizer_model=spm_model)
+    (tmp_path / "hf").mkdir()
+    info = export_tokenizer(tok, str(tmp_path / "hf"), 128)
+    assert info["eos_token_id"] == tok.eod
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for t in texts[:60] + ["<s> literal </s> <unk>", "  spaces   and\ttabs\n"] * (kind != "NullTokenizer"):
+        assert hf(t)["input_ids"] == tok.encode(t), t
+
+
+def test_export_refuses_what_cannot_match(tmp_path, texts):
+    import sentencepiece as spm
+
+    from gpt3d.data.hf_tokenizer import export_tokenizer
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([t for t in texts if t]), model_prefix=str(tmp_path / "w"),
+                                   vocab_size=200, model_type="word", minloglevel=2)
+    tok = build_tokenizer(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=str(tmp_path / "w.model"))
+    with pytest.raises(TokenizerError, match="word/char.*cannot export"):
+        export_tokenizer(tok, str(tmp_path), 128)
+
+
+def test_tokenizer_for_checkpoint_prefers_the_carried_copy(spm_model, hf_bpe, tmp_path):
+    from gpt3d.data.tokenizer import tokenizer_for_checkpoint
+    tok = build_tokenizer(tokenizer_type="SentencePieceTokenizer", tokenizer_model=spm_model)
+    manifest = tok.save_files(str(tmp_path / "iter_0000010" / "tokenizer"))
+    data = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": "/moved/away/sp.model"}
+    got = tokenizer_for_checkpoint(data, 384, None, str(tmp_path / "iter_0000010"), manifest)
+    assert got.fingerprint == tok.fingerprint
+    # flags win over the carried copy; a tokenizer larger than the model's vocabulary is refused
+    with pytest.raises(TokenizerError, match="has 66000 ids but the model's vocabulary is 384"):
+        tokenizer_for_checkpoint(data, 384, {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": hf_bpe},
+                                 str(tmp_path / "iter_0000010"), manifest)
+    with pytest.raises(TokenizerError, match="sp.model"):
+        tokenizer_for_checkpoint(data, 384)           # recorded path gone, no copy: named in the error
+    with pytest.raises(TokenizerError, match="names no tokenizer"):
+        tokenizer_for_checkpoint({}, 384)
