@@ -8,7 +8,9 @@ with a <s> post-processor trained here on the same text) it measures, on one gen
 and prints MB/s (input JSONL bytes), tokens/s, peak RSS, and preprocess / (ceiling x workers). The ceiling is
 taken both with `encode_batch` (the issue's reference) and `encode_batch_fast` (no offsets; what preprocess
 calls). On a shared machine wall times swing with the neighbours' load, so CPU seconds are recorded too:
-tokens per CPU-second of the whole preprocess process tree (reader + workers) against the ceiling's.
+tokens per CPU-second of the whole preprocess process tree (reader + workers) against the ceiling's, and, the
+steadiest figure, a worker's CPU time per chunk against encode_batch's on the same chunks (same process,
+alternating, best of 7 rounds).
 
     python benchmarks/preprocess_speed.py --size-mb 100 --data /work/shared/data --out /tmp/pp_bench
 """
@@ -28,10 +30,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 def make_input(data: str, path: str, size_mb: float) -> None:
     """JSONL of paragraphs of the reference texts (shuffled, repeated until the size is reached)."""
     paras = []
-    for name in ("tinyshakespeare.txt", "wikitext-2-valid.txt", "wikitext-2-test.txt"):
-        with open(os.path.join(data, name), encoding="utf-8") as fh:
-            paras += [p for p in fh.read().split("\n\n") if p.strip()]
-    docs = [" ".join(paras[i:i + 4]) for i in range(0, len(paras), 4)]     # ~1 KB documents
+    for name, sep in (("tinyshakespeare.txt", "\n\n"), ("wikitext-2-valid.txt", "\n"), ("wikitext-2-test.txt", "\n")):
+        with open(os.path.join(data, name), encoding="utf-8") as fh:        # wikitext: a paragraph per line
+            paras += [p for p in fh.read().split(sep) if p.strip()]
+    docs = ["\n".join(paras[i:i + 4]) for i in range(0, len(paras), 4)]    # 1.3 KB documents on average
     rng, written = random.Random(0), 0
     with open(path, "w", encoding="utf-8") as fh:
         while written < size_mb * 2 ** 20:
@@ -82,6 +84,29 @@ WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
         "print(u.ru_maxrss, u.ru_utime + u.ru_stime, file=sys.stderr); sys.exit(r.returncode)")
 
 
+def worker_efficiency(spec: dict, path: str, rounds: int = 7) -> dict:
+    """CPU seconds of preprocess's worker path (decode + validate + batch encode + numpy) on 3 chunks vs
+    encode_batch / encode_batch_fast on the same texts; alternating rounds, best of each."""
+    from gpt3d.data import corpus
+    from gpt3d.data import preprocess as pp
+    pp._init(spec, ["text"], False)
+    tok = pp._state["tok"]
+    special = tok.type_name != "GPT2BPETokenizer"
+    chunks = [c for _, c in zip(range(3), corpus.chunks(path, ["text"]))]
+    texts = [corpus.decode(c, ["text"])[0]["text"] for c in chunks]
+    variants = {"encode_batch": lambda: [tok.tok.encode_batch(t, add_special_tokens=special) for t in texts],
+                "encode_batch_fast": lambda: [tok.tok.encode_batch_fast(t, add_special_tokens=special) for t in texts],
+                "worker": lambda: [pp._encode_chunk(c) for c in chunks]}
+    best = {}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            cpu = time.process_time()
+            fn()
+            best[name] = min(best.get(name, float("inf")), time.process_time() - cpu)
+    return {"worker_vs_encode_batch": best["encode_batch"] / best["worker"],
+            "worker_vs_encode_batch_fast": best["encode_batch_fast"] / best["worker"], "cpu_s": best}
+
+
 def run_preprocess(flags: list, path: str, out: str, workers: int) -> dict:
     """Wall time of the whole command; peak RSS = the largest of its processes (main or a worker)."""
     start = time.perf_counter()
@@ -111,7 +136,7 @@ def main() -> None:
     from gpt3d.data import corpus
     from gpt3d.data.tokenizer import build_tokenizer
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"input_{args.size_mb:g}mb.jsonl")
+    path = os.path.join(args.out, f"docs_{args.size_mb:g}mb.jsonl")
     if not os.path.exists(path):
         make_input(args.data, path, args.size_mb)
     print(f"input {path}: {os.path.getsize(path) / 2 ** 20:.1f} MB, cpus {os.cpu_count()}, "
@@ -128,6 +153,11 @@ def main() -> None:
             model = train_hf_tokenizer(args.data, os.path.join(args.out, "hf_tok"))
             flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", model]
             tok = build_tokenizer(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=model)
+        spec = (dict(vocab_file=flags[1], merge_file=flags[3]) if name == "gpt2"
+                else dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=flags[3]))
+        eff = worker_efficiency(spec, path)
+        print(f"{name} worker CPU per chunk: {eff['worker_vs_encode_batch']:.0%} of encode_batch's speed, "
+              f"{eff['worker_vs_encode_batch_fast']:.0%} of encode_batch_fast's {eff['cpu_s']}", flush=True)
         c1 = {fast: ceiling(tok, path, batch_docs, fast) for fast in (False, True)}
         print(f"{name} ceiling: encode_batch {c1[False]['mb_per_s']:.2f} MB/s, encode_batch_fast "
               f"{c1[True]['mb_per_s']:.2f} MB/s", flush=True)
@@ -148,7 +178,8 @@ def main() -> None:
                          "of_fast_ceiling_x_workers": r["tokens_per_s"] / (ceil[True]["tokens_per_s"] * w),
                          "cpu_efficiency": r["tokens_per_cpu_s"] / ceil[False]["tokens_per_cpu_s"],
                          "cpu_efficiency_fast": r["tokens_per_cpu_s"] / ceil[True]["tokens_per_cpu_s"],
-                         "peak_rss_mb": r["peak_rss_mb"], "seconds": r["seconds"], "cpu_s": r["cpu_s"]})
+                         "peak_rss_mb": r["peak_rss_mb"], "seconds": r["seconds"], "cpu_s": r["cpu_s"],
+                         "worker_vs_encode_batch": eff["worker_vs_encode_batch"]})
     print("\n| tokenizer | workers | preprocess MB/s | tokens/s | ceiling MB/s encode_batch (fast) | "
           "/ (ceiling x workers) (fast) | tokens per CPU-s vs ceiling (fast) | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")

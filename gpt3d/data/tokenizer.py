@@ -19,6 +19,7 @@ TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "
          "Llama2Tokenizer", "NullTokenizer")
 # end-of-document names tried, in order, when a tokenizer.json comes without a tokenizer_config.json
 KNOWN_EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
+KNOWN_BOS = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>")
 
 
 class TokenizerError(ValueError):
@@ -31,6 +32,11 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _batch(tok):
+    """`encode_batch_fast` (no offsets) where this `tokenizers` has it."""
+    return getattr(tok, "encode_batch_fast", tok.encode_batch)
 
 
 def _need_file(path: Optional[str], what: str) -> str:
@@ -172,7 +178,7 @@ class GPT2BPETokenizer(Tokenizer):
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+        return [e.ids for e in _batch(self.tok)(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
@@ -231,14 +237,14 @@ class HuggingFaceTokenizer(Tokenizer):
         eos = names.get("eos_token") or next((n for n in KNOWN_EOS if n in specials), None)
         self.eod_token = eos if eos is not None and eos in vocab else None
         self.eod = vocab[self.eod_token] if self.eod_token else None
-        bos = names.get("bos_token")
+        bos = names.get("bos_token") or next((n for n in KNOWN_BOS if n in specials), None)
         self.bos = vocab.get(bos) if bos else None
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch_fast(texts)]
+        return [e.ids for e in _batch(self.tok)(texts)]
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
