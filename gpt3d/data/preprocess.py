@@ -24,9 +24,10 @@ from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
+from ..errors import DataError, TokenizerError, os_errors_are_user_errors
 from . import corpus
-from .indexed import DataError, MMapIndexedDatasetBuilder, best_dtype
-from .tokenizer import TYPES, TokenizerError, build_tokenizer
+from .indexed import MMapIndexedDatasetBuilder, best_dtype
+from .tokenizer import TYPES, build_tokenizer
 
 _state: dict = {}
 SUFFIXES = (".gz", ".zst", ".zstd", ".jsonl", ".json", ".parquet", ".pq")
@@ -272,15 +273,13 @@ def _write_output(prefix: str, files: list, keys: list, dtype, pool, depth: int,
                         os.remove(tmp[k] + ext)
 
 
+@os_errors_are_user_errors
 def run(args: argparse.Namespace) -> int:
-    try:
-        s = preprocess(args.input, args.output_prefix, args.vocab_file, args.merge_file, args.json_keys,
-                       args.append_eod, args.workers, tokenizer_type=args.tokenizer_type,
-                       tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
-                       log_interval=args.log_interval)
-    except (DataError, TokenizerError, OSError) as e:
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 2
+    """The command: bad input raises DataError / TokenizerError (exit 2, one line printed by the CLI)."""
+    s = preprocess(args.input, args.output_prefix, args.vocab_file, args.merge_file, args.json_keys,
+                   args.append_eod, args.workers, tokenizer_type=args.tokenizer_type,
+                   tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
+                   log_interval=args.log_interval)
     print(f"processed {s['docs']:,} documents ({s['empty']:,} empty) from {s['files']} file(s), "
           f"{s['tokens']:,} tokens ({s['dtype']}), {s['bytes'] / 2 ** 20:,.1f} MB in {s['seconds']:.1f}s: "
           f"{s['docs_per_s']:,.0f} docs/s, {s['mb_per_s']:.2f} MB/s, {s['tokens_per_s']:,.0f} tokens/s -> "
@@ -289,10 +288,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="gpt3d preprocess",
-                                description="tokenize JSONL / Parquet into Megatron .bin/.idx")
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    """`python -m gpt3d.data.preprocess ...` is `gpt3d preprocess ...`."""
+    from ..cli import main as cli_main
+    return cli_main(["preprocess", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -14,16 +14,14 @@ import os
 import shutil
 from typing import Optional
 
+from ..errors import TokenizerError
+
 EOD = "<|endoftext|>"
 TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
          "Llama2Tokenizer", "NullTokenizer")
 # end-of-document names tried, in order, when a tokenizer.json comes without a tokenizer_config.json
 KNOWN_EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
 KNOWN_BOS = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>")
-
-
-class TokenizerError(ValueError):
-    """Missing, corrupt or unusable tokenizer files or settings; the message names the file."""
 
 
 def _sha256(path: str) -> str:

@@ -4,6 +4,10 @@ Every parameter records how it is split (`tp_split_dim`) and how it is
 initialised (`init`). Weights are then initialised from the *full* tensor,
 generated from (seed, global parameter name), and sliced: any TP/PP layout
 gives the same model as one process, and checkpoints know how to reshard.
+
+The GEMM of the two TP linears can be swapped (`set_matmul`, e.g. FP8 GEMMs from
+gpt3d/model/fp8.py) without touching their parameters: names, dtypes and
+checkpoints stay the same whichever GEMM runs.
 """
 from __future__ import annotations
 
@@ -14,8 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mappings import (copy_to_tp, gather_from_sequence, gather_from_tp, reduce_from_tp,
-                       reduce_scatter_to_sequence)
+from .mappings import copy_to_tp, gather_from_sequence, reduce_from_tp, reduce_scatter_to_sequence
 from .state import ParallelState
 
 
@@ -73,19 +76,23 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, ps: ParallelState, *, bias: bool = True,
-                 std: float = 0.02, gather_output: bool = False):
+                 std: float = 0.02):
         super().__init__()
         assert out_features % ps.tp == 0, f"TP {ps.tp} must divide {out_features}"
-        self.ps, self.gather_output = ps, gather_output
+        self.ps = ps
         self.weight = mark(nn.Parameter(torch.empty(out_features // ps.tp, in_features, device=ps.device)),
                            0, ("normal", std))
         self.bias = mark(nn.Parameter(torch.empty(out_features // ps.tp, device=ps.device)), 0, ("zeros",)) \
             if bias else None
+        self._matmul = None
+
+    def set_matmul(self, matmul) -> None:
+        """`matmul(x, weight, bias)` replaces F.linear (same parameters, another GEMM); None restores it."""
+        object.__setattr__(self, "_matmul", matmul)   # a plain attribute, never a submodule: names stay the same
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sequence(x, self.ps) if self.ps.sp else copy_to_tp(x, self.ps)
-        y = F.linear(x, self.weight, self.bias)
-        return gather_from_tp(y, self.ps) if self.gather_output else y
+        return (self._matmul or F.linear)(x, self.weight, self.bias)   # [*, out/tp]
 
 
 class RowParallelLinear(nn.Module):
@@ -105,9 +112,14 @@ class RowParallelLinear(nn.Module):
                            1, ("normal", std))
         self.bias = mark(nn.Parameter(torch.empty(out_features, device=ps.device)), None, ("zeros",),
                          sequence_parallel=ps.sp) if bias else None
+        self._matmul = None
+
+    def set_matmul(self, matmul) -> None:
+        """As ColumnParallelLinear.set_matmul; the bias is added after the reduction, not by `matmul`."""
+        object.__setattr__(self, "_matmul", matmul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = (self._matmul or F.linear)(x, self.weight, None)
         y = reduce_scatter_to_sequence(y, self.ps) if self.ps.sp else reduce_from_tp(y, self.ps)
         return y + self.bias if self.bias is not None else y
 
