@@ -333,8 +333,10 @@ def import_hf(src: str, save: str) -> dict:
             raise HFError(f"{n}: HF weight has shape {tuple(w.shape)}, the model needs {tuple(p.shape)}")
     os.makedirs(save, exist_ok=True)
     from .data.hf_tokenizer import import_tokenizer
+    from .data.tokenizer import tokenizer_from_config
     import_tokenizer(src, save, cfg.data)
-    final = save_weights(save, tensors, params, cfg.to_dict(), m["vocab_size"], model.padded_vocab)
+    tok = tokenizer_from_config(cfg.data) if cfg.data.vocab_file or cfg.data.tokenizer_model else None
+    final = save_weights(save, tensors, params, cfg.to_dict(), m["vocab_size"], model.padded_vocab, tokenizer=tok)
     yaml_path = os.path.join(save, "model.yaml")
     _write_model_yaml(yaml_path, cfg)
     return {"input": src, "checkpoint": final, "config": yaml_path, "architecture": hf_config.get("model_type")}

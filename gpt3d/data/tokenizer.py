@@ -14,7 +14,7 @@ import os
 import shutil
 from typing import Optional
 
-from ..errors import TokenizerError
+from ..errors import TokenizerError, warn
 
 EOD = "<|endoftext|>"
 TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
@@ -22,9 +22,11 @@ TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "
 # end-of-document names tried, in order, when a tokenizer.json comes without a tokenizer_config.json
 KNOWN_EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
 KNOWN_BOS = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>")
+CHECKPOINT_DIR = "tokenizer"   # where a checkpoint keeps its copy of the files (checkpoint/tokenizer_part.py)
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """The hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -86,11 +88,16 @@ class Tokenizer:
         return ", ".join(os.path.basename(p) for p in self.files().values()) or f"vocab {self.vocab_size}"
 
     def manifest(self) -> dict:
-        files = {name: _sha256(path) for name, path in sorted(self.files().items())}
-        core = {"type": self.type_name, "files": files, "settings": self.settings()}
-        fp = hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
-        return {**core, "vocab_size": self.vocab_size, "eod": self.eod, "eod_token": self.eod_token,
-                "fingerprint": fp}
+        """type, settings, each file's sha256, vocab_size, eod, eod_token and the fingerprint. Hashed once
+        (build_tokenizer does it right after reading the files), so it describes the files as this
+        tokenizer read them even if they change on disk later."""
+        if getattr(self, "_manifest", None) is None:
+            files = {name: sha256_file(path) for name, path in sorted(self.files().items())}
+            core = {"type": self.type_name, "files": files, "settings": self.settings()}
+            fp = hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+            self._manifest = {**core, "vocab_size": self.vocab_size, "eod": self.eod, "eod_token": self.eod_token,
+                              "fingerprint": fp}
+        return json.loads(json.dumps(self._manifest))   # a copy
 
     @property
     def fingerprint(self) -> str:
@@ -115,7 +122,7 @@ def load_from_dir(directory: str, manifest: dict) -> Tokenizer:
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             raise TokenizerError(f"{path}: tokenizer file missing")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise TokenizerError(f"{path}: tokenizer file does not match its recorded sha256 (corrupt or replaced)")
     s = manifest.get("settings", {})
     if kind == "GPT2BPETokenizer":
@@ -130,6 +137,18 @@ def load_from_dir(directory: str, manifest: dict) -> Tokenizer:
     if tok.fingerprint != manifest.get("fingerprint"):
         raise TokenizerError(f"{directory}: rebuilt {kind} does not match the manifest's fingerprint")
     return tok
+
+
+def flags_for_dir(directory: str, manifest: dict) -> str:
+    """The command-line flags that name the tokenizer `save_files` wrote into `directory`."""
+    kind = manifest.get("type")
+    if kind == "GPT2BPETokenizer":
+        return (f"--vocab-file {os.path.join(directory, 'vocab.json')} "
+                f"--merge-file {os.path.join(directory, 'merges.txt')}")
+    if kind == "NullTokenizer":
+        return f"--tokenizer-type NullTokenizer --vocab-size {manifest.get('settings', {}).get('vocab_size')}"
+    model = directory if kind == "HuggingFaceTokenizer" else os.path.join(directory, "tokenizer.model")
+    return f"--tokenizer-type {kind} --tokenizer-model {model}"
 
 
 # ----- GPT-2 byte-level BPE ------------------------------------------------------------------------------------
@@ -289,22 +308,25 @@ class NullTokenizer(Tokenizer):
 def build_tokenizer(vocab_file: Optional[str] = None, merge_file: Optional[str] = None, *,
                     tokenizer_type: str = "GPT2BPETokenizer", tokenizer_model: Optional[str] = None,
                     vocab_size: Optional[int] = None) -> Tokenizer:
-    """The tokenizer Megatron's `--tokenizer-type` names, from its flags' values."""
+    """The tokenizer Megatron's `--tokenizer-type` names, from its flags' values (its manifest hashed now)."""
     kind = tokenizer_type or "GPT2BPETokenizer"
     if kind == "GPT2BPETokenizer":
         if not (vocab_file and merge_file):
             raise TokenizerError("GPT2BPETokenizer needs --vocab-file and --merge-file")
-        return GPT2BPETokenizer(vocab_file, merge_file)
-    if kind == "NullTokenizer":
-        return NullTokenizer(vocab_size)
-    if kind not in TYPES:
+        tok = GPT2BPETokenizer(vocab_file, merge_file)
+    elif kind == "NullTokenizer":
+        tok = NullTokenizer(vocab_size)
+    elif kind not in TYPES:
         raise TokenizerError(f"unknown --tokenizer-type {kind}; choose from {', '.join(TYPES)}")
-    if not tokenizer_model:
+    elif not tokenizer_model:
         raise TokenizerError(f"{kind} needs --tokenizer-model")
-    if kind == "HuggingFaceTokenizer":
-        return HuggingFaceTokenizer(tokenizer_model)
-    from .spm_tokenizer import SP_TYPES
-    return SP_TYPES[kind](tokenizer_model)
+    elif kind == "HuggingFaceTokenizer":
+        tok = HuggingFaceTokenizer(tokenizer_model)
+    else:
+        from .spm_tokenizer import SP_TYPES
+        tok = SP_TYPES[kind](tokenizer_model)
+    tok.manifest()
+    return tok
 
 
 def tokenizer_from_config(data, vocab_size: Optional[int] = None) -> Tokenizer:
@@ -332,7 +354,7 @@ def tokenizer_for_checkpoint(data: dict, model_vocab: int, flags: Optional[dict]
     settings with the flags' values on top. NullTokenizer's ids are the model's vocabulary less its eod."""
     flags = {k: v for k, v in (flags or {}).items() if v}
     if manifest and checkpoint_dir and not flags:
-        tok = load_from_dir(os.path.join(checkpoint_dir, "tokenizer"), manifest)
+        tok = load_from_dir(os.path.join(checkpoint_dir, CHECKPOINT_DIR), manifest)
     else:
         s = {k: flags.get(k) or data.get(k) for k in ("tokenizer_type", "tokenizer_model", "vocab_file",
                                                       "merge_file")}
@@ -342,6 +364,9 @@ def tokenizer_for_checkpoint(data: dict, model_vocab: int, flags: Optional[dict]
                                  "--tokenizer-type with --tokenizer-model")
         tok = build_tokenizer(s["vocab_file"], s["merge_file"], tokenizer_type=kind,
                               tokenizer_model=s["tokenizer_model"], vocab_size=model_vocab - 1)
+        if manifest and tok.fingerprint != manifest.get("fingerprint"):
+            warn(f"the tokenizer named by the flags ({tok.type_name} {tok.describe()}) is not the one the "
+                 f"checkpoint was trained with ({manifest.get('type')}); using the flags'")
     if tok.vocab_size > model_vocab:
         raise TokenizerError(f"{tok.type_name} ({tok.describe()}) has {tok.vocab_size} ids but the model's "
                              f"vocabulary is {model_vocab}: not the tokenizer it was trained with")

@@ -122,7 +122,8 @@ class Trainer:
     def checkpoint_parts(self) -> dict:
         """Everything a checkpoint holds, by part name (see gpt3d/checkpoint)."""
         return ckpt.training_parts(self.cfg, self.ps, model=self.model, optimizer=self.optimizer,
-                                   scaler=self.scaler, tp_rng=self.tp_rng, state=self.state)
+                                   scaler=self.scaler, tp_rng=self.tp_rng, state=self.state,
+                                   tokenizer=self.tokenizer)
 
     def save(self) -> None:
         c = self.cfg.checkpoint
