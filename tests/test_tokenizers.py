@@ -385,3 +385,17 @@ def test_tokenizer_for_checkpoint_prefers_the_carried_copy(spm_model, hf_bpe, tm
         tokenizer_for_checkpoint(data, 384)           # recorded path gone, no copy: named in the error
     with pytest.raises(TokenizerError, match="names no tokenizer"):
         tokenizer_for_checkpoint({}, 384)
+
+
+def test_preprocess_does_not_import_torch(tmp_path):
+    """The CLI imports only the module of the command it runs: preprocess stays free of torch."""
+    import subprocess
+    import sys
+    (tmp_path / "ids.jsonl").write_text('{"text": "1 2 3"}\n{"text": "4 5"}\n')
+    code = ("import sys; from gpt3d.cli import main; "
+            f"rc = main(['preprocess', '--input', {str(tmp_path / 'ids.jsonl')!r}, '--output-prefix', "
+            f"{str(tmp_path / 'out')!r}, '--tokenizer-type', 'NullTokenizer', '--vocab-size', '10', "
+            "'--append-eod']); print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip().splitlines()[-1] == "0 False", r.stdout + r.stderr
+    assert MMapIndexedDataset(str(tmp_path / "out_text_document"))[1].tolist() == [4, 5, 10]

@@ -33,6 +33,12 @@ _state: dict = {}
 SUFFIXES = (".gz", ".zst", ".zstd", ".jsonl", ".json", ".parquet", ".pq")
 
 
+def register(sub) -> None:
+    p = sub.add_parser("preprocess", help="tokenize JSONL / Parquet into Megatron .bin/.idx")
+    add_arguments(p)   # Megatron's argument set
+    p.set_defaults(func=run)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, nargs="+",
                    help="JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet files; quoted globs are expanded")
