@@ -72,7 +72,7 @@ def _train(args: argparse.Namespace) -> int:
 def _optional_commands(sub) -> None:
     """Commands living in optional modules register themselves if present."""
     import importlib
-    for mod in ("data.preprocess", "bench", "tools", "hf", "inference", "plot"):
+    for mod in ("data.preprocess", "bench", "tools", "hf", "inference", "plot", "plan.cli"):
         try:
             m = importlib.import_module(f"gpt3d.{mod}")
         except ImportError as e:
