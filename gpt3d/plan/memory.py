@@ -186,39 +186,59 @@ def shape_of(m: ModelConfig, lay: Layout, e: int) -> Shape:
     return Shape(lay.mbs, m.seq_length, m.hidden_size, t, t // lay.tp if lay.sp else t, e)
 
 
-def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recompute: Optional[str]) -> Terms:
+def _norm_input(out: Terms, m: ModelConfig, sh: Shape, compiled: bool, name: str) -> None:
+    """A norm keeps its input and statistics; eager RMSNorm keeps two fp32 copies of the input instead."""
+    Ts, h = sh.seq_tokens, sh.h
+    rms = m.normalization == "rmsnorm"
+    if rms and not compiled:
+        out.add(f"{name}: RMSNorm fp32 copies (eager)", 2 * 4 * Ts * h)
+    else:
+        out.add(name, sh.e * Ts * h)
+    out.add("norm statistics", 4 * Ts if rms else 2 * sh.e * Ts)
+
+
+def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recompute: Optional[str],
+                device: str = "cuda") -> Terms:
     """What one transformer layer keeps for backward, one micro-batch, one TP rank.
 
-    Compiled (Inductor's partition, census on CPU and checked on an H100): layer input, norm statistics, the
-    normalised inputs of the QKV and MLP matmuls (whole sequence: with SP they are all-gathered), q/k/v, the
-    attention output and its log-sum-exp (SDPA flash/cuDNN keeps no s x s scores), the residual after
-    attention, and the MLP's intermediate tensors. Eager adds the contiguous copy of the attention output and
-    keeps RMSNorm's fp32 intermediates."""
+    Compiled (Inductor's partition: census on CPU, checked on an H100): the layer input and the residual after
+    attention (norm inputs) with norm statistics, the normalised inputs of the QKV and MLP matmuls (whole
+    sequence: with SP they are all-gathered), the QKV output, the attention output and its log-sum-exp (fused
+    SDPA keeps no s x s scores), and the MLP's intermediates. Eager (exact on CPU, tests/test_plan_memory.py):
+    RMSNorm keeps fp32 copies, RoPE a rotated k, SwiGLU also silu(gate). Full recompute keeps the layer input;
+    selective recompute of the attention core drops the log-sum-exp and, eager, the rotated copies."""
     t, e, T, Ts, h = lay.tp, sh.e, sh.tokens, sh.seq_tokens, sh.h
     hd, nh, nkv, f = m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size
     out = Terms()
+    rng = 5056 if device == "cpu" else 0   # torch.utils.checkpoint keeps the CPU generator's state
     if recompute == "full":
         out.add("layer input (kept by full recompute)", e * Ts * h)
+        out.add("RNG state kept by recompute", rng)
         return out
-    rms = m.normalization == "rmsnorm"
-    for which in ("input", "post-attention"):
-        name = "layer input" if which == "input" else "residual after attention"
-        if rms and not compiled:
-            out.add(f"{name}: RMSNorm fp32 copies (eager)", 3 * 4 * Ts * h)
-            out.add("norm statistics", 2 * 4 * Ts)
-        else:
-            out.add(name, e * Ts * h)
-            out.add("norm statistics", 4 * Ts if rms else 2 * e * Ts)
+    for name in ("layer input", "residual after attention"):
+        _norm_input(out, m, sh, compiled, name)
         out.add("normalised matmul inputs (whole sequence)", e * T * h)
-    out.add("q, k, v", e * T * (nh + 2 * nkv) * hd // t)
-    if recompute != "selective":
+    if lay.sp and m.swiglu:   # the gate and fc1 projections each all-gather the MLP input
+        out.add("second all-gathered MLP input (SP + SwiGLU)", e * T * h)
+    # q, k and v are views of the QKV output, which stays alive whole. q is a copy when RoPE rotates it (outside
+    # a selectively recomputed core) or when GQA regroups more than one KV head per rank; eager RoPE also keeps
+    # a rotated copy of k.
+    rope, selective = m.use_rotary_position_embeddings, recompute == "selective"
+    out.add("QKV output (q, k, v)", e * T * (nh + 2 * nkv) * hd // t)
+    regroup = nkv != nh and nkv // t > 1
+    if (rope and (compiled or not selective)) or regroup:
+        out.add("q copy (RoPE / GQA)", e * T * nh * hd // t)
+    if rope and not compiled and not selective:
+        out.add("rotated k (eager)", e * T * nkv * hd // t)
+    if selective:
+        out.add("RNG state kept by recompute", rng)
+    else:
         out.add("attention log-sum-exp (fp32)", 4 * sh.b * (nh // t) * sh.s)
     out.add("attention output", e * T * nh * hd // t)
-    if not compiled:
-        out.add("attention output, contiguous copy (eager)", e * T * nh * hd // t)
-    out.add("MLP intermediates", e * T * f // t * (3 if m.swiglu else 2))
-    if m.hidden_dropout > 0:
-        out.add("dropout masks (bool)", 2 * Ts * h)
+    # GeLU: fc1 output and GeLU output; SwiGLU: gate and fc1 outputs and their product (+ silu(gate) eager)
+    out.add("MLP intermediates", e * T * f // t * ((3 if compiled else 4) if m.swiglu else 2))
+    if m.hidden_dropout > 0:   # CUDA keeps bool masks; the CPU kernel keeps them in the activation dtype
+        out.add("dropout masks", 2 * Ts * h * (1 if device == "cuda" else e))
     return out
 
 
@@ -240,7 +260,8 @@ class StageMemory:
 
 
 def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, param_bytes: int = 2,
-                 bucket_size_mb: float = 40.0, compiled: bool = True, fused_loss: bool = True) -> StageMemory:
+                 bucket_size_mb: float = 40.0, compiled: bool = True, fused_loss: bool = True,
+                 device: str = "cuda") -> StageMemory:
     """Peak of stage `pp_rank` = persistent + activations of the micro-batches in flight + the largest transient.
 
     `fused_loss`: TP=1 on GPU, the compiled cross entropy keeps the bf16 logits; otherwise the vocab-parallel
@@ -257,19 +278,20 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, 
     n_recompute = lay.recompute_num_layers if lay.recompute == "full" and lay.recompute_num_layers else None
     t, T, Ts, h = lay.tp, sh.tokens, sh.seq_tokens, sh.h
     pv = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, t)
-    chunk_act, layer_full = [], layer_terms(m, lay, sh, compiled, None)
+    chunk_act, layer_full = [], layer_terms(m, lay, sh, compiled, None, device)
     for v, ids in enumerate(layer_ids):
         c = Terms()
         for i, _ in enumerate(ids):
             rc = lay.recompute if lay.recompute != "full" or n_recompute is None or i < n_recompute else None
-            for k, nbytes in layer_terms(m, lay, sh, compiled, rc).items.items():
+            for k, nbytes in layer_terms(m, lay, sh, compiled, rc, device).items.items():
                 c.add(k, nbytes)
         if first and v == 0:
-            c.add("embedding inputs", (0 if m.use_rotary_position_embeddings else 8 * sh.s) + (9 * T if t > 1 else 0)
-                  + (Ts * h if m.hidden_dropout > 0 else 0))
+            c.add("embedding inputs", (0 if m.use_rotary_position_embeddings else 8 * sh.s) + (9 * T if t > 1 else 0))
+            c.add("dropout masks", Ts * h * (1 if device == "cuda" else e) if m.hidden_dropout > 0 else 0)
         if last and v == len(layer_ids) - 1:
-            c.add("final norm input", e * Ts * h)
+            _norm_input(c, m, sh, compiled, "final norm input")
             c.add("normalised matmul inputs (whole sequence)", e * T * h)
+            c.add("loss value", 4)
             if fused_loss:
                 c.add("logits (kept by the fused loss)", e * T * pv // t)
                 c.add("loss statistics", 8 * T)

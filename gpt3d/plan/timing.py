@@ -79,6 +79,8 @@ def layer_time(m: ModelConfig, lay: Layout, gpu: Gpu, link: Links, sh: Shape, re
     stream = sh.e * sh.tokens * sh.h
     kinds = ("all_gather", "reduce_scatter") if lay.sp else ("all_reduce",)
     comm = 2 * sum(_ring(stream, lay.tp, link.tp_gbps, k) for k in kinds)
+    if lay.sp and m.swiglu:   # gate and fc1 each all-gather the MLP input (and reduce-scatter its gradient)
+        comm += _ring(stream, lay.tp, link.tp_gbps, "all_gather")
     rc = fwd if recompute == "full" else attn / (cal.attn_tflops * 1e12) if recompute == "selective" else 0.0
     return LayerTime(fwd, bwd, rc, comm, comm)
 
