@@ -85,6 +85,7 @@ class Trainer:
         self.cfg, self.ps = cfg, ps
         self.tp_rng = seed_everything(t.seed, ps)
         self.vocab_size, self.tokenizer = self._vocab()
+        self.plan = self._plan()   # before allocating: --check-memory refuses a layout predicted not to fit
         self.chunks = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
         self.padded_vocab = self.chunks[0].padded_vocab
         self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
@@ -124,6 +125,16 @@ class Trainer:
             else:
                 for layer in c.layers.values():
                     layer.compile()
+
+    def _plan(self):
+        """`gpt3d plan`'s prediction for this layout on this GPU (None on CPU)."""
+        if self.ps.device.type != "cuda":
+            return None
+        from .plan import check_memory, predict
+        from .plan.presets import gpu_for_device
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+        fn = check_memory if self.cfg.training.check_memory else predict
+        return fn(self.cfg, self.ps.world_size, gpu_for_device(self.ps.device), per_node, vocab_size=self.vocab_size)
 
     def _vocab(self):
         d, m = self.cfg.data, self.cfg.model
@@ -274,6 +285,9 @@ class Trainer:
         self.log.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
                          f"global batch {self.global_batch} ({self.num_micro} micro-batches of "
                          f"{t.micro_batch_size}) | {self.train_iters} iterations | device {ps.device}")
+        if self.plan is not None:
+            from .plan.search import startup_line
+            self.log.console(startup_line(self.plan))
         previous = self._install_signal_handler() if t.exit_signal_handler else {}
         try:
             return self._loop(train_ds, valid_ds)
@@ -361,6 +375,9 @@ class Trainer:
         if self.scaler:
             row["loss_scale"] = float(self.scaler.scale.item())
         self.log.record(row)
+        if self.plan is not None and self.iteration == 2 * self.cfg.training.log_interval:   # past compilation
+            from .plan.search import measured_line
+            self.log.console(measured_line(self.plan, tp["tokens_per_s"], torch.cuda.max_memory_allocated()))
         self.log.console(
             f"iter {self.iteration:>6}/{self.train_iters} | loss {loss:.4f} | lr {lr:.3e} | "
             f"grad norm {grad_norm:.3f} | {tp['tokens_per_s']:,.0f} tok/s | "

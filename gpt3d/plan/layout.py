@@ -73,7 +73,9 @@ def layout_of(cfg: Config, world: int) -> Layout:
 
 def apply_layout(cfg: Config, lay: Layout) -> Config:
     """A copy of `cfg` set to `lay` (data settings made irrelevant: the plan reads no files)."""
-    c = copy.deepcopy(cfg)
+    c = copy.copy(cfg)   # only the sections changed here are copied (cheap: the search calls this per layout)
+    c.parallel, c.model, c.training, c.data = (copy.copy(s) for s in (cfg.parallel, cfg.model, cfg.training,
+                                                                        cfg.data))
     p, m = c.parallel, c.model
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = lay.tp, lay.pp
     p.sequence_parallel, p.zero_stage, p.pipeline_model_parallel_split = lay.sp, lay.zero, lay.split

@@ -201,11 +201,11 @@ def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recomput
                 device: str = "cuda") -> Terms:
     """What one transformer layer keeps for backward, one micro-batch, one TP rank.
 
-    Compiled (Inductor's partition: census on CPU, checked on an H100): the layer input and the residual after
+    Compiled (Inductor's partition: census on CPU, measured on an H100): the layer input and the residual after
     attention (norm inputs) with norm statistics, the normalised inputs of the QKV and MLP matmuls (whole
     sequence: with SP they are all-gathered), the QKV output, the attention output and its log-sum-exp (fused
     SDPA keeps no s x s scores), and the MLP's intermediates. Eager (exact on CPU, tests/test_plan_memory.py):
-    RMSNorm keeps fp32 copies, RoPE a rotated k, SwiGLU also silu(gate). Full recompute keeps the layer input;
+    RMSNorm keeps fp32 copies, SwiGLU also silu(gate). Full recompute keeps the layer input;
     selective recompute of the attention core drops the log-sum-exp and, eager, the rotated copies."""
     t, e, T, Ts, h = lay.tp, sh.e, sh.tokens, sh.seq_tokens, sh.h
     hd, nh, nkv, f = m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size
@@ -221,15 +221,15 @@ def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recomput
     if lay.sp and m.swiglu:   # the gate and fc1 projections each all-gather the MLP input
         out.add("second all-gathered MLP input (SP + SwiGLU)", e * T * h)
     # q, k and v are views of the QKV output, which stays alive whole. q is a copy when RoPE rotates it (outside
-    # a selectively recomputed core) or when GQA regroups more than one KV head per rank; eager RoPE also keeps
-    # a rotated copy of k.
+    # a selectively recomputed core) or when GQA regroups more than one KV head per rank; RoPE also keeps a
+    # rotated copy of k (eager on CPU, and compiled on the H100; CPU Inductor keeps the view instead).
     rope, selective = m.use_rotary_position_embeddings, recompute == "selective"
     out.add("QKV output (q, k, v)", e * T * (nh + 2 * nkv) * hd // t)
     regroup = nkv != nh and nkv // t > 1
     if (rope and (compiled or not selective)) or regroup:
         out.add("q copy (RoPE / GQA)", e * T * nh * hd // t)
-    if rope and not compiled and not selective:
-        out.add("rotated k (eager)", e * T * nkv * hd // t)
+    if rope and not selective:
+        out.add("rotated k", e * T * nkv * hd // t)
     if selective:
         out.add("RNG state kept by recompute", rng)
     else:
@@ -259,31 +259,43 @@ class StageMemory:
                 "activations": self.per_microbatch.total * self.in_flight, **self.other.items}
 
 
+def _stage_persistent(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, param_bytes: int,
+                      bucket_size_mb: float, cache: Optional[dict]) -> tuple[list[ParamInfo], Persistent]:
+    """The stage's parameters and its largest DP shard (the last DP rank holds the bucket padding's shard, the
+    first the most parameter elements: ZeRO-1 is reported for the first)."""
+    key = (lay.tp, lay.pp, lay.vp, lay.dp, lay.zero_effective, lay.sp, lay.split, pp_rank, param_bytes,
+           bucket_size_mb)
+    if cache is not None and key in cache:
+        return cache[key]
+    params = [p for c in stage_params(m, vocab_size, lay, pp_rank) for p in c]
+    out = params, persistent_bytes(params, lay, dp_rank=0, param_bytes=param_bytes, bucket_size_mb=bucket_size_mb)
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
 def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, param_bytes: int = 2,
                  bucket_size_mb: float = 40.0, compiled: bool = True, fused_loss: bool = True,
-                 device: str = "cuda") -> StageMemory:
+                 device: str = "cuda", cache: Optional[dict] = None) -> StageMemory:
     """Peak of stage `pp_rank` = persistent + activations of the micro-batches in flight + the largest transient.
 
     `fused_loss`: TP=1 on GPU, the compiled cross entropy keeps the bf16 logits; otherwise the vocab-parallel
-    loss keeps fp32 softmax. A whole-chunk graph (TP=DP=1, compiled) returns all parameter gradients together
-    at the end of backward, while the micro-batch's activations are still held."""
+    loss keeps fp32 softmax. `cache` (a dict) reuses the persistent layout across layouts that share it."""
     e = param_bytes
     sh = shape_of(m, lay, e)
-    chunks = stage_params(m, vocab_size, lay, pp_rank)
-    params = [p for c in chunks for p in c]
-    pers = persistent_bytes(params, lay, dp_rank=lay.dp - 1 if lay.zero_effective else 0, param_bytes=param_bytes,
-                            bucket_size_mb=bucket_size_mb)
+    params, pers = _stage_persistent(m, vocab_size, lay, pp_rank, param_bytes, bucket_size_mb, cache)
     first, last = pp_rank == 0, pp_rank == lay.pp - 1
     layer_ids = lay.stage_chunks(m.num_layers, pp_rank)
     n_recompute = lay.recompute_num_layers if lay.recompute == "full" and lay.recompute_num_layers else None
     t, T, Ts, h = lay.tp, sh.tokens, sh.seq_tokens, sh.h
     pv = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, t)
     chunk_act, layer_full = [], layer_terms(m, lay, sh, compiled, None, device)
+    per_mode = {rc: layer_terms(m, lay, sh, compiled, rc, device) for rc in {None, lay.recompute}}
     for v, ids in enumerate(layer_ids):
         c = Terms()
         for i, _ in enumerate(ids):
             rc = lay.recompute if lay.recompute != "full" or n_recompute is None or i < n_recompute else None
-            for k, nbytes in layer_terms(m, lay, sh, compiled, rc, device).items.items():
+            for k, nbytes in per_mode[rc].items.items():
                 c.add(k, nbytes)
         if first and v == 0:
             c.add("embedding inputs", (0 if m.use_rotary_position_embeddings else 8 * sh.s) + (9 * T if t > 1 else 0))
@@ -309,20 +321,24 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, 
     in_flight = in_flight_bytes / total.total if total.total else 0.0
     other = Terms()
     other.add("token batches (this step and the next)", 2 * lay.num_micro * lay.mbs * (m.seq_length + 1) * 8)
+    # Backward's largest transient on top of the saved activations (measured on an H100 for the whole-chunk
+    # graph, benchmarks/RESULTS.md): a layer's weight gradients in the parameter dtype plus a residual-stream
+    # gradient, or the output layer's weight gradient; with full recompute, one layer's recomputed activations
+    # plus its MLP backward's gradients. Per-layer graphs and eager also hold that MLP workspace.
     whole_graph = compiled and lay.tp == 1 and lay.dp == 1
-    transients = {}
-    if whole_graph:
-        transients["parameter gradients before accumulation (whole-chunk graph)"] = pers.param_elements * e
-    else:
-        largest_layer = sum(p.numel for p in params if p.name.startswith(f"layers.{layer_ids[0][0]}.")) \
-            if layer_ids[0] else 0
-        transients["one layer's parameter gradients + backward workspace"] = \
-            largest_layer * e + e * T * (2 * m.ffn_size // t + 2 * h)
+    f_t = m.ffn_size // t
+    first_layer = layer_ids[0][0] if layer_ids and layer_ids[0] else None
+    layer_params = sum(p.numel for p in params if p.name.startswith(f"layers.{first_layer}.")) \
+        if first_layer is not None else 0
+    workspace = 0 if whole_graph else 2 * e * T * f_t
+    transients = {"one layer's weight gradients + backward workspace": layer_params * e + e * T * h + workspace}
+    if last:
+        transients["output-layer weight gradient"] = e * pv // t * h
     if lay.recompute == "full":
-        transients["one layer recomputed in backward"] = layer_full.total
+        transients["one layer recomputed in backward + its MLP gradients"] = layer_full.total + 2 * e * T * f_t
     if last:
         if fused_loss and not whole_graph:
-            transients["logits gradient"] = e * T * pv // t
+            transients["logits gradient (separately compiled loss)"] = e * T * pv // t
         elif not fused_loss:
             transients["vocab-parallel loss temporaries"] = 6 * T * pv // t
     if lay.pp > 1:

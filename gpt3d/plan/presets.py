@@ -72,10 +72,12 @@ class Gpu:
                 f"GB/s, InfiniBand {self.ib_gbps:g} GB/s per GPU; kernels: {self.calibration.source}")
 
 
-# Measured on one H100 80GB HBM3 by benchmarks/plan_check.py (benchmarks/RESULTS.md, 2026-11-25): GEMM and
-# attention rates at the 1.3B shape, elementwise/loss/optimizer rates fitted to the measured layer, head and step.
-H100_MEASURED = Calibration(gemm_tflops=700.0, attn_tflops=330.0, ew_gbps=2200.0, loss_gbps=2000.0,
-                            optimizer_ns_per_param=0.0165, source="H100 figures, benchmarks/RESULTS.md 2026-11-25")
+# Measured on one H100 80GB HBM3 by benchmarks/plan_check.py at the 1.3B shape, micro-batch 8
+# (benchmarks/RESULTS.md, 2026-11-25): the layer's GEMMs, cuDNN attention, the rest of a compiled layer, the
+# loss, and clipping + fused AdamW.
+H100_MEASURED = Calibration(gemm_tflops=778.9, attn_tflops=347.5, ew_gbps=2666.4, loss_gbps=1030.4,
+                            optimizer_ns_per_param=0.01773,
+                            source="measured on an H100 80GB HBM3 at the 1.3B shape (benchmarks/RESULTS.md 2026-11-25)")
 
 _H100 = dict(tflops=989.0, hbm_gbps=3350.0)
 PRESETS = {
@@ -121,6 +123,17 @@ def resolve_gpu(name: Optional[str] = "h100-80gb", *, tflops: Optional[float] = 
             setattr(g, attr, float(v))
     g.calibration = calibration or _default_calibration(g)
     return g
+
+
+def gpu_for_device(device) -> Gpu:
+    """The preset matching a visible CUDA device (by name and memory), or an H100-speed custom GPU of that size."""
+    import torch
+    props = torch.cuda.get_device_properties(device)
+    name, mem = props.name.lower(), props.total_memory / GIB
+    for key, g in PRESETS.items():
+        if key.split("-")[0] in name and abs(g.memory_gib - mem) < 0.1 * g.memory_gib:
+            return resolve_gpu(key, memory_gib=mem)
+    return resolve_gpu("h100-80gb", memory_gib=mem)
 
 
 # ----- calibration files ------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ functions against it.
 """
 from __future__ import annotations
 
+import functools
+
 
 def schedule_ops(pp: int, rank: int, vp: int, m: int) -> list[tuple[str, int, int]]:
     """("F" | "B", model chunk, micro-batch) in the order stage `rank` runs them in one training step.
@@ -53,6 +55,13 @@ def in_flight(ops: list[tuple[str, int, int]], chunks: int) -> tuple[int, list[i
 
 def peak_in_flight(pp: int, rank: int, vp: int, m: int, chunk_bytes: list[float]) -> float:
     """Largest activation bytes alive on stage `rank`, given one micro-batch's bytes for each of its chunks."""
+    if vp == 1:   # 1F1B: the warm-up forwards and one more, then one in, one out
+        return min(pp - rank if pp > 1 else 1, m) * chunk_bytes[0]
+    return _peak_interleaved(pp, rank, vp, m, tuple(chunk_bytes))
+
+
+@functools.lru_cache(maxsize=4096)
+def _peak_interleaved(pp: int, rank: int, vp: int, m: int, chunk_bytes: tuple) -> float:
     alive = most = 0.0
     for kind, c, _ in schedule_ops(pp, rank, vp, m):
         alive += chunk_bytes[c] if kind == "F" else -chunk_bytes[c]

@@ -51,25 +51,25 @@ class Prediction:
                 "time_s": dict(self.time.parts)}
 
 
-def vocab_of(cfg: Config) -> int:
-    return cfg.model.vocab_size or DEFAULT_VOCAB
+def vocab_of(cfg: Config, vocab_size: Optional[int] = None) -> int:
+    return vocab_size or cfg.model.vocab_size or DEFAULT_VOCAB
 
 
 def param_bytes_of(cfg: Config) -> int:
     return 2 if cfg.precision.bf16 or cfg.precision.fp16 else 4
 
 
-def predict_layout(cfg: Config, lay: Layout, gpu: Gpu, gpus_per_node: int = 8, *,
-                   device: str = "cuda") -> Prediction:
+def predict_layout(cfg: Config, lay: Layout, gpu: Gpu, gpus_per_node: int = 8, *, device: str = "cuda",
+                   cache: Optional[dict] = None, vocab_size: Optional[int] = None) -> Prediction:
     """One layout of `cfg` (its model, batch, precision and compile setting) on `lay.world` GPUs of kind `gpu`.
 
     `device="cpu"` models the CPU code paths (vocab-parallel loss at TP=1), for tests."""
     c = apply_layout(cfg, lay)
-    m, vocab, pb = c.model, vocab_of(c), param_bytes_of(c)
+    m, vocab, pb = c.model, vocab_of(c, vocab_size), param_bytes_of(c)
     compiled = c.training.compile
     fused = lay.tp == 1 and device == "cuda"
     stages: list[StageMemory] = plan_memory(m, vocab, lay, param_bytes=pb, bucket_size_mb=c.parallel.bucket_size_mb,
-                                            compiled=compiled, fused_loss=fused)
+                                            compiled=compiled, fused_loss=fused, device=device, cache=cache)
     busiest = max(stages, key=lambda s: s.peak)
     t = step_time(m, vocab, lay, gpu, gpus_per_node, [s.persistent for s in stages], param_bytes=pb,
                   overlap_grad_reduce=c.parallel.overlap_grad_reduce, fused_loss=fused, compiled=compiled)
@@ -86,16 +86,19 @@ def _gpu(gpu: Union[str, Gpu, None]) -> Gpu:
     return gpu if isinstance(gpu, Gpu) else resolve_gpu(gpu or "h100-80gb")
 
 
-def predict(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_per_node: int = 8) -> Prediction:
-    """The prediction for the layout `cfg` itself asks for (what `gpt3d train` will run)."""
+def predict(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_per_node: int = 8, *,
+            vocab_size: Optional[int] = None) -> Prediction:
+    """The prediction for the layout `cfg` itself asks for (what `gpt3d train` will run); `vocab_size`: the
+    tokenizer's, when the config does not name one."""
     lay = layout_of(cfg, world_size)
     apply_layout(cfg, lay).validate(world_size)
-    return predict_layout(cfg, lay, _gpu(gpu), gpus_per_node)
+    return predict_layout(cfg, lay, _gpu(gpu), gpus_per_node, vocab_size=vocab_size)
 
 
-def check_memory(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None) -> Prediction:
+def check_memory(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_per_node: int = 8, *,
+                 vocab_size: Optional[int] = None) -> Prediction:
     """`--check-memory`: raise ConfigError when the layout is predicted not to fit, naming the largest terms."""
-    p = predict(cfg, world_size, gpu)
+    p = predict(cfg, world_size, gpu, gpus_per_node, vocab_size=vocab_size)
     if not p.fits:
         top = sorted(p.memory.items(), key=lambda kv: -kv[1])[:3]
         raise ConfigError(f"layout {p.layout.label()} is predicted to need {p.peak_bytes / GIB:.1f} GiB per GPU on "
@@ -115,6 +118,20 @@ def plan(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_p
         raise ConfigError(f"no layout of {world_size} GPUs fits the model and global batch "
                           f"{cfg.training.global_batch_size} (TP must divide the heads, PP the layers, "
                           "DP x micro-batch the global batch)")
-    preds = [predict_layout(cfg, lay, g, gpus_per_node) for lay in layouts]
+    cache: dict = {}
+    preds = [predict_layout(cfg, lay, g, gpus_per_node, cache=cache) for lay in layouts]
     preds.sort(key=lambda p: -p.tokens_per_s)
     return preds
+
+
+def startup_line(p: Prediction) -> str:
+    """What `gpt3d train` prints for its own layout before the first step."""
+    return (f"gpt3d plan: predicted {p.peak_bytes / GIB:.1f} GiB per GPU (stage {p.busiest_stage}; "
+            f"{p.usable_bytes / GIB:.1f} usable) and {p.tokens_per_s:,.0f} tokens/s for {p.layout.label()}")
+
+
+def measured_line(p: Prediction, tokens_per_s: float, peak_bytes: float) -> str:
+    """The measured figures beside the prediction, after the first logged steps."""
+    return (f"gpt3d plan: measured {peak_bytes / GIB:.1f} GiB peak on this rank (predicted "
+            f"{p.peak_bytes / GIB:.1f} for the busiest stage) and {tokens_per_s:,.0f} tokens/s (predicted "
+            f"{p.tokens_per_s:,.0f})")

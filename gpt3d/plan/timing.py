@@ -106,6 +106,7 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Layout, gpu: Gpu, gpus_per_n
     p2p_bytes = sh.e * sh.seq_tokens * h
     p2p = (p2p_bytes / (link.pp_gbps * 1e9) + COMM_LATENCY_S) if lay.pp > 1 else 0.0
     stage_times, per_stage_parts = [], []
+    per_mode = {rc: layer_time(m, lay, gpu, link, sh, rc, ew_factor) for rc in {None, lay.recompute}}
     for r in range(lay.pp):
         chunks = lay.stage_chunks(m.num_layers, r)
         parts = {"layers (compute)": 0.0, "recompute": 0.0, "TP communication": 0.0, "embedding": 0.0,
@@ -113,7 +114,7 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Layout, gpu: Gpu, gpus_per_n
         for v, ids in enumerate(chunks):
             for i, _ in enumerate(ids):
                 rc = lay.recompute if lay.recompute != "full" or n_rc is None or i < n_rc else None
-                lt = layer_time(m, lay, gpu, link, sh, rc, ew_factor)
+                lt = per_mode[rc]
                 parts["layers (compute)"] += lt.forward + lt.backward
                 parts["recompute"] += lt.recompute
                 parts["TP communication"] += lt.tp_comm_forward * (2 if rc == "full" else 1) + lt.tp_comm_backward
@@ -124,8 +125,8 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Layout, gpu: Gpu, gpus_per_n
                 gemm = 6 * T * h * pv / t / (cal.gemm_tflops * 1e12)
                 # fused: bf16 logits read/written LOSS_PASSES times; vocab-parallel: ~5 fp32 passes
                 loss_bytes = (LOSS_PASSES * sh.e if fused_loss else 5 * 4) * T * pv / t
-                parts["output layer + loss"] += gemm + loss_bytes / (cal.loss_gbps * 1e9) * (1 if fused_loss else ew_factor) + \
-                    2 * _ring(sh.e * T * h, t, link.tp_gbps, "all_reduce")
+                loss = loss_bytes / (cal.loss_gbps * 1e9) * (1 if fused_loss else ew_factor)
+                parts["output layer + loss"] += gemm + loss + 2 * _ring(sh.e * T * h, t, link.tp_gbps, "all_reduce")
             if lay.pp > 1:
                 parts["pipeline send/receive"] += 2 * p2p
         stage_times.append(sum(parts.values()))
