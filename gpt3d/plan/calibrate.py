@@ -100,7 +100,7 @@ def _chunk_seconds(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: 
     try:
         return _seconds(run, warmup, iters, device)
     finally:
-        del chunk, run
+        chunk = None   # noqa: F841 - releases the model the closure holds
         torch._dynamo.reset()
         gc.collect()
 
@@ -119,7 +119,7 @@ def _optimizer_ns_per_param(cfg: Config, warmup: int, iters: int, device: torch.
         runs = sorted(_seconds(lambda: opt.clip_and_step(1e-4), warmup, iters, device) for _ in range(3))
         return runs[1] / n * 1e9
     finally:
-        del opt, layer
+        opt = layer = None   # noqa: F841
         gc.collect()   # the optimizer's gradient hooks make a reference cycle with the parameters
 
 
