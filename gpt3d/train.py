@@ -375,7 +375,8 @@ class Trainer:
         if self.scaler:
             row["loss_scale"] = float(self.scaler.scale.item())
         self.log.record(row)
-        if self.plan is not None and self.iteration == 2 * self.cfg.training.log_interval:   # past compilation
+        self.lines_logged = getattr(self, "lines_logged", 0) + 1
+        if self.plan is not None and self.lines_logged == 2:   # the second log line of this run: past compilation
             from .plan.search import measured_line
             self.log.console(measured_line(self.plan, tp["tokens_per_s"], torch.cuda.max_memory_allocated()))
         self.log.console(
