@@ -48,18 +48,21 @@ class _Sleep(torch.autograd.Function):
 
 
 class SleepChunk(nn.Module):
-    """A model chunk with GPTModel's calling convention: (tokens, labels, hidden=) -> hidden or per-token loss."""
+    """A model chunk whose forward sleeps; the first stage's chunk 0 starts from the tokens."""
 
-    def __init__(self, t: float):
+    def __init__(self, t: float, first: bool, last: bool):
         super().__init__()
-        self.t = t
+        self.t, self.first, self.last = t, first, last
         self.w = nn.Parameter(torch.zeros(HIDDEN[-1]))   # gives the first chunk's backward something to reach
 
-    def forward(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-                hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = hidden if hidden is not None else tokens.float().unsqueeze(-1).expand(HIDDEN)   # [b, s, h]
-        y = _Sleep.apply(x + self.w, self.t)
-        return y.mean(-1) if labels is not None else y                                       # [b, s] loss
+    def forward(self, tokens: torch.Tensor, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+        x = tokens.float().unsqueeze(-1).expand(HIDDEN) if self.first else hidden   # [b, s, h]
+        return _Sleep.apply(x + self.w, self.t)
+
+
+def sleep_forward_step(chunk: SleepChunk, micro_batch: dict, x: Optional[torch.Tensor]):
+    y = chunk(micro_batch["tokens"], x)
+    return (None, y.mean()) if chunk.last else (y, None)
 
 
 def step_worker(rank: int, world: int, cases: list, repeats: int) -> list:
@@ -69,15 +72,16 @@ def step_worker(rank: int, world: int, cases: list, repeats: int) -> list:
         cfg = ParallelConfig(pipeline_model_parallel_size=world,
                              num_layers_per_virtual_pipeline_stage=1 if v > 1 else None)
         ps = build_parallel_state(cfg, world, rank, torch.device("cpu"))
-        chunks = [SleepChunk(t_f / v) for _ in range(v)]
+        chunks = [SleepChunk(t_f / v, first=rank == 0 and c == 0, last=rank == world - 1 and c == v - 1)
+                  for c in range(v)]
         mbs = [{"tokens": torch.zeros(HIDDEN[:2], dtype=torch.long),
                 "labels": torch.zeros(HIDDEN[:2], dtype=torch.long)} for _ in range(m)]
         times = []
         for i in range(repeats + 1):   # the first step connects the p2p pairs: not timed
             dist.barrier()
             t0 = time.perf_counter()
-            forward_backward(chunks, mbs, ps, forward_only=False, loss_scale=None,
-                             set_last_microbatch=lambda last: None, hidden_shape=HIDDEN, dtype=torch.float32)
+            forward_backward(chunks, mbs, ps, forward_step=sleep_forward_step, forward_only=False,
+                             hidden_shape=HIDDEN, dtype=torch.float32)
             if i:
                 times.append(time.perf_counter() - t0)
         out.append(times)

@@ -68,7 +68,7 @@ def run_training(cfg: Config, device: torch.device, warmup: int, iters: int) -> 
     from gpt3d.parallel.state import ParallelState
     from gpt3d.train import Trainer
     cuda = device.type == "cuda"
-    trainer = Trainer(cfg, ParallelState(device=device))
+    trainer = Trainer(cfg, ParallelState.single(device))
     m, mbs = cfg.model, cfg.training.micro_batch_size
     text = torch.randint(0, m.vocab_size, (2, mbs, m.seq_length + 1), device=device)   # this step's and the next's
     batch = [{"tokens": text[0, :, :-1], "labels": text[0, :, 1:]}]
@@ -90,14 +90,14 @@ def run_training(cfg: Config, device: torch.device, warmup: int, iters: int) -> 
             out["resting_bytes"] = _mem()         # parameters, gradients, optimizer state, tokens
             torch.cuda.reset_peak_memory_stats()
             base = _mem()
-            chunk = trainer.chunks[0]
+            chunk = trainer.model[0]
             with sdpa_backend_context(m.attention_backend, device):
                 loss = chunk(batch[0]["tokens"], batch[0]["labels"]).float().mean()
             out["kept_by_forward_bytes"] = _mem() - base
             loss.backward()
             torch.cuda.synchronize()
             out["forward_backward_peak_over_rest"] = torch.cuda.max_memory_allocated() - base
-            trainer.optimizer.zero_grad()
+            trainer.grads.zero_grad()
             del chunk, loss
         return out
     finally:
@@ -106,7 +106,7 @@ def run_training(cfg: Config, device: torch.device, warmup: int, iters: int) -> 
 
 
 def free_memory(cuda: bool) -> None:
-    """Drop compiled graphs and collect reference cycles (the optimizer's gradient hooks hold the model), so
+    """Drop compiled graphs and collect reference cycles (the gradient buffer's hooks hold the model), so
     the next case starts from an empty GPU: the first run of this script leaked a whole model into the next."""
     torch._dynamo.reset()
     gc.collect()

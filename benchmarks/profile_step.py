@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gpt3d.bench import SHAPES, VOCAB, _config, add_arguments  # noqa: E402
+from gpt3d.bench import VOCAB, _config, add_arguments  # noqa: E402
 from gpt3d.metrics import Throughput  # noqa: E402
 from gpt3d.model.gpt import padded_vocab_size  # noqa: E402
 from gpt3d.parallel.state import ParallelState  # noqa: E402
@@ -35,7 +35,7 @@ def build(shape: str, variant: str, mbs=None):
     if variant.startswith(("bk-", "eager-")):   # trainer's own compile (or none) with one SDPA backend
         cfg.model.attention_backend = variant.split("-")[1]
         cfg.training.compile = variant.startswith("bk-")
-        return cfg, Trainer(cfg, ParallelState(device=torch.device("cuda")))
+        return cfg, Trainer(cfg, ParallelState.single(torch.device("cuda")))
     if variant == "selective":
         cfg.model.recompute_granularity = "selective"
     if variant == "full":
@@ -45,9 +45,9 @@ def build(shape: str, variant: str, mbs=None):
         cfg.training.compile = False
     if variant == "wholeflash":
         cfg.model.attention_backend = "flash"
-    tr = Trainer(cfg, ParallelState(device=torch.device("cuda")))
+    tr = Trainer(cfg, ParallelState.single(torch.device("cuda")))
     if whole:   # the chunk's whole forward (embedding .. loss) as one graph
-        for c in tr.chunks:
+        for c in tr.model:
             c.forward = torch.compile(c.forward)
     return cfg, tr
 
@@ -71,7 +71,7 @@ def time_variant(shape: str, variant: str, warmup: int, iters: int, mbs=None, pr
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
     for _ in range(5):
-        tr.optimizer.clip_and_step(1e-4)
+        tr.optimizer.step(1e-4)
     e1.record()
     torch.cuda.synchronize()
     opt_ms = e0.elapsed_time(e1) / 5

@@ -1,3 +1,4 @@
+"""`python -m gpt3d` is the `gpt3d` command."""
 import sys
 
 from .cli import main

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from .config import Config, ConfigError
+from .config import DEFAULT_VOCAB_SIZE as VOCAB, Config
+from .errors import ConfigError
 from .metrics import Throughput
 
 SHAPES = {
@@ -25,7 +26,6 @@ SHAPES = {
     "350M": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, micro_batch_size=8),
     "1.3B": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, micro_batch_size=8),
 }
-VOCAB = 50257
 
 
 def register(sub) -> None:
@@ -97,7 +97,7 @@ def _time(step, warmup: int, iters: int) -> tuple[float, float]:
 def bench_gpt3d(cfg: Config, warmup: int, iters: int) -> dict:
     from .parallel.state import ParallelState
     from .train import Trainer
-    trainer = Trainer(cfg, ParallelState(device=torch.device("cuda")))
+    trainer = Trainer(cfg, ParallelState.single(torch.device("cuda")))
     mbs, seq = cfg.training.micro_batch_size, cfg.model.seq_length
     gen = torch.Generator(device="cuda").manual_seed(0)
     text = torch.randint(0, VOCAB, (trainer.num_micro, mbs, seq + 1), device="cuda", generator=gen)
@@ -155,8 +155,7 @@ def _bench_hf(cfg: Config, mbs: int, micro: int, warmup: int, iters: int) -> dic
 def run(args: argparse.Namespace) -> int:
     configs = [(shape, _config(shape, args)) for shape in args.model]   # bad shapes fail before any work
     if not torch.cuda.is_available():
-        print("gpt3d: error: bench needs a CUDA device", file=sys.stderr)
-        return 2
+        raise ConfigError("bench needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for shape, cfg in configs:
@@ -202,9 +201,9 @@ def _table(rows: list) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="gpt3d bench")
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    """`python -m gpt3d.bench ...` is `gpt3d bench ...`."""
+    from .cli import main as cli_main
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

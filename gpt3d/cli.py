@@ -1,8 +1,9 @@
-"""`gpt3d <command>`: Megatron-style flags over YAML configs.
+"""`gpt3d <command>`: Megatron-style flags over YAML configs, and the one place errors are printed.
 
-Flags are generated from the config dataclasses, so every setting has exactly
-one name in YAML (`num_layers`) and on the command line (`--num-layers`).
-Precedence: dataclass defaults < YAML file < flags.
+Flags are generated from the config dataclasses (their names and annotated types), so every setting has
+exactly one name in YAML (`num_layers`) and on the command line (`--num-layers`).
+Precedence: dataclass defaults < YAML file < flags. Every command raises `Gpt3dError` for what the user can
+fix; `main` prints it as the one line `gpt3d: error: ...` and returns its exit code.
 """
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from typing import Callable, Optional
 
 import yaml
 
-from .config import SECTIONS, Config, ConfigError, apply_flat, flatten
+from .config import SECTIONS, Config, apply_flat, field_types, flatten
+from .errors import ConfigError, Gpt3dError
+
+# Token counts are often written 300e9 or 3_000_000_000.
+TOKEN_COUNT_FIELDS = ("train_tokens", "lr_warmup_tokens", "lr_decay_tokens")
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -25,24 +30,22 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (flags override it)")
     for section, klass in SECTIONS.items():
         group = parser.add_argument_group(section)
+        types = field_types(klass)
         for f in dataclasses.fields(klass):
             names = [_flag(f), *f.metadata.get("aliases", ())]
             kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help"))
-            t = str(f.type).replace("Optional[", "").rstrip("]")
-            if t == "bool":
+            t = types[f.name]
+            if t is bool:
                 group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
-            elif f.name == "data_path":
+            elif t is list:
                 group.add_argument(*names, nargs="+", **kw)
             else:
-                conv = {"int": int, "float": float}.get(t, str)
-                if f.name in ("train_tokens", "lr_warmup_tokens", "lr_decay_tokens"):
-                    conv = _int_tokens
+                conv = _int_tokens if f.name in TOKEN_COUNT_FIELDS else t if t in (int, float) else str
                 group.add_argument(*names, type=conv, choices=f.metadata.get("choices"),
                                    metavar=f.name.upper() if not f.metadata.get("choices") else None, **kw)
 
 
 def _int_tokens(text: str) -> int:
-    """Token counts are often written 300e9 or 3_000_000_000."""
     return int(float(text.replace("_", "")))
 
 
@@ -69,22 +72,16 @@ def _train(args: argparse.Namespace) -> int:
     return train_main(config_from_args(args))
 
 
-def _optional_commands(sub) -> None:
-    """Commands living in optional modules register themselves if present."""
-    import importlib
-    for mod in ("data.preprocess", "bench", "tools", "hf", "inference", "plot", "plan.cli"):
-        try:
-            m = importlib.import_module(f"gpt3d.{mod}")
-        except ImportError as e:
-            if f"gpt3d.{mod}" not in str(e):
-                raise
-            continue
-        if hasattr(m, "register"):
-            m.register(sub)
-        else:  # data.preprocess exposes Megatron's argument set
-            p = sub.add_parser("preprocess", help="tokenize JSONL into Megatron .bin/.idx")
-            m.add_arguments(p)
-            p.set_defaults(func=m.run)
+def _commands(sub) -> None:
+    """Every other command's module registers its own sub-parser."""
+    from . import bench, hf, inference, plot, tools
+    from .data import preprocess
+    from .plan import cli as plan
+    p = sub.add_parser("preprocess", help="tokenize JSONL into Megatron .bin/.idx")
+    preprocess.add_arguments(p)   # Megatron's argument set
+    p.set_defaults(func=preprocess.run)
+    for m in (bench, tools, hf, inference, plot, plan):
+        m.register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("train", help="pretrain a GPT model", allow_abbrev=False)
     add_config_flags(tp)
     tp.set_defaults(func=_train)
-    _optional_commands(sub)
+    _commands(sub)
     return parser
 
 
@@ -103,9 +100,9 @@ def main(argv: Optional[list] = None) -> int:
     func: Callable = args.func
     try:
         return int(func(args) or 0)
-    except ConfigError as e:
+    except Gpt3dError as e:
         print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A bad or inconsistent setting; the CLI prints it as one line."""
+# The vocabulary size when no tokenizer gives one (mock data, benchmarks): GPT-2's.
+DEFAULT_VOCAB_SIZE = 50257
 
 
 def opt(default: Any, help: str, choices: Optional[list] = None, flag: Optional[str] = None,
@@ -37,7 +40,8 @@ class ModelConfig:
     ffn_hidden_size: Optional[int] = opt(None, "MLP hidden size (default 4*hidden, or 8/3*hidden for SwiGLU)")
     seq_length: int = opt(64, "tokens per training sample")
     max_position_embeddings: Optional[int] = opt(None, "learned position table size (default: seq length)")
-    vocab_size: Optional[int] = opt(None, "vocabulary size (default: from the tokenizer; 50257 with mock data)")
+    vocab_size: Optional[int] = opt(None, "vocabulary size (default: from the tokenizer; "
+                                      f"{DEFAULT_VOCAB_SIZE} with mock data)")
     make_vocab_size_divisible_by: int = opt(128, "pad the vocabulary to a multiple of this (times TP)")
     init_method_std: float = opt(0.02, "std of the normal weight initialisation")
     hidden_dropout: float = opt(0.1, "dropout after attention/MLP and on embeddings")
@@ -237,28 +241,38 @@ def apply_flat(cfg: Config, flat: dict) -> None:
         setattr(section, key, _coerce(section, key, value))
 
 
+@functools.lru_cache(maxsize=None)
+def field_types(klass: type) -> dict:
+    """{field name: its type without Optional} of a config section, read from the annotations."""
+    out = {}
+    for name, t in typing.get_type_hints(klass).items():
+        if typing.get_origin(t) is typing.Union:
+            t = next(a for a in typing.get_args(t) if a is not type(None))
+        out[name] = typing.get_origin(t) or t
+    return out
+
+
 def _coerce(section, key: str, value: Any) -> Any:
-    f = next(f for f in dataclasses.fields(section) if f.name == key)
-    t = str(f.type).replace("Optional[", "").rstrip("]")
+    t = field_types(type(section))[key]
     if value is None:
         return None
     try:
-        if key == "data_path":
+        if t is list:
             return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split()
-        if t == "bool":
+        if t is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
-        if t == "int":
+        if t is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(float(value)) if isinstance(value, str) else int(value)
-        if t == "float":
+        if t is float:
             return float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"setting '{key}' expects {t}, got {value!r}") from None
+        raise ConfigError(f"setting '{key}' expects {t.__name__}, got {value!r}") from None
     return value
 
 

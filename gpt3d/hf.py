@@ -21,17 +21,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError
-from .config import Config, ConfigError
-from .model.gpt import EMBEDDING
+from .config import Config
+from .errors import HFError, os_errors_are_user_errors
+from .atomic import fresh_dir, publish_dir
+from .model.build import DTYPES
+from .model.gpt import EMBEDDING, OUTPUT_LAYER, VOCAB_PARAMETERS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 EOD = "<|endoftext|>"
-
-
-class HFError(ValueError):
-    """A model or directory that cannot be converted; printed as one line."""
 
 
 # ----- architecture -----------------------------------------------------------------------------------------------
@@ -150,7 +147,7 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
                   "attention_bias": bias, "mlp_bias": bias, "attention_dropout": m["attention_dropout"]}
     head = "embed_out.weight" if arch == "gpt_neox" else "lm_head.weight"
     if not tied:
-        sd[head] = t["output_layer"]
+        sd[head] = t[OUTPUT_LAYER]
     config.update({"tie_word_embeddings": tied, "bos_token_id": eod, "eos_token_id": eod, "use_cache": True})
     return {k: v.contiguous() for k, v in sd.items()}, config
 
@@ -243,29 +240,13 @@ def from_hf(c: dict, sd: dict) -> tuple[dict, dict]:
     else:
         raise HFError(f"model_type {arch!r} is not supported (gpt2, gpt_neox and llama are)")
     if not tied:
-        t["output_layer"] = sd["embed_out.weight" if "embed_out.weight" in sd else "lm_head.weight"]
+        t[OUTPUT_LAYER] = sd["embed_out.weight" if "embed_out.weight" in sd else "lm_head.weight"]
     m.update({"vocab_size": c["vocab_size"], "init_method_std": c.get("initializer_range", 0.02),
               "untie_embeddings_and_output_weights": not tied})
     return m, {k: v.contiguous() for k, v in t.items()}
 
 
 # ----- commands ---------------------------------------------------------------------------------------------------
-def _fresh_output(path: str) -> str:
-    """A temporary sibling to write into; refuses to touch an existing non-empty directory."""
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise HFError(f"output {path} already exists and is not empty; choose a new directory")
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def _publish(tmp: str, path: str) -> None:
-    if os.path.isdir(path):
-        os.rmdir(path)   # empty, checked by _fresh_output
-    os.replace(tmp, path)
-
-
 def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[str] = None,
               merge_file: Optional[str] = None) -> dict:
     from .checkpoint import read_model_tensors
@@ -281,7 +262,9 @@ def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[
     target = DTYPES[dtype] if dtype != "auto" else next(iter(sd.values())).dtype
     sd = {k: v.to(target) for k, v in sd.items()}
     config["torch_dtype"] = config["dtype"] = HF_DTYPE_NAMES[target]
-    tmp = _fresh_output(output)
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise HFError(f"output {output} already exists and is not empty; choose a new directory")
+    tmp = fresh_dir(output.rstrip("/") + ".tmp")   # written whole, then renamed into place
     save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     _write_json(os.path.join(tmp, "config.json"), config)
     _write_json(os.path.join(tmp, "generation_config.json"), {"bos_token_id": eod, "eos_token_id": eod})
@@ -291,7 +274,7 @@ def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[
         _write_json(os.path.join(tmp, "tokenizer_config.json"),
                     {"tokenizer_class": "GPT2Tokenizer", "model_max_length": m["seq_length"],
                      "bos_token": EOD, "eos_token": EOD, "unk_token": EOD, "add_prefix_space": False})
-    _publish(tmp, output)
+    publish_dir(tmp, output)   # replaces an empty directory, checked above
     return {"checkpoint": path, "output": output, "architecture": config["architectures"][0],
             "tokenizer": has_tok, "dtype": config["dtype"]}
 
@@ -322,9 +305,7 @@ def read_hf_dir(path: str) -> tuple[dict, dict]:
 
 def import_hf(src: str, save: str) -> dict:
     from .checkpoint import save_weights
-    from .model.gpt import GPTModel
-    from .parallel.random import TPRNG
-    from .parallel.state import ParallelState
+    from .model.build import ModelChunks, build_full_model
     hf_config, sd = read_hf_dir(src)
     try:
         m, tensors = from_hf(hf_config, sd)
@@ -335,16 +316,14 @@ def import_hf(src: str, save: str) -> dict:
     cfg = Config.from_dict({"model": m})
     cfg.model.make_vocab_size_divisible_by = 128
     tok = {f: os.path.join(src, f) for f in ("vocab.json", "merges.txt")}
-    ps = ParallelState(device=torch.device("meta"))
-    model = GPTModel(cfg.model, ps, TPRNG(0, ps), vocab_size=m["vocab_size"])
-    params = {n: {"shape": list(p.shape), "split_dim": p.tp_split_dim, "tied_to": None}
-              for n, p in model.named_parameters()}
+    model = build_full_model(cfg.model, m["vocab_size"], device=torch.device("meta"))
+    params = ModelChunks([model]).layout()
     if set(params) != set(tensors):
         raise HFError(f"weights do not match the derived model: missing {sorted(set(params) - set(tensors))}, "
                       f"unexpected {sorted(set(tensors) - set(params))}")
     for n, p in model.named_parameters():
         w = tensors[n]
-        if n in (EMBEDDING, "output_layer"):   # pad the vocabulary like training does
+        if n in VOCAB_PARAMETERS:   # pad the vocabulary like training does
             w = torch.cat([w, w.new_zeros(p.shape[0] - w.shape[0], w.shape[1])])
             tensors[n] = w
         if tuple(w.shape) != tuple(p.shape):
@@ -388,14 +367,9 @@ def register(sub) -> None:
     p.set_defaults(func=_import_cmd)
 
 
+@os_errors_are_user_errors
 def _run(fn, **kw) -> int:
-    from .data.tokenizer import TokenizerError
-    try:
-        out = fn(**kw)
-    except (HFError, CheckpointError, ConfigError, TokenizerError, OSError) as e:
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(out))
+    print(json.dumps(fn(**kw)))
     return 0
 
 

@@ -8,28 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, read_model_tensors
-from .config import Config, ConfigError
-from .data.indexed import DataError
-from .data.tokenizer import TokenizerError, build_tokenizer
-from .model.attention import KVCache
+from .checkpoint import read_model_tensors
+from .config import Config
+from .data.tokenizer import build_tokenizer
+from .errors import ConfigError, DataError, TokenizerError, os_errors_are_user_errors
+from .model.attention import KVCache, sdpa_backend_context
+from .model.build import DTYPES, build_inference_model
 from .model.gpt import GPTModel
-from .parallel.random import TPRNG
-from .parallel.state import ParallelState
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is visible")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+from .parallel.state import pick_device
 
 
 def load_model(root: str, device: torch.device = torch.device("cpu"),
@@ -37,16 +28,12 @@ def load_model(root: str, device: torch.device = torch.device("cpu"),
     """(model in eval mode, its config, checkpoint meta); dropout and recompute are off."""
     path, meta, tensors = read_model_tensors(root)
     cfg = Config.from_dict(meta["config"])
-    cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.0
-    cfg.model.recompute_granularity = None
-    ps = ParallelState(device=torch.device("cpu"))
-    model = GPTModel(cfg.model, ps, TPRNG(cfg.training.seed, ps), vocab_size=meta["vocab_size"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            w = tensors[name]
-            p.zero_()
-            p[:w.shape[0]].copy_(w)          # padded vocabulary rows stay zero
-    return model.to(device=device).cast_parameters(dtype).eval(), cfg, meta
+    model = build_inference_model(cfg.model, meta["vocab_size"], tensors, device, dtype, seed=cfg.training.seed)
+    return model, cfg, meta
+
+
+def _attention_kernels(model: GPTModel):
+    return sdpa_backend_context(model.cfg.attention_backend, next(model.parameters()).device)
 
 
 def tokenizer_for(cfg: Config, vocab_file: Optional[str], merge_file: Optional[str]):
@@ -67,11 +54,12 @@ def score_tokens(model: GPTModel, ids: torch.Tensor, seq_length: int, batch_size
     full = [w for w in windows if len(w) == seq_length]
     groups = [torch.stack(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
     groups += [w[None] for w in windows if len(w) != seq_length]
-    for x in groups:
-        x = x.to(device)
-        loss = model(x[:, :-1], x[:, 1:])                 # [b, s-1] per-token loss
-        total += loss.double().sum()
-        count += loss.numel()
+    with _attention_kernels(model):
+        for x in groups:
+            x = x.to(device)
+            loss = model(x[:, :-1], x[:, 1:])                 # [b, s-1] per-token loss
+            total += loss.double().sum()
+            count += loss.numel()
     return float(total), count
 
 
@@ -137,16 +125,17 @@ def generate(model: GPTModel, prompt: list[int], max_new_tokens: int, *, tempera
     ids = list(prompt)
     cache = KVCache() if use_cache else None
     feed = ids
-    for _ in range(max_new_tokens):
-        if limit is not None and len(ids) >= limit:
-            break
-        x = torch.tensor([feed if use_cache else ids], dtype=torch.long, device=device)
-        logits = model(x, kv_cache=cache)[0, -1, :model.vocab_size].float()
-        nxt = sample_next(logits, temperature, top_k, top_p, gen)
-        ids.append(nxt)
-        feed = [nxt]
-        if stop_token is not None and nxt == stop_token:
-            break
+    with _attention_kernels(model):
+        for _ in range(max_new_tokens):
+            if limit is not None and len(ids) >= limit:
+                break
+            x = torch.tensor([feed if use_cache else ids], dtype=torch.long, device=device)
+            logits = model(x, kv_cache=cache)[0, -1, :model.vocab_size].float()
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)
+            ids.append(nxt)
+            feed = [nxt]
+            if stop_token is not None and nxt == stop_token:
+                break
     return ids
 
 
@@ -200,12 +189,9 @@ def register(sub) -> None:
     p.set_defaults(func=lambda a: _run(_generate_cmd, a))
 
 
+@os_errors_are_user_errors
 def _run(fn, args: argparse.Namespace) -> int:
-    try:
-        out = fn(args)
-    except (CheckpointError, ConfigError, DataError, TokenizerError, OSError) as e:
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 2
+    out = fn(args)
     if fn is _generate_cmd and not args.json:
         print(out["text"])
     else:

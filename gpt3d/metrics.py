@@ -1,4 +1,4 @@
-"""Throughput accounting and metric sinks (console, JSON lines, TensorBoard).
+"""Throughput accounting: the FLOPs of one iteration, turned into TFLOPs/GPU and MFU for a measured time.
 
 Two FLOP counts are reported, because papers use both:
   * Megatron-DeepSpeed's `throughput_calculator` formula,
@@ -8,13 +8,6 @@ Two FLOP counts are reported, because papers use both:
 MFU uses the model FLOPs (Megatron formula without the recompute factor) over `peak_tflops`.
 """
 from __future__ import annotations
-
-import json
-import math
-import os
-import sys
-import time
-from typing import Optional
 
 from .config import ModelConfig
 from .model.gpt import count_parameters
@@ -49,70 +42,3 @@ class Throughput:
         return {"tokens_per_s": self.tokens / max(seconds_per_iter, 1e-12),
                 "tflops_per_gpu": self.megatron / t, "tflops_per_gpu_6n": self.palm / t,
                 "mfu": self.model / t / self.peak}
-
-
-def fmt_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}"
-
-
-class MetricsLogger:
-    """Writes only on the logging rank; the others get a no-op logger."""
-
-    def __init__(self, enabled: bool, log_file: Optional[str], tensorboard_dir: Optional[str]):
-        self.enabled = enabled
-        self.fh = None
-        self.tb = None
-        if not enabled:
-            return
-        if log_file:
-            os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-            self.fh = open(log_file, "a", buffering=1)
-        if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(tensorboard_dir)
-
-    def console(self, text: str) -> None:
-        if self.enabled:
-            print(text, flush=True)
-
-    def record(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        if self.fh:
-            self.fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        if self.tb:
-            step = row.get("tokens", row.get("iteration", 0))
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("iteration", "tokens"):
-                    self.tb.add_scalar(k, v, row.get("iteration", 0))
-            if "loss" in row:
-                self.tb.add_scalar("loss_vs_tokens", row["loss"], step)
-
-    def close(self) -> None:
-        if self.fh:
-            self.fh.close()
-        if self.tb:
-            self.tb.close()
-
-
-def _clean(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
-
-
-class Timer:
-    def __init__(self):
-        self.t0 = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.t0 = now - self.t0, now
-        return dt
-
-
-def warn(msg: str) -> None:
-    print(f"gpt3d: warning: {msg}", file=sys.stderr, flush=True)

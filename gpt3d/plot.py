@@ -12,12 +12,10 @@ import argparse
 import json
 import math
 import os
-import sys
 from typing import Optional
 
-
-class PlotError(ValueError):
-    """A metrics file that cannot be read; the CLI prints it as one line."""
+from .atomic import replacing
+from .errors import PlotError, os_errors_are_user_errors
 
 
 def _num(v) -> Optional[float]:
@@ -111,15 +109,8 @@ def plot_runs(paths: list, output: str, title: Optional[str] = None) -> str:
     speed_ax.set_ylim(bottom=0)
     for ax in (loss_ax, speed_ax):
         ax.grid(alpha=0.3)
-    out_dir = os.path.dirname(os.path.abspath(output))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f".{os.path.basename(output)}.tmp{os.getpid()}")
-    try:
+    with replacing(output) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return output
 
 
@@ -131,10 +122,7 @@ def register(sub) -> None:
     p.set_defaults(func=_run)
 
 
+@os_errors_are_user_errors
 def _run(args: argparse.Namespace) -> int:
-    try:
-        print(f"wrote {plot_runs(args.metrics, args.output, args.title)}")
-    except (PlotError, OSError) as e:
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 2
+    print(f"wrote {plot_runs(args.metrics, args.output, args.title)}")
     return 0

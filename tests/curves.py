@@ -14,6 +14,7 @@ from gpt3d.config import Config
 from gpt3d.data.sampler import build_data_loader
 from gpt3d.parallel.state import ParallelState, build_parallel_state
 from gpt3d.train import Trainer
+from gpt3d.train.report import dp_mean
 
 
 def tiny_config(**overrides) -> Config:
@@ -44,14 +45,13 @@ def run_curve(cfg: Config, iters: Optional[int] = None, trainer: Optional[Traine
     """Per-iteration train loss and grad norm, then the validation loss (on the logging rank)."""
     t = trainer or make_trainer(cfg)
     train_ds, valid_ds, _ = t.build_datasets()
-    loader = iter(build_data_loader(train_ds, t.consumed_samples, cfg.training.micro_batch_size, t.ps.dp_rank,
-                                    t.ps.dp))
+    loader = iter(build_data_loader(train_ds, t.state.consumed_samples, cfg.training.micro_batch_size,
+                                    t.ps.dp_rank, t.ps.dp))
     losses, norms = [], []
-    for _ in range(iters or cfg.training.train_iters - t.iteration):
-        loss, norm, _ = t.train_step(t.microbatches(loader))
-        value = t._dp_mean(loss if loss is not None else torch.zeros(1))
-        losses.append(value)
-        norms.append(float(norm))
+    for _ in range(iters or cfg.training.train_iters - t.state.iteration):
+        r = t.train_step(t.microbatches(loader))
+        losses.append(dp_mean(r.loss if r.loss is not None else torch.zeros(1), t.ps))
+        norms.append(float(r.grad_norm))
     val = t.evaluate(valid_ds)
     return {"losses": losses, "norms": norms, "val": val, "logging": t.ps.is_logging_rank,
             "state_bytes": t.optimizer.state_bytes(), "trainer": None}
@@ -76,10 +76,9 @@ def save_worker(rank: int, world: int, overrides: dict, path: str, iters: int) -
 
 
 def resume_worker(rank: int, world: int, overrides: dict, path: str) -> Optional[dict]:
-    from gpt3d import checkpoint
     cfg = tiny_config(load=path, **overrides)
     t = make_trainer(cfg)
-    checkpoint.load_checkpoint(path, t)
+    t.load(path)
     r = run_curve(cfg, trainer=t)
     return r if r["logging"] else None
 
@@ -91,18 +90,18 @@ def overflow_worker(rank: int, world: int, zero_stage: int) -> dict:
     t = make_trainer(cfg)
     train_ds, _, _ = t.build_datasets()
     loader = iter(build_data_loader(train_ds, 0, 2, t.ps.dp_rank, t.ps.dp))
-    finish = t.optimizer.finish_grad_sync
+    finish = t.grads.finish_grad_sync
 
     def poisoned():
         finish()
         if rank == 1:
             t.optimizer.masters[0].grad[0] = float("inf")
-    t.optimizer.finish_grad_sync = poisoned
-    before = [p.detach().clone() for p in t.chunks[0].parameters()]
-    _, norm, _ = t.train_step(t.microbatches(loader))
-    unchanged = all(torch.equal(a, p) for a, p in zip(before, t.chunks[0].parameters()))
-    t.optimizer.finish_grad_sync = finish
-    _, norm2, _ = t.train_step(t.microbatches(loader))
-    changed = any(not torch.equal(a, p) for a, p in zip(before, t.chunks[0].parameters()))
-    return {"unchanged": unchanged, "norm": float(norm), "skipped": float(t.optimizer.skipped),
-            "then_steps": changed and math.isfinite(float(norm2))}
+    t.grads.finish_grad_sync = poisoned
+    before = [p.detach().clone() for p in t.model[0].parameters()]
+    first = t.train_step(t.microbatches(loader))
+    unchanged = all(torch.equal(a, p) for a, p in zip(before, t.model[0].parameters()))
+    t.grads.finish_grad_sync = finish
+    second = t.train_step(t.microbatches(loader))
+    changed = any(not torch.equal(a, p) for a, p in zip(before, t.model[0].parameters()))
+    return {"unchanged": unchanged, "norm": float(first.grad_norm), "skipped": float(first.skipped),
+            "then_steps": changed and math.isfinite(float(second.grad_norm)) and float(second.skipped) == 0.0}

@@ -18,7 +18,7 @@ from gpt3d.data.tokenizer import build_tokenizer
 from gpt3d.model.gpt import count_parameters
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
-from gpt3d.train import build_model_chunks
+from gpt3d.model.build import build_model_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

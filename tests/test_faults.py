@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import MERGES, VOCAB
 from curves import make_trainer, run_curve, tiny_config
 
@@ -211,9 +210,10 @@ def test_resume_restores_scheduler_and_loss_scaler(tmp_path):
     head = run_curve(first.cfg, iters=5, trainer=first)
     first.save()
     resumed = make_trainer(tiny_config(**over))
-    checkpoint.load_checkpoint(str(tmp_path / "ck"), resumed)
+    resumed.load(str(tmp_path / "ck"))
     assert resumed.scaler.state_dict() == first.scaler.state_dict()
-    assert (resumed.iteration, resumed.consumed_samples) == (first.iteration, first.consumed_samples)
+    assert (resumed.state.iteration, resumed.state.consumed_samples) == \
+        (first.state.iteration, first.state.consumed_samples)
     tail = run_curve(resumed.cfg, trainer=resumed)
     assert head["losses"] + tail["losses"] == pytest.approx(unbroken["losses"], abs=1e-5)
     assert resumed.scaler.state_dict() == ref.scaler.state_dict()
@@ -223,7 +223,9 @@ def test_resume_restores_scheduler_and_loss_scaler(tmp_path):
 @pytest.mark.parametrize("where", ["shard", "latest"])
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch, where):
     ck = tmp_path / "ck"
-    real_save, real_text = checkpoint.save_file, checkpoint._write_text_atomic
+    import gpt3d.atomic
+    import gpt3d.checkpoint.store as store
+    real_save, real_text = store.save_file, gpt3d.atomic.write_text
 
     def save_file(tensors, path, metadata=None):
         if "iter_0000004" in path:   # half a shard reaches the disk, then the disk is full
@@ -236,8 +238,8 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, capsys, m
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
         return real_text(path, text)
 
-    monkeypatch.setattr(checkpoint, "save_file" if where == "shard" else "_write_text_atomic",
-                        save_file if where == "shard" else write_text)
+    monkeypatch.setattr(store if where == "shard" else gpt3d.atomic, "save_file" if where == "shard" else
+                        "write_text", save_file if where == "shard" else write_text)
     assert _train("--train-iters", "2", "--save", str(ck)) == 0
     before = _snapshot(ck)
     capsys.readouterr()

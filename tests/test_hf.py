@@ -182,9 +182,8 @@ def test_import_export_round_trip_is_bitwise(kind, tmp_path):
     model_cfg.update(seq_length=12, hidden_dropout=0.0, attention_dropout=0.0)
     tcfg = tiny_config(load=str(tmp_path / "ck"), **model_cfg)
     trainer = make_trainer(tcfg)
-    from gpt3d.checkpoint import load_checkpoint
-    load_checkpoint(str(tmp_path / "ck"), trainer)
-    chunk = trainer.chunks[0].eval()
+    trainer.load(str(tmp_path / "ck"))
+    chunk = trainer.model[0].eval()
     with torch.no_grad():
         assert (chunk(x)[..., :300] - hf(x).logits).abs().max() <= 1e-4
     losses = run_curve(tcfg, iters=2, trainer=trainer)["losses"]
@@ -215,7 +214,7 @@ def test_score_tokens_windows():
     """Windows are non-overlapping; a short tail window counts, a 1-token tail does not."""
     cfg = tiny_config(num_layers=2)
     t = make_trainer(cfg)
-    model = t.chunks[0].eval()
+    model = t.model[0].eval()
     ids = torch.randint(0, 256, (16 * 3 + 5,), generator=torch.Generator().manual_seed(2))
     total, count = score_tokens(model, ids, 16, batch_size=2)
     assert count == 3 * 15 + 4
@@ -230,7 +229,7 @@ def test_kv_cache_chunks_match_full_forward(arch):
     """Feeding a sequence in pieces through the cache gives the logits of one full forward."""
     from gpt3d.model.attention import KVCache
     cfg = tiny_config(num_layers=2, init_method_std=0.3, **(LLAMA if arch == "llama" else {}))
-    model = make_trainer(cfg).chunks[0].eval()
+    model = make_trainer(cfg).model[0].eval()
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     cache, pieces = KVCache(), []
     with torch.no_grad():

@@ -7,14 +7,13 @@ graphs keep a different set (checked on a GPU by benchmarks/plan_check.py).
 """
 from __future__ import annotations
 
-import functools
 import itertools
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import distributed
+import plan_jobs
 from curves import tiny_config
 from gpt3d.model.gpt import GPTModel
 from gpt3d.parallel.random import seed_everything
@@ -95,9 +94,10 @@ TP_CASES = [("gpt", False), ("gpt", True), ("llama", False), ("llama", True)]
 
 
 def tp_worker(rank: int, world: int, cases: list) -> list:
+    """TP=2 (DP = world / 2: the census is per rank, DP replicas hold the same) under each (arch, sp)."""
     out = []
     for arch, sp in cases:
-        cfg = _cfg(arch, None, 0.0, tensor_model_parallel_size=world, sequence_parallel=sp, heads=8, kv=4)
+        cfg = _cfg(arch, None, 0.0, tensor_model_parallel_size=2, sequence_parallel=sp, heads=8, kv=4)
         ps = build_parallel_state(cfg.parallel, world, rank, torch.device("cpu"))
         model = GPTModel(cfg.model, ps, seed_everything(1, ps), vocab_size=cfg.model.vocab_size)
         model.init_weights(1)
@@ -110,15 +110,10 @@ def tp_worker(rank: int, world: int, cases: list) -> list:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _tp_results() -> list:
-    return distributed.run(2, tp_worker, TP_CASES)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(TP_CASES)), ids=[f"{a}-sp{int(s)}" for a, s in TP_CASES])
 def test_tensor_parallel_saved_bytes_are_exact(index):
     """TP=2 (GQA with 2 KV heads per rank, so q is regrouped), with and without sequence parallelism."""
-    for rank, per_rank in enumerate(_tp_results()):
+    for rank, per_rank in enumerate(plan_jobs.per_rank(4, "tp_activations")):   # tests/plan_jobs.py
         saved, predicted = per_rank[index]
         assert saved == predicted, (rank, saved, predicted)

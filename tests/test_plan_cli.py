@@ -152,3 +152,44 @@ def test_predict_uses_the_configs_own_layout(cfg_1b):
     p = predict(cfg_1b, 8, "h100")
     assert (p.layout.tp, p.layout.pp, p.layout.dp, p.layout.num_micro) == (2, 2, 2, 4)
     assert p.peak_bytes / GIB < 40 and p.tokens_per_s > 0
+
+
+def test_train_predicts_on_cuda_only_and_check_memory_refuses_before_allocating(monkeypatch):
+    import torch
+
+    from gpt3d.parallel.state import ParallelState
+    from gpt3d.plan import search
+    cfg = Config.from_dict({"num_layers": 40, "hidden_size": 5120, "num_attention_heads": 40, "seq_length": 2048,
+                            "micro_batch_size": 1, "global_batch_size": 8, "bf16": True, "mock_data": True,
+                            "train_iters": 1, "compile": True, "check_memory": True})
+    assert search.for_run(cfg, ParallelState(dp=8), 50257) is None          # CPU runs: no prediction
+    monkeypatch.setattr(search, "gpu_for_device", lambda device: resolve_gpu("h100-80gb"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    on_gpus = ParallelState(dp=8, device=torch.device("cuda"))               # no CUDA call is made
+    with pytest.raises(ConfigError, match="predicted to need .* GiB per GPU"):
+        search.for_run(cfg, on_gpus, 50257)
+    cfg.training.check_memory = False
+    p = search.for_run(cfg, on_gpus, 50257)
+    assert not p.fits and p.layout.dp == 8
+
+
+def test_train_prints_the_prediction_then_the_measured_figures(monkeypatch, capsys):
+    """The train loop's wiring, on CPU: a prediction stands in for the GPU's (see for_run)."""
+    import torch
+
+    import gpt3d.train.loop as loop
+    from curves import tiny_config
+    from gpt3d.parallel.state import ParallelState
+    cfg = tiny_config(train_iters=3, log_interval=1, eval_iters=0)
+    pred = predict(cfg, 1, "h100-80gb")
+    monkeypatch.setattr(loop, "plan_for_run", lambda cfg, ps, vocab_size: pred)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * GIB)
+    assert loop.Trainer(cfg, ParallelState.single()).run() == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = [i for i, ln in enumerate(lines) if ln.startswith("gpt3d plan: predicted")]
+    measured = [i for i, ln in enumerate(lines) if ln.startswith("gpt3d plan: measured")]
+    iters = [i for i, ln in enumerate(lines) if ln.startswith("iter ")]
+    assert len(start) == 1 and lines[start[0] - 1].startswith("gpt3d: ") and start[0] < iters[0]
+    assert len(iters) == 3 and measured == [iters[1] - 1]                    # once, at the second log line
+    assert "measured 3.0 GiB peak" in lines[measured[0]] and pred.layout.label() in lines[start[0]]

@@ -2,43 +2,47 @@
 
 Parameters (contiguous buffer, bucket padding included), fp32 gradient buffer,
 fp32 masters and Adam moments/steps of the rank's ZeRO shard: predicted by
-gpt3d.plan.memory from the config alone, measured by walking the storages a
-trained rank holds (`held_bytes`). Real gloo jobs at TP/PP/DP/ZeRO layouts,
-plus a single-process sweep over many more layouts with stand-in ranks.
+gpt3d.plan.memory from the config alone, measured from the gradient buffer's and
+the sharded optimizer's byte reports and a walk of every storage a trained rank
+holds (`held_bytes`). Real gloo jobs at TP/PP/DP/ZeRO layouts (the shared jobs of
+tests/plan_jobs.py), plus a single-process sweep over many more layouts with
+stand-in ranks.
 """
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
 
-import distributed
+import plan_jobs
 from curves import make_trainer, tiny_config
 from gpt3d.config import OptimizerConfig
+from gpt3d.data.sampler import build_data_loader
+from gpt3d.model.build import build_model_chunks
 from gpt3d.model.gpt import GPTModel
-from gpt3d.optim.zero1 import DistributedOptimizer
+from gpt3d.optim.grad_buffer import GradBuffer
+from gpt3d.optim.zero1 import ShardedOptimizer
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
 from gpt3d.plan.layout import layout_of
 from gpt3d.plan.memory import chunk_params, persistent_bytes, stage_params
 
-KINDS = ("params", "grads", "masters", "adam_moments", "adam_steps")
 
+def held_bytes(model, grads: GradBuffer, optimizer: ShardedOptimizer) -> dict:
+    """Bytes this rank holds, by kind. The figures are the public byte reports: the gradient buffer's
+    `param_nbytes()` (the contiguous parameter buffer, which the model's parameters are views of) and
+    `nbytes()` (fp32 gradients), and the sharded optimizer's `state_bytes()` (fp32 masters if separate,
+    Adam moments). No report covers Adam's step counters, and reports could miss an allocation, so this
+    also walks every distinct storage reachable from the parameters, their `main_grad` views and the
+    torch optimizer's parameters and state: `adam_steps` and `all_storages` (the walk's total) come from it.
 
-def held_bytes(chunks, optimizer) -> dict:
-    """Bytes this rank holds, by kind: every distinct storage reachable from the model's parameters, their
-    `main_grad` views and the torch optimizer's parameters and state (a storage counts once, under the first
-    kind that reaches it; fp32 masters that are views of the parameters are parameters).
-
-    The one place that knows where gpt3d keeps these tensors: adapt it when the optimizer is refactored."""
+    The one place that knows where gpt3d keeps these tensors: adapt it when the optimizer changes."""
     seen: dict = {}
 
     def add(kind: str, t: torch.Tensor) -> None:
         st = t.untyped_storage()
-        seen.setdefault(st.data_ptr(), (kind, st.nbytes()))
+        seen.setdefault(st.data_ptr(), (kind, st.nbytes()))   # a storage counts once
 
-    for c in chunks:
+    for c in model:
         for p in c.parameters():
             add("params", p)
             add("grads", p.main_grad)
@@ -48,10 +52,15 @@ def held_bytes(chunks, optimizer) -> dict:
             add("masters", m)
             for k, v in torch_opt.state.get(m, {}).items():
                 add("adam_steps" if k == "step" else "adam_moments", v)
-    out = dict.fromkeys(KINDS, 0)
-    for kind, n in seen.values():
-        out[kind] += n
-    return out
+    return {"params": grads.param_nbytes(), "grads": grads.nbytes(), "optimizer_state": optimizer.state_bytes(),
+            "adam_steps": sum(n for kind, n in seen.values() if kind == "adam_steps"),
+            "all_storages": sum(n for _, n in seen.values())}
+
+
+def expected(r) -> dict:
+    """The planner's `Persistent` in `held_bytes`'s kinds."""
+    return {"params": r.params, "grads": r.grads, "optimizer_state": r.masters + r.adam_moments,
+            "adam_steps": r.adam_steps, "all_storages": r.total}
 
 
 def predicted(cfg, world: int, rank: int) -> dict:
@@ -59,16 +68,16 @@ def predicted(cfg, world: int, rank: int) -> dict:
     pp_rank, dp_rank = rank // (lay.tp * lay.dp), (rank // lay.tp) % lay.dp
     params = [p for c in stage_params(cfg.model, cfg.model.vocab_size, lay, pp_rank) for p in c]
     pb = 2 if cfg.precision.bf16 else 4
-    r = persistent_bytes(params, lay, dp_rank=dp_rank, param_bytes=pb, bucket_size_mb=cfg.parallel.bucket_size_mb)
-    return {k: getattr(r, k) for k in KINDS}
+    return expected(persistent_bytes(params, lay, dp_rank=dp_rank, param_bytes=pb,
+                                     bucket_size_mb=cfg.parallel.bucket_size_mb))
 
 
 # world size -> layouts; a small bucket size so that buckets, their padding and shard edges all matter
 LAYOUTS = {
-    2: [dict(zero_stage=1), dict(zero_stage=1, bf16=True), dict(zero_stage=0, bf16=True),
+    4: [dict(zero_stage=1), dict(zero_stage=1, bf16=True), dict(zero_stage=0, bf16=True),
         dict(pipeline_model_parallel_size=2, bf16=True),
-        dict(tensor_model_parallel_size=2, sequence_parallel=True, bf16=True)],
-    4: [dict(tensor_model_parallel_size=2, sequence_parallel=True, zero_stage=1, bf16=True),
+        dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, sequence_parallel=True, bf16=True),
+        dict(tensor_model_parallel_size=2, sequence_parallel=True, zero_stage=1, bf16=True),
         dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1, zero_stage=1, bf16=True,
              global_batch_size=8, micro_batch_size=2)],
     8: [dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, sequence_parallel=True, zero_stage=1,
@@ -87,16 +96,10 @@ def held_worker(rank: int, world: int, layouts: list) -> list:
     for overrides in layouts:
         t = make_trainer(_cfg(overrides))
         train_ds, _, _ = t.build_datasets()
-        from gpt3d.data.sampler import build_data_loader
         loader = iter(build_data_loader(train_ds, 0, t.cfg.training.micro_batch_size, t.ps.dp_rank, t.ps.dp))
         t.train_step(t.microbatches(loader))
-        out.append(held_bytes(t.chunks, t.optimizer))
+        out.append(held_bytes(t.model, t.grads, t.optimizer))
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _held(world: int) -> list:
-    return distributed.run(world, held_worker, LAYOUTS[world])
 
 
 CASES = [(w, i) for w in LAYOUTS for i in range(len(LAYOUTS[w]))]
@@ -106,9 +109,9 @@ CASES = [(w, i) for w in LAYOUTS for i in range(len(LAYOUTS[w]))]
 @pytest.mark.parametrize("world,index", CASES, ids=[f"w{w}-{i}" for w, i in CASES])
 def test_persistent_bytes_per_rank_are_exact(world, index):
     cfg = _cfg(LAYOUTS[world][index])
-    for rank, per_rank in enumerate(_held(world)):
-        held = per_rank[index]
-        assert held["adam_moments"] > 0 and held["params"] > 0, held
+    for rank, per_layout in enumerate(plan_jobs.per_rank(world, "memory")):
+        held = per_layout[index]
+        assert held["optimizer_state"] > 0 and held["adam_steps"] > 0 and held["params"] > 0, held
         assert held == predicted(cfg, world, rank), f"rank {rank}"
 
 
@@ -118,7 +121,6 @@ SWEEP = [dict(tp=1, pp=1, dp=4, zero=1), dict(tp=1, pp=1, dp=3, zero=1), dict(tp
 
 
 def _stand_in(cfg, tp, pp, dp, rank, sp=False, vp=1):
-    from gpt3d.train import build_model_chunks
     cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
     cfg.parallel.sequence_parallel = sp
     cfg.parallel.num_layers_per_virtual_pipeline_stage = cfg.model.num_layers // (pp * vp) if vp > 1 else None
@@ -139,13 +141,14 @@ def test_stand_in_ranks_match_the_optimizer_buffers(case, arch):
         lay = layout_of(cfg, tp * pp * dp)
         plan_chunks = stage_params(cfg.model, cfg.model.vocab_size, lay, ps.pp_rank)
         assert [(p.name, p.numel) for c in plan_chunks for p in c] == names
-        opt = DistributedOptimizer(chunks, OptimizerConfig(), ps, zero_stage=zero, bucket_size_mb=0.003)
-        opt.optimizer.step()   # creates the Adam state; no collectives (those are in clip_and_step)
-        held = held_bytes(chunks, opt)
+        grads = GradBuffer(chunks, ps, zero_stage=zero, bucket_size_mb=0.003)
+        opt = ShardedOptimizer(grads, OptimizerConfig(), ps)
+        opt.optimizer.step()   # the torch AdamW alone creates Adam's state; ShardedOptimizer.step needs peers
+        held = held_bytes(chunks, grads, opt)
         pred = persistent_bytes([p for c in plan_chunks for p in c], lay, dp_rank=ps.dp_rank, param_bytes=2,
                                 bucket_size_mb=0.003)
-        assert held == {k: getattr(pred, k) for k in KINDS}, (rank, held, pred)
-        assert pred.buckets == len(opt.buckets) and pred.shard_elements == sum(m.numel() for m in opt.masters)
+        assert held == expected(pred), (rank, held, pred)
+        assert pred.buckets == len(grads.buckets) and pred.shard_elements == sum(m.numel() for m in opt.masters)
 
 
 def test_parameter_list_matches_the_model_in_registration_order():

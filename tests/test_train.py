@@ -95,9 +95,8 @@ def test_resume_continues_the_same_curve(tmp_path):
     t.save()
     assert (tmp_path / "ck" / "latest").read_text() == "iter_0000004"
     resumed_t = make_trainer(tiny_config(train_iters=8, load=str(tmp_path / "ck")))
-    from gpt3d import checkpoint
-    checkpoint.load_checkpoint(str(tmp_path / "ck"), resumed_t)
-    assert resumed_t.iteration == 4 and resumed_t.consumed_samples == 32
+    resumed_t.load(str(tmp_path / "ck"))
+    assert resumed_t.state.iteration == 4 and resumed_t.state.consumed_samples == 32
     rest = run_curve(resumed_t.cfg, trainer=resumed_t)
     assert first["losses"] + rest["losses"] == pytest.approx(unbroken["losses"], abs=1e-6)
     assert rest["val"] == pytest.approx(unbroken["val"], abs=1e-6)
@@ -109,14 +108,26 @@ def test_fp16_overflow_step_is_skipped():
     train_ds, _, _ = t.build_datasets()
     from gpt3d.data.sampler import build_data_loader
     it = iter(build_data_loader(train_ds, 0, 2, 0, 1))
-    before = [p.detach().clone() for p in t.chunks[0].parameters()]
-    _, norm, skipped = t.train_step(t.microbatches(it))
-    assert skipped and not torch.isfinite(norm).all()
-    assert all(torch.equal(a, p) for a, p in zip(before, t.chunks[0].parameters()))
+    before = [p.detach().clone() for p in t.model[0].parameters()]
+    r = t.train_step(t.microbatches(it))
+    assert bool(r.skipped) and not torch.isfinite(r.grad_norm).all()
+    assert all(torch.equal(a, p) for a, p in zip(before, t.model[0].parameters()))
     assert float(t.scaler.scale) == 2.0 ** 39
     for _ in range(50):  # the scale keeps halving until steps succeed
-        _, norm, skipped = t.train_step(t.microbatches(it))
-        if not skipped:
+        r = t.train_step(t.microbatches(it))
+        if not bool(r.skipped):
             break
-    assert not skipped and torch.isfinite(norm).all() and float(t.scaler.scale) < 2.0 ** 39
-    assert any(not torch.equal(a, p) for a, p in zip(before, t.chunks[0].parameters()))
+    assert not bool(r.skipped) and torch.isfinite(r.grad_norm).all() and float(t.scaler.scale) < 2.0 ** 39
+    assert any(not torch.equal(a, p) for a, p in zip(before, t.model[0].parameters()))
+
+
+def test_fault_hook_is_installed_only_when_asked(monkeypatch):
+    """GPT3D_FAULT_INJECT wraps the step at start-up; without it the step is the plain method."""
+    monkeypatch.delenv("GPT3D_FAULT_INJECT", raising=False)
+    t = make_trainer(tiny_config())
+    assert "train_step" not in vars(t) and "finish_grad_sync" not in vars(t.grads)
+    monkeypatch.setenv("GPT3D_FAULT_INJECT", "0:2")
+    t = make_trainer(tiny_config())
+    run_curve(t.cfg, iters=1, trainer=t)
+    with pytest.raises(RuntimeError, match="injected fault on rank 0 at iteration 2"):
+        run_curve(t.cfg, iters=1, trainer=t)

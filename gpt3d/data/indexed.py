@@ -13,15 +13,13 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import DataError
+
 MAGIC = b"MMIDIDX\x00\x00"
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float64,
           8: np.uint16}
 CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
          np.dtype(np.int64): 5, np.dtype(np.float64): 7, np.dtype(np.uint16): 8}
-
-
-class DataError(ValueError):
-    """Unusable data files; the message names the file."""
 
 
 def best_dtype(vocab_size: int):

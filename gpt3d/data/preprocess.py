@@ -16,6 +16,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from ..errors import PreprocessError
 from .indexed import MMapIndexedDatasetBuilder, best_dtype
 from .tokenizer import TokenizerError, build_tokenizer
 
@@ -127,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
         s = preprocess(args.input, args.output_prefix, args.vocab_file, args.merge_file, args.json_keys,
                        args.append_eod, args.workers)
     except (ValueError, TokenizerError, OSError) as e:
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 1
+        raise PreprocessError(str(e)) from e
     print(f"processed {s['docs']:,} documents ({s['empty']:,} empty skipped), {s['tokens']:,} tokens in "
           f"{s['seconds']:.1f}s: {s['docs_per_s']:,.0f} docs/s, {s['mb_per_s']:.2f} MB/s -> "
           + ", ".join(p + ".bin/.idx" for p in s["outputs"]))
@@ -136,9 +136,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="gpt3d preprocess", description="tokenize JSONL into Megatron .bin/.idx")
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    """`python -m gpt3d.data.preprocess ...` is `gpt3d preprocess ...`."""
+    from ..cli import main as cli_main
+    return cli_main(["preprocess", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

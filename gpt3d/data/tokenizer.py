@@ -10,11 +10,9 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from ..errors import TokenizerError
+
 EOD = "<|endoftext|>"
-
-
-class TokenizerError(ValueError):
-    """Missing or corrupt vocab/merges; the message names the file."""
 
 
 class GPT2BPETokenizer:

@@ -1,0 +1,2 @@
+"""The model: GPT decoder (gpt), attention with KV cache (attention), RoPE (rope), and how a process builds
+its part of it (build)."""

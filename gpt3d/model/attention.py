@@ -28,9 +28,10 @@ def sdpa_backend_context(name: str, device: torch.device):
     """Pin SDPA's kernel for a forward pass (backward follows the forward's choice).
 
     PyTorch prefers FlashAttention-2; on Hopper cuDNN's attention is faster (benchmarks/RESULTS.md), so `auto`
-    puts cuDNN first there, with flash and the rest as fallbacks for shapes cuDNN refuses. Dynamo cannot
-    trace this context with priorities, so GPTModel enters it around its (compiled) layers and the trace
-    bakes the choice in; eager attention enters it itself, so a recompute inside backward picks the same.
+    puts cuDNN first there, with flash and the rest as fallbacks for shapes cuDNN refuses. Entered at two
+    depths only: around the whole model call by whoever runs it (the training step, evaluation, inference),
+    outside any compiled region, since Dynamo cannot trace this context with priorities and bakes the
+    choice in at trace time; and by eager attention itself, so a recompute inside backward picks the same.
     """
     if device.type != "cuda" or torch.compiler.is_compiling():
         return contextlib.nullcontext()

@@ -23,9 +23,12 @@ from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabPar
 from ..parallel.mappings import copy_to_tp, gather_from_sequence
 from ..parallel.random import TPRNG, checkpoint
 from ..parallel.state import ParallelState
-from .attention import KVCache, LayerKV, SelfAttention, sdpa_backend_context
+from .attention import KVCache, LayerKV, SelfAttention
 
+# Global names of the parameters with a (padded) vocabulary dimension; checkpoints and HF conversion use them.
 EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT_LAYER = "output_layer"      # the untied output head, or the last stage's copy of the tied embedding
+VOCAB_PARAMETERS = (EMBEDDING, OUTPUT_LAYER)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -140,8 +143,7 @@ class GPTModel(nn.Module):
                 w.tied_to = EMBEDDING   # last stage's copy of the first stage's embedding
 
     def init_weights(self, seed: int) -> None:
-        names = {EMBEDDING: self.vocab_size, "output_layer": self.vocab_size}
-        init_parameters(self, seed, self.ps, rows_limit=names)
+        init_parameters(self, seed, self.ps, rows_limit={name: self.vocab_size for name in VOCAB_PARAMETERS})
 
     def cast_parameters(self, dtype: torch.dtype) -> "GPTModel":
         """Parameters only: buffers (the RoPE frequencies) stay fp32, in training and in inference alike."""
@@ -159,14 +161,13 @@ class GPTModel(nn.Module):
         `kv_cache` (inference, one stage): tokens continue the cached ones, the cache grows by s."""
         start = kv_cache.length if kv_cache is not None else 0
         x = self.embedding(tokens, start) if self.pre_process else hidden
-        with sdpa_backend_context(self.cfg.attention_backend, x.device):
-            for key, layer in self.layers.items():
-                if kv_cache is not None:
-                    x = layer(x, kv_cache.layer(key))
-                elif key in self.recompute_layers and self.training:
-                    x = checkpoint(layer, self.tp_rng, x)
-                else:
-                    x = layer(x)
+        for key, layer in self.layers.items():
+            if kv_cache is not None:
+                x = layer(x, kv_cache.layer(key))
+            elif key in self.recompute_layers and self.training:
+                x = checkpoint(layer, self.tp_rng, x)
+            else:
+                x = layer(x)
         if kv_cache is not None:
             kv_cache.length += x.shape[1]
         if not self.post_process:

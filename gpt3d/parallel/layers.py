@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mappings import (copy_to_tp, gather_from_sequence, gather_from_tp, reduce_from_tp,
-                       reduce_scatter_to_sequence)
+from .mappings import copy_to_tp, gather_from_sequence, reduce_from_tp, reduce_scatter_to_sequence
 from .state import ParallelState
 
 
@@ -73,10 +72,10 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, ps: ParallelState, *, bias: bool = True,
-                 std: float = 0.02, gather_output: bool = False):
+                 std: float = 0.02):
         super().__init__()
         assert out_features % ps.tp == 0, f"TP {ps.tp} must divide {out_features}"
-        self.ps, self.gather_output = ps, gather_output
+        self.ps = ps
         self.weight = mark(nn.Parameter(torch.empty(out_features // ps.tp, in_features, device=ps.device)),
                            0, ("normal", std))
         self.bias = mark(nn.Parameter(torch.empty(out_features // ps.tp, device=ps.device)), 0, ("zeros",)) \
@@ -84,8 +83,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sequence(x, self.ps) if self.ps.sp else copy_to_tp(x, self.ps)
-        y = F.linear(x, self.weight, self.bias)
-        return gather_from_tp(y, self.ps) if self.gather_output else y
+        return F.linear(x, self.weight, self.bias)        # [*, out/tp]
 
 
 class RowParallelLinear(nn.Module):

@@ -1,8 +1,8 @@
 """Tensor-parallel communication as autograd functions.
 
 Each op's backward is the conjugate collective of its forward (copy <-> reduce,
-scatter <-> gather, all-gather <-> reduce-scatter), which is what makes Megatron's
-column/row split exact. The classes are private; layers call the functions, which
+all-gather <-> reduce-scatter), which is what makes Megatron's column/row split
+exact. The classes are private; layers call the functions, which
 are the identity when TP is 1 so a TP layer is exactly nn.Linear there.
 """
 from __future__ import annotations
@@ -60,28 +60,6 @@ class _ReduceFromTP(torch.autograd.Function):
         return g, None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, ps):
-        ctx.dim, ctx.ps = dim, ps
-        return _split(x, dim, ps)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather(g, ctx.dim, ctx.ps), None, None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, ps):
-        ctx.dim, ctx.ps = dim, ps
-        return _gather(x, dim, ps)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split(g, ctx.dim, ctx.ps), None, None
-
-
 class _GatherFromSequence(torch.autograd.Function):
     """All-gather the sequence shards; backward reduce-scatters (the inputs fed TP-split matmuls)."""
 
@@ -116,16 +94,6 @@ def reduce_from_tp(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
     return x if ps.tp == 1 else _ReduceFromTP.apply(x, ps)
 
 
-def scatter_to_tp(x: torch.Tensor, ps: ParallelState, dim: int = -1) -> torch.Tensor:
-    """Keep this rank's chunk along `dim`; backward all-gathers."""
-    return x if ps.tp == 1 else _ScatterToTP.apply(x, dim, ps)
-
-
-def gather_from_tp(x: torch.Tensor, ps: ParallelState, dim: int = -1) -> torch.Tensor:
-    """All-gather chunks along `dim`; backward keeps this rank's chunk."""
-    return x if ps.tp == 1 else _GatherFromTP.apply(x, dim, ps)
-
-
 def gather_from_sequence(x: torch.Tensor, ps: ParallelState, dim: int = 1) -> torch.Tensor:
     """Sequence-parallel [b, s/tp, h] -> [b, s, h]; backward reduce-scatters."""
     return x if ps.tp == 1 else _GatherFromSequence.apply(x, dim, ps)
@@ -134,8 +102,3 @@ def gather_from_sequence(x: torch.Tensor, ps: ParallelState, dim: int = 1) -> to
 def reduce_scatter_to_sequence(x: torch.Tensor, ps: ParallelState, dim: int = 1) -> torch.Tensor:
     """Partial sums [b, s, h] -> summed shard [b, s/tp, h]; backward all-gathers."""
     return x if ps.tp == 1 else _ReduceScatterToSequence.apply(x, dim, ps)
-
-
-def scatter_to_sequence(x: torch.Tensor, ps: ParallelState, dim: int = 1) -> torch.Tensor:
-    """Replicated [b, s, h] -> this rank's [b, s/tp, h]; backward all-gathers."""
-    return x if ps.tp == 1 else _ScatterToTP.apply(x, dim, ps)

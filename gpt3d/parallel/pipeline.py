@@ -1,14 +1,17 @@
-"""Micro-batch schedules: one code path for gradient accumulation with and without pipelining.
+"""Micro-batch schedules: one entry, `forward_backward`, for gradient accumulation with and without pipelining.
 
-`forward_backward` runs every micro-batch of one global step through this
-rank's model chunk(s) and returns the per-micro-batch mean losses on the last
-stage. Without pipelining it is plain gradient accumulation; with pipelining it
-is 1F1B (warm-up forwards, steady one-forward-one-backward, cool-down
-backwards), activations moving between stages by batched isend/irecv.
+It runs every micro-batch of one global step through this rank's model chunk(s): plain accumulation
+without pipelining; 1F1B with it (warm-up forwards, steady one-forward-one-backward, cool-down backwards);
+interleaved 1F1B with several chunks per stage; activations move between stages by batched isend/irecv.
+The schedules know nothing of the model: they call `forward_step(chunk, micro_batch, input) -> (output,
+loss)` (output on inner chunks, a scalar loss on the last), scale each loss for backward and average the
+losses in one place (`_Step`), and run every backward but the last micro-batch's under `no_sync()`, the
+gradient buffer's handle that holds its reductions back until the last micro-batch.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,50 +19,56 @@ import torch.nn as nn
 
 from .state import ParallelState
 
-
-def _loss(model: nn.Module, mb: dict, hidden: Optional[torch.Tensor]) -> torch.Tensor:
-    return model(mb["tokens"], mb["labels"], hidden=hidden)
-
-
-def forward_backward_no_pipelining(chunks: list[nn.Module], microbatches: list[dict], ps: ParallelState, *,
-                                   forward_only: bool, loss_scale: Optional[torch.Tensor],
-                                   set_last_microbatch: Callable[[bool], None]) -> list[torch.Tensor]:
-    model, n, losses = chunks[0], len(microbatches), []
-    for i, mb in enumerate(microbatches):
-        set_last_microbatch(i == n - 1)
-        with torch.set_grad_enabled(not forward_only):
-            loss = _loss(model, mb, None).float().mean()
-        losses.append(loss.detach())
-        if not forward_only:
-            (loss * loss_scale / n if loss_scale is not None else loss / n).backward()
-    return losses
+# (chunk, micro-batch, input from the previous stage or None) -> (output for the next stage, loss or None)
+ForwardStep = Callable[[nn.Module, dict, Optional[torch.Tensor]],
+                       tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
 
 
-def forward_backward(chunks: list[nn.Module], microbatches: list[dict], ps: ParallelState, *, forward_only: bool,
-                     loss_scale: Optional[torch.Tensor], set_last_microbatch: Callable[[bool], None],
-                     hidden_shape: tuple, dtype: torch.dtype) -> list[torch.Tensor]:
+def forward_backward(chunks: list[nn.Module], microbatches: list[dict], ps: ParallelState, *,
+                     forward_step: ForwardStep, forward_only: bool, loss_scale: Optional[torch.Tensor] = None,
+                     no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
+                     hidden_shape: Optional[tuple] = None,
+                     dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+    """Forward (and unless `forward_only`, backward) of every micro-batch; returns the mean loss over the
+    micro-batches on the last stage, None elsewhere. Gradients are those of that mean (times `loss_scale`).
+    `hidden_shape`/`dtype`: the activations sent between stages (needed with pipelining)."""
+    step = _Step(chunks, microbatches, forward_step, forward_only, loss_scale, no_sync)
     if ps.pp == 1:
-        return forward_backward_no_pipelining(chunks, microbatches, ps, forward_only=forward_only,
-                                              loss_scale=loss_scale, set_last_microbatch=set_last_microbatch)
-    return forward_backward_1f1b(chunks, microbatches, ps, forward_only=forward_only, loss_scale=loss_scale,
-                                       set_last_microbatch=set_last_microbatch, hidden_shape=hidden_shape,
-                                       dtype=dtype)
+        _no_pipelining(step)
+    elif len(chunks) == 1:
+        _one_f_one_b(step, ps, _P2P(ps, hidden_shape, dtype))
+    else:
+        _interleaved(step, ps, _P2P(ps, hidden_shape, dtype, ring=True))
+    return step.mean_loss()
 
 
-def stage_layers(num_layers: int, pp: int, pp_rank: int, split: Optional[str] = None,
-                 layers_per_virtual_stage: Optional[int] = None) -> list[list[int]]:
-    """Global layer ids of each model chunk on stage `pp_rank`.
+class _Step:
+    """What every schedule shares: the model call, the losses, and backward (held back by no_sync)."""
 
-    Interleaved (Megatron): chunk v of stage p holds virtual stage v*pp + p, so a
-    micro-batch visits every stage once per chunk round.
-    """
-    if layers_per_virtual_stage:
-        n = layers_per_virtual_stage
-        chunks = num_layers // (n * pp)
-        return [list(range((v * pp + pp_rank) * n, (v * pp + pp_rank + 1) * n)) for v in range(chunks)]
-    sizes = [int(x) for x in split.split(",")] if split else [num_layers // pp] * pp
-    start = sum(sizes[:pp_rank])
-    return [list(range(start, start + sizes[pp_rank]))]
+    def __init__(self, chunks, microbatches, forward_step: ForwardStep, forward_only: bool,
+                 loss_scale: Optional[torch.Tensor], no_sync: Callable[[], ContextManager]):
+        self.chunks, self.microbatches, self.forward_step = chunks, microbatches, forward_step
+        self.forward_only, self.loss_scale, self.no_sync = forward_only, loss_scale, no_sync
+        self.m = len(microbatches)
+        self.losses: list[torch.Tensor] = []
+
+    def forward(self, c: int, i: int, x: Optional[torch.Tensor]) -> torch.Tensor:
+        """Chunk c on micro-batch i: the activation for the next stage, or on the last chunk the loss as
+        backward needs it (scaled by the loss scale, divided by the number of micro-batches)."""
+        with torch.set_grad_enabled(not self.forward_only):
+            y, loss = self.forward_step(self.chunks[c], self.microbatches[i], x)
+        if loss is None:
+            return y
+        self.losses.append(loss.detach())
+        return loss * self.loss_scale / self.m if self.loss_scale is not None else loss / self.m
+
+    def backward(self, y: torch.Tensor, gy: Optional[torch.Tensor], last_microbatch: bool) -> None:
+        """gy: the gradient received from the next stage (None on the last chunk, which starts from y)."""
+        with contextlib.nullcontext() if last_microbatch else self.no_sync():
+            torch.autograd.backward(y, grad_tensors=gy)
+
+    def mean_loss(self) -> Optional[torch.Tensor]:
+        return torch.stack(self.losses).mean() if self.losses else None
 
 
 class _P2P:
@@ -93,45 +102,31 @@ class _P2P:
         return from_prev, from_next
 
 
-def forward_backward_1f1b(chunks: list[nn.Module], microbatches: list[dict], ps: ParallelState, *,
-                          forward_only: bool, loss_scale: Optional[torch.Tensor],
-                          set_last_microbatch: Callable[[bool], None], hidden_shape: tuple,
-                          dtype: torch.dtype) -> list[torch.Tensor]:
+def _no_pipelining(step: _Step) -> None:
+    for i in range(step.m):
+        y = step.forward(0, i, None)
+        if not step.forward_only:
+            step.backward(y, None, last_microbatch=i == step.m - 1)
+
+
+def _one_f_one_b(step: _Step, ps: ParallelState, p2p: _P2P) -> None:
     """Non-interleaved 1F1B: stage r runs P-r-1 warm-up forwards, then alternates, then drains.
 
     At most P-r micro-batches' activations are alive on stage r (vs all M with GPipe).
     """
-    if len(chunks) > 1:
-        return forward_backward_interleaved(chunks, microbatches, ps, forward_only=forward_only,
-                                            loss_scale=loss_scale, set_last_microbatch=set_last_microbatch,
-                                            hidden_shape=hidden_shape, dtype=dtype)
-    model, m = chunks[0], len(microbatches)
-    p2p = _P2P(ps, hidden_shape, dtype)
-    losses: list[torch.Tensor] = []
+    m, forward_only = step.m, step.forward_only
     inputs, outputs = [], []
     done_backward = [0]
 
-    def forward(i: int, x: Optional[torch.Tensor]) -> torch.Tensor:
-        mb = microbatches[i]
-        with torch.set_grad_enabled(not forward_only):
-            y = model(mb["tokens"] if ps.is_first_stage else None, mb["labels"] if ps.is_last_stage else None,
-                      hidden=x)
-        if ps.is_last_stage:
-            loss = y.float().mean()
-            losses.append(loss.detach())
-            y = loss * loss_scale / m if loss_scale is not None else loss / m
-        return y
-
     def backward(x, y, gy) -> Optional[torch.Tensor]:
-        set_last_microbatch(done_backward[0] == m - 1)
+        step.backward(y, gy, last_microbatch=done_backward[0] == m - 1)
         done_backward[0] += 1
-        torch.autograd.backward(y, grad_tensors=None if ps.is_last_stage else gy)
         return x.grad if x is not None else None
 
     warmup = m if forward_only else min(ps.pp - ps.pp_rank - 1, m)
     for i in range(warmup):
         x, _ = p2p(recv_prev=True)
-        y = forward(i, x)
+        y = step.forward(0, i, x)
         p2p(send_next=None if ps.is_last_stage else y.detach())
         if not forward_only:
             inputs.append(x)
@@ -139,7 +134,7 @@ def forward_backward_1f1b(chunks: list[nn.Module], microbatches: list[dict], ps:
     remaining = m - warmup
     x = p2p(recv_prev=True)[0] if remaining else None
     for i in range(remaining):
-        y = forward(warmup + i, x)
+        y = step.forward(0, warmup + i, x)
         send = None if ps.is_last_stage else y.detach()
         _, gy = p2p(send_next=send, recv_next=not ps.is_last_stage)
         inputs.append(x)
@@ -153,25 +148,19 @@ def forward_backward_1f1b(chunks: list[nn.Module], microbatches: list[dict], ps:
         _, gy = p2p(recv_next=not ps.is_last_stage)
         gx = backward(inputs.pop(0), outputs.pop(0), gy)
         p2p(send_prev=gx)
-    return losses
 
 
-def forward_backward_interleaved(chunks: list[nn.Module], microbatches: list[dict], ps: ParallelState, *,
-                                 forward_only: bool, loss_scale: Optional[torch.Tensor],
-                                 set_last_microbatch: Callable[[bool], None], hidden_shape: tuple,
-                                 dtype: torch.dtype) -> list[torch.Tensor]:
+def _interleaved(step: _Step, ps: ParallelState, p2p: _P2P) -> None:
     """Interleaved 1F1B (Megatron): V model chunks per stage cut the bubble to (P-1)/(V*M).
 
     Virtual step k runs chunk (k mod P*V) // P on micro-batch (k // P*V) * P + k mod P; activations
     travel a ring (the last stage feeds chunk v+1 of the first stage).
     """
-    p, r, v_count, m = ps.pp, ps.pp_rank, len(chunks), len(microbatches)
+    p, r, v_count, m, forward_only = ps.pp, ps.pp_rank, len(step.chunks), step.m, step.forward_only
     if m % p:
         raise ValueError(f"interleaved pipeline needs micro-batches ({m}) divisible by PP ({p})")
-    p2p = _P2P(ps, hidden_shape, dtype, ring=True)
     total = m * v_count
     first, last = ps.is_first_stage, ps.is_last_stage
-    losses: list[torch.Tensor] = []
     inputs = [[] for _ in range(v_count)]
     outputs = [[] for _ in range(v_count)]
     grads = [[] for _ in range(v_count)]
@@ -188,13 +177,7 @@ def forward_backward_interleaved(chunks: list[nn.Module], microbatches: list[dic
         is_first, is_last = first and c == 0, last and c == v_count - 1
         if is_first and len(inputs[c]) == len(outputs[c]):
             inputs[c].append(None)  # the embedding chunk reads tokens, nothing is received
-        mb, x = microbatches[mb_of(k)], inputs[c][-1]
-        with torch.set_grad_enabled(not forward_only):
-            y = chunks[c](mb["tokens"] if is_first else None, mb["labels"] if is_last else None, hidden=x)
-        if is_last:
-            loss = y.float().mean()
-            losses.append(loss.detach())
-            y = loss * loss_scale / m if loss_scale is not None else loss / m
+        y = step.forward(c, mb_of(k), inputs[c][-1])
         outputs[c].append(y)
         if forward_only:
             inputs[c].pop()
@@ -203,11 +186,10 @@ def forward_backward_interleaved(chunks: list[nn.Module], microbatches: list[dic
 
     def bwd(k: int) -> Optional[torch.Tensor]:
         c = chunk_of(k, False)
-        set_last_microbatch(mb_of(k) == m - 1)
         if last and c == v_count - 1 and not grads[c]:
             grads[c].append(None)   # the loss chunk starts backward from the loss
         x, y, gy = inputs[c].pop(0), outputs[c].pop(0), grads[c].pop(0)
-        torch.autograd.backward(y, grad_tensors=None if (last and c == v_count - 1) else gy)
+        step.backward(y, None if (last and c == v_count - 1) else gy, last_microbatch=mb_of(k) == m - 1)
         return None if (first and c == 0) or x is None else x.grad
 
     all_warmup = forward_only or m == p
@@ -260,4 +242,19 @@ def forward_backward_interleaved(chunks: list[nn.Module], microbatches: list[dic
             _, gy = p2p(send_prev=gx, recv_next=recv_next)
             if recv_next:
                 grads[nb].append(gy)
-    return losses
+
+
+def stage_layers(num_layers: int, pp: int, pp_rank: int, split: Optional[str] = None,
+                 layers_per_virtual_stage: Optional[int] = None) -> list[list[int]]:
+    """Global layer ids of each model chunk on stage `pp_rank`.
+
+    Interleaved (Megatron): chunk v of stage p holds virtual stage v*pp + p, so a
+    micro-batch visits every stage once per chunk round.
+    """
+    if layers_per_virtual_stage:
+        n = layers_per_virtual_stage
+        chunks = num_layers // (n * pp)
+        return [list(range((v * pp + pp_rank) * n, (v * pp + pp_rank + 1) * n)) for v in range(chunks)]
+    sizes = [int(x) for x in split.split(",")] if split else [num_layers // pp] * pp
+    start = sum(sizes[:pp_rank])
+    return [list(range(start, start + sizes[pp_rank]))]

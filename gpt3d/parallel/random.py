@@ -4,7 +4,8 @@ Activations replicated across TP ranks (the residual stream without sequence
 parallelism) must see the *same* dropout mask on every TP rank, so they use the
 default generator, seeded identically on TP peers. Activations that are split
 (attention heads, sequence-parallel shards) must see *different* masks, so they
-draw from a second, per-TP-rank state entered with `tp_rng(ps)`.
+draw from a second, per-TP-rank state entered with `tp_rng(ps)`. `RNGState` bundles every stream of a
+rank for an exact resume.
 """
 from __future__ import annotations
 
@@ -71,22 +72,27 @@ def seed_everything(seed: int, ps: ParallelState) -> TPRNG:
     return TPRNG(s, ps)   # offset per stage too: stages must not share TP dropout masks either
 
 
-def rng_state(tp_rng: TPRNG) -> dict:
-    """Everything needed for an exact resume of random streams."""
-    d = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-         "tp": tp_rng.state_dict()}
-    if torch.cuda.is_available() and tp_rng.device.type == "cuda":
-        d["cuda"] = torch.cuda.get_rng_state(tp_rng.device)
-    return d
+class RNGState:
+    """Every random stream of this rank (Python, numpy, torch, CUDA, the TP-split stream), as one stateful
+    object: what an exact resume restores."""
 
+    def __init__(self, tp_rng: TPRNG):
+        self.tp_rng = tp_rng
 
-def set_rng_state(d: dict, tp_rng: TPRNG) -> None:
-    random.setstate(d["python"])
-    np.random.set_state(d["numpy"])
-    torch.set_rng_state(d["torch"])
-    if "cuda" in d and tp_rng.device.type == "cuda":
-        torch.cuda.set_rng_state(d["cuda"], tp_rng.device)
-    tp_rng.load_state_dict(d["tp"])
+    def state_dict(self) -> dict:
+        d = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tp": self.tp_rng.state_dict()}
+        if torch.cuda.is_available() and self.tp_rng.device.type == "cuda":
+            d["cuda"] = torch.cuda.get_rng_state(self.tp_rng.device)
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        random.setstate(d["python"])
+        np.random.set_state(d["numpy"])
+        torch.set_rng_state(d["torch"])
+        if "cuda" in d and self.tp_rng.device.type == "cuda":
+            torch.cuda.set_rng_state(d["cuda"], self.tp_rng.device)
+        self.tp_rng.load_state_dict(d["tp"])
 
 
 def checkpoint(fn, tp_rng: TPRNG, *args):

@@ -3,7 +3,7 @@
 Built once and passed explicitly, so two models with different layouts can live
 in one process (tests) and nothing hides in module globals. Rank order follows
 Megatron with TP innermost: rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank,
-so TP peers share a node and PP hops cross nodes.
+so TP peers share a node and PP hops cross nodes. Joining the job and picking the device live here too.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, ParallelConfig
+from ..config import ParallelConfig
+from ..errors import ConfigError
 
 
 @dataclass
@@ -31,9 +32,12 @@ class ParallelState:
     dp_group: Optional[object] = None
     mp_group: Optional[object] = None      # tp x pp: everything holding one model replica
     embedding_group: Optional[object] = None  # first and last stage: tied embedding grads
-    pp_ranks: list = field(default_factory=lambda: [0])
-    tp_ranks: list = field(default_factory=lambda: [0])
-    dp_ranks: list = field(default_factory=lambda: [0])
+    pp_ranks: list = field(default_factory=lambda: [0])   # global ranks of this rank's pipeline, by stage
+
+    @classmethod
+    def single(cls, device: torch.device = torch.device("cpu")) -> "ParallelState":
+        """One process holding the whole model (eval, generate, export, tests)."""
+        return cls(device=device)
 
     @property
     def world_size(self) -> int:
@@ -75,6 +79,20 @@ class ParallelState:
     def describe(self) -> str:
         return f"TP={self.tp} PP={self.pp} DP={self.dp}" + (" SP" if self.sp else "")
 
+    def barrier(self) -> None:
+        """Wait for every rank of the job (a no-op in one process)."""
+        if self.distributed:
+            dist.barrier()
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto`: this rank's GPU if there is one, else the CPU; `cuda` without a GPU is a ConfigError."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is visible")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
 
 def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
                      device: str = "auto") -> tuple[int, int, torch.device]:
@@ -85,18 +103,12 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is visible")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
-            backend = "nccl" if use_cuda else "gloo"
+            backend = "nccl" if dev.type == "cuda" else "gloo"
         kw = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), **kw)
     return world, rank, dev
@@ -114,32 +126,20 @@ def build_parallel_state(cfg: ParallelConfig, world_size: int, rank: int, device
     def rank_of(t: int, d: int, p: int) -> int:
         return p * dp * tp + d * tp + t
 
-    # Every rank must create every group in the same order.
-    for p in range(pp):
-        for d in range(dp):
-            ranks = [rank_of(t, d, p) for t in range(tp)]
+    def group(all_ranks: list) -> Optional[object]:
+        """Create every group of one kind (all ranks, same order) and return the one holding this rank."""
+        mine = None
+        for ranks in all_ranks:
             g = dist.new_group(ranks)
             if rank in ranks:
-                ps.tp_group, ps.tp_ranks = g, ranks
-    for p in range(pp):
-        for t in range(tp):
-            ranks = [rank_of(t, d, p) for d in range(dp)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                ps.dp_group, ps.dp_ranks = g, ranks
-    for d in range(dp):
-        for t in range(tp):
-            ranks = [rank_of(t, d, p) for p in range(pp)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                ps.pp_group, ps.pp_ranks = g, ranks
-            emb = sorted({ranks[0], ranks[-1]})
-            g = dist.new_group(emb)
-            if rank in emb:
-                ps.embedding_group = g
-    for d in range(dp):
-        ranks = [rank_of(t, d, p) for p in range(pp) for t in range(tp)]
-        g = dist.new_group(ranks)
-        if rank in ranks:
-            ps.mp_group = g
+                mine = g
+        return mine
+
+    pipelines = [[rank_of(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    ps.tp_group = group([[rank_of(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)])
+    ps.dp_group = group([[rank_of(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)])
+    ps.pp_group = group(pipelines)
+    ps.embedding_group = group([sorted({r[0], r[-1]}) for r in pipelines])   # first and last stage
+    ps.mp_group = group([[rank_of(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)])
+    ps.pp_ranks = next(r for r in pipelines if rank in r)
     return ps

@@ -77,7 +77,7 @@ def _chunk_seconds(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: 
     from ..parallel.random import seed_everything
     from ..parallel.state import ParallelState
     m, b = cfg.model, cfg.training.micro_batch_size
-    ps = ParallelState(device=device)
+    ps = ParallelState.single(device)
     chunk = GPTModel(m, ps, seed_everything(1, ps), vocab_size=vocab_of(cfg), layer_ids=layer_ids, pre_process=pre,
                      post_process=post)
     chunk.init_weights(1)
@@ -107,19 +107,21 @@ def _chunk_seconds(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: 
 
 def _optimizer_ns_per_param(cfg: Config, warmup: int, iters: int, device: torch.device, n: int) -> float:
     """clip + fused AdamW + bf16 copy over ~100M fp32 master elements."""
-    from ..optim.zero1 import DistributedOptimizer
+    from ..optim.grad_buffer import GradBuffer
+    from ..optim.zero1 import ShardedOptimizer
     from ..parallel.state import ParallelState
-    ps = ParallelState(device=device)
+    ps = ParallelState.single(device)
     layer = torch.nn.Linear(10_000, n // 10_000, bias=False, device=device, dtype=torch.bfloat16)
     layer.weight.tp_split_dim = None
-    opt = DistributedOptimizer([layer], cfg.optimizer, ps)
+    grads = GradBuffer([layer], ps)
+    opt = ShardedOptimizer(grads, cfg.optimizer, ps)
     for p in layer.parameters():
         p.main_grad.normal_()
     try:   # the median of three runs: one slow run (clock ramp, a neighbour) must not set the rate
-        runs = sorted(_seconds(lambda: opt.clip_and_step(1e-4), warmup, iters, device) for _ in range(3))
+        runs = sorted(_seconds(lambda: opt.step(1e-4), warmup, iters, device) for _ in range(3))
         return runs[1] / n * 1e9
     finally:
-        opt = layer = None   # noqa: F841
+        opt = grads = layer = None   # noqa: F841
         gc.collect()   # the optimizer's gradient hooks make a reference cycle with the parameters
 
 

@@ -76,21 +76,17 @@ PLAN_KEYS = {"gpus", "gpus_per_node", "gpu", "gpu_tflops", "gpu_memory_gib", "hb
 def run(args: argparse.Namespace) -> int:
     from .layout import layout_of
     from .search import plan, vocab_of
+    cfg = _config(args)      # a ConfigError reaches gpt3d/cli.py, which prints it as one line (exit 2)
+    m, p = cfg.model, cfg.parallel
+    world = args.gpus or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if not cfg.training.global_batch_size:
+        raise ConfigError("the plan needs --global-batch-size")
+    gpu = _gpu(args)
+    preds = plan(cfg, world, gpu, args.gpus_per_node, micro_batch_sizes=args.micro_batch_sizes)
     try:
-        cfg = _config(args)
-        m, p = cfg.model, cfg.parallel
-        world = args.gpus or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-        if not cfg.training.global_batch_size:
-            raise ConfigError("the plan needs --global-batch-size")
-        gpu = _gpu(args)
-        preds = plan(cfg, world, gpu, args.gpus_per_node, micro_batch_sizes=args.micro_batch_sizes)
-        try:
-            own = layout_of(cfg, world)
-        except ConfigError:
-            own = None
-    except ConfigError as e:
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return 2
+        own = layout_of(cfg, world)
+    except ConfigError:
+        own = None
     if args.json:
         print(json.dumps({"gpus": world, "gpus_per_node": args.gpus_per_node, "gpu": gpu.describe(),
                           "config_layout": own.as_dict() if own else None,

@@ -7,18 +7,20 @@ the model, parallel, training and precision sections of the config.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from ..config import Config, ConfigError
+import torch
+
+from ..config import DEFAULT_VOCAB_SIZE, Config, ConfigError
 from ..metrics import megatron_flops_per_iter
 from ..model.gpt import padded_vocab_size
+from ..parallel.state import ParallelState
 from .layout import Layout, apply_layout, enumerate_layouts, layout_of
 from .memory import StageMemory, plan_memory
-from .presets import GIB, Gpu, resolve_gpu
+from .presets import GIB, Gpu, gpu_for_device, resolve_gpu
 from .timing import StepTime, step_time
-
-DEFAULT_VOCAB = 50257   # GPT-2 BPE, the seed configs' tokenizer, when the config names no --vocab-size
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Prediction:
 
 
 def vocab_of(cfg: Config, vocab_size: Optional[int] = None) -> int:
-    return vocab_size or cfg.model.vocab_size or DEFAULT_VOCAB
+    return vocab_size or cfg.model.vocab_size or DEFAULT_VOCAB_SIZE
 
 
 def param_bytes_of(cfg: Config) -> int:
@@ -105,6 +107,16 @@ def check_memory(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None
                           f"pipeline stage {p.busiest_stage}, more than the {p.usable_bytes / GIB:.1f} GiB usable "
                           f"({', '.join(f'{k} {v / GIB:.1f}' for k, v in top)}); see `gpt3d plan`")
     return p
+
+
+def for_run(cfg: Config, ps: ParallelState, vocab_size: int) -> Optional[Prediction]:
+    """`gpt3d train`'s prediction for its own layout on the GPU it runs on (None off CUDA): with
+    `--check-memory`, a layout predicted not to fit raises ConfigError before anything is allocated."""
+    if ps.device.type != "cuda":
+        return None
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+    fn = check_memory if cfg.training.check_memory else predict
+    return fn(cfg, ps.world_size, gpu_for_device(ps.device), per_node, vocab_size=vocab_size)
 
 
 def plan(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_per_node: int = 8, *,

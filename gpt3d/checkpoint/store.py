@@ -1,0 +1,259 @@
+"""The checkpoint directory: the crash-safe save sequence, the one place its files are written, and loading.
+
+Save: rank 0 creates iter_X.tmp/; every rank lets each part write through a `Writer`; one all-gather
+collects every rank's files and meta entries (and errors); rank 0 writes meta.json last, fsyncs, renames
+the directory, and only then rewrites `latest`. A failure on any rank is shared with every rank, so all
+raise the same CheckpointError instead of one raising while the others wait in a collective; the
+half-written directory is removed and `latest` still names the previous checkpoint.
+
+Load: the newest complete checkpoint (a directory with meta.json whose files have the recorded sizes);
+each part reads what it needs through a `Reader`, resharding to the current layout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from .. import atomic
+from ..errors import CheckpointError, warn
+from ..parallel.state import ParallelState
+from .reshard import ShardReader
+
+FORMAT = "gpt3d-1"
+
+
+class Writer:
+    """Where parts put their state: files in the checkpoint's temporary directory and entries of meta.json.
+
+    Every checkpoint file goes through here (fsynced, its size recorded for the completeness check), so a
+    new kind of file or a per-file checksum is added in this one class."""
+
+    def __init__(self, tmp: str, ps: ParallelState):
+        self.tmp, self.ps = tmp, ps
+        self.files: dict[str, int] = {}
+        self.entries: dict = {}
+
+    def _done(self, path: str) -> None:
+        atomic.fsync_file(path)
+        self.files[os.path.basename(path)] = os.path.getsize(path)
+
+    def tensors(self, name: str, tensors: dict, metadata: Optional[dict] = None) -> None:
+        """A safetensors file of CPU tensors."""
+        path = os.path.join(self.tmp, name)
+        save_file(tensors, path, metadata=metadata)
+        self._done(path)
+
+    def object(self, name: str, obj) -> None:
+        """A torch.save file (Python objects and tensors that need no resharding)."""
+        path = os.path.join(self.tmp, name)
+        torch.save(obj, path)
+        self._done(path)
+
+    def meta(self, key: str, value) -> None:
+        """An entry of meta.json. Entries from all ranks are merged: dicts are unioned (each pipeline stage
+        describes its own parameters), other values are taken from the lowest rank that gives them."""
+        if isinstance(value, dict) and isinstance(self.entries.get(key), dict):
+            self.entries[key].update(value)
+        else:
+            self.entries.setdefault(key, value)
+
+
+@dataclass
+class Reader:
+    """A complete checkpoint as the parts see it when loading."""
+    path: str
+    meta: dict
+    ps: ParallelState
+    _shards: Optional[ShardReader] = field(default=None, repr=False)
+
+    @property
+    def shards(self) -> ShardReader:
+        if self._shards is None:
+            self._shards = ShardReader(self.path, self.meta)
+        return self._shards
+
+    def same_layout(self) -> bool:
+        lay = self.meta["layout"]
+        return (lay["tp"], lay["pp"], lay["dp"]) == (self.ps.tp, self.ps.pp, self.ps.dp)
+
+    def object(self, name: str):
+        """A file written by Writer.object, or None if this checkpoint has none of that name."""
+        path = os.path.join(self.path, name)
+        return torch.load(path, weights_only=False) if os.path.exists(path) else None
+
+
+@dataclass
+class Loaded:
+    path: str
+    meta: dict
+    parts: set          # names of the parts that restored state
+
+
+# ----- save -------------------------------------------------------------------------------------------------------
+def save(root: str, parts: dict, ps: ParallelState, iteration: int, keep_last: Optional[int] = None) -> str:
+    """Write every part as checkpoint iter_<iteration> under `root` (see the module docstring); its path."""
+    name = f"iter_{iteration:07d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+    err = None
+    if ps.rank == 0:
+        try:
+            os.makedirs(root, exist_ok=True)
+            atomic.fresh_dir(tmp)   # a leftover of a killed save is discarded
+        except OSError as e:
+            err = str(e)
+    err = _first_error(ps, err)
+    if err:
+        raise CheckpointError(f"could not write checkpoint {final}: {err}")
+    w, err = Writer(tmp, ps), None
+    w.meta("format", FORMAT)
+    w.meta("layout", {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp})
+    try:
+        for part in parts.values():
+            part.save(w)
+    except Exception as e:  # noqa: BLE001 - safetensors/torch raise their own types for OS failures
+        err = str(e) or type(e).__name__
+    gathered = [(w.files, w.entries, err)]
+    if ps.distributed:
+        mine, gathered = gathered[0], [None] * ps.world_size
+        dist.all_gather_object(gathered, mine)
+    err = next((f"rank {r}: {e}" if ps.distributed else e for r, (_, _, e) in enumerate(gathered) if e), None)
+    if ps.rank == 0 and err is None:
+        merged = Writer(tmp, ps)
+        for _, entries, _ in gathered:
+            for key, value in entries.items():
+                merged.meta(key, value)
+        meta = {**merged.entries, "files": {k: v for files, _, _ in gathered for k, v in files.items()}}
+        try:   # meta.json last inside tmp, then the rename, then `latest`: never a partial checkpoint
+            atomic.write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+            atomic.publish_dir(tmp, final)
+            atomic.write_text(os.path.join(root, "latest"), name)
+        except OSError as e:
+            err = str(e)
+    err = _first_error(ps, err)
+    if err:
+        if ps.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {err}; previous checkpoints are intact")
+    if ps.rank == 0:
+        _prune(root, name, keep_last)
+    ps.barrier()
+    return final
+
+
+def _first_error(ps: ParallelState, err: Optional[str]) -> Optional[str]:
+    """Rank 0's verdict, shared with every rank (rank 0 is the one that creates and renames)."""
+    if not ps.distributed:
+        return err
+    box = [err]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _prune(root: str, newest: str, keep_last: Optional[int]) -> None:
+    """Keep `newest` and the keep_last-1 checkpoints before it; drop .tmp leftovers of saves killed mid-write.
+
+    Checkpoints named after `newest` (a run resumed from an older one) are left alone."""
+    older = [d for d in list_checkpoints(root) if d < newest]
+    old = older[:len(older) - (keep_last - 1)] if keep_last else []
+    stale = [d for d in os.listdir(root) if re.fullmatch(r"iter_\d{7}\.tmp", d) and d != newest + ".tmp"]
+    for d in old + stale:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def list_checkpoints(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if re.fullmatch(r"iter_\d{7}", d))
+
+
+# ----- load -------------------------------------------------------------------------------------------------------
+def load(root: str, parts: dict, ps: ParallelState, skip: frozenset = frozenset()) -> Loaded:
+    """Restore every part not in `skip` from the newest complete checkpoint under `root`, in `parts` order."""
+    path = resolve(root)
+    reader = Reader(path, read_meta(path), ps)
+    restored = set()
+    for name, part in parts.items():
+        if name in skip:
+            continue
+        try:
+            if part.load(reader):
+                restored.add(name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a file that has the recorded size but not valid contents
+            raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    return Loaded(path, reader.meta, restored)
+
+
+def _valid(path: str) -> Optional[str]:
+    """None if the checkpoint directory is complete, else why not."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        return "no meta.json (incomplete save)"
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as e:
+        return f"unreadable meta.json ({e})"
+    for fname, size in meta.get("files", {}).items():
+        fp = os.path.join(path, fname)
+        if not os.path.exists(fp):
+            return f"missing {fname}"
+        if os.path.getsize(fp) != size:
+            return f"{fname} has {os.path.getsize(fp)} bytes, expected {size} (truncated?)"
+    return None
+
+
+def resolve(root: str) -> str:
+    """The newest complete checkpoint under `root` (or `root` itself if it is one)."""
+    if os.path.exists(os.path.join(root, "meta.json")):
+        why = _valid(root)
+        if why:
+            raise CheckpointError(f"checkpoint {root} is unusable: {why}")
+        return root
+    if not os.path.isdir(root):
+        raise CheckpointError(f"no checkpoint directory {root}")
+    candidates = list_checkpoints(root)
+    latest_file = os.path.join(root, "latest")
+    if os.path.exists(latest_file):
+        with open(latest_file) as fh:
+            name = fh.read().strip()
+        if name in candidates:  # prefer what `latest` names, then anything older
+            candidates = [c for c in candidates if c <= name]
+    for name in reversed(candidates):
+        why = _valid(os.path.join(root, name))
+        if why is None:
+            return os.path.join(root, name)
+        warn(f"skipping checkpoint {os.path.join(root, name)}: {why}; falling back to an older one")
+    raise CheckpointError(f"no complete checkpoint in {root}")
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, "meta.json")) as fh:
+        return json.load(fh)
+
+
+def describe(root: str) -> str:
+    """Text for `gpt3d checkpoint-info`."""
+    path = resolve(root)
+    meta = read_meta(path)
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    m = meta["config"]["model"]
+    lay = meta["layout"]
+    zero = f"ZeRO-{lay['zero']}" if "zero" in lay else "weights only"
+    return "\n".join([
+        f"checkpoint: {path}",
+        f"iteration: {meta['iteration']}  tokens: {meta['tokens']:,}  consumed samples: {meta['consumed_samples']:,}",
+        f"layout: TP={lay['tp']} PP={lay['pp']} DP={lay['dp']} {zero}",
+        f"model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
+        f"seq {m['seq_length']}, vocab {meta['vocab_size']} (padded {meta['padded_vocab']})",
+        f"size on disk: {size / 2 ** 20:.1f} MiB in {len(os.listdir(path))} files",
+    ])

@@ -1,0 +1,139 @@
+"""Building the model a process runs: this rank's pipeline chunks for training, or the whole model on one
+device for inference, with the parameter dtype and the compile policy.
+
+Training and the one-device commands (eval, generate, export, import) build through here, so the dtype
+names, the weight init and the compile rule exist once. Recompute is the model's own setting
+(`recompute_granularity`, read by GPTModel and attention); inference builds with it off and dropout at 0.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..config import Config, ModelConfig, PrecisionConfig
+from ..parallel.layers import full_shape
+from ..parallel.random import TPRNG
+from ..parallel.pipeline import stage_layers
+from ..parallel.state import ParallelState
+from .gpt import GPTModel
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def param_dtype(cfg: PrecisionConfig) -> torch.dtype:
+    return DTYPES["bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"]
+
+
+class ModelChunks:
+    """This rank's model chunks (one, or several with the interleaved schedule) as one stateful object.
+
+    The state is every parameter's local shard under its global name, so a checkpoint can store it at one
+    layout and load it at another; `layout()` says how each parameter is split across TP.
+    """
+
+    def __init__(self, chunks: list[GPTModel]):
+        self.chunks, self.ps = chunks, chunks[0].ps
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> GPTModel:
+        return self.chunks[i]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.chunks[0].vocab_size
+
+    @property
+    def padded_vocab(self) -> int:
+        return self.chunks[0].padded_vocab
+
+    def train(self, mode: bool = True) -> "ModelChunks":
+        for c in self.chunks:
+            c.train(mode)
+        return self
+
+    def named_parameters(self):
+        for c in self.chunks:
+            yield from c.named_parameters()
+
+    def state_dict(self) -> dict:
+        """{global name: this rank's shard} (the live parameters, detached)."""
+        return {n: p.detach() for n, p in self.named_parameters()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Every parameter from `state` (this rank's shards, any dtype/device)."""
+        for n, p in self.named_parameters():
+            p.copy_(state[n].to(p.device, p.dtype))
+
+    def layout(self) -> dict:
+        """{global name: {"shape": full shape, "split_dim": TP split dim or None, "tied_to": name or None}}."""
+        return {n: {"shape": list(full_shape(p, self.ps.tp)), "split_dim": p.tp_split_dim,
+                    "tied_to": getattr(p, "tied_to", None)} for n, p in self.named_parameters()}
+
+
+def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size: int) -> ModelChunks:
+    """This rank's pipeline stage, initialised (layout-independent weights), cast and, with --compile, compiled."""
+    p = cfg.parallel
+    chunks = []
+    layer_groups = stage_layers(cfg.model.num_layers, ps.pp, ps.pp_rank, p.pipeline_model_parallel_split,
+                                p.num_layers_per_virtual_pipeline_stage)
+    for v, ids in enumerate(layer_groups):
+        first = ps.is_first_stage and v == 0
+        last = ps.is_last_stage and v == len(layer_groups) - 1
+        m = GPTModel(cfg.model, ps, tp_rng, vocab_size=vocab_size, layer_ids=ids, pre_process=first,
+                     post_process=last)
+        m.init_weights(cfg.training.seed)
+        chunks.append(m.cast_parameters(param_dtype(cfg.precision)))
+    if cfg.training.compile:
+        compile_chunks(chunks, ps)
+    return ModelChunks(chunks)
+
+
+def compile_chunks(chunks: list[GPTModel], ps: ParallelState) -> None:
+    """torch.compile in place (`Module.compile`), so parameter names and checkpoints stay the same.
+
+    With no tensor or data parallelism the whole chunk, embedding to loss, is one graph: the fusions span
+    layer boundaries and the loss (measured 10% faster at 125M, benchmarks/RESULTS.md). Otherwise each
+    layer is its own graph: TP collectives stay outside compiled code, and gradients become ready layer
+    by layer, so the DP bucket reductions overlap the rest of backward (a whole-chunk graph would hand
+    every gradient over at its very end)."""
+    for c in chunks:
+        if ps.tp == 1 and ps.dp == 1:
+            c.compile()
+        else:
+            for layer in c.layers.values():
+                layer.compile()
+
+
+def inference_config(cfg: ModelConfig) -> ModelConfig:
+    """The model settings for evaluation and generation: no dropout, no recompute."""
+    cfg = copy.deepcopy(cfg)
+    cfg.hidden_dropout = cfg.attention_dropout = 0.0
+    cfg.recompute_granularity = None
+    return cfg
+
+
+def build_full_model(cfg: ModelConfig, vocab_size: int, device: torch.device = torch.device("cpu"),
+                     seed: int = 0) -> GPTModel:
+    """The whole model (every layer, embeddings and head) on one device, uninitialised."""
+    ps = ParallelState.single(device)
+    return GPTModel(cfg, ps, TPRNG(seed, ps), vocab_size=vocab_size)
+
+
+def build_inference_model(cfg: ModelConfig, vocab_size: int, tensors: dict, device: torch.device,
+                          dtype: torch.dtype, seed: int = 0) -> GPTModel:
+    """The whole model in eval mode from full tensors by global name (vocabulary rows unpadded or padded)."""
+    model = build_full_model(inference_config(cfg), vocab_size, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            w = tensors[name]
+            p.zero_()
+            p[:w.shape[0]].copy_(w)          # padded vocabulary rows stay zero
+    return model.to(device=device).cast_parameters(dtype).eval()
+

@@ -1,0 +1,203 @@
+"""Data-parallel gradient sync: contiguous bucketed buffers, reduced across DP while backward runs.
+
+Megatron-core's DDP buffer, minus the indirection:
+  * all parameters of a rank live in one contiguous buffer (`param_data`; each parameter's `.data` becomes
+    a view of it, so the optimizer can all-gather whole buckets) and their fp32 gradients in another
+    (`grad_data`; `p.main_grad` views), so reductions are a few big collectives instead of one per tensor;
+  * the buffers are cut into buckets in backward order; outside `no_sync()` (the last micro-batch) a
+    bucket's reduce-scatter (ZeRO-1) or all-reduce (ZeRO-0) starts as soon as its last gradient has been
+    accumulated, overlapping communication with the rest of backward;
+  * gradients that first need a TP or embedding all-reduce (sequence-parallel norms, tied embeddings
+    across stages) sit in "late" buckets, reduced by `finish_grad_sync` after backward.
+With ZeRO-1 each DP rank owns 1/DP of every bucket (`shard`): after `finish_grad_sync` that part holds the
+DP-averaged gradient. What to do with it (clip, step, all-gather) is the sharded optimizer's job (zero1.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..parallel.state import ParallelState
+
+
+@dataclass
+class Bucket:
+    start: int                 # buffer offsets [start, end), end - start divisible by DP at ZeRO-1
+    end: int
+    params: list
+    late: bool = False         # needs TP / embedding all-reduce before the DP reduction
+    pending: int = 0           # gradients still to come in this step's synced backward
+    handle: Optional[object] = None
+
+
+@dataclass
+class LocalRange:
+    """The part of one parameter inside this rank's shard, in flat-parameter coordinates."""
+    name: str
+    param: nn.Parameter
+    lo: int                    # element range within the flattened parameter
+    hi: int
+    offset: int                # buffer offset of element `lo`
+
+
+class GradBuffer:
+    def __init__(self, chunks: Iterable[nn.Module], ps: ParallelState, *, zero_stage: int = 1,
+                 bucket_size_mb: float = 40.0, overlap: bool = True, grad_dtype: torch.dtype = torch.float32):
+        self.ps, self.zero = ps, zero_stage if ps.dp > 1 else 0
+        self.overlap = overlap and ps.dp > 1
+        self._sync = True
+        named = [(n, p) for c in chunks for n, p in c.named_parameters() if p.requires_grad]
+        named.reverse()  # roughly the order in which backward produces gradients
+        self.param_dtype = named[0][1].dtype
+        self._names = {p: n for n, p in named}
+        self.buckets = self._make_buckets(named, bucket_size_mb)
+        total = self.buckets[-1].end if self.buckets else 0
+        self.param_data = torch.zeros(total, dtype=self.param_dtype, device=ps.device)
+        self.grad_data = torch.zeros(total, dtype=grad_dtype, device=ps.device)
+        self._offsets = {}
+        for b in self.buckets:
+            off = b.start
+            for p in b.params:
+                n = p.numel()
+                self.param_data[off:off + n].copy_(p.detach().reshape(-1))
+                p.data = self.param_data[off:off + n].view_as(p)
+                p.main_grad = self.grad_data[off:off + n].view_as(p)
+                self._offsets[p] = off
+                p.register_post_accumulate_grad_hook(self._make_hook(b))
+                off += n
+        self._untouched = set()
+
+    # ----- layout -------------------------------------------------------------------------------------------
+    def _late(self, p) -> bool:
+        return self._sequence_parallel(p) or self._tied_across_stages(p)
+
+    def _sequence_parallel(self, p) -> bool:
+        """A norm/bias that saw only this TP rank's tokens: summed over TP."""
+        return getattr(p, "sequence_parallel", False) and self.ps.tp > 1
+
+    def _tied_across_stages(self, p) -> bool:
+        """The first stage's embedding and the last stage's copy of it (tied models only): summed over stages."""
+        return self.ps.pp > 1 and (getattr(p, "shared_embedding", False) or hasattr(p, "tied_to"))
+
+    def _make_buckets(self, named, bucket_size_mb: float) -> list[Bucket]:
+        elem = 4  # bucket size counted in fp32 gradient bytes
+        cap = max(1, int(bucket_size_mb * 2 ** 20 / elem))
+        align = self.ps.dp * 64 if self.zero else 1
+        early = [p for _, p in named if not self._late(p)]
+        late = [p for _, p in named if self._late(p)]
+        buckets, start = [], 0
+        for params, is_late in ((early, False), (late, True)):
+            cur = []
+            for i, p in enumerate(params):
+                cur.append(p)
+                if sum(q.numel() for q in cur) >= cap or i == len(params) - 1:
+                    n = sum(q.numel() for q in cur)
+                    end = start + math.ceil(n / align) * align
+                    buckets.append(Bucket(start, end, cur, late=is_late))
+                    start, cur = end, []
+        return buckets
+
+    def shard(self, b: Bucket) -> tuple[int, int]:
+        """This DP rank's buffer range of bucket `b` (the whole bucket at ZeRO-0)."""
+        if self.zero == 0:
+            return b.start, b.end
+        size = (b.end - b.start) // self.ps.dp
+        return b.start + self.ps.dp_rank * size, b.start + (self.ps.dp_rank + 1) * size
+
+    def local_ranges(self) -> Iterator[LocalRange]:
+        """Every parameter range inside this rank's shards, bucket by bucket."""
+        for b in self.buckets:
+            lo, hi = self.shard(b)
+            for p in b.params:
+                off, n = self._offsets[p], p.numel()
+                s, e = max(lo, off), min(hi, off + n)
+                if s < e:
+                    yield LocalRange(self._names[p], p, s - off, e - off, s)
+
+    def nbytes(self) -> int:
+        """Bytes of the gradient buffer on this rank (bucket padding included). The parameters live in
+        `param_data` (`param_nbytes`), which replaces the model's own storage rather than adding to it."""
+        return self.grad_data.numel() * self.grad_data.element_size()
+
+    def param_nbytes(self) -> int:
+        return self.param_data.numel() * self.param_data.element_size()
+
+    # ----- gradient sync ------------------------------------------------------------------------------------
+    def _make_hook(self, bucket: Bucket) -> Callable:
+        def hook(p: torch.Tensor) -> None:
+            if p in self._untouched:   # first gradient of the step: a copy, so zero_grad need not clear
+                p.main_grad.copy_(p.grad)
+                self._untouched.discard(p)
+            else:
+                p.main_grad.add_(p.grad)
+            p.grad = None
+            if self.overlap and self._sync and not bucket.late:
+                bucket.pending -= 1
+                if bucket.pending == 0:
+                    self._reduce(bucket)
+        return hook
+
+    def _reduce(self, b: Bucket) -> None:
+        if self.ps.dp == 1:
+            return
+        grad = self.grad_data[b.start:b.end]
+        grad.div_(self.ps.dp)
+        if self.zero == 1 and grad.is_cuda:
+            lo, hi = self.shard(b)
+            b.handle = dist.reduce_scatter_tensor(self.grad_data[lo:hi], grad, group=self.ps.dp_group,
+                                                  async_op=True)
+        else:  # ZeRO-0, or gloo (no reduce-scatter): all-reduce, each rank reads its shard
+            b.handle = dist.all_reduce(grad, group=self.ps.dp_group, async_op=True)
+
+    def zero_grad(self) -> None:
+        """Lazy: each parameter's first gradient overwrites its slot (one fp32 pass fewer per step);
+        `finish_grad_sync` clears the slots of parameters that got no gradient. Padding stays zero."""
+        self._untouched = set(self._offsets)
+        for b in self.buckets:
+            b.pending, b.handle = len(b.params), None
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward inside accumulates gradients without starting reductions (every micro-batch but the last)."""
+        sync, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = sync
+
+    def finish_grad_sync(self) -> None:
+        """Wait for overlapped reductions, then do the ones that had to wait for the whole backward."""
+        for p in self._untouched:
+            p.main_grad.zero_()
+        self._untouched = set()
+        for b in self.buckets:
+            if not b.late and b.handle is None:
+                self._reduce(b)
+        late = [p for b in self.buckets if b.late for p in b.params]
+        sp = [p.main_grad for p in late if self._sequence_parallel(p)]
+        if sp:  # sequence-parallel params saw only this rank's tokens
+            _all_reduce_coalesced(sp, self.ps.tp_group)
+        tied = [p.main_grad for p in late if self._tied_across_stages(p)]
+        if tied and self.ps.embedding_group is not None:
+            _all_reduce_coalesced(tied, self.ps.embedding_group)
+        for b in self.buckets:
+            if b.late:
+                self._reduce(b)
+        for b in self.buckets:
+            if b.handle is not None:
+                b.handle.wait()
+
+
+def _all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    off = 0
+    for t in tensors:
+        t.copy_(flat[off:off + t.numel()].view_as(t))
+        off += t.numel()

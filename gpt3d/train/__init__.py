@@ -1,0 +1,13 @@
+"""Training: the loop (loop.py) and the objects it hands its decisions to.
+
+    loop.py     Trainer: builds everything from the config and sequences step, log, evaluate, save
+    step.py     TrainStep (one optimizer step -> StepResult, evaluation), TrainState (the counters)
+    stop.py     StopPolicy: signals, time limit, streak of non-finite steps; the same verdict on every rank
+    report.py   Reporter: timing window, console / JSON lines / TensorBoard, plot at the end
+    faults.py   the GPT3D_FAULT_INJECT test hook, wrapped around the step only when it is set
+"""
+from ..errors import TrainingError
+from .loop import Trainer, main
+from .step import StepResult, TrainState
+
+__all__ = ["Trainer", "main", "StepResult", "TrainState", "TrainingError"]

@@ -1,0 +1,217 @@
+"""The training loop: build everything from the config, then step, log, evaluate, save, until told to stop.
+
+The loop only sequences; each decision lives with an object that owns it: the step and its counters
+(step.py), when to stop (stop.py), what to print and record (report.py), the model and its compile
+policy (model/build.py), gradient sync and the optimizer (optim/), what a checkpoint holds (the parts
+named in `checkpoint_parts`, written by checkpoint/). `Trainer.train_step` is the one step used by `train`
+and by `bench`, so the benchmark measures exactly what training runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from typing import Iterator, Optional
+
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from .. import checkpoint as ckpt
+from ..config import DEFAULT_VOCAB_SIZE, Config
+from ..data.sampler import MockGPTDataset, build_data_loader
+from ..errors import Gpt3dError, warn
+from ..metrics import Throughput
+from ..model.build import build_model_chunks
+from ..model.gpt import count_parameters
+from ..optim.grad_buffer import GradBuffer
+from ..optim.grad_scaler import DynamicLossScaler
+from ..optim.schedule import LRSchedule
+from ..optim.zero1 import ShardedOptimizer
+from ..parallel.random import seed_everything
+from ..parallel.state import ParallelState, build_parallel_state, init_distributed
+from ..plan.search import for_run as plan_for_run
+from . import faults
+from .report import Reporter, dp_mean
+from .step import StepResult, TrainState, TrainStep
+from .stop import StopPolicy, divergence_error
+
+
+def data_fingerprint(cfg: Config) -> str:
+    """The settings that decide which samples a run sees, hashed: a resume can tell if its data changed."""
+    d = cfg.data
+    key = {"mock_data": d.mock_data, "data_path": d.data_path, "split": d.split,
+           "seq_length": cfg.model.seq_length, "seed": cfg.training.seed}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ps: Optional[ParallelState] = None):
+        t = cfg.training
+        if ps is None:   # validate before joining the job, so a bad layout fails without waiting for peers
+            cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+            world, rank, device = init_distributed(cfg.parallel.distributed_backend,
+                                                   cfg.parallel.distributed_timeout_minutes, t.device)
+            ps = build_parallel_state(cfg.parallel, world, rank, device)
+        else:
+            cfg.validate(ps.world_size)
+        self.cfg, self.ps = cfg, ps
+        self.tp_rng = seed_everything(t.seed, ps)
+        self.vocab_size, self.tokenizer = self._vocab()
+        # `gpt3d plan`'s prediction for this layout (GPU only), before allocating: --check-memory refuses here
+        self.plan = plan_for_run(cfg, ps, self.vocab_size)
+        self.model = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
+        self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
+        self.num_micro = self.global_batch // (t.micro_batch_size * ps.dp)
+        tokens_per_iter = self.global_batch * cfg.model.seq_length
+        self.train_iters = t.train_iters if t.train_iters is not None else math.ceil(t.train_tokens / tokens_per_iter)
+        self.grads = GradBuffer(self.model, ps, zero_stage=cfg.parallel.zero_stage,
+                                bucket_size_mb=cfg.parallel.bucket_size_mb, overlap=cfg.parallel.overlap_grad_reduce)
+        self.optimizer = ShardedOptimizer(self.grads, cfg.optimizer, ps)
+        self.schedule = LRSchedule(cfg.scheduler, train_iters=self.train_iters, tokens_per_iter=tokens_per_iter)
+        self.scaler = DynamicLossScaler(cfg.precision, ps.device) if cfg.precision.fp16 else None
+        self.state = TrainState(cfg.model.seq_length, data_fingerprint=data_fingerprint(cfg))
+        self.step = TrainStep(cfg, ps, self.model, self.grads, self.optimizer, self.schedule, self.scaler,
+                              self.state, self.global_batch)
+        throughput = Throughput(cfg.model, self.vocab_size, self.model.padded_vocab, self.global_batch,
+                                ps.world_size, t.peak_tflops)
+        self.report = Reporter(t, ps, throughput, self.train_iters, plan=self.plan)
+        self.last_checkpoint: Optional[str] = None
+        faults.install(self)   # a test hook, installed only when GPT3D_FAULT_INJECT names this rank
+
+    # ----- setup --------------------------------------------------------------------------------------------
+    def _vocab(self):
+        d, m = self.cfg.data, self.cfg.model
+        if d.mock_data:
+            return m.vocab_size or DEFAULT_VOCAB_SIZE, None
+        from ..data.tokenizer import build_tokenizer
+        tok = build_tokenizer(d.vocab_file, d.merge_file)
+        return m.vocab_size or tok.vocab_size, tok
+
+    def build_datasets(self):
+        d, t, m = self.cfg.data, self.cfg.training, self.cfg.model
+        eval_samples = t.eval_iters * self.global_batch
+        n = (self.train_iters * self.global_batch, eval_samples, eval_samples)
+        if d.mock_data:
+            return tuple(MockGPTDataset(k, m.seq_length, self.vocab_size, t.seed + i) if k else None
+                         for i, k in enumerate(n))
+        from ..data.gpt_dataset import build_train_valid_test_datasets
+        return build_train_valid_test_datasets(d.data_path, d.split, n, m.seq_length, t.seed,
+                                               is_builder=self.ps.rank == 0, barrier=self.ps.barrier)
+
+    def microbatches(self, it: Iterator) -> list[dict]:
+        out = []
+        for _ in range(self.num_micro):
+            text = next(it)["text"].to(self.ps.device, non_blocking=True)
+            out.append({"tokens": text[:, :-1], "labels": text[:, 1:]})
+        return out
+
+    # ----- step, evaluation, checkpoints --------------------------------------------------------------------
+    def train_step(self, microbatches: list[dict]) -> StepResult:
+        return self.step(microbatches)
+
+    def evaluate(self, dataset) -> Optional[float]:
+        """Mean loss over the first eval-iters global batches of `dataset` (a fixed window, so curves compare)."""
+        t = self.cfg.training
+        if dataset is None or t.eval_iters == 0:
+            return None
+        loader = iter(build_data_loader(dataset, 0, t.micro_batch_size, self.ps.dp_rank, self.ps.dp))
+        loss = self.step.evaluate(self.microbatches(loader) for _ in range(t.eval_iters))
+        return dp_mean(loss, self.ps) if loss is not None else None
+
+    def checkpoint_parts(self) -> dict:
+        """Everything a checkpoint holds, by part name (see gpt3d/checkpoint)."""
+        return ckpt.training_parts(self.cfg, self.ps, model=self.model, optimizer=self.optimizer,
+                                   scaler=self.scaler, tp_rng=self.tp_rng, state=self.state)
+
+    def save(self) -> None:
+        c = self.cfg.checkpoint
+        if c.save:
+            self.last_checkpoint = ckpt.save(c.save, self.checkpoint_parts(), self.ps, self.state.iteration,
+                                             keep_last=c.keep_last)
+            self.report.console(f"saved checkpoint at iteration {self.state.iteration} to {c.save}")
+
+    def load(self, root: str) -> None:
+        c = self.cfg.checkpoint
+        saved_fingerprint = self.state.data_fingerprint
+        loaded = ckpt.load(root, self.checkpoint_parts(), self.ps, skip=ckpt.skipped_parts(c))
+        if "optimizer" not in loaded.parts:   # weights only (--finetune, --no-load-optim, import-hf)
+            self.optimizer.reload_masters_from_params()
+        if "train" in loaded.parts and loaded.meta.get("data_fingerprint") not in (None, saved_fingerprint):
+            warn(f"{loaded.path} was trained with other data settings (data path, split, seq length or seed); "
+                 f"continuing at sample {self.state.consumed_samples} of these")
+        self.state.data_fingerprint = saved_fingerprint
+        self.last_checkpoint = loaded.path
+        lay = loaded.meta["layout"]
+        self.report.console(f"loaded checkpoint {loaded.path} (iteration {loaded.meta['iteration']}, saved at "
+                            f"TP={lay['tp']} PP={lay['pp']} DP={lay['dp']})")
+
+    # ----- the loop -----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg, t, ps = self.cfg, self.cfg.training, self.ps
+        train_ds, valid_ds, _ = self.build_datasets()
+        if cfg.checkpoint.load:
+            self.load(cfg.checkpoint.load)
+        n_params = count_parameters(cfg.model, self.vocab_size)
+        self.report.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
+                            f"global batch {self.global_batch} ({self.num_micro} micro-batches of "
+                            f"{t.micro_batch_size}) | {self.train_iters} iterations | device {ps.device}")
+        self.report.prediction()
+        stop = StopPolicy(t, ps, fp16=cfg.precision.fp16)
+        with stop.signals() if t.exit_signal_handler else contextlib.nullcontext():
+            self._loop(train_ds, valid_ds, stop)
+        self.report.close()
+        return 0
+
+    def _loop(self, train_ds, valid_ds, stop: StopPolicy) -> None:
+        cfg, t, ps, state, report = self.cfg, self.cfg.training, self.ps, self.state, self.report
+        loader = iter(build_data_loader(train_ds, state.consumed_samples, t.micro_batch_size, ps.dp_rank, ps.dp,
+                                        num_workers=cfg.data.num_workers))
+        save_interval = cfg.checkpoint.save_interval
+        report.start(state.iteration)
+        batch = None
+        while state.iteration < self.train_iters:
+            if t.train_tokens is not None and state.tokens >= t.train_tokens:
+                break
+            result = self.train_step(batch or self.microbatches(loader))
+            # Read the next batch while the device still runs this step: the checks below wait for it.
+            batch = self.microbatches(loader) if state.iteration < self.train_iters else None
+            stop.observe(result)
+            report.step(result, state)
+            if t.eval_interval and state.iteration % t.eval_interval == 0:
+                with report.untimed(state):
+                    report.validation(self.evaluate(valid_ds), state)
+            verdict = stop.check()
+            if verdict.diverged:
+                raise divergence_error(verdict, state.iteration, self.last_checkpoint)
+            if save_interval and state.iteration % save_interval == 0 and not verdict.streak:
+                with report.untimed(state):
+                    self.save()
+            if verdict.reason:
+                report.console(f"{verdict.reason} at iteration {state.iteration}: saving and exiting")
+                self.save()
+                return
+        if state.iteration % t.eval_interval != 0:
+            report.validation(self.evaluate(valid_ds), state)
+        if cfg.checkpoint.save and (not save_interval or state.iteration % save_interval != 0):
+            self.save()
+
+
+@record   # under torchrun, a crash goes to this rank's error file and the job's failure summary
+def _train(cfg: Config):
+    try:
+        return Trainer(cfg).run()
+    except Gpt3dError as e:   # the user's to fix, not a crash: returned past @record, so no crash report
+        return e
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(cfg: Config) -> int:
+    """Train; a Gpt3dError (bad input, diverged run) is raised for the CLI to print as one line."""
+    outcome = _train(cfg)
+    if isinstance(outcome, Gpt3dError):
+        raise outcome
+    return outcome

@@ -1,0 +1,179 @@
+"""What a training run tells the user: log lines, metrics files, TensorBoard, the plot at the end.
+
+The `Reporter` owns the timing window (throughput and ETA time training steps only), the running loss of
+the window (averaged over DP when printed), and the sinks, which write on the logging rank only (last
+stage, first TP/DP rank). It reads step results as they come; nothing here decides how training goes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import TrainingConfig
+from ..errors import warn
+from ..metrics import Throughput
+from ..parallel.state import ParallelState
+from ..plan.search import Prediction, measured_line, startup_line
+from .step import StepResult, TrainState
+
+
+def dp_mean(value: torch.Tensor, ps: ParallelState) -> Optional[float]:
+    """A last-stage scalar averaged over DP (a collective of the last stage's DP group); None elsewhere."""
+    if not ps.is_last_stage:
+        return None
+    if ps.dp > 1:
+        dist.all_reduce(value, group=ps.dp_group)
+        value = value / ps.dp
+    return float(value.item())
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class MetricsLogger:
+    """Console, JSON lines and TensorBoard; writes only on the logging rank, a no-op elsewhere."""
+
+    def __init__(self, enabled: bool, log_file: Optional[str], tensorboard_dir: Optional[str]):
+        self.enabled = enabled
+        self.fh = None
+        self.tb = None
+        if not enabled:
+            return
+        if log_file:
+            os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+            self.fh = open(log_file, "a", buffering=1)
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(tensorboard_dir)
+
+    def console(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def record(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        if self.fh:
+            self.fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        if self.tb:
+            step = row.get("tokens", row.get("iteration", 0))
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("iteration", "tokens"):
+                    self.tb.add_scalar(k, v, row.get("iteration", 0))
+            if "loss" in row:
+                self.tb.add_scalar("loss_vs_tokens", row["loss"], step)
+
+    def close(self) -> None:
+        if self.fh:
+            self.fh.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class Reporter:
+    def __init__(self, cfg: TrainingConfig, ps: ParallelState, throughput: Throughput, train_iters: int,
+                 plan: Optional[Prediction] = None):
+        self.cfg, self.ps, self.throughput, self.train_iters = cfg, ps, throughput, train_iters
+        self.plan, self.lines = plan, 0            # `gpt3d plan`'s prediction for this run; train lines logged
+        self.log = MetricsLogger(ps.is_logging_rank, cfg.log_file, cfg.tensorboard_dir)
+        self.loss_sum, self.loss_n = torch.zeros(1, device=ps.device), 0
+        self.window = (time.perf_counter(), 0)     # (start time, iteration) of the timing window
+
+    def console(self, text: str) -> None:
+        self.log.console(text)
+
+    def prediction(self) -> None:
+        """The planner's memory and speed for this layout, printed before the first step (GPU runs)."""
+        if self.plan is not None:
+            self.log.console(startup_line(self.plan))
+
+    def start(self, iteration: int) -> None:
+        """Open the timing window at `iteration`."""
+        self.window = (time.perf_counter(), iteration)
+
+    @contextlib.contextmanager
+    def untimed(self, state: TrainState) -> Iterator[None]:
+        """Validation and checkpoint saves inside are left out of the throughput: the window restarts after
+        them (the steps since the last log line go too, as their device work may still be in flight)."""
+        try:
+            yield
+        finally:
+            self.start(state.iteration)
+
+    def step(self, result: StepResult, state: TrainState) -> None:
+        """Count a finished step; every --log-interval iterations (and at the last) print and record it.
+        Every rank calls this: the log line costs a device sync and the loss a DP all-reduce."""
+        if result.loss is not None:
+            self.loss_sum += result.loss
+            self.loss_n += 1
+        it = state.iteration
+        if it % self.cfg.log_interval and it != self.train_iters:
+            return
+        if self.ps.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        per_iter = (now - self.window[0]) / max(1, it - self.window[1])
+        self.window = (now, it)
+        loss = dp_mean(self.loss_sum / max(self.loss_n, 1), self.ps)
+        self.loss_sum.zero_()
+        self.loss_n = 0
+        self._train_row(result, state, loss, float(result.grad_norm.item()), per_iter)
+
+    def _train_row(self, result: StepResult, state: TrainState, loss: Optional[float], grad_norm: float,
+                   per_iter: float) -> None:
+        if not self.log.enabled:
+            return
+        tp = self.throughput.report(per_iter)
+        eta = (self.train_iters - state.iteration) * per_iter
+        row = {"iteration": state.iteration, "tokens": state.tokens, "loss": loss, "lr": result.lr,
+               "grad_norm": grad_norm, **tp, "seconds_per_iter": per_iter}
+        if result.loss_scale is not None:
+            row["loss_scale"] = float(result.loss_scale.item())
+        self.log.record(row)
+        self.lines += 1
+        if self.plan is not None and self.lines == 2:   # this run's second log line: past compilation
+            peak = torch.cuda.max_memory_allocated(self.ps.device)
+            self.log.console(measured_line(self.plan, tp["tokens_per_s"], peak))
+        self.log.console(
+            f"iter {state.iteration:>6}/{self.train_iters} | loss {loss:.4f} | lr {result.lr:.3e} | "
+            f"grad norm {grad_norm:.3f} | {tp['tokens_per_s']:,.0f} tok/s | "
+            f"{tp['tflops_per_gpu']:.1f} TFLOPs/GPU (6N: {tp['tflops_per_gpu_6n']:.1f}) | MFU {tp['mfu']:.1%} | "
+            f"{per_iter * 1000:.0f} ms/it | ETA {fmt_duration(eta)}"
+            + (f" | loss scale {row['loss_scale']:.0f}" if "loss_scale" in row else ""))
+
+    def validation(self, val: Optional[float], state: TrainState) -> None:
+        if val is None or not self.log.enabled:
+            return
+        ppl = math.exp(min(val, 30.0))
+        self.log.record({"iteration": state.iteration, "tokens": state.tokens, "val_loss": val, "val_ppl": ppl})
+        self.log.console(f"validation at iteration {state.iteration} | loss {val:.4f} | ppl {ppl:.2f}")
+
+    def close(self) -> None:
+        """Close the sinks and draw `<log-file stem>.png` beside the metrics: a plotting problem warns, it never
+        fails a finished run."""
+        self.log.close()
+        log_file = self.cfg.log_file
+        if not (self.log.enabled and log_file):
+            return
+        try:
+            from ..plot import plot_runs
+            plot_runs([log_file], os.path.splitext(log_file)[0] + ".png")
+        except Exception as e:  # noqa: BLE001 - matplotlib, fonts, disk: none of it may cost the run
+            warn(f"could not plot {log_file}: {e}")

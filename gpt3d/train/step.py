@@ -1,0 +1,127 @@
+"""One training step and one evaluation pass, and the counters they advance.
+
+`TrainStep` is what `train` and `bench` run: forward/backward of every micro-batch through the pipeline
+schedule, gradient sync, clip and optimizer step, with no host synchronisation except fp16's skip check.
+It hands its outcome back as a `StepResult` (device tensors, read when the loop chooses to) instead of
+deciding anything itself: when to stop and what to print belong to stop.py and report.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import Config
+from ..model.attention import sdpa_backend_context
+from ..model.build import ModelChunks, param_dtype
+from ..optim.grad_buffer import GradBuffer
+from ..optim.grad_scaler import DynamicLossScaler
+from ..optim.schedule import LRSchedule
+from ..optim.zero1 import ShardedOptimizer
+from ..parallel.pipeline import forward_backward
+from ..parallel.state import ParallelState
+
+
+@dataclass
+class TrainState:
+    """Where training stands: what a resumed run continues from."""
+    seq_length: int
+    iteration: int = 0
+    consumed_samples: int = 0
+    data_fingerprint: Optional[str] = None   # the data settings the samples were drawn with
+
+    @property
+    def tokens(self) -> int:
+        return self.consumed_samples * self.seq_length
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples, "tokens": self.tokens,
+                "data_fingerprint": self.data_fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's outcome; tensors stay on the device until someone reads them."""
+    loss: Optional[torch.Tensor]         # mean loss over the micro-batches (last stage; None elsewhere)
+    grad_norm: torch.Tensor              # [1] global gradient norm before clipping
+    lr: float                            # the learning rate the step used
+    skipped: torch.Tensor                # [1] 1.0: non-finite gradients somewhere, no rank updated
+    non_finite: torch.Tensor             # [1] 1.0: a non-finite step that counts toward stopping the run
+                                         #     (fp16: only once the loss scale is at its minimum)
+    loss_scale: Optional[torch.Tensor]   # fp16: the loss scale after this step's update
+
+
+def gpt_forward_step(chunk: nn.Module, micro_batch: dict, x: Optional[torch.Tensor]):
+    """The pipeline's view of a GPT chunk: the first reads tokens, the last returns the mean token loss."""
+    out = chunk(micro_batch["tokens"] if chunk.pre_process else None,
+                micro_batch["labels"] if chunk.post_process else None, hidden=x)
+    return (None, out.float().mean()) if chunk.post_process else (out, None)
+
+
+class TrainStep:
+    def __init__(self, cfg: Config, ps: ParallelState, model: ModelChunks, grads: GradBuffer,
+                 optimizer: ShardedOptimizer, schedule: LRSchedule, scaler: Optional[DynamicLossScaler],
+                 state: TrainState, global_batch: int):
+        self.cfg, self.ps, self.model, self.grads, self.optimizer = cfg, ps, model, grads, optimizer
+        self.schedule, self.scaler, self.state, self.global_batch = schedule, scaler, state, global_batch
+        m = cfg.model
+        s = m.seq_length // ps.tp if ps.sp else m.seq_length
+        self.hidden_shape = (cfg.training.micro_batch_size, s, m.hidden_size)   # sent between stages
+        self.dtype = param_dtype(cfg.precision)
+        self.chunks = list(model)
+
+    def _attention_kernels(self):
+        """The SDPA kernel choice, entered outside any compiled region so the trace bakes it in."""
+        return sdpa_backend_context(self.cfg.model.attention_backend, self.ps.device)
+
+    def _forward_backward(self, microbatches: list[dict], forward_only: bool,
+                          loss_scale: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        return forward_backward(self.chunks, microbatches, self.ps, forward_step=gpt_forward_step,
+                                forward_only=forward_only, loss_scale=loss_scale, no_sync=self.grads.no_sync,
+                                hidden_shape=self.hidden_shape, dtype=self.dtype)
+
+    def __call__(self, microbatches: list[dict]) -> StepResult:
+        """Forward/backward all micro-batches, sync grads, clip, step; advances the TrainState."""
+        self.model.train()
+        self.grads.zero_grad()
+        scale = self.scaler.scale if self.scaler else None
+        with self._attention_kernels():
+            loss = self._forward_backward(microbatches, forward_only=False, loss_scale=scale)
+        self.grads.finish_grad_sync()
+        lr = self.schedule.lr(self.state.iteration, self.state.tokens)
+        norm, found_inf = self.optimizer.step(lr, scale)
+        non_finite = self._non_finite(loss, scale, found_inf)
+        if self.scaler:
+            self.scaler.update(found_inf)
+        self.state.iteration += 1
+        self.state.consumed_samples += self.global_batch
+        return StepResult(loss, norm, lr, found_inf, non_finite, self.scaler.scale if self.scaler else None)
+
+    def _non_finite(self, loss: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                    found_inf: torch.Tensor) -> torch.Tensor:
+        """On the device (no host sync). fp16 overflows are routine while the scale settles, so they count
+        only at the minimum scale; otherwise a non-finite loss counts too."""
+        bad = found_inf.reshape(1).float()
+        if scale is not None:
+            bad = bad * (scale <= self.cfg.precision.min_loss_scale).float()
+        elif loss is not None:
+            bad = torch.maximum(bad, (~torch.isfinite(loss.detach().float())).float().reshape(1))
+        return bad
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[list[dict]]) -> Optional[torch.Tensor]:
+        """Mean loss over `batches` (each a global batch's micro-batches) on the last stage, None elsewhere."""
+        self.model.train(False)
+        total, n = torch.zeros(1, device=self.ps.device), 0
+        with self._attention_kernels():
+            for microbatches in batches:
+                loss = self._forward_backward(microbatches, forward_only=True)
+                if loss is not None:
+                    total += loss
+                n += 1
+        return total / n if self.ps.is_last_stage else None
