@@ -1,9 +1,16 @@
-"""Where does the training step's time go? Variants of gpt3d's step at the bench shapes, one process.
+"""Where does the training step's time go? Variants of gpt3d's step at the bench shapes, one process each.
 
-Run on the GPU machine: `python benchmarks/profile_step.py --shapes 125M 1.3B --variants base cudnn ...`.
-Prints one row per (shape, variant): ms/iter, tokens/s, MFU, peak GiB, and the optimizer's share; with
---profile, the top CUDA kernels of the last variant. Exploratory: the numbers that count come from
-`gpt3d bench`, and go to benchmarks/RESULTS.md.
+Run on the GPU machine, e.g.
+    python benchmarks/profile_step.py --head --runs llama-1.5B:bf16 llama-1.5B:fp8:8 1.3B:bf16+fce \
+        --profile llama-1.5B:bf16 --deadline 540
+A run is SHAPE:OPTIONS[:MBS[:MICRO]] with OPTIONS joined by '+':
+  bf16 (default) | fp16 | fp8 | fp8row (rowwise recipe) | fce (fused linear + cross entropy, chunked)
+  seq1024 | full | selective (recompute) | layer (per-layer compile) | eager | cudnn|flash|efficient|math
+  gqaexp (expand K/V heads before SDPA) | ro (compile mode reduce-overhead) | cdt (coordinate-descent tuning)
+Prints one row per run: ms/iter, tokens/s, MFU, peak GiB, optimizer ms, attention kernels, wall seconds;
+with --profile, the top CUDA kernels of those runs (also written to $OUT). --head first times the output
+head + loss alone at the Llama shape: logits then loss, the chunked fused version, Liger's if installed.
+Exploratory: the numbers that count come from `gpt3d bench` and go to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -18,172 +25,227 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gpt3d.bench import VOCAB, _config, add_arguments  # noqa: E402
+from gpt3d.bench import _config, add_arguments  # noqa: E402
 from gpt3d.metrics import Throughput  # noqa: E402
 from gpt3d.model.gpt import padded_vocab_size  # noqa: E402
 from gpt3d.parallel.state import ParallelState  # noqa: E402
+import gpt3d.model.build  # noqa: E402
 from gpt3d.train import Trainer  # noqa: E402
 
+OUT = os.environ.get("OUT", ".")
 
-def build(shape: str, variant: str, mbs=None):
+
+def build(shape: str, opts: set, mbs=None, micro: int = 1):
     p = argparse.ArgumentParser()
     add_arguments(p)
-    args = p.parse_args(["--model", shape] + (["--micro-batch-size", str(mbs)] if mbs else []))
-    args.compile = variant != "nocompile"
-    cfg = _config(shape, args)
-    cfg.model.attention_backend = "flash" if variant in ("base", "nocompile") else "cudnn"
-    if variant.startswith(("bk-", "eager-")):   # trainer's own compile (or none) with one SDPA backend
-        cfg.model.attention_backend = variant.split("-")[1]
-        cfg.training.compile = variant.startswith("bk-")
-        return cfg, Trainer(cfg, ParallelState.single(torch.device("cuda")))
-    if variant == "selective":
-        cfg.model.recompute_granularity = "selective"
-    if variant == "full":
-        cfg.model.recompute_granularity = "full"
-    whole = variant.startswith("whole")
-    if whole:
-        cfg.training.compile = False
-    if variant == "wholeflash":
-        cfg.model.attention_backend = "flash"
-    tr = Trainer(cfg, ParallelState.single(torch.device("cuda")))
-    if whole:   # the chunk's whole forward (embedding .. loss) as one graph
-        for c in tr.model:
-            c.forward = torch.compile(c.forward)
-    return cfg, tr
+    argv = ["--model", shape, "--micro-batches", str(micro)] + (["--micro-batch-size", str(mbs)] if mbs else [])
+    argv += ["--fp16"] if "fp16" in opts else []
+    argv += ["--fp8"] if "fp8" in opts or "fp8row" in opts else []
+    argv += ["--fp8-recipe", "rowwise"] if "fp8row" in opts else []
+    argv += ["--cross-entropy-loss-fusion"] if "fce" in opts else []
+    argv += ["--seq-length", "1024"] if "seq1024" in opts else []
+    argv += ["--recompute-granularity", "full"] if "full" in opts else []
+    argv += ["--recompute-granularity", "selective"] if "selective" in opts else []
+    argv += ["--no-compile"] if "eager" in opts else []
+    for b in ("cudnn", "flash", "efficient", "math"):
+        argv += ["--attention-backend", b] if b in opts else []
+    cfg = _config(shape, p.parse_args(argv))
+    if "gqaexp" in opts:   # K/V repeated to every query head, so SDPA sees plain multi-head attention
+        import torch.nn.functional as F
+        from gpt3d.model.attention import SelfAttention
+
+        def _sdpa(self, q, k, v, p):
+            if self.kv_heads != self.heads:
+                k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+                v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        SelfAttention._sdpa = _sdpa
+    if "cdt" in opts:
+        import torch._inductor.config as ic
+        ic.coordinate_descent_tuning = True
+    if "layer" in opts or "ro" in opts:
+        mode = "reduce-overhead" if "ro" in opts else None
+
+        def _compile(chunks, ps):
+            for c in chunks:
+                if "layer" in opts:
+                    for layer in c.layers.values():
+                        layer.compile(mode=mode)
+                else:
+                    c.compile(mode=mode)
+        gpt3d.model.build.compile_chunks = _compile   # build_model_chunks calls it by this name
+    return cfg, Trainer(cfg, ParallelState.single(torch.device("cuda")))
 
 
-def time_variant(shape: str, variant: str, warmup: int, iters: int, mbs=None, profile: bool = False) -> dict:
-    cfg, tr = build(shape, variant, mbs)
-    m, seq = cfg.training.micro_batch_size, cfg.model.seq_length
-    text = torch.randint(0, VOCAB, (m, seq + 1), device="cuda")
-    batch = [{"tokens": text[:, :-1], "labels": text[:, 1:]}]
+def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
+    parts = run.split(":")
+    shape, opts = parts[0], set(parts[1].split("+")) if len(parts) > 1 else {"bf16"}
+    mbs = int(parts[2]) if len(parts) > 2 else None
+    micro = int(parts[3]) if len(parts) > 3 else 1
+    t_start = time.time()
+    cfg, tr = build(shape, opts, mbs, micro)
+    m, seq, v = cfg.training.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size
+    text = torch.randint(0, v, (micro, m, seq + 1), device="cuda")
+    batch = [{"tokens": t[:, :-1], "labels": t[:, 1:]} for t in text]
     for _ in range(warmup):
         tr.train_step(batch)
     torch.cuda.synchronize()
+    t_ready = time.time()
     torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
     for _ in range(iters):
+        e0.record()
+        tr.train_step(batch)
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 1e3)
+    t0 = time.perf_counter()
+    for _ in range(iters):   # back to back, no sync between steps (what training does)
         tr.train_step(batch)
     torch.cuda.synchronize()
     sec = (time.perf_counter() - t0) / iters
     mem = torch.cuda.max_memory_allocated() / 2 ** 30
-    # optimizer alone: clip + fused AdamW + publish, timed with events
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
-    for _ in range(5):
+    for _ in range(3):
         tr.optimizer.step(1e-4)
     e1.record()
     torch.cuda.synchronize()
-    opt_ms = e0.elapsed_time(e1) / 5
-    tp = Throughput(cfg.model, VOCAB, padded_vocab_size(VOCAB, 128, 1), m, 1, 989.0)
-    row = {"shape": shape, "variant": variant, "mbs": m, "ms": sec * 1e3, "opt_ms": opt_ms, "mem": mem,
-           **tp.report(sec)}
-    names = {}
-    if True:   # which attention kernels ran (one profiled step)
-        from torch.profiler import ProfilerActivity, profile as prof
-        with prof(activities=[ProfilerActivity.CUDA]) as pr:
+    opt_ms = e0.elapsed_time(e1) / 3
+    tp = Throughput(cfg.model, v, padded_vocab_size(v, 128, 1), m * micro, 1, 989.0)
+    times.sort()
+    row = {"run": run, "ms": sec * 1e3, "ms_min_synced": times[0] * 1e3, "ms_med_synced": times[len(times) // 2] * 1e3,
+           "opt_ms": opt_ms, "mem": mem, "setup_s": t_ready - t_start, **tp.report(sec)}
+    from torch.profiler import ProfilerActivity, profile as prof
+    with prof(activities=[ProfilerActivity.CUDA]) as pr:
+        for _ in range(2 if profile else 1):
             tr.train_step(batch)
-            torch.cuda.synchronize()
-        for e in pr.key_averages():
-            n = e.key.lower()
-            if any(w in n for w in ("flash", "cudnn", "fmha", "attention", "sdpa", "efficient")):
-                names[e.key[:70]] = e.count
-    row["attn_kernels"] = names
+        torch.cuda.synchronize()
+    ka = pr.key_averages()
+    row["attn_kernels"] = sorted({e.key[:60] for e in ka if any(
+        w in e.key.lower() for w in ("flash", "cudnn", "fmha", "attention", "sdpa", "efficient"))})[:3]
     if profile:
-        from torch.profiler import ProfilerActivity, profile as prof
-        with prof(activities=[ProfilerActivity.CUDA]) as pr:
-            for _ in range(2):
-                tr.train_step(batch)
-            torch.cuda.synchronize()
-        table = pr.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
-        out = os.environ.get("OUT", ".")
-        with open(os.path.join(out, f"prof_{shape}_{variant}.txt"), "w") as fh:
+        table = ka.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=100)
+        with open(os.path.join(OUT, f"prof_{run.replace(':', '_').replace('+', '-')}.txt"), "w") as fh:
             fh.write(table)
-        print(table[:6000])
-    del tr, batch, text
-    torch._dynamo.reset()   # compiled code bakes the SDPA choice in and holds the old model's tensors
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.backends.cuda.enable_flash_sdp(True)
+        print(table[:5000])
     return row
 
 
-def sdpa_micro(shapes=((16, 12, 2048, 64), (8, 16, 2048, 128))) -> None:
-    """Causal SDPA forward+backward per backend, bf16, TFLOP/s counted for the causal half."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def head_bench(ns=(8192, 16384), h=2048, v=128256) -> None:
+    """Output projection + loss, forward and backward, at the Llama head shape."""
     import torch.nn.functional as F
-    for b, h, s, d in shapes:
-        q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        flops = 4 * b * h * s * s * d / 2 * 3.5   # fwd 1x + bwd 2.5x, causal half
-        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+    from gpt3d.parallel.cross_entropy import _fused_dense, linear_cross_entropy
+    ps = ParallelState.single(torch.device("cuda"))
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as Liger
+    except Exception as e:  # noqa: BLE001
+        print("liger unavailable:", str(e)[:100])
+        Liger = None
+    rows = []
+    for n in ns:
+        x0 = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+        w0 = (torch.randn(v, h, device="cuda") * 0.02).to(torch.bfloat16)
+        t = torch.randint(0, v, (n,), device="cuda")
+        cands = {"logits+compiled CE": lambda x, w: _fused_dense(F.linear(x, w), t, v).mean()}
+        for c in (1024, 2048, 4096):
+            cands[f"fused chunk {c}"] = (lambda c: lambda x, w: linear_cross_entropy(x, w, t, v, ps, c).mean())(c)
+        comp = torch.compile(lambda x, w: linear_cross_entropy(x, w, t, v, ps).mean())
+        cands["fused default, compiled"] = comp
+        if Liger is not None:
+            cands["liger fp32 accum"] = lambda x, w: Liger.apply(x, w, t, None, None, -100, 0.0, 0.0, "mean", None,
+                                                                 False, torch.float32)
+            cands["liger bf16 accum"] = lambda x, w: Liger.apply(x, w, t, None, None, -100, 0.0, 0.0, "mean")
+        ref = None
+        for name, fn in cands.items():
             try:
-                with sdpa_kernel([getattr(SDPBackend, name)]):
-                    def step():
-                        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                        y.backward(torch.ones_like(y))
-                    for _ in range(3):
-                        step()
-                    torch.cuda.synchronize()
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+                for _ in range(2):
+                    x.grad = w.grad = None
+                    out = fn(x, w)
+                    out = out[0] if isinstance(out, tuple) else out
+                    out.backward()
+                torch.cuda.synchronize()
+                got = (out.detach().float(), x.grad.float(), w.grad.float())
+                if ref is None:
+                    ref = got
+                err = [float((a - b).norm() / b.norm().clamp(min=1e-12)) for a, b in zip(got, ref)]
+                gc.collect()
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ts = []
+                for _ in range(7):
+                    x.grad = w.grad = None
                     e0.record()
-                    for _ in range(10):
-                        step()
+                    out = fn(x, w)
+                    (out[0] if isinstance(out, tuple) else out).backward()
                     e1.record()
-                    torch.cuda.synchronize()
-                    ms = e0.elapsed_time(e1) / 10
-                print(f"sdpa b{b} h{h} s{s} d{d} {name:<20} {ms:7.3f} ms  {flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
-            except RuntimeError as e:
-                print(f"sdpa b{b} h{h} s{s} d{d} {name:<20} failed: {str(e).splitlines()[0][:100]}", flush=True)
+                    e1.synchronize()
+                    ts.append(e0.elapsed_time(e1))
+                extra = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+                ts.sort()
+                rows.append((n, name, ts[3], extra, err))
+            except Exception as e:  # noqa: BLE001
+                rows.append((n, name, float("nan"), float("nan"), [str(e)[:80]]))
+            print(rows[-1], flush=True)
+        del x0, w0
+    print(f"\n{'tokens':>7} {'head+loss variant':<26}{'ms':>8}{'peak+GiB':>10}  rel.err (loss, dx, dw)")
+    for n, name, ms, extra, err in rows:
+        print(f"{n:>7} {name:<26}{ms:>8.2f}{extra:>10.2f}  {err}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", nargs="+", required=True, help="shape:variant[:mbs], e.g. 1.3B:cudnn")
+    ap.add_argument("--runs", nargs="*", default=[], help="SHAPE:OPTIONS[:MBS[:MICRO]], e.g. 1.3B:fp8:8")
     ap.add_argument("--profile", nargs="*", default=[], help="runs to profile")
-    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--sdpa", action="store_true", help="SDPA backend micro-benchmark first")
+    ap.add_argument("--head", action="store_true", help="output head + loss micro-benchmark first")
+    ap.add_argument("--deadline", type=float, default=1e9, help="start no run after this many seconds")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile-this", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    if not a.one:
-        print("cudnn", torch.backends.cudnn.version(), "sdp priority", torch._C._get_sdp_priority_order(), flush=True)
-    if a.sdpa:
-        sdpa_micro()
+    t_begin = time.time()
+    if a.one:
+        try:
+            r = time_variant(a.runs[0], a.warmup, a.iters, a.profile_this)
+        except torch.cuda.OutOfMemoryError:
+            r = {"run": a.runs[0], "error": "OOM"}
+        print("ROW " + json.dumps(r), flush=True)
+        return
+    print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(), torch.cuda.get_device_name(), flush=True)
+    if a.head:
+        head_bench(ns=(8192,))
     rows = []
     for run in a.runs:
-        parts = run.split(":")
-        shape, variant = parts[0], parts[1]
-        mbs = int(parts[2]) if len(parts) > 2 else None
+        if time.time() - t_begin > a.deadline:
+            rows.append({"run": run, "error": "skipped (deadline)"})
+            continue
         t0 = time.time()
-        if a.one:
-            try:
-                r = time_variant(shape, variant, a.warmup, a.iters, mbs, profile=a.profile_this)
-            except torch.cuda.OutOfMemoryError:
-                r = {"shape": shape, "variant": variant, "error": "OOM"}
-            print("ROW " + json.dumps(r), flush=True)
-            return
-        # one process per run: clean memory peaks and compile caches
         cmd = [sys.executable, __file__, "--one", "--runs", run, "--iters", str(a.iters), "--warmup", str(a.warmup)]
         if run in a.profile:
             cmd.append("--profile-this")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sys.stdout.write("\n".join(l for l in proc.stdout.splitlines() if not l.startswith("ROW ")) + "\n")
+        proc = subprocess.run(cmd, capture_output=True, text=True)   # one process per run: clean peaks
+        with open(os.path.join(OUT, "runs.log"), "a") as fh:
+            fh.write(f"=== {run}\n{proc.stdout}\n{proc.stderr[-6000:]}\n")
+        sys.stdout.write("\n".join(l for l in proc.stdout.splitlines() if not l.startswith("ROW "))[:3000] + "\n")
         got = [l[4:] for l in proc.stdout.splitlines() if l.startswith("ROW ")]
-        r = json.loads(got[0]) if got else {"shape": shape, "variant": variant,
-                                            "error": proc.stderr.strip().splitlines()[-1][:200] if proc.stderr else "?"}
+        r = json.loads(got[0]) if got else {"run": run, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:160]}
         r["wall_s"] = time.time() - t0
         rows.append(r)
         print(json.dumps(r), flush=True)
-    print(f"\n{'shape':<6}{'variant':<11}{'mbs':>4}{'ms':>9}{'opt ms':>8}{'tok/s':>10}{'MFU':>7}{'GiB':>7}")
+    with open(os.path.join(OUT, "rows.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+    print(f"\n{'run':<30}{'ms':>8}{'synced':>8}{'opt':>6}{'tok/s':>10}{'MFU':>7}{'GiB':>6}{'wall':>6}  attention")
     for r in rows:
         if "ms" in r:
-            print(f"{r['shape']:<6}{r['variant']:<11}{r['mbs']:>4}{r['ms']:>9.1f}{r['opt_ms']:>8.1f}"
-                  f"{r['tokens_per_s']:>10,.0f}{r['mfu']:>7.1%}{r['mem']:>7.1f}  {list(r['attn_kernels'])[:2]}")
+            print(f"{r['run']:<30}{r['ms']:>8.1f}{r['ms_med_synced']:>8.1f}{r['opt_ms']:>6.1f}{r['tokens_per_s']:>10,.0f}"
+                  f"{r['mfu']:>7.1%}{r['mem']:>6.1f}{r['wall_s']:>6.0f}  {r['attn_kernels'][:1]}")
         else:
-            print(f"{r['shape']:<6}{r['variant']:<11} {r.get('error')}")
+            print(f"{r['run']:<30} {r.get('error')}  {r.get('wall_s', 0):.0f}s")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Crash-safe writes: build the result under a temporary name, fsync it, rename it into place.
 
 A reader (or a resumed run after kill -9) sees either the old file/directory or the complete new one, never
-a half-written one. Used for checkpoints, Hugging Face exports and plots.
+a half-written one. Used for checkpoints, Hugging Face exports, plots and the sample-index caches.
 """
 from __future__ import annotations
 

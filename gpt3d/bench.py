@@ -1,11 +1,13 @@
-"""`gpt3d bench`: gpt3d's real training step vs a Hugging Face GPT-2 peer, same shape, same batch, same process.
+"""`gpt3d bench`: gpt3d's real training step vs a Hugging Face peer, same shape, same batch, same process.
 
-gpt3d runs `Trainer.train_step` (bf16 params, fp32 master weights in the ZeRO
-optimizer, fused AdamW, clipping) on synthetic tokens. The peer is
-`transformers.GPT2LMHeadModel` with SDPA attention, bf16 autocast, fused AdamW,
-clipping and torch.compile. Both report tokens/s, TFLOPs/GPU by
-Megatron-DeepSpeed's formula and by 6N+12lhs, MFU against --peak-tflops, and
-peak memory.
+gpt3d runs `Trainer.train_step` (bf16 or fp16 params, optionally FP8 GEMMs,
+fp32 master weights in the ZeRO optimizer, fused AdamW, clipping) on synthetic
+tokens. The peer is `transformers.GPT2LMHeadModel` for the GPT-3 shapes and
+`LlamaForCausalLM` for the Llama shape, with SDPA attention, autocast (bf16, or
+fp16 with a GradScaler under --fp16), fused AdamW, clipping and torch.compile.
+Both report tokens/s, TFLOPs/GPU by Megatron-DeepSpeed's formula and by
+6N+12lhs, MFU (model FLOPs of gpt3d/flops.py) against --peak-tflops, and peak
+memory; gpt3d's row shows its ratio to the peer.
 """
 from __future__ import annotations
 
@@ -21,15 +23,19 @@ from .config import DEFAULT_VOCAB_SIZE as VOCAB, Config
 from .errors import ConfigError
 from .metrics import Throughput
 
+LLAMA = dict(use_rotary_position_embeddings=True, normalization="rmsnorm", swiglu=True, disable_bias_linear=True,
+             untie_embeddings_and_output_weights=True)
 SHAPES = {
     "125M": dict(num_layers=12, hidden_size=768, num_attention_heads=12, micro_batch_size=16),
     "350M": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, micro_batch_size=8),
     "1.3B": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, micro_batch_size=8),
+    "llama-1.5B": dict(num_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
+                       ffn_hidden_size=8192, vocab_size=128256, micro_batch_size=4, **LLAMA),
 }
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="tokens/s, TFLOPs and MFU of the training step vs a HF GPT-2 peer")
+    p = sub.add_parser("bench", help="tokens/s, TFLOPs and MFU of the training step vs a Hugging Face peer")
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -53,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gpt3d's SDPA kernel (math = no flash attention)")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="micro-batches per optimizer step (gradient accumulation), for both systems")
+    p.add_argument("--fp16", action="store_true", help="fp16 params with dynamic loss scaling (peer: fp16 "
+                                                        "autocast + GradScaler) instead of bf16")
+    p.add_argument("--fp8", action="store_true", help="gpt3d with FP8 GEMMs in the transformer layers (torchao)")
+    p.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise", "rowwise_with_gw_hp"], default="tensorwise")
+    p.add_argument("--cross-entropy-loss-fusion", dest="ce_fusion", action="store_true",
+                   help="gpt3d fuses the output projection with the loss (chunked; never stores the logits)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--json", action="store_true", help="print one JSON line per result")
 
@@ -68,13 +80,18 @@ def _config(shape: str, args) -> Config:
         s = dict(SHAPES[shape])
     else:
         raise ConfigError(f"unknown shape '{shape}' (choose from {', '.join(SHAPES)}, custom)")
+    if args.fp8 and args.fp16:
+        raise ConfigError("--fp8 runs on bf16 weights: drop --fp16")
     mbs = args.micro_batch_size or s.pop("micro_batch_size")
     s.pop("micro_batch_size", None)
+    s.setdefault("vocab_size", VOCAB)
     cfg = Config.from_dict({**s, "seq_length": args.seq_length, "max_position_embeddings": args.seq_length,
-                            "vocab_size": VOCAB, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+                            "hidden_dropout": 0.0, "attention_dropout": 0.0,
                             "micro_batch_size": mbs, "global_batch_size": mbs * args.micro_batches,
                             "train_iters": 1000, "attention_backend": args.attention_backend,
-                            "mock_data": True, "bf16": True, "lr": 1e-4, "weight_decay": 0.1,
+                            "mock_data": True, "bf16": not args.fp16, "fp16": args.fp16, "fp8": args.fp8,
+                            "fp8_recipe": args.fp8_recipe, "cross_entropy_loss_fusion": args.ce_fusion,
+                            "lr": 1e-4, "weight_decay": 0.1,
                             "clip_grad": 1.0, "device": "cuda", "compile": args.compile,
                             "recompute_granularity": args.recompute_granularity,
                             "use_flash_attn": args.use_flash_attn, "peak_tflops": args.peak_tflops,
@@ -100,7 +117,7 @@ def bench_gpt3d(cfg: Config, warmup: int, iters: int) -> dict:
     trainer = Trainer(cfg, ParallelState.single(torch.device("cuda")))
     mbs, seq = cfg.training.micro_batch_size, cfg.model.seq_length
     gen = torch.Generator(device="cuda").manual_seed(0)
-    text = torch.randint(0, VOCAB, (trainer.num_micro, mbs, seq + 1), device="cuda", generator=gen)
+    text = torch.randint(0, cfg.model.vocab_size, (trainer.num_micro, mbs, seq + 1), device="cuda", generator=gen)
     batch = [{"tokens": t[:, :-1], "labels": t[:, 1:]} for t in text]
     try:
         sec, mem = _time(lambda: trainer.train_step(batch), warmup, iters)
@@ -125,23 +142,51 @@ def bench_hf(cfg: Config, warmup: int, iters: int) -> dict:
             mbs, micro = mbs // 2, micro * 2
 
 
-def _bench_hf(cfg: Config, mbs: int, micro: int, warmup: int, iters: int) -> dict:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _hf_model(cfg: Config):
+    """The peer a user would otherwise pick: GPT-2 for GPT-3 shapes, Llama for RoPE+RMSNorm+SwiGLU shapes."""
     m = cfg.model
-    hf_cfg = GPT2Config(vocab_size=VOCAB, n_positions=m.seq_length, n_embd=m.hidden_size, n_layer=m.num_layers,
-                        n_head=m.num_attention_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa").cuda()
+    if m.swiglu:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,
+                             num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                             num_key_value_heads=m.kv_heads, max_position_embeddings=m.seq_length,
+                             rms_norm_eps=m.layernorm_epsilon, rope_theta=float(m.rotary_base),
+                             tie_word_embeddings=not m.untie_embeddings_and_output_weights,
+                             attention_bias=not m.disable_bias_linear, mlp_bias=not m.disable_bias_linear)
+        return LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa")
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hf_cfg = GPT2Config(vocab_size=m.vocab_size, n_positions=m.seq_length, n_embd=m.hidden_size,
+                        n_layer=m.num_layers, n_head=m.num_attention_heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0)
+    return GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa")
+
+
+def peer_name(cfg: Config) -> str:
+    return "hf-llama-sdpa-compile" if cfg.model.swiglu else "hf-gpt2-sdpa-compile"
+
+
+def _bench_hf(cfg: Config, mbs: int, micro: int, warmup: int, iters: int) -> dict:
+    m = cfg.model
+    model = _hf_model(cfg).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     compiled = torch.compile(model)
-    texts = torch.randint(0, VOCAB, (micro, mbs, m.seq_length), device="cuda")
+    texts = torch.randint(0, m.vocab_size, (micro, mbs, m.seq_length), device="cuda")
+    fp16 = cfg.precision.fp16
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
 
     def step():
         for text in texts:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.float16 if fp16 else torch.bfloat16):
                 loss = compiled(input_ids=text, labels=text).loss / micro
-            loss.backward()
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
     try:
@@ -157,12 +202,14 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise ConfigError("bench needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
+    precision = "fp16" if args.fp16 else f"fp8-{args.fp8_recipe}" if args.fp8 else "bf16"
     rows = []
     for shape, cfg in configs:
         from .model.gpt import padded_vocab_size
-        tp = Throughput(cfg.model, VOCAB, padded_vocab_size(VOCAB, 128, 1), cfg.training.global_batch_size, 1,
+        v = cfg.model.vocab_size
+        tp = Throughput(cfg.model, v, padded_vocab_size(v, 128, 1), cfg.training.global_batch_size, 1,
                         args.peak_tflops)
-        runners = [("gpt3d", bench_gpt3d)] + ([("hf-gpt2-sdpa-compile", bench_hf)] if args.peer == "hf" else [])
+        runners = [("gpt3d", bench_gpt3d)] + ([(peer_name(cfg), bench_hf)] if args.peer == "hf" else [])
         if args.peer_first:
             runners.reverse()
         for name, fn in runners:
@@ -174,28 +221,34 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()
             row = {"system": name, "shape": shape, "seq": cfg.model.seq_length,
                    "micro_batch": r.pop("peer_micro_batch", f"{cfg.training.micro_batch_size}x{args.micro_batches}"),
+                   "precision": precision if name == "gpt3d" else ("fp16" if args.fp16 else "bf16"),
                    "compile": args.compile, "recompute": args.recompute_granularity,
                    "attention": args.attention_backend if name == "gpt3d" else "sdpa-default", **r}
             if "seconds_per_iter" in r:
                 row.update(tp.report(r["seconds_per_iter"]))
             rows.append(row)
-            if args.json:
-                print(json.dumps(row), flush=True)
+        peer = next((r for r in rows if r["shape"] == shape and r["system"] != "gpt3d" and "tokens_per_s" in r),
+                    None)
+        for r in rows:
+            if r["shape"] == shape and r["system"] == "gpt3d" and peer and "tokens_per_s" in r:
+                r["vs_peer"] = r["tokens_per_s"] / peer["tokens_per_s"]
+        if args.json:
+            for r in rows:
+                if r["shape"] == shape:
+                    print(json.dumps(r), flush=True)
     _table(rows)
     return 0
 
 
 def _table(rows: list) -> None:
-    print(f"\n{'system':<22}{'shape':>6}{'mbs':>6}{'tok/s':>11}{'TFLOPs':>8}{'6N TF':>8}{'MFU':>7}"
+    print(f"\n{'system':<22}{'shape':>11}{'prec':>14}{'mbs':>6}{'tok/s':>11}{'TFLOPs':>8}{'6N TF':>8}{'MFU':>7}"
           f"{'peak GiB':>10}{'vs peer':>9}")
-    peers = {r["shape"]: r for r in rows if r["system"] != "gpt3d" and "tokens_per_s" in r}
     for r in rows:
         if "tokens_per_s" not in r:
-            print(f"{r['system']:<22}{r['shape']:>6}{r['micro_batch']:>6}  {r.get('error')}")
+            print(f"{r['system']:<22}{r['shape']:>11}{r['precision']:>14}{r['micro_batch']:>6}  {r.get('error')}")
             continue
-        peer = peers.get(r["shape"])
-        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer and r["system"] == "gpt3d" else ""
-        print(f"{r['system']:<22}{r['shape']:>6}{r['micro_batch']:>6}{r['tokens_per_s']:>11,.0f}"
+        ratio = f"{r['vs_peer']:.2f}x" if "vs_peer" in r else ""
+        print(f"{r['system']:<22}{r['shape']:>11}{r['precision']:>14}{r['micro_batch']:>6}{r['tokens_per_s']:>11,.0f}"
               f"{r['tflops_per_gpu']:>8.1f}{r['tflops_per_gpu_6n']:>8.1f}{r['mfu']:>7.1%}{r['peak_mem_gib']:>10.1f}"
               f"{ratio:>9}")
 

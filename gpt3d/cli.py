@@ -17,8 +17,8 @@ import yaml
 from .config import SECTIONS, Config, apply_flat, field_types, flatten
 from .errors import ConfigError, Gpt3dError
 
-# Token counts are often written 300e9 or 3_000_000_000.
-TOKEN_COUNT_FIELDS = ("train_tokens", "lr_warmup_tokens", "lr_decay_tokens")
+# Token (and sample) counts are often written 300e9 or 3_000_000_000.
+TOKEN_COUNT_FIELDS = ("train_tokens", "train_samples", "lr_warmup_tokens", "lr_decay_tokens")
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -35,7 +35,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             names = [_flag(f), *f.metadata.get("aliases", ())]
             kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help"))
             t = types[f.name]
-            if t is bool:
+            if t is bool and names[0].startswith("--no-"):   # Megatron's negative switches, e.g.
+                group.add_argument(*names, action="store_true", **kw)   # --no-pipeline-parallel: set only
+            elif t is bool:
                 group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             elif t is list:
                 group.add_argument(*names, nargs="+", **kw)
@@ -43,6 +45,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 conv = _int_tokens if f.name in TOKEN_COUNT_FIELDS else t if t in (int, float) else str
                 group.add_argument(*names, type=conv, choices=f.metadata.get("choices"),
                                    metavar=f.name.upper() if not f.metadata.get("choices") else None, **kw)
+            for switch, (value, text) in f.metadata.get("const_aliases", {}).items():
+                group.add_argument(switch, dest=f.name, action="store_const", const=value,
+                                   default=argparse.SUPPRESS, help=text)
 
 
 def _int_tokens(text: str) -> int:
@@ -51,6 +56,7 @@ def _int_tokens(text: str) -> int:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     cfg = Config()
+    yaml_keys: set = set()
     if getattr(args, "config", None):
         try:
             with open(args.config) as fh:
@@ -61,9 +67,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise ConfigError(f"{args.config}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{args.config}: expected a mapping of settings")
-        apply_flat(cfg, flatten(data, source=args.config))
+        flat = flatten(data, source=args.config)
+        apply_flat(cfg, flat)
+        yaml_keys = set(flat)
     given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
     apply_flat(cfg, flatten(given, source="flags"))
+    from .deepspeed_config import apply_deepspeed_config   # Megatron-DeepSpeed's --deepspeed_config
+    apply_deepspeed_config(cfg, set(given) | yaml_keys)
     return cfg
 
 

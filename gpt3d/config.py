@@ -21,9 +21,13 @@ DEFAULT_VOCAB_SIZE = 50257
 
 
 def opt(default: Any, help: str, choices: Optional[list] = None, flag: Optional[str] = None,
-        aliases: tuple = ()) -> Any:
-    """A dataclass field carrying its CLI help, choices and extra flag aliases."""
-    meta = {"help": help, "choices": choices, "flag": flag, "aliases": aliases}
+        aliases: tuple = (), const_aliases: Optional[dict] = None) -> Any:
+    """A dataclass field carrying its CLI help, choices and extra flag aliases.
+
+    `const_aliases` maps a switch to the value it sets (Megatron's `--checkpoint-activations` is
+    `--recompute-granularity full`) with the help text to show for it."""
+    meta = {"help": help, "choices": choices, "flag": flag, "aliases": aliases,
+            "const_aliases": const_aliases or {}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -55,8 +59,15 @@ class ModelConfig:
     swiglu: bool = opt(False, "SwiGLU MLP instead of GeLU")
     disable_bias_linear: bool = opt(False, "no biases in linear layers")
     untie_embeddings_and_output_weights: bool = opt(False, "separate output head instead of tied embedding")
-    recompute_granularity: Optional[str] = opt(None, "activation checkpointing", choices=["full", "selective"])
+    recompute_granularity: Optional[str] = opt(
+        None, "activation checkpointing", choices=["full", "selective"],
+        const_aliases={"--checkpoint-activations": ("full", "Megatron's name for --recompute-granularity full"),
+                       "--deepspeed-activation-checkpointing": (
+                           "full", "DeepSpeed's activation checkpointing: here --recompute-granularity full")})
     recompute_num_layers: Optional[int] = opt(None, "with full recompute: layers per stage to recompute (default all)")
+    cross_entropy_loss_fusion: bool = opt(False, "fuse the output projection with the loss, chunked over tokens, "
+                                                 "so the [tokens x vocab] logits are never stored (less memory, "
+                                                 "a little slower)")
     use_flash_attn: bool = opt(False, "use the flash-attn package if installed (else torch SDPA)")
     attention_backend: str = opt("auto", "SDPA kernel on GPU (auto: cuDNN on Hopper, else flash)",
                                  choices=["auto", "cudnn", "flash", "efficient", "math"])
@@ -96,6 +107,12 @@ class ParallelConfig:
                                     flag="--overlap-grad-reduce")
     distributed_backend: str = opt("auto", "torch.distributed backend", choices=["auto", "nccl", "gloo"])
     distributed_timeout_minutes: float = opt(10.0, "collective timeout, so a dead rank ends the job")
+    no_pipeline_parallel: bool = opt(False, "Megatron-DeepSpeed: no pipeline engine; needs "
+                                            "--pipeline-model-parallel-size 1", flag="--no-pipeline-parallel")
+    no_async_tensor_model_parallel_allreduce: bool = opt(
+        False, "accepted, no effect: gpt3d's column-parallel backward already all-reduces the input gradient "
+               "synchronously (it never overlaps it with the weight-gradient GEMM)",
+        flag="--no-async-tensor-model-parallel-allreduce")
 
 
 @dataclass
@@ -117,6 +134,9 @@ class SchedulerConfig:
     lr_warmup_fraction: Optional[float] = opt(None, "warm-up as a fraction of the decay length")
     lr_decay_iters: Optional[int] = opt(None, "decay iterations (default: train iters)")
     lr_decay_tokens: Optional[int] = opt(None, "decay length in tokens (makes the schedule token based)")
+    override_opt_param_scheduler: bool = opt(
+        False, "accepted, no effect: gpt3d always takes the LR schedule from the flags (checkpoints store no "
+               "schedule settings), which is what this flag asks of Megatron", flag="--override-opt_param-scheduler")
 
 
 @dataclass
@@ -129,6 +149,11 @@ class PrecisionConfig:
     loss_scale_window: int = opt(1000, "good steps before the loss scale grows")
     hysteresis: int = opt(2, "overflows tolerated before the scale drops")
     accumulate_allreduce_grads_in_fp32: bool = opt(True, "fp32 gradient buffers for bf16/fp16 params")
+    fp8: bool = opt(False, "FP8 GEMMs in the transformer layers (torchao float8 training, pip install -e "
+                           "'.[fp8]'; needs --bf16 and an FP8 GPU such as H100); weights and checkpoints unchanged")
+    fp8_recipe: str = opt("tensorwise", "FP8 scaling: tensorwise (E4M3 fwd / E5M2 grads), rowwise, or "
+                                        "rowwise_with_gw_hp (weight gradient GEMM in bf16)",
+                          choices=["tensorwise", "rowwise", "rowwise_with_gw_hp"])
 
 
 @dataclass
@@ -138,6 +163,8 @@ class DataConfig:
     vocab_file: Optional[str] = opt(None, "GPT-2 vocab.json")
     merge_file: Optional[str] = opt(None, "GPT-2 merges.txt")
     mock_data: bool = opt(False, "synthetic learnable tokens, no files needed")
+    data_impl: str = opt("infer", "indexed dataset format: mmap (Megatron's MMIDIDX .bin/.idx) or infer; "
+                                  "Megatron's lazy/cached formats are refused")
     num_workers: int = opt(0, "data loader worker processes")
 
 
@@ -147,6 +174,8 @@ class TrainingConfig:
     global_batch_size: Optional[int] = opt(None, "samples per optimizer step (default: micro batch x DP)")
     train_iters: Optional[int] = opt(None, "optimizer steps")
     train_tokens: Optional[int] = opt(None, "stop after this many tokens")
+    train_samples: Optional[int] = opt(None, "train for this many samples (iterations = samples // global batch); "
+                                             "also sizes the sample index, as in Megatron")
     seed: int = opt(1234, "random seed (weights do not depend on the parallel layout)")
     device: str = opt("auto", "where to train", choices=["auto", "cpu", "cuda"])
     eval_interval: int = opt(1000, "iterations between validations")
@@ -154,6 +183,17 @@ class TrainingConfig:
     log_interval: int = opt(10, "iterations between log lines")
     log_file: Optional[str] = opt(None, "JSON-lines metrics file")
     tensorboard_dir: Optional[str] = opt(None, "TensorBoard log directory")
+    tensorboard_queue_size: int = opt(10, "TensorBoard events buffered before a write (Megatron's default is 1000)")
+    log_timers_to_tensorboard: bool = opt(False, "TensorBoard: iteration-time (gpt3d times whole steps only)")
+    log_batch_size_to_tensorboard: bool = opt(False, "TensorBoard: global batch size")
+    log_validation_ppl_to_tensorboard: bool = opt(False, "TensorBoard: validation perplexity")
+    log_optimizer_states_to_tensorboard: bool = opt(
+        False, "TensorBoard: L2/L1 norms and max |x| of Adam's moments and the fp32 weights (an extra pass over "
+               "the optimizer state every --log-interval)")
+    deepspeed: bool = opt(False, "Megatron-DeepSpeed's switch: read --deepspeed_config (gpt3d needs no DeepSpeed)")
+    deepspeed_config: Optional[str] = opt(None, "DeepSpeed JSON config: batch sizes, ZeRO stage, fp16/bf16 and "
+                                                "loss scaling, clipping (see deepspeed_config.py)",
+                                          flag="--deepspeed_config", aliases=("--deepspeed-config",))
     peak_tflops: float = opt(989.0, "per-device peak for MFU (H100 bf16 dense)")
     compile: bool = opt(False, "torch.compile the transformer layers")
     exit_duration_in_mins: Optional[float] = opt(None, "save and exit after this many minutes")
@@ -335,15 +375,23 @@ def validate(cfg: Config, world_size: int) -> None:
     gbs = t.global_batch_size or t.micro_batch_size * dp
     _need(gbs % (t.micro_batch_size * dp) == 0,
           f"--global-batch-size ({gbs}) must be divisible by micro batch x DP ({t.micro_batch_size} x {dp})")
-    _need(t.train_iters is not None or t.train_tokens is not None, "give --train-iters or --train-tokens")
+    _need(t.train_iters is not None or t.train_tokens is not None or t.train_samples is not None,
+          "give --train-iters, --train-samples or --train-tokens")
+    _need(t.train_iters is None or t.train_samples is None, "--train-iters and --train-samples are exclusive")
     for name, v in [("train-iters", t.train_iters), ("train-tokens", t.train_tokens),
-                    ("eval-iters", t.eval_iters)]:
+                    ("train-samples", t.train_samples), ("eval-iters", t.eval_iters)]:
         _need(v is None or v >= 0, f"--{name} must not be negative, got {v}")
     _need(not (pr.bf16 and pr.fp16), "--bf16 and --fp16 are exclusive")
+    _need(not pr.fp8 or pr.bf16, "--fp8 needs --bf16 (the FP8 GEMMs take bf16 weights and activations)")
     _need(s.lr >= 0 and s.min_lr >= 0 and s.min_lr <= s.lr, f"need 0 <= --min-lr ({s.min_lr}) <= --lr ({s.lr})")
     _need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "Adam betas must be in [0, 1)")
     _need(o.weight_decay >= 0 and o.clip_grad >= 0, "--weight-decay and --clip-grad must not be negative")
     d = cfg.data
+    _need(d.data_impl in ("mmap", "infer"),
+          f"--data-impl {d.data_impl} is not supported: gpt3d reads Megatron's mmap .bin/.idx format only "
+          "(--data-impl mmap or infer)")
+    _need(not p.no_pipeline_parallel or pp == 1,
+          f"--no-pipeline-parallel needs --pipeline-model-parallel-size 1, got {pp}")
     if not d.mock_data:
         _need(bool(d.data_path), "give --data-path (or --mock-data for synthetic tokens)")
         _need(bool(d.vocab_file) and bool(d.merge_file), "--data-path needs --vocab-file and --merge-file")

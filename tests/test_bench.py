@@ -33,7 +33,7 @@ def test_megatron_formula_matches_counted_matmuls():
     tp = Throughput(cfg.model, 250, v, b, world_size=1, peak_tflops=1.0)
     row = tp.report(seconds_per_iter=1.0)
     assert row["tokens_per_s"] == b * s and row["tflops_per_gpu"] * 1e12 == formula
-    assert row["mfu"] * 1e12 == formula   # 1 s at a 1 TFLOP/s peak
+    assert row["mfu"] * 1e12 == row["model_flops_per_token"] * b * s   # 1 s at a 1 TFLOP/s peak (flops.py)
 
 
 def _bench(*args):
@@ -58,3 +58,24 @@ def test_bench_custom_shape_config():
     cfg = _config("custom", args)
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (3, 96, 6)
     assert (cfg.training.micro_batch_size, cfg.training.global_batch_size, cfg.model.seq_length) == (2, 8, 128)
+
+
+def test_bench_llama_shape_and_precision_flags():
+    import argparse
+    from gpt3d.bench import _config, add_arguments, peer_name
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = _config("llama-1.5B", p.parse_args(["--model", "llama-1.5B", "--fp8", "--micro-batches", "2"]))
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.kv_heads, m.ffn_size, m.vocab_size) == \
+        (16, 2048, 32, 8, 8192, 128256)
+    assert m.swiglu and m.use_rotary_position_embeddings and m.normalization == "rmsnorm"
+    assert m.untie_embeddings_and_output_weights and m.disable_bias_linear
+    assert (cfg.training.micro_batch_size, cfg.training.global_batch_size) == (4, 8)
+    assert cfg.precision.bf16 and cfg.precision.fp8 and cfg.precision.fp8_recipe == "tensorwise"
+    assert peer_name(cfg) == "hf-llama-sdpa-compile"
+    cfg16 = _config("125M", p.parse_args(["--model", "125M", "--fp16"]))
+    assert cfg16.precision.fp16 and not cfg16.precision.bf16 and cfg16.model.vocab_size == 50257
+    assert peer_name(cfg16) == "hf-gpt2-sdpa-compile"
+    r = _bench("--model", "125M", "--fp8", "--fp16")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["gpt3d: error: --fp8 runs on bf16 weights: drop --fp16"]

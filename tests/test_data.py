@@ -194,13 +194,13 @@ def test_data_too_small(shakespeare_prefix):
 
 @pytest.mark.parametrize("weights", [[0.3, 0.7], [0.2, 0.5, 0.3], [0.1] * 10, [1.0]])
 def test_blending_is_the_greedy_rule(weights):
-    """Sample i goes to argmax_d(w_d * (i + 1) - count_d) (Megatron's rule), first index on ties."""
+    """Sample i goes to argmax_d(w_d * max(i, 1) - count_d) (Megatron's helpers.cpp), first index on ties."""
     from gpt3d.data.blend import blending_indices
     w = np.asarray(weights) / sum(weights)
     got_d, got_s = blending_indices(w, 3000)
     counts = np.zeros(len(w), dtype=np.int64)
     for i in range(3000):
-        d = int(np.argmax(w * (i + 1) - counts))
+        d = int(np.argmax(w * max(i, 1) - counts))
         assert (got_d[i], got_s[i]) == (d, counts[d]), i
         counts[d] += 1
 

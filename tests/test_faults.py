@@ -188,6 +188,39 @@ def test_non_finite_steps_stop_naming_the_iteration(tmp_path, capsys, monkeypatc
     assert sorted(os.listdir(ck)) == ["iter_0000002", "latest"] and (ck / "latest").read_text() == "iter_0000002"
 
 
+@pytest.mark.parametrize("flags,first,last", [(["--max-skipped-steps", "3"], 5, 7),
+                                               (["--check-for-nan-in-loss-and-grad"], 5, 5)])
+def test_stop_read_between_log_lines_names_the_same_iterations(tmp_path, capsys, monkeypatch, flags, first, last):
+    """Between log lines the stop check is read one step late (no host sync per step): a run that diverges
+    there still names the iterations where it diverged, saves nothing after them and writes no later row."""
+    ck, log = tmp_path / "ck", tmp_path / "m.jsonl"
+    monkeypatch.setenv("GPT3D_FAULT_INJECT", "0:5:nan")
+    rc = _train("--train-iters", "20", "--log-interval", "10", "--save", str(ck), "--save-interval", "2",
+                "--log-file", str(log), *flags)
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert _stopped_iterations(err) == (first, last)        # 7 and 5 are read late: no log line, no save there
+    assert f"last good checkpoint: {ck / 'iter_0000004'}" in err
+    assert sorted(os.listdir(ck)) == ["iter_0000002", "iter_0000004", "latest"]   # 6 was bad: not saved
+    assert not log.exists() or _last_iteration(log) == 0
+
+
+def test_stop_signal_read_late_acts_at_the_next_step():
+    """A signal seen by a check left unread stops the run one step later, where the check is read exactly."""
+    from gpt3d.parallel.state import ParallelState
+    from gpt3d.train.stop import StopPolicy
+    cfg = tiny_config().training
+    stop = StopPolicy(cfg, ParallelState(), fp16=False)
+    assert stop.check(1, exact=False) is None and stop.settle().reason is None
+    assert stop.check(2, exact=False) is None
+    stop.stop_requested = True
+    assert stop.check(3, exact=False) is None                # the signal arrived while step 3 ran
+    late = stop.settle()
+    assert (late.iteration, late.reason, late.diverged) == (3, "stop signal received", False)
+    verdict = stop.check(4, exact=False)                     # a known reason makes the next check exact
+    assert verdict is not None and (verdict.iteration, verdict.reason) == (4, "stop signal received")
+
+
 def test_fp16_skips_and_lowers_the_scale_before_giving_up(tmp_path, capsys, monkeypatch):
     """fp16 overflows only count once the scale is at its minimum; until then each one halves the scale."""
     monkeypatch.setenv("GPT3D_FAULT_INJECT", "0:4:nan")

@@ -64,6 +64,14 @@ def test_one_process_activation_bytes_are_exact(arch, recompute, dropout):
     assert kept > 0 and kept == predicted, (kept, predicted)
 
 
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_fused_linear_loss_activation_bytes_are_exact(arch):
+    """--cross-entropy-loss-fusion: no logits; the head's input and fp32 weight gradients are kept instead."""
+    kept, predicted = measure(_cfg(arch, None, 0.0, cross_entropy_loss_fusion=True), ParallelState())
+    unfused, _ = measure(_cfg(arch, None, 0.0), ParallelState())
+    assert kept == predicted and kept != unfused, (kept, predicted, unfused)
+
+
 def test_fp32_activation_bytes_are_exact():
     kept, predicted = measure(_cfg("gpt", None, 0.0, bf16=False), ParallelState())
     assert kept == predicted
@@ -90,14 +98,16 @@ def saved_bytes(model: GPTModel, tokens: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-TP_CASES = [("gpt", False), ("gpt", True), ("llama", False), ("llama", True)]
+TP_CASES = [("gpt", False, False), ("gpt", True, False), ("llama", False, False), ("llama", True, False),
+            ("gpt", True, True), ("llama", False, True)]   # (arch, sequence parallel, fused linear + loss)
 
 
 def tp_worker(rank: int, world: int, cases: list) -> list:
     """TP=2 (DP = world / 2: the census is per rank, DP replicas hold the same) under each (arch, sp)."""
     out = []
-    for arch, sp in cases:
-        cfg = _cfg(arch, None, 0.0, tensor_model_parallel_size=2, sequence_parallel=sp, heads=8, kv=4)
+    for arch, sp, fused in cases:
+        cfg = _cfg(arch, None, 0.0, tensor_model_parallel_size=2, sequence_parallel=sp, heads=8, kv=4,
+                   cross_entropy_loss_fusion=fused)
         ps = build_parallel_state(cfg.parallel, world, rank, torch.device("cpu"))
         model = GPTModel(cfg.model, ps, seed_everything(1, ps), vocab_size=cfg.model.vocab_size)
         model.init_weights(1)
@@ -110,10 +120,14 @@ def tp_worker(rank: int, world: int, cases: list) -> list:
     return out
 
 
+TP_IDS = [f"{a}-sp{int(s)}" + ("-fused" if f else "") for a, s, f in TP_CASES]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(len(TP_CASES)), ids=[f"{a}-sp{int(s)}" for a, s in TP_CASES])
+@pytest.mark.parametrize("index", range(len(TP_CASES)), ids=TP_IDS)
 def test_tensor_parallel_saved_bytes_are_exact(index):
-    """TP=2 (GQA with 2 KV heads per rank, so q is regrouped), with and without sequence parallelism."""
+    """TP=2 (GQA with 2 KV heads per rank, so q is regrouped), with and without sequence parallelism and the
+    fused linear + loss."""
     for rank, per_rank in enumerate(plan_jobs.per_rank(4, "tp_activations")):   # tests/plan_jobs.py
         saved, predicted = per_rank[index]
         assert saved == predicted, (rank, saved, predicted)

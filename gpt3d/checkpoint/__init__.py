@@ -17,7 +17,7 @@ have the recorded sizes) is never loaded.
 from ..errors import CheckpointError
 from .parts import skipped_parts, training_parts, weights_parts
 from .reshard import read_model_tensors
-from .store import Loaded, describe, list_checkpoints, load, read_meta, resolve, save
+from .store import Loaded, describe, holds_no_checkpoint, list_checkpoints, load, read_meta, resolve, save
 
 
 def save_weights(root: str, tensors: dict, params: dict, config: dict, vocab_size: int, padded_vocab: int) -> str:
@@ -29,4 +29,4 @@ def save_weights(root: str, tensors: dict, params: dict, config: dict, vocab_siz
 
 
 __all__ = ["save", "load", "Loaded", "training_parts", "skipped_parts", "save_weights", "read_model_tensors",
-           "resolve", "read_meta", "describe", "list_checkpoints", "CheckpointError"]
+           "resolve", "holds_no_checkpoint", "read_meta", "describe", "list_checkpoints", "CheckpointError"]

@@ -212,6 +212,14 @@ def _valid(path: str) -> Optional[str]:
     return None
 
 
+def holds_no_checkpoint(root: str) -> bool:
+    """An existing directory with no checkpoint, `latest`, meta.json or leftover of a save at all: the first
+    run of a launch script that always passes --load (Megatron-DeepSpeed's do), which starts from scratch.
+    Anything partial still goes through `resolve`'s checks."""
+    return os.path.isdir(root) and not any(n in ("latest", "meta.json") or n.startswith("iter_")
+                                           for n in os.listdir(root))
+
+
 def resolve(root: str) -> str:
     """The newest complete checkpoint under `root` (or `root` itself if it is one)."""
     if os.path.exists(os.path.join(root, "meta.json")):

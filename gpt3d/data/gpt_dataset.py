@@ -1,27 +1,42 @@
-"""Megatron's GPT dataset: fixed-length samples cut across document boundaries.
+"""The GPT dataset: which tokens form training sample k, identical to Megatron-DeepSpeed's.
 
-Documents of a split are repeated for enough epochs and shuffled (doc_idx);
-sample k starts at token k*seq of that stream and spans seq+1 tokens, so
-consecutive samples share one token (sample_idx); samples are shuffled
-(shuffle_idx). The three index arrays depend only on the data, the split, the
-sample count, the sequence length and the seed; they are cached as .npy beside
-the data, built by one rank while the others wait.
+A run moved from Megatron-DeepSpeed must see the same batches, so the three
+index arrays follow its rules exactly (same values and dtypes for the same data
+prefix, split, seed, sequence length and sample count):
+
+* doc_idx: the split's documents repeated for as many epochs as the requested
+  samples need, shuffled by np.random.RandomState(seed). When the last epoch
+  would contribute fewer than 80% of an epoch's samples it is shuffled on its
+  own after the other epochs ("separate last epoch"), so its few documents are
+  not spread over the whole run.
+* sample_idx: sample k spans seq+1 tokens of the doc_idx stream starting at
+  token k*seq (consecutive samples share one token); row k is (position in
+  doc_idx, offset in that document) of its first token. Computed with one cumsum
+  and one np.repeat instead of a per-sample loop.
+* shuffle_idx: every sample of the epochs built (not only those requested) is
+  shuffled, the separated last epoch's samples on their own after the rest.
+
+The arrays are cached as .npy beside the data, built by one rank while the
+others wait; the file name carries a digest of the split's documents and of the
+rule version, so a new --split or an older rule never reuses stale indices.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from typing import Callable, Optional
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from .blend import BlendableDataset
+from .blend import BlendableDataset, corpus_num_samples, normalize_weights, save_atomic
 from .indexed import DataError, MMapIndexedDataset
+
+RULES = "mds1"   # bump when the index rules change, so old caches are not reused
 
 
 def parse_data_path(data_path) -> tuple[list[str], list[float]]:
+    """`prefix` or `w1 p1 w2 p2 ...` -> (prefixes, weights normalised as Megatron does)."""
     items = data_path.split() if isinstance(data_path, str) else [str(x) for x in data_path]
     if len(items) == 1:
         return items, [1.0]
@@ -31,14 +46,15 @@ def parse_data_path(data_path) -> tuple[list[str], list[float]]:
         weights = [float(w) for w in items[0::2]]
     except ValueError:
         raise DataError(f"--data-path: expected 'weight prefix' pairs, got {items}") from None
-    total = sum(weights)
-    if total <= 0 or min(weights) < 0:
+    if min(weights) < 0 or sum(weights) <= 0:
         raise DataError(f"--data-path weights must be non-negative with a positive sum, got {weights}")
-    return items[1::2], [w / total for w in weights]
+    return [p.strip() for p in items[1::2]], normalize_weights(weights)
 
 
 def get_split_ranges(split: str, num_docs: int) -> list[tuple[int, int]]:
-    parts = [float(s) for s in split.replace("/", ",").split(",")]
+    """Megatron's document split: rounded fractions, the rounding error taken off every boundary."""
+    sep = "," if "," in split else "/"
+    parts = [float(s) for s in split.split(sep)]
     parts = (parts + [0.0, 0.0])[:3]
     total = sum(parts)
     parts = [p / total for p in parts]
@@ -50,59 +66,128 @@ def get_split_ranges(split: str, num_docs: int) -> list[tuple[int, int]]:
     return [(index[i], index[i + 1]) for i in range(3)]
 
 
-def _save_atomic(path: str, arr: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, arr, allow_pickle=False)
-    os.replace(tmp, path)
+# ----- the three index rules ---------------------------------------------------------------------------------
+def num_epochs(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
+    """Fewest epochs whose tokens give num_samples samples of seq+1 tokens overlapping by one."""
+    return max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
+
+
+def separate_last_epoch(tokens_per_epoch: int, seq_length: int, num_samples: int, epochs: int) -> tuple[bool, int]:
+    """(shuffle the last epoch apart?, samples in the epochs before it).
+
+    Megatron asserts last <= per_epoch; the carried-over token can make it per_epoch + 1 (e.g. 1133
+    tokens, seq 16, 141 samples), where Megatron stops with an AssertionError. gpt3d goes on: such an
+    epoch is full, so it is not separated."""
+    if epochs == 1:
+        return False, 0
+    before = ((epochs - 1) * tokens_per_epoch - 1) // seq_length
+    last = num_samples - before
+    per_epoch = (tokens_per_epoch - 1) // seq_length
+    return last < int(0.80 * per_epoch), before
+
+
+def build_doc_idx(documents: np.ndarray, epochs: int, rng: np.random.RandomState, separate: bool) -> np.ndarray:
+    docs = np.asarray(documents, dtype=np.int32)
+    if not separate or epochs == 1:
+        doc_idx = np.tile(docs, epochs)
+        rng.shuffle(doc_idx)
+        return doc_idx
+    first = build_doc_idx(docs, epochs - 1, rng, False)
+    last = build_doc_idx(docs, 1, rng, False)
+    return np.concatenate((first, last))
+
+
+def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, tokens: int) -> np.ndarray:
+    """[(doc_idx position, offset) of sample k's first token] for k = 0..N, N = (tokens - 1) // seq.
+
+    Sample k ends at stream token e = k*seq (its last token is the next sample's first). That token
+    lies in the document j with cum[j] <= e < cum[j+1], so document j holds the ends of samples
+    ceil(cum[j]/seq) .. ceil(cum[j+1]/seq) - 1: a np.repeat of the documents by those counts. Empty
+    documents hold none, as the sequential rule skips them; only row 0 is (0, 0) unconditionally."""
+    n = (tokens - 1) // seq_length
+    cum = np.empty(len(doc_idx) + 1, dtype=np.int64)
+    cum[0] = 0
+    np.cumsum(sizes[doc_idx], dtype=np.int64, out=cum[1:])
+    assert cum[-1] == tokens, (int(cum[-1]), tokens)
+    first = np.negative(cum)                 # ceil(cum / seq), in place: the arrays are large
+    np.floor_divide(first, seq_length, out=first)
+    np.negative(first, out=first)
+    counts = np.diff(first)
+    del first
+    wide = len(doc_idx) >= 2 ** 31 or int(sizes.max(initial=0)) >= 2 ** 31
+    dtype = np.int64 if wide else np.int32
+    which = np.repeat(np.arange(len(doc_idx), dtype=dtype), counts)
+    del counts
+    assert len(which) == n + 1, (len(which), n + 1)
+    sample_idx = np.empty((n + 1, 2), dtype=dtype)
+    sample_idx[:, 0] = which
+    offsets = np.arange(n + 1, dtype=np.int64)
+    offsets *= seq_length
+    offsets -= cum[which]
+    sample_idx[:, 1] = offsets
+    sample_idx[0] = (0, 0)
+    return sample_idx
+
+
+def build_shuffle_idx(first: int, total: int, rng: np.random.RandomState) -> np.ndarray:
+    """Shuffle [0, first) and, after it, [first, total) on its own."""
+    dtype = np.int64 if total >= np.iinfo(np.uint32).max - 1 else np.uint32
+    head = np.arange(first, dtype=dtype)
+    rng.shuffle(head)
+    if first == total:
+        return head
+    tail = np.arange(first, total, dtype=dtype)
+    rng.shuffle(tail)
+    return np.concatenate((head, tail))
+
+
+def build_index_mappings(documents: np.ndarray, sizes: np.ndarray, num_samples: int, seq_length: int,
+                         seed: int) -> dict:
+    """doc_idx, sample_idx and shuffle_idx of one split, in Megatron-DeepSpeed's order and dtypes."""
+    tokens_per_epoch = int(np.sum(sizes[documents], dtype=np.int64))
+    epochs = num_epochs(tokens_per_epoch, seq_length, num_samples)
+    separate, before = separate_last_epoch(tokens_per_epoch, seq_length, num_samples, epochs)
+    rng = np.random.RandomState(seed=seed)
+    doc_idx = build_doc_idx(documents, epochs, rng, separate)
+    sample_idx = build_sample_idx(sizes, doc_idx, seq_length, epochs * tokens_per_epoch)
+    total = sample_idx.shape[0] - 1
+    shuffle_idx = build_shuffle_idx(before if separate else total, total, rng)
+    return {"doc": doc_idx, "sample": sample_idx, "shuffle": shuffle_idx}
 
 
 class GPTDataset(Dataset):
+    """Sample i is the shuffle_idx[i]-th run of seq+1 tokens; its length counts every sample of the epochs
+    built, as Megatron's does (the trainer reads only as many as it asked for)."""
+
     def __init__(self, name: str, prefix: str, indexed: MMapIndexedDataset, documents: np.ndarray,
                  num_samples: int, seq_length: int, seed: int, *, cache: bool = True, is_builder: bool = True,
                  barrier: Optional[Callable[[], None]] = None):
         self.name, self.indexed, self.seq = name, indexed, seq_length
-        sizes = indexed.sizes[documents].astype(np.int64)
-        tokens_per_epoch = int(sizes.sum())
+        documents = np.asarray(documents, dtype=np.int32)
+        tokens_per_epoch = int(np.sum(indexed.sizes[documents], dtype=np.int64))
         if len(documents) == 0 or tokens_per_epoch < seq_length + 1:
             raise DataError(f"{prefix}: the {name} split has {len(documents)} documents and {tokens_per_epoch} "
                             f"tokens: data too small for seq length {seq_length}")
-        # The cache is valid only for these documents of this corpus: a new --split or a re-tokenized prefix
-        # gets new files instead of silently reusing old sample indices.
-        what = f"{int(documents[0])}:{int(documents[-1])}:{len(documents)}:{tokens_per_epoch}:{len(indexed)}"
-        digest = hashlib.md5(what.encode()).hexdigest()[:10]
-        stem = f"{prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s_{digest}"
+        what = f"{RULES}:{int(documents[0])}:{int(documents[-1])}:{len(documents)}:{tokens_per_epoch}:{len(indexed)}"
+        self.digest = hashlib.md5(what.encode()).hexdigest()[:10]
+        stem = f"{prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s_{self.digest}"
         paths = {k: f"{stem}_{k}_idx.npy" for k in ("doc", "sample", "shuffle")}
         self.cache_paths = paths
         arrays = None
         if is_builder and not (cache and all(os.path.exists(p) for p in paths.values())):
-            arrays = self._build(documents, sizes, tokens_per_epoch, num_samples, seq_length, seed)
+            arrays = build_index_mappings(documents, indexed.sizes, num_samples, seq_length, seed)
             if cache:
                 for k, arr in arrays.items():
-                    _save_atomic(paths[k], arr)
+                    save_atomic(paths[k], arr)
         if barrier:   # builder and readers call it exactly once each
             barrier()
         if arrays is None:
             arrays = {k: np.load(p, mmap_mode="r") for k, p in paths.items()} if cache else \
-                self._build(documents, sizes, tokens_per_epoch, num_samples, seq_length, seed)
+                build_index_mappings(documents, indexed.sizes, num_samples, seq_length, seed)
         self.doc_idx, self.sample_idx, self.shuffle_idx = arrays["doc"], arrays["sample"], arrays["shuffle"]
 
-    @staticmethod
-    def _build(documents, sizes, tokens_per_epoch, num_samples, seq_length, seed) -> dict:
-        epochs = max(1, math.ceil((num_samples * seq_length + 1) / tokens_per_epoch))
-        rng = np.random.RandomState(seed)
-        doc_idx = np.tile(np.asarray(documents, dtype=np.int64), epochs)
-        rng.shuffle(doc_idx)
-        first = int(np.asarray(documents)[0])   # documents of a split are a contiguous range
-        lengths = sizes[doc_idx - first]
-        cum = np.concatenate([[0], np.cumsum(lengths)])
-        pos = np.arange(num_samples + 1, dtype=np.int64) * seq_length   # sample k starts at token k*seq
-        doc_i = np.searchsorted(cum, pos, side="right") - 1
-        sample_idx = np.stack([doc_i, pos - cum[doc_i]], axis=1).astype(np.int64)
-        shuffle_idx = rng.permutation(num_samples).astype(np.int64)
-        return {"doc": doc_idx, "sample": sample_idx, "shuffle": shuffle_idx}
-
     def __len__(self) -> int:
-        return len(self.shuffle_idx)
+        return self.sample_idx.shape[0] - 1
 
     def __getitem__(self, i: int) -> dict:
         i = int(self.shuffle_idx[i])
@@ -119,10 +204,14 @@ class GPTDataset(Dataset):
 
 def build_train_valid_test_datasets(data_path, split: str, num_samples: tuple, seq_length: int, seed: int, *,
                                     is_builder: bool = True, barrier: Optional[Callable[[], None]] = None):
+    """(train, valid, test) for `num_samples` = (train, valid, test) sample counts (see sizing.py).
+
+    A weighted --data-path asks each corpus for ceil(N * w * 1.005) samples and blends them with
+    Megatron's greedy into exactly N (blend.py)."""
     prefixes, weights = parse_data_path(data_path)
     names = ("train", "valid", "test")
 
-    def single(prefix: str, counts: tuple) -> list:
+    def single(prefix: str, counts) -> list:
         indexed = MMapIndexedDataset(prefix)
         ranges = get_split_ranges(split, len(indexed))
         out = []
@@ -130,16 +219,22 @@ def build_train_valid_test_datasets(data_path, split: str, num_samples: tuple, s
             if n <= 0 or hi <= lo:
                 out.append(None)
                 continue
-            out.append(GPTDataset(name, prefix, indexed, np.arange(lo, hi, dtype=np.int64), n, seq_length, seed,
+            out.append(GPTDataset(name, prefix, indexed, np.arange(lo, hi, dtype=np.int32), n, seq_length, seed,
                                   is_builder=is_builder, barrier=barrier))
         return out
 
     if len(prefixes) == 1:
         return tuple(single(prefixes[0], num_samples))
-    per = [single(p, tuple(int(math.ceil(n * w * 1.005)) for n in num_samples)) for p, w in zip(prefixes, weights)]
+    per_corpus = corpus_num_samples(weights, num_samples)
+    per = [single(p, counts) for p, counts in zip(prefixes, per_corpus)]
     result = []
     for k, n in enumerate(num_samples):
         parts = [(ds[k], w) for ds, w in zip(per, weights) if ds[k] is not None]
-        result.append(BlendableDataset([d for d, _ in parts], [w for _, w in parts], n) if parts and n > 0
-                      else None)
+        if not parts or n <= 0:
+            result.append(None)
+            continue
+        key = f"{names[k]}:{n}:" + "|".join(f"{d.cache_paths['shuffle']}:{w!r}" for d, w in parts)
+        cache = f"{prefixes[0]}_{names[k]}_blend_{n}ns_{hashlib.md5(key.encode()).hexdigest()[:10]}"
+        result.append(BlendableDataset([d for d, _ in parts], [w for _, w in parts], n, cache_prefix=cache,
+                                       is_builder=is_builder, barrier=barrier))
     return tuple(result)

@@ -2,7 +2,7 @@
 device for inference, with the parameter dtype and the compile policy.
 
 Training and the one-device commands (eval, generate, export, import) build through here, so the dtype
-names, the weight init and the compile rule exist once. Recompute is the model's own setting
+names, the weight init, the FP8 switch and the compile rule exist once. Recompute is the model's own setting
 (`recompute_granularity`, read by GPTModel and attention); inference builds with it off and dropout at 0.
 """
 from __future__ import annotations
@@ -78,7 +78,8 @@ class ModelChunks:
 
 
 def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size: int) -> ModelChunks:
-    """This rank's pipeline stage, initialised (layout-independent weights), cast and, with --compile, compiled."""
+    """This rank's pipeline stage, initialised (layout-independent weights), with --fp8 its TP linears' GEMMs
+    in float8 (model/fp8.py), cast and, with --compile, compiled."""
     p = cfg.parallel
     chunks = []
     layer_groups = stage_layers(cfg.model.num_layers, ps.pp, ps.pp_rank, p.pipeline_model_parallel_split,
@@ -89,6 +90,9 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size
         m = GPTModel(cfg.model, ps, tp_rng, vocab_size=vocab_size, layer_ids=ids, pre_process=first,
                      post_process=last)
         m.init_weights(cfg.training.seed)
+        if cfg.precision.fp8:   # FP8 GEMMs in the TP linears; parameters (names, dtypes) unchanged
+            from .fp8 import enable_fp8
+            enable_fp8(m, cfg.precision.fp8_recipe, ps.device)
         chunks.append(m.cast_parameters(param_dtype(cfg.precision)))
     if cfg.training.compile:
         compile_chunks(chunks, ps)

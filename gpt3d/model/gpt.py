@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..parallel.cross_entropy import vocab_parallel_cross_entropy
+from ..parallel.cross_entropy import linear_cross_entropy, vocab_parallel_cross_entropy
 from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, init_parameters,
                                mark)
 from ..parallel.mappings import copy_to_tp, gather_from_sequence
@@ -173,7 +173,9 @@ class GPTModel(nn.Module):
         if not self.post_process:
             return x
         x = self.final_norm(x)
-        x = gather_from_sequence(x, self.ps) if self.ps.sp else copy_to_tp(x, self.ps)
+        x = gather_from_sequence(x, self.ps) if self.ps.sp else copy_to_tp(x, self.ps)   # [b, s, h]
+        if labels is not None and self.cfg.cross_entropy_loss_fusion:   # logits never materialised
+            return linear_cross_entropy(x, self.output_weight(), labels, self.vocab_size, self.ps)
         logits = F.linear(x, self.output_weight())            # [b, s, V/tp]
         if labels is None:
             return logits

@@ -1,12 +1,20 @@
 """Cross entropy over vocabulary-split logits, never gathering the full logits.
 
 Each TP rank holds logits for a slice of the vocabulary: the max, the target
-logit and the sum of exponentials are reduced across TP (three small all-reduces
-of [tokens] tensors) instead of all-gathering [tokens, vocab]. Padded vocabulary
+logit and the sum of exponentials are reduced across TP (small all-reduces of
+[tokens] tensors) instead of all-gathering [tokens, vocab]. Padded vocabulary
 columns (their count depends on TP) are masked out, so the loss is identical
 for every TP size.
+
+`linear_cross_entropy` goes one step further and fuses the output projection:
+it walks the tokens in chunks, and for each chunk computes the logits, the loss
+and at once the logits' gradient, turns that into the input and weight
+gradients, and drops the chunk. The full [tokens x vocab] logits (2 GiB per
+8k tokens at a 128k vocabulary, twice with their gradient) never exist.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -70,6 +78,119 @@ def _fused_dense(logits, target, vocab_size):
     if _compiled_dense is None:
         _compiled_dense = torch.compile(_dense_cross_entropy, dynamic=False)
     return _compiled_dense(logits, target, vocab_size)
+
+
+def _chunk_stats(logits: torch.Tensor, local_t: torch.Tensor, inside: torch.Tensor, real: int):
+    """Row max, sum of exp(x - max) and target logit over the first `real` (unpadded) columns, in fp32."""
+    x = logits[:, :real].float()
+    m = x.amax(dim=-1)
+    s = torch.exp(x - m.unsqueeze(-1)).sum(dim=-1)
+    picked = x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0)
+    return m, s, picked
+
+
+def _chunk_grad(logits: torch.Tensor, m: torch.Tensor, s: torch.Tensor, local_t: torch.Tensor,
+                inside: torch.Tensor, real: int) -> torch.Tensor:
+    """d loss / d logits = softmax - one_hot(target), in the logits' dtype; padded columns get 0."""
+    x = logits.float()
+    cols = torch.arange(x.shape[-1], device=x.device)
+    p = torch.exp(x - m.unsqueeze(-1)) / s.unsqueeze(-1)
+    p = torch.where(cols < real, p, 0.0)
+    hit = (cols == local_t.unsqueeze(-1)) & inside.unsqueeze(-1)
+    return (p - hit.float()).to(logits.dtype)
+
+
+_compiled = {}
+
+
+def _kernel(fn, on_gpu: bool):
+    """One compiled kernel per helper on GPU (reads the bf16 chunk once, no fp32 copies); eager on CPU."""
+    if not on_gpu:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
+
+
+def _accumulate_wgrad(gw: Optional[torch.Tensor], g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """gw += g^T x with an fp32 accumulator, the product summed in fp32 by the GEMM itself on GPU."""
+    if g.dtype == torch.float32 or not g.is_cuda or torch.compiler.is_compiling():
+        # fp32 output of a half GEMM is CUDA-only, and its addmm form does not trace (torch 2.11)
+        part = (g.t() @ x).float()
+        return part if gw is None else gw + part
+    if gw is None:
+        return torch.mm(g.t(), x, out_dtype=torch.float32)
+    return torch.addmm(gw, g.t(), x, out_dtype=torch.float32)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-token loss of softmax(x W^T) against `target`; gradients computed chunk by chunk in forward.
+
+    Contract: the caller reduces the per-token losses with equal weights (mean or sum, as training does).
+    The input gradient is scaled per token exactly; the weight gradient was summed over tokens with
+    weight 1 and is scaled by the mean incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, target, vocab_size, ps, chunk, need_grad):
+        # x: [N, h] (this rank's full copy); weight: [V/tp, h]; target: [N] global ids
+        n, per_rank = x.shape[0], weight.shape[0]
+        start = ps.tp_rank * per_rank
+        real = max(0, min(per_rank, vocab_size - start))
+        local_t = target - start
+        inside = (local_t >= 0) & (local_t < real)
+        local_t = local_t.masked_fill(~inside, 0)
+        on_gpu = x.is_cuda
+        stats, grad_fn = _kernel(_chunk_stats, on_gpu), _kernel(_chunk_grad, on_gpu)
+        losses, gx, gw = [], [], None
+        for i in range(0, n, chunk):
+            xc, tc, ic = x[i:i + chunk], local_t[i:i + chunk], inside[i:i + chunk]
+            logits = xc @ weight.t()                                   # [c, V/tp]
+            if real > 0:
+                m, s, picked = stats(logits, tc, ic, real)
+            else:   # a rank holding only padded columns
+                m = torch.full((xc.shape[0],), float("-inf"), device=x.device)
+                s, picked = torch.zeros_like(m), torch.zeros_like(m)
+            if ps.tp > 1:
+                m_local = m
+                m = m_local.clone()
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=ps.tp_group)
+                both = torch.stack([s * torch.exp(m_local - m), picked])
+                dist.all_reduce(both, group=ps.tp_group)
+                s, picked = both[0], both[1]
+            losses.append(torch.log(s) + m - picked)
+            if need_grad:
+                g = grad_fn(logits, m, s, tc, ic, real)               # [c, V/tp], x's dtype
+                del logits
+                gx.append(g @ weight)                                  # [c, h] (partial over TP)
+                gw = _accumulate_wgrad(gw, g, xc)                      # [V/tp, h] fp32
+        if need_grad:
+            ctx.save_for_backward(torch.cat(gx), gw)
+            ctx.weight_dtype = weight.dtype
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        gx, gw = ctx.saved_tensors
+        grad_x = gx * grad_loss.unsqueeze(-1).to(gx.dtype)
+        grad_w = (gw * grad_loss.float().mean()).to(ctx.weight_dtype)
+        return grad_x, grad_w, None, None, None, None, None
+
+
+CHUNK_BYTES = 1 << 29   # logits per chunk: 512 MiB (2k tokens at a 128k vocabulary in bf16)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_size: int,
+                         ps: ParallelState, chunk_tokens: Optional[int] = None) -> torch.Tensor:
+    """Per-token loss [*] of logits x W^T without materialising them: x [*, h] already copied (or gathered)
+    to every TP rank, weight [V/tp, h] this rank's vocabulary slice, target [*] global token ids.
+    Columns >= vocab_size are padding. See `_LinearCrossEntropy` for the equal-weights contract."""
+    shape = target.shape
+    x2 = x.reshape(-1, x.shape[-1])
+    if chunk_tokens is None:
+        chunk_tokens = max(256, CHUNK_BYTES // (weight.shape[0] * x.element_size()) // 256 * 256)
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    loss = _LinearCrossEntropy.apply(x2, weight, target.reshape(-1), vocab_size, ps, chunk_tokens, need_grad)
+    return loss.view(shape)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int,

@@ -4,6 +4,10 @@ Every parameter records how it is split (`tp_split_dim`) and how it is
 initialised (`init`). Weights are then initialised from the *full* tensor,
 generated from (seed, global parameter name), and sliced: any TP/PP layout
 gives the same model as one process, and checkpoints know how to reshard.
+
+The GEMM of the two TP linears can be swapped (`set_matmul`, e.g. FP8 GEMMs from
+gpt3d/model/fp8.py) without touching their parameters: names, dtypes and
+checkpoints stay the same whichever GEMM runs.
 """
 from __future__ import annotations
 
@@ -80,10 +84,15 @@ class ColumnParallelLinear(nn.Module):
                            0, ("normal", std))
         self.bias = mark(nn.Parameter(torch.empty(out_features // ps.tp, device=ps.device)), 0, ("zeros",)) \
             if bias else None
+        self._matmul = None
+
+    def set_matmul(self, matmul) -> None:
+        """`matmul(x, weight, bias)` replaces F.linear (same parameters, another GEMM); None restores it."""
+        object.__setattr__(self, "_matmul", matmul)   # a plain attribute, never a submodule: names stay the same
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sequence(x, self.ps) if self.ps.sp else copy_to_tp(x, self.ps)
-        return F.linear(x, self.weight, self.bias)        # [*, out/tp]
+        return (self._matmul or F.linear)(x, self.weight, self.bias)   # [*, out/tp]
 
 
 class RowParallelLinear(nn.Module):
@@ -103,9 +112,14 @@ class RowParallelLinear(nn.Module):
                            1, ("normal", std))
         self.bias = mark(nn.Parameter(torch.empty(out_features, device=ps.device)), None, ("zeros",),
                          sequence_parallel=ps.sp) if bias else None
+        self._matmul = None
+
+    def set_matmul(self, matmul) -> None:
+        """As ColumnParallelLinear.set_matmul; the bias is added after the reduction, not by `matmul`."""
+        object.__setattr__(self, "_matmul", matmul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = (self._matmul or F.linear)(x, self.weight, None)
         y = reduce_scatter_to_sequence(y, self.ps) if self.ps.sp else reduce_from_tp(y, self.ps)
         return y + self.bias if self.bias is not None else y
 

@@ -17,6 +17,7 @@ from typing import Optional
 
 from ..config import ModelConfig
 from ..model.gpt import padded_vocab_size
+from ..parallel.cross_entropy import CHUNK_BYTES
 from .layout import Layout
 from .schedule import peak_in_flight
 
@@ -206,8 +207,9 @@ def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recomput
     Compiled (Inductor's partition: census on CPU, measured on an H100): the layer input and the residual after
     attention (norm inputs) with norm statistics, the normalised inputs of the QKV and MLP matmuls (whole
     sequence: with SP they are all-gathered), the QKV output, the attention output and its log-sum-exp (fused
-    SDPA keeps no s x s scores), and the MLP's intermediates. Eager (exact on CPU, tests/test_plan_memory.py):
-    RMSNorm keeps fp32 copies, SwiGLU also silu(gate). Full recompute keeps the layer input;
+    SDPA keeps no s x s scores), and the MLP's intermediates. Eager (exact on CPU,
+    tests/test_plan_activations.py): RMSNorm keeps fp32 copies, SwiGLU also silu(gate). Full recompute keeps
+    the layer input;
     selective recompute of the attention core drops the log-sum-exp and, eager, the rotated copies."""
     t, e, T, Ts, h = lay.tp, sh.e, sh.tokens, sh.seq_tokens, sh.h
     hd, nh, nkv, f = m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size
@@ -282,8 +284,11 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, 
     """Peak of stage `pp_rank` = persistent + activations of the micro-batches in flight + the largest transient.
 
     `fused_loss`: TP=1 on GPU, the compiled cross entropy keeps the bf16 logits; otherwise the vocab-parallel
-    loss keeps fp32 softmax. `cache` (a dict) reuses the persistent layout across layouts that share it."""
+    loss keeps fp32 softmax. With `--cross-entropy-loss-fusion` (`linear_loss`) neither: the logits never exist
+    whole, and the output layer's input and fp32 weight gradients, computed in forward, are kept instead.
+    `cache` (a dict) reuses the persistent layout across layouts that share it."""
     e = param_bytes
+    linear_loss = m.cross_entropy_loss_fusion
     sh = shape_of(m, lay, e)
     params, pers = _stage_persistent(m, vocab_size, lay, pp_rank, param_bytes, bucket_size_mb, cache)
     first, last = pp_rank == 0, pp_rank == lay.pp - 1
@@ -304,12 +309,16 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, 
             c.add("dropout masks", Ts * h * (1 if device == "cuda" else e) if m.hidden_dropout > 0 else 0)
         if last and v == len(layer_ids) - 1:
             _norm_input(c, m, sh, compiled, "final norm input")
-            c.add("normalised matmul inputs (whole sequence)", e * T * h)
             c.add("loss value", 4)
-            if fused_loss:
+            if linear_loss:   # parallel/cross_entropy.py: the head's gradients are made in forward and kept
+                c.add("input gradient (fused linear + loss)", e * T * h)
+                c.add("fp32 weight gradient (fused linear + loss)", 4 * pv // t * h)
+            elif fused_loss:
+                c.add("normalised matmul inputs (whole sequence)", e * T * h)
                 c.add("logits (kept by the fused loss)", e * T * pv // t)
                 c.add("loss statistics", 8 * T)
             else:
+                c.add("normalised matmul inputs (whole sequence)", e * T * h)
                 c.add("fp32 softmax (kept by the vocab-parallel loss)", 4 * T * pv // t)
                 c.add("loss targets", 9 * T)
         else:
@@ -338,7 +347,10 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, 
         transients["output-layer weight gradient"] = e * pv // t * h
     if lay.recompute == "full":
         transients["one layer recomputed in backward + its MLP gradients"] = layer_full.total + 2 * e * T * f_t
-    if last:
+    if last and linear_loss:   # forward: one chunk of logits and their gradient (CHUNK_BYTES of logits each)
+        rows = max(256, CHUNK_BYTES // (pv // t * e) // 256 * 256)
+        transients["fused linear + loss: a chunk's logits and their gradient"] = 2 * e * min(rows, T) * pv // t
+    elif last:
         if fused_loss and not whole_graph:
             transients["logits gradient (separately compiled loss)"] = e * T * pv // t
         elif not fused_loss:

@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 
 from ..config import DEFAULT_VOCAB_SIZE, Config, ConfigError
+from ..flops import model_flops_per_iter
 from ..metrics import megatron_flops_per_iter
 from ..model.gpt import padded_vocab_size
 from ..parallel.state import ParallelState
@@ -32,7 +33,7 @@ class Prediction:
     usable_bytes: float
     time: StepTime
     tflops_per_gpu: float          # Megatron-DeepSpeed's formula, as training logs it
-    mfu: float
+    mfu: float                     # model FLOPs (gpt3d/flops.py) over peak, as training logs it
     stages: list = field(default_factory=list)   # StageMemory per stage
 
     @property
@@ -78,7 +79,7 @@ def predict_layout(cfg: Config, lay: Layout, gpu: Gpu, gpus_per_node: int = 8, *
     gbs = lay.mbs * lay.num_micro * lay.dp
     pv = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
     flops = megatron_flops_per_iter(m, pv, gbs, recompute=lay.recompute is not None)
-    model_flops = megatron_flops_per_iter(m, pv, gbs, recompute=False)
+    model_flops = model_flops_per_iter(m, pv, gbs)   # the MFU numerator training logs (gpt3d/flops.py)
     return Prediction(lay, busiest.peak, busiest.pp_rank, busiest.breakdown(), gpu.usable_bytes, t,
                       flops / t.seconds / lay.world / 1e12, model_flops / t.seconds / lay.world / 1e12 / gpu.tflops,
                       stages)

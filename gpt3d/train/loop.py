@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 from typing import Iterator, Optional
 
@@ -21,6 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from .. import checkpoint as ckpt
 from ..config import DEFAULT_VOCAB_SIZE, Config
 from ..data.sampler import MockGPTDataset, build_data_loader
+from ..data.sizing import train_iterations, train_valid_test_num_samples
 from ..errors import Gpt3dError, warn
 from ..metrics import Throughput
 from ..model.build import build_model_chunks
@@ -65,7 +65,8 @@ class Trainer:
         self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
         self.num_micro = self.global_batch // (t.micro_batch_size * ps.dp)
         tokens_per_iter = self.global_batch * cfg.model.seq_length
-        self.train_iters = t.train_iters if t.train_iters is not None else math.ceil(t.train_tokens / tokens_per_iter)
+        self.train_iters = train_iterations(t.train_iters, t.train_samples, t.train_tokens, self.global_batch,
+                                            cfg.model.seq_length)
         self.grads = GradBuffer(self.model, ps, zero_stage=cfg.parallel.zero_stage,
                                 bucket_size_mb=cfg.parallel.bucket_size_mb, overlap=cfg.parallel.overlap_grad_reduce)
         self.optimizer = ShardedOptimizer(self.grads, cfg.optimizer, ps)
@@ -76,7 +77,8 @@ class Trainer:
                               self.state, self.global_batch)
         throughput = Throughput(cfg.model, self.vocab_size, self.model.padded_vocab, self.global_batch,
                                 ps.world_size, t.peak_tflops)
-        self.report = Reporter(t, ps, throughput, self.train_iters, plan=self.plan)
+        self.report = Reporter(t, ps, throughput, self.train_iters, self.global_batch, optimizer=self.optimizer,
+                               sharded_state=cfg.parallel.zero_stage == 1 and ps.dp > 1, plan=self.plan)
         self.last_checkpoint: Optional[str] = None
         faults.install(self)   # a test hook, installed only when GPT3D_FAULT_INJECT names this rank
 
@@ -91,8 +93,8 @@ class Trainer:
 
     def build_datasets(self):
         d, t, m = self.cfg.data, self.cfg.training, self.cfg.model
-        eval_samples = t.eval_iters * self.global_batch
-        n = (self.train_iters * self.global_batch, eval_samples, eval_samples)
+        n = train_valid_test_num_samples(self.train_iters, t.train_samples, self.global_batch, t.eval_interval,
+                                         t.eval_iters)   # Megatron-DeepSpeed's counts: they fix the sample order
         if d.mock_data:
             return tuple(MockGPTDataset(k, m.seq_length, self.vocab_size, t.seed + i) if k else None
                          for i, k in enumerate(n))
@@ -151,7 +153,10 @@ class Trainer:
     def run(self) -> int:
         cfg, t, ps = self.cfg, self.cfg.training, self.ps
         train_ds, valid_ds, _ = self.build_datasets()
-        if cfg.checkpoint.load:
+        if cfg.checkpoint.load and ckpt.holds_no_checkpoint(cfg.checkpoint.load):
+            if ps.rank == 0:
+                warn(f"--load {cfg.checkpoint.load} holds no checkpoint yet: starting from scratch (as Megatron does)")
+        elif cfg.checkpoint.load:
             self.load(cfg.checkpoint.load)
         n_params = count_parameters(cfg.model, self.vocab_size)
         self.report.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
@@ -178,20 +183,34 @@ class Trainer:
             # Read the next batch while the device still runs this step: the checks below wait for it.
             batch = self.microbatches(loader) if state.iteration < self.train_iters else None
             stop.observe(result)
+            late = stop.settle()   # the previous step's stop check, if it was left unread
+            if late is not None and late.diverged:
+                raise divergence_error(late, self.last_checkpoint)
             report.step(result, state)
-            if t.eval_interval and state.iteration % t.eval_interval == 0:
+            it = state.iteration
+            evaluating = bool(t.eval_interval) and it % t.eval_interval == 0
+            saving = bool(save_interval) and it % save_interval == 0
+            if evaluating:
                 with report.untimed(state):
                     report.validation(self.evaluate(valid_ds), state)
-            verdict = stop.check()
+            # Read the verdict now where it decides something or the host has synced anyway (log line,
+            # validation, save, last step); elsewhere at the next step, so the host never waits here.
+            last = it >= self.train_iters or (t.train_tokens is not None and state.tokens >= t.train_tokens)
+            verdict = stop.check(it, exact=it % t.log_interval == 0 or evaluating or saving or last)
+            if verdict is None:
+                continue
             if verdict.diverged:
-                raise divergence_error(verdict, state.iteration, self.last_checkpoint)
-            if save_interval and state.iteration % save_interval == 0 and not verdict.streak:
+                raise divergence_error(verdict, self.last_checkpoint)
+            if saving and not verdict.streak:
                 with report.untimed(state):
                     self.save()
             if verdict.reason:
-                report.console(f"{verdict.reason} at iteration {state.iteration}: saving and exiting")
+                report.console(f"{verdict.reason} at iteration {it}: saving and exiting")
                 self.save()
                 return
+        late = stop.settle()   # none is left unread by the last step; kept so no verdict can be lost
+        if late is not None and late.diverged:
+            raise divergence_error(late, self.last_checkpoint)
         if state.iteration % t.eval_interval != 0:
             report.validation(self.evaluate(valid_ds), state)
         if cfg.checkpoint.save and (not save_interval or state.iteration % save_interval != 0):

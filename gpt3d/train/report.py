@@ -3,6 +3,14 @@
 The `Reporter` owns the timing window (throughput and ETA time training steps only), the running loss of
 the window (averaged over DP when printed), and the sinks, which write on the logging rank only (last
 stage, first TP/DP rank). It reads step results as they come; nothing here decides how training goes.
+
+Megatron-DeepSpeed's optional TensorBoard scalars (--log-timers/batch-size/validation-ppl/optimizer-states-
+to-tensorboard) are extra tags under Megatron's names, so dashboards built for its runs read gpt3d runs too.
+The optimizer-state statistics are a collective over the ranks holding optimizer state, so they are computed
+in `Reporter.step`, which every rank calls; only the logging rank writes them.
+
+A step's device tensors (loss, grad norm, fp16 loss scale) are brought to the host only for a log line,
+so the steps in between never wait for the device.
 """
 from __future__ import annotations
 
@@ -44,7 +52,8 @@ def fmt_duration(seconds: float) -> str:
 class MetricsLogger:
     """Console, JSON lines and TensorBoard; writes only on the logging rank, a no-op elsewhere."""
 
-    def __init__(self, enabled: bool, log_file: Optional[str], tensorboard_dir: Optional[str]):
+    def __init__(self, enabled: bool, log_file: Optional[str], tensorboard_dir: Optional[str],
+                 tensorboard_queue_size: int = 10):
         self.enabled = enabled
         self.fh = None
         self.tb = None
@@ -55,7 +64,7 @@ class MetricsLogger:
             self.fh = open(log_file, "a", buffering=1)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(tensorboard_dir)
+            self.tb = SummaryWriter(tensorboard_dir, max_queue=tensorboard_queue_size)
 
     def console(self, text: str) -> None:
         if self.enabled:
@@ -74,6 +83,12 @@ class MetricsLogger:
             if "loss" in row:
                 self.tb.add_scalar("loss_vs_tokens", row["loss"], step)
 
+    def scalars(self, values: dict, step: int) -> None:
+        """TensorBoard only, under the given tags (Megatron's optional scalars)."""
+        if self.enabled and self.tb:
+            for tag, v in values.items():
+                self.tb.add_scalar(tag, v, step)
+
     def close(self) -> None:
         if self.fh:
             self.fh.close()
@@ -87,12 +102,48 @@ def _clean(v):
     return v
 
 
+_SUMS = ("variance_l2", "variance_sqrt_l2", "momentum_l2", "weight_l2",
+         "variance_l1", "variance_sqrt_l1", "momentum_l1", "weight_l1")
+_MAXES = ("variance_abs_max", "variance_sqrt_abs_max", "momentum_abs_max", "weight_abs_max")
+
+
+def optimizer_state_stats(pieces: dict, ps: ParallelState, sharded: bool) -> dict:
+    """L2/L1 norms and max |x| of Adam's exp_avg_sq, its sqrt, exp_avg and the fp32 weights, over the model.
+
+    `pieces` is ShardedOptimizer.state_dict()["pieces"] of this rank. Summed as Megatron-DeepSpeed sums
+    them: over every rank when ZeRO shards the state (`sharded`), else over the tensor/pipeline ranks (DP
+    replicas hold copies). A parameter replicated across tensor ranks (norms, row-parallel biases) counts
+    once per rank there too. A collective: call on every rank."""
+    sums = torch.zeros(8, dtype=torch.float64, device=ps.device)
+    maxes = torch.zeros(4, dtype=torch.float64, device=ps.device)
+    for entry in pieces.values():
+        v, m, w = entry["exp_avg_sq"].float(), entry["exp_avg"].float(), entry["master"].float()
+        for j, x in enumerate((v, v.sqrt(), m, w)):
+            sums[j] += x.pow(2).sum().double()
+            sums[4 + j] += x.abs().sum().double()
+            if x.numel():
+                maxes[j] = torch.maximum(maxes[j], x.abs().max().double())
+    if ps.distributed and (sharded or ps.tp * ps.pp > 1):
+        group = None if sharded else ps.mp_group
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+    sums[:4] = sums[:4].sqrt()
+    out = {f"optimizer/{k}": float(x) for k, x in zip(_SUMS, sums.tolist())}
+    out.update({f"optimizer/{k}": float(x) for k, x in zip(_MAXES, maxes.tolist())})
+    return out
+
+
 class Reporter:
     def __init__(self, cfg: TrainingConfig, ps: ParallelState, throughput: Throughput, train_iters: int,
+                 global_batch: int, optimizer=None, sharded_state: bool = False,
                  plan: Optional[Prediction] = None):
+        """`optimizer` (anything with state_dict() as ShardedOptimizer's) is read only for
+        --log-optimizer-states-to-tensorboard; `sharded_state`: ZeRO splits its state over all ranks;
+        `plan`: `gpt3d plan`'s prediction for this run (GPU runs), printed beside the measured figures."""
         self.cfg, self.ps, self.throughput, self.train_iters = cfg, ps, throughput, train_iters
-        self.plan, self.lines = plan, 0            # `gpt3d plan`'s prediction for this run; train lines logged
-        self.log = MetricsLogger(ps.is_logging_rank, cfg.log_file, cfg.tensorboard_dir)
+        self.global_batch, self.optimizer, self.sharded_state = global_batch, optimizer, sharded_state
+        self.plan, self.lines = plan, 0            # train log lines written by this run
+        self.log = MetricsLogger(ps.is_logging_rank, cfg.log_file, cfg.tensorboard_dir, cfg.tensorboard_queue_size)
         self.loss_sum, self.loss_n = torch.zeros(1, device=ps.device), 0
         self.window = (time.perf_counter(), 0)     # (start time, iteration) of the timing window
 
@@ -135,6 +186,18 @@ class Reporter:
         self.loss_sum.zero_()
         self.loss_n = 0
         self._train_row(result, state, loss, float(result.grad_norm.item()), per_iter)
+        self.log.scalars(self._extra_scalars(per_iter), it)
+
+    def _extra_scalars(self, per_iter: float) -> dict:
+        """Megatron's optional TensorBoard tags for a log step; collective when optimizer states are asked for."""
+        out = {}
+        if self.cfg.log_timers_to_tensorboard:
+            out["iteration-time/iteration-time"] = per_iter
+        if self.cfg.log_batch_size_to_tensorboard:
+            out["batch-size/batch-size"] = float(self.global_batch)
+        if self.cfg.log_optimizer_states_to_tensorboard and self.optimizer is not None:
+            out.update(optimizer_state_stats(self.optimizer.state_dict()["pieces"], self.ps, self.sharded_state))
+        return out
 
     def _train_row(self, result: StepResult, state: TrainState, loss: Optional[float], grad_norm: float,
                    per_iter: float) -> None:
@@ -164,6 +227,8 @@ class Reporter:
         ppl = math.exp(min(val, 30.0))
         self.log.record({"iteration": state.iteration, "tokens": state.tokens, "val_loss": val, "val_ppl": ppl})
         self.log.console(f"validation at iteration {state.iteration} | loss {val:.4f} | ppl {ppl:.2f}")
+        if self.cfg.log_validation_ppl_to_tensorboard:
+            self.log.scalars({"lm-loss-validation/lm loss validation ppl": ppl}, state.iteration)
 
     def close(self) -> None:
         """Close the sinks and draw `<log-file stem>.png` beside the metrics: a plotting problem warns, it never

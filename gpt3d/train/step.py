@@ -1,7 +1,9 @@
 """One training step and one evaluation pass, and the counters they advance.
 
 `TrainStep` is what `train` and `bench` run: forward/backward of every micro-batch through the pipeline
-schedule, gradient sync, clip and optimizer step, with no host synchronisation except fp16's skip check.
+schedule, gradient sync, clip and optimizer step, with no host synchronisation: a step with
+non-finite gradients is skipped by the fused AdamW from the device flag `found_inf`, and fp16's loss scale
+is updated from the same flag on the device (optim/grad_scaler.py).
 It hands its outcome back as a `StepResult` (device tensors, read when the loop chooses to) instead of
 deciding anything itself: when to stop and what to print belong to stop.py and report.py.
 """
@@ -97,7 +99,7 @@ class TrainStep:
         norm, found_inf = self.optimizer.step(lr, scale)
         non_finite = self._non_finite(loss, scale, found_inf)
         if self.scaler:
-            self.scaler.update(found_inf)
+            self.scaler.update(found_inf)   # on the device: the scale is read only when logged or saved
         self.state.iteration += 1
         self.state.consumed_samples += self.global_batch
         return StepResult(loss, norm, lr, found_inf, non_finite, self.scaler.scale if self.scaler else None)

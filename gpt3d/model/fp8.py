@@ -1,0 +1,78 @@
+"""FP8 GEMMs for the transformer layers' linears, through torchao's float8 training (`pip install -e ".[fp8]"`).
+
+Why here and not a module swap: torchao's `convert_to_float8_training` replaces
+nn.Linear modules, and gpt3d's linears are its own TP layers whose parameter
+names and shards the checkpoints, ZeRO buckets and TP tests rely on. So only the
+GEMM is swapped (`set_matmul` in gpt3d/parallel/layers.py): the weights stay
+bf16 parameters with the same names, each forward casts input and weight to
+float8 with dynamic scales (E4M3), the backward casts the output gradient
+(E5M2 for `tensorwise`, E4M3 for the rowwise recipes) the way Transformer Engine
+and torchao do, and master weights, optimizer and checkpoints never see FP8. A
+checkpoint written with --fp8 therefore resumes without it and vice versa.
+The output head (vocabulary projection) stays bf16, as in torchao's and
+Megatron's recipes. Under torch.compile the casts fuse with their neighbours.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+
+
+def check_fp8_supported(device: torch.device) -> None:
+    """One clear line instead of a kernel error deep inside the first step."""
+    if device.type != "cuda":
+        raise ConfigError(f"--fp8 needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9+, e.g. "
+                          f"H100); this run is on {device.type}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ConfigError(f"--fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. H100); "
+                          f"{torch.cuda.get_device_name(device)} has {major}.{minor}")
+
+
+class Float8Matmul:
+    """`matmul(x, weight, bias)` = F.linear with both GEMM operands cast to float8 (dynamic scaling)."""
+
+    def __init__(self, recipe: str, emulate: bool = False):
+        try:
+            from torchao.float8 import Float8LinearConfig
+            from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+            from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig
+        except ImportError:
+            raise ConfigError("--fp8 needs torchao's float8 training: pip install -e \".[fp8]\"") from None
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown --fp8-recipe '{recipe}' (choose from {', '.join(RECIPES)})")
+        c = Float8LinearConfig.from_recipe_name(recipe)
+        if emulate:   # CPU tests: same casts and scales, the GEMM emulated in high precision
+            c = dataclasses.replace(c, emulate=True)
+        self.config = c
+        self.mm_config = LinearMMConfig(*(ScaledMMConfig(c.emulate, g.use_fast_accum, False, c.pad_inner_dim)
+                                          for g in (c.gemm_config_output, c.gemm_config_grad_input,
+                                                    c.gemm_config_grad_weight)))
+        self._fn = matmul_with_hp_or_float8_args
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+        y = self._fn.apply(x, weight.t(), self.mm_config, self.config)   # [*, in] @ [in, out] -> [*, out]
+        return y if bias is None else y + bias.to(y.dtype)
+
+
+def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: bool = False) -> int:
+    """Route every TP linear of `model` whose (local) dims suit FP8 GEMMs (multiples of 16) through float8;
+    returns how many. The output head is not a TP linear and stays bf16."""
+    if not emulate:
+        check_fp8_supported(device)
+    matmul = Float8Matmul(recipe, emulate)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)):
+            out_f, in_f = m.weight.shape
+            if out_f % 16 == 0 and in_f % 16 == 0:
+                m.set_matmul(matmul)
+                n += 1
+    return n
