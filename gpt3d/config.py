@@ -205,6 +205,7 @@ class TrainingConfig:
     max_skipped_steps: int = opt(10, "stop after this many consecutive non-finite steps (fp16: at the minimum "
                                      "loss scale); 0 never stops")
     check_for_nan_in_loss_and_grad: bool = opt(False, "stop at the first non-finite loss/grad (bf16/fp32)")
+    check_memory: bool = opt(False, "refuse to start a layout `gpt3d plan` predicts will not fit in GPU memory")
 
 
 @dataclass

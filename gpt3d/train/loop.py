@@ -31,6 +31,7 @@ from ..optim.schedule import LRSchedule
 from ..optim.zero1 import ShardedOptimizer
 from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState, build_parallel_state, init_distributed
+from ..plan.search import for_run as plan_for_run
 from . import faults
 from .report import Reporter, dp_mean
 from .step import StepResult, TrainState, TrainStep
@@ -58,6 +59,8 @@ class Trainer:
         self.cfg, self.ps = cfg, ps
         self.tp_rng = seed_everything(t.seed, ps)
         self.vocab_size, self.tokenizer = self._vocab()
+        # `gpt3d plan`'s prediction for this layout (GPU only), before allocating: --check-memory refuses here
+        self.plan = plan_for_run(cfg, ps, self.vocab_size)
         self.model = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
         self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
         self.num_micro = self.global_batch // (t.micro_batch_size * ps.dp)
@@ -75,7 +78,7 @@ class Trainer:
         throughput = Throughput(cfg.model, self.vocab_size, self.model.padded_vocab, self.global_batch,
                                 ps.world_size, t.peak_tflops)
         self.report = Reporter(t, ps, throughput, self.train_iters, self.global_batch, optimizer=self.optimizer,
-                               sharded_state=cfg.parallel.zero_stage == 1 and ps.dp > 1)
+                               sharded_state=cfg.parallel.zero_stage == 1 and ps.dp > 1, plan=self.plan)
         self.last_checkpoint: Optional[str] = None
         faults.install(self)   # a test hook, installed only when GPT3D_FAULT_INJECT names this rank
 
@@ -160,6 +163,7 @@ class Trainer:
         self.report.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
                             f"global batch {self.global_batch} ({self.num_micro} micro-batches of "
                             f"{t.micro_batch_size}) | {self.train_iters} iterations | device {ps.device}")
+        self.report.prediction()
         stop = StopPolicy(t, ps, fp16=cfg.precision.fp16)
         with stop.signals() if t.exit_signal_handler else contextlib.nullcontext():
             self._loop(train_ds, valid_ds, stop)
