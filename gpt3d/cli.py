@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 from typing import Callable, Optional
 
@@ -82,29 +83,28 @@ def _train(args: argparse.Namespace) -> int:
     return train_main(config_from_args(args))
 
 
-def _commands(sub) -> None:
-    """Every other command's module registers its own sub-parser."""
-    from . import bench, hf, inference, plot, tools
-    from .data import preprocess
-    p = sub.add_parser("preprocess", help="tokenize JSONL into Megatron .bin/.idx")
-    preprocess.add_arguments(p)   # Megatron's argument set
-    p.set_defaults(func=preprocess.run)
-    for m in (bench, tools, hf, inference, plot):
-        m.register(sub)
+# Every other command -> the module that registers its sub-parser (`register(sub)`) and runs it. Only the
+# module of the command being run is imported, so a light command (preprocess) never pays for torch.
+COMMANDS = {"preprocess": "data.preprocess", "bench": "bench", "checkpoint-info": "tools", "export-hf": "hf",
+            "import-hf": "hf", "eval": "inference", "generate": "inference", "plot": "plot", "plan": "plan.cli"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of `command` (and train's), or of every command when it is not one of them (e.g. --help)."""
     parser = argparse.ArgumentParser(prog="gpt3d", description="GPT pretraining with 3D parallelism")
     sub = parser.add_subparsers(dest="command", required=True)
     tp = sub.add_parser("train", help="pretrain a GPT model", allow_abbrev=False)
     add_config_flags(tp)
     tp.set_defaults(func=_train)
-    _commands(sub)
+    modules = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
+    for name in modules:
+        importlib.import_module(f".{name}", __package__).register(sub)
     return parser
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)   # a bad flag exits 2 (argparse's own status), as every user error does
     func: Callable = args.func
     try:

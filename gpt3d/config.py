@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .data.tokenizer import TYPES as TOKENIZER_TYPES
 from .errors import ConfigError
 
 # The vocabulary size when no tokenizer gives one (mock data, benchmarks): GPT-2's.
@@ -161,8 +162,11 @@ class PrecisionConfig:
 class DataConfig:
     data_path: list = opt([], "data prefixes, optionally weighted: [w1] p1 [w2 p2 ...]")
     split: str = opt("969,30,1", "train,valid,test split over documents")
-    vocab_file: Optional[str] = opt(None, "GPT-2 vocab.json")
-    merge_file: Optional[str] = opt(None, "GPT-2 merges.txt")
+    tokenizer_type: str = opt("GPT2BPETokenizer", "tokenizer, by Megatron's name", choices=list(TOKENIZER_TYPES))
+    tokenizer_model: Optional[str] = opt(None, "HuggingFaceTokenizer: tokenizer.json (or its directory); "
+                                               "SentencePiece types: the .model file")
+    vocab_file: Optional[str] = opt(None, "GPT2BPETokenizer: vocab.json")
+    merge_file: Optional[str] = opt(None, "GPT2BPETokenizer: merges.txt")
     mock_data: bool = opt(False, "synthetic learnable tokens, no files needed")
     data_impl: str = opt("infer", "indexed dataset format: mmap (Megatron's MMIDIDX .bin/.idx) or infer; "
                                   "Megatron's lazy/cached formats are refused")
@@ -202,6 +206,7 @@ class TrainingConfig:
     max_skipped_steps: int = opt(10, "stop after this many consecutive non-finite steps (fp16: at the minimum "
                                      "loss scale); 0 never stops")
     check_for_nan_in_loss_and_grad: bool = opt(False, "stop at the first non-finite loss/grad (bf16/fp32)")
+    check_memory: bool = opt(False, "refuse to start a layout `gpt3d plan` predicts will not fit in GPU memory")
     deterministic_mode: bool = opt(
         False, "same command, same GPU(s): identical losses (deterministic algorithms, cuBLAS workspace, NCCL "
                "Ring, flash-attention backward; slower: see benchmarks/deterministic_check.py)",
@@ -219,7 +224,7 @@ class CheckpointConfig:
     finetune: bool = opt(False, "load weights, reset iteration/optimizer/data position")
     override_data_state: bool = opt(
         False, "resume even though the data stream changed (data path, split, seq length, global batch, seed, "
-               "tokenizer, sample order); the sample position and token count carry over")
+               "sample order); the sample position and token count carry over")
 
 
 SECTIONS = {
@@ -443,7 +448,12 @@ def validate(cfg: Config, world_size: int) -> None:
           f"--no-pipeline-parallel needs --pipeline-model-parallel-size 1, got {pp}")
     if not d.mock_data:
         _need(bool(d.data_path), "give --data-path (or --mock-data for synthetic tokens)")
-        _need(bool(d.vocab_file) and bool(d.merge_file), "--data-path needs --vocab-file and --merge-file")
+        if d.tokenizer_type == "GPT2BPETokenizer":
+            _need(bool(d.vocab_file) and bool(d.merge_file), "--data-path needs --vocab-file and --merge-file")
+        elif d.tokenizer_type == "NullTokenizer":
+            _need(bool(cfg.model.vocab_size), "--tokenizer-type NullTokenizer needs --vocab-size")
+        else:
+            _need(bool(d.tokenizer_model), f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
         parts = d.split.replace("/", ",").split(",")
         try:
             vals = [float(x) for x in parts]

@@ -50,8 +50,7 @@ class FileError(Gpt3dError, OSError):
 
 
 class PreprocessError(DataError):
-    """Bad input to `gpt3d preprocess` (the message names the file and line). Exit code 2 like every user
-    error."""
+    """Bad input to `gpt3d preprocess` (a user error like any other: exit code 2)."""
 
 
 class TrainingError(Gpt3dError, RuntimeError):

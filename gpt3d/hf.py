@@ -28,7 +28,6 @@ from .model.build import DTYPES
 from .model.gpt import EMBEDDING, OUTPUT_LAYER, VOCAB_PARAMETERS
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-EOD = "<|endoftext|>"
 
 
 # ----- architecture -----------------------------------------------------------------------------------------------
@@ -248,35 +247,40 @@ def from_hf(c: dict, sd: dict) -> tuple[dict, dict]:
 
 # ----- commands ---------------------------------------------------------------------------------------------------
 def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[str] = None,
-              merge_file: Optional[str] = None) -> dict:
+              merge_file: Optional[str] = None, tokenizer_type: Optional[str] = None,
+              tokenizer_model: Optional[str] = None) -> dict:
     from .checkpoint import read_model_tensors
+    from .data.hf_tokenizer import export_tokenizer
+    from .data.tokenizer import tokenizer_for_checkpoint
     path, meta, tensors = read_model_tensors(load)
     m, data = meta["config"]["model"], meta["config"]["data"]
-    vocab_file, merge_file = vocab_file or data.get("vocab_file"), merge_file or data.get("merge_file")
-    has_tok = bool(vocab_file and merge_file and os.path.isfile(vocab_file) and os.path.isfile(merge_file))
-    eod = None
-    if has_tok:
-        with open(vocab_file, encoding="utf-8") as fh:
-            eod = json.load(fh).get(EOD)
-    sd, config = to_hf(m, tensors, meta["vocab_size"], eod)
+    flags = dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model, vocab_file=vocab_file,
+                 merge_file=merge_file)
+    named = any(flags.values()) or meta.get("tokenizer") or data.get("tokenizer_model") or \
+        data.get("vocab_file") or (data.get("tokenizer_type") or "GPT2BPETokenizer") != "GPT2BPETokenizer"
+    tok = tokenizer_for_checkpoint(data, meta["vocab_size"], flags, path, meta.get("tokenizer")) if named else None
+    sd, config = to_hf(m, tensors, meta["vocab_size"], tok.eod if tok else None)
     target = DTYPES[dtype] if dtype != "auto" else next(iter(sd.values())).dtype
     sd = {k: v.to(target) for k, v in sd.items()}
     config["torch_dtype"] = config["dtype"] = HF_DTYPE_NAMES[target]
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise HFError(f"output {output} already exists and is not empty; choose a new directory")
     tmp = fresh_dir(output.rstrip("/") + ".tmp")   # written whole, then renamed into place
-    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    _write_json(os.path.join(tmp, "config.json"), config)
-    _write_json(os.path.join(tmp, "generation_config.json"), {"bos_token_id": eod, "eos_token_id": eod})
-    if has_tok:
-        shutil.copyfile(vocab_file, os.path.join(tmp, "vocab.json"))
-        shutil.copyfile(merge_file, os.path.join(tmp, "merges.txt"))
-        _write_json(os.path.join(tmp, "tokenizer_config.json"),
-                    {"tokenizer_class": "GPT2Tokenizer", "model_max_length": m["seq_length"],
-                     "bos_token": EOD, "eos_token": EOD, "unk_token": EOD, "add_prefix_space": False})
+    try:
+        ids = {"bos_token_id": None, "eos_token_id": None}
+        if tok is not None:
+            info = export_tokenizer(tok, tmp, m["seq_length"])
+            ids = {k: info[k] for k in ids}
+            config.update(ids)
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        _write_json(os.path.join(tmp, "config.json"), config)
+        _write_json(os.path.join(tmp, "generation_config.json"), ids)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     publish_dir(tmp, output)   # replaces an empty directory, checked above
     return {"checkpoint": path, "output": output, "architecture": config["architectures"][0],
-            "tokenizer": has_tok, "dtype": config["dtype"]}
+            "tokenizer": tok.type_name if tok else None, "dtype": config["dtype"]}
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -315,7 +319,6 @@ def import_hf(src: str, save: str) -> dict:
         raise HFError(f"checkpoint directory {save} already exists and is not empty; choose a new one")
     cfg = Config.from_dict({"model": m})
     cfg.model.make_vocab_size_divisible_by = 128
-    tok = {f: os.path.join(src, f) for f in ("vocab.json", "merges.txt")}
     model = build_full_model(cfg.model, m["vocab_size"], device=torch.device("meta"))
     params = ModelChunks([model]).layout()
     if set(params) != set(tensors):
@@ -329,12 +332,11 @@ def import_hf(src: str, save: str) -> dict:
         if tuple(w.shape) != tuple(p.shape):
             raise HFError(f"{n}: HF weight has shape {tuple(w.shape)}, the model needs {tuple(p.shape)}")
     os.makedirs(save, exist_ok=True)
-    if all(os.path.isfile(f) for f in tok.values()):
-        for f, fp in tok.items():
-            shutil.copyfile(fp, os.path.join(save, f))
-        cfg.data.vocab_file = os.path.abspath(os.path.join(save, "vocab.json"))
-        cfg.data.merge_file = os.path.abspath(os.path.join(save, "merges.txt"))
-    final = save_weights(save, tensors, params, cfg.to_dict(), m["vocab_size"], model.padded_vocab)
+    from .data.hf_tokenizer import import_tokenizer
+    from .data.tokenizer import tokenizer_from_config
+    import_tokenizer(src, save, cfg.data)
+    tok = tokenizer_from_config(cfg.data) if cfg.data.vocab_file or cfg.data.tokenizer_model else None
+    final = save_weights(save, tensors, params, cfg.to_dict(), m["vocab_size"], model.padded_vocab, tokenizer=tok)
     yaml_path = os.path.join(save, "model.yaml")
     _write_model_yaml(yaml_path, cfg)
     return {"input": src, "checkpoint": final, "config": yaml_path, "architecture": hf_config.get("model_type")}
@@ -349,6 +351,8 @@ def _write_model_yaml(path: str, cfg: Config) -> None:
     doc = {"model": model}
     if cfg.data.vocab_file:
         doc["data"] = {"vocab_file": cfg.data.vocab_file, "merge_file": cfg.data.merge_file}
+    elif cfg.data.tokenizer_model:
+        doc["data"] = {"tokenizer_type": cfg.data.tokenizer_type, "tokenizer_model": cfg.data.tokenizer_model}
     with open(path, "w") as fh:
         yaml.safe_dump(doc, fh, sort_keys=False)
 
@@ -358,8 +362,8 @@ def register(sub) -> None:
     p.add_argument("--load", required=True, help="checkpoint root (uses `latest`) or one iter_XXXXXXX directory")
     p.add_argument("--output", required=True, help="new directory for config.json, model.safetensors, tokenizer")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: as saved)")
-    p.add_argument("--vocab-file", help="GPT-2 vocab.json (default: the checkpoint's)")
-    p.add_argument("--merge-file", help="GPT-2 merges.txt (default: the checkpoint's)")
+    from .inference import add_tokenizer_flags
+    add_tokenizer_flags(p)
     p.set_defaults(func=_export_cmd)
     p = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2/Llama directory into a gpt3d checkpoint")
     p.add_argument("--input", required=True, help="HF model directory (config.json + *.safetensors)")
@@ -375,7 +379,7 @@ def _run(fn, **kw) -> int:
 
 def _export_cmd(args: argparse.Namespace) -> int:
     return _run(export_hf, load=args.load, output=args.output, dtype=args.dtype, vocab_file=args.vocab_file,
-                merge_file=args.merge_file)
+                merge_file=args.merge_file, tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model)
 
 
 def _import_cmd(args: argparse.Namespace) -> int:

@@ -15,8 +15,9 @@ import torch
 
 from .checkpoint import read_model_tensors
 from .config import Config
-from .data.tokenizer import build_tokenizer
-from .errors import ConfigError, DataError, TokenizerError, os_errors_are_user_errors
+from .data.tokenizer import TYPES as TOKENIZER_TYPES
+from .data.tokenizer import tokenizer_for_checkpoint
+from .errors import ConfigError, DataError, os_errors_are_user_errors
 from .model.attention import KVCache, sdpa_backend_context
 from .model.build import DTYPES, build_inference_model
 from .model.gpt import GPTModel
@@ -36,11 +37,15 @@ def _attention_kernels(model: GPTModel):
     return sdpa_backend_context(model.cfg.attention_backend, next(model.parameters()).device)
 
 
-def tokenizer_for(cfg: Config, vocab_file: Optional[str], merge_file: Optional[str]):
-    v, m = vocab_file or cfg.data.vocab_file, merge_file or cfg.data.merge_file
-    if not (v and m):
-        raise TokenizerError("the checkpoint names no tokenizer: give --vocab-file and --merge-file")
-    return build_tokenizer(v, m)
+def tokenizer_for(cfg: Config, meta: dict, args: argparse.Namespace):
+    """The checkpoint's tokenizer (its carried copy or recorded settings), tokenizer flags on top."""
+    import dataclasses
+
+    from .checkpoint import resolve
+    flags = {k: getattr(args, k, None) for k in ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")}
+    manifest = meta.get("tokenizer")
+    return tokenizer_for_checkpoint(dataclasses.asdict(cfg.data), meta["vocab_size"], flags,
+                                    resolve(args.load) if manifest else None, manifest)
 
 
 @torch.no_grad()
@@ -84,7 +89,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.text_file:
         with open(args.text_file, encoding="utf-8") as fh:
             text = fh.read()
-        ids = torch.tensor(tokenizer_for(cfg, args.vocab_file, args.merge_file).tokenize(text), dtype=torch.long)
+        ids = torch.tensor(tokenizer_for(cfg, meta, args).encode(text), dtype=torch.long)
     else:
         ids = _split_tokens(args.data_path, args.split or cfg.data.split, args.eval_split, meta["vocab_size"])
     if args.max_tokens:
@@ -144,15 +149,15 @@ def generate(model: GPTModel, prompt: list[int], max_new_tokens: int, *, tempera
 def _generate_cmd(args: argparse.Namespace) -> dict:
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
         raise ConfigError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, --max-new-tokens >= 0")
-    model, cfg, _ = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
-    tok = tokenizer_for(cfg, args.vocab_file, args.merge_file)
-    prompt = tok.tokenize(args.prompt) or [tok.eod]
+    model, cfg, meta = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
+    tok = tokenizer_for(cfg, meta, args)
+    prompt = tok.encode(args.prompt) or [tok.require_eod()]
     if model.cfg.use_rotary_position_embeddings is False and len(prompt) >= model.cfg.max_positions:
         raise ConfigError(f"the prompt has {len(prompt)} tokens; the model has {model.cfg.max_positions} positions")
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, use_cache=not args.no_kv_cache,
                    stop_token=tok.eod if args.stop_at_eod else None)
-    return {"text": tok.detokenize(out), "completion": tok.detokenize(out[len(prompt):]),
+    return {"text": tok.decode(out), "completion": tok.decode(out[len(prompt):]),
             "tokens": out[len(prompt):]}
 
 
@@ -161,8 +166,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load", required=True, help="checkpoint root (uses `latest`) or one iter_XXXXXXX directory")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    p.add_argument("--vocab-file", help="GPT-2 vocab.json (default: the checkpoint's)")
-    p.add_argument("--merge-file", help="GPT-2 merges.txt (default: the checkpoint's)")
+    add_tokenizer_flags(p)
+
+
+def add_tokenizer_flags(p: argparse.ArgumentParser) -> None:
+    """Tokenizer flags of eval/generate/export-hf; given, they replace the checkpoint's tokenizer."""
+    p.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES), help="default: the checkpoint's")
+    p.add_argument("--tokenizer-model", help="tokenizer.json (or its directory) / SentencePiece .model")
+    p.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json (default: the checkpoint's)")
+    p.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt (default: the checkpoint's)")
 
 
 def register(sub) -> None:

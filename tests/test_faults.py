@@ -376,9 +376,10 @@ def test_bad_input_one_error_line_nothing_touched(tmp_path, capsys, monkeypatch,
 
 
 def test_preprocess_malformed_line_and_empty_documents(tmp_path, capsys, bpe):
-    """Empty documents are skipped and counted; a malformed line names file:line and keeps old outputs."""
+    """Empty documents are kept as empty documents (Megatron) and counted; a malformed line names file:line
+    and keeps old outputs."""
     prefix = _corpus(tmp_path, bpe, ["first", "", "second", "", ""])
-    assert "processed 2 documents (3 empty skipped)" in capsys.readouterr().out
+    assert "processed 5 documents (3 empty)" in capsys.readouterr().out
     before = _snapshot(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n\n{"text": "ok"\n')
     rc = preprocess_main(["--input", str(tmp_path / "bad.jsonl"), "--output-prefix", str(tmp_path / "c"),

@@ -34,12 +34,12 @@ def test_int32_ids_beyond_the_vocabulary_are_one_error_line(tmp_path, capsys, bp
     _write(str(tmp_path / "big"), docs)
     capsys.readouterr()
     rc = _train("--no-mock-data", "--data-path", str(tmp_path / "big"), "--vocab-file", str(bpe.vocab),
-                "--merge-file", str(bpe.merges), "--vocab-size", "1024", "--split", "1,0,0", "--train-iters", "2",
+                "--merge-file", str(bpe.merges), "--vocab-size", "2048", "--split", "1,0,0", "--train-iters", "2",
                 "--save", str(tmp_path / "ck"))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert err[0] == (f"gpt3d: error: {tmp_path / 'big'}.bin holds token id 70000, outside the model's vocabulary "
-                      "of 1024 ids (0-1023): tokenized with another tokenizer? (see --vocab-file, --vocab-size)")
+                      "of 2048 ids (0-2047): tokenized with another tokenizer? (see --vocab-file, --vocab-size)")
     assert not (tmp_path / "ck" / "latest").exists()
 
 

@@ -100,9 +100,10 @@ def problem(path: str, wanted: Optional[Callable[[str], bool]] = None) -> Option
     return structure_problem(path) or checksum_problem(path, checked_files(path, wanted))
 
 
-def model_files_only(fname: str) -> bool:
-    """The files export, eval and generate read: the model shards, not the optimizer state."""
-    return fname.startswith("model_")
+def files_read_for_inference(fname: str) -> bool:
+    """The files export, eval and generate read: the model shards and the tokenizer's copy, not the
+    optimizer state."""
+    return fname.startswith(("model_", "tokenizer/"))
 
 
 def describe_files(path: str) -> tuple[int, int, bool]:

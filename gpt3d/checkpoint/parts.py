@@ -10,6 +10,8 @@ the loss scaler, the RNG streams, the train state) and knows how that state is s
     optimizer   ShardedOptimizer     optim_tp{t}_pp{p}_dp{d}.safetensors,                at any layout
                                      meta.json layout "zero"
     scaler      DynamicLossScaler    meta.json "scaler" (null without fp16)             always
+    tokenizer   the run's Tokenizer  tokenizer/<its files> (rank 0), meta.json           checked: same
+                                     "tokenizer" (manifest; tokenizer_part.py)           fingerprint
     rng         RNGState             rng_rank{r}.pt                                      same layout only
     train       TrainState           meta.json top level: iteration, consumed_samples,  always
                                      tokens, data_state
@@ -29,6 +31,7 @@ from ..parallel.state import ParallelState
 from .integrity import non_finite
 from .reshard import check_compatible, model_file, optim_file, optim_key, to_local
 from .store import Reader, Writer
+from .tokenizer_part import TokenizerPart
 
 
 class Stateful(Protocol):
@@ -210,10 +213,12 @@ class _Pieces(Mapping):
 
 # ----- the parts of a training run --------------------------------------------------------------------------------
 def training_parts(cfg: Config, ps: ParallelState, *, model, optimizer, scaler, tp_rng: TPRNG,
-                   state: Stateful) -> dict:
-    """Every part of a training checkpoint, in load order (the model before the optimizer's masters)."""
+                   state: Stateful, tokenizer=None) -> dict:
+    """Every part of a training checkpoint, in load order (the tokenizer check before the model's vocabulary
+    check, the model before the optimizer's masters). `tokenizer` is None for mock data."""
     return {
         "config": ConfigPart(cfg.to_dict(), cfg.model),
+        "tokenizer": TokenizerPart(tokenizer, writes_files=ps.rank == 0),
         "model": ModelPart(model, ps),
         "optimizer": OptimizerPart(optimizer, model, ps),
         "scaler": MetaPart(scaler, "scaler"),
@@ -236,7 +241,10 @@ class _NotStarted:
         return {"iteration": 0, "consumed_samples": 0, "tokens": 0, "data_state": None}
 
 
-def weights_parts(tensors: dict, params: dict, config: dict, vocab_size: int, padded_vocab: int) -> dict:
-    """The parts of import-hf's checkpoint: full TP=1 weights at iteration 0, no optimizer state."""
-    return {"config": ConfigPart(config), "model": WeightsPart(tensors, params, vocab_size, padded_vocab),
+def weights_parts(tensors: dict, params: dict, config: dict, vocab_size: int, padded_vocab: int,
+                  tokenizer=None) -> dict:
+    """The parts of import-hf's checkpoint: full TP=1 weights at iteration 0, no optimizer state, and the
+    HF directory's tokenizer when it has one."""
+    return {"config": ConfigPart(config), "tokenizer": TokenizerPart(tokenizer),
+            "model": WeightsPart(tensors, params, vocab_size, padded_vocab),
             "scaler": MetaPart(None, "scaler"), "train": MetaPart(_NotStarted(), None)}

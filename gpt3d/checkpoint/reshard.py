@@ -135,9 +135,9 @@ def read_model_tensors(root: str) -> tuple[str, dict, dict]:
 
     Tied copies (the last stage's output layer) are left out and padded vocabulary rows are cut off. The model
     shards' checksums are verified first and every tensor must be finite: a bad checkpoint is refused."""
-    from .integrity import model_files_only, non_finite
+    from .integrity import files_read_for_inference, non_finite
     from .store import read_meta, resolve
-    path = resolve(root, fallback=False, wanted=model_files_only)   # a bad newest checkpoint is refused
+    path = resolve(root, fallback=False, wanted=files_read_for_inference)   # a bad newest checkpoint is refused
     meta = read_meta(path)
     reader = ShardReader(path, meta)
     tensors = {}

@@ -48,7 +48,7 @@ class Writer:
         self.entries: dict = {}
 
     def _done(self, path: str) -> None:
-        name = os.path.basename(path)
+        name = os.path.relpath(path, self.tmp)
         self.checksums[name] = file_checksum(path)
         atomic.fsync_file(path)
         self.files[name] = os.path.getsize(path)
@@ -67,6 +67,15 @@ class Writer:
         path = os.path.join(self.tmp, name)
         torch.save(obj, path)
         self._done(path)
+
+    def copy(self, name: str, src: str) -> str:
+        """A copy of the user's file `src` as `name` (e.g. "tokenizer/vocab.json"; subdirectories are
+        created); returns the copy's path."""
+        path = os.path.join(self.tmp, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(src, path)
+        self._done(path)
+        return path
 
     def meta(self, key: str, value) -> None:
         """An entry of meta.json. Entries from all ranks are merged: dicts are unioned (each pipeline stage
@@ -283,7 +292,8 @@ def describe(root: str) -> str:
     """Text for `gpt3d checkpoint-info` (sizes checked, not checksums: `gpt3d checkpoint verify` reads them)."""
     path = resolve(root, wanted=lambda f: False)
     meta = read_meta(path)
-    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+    size = sum(os.path.getsize(f) for f in files)
     m = meta["config"]["model"]
     lay = meta["layout"]
     zero = f"ZeRO-{lay['zero']}" if "zero" in lay else "weights only"
@@ -293,5 +303,14 @@ def describe(root: str) -> str:
         f"layout: TP={lay['tp']} PP={lay['pp']} DP={lay['dp']} {zero}",
         f"model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
         f"seq {m['seq_length']}, vocab {meta['vocab_size']} (padded {meta['padded_vocab']})",
-        f"size on disk: {size / 2 ** 20:.1f} MiB in {len(os.listdir(path))} files",
+        f"tokenizer: {_tokenizer_line(meta.get('tokenizer'))}",
+        f"size on disk: {size / 2 ** 20:.1f} MiB in {len(files)} files",
     ])
+
+
+def _tokenizer_line(manifest: Optional[dict]) -> str:
+    if not manifest:
+        return "none carried (mock data, or saved before checkpoints carried their tokenizer)"
+    names = ", ".join(manifest.get("files", {})) or f"vocab {manifest.get('vocab_size')}"
+    return (f"{manifest['type']} ({names}; eod {manifest.get('eod_token')!r} = {manifest.get('eod')}, "
+            f"fingerprint {manifest['fingerprint'][:12]})")

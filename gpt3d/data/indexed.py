@@ -22,8 +22,9 @@ CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.
          np.dtype(np.int64): 5, np.dtype(np.float64): 7, np.dtype(np.uint16): 8}
 
 
-def best_dtype(vocab_size: int):
-    return np.uint16 if vocab_size < 65500 else np.int32
+def best_dtype(vocab_size: Optional[int]):
+    """Token width as Megatron picks it: uint16 below 65,500 ids, else int32."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
 
 
 class MMapIndexedDataset:
@@ -70,35 +71,75 @@ class MMapIndexedDataset:
 
 
 class MMapIndexedDatasetBuilder:
-    """Streams tokens to .bin; sizes and document boundaries go to .idx at finalize."""
+    """Streams tokens to .bin and the index arrays to spill files beside it, so memory stays flat whatever
+    the corpus size; finalize writes the .idx. Documents follow Megatron's preprocess rule: each non-empty
+    sentence is one sequence (a `sizes` entry) and every document, even an empty one, ends with a
+    doc_idx boundary."""
 
     def __init__(self, bin_path: str, dtype=np.uint16):
         self.dtype = np.dtype(dtype)
+        self.bin_path = bin_path
         self.fh = open(bin_path, "wb")
-        self.sizes: list[int] = []
-        self.doc_idx: list[int] = [0]
+        self._sizes = open(bin_path + ".sizes", "w+b")
+        self._docs = open(bin_path + ".docs", "w+b")
+        self.n_sizes = 0
+        self.n_docs = 1                      # doc_idx starts with 0
+        self._docs.write(np.zeros(1, np.int64).tobytes())
+        self._limit = np.iinfo(self.dtype).max if self.dtype.kind in "iu" else None
+
+    def add_docs(self, tokens: np.ndarray, sizes: np.ndarray, per_doc: np.ndarray) -> None:
+        """Many documents at once: `tokens` flat, `sizes` one entry per sequence, `per_doc` how many
+        sequences each document has (0 for an empty document)."""
+        tokens = np.asarray(tokens)
+        if tokens.dtype != self.dtype:
+            if len(tokens) and self._limit is not None and int(tokens.max()) > self._limit:
+                raise DataError(f"{self.bin_path}: token id {int(tokens.max())} does not fit {self.dtype}")
+            tokens = tokens.astype(self.dtype)
+        self.fh.write(tokens.tobytes(order="C"))
+        self._sizes.write(np.asarray(sizes, dtype=np.int32).tobytes())
+        ends = self.n_sizes + np.cumsum(np.asarray(per_doc, dtype=np.int64))
+        self._docs.write(ends.tobytes())
+        self.n_sizes += len(sizes)
+        self.n_docs += len(ends)
 
     def add_item(self, tokens) -> None:
         arr = np.asarray(tokens, dtype=self.dtype)
         self.fh.write(arr.tobytes(order="C"))
-        self.sizes.append(len(arr))
+        self._sizes.write(np.asarray([len(arr)], dtype=np.int32).tobytes())
+        self.n_sizes += 1
 
     def end_document(self) -> None:
-        self.doc_idx.append(len(self.sizes))
+        self._docs.write(np.asarray([self.n_sizes], dtype=np.int64).tobytes())
+        self.n_docs += 1
 
-    def finalize(self, idx_path: str) -> None:
+    def close(self) -> None:
+        for fh in (self.fh, self._sizes, self._docs):
+            fh.close()
+        for spill in (self._sizes.name, self._docs.name):
+            if os.path.exists(spill):
+                os.remove(spill)
+
+    def finalize(self, idx_path: str, block: int = 1 << 22) -> None:
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
-        sizes = np.asarray(self.sizes, dtype=np.int32)
-        pointers = np.zeros(len(sizes), dtype=np.int64)
-        if len(sizes) > 1:
-            pointers[1:] = np.cumsum(sizes[:-1], dtype=np.int64) * self.dtype.itemsize
-        with open(idx_path, "wb") as fh:
-            fh.write(MAGIC)
-            fh.write(struct.pack("<QBQQ", 1, CODES[self.dtype], len(sizes), len(self.doc_idx)))
-            fh.write(sizes.tobytes())
-            fh.write(pointers.tobytes())
-            fh.write(np.asarray(self.doc_idx, dtype=np.int64).tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
+        item = self.dtype.itemsize
+        with open(idx_path, "wb") as out:
+            out.write(MAGIC)
+            out.write(struct.pack("<QBQQ", 1, CODES[self.dtype], self.n_sizes, self.n_docs))
+            self._sizes.seek(0)
+            for buf in iter(lambda: self._sizes.read(4 * block), b""):
+                out.write(buf)
+            self._sizes.seek(0)                          # pointers: byte offset of each sequence
+            offset = 0
+            for buf in iter(lambda: self._sizes.read(4 * block), b""):
+                sizes = np.frombuffer(buf, dtype=np.int32).astype(np.int64) * item
+                ends = np.cumsum(sizes)
+                out.write((ends - sizes + offset).tobytes())
+                offset += int(ends[-1])
+            self._docs.seek(0)
+            for buf in iter(lambda: self._docs.read(8 * block), b""):
+                out.write(buf)
+            out.flush()
+            os.fsync(out.fileno())
+        self.close()

@@ -1,136 +1,294 @@
-"""`gpt3d preprocess`: JSONL -> Megatron .bin/.idx (Megatron's tools/preprocess_data.py flags).
+"""`gpt3d preprocess`: corpus files -> Megatron .bin/.idx, at the tokenizer's own speed times the workers.
 
-Outputs are written to temporary files beside the targets and renamed into
-place only after the whole input was read, so a malformed line or a crash
-never leaves a half-written corpus over an existing one.
+Megatron's tools/preprocess_data.py flags and output: the same ids (same tokenizer types), the same token
+width, and the same .idx bytes (every non-empty sentence one sequence, --append-eod counted in the last
+one, a document boundary for every document, empty ones included). Inputs are JSONL, .jsonl.gz,
+.jsonl.zst or Parquet, several files or globs into one output or one output per shard.
+
+Speed: the reading process only cuts raw chunks and writes numpy arrays; each worker decodes, validates
+and batch-encodes whole chunks with one tokenizer thread, so throughput is the tokenizer's batch speed
+times the workers. Memory is flat: a bounded number of chunks is in flight and the index streams to disk.
+Outputs are written beside their targets and renamed into place only when complete, so a bad line or a
+crash never leaves a half-written corpus over an existing one.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import multiprocessing as mp
 import os
 import sys
 import time
-from typing import Optional
+from collections import deque
+from typing import Iterable, Iterator, Optional, Union
 
-from tqdm import tqdm
+import numpy as np
 
-from ..errors import PreprocessError
+from ..errors import DataError, TokenizerError, os_errors_are_user_errors
+from . import corpus
 from .indexed import MMapIndexedDatasetBuilder, best_dtype
-from .tokenizer import TokenizerError, build_tokenizer
+from .tokenizer import TYPES, build_tokenizer
 
-_worker: dict = {}
+_state: dict = {}
+SUFFIXES = (".gz", ".zst", ".zstd", ".jsonl", ".json", ".parquet", ".pq")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("preprocess", help="tokenize JSONL / Parquet into Megatron .bin/.idx")
+    add_arguments(p)   # Megatron's argument set
+    p.set_defaults(func=run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="JSON-lines file, one document per line")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
-    p.add_argument("--vocab-file", required=True)
-    p.add_argument("--merge-file", required=True)
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
-    p.add_argument("--append-eod", action="store_true", help="append <|endoftext|> to every document")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    p.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=["GPT2BPETokenizer"])
-    p.add_argument("--log-interval", type=int, default=10000, help="(accepted for Megatron compatibility)")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet files; quoted globs are expanded")
+    p.add_argument("--output-prefix", required=True, nargs="+",
+                   help="writes PREFIX_{key}_document.bin/.idx: one prefix for all inputs, one per input, or "
+                        "one containing {name} (each input's file name without extensions) for one output "
+                        "per shard")
+    p.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=list(TYPES))
+    p.add_argument("--vocab-file", help="GPT2BPETokenizer: vocab.json")
+    p.add_argument("--merge-file", help="GPT2BPETokenizer: merges.txt")
+    p.add_argument("--tokenizer-model", help="HuggingFaceTokenizer: tokenizer.json or its directory; "
+                                             "SentencePiece types: the .model file")
+    p.add_argument("--vocab-size", type=int, help="NullTokenizer: number of ids (eod is one more)")
+    p.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="keys (Parquet: columns) to tokenize; a value must be a string or a list of strings")
+    p.add_argument("--append-eod", action="store_true", help="end every non-empty document with the eod token")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (one thread each)")
+    p.add_argument("--log-interval", type=int, default=100000,
+                   help="documents between progress lines (on a terminal the line refreshes instead)")
+    p.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="(Megatron's; only mmap exists)")
 
 
-def _init(vocab: str, merges: str, keys: list, append_eod: bool) -> None:
-    _worker["tok"] = build_tokenizer(vocab, merges)
-    _worker["keys"], _worker["eod"] = keys, append_eod
+# ----- worker side -----------------------------------------------------------------------------------------------
+def _init(spec: dict, keys: list, append_eod: bool) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"     # one thread per worker: --workers is the knob
+    tok = build_tokenizer(**spec)
+    _state.update(tok=tok, keys=keys, eod=tok.require_eod() if append_eod else None,
+                  dtype=best_dtype(tok.vocab_size))
 
 
-def _encode(item: tuple) -> tuple:
-    """(lineno, raw line) -> (lineno, {key: ids}, bytes, error)."""
-    lineno, line = item
-    if not line.strip():
-        return lineno, None, len(line), None
+def _encode_key(values: list) -> tuple:
+    """Documents (text or list of sentence texts) -> (flat tokens, sizes per sequence, sequences per doc)."""
+    tok, eod = _state["tok"], _state["eod"]
+    if all(type(v) is str for v in values):
+        owner = None
+        ids = tok.encode_batch(values)
+        if eod is not None:
+            for x in ids:
+                if x:
+                    x.append(eod)
+    else:
+        texts, owner = [], []
+        for d, v in enumerate(values):
+            for s in [v] if type(v) is str else v:
+                texts.append(s)
+                owner.append(d)
+        ids = tok.encode_batch(texts)
+        if eod is not None:
+            last = {d: i for i, (d, x) in enumerate(zip(owner, ids)) if x}
+            for i in last.values():
+                ids[i].append(eod)
+    lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    keep = lens > 0
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=_state["dtype"], count=int(lens.sum()))
+    if owner is None:
+        per_doc = keep.astype(np.int64)
+    else:
+        per_doc = np.bincount(np.asarray(owner, dtype=np.int64)[keep], minlength=len(values))
+    return tokens, lens[keep].astype(np.int32), per_doc
+
+
+def _encode_chunk(chunk: corpus.Chunk) -> tuple:
+    values, ndocs, nbytes = corpus.decode(chunk, _state["keys"])
     try:
-        doc = json.loads(line)
-        if not isinstance(doc, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as e:
-        return lineno, None, len(line), f"malformed JSON ({e})"
-    tok, out = _worker["tok"], {}
-    for key in _worker["keys"]:
-        if key not in doc:
-            return lineno, None, len(line), f"missing key '{key}'"
-        ids = tok.tokenize(str(doc[key]))
-        if ids and _worker["eod"]:
-            ids.append(tok.eod)
-        out[key] = ids
-    return lineno, out, len(line), None
+        out = {k: _encode_key(values[k]) for k in _state["keys"]}
+    except TokenizerError as e:        # e.g. NullTokenizer text that is not ids: find the line
+        raise DataError(_locate(chunk, values, e)) from None
+    empty = np.ones(ndocs, dtype=bool)
+    for _, _, per_doc in out.values():
+        empty &= per_doc == 0
+    return out, ndocs, nbytes, sum(len(t) for t, _, _ in out.values()), int(empty.sum())
 
 
-def preprocess(input_path: str, output_prefix: str, vocab_file: str, merge_file: str, json_keys: list,
-               append_eod: bool = False, workers: int = 1, progress: bool = True) -> dict:
-    """Tokenize; returns stats. Raises ValueError('file:line: ...') on bad input, leaving outputs untouched."""
-    tok = build_tokenizer(vocab_file, merge_file)
-    if not os.path.isfile(input_path):
-        raise ValueError(f"{input_path}: input file not found")
+def _locate(chunk: corpus.Chunk, values: dict, err: Exception) -> str:
+    for k, docs in values.items():
+        for i, v in enumerate(docs):
+            try:
+                _state["tok"].encode_batch([v] if type(v) is str else v)
+            except TokenizerError:
+                return f"{chunk.path}:{_line_of(chunk, i)}: {err}"
+    return f"{chunk.path}:{chunk.first}: {err}"
+
+
+def _line_of(chunk: corpus.Chunk, doc: int) -> int:
+    if not isinstance(chunk.data, (bytes, bytearray)):
+        return chunk.first + doc
+    seen = -1
+    for i, ln in enumerate(chunk.data.split(b"\n")):
+        seen += bool(ln.strip())
+        if seen == doc:
+            return chunk.first + i
+    return chunk.first
+
+
+# ----- reading process -------------------------------------------------------------------------------------------
+def _in_order(pool, items: Iterable, depth: int) -> Iterator[tuple]:
+    """Results in input order with at most `depth` chunks in flight (flat memory)."""
+    if pool is None:
+        yield from map(_encode_chunk, items)
+        return
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(_encode_chunk, (item,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _base_name(path: str) -> str:
+    name = os.path.basename(path)
+    while name.lower().endswith(SUFFIXES):
+        name = name[:name.rfind(".")]
+    return name
+
+
+def plan_outputs(files: list, prefixes: Union[str, list]) -> list[tuple[str, list]]:
+    prefixes = [prefixes] if isinstance(prefixes, str) else list(prefixes)
+    if len(prefixes) == 1 and "{name}" in prefixes[0]:
+        plan = [(prefixes[0].replace("{name}", _base_name(f)), [f]) for f in files]
+    elif len(prefixes) == 1:
+        plan = [(prefixes[0], list(files))]
+    elif len(prefixes) == len(files):
+        plan = [(p, [f]) for p, f in zip(prefixes, files)]
+    else:
+        raise DataError(f"{len(prefixes)} output prefixes for {len(files)} input files: give one, one per "
+                        "input, or one containing {name}")
+    seen = [p for p, _ in plan]
+    dup = next((p for p in seen if seen.count(p) > 1), None)
+    if dup is not None:
+        raise DataError(f"two inputs would write the same output {dup} (use a prefix per input)")
+    return plan
+
+
+class Progress:
+    """docs/s, MB/s and tokens/s: a refreshing line on a terminal, one line per --log-interval documents
+    otherwise (logs, pipes, batch jobs)."""
+
+    def __init__(self, stream, log_interval: int, enabled: bool = True):
+        self.stream, self.enabled = stream, enabled
+        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
+        self.every = max(1, log_interval)
+        self.next = self.every
+        self.start = self.last = time.perf_counter()
+
+    def line(self, docs: int, nbytes: int, tokens: int) -> str:
+        secs = max(time.perf_counter() - self.start, 1e-9)
+        return (f"{docs:,} documents, {nbytes / 2 ** 20:,.1f} MB, {tokens:,} tokens in {secs:.1f}s: "
+                f"{docs / secs:,.0f} docs/s, {nbytes / 2 ** 20 / secs:,.2f} MB/s, {tokens / secs:,.0f} tokens/s")
+
+    def update(self, docs: int, nbytes: int, tokens: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.tty and now - self.last >= 0.5:
+            self.stream.write("\r" + self.line(docs, nbytes, tokens) + "\033[K")
+            self.stream.flush()
+            self.last = now
+        elif not self.tty and docs >= self.next:
+            print(self.line(docs, nbytes, tokens), file=self.stream, flush=True)
+            self.next = (docs // self.every + 1) * self.every
+
+    def close(self) -> None:
+        if self.tty and self.last > self.start:
+            self.stream.write("\n")
+
+
+def preprocess(inputs: Union[str, list], output_prefix: Union[str, list], vocab_file: Optional[str] = None,
+               merge_file: Optional[str] = None, json_keys: Iterable = ("text",), append_eod: bool = False,
+               workers: int = 1, progress: bool = True, *, tokenizer_type: str = "GPT2BPETokenizer",
+               tokenizer_model: Optional[str] = None, vocab_size: Optional[int] = None,
+               log_interval: int = 100000, stream=None) -> dict:
+    """Tokenize; returns totals. Raises DataError('FILE:LINE: ...') / TokenizerError on bad input, leaving
+    existing outputs untouched."""
+    keys = list(json_keys)
+    if workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
+    spec = dict(vocab_file=vocab_file, merge_file=merge_file, tokenizer_type=tokenizer_type,
+                tokenizer_model=tokenizer_model, vocab_size=vocab_size)
+    tok = build_tokenizer(**spec)
+    if append_eod:
+        tok.require_eod()
+    files = corpus.expand_inputs(inputs)
+    for f in files:
+        corpus.check_input(f, keys)
+    plan = plan_outputs(files, output_prefix)
     dtype = best_dtype(tok.vocab_size)
-    finals = {k: f"{output_prefix}_{k}_document" for k in json_keys}
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    tmp = {k: f"{p}.tmp{os.getpid()}" for k, p in finals.items()}
-    builders = {k: MMapIndexedDatasetBuilder(tmp[k] + ".bin", dtype) for k in json_keys}
     stats = {"docs": 0, "empty": 0, "tokens": 0, "bytes": 0}
-    start = time.perf_counter()
-    pool: Optional[mp.pool.Pool] = None
-    ok = False
+    bar = Progress(stream or sys.stdout, log_interval, progress)
+    pool = None
     try:
-        with open(input_path, encoding="utf-8") as fh:
-            lines = enumerate(fh, 1)
-            if workers > 1:
-                pool = mp.get_context("spawn").Pool(workers, _init, (vocab_file, merge_file, json_keys, append_eod))
-                results = pool.imap(_encode, lines, chunksize=64)
-            else:
-                _init(vocab_file, merge_file, json_keys, append_eod)
-                results = map(_encode, lines)
-            # disable=None: no bar when stderr is not a terminal, so logs keep one line per error
-            bar = tqdm(results, unit=" docs", disable=None if progress else True, file=sys.stderr,
-                       mininterval=1.0)
-            for lineno, doc, nbytes, err in bar:
-                if err:
-                    raise ValueError(f"{input_path}:{lineno}: {err}")
-                stats["bytes"] += nbytes
-                if doc is None or not any(doc.values()):
-                    stats["empty"] += 1
-                    continue
-                for k, ids in doc.items():
-                    if ids:
-                        builders[k].add_item(ids)
-                        builders[k].end_document()
-                        stats["tokens"] += len(ids)
-                stats["docs"] += 1
-        for k, b in builders.items():
-            b.finalize(tmp[k] + ".idx")
-        for k in json_keys:
-            for ext in (".bin", ".idx"):
-                os.replace(tmp[k] + ext, finals[k] + ext)
-        ok = True
+        if workers > 1:
+            pool = mp.get_context("spawn").Pool(workers, _init, (spec, keys, append_eod))
+        else:
+            _init(spec, keys, append_eod)
+        for prefix, group in plan:
+            _write_output(prefix, group, keys, dtype, pool, 2 * workers + 2, stats, bar)
     finally:
         if pool is not None:
             pool.terminate()
-        if not ok:
-            for k, b in builders.items():
-                b.fh.close()
-                for ext in (".bin", ".idx"):
-                    if os.path.exists(tmp[k] + ext):
-                        os.remove(tmp[k] + ext)
-    secs = max(time.perf_counter() - start, 1e-9)
+        bar.close()
+    secs = max(time.perf_counter() - bar.start, 1e-9)
     stats.update(seconds=secs, docs_per_s=stats["docs"] / secs, mb_per_s=stats["bytes"] / secs / 2 ** 20,
-                 outputs=[finals[k] for k in json_keys])
+                 tokens_per_s=stats["tokens"] / secs, files=len(files), dtype=np.dtype(dtype).name,
+                 outputs=[f"{p}_{k}_document" for p, _ in plan for k in keys])
     return stats
 
 
-def run(args: argparse.Namespace) -> int:
+def _write_output(prefix: str, files: list, keys: list, dtype, pool, depth: int, stats: dict,
+                  bar: Progress) -> None:
+    finals = {k: f"{prefix}_{k}_document" for k in keys}
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    tmp = {k: f"{p}.tmp{os.getpid()}" for k, p in finals.items()}
+    builders = {k: MMapIndexedDatasetBuilder(tmp[k] + ".bin", dtype) for k in keys}
+    done = False
     try:
-        s = preprocess(args.input, args.output_prefix, args.vocab_file, args.merge_file, args.json_keys,
-                       args.append_eod, args.workers)
-    except (ValueError, TokenizerError, OSError) as e:
-        raise PreprocessError(str(e)) from e
-    print(f"processed {s['docs']:,} documents ({s['empty']:,} empty skipped), {s['tokens']:,} tokens in "
-          f"{s['seconds']:.1f}s: {s['docs_per_s']:,.0f} docs/s, {s['mb_per_s']:.2f} MB/s -> "
+        items = itertools.chain.from_iterable(corpus.chunks(f, keys) for f in files)
+        for out, ndocs, nbytes, ntok, nempty in _in_order(pool, items, depth):
+            for k, (tokens, sizes, per_doc) in out.items():
+                builders[k].add_docs(tokens, sizes, per_doc)
+            stats["docs"] += ndocs
+            stats["bytes"] += nbytes
+            stats["tokens"] += ntok
+            stats["empty"] += nempty
+            bar.update(stats["docs"], stats["bytes"], stats["tokens"])
+        for k, b in builders.items():
+            b.finalize(tmp[k] + ".idx")
+        for k in keys:
+            for ext in (".bin", ".idx"):
+                os.replace(tmp[k] + ext, finals[k] + ext)
+        done = True
+    finally:
+        if not done:
+            for k, b in builders.items():
+                b.close()
+                for ext in (".bin", ".idx"):
+                    if os.path.exists(tmp[k] + ext):
+                        os.remove(tmp[k] + ext)
+
+
+@os_errors_are_user_errors
+def run(args: argparse.Namespace) -> int:
+    """The command: bad input raises DataError / TokenizerError (exit 2, one line printed by the CLI)."""
+    s = preprocess(args.input, args.output_prefix, args.vocab_file, args.merge_file, args.json_keys,
+                   args.append_eod, args.workers, tokenizer_type=args.tokenizer_type,
+                   tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
+                   log_interval=args.log_interval)
+    print(f"processed {s['docs']:,} documents ({s['empty']:,} empty) from {s['files']} file(s), "
+          f"{s['tokens']:,} tokens ({s['dtype']}), {s['bytes'] / 2 ** 20:,.1f} MB in {s['seconds']:.1f}s: "
+          f"{s['docs_per_s']:,.0f} docs/s, {s['mb_per_s']:.2f} MB/s, {s['tokens_per_s']:,.0f} tokens/s -> "
           + ", ".join(p + ".bin/.idx" for p in s["outputs"]))
     return 0
 

@@ -1,37 +1,23 @@
 """What decides the stream of training samples a run sees, so a resume can tell whether it would change.
 
 A resumed run continues at `consumed_samples` of its sample order. That position means the same data only
-if the order is the same: same corpora (--data-path, with weights), --split, --seq-length, --seed,
-tokenizer (the vocabulary and merges files' contents), the same global batch (what one step consumes), and
-an index built over the same number of epochs (a longer --train-iters can need another epoch, which
-reshuffles everything; see gpt_dataset.py). `data_state` records these in the checkpoint; `changes` names
-the ones that differ.
+if the order is the same: same corpora (--data-path, with weights), --split, --seq-length, --seed, the
+same global batch (what one step consumes), and an index built over the same number of epochs (a longer
+--train-iters can need another epoch, which reshuffles everything; see gpt_dataset.py). `data_state`
+records these in the checkpoint; `changes` names the ones that differ. The tokenizer is checked apart
+(checkpoint/tokenizer_part.py), and never overridden: with another one every embedding row means another
+token.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
-
-import xxhash
 
 from ..config import Config
 
 # setting in the data state -> how a message names it
 LABELS = {"mock_data": "--mock-data", "data_path": "--data-path", "split": "--split", "seq_length": "--seq-length",
           "global_batch_size": "--global-batch-size", "seed": "--seed",
-          "tokenizer": "the tokenizer (--vocab-file/--merge-file contents)",
           "sample_order": "the sample order (the index the train samples need, from --train-iters/--train-samples)"}
-
-
-def file_digest(*paths: Optional[str]) -> Optional[str]:
-    """xxh3-64 of the files' contents (tokenizer files: a few MB), or None if there are none."""
-    if not any(paths):
-        return None
-    h = xxhash.xxh3_64()
-    for p in paths:
-        with open(p, "rb") as fh:
-            h.update(fh.read())
-    return h.hexdigest()
 
 
 def _path_item(x: str) -> str:
@@ -47,8 +33,7 @@ def data_state(cfg: Config, global_batch: int, train_dataset=None) -> dict:
     d = cfg.data
     state = {"mock_data": d.mock_data, "data_path": None if d.mock_data else [_path_item(x) for x in d.data_path],
              "split": None if d.mock_data else d.split, "seq_length": cfg.model.seq_length,
-             "global_batch_size": global_batch, "seed": cfg.training.seed,
-             "tokenizer": None if d.mock_data else file_digest(d.vocab_file, d.merge_file)}
+             "global_batch_size": global_batch, "seed": cfg.training.seed}
     if train_dataset is not None:
         state["sample_order"] = getattr(train_dataset, "order", None)
     return state
@@ -60,9 +45,7 @@ def changes(saved: dict, current: dict) -> list[str]:
     for key, label in LABELS.items():
         if key in saved and key in current and saved[key] != current[key]:
             old, new = saved[key], current[key]
-            if key == "tokenizer":
-                out.append(f"{label} changed")
-            elif key == "data_path":
+            if key == "data_path":
                 out.append(f"{label} {' '.join(old or ['(mock)'])} -> {' '.join(new or ['(mock)'])}")
             else:
                 out.append(f"{label} {old} -> {new}")

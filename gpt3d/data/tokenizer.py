@@ -1,25 +1,168 @@
-"""GPT-2 byte-level BPE from the user's vocab.json/merges.txt, through HF `tokenizers`.
+"""Megatron's tokenizer types behind one interface, plus the files that make a tokenizer portable.
 
-Produces the same ids as GPT-2's reference tokenizer (and Megatron's), so data
-preprocessed elsewhere and checkpoints exported to Hugging Face stay consistent.
+Megatron users name a tokenizer by `--tokenizer-type` and give its files; the ids it produces are baked
+into their .bin data, so every type here gives exactly the ids Megatron's class of the same name gives.
+A tokenizer can copy its files into a directory and be rebuilt from that directory alone (`save_files` /
+`load_from_dir`), and its `fingerprint` hashes the file contents (not paths), so a checkpoint can carry
+its tokenizer and a resume with a different one can be refused.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+from typing import Optional
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-from ..errors import TokenizerError
+from ..errors import TokenizerError, warn
 
 EOD = "<|endoftext|>"
+TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+         "Llama2Tokenizer", "NullTokenizer")
+# end-of-document names tried, in order, when a tokenizer.json comes without a tokenizer_config.json
+KNOWN_EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
+KNOWN_BOS = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>")
+CHECKPOINT_DIR = "tokenizer"   # where a checkpoint keeps its copy of the files (checkpoint/tokenizer_part.py)
 
 
-class GPT2BPETokenizer:
+def sha256_file(path: str) -> str:
+    """The hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _batch(tok):
+    """`encode_batch_fast` (no offsets) where this `tokenizers` has it."""
+    return getattr(tok, "encode_batch_fast", tok.encode_batch)
+
+
+def _need_file(path: Optional[str], what: str) -> str:
+    if not path or not os.path.isfile(path):
+        raise TokenizerError(f"{what} not found: {path}")
+    return path
+
+
+class Tokenizer:
+    """The interface every type implements: vocab_size, eod (id) and eod_token (name), encode /
+    encode_batch / decode, and `files()` (canonical file name -> path) for save_files/fingerprint."""
+
+    type_name = ""
+    vocab_size: int
+    eod: Optional[int] = None
+    eod_token: Optional[str] = None
+    bos: Optional[int] = None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def files(self) -> dict[str, str]:
+        return {}
+
+    def settings(self) -> dict:
+        """Non-file settings that change the ids (part of the fingerprint)."""
+        return {}
+
+    # Megatron's method names
+    def tokenize(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def detokenize(self, ids) -> str:
+        return self.decode(ids)
+
+    def require_eod(self) -> int:
+        if self.eod is None:
+            raise TokenizerError(f"{self.type_name} {self.describe()} has no end-of-document (eos) token; "
+                                 "name one as eos_token in a tokenizer_config.json beside tokenizer.json")
+        return self.eod
+
+    def describe(self) -> str:
+        return ", ".join(os.path.basename(p) for p in self.files().values()) or f"vocab {self.vocab_size}"
+
+    def manifest(self) -> dict:
+        """type, settings, each file's sha256, vocab_size, eod, eod_token and the fingerprint. Hashed once
+        (build_tokenizer does it right after reading the files), so it describes the files as this
+        tokenizer read them even if they change on disk later."""
+        if getattr(self, "_manifest", None) is None:
+            files = {name: sha256_file(path) for name, path in sorted(self.files().items())}
+            core = {"type": self.type_name, "files": files, "settings": self.settings()}
+            fp = hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+            self._manifest = {**core, "vocab_size": self.vocab_size, "eod": self.eod, "eod_token": self.eod_token,
+                              "fingerprint": fp}
+        return json.loads(json.dumps(self._manifest))   # a copy
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the type, the settings and the contents of the files (never their paths)."""
+        return self.manifest()["fingerprint"]
+
+    def save_files(self, directory: str) -> dict:
+        """Copy the tokenizer's files into `directory` under canonical names; returns the manifest that
+        `load_from_dir(directory, manifest)` needs (type, settings, file hashes, fingerprint)."""
+        os.makedirs(directory, exist_ok=True)
+        for name, path in self.files().items():
+            shutil.copyfile(path, os.path.join(directory, name))
+        return self.manifest()
+
+
+def load_from_dir(directory: str, manifest: dict) -> Tokenizer:
+    """Rebuild the tokenizer `save_files` wrote; every file must match the manifest's hash."""
+    kind = manifest.get("type")
+    if kind not in TYPES:
+        raise TokenizerError(f"{directory}: unknown tokenizer type {kind!r} in the manifest")
+    for name, digest in manifest.get("files", {}).items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise TokenizerError(f"{path}: tokenizer file missing")
+        if sha256_file(path) != digest:
+            raise TokenizerError(f"{path}: tokenizer file does not match its recorded sha256 (corrupt or replaced)")
+    s = manifest.get("settings", {})
+    if kind == "GPT2BPETokenizer":
+        tok = GPT2BPETokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
+    elif kind == "HuggingFaceTokenizer":
+        tok = HuggingFaceTokenizer(directory)
+    elif kind == "NullTokenizer":
+        tok = NullTokenizer(s["vocab_size"])
+    else:
+        from .spm_tokenizer import SP_TYPES
+        tok = SP_TYPES[kind](os.path.join(directory, "tokenizer.model"))
+    if tok.fingerprint != manifest.get("fingerprint"):
+        raise TokenizerError(f"{directory}: rebuilt {kind} does not match the manifest's fingerprint")
+    return tok
+
+
+def flags_for_dir(directory: str, manifest: dict) -> str:
+    """The command-line flags that name the tokenizer `save_files` wrote into `directory`."""
+    kind = manifest.get("type")
+    if kind == "GPT2BPETokenizer":
+        return (f"--vocab-file {os.path.join(directory, 'vocab.json')} "
+                f"--merge-file {os.path.join(directory, 'merges.txt')}")
+    if kind == "NullTokenizer":
+        return f"--tokenizer-type NullTokenizer --vocab-size {manifest.get('settings', {}).get('vocab_size')}"
+    model = directory if kind == "HuggingFaceTokenizer" else os.path.join(directory, "tokenizer.model")
+    return f"--tokenizer-type {kind} --tokenizer-model {model}"
+
+
+# ----- GPT-2 byte-level BPE ------------------------------------------------------------------------------------
+class GPT2BPETokenizer(Tokenizer):
+    """GPT-2 BPE from vocab.json + merges.txt through HF `tokenizers`: the ids of GPT-2's reference
+    tokenizer and Megatron's (`<|endoftext|>` is ordinary text here, as there; it is only the eod)."""
+
+    type_name = "GPT2BPETokenizer"
+
     def __init__(self, vocab_file: str, merge_file: str):
-        for path, what in ((vocab_file, "vocab"), (merge_file, "merges")):
-            if not path or not os.path.isfile(path):
-                raise TokenizerError(f"{what} file not found: {path}")
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, models, pre_tokenizers
+        _need_file(vocab_file, "vocab file")
+        _need_file(merge_file, "merges file")
         try:
             with open(vocab_file, encoding="utf-8") as fh:
                 vocab = json.load(fh)
@@ -40,22 +183,191 @@ class GPT2BPETokenizer:
             bpe = models.BPE(vocab, [tuple(ln.split(" ")) for ln in lines])
         except Exception as e:  # the Rust side reports merges that name unknown tokens
             raise TokenizerError(f"{merge_file}: merges do not match {vocab_file} ({e})") from None
-        self.tok = Tokenizer(bpe)
+        self.tok = HFTok(bpe)
         self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self.tok.decoder = decoders.ByteLevel()
         self.vocab_file, self.merge_file = vocab_file, merge_file
         self.vocab_size = len(vocab)
         self.eod = vocab.get(EOD, self.vocab_size - 1)
+        self.eod_token = EOD if EOD in vocab else None
 
-    def tokenize(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in _batch(self.tok)(texts, add_special_tokens=False)]
 
-    def detokenize(self, ids) -> str:
+    def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
+    def files(self) -> dict[str, str]:
+        return {"vocab.json": self.vocab_file, "merges.txt": self.merge_file}
 
-def build_tokenizer(vocab_file: str, merge_file: str) -> GPT2BPETokenizer:
-    return GPT2BPETokenizer(vocab_file, merge_file)
+
+# ----- any tokenizer.json --------------------------------------------------------------------------------------
+def _token_name(value) -> Optional[str]:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A tokenizer.json (or a directory holding one) through HF `tokenizers`: ids exactly as its own
+    `encode` gives them, post-processor special tokens (e.g. a BOS) included, like Megatron's
+    HuggingFaceTokenizer (`AutoTokenizer(text).input_ids`). eos/bos names come from a tokenizer_config.json
+    or special_tokens_map.json beside it, else from a special token with a well-known eos name."""
+
+    type_name = "HuggingFaceTokenizer"
+    CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as HFTok
+        if path and os.path.isdir(path):
+            directory, file = path, os.path.join(path, "tokenizer.json")
+        else:
+            directory, file = os.path.dirname(path or ""), path
+        _need_file(file, "tokenizer.json")
+        try:
+            self.tok = HFTok.from_file(file)
+        except Exception as e:
+            raise TokenizerError(f"{file}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+        self.file = file
+        self.configs = {n: os.path.join(directory, n) for n in self.CONFIGS
+                        if os.path.isfile(os.path.join(directory, n))}
+        names: dict = {}
+        for n in reversed(self.CONFIGS):          # tokenizer_config.json wins
+            if n in self.configs:
+                try:
+                    with open(self.configs[n], encoding="utf-8") as fh:
+                        cfg = json.load(fh)
+                except ValueError as e:
+                    raise TokenizerError(f"{self.configs[n]}: not valid JSON ({e})") from None
+                for k in ("eos_token", "bos_token", "unk_token", "pad_token"):
+                    if _token_name(cfg.get(k)):
+                        names[k] = _token_name(cfg.get(k))
+                if n == "tokenizer_config.json" and isinstance(cfg.get("chat_template"), str):
+                    names["chat_template"] = cfg["chat_template"]
+        self.special_names = names
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(self.tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
+        specials = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        eos = names.get("eos_token") or next((n for n in KNOWN_EOS if n in specials), None)
+        self.eod_token = eos if eos is not None and eos in vocab else None
+        self.eod = vocab[self.eod_token] if self.eod_token else None
+        bos = names.get("bos_token") or next((n for n in KNOWN_BOS if n in specials), None)
+        self.bos = vocab.get(bos) if bos else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in _batch(self.tok)(texts)]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def files(self) -> dict[str, str]:
+        return {"tokenizer.json": self.file, **self.configs}
+
+
+# ----- ids as text -----------------------------------------------------------------------------------------------
+class NullTokenizer(Tokenizer):
+    """Megatron's NullTokenizer (benchmarks, pre-tokenized data): text is space-separated ids; the vocabulary
+    is --vocab-size ids plus one eod id (= --vocab-size) after them."""
+
+    type_name = "NullTokenizer"
+
+    def __init__(self, vocab_size: int):
+        if vocab_size is None or int(vocab_size) <= 0:
+            raise TokenizerError("NullTokenizer needs --vocab-size (a positive number of ids)")
+        self.base = int(vocab_size)
+        self.vocab_size = self.base + 1
+        self.eod, self.eod_token = self.base, str(self.base)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = [int(x) for x in text.split()]
+        except ValueError:
+            raise TokenizerError(f"NullTokenizer takes space-separated integer ids, got {text[:40]!r}") from None
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise TokenizerError(f"NullTokenizer: id {bad} is outside the vocabulary 0..{self.vocab_size - 1}")
+        return ids
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def settings(self) -> dict:
+        return {"vocab_size": self.base}
+
+    def describe(self) -> str:
+        return f"with --vocab-size {self.base}"
+
+
+# ----- construction ------------------------------------------------------------------------------------------------
+def build_tokenizer(vocab_file: Optional[str] = None, merge_file: Optional[str] = None, *,
+                    tokenizer_type: str = "GPT2BPETokenizer", tokenizer_model: Optional[str] = None,
+                    vocab_size: Optional[int] = None) -> Tokenizer:
+    """The tokenizer Megatron's `--tokenizer-type` names, from its flags' values (its manifest hashed now)."""
+    kind = tokenizer_type or "GPT2BPETokenizer"
+    if kind == "GPT2BPETokenizer":
+        if not (vocab_file and merge_file):
+            raise TokenizerError("GPT2BPETokenizer needs --vocab-file and --merge-file")
+        tok = GPT2BPETokenizer(vocab_file, merge_file)
+    elif kind == "NullTokenizer":
+        tok = NullTokenizer(vocab_size)
+    elif kind not in TYPES:
+        raise TokenizerError(f"unknown --tokenizer-type {kind}; choose from {', '.join(TYPES)}")
+    elif not tokenizer_model:
+        raise TokenizerError(f"{kind} needs --tokenizer-model")
+    elif kind == "HuggingFaceTokenizer":
+        tok = HuggingFaceTokenizer(tokenizer_model)
+    else:
+        from .spm_tokenizer import SP_TYPES
+        tok = SP_TYPES[kind](tokenizer_model)
+    tok.manifest()
+    return tok
+
+
+def tokenizer_from_config(data, vocab_size: Optional[int] = None) -> Tokenizer:
+    """From a DataConfig (tokenizer_type, tokenizer_model, vocab_file, merge_file); NullTokenizer takes the
+    model's --vocab-size."""
+    return build_tokenizer(data.vocab_file, data.merge_file, tokenizer_type=data.tokenizer_type,
+                           tokenizer_model=data.tokenizer_model, vocab_size=vocab_size)
+
+
+def model_vocab_size(tok: Tokenizer, requested: Optional[int]) -> int:
+    """The vocabulary the model is built with: --vocab-size if given (NullTokenizer: its ids plus eod),
+    else the tokenizer's."""
+    if isinstance(tok, NullTokenizer) or not requested:
+        return tok.vocab_size
+    if requested < tok.vocab_size:
+        raise TokenizerError(f"--vocab-size {requested} is smaller than the tokenizer's vocabulary "
+                             f"({tok.vocab_size}, {tok.type_name} {tok.describe()})")
+    return requested
+
+
+def tokenizer_for_checkpoint(data: dict, model_vocab: int, flags: Optional[dict] = None,
+                             checkpoint_dir: Optional[str] = None, manifest: Optional[dict] = None) -> Tokenizer:
+    """The tokenizer for eval/generate/export of a checkpoint: the copy the checkpoint carries (`manifest`,
+    files in `checkpoint_dir/tokenizer`) unless tokenizer flags are given, else the checkpoint's recorded
+    settings with the flags' values on top. NullTokenizer's ids are the model's vocabulary less its eod."""
+    flags = {k: v for k, v in (flags or {}).items() if v}
+    if manifest and checkpoint_dir and not flags:
+        tok = load_from_dir(os.path.join(checkpoint_dir, CHECKPOINT_DIR), manifest)
+    else:
+        s = {k: flags.get(k) or data.get(k) for k in ("tokenizer_type", "tokenizer_model", "vocab_file",
+                                                      "merge_file")}
+        kind = s["tokenizer_type"] or "GPT2BPETokenizer"
+        if kind == "GPT2BPETokenizer" and not (s["vocab_file"] and s["merge_file"]):
+            raise TokenizerError("the checkpoint names no tokenizer: give --vocab-file and --merge-file, or "
+                                 "--tokenizer-type with --tokenizer-model")
+        tok = build_tokenizer(s["vocab_file"], s["merge_file"], tokenizer_type=kind,
+                              tokenizer_model=s["tokenizer_model"], vocab_size=model_vocab - 1)
+        if manifest and tok.fingerprint != manifest.get("fingerprint"):
+            warn(f"the tokenizer named by the flags ({tok.type_name} {tok.describe()}) is not the one the "
+                 f"checkpoint was trained with ({manifest.get('type')}); using the flags'")
+    if tok.vocab_size > model_vocab:
+        raise TokenizerError(f"{tok.type_name} ({tok.describe()}) has {tok.vocab_size} ids but the model's "
+                             f"vocabulary is {model_vocab}: not the tokenizer it was trained with")
+    return tok

@@ -33,6 +33,7 @@ from ..optim.schedule import LRSchedule
 from ..optim.zero1 import ShardedOptimizer
 from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState, build_parallel_state, init_distributed
+from ..plan.search import for_run as plan_for_run
 from . import faults
 from .report import Reporter, dp_mean
 from .step import StepResult, TrainState, TrainStep
@@ -62,6 +63,8 @@ class Trainer:
         self.cfg, self.ps = cfg, ps
         self.tp_rng = seed_everything(t.seed, ps)
         self.vocab_size, self.tokenizer = self._vocab()
+        # `gpt3d plan`'s prediction for this layout (GPU only), before allocating: --check-memory refuses here
+        self.plan = plan_for_run(cfg, ps, self.vocab_size)
         self.model = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
         self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
         self.num_micro = self.global_batch // (t.micro_batch_size * ps.dp)
@@ -79,7 +82,7 @@ class Trainer:
         throughput = Throughput(cfg.model, self.vocab_size, self.model.padded_vocab, self.global_batch,
                                 ps.world_size, t.peak_tflops)
         self.report = Reporter(t, ps, throughput, self.train_iters, self.global_batch, optimizer=self.optimizer,
-                               sharded_state=cfg.parallel.zero_stage == 1 and ps.dp > 1)
+                               sharded_state=cfg.parallel.zero_stage == 1 and ps.dp > 1, plan=self.plan)
         self.last_checkpoint: Optional[str] = None
         faults.install(self)   # a test hook, installed only when GPT3D_FAULT_INJECT names this rank
 
@@ -88,9 +91,9 @@ class Trainer:
         d, m = self.cfg.data, self.cfg.model
         if d.mock_data:
             return m.vocab_size or DEFAULT_VOCAB_SIZE, None
-        from ..data.tokenizer import build_tokenizer
-        tok = build_tokenizer(d.vocab_file, d.merge_file)
-        return m.vocab_size or tok.vocab_size, tok
+        from ..data.tokenizer import model_vocab_size, tokenizer_from_config
+        tok = tokenizer_from_config(d, m.vocab_size)
+        return model_vocab_size(tok, m.vocab_size), tok
 
     def build_datasets(self):
         d, t, m = self.cfg.data, self.cfg.training, self.cfg.model
@@ -127,7 +130,8 @@ class Trainer:
     def checkpoint_parts(self) -> dict:
         """Everything a checkpoint holds, by part name (see gpt3d/checkpoint)."""
         return ckpt.training_parts(self.cfg, self.ps, model=self.model, optimizer=self.optimizer,
-                                   scaler=self.scaler, tp_rng=self.tp_rng, state=self.state)
+                                   scaler=self.scaler, tp_rng=self.tp_rng, state=self.state,
+                                   tokenizer=self.tokenizer)
 
     def save(self) -> None:
         c = self.cfg.checkpoint
@@ -197,6 +201,7 @@ class Trainer:
         self.report.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
                             f"global batch {self.global_batch} ({self.num_micro} micro-batches of "
                             f"{t.micro_batch_size}) | {self.train_iters} iterations | device {ps.device}")
+        self.report.prediction()
         stop = StopPolicy(t, ps, fp16=cfg.precision.fp16)
         with stop.signals() if t.exit_signal_handler else contextlib.nullcontext():
             self._loop(train_ds, valid_ds, stop)

@@ -29,6 +29,7 @@ from ..config import TrainingConfig
 from ..errors import warn
 from ..metrics import Throughput
 from ..parallel.state import ParallelState
+from ..plan.search import Prediction, measured_line, startup_line
 from .step import StepResult, TrainState
 
 
@@ -142,11 +143,14 @@ def optimizer_state_stats(pieces: dict, ps: ParallelState, sharded: bool) -> dic
 
 class Reporter:
     def __init__(self, cfg: TrainingConfig, ps: ParallelState, throughput: Throughput, train_iters: int,
-                 global_batch: int, optimizer=None, sharded_state: bool = False):
+                 global_batch: int, optimizer=None, sharded_state: bool = False,
+                 plan: Optional[Prediction] = None):
         """`optimizer` (anything with state_dict() as ShardedOptimizer's) is read only for
-        --log-optimizer-states-to-tensorboard; `sharded_state`: ZeRO splits its state over all ranks."""
+        --log-optimizer-states-to-tensorboard; `sharded_state`: ZeRO splits its state over all ranks;
+        `plan`: `gpt3d plan`'s prediction for this run (GPU runs), printed beside the measured figures."""
         self.cfg, self.ps, self.throughput, self.train_iters = cfg, ps, throughput, train_iters
         self.global_batch, self.optimizer, self.sharded_state = global_batch, optimizer, sharded_state
+        self.plan, self.lines = plan, 0            # train log lines written by this run
         self.log = MetricsLogger(ps.is_logging_rank, cfg.log_file, cfg.tensorboard_dir, cfg.tensorboard_queue_size)
         self.loss_sum, self.loss_n = torch.zeros(1, device=ps.device), 0
         self.window = (time.perf_counter(), 0)     # (start time, iteration) of the timing window
@@ -157,6 +161,11 @@ class Reporter:
     def run_start(self, state: TrainState, settings: dict) -> None:
         """The metrics file's marker for a run starting (or resuming) at `state` with these non-default settings."""
         self.log.start_run(state.iteration, state.tokens, settings)
+
+    def prediction(self) -> None:
+        """The planner's memory and speed for this layout, printed before the first step (GPU runs)."""
+        if self.plan is not None:
+            self.log.console(startup_line(self.plan))
 
     def start(self, iteration: int) -> None:
         """Open the timing window at `iteration`."""
@@ -213,6 +222,10 @@ class Reporter:
         if result.loss_scale is not None:
             row["loss_scale"] = float(result.loss_scale.item())
         self.log.record(row)
+        self.lines += 1
+        if self.plan is not None and self.lines == 2:   # this run's second log line: past compilation
+            peak = torch.cuda.max_memory_allocated(self.ps.device)
+            self.log.console(measured_line(self.plan, tp["tokens_per_s"], peak))
         self.log.console(
             f"iter {state.iteration:>6}/{self.train_iters} | loss {loss:.4f} | lr {result.lr:.3e} | "
             f"grad norm {grad_norm:.3f} | {tp['tokens_per_s']:,.0f} tok/s | "

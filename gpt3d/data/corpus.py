@@ -1,0 +1,191 @@
+"""Documents out of corpus files: JSONL (plain, .gz, .zst) and Parquet shards, read in bounded chunks.
+
+`preprocess` must stream corpora of any size with flat memory and name FILE:LINE for bad input. The
+reading process only cuts raw chunks (whole lines, or Parquet record batches of the wanted columns) and
+numbers them; the worker that tokenizes a chunk also decodes and validates it, so reading never becomes
+the bottleneck and an error still points at the exact line (for Parquet: the 1-based row).
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Union
+
+from .indexed import DataError
+
+CHUNK_BYTES = 1 << 21          # raw JSONL bytes per chunk handed to a worker
+PARQUET_ROWS = 2048            # rows per Parquet record batch
+
+
+@dataclass
+class Chunk:
+    path: str
+    first: int                 # line (JSONL) or row (Parquet) number of the chunk's first document, from 1
+    data: Any                  # bytes of whole lines, or a pyarrow RecordBatch of the --json-keys columns
+
+
+def expand_inputs(patterns: Union[str, list]) -> list[str]:
+    """Files and shell globs (quoted, so gpt3d expands them, in sorted order) -> the input files."""
+    files: list[str] = []
+    for pat in [patterns] if isinstance(patterns, str) else list(patterns):
+        if glob.has_magic(pat):
+            matched = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
+            if not matched:
+                raise DataError(f"no input files match {pat}")
+            files += matched
+        elif os.path.isfile(pat):
+            files.append(pat)
+        else:
+            raise DataError(f"{pat}: input file not found")
+    if not files:
+        raise DataError("no input files given (the shard list is empty)")
+    return files
+
+
+def kind(path: str) -> str:
+    name = path.lower()
+    if name.endswith(".parquet") or name.endswith(".pq"):
+        return "parquet"
+    if name.endswith(".gz"):
+        return "gzip"
+    if name.endswith(".zst") or name.endswith(".zstd"):
+        return "zstd"
+    return "jsonl"
+
+
+def _string_type(t) -> bool:
+    import pyarrow as pa
+    plain = (pa.types.is_string(t) or pa.types.is_large_string(t)
+             or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t)))
+    if plain:
+        return True
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _string_type(t.value_type)
+
+
+def _parquet(path: str, keys: list):
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    schema = pf.schema_arrow
+    for key in keys:
+        if key not in schema.names:
+            raise DataError(f"{path}: no column '{key}' (columns: {', '.join(schema.names)})")
+        t = schema.field(key).type
+        if not _string_type(t):
+            raise DataError(f"{path}: column '{key}' holds {t}, not strings")
+    return pf
+
+
+def check_input(path: str, keys: list) -> None:
+    """Cheap up-front checks (Parquet schema), so a bad shard fails before hours of work on the others."""
+    if kind(path) == "parquet":
+        _parquet(path, keys)
+
+
+def _open(path: str):
+    k = kind(path)
+    if k == "gzip":
+        return gzip.open(path, "rb")
+    if k == "zstd":
+        import zstandard
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
+                                 buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+def chunks(path: str, keys: list, chunk_bytes: int = 0) -> Iterator[Chunk]:
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    if kind(path) == "parquet":
+        row = 1
+        for batch in _parquet(path, keys).iter_batches(batch_size=PARQUET_ROWS, columns=list(keys)):
+            yield Chunk(path, row, batch)
+            row += batch.num_rows
+        return
+    line, carry = 1, b""
+    try:
+        with _open(path) as fh:
+            while True:
+                block = fh.read(chunk_bytes)
+                if not block:
+                    break
+                data = carry + block if carry else block
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:                       # one line longer than a chunk: keep reading
+                    carry = data
+                    continue
+                carry = data[cut:]
+                yield Chunk(path, line, data[:cut])
+                line += data.count(b"\n", 0, cut)
+    except (OSError, EOFError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(f"{path}: cannot read {kind(path)} input after line {line} ({e})") from None
+    except Exception as e:                         # zstandard.ZstdError and friends
+        if type(e).__module__.startswith("zstandard"):
+            raise DataError(f"{path}: corrupt zstd stream after line {line} ({e})") from None
+        raise
+    if carry:
+        yield Chunk(path, line, carry)
+
+
+def _what(v) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", dict: "an object",
+            list: "a list with non-strings"}.get(type(v), type(v).__name__)
+
+
+def decode(chunk: Chunk, keys: list) -> tuple[dict, int, int]:
+    """-> ({key: [text, or list of sentence texts, per document]}, documents, input bytes).
+    Raises DataError('FILE:LINE: ...') for the first bad document."""
+    if not isinstance(chunk.data, (bytes, bytearray)):
+        return _decode_batch(chunk, keys)
+    raw = chunk.data
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        line = chunk.first + raw.count(b"\n", 0, e.start)
+        raise DataError(f"{chunk.path}:{line}: not UTF-8 at byte {e.start - start + 1}") from None
+    values: dict = {k: [] for k in keys}
+    n = 0
+    for i, ln in enumerate(text.split("\n")):
+        if not ln or ln.isspace():
+            continue
+        try:
+            doc = json.loads(ln)
+        except ValueError as e:
+            raise DataError(f"{chunk.path}:{chunk.first + i}: malformed JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise DataError(f"{chunk.path}:{chunk.first + i}: malformed JSON (not a JSON object)")
+        for k in keys:
+            try:
+                v = doc[k]
+            except KeyError:
+                raise DataError(f"{chunk.path}:{chunk.first + i}: missing key '{k}'") from None
+            if type(v) is not str and not (type(v) is list and all(type(s) is str for s in v)):
+                raise DataError(f"{chunk.path}:{chunk.first + i}: the value under '{k}' is {_what(v)}, "
+                                "not a string (or a list of strings)")
+            values[k].append(v)
+        n += 1
+    return values, n, len(raw)
+
+
+def _decode_batch(chunk: Chunk, keys: list) -> tuple[dict, int, int]:
+    import pyarrow.compute as pc
+    batch, values, nbytes = chunk.data, {}, 0
+    for k in keys:
+        col = batch.column(k)
+        if col.null_count:
+            row = chunk.first + col.is_null().to_pylist().index(True)
+            raise DataError(f"{chunk.path}:{row}: the value under '{k}' is null, not a string")
+        values[k] = col.to_pylist()
+        if _string_type(col.type) and not hasattr(col.type, "value_type"):
+            nbytes += int(pc.sum(pc.binary_length(col)).as_py() or 0)
+        else:                                       # list<string> columns: count their strings' bytes
+            nbytes += sum(len(s.encode()) for v in values[k] for s in ([v] if isinstance(v, str) else v))
+    return values, batch.num_rows, nbytes

@@ -1,0 +1,135 @@
+"""Tokenizer files for `export-hf` that `transformers.AutoTokenizer` loads and that encode exactly as gpt3d.
+
+A model exported with a tokenizer that splits text differently silently gets other ids and other losses
+in transformers. So every tokenizer type is written as one tokenizer.json (HF `tokenizers` format, loaded
+by AutoTokenizer as a PreTrainedTokenizerFast), with bos/eos/... named only where gpt3d itself treats
+them as special in text, and the result is checked against gpt3d's own encoder on probe texts before the
+export is published; where they disagree the export is refused with one line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from .spm_tokenizer import SentencePieceTokenizer
+from .tokenizer import GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer, Tokenizer, TokenizerError
+
+PROBES = [
+    "Hello world", "  two leading spaces", "trailing space ", "a  b   c", "tab\tnew\nline\r\n", "", " ",
+    "UPPER lower 12345 3.14 -7", "naïve café Ünïcode 東京 мир ﬁ Ａ", "emoji 🙂👍🏽", "<s> </s> <unk> <pad> <eos>",
+    "<|endoftext|> <|end_of_text|> <EOD><EOD> <CLS>x<SEP>", "\u2581already \u2581\u2581", "x" * 300,
+    "def f(x):\n    return x  # code\n", "<0x41> <0xFF>", "\u00a0nbsp\u3000ideographic\u200bzw",
+]
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def to_hf_tokenizer(tok: Tokenizer):
+    """gpt3d tokenizer -> an HF `tokenizers.Tokenizer` meant to encode identically."""
+    from tokenizers import Tokenizer as HFTok
+    if isinstance(tok, GPT2BPETokenizer):
+        return HFTok.from_str(tok.tok.to_str())
+    if isinstance(tok, HuggingFaceTokenizer):
+        return HFTok.from_file(tok.file)
+    if isinstance(tok, NullTokenizer):
+        from tokenizers import models, pre_tokenizers
+        t = HFTok(models.WordLevel({str(i): i for i in range(tok.vocab_size)}, unk_token=str(tok.eod)))
+        t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return t
+    return _from_sentencepiece(tok)
+
+
+def _from_sentencepiece(tok):
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+        from transformers.convert_slow_tokenizer import SpmConverter
+        build = SpmConverter.build_tokenizer_from_spm_proto
+    except (ImportError, AttributeError) as e:
+        raise TokenizerError(f"export-hf of a {tok.type_name} needs transformers >= 5 and protobuf to convert "
+                             f"{tok.model_file} into tokenizer.json ({e})") from None
+    from tokenizers import AddedToken, processors
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(tok.model_file, "rb") as fh:
+        proto.ParseFromString(fh.read())
+    model_type = proto.trainer_spec.model_type
+    specials = set(getattr(tok, "special", {}))
+    if model_type == 1:       # unigram: a lattice would match control pieces in text, SentencePiece never does
+        hide = proto.normalizer_spec.escape_whitespaces   # then no plain space survives normalization
+        vocab = [(" " + p.piece if hide and p.type in (UNKNOWN, CONTROL, UNUSED) and p.piece not in specials
+                  else p.piece, p.score) for p in proto.pieces]
+    elif model_type == 2:
+        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    else:
+        raise TokenizerError(f"{tok.model_file}: SentencePiece model type {model_type} (word/char) has no "
+                             "tokenizer.json equivalent; cannot export its tokenizer")
+    t = build(proto, vocab)
+    if isinstance(tok, SentencePieceTokenizer):       # Megatron's specials, new ones after the model's ids
+        t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in tok.special])
+        wrong = {s: t.token_to_id(s) for s, i in tok.special.items() if t.token_to_id(s) != i}
+        if wrong:
+            raise TokenizerError(f"{tok.model_file}: special tokens got other ids in tokenizer.json ({wrong})")
+    if tok.type_name == "Llama2Tokenizer":
+        bos = tok.pieces[tok.bos].strip() or "<s>"      # a label; the id is what counts
+        t.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                         special_tokens=[(bos, tok.bos)])
+    return t
+
+
+def verify(tok: Tokenizer, hf, texts: list) -> None:
+    for text in texts:
+        if isinstance(tok, NullTokenizer):
+            text = " ".join(str(i % tok.vocab_size) for i in range(0, 3 * len(text), 3))
+        ours, theirs = tok.encode(text), hf.encode(text).ids
+        if ours != theirs:
+            raise TokenizerError(f"the exported tokenizer.json would encode {text[:40]!r} as {theirs[:12]} but "
+                                 f"{tok.type_name} gives {ours[:12]}; refusing to export a tokenizer that "
+                                 "differs from training")
+
+
+def export_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int, sample: str = "") -> dict:
+    """Writes tokenizer.json + tokenizer_config.json (and the source files, for reference) into `out_dir`;
+    returns {"bos_token_id", "eos_token_id", "files"}."""
+    hf = to_hf_tokenizer(tok)
+    verify(tok, hf, PROBES + ([sample] if sample else []))
+    hf.save(os.path.join(out_dir, "tokenizer.json"))
+    added = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "clean_up_tokenization_spaces": False}
+    names = dict(getattr(tok, "special_names", {}))
+    if tok.eod_token:
+        names.setdefault("eos_token", tok.eod_token)
+    if tok.bos is not None:
+        names.setdefault("bos_token", hf.id_to_token(tok.bos))
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        if names.get(key) in added:          # only names gpt3d also treats as special in text
+            config[key] = names[key]
+    if names.get("chat_template"):
+        config["chat_template"] = names["chat_template"]
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+        fh.write("\n")
+    files = ["tokenizer.json", "tokenizer_config.json"]
+    for name, path in tok.files().items():
+        if name in ("vocab.json", "merges.txt", "tokenizer.model"):      # for reference; never loaded
+            shutil.copyfile(path, os.path.join(out_dir, name))
+            files.append(name)
+    bos = tok.bos if tok.bos is not None else tok.eod
+    return {"bos_token_id": bos, "eos_token_id": tok.eod, "files": files}
+
+
+def import_tokenizer(src: str, save: str, data) -> None:
+    """import-hf: the HF directory's GPT-2 vocab.json + merges.txt, else its tokenizer.json
+    (HuggingFaceTokenizer), copied beside the checkpoint and named in `data` (its DataConfig)."""
+    gpt2 = [os.path.join(src, f) for f in ("vocab.json", "merges.txt")]
+    if all(os.path.isfile(f) for f in gpt2):
+        for f in gpt2:
+            shutil.copyfile(f, os.path.join(save, os.path.basename(f)))
+        data.vocab_file = os.path.abspath(os.path.join(save, "vocab.json"))
+        data.merge_file = os.path.abspath(os.path.join(save, "merges.txt"))
+    elif os.path.isfile(os.path.join(src, "tokenizer.json")):
+        tok_dir = os.path.join(save, "hf_tokenizer")
+        os.makedirs(tok_dir, exist_ok=True)
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(src, f)):
+                shutil.copyfile(os.path.join(src, f), os.path.join(tok_dir, f))
+        data.tokenizer_type, data.tokenizer_model = "HuggingFaceTokenizer", os.path.abspath(tok_dir)

@@ -1,0 +1,162 @@
+"""`gpt3d plan --calibrate`: measure gpt3d's own kernels on this GPU, at the config's shape.
+
+Why its own module: time predictions should use the speed this GPU reaches on
+gpt3d's code, not datasheet peaks. Measured at TP=1 and the config's micro-batch:
+the layer's matmuls (forward and backward shapes), fused causal attention, a
+two-layer model chunk compiled whole as training compiles it (the rest of its
+time is the elementwise work), the embedding + output layer + loss chunk, and the
+optimizer step. Each becomes one rate of presets.Calibration.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Callable
+
+import torch
+
+from ..config import Config, ConfigError
+from .layout import layout_of
+from .memory import layer_terms, shape_of
+from .presets import EW_PASSES, LOSS_PASSES, Calibration
+from .search import vocab_of
+from .timing import layer_flops
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds(fn: Callable[[], None], warmup: int, iters: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def _gemm_seconds(m, T: int, dtype, warmup: int, iters: int, device: torch.device) -> float:
+    """The layer's matmuls, forward (x W^T) and backward (dy W, dy^T x), at TP=1."""
+    h, hd, nh, nkv, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size
+    shapes = [((nh + 2 * nkv) * hd, h), (h, nh * hd)] + [(f, h)] * (2 if m.swiglu else 1) + [(h, f)]
+    mats = [(torch.randn(T, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype),
+             torch.randn(T, n, device=device, dtype=dtype)) for n, k in shapes]
+
+    def run():
+        for x, w, dy in mats:
+            torch.mm(x, w.t())
+            torch.mm(dy, w)
+            torch.mm(dy.t(), x)
+    return _seconds(run, warmup, iters, device)
+
+
+def _attention_seconds(m, b: int, s: int, dtype, warmup: int, iters: int, device: torch.device) -> float:
+    from ..model.attention import sdpa_backend_context
+    q = torch.randn(b, m.num_attention_heads, s, m.head_dim, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, m.kv_heads, s, m.head_dim, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    gqa = m.kv_heads != m.num_attention_heads
+
+    def run():
+        with sdpa_backend_context(m.attention_backend, q.device):
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        y.backward(torch.ones_like(y))
+    return _seconds(run, warmup, iters, device)
+
+
+def _chunk_seconds(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: int, iters: int,
+                   device: torch.device, compile: bool = True) -> float:
+    """One training forward + backward of a GPTModel chunk, compiled whole as `gpt3d train` does at TP=DP=1
+    (the loss chunk runs eager: its cross entropy is a compiled kernel either way, the rest is two GEMMs)."""
+    from ..model.attention import sdpa_backend_context
+    from ..model.gpt import GPTModel
+    from ..parallel.random import seed_everything
+    from ..parallel.state import ParallelState
+    m, b = cfg.model, cfg.training.micro_batch_size
+    ps = ParallelState.single(device)
+    chunk = GPTModel(m, ps, seed_everything(1, ps), vocab_size=vocab_of(cfg), layer_ids=layer_ids, pre_process=pre,
+                     post_process=post)
+    chunk.init_weights(1)
+    chunk.cast_parameters(torch.bfloat16)
+    if compile:
+        chunk.compile()
+    tokens = torch.randint(0, vocab_of(cfg), (b, m.seq_length + 1), device=device)
+    hidden = torch.randn(b, m.seq_length, m.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def run():
+        with sdpa_backend_context(m.attention_backend, hidden.device):
+            if post:
+                y = chunk(tokens[:, :-1], tokens[:, 1:]).float().mean()
+                y.backward()
+            else:
+                y = chunk(None, None, hidden=hidden)
+                y.backward(torch.ones_like(y))
+        for p in chunk.parameters():
+            p.grad = None
+    try:
+        return _seconds(run, warmup, iters, device)
+    finally:
+        chunk = None   # noqa: F841 - releases the model the closure holds
+        torch._dynamo.reset()
+        gc.collect()
+
+
+def _optimizer_ns_per_param(cfg: Config, warmup: int, iters: int, device: torch.device, n: int) -> float:
+    """clip + fused AdamW + bf16 copy over ~100M fp32 master elements."""
+    from ..optim.grad_buffer import GradBuffer
+    from ..optim.zero1 import ShardedOptimizer
+    from ..parallel.state import ParallelState
+    ps = ParallelState.single(device)
+    layer = torch.nn.Linear(10_000, n // 10_000, bias=False, device=device, dtype=torch.bfloat16)
+    layer.weight.tp_split_dim = None
+    grads = GradBuffer([layer], ps)
+    opt = ShardedOptimizer(grads, cfg.optimizer, ps)
+    for p in layer.parameters():
+        p.main_grad.normal_()
+    try:   # the median of three runs: one slow run (clock ramp, a neighbour) must not set the rate
+        runs = sorted(_seconds(lambda: opt.step(1e-4), warmup, iters, device) for _ in range(3))
+        return runs[1] / n * 1e9
+    finally:
+        opt = grads = layer = None   # noqa: F841
+        gc.collect()   # the optimizer's gradient hooks make a reference cycle with the parameters
+
+
+def calibrate(cfg: Config, *, warmup: int = 3, iters: int = 10, verbose: bool = False,
+              device: str = "cuda", optimizer_params: int = 100_000_000) -> Calibration:
+    """Kernel speeds at `cfg`'s shape and micro-batch on the current CUDA device (bf16). `device="cpu"` only
+    exercises the code."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--calibrate measures on a CUDA device; none is visible")
+    dev = torch.device(device)
+    m, b, s = cfg.model, cfg.training.micro_batch_size, cfg.model.seq_length
+    dtype = torch.bfloat16
+    lay = layout_of(cfg, 1)
+    sh = shape_of(m, lay, 2)
+    gemm_flops, attn_flops = layer_flops(m, lay, sh)
+    gemm_s = _gemm_seconds(m, b * s, dtype, warmup, iters, dev)
+    attn_s = _attention_seconds(m, b, s, dtype, warmup, iters, dev)
+    layer_s = _chunk_seconds(cfg, [0, 1], False, False, warmup, iters, dev) / 2
+    ew_s = max(layer_s - gemm_s - attn_s, 0.05 * layer_s)
+    head_s = _chunk_seconds(cfg, [], True, True, warmup, iters, dev, compile=False)
+    from ..model.gpt import padded_vocab_size
+    pv = padded_vocab_size(vocab_of(cfg), m.make_vocab_size_divisible_by, 1)
+    gemm_tflops = 3 * gemm_flops / gemm_s / 1e12
+    head_gemm_s = 6 * b * s * m.hidden_size * pv / (gemm_tflops * 1e12)
+    ew_gbps = EW_PASSES * layer_terms(m, lay, sh, True, None).total / ew_s / 1e9
+    embedding_s = (2 * pv * m.hidden_size + 8 * b * s * m.hidden_size) / (ew_gbps * 1e9)   # as timing.py counts it
+    loss_s = max(head_s - head_gemm_s - embedding_s, 0.05 * head_s)
+    opt_ns = _optimizer_ns_per_param(cfg, warmup, iters, dev, optimizer_params)
+    where = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    cal = Calibration(gemm_tflops=gemm_tflops, attn_tflops=3.5 * attn_flops / attn_s / 1e12, ew_gbps=ew_gbps,
+                      loss_gbps=LOSS_PASSES * 2 * b * s * pv / loss_s / 1e9, optimizer_ns_per_param=opt_ns,
+                      source=f"measured on {where} at {m.num_layers}L/{m.hidden_size}h "
+                             f"micro-batch {b}")
+    if verbose:
+        print(f"calibration: layer {layer_s * 1e3:.2f} ms (GEMMs {gemm_s * 1e3:.2f}, attention {attn_s * 1e3:.2f}, "
+              f"rest {ew_s * 1e3:.2f}), embedding + head + loss {head_s * 1e3:.2f} ms (GEMM {head_gemm_s * 1e3:.2f}), "
+              f"optimizer {opt_ns:.4f} ns/param", flush=True)
+    return cal

@@ -1,0 +1,133 @@
+"""`gpt3d plan`: the ranked table of layouts for a model, batch and cluster, before the cluster is rented.
+
+    gpt3d plan --config configs/gpt-13B.yaml --gpus 64 --gpus-per-node 8 --gpu h100-80gb
+
+Config flags (`--micro-batch-size`, `--seq-length`, ...) override the YAML as for
+`gpt3d train`. The config's own layout is marked in the table; layouts predicted
+not to fit are struck out with their memory. `--json` prints every layout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..config import ConfigError
+from .presets import GIB, PRESETS, RESULTS_MD, calibration_to_json, load_calibration, resolve_gpu
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="predict memory and speed of every TP x PP x DP layout, ranked",
+                       allow_abbrev=False)
+    from ..cli import add_config_flags
+    add_config_flags(p)
+    g = p.add_argument_group("plan")
+    g.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default: the config's TP x PP)")
+    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--gpu", default="h100-80gb", help=f"preset ({', '.join(PRESETS)}) or 'custom'")
+    for flag, what in [("--gpu-tflops", "dense bf16 peak"), ("--gpu-memory-gib", "memory per GPU"),
+                       ("--hbm-gbps", "memory bandwidth"), ("--nvlink-gbps", "NVLink GB/s per GPU and direction"),
+                       ("--ib-gbps", "InfiniBand GB/s per GPU and direction"),
+                       ("--reserve-gib", "memory outside torch's allocator (context, NCCL)")]:
+        g.add_argument(flag, type=float, default=None, help=f"override the preset's {what}")
+    g.add_argument("--calibration", metavar="FILE",
+                   help="kernel speeds: a JSON from --calibrate, or a markdown log with plan-calibration lines")
+    g.add_argument("--calibrate", action="store_true",
+                   help="measure one layer's forward/backward, the loss and the optimizer step on this GPU "
+                        "(without a GPU: take the latest figures from benchmarks/RESULTS.md)")
+    g.add_argument("--save-calibration", metavar="FILE", help="write the calibration used to FILE (JSON)")
+    g.add_argument("--micro-batch-sizes", type=int, nargs="+", help="micro-batch sizes to try (default 1..16)")
+    g.add_argument("--top", type=int, default=15, help="layouts that fit to show")
+    g.add_argument("--json", action="store_true", help="every layout as JSON")
+    p.set_defaults(func=run)
+
+
+def _gpu(args):
+    cal = None
+    if args.calibrate:
+        import torch
+        if torch.cuda.is_available():
+            from .calibrate import calibrate
+            cal = calibrate(_config(args))
+        else:
+            cal = load_calibration(RESULTS_MD)
+    elif args.calibration:
+        cal = load_calibration(args.calibration)
+    name = None if args.gpu == "custom" else args.gpu
+    gpu = resolve_gpu(name, tflops=args.gpu_tflops, memory_gib=args.gpu_memory_gib, hbm_gbps=args.hbm_gbps,
+                      nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps, calibration=cal,
+                      reserve_gib=args.reserve_gib)
+    if args.save_calibration:
+        with open(args.save_calibration, "w") as fh:
+            fh.write(calibration_to_json(gpu.calibration) + "\n")
+    return gpu
+
+
+def _config(args):
+    from ..cli import config_from_args
+    ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in PLAN_KEYS})
+    return config_from_args(ns)
+
+
+PLAN_KEYS = {"gpus", "gpus_per_node", "gpu", "gpu_tflops", "gpu_memory_gib", "hbm_gbps", "nvlink_gbps", "ib_gbps",
+             "reserve_gib", "calibration", "calibrate", "save_calibration", "micro_batch_sizes", "top", "json"}
+
+
+def run(args: argparse.Namespace) -> int:
+    from .layout import layout_of
+    from .search import plan, vocab_of
+    cfg = _config(args)      # a ConfigError reaches gpt3d/cli.py, which prints it as one line (exit 2)
+    m, p = cfg.model, cfg.parallel
+    world = args.gpus or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if not cfg.training.global_batch_size:
+        raise ConfigError("the plan needs --global-batch-size")
+    gpu = _gpu(args)
+    preds = plan(cfg, world, gpu, args.gpus_per_node, micro_batch_sizes=args.micro_batch_sizes)
+    try:
+        own = layout_of(cfg, world)
+    except ConfigError:
+        own = None
+    if args.json:
+        print(json.dumps({"gpus": world, "gpus_per_node": args.gpus_per_node, "gpu": gpu.describe(),
+                          "config_layout": own.as_dict() if own else None,
+                          "layouts": [x.as_dict() for x in preds]}, indent=1))
+        return 0
+    print(f"gpt3d plan: {m.num_layers}L/{m.hidden_size}h/{m.num_attention_heads} heads, seq {m.seq_length}, "
+          f"vocab {vocab_of(cfg)}, global batch {cfg.training.global_batch_size}, "
+          f"{'bf16' if cfg.precision.bf16 else 'fp16' if cfg.precision.fp16 else 'fp32'}, "
+          f"{'compiled' if cfg.training.compile else 'eager (add --compile for the fast path)'}; "
+          f"{world} GPUs, {args.gpus_per_node} per node")
+    print(f"  {gpu.describe()}")
+    print(table(preds, own, args.top, sys.stdout.isatty()))
+    return 0
+
+
+def _strike(text: str, tty: bool) -> str:
+    return f"\x1b[9m{text}\x1b[0m" if tty else f"~~{text}~~"
+
+
+def table(preds: list, own, top: int, tty: bool = False) -> str:
+    """Fastest first; layouts that do not fit are struck out where they would rank (at most `top` of them)."""
+    head = f"{'#':>4}  {'layout':<44}{'GiB/GPU':>9}{'tok/s':>12}{'TFLOPs':>8}{'MFU':>7}  largest time terms"
+    lines = [head, "-" * len(head)]
+    fit_shown = struck_shown = 0
+    for rank, p in enumerate(preds, 1):
+        mine = own is not None and p.layout == own
+        if p.fits:
+            if fit_shown >= top and not mine:
+                continue
+            fit_shown += 1
+        else:
+            if (struck_shown >= top or fit_shown >= top) and not mine:
+                continue
+            struck_shown += 1
+        terms = sorted(((k, v) for k, v in p.time.parts.items() if k != "layers (compute)"), key=lambda kv: -kv[1])
+        why = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in terms[:2])
+        mem = f"{p.peak_bytes / GIB:.1f}" + ("" if p.fits else f">{p.usable_bytes / GIB:.0f}")
+        row = (f"{rank:>4}  {p.layout.label():<44}{mem:>9}{p.tokens_per_s:>12,.0f}{p.tflops_per_gpu:>8.1f}"
+               f"{p.mfu:>7.1%}  {why}")
+        row = row if p.fits else _strike(row, tty) + "  (does not fit)"
+        lines.append(row + ("   <- the config's layout" if mine else ""))
+    if own is not None and not any(p.layout == own for p in preds):
+        lines.append(f"      the config's layout ({own.label()}) is not valid for these GPUs")
+    return "\n".join(lines)

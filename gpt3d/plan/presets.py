@@ -1,0 +1,177 @@
+"""The hardware a plan is made for: GPU and interconnect presets, and measured kernel speeds (calibration).
+
+Why a separate module: the memory and time models are pure arithmetic on a
+`Gpu`; everything that is a datasheet number or a measurement lives here, with
+its source, so a wrong number is fixed in one place. Datasheet figures are
+per GPU and per direction; collectives reach `COMM_EFFICIENCY` of them (an
+assumption, not measured: no multi-GPU machine was available).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import ConfigError
+
+GIB = 2 ** 30
+COMM_EFFICIENCY = 0.8          # NCCL bus bandwidth / link bandwidth (assumed)
+COMM_LATENCY_S = 10e-6         # per collective / p2p hop (assumed)
+
+
+@dataclass
+class Calibration:
+    """Achieved speeds of gpt3d's own kernels on one GPU (bf16, torch.compile).
+
+    gemm_tflops: the transformer layer's matmuls (forward + backward); attn_tflops: fused causal attention,
+    forward + backward, counted as 4·b·s²·heads·head_dim/2 forward and 2.5x that backward; ew_gbps: everything
+    else in a layer (norms, activations, residuals, rotary, gradient copies), as the bytes of the layer's saved
+    activations times `EW_PASSES` per second; loss_gbps: the cross entropy over the logits (bytes of the logits
+    times `LOSS_PASSES` per second); optimizer_ns_per_param: clipping + fused AdamW + bf16 copy per fp32
+    element of this rank's shard.
+    """
+    gemm_tflops: float
+    attn_tflops: float
+    ew_gbps: float
+    loss_gbps: float
+    optimizer_ns_per_param: float
+    source: str = "preset"
+
+    def scaled(self, compute: float, memory: float, source: str) -> "Calibration":
+        """The same kernels on another GPU: compute-bound parts scale with peak FLOPs, the rest with HBM."""
+        return Calibration(self.gemm_tflops * compute, self.attn_tflops * compute, self.ew_gbps * memory,
+                           self.loss_gbps * memory, self.optimizer_ns_per_param / memory, source)
+
+
+EW_PASSES = 4      # elementwise traffic per layer ~ 4x its saved activations (write + read, forward + backward)
+LOSS_PASSES = 3    # the fused loss reads the logits, its backward reads them and writes their gradient
+
+
+@dataclass
+class Gpu:
+    name: str
+    tflops: float              # dense bf16 peak
+    memory_gib: float          # what torch.cuda reports as total
+    hbm_gbps: float
+    nvlink_gbps: float         # per GPU, per direction, inside a node
+    ib_gbps: float             # per GPU, per direction, between nodes
+    calibration: Calibration = field(default=None)  # type: ignore[assignment]
+    reserve_gib: float = 2.0   # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers: outside torch's allocator
+    fragmentation: float = 0.05  # caching-allocator slack on top of the bytes torch allocates
+
+    @property
+    def usable_bytes(self) -> float:
+        return (self.memory_gib * (1 - self.fragmentation) - self.reserve_gib) * GIB
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.tflops:g} TFLOP/s bf16, {self.memory_gib:g} GiB "
+                f"(plans use {self.usable_bytes / GIB:.1f}), HBM {self.hbm_gbps:g} GB/s, NVLink {self.nvlink_gbps:g} "
+                f"GB/s, InfiniBand {self.ib_gbps:g} GB/s per GPU; kernels: {self.calibration.source}")
+
+
+# Measured on one H100 80GB HBM3 by benchmarks/plan_check.py at the 1.3B shape, micro-batch 8
+# (benchmarks/RESULTS.md, 2026-11-25): the layer's GEMMs, cuDNN attention, the rest of a compiled layer, the
+# loss, and clipping + fused AdamW.
+H100_MEASURED = Calibration(gemm_tflops=778.9, attn_tflops=347.5, ew_gbps=2666.4, loss_gbps=1030.4,
+                            optimizer_ns_per_param=0.01773,
+                            source="measured on an H100 80GB HBM3 at the 1.3B shape (benchmarks/RESULTS.md 2026-11-25)")
+
+_H100 = dict(tflops=989.0, hbm_gbps=3350.0)
+PRESETS = {
+    "h100-80gb": Gpu("h100-80gb", 989.0, 79.2, 3350.0, 450.0, 50.0),
+    "h200-141gb": Gpu("h200-141gb", 989.0, 139.8, 4800.0, 450.0, 50.0),
+    "a100-80gb": Gpu("a100-80gb", 312.0, 79.2, 2039.0, 300.0, 25.0),
+    "a100-40gb": Gpu("a100-40gb", 312.0, 39.4, 1555.0, 300.0, 25.0),
+    "v100-32gb": Gpu("v100-32gb", 125.0, 31.7, 900.0, 150.0, 12.5),
+}
+ALIASES = {"h100": "h100-80gb", "h200": "h200-141gb", "a100": "a100-80gb", "v100": "v100-32gb"}
+
+
+def _default_calibration(g: Gpu) -> Calibration:
+    if g.name.startswith("h100"):
+        return H100_MEASURED
+    return H100_MEASURED.scaled(g.tflops / _H100["tflops"], g.hbm_gbps / _H100["hbm_gbps"],
+                                f"H100 figures scaled to {g.name} by peak FLOPs and HBM bandwidth")
+
+
+def resolve_gpu(name: Optional[str] = "h100-80gb", *, tflops: Optional[float] = None,
+                memory_gib: Optional[float] = None, hbm_gbps: Optional[float] = None,
+                nvlink_gbps: Optional[float] = None, ib_gbps: Optional[float] = None,
+                calibration: Optional[Calibration] = None, reserve_gib: Optional[float] = None) -> Gpu:
+    """A preset by name (or alias), with any number overridden; `name=None` needs every number."""
+    if name is not None:
+        key = ALIASES.get(name.lower(), name.lower())
+        if key not in PRESETS:
+            raise ConfigError(f"unknown --gpu '{name}' (presets: {', '.join(PRESETS)}; or give --gpu custom "
+                              "with --gpu-tflops, --gpu-memory-gib, --hbm-gbps, --nvlink-gbps, --ib-gbps)")
+        g = dataclasses.replace(PRESETS[key])
+    else:
+        missing = [n for n, v in [("--gpu-tflops", tflops), ("--gpu-memory-gib", memory_gib),
+                                  ("--hbm-gbps", hbm_gbps), ("--nvlink-gbps", nvlink_gbps), ("--ib-gbps", ib_gbps)]
+                   if v is None]
+        if missing:
+            raise ConfigError(f"--gpu custom needs {', '.join(missing)}")
+        g = Gpu("custom", tflops, memory_gib, hbm_gbps, nvlink_gbps, ib_gbps)
+    for attr, v in [("tflops", tflops), ("memory_gib", memory_gib), ("hbm_gbps", hbm_gbps),
+                    ("nvlink_gbps", nvlink_gbps), ("ib_gbps", ib_gbps), ("reserve_gib", reserve_gib)]:
+        if v is not None:
+            if v <= 0 and attr != "reserve_gib":
+                raise ConfigError(f"GPU figure {attr} must be positive, got {v}")
+            setattr(g, attr, float(v))
+    g.calibration = calibration or _default_calibration(g)
+    return g
+
+
+def gpu_for_device(device) -> Gpu:
+    """The preset matching a visible CUDA device (by name and memory), or an H100-speed custom GPU of that size."""
+    import torch
+    props = torch.cuda.get_device_properties(device)
+    name, mem = props.name.lower(), props.total_memory / GIB
+    for key, g in PRESETS.items():
+        if key.split("-")[0] in name and abs(g.memory_gib - mem) < 0.1 * g.memory_gib:
+            return resolve_gpu(key, memory_gib=mem)
+    return resolve_gpu("h100-80gb", memory_gib=mem)
+
+
+# ----- calibration files ------------------------------------------------------------------------------------
+RESULTS_MARK = "plan-calibration"
+RESULTS_MD = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "RESULTS.md")
+
+
+def calibration_to_json(c: Calibration) -> str:
+    return json.dumps(dataclasses.asdict(c))
+
+
+def calibration_from_dict(d: dict, source: Optional[str] = None) -> Calibration:
+    names = [f.name for f in dataclasses.fields(Calibration)]
+    try:
+        c = Calibration(**{k: d[k] for k in names if k in d})
+    except TypeError as e:
+        raise ConfigError(f"calibration is missing a figure ({e})") from None
+    if source:
+        c.source = source
+    return c
+
+
+def load_calibration(path: str) -> Calibration:
+    """A JSON file written by `gpt3d plan --calibrate`, or a markdown log holding `<!-- plan-calibration {...} -->`
+    lines (benchmarks/RESULTS.md): the last such line wins."""
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read calibration {path}: {e.strerror}") from None
+    if path.endswith(".md"):
+        found = re.findall(r"<!--\s*" + RESULTS_MARK + r"\s+(\{.*?\})\s*-->", text)
+        if not found:
+            raise ConfigError(f"{path} holds no '<!-- {RESULTS_MARK} {{...}} -->' line")
+        d = json.loads(found[-1])
+        return calibration_from_dict(d, d.get("source") or f"{os.path.basename(path)}")
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not a calibration JSON ({e.msg})") from None
+    return calibration_from_dict(d)

@@ -1,0 +1,150 @@
+"""`predict(config, world_size, gpu)`: memory and step time of one layout; `plan(...)`: every layout, ranked.
+
+Why its own module: it is the planner's one entry point for the CLI and for
+`gpt3d train` (which prints the prediction for its own layout and can refuse a
+layout predicted not to fit); it joins memory.py and timing.py and reads only
+the model, parallel, training and precision sections of the config.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from ..config import DEFAULT_VOCAB_SIZE, Config, ConfigError
+from ..flops import model_flops_per_iter
+from ..metrics import megatron_flops_per_iter
+from ..model.gpt import padded_vocab_size
+from ..parallel.state import ParallelState
+from .layout import Layout, apply_layout, enumerate_layouts, layout_of
+from .memory import StageMemory, plan_memory
+from .presets import GIB, Gpu, gpu_for_device, resolve_gpu
+from .timing import StepTime, step_time
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    peak_bytes: float              # the busiest stage's rank
+    busiest_stage: int
+    memory: dict                   # bytes by term, busiest stage
+    usable_bytes: float
+    time: StepTime
+    tflops_per_gpu: float          # Megatron-DeepSpeed's formula, as training logs it
+    mfu: float                     # model FLOPs (gpt3d/flops.py) over peak, as training logs it
+    stages: list = field(default_factory=list)   # StageMemory per stage
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.usable_bytes
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.time.tokens_per_s
+
+    def as_dict(self) -> dict:
+        return {"layout": self.layout.as_dict(), "label": self.layout.label(), "fits": self.fits,
+                "peak_gib": self.peak_bytes / GIB, "usable_gib": self.usable_bytes / GIB,
+                "busiest_stage": self.busiest_stage,
+                "memory_gib": {k: v / GIB for k, v in self.memory.items()},
+                "step_s": self.time.seconds, "tokens_per_s": self.time.tokens_per_s,
+                "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu,
+                "time_s": dict(self.time.parts)}
+
+
+def vocab_of(cfg: Config, vocab_size: Optional[int] = None) -> int:
+    return vocab_size or cfg.model.vocab_size or DEFAULT_VOCAB_SIZE
+
+
+def param_bytes_of(cfg: Config) -> int:
+    return 2 if cfg.precision.bf16 or cfg.precision.fp16 else 4
+
+
+def predict_layout(cfg: Config, lay: Layout, gpu: Gpu, gpus_per_node: int = 8, *, device: str = "cuda",
+                   cache: Optional[dict] = None, vocab_size: Optional[int] = None) -> Prediction:
+    """One layout of `cfg` (its model, batch, precision and compile setting) on `lay.world` GPUs of kind `gpu`.
+
+    `device="cpu"` models the CPU code paths (vocab-parallel loss at TP=1), for tests."""
+    c = apply_layout(cfg, lay)
+    m, vocab, pb = c.model, vocab_of(c, vocab_size), param_bytes_of(c)
+    compiled = c.training.compile
+    fused = lay.tp == 1 and device == "cuda"
+    stages: list[StageMemory] = plan_memory(m, vocab, lay, param_bytes=pb, bucket_size_mb=c.parallel.bucket_size_mb,
+                                            compiled=compiled, fused_loss=fused, device=device, cache=cache)
+    busiest = max(stages, key=lambda s: s.peak)
+    t = step_time(m, vocab, lay, gpu, gpus_per_node, [s.persistent for s in stages], param_bytes=pb,
+                  overlap_grad_reduce=c.parallel.overlap_grad_reduce, fused_loss=fused, compiled=compiled)
+    gbs = lay.mbs * lay.num_micro * lay.dp
+    pv = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
+    flops = megatron_flops_per_iter(m, pv, gbs, recompute=lay.recompute is not None)
+    model_flops = model_flops_per_iter(m, pv, gbs)   # the MFU numerator training logs (gpt3d/flops.py)
+    return Prediction(lay, busiest.peak, busiest.pp_rank, busiest.breakdown(), gpu.usable_bytes, t,
+                      flops / t.seconds / lay.world / 1e12, model_flops / t.seconds / lay.world / 1e12 / gpu.tflops,
+                      stages)
+
+
+def _gpu(gpu: Union[str, Gpu, None]) -> Gpu:
+    return gpu if isinstance(gpu, Gpu) else resolve_gpu(gpu or "h100-80gb")
+
+
+def predict(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_per_node: int = 8, *,
+            vocab_size: Optional[int] = None) -> Prediction:
+    """The prediction for the layout `cfg` itself asks for (what `gpt3d train` will run); `vocab_size`: the
+    tokenizer's, when the config does not name one."""
+    lay = layout_of(cfg, world_size)
+    apply_layout(cfg, lay).validate(world_size)
+    return predict_layout(cfg, lay, _gpu(gpu), gpus_per_node, vocab_size=vocab_size)
+
+
+def check_memory(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_per_node: int = 8, *,
+                 vocab_size: Optional[int] = None) -> Prediction:
+    """`--check-memory`: raise ConfigError when the layout is predicted not to fit, naming the largest terms."""
+    p = predict(cfg, world_size, gpu, gpus_per_node, vocab_size=vocab_size)
+    if not p.fits:
+        top = sorted(p.memory.items(), key=lambda kv: -kv[1])[:3]
+        raise ConfigError(f"layout {p.layout.label()} is predicted to need {p.peak_bytes / GIB:.1f} GiB per GPU on "
+                          f"pipeline stage {p.busiest_stage}, more than the {p.usable_bytes / GIB:.1f} GiB usable "
+                          f"({', '.join(f'{k} {v / GIB:.1f}' for k, v in top)}); see `gpt3d plan`")
+    return p
+
+
+def for_run(cfg: Config, ps: ParallelState, vocab_size: int) -> Optional[Prediction]:
+    """`gpt3d train`'s prediction for its own layout on the GPU it runs on (None off CUDA): with
+    `--check-memory`, a layout predicted not to fit raises ConfigError before anything is allocated."""
+    if ps.device.type != "cuda":
+        return None
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+    fn = check_memory if cfg.training.check_memory else predict
+    return fn(cfg, ps.world_size, gpu_for_device(ps.device), per_node, vocab_size=vocab_size)
+
+
+def plan(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_per_node: int = 8, *,
+         micro_batch_sizes: Optional[list] = None) -> list[Prediction]:
+    """Every valid layout, fastest first (layouts that do not fit included, marked by `fits`)."""
+    if world_size < 1 or gpus_per_node < 1:
+        raise ConfigError("--gpus and --gpus-per-node must be positive")
+    g = _gpu(gpu)
+    layouts = enumerate_layouts(cfg, world_size, gpus_per_node, micro_batch_sizes=micro_batch_sizes)
+    if not layouts:
+        raise ConfigError(f"no layout of {world_size} GPUs fits the model and global batch "
+                          f"{cfg.training.global_batch_size} (TP must divide the heads, PP the layers, "
+                          "DP x micro-batch the global batch)")
+    cache: dict = {}
+    preds = [predict_layout(cfg, lay, g, gpus_per_node, cache=cache) for lay in layouts]
+    preds.sort(key=lambda p: -p.tokens_per_s)
+    return preds
+
+
+def startup_line(p: Prediction) -> str:
+    """What `gpt3d train` prints for its own layout before the first step."""
+    return (f"gpt3d plan: predicted {p.peak_bytes / GIB:.1f} GiB per GPU (stage {p.busiest_stage}; "
+            f"{p.usable_bytes / GIB:.1f} usable) and {p.tokens_per_s:,.0f} tokens/s for {p.layout.label()}")
+
+
+def measured_line(p: Prediction, tokens_per_s: float, peak_bytes: float) -> str:
+    """The measured figures beside the prediction, after the first logged steps."""
+    return (f"gpt3d plan: measured {peak_bytes / GIB:.1f} GiB peak on this rank (predicted "
+            f"{p.peak_bytes / GIB:.1f} for the busiest stage) and {tokens_per_s:,.0f} tokens/s (predicted "
+            f"{p.tokens_per_s:,.0f})")

@@ -1,0 +1,161 @@
+"""Step time of a layout: compute from FLOPs at measured kernel speeds, plus the communication gpt3d does.
+
+Why its own module: the time model composes measured speeds (presets.Calibration)
+with gpt3d's behaviour: TP/SP collectives are blocking (not overlapped), pipeline
+point-to-point is blocking per micro-batch, the schedule's bubble comes from
+schedule.pipeline_time, DP gradient reductions overlap the last micro-batch's
+backward bucket by bucket (late buckets and the last one do not), and ZeRO-1
+all-gathers the parameters after the optimizer step. The compute part is checked
+on one GPU (benchmarks/plan_check.py); every communication term rests on the
+bandwidth figures of presets.py alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ModelConfig
+from ..model.gpt import padded_vocab_size
+from .layout import Layout
+from .memory import Persistent, Shape, layer_terms, shape_of
+from .presets import COMM_EFFICIENCY, COMM_LATENCY_S, EW_PASSES, LOSS_PASSES, Gpu
+from .schedule import pipeline_time
+
+# Eager execution runs each norm, activation and residual as its own kernels. Rough factor from
+# benchmarks/RESULTS.md (125M: 357k tok/s eager vs 443k compiled, both cuDNN/flash attention); not re-measured.
+EAGER_EW_FACTOR = 3.0
+
+
+@dataclass
+class Links:
+    tp_gbps: float
+    pp_gbps: float
+    dp_gbps: float
+    embedding_gbps: float
+
+
+def links(lay: Layout, gpu: Gpu, gpus_per_node: int) -> Links:
+    """Megatron rank order (TP innermost, then DP, then PP): a group stays on NVLink while it fits in a node."""
+    nv, ib = gpu.nvlink_gbps * COMM_EFFICIENCY, gpu.ib_gbps * COMM_EFFICIENCY
+    inside = lambda span: nv if span <= gpus_per_node else ib   # noqa: E731
+    return Links(tp_gbps=inside(lay.tp), pp_gbps=inside(lay.tp * lay.dp * lay.pp),
+                 dp_gbps=inside(lay.tp * lay.dp), embedding_gbps=inside(lay.world))
+
+
+def _ring(nbytes: float, n: int, gbps: float, kind: str) -> float:
+    """Ring collective time: all-reduce moves 2(n-1)/n of the buffer, all-gather / reduce-scatter (n-1)/n."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    factor = 2 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
+    return factor * nbytes / (gbps * 1e9) + COMM_LATENCY_S
+
+
+@dataclass
+class LayerTime:
+    forward: float
+    backward: float
+    recompute: float
+    tp_comm_forward: float
+    tp_comm_backward: float
+
+
+def layer_flops(m: ModelConfig, lay: Layout, sh: Shape) -> tuple[float, float]:
+    """(matmul, attention) forward FLOPs of one layer, one micro-batch, one TP rank (causal: half the scores)."""
+    t, T, h = lay.tp, sh.tokens, sh.h
+    hd, nh, nkv, f = m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size
+    gemm = 2 * T * h * ((nh + 2 * nkv) * hd + nh * hd + f * (3 if m.swiglu else 2)) / t
+    attn = 2 * sh.b * sh.s * sh.s * nh * hd / t
+    return gemm, attn
+
+
+def layer_time(m: ModelConfig, lay: Layout, gpu: Gpu, link: Links, sh: Shape, recompute,
+               ew_factor: float = 1.0) -> LayerTime:
+    """`ew_factor` > 1 for eager execution (unfused norms, activations and residuals)."""
+    cal = gpu.calibration
+    gemm, attn = layer_flops(m, lay, sh)
+    ew = EW_PASSES * layer_terms(m, lay, sh, True, None).total / (cal.ew_gbps * 1e9) * ew_factor
+    fwd = gemm / (cal.gemm_tflops * 1e12) + attn / (cal.attn_tflops * 1e12) + ew / 3
+    bwd = 2 * gemm / (cal.gemm_tflops * 1e12) + 2.5 * attn / (cal.attn_tflops * 1e12) + 2 * ew / 3
+    # two all-reduces (or all-gather + reduce-scatter pairs with SP) of the residual stream each way
+    stream = sh.e * sh.tokens * sh.h
+    kinds = ("all_gather", "reduce_scatter") if lay.sp else ("all_reduce",)
+    comm = 2 * sum(_ring(stream, lay.tp, link.tp_gbps, k) for k in kinds)
+    if lay.sp and m.swiglu:   # gate and fc1 each all-gather the MLP input (and reduce-scatter its gradient)
+        comm += _ring(stream, lay.tp, link.tp_gbps, "all_gather")
+    rc = fwd if recompute == "full" else attn / (cal.attn_tflops * 1e12) if recompute == "selective" else 0.0
+    return LayerTime(fwd, bwd, rc, comm, comm)
+
+
+@dataclass
+class StepTime:
+    seconds: float
+    tokens_per_s: float
+    parts: dict = field(default_factory=dict)     # seconds by cause (the slowest stage's view)
+    stage_seconds: list = field(default_factory=list)   # forward+backward per micro-batch, per stage
+
+
+def step_time(m: ModelConfig, vocab_size: int, lay: Layout, gpu: Gpu, gpus_per_node: int,
+              persistent: list[Persistent], *, param_bytes: int = 2, overlap_grad_reduce: bool = True,
+              fused_loss: bool = True, compiled: bool = True) -> StepTime:
+    """`persistent`: each stage's optimizer layout (from memory.stage_memory), for bucket sizes and shards."""
+    cal, link = gpu.calibration, links(lay, gpu, gpus_per_node)
+    ew_factor = 1.0 if compiled else EAGER_EW_FACTOR
+    sh = shape_of(m, lay, param_bytes)
+    t, T, h = lay.tp, sh.tokens, sh.h
+    pv = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, t)
+    n_rc = lay.recompute_num_layers if lay.recompute == "full" and lay.recompute_num_layers else None
+    p2p_bytes = sh.e * sh.seq_tokens * h
+    p2p = (p2p_bytes / (link.pp_gbps * 1e9) + COMM_LATENCY_S) if lay.pp > 1 else 0.0
+    stage_times, per_stage_parts = [], []
+    per_mode = {rc: layer_time(m, lay, gpu, link, sh, rc, ew_factor) for rc in {None, lay.recompute}}
+    for r in range(lay.pp):
+        chunks = lay.stage_chunks(m.num_layers, r)
+        parts = {"layers (compute)": 0.0, "recompute": 0.0, "TP communication": 0.0, "embedding": 0.0,
+                 "output layer + loss": 0.0, "pipeline send/receive": 0.0}
+        for v, ids in enumerate(chunks):
+            for i, _ in enumerate(ids):
+                rc = lay.recompute if lay.recompute != "full" or n_rc is None or i < n_rc else None
+                lt = per_mode[rc]
+                parts["layers (compute)"] += lt.forward + lt.backward
+                parts["recompute"] += lt.recompute
+                parts["TP communication"] += lt.tp_comm_forward * (2 if rc == "full" else 1) + lt.tp_comm_backward
+            if r == 0 and v == 0:
+                parts["embedding"] += (sh.e * pv // t * h + 4 * sh.e * T * h) / (cal.ew_gbps * 1e9) * ew_factor + \
+                    2 * _ring(sh.e * T * h, t, link.tp_gbps, "all_reduce")
+            if r == lay.pp - 1 and v == len(chunks) - 1:
+                gemm = 6 * T * h * pv / t / (cal.gemm_tflops * 1e12)
+                # fused: bf16 logits read/written LOSS_PASSES times; vocab-parallel: ~5 fp32 passes
+                loss_bytes = (LOSS_PASSES * sh.e if fused_loss else 5 * 4) * T * pv / t
+                loss = loss_bytes / (cal.loss_gbps * 1e9) * (1 if fused_loss else ew_factor)
+                parts["output layer + loss"] += gemm + loss + 2 * _ring(sh.e * T * h, t, link.tp_gbps, "all_reduce")
+            if lay.pp > 1:
+                parts["pipeline send/receive"] += 2 * p2p
+        stage_times.append(sum(parts.values()))
+        per_stage_parts.append(parts)
+    pipe = pipeline_time(stage_times, lay.num_micro, lay.vp)
+    slowest = max(range(lay.pp), key=lambda r: stage_times[r])
+    parts = {k: v * lay.num_micro for k, v in per_stage_parts[slowest].items()}
+    parts["pipeline bubble"] = pipe - lay.num_micro * stage_times[slowest]
+    tail = []
+    for r, pers in enumerate(persistent):
+        grad_bytes = 4 * pers.elements
+        late = 4 * pers.late_elements
+        kind = "reduce_scatter" if lay.zero_effective else "all_reduce"
+        early_comm = _ring(grad_bytes - late, lay.dp, link.dp_gbps, kind)
+        late_comm = _ring(late, lay.dp, link.dp_gbps, kind)
+        backward_last = stage_times[r] * 2 / 3
+        n_early = max(1, pers.buckets - (1 if pers.late_elements else 0))
+        exposed = early_comm if not overlap_grad_reduce else \
+            max(early_comm / n_early, early_comm - backward_last * (n_early - 1) / n_early)
+        tied = 0.0
+        if lay.pp > 1 and not m.untie_embeddings_and_output_weights and r in (0, lay.pp - 1):
+            tied = _ring(4 * pv // t * h, 2, link.embedding_gbps, "all_reduce")
+        opt = pers.shard_elements * cal.optimizer_ns_per_param * 1e-9
+        gather = _ring(param_bytes * pers.elements, lay.dp, link.dp_gbps, "all_gather") if lay.zero_effective \
+            else 0.0
+        tail.append({"DP gradient reduction (exposed)": exposed + late_comm, "tied embedding all-reduce": tied,
+                     "optimizer step": opt, "ZeRO-1 parameter all-gather": gather})
+    worst = max(tail, key=lambda d: sum(d.values()))
+    parts.update(worst)
+    seconds = pipe + sum(worst.values())
+    tokens = lay.mbs * lay.num_micro * lay.dp * m.seq_length
+    return StepTime(seconds, tokens / seconds, {k: v for k, v in parts.items() if v}, stage_times)
