@@ -141,21 +141,26 @@ class Trainer:
                 self.last_checkpoint = path
             self.report.console(f"saved checkpoint at iteration {self.state.iteration} to {c.save}")
 
-    def load(self, root: str) -> None:
+    def load(self, root: str, check_data: bool = True):
+        """Resume from the newest good checkpoint under `root`; its Loaded. `check_data=False`: the caller
+        checks the data stream itself once the datasets are built (`check_data_stream`)."""
         c = self.cfg.checkpoint
         loaded = ckpt.load(root, self.checkpoint_parts(), self.ps, skip=ckpt.skipped_parts(c))
         if "optimizer" not in loaded.parts:   # weights only (--finetune, --no-load-optim, import-hf)
             self.optimizer.reload_masters_from_params()
-        if "train" in loaded.parts:
-            self._check_data_stream(loaded)
+        if check_data:
+            self.check_data_stream(loaded)
         self.last_checkpoint = loaded.path
         lay = loaded.meta["layout"]
         self.report.console(f"loaded checkpoint {loaded.path} (iteration {loaded.meta['iteration']}, saved at "
                             f"TP={lay['tp']} PP={lay['pp']} DP={lay['dp']})")
+        return loaded
 
-    def _check_data_stream(self, loaded) -> None:
+    def check_data_stream(self, loaded) -> None:
         """A resume that would change the data stream is refused, naming what changed, unless
         --override-data-state; then the counters carry over (TrainState: tokens never go backwards)."""
+        if "train" not in loaded.parts:   # --finetune: a fresh position in whatever stream this run reads
+            return
         saved, state = loaded.meta.get("data_state"), self.state
         if saved is not None:
             diffs = stream.changes(saved, state.data_state)
@@ -189,13 +194,16 @@ class Trainer:
 
     def _run(self) -> int:
         cfg, t, ps = self.cfg, self.cfg.training, self.ps
-        train_ds, valid_ds, _ = self.build_datasets()
-        self.state.data_state = stream.data_state(cfg, self.global_batch, train_ds)
+        loaded = None   # the checkpoint first: its own checks (shape, tokenizer) say more than the data's
         if cfg.checkpoint.load and ckpt.holds_no_checkpoint(cfg.checkpoint.load):
             if ps.rank == 0:
                 warn(f"--load {cfg.checkpoint.load} holds no checkpoint yet: starting from scratch (as Megatron does)")
         elif cfg.checkpoint.load:
-            self.load(cfg.checkpoint.load)
+            loaded = self.load(cfg.checkpoint.load, check_data=False)
+        train_ds, valid_ds, _ = self.build_datasets()
+        self.state.data_state = stream.data_state(cfg, self.global_batch, train_ds)
+        if loaded is not None:
+            self.check_data_stream(loaded)
         self.report.run_start(self.state, cfg.non_defaults())
         n_params = count_parameters(cfg.model, self.vocab_size)
         self.report.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
