@@ -85,8 +85,9 @@ def _train(args: argparse.Namespace) -> int:
 
 # Every other command -> the module that registers its sub-parser (`register(sub)`) and runs it. Only the
 # module of the command being run is imported, so a light command (preprocess) never pays for torch.
-COMMANDS = {"preprocess": "data.preprocess", "bench": "bench", "checkpoint-info": "tools", "export-hf": "hf",
-            "import-hf": "hf", "eval": "inference", "generate": "inference", "plot": "plot", "plan": "plan.cli"}
+COMMANDS = {"preprocess": "data.preprocess", "bench": "bench", "checkpoint-info": "tools", "checkpoint": "tools",
+            "export-hf": "hf", "import-hf": "hf", "eval": "inference", "generate": "inference", "plot": "plot",
+            "plan": "plan.cli"}
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:

@@ -189,3 +189,12 @@ def test_torchrun_ranks_agree_on_the_checkpoint_and_the_lock(tmp_path):
     finally:
         held.release()
     assert r.returncode != 0 and r.stderr.count(f"gpt3d: error: --save {ck} is in use by another run") == 2
+
+
+def test_checkpoint_verify_imports_only_its_module():
+    import subprocess
+    import sys
+    code = ("import sys; from gpt3d import cli; cli.build_parser('checkpoint'); "
+            "print(sorted(m for m in sys.modules if m.startswith('gpt3d.') and m.count('.') == 1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "gpt3d.tools" in out and "gpt3d.hf" not in out and "gpt3d.inference" not in out, out
