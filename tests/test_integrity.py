@@ -125,7 +125,7 @@ def test_non_finite_state_without_checksums_is_refused(ck, capsys, shard):
 def test_a_non_finite_save_is_marked_and_never_last_good(tmp_path, capsys):
     """Weights that became non-finite are still written (for a post-mortem) but marked in meta.json: the
     trainer keeps naming the previous checkpoint as the last good one, and a resume skips it."""
-    t = make_trainer(tiny_config(save=str(tmp_path / "ck")))
+    t = make_trainer(tiny_config(save=str(tmp_path / "ck"), keep_last=1))
     t.save()
     good = t.last_checkpoint
     assert good and good.endswith("iter_0000000")
@@ -137,6 +137,7 @@ def test_a_non_finite_save_is_marked_and_never_last_good(tmp_path, capsys):
     meta = json.loads((tmp_path / "ck" / "iter_0000001" / "meta.json").read_text())
     assert "model_tp0_pp0.safetensors" in meta["non_finite"]   # (fp32: the masters are the parameters)
     assert "is not a good checkpoint" in capsys.readouterr().err
+    assert os.path.isdir(good)   # --keep-last 1 did not prune the last good one for a bad one
     assert checkpoint.resolve(str(tmp_path / "ck")) == good
     assert "iter_0000001: model_tp0_pp0.safetensors holds non-finite values" in capsys.readouterr().err
 

@@ -145,6 +145,7 @@ def save(root: str, parts: dict, ps: ParallelState, iteration: int, keep_last: O
         mine, gathered = gathered[0], [None] * ps.world_size
         dist.all_gather_object(gathered, mine)
     err = next((f"rank {r}: {g[2]}" if ps.distributed else g[2] for r, g in enumerate(gathered) if g[2]), None)
+    bad = {k: v for g in gathered for k, v in g[4].items()} if ps.rank == 0 else {}
     if ps.rank == 0 and err is None:
         merged = Writer(tmp, ps)
         for _, entries, _, _, _ in gathered:
@@ -152,7 +153,6 @@ def save(root: str, parts: dict, ps: ParallelState, iteration: int, keep_last: O
                 merged.meta(key, value)
         meta = {**merged.entries, "files": {k: v for g in gathered for k, v in g[0].items()},
                 "checksums": {k: v for g in gathered for k, v in g[3].items()}}
-        bad = {k: v for g in gathered for k, v in g[4].items()}
         if bad:   # kept (it may help a post-mortem) but never resumed from nor called good
             meta["non_finite"] = bad
             warn(f"checkpoint {final} holds non-finite values ({', '.join(sorted(bad))}): it is written but "
@@ -168,7 +168,7 @@ def save(root: str, parts: dict, ps: ParallelState, iteration: int, keep_last: O
         if ps.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {final}: {err}; previous checkpoints are intact")
-    if ps.rank == 0:
+    if ps.rank == 0 and not bad:   # a bad newest checkpoint must not push the last good one out
         _prune(root, name, keep_last)
     ps.barrier()
     return final
