@@ -8,9 +8,7 @@ Megatron-core's DDP buffer, minus the indirection:
     bucket's reduce-scatter (ZeRO-1) or all-reduce (ZeRO-0) starts as soon as its last gradient has been
     accumulated, overlapping communication with the rest of backward;
   * gradients that first need a TP or embedding all-reduce (sequence-parallel norms, tied embeddings
-    across stages) sit in "late" buckets, reduced by `finish_grad_sync` after backward;
-  * where no reduction starts during backward (DP=1, or under `no_sync`), gradients are added into the fp32
-    buffer in batches (one multi-tensor kernel for many parameters) rather than one kernel per parameter.
+    across stages) sit in "late" buckets, reduced by `finish_grad_sync` after backward.
 With ZeRO-1 each DP rank owns 1/DP of every bucket (`shard`): after `finish_grad_sync` that part holds the
 DP-averaged gradient. What to do with it (clip, step, all-gather) is the sharded optimizer's job (zero1.py).
 """
@@ -26,8 +24,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..parallel.state import ParallelState
-
-HOLD_BYTES = 1 << 28   # gradients held for one batched accumulation at most (256 MiB)
 
 
 @dataclass
@@ -76,7 +72,6 @@ class GradBuffer:
                 p.register_post_accumulate_grad_hook(self._make_hook(b))
                 off += n
         self._untouched = set()
-        self._held, self._held_bytes, self._release_queued = [], 0, False   # see _hold
 
     # ----- layout -------------------------------------------------------------------------------------------
     def _late(self, p) -> bool:
@@ -136,50 +131,17 @@ class GradBuffer:
     # ----- gradient sync ------------------------------------------------------------------------------------
     def _make_hook(self, bucket: Bucket) -> Callable:
         def hook(p: torch.Tensor) -> None:
-            if not (self.overlap and self._sync):   # no reduction to start: accumulate in batches
-                self._hold(p)
-                return
-            self._accumulate([p], [p.grad])
+            if p in self._untouched:   # first gradient of the step: a copy, so zero_grad need not clear
+                p.main_grad.copy_(p.grad)
+                self._untouched.discard(p)
+            else:
+                p.main_grad.add_(p.grad)
             p.grad = None
-            if not bucket.late:
+            if self.overlap and self._sync and not bucket.late:
                 bucket.pending -= 1
                 if bucket.pending == 0:
                     self._reduce(bucket)
         return hook
-
-    def _accumulate(self, params: list, grads: list) -> None:
-        """main_grad (fp32) = grad for a parameter's first gradient of the step (so zero_grad need not clear),
-        += grad after that; one multi-tensor kernel per kind instead of a kernel per parameter."""
-        first = [i for i, p in enumerate(params) if p in self._untouched]
-        rest = [i for i, p in enumerate(params) if p not in self._untouched]
-        if first:
-            torch._foreach_copy_([params[i].main_grad for i in first], [grads[i] for i in first])
-            self._untouched.difference_update(params[i] for i in first)
-        if rest:
-            torch._foreach_add_([params[i].main_grad for i in rest], [grads[i] for i in rest])
-
-    def _hold(self, p: torch.Tensor) -> None:
-        """Keep p's gradient for the next batched accumulation: at the end of this backward (an autograd
-        callback), or sooner once HOLD_BYTES are held, which bounds the extra memory when gradients arrive
-        layer by layer (per-layer compile); a whole-chunk graph hands them over together anyway."""
-        if not self._release_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            self._release_queued = True
-        self._held.append((p, p.grad))
-        self._held_bytes += p.grad.numel() * p.grad.element_size()
-        p.grad = None
-        if self._held_bytes >= HOLD_BYTES:
-            self._release()
-
-    def _end_of_backward(self) -> None:
-        self._release_queued = False
-        self._release()
-
-    def _release(self) -> None:
-        if self._held:
-            params, grads = zip(*self._held)
-            self._accumulate(list(params), list(grads))
-        self._held, self._held_bytes = [], 0
 
     def _reduce(self, b: Bucket) -> None:
         if self.ps.dp == 1:
@@ -211,7 +173,6 @@ class GradBuffer:
 
     def finish_grad_sync(self) -> None:
         """Wait for overlapped reductions, then do the ones that had to wait for the whole backward."""
-        self._release()
         for p in self._untouched:
             p.main_grad.zero_()
         self._untouched = set()
