@@ -4,7 +4,7 @@ Why its own module: it is the half of the plan that can be checked exactly.
 Persistent memory mirrors gpt3d's allocations (GPTModel's parameters in their
 registration order, GradBuffer's contiguous parameter and gradient buffers and
 buckets, ShardedOptimizer's masters and Adam moments for this rank's shard) and
-is compared byte for byte with real ranks in tests/test_plan_memory.py.
+is compared byte for byte with real ranks in tests/distributed/test_plan_memory.py.
 Activation memory is a list of named per-tensor terms (what autograd and the
 compiled graphs keep per layer and per micro-batch), so a kernel change (FP8,
 fused cross entropy) edits one line.
@@ -208,7 +208,7 @@ def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recomput
     attention (norm inputs) with norm statistics, the normalised inputs of the QKV and MLP matmuls (whole
     sequence: with SP they are all-gathered), the QKV output, the attention output and its log-sum-exp (fused
     SDPA keeps no s x s scores), and the MLP's intermediates. Eager (exact on CPU,
-    tests/test_plan_activations.py): RMSNorm keeps fp32 copies, SwiGLU also silu(gate). Full recompute keeps
+    tests/distributed/test_plan_activations.py): RMSNorm keeps fp32 copies, SwiGLU also silu(gate). Full recompute keeps
     the layer input;
     selective recompute of the attention core drops the log-sum-exp and, eager, the rotated copies."""
     t, e, T, Ts, h = lay.tp, sh.e, sh.tokens, sh.seq_tokens, sh.h
