@@ -106,10 +106,11 @@ def test_bad_value_in_yaml(tmp_path, capsys, yaml_text, message):
 
 
 def test_every_numeric_setting_has_a_rule():
-    """A new int/float setting gets a range in config.RULES (or fixed choices); NaN/inf are refused for all."""
+    """A new int/float setting gets a range in config_check.RULES (or fixed choices); NaN/inf are refused for all."""
     import dataclasses
 
-    from gpt3d.config import RULES, SECTIONS
+    from gpt3d.config import SECTIONS
+    from gpt3d.config_check import RULES
     missing = [f.name for k in SECTIONS.values() for f in dataclasses.fields(k)
                if any(t in str(f.type) for t in ("int", "float")) and f.name not in RULES
                and not f.metadata.get("choices")]
