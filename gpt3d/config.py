@@ -14,7 +14,7 @@ import difflib
 import functools
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import IO, Any, Callable, Optional, Union
 
 from .data.tokenizer import TYPES as TOKENIZER_TYPES
 from .errors import ConfigError
@@ -292,6 +292,24 @@ def flatten(d: dict, source: str = "config") -> dict:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown setting '{key}' in {source}{hint}")
     return flat
+
+
+def read_settings_file(path: str, load: Callable[[IO[str]], Any],
+                       parse_error: Union[type[Exception], tuple[type[Exception], ...]],
+                       describe: Callable[[Exception], str], missing: str, expected: str) -> dict:
+    """The mapping that `load` parses from the file at `path` (a YAML config, a ds_config.json), or one
+    ConfigError line: `missing` when there is no such file, `path: describe(error)` when `load` raises
+    `parse_error`, `path: expected` when the file holds something other than a mapping."""
+    try:
+        with open(path) as fh:
+            data = load(fh)
+    except FileNotFoundError:
+        raise ConfigError(missing) from None
+    except parse_error as e:
+        raise ConfigError(f"{path}: {describe(e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {expected}")
+    return data
 
 
 def apply_flat(cfg: Config, flat: dict) -> None:
