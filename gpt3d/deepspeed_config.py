@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any, Optional
 
-from .config import SECTIONS, Config, ConfigError, read_settings_file
+from .config import SECTIONS, Config, ConfigError, field_index, flag_name, read_settings_file
 
 # keys accepted with a fixed value because gpt3d always behaves that way
 _FIXED = {
@@ -35,11 +35,8 @@ _FP16_FIXED = {"consecutive_hysteresis": False, "auto_cast": False}
 
 
 def _flag(name: str) -> str:
-    for klass in SECTIONS.values():
-        for f in dataclasses.fields(klass):
-            if f.name == name:
-                return f.metadata.get("flag") or "--" + name.replace("_", "-")
-    raise KeyError(name)
+    """The flag of setting `name`, as the CLI spells it."""
+    return flag_name(next(f for f in dataclasses.fields(SECTIONS[field_index()[name]]) if f.name == name))
 
 
 def _get(cfg: Config, name: str) -> Any:
