@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import ModelConfig
-from ..model.gpt import padded_vocab_size
+from ..model.gpt import EMBEDDING, OUTPUT_LAYER, padded_vocab_size
 from ..parallel.cross_entropy import CHUNK_BYTES
 from .layout import Layout
 from .schedule import peak_in_flight
@@ -42,9 +42,9 @@ def chunk_params(m: ModelConfig, vocab_size: int, tp: int, sp: bool, layer_ids: 
     bias, untied = not m.disable_bias_linear, m.untie_embeddings_and_output_weights
     out: list[ParamInfo] = []
     if post and (untied or not pre):   # the module's own parameter comes before its children's
-        out.append(ParamInfo("output_layer", pv // tp * h, 2, True, tied_copy=not untied))
+        out.append(ParamInfo(OUTPUT_LAYER, pv // tp * h, 2, True, tied_copy=not untied))
     if pre:
-        out.append(ParamInfo("embedding.word_embeddings.weight", pv // tp * h, 2, True, shared_embedding=not untied))
+        out.append(ParamInfo(EMBEDDING, pv // tp * h, 2, True, shared_embedding=not untied))
         if not m.use_rotary_position_embeddings:
             out.append(ParamInfo("embedding.position_embeddings.weight", m.max_positions * h, 2, False,
                                  sequence_parallel=sp))
