@@ -8,6 +8,7 @@ predictions, and each knob moves memory and time the way gpt3d's code does.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -59,6 +60,9 @@ def test_table_marks_the_configs_layout_and_strikes_out_what_does_not_fit(capsys
     assert "40L/5120h/40 heads" in lines[0] and "64 GPUs, 8 per node" in lines[0]
     mine = [ln for ln in lines if "<- the config's layout" in ln]
     assert len(mine) == 1 and "TP4 PP8 DP2 mb1x512" in mine[0] and "full-recompute" in mine[0]
+    assert "step s" in lines[2]
+    step, tokens_per_s = re.search(r" (\d+\.\d{3}) +([\d,]+) ", mine[0]).groups()   # step s, tok/s columns
+    assert float(step) * float(tokens_per_s.replace(",", "")) == pytest.approx(1024 * 2048, rel=1e-3)
     struck = [ln for ln in lines if "(does not fit)" in ln]
     assert struck and all(ln.startswith("~~") and ">73" in ln for ln in struck)   # memory > usable, shown
     fitting = [ln for ln in lines[4:] if ln.strip() and "(does not fit)" not in ln and "<-" not in ln]
