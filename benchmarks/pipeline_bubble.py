@@ -7,14 +7,15 @@ schedule itself is the real one: `gpt3d.parallel.pipeline.forward_backward`
 with its warm-up/steady/cool-down phases and batched isend/irecv over gloo.
 Bubble fraction as Megatron defines it: (step time - ideal) / ideal.
 
-    python benchmarks/pipeline_bubble.py --pp 4 --micro 4 8 16 --virtual 1 2 --tf 0.05
+    python -m benchmarks.pipeline_bubble --pp 4 --micro 4 8 16 --virtual 1 2 --tf 0.05
+
+Run it as a module from the repository root: the processes are spawned by the tests' gloo helper
+(tests/support/distributed.py), imported by its package name.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from typing import Optional
 
@@ -22,12 +23,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-import distributed  # noqa: E402  (tests/distributed.py: gloo spawn helper)
-from gpt3d.config import ParallelConfig  # noqa: E402
-from gpt3d.parallel.pipeline import forward_backward  # noqa: E402
-from gpt3d.parallel.state import build_parallel_state  # noqa: E402
+from gpt3d.config import ParallelConfig
+from gpt3d.parallel.pipeline import forward_backward
+from gpt3d.parallel.state import build_parallel_state
+
+from tests.support import distributed
 
 HIDDEN = (1, 4, 8)   # [b, s, h] of the activations sent between stages: small, so the sleeps dominate
 

@@ -1,7 +1,8 @@
 """Crash-safe writes: build the result under a temporary name, fsync it, rename it into place.
 
 A reader (or a resumed run after kill -9) sees either the old file/directory or the complete new one, never
-a half-written one. Used for checkpoints, Hugging Face exports, plots and the sample-index caches.
+a half-written one. Used for checkpoints, Hugging Face exports, plots, preprocess's .bin/.idx, the
+sample-index caches and the token-id caches.
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from typing import Callable, Optional
 
 import yaml
 
-from .config import SECTIONS, Config, apply_flat, field_types, flag_name, flatten
-from .errors import ConfigError, FileError, Gpt3dError
+from .config import SECTIONS, Config, apply_flat, field_types, flag_name, flatten, read_settings_file
+from .errors import FileError, Gpt3dError
 
 # Token (and sample) counts are often written 300e9 or 3_000_000_000.
 TOKEN_COUNT_FIELDS = ("train_tokens", "train_samples", "lr_warmup_tokens", "lr_decay_tokens")
@@ -59,15 +59,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg = Config()
     yaml_keys: set = set()
     if getattr(args, "config", None):
-        try:
-            with open(args.config) as fh:
-                data = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {args.config}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{args.config}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{args.config}: expected a mapping of settings")
+        data = read_settings_file(args.config, lambda fh: yaml.safe_load(fh) or {}, yaml.YAMLError,
+                                  lambda e: f"not valid YAML ({str(e).splitlines()[0]})",
+                                  missing=f"config file not found: {args.config}",
+                                  expected="expected a mapping of settings")
         flat = flatten(data, source=args.config)
         apply_flat(cfg, flat)
         yaml_keys = set(flat)

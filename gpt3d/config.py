@@ -3,17 +3,18 @@
 Each component receives only its own section, so a model never reads optimizer
 settings and the schedule never reads model shapes. Field names are Megatron's
 flag names with dashes turned into underscores; `cli.py` builds the flags from
-these fields, so a new option is added in exactly one place.
+these fields, so a new option is added in exactly one place. Here: what settings
+exist and how YAML and flags become them; config_check.py: which values a run
+accepts (a new numeric setting also needs its range rule there).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import functools
-import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import IO, Any, Callable, Optional, Union
 
 from .data.tokenizer import TYPES as TOKENIZER_TYPES
 from .errors import ConfigError
@@ -255,6 +256,8 @@ class Config:
         return cfg
 
     def validate(self, world_size: int = 1) -> None:
+        """ConfigError (one line naming the flag) for any value or combination a run would refuse."""
+        from .config_check import validate   # the rules read these classes: imported here, one direction
         validate(self, world_size)
 
     def non_defaults(self) -> dict:
@@ -289,6 +292,24 @@ def flatten(d: dict, source: str = "config") -> dict:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown setting '{key}' in {source}{hint}")
     return flat
+
+
+def read_settings_file(path: str, load: Callable[[IO[str]], Any],
+                       parse_error: Union[type[Exception], tuple[type[Exception], ...]],
+                       describe: Callable[[Exception], str], missing: str, expected: str) -> dict:
+    """The mapping that `load` parses from the file at `path` (a YAML config, a ds_config.json), or one
+    ConfigError line: `missing` when there is no such file, `path: describe(error)` when `load` raises
+    `parse_error`, `path: expected` when the file holds something other than a mapping."""
+    try:
+        with open(path) as fh:
+            data = load(fh)
+    except FileNotFoundError:
+        raise ConfigError(missing) from None
+    except parse_error as e:
+        raise ConfigError(f"{path}: {describe(e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {expected}")
+    return data
 
 
 def apply_flat(cfg: Config, flat: dict) -> None:
@@ -336,128 +357,3 @@ def _coerce(section, key: str, value: Any) -> Any:
 def flag_name(f: dataclasses.Field) -> str:
     """The command-line flag of a config field (`num_layers` -> `--num-layers`)."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-# Value rules by field name: (test, what the value must be). Optional fields may also be None (unset).
-_POSITIVE, _NON_NEGATIVE = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "non-negative")
-_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
-RULES = {
-    **dict.fromkeys(["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-                     "tensor_model_parallel_size", "pipeline_model_parallel_size", "log_interval", "eval_interval",
-                     "num_key_value_heads", "ffn_hidden_size", "max_position_embeddings", "vocab_size",
-                     "make_vocab_size_divisible_by", "rotary_base", "recompute_num_layers",
-                     "num_layers_per_virtual_pipeline_stage", "global_batch_size", "train_iters", "train_tokens",
-                     "train_samples", "tensorboard_queue_size",
-                     "lr_decay_iters", "lr_decay_tokens", "loss_scale_window", "hysteresis", "save_interval",
-                     "keep_last", "adam_eps", "layernorm_epsilon", "init_method_std", "loss_scale",
-                     "initial_loss_scale", "min_loss_scale", "bucket_size_mb", "peak_tflops",
-                     "distributed_timeout_minutes"], _POSITIVE),
-    **dict.fromkeys(["eval_iters", "lr_warmup_iters", "lr_warmup_tokens", "num_workers", "max_skipped_steps",
-                     "lr", "min_lr", "weight_decay", "clip_grad", "exit_duration_in_mins"], _NON_NEGATIVE),
-    **dict.fromkeys(["hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"], _FRACTION),
-    "rotary_percent": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "lr_warmup_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)"),
-}
-
-
-def _check_values(cfg: Config) -> None:
-    """Choices (YAML bypasses argparse's), every number finite (NaN/inf fail here, whatever the field, including
-    ones added later), then RULES."""
-    for section in SECTIONS:
-        for f in dataclasses.fields(getattr(cfg, section)):
-            v, choices = getattr(getattr(cfg, section), f.name), f.metadata.get("choices")
-            _need(v is None or not choices or v in choices, f"{flag_name(f)} must be one of {choices}, got {v!r}")
-            if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            _need(not isinstance(v, float) or math.isfinite(v), f"{flag_name(f)} must be a finite number, got {v}")
-            rule = RULES.get(f.name)
-            if rule:
-                _need(rule[0](v), f"{flag_name(f)} must be {rule[1]}, got {v}")
-
-
-def validate(cfg: Config, world_size: int) -> None:
-    """Check every value and cross-field rule up front so a bad run fails in its first second."""
-    m, p, t, s, pr = cfg.model, cfg.parallel, cfg.training, cfg.scheduler, cfg.precision
-    _check_values(cfg)
-    _need(m.hidden_size % m.num_attention_heads == 0,
-          f"--num-attention-heads ({m.num_attention_heads}) must divide --hidden-size ({m.hidden_size})")
-    _need(m.num_attention_heads % m.kv_heads == 0,
-          f"--num-key-value-heads ({m.kv_heads}) must divide --num-attention-heads ({m.num_attention_heads})")
-    _need(m.seq_length <= m.max_positions or m.use_rotary_position_embeddings,
-          f"--seq-length ({m.seq_length}) exceeds --max-position-embeddings ({m.max_positions})")
-    if m.use_rotary_position_embeddings:
-        rot = int(m.head_dim * m.rotary_percent)
-        _need(rot >= 2 and rot % 2 == 0, f"rotary dims (head dim {m.head_dim} x {m.rotary_percent}) must be even")
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    _need(world_size % (tp * pp) == 0,
-          f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
-    dp = world_size // (tp * pp)
-    _need(m.num_attention_heads % tp == 0, f"TP size {tp} must divide --num-attention-heads ({m.num_attention_heads})")
-    _need(m.kv_heads % tp == 0, f"TP size {tp} must divide the key/value heads ({m.kv_heads})")
-    _need(m.ffn_size % tp == 0, f"TP size {tp} must divide the FFN hidden size ({m.ffn_size})")
-    _need(m.hidden_size % tp == 0, f"TP size {tp} must divide --hidden-size ({m.hidden_size})")
-    if p.sequence_parallel and tp > 1:
-        _need(m.seq_length % tp == 0, f"--sequence-parallel needs TP ({tp}) to divide --seq-length ({m.seq_length})")
-    if p.pipeline_model_parallel_split:
-        try:
-            parts = [int(x) for x in p.pipeline_model_parallel_split.split(",")]
-        except ValueError:
-            raise ConfigError(f"--pipeline-model-parallel-split '{p.pipeline_model_parallel_split}' must be "
-                              "comma-separated layer counts like 3,5") from None
-        _need(len(parts) == pp and sum(parts) == m.num_layers and min(parts) > 0,
-              f"--pipeline-model-parallel-split {p.pipeline_model_parallel_split} must be {pp} positive "
-              f"numbers summing to {m.num_layers}")
-    else:
-        _need(m.num_layers % pp == 0, f"PP size {pp} must divide --num-layers ({m.num_layers}) "
-              "(or give --pipeline-model-parallel-split)")
-    _need(pr.accumulate_allreduce_grads_in_fp32,
-          "--no-accumulate-allreduce-grads-in-fp32 is not supported: gradients are always accumulated and "
-          "reduced in fp32 (the fp32 master weights step on them)")
-    if p.num_layers_per_virtual_pipeline_stage:
-        _need(not p.pipeline_model_parallel_split,
-              "--pipeline-model-parallel-split and --num-layers-per-virtual-pipeline-stage are exclusive")
-        v = p.num_layers_per_virtual_pipeline_stage
-        _need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-        _need(m.num_layers % (v * pp) == 0,
-              f"--num-layers ({m.num_layers}) must be divisible by layers-per-virtual-stage x PP ({v} x {pp})")
-    gbs = t.global_batch_size or t.micro_batch_size * dp
-    _need(gbs % (t.micro_batch_size * dp) == 0,
-          f"--global-batch-size ({gbs}) must be divisible by micro batch x DP ({t.micro_batch_size} x {dp})")
-    _need(t.train_iters is not None or t.train_tokens is not None or t.train_samples is not None,
-          "give --train-iters, --train-samples or --train-tokens")
-    _need(t.train_iters is None or t.train_samples is None, "--train-iters and --train-samples are exclusive")
-    _need(not (pr.bf16 and pr.fp16), "--bf16 and --fp16 are exclusive")
-    _need(not t.deterministic_mode or m.attention_backend in ("auto", "flash", "math"),
-          f"--attention-backend {m.attention_backend} has no deterministic backward: --deterministic-mode takes "
-          "auto, flash or math")
-    _need(not pr.fp8 or pr.bf16, "--fp8 needs --bf16 (the FP8 GEMMs take bf16 weights and activations)")
-    _need(s.min_lr <= s.lr, f"need 0 <= --min-lr ({s.min_lr}) <= --lr ({s.lr})")
-    _need(pr.min_loss_scale <= pr.initial_loss_scale,
-          f"--min-loss-scale ({pr.min_loss_scale}) must not exceed --initial-loss-scale ({pr.initial_loss_scale})")
-    d = cfg.data
-    _need(d.data_impl in ("mmap", "infer"),
-          f"--data-impl {d.data_impl} is not supported: gpt3d reads Megatron's mmap .bin/.idx format only "
-          "(--data-impl mmap or infer)")
-    _need(not p.no_pipeline_parallel or pp == 1,
-          f"--no-pipeline-parallel needs --pipeline-model-parallel-size 1, got {pp}")
-    if not d.mock_data:
-        _need(bool(d.data_path), "give --data-path (or --mock-data for synthetic tokens)")
-        if d.tokenizer_type == "GPT2BPETokenizer":
-            _need(bool(d.vocab_file) and bool(d.merge_file), "--data-path needs --vocab-file and --merge-file")
-        elif d.tokenizer_type == "NullTokenizer":
-            _need(bool(cfg.model.vocab_size), "--tokenizer-type NullTokenizer needs --vocab-size")
-        else:
-            _need(bool(d.tokenizer_model), f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
-        parts = d.split.replace("/", ",").split(",")
-        try:
-            vals = [float(x) for x in parts]
-        except ValueError:
-            raise ConfigError(f"--split '{d.split}' must be numbers like 949,50,1") from None
-        _need(all(math.isfinite(v) and v >= 0 for v in vals) and sum(vals) > 0 and len(vals) <= 3,
-              f"bad --split '{d.split}'")

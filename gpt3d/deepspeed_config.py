@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any, Optional
 
-from .config import SECTIONS, Config, ConfigError
+from .config import SECTIONS, Config, ConfigError, field_index, flag_name, read_settings_file
 
 # keys accepted with a fixed value because gpt3d always behaves that way
 _FIXED = {
@@ -35,11 +35,8 @@ _FP16_FIXED = {"consecutive_hysteresis": False, "auto_cast": False}
 
 
 def _flag(name: str) -> str:
-    for klass in SECTIONS.values():
-        for f in dataclasses.fields(klass):
-            if f.name == name:
-                return f.metadata.get("flag") or "--" + name.replace("_", "-")
-    raise KeyError(name)
+    """The flag of setting `name`, as the CLI spells it."""
+    return flag_name(next(f for f in dataclasses.fields(SECTIONS[field_index()[name]]) if f.name == name))
 
 
 def _get(cfg: Config, name: str) -> Any:
@@ -51,16 +48,9 @@ def _get(cfg: Config, name: str) -> Any:
 
 
 def read_deepspeed_config(path: str) -> dict:
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"--deepspeed_config: file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
+    return read_settings_file(path, json.load, json.JSONDecodeError,
+                              lambda e: f"not valid JSON ({e.msg} at line {e.lineno})",
+                              missing=f"--deepspeed_config: file not found: {path}", expected="expected a JSON object")
 
 
 def deepspeed_settings(ds: dict, path: str, micro_batch: int, dp: Optional[int]) -> list[tuple[str, Any, str]]:

@@ -1,14 +1,17 @@
-"""Session fixtures every test builds for itself: text, a GPT-2-style BPE trained on it, and its .bin/.idx.
+"""Fixtures every test builds for itself: text, a GPT-2-style BPE trained on it, and its .bin/.idx (per session);
+made-up-word documents and the user tokenizers trained on them (per module).
 
 Nothing outside the repository is read (a fresh clone has no GPT-2 files or corpora beside it);
-tests/textgen.py explains the generated text and tokenizer.
+tests/support/textgen.py explains the generated text and tokenizers.
 """
 import json
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from textgen import english_like_text, paragraphs, train_gpt2_style_bpe
+
+from tests.support.textgen import (english_like_text, make_texts, paragraphs, train_gpt2_style_bpe, train_hf_bpe,
+                                   train_sentencepiece)
 
 CORPUS_CHARS = 1_000_000
 
@@ -52,3 +55,22 @@ def text_prefix(text_jsonl, bpe, tmp_path_factory) -> str:
     preprocess(str(text_jsonl), prefix, str(bpe.vocab), str(bpe.merges), ["text"], append_eod=True, workers=1,
                progress=False)
     return prefix + "_text_document"
+
+
+# ----- the tokenizers a user brings (tests/unit/test_tokenizers.py, tests/end_to_end/test_llama_pretraining.py) -----
+@pytest.fixture(scope="module")
+def texts() -> list:
+    """400 documents of made-up words (a few empty)."""
+    return make_texts(400)
+
+
+@pytest.fixture(scope="module")
+def hf_bpe(tmp_path_factory, texts) -> str:
+    """Directory of a tokenizer.json: byte-level BPE trained on `texts`, 66,000 ids, <s> prepended."""
+    return train_hf_bpe(texts, tmp_path_factory.mktemp("hf_bpe"))
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory, texts) -> str:
+    """Path of a 300-piece SentencePiece model trained on `texts`."""
+    return train_sentencepiece(texts, tmp_path_factory.mktemp("spm"))

@@ -14,6 +14,7 @@ crash never leaves a half-written corpus over an existing one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
@@ -24,6 +25,7 @@ from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
+from .. import atomic
 from ..errors import DataError, TokenizerError, os_errors_are_user_errors
 from . import corpus
 from .indexed import MMapIndexedDatasetBuilder, best_dtype
@@ -249,12 +251,15 @@ def preprocess(inputs: Union[str, list], output_prefix: Union[str, list], vocab_
 
 def _write_output(prefix: str, files: list, keys: list, dtype, pool, depth: int, stats: dict,
                   bar: Progress) -> None:
-    finals = {k: f"{prefix}_{k}_document" for k in keys}
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    tmp = {k: f"{p}.tmp{os.getpid()}" for k, p in finals.items()}
-    builders = {k: MMapIndexedDatasetBuilder(tmp[k] + ".bin", dtype) for k in keys}
-    done = False
-    try:
+    """Every key's .bin/.idx is written under a temporary name (atomic.replacing) and renamed into place once
+    all of them are complete; on an error the temporary files go and existing outputs stay as they were."""
+    with contextlib.ExitStack() as stack:
+        tmp = {(k, ext): stack.enter_context(atomic.replacing(f"{prefix}_{k}_document{ext}"))
+               for k in keys for ext in (".bin", ".idx")}
+        builders = {}
+        for k in keys:
+            builders[k] = MMapIndexedDatasetBuilder(tmp[k, ".bin"], dtype)
+            stack.callback(builders[k].close)   # runs before the temporary files go; a second close is a no-op
         items = itertools.chain.from_iterable(corpus.chunks(f, keys) for f in files)
         for out, ndocs, nbytes, ntok, nempty in _in_order(pool, items, depth):
             for k, (tokens, sizes, per_doc) in out.items():
@@ -265,18 +270,7 @@ def _write_output(prefix: str, files: list, keys: list, dtype, pool, depth: int,
             stats["empty"] += nempty
             bar.update(stats["docs"], stats["bytes"], stats["tokens"])
         for k, b in builders.items():
-            b.finalize(tmp[k] + ".idx")
-        for k in keys:
-            for ext in (".bin", ".idx"):
-                os.replace(tmp[k] + ext, finals[k] + ext)
-        done = True
-    finally:
-        if not done:
-            for k, b in builders.items():
-                b.close()
-                for ext in (".bin", ".idx"):
-                    if os.path.exists(tmp[k] + ext):
-                        os.remove(tmp[k] + ext)
+            b.finalize(tmp[k, ".idx"])
 
 
 @os_errors_are_user_errors

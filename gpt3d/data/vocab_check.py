@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .. import atomic
 from ..errors import DataError
 from .indexed import MMapIndexedDataset
 
@@ -51,10 +52,8 @@ def _cached_id_range(indexed: MMapIndexedDataset, lo: int, hi: int, compute: boo
         return None
     found = id_range(indexed, lo, hi)
     try:
-        tmp = f"{cache}.tmp{os.getpid()}"
-        with open(tmp, "w") as fh:
+        with atomic.replacing(cache) as tmp, open(tmp, "w") as fh:
             json.dump({"key": key, "range": list(found)}, fh)
-        os.replace(tmp, cache)
     except OSError:
         pass   # a read-only data directory: no cache, the check still holds
     return found

@@ -107,8 +107,10 @@ def _strike(text: str, tty: bool) -> str:
 
 
 def table(preds: list, own, top: int, tty: bool = False) -> str:
-    """Fastest first; layouts that do not fit are struck out where they would rank (at most `top` of them)."""
-    head = f"{'#':>4}  {'layout':<44}{'GiB/GPU':>9}{'tok/s':>12}{'TFLOPs':>8}{'MFU':>7}  largest time terms"
+    """Fastest first; layouts that do not fit are struck out where they would rank (at most `top` of them).
+    `step s` is the predicted time of one optimizer step (`step_s` in --json)."""
+    head = (f"{'#':>4}  {'layout':<44}{'GiB/GPU':>9}{'step s':>9}{'tok/s':>12}{'TFLOPs':>8}{'MFU':>7}"
+            "  largest time terms")
     lines = [head, "-" * len(head)]
     fit_shown = struck_shown = 0
     for rank, p in enumerate(preds, 1):
@@ -124,8 +126,8 @@ def table(preds: list, own, top: int, tty: bool = False) -> str:
         terms = sorted(((k, v) for k, v in p.time.parts.items() if k != "layers (compute)"), key=lambda kv: -kv[1])
         why = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in terms[:2])
         mem = f"{p.peak_bytes / GIB:.1f}" + ("" if p.fits else f">{p.usable_bytes / GIB:.0f}")
-        row = (f"{rank:>4}  {p.layout.label():<44}{mem:>9}{p.tokens_per_s:>12,.0f}{p.tflops_per_gpu:>8.1f}"
-               f"{p.mfu:>7.1%}  {why}")
+        row = (f"{rank:>4}  {p.layout.label():<44}{mem:>9}{p.time.seconds:>9.3f}{p.tokens_per_s:>12,.0f}"
+               f"{p.tflops_per_gpu:>8.1f}{p.mfu:>7.1%}  {why}")
         row = row if p.fits else _strike(row, tty) + "  (does not fit)"
         lines.append(row + ("   <- the config's layout" if mine else ""))
     if own is not None and not any(p.layout == own for p in preds):

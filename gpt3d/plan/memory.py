@@ -4,7 +4,7 @@ Why its own module: it is the half of the plan that can be checked exactly.
 Persistent memory mirrors gpt3d's allocations (GPTModel's parameters in their
 registration order, GradBuffer's contiguous parameter and gradient buffers and
 buckets, ShardedOptimizer's masters and Adam moments for this rank's shard) and
-is compared byte for byte with real ranks in tests/test_plan_memory.py.
+is compared byte for byte with real ranks in tests/distributed/test_plan_memory.py.
 Activation memory is a list of named per-tensor terms (what autograd and the
 compiled graphs keep per layer and per micro-batch), so a kernel change (FP8,
 fused cross entropy) edits one line.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import ModelConfig
-from ..model.gpt import padded_vocab_size
+from ..model.gpt import EMBEDDING, OUTPUT_LAYER, padded_vocab_size
 from ..parallel.cross_entropy import CHUNK_BYTES
 from .layout import Layout
 from .schedule import peak_in_flight
@@ -42,9 +42,9 @@ def chunk_params(m: ModelConfig, vocab_size: int, tp: int, sp: bool, layer_ids: 
     bias, untied = not m.disable_bias_linear, m.untie_embeddings_and_output_weights
     out: list[ParamInfo] = []
     if post and (untied or not pre):   # the module's own parameter comes before its children's
-        out.append(ParamInfo("output_layer", pv // tp * h, 2, True, tied_copy=not untied))
+        out.append(ParamInfo(OUTPUT_LAYER, pv // tp * h, 2, True, tied_copy=not untied))
     if pre:
-        out.append(ParamInfo("embedding.word_embeddings.weight", pv // tp * h, 2, True, shared_embedding=not untied))
+        out.append(ParamInfo(EMBEDDING, pv // tp * h, 2, True, shared_embedding=not untied))
         if not m.use_rotary_position_embeddings:
             out.append(ParamInfo("embedding.position_embeddings.weight", m.max_positions * h, 2, False,
                                  sequence_parallel=sp))
@@ -208,7 +208,7 @@ def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recomput
     attention (norm inputs) with norm statistics, the normalised inputs of the QKV and MLP matmuls (whole
     sequence: with SP they are all-gathered), the QKV output, the attention output and its log-sum-exp (fused
     SDPA keeps no s x s scores), and the MLP's intermediates. Eager (exact on CPU,
-    tests/test_plan_activations.py): RMSNorm keeps fp32 copies, SwiGLU also silu(gate). Full recompute keeps
+    tests/distributed/test_plan_activations.py): RMSNorm keeps fp32 copies, SwiGLU also silu(gate). Full recompute keeps
     the layer input;
     selective recompute of the attention core drops the log-sum-exp and, eager, the rotated copies."""
     t, e, T, Ts, h = lay.tp, sh.e, sh.tokens, sh.seq_tokens, sh.h

@@ -2,7 +2,7 @@
 
 Why its own module: memory needs how many micro-batches each stage holds at
 once and timing needs the bubble; both follow from the order in which
-`gpt3d.parallel.pipeline` runs forwards and backwards. tests/test_plan_schedule.py
+`gpt3d.parallel.pipeline` runs forwards and backwards. tests/distributed/test_plan_schedule.py
 records that order from the real `forward_backward` on gloo and checks these
 functions against it.
 """

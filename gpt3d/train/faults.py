@@ -1,6 +1,6 @@
 """The fault-injection test hook, GPT3D_FAULT_INJECT=RANK:ITERATION[:raise|nan].
 
-Faults are tested end to end through real `gpt3d train` processes (tests/test_faults.py), which can only be
+Faults are tested end to end through real `gpt3d train` processes (tests/end_to_end/test_faults.py), which can only be
 reached through the environment. The hook stays out of the training step: when the variable names this
 rank, `install` wraps the trainer's step (`raise`: throw at the start of that iteration) or its gradient
 buffer's `finish_grad_sync` (`nan`: poison this rank's gradients from that iteration on) at start-up;

@@ -1,0 +1,199 @@
+"""`gpt3d plan`: the ranked table, --json, errors in one line, and the model's behaviour across layouts.
+
+The numbers' ground truth is elsewhere (tests/distributed/test_plan_memory/activations/schedule on
+CPU, benchmarks/plan_check.py on a GPU); here: every proposed layout is one
+`gpt3d train` accepts, the ranking and the struck-out rows follow the
+predictions, and each knob moves memory and time the way gpt3d's code does.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from gpt3d.cli import main
+from gpt3d.config import Config, ConfigError
+from gpt3d.plan import check_memory, plan, predict
+from gpt3d.plan.layout import Layout, apply_layout
+from gpt3d.plan.presets import (GIB, RESULTS_MD, calibration_to_json, load_calibration, resolve_gpu)
+from gpt3d.plan.schedule import bubble_fraction
+from gpt3d.plan.search import predict_layout
+
+from tests.support import ROOT
+
+GPT13B = str(ROOT / "configs" / "gpt-13B.yaml")
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    rc = main(["plan", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def plan_13b_64():
+    import yaml
+    from gpt3d.config import apply_flat, flatten
+    cfg = Config()
+    apply_flat(cfg, flatten(yaml.safe_load(open(GPT13B))))
+    return cfg, plan(cfg, 64, "h100-80gb", 8, micro_batch_sizes=[1, 2, 4])
+
+
+def test_every_layout_is_one_gpt3d_accepts_and_the_ranking_follows_the_predictions(plan_13b_64):
+    cfg, preds = plan_13b_64
+    assert len(preds) > 50
+    for p in preds:
+        apply_layout(cfg, p.layout).validate(64)          # raises if `gpt3d train` would refuse it
+        assert p.layout.world == 64 and p.layout.mbs * p.layout.num_micro * p.layout.dp == 1024
+        assert p.fits == (p.peak_bytes <= p.usable_bytes)
+    speeds = [p.tokens_per_s for p in preds]
+    assert speeds == sorted(speeds, reverse=True)
+    assert any(p.fits for p in preds) and any(not p.fits for p in preds)
+
+
+def test_table_marks_the_configs_layout_and_strikes_out_what_does_not_fit(capsys):
+    rc, out, err = _run(capsys, "--config", GPT13B, "--gpus", "64", "--gpus-per-node", "8", "--gpu", "h100-80gb",
+                        "--micro-batch-sizes", "1", "8", "--top", "5")
+    assert rc == 0 and not err
+    lines = out.splitlines()
+    assert "40L/5120h/40 heads" in lines[0] and "64 GPUs, 8 per node" in lines[0]
+    mine = [ln for ln in lines if "<- the config's layout" in ln]
+    assert len(mine) == 1 and "TP4 PP8 DP2 mb1x512" in mine[0] and "full-recompute" in mine[0]
+    assert "step s" in lines[2]
+    step, tokens_per_s = re.search(r" (\d+\.\d{3}) +([\d,]+) ", mine[0]).groups()   # step s, tok/s columns
+    assert float(step) * float(tokens_per_s.replace(",", "")) == pytest.approx(1024 * 2048, rel=1e-3)
+    struck = [ln for ln in lines if "(does not fit)" in ln]
+    assert struck and all(ln.startswith("~~") and ">73" in ln for ln in struck)   # memory > usable, shown
+    fitting = [ln for ln in lines[4:] if ln.strip() and "(does not fit)" not in ln and "<-" not in ln]
+    assert len(fitting) == 5
+
+
+def test_json_lists_every_layout_with_memory_and_time_terms(capsys):
+    rc, out, _ = _run(capsys, "--config", GPT13B, "--gpus", "128", "--micro-batch-sizes", "1", "--json")
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["gpus"] == 128 and doc["config_layout"]["tp"] == 4 and doc["config_layout"]["dp"] == 4
+    rows = doc["layouts"]
+    assert rows and all(r["layout"]["tp"] * r["layout"]["pp"] * r["layout"]["dp"] == 128 for r in rows)
+    for r in rows[:20]:
+        mem = r["memory_gib"]
+        assert {"parameters", "gradient buffer", "fp32 masters", "Adam moments", "activations"} <= set(mem)
+        assert abs(sum(mem.values()) - r["peak_gib"]) < 1e-6
+        assert r["fits"] == (r["peak_gib"] <= r["usable_gib"])
+        assert r["tokens_per_s"] == pytest.approx(1024 * 2048 / r["step_s"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gpu", "tpu-v5"], "gpt3d: error: unknown --gpu 'tpu-v5'"),
+    (["--gpu", "custom", "--gpu-tflops", "500"], "gpt3d: error: --gpu custom needs --gpu-memory-gib"),
+    (["--gpus", "3"], "gpt3d: error: no layout of 3 GPUs"),
+    (["--calibration", "/nonexistent/cal.json"], "gpt3d: error: cannot read calibration /nonexistent/cal.json"),
+])
+def test_bad_input_is_one_error_line(capsys, args, message):
+    rc, out, err = _run(capsys, "--config", GPT13B, "--gpus", "64", *args)
+    assert rc == 2 and not out and len(err.strip().splitlines()) == 1 and err.startswith(message), err
+
+
+def test_custom_gpu_and_calibration_files(tmp_path, capsys):
+    cal = resolve_gpu("a100-80gb").calibration
+    assert cal.gemm_tflops < resolve_gpu("h100").calibration.gemm_tflops    # scaled by peak FLOPs
+    path = tmp_path / "cal.json"
+    rc, _, _ = _run(capsys, "--config", GPT13B, "--gpus", "32", "--gpu", "custom", "--gpu-tflops", "400",
+                    "--gpu-memory-gib", "48", "--hbm-gbps", "2000", "--nvlink-gbps", "200", "--ib-gbps", "25",
+                    "--micro-batch-sizes", "1", "--save-calibration", str(path), "--json")
+    h100 = resolve_gpu("h100").calibration
+    assert rc == 0 and load_calibration(str(path)).gemm_tflops == pytest.approx(h100.gemm_tflops * 400 / 989)
+    assert load_calibration(str(path)).ew_gbps == pytest.approx(h100.ew_gbps * 2000 / 3350)
+    md = tmp_path / "log.md"
+    md.write_text("text\n<!-- plan-calibration " + calibration_to_json(cal) + " -->\n")
+    assert load_calibration(str(md)).gemm_tflops == cal.gemm_tflops
+    assert load_calibration(RESULTS_MD).source.startswith("measured on NVIDIA H100")   # --calibrate without a GPU
+
+
+def test_check_memory_refuses_a_layout_predicted_not_to_fit():
+    cfg = Config.from_dict({"num_layers": 40, "hidden_size": 5120, "num_attention_heads": 40, "seq_length": 2048,
+                            "micro_batch_size": 1, "global_batch_size": 8, "bf16": True, "mock_data": True,
+                            "train_iters": 1, "compile": True})
+    with pytest.raises(ConfigError, match="predicted to need .* GiB per GPU"):
+        check_memory(cfg, 8, "h100-80gb")        # 13B on each of 8 GPUs (DP only): ~200 GiB of states
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = 4, 2
+    assert check_memory(cfg, 8, "h100-80gb").fits
+
+
+def _one(cfg, **kw) -> "object":
+    base = dict(tp=1, pp=1, dp=1, mbs=4, num_micro=8)
+    return predict_layout(cfg, Layout(**{**base, **kw}), resolve_gpu("h100-80gb"), 8)
+
+
+@pytest.fixture(scope="module")
+def cfg_1b():
+    return Config.from_dict({"num_layers": 24, "hidden_size": 2048, "num_attention_heads": 16, "seq_length": 2048,
+                             "vocab_size": 50257, "bf16": True, "mock_data": True, "train_iters": 1,
+                             "compile": True, "micro_batch_size": 4, "global_batch_size": 32})
+
+
+def test_each_knob_moves_memory_and_time_as_gpt3d_does(cfg_1b):
+    none, sel, full = (_one(cfg_1b, recompute=r) for r in (None, "selective", "full"))
+    act = lambda p: p.memory["activations"]   # noqa: E731
+    assert act(full) < 0.2 * act(none) and act(sel) <= act(none)
+    assert full.time.seconds > none.time.seconds
+    z0, z1 = _one(cfg_1b, dp=4, mbs=4, num_micro=2, zero=0), _one(cfg_1b, dp=4, mbs=4, num_micro=2, zero=1)
+    assert z1.memory["Adam moments"] == pytest.approx(z0.memory["Adam moments"] / 4, rel=0.01)
+    assert z1.memory["parameters"] == pytest.approx(z0.memory["parameters"], rel=0.01)
+    tp, tp_sp = _one(cfg_1b, tp=4, dp=1), _one(cfg_1b, tp=4, dp=1, sp=True)
+    assert act(tp_sp) < act(tp) < act(none)
+    assert tp.time.parts["TP communication"] > 0 and "TP communication" not in none.time.parts
+    pp4, pp4v = _one(cfg_1b, pp=4, num_micro=8), _one(cfg_1b, pp=4, num_micro=8, vp=2)
+    assert pp4.time.parts["pipeline bubble"] == pytest.approx(
+        bubble_fraction(4, 1, 8) * 8 * max(pp4.time.stage_seconds), rel=0.35)   # uneven stages: first/last heavier
+    assert pp4v.time.parts["pipeline bubble"] < pp4.time.parts["pipeline bubble"]
+    assert pp4.busiest_stage == 0 and [s.in_flight for s in pp4.stages] == pytest.approx([4, 3, 2, 1], rel=0.05)
+
+
+def test_predict_uses_the_configs_own_layout(cfg_1b):
+    cfg_1b.parallel.tensor_model_parallel_size, cfg_1b.parallel.pipeline_model_parallel_size = 2, 2
+    p = predict(cfg_1b, 8, "h100")
+    assert (p.layout.tp, p.layout.pp, p.layout.dp, p.layout.num_micro) == (2, 2, 2, 4)
+    assert p.peak_bytes / GIB < 40 and p.tokens_per_s > 0
+
+
+def test_train_predicts_on_cuda_only_and_check_memory_refuses_before_allocating(monkeypatch):
+    import torch
+
+    from gpt3d.parallel.state import ParallelState
+    from gpt3d.plan import search
+    cfg = Config.from_dict({"num_layers": 40, "hidden_size": 5120, "num_attention_heads": 40, "seq_length": 2048,
+                            "micro_batch_size": 1, "global_batch_size": 8, "bf16": True, "mock_data": True,
+                            "train_iters": 1, "compile": True, "check_memory": True})
+    assert search.for_run(cfg, ParallelState(dp=8), 50257) is None          # CPU runs: no prediction
+    monkeypatch.setattr(search, "gpu_for_device", lambda device: resolve_gpu("h100-80gb"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    on_gpus = ParallelState(dp=8, device=torch.device("cuda"))               # no CUDA call is made
+    with pytest.raises(ConfigError, match="predicted to need .* GiB per GPU"):
+        search.for_run(cfg, on_gpus, 50257)
+    cfg.training.check_memory = False
+    p = search.for_run(cfg, on_gpus, 50257)
+    assert not p.fits and p.layout.dp == 8
+
+
+def test_train_prints_the_prediction_then_the_measured_figures(monkeypatch, capsys):
+    """The train loop's wiring, on CPU: a prediction stands in for the GPU's (see for_run)."""
+    import torch
+
+    import gpt3d.train.loop as loop
+    from tests.support.curves import tiny_config
+    from gpt3d.parallel.state import ParallelState
+    cfg = tiny_config(train_iters=3, log_interval=1, eval_iters=0)
+    pred = predict(cfg, 1, "h100-80gb")
+    monkeypatch.setattr(loop, "plan_for_run", lambda cfg, ps, vocab_size: pred)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * GIB)
+    assert loop.Trainer(cfg, ParallelState.single()).run() == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = [i for i, ln in enumerate(lines) if ln.startswith("gpt3d plan: predicted")]
+    measured = [i for i, ln in enumerate(lines) if ln.startswith("gpt3d plan: measured")]
+    iters = [i for i, ln in enumerate(lines) if ln.startswith("iter ")]
+    assert len(start) == 1 and lines[start[0] - 1].startswith("gpt3d: ") and start[0] < iters[0]
+    assert len(iters) == 3 and measured == [iters[1] - 1]                    # once, at the second log line
+    assert "measured 3.0 GiB peak" in lines[measured[0]] and pred.layout.label() in lines[start[0]]

@@ -1,0 +1,54 @@
+"""One error type with an exit code, printed by the CLI alone."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from gpt3d import errors
+from gpt3d.cli import main as cli_main
+
+from tests.support import ROOT
+
+PACKAGE = ROOT / "gpt3d"
+
+
+def test_only_the_cli_prints_errors():
+    printers = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                if re.search(r"print\(.*gpt3d: error", p.read_text())]
+    assert printers == ["cli.py"]
+
+
+@pytest.mark.parametrize("cls,code", [(errors.ConfigError, 2), (errors.DataError, 2), (errors.TokenizerError, 2),
+                                      (errors.CheckpointError, 2), (errors.HFError, 2), (errors.PlotError, 2),
+                                      (errors.TrainingError, 3), (errors.PreprocessError, 2)])
+def test_cli_prints_one_line_and_returns_the_exit_code(cls, code, monkeypatch, capsys):
+    def fail(args):
+        raise cls("something is off")
+    import gpt3d.tools
+    monkeypatch.setattr(gpt3d.tools, "_info", fail)
+    assert cli_main(["checkpoint-info", "x"]) == code
+    assert capsys.readouterr().err.splitlines() == ["gpt3d: error: something is off"]
+    assert issubclass(cls, errors.Gpt3dError)
+
+
+def test_error_types_are_importable_where_they_were():
+    from gpt3d.checkpoint import CheckpointError
+    from gpt3d.config import ConfigError
+    from gpt3d.data.indexed import DataError
+    from gpt3d.data.tokenizer import TokenizerError
+    from gpt3d.train import TrainingError
+    for cls in (CheckpointError, ConfigError, DataError, TokenizerError, TrainingError):
+        assert getattr(errors, cls.__name__) is cls
+
+
+def test_flag_types_come_from_the_annotations():
+    from gpt3d.cli import build_parser, config_from_args
+    cfg = config_from_args(build_parser().parse_args(
+        ["train", "--num-key-value-heads", "2", "--loss-scale", "8", "--no-mock-data", "--train-tokens", "3e3",
+         "--data-path", "a", "b"]))
+    assert cfg.model.num_key_value_heads == 2 and isinstance(cfg.model.num_key_value_heads, int)
+    assert cfg.precision.loss_scale == 8.0 and isinstance(cfg.precision.loss_scale, float)
+    assert cfg.data.mock_data is False and cfg.training.train_tokens == 3000 and cfg.data.data_path == ["a", "b"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--num-key-value-heads", "two"])

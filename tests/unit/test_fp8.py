@@ -1,0 +1,121 @@
+"""--fp8: refused in one line where it cannot run; where it runs, only the GEMMs change (emulated on CPU).
+
+torchao's float8 training emulates the scaled GEMMs on CPU (same casts and scales, high-precision
+products), which is enough to check the plumbing: which layers switch, that parameter names, shapes and
+dtypes (hence checkpoints) do not change, that the loss and gradients stay close to the plain model's, and
+that TP-sharded linears and recompute work with it. Speed is measured on the GPU (benchmarks/RESULTS.md).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpt3d.config import ConfigError, ParallelConfig
+from gpt3d.model.fp8 import enable_fp8
+from gpt3d.model.gpt import GPTModel
+from gpt3d.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from gpt3d.parallel.random import seed_everything
+from gpt3d.parallel.state import ParallelState, build_parallel_state
+
+from tests.support import distributed
+from tests.support.curves import tiny_config
+
+LLAMA = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, seq_length=32,
+             vocab_size=250, swiglu=True, ffn_hidden_size=128, use_rotary_position_embeddings=True,
+             normalization="rmsnorm", disable_bias_linear=True, untie_embeddings_and_output_weights=True)
+
+
+def _model(cfg, ps, fp8: bool):
+    m = GPTModel(cfg.model, ps, seed_everything(3, ps), vocab_size=250)
+    m.init_weights(11)
+    n = enable_fp8(m, "tensorwise", ps.device, emulate=True) if fp8 else 0
+    return m, n
+
+
+def _loss_and_grads(m, tokens):
+    m.zero_grad()
+    loss = m(tokens, tokens).mean()
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}
+
+
+def _cos(a, b) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def test_fp8_refused_on_cpu_in_one_line():
+    r = subprocess.run([sys.executable, "-m", "gpt3d", "train", "--config", "configs/tiny.yaml", "--bf16", "--fp8",
+                        "--device", "cpu", "--train-iters", "1"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "gpt3d: error: --fp8 needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9+, e.g. H100); "
+        "this run is on cpu"]
+
+
+def test_fp8_needs_bf16():
+    with pytest.raises(ConfigError, match="--fp8 needs --bf16"):
+        tiny_config(fp8=True).validate(1)
+    tiny_config(fp8=True, bf16=True).validate(1)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_fp8_swaps_the_gemms_not_the_parameters(arch):
+    cfg = tiny_config(**(LLAMA if arch == "llama" else dict(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                                             seq_length=32, vocab_size=250)))
+    ps = ParallelState()
+    plain, _ = _model(cfg, ps, fp8=False)
+    fp8, n = _model(cfg, ps, fp8=True)
+    per_layer = 5 if arch == "llama" else 4           # qkv, proj, fc1 (+ gate), fc2; not the output head
+    assert n == per_layer * cfg.model.num_layers
+    linears = [m for m in fp8.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    assert all(m._matmul is not None for m in linears)
+    sd_plain, sd_fp8 = plain.state_dict(), fp8.state_dict()   # a checkpoint is the same either way
+    assert [(k, v.shape, v.dtype) for k, v in sd_plain.items()] == [(k, v.shape, v.dtype) for k, v in sd_fp8.items()]
+    assert all(torch.equal(sd_plain[k], sd_fp8[k]) for k in sd_plain)
+    tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0))
+    l0, g0 = _loss_and_grads(plain, tokens)
+    l1, g1 = _loss_and_grads(fp8, tokens)
+    assert not torch.equal(l0, l1)                          # the casts really happen
+    assert float((l1 - l0).abs()) < 2e-2 * float(l0)
+    for k in g0:
+        assert _cos(g0[k], g1[k]) > 0.98, k
+
+
+def test_fp8_with_recompute_gives_the_same_step():
+    """Full recompute replays the forward inside backward: the dynamic FP8 scales are recomputed identically."""
+    ps = ParallelState()
+    cfg = tiny_config(**LLAMA)
+    a, _ = _model(cfg, ps, fp8=True)
+    cfg_r = tiny_config(**LLAMA, recompute_granularity="full")
+    b, _ = _model(cfg_r, ps, fp8=True)
+    tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(1))
+    la, ga = _loss_and_grads(a, tokens)
+    lb, gb = _loss_and_grads(b, tokens)
+    assert torch.equal(la, lb)
+    assert all(torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-5) for k in ga)
+
+
+def _tp_fp8(rank: int, world: int) -> dict:
+    cfg = tiny_config(**LLAMA)
+    ps = build_parallel_state(ParallelConfig(tensor_model_parallel_size=world), world, rank, torch.device("cpu"))
+    m, n = _model(cfg, ps, fp8=True)
+    tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(2))
+    loss, grads = _loss_and_grads(m, tokens)
+    return {"loss": float(loss), "swapped": n, "qkv_grad": grads["layers.0.attention.qkv.weight"]}
+
+
+def test_fp8_with_tensor_parallel_sharded_linears():
+    """TP=2: each rank's sharded linears run FP8 GEMMs; loss and gradients match one process within FP8's error."""
+    out = distributed.run(2, _tp_fp8)
+    ps = ParallelState()
+    ref, _ = _model(tiny_config(**LLAMA), ps, fp8=True)
+    tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(2))
+    loss, grads = _loss_and_grads(ref, tokens)
+    assert [o["swapped"] for o in out] == [10, 10]
+    for o in out:
+        assert abs(o["loss"] - float(loss)) < 1e-2 * float(loss)
+    full = torch.cat([o["qkv_grad"] for o in out], dim=0)   # column-parallel: rows split across ranks
+    assert _cos(full, grads["layers.0.attention.qkv.weight"]) > 0.98

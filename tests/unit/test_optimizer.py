@@ -1,0 +1,90 @@
+"""The distributed optimizer's step equals torch's AdamW after clip_grad_norm_ (one process, fp32 and bf16)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gpt3d.config import OptimizerConfig
+from gpt3d.optim.grad_buffer import GradBuffer
+from gpt3d.optim.zero1 import ShardedOptimizer
+from gpt3d.parallel.state import ParallelState
+
+
+def _model(dtype) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 8))
+    for p in m.parameters():
+        p.tp_split_dim = None
+    return m.to(dtype)
+
+
+@pytest.mark.parametrize("clip", [0.05, 100.0, 0.0])   # clipping active, inactive, disabled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_matches_torch_adamw_with_clipping(clip, dtype):
+    cfg = OptimizerConfig(weight_decay=0.1, clip_grad=clip)
+    ours, ref = _model(dtype), _model(torch.float32)
+    grads = GradBuffer([ours], ParallelState.single())
+    opt = ShardedOptimizer(grads, cfg, ParallelState.single())
+    decay = [p for p in ref.parameters() if p.ndim > 1]
+    no_decay = [p for p in ref.parameters() if p.ndim <= 1]
+    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=1e-2, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for step in range(4):
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(step))
+        grads.zero_grad()
+        ours(x.to(dtype)).float().pow(2).mean().backward()
+        grads.finish_grad_sync()
+        norm, found_inf = opt.step(1e-2)
+        assert float(found_inf) == 0.0
+        ref_opt.zero_grad()
+        ref(x).pow(2).mean().backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip if clip > 0 else float("inf"))
+        ref_opt.step()
+        assert float(norm) == pytest.approx(float(ref_norm), rel=tol, abs=tol)
+        for a, b in zip(ours.parameters(), ref.parameters()):
+            torch.testing.assert_close(a.float(), b, rtol=tol, atol=tol)
+    if dtype == torch.float32 and clip == 0.05:   # clipping really bound: the norm exceeded the threshold
+        assert float(norm) > clip
+
+
+def _no_sync_worker(rank: int, world: int) -> dict:
+    from gpt3d.config import ParallelConfig
+    from gpt3d.parallel.state import build_parallel_state
+    ps = build_parallel_state(ParallelConfig(), world, rank, torch.device("cpu"))
+    model = _model(torch.float32)
+    grads = GradBuffer([model], ps, zero_stage=1, bucket_size_mb=0.001)
+    grads.zero_grad()
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
+    with grads.no_sync():
+        model(x).pow(2).mean().backward()
+    inside = [b.handle is not None for b in grads.buckets]
+    model(x).pow(2).mean().backward()
+    after = [b.handle is not None for b in grads.buckets]
+    grads.finish_grad_sync()
+    mine = [(r.name, r.lo, r.hi, grads.grad_data[r.offset:r.offset + r.hi - r.lo].tolist())
+            for r in grads.local_ranges()]   # plain lists: tensors would share memory with an exiting process
+    return {"inside": inside, "after": after, "mine": mine, "nbytes": grads.nbytes(),
+            "numel": sum(p.numel() for p in model.parameters())}
+
+
+@pytest.mark.slow
+def test_grad_buffer_reduces_only_outside_no_sync():
+    """DP=2: backward under no_sync starts no reduction; the synced one reduces every bucket as it fills, and
+    each rank's shard ends up holding the DP mean of both micro-batches' summed gradients."""
+    from tests.support import distributed
+    results = distributed.run(2, _no_sync_worker)
+    ref = _model(torch.float32)
+    for r in range(2):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(r))
+        (ref(x).pow(2).mean() * 2 / 2).backward()    # two micro-batches per rank, averaged over two ranks
+    dense = {n: p.grad.reshape(-1) for n, p in ref.named_parameters()}
+    covered = 0
+    for res in results:
+        assert not any(res["inside"]) and all(res["after"]), res
+        assert res["nbytes"] >= 4 * res["numel"]
+        for name, lo, hi, g in res["mine"]:
+            torch.testing.assert_close(torch.tensor(g), dense[name][lo:hi], rtol=1e-5, atol=1e-6)
+            covered += hi - lo
+    assert covered == results[0]["numel"]   # the two shards hold every gradient element once
