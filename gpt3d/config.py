@@ -184,7 +184,7 @@ class TrainingConfig:
     seed: int = opt(1234, "random seed (weights do not depend on the parallel layout)")
     device: str = opt("auto", "where to train", choices=["auto", "cpu", "cuda"])
     eval_interval: int = opt(1000, "iterations between validations")
-    eval_iters: int = opt(10, "batches per validation")
+    eval_iters: int = opt(100, "batches per validation (also sizes the validation/test index, as in Megatron)")
     log_interval: int = opt(10, "iterations between log lines")
     log_file: Optional[str] = opt(None, "JSON-lines metrics file")
     tensorboard_dir: Optional[str] = opt(None, "TensorBoard log directory")

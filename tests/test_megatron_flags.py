@@ -136,6 +136,21 @@ def test_seed_script_parses_into_the_config_it_means(name, tmp_path, monkeypatch
         (TRAIN_SAMPLES, (iters // 100 + 1) * 10 * s["gbs"], 10 * s["gbs"])
 
 
+def test_defaults_that_size_the_index_are_megatrons():
+    """Megatron-DeepSpeed's arguments.py: --seed 1234, --split '969, 30, 1', --eval-interval 1000,
+    --eval-iters 100, --global-batch-size micro x DP, --data-impl infer. A command line that leaves them out
+    gets the same (train, valid, test) sample counts, hence the same index, in gpt3d."""
+    from gpt3d.data.gpt_dataset import get_split_ranges
+    cfg = parse(["--data-path", "corpus", "--train-iters", "5000", "--micro-batch-size", "4"])
+    t, d = cfg.training, cfg.data
+    assert (t.seed, t.eval_interval, t.eval_iters, t.global_batch_size, d.data_impl) == (1234, 1000, 100, None,
+                                                                                          "infer")
+    for docs in (1, 7, 1000, 123457):
+        assert get_split_ranges(d.split, docs) == get_split_ranges("969, 30, 1", docs)
+    assert train_valid_test_num_samples(5000, t.train_samples, 4, t.eval_interval, t.eval_iters) == \
+        (20_000, 6 * 100 * 4, 100 * 4)
+
+
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--vocab-size", "128", "--mock-data", "--train-iters", "1", "--device", "cpu", "--micro-batch-size", "2"]
 
