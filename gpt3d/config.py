@@ -185,7 +185,7 @@ class TrainingConfig:
     device: str = opt("auto", "where to train", choices=["auto", "cpu", "cuda"])
     eval_interval: int = opt(1000, "iterations between validations")
     eval_iters: int = opt(100, "batches per validation (also sizes the validation/test index, as in Megatron)")
-    log_interval: int = opt(10, "iterations between log lines")
+    log_interval: int = opt(10, "iterations between log lines (a ds_config's steps_per_print does not change it)")
     log_file: Optional[str] = opt(None, "JSON-lines metrics file")
     tensorboard_dir: Optional[str] = opt(None, "TensorBoard log directory")
     tensorboard_queue_size: int = opt(10, "TensorBoard events buffered before a write (Megatron's default is 1000)")

@@ -171,7 +171,6 @@ def _one_error_line(capsys, argv) -> str:
     ({"zero_optimization.stage": 0}, ["--zero-stage", "1"], "zero_optimization.stage = 0 conflicts"),
     ({"fp16.hysteresis": 4}, ["--hysteresis", "2"], "fp16.hysteresis = 4 conflicts with --hysteresis 2"),
     ({}, ["--bf16"], "fp16.enabled"),      # the file asks for fp16, the flag for bf16
-    ({"steps_per_print": 5}, ["--log-interval", "10"], "steps_per_print = 5 conflicts with --log-interval 10"),
     ({"zero_optimization.stage": 3}, [], "zero_optimization.stage: ZeRO stage 3 is not supported"),
     ({"zero_optimization.stage": 2}, [], "zero_optimization.stage: ZeRO stage 2 is not supported"),
     ({"zero_optimization.offload_optimizer": {"device": "cpu"}}, [], "zero_optimization.offload_optimizer"),
@@ -183,6 +182,19 @@ def test_conflicts_and_unsupported_features_give_one_line(edit, flags, key, tmp_
     path = ds_config(tmp_path, 8, **edit)
     line = _one_error_line(capsys, [*TINY, *flags, "--deepspeed", "--deepspeed_config", path])
     assert key in line and path in line
+
+
+def test_steps_per_print_is_accepted_and_leaves_the_log_interval_alone(tmp_path, monkeypatch, capsys):
+    """In Megatron-DeepSpeed steps_per_print paces DeepSpeed's own prints and --log-interval Megatron's log
+    line, independently; gpt3d's log line is Megatron's, so only --log-interval sets it."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    path = ds_config(tmp_path, 8, steps_per_print=5)
+    for flags, interval in ((["--log-interval", "10"], 10), (["--log-interval", "3"], 3), ([], 10)):
+        cfg = parse([*TINY, *flags, "--deepspeed", "--deepspeed_config", path])
+        assert cfg.training.log_interval == interval
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert "steps_per_print does not change it" in " ".join(capsys.readouterr().out.split())
 
 
 def test_ds_config_fills_what_the_flags_leave_open(tmp_path, monkeypatch):
