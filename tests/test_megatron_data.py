@@ -237,6 +237,34 @@ def test_one_weighted_corpus_takes_the_blend_path(tmp_path):
     assert not np.array_equal(plain.shuffle_idx[:n], member.shuffle_idx[:n])
 
 
+def test_reads_megatron_deepspeed_append_eod_files_as_megatron_does(tmp_path, capsys):
+    """Megatron-DeepSpeed's preprocess_data.py at the seed's commit, with --append-eod, writes each non-empty
+    document's eod into the .bin but not into the .idx sizes; Megatron reads through the pointers regardless.
+    gpt3d opens such a pair (the .bin longer by exactly one token per non-empty document) and reads the same
+    tokens; any other size mismatch is still refused."""
+    from gpt3d.data.indexed import DataError
+    eod = 50000
+    docs = [[1, 2, 3], [], [4, 5], [6] * 20, [], [7, 8, 9, 10]]
+    prefix = str(tmp_path / "mds")
+    b = MMapIndexedDatasetBuilder(prefix + ".bin", np.uint16)
+    for d in docs:                                           # sizes without the eod, as that script counts
+        if d:
+            b.add_item(d)
+        b.end_document()
+    b.finalize(prefix + ".idx")
+    flat = np.array([t for d in docs if d for t in d + [eod]], dtype=np.uint16)
+    flat.tofile(prefix + ".bin")                             # the eods are in the .bin
+    ds = MMapIndexedDataset(prefix)
+    assert "leaves each document's eod token out of its sizes" in capsys.readouterr().err
+    starts = np.concatenate([[0], np.cumsum(ds.sizes)[:-1]])   # Megatron: pointers from the sizes alone
+    for i, (start, size) in enumerate(zip(starts, ds.sizes)):
+        assert np.array_equal(ds[i], flat[start:start + size]), i
+    assert list(ds[1]) == [eod, 4]                           # the first eod shifts every later sequence
+    np.append(flat, [eod]).astype(np.uint16).tofile(prefix + ".bin")   # one token too many: not that layout
+    with pytest.raises(DataError, match="does not match its index"):
+        MMapIndexedDataset(prefix)
+
+
 def test_dataset_serves_the_stream_in_shuffle_order(tmp_path):
     prefix = _write_corpus(str(tmp_path / "one"), _sizes(3, n=80), 0)
     indexed = MMapIndexedDataset(prefix)
