@@ -160,7 +160,7 @@ class PrecisionConfig:
 
 @dataclass
 class DataConfig:
-    data_path: list = opt([], "data prefixes, optionally weighted: [w1] p1 [w2 p2 ...]")
+    data_path: list = opt([], "a data prefix, or weighted pairs w1 p1 [w2 p2 ...] (a blend, one pair too)")
     split: str = opt("969,30,1", "train,valid,test split over documents")
     tokenizer_type: str = opt("GPT2BPETokenizer", "tokenizer, by Megatron's name", choices=list(TOKENIZER_TYPES))
     tokenizer_model: Optional[str] = opt(None, "HuggingFaceTokenizer: tokenizer.json (or its directory); "
