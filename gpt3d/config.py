@@ -161,7 +161,7 @@ class PrecisionConfig:
 
 @dataclass
 class DataConfig:
-    data_path: list = opt([], "data prefixes, optionally weighted: [w1] p1 [w2 p2 ...]")
+    data_path: list = opt([], "a data prefix, or weighted pairs w1 p1 [w2 p2 ...] (a blend, one pair too)")
     split: str = opt("969,30,1", "train,valid,test split over documents")
     tokenizer_type: str = opt("GPT2BPETokenizer", "tokenizer, by Megatron's name", choices=list(TOKENIZER_TYPES))
     tokenizer_model: Optional[str] = opt(None, "HuggingFaceTokenizer: tokenizer.json (or its directory); "
@@ -185,8 +185,8 @@ class TrainingConfig:
     seed: int = opt(1234, "random seed (weights do not depend on the parallel layout)")
     device: str = opt("auto", "where to train", choices=["auto", "cpu", "cuda"])
     eval_interval: int = opt(1000, "iterations between validations")
-    eval_iters: int = opt(10, "batches per validation")
-    log_interval: int = opt(10, "iterations between log lines")
+    eval_iters: int = opt(100, "batches per validation (also sizes the validation/test index, as in Megatron)")
+    log_interval: int = opt(10, "iterations between log lines (a ds_config's steps_per_print does not change it)")
     log_file: Optional[str] = opt(None, "JSON-lines metrics file")
     tensorboard_dir: Optional[str] = opt(None, "TensorBoard log directory")
     tensorboard_queue_size: int = opt(10, "TensorBoard events buffered before a write (Megatron's default is 1000)")

@@ -10,6 +10,11 @@ default (no clipping without `gradient_clipping`, ZeRO stage 0 without
 user gave, and any DeepSpeed feature gpt3d does not have (ZeRO-2/3, offload,
 DeepSpeed's own optimizer or scheduler, ...), stops the run with one line
 naming the key.
+
+`steps_per_print` is accepted and changes nothing: under Megatron-DeepSpeed it
+paces the DeepSpeed engine's own progress prints, independently of Megatron's
+log line (--log-interval). gpt3d has no engine prints; its log line is
+Megatron's, every --log-interval (default 10; Megatron's is 100).
 """
 from __future__ import annotations
 
@@ -102,8 +107,7 @@ def deepspeed_settings(ds: dict, path: str, micro_batch: int, dp: Optional[int])
             fail("train_batch_size", f"{tbs} != train_micro_batch_size_per_gpu ({mbs}) x "
                                      f"gradient_accumulation_steps ({gas}) x data-parallel size ({dp})")
 
-    if "steps_per_print" in ds:
-        out.append(("log_interval", int(ds["steps_per_print"]), "steps_per_print"))
+    # steps_per_print: accepted, no effect (the module docstring says why)
     out.append(("clip_grad", float(ds.get("gradient_clipping", 0.0)), "gradient_clipping"))
     if not isinstance(ds.get("prescale_gradients", False), bool):
         fail("prescale_gradients", "expected true or false")

@@ -36,9 +36,14 @@ from .vocab_check import check_token_ids
 RULES = "mds1"   # bump when the index rules change, so old caches are not reused
 
 
+def data_path_items(data_path) -> list[str]:
+    """--data-path as Megatron's argparse list (nargs='*'): `1.0 prefix` is two items."""
+    return data_path.split() if isinstance(data_path, str) else [str(x) for x in data_path]
+
+
 def parse_data_path(data_path) -> tuple[list[str], list[float]]:
     """`prefix` or `w1 p1 w2 p2 ...` -> (prefixes, weights normalised as Megatron does)."""
-    items = data_path.split() if isinstance(data_path, str) else [str(x) for x in data_path]
+    items = data_path_items(data_path)
     if len(items) == 1:
         return items, [1.0]
     if len(items) % 2:
@@ -212,9 +217,11 @@ def build_train_valid_test_datasets(data_path, split: str, num_samples: tuple, s
                                     vocab_size: Optional[int] = None):
     """(train, valid, test) for `num_samples` = (train, valid, test) sample counts (see sizing.py).
 
-    A weighted --data-path asks each corpus for ceil(N * w * 1.005) samples and blends them with
-    Megatron's greedy into exactly N (blend.py). With `vocab_size`, every id of the documents used must
-    fit it (vocab_check.py)."""
+    As in Megatron-DeepSpeed, the branch is taken on the raw --data-path list: one item is one corpus
+    indexed for N samples; anything longer is `weight prefix` pairs, even a single pair (`1.0 prefix`):
+    each corpus is asked for ceil(N * w * 1.005) samples and the blend, built by Megatron's greedy
+    (blend.py), has the sum of those counts as its length (its first N samples are what training reads).
+    With `vocab_size`, every id of the documents used must fit it (vocab_check.py)."""
     prefixes, weights = parse_data_path(data_path)
     names = ("train", "valid", "test")
 
@@ -235,7 +242,7 @@ def build_train_valid_test_datasets(data_path, split: str, num_samples: tuple, s
                                   is_builder=is_builder, barrier=barrier))
         return out
 
-    if len(prefixes) == 1:
+    if len(data_path_items(data_path)) == 1:
         return tuple(single(prefixes[0], num_samples))
     per_corpus = corpus_num_samples(weights, num_samples)
     per = [single(p, counts) for p, counts in zip(prefixes, per_corpus)]
@@ -245,6 +252,7 @@ def build_train_valid_test_datasets(data_path, split: str, num_samples: tuple, s
         if not parts or n <= 0:
             result.append(None)
             continue
+        n = sum(counts[k] for counts in per_corpus)   # Megatron-DeepSpeed's blend size, over every corpus
         key = f"{names[k]}:{n}:" + "|".join(f"{d.cache_paths['shuffle']}:{w!r}" for d, w in parts)
         cache = f"{prefixes[0]}_{names[k]}_blend_{n}ns_{hashlib.md5(key.encode()).hexdigest()[:10]}"
         result.append(BlendableDataset([d for d, _ in parts], [w for _, w in parts], n, cache_prefix=cache,

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, warn
 
 MAGIC = b"MMIDIDX\x00\x00"
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float64,
@@ -54,9 +54,23 @@ class MMapIndexedDataset:
         self.doc_idx = np.frombuffer(buf, dtype=np.int64, count=m, offset=34 + 12 * n)
         need = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
         have = os.path.getsize(bin_)
-        if have != need:
+        if have != need and not self._eods_left_out(have - need):
             raise DataError(f"{bin_}: size {have} bytes does not match its index ({need} bytes expected)")
         self.bin = np.memmap(bin_, mode="r", dtype=self.dtype) if have else np.zeros(0, self.dtype)
+
+    def _eods_left_out(self, extra: int) -> bool:
+        """Megatron-DeepSpeed's tools/preprocess_data.py (seed commit b3405e1) with --append-eod writes one eod
+        per non-empty document into the .bin but not into the sizes, so the .bin is longer than its index by
+        exactly that many tokens. Megatron reads such files through the pointers as they are; so does gpt3d."""
+        if extra <= 0 or extra % self.dtype.itemsize or len(self.doc_idx) < 2:
+            return False
+        nonempty = int(np.count_nonzero(self.doc_idx[1:] > self.doc_idx[:-1]))
+        if extra // self.dtype.itemsize != nonempty:
+            return False
+        if os.environ.get("RANK", "0") == "0":
+            warn(f"{self.prefix}.idx leaves each document's eod token out of its sizes (as Megatron-DeepSpeed's "
+                 f"preprocess_data.py --append-eod wrote it); read as Megatron reads it")
+        return True
 
     def __len__(self) -> int:
         return len(self.sizes)

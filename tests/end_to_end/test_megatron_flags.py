@@ -136,6 +136,21 @@ def test_seed_script_parses_into_the_config_it_means(name, tmp_path, monkeypatch
         (TRAIN_SAMPLES, (iters // 100 + 1) * 10 * s["gbs"], 10 * s["gbs"])
 
 
+def test_defaults_that_size_the_index_are_megatrons():
+    """Megatron-DeepSpeed's arguments.py: --seed 1234, --split '969, 30, 1', --eval-interval 1000,
+    --eval-iters 100, --global-batch-size micro x DP, --data-impl infer. A command line that leaves them out
+    gets the same (train, valid, test) sample counts, hence the same index, in gpt3d."""
+    from gpt3d.data.gpt_dataset import get_split_ranges
+    cfg = parse(["--data-path", "corpus", "--train-iters", "5000", "--micro-batch-size", "4"])
+    t, d = cfg.training, cfg.data
+    assert (t.seed, t.eval_interval, t.eval_iters, t.global_batch_size, d.data_impl) == (1234, 1000, 100, None,
+                                                                                          "infer")
+    for docs in (1, 7, 1000, 123457):
+        assert get_split_ranges(d.split, docs) == get_split_ranges("969, 30, 1", docs)
+    assert train_valid_test_num_samples(5000, t.train_samples, 4, t.eval_interval, t.eval_iters) == \
+        (20_000, 6 * 100 * 4, 100 * 4)
+
+
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--vocab-size", "128", "--mock-data", "--train-iters", "1", "--device", "cpu", "--micro-batch-size", "2"]
 
@@ -156,7 +171,6 @@ def _one_error_line(capsys, argv) -> str:
     ({"zero_optimization.stage": 0}, ["--zero-stage", "1"], "zero_optimization.stage = 0 conflicts"),
     ({"fp16.hysteresis": 4}, ["--hysteresis", "2"], "fp16.hysteresis = 4 conflicts with --hysteresis 2"),
     ({}, ["--bf16"], "fp16.enabled"),      # the file asks for fp16, the flag for bf16
-    ({"steps_per_print": 5}, ["--log-interval", "10"], "steps_per_print = 5 conflicts with --log-interval 10"),
     ({"zero_optimization.stage": 3}, [], "zero_optimization.stage: ZeRO stage 3 is not supported"),
     ({"zero_optimization.stage": 2}, [], "zero_optimization.stage: ZeRO stage 2 is not supported"),
     ({"zero_optimization.offload_optimizer": {"device": "cpu"}}, [], "zero_optimization.offload_optimizer"),
@@ -168,6 +182,19 @@ def test_conflicts_and_unsupported_features_give_one_line(edit, flags, key, tmp_
     path = ds_config(tmp_path, 8, **edit)
     line = _one_error_line(capsys, [*TINY, *flags, "--deepspeed", "--deepspeed_config", path])
     assert key in line and path in line
+
+
+def test_steps_per_print_is_accepted_and_leaves_the_log_interval_alone(tmp_path, monkeypatch, capsys):
+    """In Megatron-DeepSpeed steps_per_print paces DeepSpeed's own prints and --log-interval Megatron's log
+    line, independently; gpt3d's log line is Megatron's, so only --log-interval sets it."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    path = ds_config(tmp_path, 8, steps_per_print=5)
+    for flags, interval in ((["--log-interval", "10"], 10), (["--log-interval", "3"], 3), ([], 10)):
+        cfg = parse([*TINY, *flags, "--deepspeed", "--deepspeed_config", path])
+        assert cfg.training.log_interval == interval
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert "steps_per_print does not change it" in " ".join(capsys.readouterr().out.split())
 
 
 def test_ds_config_fills_what_the_flags_leave_open(tmp_path, monkeypatch):

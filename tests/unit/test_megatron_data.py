@@ -184,8 +184,10 @@ def test_three_corpus_blend_sample_for_sample(tmp_path):
     split = "80,12,8"
     train, valid, test = build_train_valid_test_datasets(data_path, split, n, SEQ, 77)
     weights = ref_normalize(raw)
-    ref_d, ref_s = ref_blend(list(np.array(weights) / np.sum(weights)), n[0])
-    assert len(train) == n[0]
+    # Megatron-DeepSpeed sizes each blend by the sum of the per-corpus counts, not by N
+    sizes = [sum(int(math.ceil(m * w * 1.005)) for w in weights) for m in n]
+    ref_d, ref_s = ref_blend(list(np.array(weights) / np.sum(weights)), sizes[0])
+    assert len(train) == sizes[0] == 303 > n[0]
     assert np.array_equal(train.dataset_index, ref_d) and np.array_equal(train.sample_index, ref_s)
     for c, (prefix, w) in enumerate(zip(prefixes, weights)):
         indexed = MMapIndexedDataset(prefix)
@@ -198,12 +200,69 @@ def test_three_corpus_blend_sample_for_sample(tmp_path):
         for i in np.flatnonzero(ref_d == c)[:25]:
             k = int(shuffle[ref_s[i]])
             assert np.array_equal(train[int(i)]["text"], _stream_sample(indexed, doc, k, SEQ)), i
-    assert len(valid) == n[1] and len(test) == n[2]
+    for blend, size in ((valid, sizes[1]), (test, sizes[2])):
+        ref_d, ref_s = ref_blend(list(np.array(weights) / np.sum(weights)), size)
+        assert len(blend) == size and np.array_equal(blend.dataset_index, ref_d)
+        assert np.array_equal(blend.sample_index, ref_s)
     # the blend is cached beside the first corpus and read back by a non-building rank
     again = build_train_valid_test_datasets(data_path, split, n, SEQ, 77, is_builder=False)[0]
     assert isinstance(again.dataset_index, np.memmap)
     assert np.array_equal(again.dataset_index, train.dataset_index)
     assert np.array_equal(again.sample_index, train.sample_index)
+
+
+def test_one_weighted_corpus_takes_the_blend_path(tmp_path):
+    """Megatron branches on the raw --data-path list: `1.0 prefix` (two items) is a blend of one corpus, asked
+    for ceil(N * 1.005) samples. With N exactly one epoch that needs a second epoch, so the order differs
+    from the plain `prefix` one, whose index has one epoch."""
+    prefix = _write_corpus(str(tmp_path / "w"), _sizes(4, n=90), 0)
+    indexed = MMapIndexedDataset(prefix)
+    docs = np.arange(len(indexed), dtype=np.int32)
+    n = (int(indexed.sizes.sum()) - 1) // SEQ                # one epoch's samples
+    wanted = int(math.ceil(n * 1.0 * 1.005))
+    plain = build_train_valid_test_datasets([prefix], "1", (n, 0, 0), SEQ, 9)[0]
+    doc, _, shuffle, epochs, _ = ref_mappings(docs, indexed.sizes, n, SEQ, 9)
+    assert isinstance(plain, GPTDataset) and epochs == 1 and np.array_equal(plain.shuffle_idx, shuffle)
+    for data_path in (["1.0", prefix], ["0.25", prefix], f"1 {prefix}"):
+        blend = build_train_valid_test_datasets(data_path, "1", (n, 0, 0), SEQ, 9)[0]
+        assert isinstance(blend, BlendableDataset) and len(blend) == wanted > n
+        doc, sample, shuffle, epochs, _ = ref_mappings(docs, indexed.sizes, wanted, SEQ, 9)
+        assert epochs == 2 and blend.order == "2 epochs, the last shuffled apart"
+        (member,) = blend.datasets
+        assert np.array_equal(member.doc_idx, doc) and np.array_equal(member.sample_idx, sample)
+        assert np.array_equal(member.shuffle_idx, shuffle)
+        assert not blend.dataset_index.any() and np.array_equal(blend.sample_index, np.arange(wanted))
+        for i in range(0, n, 5):
+            assert np.array_equal(blend[i]["text"], _stream_sample(indexed, doc, int(shuffle[i]), SEQ)), i
+    assert not np.array_equal(plain.shuffle_idx[:n], member.shuffle_idx[:n])
+
+
+def test_reads_megatron_deepspeed_append_eod_files_as_megatron_does(tmp_path, capsys):
+    """Megatron-DeepSpeed's preprocess_data.py at the seed's commit, with --append-eod, writes each non-empty
+    document's eod into the .bin but not into the .idx sizes; Megatron reads through the pointers regardless.
+    gpt3d opens such a pair (the .bin longer by exactly one token per non-empty document) and reads the same
+    tokens; any other size mismatch is still refused."""
+    from gpt3d.data.indexed import DataError
+    eod = 50000
+    docs = [[1, 2, 3], [], [4, 5], [6] * 20, [], [7, 8, 9, 10]]
+    prefix = str(tmp_path / "mds")
+    b = MMapIndexedDatasetBuilder(prefix + ".bin", np.uint16)
+    for d in docs:                                           # sizes without the eod, as that script counts
+        if d:
+            b.add_item(d)
+        b.end_document()
+    b.finalize(prefix + ".idx")
+    flat = np.array([t for d in docs if d for t in d + [eod]], dtype=np.uint16)
+    flat.tofile(prefix + ".bin")                             # the eods are in the .bin
+    ds = MMapIndexedDataset(prefix)
+    assert "leaves each document's eod token out of its sizes" in capsys.readouterr().err
+    starts = np.concatenate([[0], np.cumsum(ds.sizes)[:-1]])   # Megatron: pointers from the sizes alone
+    for i, (start, size) in enumerate(zip(starts, ds.sizes)):
+        assert np.array_equal(ds[i], flat[start:start + size]), i
+    assert list(ds[1]) == [eod, 4]                           # the first eod shifts every later sequence
+    np.append(flat, [eod]).astype(np.uint16).tofile(prefix + ".bin")   # one token too many: not that layout
+    with pytest.raises(DataError, match="does not match its index"):
+        MMapIndexedDataset(prefix)
 
 
 def test_dataset_serves_the_stream_in_shuffle_order(tmp_path):
@@ -250,4 +309,6 @@ def test_blending_cache_is_keyed_by_weights(tmp_path):
     one = build_train_valid_test_datasets(["0.3", prefixes[0], "0.7", prefixes[1]], "1", (200, 0, 0), SEQ, 1)[0]
     two = build_train_valid_test_datasets(["0.7", prefixes[0], "0.3", prefixes[1]], "1", (200, 0, 0), SEQ, 1)[0]
     assert one.cache_paths != two.cache_paths
-    assert np.bincount(one.dataset_index)[0] == 60 and np.bincount(two.dataset_index)[0] == 140
+    assert len(one) == len(two) == 61 + 141                  # ceil(200 * 0.3 * 1.005) + ceil(200 * 0.7 * 1.005)
+    for blend, w in ((one, [0.3, 0.7]), (two, [0.7, 0.3])):
+        assert np.array_equal(blend.dataset_index, ref_blend(ref_normalize(w), len(blend))[0])
