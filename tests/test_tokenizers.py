@@ -133,6 +133,40 @@ def test_null_tokenizer_follows_megatron():
         tok.encode("1 two")
 
 
+def test_huggingface_tokenizer_ignores_stored_truncation_and_padding(hf_bpe, texts, tmp_path):
+    """A tokenizer.json saved with truncation and padding (here at 8) still gives every id of a document and
+    no pad ids, as Megatron's `AutoTokenizer(text).input_ids` does; so does the exported tokenizer."""
+    from tokenizers import Tokenizer
+
+    from gpt3d.data.hf_tokenizer import export_tokenizer
+    ref = Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json"))
+    cut = Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json"))
+    cut.enable_truncation(8)
+    cut.enable_padding(length=8, pad_id=2, pad_token="<pad>")
+    (tmp_path / "cut").mkdir()
+    cut.save(str(tmp_path / "cut" / "tokenizer.json"))
+    assert json.loads((tmp_path / "cut" / "tokenizer.json").read_text())["truncation"]["max_length"] == 8
+    long_doc = max(texts, key=len)
+    assert len(ref.encode(long_doc).ids) > 15
+    tok = build_tokenizer(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "cut"))
+    assert tok.encode(long_doc) == ref.encode(long_doc).ids
+    assert tok.encode("hi") == ref.encode("hi").ids and 2 not in tok.encode("hi")
+    assert tok.encode_batch([long_doc, "hi"]) == [ref.encode(long_doc).ids, ref.encode("hi").ids]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": long_doc}) + "\n" + json.dumps({"text": "hi"}) + "\n")
+    assert preprocess_main(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                            "--tokenizer-type", "HuggingFaceTokenizer",
+                            "--tokenizer-model", str(tmp_path / "cut")]) == 0
+    ds = MMapIndexedDataset(str(tmp_path / "o_text_document"))
+    assert ds[0].tolist() == ref.encode(long_doc).ids and ds[1].tolist() == ref.encode("hi").ids
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(tok, str(tmp_path / "hf"), 128)
+    saved = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    assert saved["truncation"] is None and saved["padding"] is None
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert hf(long_doc)["input_ids"] == tok.encode(long_doc) and hf("hi")["input_ids"] == tok.encode("hi")
+
+
 @pytest.mark.parametrize("kind", ["bpe", "spm", "null"])
 def test_save_files_load_from_dir_and_fingerprint(kind, hf_bpe, spm_model, tmp_path, texts):
     """Files copied with their manifest rebuild the same tokenizer anywhere; the fingerprint follows content."""

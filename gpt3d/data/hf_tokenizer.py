@@ -13,7 +13,7 @@ import os
 import shutil
 
 from .spm_tokenizer import SentencePieceTokenizer
-from .tokenizer import GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer, Tokenizer, TokenizerError
+from .tokenizer import GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer, Tokenizer, TokenizerError, plain
 
 PROBES = [
     "Hello world", "  two leading spaces", "trailing space ", "a  b   c", "tab\tnew\nline\r\n", "", " ",
@@ -30,7 +30,7 @@ def to_hf_tokenizer(tok: Tokenizer):
     if isinstance(tok, GPT2BPETokenizer):
         return HFTok.from_str(tok.tok.to_str())
     if isinstance(tok, HuggingFaceTokenizer):
-        return HFTok.from_file(tok.file)
+        return plain(HFTok.from_file(tok.file))    # no stored truncation/padding in the export either
     if isinstance(tok, NullTokenizer):
         from tokenizers import models, pre_tokenizers
         t = HFTok(models.WordLevel({str(i): i for i in range(tok.vocab_size)}, unk_token=str(tok.eod)))

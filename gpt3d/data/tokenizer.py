@@ -39,6 +39,14 @@ def _batch(tok):
     return getattr(tok, "encode_batch_fast", tok.encode_batch)
 
 
+def plain(tok):
+    """An HF `tokenizers.Tokenizer` without the truncation and padding its tokenizer.json may store: every
+    id of every text, as `AutoTokenizer(text).input_ids` (Megatron's HuggingFaceTokenizer) gives them."""
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
 def _need_file(path: Optional[str], what: str) -> str:
     if not path or not os.path.isfile(path):
         raise TokenizerError(f"{what} not found: {path}")
@@ -213,9 +221,10 @@ def _token_name(value) -> Optional[str]:
 
 class HuggingFaceTokenizer(Tokenizer):
     """A tokenizer.json (or a directory holding one) through HF `tokenizers`: ids exactly as its own
-    `encode` gives them, post-processor special tokens (e.g. a BOS) included, like Megatron's
-    HuggingFaceTokenizer (`AutoTokenizer(text).input_ids`). eos/bos names come from a tokenizer_config.json
-    or special_tokens_map.json beside it, else from a special token with a well-known eos name."""
+    `encode` gives them, post-processor special tokens (e.g. a BOS) included, without the truncation or
+    padding the file may store, like Megatron's HuggingFaceTokenizer (`AutoTokenizer(text).input_ids`).
+    eos/bos names come from a tokenizer_config.json or special_tokens_map.json beside it, else from a
+    special token with a well-known eos name."""
 
     type_name = "HuggingFaceTokenizer"
     CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")
@@ -231,6 +240,7 @@ class HuggingFaceTokenizer(Tokenizer):
             self.tok = HFTok.from_file(file)
         except Exception as e:
             raise TokenizerError(f"{file}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+        plain(self.tok)
         self.file = file
         self.configs = {n: os.path.join(directory, n) for n in self.CONFIGS
                         if os.path.isfile(os.path.join(directory, n))}
