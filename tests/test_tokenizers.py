@@ -356,6 +356,38 @@ def test_preprocess_bad_input_one_line_exit_2(setup, hf_bpe, tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
+@pytest.mark.parametrize("kind", ["bpe", "gpt2", "spm"])
+def test_preprocess_unpaired_surrogate_one_line_exit_2(kind, hf_bpe, spm_model, tmp_path, capsys):
+    """`"\\ud800"` is valid JSON but not Unicode text no tokenizer can take: FILE:LINE, exit 2, outputs kept.
+    An escaped backslash before "ud800" and a proper surrogate pair (an emoji) are fine."""
+    from tokenizers import Tokenizer
+    if kind == "gpt2":
+        (tmp_path / "src").mkdir()
+        Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json")).model.save(str(tmp_path / "src"))
+        flags = ["--vocab-file", str(tmp_path / "src" / "vocab.json"), "--merge-file",
+                 str(tmp_path / "src" / "merges.txt")]
+    else:
+        flags = tokenizer_flags(kind, hf_bpe, spm_model)
+    fine = '{"text": "a \\\\ud800 \\ud83d\\ude42 b"}\n'
+    (tmp_path / "good.jsonl").write_text(fine)
+    out = str(tmp_path / "out")
+    assert preprocess_main(["--input", str(tmp_path / "good.jsonl"), "--output-prefix", out, *flags]) == 0
+    before = read_pair(out + "_text_document")
+    for name, body, message in [("s.jsonl", fine + '{"text": "x\\ud800y"}\n',
+                                 "s.jsonl:2: the value under 'text' holds an unpaired UTF-16 surrogate escape "
+                                 "(character 2: '\\ud800')"),
+                                ("l.jsonl", fine * 2 + '\n{"text": ["ok", "x\\uDFFF"]}\n',
+                                 "l.jsonl:4: the value under 'text' holds an unpaired UTF-16 surrogate escape "
+                                 "(sentence 2, character 2: '\\udfff')")]:
+        (tmp_path / name).write_text(body)
+        capsys.readouterr()
+        assert preprocess_main(["--input", str(tmp_path / name), "--output-prefix", out, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("gpt3d: error: ") and message in err[0], err
+        assert read_pair(out + "_text_document") == before
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
 def test_append_eod_needs_an_eos(tmp_path, capsys):
     from tokenizers import Tokenizer, models
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "t.json"))

@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Union
 
@@ -134,6 +135,22 @@ def chunks(path: str, keys: list, chunk_bytes: int = 0) -> Iterator[Chunk]:
         yield Chunk(path, line, carry)
 
 
+# a JSON escape of a UTF-16 surrogate (\ud800-\udfff): the only way valid UTF-8 JSON yields a string that is
+# not Unicode text (an unpaired one cannot be encoded, so no tokenizer takes it)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _unpaired_surrogate(v) -> str:
+    """'' if every string in `v` (a string or a list of them) is encodable text, else where it is not."""
+    for j, s in enumerate([v] if type(v) is str else v):
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = f"sentence {j + 1}, " if type(v) is not str else ""
+            return f"{where}character {e.start + 1}: {s[e.start]!r}"
+    return ""
+
+
 def _what(v) -> str:
     return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", dict: "an object",
             list: "a list with non-strings"}.get(type(v), type(v).__name__)
@@ -153,6 +170,7 @@ def decode(chunk: Chunk, keys: list) -> tuple[dict, int, int]:
         raise DataError(f"{chunk.path}:{line}: not UTF-8 at byte {e.start - start + 1}") from None
     values: dict = {k: [] for k in keys}
     n = 0
+    surrogates = _SURROGATE_ESCAPE.search(raw) is not None       # rare: check the values only then
     for i, ln in enumerate(text.split("\n")):
         if not ln or ln.isspace():
             continue
@@ -170,6 +188,10 @@ def decode(chunk: Chunk, keys: list) -> tuple[dict, int, int]:
             if type(v) is not str and not (type(v) is list and all(type(s) is str for s in v)):
                 raise DataError(f"{chunk.path}:{chunk.first + i}: the value under '{k}' is {_what(v)}, "
                                 "not a string (or a list of strings)")
+            bad = surrogates and _unpaired_surrogate(v)
+            if bad:
+                raise DataError(f"{chunk.path}:{chunk.first + i}: the value under '{k}' holds an unpaired UTF-16 "
+                                f"surrogate escape ({bad}), not valid Unicode text")
             values[k].append(v)
         n += 1
     return values, n, len(raw)
