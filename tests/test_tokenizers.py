@@ -340,7 +340,16 @@ def _truncated_gz(d: Path) -> tuple:
     return [str(d / "t.jsonl.gz")], "t.jsonl.gz: cannot read gzip input"
 
 
-@pytest.mark.parametrize("setup", [_bad_utf8, _number, _no_shards, _int_column, _null_row, _truncated_gz])
+def _truncated_zst(d: Path) -> tuple:
+    import zstandard
+    text = "".join(json.dumps({"text": t}) + "\n" for t in make_texts(300))
+    data = zstandard.ZstdCompressor().compress(text.encode())
+    (d / "t.jsonl.zst").write_bytes(data[:len(data) // 2])             # half of a single-frame file
+    return [str(d / "t.jsonl.zst")], "t.jsonl.zst: truncated zstd stream after line"
+
+
+@pytest.mark.parametrize("setup", [_bad_utf8, _number, _no_shards, _int_column, _null_row, _truncated_gz,
+                                   _truncated_zst])
 def test_preprocess_bad_input_one_line_exit_2(setup, hf_bpe, tmp_path, capsys):
     flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_bpe]
     (tmp_path / "good.jsonl").write_text('{"text": "fine"}\n')
@@ -386,6 +395,22 @@ def test_preprocess_unpaired_surrogate_one_line_exit_2(kind, hf_bpe, spm_model, 
         assert len(err) == 1 and err[0].startswith("gpt3d: error: ") and message in err[0], err
         assert read_pair(out + "_text_document") == before
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_zstd_reads_every_frame_and_refuses_a_cut_one(tmp_path):
+    """Concatenated frames (zstd's multi-frame files) and skippable frames read whole; a file cut inside
+    its second frame, or inside a frame header, is refused."""
+    import zstandard
+    lines = [json.dumps({"text": t}) + "\n" for t in make_texts(200)]
+    frames = [zstandard.ZstdCompressor().compress("".join(part).encode()) for part in (lines[:120], lines[120:])]
+    skippable = struct.pack("<II", 0x184D2A50, 3) + b"pad"
+    (tmp_path / "m.jsonl.zst").write_bytes(skippable + frames[0] + skippable + frames[1])
+    got = b"".join(c.data for c in corpus.chunks(str(tmp_path / "m.jsonl.zst"), ["text"], chunk_bytes=500))
+    assert got == "".join(lines).encode()
+    for cut in (frames[0] + frames[1][:len(frames[1]) // 2], frames[0] + frames[1][:3]):
+        (tmp_path / "c.jsonl.zst").write_bytes(cut)
+        with pytest.raises(corpus.DataError, match="c.jsonl.zst: truncated zstd stream after line"):
+            list(corpus.chunks(str(tmp_path / "c.jsonl.zst"), ["text"]))
 
 
 def test_append_eod_needs_an_eos(tmp_path, capsys):

@@ -89,14 +89,63 @@ def check_input(path: str, keys: list) -> None:
         _parquet(path, keys)
 
 
+class TruncatedZstd(EOFError):
+    """The .zst file ends inside a frame (a cut-off download or copy)."""
+
+
+class ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame (concatenated and skippable frames too).
+
+    zstandard's stream readers return a file that ends inside a frame as if it ended there, so half a
+    corpus would pass for all of it; this reader decodes one frame at a time (a decompressobj says when
+    its frame is complete) and raises TruncatedZstd if the file ends inside one. Input goes in slices of
+    `read_size` bytes, so memory stays bounded by what one slice decompresses to."""
+
+    def __init__(self, path: str, read_size: int = 1 << 16):
+        import zstandard
+        self._dctx = zstandard.ZstdDecompressor()
+        self._fh = open(path, "rb")
+        self._read_size = read_size
+        self._frame = None                  # the decompressobj of the frame being decoded
+        self._input = b""                   # compressed bytes read but not fed yet (after a frame's end)
+        self._out, self._at = b"", 0        # decompressed bytes not returned yet
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while self._at >= len(self._out):
+            if not self._step():
+                return 0
+        n = min(len(buf), len(self._out) - self._at)
+        buf[:n] = memoryview(self._out)[self._at:self._at + n]
+        self._at += n
+        return n
+
+    def _step(self) -> bool:
+        data, self._input = self._input or self._fh.read(self._read_size), b""
+        if not data:
+            if self._frame is not None:
+                raise TruncatedZstd("the file ends inside a zstd frame")
+            return False
+        if self._frame is None:
+            self._frame = self._dctx.decompressobj()
+        self._out, self._at = self._frame.decompress(data), 0
+        if self._frame.eof:
+            self._input, self._frame = self._frame.unused_data, None
+        return True
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
 def _open(path: str):
     k = kind(path)
     if k == "gzip":
         return gzip.open(path, "rb")
     if k == "zstd":
-        import zstandard
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
-                                 buffer_size=1 << 20)
+        return io.BufferedReader(ZstdFrames(path), buffer_size=1 << 20)
     return open(path, "rb")
 
 
@@ -123,6 +172,8 @@ def chunks(path: str, keys: list, chunk_bytes: int = 0) -> Iterator[Chunk]:
                 carry = data[cut:]
                 yield Chunk(path, line, data[:cut])
                 line += data.count(b"\n", 0, cut)
+    except TruncatedZstd as e:
+        raise DataError(f"{path}: truncated zstd stream after line {line} ({e})") from None
     except (OSError, EOFError) as e:
         if isinstance(e, FileNotFoundError):
             raise
