@@ -424,6 +424,32 @@ def test_append_eod_needs_an_eos(tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "has no end-of-document (eos) token" in err[0]
 
 
+def test_gpt2_vocab_without_endoftext_has_no_eod(hf_bpe, tmp_path, capsys):
+    """Megatron's GPT2BPETokenizer needs <|endoftext|>; gpt3d never stands in the last id (a real token): the
+    eod stays unset and --append-eod is refused with one line naming the vocab file."""
+    from tokenizers import Tokenizer
+    Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json")).model.save(str(tmp_path))
+    vocab, merges = str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    assert "<|endoftext|>" not in json.loads(Path(vocab).read_text())
+    tok = build_tokenizer(vocab, merges)
+    assert tok.eod is None and tok.eod_token is None
+    (tmp_path / "c.jsonl").write_text('{"text": "kato mo"}\n')
+    flags = ["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "o"), "--vocab-file", vocab,
+             "--merge-file", merges]
+    assert preprocess_main(flags + ["--append-eod"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == (f"gpt3d: error: GPT2BPETokenizer vocab.json, merges.txt has no "
+                                        f"end-of-document (eos) token; {vocab} has no <|endoftext|> entry"), err
+    assert not (tmp_path / "o_text_document.bin").exists()
+    assert preprocess_main(flags) == 0                                # ids alone need no eod
+    assert MMapIndexedDataset(str(tmp_path / "o_text_document"))[0].tolist() == tok.encode("kato mo")
+    with_eod = json.loads(Path(vocab).read_text())
+    with_eod["<|endoftext|>"] = len(with_eod)
+    Path(vocab).write_text(json.dumps(with_eod))
+    tok = build_tokenizer(vocab, merges)
+    assert (tok.eod, tok.eod_token) == (len(with_eod) - 1, "<|endoftext|>")
+
+
 # ----- export to transformers, and the checkpoint side -------------------------------------------------------
 @pytest.mark.parametrize("kind", ["GPT2BPETokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
                                   "NullTokenizer"])

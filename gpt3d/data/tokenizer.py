@@ -89,8 +89,12 @@ class Tokenizer:
     def require_eod(self) -> int:
         if self.eod is None:
             raise TokenizerError(f"{self.type_name} {self.describe()} has no end-of-document (eos) token; "
-                                 "name one as eos_token in a tokenizer_config.json beside tokenizer.json")
+                                 + self.no_eod_hint())
         return self.eod
+
+    def no_eod_hint(self) -> str:
+        """What the user can do about a missing eod (the end of require_eod's message)."""
+        return "the tokenizer's files name none"
 
     def describe(self) -> str:
         return ", ".join(os.path.basename(p) for p in self.files().values()) or f"vocab {self.vocab_size}"
@@ -196,8 +200,13 @@ class GPT2BPETokenizer(Tokenizer):
         self.tok.decoder = decoders.ByteLevel()
         self.vocab_file, self.merge_file = vocab_file, merge_file
         self.vocab_size = len(vocab)
-        self.eod = vocab.get(EOD, self.vocab_size - 1)
+        # Megatron's GPT2BPETokenizer requires <|endoftext|>; without it there is no eod (never a stand-in
+        # id, which would be a real token), and what needs one (--append-eod) is refused by require_eod
+        self.eod = vocab.get(EOD)
         self.eod_token = EOD if EOD in vocab else None
+
+    def no_eod_hint(self) -> str:
+        return f"{self.vocab_file} has no {EOD} entry"
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -278,6 +287,9 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def files(self) -> dict[str, str]:
         return {"tokenizer.json": self.file, **self.configs}
+
+    def no_eod_hint(self) -> str:
+        return "name one as eos_token in a tokenizer_config.json beside tokenizer.json"
 
 
 # ----- ids as text -----------------------------------------------------------------------------------------------
