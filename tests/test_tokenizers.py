@@ -476,6 +476,33 @@ def test_exported_tokenizer_encodes_like_gpt3d(kind, hf_bpe, spm_model, texts, t
         assert hf(t)["input_ids"] == tok.encode(t), t
 
 
+def test_export_verifies_text_decoded_from_the_training_data(spm_model, texts, tmp_path):
+    """export-hf checks the exported tokenizer on text decoded from the checkpoint's .bin/.idx too (beside
+    the fixed probes): a difference only such text shows refuses the export; gone or mock data is skipped."""
+    from gpt3d.data.hf_tokenizer import data_sample, export_tokenizer
+    from gpt3d.data.spm_tokenizer import GPTSentencePieceTokenizer
+    tok = build_tokenizer(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=spm_model)
+    docs = [t for t in texts if t][:300]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    preprocess(str(tmp_path / "c.jsonl"), str(tmp_path / "d"), tokenizer_type="GPTSentencePieceTokenizer",
+               tokenizer_model=spm_model, progress=False)
+    prefix = str(tmp_path / "d_text_document")
+    sample = data_sample({"data_path": ["0.7", prefix, "0.3", str(tmp_path / "gone")]}, tok, count=20)
+    ds = MMapIndexedDataset(prefix)
+    assert sample == [tok.decode(ds[i][:512].tolist()) for i in range(0, 300, 30)]
+    assert sample[1] == docs[30]
+    assert data_sample({"data_path": [prefix], "mock_data": True}, tok) == []
+    assert data_sample({"data_path": [str(tmp_path / "gone")]}, tok) == []
+
+    class Differs(GPTSentencePieceTokenizer):              # encodes one training document differently
+        def encode(self, text):
+            return super().encode(text)[::-1] if text == docs[30] else super().encode(text)
+    (tmp_path / "a").mkdir()
+    export_tokenizer(Differs(spm_model), str(tmp_path / "a"), 128)          # the probes alone pass
+    with pytest.raises(TokenizerError, match="refusing to export a tokenizer that differs from training"):
+        export_tokenizer(Differs(spm_model), str(tmp_path / "a"), 128, sample)
+
+
 def test_export_refuses_what_cannot_match(tmp_path, texts):
     import sentencepiece as spm
 

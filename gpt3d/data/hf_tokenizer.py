@@ -86,11 +86,37 @@ def verify(tok: Tokenizer, hf, texts: list) -> None:
                                  "differs from training")
 
 
-def export_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int, sample: str = "") -> dict:
-    """Writes tokenizer.json + tokenizer_config.json (and the source files, for reference) into `out_dir`;
+def data_sample(data: dict, tok: Tokenizer, count: int = 200, max_tokens: int = 512) -> list:
+    """Up to `count` texts decoded from a checkpoint's training data (its --data-path .bin/.idx, sequences
+    spread over each file, at most `max_tokens` ids each): real text for `verify` beside the probes.
+    [] for mock data, or where the files are gone or unreadable (the probes still run)."""
+    from .gpt_dataset import parse_data_path
+    from .indexed import DataError, MMapIndexedDataset
+    if data.get("mock_data") or not data.get("data_path"):
+        return []
+    try:
+        prefixes, _ = parse_data_path(data["data_path"])
+    except DataError:
+        return []
+    texts: list = []
+    per = max(1, count // len(prefixes))
+    for prefix in prefixes:
+        try:
+            ds = MMapIndexedDataset(prefix)
+        except DataError:
+            continue
+        for i in sorted({j * len(ds) // per for j in range(per)} if len(ds) else ()):
+            ids = [int(x) for x in ds.get(i, 0, min(max_tokens, int(ds.sizes[i])))]
+            texts.append(tok.decode([x for x in ids if x < tok.vocab_size]))
+    return texts
+
+
+def export_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int, samples: list = ()) -> dict:
+    """Writes tokenizer.json + tokenizer_config.json (and the source files, for reference) into `out_dir`,
+    after checking it encodes the probes and `samples` (e.g. `data_sample`'s) as gpt3d does;
     returns {"bos_token_id", "eos_token_id", "files"}."""
     hf = to_hf_tokenizer(tok)
-    verify(tok, hf, PROBES + ([sample] if sample else []))
+    verify(tok, hf, PROBES + list(samples))
     hf.save(os.path.join(out_dir, "tokenizer.json"))
     added = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
