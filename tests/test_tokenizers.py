@@ -288,6 +288,25 @@ def test_preprocess_sentence_lists_and_several_keys(hf_bpe, tmp_path):
         assert read_pair(str(tmp_path / f"o_{key}_document")) == read_pair(str(tmp_path / f"ref_{key}")), key
 
 
+def test_preprocess_dictionary_encoded_parquet(hf_bpe, texts, tmp_path):
+    """Categorical (dictionary<string>) columns, plain or in sentence lists, read as their strings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_bpe]
+    docs = texts[:40] * 2
+    lists = [[t, "", docs[i - 1]] for i, t in enumerate(docs)]
+    sentences = pa.array(lists).cast(pa.list_(pa.dictionary(pa.int32(), pa.string())))
+    pq.write_table(pa.table({"text": pa.array(docs).dictionary_encode(), "s": sentences}),
+                   str(tmp_path / "d.parquet"), row_group_size=16)
+    assert pa.types.is_dictionary(pq.ParquetFile(str(tmp_path / "d.parquet")).schema_arrow.field("text").type)
+    pq.write_table(pa.table({"text": docs, "s": lists}), str(tmp_path / "p.parquet"))
+    for name in ("d", "p"):
+        assert preprocess_main(["--input", str(tmp_path / f"{name}.parquet"), "--output-prefix",
+                                str(tmp_path / name), "--json-keys", "text", "s", "--append-eod", *flags]) == 0
+    for key in ("text", "s"):
+        assert read_pair(str(tmp_path / f"d_{key}_document")) == read_pair(str(tmp_path / f"p_{key}_document"))
+
+
 def test_preprocess_progress_lines_and_summary(hf_bpe, texts, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(corpus, "CHUNK_BYTES", 4000)          # progress is counted per chunk
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -334,6 +353,13 @@ def _null_row(d: Path) -> tuple:
     return [str(d / "z.parquet")], "z.parquet:2: the value under 'text' is null, not a string"
 
 
+def _null_in_list(d: Path) -> tuple:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": [["a"], ["b", None]]}), str(d / "l.parquet"))
+    return [str(d / "l.parquet")], "l.parquet:2: the value under 'text' is a list with nulls, not strings"
+
+
 def _truncated_gz(d: Path) -> tuple:
     data = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in make_texts(300)).encode())
     (d / "t.jsonl.gz").write_bytes(data[:len(data) // 2])
@@ -348,8 +374,8 @@ def _truncated_zst(d: Path) -> tuple:
     return [str(d / "t.jsonl.zst")], "t.jsonl.zst: truncated zstd stream after line"
 
 
-@pytest.mark.parametrize("setup", [_bad_utf8, _number, _no_shards, _int_column, _null_row, _truncated_gz,
-                                   _truncated_zst])
+@pytest.mark.parametrize("setup", [_bad_utf8, _number, _no_shards, _int_column, _null_row, _null_in_list,
+                                   _truncated_gz, _truncated_zst])
 def test_preprocess_bad_input_one_line_exit_2(setup, hf_bpe, tmp_path, capsys):
     flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_bpe]
     (tmp_path / "good.jsonl").write_text('{"text": "fine"}\n')

@@ -58,13 +58,31 @@ def kind(path: str) -> str:
     return "jsonl"
 
 
-def _string_type(t) -> bool:
+def _text_type(t) -> bool:
+    """A string type, or a dictionary (categorical) of strings."""
     import pyarrow as pa
-    plain = (pa.types.is_string(t) or pa.types.is_large_string(t)
-             or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t)))
-    if plain:
-        return True
-    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _string_type(t.value_type)
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (pa.types.is_string(t) or pa.types.is_large_string(t)
+            or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t)))
+
+
+def _string_type(t) -> bool:
+    """Strings, or lists of strings (Megatron's sentence lists); dictionary-encoded strings included."""
+    import pyarrow as pa
+    return _text_type(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t)) and _text_type(t.value_type))
+
+
+def _plain_strings(col):
+    """A column with its dictionary (categorical) strings decoded, lists of them included."""
+    import pyarrow as pa
+    t = col.type
+    if pa.types.is_dictionary(t):
+        return col.cast(t.value_type)
+    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_dictionary(t.value_type):
+        make = pa.list_ if pa.types.is_list(t) else pa.large_list
+        return col.cast(make(t.value_type.value_type))
+    return col
 
 
 def _parquet(path: str, keys: list):
@@ -152,10 +170,18 @@ def _open(path: str):
 def chunks(path: str, keys: list, chunk_bytes: int = 0) -> Iterator[Chunk]:
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     if kind(path) == "parquet":
-        row = 1
-        for batch in _parquet(path, keys).iter_batches(batch_size=PARQUET_ROWS, columns=list(keys)):
-            yield Chunk(path, row, batch)
-            row += batch.num_rows
+        import pyarrow as pa
+        pf, row = _parquet(path, keys), 1
+        types = [pf.schema_arrow.field(k).type for k in keys]
+        # pyarrow cannot hand out a list<dictionary<string>> batch that spans two row groups: read those
+        # row group by row group
+        groups = ([[g] for g in range(pf.num_row_groups)]
+                  if any(hasattr(t, "value_type") and pa.types.is_dictionary(t.value_type) for t in types)
+                  else [None])
+        for group in groups:
+            for batch in pf.iter_batches(batch_size=PARQUET_ROWS, row_groups=group, columns=list(keys)):
+                yield Chunk(path, row, batch)
+                row += batch.num_rows
         return
     line, carry = 1, b""
     try:
@@ -252,11 +278,14 @@ def _decode_batch(chunk: Chunk, keys: list) -> tuple[dict, int, int]:
     import pyarrow.compute as pc
     batch, values, nbytes = chunk.data, {}, 0
     for k in keys:
-        col = batch.column(k)
+        col = _plain_strings(batch.column(k))
         if col.null_count:
             row = chunk.first + col.is_null().to_pylist().index(True)
             raise DataError(f"{chunk.path}:{row}: the value under '{k}' is null, not a string")
         values[k] = col.to_pylist()
+        if hasattr(col.type, "value_type") and pc.list_flatten(col).null_count:
+            row = chunk.first + next(i for i, v in enumerate(values[k]) if None in v)
+            raise DataError(f"{chunk.path}:{row}: the value under '{k}' is a list with nulls, not strings")
         if _string_type(col.type) and not hasattr(col.type, "value_type"):
             nbytes += int(pc.sum(pc.binary_length(col)).as_py() or 0)
         else:                                       # list<string> columns: count their strings' bytes
