@@ -167,6 +167,29 @@ def test_huggingface_tokenizer_ignores_stored_truncation_and_padding(hf_bpe, tex
     assert hf(long_doc)["input_ids"] == tok.encode(long_doc) and hf("hi")["input_ids"] == tok.encode("hi")
 
 
+def test_huggingface_tokenizer_warns_once_where_transformers_may_differ(hf_bpe, tmp_path, capfd):
+    """A tokenizer_config.json with a model-specific tokenizer_class or add_bos/eos_token, which AutoTokenizer
+    (Megatron's HuggingFaceTokenizer) may apply on top of tokenizer.json: one warning, workers included."""
+    (tmp_path / "c.jsonl").write_text('{"text": "kato mo"}\n' * 5)
+    for name, cfg, expect in [
+            ("llama", {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "eos_token": "</s>"},
+             "sets tokenizer_class LlamaTokenizer and add_bos_token true, which transformers' AutoTokenizer"),
+            ("eos", {"tokenizer_class": "PreTrainedTokenizerFast", "add_eos_token": True}, "sets add_eos_token true"),
+            ("plain", {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False}, None)]:
+        shutil.copytree(hf_bpe, tmp_path / name)
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps(cfg))
+        capfd.readouterr()
+        assert preprocess_main(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / name),
+                                "--workers", "2", "--tokenizer-type", "HuggingFaceTokenizer",
+                                "--tokenizer-model", str(tmp_path / name)]) == 0
+        err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+        if expect is None:
+            assert err == [], err
+        else:
+            assert len(err) == 1 and err[0].startswith("gpt3d: warning: ") and expect in err[0], err
+            assert "ids may differ from gpt3d's" in err[0]
+
+
 @pytest.mark.parametrize("kind", ["bpe", "spm", "null"])
 def test_save_files_load_from_dir_and_fingerprint(kind, hf_bpe, spm_model, tmp_path, texts):
     """Files copied with their manifest rebuild the same tokenizer anywhere; the fingerprint follows content."""

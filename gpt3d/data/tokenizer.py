@@ -228,6 +228,26 @@ def _token_name(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
+# tokenizer classes under which transformers' AutoTokenizer encodes with tokenizer.json as it is
+PLAIN_HF_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _transformers_note(path: str, cfg: dict) -> Optional[str]:
+    """Why AutoTokenizer (so Megatron's HuggingFaceTokenizer) may give other ids than tokenizer.json alone:
+    a model-specific tokenizer_class (transformers may rebuild the pipeline, e.g. LlamaTokenizer's) or
+    add_bos_token/add_eos_token (applied on top of the post-processor by such classes)."""
+    what = []
+    cls = cfg.get("tokenizer_class")
+    if isinstance(cls, str) and cls not in PLAIN_HF_CLASSES:
+        what.append(f"tokenizer_class {cls}")
+    what += [f"{k} true" for k in ("add_bos_token", "add_eos_token") if cfg.get(k) is True]
+    if not what:
+        return None
+    return (f"{path} sets {' and '.join(what)}, which transformers' AutoTokenizer (and so Megatron's "
+            "HuggingFaceTokenizer) may apply on top of tokenizer.json: its ids may differ from gpt3d's, which "
+            "come from tokenizer.json alone")
+
+
 class HuggingFaceTokenizer(Tokenizer):
     """A tokenizer.json (or a directory holding one) through HF `tokenizers`: ids exactly as its own
     `encode` gives them, post-processor special tokens (e.g. a BOS) included, without the truncation or
@@ -237,6 +257,7 @@ class HuggingFaceTokenizer(Tokenizer):
 
     type_name = "HuggingFaceTokenizer"
     CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")
+    note: Optional[str] = None       # why transformers may encode differently (build_tokenizer warns once)
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer as HFTok
@@ -261,11 +282,15 @@ class HuggingFaceTokenizer(Tokenizer):
                         cfg = json.load(fh)
                 except ValueError as e:
                     raise TokenizerError(f"{self.configs[n]}: not valid JSON ({e})") from None
+                if not isinstance(cfg, dict):
+                    raise TokenizerError(f"{self.configs[n]}: not a JSON object")
                 for k in ("eos_token", "bos_token", "unk_token", "pad_token"):
                     if _token_name(cfg.get(k)):
                         names[k] = _token_name(cfg.get(k))
                 if n == "tokenizer_config.json" and isinstance(cfg.get("chat_template"), str):
                     names["chat_template"] = cfg["chat_template"]
+                if n == "tokenizer_config.json":
+                    self.note = _transformers_note(self.configs[n], cfg)
         self.special_names = names
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(self.tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
@@ -327,10 +352,15 @@ class NullTokenizer(Tokenizer):
 
 
 # ----- construction ------------------------------------------------------------------------------------------------
+_noted: set = set()
+
+
 def build_tokenizer(vocab_file: Optional[str] = None, merge_file: Optional[str] = None, *,
                     tokenizer_type: str = "GPT2BPETokenizer", tokenizer_model: Optional[str] = None,
-                    vocab_size: Optional[int] = None) -> Tokenizer:
-    """The tokenizer Megatron's `--tokenizer-type` names, from its flags' values (its manifest hashed now)."""
+                    vocab_size: Optional[int] = None, quiet: bool = False) -> Tokenizer:
+    """The tokenizer Megatron's `--tokenizer-type` names, from its flags' values (its manifest hashed now).
+    A HuggingFaceTokenizer's note (ids may differ from AutoTokenizer's) is warned once per process unless
+    `quiet` (worker processes, ranks other than 0)."""
     kind = tokenizer_type or "GPT2BPETokenizer"
     if kind == "GPT2BPETokenizer":
         if not (vocab_file and merge_file):
@@ -348,14 +378,18 @@ def build_tokenizer(vocab_file: Optional[str] = None, merge_file: Optional[str] 
         from .spm_tokenizer import SP_TYPES
         tok = SP_TYPES[kind](tokenizer_model)
     tok.manifest()
+    note = getattr(tok, "note", None)
+    if note and not quiet and note not in _noted:
+        _noted.add(note)
+        warn(note)
     return tok
 
 
-def tokenizer_from_config(data, vocab_size: Optional[int] = None) -> Tokenizer:
+def tokenizer_from_config(data, vocab_size: Optional[int] = None, quiet: bool = False) -> Tokenizer:
     """From a DataConfig (tokenizer_type, tokenizer_model, vocab_file, merge_file); NullTokenizer takes the
     model's --vocab-size."""
     return build_tokenizer(data.vocab_file, data.merge_file, tokenizer_type=data.tokenizer_type,
-                           tokenizer_model=data.tokenizer_model, vocab_size=vocab_size)
+                           tokenizer_model=data.tokenizer_model, vocab_size=vocab_size, quiet=quiet)
 
 
 def model_vocab_size(tok: Tokenizer, requested: Optional[int]) -> int:
