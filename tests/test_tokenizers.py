@@ -511,7 +511,10 @@ def test_exported_tokenizer_encodes_like_gpt3d(kind, hf_bpe, spm_model, texts, t
     if kind == "GPT2BPETokenizer":            # vocab.json + merges.txt of the BPE trained above
         (tmp_path / "src").mkdir()
         Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json")).model.save(str(tmp_path / "src"))
+        vocab = json.loads((tmp_path / "src" / "vocab.json").read_text())
+        (tmp_path / "src" / "vocab.json").write_text(json.dumps({**vocab, "<|endoftext|>": len(vocab)}))
         tok = build_tokenizer(str(tmp_path / "src" / "vocab.json"), str(tmp_path / "src" / "merges.txt"))
+        assert tok.eod == len(vocab)
     elif kind == "NullTokenizer":
         tok = build_tokenizer(tokenizer_type=kind, vocab_size=300)
         texts = [" ".join(str((i * 7 + j) % 301) for j in range(i % 9)) for i in range(40)]
@@ -521,7 +524,14 @@ def test_exported_tokenizer_encodes_like_gpt3d(kind, hf_bpe, spm_model, texts, t
     info = export_tokenizer(tok, str(tmp_path / "hf"), 128)
     assert info["eos_token_id"] == tok.eod
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    for t in texts[:60] + ["<s> literal </s> <unk>", "  spaces   and\ttabs\n"] * (kind != "NullTokenizer"):
+    # AutoTokenizer names the eod (and a bos) with gpt3d's ids, yet their strings in text stay ordinary text
+    assert hf.eos_token_id == tok.eod and (hf.bos_token_id == tok.bos or tok.bos is None), (hf.eos_token_id, tok.eod)
+    literal = [f"a{hf.eos_token}b {hf.bos_token} c".strip()] if tok.eod is not None else []
+    if kind == "NullTokenizer":
+        texts = texts + [f"{tok.eod} 1 {tok.eod}"]
+    else:
+        texts = texts[:60] + ["<s> literal </s> <unk> <|endoftext|>", "  spaces   and\ttabs\n"] + literal
+    for t in texts:
         assert hf(t)["input_ids"] == tok.encode(t), t
 
 

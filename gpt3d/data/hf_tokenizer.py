@@ -129,6 +129,14 @@ def export_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int, sample
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         if names.get(key) in added:          # only names gpt3d also treats as special in text
             config[key] = names[key]
+    if not added:
+        # gpt3d treats no string in text as special (GPT-2 BPE, SentencePiece's own pieces, NullTokenizer's
+        # ids): name eos/bos all the same, so that AutoTokenizer reports their ids, and split_special_tokens
+        # keeps their strings in text ordinary text, as in gpt3d
+        for key, i in (("eos_token", tok.eod), ("bos_token", tok.bos)):
+            if i is not None and hf.id_to_token(i) is not None:
+                config[key] = hf.id_to_token(i)
+                config["split_special_tokens"] = True
     if names.get("chat_template"):
         config["chat_template"] = names["chat_template"]
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as fh:
