@@ -250,7 +250,7 @@ def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[
               merge_file: Optional[str] = None, tokenizer_type: Optional[str] = None,
               tokenizer_model: Optional[str] = None) -> dict:
     from .checkpoint import read_model_tensors
-    from .data.hf_tokenizer import export_tokenizer
+    from .data.hf_tokenizer import data_sample, export_tokenizer
     from .data.tokenizer import tokenizer_for_checkpoint
     path, meta, tensors = read_model_tensors(load)
     m, data = meta["config"]["model"], meta["config"]["data"]
@@ -269,7 +269,7 @@ def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[
     try:
         ids = {"bos_token_id": None, "eos_token_id": None}
         if tok is not None:
-            info = export_tokenizer(tok, tmp, m["seq_length"])
+            info = export_tokenizer(tok, tmp, m["seq_length"], data_sample(data, tok))
             ids = {k: info[k] for k in ids}
             config.update(ids)
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})

@@ -13,7 +13,7 @@ import os
 import shutil
 
 from .spm_tokenizer import SentencePieceTokenizer
-from .tokenizer import GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer, Tokenizer, TokenizerError
+from .tokenizer import GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer, Tokenizer, TokenizerError, plain
 
 PROBES = [
     "Hello world", "  two leading spaces", "trailing space ", "a  b   c", "tab\tnew\nline\r\n", "", " ",
@@ -30,7 +30,7 @@ def to_hf_tokenizer(tok: Tokenizer):
     if isinstance(tok, GPT2BPETokenizer):
         return HFTok.from_str(tok.tok.to_str())
     if isinstance(tok, HuggingFaceTokenizer):
-        return HFTok.from_file(tok.file)
+        return plain(HFTok.from_file(tok.file))    # no stored truncation/padding in the export either
     if isinstance(tok, NullTokenizer):
         from tokenizers import models, pre_tokenizers
         t = HFTok(models.WordLevel({str(i): i for i in range(tok.vocab_size)}, unk_token=str(tok.eod)))
@@ -86,11 +86,37 @@ def verify(tok: Tokenizer, hf, texts: list) -> None:
                                  "differs from training")
 
 
-def export_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int, sample: str = "") -> dict:
-    """Writes tokenizer.json + tokenizer_config.json (and the source files, for reference) into `out_dir`;
+def data_sample(data: dict, tok: Tokenizer, count: int = 200, max_tokens: int = 512) -> list:
+    """Up to `count` texts decoded from a checkpoint's training data (its --data-path .bin/.idx, sequences
+    spread over each file, at most `max_tokens` ids each): real text for `verify` beside the probes.
+    [] for mock data, or where the files are gone or unreadable (the probes still run)."""
+    from .gpt_dataset import parse_data_path
+    from .indexed import DataError, MMapIndexedDataset
+    if data.get("mock_data") or not data.get("data_path"):
+        return []
+    try:
+        prefixes, _ = parse_data_path(data["data_path"])
+    except DataError:
+        return []
+    texts: list = []
+    per = max(1, count // len(prefixes))
+    for prefix in prefixes:
+        try:
+            ds = MMapIndexedDataset(prefix)
+        except DataError:
+            continue
+        for i in sorted({j * len(ds) // per for j in range(per)} if len(ds) else ()):
+            ids = [int(x) for x in ds.get(i, 0, min(max_tokens, int(ds.sizes[i])))]
+            texts.append(tok.decode([x for x in ids if x < tok.vocab_size]))
+    return texts
+
+
+def export_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int, samples: list = ()) -> dict:
+    """Writes tokenizer.json + tokenizer_config.json (and the source files, for reference) into `out_dir`,
+    after checking it encodes the probes and `samples` (e.g. `data_sample`'s) as gpt3d does;
     returns {"bos_token_id", "eos_token_id", "files"}."""
     hf = to_hf_tokenizer(tok)
-    verify(tok, hf, PROBES + ([sample] if sample else []))
+    verify(tok, hf, PROBES + list(samples))
     hf.save(os.path.join(out_dir, "tokenizer.json"))
     added = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
@@ -103,6 +129,14 @@ def export_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int, sample
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         if names.get(key) in added:          # only names gpt3d also treats as special in text
             config[key] = names[key]
+    if not added:
+        # gpt3d treats no string in text as special (GPT-2 BPE, SentencePiece's own pieces, NullTokenizer's
+        # ids): name eos/bos all the same, so that AutoTokenizer reports their ids, and split_special_tokens
+        # keeps their strings in text ordinary text, as in gpt3d
+        for key, i in (("eos_token", tok.eod), ("bos_token", tok.bos)):
+            if i is not None and hf.id_to_token(i) is not None:
+                config[key] = hf.id_to_token(i)
+                config["split_special_tokens"] = True
     if names.get("chat_template"):
         config["chat_template"] = names["chat_template"]
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as fh:

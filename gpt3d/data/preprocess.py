@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ----- worker side -----------------------------------------------------------------------------------------------
 def _init(spec: dict, keys: list, append_eod: bool) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"     # one thread per worker: --workers is the knob
-    tok = build_tokenizer(**spec)
+    tok = build_tokenizer(**spec, quiet=True)          # the reading process warned already
     _state.update(tok=tok, keys=keys, eod=tok.require_eod() if append_eod else None,
                   dtype=best_dtype(tok.vocab_size))
 

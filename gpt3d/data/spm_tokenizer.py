@@ -50,6 +50,9 @@ class GPTSentencePieceTokenizer(Tokenizer):
     def files(self) -> dict[str, str]:
         return {"tokenizer.model": self.model_file}
 
+    def no_eod_hint(self) -> str:
+        return f"{self.model_file} has no eos piece (train it with eos_id >= 0)"
+
 
 class Llama2Tokenizer(GPTSentencePieceTokenizer):
     """Megatron's Llama2Tokenizer: the SentencePiece ids with the model's bos in front of every text."""

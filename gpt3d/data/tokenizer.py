@@ -39,6 +39,14 @@ def _batch(tok):
     return getattr(tok, "encode_batch_fast", tok.encode_batch)
 
 
+def plain(tok):
+    """An HF `tokenizers.Tokenizer` without the truncation and padding its tokenizer.json may store: every
+    id of every text, as `AutoTokenizer(text).input_ids` (Megatron's HuggingFaceTokenizer) gives them."""
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
 def _need_file(path: Optional[str], what: str) -> str:
     if not path or not os.path.isfile(path):
         raise TokenizerError(f"{what} not found: {path}")
@@ -81,8 +89,12 @@ class Tokenizer:
     def require_eod(self) -> int:
         if self.eod is None:
             raise TokenizerError(f"{self.type_name} {self.describe()} has no end-of-document (eos) token; "
-                                 "name one as eos_token in a tokenizer_config.json beside tokenizer.json")
+                                 + self.no_eod_hint())
         return self.eod
+
+    def no_eod_hint(self) -> str:
+        """What the user can do about a missing eod (the end of require_eod's message)."""
+        return "the tokenizer's files name none"
 
     def describe(self) -> str:
         return ", ".join(os.path.basename(p) for p in self.files().values()) or f"vocab {self.vocab_size}"
@@ -188,8 +200,13 @@ class GPT2BPETokenizer(Tokenizer):
         self.tok.decoder = decoders.ByteLevel()
         self.vocab_file, self.merge_file = vocab_file, merge_file
         self.vocab_size = len(vocab)
-        self.eod = vocab.get(EOD, self.vocab_size - 1)
+        # Megatron's GPT2BPETokenizer requires <|endoftext|>; without it there is no eod (never a stand-in
+        # id, which would be a real token), and what needs one (--append-eod) is refused by require_eod
+        self.eod = vocab.get(EOD)
         self.eod_token = EOD if EOD in vocab else None
+
+    def no_eod_hint(self) -> str:
+        return f"{self.vocab_file} has no {EOD} entry"
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -211,14 +228,36 @@ def _token_name(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
+# tokenizer classes under which transformers' AutoTokenizer encodes with tokenizer.json as it is
+PLAIN_HF_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _transformers_note(path: str, cfg: dict) -> Optional[str]:
+    """Why AutoTokenizer (so Megatron's HuggingFaceTokenizer) may give other ids than tokenizer.json alone:
+    a model-specific tokenizer_class (transformers may rebuild the pipeline, e.g. LlamaTokenizer's) or
+    add_bos_token/add_eos_token (applied on top of the post-processor by such classes)."""
+    what = []
+    cls = cfg.get("tokenizer_class")
+    if isinstance(cls, str) and cls not in PLAIN_HF_CLASSES:
+        what.append(f"tokenizer_class {cls}")
+    what += [f"{k} true" for k in ("add_bos_token", "add_eos_token") if cfg.get(k) is True]
+    if not what:
+        return None
+    return (f"{path} sets {' and '.join(what)}, which transformers' AutoTokenizer (and so Megatron's "
+            "HuggingFaceTokenizer) may apply on top of tokenizer.json: its ids may differ from gpt3d's, which "
+            "come from tokenizer.json alone")
+
+
 class HuggingFaceTokenizer(Tokenizer):
     """A tokenizer.json (or a directory holding one) through HF `tokenizers`: ids exactly as its own
-    `encode` gives them, post-processor special tokens (e.g. a BOS) included, like Megatron's
-    HuggingFaceTokenizer (`AutoTokenizer(text).input_ids`). eos/bos names come from a tokenizer_config.json
-    or special_tokens_map.json beside it, else from a special token with a well-known eos name."""
+    `encode` gives them, post-processor special tokens (e.g. a BOS) included, without the truncation or
+    padding the file may store, like Megatron's HuggingFaceTokenizer (`AutoTokenizer(text).input_ids`).
+    eos/bos names come from a tokenizer_config.json or special_tokens_map.json beside it, else from a
+    special token with a well-known eos name."""
 
     type_name = "HuggingFaceTokenizer"
     CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")
+    note: Optional[str] = None       # why transformers may encode differently (build_tokenizer warns once)
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer as HFTok
@@ -231,6 +270,7 @@ class HuggingFaceTokenizer(Tokenizer):
             self.tok = HFTok.from_file(file)
         except Exception as e:
             raise TokenizerError(f"{file}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+        plain(self.tok)
         self.file = file
         self.configs = {n: os.path.join(directory, n) for n in self.CONFIGS
                         if os.path.isfile(os.path.join(directory, n))}
@@ -242,11 +282,15 @@ class HuggingFaceTokenizer(Tokenizer):
                         cfg = json.load(fh)
                 except ValueError as e:
                     raise TokenizerError(f"{self.configs[n]}: not valid JSON ({e})") from None
+                if not isinstance(cfg, dict):
+                    raise TokenizerError(f"{self.configs[n]}: not a JSON object")
                 for k in ("eos_token", "bos_token", "unk_token", "pad_token"):
                     if _token_name(cfg.get(k)):
                         names[k] = _token_name(cfg.get(k))
                 if n == "tokenizer_config.json" and isinstance(cfg.get("chat_template"), str):
                     names["chat_template"] = cfg["chat_template"]
+                if n == "tokenizer_config.json":
+                    self.note = _transformers_note(self.configs[n], cfg)
         self.special_names = names
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(self.tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
@@ -268,6 +312,9 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def files(self) -> dict[str, str]:
         return {"tokenizer.json": self.file, **self.configs}
+
+    def no_eod_hint(self) -> str:
+        return "name one as eos_token in a tokenizer_config.json beside tokenizer.json"
 
 
 # ----- ids as text -----------------------------------------------------------------------------------------------
@@ -305,10 +352,15 @@ class NullTokenizer(Tokenizer):
 
 
 # ----- construction ------------------------------------------------------------------------------------------------
+_noted: set = set()
+
+
 def build_tokenizer(vocab_file: Optional[str] = None, merge_file: Optional[str] = None, *,
                     tokenizer_type: str = "GPT2BPETokenizer", tokenizer_model: Optional[str] = None,
-                    vocab_size: Optional[int] = None) -> Tokenizer:
-    """The tokenizer Megatron's `--tokenizer-type` names, from its flags' values (its manifest hashed now)."""
+                    vocab_size: Optional[int] = None, quiet: bool = False) -> Tokenizer:
+    """The tokenizer Megatron's `--tokenizer-type` names, from its flags' values (its manifest hashed now).
+    A HuggingFaceTokenizer's note (ids may differ from AutoTokenizer's) is warned once per process unless
+    `quiet` (worker processes, ranks other than 0)."""
     kind = tokenizer_type or "GPT2BPETokenizer"
     if kind == "GPT2BPETokenizer":
         if not (vocab_file and merge_file):
@@ -326,14 +378,18 @@ def build_tokenizer(vocab_file: Optional[str] = None, merge_file: Optional[str] 
         from .spm_tokenizer import SP_TYPES
         tok = SP_TYPES[kind](tokenizer_model)
     tok.manifest()
+    note = getattr(tok, "note", None)
+    if note and not quiet and note not in _noted:
+        _noted.add(note)
+        warn(note)
     return tok
 
 
-def tokenizer_from_config(data, vocab_size: Optional[int] = None) -> Tokenizer:
+def tokenizer_from_config(data, vocab_size: Optional[int] = None, quiet: bool = False) -> Tokenizer:
     """From a DataConfig (tokenizer_type, tokenizer_model, vocab_file, merge_file); NullTokenizer takes the
     model's --vocab-size."""
     return build_tokenizer(data.vocab_file, data.merge_file, tokenizer_type=data.tokenizer_type,
-                           tokenizer_model=data.tokenizer_model, vocab_size=vocab_size)
+                           tokenizer_model=data.tokenizer_model, vocab_size=vocab_size, quiet=quiet)
 
 
 def model_vocab_size(tok: Tokenizer, requested: Optional[int]) -> int:

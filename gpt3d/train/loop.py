@@ -92,7 +92,7 @@ class Trainer:
         if d.mock_data:
             return m.vocab_size or DEFAULT_VOCAB_SIZE, None
         from ..data.tokenizer import model_vocab_size, tokenizer_from_config
-        tok = tokenizer_from_config(d, m.vocab_size)
+        tok = tokenizer_from_config(d, m.vocab_size, quiet=self.ps.rank != 0)
         return model_vocab_size(tok, m.vocab_size), tok
 
     def build_datasets(self):

@@ -76,6 +76,63 @@ def test_null_tokenizer_follows_megatron():
         tok.encode("1 two")
 
 
+def test_huggingface_tokenizer_ignores_stored_truncation_and_padding(hf_bpe, texts, tmp_path):
+    """A tokenizer.json saved with truncation and padding (here at 8) still gives every id of a document and
+    no pad ids, as Megatron's `AutoTokenizer(text).input_ids` does; so does the exported tokenizer."""
+    from tokenizers import Tokenizer
+
+    from gpt3d.data.hf_tokenizer import export_tokenizer
+    ref = Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json"))
+    cut = Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json"))
+    cut.enable_truncation(8)
+    cut.enable_padding(length=8, pad_id=2, pad_token="<pad>")
+    (tmp_path / "cut").mkdir()
+    cut.save(str(tmp_path / "cut" / "tokenizer.json"))
+    assert json.loads((tmp_path / "cut" / "tokenizer.json").read_text())["truncation"]["max_length"] == 8
+    long_doc = max(texts, key=len)
+    assert len(ref.encode(long_doc).ids) > 15
+    tok = build_tokenizer(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "cut"))
+    assert tok.encode(long_doc) == ref.encode(long_doc).ids
+    assert tok.encode("hi") == ref.encode("hi").ids and 2 not in tok.encode("hi")
+    assert tok.encode_batch([long_doc, "hi"]) == [ref.encode(long_doc).ids, ref.encode("hi").ids]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": long_doc}) + "\n" + json.dumps({"text": "hi"}) + "\n")
+    assert preprocess_main(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                            "--tokenizer-type", "HuggingFaceTokenizer",
+                            "--tokenizer-model", str(tmp_path / "cut")]) == 0
+    ds = MMapIndexedDataset(str(tmp_path / "o_text_document"))
+    assert ds[0].tolist() == ref.encode(long_doc).ids and ds[1].tolist() == ref.encode("hi").ids
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(tok, str(tmp_path / "hf"), 128)
+    saved = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    assert saved["truncation"] is None and saved["padding"] is None
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert hf(long_doc)["input_ids"] == tok.encode(long_doc) and hf("hi")["input_ids"] == tok.encode("hi")
+
+
+def test_huggingface_tokenizer_warns_once_where_transformers_may_differ(hf_bpe, tmp_path, capfd):
+    """A tokenizer_config.json with a model-specific tokenizer_class or add_bos/eos_token, which AutoTokenizer
+    (Megatron's HuggingFaceTokenizer) may apply on top of tokenizer.json: one warning, workers included."""
+    (tmp_path / "c.jsonl").write_text('{"text": "kato mo"}\n' * 5)
+    for name, cfg, expect in [
+            ("llama", {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "eos_token": "</s>"},
+             "sets tokenizer_class LlamaTokenizer and add_bos_token true, which transformers' AutoTokenizer"),
+            ("eos", {"tokenizer_class": "PreTrainedTokenizerFast", "add_eos_token": True}, "sets add_eos_token true"),
+            ("plain", {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False}, None)]:
+        shutil.copytree(hf_bpe, tmp_path / name)
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps(cfg))
+        capfd.readouterr()
+        assert preprocess_main(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / name),
+                                "--workers", "2", "--tokenizer-type", "HuggingFaceTokenizer",
+                                "--tokenizer-model", str(tmp_path / name)]) == 0
+        err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+        if expect is None:
+            assert err == [], err
+        else:
+            assert len(err) == 1 and err[0].startswith("gpt3d: warning: ") and expect in err[0], err
+            assert "ids may differ from gpt3d's" in err[0]
+
+
 @pytest.mark.parametrize("kind", ["bpe", "spm", "null"])
 def test_save_files_load_from_dir_and_fingerprint(kind, hf_bpe, spm_model, tmp_path, texts):
     """Files copied with their manifest rebuild the same tokenizer anywhere; the fingerprint follows content."""
@@ -197,6 +254,25 @@ def test_preprocess_sentence_lists_and_several_keys(hf_bpe, tmp_path):
         assert read_pair(str(tmp_path / f"o_{key}_document")) == read_pair(str(tmp_path / f"ref_{key}")), key
 
 
+def test_preprocess_dictionary_encoded_parquet(hf_bpe, texts, tmp_path):
+    """Categorical (dictionary<string>) columns, plain or in sentence lists, read as their strings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_bpe]
+    docs = texts[:40] * 2
+    lists = [[t, "", docs[i - 1]] for i, t in enumerate(docs)]
+    sentences = pa.array(lists).cast(pa.list_(pa.dictionary(pa.int32(), pa.string())))
+    pq.write_table(pa.table({"text": pa.array(docs).dictionary_encode(), "s": sentences}),
+                   str(tmp_path / "d.parquet"), row_group_size=16)
+    assert pa.types.is_dictionary(pq.ParquetFile(str(tmp_path / "d.parquet")).schema_arrow.field("text").type)
+    pq.write_table(pa.table({"text": docs, "s": lists}), str(tmp_path / "p.parquet"))
+    for name in ("d", "p"):
+        assert preprocess_main(["--input", str(tmp_path / f"{name}.parquet"), "--output-prefix",
+                                str(tmp_path / name), "--json-keys", "text", "s", "--append-eod", *flags]) == 0
+    for key in ("text", "s"):
+        assert read_pair(str(tmp_path / f"d_{key}_document")) == read_pair(str(tmp_path / f"p_{key}_document"))
+
+
 def test_preprocess_progress_lines_and_summary(hf_bpe, texts, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(corpus, "CHUNK_BYTES", 4000)          # progress is counted per chunk
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -243,13 +319,29 @@ def _null_row(d: Path) -> tuple:
     return [str(d / "z.parquet")], "z.parquet:2: the value under 'text' is null, not a string"
 
 
+def _null_in_list(d: Path) -> tuple:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": [["a"], ["b", None]]}), str(d / "l.parquet"))
+    return [str(d / "l.parquet")], "l.parquet:2: the value under 'text' is a list with nulls, not strings"
+
+
 def _truncated_gz(d: Path) -> tuple:
     data = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in make_texts(300)).encode())
     (d / "t.jsonl.gz").write_bytes(data[:len(data) // 2])
     return [str(d / "t.jsonl.gz")], "t.jsonl.gz: cannot read gzip input"
 
 
-@pytest.mark.parametrize("setup", [_bad_utf8, _number, _no_shards, _int_column, _null_row, _truncated_gz])
+def _truncated_zst(d: Path) -> tuple:
+    import zstandard
+    text = "".join(json.dumps({"text": t}) + "\n" for t in make_texts(300))
+    data = zstandard.ZstdCompressor().compress(text.encode())
+    (d / "t.jsonl.zst").write_bytes(data[:len(data) // 2])             # half of a single-frame file
+    return [str(d / "t.jsonl.zst")], "t.jsonl.zst: truncated zstd stream after line"
+
+
+@pytest.mark.parametrize("setup", [_bad_utf8, _number, _no_shards, _int_column, _null_row, _null_in_list,
+                                   _truncated_gz, _truncated_zst])
 def test_preprocess_bad_input_one_line_exit_2(setup, hf_bpe, tmp_path, capsys):
     flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_bpe]
     (tmp_path / "good.jsonl").write_text('{"text": "fine"}\n')
@@ -265,6 +357,54 @@ def test_preprocess_bad_input_one_line_exit_2(setup, hf_bpe, tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
+@pytest.mark.parametrize("kind", ["bpe", "gpt2", "spm"])
+def test_preprocess_unpaired_surrogate_one_line_exit_2(kind, hf_bpe, spm_model, tmp_path, capsys):
+    """`"\\ud800"` is valid JSON but not Unicode text no tokenizer can take: FILE:LINE, exit 2, outputs kept.
+    An escaped backslash before "ud800" and a proper surrogate pair (an emoji) are fine."""
+    from tokenizers import Tokenizer
+    if kind == "gpt2":
+        (tmp_path / "src").mkdir()
+        Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json")).model.save(str(tmp_path / "src"))
+        flags = ["--vocab-file", str(tmp_path / "src" / "vocab.json"), "--merge-file",
+                 str(tmp_path / "src" / "merges.txt")]
+    else:
+        flags = tokenizer_flags(kind, hf_bpe, spm_model)
+    fine = '{"text": "a \\\\ud800 \\ud83d\\ude42 b"}\n'
+    (tmp_path / "good.jsonl").write_text(fine)
+    out = str(tmp_path / "out")
+    assert preprocess_main(["--input", str(tmp_path / "good.jsonl"), "--output-prefix", out, *flags]) == 0
+    before = read_pair(out + "_text_document")
+    for name, body, message in [("s.jsonl", fine + '{"text": "x\\ud800y"}\n',
+                                 "s.jsonl:2: the value under 'text' holds an unpaired UTF-16 surrogate escape "
+                                 "(character 2: '\\ud800')"),
+                                ("l.jsonl", fine * 2 + '\n{"text": ["ok", "x\\uDFFF"]}\n',
+                                 "l.jsonl:4: the value under 'text' holds an unpaired UTF-16 surrogate escape "
+                                 "(sentence 2, character 2: '\\udfff')")]:
+        (tmp_path / name).write_text(body)
+        capsys.readouterr()
+        assert preprocess_main(["--input", str(tmp_path / name), "--output-prefix", out, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("gpt3d: error: ") and message in err[0], err
+        assert read_pair(out + "_text_document") == before
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_zstd_reads_every_frame_and_refuses_a_cut_one(tmp_path):
+    """Concatenated frames (zstd's multi-frame files) and skippable frames read whole; a file cut inside
+    its second frame, or inside a frame header, is refused."""
+    import zstandard
+    lines = [json.dumps({"text": t}) + "\n" for t in make_texts(200)]
+    frames = [zstandard.ZstdCompressor().compress("".join(part).encode()) for part in (lines[:120], lines[120:])]
+    skippable = struct.pack("<II", 0x184D2A50, 3) + b"pad"
+    (tmp_path / "m.jsonl.zst").write_bytes(skippable + frames[0] + skippable + frames[1])
+    got = b"".join(c.data for c in corpus.chunks(str(tmp_path / "m.jsonl.zst"), ["text"], chunk_bytes=500))
+    assert got == "".join(lines).encode()
+    for cut in (frames[0] + frames[1][:len(frames[1]) // 2], frames[0] + frames[1][:3]):
+        (tmp_path / "c.jsonl.zst").write_bytes(cut)
+        with pytest.raises(corpus.DataError, match="c.jsonl.zst: truncated zstd stream after line"):
+            list(corpus.chunks(str(tmp_path / "c.jsonl.zst"), ["text"]))
+
+
 def test_append_eod_needs_an_eos(tmp_path, capsys):
     from tokenizers import Tokenizer, models
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "t.json"))
@@ -274,6 +414,32 @@ def test_append_eod_needs_an_eos(tmp_path, capsys):
                           str(tmp_path / "t.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "has no end-of-document (eos) token" in err[0]
+
+
+def test_gpt2_vocab_without_endoftext_has_no_eod(hf_bpe, tmp_path, capsys):
+    """Megatron's GPT2BPETokenizer needs <|endoftext|>; gpt3d never stands in the last id (a real token): the
+    eod stays unset and --append-eod is refused with one line naming the vocab file."""
+    from tokenizers import Tokenizer
+    Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json")).model.save(str(tmp_path))
+    vocab, merges = str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    assert "<|endoftext|>" not in json.loads(Path(vocab).read_text())
+    tok = build_tokenizer(vocab, merges)
+    assert tok.eod is None and tok.eod_token is None
+    (tmp_path / "c.jsonl").write_text('{"text": "kato mo"}\n')
+    flags = ["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "o"), "--vocab-file", vocab,
+             "--merge-file", merges]
+    assert preprocess_main(flags + ["--append-eod"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == (f"gpt3d: error: GPT2BPETokenizer vocab.json, merges.txt has no "
+                                        f"end-of-document (eos) token; {vocab} has no <|endoftext|> entry"), err
+    assert not (tmp_path / "o_text_document.bin").exists()
+    assert preprocess_main(flags) == 0                                # ids alone need no eod
+    assert MMapIndexedDataset(str(tmp_path / "o_text_document"))[0].tolist() == tok.encode("kato mo")
+    with_eod = json.loads(Path(vocab).read_text())
+    with_eod["<|endoftext|>"] = len(with_eod)
+    Path(vocab).write_text(json.dumps(with_eod))
+    tok = build_tokenizer(vocab, merges)
+    assert (tok.eod, tok.eod_token) == (len(with_eod) - 1, "<|endoftext|>")
 
 
 # ----- export to transformers, and the checkpoint side -------------------------------------------------------
@@ -288,7 +454,10 @@ def test_exported_tokenizer_encodes_like_gpt3d(kind, hf_bpe, spm_model, texts, t
     if kind == "GPT2BPETokenizer":            # vocab.json + merges.txt of the BPE trained above
         (tmp_path / "src").mkdir()
         Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json")).model.save(str(tmp_path / "src"))
+        vocab = json.loads((tmp_path / "src" / "vocab.json").read_text())
+        (tmp_path / "src" / "vocab.json").write_text(json.dumps({**vocab, "<|endoftext|>": len(vocab)}))
         tok = build_tokenizer(str(tmp_path / "src" / "vocab.json"), str(tmp_path / "src" / "merges.txt"))
+        assert tok.eod == len(vocab)
     elif kind == "NullTokenizer":
         tok = build_tokenizer(tokenizer_type=kind, vocab_size=300)
         texts = [" ".join(str((i * 7 + j) % 301) for j in range(i % 9)) for i in range(40)]
@@ -298,8 +467,42 @@ def test_exported_tokenizer_encodes_like_gpt3d(kind, hf_bpe, spm_model, texts, t
     info = export_tokenizer(tok, str(tmp_path / "hf"), 128)
     assert info["eos_token_id"] == tok.eod
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    for t in texts[:60] + ["<s> literal </s> <unk>", "  spaces   and\ttabs\n"] * (kind != "NullTokenizer"):
+    # AutoTokenizer names the eod (and a bos) with gpt3d's ids, yet their strings in text stay ordinary text
+    assert hf.eos_token_id == tok.eod and (hf.bos_token_id == tok.bos or tok.bos is None), (hf.eos_token_id, tok.eod)
+    literal = [f"a{hf.eos_token}b {hf.bos_token} c".strip()] if tok.eod is not None else []
+    if kind == "NullTokenizer":
+        texts = texts + [f"{tok.eod} 1 {tok.eod}"]
+    else:
+        texts = texts[:60] + ["<s> literal </s> <unk> <|endoftext|>", "  spaces   and\ttabs\n"] + literal
+    for t in texts:
         assert hf(t)["input_ids"] == tok.encode(t), t
+
+
+def test_export_verifies_text_decoded_from_the_training_data(spm_model, texts, tmp_path):
+    """export-hf checks the exported tokenizer on text decoded from the checkpoint's .bin/.idx too (beside
+    the fixed probes): a difference only such text shows refuses the export; gone or mock data is skipped."""
+    from gpt3d.data.hf_tokenizer import data_sample, export_tokenizer
+    from gpt3d.data.spm_tokenizer import GPTSentencePieceTokenizer
+    tok = build_tokenizer(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=spm_model)
+    docs = [t for t in texts if t][:300]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    preprocess(str(tmp_path / "c.jsonl"), str(tmp_path / "d"), tokenizer_type="GPTSentencePieceTokenizer",
+               tokenizer_model=spm_model, progress=False)
+    prefix = str(tmp_path / "d_text_document")
+    sample = data_sample({"data_path": ["0.7", prefix, "0.3", str(tmp_path / "gone")]}, tok, count=20)
+    ds = MMapIndexedDataset(prefix)
+    assert sample == [tok.decode(ds[i][:512].tolist()) for i in range(0, 300, 30)]
+    assert sample[1] == docs[30]
+    assert data_sample({"data_path": [prefix], "mock_data": True}, tok) == []
+    assert data_sample({"data_path": [str(tmp_path / "gone")]}, tok) == []
+
+    class Differs(GPTSentencePieceTokenizer):              # encodes one training document differently
+        def encode(self, text):
+            return super().encode(text)[::-1] if text == docs[30] else super().encode(text)
+    (tmp_path / "a").mkdir()
+    export_tokenizer(Differs(spm_model), str(tmp_path / "a"), 128)          # the probes alone pass
+    with pytest.raises(TokenizerError, match="refusing to export a tokenizer that differs from training"):
+        export_tokenizer(Differs(spm_model), str(tmp_path / "a"), 128, sample)
 
 
 def test_export_refuses_what_cannot_match(tmp_path, texts):
