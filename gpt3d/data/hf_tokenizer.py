@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 
+from .json_tokenizer import HuggingFaceTokenizer
 from .spm_tokenizer import SentencePieceTokenizer
-from .tokenizer import GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer, Tokenizer, TokenizerError, plain
+from .tokenizer import GPT2BPETokenizer, NullTokenizer, Tokenizer, TokenizerError, plain
 
 PROBES = [
     "Hello world", "  two leading spaces", "trailing space ", "a  b   c", "tab\tnew\nline\r\n", "", " ",
