@@ -55,6 +55,17 @@ def test_fp8_refused_on_cpu_in_one_line():
         "this run is on cpu"]
 
 
+def test_fp8_refused_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
+    """An A100 (8.0) is refused in one line naming the card; an H100 (9.0) passes the check."""
+    from gpt3d.model.fp8 import check_fp8_supported
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    with pytest.raises(ConfigError, match=r"^--fp8 needs FP8 tensor cores .*NVIDIA A100-SXM4-80GB has 8\.0$"):
+        check_fp8_supported(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    check_fp8_supported(torch.device("cuda"))
+
+
 def test_fp8_needs_bf16():
     with pytest.raises(ConfigError, match="--fp8 needs --bf16"):
         tiny_config(fp8=True).validate(1)
