@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Optional
 
 from .config import SECTIONS, Config, flag_name
 from .errors import ConfigError
@@ -20,7 +21,8 @@ def _need(cond: bool, msg: str) -> None:
 
 
 # Value rules by field name: (test, what the value must be). Optional fields may also be None (unset).
-_POSITIVE, _NON_NEGATIVE = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "non-negative")
+# Commands' own numeric flags (eval, generate, plan) use the same rules through `check_flags`.
+POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "non-negative")
 _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 RULES = {
     **dict.fromkeys(["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
@@ -32,9 +34,9 @@ RULES = {
                      "lr_decay_iters", "lr_decay_tokens", "loss_scale_window", "hysteresis", "save_interval",
                      "keep_last", "adam_eps", "layernorm_epsilon", "init_method_std", "loss_scale",
                      "initial_loss_scale", "min_loss_scale", "bucket_size_mb", "peak_tflops",
-                     "distributed_timeout_minutes"], _POSITIVE),
+                     "distributed_timeout_minutes"], POSITIVE),
     **dict.fromkeys(["eval_iters", "lr_warmup_iters", "lr_warmup_tokens", "num_workers", "max_skipped_steps",
-                     "lr", "min_lr", "weight_decay", "clip_grad", "exit_duration_in_mins"], _NON_NEGATIVE),
+                     "lr", "min_lr", "weight_decay", "clip_grad", "exit_duration_in_mins"], NON_NEGATIVE),
     **dict.fromkeys(["hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"], _FRACTION),
     "rotary_percent": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "lr_warmup_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -42,25 +44,39 @@ RULES = {
 }
 
 
-def _check_values(cfg: Config) -> None:
+def check_value(flag: str, v: Any, rule: Optional[tuple] = None) -> None:
+    """One number: finite (NaN/inf fail whatever the rule), then `rule` (test, what it must be) if any.
+    None (unset) and non-numbers pass."""
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+        return
+    _need(not isinstance(v, float) or math.isfinite(v), f"{flag} must be a finite number, got {v}")
+    if rule:
+        _need(rule[0](v), f"{flag} must be {rule[1]}, got {v}")
+
+
+def check_flags(args: Any, rules: dict) -> None:
+    """A command's own numeric flags, by argparse dest: each value (each item of a list) through `check_value`
+    with its rule, so they fail as config settings do: one ConfigError naming the flag, before any work."""
+    for name, rule in rules.items():
+        v = getattr(args, name, None)
+        for x in v if isinstance(v, list) else [v]:
+            check_value("--" + name.replace("_", "-"), x, rule)
+
+
+def check_values(cfg: Config) -> None:
     """Choices (YAML bypasses argparse's), every number finite (NaN/inf fail here, whatever the field, including
     ones added later), then RULES."""
     for section in SECTIONS:
         for f in dataclasses.fields(getattr(cfg, section)):
             v, choices = getattr(getattr(cfg, section), f.name), f.metadata.get("choices")
             _need(v is None or not choices or v in choices, f"{flag_name(f)} must be one of {choices}, got {v!r}")
-            if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            _need(not isinstance(v, float) or math.isfinite(v), f"{flag_name(f)} must be a finite number, got {v}")
-            rule = RULES.get(f.name)
-            if rule:
-                _need(rule[0](v), f"{flag_name(f)} must be {rule[1]}, got {v}")
+            check_value(flag_name(f), v, RULES.get(f.name))
 
 
 def validate(cfg: Config, world_size: int) -> None:
     """Check every value and cross-field rule up front so a bad run fails in its first second."""
     m, p, t, s, pr = cfg.model, cfg.parallel, cfg.training, cfg.scheduler, cfg.precision
-    _check_values(cfg)
+    check_values(cfg)
     _need(m.hidden_size % m.num_attention_heads == 0,
           f"--num-attention-heads ({m.num_attention_heads}) must divide --hidden-size ({m.hidden_size})")
     _need(m.num_attention_heads % m.kv_heads == 0,

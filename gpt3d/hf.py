@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import Config
-from .errors import HFError, os_errors_are_user_errors
+from .config_check import check_values
+from .errors import ConfigError, HFError, os_errors_are_user_errors
 from .atomic import fresh_dir, publish_dir
 from .model.build import DTYPES
 from .model.gpt import EMBEDDING, OUTPUT_LAYER, VOCAB_PARAMETERS
@@ -319,6 +320,10 @@ def import_hf(src: str, save: str) -> dict:
         raise HFError(f"checkpoint directory {save} already exists and is not empty; choose a new one")
     cfg = Config.from_dict({"model": m})
     cfg.model.make_vocab_size_divisible_by = 128
+    try:   # config.json's numbers (epsilon, rope base, std, shapes) under train's rules, before anything is built
+        check_values(cfg)
+    except ConfigError as e:
+        raise HFError(f"{os.path.join(src, 'config.json')}: a value gpt3d cannot train with: {e}") from None
     model = build_full_model(cfg.model, m["vocab_size"], device=torch.device("meta"))
     params = ModelChunks([model]).layout()
     if set(params) != set(tensors):

@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import read_model_tensors
 from .config import Config
+from .config_check import NON_NEGATIVE, POSITIVE, RULES, check_flags
 from .data.tokenizer import TYPES as TOKENIZER_TYPES
 from .data.tokenizer import tokenizer_for_checkpoint
 from .errors import ConfigError, DataError, os_errors_are_user_errors
@@ -81,7 +82,15 @@ def _split_tokens(prefix: str, split: str, which: str, vocab_size: int) -> torch
     return torch.from_numpy(np.concatenate([data.get(i) for i in range(lo, hi)]).astype(np.int64))
 
 
+# The numeric flags of eval and generate, checked (with NaN/inf) before the checkpoint is read.
+EVAL_RULES = {"seq_length": (lambda v: v >= 2, "at least 2 (a window predicts its tokens 2..n)"),
+              "micro_batch_size": POSITIVE, "max_tokens": POSITIVE}
+GENERATE_RULES = {"max_new_tokens": NON_NEGATIVE, "temperature": NON_NEGATIVE, "top_k": NON_NEGATIVE,
+                  "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "seed": RULES["seed"]}   # seed: as train's
+
+
 def evaluate(args: argparse.Namespace) -> dict:
+    check_flags(args, EVAL_RULES)
     model, cfg, meta = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
     seq = args.seq_length or cfg.model.seq_length
     if not cfg.model.use_rotary_position_embeddings and seq > cfg.model.max_positions:
@@ -107,7 +116,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     """logits [V] (fp32) -> next token; temperature 0 is greedy."""
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    # Shifted so the top logit is 0 and in float64, so no positive temperature, however small, overflows to
+    # inf - inf (NaN probabilities): the others go to -inf, which is greedy.
+    logits = (logits - logits.max()).double() / temperature
     if top_k and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -147,8 +158,7 @@ def generate(model: GPTModel, prompt: list[int], max_new_tokens: int, *, tempera
 
 
 def _generate_cmd(args: argparse.Namespace) -> dict:
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
-        raise ConfigError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, --max-new-tokens >= 0")
+    check_flags(args, GENERATE_RULES)
     model, cfg, meta = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
     tok = tokenizer_for(cfg, meta, args)
     prompt = tok.encode(args.prompt) or [tok.require_eod()]

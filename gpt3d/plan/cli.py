@@ -13,6 +13,7 @@ import json
 import sys
 
 from ..config import ConfigError
+from ..config_check import NON_NEGATIVE, POSITIVE, check_flags, check_values
 from .presets import GIB, PRESETS, RESULTS_MD, calibration_to_json, load_calibration, resolve_gpu
 
 
@@ -69,6 +70,11 @@ def _config(args):
     return config_from_args(ns)
 
 
+# The plan's own numeric flags, checked (with NaN/inf) as config settings are, before any work.
+PLAN_RULES = {**dict.fromkeys(["gpus", "gpus_per_node", "gpu_tflops", "gpu_memory_gib", "hbm_gbps", "nvlink_gbps",
+                               "ib_gbps", "micro_batch_sizes"], POSITIVE),
+              "reserve_gib": NON_NEGATIVE, "top": NON_NEGATIVE}
+
 PLAN_KEYS = {"gpus", "gpus_per_node", "gpu", "gpu_tflops", "gpu_memory_gib", "hbm_gbps", "nvlink_gbps", "ib_gbps",
              "reserve_gib", "calibration", "calibrate", "save_calibration", "micro_batch_sizes", "top", "json"}
 
@@ -76,7 +82,9 @@ PLAN_KEYS = {"gpus", "gpus_per_node", "gpu", "gpu_tflops", "gpu_memory_gib", "hb
 def run(args: argparse.Namespace) -> int:
     from .layout import layout_of
     from .search import plan, vocab_of
+    check_flags(args, PLAN_RULES)
     cfg = _config(args)      # a ConfigError reaches gpt3d/cli.py, which prints it as one line (exit 2)
+    check_values(cfg)        # ranges and NaN/inf of the config's settings, as `gpt3d train` checks them
     m, p = cfg.model, cfg.parallel
     world = args.gpus or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     if not cfg.training.global_batch_size:

@@ -165,3 +165,130 @@ def test_every_command_exits_2_on_user_error(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and err and err[-1].startswith("gpt3d: error: ") and message in err[-1], (argv[0], rc, err)
     assert json.loads((tmp_path / "m.jsonl").read_text()) == {"tokens": 1}
+
+
+# ----- the numeric flags of the other commands: the same rules, the same one line, before any work -----------------
+@pytest.fixture(scope="module")
+def tiny_ck(tmp_path_factory):
+    """A one-step checkpoint of the BASE model and 100 token ids as text for NullTokenizer."""
+    root = tmp_path_factory.mktemp("tiny")
+    assert cli.main(["train", *BASE, "--train-iters", "1", "--save", str(root / "ck")]) == 0
+    (root / "ids.txt").write_text(" ".join(str(i * 7 % 256) for i in range(100)))
+    return root
+
+
+EVAL = ["eval", "--tokenizer-type", "NullTokenizer", "--device", "cpu"]
+GENERATE = ["generate", "--tokenizer-type", "NullTokenizer", "--device", "cpu", "--prompt", "1 2 3",
+            "--max-new-tokens", "2"]
+COMMAND_BAD_VALUES = [
+    # eval: zero raised a ValueError traceback (exit 1); -1 scored 19 of 484 tokens, exit 0; --max-tokens -5 scored
+    # fewer tokens; --max-tokens 0 and --seq-length 0 silently meant the default
+    (EVAL + ["--micro-batch-size", "0"], "--micro-batch-size must be positive, got 0"),
+    (EVAL + ["--micro-batch-size", "-1"], "--micro-batch-size must be positive, got -1"),
+    (EVAL + ["--max-tokens", "-5"], "--max-tokens must be positive, got -5"),
+    (EVAL + ["--max-tokens", "0"], "--max-tokens must be positive, got 0"),
+    (EVAL + ["--seq-length", "0"], "--seq-length must be at least 2"),
+    (EVAL + ["--seq-length", "1"], "--seq-length must be at least 2"),
+    # generate: NaN temperature crashed in torch.multinomial; --seed -1 was accepted (train refuses it)
+    (GENERATE + ["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (GENERATE + ["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    (GENERATE + ["--temperature=-1"], "--temperature must be non-negative, got -1.0"),
+    (GENERATE + ["--seed", "-1"], "--seed must be in [0, 2^31), got -1"),
+    (GENERATE + ["--top-k", "-1"], "--top-k must be non-negative, got -1"),
+    (GENERATE + ["--top-p", "nan"], "--top-p must be a finite number, got nan"),
+    (GENERATE + ["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (GENERATE + ["--max-new-tokens", "-1"], "--max-new-tokens must be non-negative, got -1"),
+]
+
+
+@pytest.mark.parametrize("argv,message", COMMAND_BAD_VALUES, ids=lambda x: " ".join(x[-2:]) if isinstance(x, list)
+                         else "")
+def test_eval_and_generate_refuse_bad_numbers(tiny_ck, capsys, argv, message):
+    capsys.readouterr()
+    rc = cli.main([*argv, "--load", str(tiny_ck / "ck")] + (["--text-file", str(tiny_ck / "ids.txt")]
+                                                            if argv[0] == "eval" else []))
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("gpt3d: error: ") and message in err[0], err
+    assert captured.out == ""
+
+
+PLAN = ["plan", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+        "--vocab-size", "256", "--micro-batch-size", "2", "--global-batch-size", "4"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gpus", "0"], "--gpus must be positive, got 0"),                   # was silently the default
+    (["--gpu-tflops", "nan"], "--gpu-tflops must be a finite number, got nan"),   # was a table of nan% MFU
+    (["--gpu-memory-gib", "inf"], "--gpu-memory-gib must be a finite number, got inf"),
+    (["--ib-gbps", "nan"], "--ib-gbps must be a finite number, got nan"),
+    (["--reserve-gib=-1"], "--reserve-gib must be non-negative, got -1.0"),       # was accepted
+    (["--micro-batch-sizes", "0"], "--micro-batch-sizes must be positive, got 0"),  # ZeroDivisionError
+    (["--micro-batch-sizes", "2", "-2"], "--micro-batch-sizes must be positive, got -2"),
+    (["--top", "-1"], "--top must be non-negative, got -1"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be positive, got 0"),    # ZeroDivisionError
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),                     # "no layout fits"
+], ids=lambda x: " ".join(x) if isinstance(x, list) else "")
+def test_plan_refuses_bad_numbers(tmp_path, capsys, flags, message):
+    capsys.readouterr()
+    rc = cli.main([*PLAN, "--save-calibration", str(tmp_path / "cal.json"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("gpt3d: error: ") and message in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_import_hf_refuses_a_config_json_value_training_refuses(tiny_ck, tmp_path, capsys):
+    """A NaN layer_norm_epsilon in config.json was imported as `layernorm_epsilon: .nan` in model.yaml."""
+    hf = tmp_path / "hf"
+    assert cli.main(["export-hf", "--load", str(tiny_ck / "ck"), "--output", str(hf),
+                     "--tokenizer-type", "NullTokenizer"]) == 0
+    config = json.loads((hf / "config.json").read_text())
+    config["layer_norm_epsilon"] = float("nan")
+    (hf / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert cli.main(["import-hf", "--input", str(hf), "--save", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"gpt3d: error: {hf / 'config.json'}: a value gpt3d cannot train with: --layernorm-epsilon must "
+                   "be a finite number, got nan"], err
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_tiny_temperature_is_greedy():
+    """A positive temperature below ~1e-38 (0 in fp32) gave NaN probabilities and a torch traceback."""
+    import torch
+
+    from gpt3d.inference import sample_next
+    logits = torch.tensor([1.0, 3.0, 2.0, -50.0])
+    for t in (1e-45, 1e-310, 5e-324):
+        assert sample_next(logits, t, 0, 1.0, torch.Generator().manual_seed(0)) == 1
+        assert sample_next(logits, t, 2, 0.5, torch.Generator().manual_seed(0)) == 1
+
+
+def _numeric_flags(parser) -> set:
+    """Dests of the int/float flags of a (sub)parser and its nested subcommands."""
+    import argparse
+    out = set()
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                out |= _numeric_flags(sub)
+        elif a.type in (int, float):
+            out.add(a.dest)
+    return out
+
+
+def test_every_numeric_flag_of_a_command_has_a_rule():
+    """eval, generate and plan check their own numeric flags with config-style rules (the config's settings
+    have theirs in config_check.RULES); the other commands listed take no numbers. A new numeric flag needs a rule."""
+    import argparse
+
+    from gpt3d.config import field_index
+    from gpt3d.inference import EVAL_RULES, GENERATE_RULES
+    from gpt3d.plan.cli import PLAN_RULES
+    subs = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    expected = {"eval": EVAL_RULES, "generate": GENERATE_RULES, "plan": PLAN_RULES, "export-hf": {},
+                "import-hf": {}, "plot": {}, "checkpoint-info": {}, "checkpoint": {}}
+    config_flags = set(field_index())   # plan also takes every config flag (checked by RULES)
+    for command, rules in expected.items():
+        numeric = _numeric_flags(subs[command]) - (config_flags if command == "plan" else set())
+        assert numeric == set(rules), command
