@@ -204,7 +204,7 @@ class Trainer:
         self.state.data_state = stream.data_state(cfg, self.global_batch, train_ds)
         if loaded is not None:
             self.check_data_stream(loaded)
-        self.report.run_start(self.state, cfg.non_defaults())
+        self.report.run_start(self.state, cfg.non_defaults())   # accepted: only now are the metrics files created
         n_params = count_parameters(cfg.model, self.vocab_size)
         self.report.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
                             f"global batch {self.global_batch} ({self.num_micro} micro-batches of "

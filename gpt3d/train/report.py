@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainingConfig
-from ..errors import warn
+from ..errors import FileError, warn
 from ..metrics import Throughput
 from ..parallel.state import ParallelState
 from ..plan.search import Prediction, measured_line, startup_line
@@ -50,26 +50,57 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
+def refuse_unwritable(flag: str, path: str, directory: bool = False) -> None:
+    """Raise FileError now if `path` clearly cannot be created (a file in the way, a file where a directory
+    should be, a read-only parent), creating nothing: a run fails at start rather than after loading."""
+    p = os.path.abspath(path)
+    if os.path.exists(p):
+        if os.path.isdir(p) != directory:
+            raise FileError(f"{flag} {path} is {'not ' if directory else ''}a directory")
+        return
+    parent = os.path.dirname(p)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise FileError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FileError(f"{flag} {path}: {parent} is not writable")
+
+
 class MetricsLogger:
-    """Console, JSON lines and TensorBoard; writes only on the logging rank, a no-op elsewhere."""
+    """Console, JSON lines and TensorBoard; writes only on the logging rank, a no-op elsewhere.
+
+    The files are opened by `open`, once the run is accepted (its --save lock taken, the checkpoint and data
+    stream checked): a refused run creates no metrics file or TensorBoard directory. Their paths are checked
+    here, creating nothing."""
 
     def __init__(self, enabled: bool, log_file: Optional[str], tensorboard_dir: Optional[str],
                  tensorboard_queue_size: int = 10):
         self.enabled = enabled
         self.fh = None
         self.tb = None
-        if not enabled:
+        self._paths = (log_file, tensorboard_dir, tensorboard_queue_size)
+        if enabled and log_file:
+            refuse_unwritable("--log-file", log_file)
+        if enabled and tensorboard_dir:
+            refuse_unwritable("--tensorboard-dir", tensorboard_dir, directory=True)
+
+    def open(self) -> None:
+        """Open (create) the metrics file and TensorBoard directory; idempotent."""
+        log_file, tensorboard_dir, queue = self._paths
+        if not self.enabled:
             return
-        if log_file:
+        if log_file and self.fh is None:
             os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
             self.fh = open(log_file, "a", buffering=1)
-        if tensorboard_dir:
+        if tensorboard_dir and self.tb is None:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(tensorboard_dir, max_queue=tensorboard_queue_size)
+            self.tb = SummaryWriter(tensorboard_dir, max_queue=queue)
 
     def start_run(self, iteration: int, tokens: int, settings: dict) -> None:
         """Mark where this run's rows begin, so a reused --log-file keeps its runs apart (`gpt3d plot` draws the
         last run: a fresh start hides the rows before it, a resume keeps the history up to its checkpoint)."""
+        self.open()
         if self.fh:
             self.fh.write(json.dumps({"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
                                       "iteration": iteration, "tokens": tokens, "settings": settings}) + "\n")
@@ -159,7 +190,8 @@ class Reporter:
         self.log.console(text)
 
     def run_start(self, state: TrainState, settings: dict) -> None:
-        """The metrics file's marker for a run starting (or resuming) at `state` with these non-default settings."""
+        """The run is accepted: open the sinks and write the metrics file's marker for a run starting (or
+        resuming) at `state` with these non-default settings."""
         self.log.start_run(state.iteration, state.tokens, settings)
 
     def prediction(self) -> None:

@@ -34,6 +34,34 @@ def test_a_second_run_fails_at_start_and_touches_nothing(tmp_path, capsys):
     assert sorted(os.listdir(ck)) == [".lock", "iter_0000002", "iter_0000004", "latest"]
 
 
+def test_a_run_refused_by_the_lock_creates_no_log_file(tmp_path, capsys):
+    """Row: a run refused by the lock left a new, empty --log-file behind; the metrics file and TensorBoard
+    directory are created only once the run is accepted."""
+    ck = tmp_path / "ck"
+    held = lock_save_dir(str(ck), ParallelState.single())
+    try:
+        capsys.readouterr()
+        rc = runs.train("--train-iters", "2", "--save", str(ck), "--log-file", str(tmp_path / "runs" / "new.jsonl"),
+                    "--tensorboard-dir", str(tmp_path / "tb"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "is in use by another run" in err[0], err
+        assert sorted(os.listdir(tmp_path)) == ["ck"] and os.listdir(ck) == [".lock"]
+    finally:
+        held.release()
+
+
+def test_an_unwritable_log_file_fails_before_the_lock(tmp_path, capsys):
+    """With the sinks opened late, their paths are still checked at start, creating nothing (no --save dir)."""
+    (tmp_path / "file").write_text("x")
+    for flags, message in ((["--log-file", str(tmp_path / "file" / "m.jsonl")], f"{tmp_path / 'file'} is not a "
+                            "directory"), (["--tensorboard-dir", str(tmp_path / "file")], "is not a directory")):
+        capsys.readouterr()
+        assert runs.train("--train-iters", "2", "--save", str(tmp_path / "ck"), *flags) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
 def test_lock_of_a_live_run_then_of_a_killed_one(tmp_path, capsys):
     """A real second process: refused while the first trains (its pid in the message); after kill -9 the
     stale .lock file is no obstacle (the kernel dropped the lock with the process)."""

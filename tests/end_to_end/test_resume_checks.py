@@ -51,6 +51,17 @@ def test_other_seq_length_is_refused_and_override_keeps_tokens_growing(tmp_path,
     assert (meta["tokens"], meta["consumed_samples"], meta["data_state"]["seq_length"]) == (384, 32, 8)
 
 
+def test_a_refused_resume_creates_no_log_file(tmp_path, capsys):
+    """Row: a resume refused for its data stream left a new, empty --log-file behind; the metrics file and
+    TensorBoard directory are created only once the run is accepted."""
+    ck = tmp_path / "ck"
+    assert runs.train("--train-iters", "2", "--max-position-embeddings", "16", "--save", str(ck)) == 0
+    _refused(capsys, tmp_path, "--train-iters", "4", "--seq-length", "8", "--max-position-embeddings", "16",
+             "--load", str(ck), "--save", str(ck), "--log-file", str(tmp_path / "runs" / "new.jsonl"),
+             "--tensorboard-dir", str(tmp_path / "tb"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
 def test_other_global_batch_is_refused(tmp_path, capsys):
     ck = tmp_path / "ck"
     assert runs.train("--train-iters", "2", "--save", str(ck)) == 0
