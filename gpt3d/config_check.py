@@ -27,7 +27,7 @@ _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 RULES = {
     **dict.fromkeys(["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
                      "tensor_model_parallel_size", "pipeline_model_parallel_size", "log_interval", "eval_interval",
-                     "num_key_value_heads", "ffn_hidden_size", "max_position_embeddings", "vocab_size",
+                     "num_key_value_heads", "ffn_hidden_size", "max_position_embeddings",
                      "make_vocab_size_divisible_by", "rotary_base", "recompute_num_layers",
                      "num_layers_per_virtual_pipeline_stage", "global_batch_size", "train_iters", "train_tokens",
                      "train_samples", "tensorboard_queue_size",
@@ -41,6 +41,9 @@ RULES = {
     "rotary_percent": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "lr_warmup_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)"),
+    # Token ids are int32 in the .bin data (Megatron's format: uint16 below 65,500 ids, else int32), so no id
+    # can reach 2^31. A vocabulary that fits this rule but not in memory is refused in model/build.py.
+    "vocab_size": (lambda v: 0 < v < 2 ** 31, "in [1, 2^31) (token ids are int32 in the .bin data)"),
 }
 
 

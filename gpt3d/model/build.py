@@ -8,15 +8,18 @@ names, the weight init, the FP8 switch and the compile rule exist once. Recomput
 from __future__ import annotations
 
 import copy
+import os
+from typing import Optional
 
 import torch
 
 from ..config import Config, ModelConfig, PrecisionConfig
+from ..errors import ConfigError
 from ..parallel.layers import full_shape
 from ..parallel.random import TPRNG
 from ..parallel.pipeline import stage_layers
 from ..parallel.state import ParallelState
-from .gpt import GPTModel
+from .gpt import GPTModel, padded_vocab_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,9 +80,37 @@ class ModelChunks:
                     "tied_to": getattr(p, "tied_to", None)} for n, p in self.named_parameters()}
 
 
+def device_memory(device: torch.device) -> Optional[int]:
+    """Bytes of memory of `device` (a GPU's total, the host's physical memory for the CPU), None if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AssertionError):
+        pass
+    return None
+
+
+def refuse_a_vocabulary_beyond_memory(cfg: Config, ps: ParallelState, vocab_size: int) -> None:
+    """ConfigError, before anything is allocated, when one tensor-parallel shard of the vocabulary's embedding,
+    built in fp32 whatever the parameter dtype, is larger than the device's whole memory: it could never be
+    allocated (an out-of-memory traceback otherwise). The same verdict on every rank of a job of one kind of
+    device, so no rank waits for one that gave up."""
+    m = cfg.model
+    padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, ps.tp)
+    need, have = padded // ps.tp * m.hidden_size * 4, device_memory(ps.device)
+    if have is not None and need > have:
+        raise ConfigError(f"a vocabulary of {vocab_size:,} ids (padded to {padded:,}) does not fit: its embedding "
+                          f"alone is {padded // ps.tp:,} x {m.hidden_size} fp32 = {need / 2 ** 30:,.1f} GiB per "
+                          f"tensor-parallel rank, more than the {have / 2 ** 30:,.1f} GiB of {ps.device.type} "
+                          "memory (check --vocab-size and --make-vocab-size-divisible-by)")
+
+
 def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size: int) -> ModelChunks:
     """This rank's pipeline stage, initialised (layout-independent weights), with --fp8 its TP linears' GEMMs
     in float8 (model/fp8.py), cast and, with --compile, compiled."""
+    refuse_a_vocabulary_beyond_memory(cfg, ps, vocab_size)
     p = cfg.parallel
     chunks = []
     layer_groups = stage_layers(cfg.model.num_layers, ps.pp, ps.pp_rank, p.pipeline_model_parallel_split,

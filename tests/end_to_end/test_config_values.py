@@ -50,7 +50,13 @@ BAD_VALUES = [
     (["--init-method-std", "0"], "--init-method-std must be positive, got 0.0"),
     (["--rotary-percent", "nan"], "--rotary-percent must be a finite number, got nan"),
     (["--num-key-value-heads", "0"], "--num-key-value-heads must be positive, got 0"),
-    (["--vocab-size", "0"], "--vocab-size must be positive, got 0"),
+    (["--vocab-size", "0"], "--vocab-size must be in [1, 2^31) (token ids are int32 in the .bin data), got 0"),
+    # used to end in an out-of-memory traceback, exit 1
+    (["--vocab-size", "100000000000"], "--vocab-size must be in [1, 2^31) (token ids are int32 in the .bin data), "
+                                       "got 100000000000"),
+    (["--vocab-size", "2147483647", "--hidden-size", "4096"], "a vocabulary of 2,147,483,647 ids (padded to "
+                                                              "2,147,483,648) does not fit: its embedding alone"),
+    (["--make-vocab-size-divisible-by", "1000000000000"], "(padded to 1,000,000,000,000) does not fit"),
     (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be positive, got 0"),
     # precision / loss scale
     (["--fp16", "--loss-scale", "nan"], "--loss-scale must be a finite number, got nan"),
@@ -228,6 +234,7 @@ PLAN = ["plan", "--num-layers", "2", "--hidden-size", "32", "--num-attention-hea
     (["--top", "-1"], "--top must be non-negative, got -1"),
     (["--micro-batch-size", "0"], "--micro-batch-size must be positive, got 0"),    # ZeroDivisionError
     (["--lr", "nan"], "--lr must be a finite number, got nan"),                     # "no layout fits"
+    (["--vocab-size", "100000000000"], "--vocab-size must be in [1, 2^31)"),
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else "")
 def test_plan_refuses_bad_numbers(tmp_path, capsys, flags, message):
     capsys.readouterr()
