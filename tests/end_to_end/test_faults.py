@@ -260,16 +260,25 @@ def test_exception_on_one_rank_ends_the_job_with_its_error(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-FAULT_TEST_FILES = ("test_faults.py", "test_bad_input.py", "test_integrity.py", "test_ownership.py",
-                    "test_resume_checks.py")
-
-
 def test_readme_lists_every_fault_test():
+    """The README's "Faults tried" section is the list, read from the README itself so it cannot drift: every
+    test of the files its introduction names (the fault suites) has a row, every test file the section names
+    exists (found by name anywhere under tests/), and every test a row names exists in one of them."""
     readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## Faults tried"):]
-    names = [n for f in FAULT_TEST_FILES
-             for n in re.findall(r"^def (test_\w+)", (Path(__file__).parent / f).read_text(), flags=re.M)]
-    assert [n for n in names if n != "test_readme_lists_every_fault_test" and n not in table] == []
+    start = readme.index("## Faults tried")
+    section = readme[start:readme.index("\n## ", start)]
+    intro, table = section[:section.index("\n|")], section[section.index("\n|"):]
+    defs = {p.stem: re.findall(r"^def (test_\w+)", p.read_text(), flags=re.M)
+            for p in (ROOT / "tests").rglob("test_*.py")}
+    files = set(re.findall(r"\b(test_\w+)\.py", section))
+    suites = set(re.findall(r"\b(test_\w+)\.py", intro))
+    assert {"test_faults", "test_config_values"} <= suites and sorted(files - set(defs)) == []
+    listed = set(re.findall(r"\b(test_\w+)\b(?!\.py)", table)) - files
+    unlisted = [f"{f}.py::{n}" for f in sorted(suites) for n in defs[f]
+                if n not in listed and n != "test_readme_lists_every_fault_test"]
+    assert unlisted == [], "tests of the fault suites without a row in the README's Faults tried table"
+    stale = sorted(listed - {n for f in files for n in defs[f]})
+    assert stale == [], "tests named in the README's Faults tried table that do not exist"
 
 
 @pytest.mark.slow
