@@ -5,7 +5,7 @@ Layout of SAVE/:
     .lock                         flock held by the run saving here (pid, host, start time inside)
     iter_0000100/
       meta.json                   iteration, data position, layout, config, scaler, parameter shapes,
-                                  each file's size and checksum
+                                  each file's size and checksum, a checksum of meta.json's own content
       model_tp{t}_pp{p}.safetensors          this (tp, pp) shard of every parameter, by global name
       optim_tp{t}_pp{p}_dp{d}.safetensors    fp32 master + Adam moments, in parameter space
       rng_rank{r}.pt
@@ -14,8 +14,8 @@ Layout of SAVE/:
 What is saved is a set of stateful parts (parts.py: model chunks, optimizer, loss scaler, RNG, train
 state; tokenizer_part.py: the tokenizer); the directory, its crash-safe save sequence and every file write
 live in store.py; reading the shards back at another layout in reshard.py. Only a good checkpoint is loaded
-(integrity.py): meta.json records each file's size and xxh3-128 checksum, and a file with non-finite tensors
-marks it bad.
+(integrity.py): meta.json records each file's size and xxh3-128 checksum (and one of itself), and a file
+with non-finite tensors marks it bad.
 """
 from ..errors import CheckpointError
 from .integrity import structure_problem

@@ -9,6 +9,10 @@ meta.json is readable, every file has its recorded size and checksum, and nothin
 checkpoints written before checksums existed are checked by size only (and still by the finiteness check of
 the loaded state, see parts.py).
 
+meta.json checks itself too: "meta_checksum" is the xxh3-128 of its own canonical JSON (sorted keys, no
+spaces) without that key, so a flipped digit in the iteration, token count or a recorded size is caught as a
+corrupt meta.json. Checkpoints written before it existed have no such key and are read as before.
+
 `problem` gives the first reason a checkpoint is not good (None if it is). Training verifies the files split
 over its ranks and agrees on one verdict; read-only commands verify what they read.
 """
@@ -51,6 +55,24 @@ def _finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
+META_CHECKSUM = "meta_checksum"
+
+
+def meta_checksum(meta: dict) -> str:
+    """'xxh3_128:<hex>' of meta's canonical JSON, without its own META_CHECKSUM entry. `meta` must be as
+    json.load returns it (string keys, lists), so the writer hashes its round-tripped meta."""
+    body = {k: v for k, v in meta.items() if k != META_CHECKSUM}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return f"{ALGORITHM}:{xxhash.xxh3_128_hexdigest(text.encode())}"
+
+
+def with_meta_checksum(meta: dict) -> dict:
+    """`meta` as it will read back from JSON, with its META_CHECKSUM."""
+    meta = json.loads(json.dumps(meta))
+    meta[META_CHECKSUM] = meta_checksum(meta)
+    return meta
+
+
 def read_meta(path: str) -> dict:
     with open(os.path.join(path, "meta.json")) as fh:
         return json.load(fh)
@@ -65,6 +87,11 @@ def structure_problem(path: str) -> Optional[str]:
         meta = read_meta(path)
     except (OSError, ValueError) as e:
         return f"unreadable meta.json ({e})"
+    want = meta.get(META_CHECKSUM)
+    got = meta_checksum(meta) if want is not None else None
+    if got != want:
+        return (f"meta.json is corrupt (checksum {got.split(':')[1][:12]}..., recorded "
+                f"{str(want).split(':')[-1][:12]}...)")
     for fname, size in meta.get("files", {}).items():
         fp = os.path.join(path, fname)
         if not os.path.exists(fp):

@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 from .. import atomic
 from ..errors import CheckpointError, warn
 from ..parallel.state import ParallelState
-from .integrity import checked_files, checksum_problem, file_checksum, non_finite, read_meta, structure_problem
+from .integrity import (checked_files, checksum_problem, file_checksum, non_finite, read_meta, structure_problem,
+                        with_meta_checksum)
 from .reshard import ShardReader
 
 FORMAT = "gpt3d-1"
@@ -158,7 +159,7 @@ def save(root: str, parts: dict, ps: ParallelState, iteration: int, keep_last: O
             warn(f"checkpoint {final} holds non-finite values ({', '.join(sorted(bad))}): it is written but "
                  "is not a good checkpoint")
         try:   # meta.json last inside tmp, then the rename, then `latest`: never a partial checkpoint
-            atomic.write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+            atomic.write_text(os.path.join(tmp, "meta.json"), json.dumps(with_meta_checksum(meta), indent=1))
             atomic.publish_dir(tmp, final)
             atomic.write_text(os.path.join(root, "latest"), name)
         except OSError as e:

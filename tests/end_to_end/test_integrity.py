@@ -104,9 +104,32 @@ def test_checkpoint_verify_lists_every_checkpoint(ck, capsys):
 
 
 def _drop_checksums(path: Path) -> None:
+    """meta.json as checkpoints wrote it before checksums (of the files, and of meta.json itself) existed."""
     meta = json.loads((path / "meta.json").read_text())
-    del meta["checksums"]
+    del meta["checksums"], meta["meta_checksum"]
     (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_flipped_digit_in_meta_json_is_caught(ck, tmp_path, capsys):
+    """Row: meta.json had no checksum of its own, so a flipped digit in its token count went unnoticed. Now it
+    records one of its canonical JSON: `checkpoint verify` calls it BAD and a resume skips it, naming
+    meta.json; a meta.json without one (older checkpoints) is read as before."""
+    meta_file = ck / "iter_0000008" / "meta.json"
+    text = meta_file.read_text()
+    tokens = json.loads(text)["tokens"]
+    assert text.count(f'"tokens": {tokens}') == 1
+    meta_file.write_text(text.replace(f'"tokens": {tokens}', f'"tokens": {tokens + 1}'))
+    capsys.readouterr()
+    assert cli_main(["checkpoint", "verify", str(ck)]) == 2
+    assert capsys.readouterr().out.splitlines()[1].startswith(f"BAD  {ck / 'iter_0000008'}: meta.json is corrupt")
+    log = tmp_path / "m.jsonl"
+    assert runs.train("--train-iters", "10", "--load", str(ck), "--log-file", str(log)) == 0
+    assert f"skipping checkpoint {ck / 'iter_0000008'}: meta.json is corrupt" in capsys.readouterr().err
+    assert min(runs.losses(log)) == 5   # resumed from iter_0000004
+    meta = json.loads(meta_file.read_text())
+    del meta["meta_checksum"]
+    meta_file.write_text(json.dumps(meta))
+    assert cli_main(["checkpoint", "verify", str(ck / "iter_0000008")]) == 0
 
 
 @pytest.mark.parametrize("shard", ["model_tp0_pp0.safetensors", "optim_tp0_pp0_dp0.safetensors"])
