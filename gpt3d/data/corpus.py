@@ -73,13 +73,19 @@ def _string_type(t) -> bool:
     return _text_type(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t)) and _text_type(t.value_type))
 
 
+def _list_of_dictionary(t) -> bool:
+    """list<dictionary<string>>: sentence lists of categorical strings."""
+    import pyarrow as pa
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_dictionary(t.value_type)
+
+
 def _plain_strings(col):
     """A column with its dictionary (categorical) strings decoded, lists of them included."""
     import pyarrow as pa
     t = col.type
     if pa.types.is_dictionary(t):
         return col.cast(t.value_type)
-    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_dictionary(t.value_type):
+    if _list_of_dictionary(t):
         make = pa.list_ if pa.types.is_list(t) else pa.large_list
         return col.cast(make(t.value_type.value_type))
     return col
@@ -170,14 +176,11 @@ def _open(path: str):
 def chunks(path: str, keys: list, chunk_bytes: int = 0) -> Iterator[Chunk]:
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     if kind(path) == "parquet":
-        import pyarrow as pa
         pf, row = _parquet(path, keys), 1
-        types = [pf.schema_arrow.field(k).type for k in keys]
         # pyarrow cannot hand out a list<dictionary<string>> batch that spans two row groups: read those
         # row group by row group
         groups = ([[g] for g in range(pf.num_row_groups)]
-                  if any(hasattr(t, "value_type") and pa.types.is_dictionary(t.value_type) for t in types)
-                  else [None])
+                  if any(_list_of_dictionary(pf.schema_arrow.field(k).type) for k in keys) else [None])
         for group in groups:
             for batch in pf.iter_batches(batch_size=PARQUET_ROWS, row_groups=group, columns=list(keys)):
                 yield Chunk(path, row, batch)
