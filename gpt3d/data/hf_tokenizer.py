@@ -91,8 +91,9 @@ def data_sample(data: dict, tok: Tokenizer, count: int = 200, max_tokens: int = 
     """Up to `count` texts decoded from a checkpoint's training data (its --data-path .bin/.idx, sequences
     spread over each file, at most `max_tokens` ids each): real text for `verify` beside the probes.
     [] for mock data, or where the files are gone or unreadable (the probes still run)."""
+    from ..errors import DataError
     from .gpt_dataset import parse_data_path
-    from .indexed import DataError, MMapIndexedDataset
+    from .indexed import MMapIndexedDataset
     if data.get("mock_data") or not data.get("data_path"):
         return []
     try:
