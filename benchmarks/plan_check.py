@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -44,16 +45,28 @@ TINY = {
     "llama-1.5B": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                        ffn_hidden_size=256, vocab_size=1000, micro_batch_size=2, **LLAMA),
 }
-# most informative first: the run stops starting new cases when --budget seconds have passed
-CASES = [("1.3B", None), ("llama-1.5B", None), ("1.3B", "full"), ("llama-1.5B", "full"), ("125M", None),
-         ("125M", "full"), ("1.3B", "selective"), ("llama-1.5B", "selective"), ("125M", "selective")]
+# most informative first: the run stops starting new cases when --budget seconds have passed. A case is
+# "shape:recompute" or "shape:recompute:MBSxSEQxMICRO" (micro-batch, sequence, micro-batches per step).
+CASES = ["1.3B:none", "llama-1.5B:none", "1.3B:full", "llama-1.5B:full", "125M:none", "125M:full",
+         "1.3B:selective", "llama-1.5B:selective", "125M:selective", "125M:none:8x1024x1", "125M:none:8x1024x4"]
 
 
-def make_config(shape: dict, recompute, seq: int, device: str) -> Config:
+def parse_case(case: str, tiny: bool) -> tuple:
+    """(shape, recompute or None, mbs or None, seq or None, micro-batches)."""
+    parts = case.split(":")
+    name, recompute = parts[0], (None if len(parts) < 2 or parts[1] == "none" else parts[1])
+    if len(parts) < 3:
+        return name, recompute, None, None, 1
+    mbs, seq, micro = (int(x) for x in parts[2].split("x"))
+    return name, recompute, (2 if tiny else mbs), (64 if tiny else seq), micro
+
+
+def make_config(shape: dict, recompute, seq: int, device: str, mbs=None, micro: int = 1) -> Config:
     s = dict(shape)
-    mbs = s.pop("micro_batch_size")
+    mbs = mbs or s.pop("micro_batch_size")
+    s.pop("micro_batch_size", None)
     return Config.from_dict({**s, "seq_length": seq, "max_position_embeddings": seq, "hidden_dropout": 0.0,
-                             "attention_dropout": 0.0, "micro_batch_size": mbs, "global_batch_size": mbs,
+                             "attention_dropout": 0.0, "micro_batch_size": mbs, "global_batch_size": mbs * micro,
                              "train_iters": 1000, "mock_data": True, "bf16": True, "lr": 1e-4, "weight_decay": 0.1,
                              "clip_grad": 1.0, "device": device, "compile": True, "log_interval": 1000,
                              "recompute_granularity": recompute})
@@ -70,8 +83,9 @@ def run_training(cfg: Config, device: torch.device, warmup: int, iters: int) -> 
     cuda = device.type == "cuda"
     trainer = Trainer(cfg, ParallelState.single(device))
     m, mbs = cfg.model, cfg.training.micro_batch_size
-    text = torch.randint(0, m.vocab_size, (2, mbs, m.seq_length + 1), device=device)   # this step's and the next's
-    batch = [{"tokens": text[0, :, :-1], "labels": text[0, :, 1:]}]
+    micro = cfg.training.global_batch_size // mbs
+    text = torch.randint(0, m.vocab_size, (micro, mbs, m.seq_length + 1), device=device)
+    batch = [{"tokens": text[i, :, :-1], "labels": text[i, :, 1:]} for i in range(micro)]
     try:
         for _ in range(warmup):
             trainer.train_step(batch)
@@ -84,7 +98,15 @@ def run_training(cfg: Config, device: torch.device, warmup: int, iters: int) -> 
         if cuda:
             torch.cuda.synchronize()
         sec = (time.perf_counter() - t0) / iters
-        out = {"seconds_per_step": sec, "tokens_per_s": mbs * m.seq_length / sec}
+        out = {"seconds_per_step": sec, "tokens_per_s": micro * mbs * m.seq_length / sec}
+        host = 0.0   # the CPU's time to launch a step from an idle GPU (the launch-bound floor)
+        for _ in range(3):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            trainer.train_step(batch)
+            host += time.perf_counter() - t0
+        out["host_seconds_per_step"] = host / 3
         if cuda:
             out["peak_bytes"] = torch.cuda.max_memory_allocated()
             out["resting_bytes"] = _mem()         # parameters, gradients, optimizer state, tokens
@@ -123,64 +145,90 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--out", help="directory for plan_check.jsonl")
+    p.add_argument("--gpu", default="h100-80gb", help="the preset the uncalibrated prediction uses")
+    p.add_argument("--no-calibrate", action="store_true", help="predict with the preset only")
+    p.add_argument("--case-timeout", type=float, default=240.0, help="seconds a case may run past the budget")
+    p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.one:
+        row = run_case(a, parse_case(a.one, a.tiny))
+        if row:
+            print("ROW " + json.dumps(row), flush=True)
+        return
+    start, rows = time.time(), []
+    out = open(os.path.join(a.out, "plan_check.jsonl"), "a") if a.out else None
+    for case in a.cases or CASES:
+        left = a.budget - (time.time() - start)
+        if left <= 0:
+            print(f"skipped {case}: budget of {a.budget:.0f} s spent", flush=True)
+            continue
+        # one process per case: nothing a case allocates (compiled graphs, allocator caches) reaches the next
+        args = [sys.executable, os.path.abspath(__file__), "--one", case, "--device", a.device, "--gpu", a.gpu,
+                "--warmup", str(a.warmup), "--iters", str(a.iters)] + (["--tiny"] if a.tiny else []) + \
+            (["--no-calibrate"] if a.no_calibrate else [])
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, timeout=left + a.case_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{case}: no result within {left + a.case_timeout:.0f} s", flush=True)
+            continue
+        found = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+        for line in proc.stdout.splitlines():
+            if not line.startswith("ROW "):
+                print(line, flush=True)
+        if not found:
+            print(f"{case}: failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}", flush=True)
+            continue
+        rows.append(found[0])
+        if out:
+            out.write(json.dumps(found[0]) + "\n")
+            out.flush()
+        print(table(found).splitlines()[-1], f"({time.time() - start:.0f} s)", flush=True)
+    print(table(rows))
+
+
+def run_case(a, case) -> dict:
+    """One case in this process: the training step is measured first, on an empty GPU, then the kernels are
+    calibrated at the same shape and the planner predicts the layout."""
+    name, recompute, mbs, case_seq, micro = case
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     shapes, seq = (TINY, 64) if a.tiny else (SHAPES, 2048)
-    cases = CASES if not a.cases else [(c.split(":")[0], None if c.split(":")[1] == "none" else c.split(":")[1])
-                                       for c in a.cases]
-    start, rows, calibrations = time.time(), [], {}
-    out = open(os.path.join(a.out, "plan_check.jsonl"), "a") if a.out else None
-    for name, recompute in cases:
-        if time.time() - start > a.budget:
-            print(f"skipped {name} {recompute}: budget of {a.budget:.0f} s spent", flush=True)
-            continue
-        cfg = make_config(shapes[name], recompute, seq, a.device)
-        t_case = time.time()
-        free_memory(cuda)
-        if cuda and torch.cuda.memory_allocated():
-            print(f"note: {torch.cuda.memory_allocated() / GIB:.2f} GiB still allocated before {name}", flush=True)
-        if (cuda or a.tiny) and name not in calibrations:
-            from gpt3d.plan.calibrate import calibrate
-            t_cal = time.time()
-            calibrations[name] = calibrate(cfg, verbose=True, device=a.device,
-                                           **({} if cuda else dict(warmup=1, iters=1, optimizer_params=100_000)))
-            print(f"<!-- plan-calibration {calibration_to_json(calibrations[name])} --> ({time.time() - t_cal:.0f} s)",
-                  flush=True)
-        gpu = resolve_gpu("h100-80gb", calibration=calibrations.get(name))
-        lay = layout_of(cfg, 1)
-        pred = predict_layout(cfg, lay, gpu, 8, device=a.device)
-        preset = predict_layout(cfg, lay, resolve_gpu("h100-80gb"), 8, device=a.device)
-        cross = predict_layout(cfg, lay, resolve_gpu("h100-80gb", calibration=calibrations["1.3B"]), 8) \
-            if "1.3B" in calibrations else None
-        try:
-            meas = run_training(cfg, device, a.warmup, a.iters)
-        except Exception as e:   # noqa: BLE001 - e.g. out of memory: report it, go on with the next case
-            print(f"{name} {recompute}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            continue
-        stage = pred.stages[0]
-        row = {"shape": name, "recompute": recompute or "none", "mbs": lay.mbs, "seq": seq,
-               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-               "pred_peak_gib": pred.peak_bytes / GIB, "pred_persistent_gib": stage.persistent.total / GIB,
-               "pred_peak_over_rest_gib": (pred.peak_bytes - stage.persistent.total
-                                           - stage.other.items.get("token batches (this step and the next)", 0)) / GIB,
-               "pred_kept_by_forward_gib": stage.per_microbatch.total / GIB,
-               "pred_tokens_per_s": pred.tokens_per_s, "preset_tokens_per_s": preset.tokens_per_s,
-               "cross_tokens_per_s": cross.tokens_per_s if cross else None,
-               "pred_memory_gib": {k: v / GIB for k, v in pred.memory.items()},
-               "pred_time_ms": {k: v * 1e3 for k, v in pred.time.parts.items()},
-               "pred_activation_terms_gib": {k: v / GIB for k, v in stage.per_microbatch.items.items()},
-               **{k: (v / GIB if k.endswith("bytes") or k.endswith("rest") else v) for k, v in meas.items()},
-               "calibration": json.loads(calibration_to_json(gpu.calibration)), "case_seconds": time.time() - t_case}
-        rows.append(row)
-        if out:
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-        print(json.dumps(row), flush=True)
-        print(table([row]).splitlines()[-1], f"({time.time() - start:.0f} s)", flush=True)
-    print(table(rows))
+    cfg = make_config(shapes[name], recompute, case_seq or seq, a.device, mbs, micro)
+    t_case = time.time()
+    try:
+        meas = run_training(cfg, device, a.warmup, a.iters)
+    except Exception as e:   # noqa: BLE001 - e.g. out of memory: report it, go on with the next case
+        print(f"{name} {recompute}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return {}
+    calibration = None
+    if (cuda or a.tiny) and not a.no_calibrate:
+        from gpt3d.plan.calibrate import calibrate
+        t_cal = time.time()
+        calibration = calibrate(cfg, verbose=True, device=a.device,
+                                **({} if cuda else dict(warmup=1, iters=1, optimizer_params=100_000)))
+        print(f"<!-- plan-calibration {calibration_to_json(calibration)} --> ({time.time() - t_cal:.0f} s)",
+              flush=True)
+    gpu = resolve_gpu(a.gpu, calibration=calibration)
+    lay = layout_of(cfg, 1)
+    pred = predict_layout(cfg, lay, gpu, 8, device=a.device)
+    preset = predict_layout(cfg, lay, resolve_gpu(a.gpu), 8, device=a.device)
+    stage = pred.stages[0]
+    return {"shape": name, "recompute": recompute or "none", "mbs": lay.mbs, "seq": cfg.model.seq_length,
+            "micro": lay.num_micro,
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "pred_peak_gib": pred.peak_bytes / GIB, "pred_persistent_gib": stage.persistent.total / GIB,
+            "pred_peak_over_rest_gib": (pred.peak_bytes - stage.persistent.total
+                                        - stage.other.items.get("token batches (this step and the next)", 0)) / GIB,
+            "pred_kept_by_forward_gib": stage.per_microbatch.total / GIB,
+            "pred_tokens_per_s": pred.tokens_per_s, "preset_tokens_per_s": preset.tokens_per_s,
+            "pred_memory_gib": {k: v / GIB for k, v in pred.memory.items()},
+            "pred_time_ms": {k: v * 1e3 for k, v in pred.time.parts.items()},
+            "preset_time_ms": {k: v * 1e3 for k, v in preset.time.parts.items()},
+            "pred_activation_terms_gib": {k: v / GIB for k, v in stage.per_microbatch.items.items()},
+            **{k: (v / GIB if k.endswith("bytes") or k.endswith("rest") else v) for k, v in meas.items()},
+            "calibration": json.loads(calibration_to_json(gpu.calibration)), "case_seconds": time.time() - t_case}
 
 
 def _err(pred, meas) -> str:
@@ -190,14 +238,14 @@ def _err(pred, meas) -> str:
 def table(rows: list) -> str:
     """Peak over rest (training peak minus memory between steps) is what activations and backward add; the
     resting memory is the persistent states (+ the token batch)."""
-    lines = ["| shape | recompute | mbs | kept by forward GiB pred / meas | peak over rest GiB pred / meas | "
+    lines = ["| shape | recompute | mbs x seq x micro | kept by forward GiB pred / meas | peak over rest GiB pred / meas | "
              "resting GiB pred / meas | peak GiB pred / meas | tokens/s pred / meas | preset tok/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def pair(p, m, fmt=".2f"):
             return f"{p:{fmt}} / {m:{fmt}} ({_err(p, m)})" if m is not None else f"{p:{fmt}} / n/a"
         lines.append(
-            f"| {r['shape']} | {r['recompute']} | {r['mbs']} | "
+            f"| {r['shape']} | {r['recompute']} | {r['mbs']}x{r['seq']}x{r.get('micro', 1)} | "
             f"{pair(r['pred_kept_by_forward_gib'], r.get('kept_by_forward_bytes'))} | "
             f"{pair(r['pred_peak_over_rest_gib'], _sub(r.get('peak_bytes'), r.get('resting_bytes')))} | "
             f"{pair(r['pred_persistent_gib'], r.get('resting_bytes'))} | "

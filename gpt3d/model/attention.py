@@ -82,17 +82,19 @@ class SelfAttention(nn.Module):
         k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]    # [b, s, kv, hd]
         if kv_cache is not None:
             return self.proj(self._cached(q, k, v, kv_cache).reshape(b, s, self.heads * self.head_dim))
+        # cos, sin [s, rot]: made outside the checkpointed region, whose side effects torch.compile cannot trace
+        rope = self.rotary(s, q.device) if self.rotary is not None else ()
         if self.selective_recompute and self.training:
-            y = checkpoint(self._core, self.tp_rng, q, k, v)
+            y = checkpoint(self._core, self.tp_rng, q, k, v, *rope, tp_stream=self.dropout > 0)
         else:
-            y = self._core(q, k, v)                            # [b, s, heads, hd]
+            y = self._core(q, k, v, *rope)                     # [b, s, heads, hd]
         return self.proj(y.reshape(b, s, self.heads * self.head_dim))
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """RoPE + causal softmax attention: [b, s, heads|kv, hd] -> [b, s, heads, hd]."""
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor] = None,
+              sin: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """RoPE (when cos/sin are given) + causal softmax attention: [b, s, heads|kv, hd] -> [b, s, heads, hd]."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads|kv, s, hd]
-        if self.rotary is not None:
-            cos, sin = self.rotary(q.shape[2], q.device)
+        if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         p = self.dropout if self.training else 0.0
         if p > 0.0:  # heads are split across TP: each rank draws its own mask

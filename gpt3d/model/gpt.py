@@ -134,6 +134,8 @@ class GPTModel(nn.Module):
             n = len(layer_ids) if cfg.recompute_num_layers is None else cfg.recompute_num_layers
             self.recompute_layers = {str(i) for i in layer_ids[:n]}
         self.tp_rng = tp_rng
+        # does a layer draw from the TP dropout stream (attention dropout, SP residual dropout)?
+        self._layer_tp_stream = cfg.attention_dropout > 0 or (cfg.hidden_dropout > 0 and ps.sp)
         self.final_norm = build_norm(cfg, ps) if post_process else None
         self.output_layer = None
         if post_process and (cfg.untie_embeddings_and_output_weights or not pre_process):
@@ -165,7 +167,7 @@ class GPTModel(nn.Module):
             if kv_cache is not None:
                 x = layer(x, kv_cache.layer(key))
             elif key in self.recompute_layers and self.training:
-                x = checkpoint(layer, self.tp_rng, x)
+                x = checkpoint(layer, self.tp_rng, x, tp_stream=self._layer_tp_stream)
             else:
                 x = layer(x)
         if kv_cache is not None:

@@ -19,13 +19,20 @@ class RotaryEmbedding(nn.Module):
         self._cache: tuple = (0, None, None)
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [s, rot_dim] in fp32, cached per length."""
+        """cos, sin: [s, rot_dim] in fp32, cached per length in eager mode. Compiled code computes them in the
+        graph instead (constant work that fuses away): writing the cache there would be a side effect that
+        breaks the graph inside an activation checkpoint."""
+        if torch.compiler.is_compiling():
+            return self._table(seq_len, device)
         if self._cache[0] != seq_len or self._cache[1].device != device:
-            t = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))   # [s, rot/2]
-            emb = torch.cat([freqs, freqs], dim=-1)             # [s, rot]
-            self._cache = (seq_len, emb.cos(), emb.sin())
+            self._cache = (seq_len, *self._table(seq_len, device))
         return self._cache[1], self._cache[2]
+
+    def _table(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))   # [s, rot/2]
+        emb = torch.cat([freqs, freqs], dim=-1)             # [s, rot]
+        return emb.cos(), emb.sin()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

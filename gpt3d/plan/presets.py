@@ -22,16 +22,35 @@ COMM_EFFICIENCY = 0.8          # NCCL bus bandwidth / link bandwidth (assumed)
 COMM_LATENCY_S = 10e-6         # per collective / p2p hop (assumed)
 
 
+# The shape of the kernels' cost curves, fitted to benchmarks/kernel_sweep.py on one H200 (benchmarks/RESULTS.md
+# 2026-12-02: 997 matmul shapes, 98 attention shapes); a calibration at one shape sets only the rates.
+GEMM_OVERHEAD_S = 10e-6   # per matmul on top of FLOPs / gemm_tflops: small GEMMs run far below the peak rate
+ATTN_SEQ0 = 1000          # causal attention time ~ heads·s·(s + ATTN_SEQ0)·(hd + ATTN_HEAD_DIM0): per-row work
+ATTN_HEAD_DIM0 = 30       # (softmax, the backward's dO·O) on top of the s² tiles; head size 64 runs at 0.84x of 128
+
+
+def attention_efficiency(s: int, head_dim: int) -> float:
+    """Fraction of `attn_tflops` (long sequences, head size 128) that causal attention reaches at (s, hd)."""
+    return s / (s + ATTN_SEQ0) * (head_dim / (head_dim + ATTN_HEAD_DIM0)) / (128 / (128 + ATTN_HEAD_DIM0))
+
+
 @dataclass
 class Calibration:
     """Achieved speeds of gpt3d's own kernels on one GPU (bf16, torch.compile).
 
-    gemm_tflops: the transformer layer's matmuls (forward + backward); attn_tflops: fused causal attention,
-    forward + backward, counted as 4·b·s²·heads·head_dim/2 forward and 2.5x that backward; ew_gbps: everything
-    else in a layer (norms, activations, residuals, rotary, gradient copies), as the bytes of the layer's saved
-    activations times `EW_PASSES` per second; loss_gbps: the cross entropy over the logits (bytes of the logits
-    times `LOSS_PASSES` per second); optimizer_ns_per_param: clipping + fused AdamW + bf16 copy per fp32
-    element of this rank's shard.
+    gemm_tflops: the transformer layer's matmuls (forward + backward) once `GEMM_OVERHEAD_S` per matmul is
+    taken out; attn_tflops: fused causal attention, forward + backward, counted as 4·b·s²·heads·head_dim/2
+    forward and 2.5x that backward, at long sequences and head size 128 (`attention_efficiency` gives other
+    shapes); ew_gbps: everything else in a layer (norms, activations, residuals, rotary), as the bytes of the
+    layer's saved activations times `EW_PASSES` per second; loss_gbps: the cross entropy over the logits (bytes
+    of the logits times `LOSS_PASSES` per second); optimizer_ns_per_param: clipping + fused AdamW + bf16 copy
+    per fp32 element of this rank's shard; grad_gbps: the per-parameter gradient hooks that copy (first
+    micro-batch, 6 bytes per element) or add (10 bytes) each bf16 gradient into the fp32 buffer; host_layer_s
+    and host_step_s: CPU time to launch one layer's forward + backward (with its gradient hooks) and a step's
+    own work (clipping, optimizer, bookkeeping): a step never runs faster than the host can launch it, which
+    is what bounds small models at small micro-batches. The host figures are the CPU's, not the GPU's: fitted
+    to two runs of benchmarks/plan_check.py (125M, micro-batch 8 x 1024, 1 and 4 micro-batches) on the H200
+    machine's host (benchmarks/RESULTS.md 2026-12-02) and assumed for every preset.
     """
     gemm_tflops: float
     attn_tflops: float
@@ -39,11 +58,15 @@ class Calibration:
     loss_gbps: float
     optimizer_ns_per_param: float
     source: str = "preset"
+    grad_gbps: float = 1000.0
+    host_layer_s: float = 1.18e-3
+    host_step_s: float = 13.8e-3
 
     def scaled(self, compute: float, memory: float, source: str) -> "Calibration":
         """The same kernels on another GPU: compute-bound parts scale with peak FLOPs, the rest with HBM."""
         return Calibration(self.gemm_tflops * compute, self.attn_tflops * compute, self.ew_gbps * memory,
-                           self.loss_gbps * memory, self.optimizer_ns_per_param / memory, source)
+                           self.loss_gbps * memory, self.optimizer_ns_per_param / memory, source,
+                           self.grad_gbps * memory, self.host_layer_s, self.host_step_s)
 
 
 EW_PASSES = 4      # elementwise traffic per layer ~ 4x its saved activations (write + read, forward + backward)
@@ -74,8 +97,10 @@ class Gpu:
 
 # Measured on one H100 80GB HBM3 by benchmarks/plan_check.py at the 1.3B shape, micro-batch 8
 # (benchmarks/RESULTS.md, 2026-11-25): the layer's GEMMs, cuDNN attention, the rest of a compiled layer, the
-# loss, and clipping + fused AdamW.
-H100_MEASURED = Calibration(gemm_tflops=778.9, attn_tflops=347.5, ew_gbps=2666.4, loss_gbps=1030.4,
+# loss, and clipping + fused AdamW. The GEMM and attention rates measured there (778.9 and 347.5 TFLOP/s at
+# that shape) are restated for the cost curves above: 793.9 without 12 x GEMM_OVERHEAD_S, and 347.5 /
+# attention_efficiency(2048, 128) = 517.3.
+H100_MEASURED = Calibration(gemm_tflops=793.9, attn_tflops=517.3, ew_gbps=2666.4, loss_gbps=1030.4,
                             optimizer_ns_per_param=0.01773,
                             source="measured on an H100 80GB HBM3 at the 1.3B shape (benchmarks/RESULTS.md 2026-11-25)")
 

@@ -17,7 +17,8 @@ from ..config import ModelConfig
 from ..model.gpt import padded_vocab_size
 from .layout import Layout
 from .memory import Persistent, Shape, layer_terms, shape_of
-from .presets import COMM_EFFICIENCY, COMM_LATENCY_S, EW_PASSES, LOSS_PASSES, Gpu
+from .presets import (COMM_EFFICIENCY, COMM_LATENCY_S, EW_PASSES, GEMM_OVERHEAD_S, LOSS_PASSES, Gpu,
+                      attention_efficiency)
 from .schedule import pipeline_time
 
 # Eager execution runs each norm, activation and residual as its own kernels. Rough factor from
@@ -72,16 +73,19 @@ def layer_time(m: ModelConfig, lay: Layout, gpu: Gpu, link: Links, sh: Shape, re
     """`ew_factor` > 1 for eager execution (unfused norms, activations and residuals)."""
     cal = gpu.calibration
     gemm, attn = layer_flops(m, lay, sh)
+    matmuls = 5 if m.swiglu else 4
+    gemm_s = gemm / (cal.gemm_tflops * 1e12) + matmuls * GEMM_OVERHEAD_S          # forward; backward is twice it
+    attn_s = attn / (cal.attn_tflops * 1e12 * attention_efficiency(sh.s, m.head_dim))
     ew = EW_PASSES * layer_terms(m, lay, sh, True, None).total / (cal.ew_gbps * 1e9) * ew_factor
-    fwd = gemm / (cal.gemm_tflops * 1e12) + attn / (cal.attn_tflops * 1e12) + ew / 3
-    bwd = 2 * gemm / (cal.gemm_tflops * 1e12) + 2.5 * attn / (cal.attn_tflops * 1e12) + 2 * ew / 3
+    fwd = gemm_s + attn_s + ew / 3
+    bwd = 2 * gemm_s + 2.5 * attn_s + 2 * ew / 3
     # two all-reduces (or all-gather + reduce-scatter pairs with SP) of the residual stream each way
     stream = sh.e * sh.tokens * sh.h
     kinds = ("all_gather", "reduce_scatter") if lay.sp else ("all_reduce",)
     comm = 2 * sum(_ring(stream, lay.tp, link.tp_gbps, k) for k in kinds)
     if lay.sp and m.swiglu:   # gate and fc1 each all-gather the MLP input (and reduce-scatter its gradient)
         comm += _ring(stream, lay.tp, link.tp_gbps, "all_gather")
-    rc = fwd if recompute == "full" else attn / (cal.attn_tflops * 1e12) if recompute == "selective" else 0.0
+    rc = fwd if recompute == "full" else attn_s if recompute == "selective" else 0.0
     return LayerTime(fwd, bwd, rc, comm, comm)
 
 
@@ -105,7 +109,7 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Layout, gpu: Gpu, gpus_per_n
     n_rc = lay.recompute_num_layers if lay.recompute == "full" and lay.recompute_num_layers else None
     p2p_bytes = sh.e * sh.seq_tokens * h
     p2p = (p2p_bytes / (link.pp_gbps * 1e9) + COMM_LATENCY_S) if lay.pp > 1 else 0.0
-    stage_times, per_stage_parts = [], []
+    stage_times, per_stage_parts, host_micro = [], [], []
     per_mode = {rc: layer_time(m, lay, gpu, link, sh, rc, ew_factor) for rc in {None, lay.recompute}}
     for r in range(lay.pp):
         chunks = lay.stage_chunks(m.num_layers, r)
@@ -122,13 +126,19 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Layout, gpu: Gpu, gpus_per_n
                 parts["embedding"] += (sh.e * pv // t * h + 4 * sh.e * T * h) / (cal.ew_gbps * 1e9) * ew_factor + \
                     2 * _ring(sh.e * T * h, t, link.tp_gbps, "all_reduce")
             if r == lay.pp - 1 and v == len(chunks) - 1:
-                gemm = 6 * T * h * pv / t / (cal.gemm_tflops * 1e12)
+                gemm = 6 * T * h * pv / t / (cal.gemm_tflops * 1e12) + 3 * GEMM_OVERHEAD_S
                 # fused: bf16 logits read/written LOSS_PASSES times; vocab-parallel: ~5 fp32 passes
                 loss_bytes = (LOSS_PASSES * sh.e if fused_loss else 5 * 4) * T * pv / t
                 loss = loss_bytes / (cal.loss_gbps * 1e9) * (1 if fused_loss else ew_factor)
                 parts["output layer + loss"] += gemm + loss + 2 * _ring(sh.e * T * h, t, link.tp_gbps, "all_reduce")
             if lay.pp > 1:
                 parts["pipeline send/receive"] += 2 * p2p
+        # each parameter's hook copies (first micro-batch) or adds (the rest) its bf16 gradient into fp32
+        pers = persistent[r]
+        moved = pers.param_elements * (6 + 10 * (lay.num_micro - 1)) / lay.num_micro
+        parts["gradient accumulation"] = moved / (cal.grad_gbps * 1e9)
+        host_micro.append(sum(len(ids) for ids in chunks) * cal.host_layer_s *
+                          (4 / 3 if lay.recompute == "full" else 1.0))
         stage_times.append(sum(parts.values()))
         per_stage_parts.append(parts)
     pipe = pipeline_time(stage_times, lay.num_micro, lay.vp)
@@ -157,5 +167,10 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Layout, gpu: Gpu, gpus_per_n
     worst = max(tail, key=lambda d: sum(d.values()))
     parts.update(worst)
     seconds = pipe + sum(worst.values())
+    # the host launches every micro-batch and the step's own work; when that takes longer, the GPU waits
+    host = lay.num_micro * max(host_micro) + cal.host_step_s
+    if host > seconds:
+        parts["host launch (GPU idle)"] = host - seconds
+        seconds = host
     tokens = lay.mbs * lay.num_micro * lay.dp * m.seq_length
     return StepTime(seconds, tokens / seconds, {k: v for k, v in parts.items() if v}, stage_times)

@@ -151,6 +151,27 @@ def test_each_knob_moves_memory_and_time_as_gpt3d_does(cfg_1b):
     assert pp4.busiest_stage == 0 and [s.in_flight for s in pp4.stages] == pytest.approx([4, 3, 2, 1], rel=0.05)
 
 
+def test_small_shapes_pay_matmul_overhead_short_attention_and_the_host_floor():
+    """The H200 findings the time model carries (benchmarks/RESULTS.md 2026-12-02): per token, small matmuls
+    and short sequences cost more; gradient hooks cost every micro-batch; and a small model at a small
+    micro-batch waits on the host's launches, however fast its kernels."""
+    from gpt3d.plan.presets import attention_efficiency
+    assert attention_efficiency(1024, 128) < attention_efficiency(4096, 128) < 1.0
+    assert attention_efficiency(2048, 64) < attention_efficiency(2048, 128)
+    small = Config.from_dict({"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "seq_length": 1024,
+                              "vocab_size": 50257, "bf16": True, "mock_data": True, "train_iters": 1,
+                              "compile": True, "micro_batch_size": 1, "global_batch_size": 1})
+    tiny = predict_layout(small, Layout(tp=1, pp=1, dp=1, mbs=1, num_micro=1), resolve_gpu("h200"), 8)
+    big = predict_layout(small, Layout(tp=1, pp=1, dp=1, mbs=16, num_micro=1), resolve_gpu("h200"), 8)
+    assert tiny.time.parts["host launch (GPU idle)"] > 0 and "host launch (GPU idle)" not in big.time.parts
+    assert tiny.tokens_per_s < 0.25 * big.tokens_per_s
+    cal = resolve_gpu("h200").calibration
+    assert tiny.time.seconds == pytest.approx(12 * cal.host_layer_s + cal.host_step_s)
+    acc = [predict_layout(small, Layout(tp=1, pp=1, dp=1, mbs=16, num_micro=m), resolve_gpu("h200"), 8)
+           for m in (1, 4)]
+    assert acc[1].time.parts["gradient accumulation"] > 3 * acc[0].time.parts["gradient accumulation"]
+
+
 def test_predict_uses_the_configs_own_layout(cfg_1b):
     cfg_1b.parallel.tensor_model_parallel_size, cfg_1b.parallel.pipeline_model_parallel_size = 2, 2
     p = predict(cfg_1b, 8, "h100")
