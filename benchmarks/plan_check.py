@@ -238,7 +238,8 @@ def _err(pred, meas) -> str:
 def table(rows: list) -> str:
     """Peak over rest (training peak minus memory between steps) is what activations and backward add; the
     resting memory is the persistent states (+ the token batch)."""
-    lines = ["| shape | recompute | mbs x seq x micro | kept by forward GiB pred / meas | peak over rest GiB pred / meas | "
+    lines = ["| shape | recompute | mbs x seq x micro | kept by forward GiB pred / meas | "
+             "peak over rest GiB pred / meas | "
              "resting GiB pred / meas | peak GiB pred / meas | tokens/s pred / meas | preset tok/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -177,6 +177,7 @@ def calibrate(cfg: Config, *, warmup: int = 3, iters: int = 10, verbose: bool = 
                       source=f"measured on {where} at {m.num_layers}L/{m.hidden_size}h micro-batch {b}")
     if verbose:
         print(f"calibration: layer {layer_s * 1e3:.2f} ms (GEMMs {gemm.gpu * 1e3:.2f}, attention {attn.gpu * 1e3:.2f}, "
-              f"rest {ew_s * 1e3:.2f}), embedding + head + loss {head.gpu * 1e3:.2f} ms (GEMM {head_gemm_s * 1e3:.2f}), "
+              f"rest {ew_s * 1e3:.2f}), embedding + head + loss {head.gpu * 1e3:.2f} ms "
+              f"(GEMM {head_gemm_s * 1e3:.2f}), "
               f"gradient hooks {grad_hooks.gpu * 1e3:.2f} ms for 2 layers, optimizer {opt_ns:.4f} ns/param", flush=True)
     return cal
