@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ..config import Config, ConfigError
 from .layout import layout_of
-from .memory import chunk_params, layer_terms, shape_of
+from .memory import layer_terms, shape_of
 from .presets import EW_PASSES, GEMM_OVERHEAD_S, LOSS_PASSES, Calibration, attention_efficiency
 from .search import vocab_of
 from .timing import layer_flops
@@ -41,16 +40,7 @@ def _seconds(fn: Callable[[], None], warmup: int, iters: int, device: torch.devi
     return (time.perf_counter() - t0) / iters
 
 
-@dataclass
-class Timing:
-    gpu: float    # seconds per call, calls back to back (the GPU's time where the GPU, not the host, is the limit)
-
-
-def _timing(fn: Callable[[], None], warmup: int, iters: int, device: torch.device) -> Timing:
-    return Timing(_seconds(fn, warmup, iters, device))
-
-
-def _gemm_timing(m, T: int, dtype, warmup: int, iters: int, device: torch.device) -> tuple[Timing, int]:
+def _gemm_seconds(m, T: int, dtype, warmup: int, iters: int, device: torch.device) -> tuple[float, int]:
     """The layer's matmuls, forward (x W^T) and backward (dy W, dy^T x), at TP=1; and how many there are."""
     h, hd, nh, nkv, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size
     shapes = [((nh + 2 * nkv) * hd, h), (h, nh * hd)] + [(f, h)] * (2 if m.swiglu else 1) + [(h, f)]
@@ -62,10 +52,10 @@ def _gemm_timing(m, T: int, dtype, warmup: int, iters: int, device: torch.device
             torch.mm(x, w.t())
             torch.mm(dy, w)
             torch.mm(dy.t(), x)
-    return _timing(run, warmup, iters, device), 3 * len(shapes)
+    return _seconds(run, warmup, iters, device), 3 * len(shapes)
 
 
-def _attention_timing(m, b: int, s: int, dtype, warmup: int, iters: int, device: torch.device) -> Timing:
+def _attention_seconds(m, b: int, s: int, dtype, warmup: int, iters: int, device: torch.device) -> float:
     from ..model.attention import sdpa_backend_context
     q = torch.randn(b, m.num_attention_heads, s, m.head_dim, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(b, m.kv_heads, s, m.head_dim, device=device, dtype=dtype, requires_grad=True)
@@ -76,14 +66,15 @@ def _attention_timing(m, b: int, s: int, dtype, warmup: int, iters: int, device:
         with sdpa_backend_context(m.attention_backend, q.device):
             y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         y.backward(torch.ones_like(y))
-    return _timing(run, warmup, iters, device)
+    return _seconds(run, warmup, iters, device)
 
 
-def _chunk_timing(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: int, iters: int,
-                  device: torch.device, compile: bool = True) -> tuple[Timing, Timing]:
+def _chunk_seconds(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: int, iters: int,
+                   device: torch.device, compile: bool = True, hooks: bool = False) -> tuple[float, Optional[float]]:
     """One training forward + backward of a GPTModel chunk, compiled whole as `gpt3d train` does at TP=DP=1
     (the loss chunk runs eager: its cross entropy is a compiled kernel either way, the rest is two GEMMs);
-    and the gradient hooks' work over the chunk's parameters (a bf16 gradient added into an fp32 buffer)."""
+    with `hooks`, also the gradient hooks' speed over the chunk's parameters in GB/s (a bf16 gradient added
+    into an fp32 buffer: 10 bytes per element)."""
     from ..model.attention import sdpa_backend_context
     from ..model.gpt import GPTModel
     from ..parallel.random import seed_everything
@@ -98,7 +89,7 @@ def _chunk_timing(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: i
         chunk.compile()
     tokens = torch.randint(0, vocab_of(cfg), (b, m.seq_length + 1), device=device)
     hidden = torch.randn(b, m.seq_length, m.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
-    pairs = [(torch.zeros(p.shape, device=device), torch.ones_like(p)) for p in chunk.parameters()]
+    pairs = [(torch.zeros(p.shape, device=device), torch.ones_like(p)) for p in chunk.parameters()] if hooks else []
 
     def run():
         with sdpa_backend_context(m.attention_backend, hidden.device):
@@ -111,11 +102,13 @@ def _chunk_timing(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: i
         for p in chunk.parameters():
             p.grad = None
 
-    def hooks():
+    def add_grads():
         for main, grad in pairs:
             main.add_(grad)
     try:
-        return _timing(run, warmup, iters, device), _timing(hooks, warmup, iters, device)
+        hook_gbps = 10 * sum(g.numel() for _, g in pairs) / _seconds(add_grads, warmup, iters, device) / 1e9 \
+            if hooks else None
+        return _seconds(run, warmup, iters, device), hook_gbps
     finally:
         chunk = pairs = None   # noqa: F841 - releases the model the closure holds
         torch._dynamo.reset()
@@ -154,30 +147,29 @@ def calibrate(cfg: Config, *, warmup: int = 3, iters: int = 10, verbose: bool = 
     lay = layout_of(cfg, 1)
     sh = shape_of(m, lay, 2)
     gemm_flops, attn_flops = layer_flops(m, lay, sh)
-    gemm, n_gemm = _gemm_timing(m, b * s, dtype, warmup, iters, dev)
-    attn = _attention_timing(m, b, s, dtype, warmup, iters, dev)
-    layers, grad_hooks = _chunk_timing(cfg, [0, 1], False, False, warmup, iters, dev)
-    layer_s = layers.gpu / 2
-    ew_s = max(layer_s - gemm.gpu - attn.gpu, 0.05 * layer_s)
-    head, _ = _chunk_timing(cfg, [], True, True, warmup, iters, dev, compile=False)
+    gemm_s, n_gemm = _gemm_seconds(m, b * s, dtype, warmup, iters, dev)
+    attn_s = _attention_seconds(m, b, s, dtype, warmup, iters, dev)
+    two_layers_s, grad_gbps = _chunk_seconds(cfg, [0, 1], False, False, warmup, iters, dev, hooks=True)
+    layer_s = two_layers_s / 2
+    ew_s = max(layer_s - gemm_s - attn_s, 0.05 * layer_s)
+    head_s, _ = _chunk_seconds(cfg, [], True, True, warmup, iters, dev, compile=False)
     from ..model.gpt import padded_vocab_size
     pv = padded_vocab_size(vocab_of(cfg), m.make_vocab_size_divisible_by, 1)
-    gemm_tflops = 3 * gemm_flops / max(gemm.gpu - n_gemm * GEMM_OVERHEAD_S, 0.5 * gemm.gpu) / 1e12
+    gemm_tflops = 3 * gemm_flops / max(gemm_s - n_gemm * GEMM_OVERHEAD_S, 0.5 * gemm_s) / 1e12
     head_gemm_s = 6 * b * s * m.hidden_size * pv / (gemm_tflops * 1e12) + 3 * GEMM_OVERHEAD_S
     ew_gbps = EW_PASSES * layer_terms(m, lay, sh, True, None).total / ew_s / 1e9
     embedding_s = (2 * pv * m.hidden_size + 8 * b * s * m.hidden_size) / (ew_gbps * 1e9)   # as timing.py counts it
-    loss_s = max(head.gpu - head_gemm_s - embedding_s, 0.05 * head.gpu)
+    loss_s = max(head_s - head_gemm_s - embedding_s, 0.05 * head_s)
     opt_ns = _optimizer_ns_per_param(cfg, warmup, iters, dev, optimizer_params)
-    elements = sum(p.numel for p in chunk_params(m, vocab_of(cfg), 1, False, [0, 1], False, False))
     where = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     cal = Calibration(gemm_tflops=gemm_tflops,
-                      attn_tflops=3.5 * attn_flops / attn.gpu / attention_efficiency(s, m.head_dim) / 1e12,
+                      attn_tflops=3.5 * attn_flops / attn_s / attention_efficiency(s, m.head_dim) / 1e12,
                       ew_gbps=ew_gbps, loss_gbps=LOSS_PASSES * 2 * b * s * pv / loss_s / 1e9,
-                      optimizer_ns_per_param=opt_ns, grad_gbps=10 * elements / grad_hooks.gpu / 1e9,
+                      optimizer_ns_per_param=opt_ns, grad_gbps=grad_gbps,
                       source=f"measured on {where} at {m.num_layers}L/{m.hidden_size}h micro-batch {b}")
     if verbose:
-        print(f"calibration: layer {layer_s * 1e3:.2f} ms (GEMMs {gemm.gpu * 1e3:.2f}, attention {attn.gpu * 1e3:.2f}, "
-              f"rest {ew_s * 1e3:.2f}), embedding + head + loss {head.gpu * 1e3:.2f} ms "
-              f"(GEMM {head_gemm_s * 1e3:.2f}), "
-              f"gradient hooks {grad_hooks.gpu * 1e3:.2f} ms for 2 layers, optimizer {opt_ns:.4f} ns/param", flush=True)
+        print(f"calibration: layer {layer_s * 1e3:.2f} ms (GEMMs {gemm_s * 1e3:.2f}, attention {attn_s * 1e3:.2f}, "
+              f"rest {ew_s * 1e3:.2f}), embedding + head + loss {head_s * 1e3:.2f} ms "
+              f"(GEMM {head_gemm_s * 1e3:.2f}), gradient hooks {grad_gbps:.0f} GB/s, optimizer {opt_ns:.4f} ns/param",
+              flush=True)
     return cal
