@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..parallel.layers import full_shape
 from ..parallel.random import TPRNG
 from ..parallel.pipeline import stage_layers
+from ..parallel.precision import full_dtype
 from ..parallel.state import ParallelState
 from .gpt import GPTModel, padded_vocab_size
 
@@ -25,7 +26,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def param_dtype(cfg: PrecisionConfig) -> torch.dtype:
-    return DTYPES["bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"]
+    """bf16 / fp16 as asked; otherwise full precision (float32, or float64 in the exact layout tests)."""
+    return DTYPES["bf16"] if cfg.bf16 else DTYPES["fp16"] if cfg.fp16 else full_dtype()
 
 
 class ModelChunks:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..parallel.precision import upcast
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, rot_dim: int, base: int = 10000):
@@ -44,5 +46,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x: [b, heads, s, head_dim]; rotates the first cos.shape[-1] dims of each head."""
     rot = cos.shape[-1]
     xr, rest = x[..., :rot], x[..., rot:]
-    xr = (xr.float() * cos + _rotate_half(xr.float()) * sin).to(x.dtype)
+    xr = upcast(xr)
+    xr = (xr * cos + _rotate_half(xr) * sin).to(x.dtype)
     return torch.cat([xr, rest], dim=-1) if rest.shape[-1] else xr

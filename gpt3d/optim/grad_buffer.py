@@ -48,7 +48,7 @@ class LocalRange:
 
 class GradBuffer:
     def __init__(self, chunks: Iterable[nn.Module], ps: ParallelState, *, zero_stage: int = 1,
-                 bucket_size_mb: float = 40.0, overlap: bool = True, grad_dtype: torch.dtype = torch.float32):
+                 bucket_size_mb: float = 40.0, overlap: bool = True, grad_dtype: Optional[torch.dtype] = None):
         self.ps, self.zero = ps, zero_stage if ps.dp > 1 else 0
         self.overlap = overlap and ps.dp > 1
         self._sync = True
@@ -59,6 +59,8 @@ class GradBuffer:
         self.buckets = self._make_buckets(named, bucket_size_mb)
         total = self.buckets[-1].end if self.buckets else 0
         self.param_data = torch.zeros(total, dtype=self.param_dtype, device=ps.device)
+        # fp32 gradients for half parameters (fp64 for fp64 ones, see parallel/precision.py)
+        grad_dtype = grad_dtype or torch.promote_types(self.param_dtype, torch.float32)
         self.grad_data = torch.zeros(total, dtype=grad_dtype, device=ps.device)
         self._offsets = {}
         for b in self.buckets:

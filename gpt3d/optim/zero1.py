@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import OptimizerConfig
+from ..parallel.precision import upcast
 from ..parallel.state import ParallelState
 from .grad_buffer import GradBuffer
 
@@ -32,8 +33,9 @@ def _unscale_and_check_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_
 
 
 def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
-    """[1] fp32: the squared L2 norm of all `grads` (the per-tensor norms clip_grad_norm_ uses)."""
-    return torch.stack(torch._foreach_norm(grads, 2.0)).float().pow(2).sum().reshape(1)
+    """[1] in the gradients' dtype (fp32 or fp64): the squared L2 norm of all `grads` (the per-tensor norms
+    clip_grad_norm_ uses)."""
+    return upcast(torch.stack(torch._foreach_norm(grads, 2.0))).pow(2).sum().reshape(1)
 
 
 def _fused_adamw_step(opt: torch.optim.AdamW, lr: float, grad_scale: Optional[torch.Tensor],
@@ -76,7 +78,7 @@ class ShardedOptimizer:
         self.pieces = [_Piece(r.name, r.param, r.lo, r.hi, r.offset, counted=not (
             (r.param.tp_split_dim is None and ps.tp_rank != 0) or (hasattr(r.param, "tied_to") and ps.pp > 1)))
             for r in buffer.local_ranges()]
-        self.separate_master = buffer.param_dtype != torch.float32
+        self.separate_master = buffer.param_dtype not in (torch.float32, torch.float64)   # half params
         groups = {True: [], False: []}
         self.masters = []
         for pc in self.pieces:
@@ -101,17 +103,17 @@ class ShardedOptimizer:
         Call after `GradBuffer.finish_grad_sync`. The step is skipped on every rank if any rank saw a
         non-finite gradient, without a host sync."""
         grads = [m.grad for m in self.masters]
-        found_inf = torch.zeros(1, device=self.ps.device)
+        found_inf = torch.zeros(1, device=self.ps.device, dtype=torch.float32)
         if loss_scale is not None and grads:
             _unscale_and_check_(grads, found_inf, (1.0 / loss_scale).float())
         counted = [m.grad for m, pc in zip(self.masters, self.pieces) if pc.counted]
-        sq = torch.zeros(1, device=self.ps.device, dtype=torch.float32)
+        sq = torch.zeros(1, device=self.ps.device, dtype=self.buffer.grad_data.dtype)
         if counted:
             sq = _sum_of_squares(counted)
         found_inf = torch.maximum(found_inf, (~torch.isfinite(sq)).float())
         if self.ps.distributed:
             if self.zero == 1:   # shards span every rank: one all-reduce carries norm and overflow flag
-                both = torch.cat([sq, found_inf])
+                both = torch.cat([sq, found_inf.to(sq.dtype)])
                 dist.all_reduce(both)
                 sq, found_inf = both[:1], (both[1:] > 0).float()
             else:                # DP replicas hold the same grads: norm over the model-parallel group only,
@@ -126,7 +128,7 @@ class ShardedOptimizer:
             # Clip inside the fused AdamW kernel (it divides each gradient by `grad_scale`), saving a
             # read-modify-write pass over every fp32 gradient; a non-finite norm is skipped via found_inf.
             coef = (self.cfg.clip_grad / (norm + 1e-6)).clamp(max=1.0).reshape(())
-            grad_scale = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef)).reciprocal()
+            grad_scale = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef)).reciprocal().float()
         _fused_adamw_step(self.optimizer, lr, grad_scale, found_inf.reshape(()))
         self._publish()
         return OptimizerStep(norm, found_inf)
@@ -186,8 +188,8 @@ class ShardedOptimizer:
                 continue
             self.optimizer.state[m] = {
                 "step": torch.tensor(float(state["step"]), dtype=torch.float32, device=m.device),
-                "exp_avg": avg.to(m.device, torch.float32).clone(),
-                "exp_avg_sq": sq.to(m.device, torch.float32).clone()}
+                "exp_avg": avg.to(m.device, m.dtype).clone(),
+                "exp_avg_sq": sq.to(m.device, m.dtype).clone()}
         self._publish()
 
     def reload_masters_from_params(self) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .precision import upcast
 from .state import ParallelState
 
 
@@ -27,7 +28,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_size, ps):
         # logits: [N, V_local] (any float dtype); target: [N] global token ids
-        x = logits.float()
+        x = upcast(logits)
         per_rank = x.shape[-1]
         start = ps.tp_rank * per_rank
         real_here = max(0, min(per_rank, vocab_size - start))
@@ -65,7 +66,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def _dense_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :vocab_size].float(), target, reduction="none")
+    return F.cross_entropy(upcast(logits[:, :vocab_size]), target, reduction="none")
 
 
 _compiled_dense = None
@@ -82,7 +83,7 @@ def _fused_dense(logits, target, vocab_size):
 
 def _chunk_stats(logits: torch.Tensor, local_t: torch.Tensor, inside: torch.Tensor, real: int):
     """Row max, sum of exp(x - max) and target logit over the first `real` (unpadded) columns, in fp32."""
-    x = logits[:, :real].float()
+    x = upcast(logits[:, :real])
     m = x.amax(dim=-1)
     s = torch.exp(x - m.unsqueeze(-1)).sum(dim=-1)
     picked = x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0)
@@ -92,12 +93,12 @@ def _chunk_stats(logits: torch.Tensor, local_t: torch.Tensor, inside: torch.Tens
 def _chunk_grad(logits: torch.Tensor, m: torch.Tensor, s: torch.Tensor, local_t: torch.Tensor,
                 inside: torch.Tensor, real: int) -> torch.Tensor:
     """d loss / d logits = softmax - one_hot(target), in the logits' dtype; padded columns get 0."""
-    x = logits.float()
+    x = upcast(logits)
     cols = torch.arange(x.shape[-1], device=x.device)
     p = torch.exp(x - m.unsqueeze(-1)) / s.unsqueeze(-1)
     p = torch.where(cols < real, p, 0.0)
     hit = (cols == local_t.unsqueeze(-1)) & inside.unsqueeze(-1)
-    return (p - hit.float()).to(logits.dtype)
+    return (p - hit.to(p.dtype)).to(logits.dtype)
 
 
 _compiled = {}
@@ -116,7 +117,7 @@ def _accumulate_wgrad(gw: Optional[torch.Tensor], g: torch.Tensor, x: torch.Tens
     """gw += g^T x with an fp32 accumulator, the product summed in fp32 by the GEMM itself on GPU."""
     if g.dtype == torch.float32 or not g.is_cuda or torch.compiler.is_compiling():
         # fp32 output of a half GEMM is CUDA-only, and its addmm form does not trace (torch 2.11)
-        part = (g.t() @ x).float()
+        part = upcast(g.t() @ x)
         return part if gw is None else gw + part
     if gw is None:
         return torch.mm(g.t(), x, out_dtype=torch.float32)
@@ -172,7 +173,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         gx, gw = ctx.saved_tensors
         grad_x = gx * grad_loss.unsqueeze(-1).to(gx.dtype)
-        grad_w = (gw * grad_loss.float().mean()).to(ctx.weight_dtype)
+        grad_w = (gw * upcast(grad_loss).mean()).to(ctx.weight_dtype)
         return grad_x, grad_w, None, None, None, None, None
 
 

@@ -23,6 +23,7 @@ from ..optim.grad_scaler import DynamicLossScaler
 from ..optim.schedule import LRSchedule
 from ..optim.zero1 import ShardedOptimizer
 from ..parallel.pipeline import forward_backward
+from ..parallel.precision import upcast
 from ..parallel.state import ParallelState
 
 
@@ -70,7 +71,7 @@ def gpt_forward_step(chunk: nn.Module, micro_batch: dict, x: Optional[torch.Tens
     """The pipeline's view of a GPT chunk: the first reads tokens, the last returns the mean token loss."""
     out = chunk(micro_batch["tokens"] if chunk.pre_process else None,
                 micro_batch["labels"] if chunk.post_process else None, hidden=x)
-    return (None, out.float().mean()) if chunk.post_process else (out, None)
+    return (None, upcast(out).mean()) if chunk.post_process else (out, None)
 
 
 class TrainStep:

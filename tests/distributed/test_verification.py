@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.verification import COMMAND, README, SEED_ROWS, parse, readme_block, seed_table, world_curves
+from tests.support.verification import (COMMAND, README, SEED_ROWS, TOL, parse, readme_block, seed_table,
+                                        world_curves)
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,8 @@ def test_seed_layouts_match_one_process(rows):
     single, *layouts = rows
     assert [r["layout"] for r in layouts] == [label for label, *_ in SEED_ROWS]
     for r in layouts:
-        assert r["train_diff"] <= 1e-3 and r["valid_diff"] <= 1e-3, r
-        assert abs(r["train"] - single["train"]) <= 1e-3 and abs(r["valid"] - single["valid"]) <= 1e-3, r
+        assert r["train_diff"] <= TOL and r["valid_diff"] <= TOL, r
+        assert abs(r["train"] - single["train"]) <= TOL and abs(r["valid"] - single["valid"]) <= TOL, r
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ reference): same seed, same data, same global batch — only the layout differs.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -57,12 +58,49 @@ def run_curve(cfg: Config, iters: Optional[int] = None, trainer: Optional[Traine
             "state_bytes": t.optimizer.state_bytes(), "trainer": None}
 
 
+@contextlib.contextmanager
+def float64():
+    """Train in float64 (fp32 runs use torch's default dtype, gpt3d/parallel/precision.py): a layout's other
+    reduction order then moves a curve by ~1e-13, on every CPU, while a wrong layout moves it by >1e-3."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def layout_curve(overrides: dict) -> dict:
+    """The curve of the tiny model under `overrides`, in float64 (the layout tests' arithmetic)."""
+    with float64():
+        return run_curve(tiny_config(**overrides))
+
+
 def layout_worker(rank: int, world: int, layouts: list) -> list:
     """Run several layouts in one spawned job; returns the logging rank's curves (None elsewhere)."""
     out = []
     for overrides in layouts:
-        r = run_curve(tiny_config(**overrides))
+        r = layout_curve(overrides)
         out.append(r if r["logging"] else {"state_bytes": r["state_bytes"]})
+    return out
+
+
+def broken_tp_worker(rank: int, world: int, iters: int) -> dict:
+    """TP=2 curves with a broken reduction (tests/distributed/test_layouts.py): "no-grad-reduce" leaves out the
+    all-reduce of the input gradient of column-parallel layers; "fp32-rounding" scales the result of every TP
+    all-reduce by 1 + 2^-24, one fp32 rounding. Returns {kind: curve} on rank 0."""
+    from unittest import mock
+
+    from gpt3d.parallel import mappings
+    honest = mappings._all_reduce
+    breaks = {"no-grad-reduce": mock.patch.object(mappings._CopyToTP, "backward",
+                                                  staticmethod(lambda ctx, g: (g, None))),
+              "fp32-rounding": mock.patch.object(mappings, "_all_reduce",
+                                                 lambda x, group: honest(x, group).mul_(1 + 2.0 ** -24))}
+    out = {}
+    for kind, patch in breaks.items():
+        with patch:
+            out[kind] = layout_curve(dict(tensor_model_parallel_size=2, train_iters=iters))
     return out
 
 
