@@ -108,5 +108,12 @@ class HuggingFaceTokenizer(Tokenizer):
     def files(self) -> dict[str, str]:
         return {"tokenizer.json": self.file, **self.configs}
 
+    def vocabulary(self) -> dict[str, int]:
+        return self.tok.get_vocab(with_added_tokens=True)
+
+    def special_ids(self) -> frozenset:
+        added = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        return super().special_ids() | frozenset(added)
+
     def no_eod_hint(self) -> str:
         return "name one as eos_token in a tokenizer_config.json beside tokenizer.json"

@@ -50,6 +50,16 @@ class GPTSentencePieceTokenizer(Tokenizer):
     def files(self) -> dict[str, str]:
         return {"tokenizer.model": self.model_file}
 
+    def vocabulary(self) -> dict[str, int]:
+        """The pieces (with their scores, which decide a unigram model's ids) and any added special tokens."""
+        vocab = {f"{p}\t{self.sp.get_score(i)!r}": i for i, p in enumerate(self.pieces)}
+        vocab.update(getattr(self, "special", {}))
+        return vocab
+
+    def special_ids(self) -> frozenset:
+        control = {i for i in range(len(self.pieces)) if self.sp.is_control(i)}
+        return super().special_ids() | frozenset(control) | frozenset(getattr(self, "special", {}).values())
+
     def no_eod_hint(self) -> str:
         return f"{self.model_file} has no eos piece (train it with eos_id >= 0)"
 
