@@ -240,7 +240,7 @@ def _problem(path: str, ps: Optional[ParallelState], wanted: Optional[Callable[[
         files = checked_files(path, wanted)
         if ps is not None and ps.distributed:
             files = files[ps.rank::ps.world_size]
-        why = checksum_problem(path, files)
+        why = checksum_problem(path, files, progress=ps is None or ps.rank == 0)
     return _any_error(ps, why) if ps is not None else why
 
 
