@@ -176,6 +176,10 @@ class Activity:
         while not self._stop.wait(pause):
             self.tick()
 
+    def elapsed(self) -> float:
+        """Seconds since the activity began."""
+        return self.clock() - self.progress.start
+
     def tick(self) -> None:
         if not self.enabled:
             return

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Optional
 
-from .tokenizer import Tokenizer, TokenizerError, _batch, _need_file, plain
+from .tokenizer import Tokenizer, TokenizerError, _batch, _need_file, hf_model_data, plain
 
 # end-of-document names tried, in order, when a tokenizer.json comes without a tokenizer_config.json
 KNOWN_EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
@@ -110,6 +110,9 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def vocabulary(self) -> dict[str, int]:
         return self.tok.get_vocab(with_added_tokens=True)
+
+    def model_data(self) -> dict:
+        return hf_model_data(self.tok)
 
     def special_ids(self) -> frozenset:
         added = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}

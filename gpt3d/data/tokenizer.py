@@ -47,6 +47,18 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def hf_model_data(hf) -> dict:
+    """An HF `tokenizers` model's type and what it holds besides the vocabulary: BPE merges (as pairs, however
+    the library version writes them), Unigram scores."""
+    m = json.loads(hf.to_str())["model"]
+    out = {"type": m.get("type")}
+    if "merges" in m:
+        out["merges"] = [x.split(" ", 1) if isinstance(x, str) else list(x) for x in m["merges"]]
+    if m.get("type") == "Unigram":
+        out["scores"] = [score for _, score in m["vocab"]]
+    return out
+
+
 def _batch(tok):
     """`encode_batch_fast` (no offsets) where this `tokenizers` has it."""
     return getattr(tok, "encode_batch_fast", tok.encode_batch)
@@ -97,6 +109,10 @@ class Tokenizer:
         """Token string -> id, special/added tokens included (part of the fingerprint)."""
         return {}
 
+    def model_data(self) -> dict:
+        """What decides the ids beyond the vocabulary: BPE merges, unigram scores (part of the fingerprint)."""
+        return {}
+
     def special_ids(self) -> frozenset:
         """Ids that mark rather than spell text: eod, bos and the tokenizer's own special tokens. `generate`
         leaves them out of the text it prints unless asked to keep them."""
@@ -118,7 +134,7 @@ class Tokenizer:
             except TokenizerError:
                 probes.append(None)
         return {"settings": self.settings(), "vocab_size": self.vocab_size,
-                "vocab": sorted(self.vocabulary().items(), key=lambda kv: (kv[1], kv[0])),
+                "vocab": sorted(self.vocabulary().items(), key=lambda kv: (kv[1], kv[0])), "model": self.model_data(),
                 "special": sorted(self.special_ids()), "eod": self.eod, "eod_token": self.eod_token,
                 "bos": self.bos, "probes": probes}
 
@@ -279,6 +295,9 @@ class GPT2BPETokenizer(Tokenizer):
 
     def vocabulary(self) -> dict[str, int]:
         return self.tok.get_vocab(with_added_tokens=True)
+
+    def model_data(self) -> dict:
+        return hf_model_data(self.tok)
 
 
 # ----- any tokenizer.json --------------------------------------------------------------------------------------

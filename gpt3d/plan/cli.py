@@ -24,7 +24,7 @@ def register(sub) -> None:
     add_config_flags(p)
     g = p.add_argument_group("plan")
     g.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default: the config's TP x PP)")
-    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (TP stays inside a node)")
     g.add_argument("--gpu", default="h100-80gb", help=f"preset ({', '.join(PRESETS)}) or 'custom'")
     for flag, what in [("--gpu-tflops", "dense bf16 peak"), ("--gpu-memory-gib", "memory per GPU"),
                        ("--hbm-gbps", "memory bandwidth"), ("--nvlink-gbps", "NVLink GB/s per GPU and direction"),
