@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 
+from .fingerprint import PROBES
 from .json_tokenizer import HuggingFaceTokenizer
 from .spm_tokenizer import SentencePieceTokenizer
-from .tokenizer import PROBES, GPT2BPETokenizer, NullTokenizer, Tokenizer, TokenizerError, plain
+from .tokenizer import GPT2BPETokenizer, NullTokenizer, Tokenizer, TokenizerError, plain
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 

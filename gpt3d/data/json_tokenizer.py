@@ -10,7 +10,8 @@ import json
 import os
 from typing import Optional
 
-from .tokenizer import Tokenizer, TokenizerError, _batch, _need_file, hf_model_data, plain
+from .fingerprint import hf_model_data
+from .tokenizer import Tokenizer, TokenizerError, _batch, _need_file, plain
 
 # end-of-document names tried, in order, when a tokenizer.json comes without a tokenizer_config.json
 KNOWN_EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")

@@ -26,8 +26,8 @@ from typing import Iterable, Iterator, Optional, Union
 import numpy as np
 
 from .. import atomic
-from ..progress import Progress
 from ..errors import DataError, TokenizerError, os_errors_are_user_errors
+from ..progress import Progress
 from . import corpus
 from .indexed import MMapIndexedDatasetBuilder, best_dtype
 from .tokenizer import TYPES, build_tokenizer

@@ -3,9 +3,9 @@
 Megatron users name a tokenizer by `--tokenizer-type` and give its files; the ids it produces are baked
 into their .bin data, so every type here gives exactly the ids Megatron's class of the same name gives.
 A tokenizer can copy its files into a directory and be rebuilt from that directory alone (`save_files` /
-`load_from_dir`), and its `fingerprint` hashes what it does (its vocabulary, special tokens, eod/bos and the
-ids of a fixed set of probe texts), not its file bytes or paths: a checkpoint carries its tokenizer and a
-resume with one that encodes differently is refused, while the same tokenizer re-written (import-hf's
+`load_from_dir`), and its `fingerprint` hashes what it does (fingerprint.py: its vocabulary, merges or
+scores, special tokens, eod/bos and the ids of a fixed set of probe texts), not its file bytes or paths: a
+checkpoint carries its tokenizer and a resume with one that encodes differently is refused, while the same tokenizer re-written (import-hf's
 tokenizer.json) or moved is accepted. Checkpoints from before hashed the files' bytes (`file_fingerprint`);
 `matches` accepts either.
 """
@@ -18,24 +18,13 @@ import shutil
 from typing import Optional
 
 from ..errors import TokenizerError, warn
+from .fingerprint import behaviour_fingerprint, hf_model_data
 
 EOD = "<|endoftext|>"
 TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
          "Llama2Tokenizer", "NullTokenizer")
 CHECKPOINT_DIR = "tokenizer"   # where a checkpoint keeps its copy of the files (checkpoint/tokenizer_part.py)
 
-# Texts whose ids make a tokenizer's fingerprint, and that export-hf's tokenizer.json must encode as gpt3d does:
-# whitespace, Unicode, emoji, special-token look-alikes, code, numbers and ordinary prose.
-PROBES = [
-    "Hello world", "  two leading spaces", "trailing space ", "a  b   c", "tab\tnew\nline\r\n", "", " ",
-    "UPPER lower 12345 3.14 -7", "naïve café Ünïcode 東京 мир ﬁ Ａ", "emoji 🙂👍🏽", "<s> </s> <unk> <pad> <eos>",
-    "<|endoftext|> <|end_of_text|> <EOD><EOD> <CLS>x<SEP>", "\u2581already \u2581\u2581", "x" * 300,
-    "def f(x):\n    return x  # code\n", "<0x41> <0xFF>", "\u00a0nbsp\u3000ideographic\u200bzw",
-    "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times; "
-    "there were 1,234,567 reasons (and 89.5% of them were good) to read on, wasn't there?",
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.",
-    "for (int i = 0; i < n; ++i) { total += values[i] * 2; }  // 2024-01-31T12:00:00Z user@example.com",
-]
 
 
 def sha256_file(path: str) -> str:
@@ -45,18 +34,6 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def hf_model_data(hf) -> dict:
-    """An HF `tokenizers` model's type and what it holds besides the vocabulary: BPE merges (as pairs, however
-    the library version writes them), Unigram scores."""
-    m = json.loads(hf.to_str())["model"]
-    out = {"type": m.get("type")}
-    if "merges" in m:
-        out["merges"] = [x.split(" ", 1) if isinstance(x, str) else list(x) for x in m["merges"]]
-    if m.get("type") == "Unigram":
-        out["scores"] = [score for _, score in m["vocab"]]
-    return out
 
 
 def _batch(tok):
@@ -123,21 +100,6 @@ class Tokenizer:
         drop = frozenset() if keep_special else self.special_ids()
         return self.decode([int(i) for i in ids if int(i) not in drop])
 
-    def behaviour(self) -> dict:
-        """What decides this tokenizer's ids, JSON-able: settings, vocabulary, special ids, eod/bos and the ids
-        of PROBES (None where a probe is not valid input, e.g. NullTokenizer's words). Its hash is the
-        fingerprint."""
-        probes = []
-        for text in PROBES:
-            try:
-                probes.append([int(i) for i in self.encode(text)])
-            except TokenizerError:
-                probes.append(None)
-        return {"settings": self.settings(), "vocab_size": self.vocab_size,
-                "vocab": sorted(self.vocabulary().items(), key=lambda kv: (kv[1], kv[0])), "model": self.model_data(),
-                "special": sorted(self.special_ids()), "eod": self.eod, "eod_token": self.eod_token,
-                "bos": self.bos, "probes": probes}
-
     # Megatron's method names
     def tokenize(self, text: str) -> list[int]:
         return self.encode(text)
@@ -166,7 +128,7 @@ class Tokenizer:
             files = {name: sha256_file(path) for name, path in sorted(self.files().items())}
             core = {"type": self.type_name, "files": files, "settings": self.settings()}
             self._file_fingerprint = hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
-            fp = hashlib.sha256(json.dumps(self.behaviour(), sort_keys=True).encode()).hexdigest()
+            fp = behaviour_fingerprint(self)
             self._manifest = {**core, "vocab_size": self.vocab_size, "eod": self.eod, "eod_token": self.eod_token,
                               "fingerprint": fp}
         return json.loads(json.dumps(self._manifest))   # a copy

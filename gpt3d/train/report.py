@@ -9,6 +9,11 @@ to-tensorboard) are extra tags under Megatron's names, so dashboards built for i
 The optimizer-state statistics are a collective over the ranks holding optimizer state, so they are computed
 in `Reporter.step`, which every rank calls; only the logging rank writes them.
 
+Where things go: the metrics file is the run directory's metrics.jsonl unless --log-file names one (the
+directory is claimed when the run is accepted, see rundir.py), with its curves drawn beside it at the end;
+TensorBoard and Weights & Biases get the same scalars from one place (`MetricsLogger._scalars`). CPU runs'
+console lines leave out TFLOPs/GPU and MFU (figures of a GPU's peak); the JSON lines keep every field.
+
 A step's device tensors (loss, grad norm, fp16 loss scale) are brought to the host only for a log line,
 so the steps in between never wait for the device.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -69,13 +75,21 @@ class WandbSink:
     tokens there) is logged with a `tokens` value and W&B told to plot it against that. An optional extra:
     without wandb installed the flag is one error line naming the extra, before any work."""
 
+    MISSING = "--wandb-project needs Weights & Biases: pip install -e \".[wandb]\""
+
     def __init__(self, t: TrainingConfig):
         try:
             with quiet_imports():
                 import wandb
         except ImportError:
-            raise ConfigError("--wandb-project needs Weights & Biases: pip install -e \".[wandb]\"") from None
+            raise ConfigError(self.MISSING) from None
         self.wandb, self.t, self.run = wandb, t, None
+
+    @classmethod
+    def check_installed(cls) -> None:
+        """On the ranks that do not log: the same verdict as the logging rank's import, without importing it."""
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(cls.MISSING)
 
     def open(self, run_dir: Optional[str], settings: dict) -> None:
         t = self.t
@@ -123,8 +137,11 @@ class MetricsLogger:
         if enabled and root:
             refuse_unwritable("--run-dir" if t.run_dir else f"the run directory's parent ({rundir.RUNS_ENV})",
                               root, directory=True)
-        if enabled and t.wandb_project:
-            self.wandb = WandbSink(t)
+        if t.wandb_project:   # every rank: a missing extra fails the whole job at start, not one rank of it
+            if enabled:
+                self.wandb = WandbSink(t)
+            else:
+                WandbSink.check_installed()
 
     def open(self, run_dir: Optional[str], settings: dict) -> None:
         """Open (create) the metrics file in `run_dir` (unless --log-file names one), TensorBoard, W&B; idempotent."""
@@ -142,10 +159,9 @@ class MetricsLogger:
 
     def outputs(self) -> str:
         """Where this run's records go, for the start-up header."""
-        png = os.path.splitext(self.log_file)[0] + ".png"
-        w = self.wandb
+        png, w, tb = os.path.splitext(self.log_file)[0] + ".png", self.wandb, self.t.tensorboard_dir
         return " | ".join([f"metrics: {self.log_file}", f"curves: {png} (at the end)",
-                           f"TensorBoard: {self.t.tensorboard_dir}" if self.tb else "TensorBoard: off (--tensorboard-dir)",
+                           f"TensorBoard: {tb}" if self.tb else "TensorBoard: off (--tensorboard-dir)",
                            f"W&B: project {self.t.wandb_project}, files in {w.run.dir}" if w and w.run else
                            "W&B: off (--wandb-project)"])
 

@@ -45,6 +45,8 @@ def test_slow_commands_report_progress_off_a_terminal_and_keep_stdout_clean(tmp_
     out = capsys.readouterr()
     assert out.out.startswith("ok   ") and out.out.count("\n") == 1
     assert _progress_lines(out.err, f"verifying {ck / 'iter_0000001'}: ") and " MB/s" in out.err
+    assert cli_main(["checkpoint-info", str(ck)]) == 0      # ZeRO as configured, and what it means at DP 1
+    assert "layout: TP=1 PP=1 DP=1 ZeRO-1 (no sharding at DP 1)" in capsys.readouterr().out
 
 
 def test_generate_says_when_the_request_exceeds_the_context(tmp_path, capsys):

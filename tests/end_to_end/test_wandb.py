@@ -57,6 +57,7 @@ def test_the_offline_wandb_run_holds_the_scalars_tensorboard_gets(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "W&B: project gpt3d-test, files in" in r.stdout
     tb, (wb, run_name) = _tensorboard(tmp_path / "tb"), _wandb(tmp_path / "wbdir")
+    assert run_name.startswith("offline-run-")
     assert {"loss", "lr", "grad_norm", "val_loss", "loss_vs_tokens", "iteration-time/iteration-time",
             "batch-size/batch-size", "lm-loss-validation/lm loss validation ppl"} <= set(tb)
     assert set(wb) == set(tb)
