@@ -67,7 +67,7 @@ class Progress:
 
     def __init__(self, what: str, total: Optional[float] = None, unit: str = "it", *,
                  stream: Optional[TextIO] = None, interval: Optional[float] = None, enabled: bool = True,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, bar_format: Optional[str] = None):
         self.what, self.total, self.unit, self.enabled = what, total, unit, enabled
         self.stream = stream if stream is not None else sys.stderr
         self.interval = default_interval() if interval is None else interval
@@ -80,7 +80,7 @@ class Progress:
         if enabled and _is_tty(self.stream):
             from tqdm import tqdm
             self.bar = tqdm(total=total, desc=what, unit=f" {unit}", file=self.stream, delay=TTY_DELAY,
-                            dynamic_ncols=True, leave=False, mininterval=0.5)
+                            dynamic_ncols=True, leave=False, mininterval=0.5, bar_format=bar_format)
 
     def __enter__(self) -> "Progress":
         return self
@@ -161,12 +161,11 @@ class Activity:
 
     def __init__(self, what: str, *, stream: Optional[TextIO] = None, interval: Optional[float] = None,
                  enabled: bool = True, clock: Callable[[], float] = time.monotonic, thread: bool = True):
-        self.progress = Progress(what, None, "s", stream=stream, interval=interval, enabled=enabled, clock=clock)
+        self.progress = Progress(what, None, "s", stream=stream, interval=interval, enabled=enabled, clock=clock,
+                                 bar_format="{desc}: still working, elapsed {elapsed}")
         self.what, self.clock, self.enabled = what, clock, enabled
         self._stop = threading.Event()
         self._thread = None
-        if self.progress.bar is not None:
-            self.progress.bar.bar_format = "{desc}: still working, elapsed {elapsed}"
         if enabled and thread:
             pause = max(self.progress.interval, 0.5) if self.progress.bar is None else 1.0
             self._thread = threading.Thread(target=self._run, args=(pause,), daemon=True)
