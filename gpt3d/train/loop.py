@@ -263,6 +263,7 @@ class Trainer:
                 with Activity("torch.compile: compiling the first step", enabled=ps.is_logging_rank) as work:
                     result = self.train_step(batch or self.microbatches(loader))
                 report.console(f"torch.compile: first step compiled and run in {work.elapsed():.1f} s")
+                report.start(state.iteration)   # the first log line's tokens/s and ETA leave compilation out
                 compiling = False
             else:
                 result = self.train_step(batch or self.microbatches(loader))
