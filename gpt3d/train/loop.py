@@ -263,8 +263,6 @@ class Trainer:
                 with Activity("torch.compile: compiling the first step", enabled=ps.is_logging_rank) as work:
                     result = self.train_step(batch or self.microbatches(loader))
                 report.console(f"torch.compile: first step compiled and run in {work.elapsed():.1f} s")
-                report.start(state.iteration)   # the first log line's tokens/s and ETA leave compilation out
-                compiling = False
             else:
                 result = self.train_step(batch or self.microbatches(loader))
             # Read the next batch while the device still runs this step: the checks below wait for it.
@@ -274,6 +272,9 @@ class Trainer:
             if late is not None and late.diverged:
                 raise divergence_error(late, self.last_checkpoint)
             report.step(result, state)
+            if compiling:   # later log lines' tokens/s and ETA leave the compilation out
+                report.start(state.iteration)
+                compiling = False
             it = state.iteration
             evaluating = bool(t.eval_interval) and it % t.eval_interval == 0
             saving = bool(save_interval) and it % save_interval == 0
