@@ -218,7 +218,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_tokenizer_flags(p: argparse.ArgumentParser) -> None:
     """Tokenizer flags of eval/generate/export-hf; given, they replace the checkpoint's tokenizer."""
-    p.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES), help="default: the checkpoint's")
+    p.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES), help="tokenizer type (default: the checkpoint's)")
     p.add_argument("--tokenizer-model", help="tokenizer.json (or its directory) / SentencePiece .model")
     p.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json (default: the checkpoint's)")
     p.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt (default: the checkpoint's)")

@@ -135,7 +135,7 @@ class MetricsLogger:
             refuse_unwritable("--tensorboard-dir", t.tensorboard_dir, directory=True)
         root = rundir.planned_root(t)
         if enabled and root:
-            refuse_unwritable("--run-dir" if t.run_dir else f"the run directory's parent ({rundir.RUNS_ENV})",
+            refuse_unwritable("--run-dir" if t.run_dir else f"the runs directory (--run-dir, ${rundir.RUNS_ENV})",
                               root, directory=True)
         if t.wandb_project:   # every rank: a missing extra fails the whole job at start, not one rank of it
             if enabled:
