@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Optional
 
 from ..errors import TokenizerError
 
@@ -44,7 +45,7 @@ def hf_model_data(hf) -> dict:
 def behaviour(tok) -> dict:
     """What decides `tok`'s ids, JSON-able: settings, vocabulary, model data (merges, scores), special ids,
     eod/bos and the ids of PROBES (None where a probe is not valid input, e.g. NullTokenizer's words)."""
-    probes = []
+    probes: list[Optional[list[int]]] = []
     for text in PROBES:
         try:
             probes.append([int(i) for i in tok.encode(text)])

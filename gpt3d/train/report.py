@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from typing import Iterator, Optional
+from typing import IO, Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -83,7 +83,8 @@ class WandbSink:
                 import wandb
         except ImportError:
             raise ConfigError(self.MISSING) from None
-        self.wandb, self.t, self.run = wandb, t, None
+        self.wandb, self.t = wandb, t
+        self.run: Any = None
 
     @classmethod
     def check_installed(cls) -> None:
@@ -93,7 +94,7 @@ class WandbSink:
 
     def open(self, run_dir: Optional[str], settings: dict) -> None:
         t = self.t
-        save_dir = t.wandb_save_dir or run_dir
+        save_dir = t.wandb_save_dir or run_dir or "."
         os.makedirs(save_dir, exist_ok=True)
         self.run = self.wandb.init(project=t.wandb_project, name=t.wandb_exp_name or os.path.basename(
             os.path.abspath(run_dir or save_dir)), dir=save_dir, config=settings,
@@ -127,8 +128,11 @@ class MetricsLogger:
 
     def __init__(self, enabled: bool, t: TrainingConfig):
         self.enabled, self.t = enabled, t
-        self.fh = self.tb = self.wandb = None
-        self.log_file, self.run_dir = t.log_file, None
+        self.fh: Optional[IO[str]] = None
+        self.tb: Any = None
+        self.wandb: Optional[WandbSink] = None
+        self.log_file: str = t.log_file or ""
+        self.run_dir: Optional[str] = None
         if enabled and t.log_file:
             refuse_unwritable("--log-file", t.log_file)
         if enabled and t.tensorboard_dir:
@@ -148,7 +152,7 @@ class MetricsLogger:
         if not self.enabled or self.fh is not None:
             return
         self.run_dir = run_dir
-        self.log_file = self.t.log_file or os.path.join(run_dir, "metrics.jsonl")
+        self.log_file = self.t.log_file or os.path.join(run_dir or ".", "metrics.jsonl")
         os.makedirs(os.path.dirname(os.path.abspath(self.log_file)), exist_ok=True)
         self.fh = open(self.log_file, "a", buffering=1)
         if self.t.tensorboard_dir:
@@ -271,7 +275,7 @@ class Reporter:
         records it in `cfg.run_dir`, so checkpoints name it), open the sinks and write the metrics file's marker
         for a run starting (or resuming) at `state` with these non-default settings. `resumed`: the training
         settings of the checkpoint a resume restored. Returns the run directory (None: nothing goes in one)."""
-        found = (None, None)
+        found: tuple[Optional[str], Optional[str]] = (None, None)
         if self.ps.rank == 0:
             try:
                 found = (rundir.claim(self.cfg, resumed), None)
