@@ -29,4 +29,4 @@ torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
     --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$JOB_ID" \
     -m gpt3d train --config "$CONFIG" \
     --data-path "$DATA" --vocab-file "$VOCAB" --merge-file "$MERGES" \
-    --save "$CKPT" "${LOAD[@]}" "$@" 2>&1 | tee "$LOGDIR/node$NODE_RANK.log"
+    --save "$CKPT" --run-dir "$LOGDIR" "${LOAD[@]}" "$@" 2>&1 | tee "$LOGDIR/node$NODE_RANK.log"

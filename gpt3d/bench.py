@@ -46,15 +46,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-layers", type=int, help="custom shape: layers")
     p.add_argument("--hidden-size", type=int, help="custom shape: hidden size")
     p.add_argument("--num-attention-heads", type=int, help="custom shape: attention heads")
-    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--seq-length", type=int, default=2048, help="tokens per sample")
     p.add_argument("--micro-batch-size", type=int, default=None, help="override the shape's micro batch")
     p.add_argument("--iters", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, autotuning)")
-    p.add_argument("--peer", choices=["hf", "none"], default="hf")
+    p.add_argument("--peer", choices=["hf", "none"], default="hf",
+                   help="hf: also time the Hugging Face peer (transformers); none: gpt3d only")
     p.add_argument("--peer-first", action="store_true", help="run the peer before gpt3d (order effects)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="gpt3d without torch.compile")
-    p.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    p.add_argument("--use-flash-attn", action="store_true")
+    p.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="activation checkpointing (default: none)")
+    p.add_argument("--use-flash-attn", action="store_true", help="use the flash-attn package if installed")
     p.add_argument("--attention-backend", choices=["auto", "cudnn", "flash", "efficient", "math"], default="auto",
                    help="gpt3d's SDPA kernel (math = no flash attention)")
     p.add_argument("--micro-batches", type=int, default=1,
@@ -62,10 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16", action="store_true", help="fp16 params with dynamic loss scaling (peer: fp16 "
                                                         "autocast + GradScaler) instead of bf16")
     p.add_argument("--fp8", action="store_true", help="gpt3d with FP8 GEMMs in the transformer layers (torchao)")
-    p.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise", "rowwise_with_gw_hp"], default="tensorwise")
+    p.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise", "rowwise_with_gw_hp"], default="tensorwise",
+                   help="FP8 scaling recipe (see `gpt3d train --help`)")
     p.add_argument("--cross-entropy-loss-fusion", dest="ce_fusion", action="store_true",
                    help="gpt3d fuses the output projection with the loss (chunked; never stores the logits)")
-    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak for MFU (H100 bf16 dense)")
     p.add_argument("--json", action="store_true", help="print one JSON line per result")
 
 
@@ -144,7 +147,12 @@ def bench_hf(cfg: Config, warmup: int, iters: int) -> dict:
 
 def _hf_model(cfg: Config):
     """The peer a user would otherwise pick: GPT-2 for GPT-3 shapes, Llama for RoPE+RMSNorm+SwiGLU shapes."""
+    from .quiet import quiet_imports
     m = cfg.model
+    with quiet_imports():   # transformers imports torchao, which logs lines about its CUDA extensions
+        import transformers  # noqa: F401
+        import transformers.models.gpt2.modeling_gpt2  # noqa: F401
+        import transformers.models.llama.modeling_llama  # noqa: F401
     if m.swiglu:
         from transformers import LlamaConfig, LlamaForCausalLM
         hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,

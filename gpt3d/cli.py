@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 from typing import Callable, Optional
 
@@ -22,15 +23,48 @@ from .errors import FileError, Gpt3dError
 TOKEN_COUNT_FIELDS = ("train_tokens", "train_samples", "lr_warmup_tokens", "lr_decay_tokens")
 
 
+def show_default(value) -> str:
+    """A default as `--help` shows it: `on`/`off` for switches, lists space-separated, numbers as written."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1e4:
+        return f"{value:.0f}"
+    return str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default where it has one: not None, not a plain switch (store_true
+    and the like, whose default is simply "not given"), not one the help text already names."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (d is None or d is argparse.SUPPRESS or (action.nargs == 0 and not action.option_strings[1:])
+                or "%(default)" in text or "default" in text or not action.option_strings):
+            return text
+        return f"{text} (default: {show_default(d)})".replace("%", "%%").replace("%%(", "%(")
+
+
+class Parser(argparse.ArgumentParser):
+    """gpt3d's parsers (each command's, sub-commands' too): defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field; defaults are suppressed so only given flags override YAML."""
+    """One flag per config field; defaults are suppressed so only given flags override YAML (their help shows
+    the dataclass default)."""
     parser.add_argument("--config", help="YAML config file (flags override it)")
     for section, klass in SECTIONS.items():
         group = parser.add_argument_group(section)
         types = field_types(klass)
         for f in dataclasses.fields(klass):
             names = [flag_name(f), *f.metadata.get("aliases", ())]
-            kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help"))
+            kw = dict(dest=f.name, default=argparse.SUPPRESS, help=_help_with_default(f))
             t = types[f.name]
             if t is bool and names[0].startswith("--no-"):   # Megatron's negative switches, e.g.
                 group.add_argument(*names, action="store_true", **kw)   # --no-pipeline-parallel: set only
@@ -45,6 +79,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             for switch, (value, text) in f.metadata.get("const_aliases", {}).items():
                 group.add_argument(switch, dest=f.name, action="store_const", const=value,
                                    default=argparse.SUPPRESS, help=text)
+
+
+def _help_with_default(f: dataclasses.Field) -> str:
+    """A config field's help with its default (flags suppress argparse's own default, see add_config_flags)."""
+    text = f.metadata.get("help") or ""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default is None or default == [] or "default" in text:
+        return text
+    return f"{text} (default: {show_default(default)})".replace("%", "%%")
 
 
 def _int_tokens(text: str) -> int:
@@ -75,7 +118,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _train(args: argparse.Namespace) -> int:
     from .train import main as train_main
-    return train_main(config_from_args(args))
+    cfg = config_from_args(args)
+    if cfg.training.run_name is None and getattr(args, "config", None):   # the run is named after its config
+        cfg.training.run_name = os.path.splitext(os.path.basename(args.config))[0]
+    return train_main(cfg)
 
 
 # Every other command -> the module that registers its sub-parser (`register(sub)`) and runs it. Only the
@@ -87,8 +133,8 @@ COMMANDS = {"preprocess": "data.preprocess", "bench": "bench", "checkpoint-info"
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser of `command` (and train's), or of every command when it is not one of them (e.g. --help)."""
-    parser = argparse.ArgumentParser(prog="gpt3d", description="GPT pretraining with 3D parallelism")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="gpt3d", description="GPT pretraining with 3D parallelism")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     tp = sub.add_parser("train", help="pretrain a GPT model", allow_abbrev=False)
     add_config_flags(tp)
     tp.set_defaults(func=_train)

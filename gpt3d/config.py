@@ -63,7 +63,7 @@ class ModelConfig:
     disable_bias_linear: bool = opt(False, "no biases in linear layers")
     untie_embeddings_and_output_weights: bool = opt(False, "separate output head instead of tied embedding")
     recompute_granularity: Optional[str] = opt(
-        None, "activation checkpointing", choices=["full", "selective"],
+        None, "activation checkpointing (default: none, every activation kept)", choices=["full", "selective"],
         const_aliases={"--checkpoint-activations": ("full", "Megatron's name for --recompute-granularity full"),
                        "--deepspeed-activation-checkpointing": (
                            "full", "DeepSpeed's activation checkpointing: here --recompute-granularity full")})
@@ -101,7 +101,8 @@ class ParallelConfig:
     tensor_model_parallel_size: int = opt(1, "tensor parallel size", aliases=("--tp",))
     pipeline_model_parallel_size: int = opt(1, "pipeline parallel size", aliases=("--pp",))
     sequence_parallel: bool = opt(False, "split norm/dropout regions along the sequence across TP")
-    num_layers_per_virtual_pipeline_stage: Optional[int] = opt(None, "interleaved 1F1B: layers per model chunk")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = opt(None, "interleaved 1F1B: layers per model chunk "
+                                                                         "(default: no interleaving)")
     pipeline_model_parallel_split: Optional[str] = opt(
         None, "explicit layers per stage, comma separated (e.g. 3,5); default even split")
     zero_stage: int = opt(1, "0: data parallel all-reduce; 1: ZeRO-1 sharded optimizer", choices=[0, 1])
@@ -133,10 +134,13 @@ class SchedulerConfig:
     min_lr: float = opt(0.0, "learning rate at the end of decay")
     lr_decay_style: str = opt("cosine", "decay shape", choices=["cosine", "linear", "constant"])
     lr_warmup_iters: int = opt(0, "linear warm-up iterations")
-    lr_warmup_tokens: Optional[int] = opt(None, "linear warm-up in tokens (overrides iterations)")
-    lr_warmup_fraction: Optional[float] = opt(None, "warm-up as a fraction of the decay length")
+    lr_warmup_tokens: Optional[int] = opt(None, "linear warm-up in tokens (overrides iterations; "
+                                                 "default: --lr-warmup-iters)")
+    lr_warmup_fraction: Optional[float] = opt(None, "warm-up as a fraction of the decay length "
+                                                      "(default: --lr-warmup-iters)")
     lr_decay_iters: Optional[int] = opt(None, "decay iterations (default: train iters)")
-    lr_decay_tokens: Optional[int] = opt(None, "decay length in tokens (makes the schedule token based)")
+    lr_decay_tokens: Optional[int] = opt(None, "decay length in tokens (makes the schedule token "
+                                                "based; default: iteration based)")
     override_opt_param_scheduler: bool = opt(
         False, "accepted, no effect: gpt3d always takes the LR schedule from the flags (checkpoints store no "
                "schedule settings), which is what this flag asks of Megatron", flag="--override-opt_param-scheduler")
@@ -178,8 +182,8 @@ class DataConfig:
 class TrainingConfig:
     micro_batch_size: int = opt(4, "samples per micro-batch per data-parallel rank")
     global_batch_size: Optional[int] = opt(None, "samples per optimizer step (default: micro batch x DP)")
-    train_iters: Optional[int] = opt(None, "optimizer steps")
-    train_tokens: Optional[int] = opt(None, "stop after this many tokens")
+    train_iters: Optional[int] = opt(None, "optimizer steps (default: from --train-samples or --train-tokens)")
+    train_tokens: Optional[int] = opt(None, "stop after this many tokens (default: no token limit)")
     train_samples: Optional[int] = opt(None, "train for this many samples (iterations = samples // global batch); "
                                              "also sizes the sample index, as in Megatron")
     seed: int = opt(1234, "random seed (weights do not depend on the parallel layout)")
@@ -187,8 +191,13 @@ class TrainingConfig:
     eval_interval: int = opt(1000, "iterations between validations")
     eval_iters: int = opt(100, "batches per validation (also sizes the validation/test index, as in Megatron)")
     log_interval: int = opt(10, "iterations between log lines (a ds_config's steps_per_print does not change it)")
-    log_file: Optional[str] = opt(None, "JSON-lines metrics file")
-    tensorboard_dir: Optional[str] = opt(None, "TensorBoard log directory")
+    run_name: Optional[str] = opt(None, "this run's name: its directory is runs/<name> (default: the --config file's "
+                                        "name without .yaml, else 'train'); a name already taken gets -2, -3, ...")
+    run_dir: Optional[str] = opt(None, "this run's directory, used as it is (default: a new runs/<run name>; a "
+                                       "resume keeps the directory of the run it resumes)")
+    log_file: Optional[str] = opt(None, "JSON-lines metrics file, with a .png of its curves beside it at the end "
+                                        "(default: metrics.jsonl in the run directory)")
+    tensorboard_dir: Optional[str] = opt(None, "TensorBoard log directory (default: no TensorBoard)")
     tensorboard_queue_size: int = opt(10, "TensorBoard events buffered before a write (Megatron's default is 1000)")
     log_timers_to_tensorboard: bool = opt(False, "TensorBoard: iteration-time (gpt3d times whole steps only)")
     log_batch_size_to_tensorboard: bool = opt(False, "TensorBoard: global batch size")
@@ -196,13 +205,19 @@ class TrainingConfig:
     log_optimizer_states_to_tensorboard: bool = opt(
         False, "TensorBoard: L2/L1 norms and max |x| of Adam's moments and the fp32 weights (an extra pass over "
                "the optimizer state every --log-interval)")
+    wandb_project: Optional[str] = opt(None, "Weights & Biases project: log the TensorBoard scalars there too "
+                                             "(pip install -e '.[wandb]'; WANDB_MODE=offline to keep them local; "
+                                             "default: no W&B)")
+    wandb_exp_name: Optional[str] = opt(None, "W&B run name (default: the run directory's name)")
+    wandb_save_dir: Optional[str] = opt(None, "directory for W&B's local files (default: the run directory)")
     deepspeed: bool = opt(False, "Megatron-DeepSpeed's switch: read --deepspeed_config (gpt3d needs no DeepSpeed)")
     deepspeed_config: Optional[str] = opt(None, "DeepSpeed JSON config: batch sizes, ZeRO stage, fp16/bf16 and "
-                                                "loss scaling, clipping (see deepspeed_config.py)",
+                                                "loss scaling, clipping (see deepspeed_config.py; default: none)",
                                           flag="--deepspeed_config", aliases=("--deepspeed-config",))
     peak_tflops: float = opt(989.0, "per-device peak for MFU (H100 bf16 dense)")
     compile: bool = opt(False, "torch.compile the transformer layers")
-    exit_duration_in_mins: Optional[float] = opt(None, "save and exit after this many minutes")
+    exit_duration_in_mins: Optional[float] = opt(None, "save and exit after this many minutes (default: no "
+                                                               "limit)")
     exit_signal_handler: bool = opt(True, "SIGTERM/SIGINT: finish the step, save, exit 0")
     max_skipped_steps: int = opt(10, "stop after this many consecutive non-finite steps (fp16: at the minimum "
                                      "loss scale); 0 never stops")
@@ -216,10 +231,11 @@ class TrainingConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = opt(None, "checkpoint directory to write")
-    load: Optional[str] = opt(None, "checkpoint directory to resume from")
-    save_interval: Optional[int] = opt(None, "iterations between checkpoints")
-    keep_last: Optional[int] = opt(None, "keep only the newest N checkpoints")
+    save: Optional[str] = opt(None, "checkpoint directory to write (default: no checkpoints)")
+    load: Optional[str] = opt(None, "checkpoint directory to resume from (default: start from scratch)")
+    save_interval: Optional[int] = opt(None, "iterations between checkpoints (default: with --save, one at the end "
+                                             "of the run only)")
+    keep_last: Optional[int] = opt(None, "keep only the newest N checkpoints (default: keep all)")
     no_load_optim: bool = opt(False, "load weights only")
     no_load_rng: bool = opt(False, "do not restore RNG states")
     finetune: bool = opt(False, "load weights, reset iteration/optimizer/data position")

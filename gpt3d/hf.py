@@ -27,6 +27,7 @@ from .errors import ConfigError, HFError, os_errors_are_user_errors
 from .atomic import fresh_dir, publish_dir
 from .model.build import DTYPES
 from .model.gpt import EMBEDDING, OUTPUT_LAYER, VOCAB_PARAMETERS
+from .progress import Activity, Progress
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -273,7 +274,8 @@ def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[
             info = export_tokenizer(tok, tmp, m["seq_length"], data_sample(data, tok))
             ids = {k: info[k] for k in ids}
             config.update(ids)
-        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with Activity(f"export-hf: writing {os.path.join(output, 'model.safetensors')}"):
+            save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         _write_json(os.path.join(tmp, "config.json"), config)
         _write_json(os.path.join(tmp, "generation_config.json"), ids)
     except BaseException:
@@ -301,10 +303,13 @@ def read_hf_dir(path: str) -> tuple[dict, dict]:
         raise HFError(f"{path} has no .safetensors weights (convert pytorch_model.bin with save_pretrained "
                       "(safe_serialization=True) first)")
     sd = {}
-    for f in files:
-        with safe_open(os.path.join(path, f), framework="pt") as fh:
-            for k in fh.keys():
-                sd[k] = fh.get_tensor(k)
+    total = sum(os.path.getsize(os.path.join(path, f)) for f in files) / 2 ** 20
+    with Progress(f"import-hf: reading {path}", total, "MB") as bar:
+        for f in files:
+            with safe_open(os.path.join(path, f), framework="pt") as fh:
+                for k in fh.keys():
+                    sd[k] = fh.get_tensor(k)
+                    bar.update(sd[k].numel() * sd[k].element_size() / 2 ** 20)
     return config, sd
 
 
@@ -341,7 +346,9 @@ def import_hf(src: str, save: str) -> dict:
     from .data.tokenizer import tokenizer_from_config
     import_tokenizer(src, save, cfg.data)
     tok = tokenizer_from_config(cfg.data) if cfg.data.vocab_file or cfg.data.tokenizer_model else None
-    final = save_weights(save, tensors, params, cfg.to_dict(), m["vocab_size"], model.padded_vocab, tokenizer=tok)
+    with Activity(f"import-hf: writing the checkpoint under {save}"):
+        final = save_weights(save, tensors, params, cfg.to_dict(), m["vocab_size"], model.padded_vocab,
+                             tokenizer=tok)
     yaml_path = os.path.join(save, "model.yaml")
     _write_model_yaml(yaml_path, cfg)
     return {"input": src, "checkpoint": final, "config": yaml_path, "architecture": hf_config.get("model_type")}

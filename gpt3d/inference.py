@@ -18,11 +18,12 @@ from .config import Config
 from .config_check import NON_NEGATIVE, POSITIVE, RULES, check_flags
 from .data.tokenizer import TYPES as TOKENIZER_TYPES
 from .data.tokenizer import tokenizer_for_checkpoint
-from .errors import ConfigError, DataError, os_errors_are_user_errors
+from .errors import ConfigError, DataError, os_errors_are_user_errors, warn
 from .model.attention import KVCache, sdpa_backend_context
 from .model.build import DTYPES, build_inference_model
 from .model.gpt import GPTModel
 from .parallel.state import pick_device
+from .progress import Progress
 
 
 def load_model(root: str, device: torch.device = torch.device("cpu"),
@@ -50,9 +51,11 @@ def tokenizer_for(cfg: Config, meta: dict, args: argparse.Namespace):
 
 
 @torch.no_grad()
-def score_tokens(model: GPTModel, ids: torch.Tensor, seq_length: int, batch_size: int = 8) -> tuple[float, int]:
+def score_tokens(model: GPTModel, ids: torch.Tensor, seq_length: int, batch_size: int = 8,
+                 progress: bool = False) -> tuple[float, int]:
     """(summed loss, predicted tokens) over non-overlapping windows of `seq_length` tokens of `ids`;
-    each window predicts its tokens 2..n from the ones before (the last, shorter window too)."""
+    each window predicts its tokens 2..n from the ones before (the last, shorter window too). `progress`:
+    report the tokens scored on stderr (gpt3d/progress.py)."""
     device = next(model.parameters()).device
     windows = [ids[i:i + seq_length] for i in range(0, len(ids), seq_length)]
     windows = [w for w in windows if len(w) >= 2]
@@ -60,12 +63,13 @@ def score_tokens(model: GPTModel, ids: torch.Tensor, seq_length: int, batch_size
     full = [w for w in windows if len(w) == seq_length]
     groups = [torch.stack(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
     groups += [w[None] for w in windows if len(w) != seq_length]
-    with _attention_kernels(model):
+    with _attention_kernels(model), Progress("eval", len(ids), "tokens", enabled=progress) as bar:
         for x in groups:
             x = x.to(device)
             loss = model(x[:, :-1], x[:, 1:])                 # [b, s-1] per-token loss
             total += loss.double().sum()
             count += loss.numel()
+            bar.update(x.numel())
     return float(total), count
 
 
@@ -103,7 +107,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         ids = _split_tokens(args.data_path, args.split or cfg.data.split, args.eval_split, meta["vocab_size"])
     if args.max_tokens:
         ids = ids[:args.max_tokens]
-    total, count = score_tokens(model, ids, seq, args.micro_batch_size)
+    total, count = score_tokens(model, ids, seq, args.micro_batch_size, progress=True)
     if count == 0:
         raise DataError("fewer than 2 tokens to score")
     loss = total / count
@@ -131,29 +135,55 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def position_limit(model: GPTModel) -> Optional[int]:
+    """The most tokens (prompt + generated) the model can take: its learned position table; None with RoPE."""
+    return None if model.cfg.use_rotary_position_embeddings else model.cfg.max_positions
+
+
+def context_warning(model: GPTModel, prompt_tokens: int, max_new_tokens: int) -> Optional[str]:
+    """What a generate request beyond the model's context gets (None if it fits): with learned positions the
+    output stops at the last position; with RoPE it goes on past the length the model was trained on."""
+    want, limit, trained = prompt_tokens + max_new_tokens, position_limit(model), model.cfg.seq_length
+    if limit is not None and want > limit:
+        return (f"the prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} exceed the model's "
+                f"{limit} positions: at most {limit - prompt_tokens} new tokens will be generated")
+    if limit is None and want > trained:
+        return (f"the prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} go past the "
+                f"{trained} tokens the model was trained on (--seq-length): tokens beyond them are generated "
+                "from positions it never saw")
+    return None
+
+
 @torch.no_grad()
 def generate(model: GPTModel, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: Optional[int] = None, use_cache: bool = True,
-             stop_token: Optional[int] = None) -> list[int]:
+             stop_token: Optional[int] = None, progress: bool = False, why: Optional[list] = None) -> list[int]:
     """Prompt + new tokens. With `use_cache` each step feeds only the newest token; without, the whole
-    sequence is recomputed every step (the reference the cache is tested against)."""
+    sequence is recomputed every step (the reference the cache is tested against). `why`, if given, gets
+    why generation stopped appended: "max_new_tokens", "eod" or "context" (the learned positions ran out)."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    limit = None if model.cfg.use_rotary_position_embeddings else model.cfg.max_positions
+    limit = position_limit(model)
     ids = list(prompt)
     cache = KVCache() if use_cache else None
     feed = ids
-    with _attention_kernels(model):
+    reason = "max_new_tokens"
+    with _attention_kernels(model), Progress("generate", max_new_tokens, "tokens", enabled=progress) as bar:
         for _ in range(max_new_tokens):
             if limit is not None and len(ids) >= limit:
+                reason = "context"
                 break
             x = torch.tensor([feed if use_cache else ids], dtype=torch.long, device=device)
             logits = model(x, kv_cache=cache)[0, -1, :model.vocab_size].float()
             nxt = sample_next(logits, temperature, top_k, top_p, gen)
             ids.append(nxt)
             feed = [nxt]
+            bar.update()
             if stop_token is not None and nxt == stop_token:
+                reason = "eod"
                 break
+    if why is not None:
+        why.append(reason)
     return ids
 
 
@@ -162,26 +192,33 @@ def _generate_cmd(args: argparse.Namespace) -> dict:
     model, cfg, meta = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
     tok = tokenizer_for(cfg, meta, args)
     prompt = tok.encode(args.prompt) or [tok.require_eod()]
-    if model.cfg.use_rotary_position_embeddings is False and len(prompt) >= model.cfg.max_positions:
-        raise ConfigError(f"the prompt has {len(prompt)} tokens; the model has {model.cfg.max_positions} positions")
+    limit = position_limit(model)
+    if limit is not None and len(prompt) >= limit:
+        raise ConfigError(f"the prompt has {len(prompt)} tokens; the model has {limit} positions")
+    note = context_warning(model, len(prompt), args.max_new_tokens)
+    if note:
+        warn(note)
+    why: list = []
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, use_cache=not args.no_kv_cache,
-                   stop_token=tok.eod if args.stop_at_eod else None)
-    return {"text": tok.decode(out), "completion": tok.decode(out[len(prompt):]),
-            "tokens": out[len(prompt):]}
+                   stop_token=tok.eod if args.stop_at_eod else None, progress=True, why=why)
+    keep = args.keep_special_tokens
+    return {"text": tok.decode_text(out, keep), "completion": tok.decode_text(out[len(prompt):], keep),
+            "tokens": out[len(prompt):], "stopped_by": why[0]}
 
 
 # ----- CLI --------------------------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load", required=True, help="checkpoint root (uses `latest`) or one iter_XXXXXXX directory")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run (auto: the GPU if there is one)")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights and compute dtype")
     add_tokenizer_flags(p)
 
 
 def add_tokenizer_flags(p: argparse.ArgumentParser) -> None:
     """Tokenizer flags of eval/generate/export-hf; given, they replace the checkpoint's tokenizer."""
-    p.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES), help="default: the checkpoint's")
+    p.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES), help="tokenizer type (default: the checkpoint's)")
     p.add_argument("--tokenizer-model", help="tokenizer.json (or its directory) / SentencePiece .model")
     p.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json (default: the checkpoint's)")
     p.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt (default: the checkpoint's)")
@@ -194,22 +231,31 @@ def register(sub) -> None:
     src.add_argument("--text-file", help="UTF-8 text, tokenized with the checkpoint's tokenizer")
     src.add_argument("--data-path", help="prefix of Megatron .bin/.idx data")
     p.add_argument("--split", help="with --data-path: train,valid,test weights (default: the checkpoint's)")
-    p.add_argument("--eval-split", default="valid", choices=["train", "valid", "test"])
+    p.add_argument("--eval-split", default="valid", choices=["train", "valid", "test"],
+                   help="with --data-path: which split's documents to score")
     p.add_argument("--seq-length", type=int, help="window length (default: the checkpoint's seq length)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens (default: all)")
     p.set_defaults(func=lambda a: _run(evaluate, a))
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache)")
     _common(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--prompt", required=True, help="text to continue (tokenized with the checkpoint's tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate at most (a warning when the prompt and these exceed the model's "
+                        "context)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--stop-at-eod", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed (the same seed gives the same text)")
+    p.add_argument("--stop-at-eod", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop at the tokenizer's end-of-document token")
+    p.add_argument("--keep-special-tokens", action="store_true",
+                   help="keep special tokens (eod, bos, e.g. <s> and </s>) in the printed text; by default they "
+                        "are left out of it (--json's token ids always hold them)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
-    p.add_argument("--json", action="store_true", help="print a JSON line instead of the text")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON line (text, completion, token ids, what stopped generation) instead of the "
+                        "text")
     p.set_defaults(func=lambda a: _run(_generate_cmd, a))
 
 

@@ -123,8 +123,8 @@ def plot_runs(paths: list, output: str, title: Optional[str] = None) -> str:
 def register(sub) -> None:
     p = sub.add_parser("plot", help="train/validation loss and tokens/s vs tokens of one or more runs")
     p.add_argument("metrics", nargs="+", help="JSON-lines metrics files written by `train --log-file`")
-    p.add_argument("--output", "-o", default="curves.png", help="PNG to write (default curves.png)")
-    p.add_argument("--title", default=None, help="figure title")
+    p.add_argument("--output", "-o", default="curves.png", help="PNG to write")
+    p.add_argument("--title", default=None, help="figure title (default: none)")
     p.set_defaults(func=_run)
 
 

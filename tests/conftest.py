@@ -5,6 +5,7 @@ Nothing outside the repository is read (a fresh clone has no GPT-2 files or corp
 tests/support/textgen.py explains the generated text and tokenizers.
 """
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,6 +15,20 @@ from tests.support.textgen import (english_like_text, make_texts, paragraphs, tr
                                    train_sentencepiece)
 
 CORPUS_CHARS = 1_000_000
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runs_root(tmp_path_factory):
+    """Run directories (gpt3d/train/rundir.py) of every training run the tests make, in-process or spawned,
+    go under one temporary directory instead of runs/ in the repository."""
+    root = tmp_path_factory.mktemp("runs")
+    old = os.environ.get("GPT3D_RUNS_DIR")
+    os.environ["GPT3D_RUNS_DIR"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("GPT3D_RUNS_DIR", None)
+    else:
+        os.environ["GPT3D_RUNS_DIR"] = old
 
 
 class BPEFiles(NamedTuple):

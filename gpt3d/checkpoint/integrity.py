@@ -26,18 +26,22 @@ from typing import Callable, Iterable, Optional
 import torch
 import xxhash
 
+from ..progress import Progress
+
 ALGORITHM = "xxh3_128"
 _CHUNK = 16 << 20
 
 
-def file_checksum(path: str) -> str:
-    """'xxh3_128:<hex>' of the file's bytes, read in 16 MiB blocks."""
+def file_checksum(path: str, on_block: Optional[Callable[[int], None]] = None) -> str:
+    """'xxh3_128:<hex>' of the file's bytes, read in 16 MiB blocks (`on_block(bytes)` after each)."""
     h = xxhash.xxh3_128()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:
         while n := fh.readinto(buf):
             h.update(view[:n])
+            if on_block is not None:
+                on_block(n)
     return f"{ALGORITHM}:{h.hexdigest()}"
 
 
@@ -103,16 +107,19 @@ def structure_problem(path: str) -> Optional[str]:
     return None
 
 
-def checksum_problem(path: str, files: Iterable[str]) -> Optional[str]:
-    """Why one of `files` (names inside the checkpoint) does not match its recorded checksum, or None."""
+def checksum_problem(path: str, files: Iterable[str], progress: bool = True) -> Optional[str]:
+    """Why one of `files` (names inside the checkpoint) does not match its recorded checksum, or None.
+    `progress`: report the bytes read on stderr (gpt3d/progress.py; a large checkpoint takes minutes)."""
     recorded = read_meta(path).get("checksums", {})
-    for fname in files:
-        want = recorded.get(fname)
-        if want is None:
-            continue   # written before checksums existed
-        got = file_checksum(os.path.join(path, fname))
-        if got != want:
-            return f"{fname} is corrupt (checksum {got.split(':')[1][:12]}..., recorded {want.split(':')[1][:12]}...)"
+    files = [f for f in files if recorded.get(f) is not None]   # files written before checksums: sizes only
+    total = sum(os.path.getsize(os.path.join(path, f)) for f in files) / 2 ** 20
+    with Progress(f"verifying {path}", total, "MB", enabled=progress) as bar:
+        for fname in files:
+            want = recorded[fname]
+            got = file_checksum(os.path.join(path, fname), lambda n: bar.update(n / 2 ** 20))
+            if got != want:
+                return (f"{fname} is corrupt (checksum {got.split(':')[1][:12]}..., recorded "
+                        f"{want.split(':')[1][:12]}...)")
     return None
 
 

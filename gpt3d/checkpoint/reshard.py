@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError
 from ..model.gpt import EMBEDDING, OUTPUT_LAYER, VOCAB_PARAMETERS
+from ..progress import Progress
 
 # Model settings that change parameter shapes or names: a checkpoint loads only where they agree.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "ffn_hidden_size",
@@ -141,13 +142,15 @@ def read_model_tensors(root: str) -> tuple[str, dict, dict]:
     meta = read_meta(path)
     reader = ShardReader(path, meta)
     tensors = {}
-    for name, info in meta["params"].items():
-        if info.get("tied_to"):
-            continue
-        full = reader.model_tensor(name)
-        if full is None:
-            raise CheckpointError(f"checkpoint {path} has no tensor for parameter {name}")
-        tensors[name] = full[:meta["vocab_size"]] if name in VOCAB_PARAMETERS else full
-        if non_finite({name: tensors[name]}):
-            raise CheckpointError(f"checkpoint {path}: {name} holds non-finite values; refusing to use it")
+    with Progress(f"reading {path}", len(meta["params"]), "tensors") as bar:
+        for name, info in meta["params"].items():
+            bar.update()
+            if info.get("tied_to"):
+                continue
+            full = reader.model_tensor(name)
+            if full is None:
+                raise CheckpointError(f"checkpoint {path} has no tensor for parameter {name}")
+            tensors[name] = full[:meta["vocab_size"]] if name in VOCAB_PARAMETERS else full
+            if non_finite({name: tensors[name]}):
+                raise CheckpointError(f"checkpoint {path}: {name} holds non-finite values; refusing to use it")
     return path, meta, tensors

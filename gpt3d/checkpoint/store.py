@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from .. import atomic
 from ..errors import CheckpointError, warn
+from ..optim.zero1 import describe_zero
 from ..parallel.state import ParallelState
 from .integrity import (checked_files, checksum_problem, file_checksum, non_finite, read_meta, structure_problem,
                         with_meta_checksum)
@@ -240,7 +241,7 @@ def _problem(path: str, ps: Optional[ParallelState], wanted: Optional[Callable[[
         files = checked_files(path, wanted)
         if ps is not None and ps.distributed:
             files = files[ps.rank::ps.world_size]
-        why = checksum_problem(path, files)
+        why = checksum_problem(path, files, progress=ps is None or ps.rank == 0)
     return _any_error(ps, why) if ps is not None else why
 
 
@@ -297,7 +298,8 @@ def describe(root: str) -> str:
     size = sum(os.path.getsize(f) for f in files)
     m = meta["config"]["model"]
     lay = meta["layout"]
-    zero = f"ZeRO-{lay['zero']}" if "zero" in lay else "weights only"
+    stage = meta["config"].get("parallel", {}).get("zero_stage", lay.get("zero"))
+    zero = describe_zero(stage, lay["dp"]) if "zero" in lay else "weights only"
     return "\n".join([
         f"checkpoint: {path}",
         f"iteration: {meta['iteration']}  tokens: {meta['tokens']:,}  consumed samples: {meta['consumed_samples']:,}",

@@ -6,8 +6,11 @@ meta.json "tokenizer" (type, settings, each file's sha256, vocab_size, eod and i
 from any directory, after the original files are gone. Mock-data runs have no tokenizer and save none.
 
 Loaded: nothing is restored (a run builds its tokenizer from its own flags), but a checkpoint whose
-tokenizer has another fingerprint (type, settings and file contents; never paths) is refused with one
-line: every embedding row would mean another token. Checkpoints without a tokenizer (mock data, or saved
+tokenizer has another fingerprint is refused with one line: every embedding row would mean another token.
+The fingerprint follows what the tokenizer does (vocabulary, special tokens, eod/bos, the ids of probe texts;
+data/tokenizer.py), not its file bytes or paths, so the original files of a tokenizer that import-hf or
+export-hf re-wrote are accepted; a checkpoint written before that recorded a hash of the files, and the same
+files are accepted against it (`Tokenizer.matches`). Checkpoints without a tokenizer (mock data, or saved
 before checkpoints carried one) are accepted as they are.
 """
 from __future__ import annotations
@@ -42,7 +45,7 @@ class TokenizerPart:
         saved = r.meta.get("tokenizer")
         if self.tok is None or not saved:
             return False
-        if saved.get("fingerprint") != self.tok.fingerprint:
+        if not self.tok.matches(saved):
             names = ", ".join(saved.get("files", {})) or f"vocab {saved.get('vocab_size')}"
             raise CheckpointError(
                 f"checkpoint {r.path} was trained with another tokenizer ({saved.get('type')}: {names}, "

@@ -18,6 +18,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .. import atomic
+from ..progress import Activity
 from .indexed import DataError
 
 
@@ -113,7 +114,9 @@ class BlendableDataset(Dataset):
         paths = (f"{cache_prefix}_index.npy", f"{cache_prefix}_sample_index.npy")
         self.cache_paths = paths
         if is_builder and not all(os.path.exists(p) for p in paths):
-            for p, arr in zip(paths, blending_indices(w, size)):
+            with Activity(f"building the blend index ({size:,} samples from {len(datasets)} corpora)"):
+                arrays = blending_indices(w, size)
+            for p, arr in zip(paths, arrays):
                 save_atomic(p, arr)
         if barrier:
             barrier()

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..progress import Activity
 from .blend import BlendableDataset, corpus_num_samples, normalize_weights, save_atomic
 from .indexed import DataError, MMapIndexedDataset
 from .vocab_check import check_token_ids
@@ -185,7 +186,8 @@ class GPTDataset(Dataset):
         self.cache_paths = paths
         arrays = None
         if is_builder and not (cache and all(os.path.exists(p) for p in paths.values())):
-            arrays = build_index_mappings(documents, indexed.sizes, num_samples, seq_length, seed)
+            with Activity(f"building the {name} sample index of {prefix} ({num_samples:,} samples, {self.order})"):
+                arrays = build_index_mappings(documents, indexed.sizes, num_samples, seq_length, seed)
             if cache:
                 for k, arr in arrays.items():
                     save_atomic(paths[k], arr)

@@ -12,16 +12,11 @@ import json
 import os
 import shutil
 
+from .fingerprint import PROBES
 from .json_tokenizer import HuggingFaceTokenizer
 from .spm_tokenizer import SentencePieceTokenizer
 from .tokenizer import GPT2BPETokenizer, NullTokenizer, Tokenizer, TokenizerError, plain
 
-PROBES = [
-    "Hello world", "  two leading spaces", "trailing space ", "a  b   c", "tab\tnew\nline\r\n", "", " ",
-    "UPPER lower 12345 3.14 -7", "naïve café Ünïcode 東京 мир ﬁ Ａ", "emoji 🙂👍🏽", "<s> </s> <unk> <pad> <eos>",
-    "<|endoftext|> <|end_of_text|> <EOD><EOD> <CLS>x<SEP>", "\u2581already \u2581\u2581", "x" * 300,
-    "def f(x):\n    return x  # code\n", "<0x41> <0xFF>", "\u00a0nbsp\u3000ideographic\u200bzw",
-]
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
@@ -41,9 +36,11 @@ def to_hf_tokenizer(tok: Tokenizer):
 
 
 def _from_sentencepiece(tok):
+    from ..quiet import quiet_imports
     try:
         from sentencepiece import sentencepiece_model_pb2
-        from transformers.convert_slow_tokenizer import SpmConverter
+        with quiet_imports():
+            from transformers.convert_slow_tokenizer import SpmConverter
         build = SpmConverter.build_tokenizer_from_spm_proto
     except (ImportError, AttributeError) as e:
         raise TokenizerError(f"export-hf of a {tok.type_name} needs transformers >= 5 and protobuf to convert "

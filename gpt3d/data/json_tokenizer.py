@@ -10,6 +10,7 @@ import json
 import os
 from typing import Optional
 
+from .fingerprint import hf_model_data
 from .tokenizer import Tokenizer, TokenizerError, _batch, _need_file, plain
 
 # end-of-document names tried, in order, when a tokenizer.json comes without a tokenizer_config.json
@@ -107,6 +108,16 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def files(self) -> dict[str, str]:
         return {"tokenizer.json": self.file, **self.configs}
+
+    def vocabulary(self) -> dict[str, int]:
+        return self.tok.get_vocab(with_added_tokens=True)
+
+    def model_data(self) -> dict:
+        return hf_model_data(self.tok)
+
+    def special_ids(self) -> frozenset:
+        added = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        return super().special_ids() | frozenset(added)
 
     def no_eod_hint(self) -> str:
         return "name one as eos_token in a tokenizer_config.json beside tokenizer.json"

@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import atomic
 from ..errors import DataError, TokenizerError, os_errors_are_user_errors
+from ..progress import Progress
 from . import corpus
 from .indexed import MMapIndexedDatasetBuilder, best_dtype
 from .tokenizer import TYPES, build_tokenizer
@@ -48,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="writes PREFIX_{key}_document.bin/.idx: one prefix for all inputs, one per input, or "
                         "one containing {name} (each input's file name without extensions) for one output "
                         "per shard")
-    p.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=list(TYPES))
+    p.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=list(TYPES),
+                   help="tokenizer, by Megatron's name (see the README's table)")
     p.add_argument("--vocab-file", help="GPT2BPETokenizer: vocab.json")
     p.add_argument("--merge-file", help="GPT2BPETokenizer: merges.txt")
     p.add_argument("--tokenizer-model", help="HuggingFaceTokenizer: tokenizer.json or its directory; "
@@ -59,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--append-eod", action="store_true", help="end every non-empty document with the eod token")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (one thread each)")
     p.add_argument("--log-interval", type=int, default=100000,
-                   help="documents between progress lines (on a terminal the line refreshes instead)")
+                   help="documents between progress lines off a terminal, besides one every ~10 s (on a "
+                        "terminal a progress bar refreshes instead)")
     p.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="(Megatron's; only mmap exists)")
 
 
@@ -175,37 +178,17 @@ def plan_outputs(files: list, prefixes: Union[str, list]) -> list[tuple[str, lis
     return plan
 
 
-class Progress:
-    """docs/s, MB/s and tokens/s: a refreshing line on a terminal, one line per --log-interval documents
-    otherwise (logs, pipes, batch jobs)."""
-
-    def __init__(self, stream, log_interval: int, enabled: bool = True):
-        self.stream, self.enabled = stream, enabled
-        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
-        self.every = max(1, log_interval)
-        self.next = self.every
-        self.start = self.last = time.perf_counter()
-
-    def line(self, docs: int, nbytes: int, tokens: int) -> str:
-        secs = max(time.perf_counter() - self.start, 1e-9)
-        return (f"{docs:,} documents, {nbytes / 2 ** 20:,.1f} MB, {tokens:,} tokens in {secs:.1f}s: "
-                f"{docs / secs:,.0f} docs/s, {nbytes / 2 ** 20 / secs:,.2f} MB/s, {tokens / secs:,.0f} tokens/s")
-
-    def update(self, docs: int, nbytes: int, tokens: int) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self.tty and now - self.last >= 0.5:
-            self.stream.write("\r" + self.line(docs, nbytes, tokens) + "\033[K")
-            self.stream.flush()
-            self.last = now
-        elif not self.tty and docs >= self.next:
-            print(self.line(docs, nbytes, tokens), file=self.stream, flush=True)
-            self.next = (docs // self.every + 1) * self.every
-
-    def close(self) -> None:
-        if self.tty and self.last > self.start:
-            self.stream.write("\n")
+def _progress(files: list, stream, enabled: bool) -> Progress:
+    """Counted in what tells the total up front: Parquet rows, plain JSONL bytes; else documents, no ETA."""
+    kinds = {corpus.kind(f) for f in files}
+    if kinds == {"parquet"}:
+        import pyarrow.parquet as pq
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        return Progress("preprocess", rows, "documents", stream=stream, enabled=enabled)
+    if kinds == {"jsonl"}:
+        size = sum(os.path.getsize(f) for f in files) / 2 ** 20
+        return Progress("preprocess", size, "MB", stream=stream, enabled=enabled)
+    return Progress("preprocess", None, "documents", stream=stream, enabled=enabled)
 
 
 def preprocess(inputs: Union[str, list], output_prefix: Union[str, list], vocab_file: Optional[str] = None,
@@ -228,8 +211,10 @@ def preprocess(inputs: Union[str, list], output_prefix: Union[str, list], vocab_
         corpus.check_input(f, keys)
     plan = plan_outputs(files, output_prefix)
     dtype = best_dtype(tok.vocab_size)
+    start = time.perf_counter()
     stats = {"docs": 0, "empty": 0, "tokens": 0, "bytes": 0}
-    bar = Progress(stream or sys.stdout, log_interval, progress)
+    bar = _progress(files, stream, progress)
+    every, next_line = max(1, log_interval), max(1, log_interval)
     pool = None
     try:
         if workers > 1:
@@ -237,22 +222,30 @@ def preprocess(inputs: Union[str, list], output_prefix: Union[str, list], vocab_
         else:
             _init(spec, keys, append_eod)
         for prefix, group in plan:
-            _write_output(prefix, group, keys, dtype, pool, 2 * workers + 2, stats, bar)
+            for ndocs, nbytes, ntok in _write_output(prefix, group, keys, dtype, pool, 2 * workers + 2, stats):
+                force = stats["docs"] >= next_line           # Megatron's --log-interval, in documents
+                next_line = (stats["docs"] // every + 1) * every if force else next_line
+                if bar.unit == "documents":
+                    bar.update(ndocs, force, MB=nbytes / 2 ** 20, tokens=ntok)
+                else:
+                    bar.update(nbytes / 2 ** 20, force, documents=ndocs, tokens=ntok)
+        bar.close()
     finally:
         if pool is not None:
             pool.terminate()
-        bar.close()
-    secs = max(time.perf_counter() - bar.start, 1e-9)
+        bar.close(done=False)
+    secs = max(time.perf_counter() - start, 1e-9)
     stats.update(seconds=secs, docs_per_s=stats["docs"] / secs, mb_per_s=stats["bytes"] / secs / 2 ** 20,
                  tokens_per_s=stats["tokens"] / secs, files=len(files), dtype=np.dtype(dtype).name,
                  outputs=[f"{p}_{k}_document" for p, _ in plan for k in keys])
     return stats
 
 
-def _write_output(prefix: str, files: list, keys: list, dtype, pool, depth: int, stats: dict,
-                  bar: Progress) -> None:
+def _write_output(prefix: str, files: list, keys: list, dtype, pool, depth: int,
+                  stats: dict) -> Iterator[tuple]:
     """Every key's .bin/.idx is written under a temporary name (atomic.replacing) and renamed into place once
-    all of them are complete; on an error the temporary files go and existing outputs stay as they were."""
+    all of them are complete; on an error the temporary files go and existing outputs stay as they were.
+    Yields (documents, bytes, tokens) of each chunk written, for the progress line."""
     with contextlib.ExitStack() as stack:
         tmp = {(k, ext): stack.enter_context(atomic.replacing(f"{prefix}_{k}_document{ext}"))
                for k in keys for ext in (".bin", ".idx")}
@@ -268,7 +261,7 @@ def _write_output(prefix: str, files: list, keys: list, dtype, pool, depth: int,
             stats["bytes"] += nbytes
             stats["tokens"] += ntok
             stats["empty"] += nempty
-            bar.update(stats["docs"], stats["bytes"], stats["tokens"])
+            yield ndocs, nbytes, ntok
         for k, b in builders.items():
             b.finalize(tmp[k, ".idx"])
 

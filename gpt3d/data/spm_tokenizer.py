@@ -50,6 +50,29 @@ class GPTSentencePieceTokenizer(Tokenizer):
     def files(self) -> dict[str, str]:
         return {"tokenizer.model": self.model_file}
 
+    def vocabulary(self) -> dict[str, int]:
+        """The pieces (with their scores, which decide a unigram model's ids) and any added special tokens."""
+        vocab = {f"{p}\t{self.sp.get_score(i)!r}": i for i, p in enumerate(self.pieces)}
+        vocab.update(getattr(self, "special", {}))
+        return vocab
+
+    def special_ids(self) -> frozenset:
+        control = {i for i in range(len(self.pieces)) if self.sp.is_control(i)}
+        return super().special_ids() | frozenset(control) | frozenset(getattr(self, "special", {}).values())
+
+    def decode_text(self, ids, keep_special: bool = False) -> str:
+        """SentencePiece's decode drops control pieces (<s>, </s>) itself: kept, they are written as pieces."""
+        if not keep_special:
+            return super().decode_text(ids)
+        special, text, run = self.special_ids(), "", []
+        for i in map(int, ids):
+            if i in special and self._piece(i) is not None:
+                text += self.sp.decode(run) + self.pieces[i]
+                run = []
+            else:
+                run.append(i)
+        return text + self.sp.decode(run)
+
     def no_eod_hint(self) -> str:
         return f"{self.model_file} has no eos piece (train it with eos_id >= 0)"
 
@@ -134,6 +157,8 @@ class SentencePieceTokenizer(GPTSentencePieceTokenizer):
             else:
                 run.append(i)
         return text + self.sp.decode(run)
+
+    decode_text = Tokenizer.decode_text   # decode names Megatron's special tokens itself
 
 
 SP_TYPES: dict[str, Callable] = {"SentencePieceTokenizer": SentencePieceTokenizer,

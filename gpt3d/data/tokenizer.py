@@ -3,8 +3,11 @@
 Megatron users name a tokenizer by `--tokenizer-type` and give its files; the ids it produces are baked
 into their .bin data, so every type here gives exactly the ids Megatron's class of the same name gives.
 A tokenizer can copy its files into a directory and be rebuilt from that directory alone (`save_files` /
-`load_from_dir`), and its `fingerprint` hashes the file contents (not paths), so a checkpoint can carry
-its tokenizer and a resume with a different one can be refused.
+`load_from_dir`), and its `fingerprint` hashes what it does (fingerprint.py: its vocabulary, merges or
+scores, special tokens, eod/bos and the ids of a fixed set of probe texts), not its file bytes or paths: a
+checkpoint carries its tokenizer and a resume with one that encodes differently is refused, while the same tokenizer re-written (import-hf's
+tokenizer.json) or moved is accepted. Checkpoints from before hashed the files' bytes (`file_fingerprint`);
+`matches` accepts either.
 """
 from __future__ import annotations
 
@@ -15,11 +18,13 @@ import shutil
 from typing import Optional
 
 from ..errors import TokenizerError, warn
+from .fingerprint import behaviour_fingerprint, hf_model_data
 
 EOD = "<|endoftext|>"
 TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
          "Llama2Tokenizer", "NullTokenizer")
 CHECKPOINT_DIR = "tokenizer"   # where a checkpoint keeps its copy of the files (checkpoint/tokenizer_part.py)
+
 
 
 def sha256_file(path: str) -> str:
@@ -52,7 +57,8 @@ def _need_file(path: Optional[str], what: str) -> str:
 
 class Tokenizer:
     """The interface every type implements: vocab_size, eod (id) and eod_token (name), encode /
-    encode_batch / decode, and `files()` (canonical file name -> path) for save_files/fingerprint."""
+    encode_batch / decode, `files()` (canonical file name -> path) for save_files, and `vocabulary()` /
+    `special_ids()` for the fingerprint."""
 
     type_name = ""
     vocab_size: int
@@ -75,6 +81,24 @@ class Tokenizer:
     def settings(self) -> dict:
         """Non-file settings that change the ids (part of the fingerprint)."""
         return {}
+
+    def vocabulary(self) -> dict[str, int]:
+        """Token string -> id, special/added tokens included (part of the fingerprint)."""
+        return {}
+
+    def model_data(self) -> dict:
+        """What decides the ids beyond the vocabulary: BPE merges, unigram scores (part of the fingerprint)."""
+        return {}
+
+    def special_ids(self) -> frozenset:
+        """Ids that mark rather than spell text: eod, bos and the tokenizer's own special tokens. `generate`
+        leaves them out of the text it prints unless asked to keep them."""
+        return frozenset(i for i in (self.eod, self.bos) if i is not None)
+
+    def decode_text(self, ids, keep_special: bool = False) -> str:
+        """The text of `ids`, without the special ids (see special_ids) unless `keep_special`."""
+        drop = frozenset() if keep_special else self.special_ids()
+        return self.decode([int(i) for i in ids if int(i) not in drop])
 
     # Megatron's method names
     def tokenize(self, text: str) -> list[int]:
@@ -103,15 +127,28 @@ class Tokenizer:
         if getattr(self, "_manifest", None) is None:
             files = {name: sha256_file(path) for name, path in sorted(self.files().items())}
             core = {"type": self.type_name, "files": files, "settings": self.settings()}
-            fp = hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+            self._file_fingerprint = hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+            fp = behaviour_fingerprint(self)
             self._manifest = {**core, "vocab_size": self.vocab_size, "eod": self.eod, "eod_token": self.eod_token,
                               "fingerprint": fp}
         return json.loads(json.dumps(self._manifest))   # a copy
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the type, the settings and the contents of the files (never their paths)."""
+        """sha256 of `behaviour()`: what the tokenizer does, never its file bytes or paths."""
         return self.manifest()["fingerprint"]
+
+    @property
+    def file_fingerprint(self) -> str:
+        """The fingerprint checkpoints recorded before it followed behaviour: sha256 over the type, the settings
+        and the files' contents."""
+        self.manifest()
+        return self._file_fingerprint
+
+    def matches(self, manifest: Optional[dict]) -> bool:
+        """Whether a recorded tokenizer (a checkpoint's manifest) is this one: its fingerprint is this
+        tokenizer's behavioural one, or (an older checkpoint) the hash of these very files."""
+        return bool(manifest) and manifest.get("fingerprint") in (self.fingerprint, self.file_fingerprint)
 
     def save_files(self, directory: str) -> dict:
         """Copy the tokenizer's files into `directory` under canonical names; returns the manifest that
@@ -144,7 +181,7 @@ def load_from_dir(directory: str, manifest: dict) -> Tokenizer:
     else:
         from .spm_tokenizer import SP_TYPES
         tok = SP_TYPES[kind](os.path.join(directory, "tokenizer.model"))
-    if tok.fingerprint != manifest.get("fingerprint"):
+    if not tok.matches(manifest):
         raise TokenizerError(f"{directory}: rebuilt {kind} does not match the manifest's fingerprint")
     return tok
 
@@ -217,6 +254,12 @@ class GPT2BPETokenizer(Tokenizer):
 
     def files(self) -> dict[str, str]:
         return {"vocab.json": self.vocab_file, "merges.txt": self.merge_file}
+
+    def vocabulary(self) -> dict[str, int]:
+        return self.tok.get_vocab(with_added_tokens=True)
+
+    def model_data(self) -> dict:
+        return hf_model_data(self.tok)
 
 
 # ----- any tokenizer.json --------------------------------------------------------------------------------------
@@ -324,7 +367,7 @@ def tokenizer_for_checkpoint(data: dict, model_vocab: int, flags: Optional[dict]
                                  "--tokenizer-type with --tokenizer-model")
         tok = build_tokenizer(s["vocab_file"], s["merge_file"], tokenizer_type=kind,
                               tokenizer_model=s["tokenizer_model"], vocab_size=model_vocab - 1)
-        if manifest and tok.fingerprint != manifest.get("fingerprint"):
+        if manifest and not tok.matches(manifest):
             warn(f"the tokenizer named by the flags ({tok.type_name} {tok.describe()}) is not the one the "
                  f"checkpoint was trained with ({manifest.get('type')}); using the flags'")
     if tok.vocab_size > model_vocab:

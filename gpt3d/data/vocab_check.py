@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import atomic
 from ..errors import DataError
+from ..progress import Progress
 from .indexed import MMapIndexedDataset
 
 _BLOCK = 64 << 20
@@ -28,11 +29,13 @@ def id_range(indexed: MMapIndexedDataset, lo: int, hi: int) -> tuple[int, int]:
     start = int(indexed.pointers[lo]) // indexed.dtype.itemsize
     end = int(indexed.pointers[hi - 1]) // indexed.dtype.itemsize + int(indexed.sizes[hi - 1])
     smallest, largest = None, None
-    for a in range(start, end, _BLOCK):
-        block = indexed.bin[a:min(a + _BLOCK, end)]
-        bmin, bmax = int(block.min()), int(block.max())
-        smallest = bmin if smallest is None else min(smallest, bmin)
-        largest = bmax if largest is None else max(largest, bmax)
+    with Progress(f"checking the token ids of {indexed.prefix}.bin", end - start, "tokens") as bar:
+        for a in range(start, end, _BLOCK):
+            block = indexed.bin[a:min(a + _BLOCK, end)]
+            bmin, bmax = int(block.min()), int(block.max())
+            smallest = bmin if smallest is None else min(smallest, bmin)
+            largest = bmax if largest is None else max(largest, bmax)
+            bar.update(len(block))
     return (0, -1) if largest is None else (smallest, largest)
 
 

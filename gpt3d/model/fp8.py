@@ -40,7 +40,10 @@ class Float8Matmul:
     """`matmul(x, weight, bias)` = F.linear with both GEMM operands cast to float8 (dynamic scaling)."""
 
     def __init__(self, recipe: str, emulate: bool = False):
+        from ..quiet import quiet_imports
         try:
+            with quiet_imports():   # torchao logs a line per CUDA extension it cannot load here
+                import torchao.float8  # noqa: F401
             from torchao.float8 import Float8LinearConfig
             from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
             from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig

@@ -26,6 +26,14 @@ from ..parallel.state import ParallelState
 from .grad_buffer import GradBuffer
 
 
+def describe_zero(stage: int, dp: int) -> str:
+    """ZeRO as configured and what it means at this DP size (the run header, checkpoint-info): at DP 1 ZeRO-1
+    has nothing to shard, which a bare "ZeRO-0" (what the optimizer then runs) would hide."""
+    if stage == 1:
+        return f"ZeRO-1 (optimizer state sharded over DP {dp})" if dp > 1 else "ZeRO-1 (no sharding at DP 1)"
+    return "ZeRO-0 (optimizer state replicated over DP)" if dp > 1 else "ZeRO-0 (no data parallelism at DP 1)"
+
+
 # ----- torch entry points beyond the plain public API, kept in this one place ---------------------------------
 def _unscale_and_check_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
     """grads *= inv_scale in place, found_inf = 1 if any is non-finite: the kernel torch.amp.GradScaler uses."""

@@ -3,8 +3,10 @@
     gpt3d plan --config configs/gpt-13B.yaml --gpus 64 --gpus-per-node 8 --gpu h100-80gb
 
 Config flags (`--micro-batch-size`, `--seq-length`, ...) override the YAML as for
-`gpt3d train`. The config's own layout is marked in the table; layouts predicted
-not to fit are struck out with their memory. `--json` prints every layout.
+`gpt3d train`. The table lists the fastest layouts that fit first (ranked among
+those), then the fastest few that do not, struck out with their memory
+(--show-unfit N); the config's own layout is always shown and marked. `--json`
+prints every layout.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def register(sub) -> None:
     add_config_flags(p)
     g = p.add_argument_group("plan")
     g.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default: the config's TP x PP)")
-    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (TP stays inside a node)")
     g.add_argument("--gpu", default="h100-80gb", help=f"preset ({', '.join(PRESETS)}) or 'custom'")
     for flag, what in [("--gpu-tflops", "dense bf16 peak"), ("--gpu-memory-gib", "memory per GPU"),
                        ("--hbm-gbps", "memory bandwidth"), ("--nvlink-gbps", "NVLink GB/s per GPU and direction"),
@@ -38,7 +40,9 @@ def register(sub) -> None:
                         "(without a GPU: take the latest figures from benchmarks/RESULTS.md)")
     g.add_argument("--save-calibration", metavar="FILE", help="write the calibration used to FILE (JSON)")
     g.add_argument("--micro-batch-sizes", type=int, nargs="+", help="micro-batch sizes to try (default 1..16)")
-    g.add_argument("--top", type=int, default=15, help="layouts that fit to show")
+    g.add_argument("--top", type=int, default=15, help="layouts that fit to show, fastest first")
+    g.add_argument("--show-unfit", type=int, default=3, metavar="N",
+                   help="layouts that do not fit to list after those that do (struck out, fastest first)")
     g.add_argument("--json", action="store_true", help="every layout as JSON")
     p.set_defaults(func=run)
 
@@ -73,10 +77,11 @@ def _config(args):
 # The plan's own numeric flags, checked (with NaN/inf) as config settings are, before any work.
 PLAN_RULES = {**dict.fromkeys(["gpus", "gpus_per_node", "gpu_tflops", "gpu_memory_gib", "hbm_gbps", "nvlink_gbps",
                                "ib_gbps", "micro_batch_sizes"], POSITIVE),
-              "reserve_gib": NON_NEGATIVE, "top": NON_NEGATIVE}
+              "reserve_gib": NON_NEGATIVE, "top": NON_NEGATIVE, "show_unfit": NON_NEGATIVE}
 
 PLAN_KEYS = {"gpus", "gpus_per_node", "gpu", "gpu_tflops", "gpu_memory_gib", "hbm_gbps", "nvlink_gbps", "ib_gbps",
-             "reserve_gib", "calibration", "calibrate", "save_calibration", "micro_batch_sizes", "top", "json"}
+             "reserve_gib", "calibration", "calibrate", "save_calibration", "micro_batch_sizes", "top", "show_unfit",
+             "json"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
           f"{'compiled' if cfg.training.compile else 'eager (add --compile for the fast path)'}; "
           f"{world} GPUs, {args.gpus_per_node} per node")
     print(f"  {gpu.describe()}")
-    print(table(preds, own, args.top, sys.stdout.isatty()))
+    print(table(preds, own, args.top, sys.stdout.isatty(), args.show_unfit))
     return 0
 
 
@@ -114,30 +119,51 @@ def _strike(text: str, tty: bool) -> str:
     return f"\x1b[9m{text}\x1b[0m" if tty else f"~~{text}~~"
 
 
-def table(preds: list, own, top: int, tty: bool = False) -> str:
-    """Fastest first; layouts that do not fit are struck out where they would rank (at most `top` of them).
+LEGEND = ("model TFLOPs: the model's FLOPs per GPU-second (gpt3d/flops.py, no recompute); MFU = model TFLOPs / the "
+          "GPU's peak.\nhw TFLOPs: Megatron-DeepSpeed's formula, as `gpt3d train` logs it; it counts recomputed work "
+          "(x4/3 with any recompute), so with recompute it is above the model's figure.")
+
+
+def table(preds: list, own, top: int, tty: bool = False, show_unfit: int = 3) -> str:
+    """The `top` fastest layouts that fit, ranked 1, 2, ... among those; then the config's own layout if it
+    was not among them; then the `show_unfit` fastest that do not fit, struck out (the config's own always).
     `step s` is the predicted time of one optimizer step (`step_s` in --json)."""
-    head = (f"{'#':>4}  {'layout':<44}{'GiB/GPU':>9}{'step s':>9}{'tok/s':>12}{'TFLOPs':>8}{'MFU':>7}"
-            "  largest time terms")
+    head = (f"{'#':>4}  {'layout':<44}{'GiB/GPU':>9}{'step s':>9}{'tok/s':>12}{'model TFLOPs':>14}{'hw TFLOPs':>11}"
+            f"{'MFU':>7}  largest time terms")
     lines = [head, "-" * len(head)]
-    fit_shown = struck_shown = 0
-    for rank, p in enumerate(preds, 1):
-        mine = own is not None and p.layout == own
-        if p.fits:
-            if fit_shown >= top and not mine:
-                continue
-            fit_shown += 1
-        else:
-            if (struck_shown >= top or fit_shown >= top) and not mine:
-                continue
-            struck_shown += 1
-        terms = sorted(((k, v) for k, v in p.time.parts.items() if k != "layers (compute)"), key=lambda kv: -kv[1])
-        why = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in terms[:2])
-        mem = f"{p.peak_bytes / GIB:.1f}" + ("" if p.fits else f">{p.usable_bytes / GIB:.0f}")
-        row = (f"{rank:>4}  {p.layout.label():<44}{mem:>9}{p.time.seconds:>9.3f}{p.tokens_per_s:>12,.0f}"
-               f"{p.tflops_per_gpu:>8.1f}{p.mfu:>7.1%}  {why}")
-        row = row if p.fits else _strike(row, tty) + "  (does not fit)"
-        lines.append(row + ("   <- the config's layout" if mine else ""))
+    fit = [p for p in preds if p.fits]
+    unfit = [p for p in preds if not p.fits]
+    mine = [own is not None and p.layout == own for p in fit]
+    for rank, (p, is_mine) in enumerate(zip(fit, mine), 1):
+        if rank <= top or is_mine:
+            if rank > top + 1 and not any(mine[top:rank - 1]):
+                lines.append(f"{'...':>4}")
+            lines.append(_row(str(rank), p, is_mine, tty))
+    if len(fit) > top:
+        lines.append(f"      ({len(fit) - top} more layouts fit: --top N lists them)")
+    if not fit:
+        lines.append("      no layout fits: fewer GPUs per model replica, more recompute or smaller micro-batches")
+    shown = 0
+    for p in unfit:
+        is_mine = own is not None and p.layout == own
+        if shown < show_unfit or is_mine:
+            if shown == 0:
+                lines.append(f"{len(unfit)} layouts do not fit; the fastest of them (--show-unfit N):")
+            lines.append(_row("-", p, is_mine, tty))
+            shown += 1
+    if unfit and not shown:
+        lines.append(f"({len(unfit)} layouts do not fit: --show-unfit N lists the fastest of them)")
     if own is not None and not any(p.layout == own for p in preds):
         lines.append(f"      the config's layout ({own.label()}) is not valid for these GPUs")
+    lines.append(LEGEND)
     return "\n".join(lines)
+
+
+def _row(rank: str, p, mine: bool, tty: bool) -> str:
+    terms = sorted(((k, v) for k, v in p.time.parts.items() if k != "layers (compute)"), key=lambda kv: -kv[1])
+    why = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in terms[:2])
+    mem = f"{p.peak_bytes / GIB:.1f}" + ("" if p.fits else f">{p.usable_bytes / GIB:.0f}")
+    row = (f"{rank:>4}  {p.layout.label():<44}{mem:>9}{p.time.seconds:>9.3f}{p.tokens_per_s:>12,.0f}"
+           f"{p.model_tflops_per_gpu:>14.1f}{p.tflops_per_gpu:>11.1f}{p.mfu:>7.1%}  {why}")
+    row = row if p.fits else _strike(row, tty) + "  (does not fit)"
+    return row + ("   <- the config's layout" if mine else "")

@@ -32,8 +32,9 @@ class Prediction:
     memory: dict                   # bytes by term, busiest stage
     usable_bytes: float
     time: StepTime
-    tflops_per_gpu: float          # Megatron-DeepSpeed's formula, as training logs it
+    tflops_per_gpu: float          # hardware: Megatron-DeepSpeed's formula (recompute counted), as training logs it
     mfu: float                     # model FLOPs (gpt3d/flops.py) over peak, as training logs it
+    model_tflops_per_gpu: float    # the model's FLOPs (no recompute) per GPU-second: the MFU numerator
     stages: list = field(default_factory=list)   # StageMemory per stage
 
     @property
@@ -50,7 +51,8 @@ class Prediction:
                 "busiest_stage": self.busiest_stage,
                 "memory_gib": {k: v / GIB for k, v in self.memory.items()},
                 "step_s": self.time.seconds, "tokens_per_s": self.time.tokens_per_s,
-                "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu,
+                "tflops_per_gpu": self.tflops_per_gpu, "model_tflops_per_gpu": self.model_tflops_per_gpu,
+                "mfu": self.mfu,
                 "time_s": dict(self.time.parts)}
 
 
@@ -80,9 +82,9 @@ def predict_layout(cfg: Config, lay: Layout, gpu: Gpu, gpus_per_node: int = 8, *
     pv = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
     flops = megatron_flops_per_iter(m, pv, gbs, recompute=lay.recompute is not None)
     model_flops = model_flops_per_iter(m, pv, gbs)   # the MFU numerator training logs (gpt3d/flops.py)
+    model_tflops = model_flops / t.seconds / lay.world / 1e12
     return Prediction(lay, busiest.peak, busiest.pp_rank, busiest.breakdown(), gpu.usable_bytes, t,
-                      flops / t.seconds / lay.world / 1e12, model_flops / t.seconds / lay.world / 1e12 / gpu.tflops,
-                      stages)
+                      flops / t.seconds / lay.world / 1e12, model_tflops / gpu.tflops, model_tflops, stages)
 
 
 def _gpu(gpu: Union[str, Gpu, None]) -> Gpu:

@@ -30,10 +30,11 @@ from ..model.gpt import count_parameters
 from ..optim.grad_buffer import GradBuffer
 from ..optim.grad_scaler import DynamicLossScaler
 from ..optim.schedule import LRSchedule
-from ..optim.zero1 import ShardedOptimizer
+from ..optim.zero1 import ShardedOptimizer, describe_zero
 from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState, build_parallel_state, init_distributed
 from ..plan.search import for_run as plan_for_run
+from ..progress import Activity
 from . import faults
 from .report import Reporter, dp_mean
 from .step import StepResult, TrainState, TrainStep
@@ -143,18 +144,23 @@ class Trainer:
 
     def load(self, root: str, check_data: bool = True):
         """Resume from the newest good checkpoint under `root`; its Loaded. `check_data=False`: the caller
-        checks the data stream itself once the datasets are built (`check_data_stream`)."""
+        checks the data stream itself once the datasets are built (`check_data_stream`) and only then says
+        `loaded_line` (a refused resume never says "loaded")."""
         c = self.cfg.checkpoint
         loaded = ckpt.load(root, self.checkpoint_parts(), self.ps, skip=ckpt.skipped_parts(c))
         if "optimizer" not in loaded.parts:   # weights only (--finetune, --no-load-optim, import-hf)
             self.optimizer.reload_masters_from_params()
         if check_data:
             self.check_data_stream(loaded)
+            self.report.console(self.loaded_line(loaded))
         self.last_checkpoint = loaded.path
-        lay = loaded.meta["layout"]
-        self.report.console(f"loaded checkpoint {loaded.path} (iteration {loaded.meta['iteration']}, saved at "
-                            f"TP={lay['tp']} PP={lay['pp']} DP={lay['dp']})")
         return loaded
+
+    @staticmethod
+    def loaded_line(loaded) -> str:
+        lay, how = loaded.meta["layout"], "" if "train" in loaded.parts else ", weights only: a new run"
+        return (f"loaded checkpoint {loaded.path} (iteration {loaded.meta['iteration']}, saved at "
+                f"TP={lay['tp']} PP={lay['pp']} DP={lay['dp']}{how})")
 
     def check_data_stream(self, loaded) -> None:
         """A resume that would change the data stream is refused, naming what changed, unless
@@ -178,6 +184,28 @@ class Trainer:
         if self.ps.rank == 0:
             warn(f"--override-data-state: the data stream changed ({what}); continuing at sample "
                  f"{state.consumed_samples:,} of the new order with {state.tokens:,} tokens trained so far")
+
+    def header(self, run_dir: Optional[str]) -> list[str]:
+        """The start-up lines: layout (ZeRO as configured, and what it means at this DP), size, batch, device;
+        the data; where the run writes (run directory, metrics, curves, TensorBoard, W&B, checkpoints)."""
+        cfg, t, ps = self.cfg, self.cfg.training, self.ps
+        n_params = count_parameters(cfg.model, self.vocab_size)
+        zero = describe_zero(cfg.parallel.zero_stage, ps.dp)
+        lines = [f"gpt3d: {ps.describe()} {zero} | {n_params['total'] / 1e6:.2f}M parameters | global batch "
+                 f"{self.global_batch} ({self.num_micro} micro-batches of {t.micro_batch_size}) | "
+                 f"{self.train_iters} iterations | device {ps.device}"]
+        d = cfg.data
+        if d.mock_data:
+            lines.append(f"data: mock (synthetic learnable tokens, vocabulary {self.vocab_size:,})")
+        else:
+            lines.append(f"data: {' '.join(d.data_path)} (split {d.split}; {self.tokenizer.type_name}: "
+                         f"{self.tokenizer.describe()})")
+        c = cfg.checkpoint
+        saves = (f"checkpoints: {c.save}" + (f" every {c.save_interval} iterations" if c.save_interval else
+                                             " at the end") if c.save else "checkpoints: none (--save)")
+        lines.append(f"run directory: {run_dir or 'none (every output has its own flag)'} | {saves}")
+        lines.append(self.report.outputs())
+        return lines
 
     # ----- the loop -----------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -204,11 +232,13 @@ class Trainer:
         self.state.data_state = stream.data_state(cfg, self.global_batch, train_ds)
         if loaded is not None:
             self.check_data_stream(loaded)
-        self.report.run_start(self.state, cfg.non_defaults())   # accepted: only now are the metrics files created
-        n_params = count_parameters(cfg.model, self.vocab_size)
-        self.report.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
-                            f"global batch {self.global_batch} ({self.num_micro} micro-batches of "
-                            f"{t.micro_batch_size}) | {self.train_iters} iterations | device {ps.device}")
+        resumed = loaded.meta["config"].get("training") if loaded is not None and "train" in loaded.parts else None
+        # accepted: only now are the run directory and the metrics files created
+        run_dir = self.report.run_start(self.state, cfg.non_defaults(), resumed)
+        for line in self.header(run_dir):
+            self.report.console(line)
+        if loaded is not None:
+            self.report.console(self.loaded_line(loaded))
         self.report.prediction()
         stop = StopPolicy(t, ps, fp16=cfg.precision.fp16)
         with stop.signals() if t.exit_signal_handler else contextlib.nullcontext():
@@ -223,10 +253,18 @@ class Trainer:
         save_interval = cfg.checkpoint.save_interval
         report.start(state.iteration)
         batch = None
+        compiling = t.compile
+        if compiling:
+            report.console("torch.compile: the first step compiles the model first (often 30 s or more)")
         while state.iteration < self.train_iters:
             if t.train_tokens is not None and state.tokens >= t.train_tokens:
                 break
-            result = self.train_step(batch or self.microbatches(loader))
+            if compiling:   # a line every ~10 s while torch.compile works, then the time it took
+                with Activity("torch.compile: compiling the first step", enabled=ps.is_logging_rank) as work:
+                    result = self.train_step(batch or self.microbatches(loader))
+                report.console(f"torch.compile: first step compiled and run in {work.elapsed():.1f} s")
+            else:
+                result = self.train_step(batch or self.microbatches(loader))
             # Read the next batch while the device still runs this step: the checks below wait for it.
             batch = self.microbatches(loader) if state.iteration < self.train_iters else None
             stop.observe(result)
@@ -234,6 +272,9 @@ class Trainer:
             if late is not None and late.diverged:
                 raise divergence_error(late, self.last_checkpoint)
             report.step(result, state)
+            if compiling:   # later log lines' tokens/s and ETA leave the compilation out
+                report.start(state.iteration)
+                compiling = False
             it = state.iteration
             evaluating = bool(t.eval_interval) and it % t.eval_interval == 0
             saving = bool(save_interval) and it % save_interval == 0

@@ -1,4 +1,4 @@
-"""What a training run tells the user: log lines, metrics files, TensorBoard, the plot at the end.
+"""What a training run tells the user: log lines, metrics files, TensorBoard, W&B, the plot at the end.
 
 The `Reporter` owns the timing window (throughput and ETA time training steps only), the running loss of
 the window (averaged over DP when printed), and the sinks, which write on the logging rank only (last
@@ -9,6 +9,11 @@ to-tensorboard) are extra tags under Megatron's names, so dashboards built for i
 The optimizer-state statistics are a collective over the ranks holding optimizer state, so they are computed
 in `Reporter.step`, which every rank calls; only the logging rank writes them.
 
+Where things go: the metrics file is the run directory's metrics.jsonl unless --log-file names one (the
+directory is claimed when the run is accepted, see rundir.py), with its curves drawn beside it at the end;
+TensorBoard and Weights & Biases get the same scalars from one place (`MetricsLogger._scalars`). CPU runs'
+console lines leave out TFLOPs/GPU and MFU (figures of a GPU's peak); the JSON lines keep every field.
+
 A step's device tensors (loss, grad norm, fp16 loss scale) are brought to the host only for a log line,
 so the steps in between never wait for the device.
 """
@@ -16,20 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import os
 import time
-from typing import Iterator, Optional
+from typing import IO, Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..config import TrainingConfig
-from ..errors import FileError, warn
+from ..errors import ConfigError, FileError, warn
 from ..metrics import Throughput
 from ..parallel.state import ParallelState
 from ..plan.search import Prediction, measured_line, startup_line
+from ..progress import fmt_duration
+from ..quiet import quiet_imports
+from . import rundir
 from .step import StepResult, TrainState
 
 
@@ -41,13 +50,6 @@ def dp_mean(value: torch.Tensor, ps: ParallelState) -> Optional[float]:
         dist.all_reduce(value, group=ps.dp_group)
         value = value / ps.dp
     return float(value.item())
-
-
-def fmt_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}"
 
 
 def refuse_unwritable(flag: str, path: str, directory: bool = False) -> None:
@@ -67,40 +69,110 @@ def refuse_unwritable(flag: str, path: str, directory: bool = False) -> None:
         raise FileError(f"{flag} {path}: {parent} is not writable")
 
 
+class WandbSink:
+    """Weights & Biases beside TensorBoard (Megatron-LM's --wandb-project/--wandb-exp-name/--wandb-save-dir):
+    the same scalars under the same tags, at the same iteration; `loss_vs_tokens` (TensorBoard's x axis is
+    tokens there) is logged with a `tokens` value and W&B told to plot it against that. An optional extra:
+    without wandb installed the flag is one error line naming the extra, before any work."""
+
+    MISSING = "--wandb-project needs Weights & Biases: pip install -e \".[wandb]\""
+
+    def __init__(self, t: TrainingConfig):
+        try:
+            with quiet_imports():
+                import wandb
+        except ImportError:
+            raise ConfigError(self.MISSING) from None
+        self.wandb, self.t = wandb, t
+        self.run: Any = None
+
+    @classmethod
+    def check_installed(cls) -> None:
+        """On the ranks that do not log: the same verdict as the logging rank's import, without importing it."""
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(cls.MISSING)
+
+    def open(self, run_dir: Optional[str], settings: dict) -> None:
+        t = self.t
+        save_dir = t.wandb_save_dir or run_dir or "."
+        os.makedirs(save_dir, exist_ok=True)
+        self.run = self.wandb.init(project=t.wandb_project, name=t.wandb_exp_name or os.path.basename(
+            os.path.abspath(run_dir or save_dir)), dir=save_dir, config=settings,
+            settings=self.wandb.Settings(console="off"))
+        self.run.define_metric("tokens")
+        self.run.define_metric("loss_vs_tokens", step_metric="tokens")
+
+    def log(self, scalars: list) -> None:
+        """(tag, value, iteration, tokens or None) as MetricsLogger._scalars gets them: W&B's step is the
+        iteration, and a tag TensorBoard plots against tokens carries its `tokens`."""
+        rows: dict = {}
+        for tag, value, iteration, tokens in scalars:
+            row = rows.setdefault(iteration, {})
+            row[tag] = value
+            if tokens is not None:
+                row["tokens"] = tokens
+        for step, row in rows.items():
+            self.run.log(row, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
 class MetricsLogger:
-    """Console, JSON lines and TensorBoard; writes only on the logging rank, a no-op elsewhere.
+    """Console, JSON lines, TensorBoard and W&B; writes only on the logging rank, a no-op elsewhere.
 
     The files are opened by `open`, once the run is accepted (its --save lock taken, the checkpoint and data
-    stream checked): a refused run creates no metrics file or TensorBoard directory. Their paths are checked
-    here, creating nothing."""
+    stream checked): a refused run creates no metrics file, run directory, TensorBoard directory or W&B run.
+    Their paths are checked here, creating nothing."""
 
-    def __init__(self, enabled: bool, log_file: Optional[str], tensorboard_dir: Optional[str],
-                 tensorboard_queue_size: int = 10):
-        self.enabled = enabled
-        self.fh = None
-        self.tb = None
-        self._paths = (log_file, tensorboard_dir, tensorboard_queue_size)
-        if enabled and log_file:
-            refuse_unwritable("--log-file", log_file)
-        if enabled and tensorboard_dir:
-            refuse_unwritable("--tensorboard-dir", tensorboard_dir, directory=True)
+    def __init__(self, enabled: bool, t: TrainingConfig):
+        self.enabled, self.t = enabled, t
+        self.fh: Optional[IO[str]] = None
+        self.tb: Any = None
+        self.wandb: Optional[WandbSink] = None
+        self.log_file: str = t.log_file or ""
+        self.run_dir: Optional[str] = None
+        if enabled and t.log_file:
+            refuse_unwritable("--log-file", t.log_file)
+        if enabled and t.tensorboard_dir:
+            refuse_unwritable("--tensorboard-dir", t.tensorboard_dir, directory=True)
+        root = rundir.planned_root(t)
+        if enabled and root:
+            refuse_unwritable("--run-dir" if t.run_dir else f"the runs directory (--run-dir, ${rundir.RUNS_ENV})",
+                              root, directory=True)
+        if t.wandb_project:   # every rank: a missing extra fails the whole job at start, not one rank of it
+            if enabled:
+                self.wandb = WandbSink(t)
+            else:
+                WandbSink.check_installed()
 
-    def open(self) -> None:
-        """Open (create) the metrics file and TensorBoard directory; idempotent."""
-        log_file, tensorboard_dir, queue = self._paths
-        if not self.enabled:
+    def open(self, run_dir: Optional[str], settings: dict) -> None:
+        """Open (create) the metrics file in `run_dir` (unless --log-file names one), TensorBoard, W&B; idempotent."""
+        if not self.enabled or self.fh is not None:
             return
-        if log_file and self.fh is None:
-            os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-            self.fh = open(log_file, "a", buffering=1)
-        if tensorboard_dir and self.tb is None:
+        self.run_dir = run_dir
+        self.log_file = self.t.log_file or os.path.join(run_dir or ".", "metrics.jsonl")
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_file)), exist_ok=True)
+        self.fh = open(self.log_file, "a", buffering=1)
+        if self.t.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(tensorboard_dir, max_queue=queue)
+            self.tb = SummaryWriter(self.t.tensorboard_dir, max_queue=self.t.tensorboard_queue_size)
+        if self.wandb is not None:
+            self.wandb.open(run_dir, settings)
 
-    def start_run(self, iteration: int, tokens: int, settings: dict) -> None:
+    def outputs(self) -> str:
+        """Where this run's records go, for the start-up header."""
+        png, w, tb = os.path.splitext(self.log_file)[0] + ".png", self.wandb, self.t.tensorboard_dir
+        return " | ".join([f"metrics: {self.log_file}", f"curves: {png} (at the end)",
+                           f"TensorBoard: {tb}" if self.tb else "TensorBoard: off (--tensorboard-dir)",
+                           f"W&B: project {self.t.wandb_project}, files in {w.run.dir}" if w and w.run else
+                           "W&B: off (--wandb-project)"])
+
+    def start_run(self, iteration: int, tokens: int, settings: dict, run_dir: Optional[str]) -> None:
         """Mark where this run's rows begin, so a reused --log-file keeps its runs apart (`gpt3d plot` draws the
         last run: a fresh start hides the rows before it, a resume keeps the history up to its checkpoint)."""
-        self.open()
+        self.open(run_dir, settings)
         if self.fh:
             self.fh.write(json.dumps({"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
                                       "iteration": iteration, "tokens": tokens, "settings": settings}) + "\n")
@@ -114,25 +186,34 @@ class MetricsLogger:
             return
         if self.fh:
             self.fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        if self.tb:
-            step = row.get("tokens", row.get("iteration", 0))
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("iteration", "tokens"):
-                    self.tb.add_scalar(k, v, row.get("iteration", 0))
-            if "loss" in row:
-                self.tb.add_scalar("loss_vs_tokens", row["loss"], step)
+        it = row.get("iteration", 0)
+        scalars = [(k, v, it, None) for k, v in row.items()
+                   if isinstance(v, (int, float)) and k not in ("iteration", "tokens")]
+        if "loss" in row:
+            scalars.append(("loss_vs_tokens", row["loss"], it, row.get("tokens", it)))
+        self._scalars(scalars)
 
     def scalars(self, values: dict, step: int) -> None:
-        """TensorBoard only, under the given tags (Megatron's optional scalars)."""
-        if self.enabled and self.tb:
-            for tag, v in values.items():
-                self.tb.add_scalar(tag, v, step)
+        """TensorBoard and W&B only, under the given tags (Megatron's optional scalars)."""
+        if self.enabled:
+            self._scalars([(tag, v, step, None) for tag, v in values.items()])
+
+    def _scalars(self, scalars: list) -> None:
+        """(tag, value, iteration, tokens) to TensorBoard and W&B, the one place both get their scalars: a tag
+        with tokens is plotted against them, the others against the iteration."""
+        if self.tb:
+            for tag, v, it, tokens in scalars:
+                self.tb.add_scalar(tag, v, it if tokens is None else tokens)
+        if self.wandb is not None and self.wandb.run is not None and scalars:
+            self.wandb.log(scalars)
 
     def close(self) -> None:
         if self.fh:
             self.fh.close()
         if self.tb:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def _clean(v):
@@ -182,17 +263,39 @@ class Reporter:
         self.cfg, self.ps, self.throughput, self.train_iters = cfg, ps, throughput, train_iters
         self.global_batch, self.optimizer, self.sharded_state = global_batch, optimizer, sharded_state
         self.plan, self.lines = plan, 0            # train log lines written by this run
-        self.log = MetricsLogger(ps.is_logging_rank, cfg.log_file, cfg.tensorboard_dir, cfg.tensorboard_queue_size)
+        self.log = MetricsLogger(ps.is_logging_rank, cfg)
         self.loss_sum, self.loss_n = torch.zeros(1, device=ps.device), 0
         self.window = (time.perf_counter(), 0)     # (start time, iteration) of the timing window
 
     def console(self, text: str) -> None:
         self.log.console(text)
 
-    def run_start(self, state: TrainState, settings: dict) -> None:
-        """The run is accepted: open the sinks and write the metrics file's marker for a run starting (or
-        resuming) at `state` with these non-default settings."""
-        self.log.start_run(state.iteration, state.tokens, settings)
+    def run_start(self, state: TrainState, settings: dict, resumed: Optional[dict] = None) -> Optional[str]:
+        """The run is accepted: claim its run directory (rundir.py; rank 0 makes it, every rank learns it and
+        records it in `cfg.run_dir`, so checkpoints name it), open the sinks and write the metrics file's marker
+        for a run starting (or resuming) at `state` with these non-default settings. `resumed`: the training
+        settings of the checkpoint a resume restored. Returns the run directory (None: nothing goes in one)."""
+        found: tuple[Optional[str], Optional[str]] = (None, None)
+        if self.ps.rank == 0:
+            try:
+                found = (rundir.claim(self.cfg, resumed), None)
+            except OSError as e:
+                found = (None, f"could not create the run directory: {e}")
+        if self.ps.distributed:
+            box = [found]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0]
+        run_dir, err = found
+        if err:
+            raise FileError(err)
+        if run_dir:
+            self.cfg.run_dir = run_dir
+        self.log.start_run(state.iteration, state.tokens, settings, run_dir)
+        return run_dir
+
+    def outputs(self) -> str:
+        """Where the metrics, curves, TensorBoard events and W&B run go (after run_start; the logging rank)."""
+        return self.log.outputs() if self.log.enabled and self.log.fh else ""
 
     def prediction(self) -> None:
         """The planner's memory and speed for this layout, printed before the first step (GPU runs)."""
@@ -258,10 +361,11 @@ class Reporter:
         if self.plan is not None and self.lines == 2:   # this run's second log line: past compilation
             peak = torch.cuda.max_memory_allocated(self.ps.device)
             self.log.console(measured_line(self.plan, tp["tokens_per_s"], peak))
+        gpu = (f"{tp['tflops_per_gpu']:.1f} TFLOPs/GPU (6N: {tp['tflops_per_gpu_6n']:.1f}) | MFU {tp['mfu']:.1%} | "
+               if self.ps.device.type == "cuda" else "")   # a GPU's figures (MFU: of --peak-tflops)
         self.log.console(
             f"iter {state.iteration:>6}/{self.train_iters} | loss {loss:.4f} | lr {result.lr:.3e} | "
-            f"grad norm {grad_norm:.3f} | {tp['tokens_per_s']:,.0f} tok/s | "
-            f"{tp['tflops_per_gpu']:.1f} TFLOPs/GPU (6N: {tp['tflops_per_gpu_6n']:.1f}) | MFU {tp['mfu']:.1%} | "
+            f"grad norm {grad_norm:.3f} | {tp['tokens_per_s']:,.0f} tok/s | {gpu}"
             f"{per_iter * 1000:.0f} ms/it | ETA {fmt_duration(eta)}"
             + (f" | loss scale {row['loss_scale']:.0f}" if "loss_scale" in row else ""))
 
@@ -278,7 +382,7 @@ class Reporter:
         """Close the sinks and draw `<log-file stem>.png` beside the metrics: a plotting problem warns, it never
         fails a finished run."""
         self.log.close()
-        log_file = self.cfg.log_file
+        log_file = self.log.log_file
         if not (self.log.enabled and log_file):
             return
         try:

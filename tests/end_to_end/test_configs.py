@@ -138,6 +138,7 @@ def test_example_scripts_launch_real_runs(tmp_path):
                 "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2", tmp=tmp_path)
     assert r.returncode == 0 and "TP=1 PP=2 DP=1" in r.stdout, r.stderr
     assert (tmp_path / "multi" / "latest").exists() and (tmp_path / "logs" / "node0.log").exists()
+    assert (tmp_path / "logs" / "metrics.jsonl").exists()   # the launcher's log directory is the run's directory
 
     r = _launch("slurm.sbatch", {"SLURM_JOB_NODELIST": "n0", "SLURM_NNODES": "1", "SLURM_JOB_ID": "7",
                                  "GPUS_PER_NODE": "2", "MASTER_PORT": _free_port(), "CKPT": str(tmp_path / "slurm")},

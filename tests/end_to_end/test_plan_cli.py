@@ -65,8 +65,34 @@ def test_table_marks_the_configs_layout_and_strikes_out_what_does_not_fit(capsys
     assert float(step) * float(tokens_per_s.replace(",", "")) == pytest.approx(1024 * 2048, rel=1e-3)
     struck = [ln for ln in lines if "(does not fit)" in ln]
     assert struck and all(ln.startswith("~~") and ">73" in ln for ln in struck)   # memory > usable, shown
-    fitting = [ln for ln in lines[4:] if ln.strip() and "(does not fit)" not in ln and "<-" not in ln]
+    fitting = [ln for ln in lines[4:] if re.match(r" +\d+  TP", ln) and "<-" not in ln]
     assert len(fitting) == 5
+
+
+def test_the_table_leads_with_the_fastest_layouts_that_fit(capsys, plan_13b_64):
+    """Issue 26: the 13B example's first 15 rows used to be struck out (the first layout that fits was row 79).
+    Now: the `--top` fastest that fit, ranked 1.. among those, then the config's own, then `--show-unfit` struck
+    ones, fastest first; model and hardware TFLOPs are two labelled columns."""
+    cfg, preds = plan_13b_64
+    args = ["--config", GPT13B, "--gpus", "64", "--gpus-per-node", "8", "--gpu", "h100-80gb",
+            "--micro-batch-sizes", "1", "2", "4"]
+    rc, out, _ = _run(capsys, *args, "--top", "4", "--show-unfit", "2")
+    rows = [ln for ln in out.splitlines() if re.match(r"(~~)? +(\d+|-)  TP", ln)]
+    labels = [re.search(r"(TP\d.*?ZeRO\d)", ln).group(1) for ln in rows]
+    fit, unfit = [p for p in preds if p.fits], [p for p in preds if not p.fits]
+    own = next(i for i, p in enumerate(fit) if "<- the config's layout" in rows[4] and p.layout.label() == labels[4])
+    assert rc == 0 and own >= 4
+    assert labels == [p.layout.label() for p in fit[:4] + [fit[own]] + unfit[:2]]
+    assert [ln.split()[0] for ln in rows[:5]] == ["1", "2", "3", "4", str(own + 1)]
+    assert not any("(does not fit)" in ln for ln in rows[:5]) and all("(does not fit)" in ln for ln in rows[5:])
+    head = out.splitlines()[2]
+    assert "model TFLOPs" in head and "hw TFLOPs" in head and "counts recomputed work" in out
+    for p in preds:   # the two figures: the model's FLOPs (MFU's numerator), and the formula counting recompute
+        assert p.mfu == pytest.approx(p.model_tflops_per_gpu / 989.0)
+        if p.layout.recompute is not None:
+            assert p.tflops_per_gpu > p.model_tflops_per_gpu
+    rc, out, _ = _run(capsys, *args, "--top", "4", "--show-unfit", "0")
+    assert "(does not fit)" not in out and "layouts do not fit: --show-unfit N lists the fastest" in out
 
 
 def test_json_lists_every_layout_with_memory_and_time_terms(capsys):
@@ -215,6 +241,7 @@ def test_train_prints_the_prediction_then_the_measured_figures(monkeypatch, caps
     start = [i for i, ln in enumerate(lines) if ln.startswith("gpt3d plan: predicted")]
     measured = [i for i, ln in enumerate(lines) if ln.startswith("gpt3d plan: measured")]
     iters = [i for i, ln in enumerate(lines) if ln.startswith("iter ")]
-    assert len(start) == 1 and lines[start[0] - 1].startswith("gpt3d: ") and start[0] < iters[0]
+    header = [i for i, ln in enumerate(lines) if ln.startswith("gpt3d: TP=")]   # the start-up header comes first
+    assert len(start) == 1 and header and header[0] < start[0] < iters[0]
     assert len(iters) == 3 and measured == [iters[1] - 1]                    # once, at the second log line
     assert "measured 3.0 GiB peak" in lines[measured[0]] and pred.layout.label() in lines[start[0]]

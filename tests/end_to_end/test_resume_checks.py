@@ -20,14 +20,17 @@ def _rows(log: Path) -> list:
 
 
 def _refused(capsys, tmp_path, *args) -> str:
-    before = runs.snapshot(tmp_path / "ck")
+    before, run_dirs = runs.snapshot(tmp_path / "ck"), runs.run_dirs()
     capsys.readouterr()
     rc = runs.train(*args)
-    err = capsys.readouterr().err.strip().splitlines()
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "would change the data stream: " in err[0], err
     assert "Pass --override-data-state" in err[0]
+    assert "loaded checkpoint" not in out.out   # the checks come first: a refused resume never says "loaded"
     after = runs.snapshot(tmp_path / "ck")
     assert after == before   # no checkpoint written or removed
+    assert runs.run_dirs() == run_dirs   # and no run directory made
     return err[0]
 
 

@@ -98,7 +98,12 @@ def test_tiny_config_learns_real_text(text_prefix, bpe, tmp_path):
     assert train[-1]["loss"] < _unigram_entropy(text_prefix), (train[-1]["loss"], _unigram_entropy(text_prefix))
     val = [x for x in rows if "val_loss" in x]
     assert val and val[-1]["val_ppl"] == pytest.approx(2.718281828 ** val[-1]["val_loss"], rel=1e-6)
-    assert "TFLOPs/GPU" in r.stdout and "ETA" in r.stdout
+    assert "tok/s" in r.stdout and "ETA" in r.stdout
+    assert "TFLOPs" not in r.stdout and "MFU" not in r.stdout   # a GPU's figures: not on a CPU's lines
+    # the header names the data, the layout's ZeRO as configured, and where every output goes
+    assert f"data: {text_prefix} (split 969,30,1; GPT2BPETokenizer: vocab.json, merges.txt)" in r.stdout
+    assert "ZeRO-1 (no sharding at DP 1)" in r.stdout and f"metrics: {log}" in r.stdout
+    assert f"curves: {tmp_path / 'm.png'} (at the end)" in r.stdout and "TensorBoard: off" in r.stdout
 
 
 def test_resume_continues_the_same_curve(tmp_path):

@@ -66,6 +66,12 @@ def wait_for(cond, proc: subprocess.Popen) -> None:
         raise
 
 
+def run_dirs() -> list:
+    """The run directories made so far under the tests' runs root ($GPT3D_RUNS_DIR, set by tests/conftest.py)."""
+    root = Path(os.environ["GPT3D_RUNS_DIR"])
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
 def last_iteration(log: Path) -> int:
     """The last iteration the metrics file logged a loss for; 0 before the first (or without the file)."""
     try:

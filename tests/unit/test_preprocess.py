@@ -147,14 +147,16 @@ def test_preprocess_progress_lines_and_summary(hf_bpe, texts, tmp_path, capsys, 
     s = preprocess(str(tmp_path / "c.jsonl"), str(tmp_path / "o"), tokenizer_type="HuggingFaceTokenizer",
                    tokenizer_model=hf_bpe, log_interval=100, stream=stream)
     lines = stream.getvalue().splitlines()
-    assert len(lines) >= 3 and all("docs/s" in ln and "MB/s" in ln and "tokens/s" in ln for ln in lines)
+    assert len(lines) >= 3 and all("documents/s" in ln and "MB/s" in ln and "tokens/s" in ln for ln in lines)
+    assert all("ETA" in ln for ln in lines[:-1]) and "done" in lines[-1]   # plain JSONL: its size is the total
     # "" still encodes to [<s>] (the post-processor's), as with Megatron's HuggingFaceTokenizer: no empty docs
     assert s["docs"] == len(texts) and s["empty"] == 0 and s["tokens"] > len(texts)
     assert preprocess_main(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "o"),
                             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_bpe,
                             "--log-interval", "200"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert "tokens/s" in out[0] and out[-1].startswith(f"processed {len(texts)} documents")
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()   # progress goes to stderr, the summary alone to stdout
+    assert "tokens/s" in captured.err and out == out[-1:] and out[-1].startswith(f"processed {len(texts)} documents")
     assert "MB/s" in out[-1] and "tokens/s" in out[-1] and "(int32)" in out[-1]
 
 

@@ -274,3 +274,51 @@ def test_tokenizer_for_checkpoint_prefers_the_carried_copy(spm_model, hf_bpe, tm
         tokenizer_for_checkpoint(data, 384)           # recorded path gone, no copy: named in the error
     with pytest.raises(TokenizerError, match="names no tokenizer"):
         tokenizer_for_checkpoint({}, 384)
+
+
+# ----- fingerprints follow behaviour, not bytes (issue 26) ----------------------------------------------------------
+def test_a_rewritten_tokenizer_has_the_fingerprint_of_the_original_files(hf_bpe, spm_model, tmp_path):
+    """export-hf re-writes a tokenizer.json (other bytes, a new tokenizer_config.json) that encodes the same:
+    the original files match a checkpoint that carries the re-written copy, and an older checkpoint's
+    file-byte fingerprint; another tokenizer matches neither."""
+    from gpt3d.data.hf_tokenizer import export_tokenizer
+    # the user's file as a hub would have it: compact JSON with a stored truncation (which gpt3d ignores)
+    spec = json.loads(Path(hf_bpe, "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "tokenizer.json").write_text(json.dumps(spec, separators=(",", ":")))
+    tok = build_tokenizer(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "mine"))
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(tok, str(tmp_path / "hf"), 32)
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() != (tmp_path / "mine" / "tokenizer.json").read_bytes()
+    rewritten = build_tokenizer(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "hf"))
+    assert rewritten.file_fingerprint != tok.file_fingerprint          # the bytes differ ...
+    assert rewritten.fingerprint == tok.fingerprint                    # ... what it does does not
+    assert tok.matches(rewritten.manifest()) and rewritten.matches(tok.manifest())
+    old = {**tok.manifest(), "fingerprint": tok.file_fingerprint}     # a checkpoint from before issue 26
+    assert tok.matches(old) and not rewritten.matches(old)
+    other = build_tokenizer(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=spm_model)
+    assert not other.matches(tok.manifest()) and not other.matches(old) and not tok.matches(other.manifest())
+    # an edit that changes what the tokenizer does (another eos) changes the fingerprint
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<s>"}))
+    edited = build_tokenizer(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "hf"))
+    assert edited.eod != tok.eod and not tok.matches(edited.manifest())
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm", "llama2", "null"])
+def test_decode_text_leaves_out_special_tokens_unless_kept(kind, hf_bpe, spm_model, texts):
+    """generate's text: <s>, </s> (and Megatron's <EOD>, a SentencePiece bos) only with keep_special."""
+    kw = {"bpe": dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=hf_bpe),
+          "spm": dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model=spm_model),
+          "llama2": dict(tokenizer_type="Llama2Tokenizer", tokenizer_model=spm_model),
+          "null": dict(tokenizer_type="NullTokenizer", vocab_size=50)}[kind]
+    tok = build_tokenizer(**kw)
+    text = "3 4 5" if kind == "null" else texts[1]
+    ids = tok.encode(text) + [tok.eod]
+    assert tok.special_ids() and tok.eod in tok.special_ids()
+    plain, kept = tok.decode_text(ids), tok.decode_text(ids, keep_special=True)
+    assert plain == tok.decode([i for i in ids if i not in tok.special_ids()])
+    assert tok.eod_token in kept and tok.eod_token not in plain
+    if tok.bos is not None and tok.bos in ids:                  # <s> put there by the tokenizer itself
+        assert tok.decode_text([tok.bos]) == "" and tok.decode_text([tok.bos], keep_special=True).strip()
