@@ -93,7 +93,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     check_flags(args, EVAL_RULES)
     model, cfg, meta = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
     seq = args.seq_length or cfg.model.seq_length
-    if not cfg.model.use_rotary_position_embeddings and seq > cfg.model.max_positions:
+    if cfg.model.learned_positions and seq > cfg.model.max_positions:
         raise ConfigError(f"--seq-length {seq} exceeds the model's {cfg.model.max_positions} positions")
     if args.text_file:
         with open(args.text_file, encoding="utf-8") as fh:
@@ -139,7 +139,7 @@ def generate(model: GPTModel, prompt: list[int], max_new_tokens: int, *, tempera
     sequence is recomputed every step (the reference the cache is tested against)."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    limit = None if model.cfg.use_rotary_position_embeddings else model.cfg.max_positions
+    limit = model.cfg.max_positions if model.cfg.learned_positions else None
     ids = list(prompt)
     cache = KVCache() if use_cache else None
     feed = ids
@@ -162,7 +162,7 @@ def _generate_cmd(args: argparse.Namespace) -> dict:
     model, cfg, meta = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
     tok = tokenizer_for(cfg, meta, args)
     prompt = tok.encode(args.prompt) or [tok.require_eod()]
-    if model.cfg.use_rotary_position_embeddings is False and len(prompt) >= model.cfg.max_positions:
+    if model.cfg.learned_positions and len(prompt) >= model.cfg.max_positions:
         raise ConfigError(f"the prompt has {len(prompt)} tokens; the model has {model.cfg.max_positions} positions")
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, use_cache=not args.no_kv_cache,
