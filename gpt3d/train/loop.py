@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .. import checkpoint as ckpt
-from ..checkpoint import megatron_deepspeed
 from .. import determinism
+from ..checkpoint import megatron_deepspeed
 from ..config import DEFAULT_VOCAB_SIZE, Config
 from ..data import stream
 from ..data.sampler import MockGPTDataset, build_data_loader
@@ -184,7 +184,9 @@ class Trainer:
     def run(self) -> int:
         """Train to the end (or a stop). The run owns its --save directory meanwhile (checkpoint/lock.py): a
         second run saving there fails here, before it touches anything."""
-        save = self.cfg.checkpoint.save
+        save, load = self.cfg.checkpoint.save, self.cfg.checkpoint.load
+        if load and megatron_deepspeed.is_checkpoint(load):   # before the lock writes into --save
+            megatron_deepspeed.check_save_dir(save, megatron_deepspeed.Checkpoint(load))
         lock = ckpt.lock_save_dir(save, self.ps) if save else None
         try:
             return self._run()

@@ -12,7 +12,7 @@
 A converted checkpoint is an ordinary gpt3d checkpoint at the saved run's layout; gpt3d's reshard code loads
 it at any other, so nothing here knows about the layout the run continues at.
 """
-from .importer import apply_settings, import_checkpoint, import_for_run
+from .importer import apply_settings, check_save_dir, import_checkpoint, import_for_run
 from .source import Checkpoint, is_checkpoint
 
-__all__ = ["Checkpoint", "is_checkpoint", "apply_settings", "import_for_run", "import_checkpoint"]
+__all__ = ["Checkpoint", "is_checkpoint", "apply_settings", "check_save_dir", "import_for_run", "import_checkpoint"]

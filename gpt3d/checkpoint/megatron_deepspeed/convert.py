@@ -135,8 +135,11 @@ class Converter:
             flats = {"master": partition.detach(), "exp_avg": state[g]["exp_avg"].detach(),
                      "exp_avg_sq": state[g]["exp_avg_sq"].detach()}
             recorded = mappings[g] if mappings is not None else None
-            for name, (start, n, lo, numel) in fragments(shard.param_shapes[g], partition.numel(), self.ckpt.dp,
-                                                         dp, path).items():
+            frags = fragments(shard.param_shapes[g], partition.numel(), self.ckpt.dp, dp, path)
+            if recorded is not None and set(recorded) != set(frags):
+                raise CheckpointError(f"{path}: group {g} records fragments of {len(recorded)} parameters, its "
+                                      f"parameter order and shapes give {len(frags)}")
+            for name, (start, n, lo, numel) in frags.items():
                 if recorded is not None:
                     got = recorded.get(name)
                     if got is None or (got.get("start"), got.get("numel")) != (start, n):
@@ -148,10 +151,6 @@ class Converter:
                 for dst, dlo, slo, k in pieces(t, numel, lo, lo + n, self.shapes):
                     for kind, flat in flats.items():
                         out[optim_key(dst, kind, dlo, dlo + k)] = flat[start + slo:start + slo + k].float().clone()
-            if recorded is not None and len(recorded) != len(fragments(shard.param_shapes[g], partition.numel(),
-                                                                        self.ckpt.dp, dp, path)):
-                raise CheckpointError(f"{path}: group {g} records {len(recorded)} fragments, the shapes give "
-                                      "another number")
         return out, {"step": str(steps.pop())}
 
 

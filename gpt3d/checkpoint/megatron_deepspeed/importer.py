@@ -106,10 +106,11 @@ def check_save_dir(save: Optional[str], ckpt: Checkpoint) -> None:
     if not save:
         raise CheckpointError(f"--load {ckpt.root} is a Megatron-DeepSpeed checkpoint: gpt3d converts it into "
                               "--save, so give --save NEW_DIR")
-    mine, theirs = os.path.realpath(save), os.path.realpath(ckpt.root)
-    if mine == theirs or mine.startswith(theirs + os.sep) or theirs.startswith(mine + os.sep):
-        raise CheckpointError(f"--save {save} is the Megatron-DeepSpeed checkpoint's directory {ckpt.root} (or "
-                              "holds it): its files are never modified; give a new --save directory")
+    mine, theirs = os.path.realpath(save), os.path.realpath(os.path.dirname(ckpt.dir))
+    if mine == theirs or mine.startswith(theirs + os.sep):
+        raise CheckpointError(f"--save {save} is the Megatron-DeepSpeed checkpoint's directory "
+                              f"{os.path.dirname(ckpt.dir)} (or inside it): its files are never modified; give a "
+                              "new --save directory")
     existing = list_checkpoints(save)
     if existing:
         raise CheckpointError(f"--save {save} already holds gpt3d checkpoints (newest {existing[-1]}): continue "
@@ -192,6 +193,14 @@ def import_for_run(trainer) -> str:
 
 
 # ----- `gpt3d checkpoint import-megatron-deepspeed` -------------------------------------------------------------
+def _is_number(x: str) -> bool:
+    try:
+        float(x)
+        return True
+    except ValueError:
+        return False
+
+
 def import_checkpoint(load: str, save: str, iteration: Optional[int] = None) -> dict:
     """Offline conversion on one process: the gpt3d checkpoint under `save` and, beside it, the run's settings
     as a YAML config (`gpt3d train --config SAVE/megatron_deepspeed.yaml --load SAVE ...` continues it)."""
@@ -213,6 +222,8 @@ def import_checkpoint(load: str, save: str, iteration: Optional[int] = None) -> 
         warn(f"the checkpoint's tokenizer could not be read ({e}); the gpt3d checkpoint carries none")
     vocab = model_vocab_size(tok, cfg.model.vocab_size, cfg.model.padded_vocab_size) if tok else padded_vocab(ckpt)
     data_state = stream.data_state(cfg, cfg.training.global_batch_size)   # as the saved run recorded it
+    if not all(os.path.exists(p + ".idx") for p in data_state["data_path"] if not _is_number(p)):
+        del data_state["data_path"]   # another machine's paths: the run that loads it names its own copy
     ps = ParallelState.single()
     lock = lock_save_dir(save, ps)
     try:
