@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from .config_check import NON_NEGATIVE
+
+CHECKPOINT_RULES = {"iteration": NON_NEGATIVE}   # `checkpoint import-megatron-deepspeed --iteration`
+
 
 def register(sub) -> None:
     p = sub.add_parser("checkpoint-info", help="print a checkpoint's layout, iteration, tokens and size")
@@ -65,9 +69,9 @@ def _import_megatron_deepspeed(args: argparse.Namespace) -> int:
     import sys
 
     from .checkpoint.megatron_deepspeed import import_checkpoint
-    from .config_check import POSITIVE, check_flags
+    from .config_check import check_flags
     from .errors import os_errors_are_user_errors
-    check_flags(args, {"iteration": POSITIVE})
+    check_flags(args, CHECKPOINT_RULES)
     out = os_errors_are_user_errors(import_checkpoint)(args.load, args.save, args.iteration)
     print(json.dumps(out))
     print(f"continue it: gpt3d train --config {out['config']} --load {args.save} --save {args.save} "

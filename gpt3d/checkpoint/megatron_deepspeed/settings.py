@@ -171,7 +171,8 @@ def settings(ckpt: Checkpoint) -> dict:
         "micro_batch_size": a.get("micro_batch_size"), "global_batch_size": a.get("global_batch_size"),
         "train_iters": a.get("train_iters"), "train_samples": a.get("train_samples"),
         "train_tokens": a.get("train_tokens"), "seed": a.get("seed"), "eval_interval": a.get("eval_interval"),
-        "eval_iters": a.get("eval_iters"),
+        "eval_iters": a.get("eval_iters"), "log_interval": a.get("log_interval"),
+        "save_interval": a.get("save_interval"),
     }
     out.update(_schedule(a, a.get("global_batch_size") or 1))
     if ckpt.ds_config:   # what DeepSpeed itself applied: clipping, ZeRO stage, loss scaling, batch sizes
