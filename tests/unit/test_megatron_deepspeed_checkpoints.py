@@ -162,10 +162,13 @@ def test_swiglu_halves_become_gate_and_fc1(f, h, data):
     src = torch.arange(2 * f * h, dtype=torch.float64)
     lo = data.draw(st.integers(0, src.numel()))
     hi = data.draw(st.integers(lo, src.numel()))
-    t = names.Target("layers.1.mlp.fc1.weight", gate="layers.1.mlp.gate.weight")
+    sh = names.Shapes(4, 4, 16, True, names.QKV_GROUPED)
+    t = names.target("language_model.encoder.layers.1.mlp.dense_h_to_4h.weight", sh)
+    assert names.target("7.mlp.dense_h_to_4h.weight", sh, {7: ("layer", 1)}) == t   # the pipeline engine's name
+    assert (t.name, t.gate) == ("layers.1.mlp.fc1.weight", "layers.1.mlp.gate.weight")
     out = {t.name: torch.full((f * h,), -1.0, dtype=torch.float64), t.gate: torch.full((f * h,), -1.0,
                                                                                        dtype=torch.float64)}
-    for dst, dlo, slo, n in names.pieces(t, src.numel(), lo, hi, None):
+    for dst, dlo, slo, n in names.pieces(t, src.numel(), lo, hi, sh):
         out[dst][dlo:dlo + n] = src[lo + slo:lo + slo + n]
     gate, up = src.chunk(2)   # Megatron-DeepSpeed's swiglu: silu(first half) * second half
     for dst, ref in ((t.gate, gate), (t.name, up)):
@@ -183,7 +186,7 @@ def test_partition_fragments_cover_every_element_once(sizes, dp, pad):
     seen = {n: torch.zeros(s, dtype=torch.int64) for n, (s,) in shapes.items()}
     for d in range(dp):
         for name, (start, n, lo, numel) in fragments(shapes, part, dp, d).items():
-            assert 0 <= start and start + n <= part and numel == shapes[name][0]
+            assert 0 <= start and start + n <= part and numel == shapes[name][0] and 0 <= lo and lo + n <= numel
             seen[name][lo:lo + n] += 1
     assert all(bool((v == 1).all()) for v in seen.values())
 
@@ -355,3 +358,114 @@ def test_pickle_module_shim_is_the_only_unpickler():
     """torch.load gets the restricted Unpickler and load (its own wrapper subclasses the Unpickler)."""
     assert issubclass(unpickle.PICKLE_MODULE.Unpickler, pickle.Unpickler)
     assert unpickle.PICKLE_MODULE.Unpickler.find_class is unpickle.RestrictedUnpickler.find_class
+
+
+# ----- a Llama-style run, written the way Megatron-DeepSpeed lays it out ------------------------------------------
+def _write_mds_llama(root, tensors: dict, cfg: Config, padded: int, tp: int, dp: int) -> None:
+    """A no-pipeline Megatron-DeepSpeed checkpoint of the full gpt3d tensors `tensors` at TP x DP: each TP shard
+    of each parameter where Megatron puts it (SwiGLU as [gate; up] per shard, QKV per key/value group), the
+    optimizer groups flattened, padded and cut into DP partitions (masters = weights, moments 2w and 3w^2)."""
+    import argparse
+    from collections import OrderedDict
+    m = cfg.model
+    d = root / "global_step7"
+    d.mkdir(parents=True)
+    (root / "latest").write_text("global_step7")
+    split = {"qkv": 0, "fc1": 0, "gate": 0, "proj": 1, "fc2": 1}
+
+    def shard(name, t):
+        key = next((k for k in split if f".{k}." in f".{name}"), None)
+        return t if key is None else t.chunk(tp, dim=split[key])[t_rank]
+
+    args = argparse.Namespace(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.kv_heads, kv_channels=m.head_dim, ffn_hidden_size=m.ffn_size, seq_length=m.seq_length,
+        max_position_embeddings=m.max_positions, make_vocab_size_divisible_by=8, padded_vocab_size=padded,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, data_parallel_size=dp, swiglu=True,
+        normalization="rmsnorm", add_bias_linear=False, use_rotary_position_embeddings=True, add_position_embedding=True,
+        untie_embeddings_and_output_weights=True, rope_theta=10000, rotary_percent=1.0, layernorm_epsilon=1e-5,
+        bias_gelu_fusion=False, optimizer="adam", lr=1e-3, min_lr=1e-4, lr_decay_style="cosine", weight_decay=0.1,
+        adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, tokenizer_type="NullTokenizer", vocab_size=cfg.model.vocab_size,
+        data_path=["/elsewhere/corpus_text_document"], split="98,1,1", micro_batch_size=1, global_batch_size=dp,
+        train_iters=100, seed=1, eval_interval=50, eval_iters=1, consumed_train_samples=7 * dp,
+        consumed_train_tokens=7 * dp * m.seq_length, ds_pipeline_enabled=False, fp16=False, bf16=False)
+    per_layer = {"input_norm.weight": "input_layernorm.weight", "attention.qkv.weight":
+                 "self_attention.query_key_value.weight", "attention.proj.weight": "self_attention.dense.weight",
+                 "post_attention_norm.weight": "post_attention_layernorm.weight",
+                 "mlp.fc2.weight": "mlp.dense_4h_to_h.weight"}
+    for t_rank in range(tp):
+        flat = OrderedDict()
+        flat["language_model.embedding.word_embeddings.weight"] = \
+            tensors["embedding.word_embeddings.weight"].chunk(tp)[t_rank]
+        flat["language_model.embedding.position_embeddings.weight"] = tensors["embedding.position_embeddings.weight"]
+        for i in range(m.num_layers):
+            p = f"language_model.encoder.layers.{i}."
+            for ours, theirs in per_layer.items():
+                flat[p + theirs] = shard(ours, tensors[f"layers.{i}.{ours}"])
+            flat[p + "mlp.dense_h_to_4h.weight"] = torch.cat([tensors[f"layers.{i}.mlp.gate.weight"].chunk(tp)[t_rank],
+                                                               tensors[f"layers.{i}.mlp.fc1.weight"].chunk(tp)[t_rank]])
+        flat["language_model.encoder.final_layernorm.weight"] = tensors["final_norm.weight"]
+        flat["language_model.output_layer.weight"] = tensors["output_layer"].chunk(tp)[t_rank]
+        groups = [OrderedDict((k, v) for k, v in flat.items() if v.ndim > 1),
+                  OrderedDict((k, v) for k, v in flat.items() if v.ndim == 1)]
+        module = {"language_model": {"embedding": {"word_embeddings": {"weight": flat[
+            "language_model.embedding.word_embeddings.weight"]}, "position_embeddings": {"weight": flat[
+                "language_model.embedding.position_embeddings.weight"]}},
+            "encoder": {k.removeprefix("language_model.encoder."): v for k, v in flat.items() if ".encoder." in k},
+            "output_layer": {"weight": flat["language_model.output_layer.weight"]}}}
+        torch.save({"module": module, "args": argparse.Namespace(**{**vars(args), "rank": t_rank}), "iteration": 7,
+                    "checkpoint_version": 3.0, "dp_world_size": dp,
+                    "param_shapes": [OrderedDict((k, v.shape) for k, v in g.items()) for g in groups]},
+                   d / f"mp_rank_{t_rank:02d}_model_states.pt")
+        flats = [torch.cat([v.reshape(-1) for v in g.values()]) for g in groups]
+        flats = [torch.cat([f, f.new_zeros(-f.numel() % dp + 1)]) for f in flats]   # DeepSpeed's end padding
+        flats = [torch.cat([f, f.new_zeros(-f.numel() % dp)]) for f in flats]
+        for r in range(dp):
+            parts = [f.chunk(dp)[r].clone() for f in flats]
+            state = {g: {"step": torch.tensor(7.0), "exp_avg": 2 * p, "exp_avg_sq": 3 * p * p}
+                     for g, p in enumerate(parts)}
+            torch.save({"optimizer_state_dict": {
+                "single_partition_of_fp32_groups": parts,
+                "base_optimizer_state": {"state": state, "param_groups": [{"decoupled_weight_decay": True}] * 2}}},
+                d / f"zero_pp_rank_{r}_mp_rank_{t_rank:02d}_optim_states.pt")
+
+
+def test_a_llama_style_run_comes_back_whole(tmp_path):
+    """RMSNorm, SwiGLU, grouped-query attention, RoPE with learned positions, untied head, no biases, at TP2 x DP2
+    with padded ZeRO partitions (no param_slice_mappings: derived from param_shapes): the imported gpt3d
+    checkpoint holds exactly the tensors the shards were cut from, masters and moments included."""
+    from gpt3d.checkpoint.reshard import ShardReader, read_model_tensors
+    from gpt3d.model.build import build_full_model
+    cfg = Config.from_dict({"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                                      "num_key_value_heads": 2, "seq_length": 16, "vocab_size": 61,
+                                      "normalization": "rmsnorm", "swiglu": True, "disable_bias_linear": True,
+                                      "use_rotary_position_embeddings": True, "add_position_embedding": True,
+                                      "untie_embeddings_and_output_weights": True, "padded_vocab_size": 64,
+                                      "make_vocab_size_divisible_by": 8}})
+    model = build_full_model(cfg.model, 64)
+    model.init_weights(3)
+    tensors = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _write_mds_llama(tmp_path / "mds", tensors, cfg, 64, tp=2, dp=2)
+    out = importer.import_checkpoint(str(tmp_path / "mds"), str(tmp_path / "gpt3d"))
+    path, meta, got = read_model_tensors(str(tmp_path / "gpt3d"))
+    assert meta["iteration"] == 7 and meta["consumed_samples"] == 14 and out["layout"] == "TP=2 PP=1 DP=2"
+    assert set(got) == set(tensors)
+    for n, t in tensors.items():
+        assert torch.equal(got[n], t), n
+    reader = ShardReader(path, meta)
+    for n, t in tensors.items():
+        for kind, want in (("master", t), ("exp_avg", 2 * t), ("exp_avg_sq", 3 * t * t)):
+            assert torch.equal(reader.optim_tensor(n, kind), want), (n, kind)
+    settings = meta["config"]["model"]
+    assert settings["add_position_embedding"] and settings["num_key_value_heads"] == 2
+    assert meta["config"]["optimizer"]["decoupled_weight_decay"] is True and reader.step == 7
+    # and it trains on from there, with the settings the import wrote out (on synthetic tokens here)
+    from gpt3d.cli import main as cli_main
+    log = tmp_path / "m.jsonl"
+    assert cli_main(["train", "--config", out["config"], "--load", str(tmp_path / "gpt3d"), "--mock-data",
+                     "--override-data-state", "--train-iters", "9", "--log-interval", "1", "--log-file", str(log),
+                     "--device", "cpu", "--tensor-model-parallel-size", "1"]) == 0
+    import json
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "loss" in r] == [8, 9] and all(math.isfinite(r["loss"]) for r in rows
+                                                                           if "loss" in r)

@@ -103,9 +103,11 @@ class Converter:
             flat = src.reshape(-1)
             for dst, dlo, slo, n in pieces(t, flat.numel(), 0, flat.numel(), self.shapes):
                 if dst not in out:
-                    shape = self._local_shape(dst)
-                    out[dst] = torch.empty(shape, dtype=src.dtype)
+                    out[dst] = torch.empty(self._local_shape(dst), dtype=src.dtype)
                     covered[dst] = 0
+                if (t.gate is None and t.qkv is None and src.shape != out[dst].shape) or dlo + n > out[dst].numel():
+                    raise CheckpointError(f"{shard.model_file}: {name} has shape {tuple(src.shape)}; the run's args "
+                                          f"give {dst} a TP shard of {tuple(out[dst].shape)}")
                 out[dst].view(-1)[dlo:dlo + n] = flat[slo:slo + n]
                 covered[dst] += n
         for dst, n in covered.items():
