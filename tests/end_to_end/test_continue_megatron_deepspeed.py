@@ -160,3 +160,20 @@ def test_save_into_the_megatron_deepspeed_directory_is_refused(tmp_path, where):
     errors = [x for x in r.stderr.splitlines() if x.startswith("gpt3d: error:")]
     assert r.returncode == 2 and len(errors) == 1 and "never modified" in errors[0], r.stderr
     assert _digests(src) == before and not (src / ".lock").exists() and not (src / "gpt3d").exists()
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--num-layers", "4"], "checkpoint model has num_layers=2 but this run has 4: incompatible model shape"),
+    (["--padded-vocab-size", "1024"], "vocabulary rows"),
+    (["--seq-length", "32"], "would change the data stream: --seq-length 64 -> 32"),
+])
+def test_a_run_that_does_not_fit_the_checkpoint_is_refused_before_converting(tmp_path, capsys, flags, says):
+    """A model shape, vocabulary or data stream that differs from the Megatron-DeepSpeed run's: one error line,
+    exit 2, and nothing converted into --save (a later, corrected run can still import it)."""
+    run = runs()[0]
+    argv = continuation_argv(run, tmp_path, 1, 1, "x")
+    assert cli_main(["train", *argv, *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("gpt3d: error:") == 1
+    save = Path(argv[argv.index("--save") + 1])
+    assert sorted(p.name for p in save.iterdir()) == [".lock"]

@@ -20,6 +20,7 @@ from ...data import stream
 from ...errors import CheckpointError, warn
 from ...parallel.state import ParallelState
 from ..parts import ConfigPart, MetaPart
+from ..reshard import check_compatible
 from ..store import Reader, Writer, list_checkpoints, save
 from ..tokenizer_part import TokenizerPart
 from .convert import Converter, plan
@@ -143,6 +144,15 @@ def convert(ckpt: Checkpoint, root: str, ps: ParallelState, cfg: Config, vocab: 
 
 
 # ----- `train --load MDS_DIR --save NEW_DIR` --------------------------------------------------------------------
+def saved_config(ckpt: Checkpoint, run: Config) -> Config:
+    """The run's settings with the checkpoint's model (what the converted checkpoint records)."""
+    import dataclasses
+    model_fields = {f.name for f in dataclasses.fields(type(run.model))}
+    cfg = Config.from_dict(run.to_dict())
+    apply_flat(cfg, flatten({k: v for k, v in settings(ckpt).items() if k in model_fields}))
+    return cfg
+
+
 def apply_settings(cfg: Config, given: set) -> dict:
     """Fill every setting `given` does not name from the Megatron-DeepSpeed checkpoint --load names (nothing
     when it names none); {setting: value} of those that changed."""
@@ -165,7 +175,8 @@ def import_for_run(trainer) -> str:
     cfg, ps = trainer.cfg, trainer.ps
     ckpt = Checkpoint(cfg.checkpoint.load)
     check_save_dir(cfg.checkpoint.save, ckpt)
-    refuse_unsupported(ckpt)
+    saved = saved_config(ckpt, cfg)
+    check_compatible({"config": saved.to_dict()}, cfg.model)   # as for gpt3d checkpoints, before any write
     want = padded_vocab(ckpt)
     if trainer.vocab_size != want:
         raise CheckpointError(f"{ckpt.dir}: its model has {want} vocabulary rows (Megatron-DeepSpeed's padded "
@@ -187,7 +198,7 @@ def import_for_run(trainer) -> str:
                               "--override-data-state to continue anyway")
     if diffs and ps.rank == 0:
         warn(f"--override-data-state: the data stream changed ({'; '.join(diffs)})")
-    path = convert(ckpt, c.save, ps, cfg, trainer.vocab_size, trainer.tokenizer, state)
+    path = convert(ckpt, c.save, ps, saved, trainer.vocab_size, trainer.tokenizer, state)
     trainer.report.console(f"imported {ckpt.describe()} into {path}")
     return path
 
