@@ -50,7 +50,7 @@ def _dangerous(marker: str) -> list:
             (torch.load, (marker,)), (np.save, (marker, np.zeros(1))), (pickle.loads, (b"\x80\x02N.",))]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, database=None)
 @given(pick=st.integers(0, 9), where=st.sampled_from(["top", "args", "nested", "object array"]))
 def test_the_unpickler_refuses_any_other_global_and_runs_nothing(tmp_path_factory, pick, where):
     tmp = tmp_path_factory.mktemp("planted")
@@ -135,7 +135,7 @@ def attention(draw):
     return kv * group, kv, draw(st.integers(1, 3)), tp, draw(st.integers(1, 3))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(shape=attention(), data=st.data())
 def test_post_fpdt_qkv_blocks_become_gpt3ds_groups(shape, data):
     """A [all q | all k | all v] TP shard is regrouped into gpt3d's per-group [q.., k, v] rows, whole or in any
@@ -156,7 +156,7 @@ def test_post_fpdt_qkv_blocks_become_gpt3ds_groups(shape, data):
     assert torch.equal(got, want)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(f=st.integers(1, 12), h=st.integers(1, 5), data=st.data())
 def test_swiglu_halves_become_gate_and_fc1(f, h, data):
     src = torch.arange(2 * f * h, dtype=torch.float64)
@@ -178,7 +178,7 @@ def test_swiglu_halves_become_gate_and_fc1(f, h, data):
         assert torch.equal(written, (idx >= lo) & (idx < hi))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(sizes=st.lists(st.integers(1, 50), min_size=1, max_size=6), dp=st.integers(1, 4), pad=st.integers(0, 7))
 def test_partition_fragments_cover_every_element_once(sizes, dp, pad):
     shapes = {f"p{i}": (n,) for i, n in enumerate(sizes)}
@@ -238,7 +238,7 @@ def _deepspeed_update(s: dict, overflow: bool) -> None:
     s["cur_iter"] += 1
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, deadline=None, database=None)
 @given(before=st.lists(st.booleans(), max_size=30), after=st.lists(st.booleans(), min_size=1, max_size=30),
        window=st.integers(1, 6), hysteresis=st.integers(1, 3))
 def test_deepspeeds_loss_scaler_state_continues_as_gpt3ds(before, after, window, hysteresis):
