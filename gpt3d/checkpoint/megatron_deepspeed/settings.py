@@ -66,8 +66,8 @@ def shapes(ckpt: Checkpoint) -> Shapes:
     """The per-shard head counts and the QKV layout of the checkpoint, or CheckpointError for a layout gpt3d
     does not know. Megatron-DeepSpeed's FPDT change (the commit after 6acc370a, which added the
     --ds-sequence-parallel-fpdt args) moved QKV from per-group [q.., k, v] rows to [all q | all k | all v] per
-    TP shard; with grouped-query attention and no DeepSpeed sequence parallelism that code splits the shard
-    in equal thirds, which is no consistent layout, so it is refused."""
+    TP shard; with grouped-query attention that code splits the shard in equal thirds (or, with DeepSpeed
+    sequence parallelism, asserts it has none), which is no consistent layout, so it is refused."""
     a = ckpt.args
     if ckpt.checkpoint_version not in KNOWN_CHECKPOINT_VERSIONS:
         raise CheckpointError(f"{ckpt.dir}: checkpoint_version {ckpt.checkpoint_version!r}; gpt3d knows the QKV "
@@ -77,11 +77,10 @@ def shapes(ckpt: Checkpoint) -> Shapes:
     layout = QKV_GROUPED
     if "ds_sequence_parallel_fpdt" in a:
         layout = QKV_BLOCKS
-        ds_sp = (a.get("ds_sequence_parallel_size") or 1) > 1 or a.get("force_ds_sequence_parallel")
-        if kv != heads and not ds_sp:
+        if kv != heads:
             raise CheckpointError(f"{ckpt.dir}: written after Megatron-DeepSpeed's FPDT change with grouped-query "
-                                  f"attention ({heads} heads, {kv} key/value heads) and no DeepSpeed sequence "
-                                  "parallelism: its QKV layout is unknown to gpt3d; refusing to load it")
+                                  f"attention ({heads} heads, {kv} key/value heads): its QKV layout is unknown to "
+                                  "gpt3d; refusing to load it")
     if heads % ckpt.tp or kv % ckpt.tp:
         raise CheckpointError(f"{ckpt.dir}: TP {ckpt.tp} does not divide {heads} heads / {kv} key/value heads")
     return Shapes(heads // ckpt.tp, kv // ckpt.tp, a["hidden_size"] // heads, bool(a.get("swiglu")), layout)
