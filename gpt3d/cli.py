@@ -112,7 +112,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
     apply_flat(cfg, flatten(given, source="flags"))
     from .deepspeed_config import apply_deepspeed_config   # Megatron-DeepSpeed's --deepspeed_config
-    apply_deepspeed_config(cfg, set(given) | yaml_keys)
+    decided = set(given) | yaml_keys | apply_deepspeed_config(cfg, set(given) | yaml_keys)
+    if cfg.checkpoint.load:   # a Megatron-DeepSpeed checkpoint's args fill the settings left out
+        from .checkpoint.megatron_deepspeed import apply_settings
+        taken = apply_settings(cfg, decided)
+        if taken and os.environ.get("RANK", "0") == "0":
+            print("gpt3d: from the Megatron-DeepSpeed checkpoint's args: " +
+                  " ".join(f"{k}={v}" for k, v in taken.items()), file=sys.stderr)
     return cfg
 
 

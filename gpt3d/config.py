@@ -50,16 +50,31 @@ class ModelConfig:
     vocab_size: Optional[int] = opt(None, "vocabulary size (default: from the tokenizer; "
                                       f"{DEFAULT_VOCAB_SIZE} with mock data)")
     make_vocab_size_divisible_by: int = opt(128, "pad the vocabulary to a multiple of this (times TP)")
+    padded_vocab_size: Optional[int] = opt(
+        None, "Megatron-DeepSpeed's padded vocabulary: the model has this many vocabulary rows and the loss's "
+              "softmax runs over all of them, as Megatron-DeepSpeed's does (set from its checkpoints); default: "
+              "the tokenizer's vocabulary, its padding masked out of the loss")
     init_method_std: float = opt(0.02, "std of the normal weight initialisation")
     hidden_dropout: float = opt(0.1, "dropout after attention/MLP and on embeddings")
     attention_dropout: float = opt(0.1, "dropout on attention probabilities")
     use_rotary_position_embeddings: bool = opt(False, "RoPE instead of learned positions",
                                                aliases=("--position-embedding-type-rope",))
+    add_position_embedding: Optional[bool] = opt(
+        None, "learned absolute position embeddings (default: only without RoPE; Megatron-DeepSpeed adds them "
+              "with RoPE too unless --no-position-embedding)",
+        const_aliases={"--no-position-embedding": (False, "Megatron's switch: no learned position embeddings")})
     rotary_percent: float = opt(1.0, "fraction of each head's dims that RoPE rotates")
     rotary_base: int = opt(10000, "RoPE base frequency")
     normalization: str = opt("layernorm", "normalization layer", choices=["layernorm", "rmsnorm"])
     layernorm_epsilon: float = opt(1e-5, "epsilon of LayerNorm/RMSNorm")
     swiglu: bool = opt(False, "SwiGLU MLP instead of GeLU")
+    gelu_approximation: str = opt(
+        "tanh", "GeLU of the MLP: tanh (the approximation of Megatron's fused bias-GeLU kernel and GPT-2) or none "
+                "(exact erf)", choices=["tanh", "none"],
+        const_aliases={"--no-bias-gelu-fusion": ("none", "Megatron's unfused GeLU, which is the exact (erf) one: "
+                                                         "here --gelu-approximation none"),
+                       "--openai-gelu": ("tanh", "Megatron's tanh-approximated GeLU: here --gelu-approximation "
+                                                 "tanh (the default)")})
     disable_bias_linear: bool = opt(False, "no biases in linear layers")
     untie_embeddings_and_output_weights: bool = opt(False, "separate output head instead of tied embedding")
     recompute_granularity: Optional[str] = opt(
@@ -72,6 +87,17 @@ class ModelConfig:
                                                  "so the [tokens x vocab] logits are never stored (less memory, "
                                                  "a little slower)")
     use_flash_attn: bool = opt(False, "use the flash-attn package if installed (else torch SDPA)")
+    no_masked_softmax_fusion: bool = opt(False, "accepted, no effect: gpt3d's attention softmax is SDPA's (or "
+                                                "flash-attn's), never Megatron's fused masked-softmax kernel",
+                                         flag="--no-masked-softmax-fusion")
+    no_bias_dropout_fusion: bool = opt(False, "accepted, no effect: bias, dropout and residual add are plain "
+                                              "PyTorch ops (fused by --compile, same values)",
+                                       flag="--no-bias-dropout-fusion")
+    no_gradient_accumulation_fusion: bool = opt(False, "accepted, no effect: weight gradients are computed by "
+                                                       "autograd and added into gpt3d's fp32 gradient buffer",
+                                                flag="--no-gradient-accumulation-fusion")
+    no_persist_layer_norm: bool = opt(False, "accepted, no effect: LayerNorm is torch's (no apex persistent "
+                                             "kernel)", flag="--no-persist-layer-norm")
     attention_backend: str = opt("auto", "SDPA kernel on GPU (auto: cuDNN on Hopper, else flash)",
                                  choices=["auto", "cudnn", "flash", "efficient", "math"])
 
@@ -90,6 +116,13 @@ class ModelConfig:
         if self.swiglu:  # keep the parameter count of a 4h GeLU MLP, rounded like Megatron
             return int(4 * self.hidden_size * 2 / 3 / 64) * 64 or 4 * self.hidden_size
         return 4 * self.hidden_size
+
+    @property
+    def learned_positions(self) -> bool:
+        """Whether the model has a learned position table (--add-position-embedding, else: no RoPE)."""
+        if self.add_position_embedding is not None:
+            return self.add_position_embedding
+        return not self.use_rotary_position_embeddings
 
     @property
     def max_positions(self) -> int:
@@ -121,11 +154,19 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms)")
+    weight_decay: float = opt(0.01, "weight decay (not applied to biases and norms)")
     adam_beta1: float = opt(0.9, "Adam beta1")
     adam_beta2: float = opt(0.999, "Adam beta2")
     adam_eps: float = opt(1e-8, "Adam epsilon")
+    decoupled_weight_decay: bool = opt(
+        True, "AdamW's decoupled weight decay; --no-decoupled-weight-decay: Adam's L2 penalty added to the "
+              "gradient, as torch.optim.Adam does (Megatron-DeepSpeed's optimizer where apex is not used, e.g. "
+              "on CPU; set from its checkpoints)")
     clip_grad: float = opt(1.0, "global gradient-norm clipping (0 disables)")
+    micro_batch_gradients: str = opt(
+        "mean", "the gradient a step clips and applies: of the global batch's mean loss, or (sum) the micro-batch "
+                "losses' gradients summed, i.e. micro-batches-per-step times that (what DeepSpeed's pipeline "
+                "engine does; set from Megatron-DeepSpeed checkpoints written by it)", choices=["mean", "sum"])
 
 
 @dataclass

@@ -28,7 +28,7 @@ RULES = {
     **dict.fromkeys(["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
                      "tensor_model_parallel_size", "pipeline_model_parallel_size", "log_interval", "eval_interval",
                      "num_key_value_heads", "ffn_hidden_size", "max_position_embeddings",
-                     "make_vocab_size_divisible_by", "rotary_base", "recompute_num_layers",
+                     "make_vocab_size_divisible_by", "padded_vocab_size", "rotary_base", "recompute_num_layers",
                      "num_layers_per_virtual_pipeline_stage", "global_batch_size", "train_iters", "train_tokens",
                      "train_samples", "tensorboard_queue_size",
                      "lr_decay_iters", "lr_decay_tokens", "loss_scale_window", "hysteresis", "save_interval",
@@ -84,7 +84,7 @@ def validate(cfg: Config, world_size: int) -> None:
           f"--num-attention-heads ({m.num_attention_heads}) must divide --hidden-size ({m.hidden_size})")
     _need(m.num_attention_heads % m.kv_heads == 0,
           f"--num-key-value-heads ({m.kv_heads}) must divide --num-attention-heads ({m.num_attention_heads})")
-    _need(m.seq_length <= m.max_positions or m.use_rotary_position_embeddings,
+    _need(m.seq_length <= m.max_positions or not m.learned_positions,
           f"--seq-length ({m.seq_length}) exceeds --max-position-embeddings ({m.max_positions})")
     if m.use_rotary_position_embeddings:
         rot = int(m.head_dim * m.rotary_percent)

@@ -7,7 +7,8 @@ under DeepSpeed, the file decides: a key absent from it takes DeepSpeed's
 default (no clipping without `gradient_clipping`, ZeRO stage 0 without
 `zero_optimization`, an initial fp16 loss scale of 2^16 without
 `initial_scale_power`). A value that disagrees with a flag or YAML setting the
-user gave, and any DeepSpeed feature gpt3d does not have (ZeRO-2/3, offload,
+user gave (but --clip-grad with no `gradient_clipping` in the file, which
+Megatron-DeepSpeed ignores: a warning says so), and any DeepSpeed feature gpt3d does not have (ZeRO-2/3, offload,
 DeepSpeed's own optimizer or scheduler, ...), stops the run with one line
 naming the key.
 
@@ -24,6 +25,7 @@ import os
 from typing import Any, Optional
 
 from .config import SECTIONS, Config, ConfigError, field_index, flag_name, read_settings_file
+from .errors import warn
 
 # keys accepted with a fixed value because gpt3d always behaves that way
 _FIXED = {
@@ -37,6 +39,10 @@ _ZERO_FIXED = {
     "allgather_partitions": True,    # updated shards are all-gathered bucket by bucket
 }
 _FP16_FIXED = {"consecutive_hysteresis": False, "auto_cast": False}
+# keys whose absence Megatron-DeepSpeed honours over the Megatron flag of the same setting: the flag is ignored
+_FLAG_IGNORED_WITHOUT_KEY = {
+    "gradient_clipping": "its optimizer is DeepSpeed's, which clips only by the ds_config's gradient_clipping",
+}
 
 
 def _flag(name: str) -> str:
@@ -160,16 +166,17 @@ def deepspeed_settings(ds: dict, path: str, micro_batch: int, dp: Optional[int])
     return out
 
 
-def apply_deepspeed_config(cfg: Config, given: set, world_size: Optional[int] = None) -> None:
+def apply_deepspeed_config(cfg: Config, given: set, world_size: Optional[int] = None) -> set:
     """Fold the ds_config named by --deepspeed_config into `cfg`; `given` names the settings the user set
-    (flags or YAML), which the file must agree with. World size: $WORLD_SIZE (torchrun) unless given."""
+    (flags or YAML), which the file must agree with. World size: $WORLD_SIZE (torchrun) unless given.
+    Returns the names of the settings the file decides."""
     t = cfg.training
     if t.deepspeed_config and not t.deepspeed:
         raise ConfigError("--deepspeed_config is read only with --deepspeed (as in Megatron-DeepSpeed)")
     if t.deepspeed and not t.deepspeed_config:
         raise ConfigError("--deepspeed needs --deepspeed_config FILE (DeepSpeed's JSON config)")
     if not t.deepspeed:
-        return
+        return set()
     path = t.deepspeed_config
     ds = read_deepspeed_config(path)
     world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
@@ -185,8 +192,14 @@ def apply_deepspeed_config(cfg: Config, given: set, world_size: Optional[int] = 
         current = getattr(holder, name)
         if name in given and current != value:
             shown = json.dumps(_ds_value(ds, key))
-            raise ConfigError(f"{path}: {key} = {shown} conflicts with {_flag(name)} {_show(current)}")
+            if key in _FLAG_IGNORED_WITHOUT_KEY and key not in ds:
+                if int(os.environ.get("RANK", "0")) == 0:
+                    warn(f"{path} has no {key}: {_flag(name)} {_show(current)} has no effect, as under "
+                         f"Megatron-DeepSpeed ({_FLAG_IGNORED_WITHOUT_KEY[key]})")
+            else:
+                raise ConfigError(f"{path}: {key} = {shown} conflicts with {_flag(name)} {_show(current)}")
         setattr(holder, name, value)
+    return set(wanted)
 
 
 def _ds_value(ds: dict, key: str) -> Any:

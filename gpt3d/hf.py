@@ -37,6 +37,9 @@ def hf_architecture(m: dict) -> str:
     """'gpt2', 'gpt_neox' or 'llama' for a gpt3d model config (as a dict), else HFError saying what does not fit."""
     kv = m.get("num_key_value_heads") or m["num_attention_heads"]
     rope, norm, swiglu = m["use_rotary_position_embeddings"], m["normalization"], m["swiglu"]
+    if rope and m.get("add_position_embedding"):
+        raise HFError("RoPE together with learned position embeddings (Megatron-DeepSpeed's default without "
+                      "--no-position-embedding) has no Hugging Face equivalent")
     if norm == "layernorm" and not swiglu:   # GPT-2 (learned positions) or GPT-NeoX (RoPE, any rotary percent)
         name = "GPT-NeoX" if rope else "GPT-2"
         why = [w for c, w in [(m["disable_bias_linear"], f"--disable-bias-linear ({name} MLPs have biases)"),
@@ -87,6 +90,7 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
     kv, hd = m.get("num_key_value_heads") or heads, h // heads
     cfg = Config.from_dict({"model": m}).model
     tied = not m["untie_embeddings_and_output_weights"]
+    gelu = "gelu" if m.get("gelu_approximation") == "none" else "gelu_new"   # exact erf, or tanh
     sd = {}
     if arch == "gpt2":
         sd["transformer.wte.weight"] = t[EMBEDDING]
@@ -103,7 +107,7 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
         sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = t["final_norm.weight"], t["final_norm.bias"]
         config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab_size,
                   "n_positions": cfg.max_positions, "n_embd": h, "n_layer": m["num_layers"], "n_head": heads,
-                  "n_inner": cfg.ffn_size, "activation_function": "gelu_new",
+                  "n_inner": cfg.ffn_size, "activation_function": gelu,
                   "resid_pdrop": m["hidden_dropout"], "embd_pdrop": m["hidden_dropout"],
                   "attn_pdrop": m["attention_dropout"], "layer_norm_epsilon": m["layernorm_epsilon"],
                   "initializer_range": m["init_method_std"], "scale_attn_weights": True,
@@ -119,7 +123,7 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
         base, pct = float(m["rotary_base"]), m["rotary_percent"]
         config = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": vocab_size,
                   "hidden_size": h, "intermediate_size": cfg.ffn_size, "num_hidden_layers": m["num_layers"],
-                  "num_attention_heads": heads, "hidden_act": "gelu_new", "use_parallel_residual": False,
+                  "num_attention_heads": heads, "hidden_act": gelu, "use_parallel_residual": False,
                   "max_position_embeddings": cfg.max_positions, "layer_norm_eps": m["layernorm_epsilon"],
                   "initializer_range": m["init_method_std"], "rotary_pct": pct, "rotary_emb_base": base,
                   "rope_parameters": {"rope_type": "default", "rope_theta": base, "partial_rotary_factor": pct},

@@ -97,7 +97,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     check_flags(args, EVAL_RULES)
     model, cfg, meta = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
     seq = args.seq_length or cfg.model.seq_length
-    if not cfg.model.use_rotary_position_embeddings and seq > cfg.model.max_positions:
+    if cfg.model.learned_positions and seq > cfg.model.max_positions:
         raise ConfigError(f"--seq-length {seq} exceeds the model's {cfg.model.max_positions} positions")
     if args.text_file:
         with open(args.text_file, encoding="utf-8") as fh:
@@ -136,8 +136,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 
 def position_limit(model: GPTModel) -> Optional[int]:
-    """The most tokens (prompt + generated) the model can take: its learned position table; None with RoPE."""
-    return None if model.cfg.use_rotary_position_embeddings else model.cfg.max_positions
+    """The most tokens (prompt + generated) the model can take: its learned position table; None without one."""
+    return model.cfg.max_positions if model.cfg.learned_positions else None
 
 
 def context_warning(model: GPTModel, prompt_tokens: int, max_new_tokens: int) -> Optional[str]:

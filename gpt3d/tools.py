@@ -1,8 +1,13 @@
-"""`gpt3d checkpoint-info` and `gpt3d checkpoint verify`: what a checkpoint holds, and whether it is intact."""
+"""`gpt3d checkpoint-info`, `gpt3d checkpoint verify` and `gpt3d checkpoint import-megatron-deepspeed`: what a
+checkpoint holds, whether it is intact, and a Megatron-DeepSpeed checkpoint brought into gpt3d's format."""
 from __future__ import annotations
 
 import argparse
 import os
+
+from .config_check import NON_NEGATIVE
+
+CHECKPOINT_RULES = {"iteration": NON_NEGATIVE}   # `checkpoint import-megatron-deepspeed --iteration`
 
 
 def register(sub) -> None:
@@ -14,6 +19,15 @@ def register(sub) -> None:
                                     "(exit 0 if all are good, 2 if any is not)")
     v.add_argument("path", help="checkpoint root or one iter_XXXXXXX directory")
     v.set_defaults(func=_verify)
+    m = c.add_parser("import-megatron-deepspeed",
+                     help="convert a Megatron-DeepSpeed (DeepSpeed) checkpoint into a gpt3d checkpoint: weights, "
+                          "ZeRO optimizer state, position in the run (its files are only read)")
+    m.add_argument("--load", required=True, help="Megatron-DeepSpeed checkpoint directory (uses its `latest`) or "
+                                                 "one global_stepN directory")
+    m.add_argument("--iteration", type=int, help="convert global_step<ITERATION> instead of `latest`'s")
+    m.add_argument("--save", required=True, help="new gpt3d checkpoint directory (not inside the Megatron-DeepSpeed "
+                                                 "one)")
+    m.set_defaults(func=_import_megatron_deepspeed)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -47,4 +61,19 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"ok   {path}: {n} files, {size / 2 ** 20:,.1f} MiB, {how}", flush=True)
     if bad:
         raise CheckpointError(f"{bad} of {len(paths)} checkpoints in {root} are bad")
+    return 0
+
+
+def _import_megatron_deepspeed(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from .checkpoint.megatron_deepspeed import import_checkpoint
+    from .config_check import check_flags
+    from .errors import os_errors_are_user_errors
+    check_flags(args, CHECKPOINT_RULES)
+    out = os_errors_are_user_errors(import_checkpoint)(args.load, args.save, args.iteration)
+    print(json.dumps(out))
+    print(f"continue it: gpt3d train --config {out['config']} --load {args.save} --save {args.save} "
+          "(plus --data-path and the tokenizer files where they live now)", file=sys.stderr)
     return 0

@@ -129,6 +129,12 @@ def check_compatible(meta: dict, model_cfg) -> None:
         if saved.get(k) != getattr(model_cfg, k):
             raise CheckpointError(f"checkpoint model has {k}={saved.get(k)!r} but this run has "
                                   f"{getattr(model_cfg, k)!r}: incompatible model shape")
+    learned = saved.get("add_position_embedding")   # absent (older checkpoints): learned positions iff no RoPE
+    learned = not saved.get("use_rotary_position_embeddings") if learned is None else learned
+    if learned != model_cfg.learned_positions:
+        raise CheckpointError(f"checkpoint model {'has' if learned else 'has no'} learned position embeddings but "
+                              f"this run's {'has none' if learned else 'has'} (--add-position-embedding): "
+                              "incompatible model shape")
 
 
 def read_model_tensors(root: str) -> tuple[str, dict, dict]:

@@ -339,15 +339,18 @@ def tokenizer_from_config(data, vocab_size: Optional[int] = None, quiet: bool = 
                            tokenizer_model=data.tokenizer_model, vocab_size=vocab_size, quiet=quiet)
 
 
-def model_vocab_size(tok: Tokenizer, requested: Optional[int]) -> int:
-    """The vocabulary the model is built with: --vocab-size if given (NullTokenizer: its ids plus eod),
-    else the tokenizer's."""
-    if isinstance(tok, NullTokenizer) or not requested:
-        return tok.vocab_size
-    if requested < tok.vocab_size:
+def model_vocab_size(tok: Tokenizer, requested: Optional[int], padded: Optional[int] = None) -> int:
+    """The vocabulary the model is built with: --padded-vocab-size if given (Megatron-DeepSpeed's padded
+    vocabulary, every row in the loss), else --vocab-size if given (NullTokenizer: its ids plus eod), else the
+    tokenizer's."""
+    base = tok.vocab_size if isinstance(tok, NullTokenizer) or not requested else requested
+    if base < tok.vocab_size:
         raise TokenizerError(f"--vocab-size {requested} is smaller than the tokenizer's vocabulary "
                              f"({tok.vocab_size}, {tok.type_name} {tok.describe()})")
-    return requested
+    if padded is not None and padded < base:
+        raise TokenizerError(f"--padded-vocab-size {padded} is smaller than the vocabulary ({base}, "
+                             f"{tok.type_name} {tok.describe()})")
+    return padded or base
 
 
 def tokenizer_for_checkpoint(data: dict, model_vocab: int, flags: Optional[dict] = None,

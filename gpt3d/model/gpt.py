@@ -62,7 +62,7 @@ class MLP(nn.Module):
         super().__init__()
         bias, h, f = not cfg.disable_bias_linear, cfg.hidden_size, cfg.ffn_size
         std = cfg.init_method_std
-        self.swiglu = cfg.swiglu
+        self.swiglu, self.gelu_approximation = cfg.swiglu, cfg.gelu_approximation
         if self.swiglu:
             self.gate = ColumnParallelLinear(h, f, ps, bias=bias, std=std)
         self.fc1 = ColumnParallelLinear(h, f, ps, bias=bias, std=std)
@@ -71,7 +71,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             return self.fc2(F.silu(self.gate(x)) * self.fc1(x))   # [b, s, f/tp] -> [b, s(/tp), h]
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu_approximation))
 
 
 class TransformerLayer(nn.Module):
@@ -99,7 +99,7 @@ class Embedding(nn.Module):
         self.ps, self.tp_rng, self.p = ps, tp_rng, cfg.hidden_dropout
         self.word_embeddings = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, ps, std=cfg.init_method_std)
         self.position_embeddings = None
-        if not cfg.use_rotary_position_embeddings:
+        if cfg.learned_positions:
             self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size, device=ps.device)
             mark(self.position_embeddings.weight, None, ("normal", cfg.init_method_std), sequence_parallel=ps.sp)
 
@@ -194,7 +194,7 @@ def count_parameters(cfg: ModelConfig, vocab_size: int) -> dict:
     norm = h * (1 if cfg.normalization == "rmsnorm" else 2)
     layer = attn + mlp + 2 * norm
     emb = vocab_size * h
-    pos = 0 if cfg.use_rotary_position_embeddings else cfg.max_positions * h
+    pos = cfg.max_positions * h if cfg.learned_positions else 0
     head = emb if cfg.untie_embeddings_and_output_weights else 0
     total = L * layer + emb + pos + norm + head
     return {"total": total, "non_embedding": total - emb - pos - head, "layers": L * layer,

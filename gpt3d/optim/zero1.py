@@ -46,7 +46,7 @@ def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
     return upcast(torch.stack(torch._foreach_norm(grads, 2.0))).pow(2).sum().reshape(1)
 
 
-def _fused_adamw_step(opt: torch.optim.AdamW, lr: float, grad_scale: Optional[torch.Tensor],
+def _fused_adamw_step(opt: torch.optim.Adam, lr: float, grad_scale: Optional[torch.Tensor],
                       found_inf: torch.Tensor) -> None:
     """One fused AdamW step that divides every gradient by `grad_scale` (clipping without a pass of its own)
     and is skipped inside the kernel when `found_inf` is 1 (no host sync).
@@ -98,8 +98,10 @@ class ShardedOptimizer:
         param_groups = [{"params": groups[True], "weight_decay": cfg.weight_decay},
                         {"params": groups[False], "weight_decay": 0.0}]
         param_groups = [g for g in param_groups if g["params"]]
-        self.optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           eps=cfg.adam_eps, fused=True)
+        # AdamW (decoupled weight decay), or Adam's L2 penalty where a run continues one that used it
+        self.optimizer = torch.optim.Adam(param_groups, lr=0.0, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                          eps=cfg.adam_eps, fused=True,
+                                          decoupled_weight_decay=cfg.decoupled_weight_decay)
 
     def _param_view(self, pc: _Piece) -> torch.Tensor:
         return self.buffer.param_data[pc.offset:pc.offset + pc.hi - pc.lo]

@@ -28,11 +28,12 @@ def forward_backward(chunks: list[nn.Module], microbatches: list[dict], ps: Para
                      forward_step: ForwardStep, forward_only: bool, loss_scale: Optional[torch.Tensor] = None,
                      no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
                      hidden_shape: Optional[tuple] = None,
-                     dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+                     dtype: torch.dtype = torch.float32, sum_gradients: bool = False) -> Optional[torch.Tensor]:
     """Forward (and unless `forward_only`, backward) of every micro-batch; returns the mean loss over the
-    micro-batches on the last stage, None elsewhere. Gradients are those of that mean (times `loss_scale`).
+    micro-batches on the last stage, None elsewhere. Gradients are those of that mean (times `loss_scale`),
+    or with `sum_gradients` of the micro-batches' summed losses (DeepSpeed's pipeline engine's gradients).
     `hidden_shape`/`dtype`: the activations sent between stages (needed with pipelining)."""
-    step = _Step(chunks, microbatches, forward_step, forward_only, loss_scale, no_sync)
+    step = _Step(chunks, microbatches, forward_step, forward_only, loss_scale, no_sync, sum_gradients)
     if ps.pp == 1:
         _no_pipelining(step)
     elif len(chunks) == 1:
@@ -46,21 +47,23 @@ class _Step:
     """What every schedule shares: the model call, the losses, and backward (held back by no_sync)."""
 
     def __init__(self, chunks, microbatches, forward_step: ForwardStep, forward_only: bool,
-                 loss_scale: Optional[torch.Tensor], no_sync: Callable[[], ContextManager]):
+                 loss_scale: Optional[torch.Tensor], no_sync: Callable[[], ContextManager],
+                 sum_gradients: bool = False):
         self.chunks, self.microbatches, self.forward_step = chunks, microbatches, forward_step
         self.forward_only, self.loss_scale, self.no_sync = forward_only, loss_scale, no_sync
         self.m = len(microbatches)
+        self.divisor = 1 if sum_gradients else self.m   # of each loss, for backward
         self.losses: list[torch.Tensor] = []
 
     def forward(self, c: int, i: int, x: Optional[torch.Tensor]) -> torch.Tensor:
         """Chunk c on micro-batch i: the activation for the next stage, or on the last chunk the loss as
-        backward needs it (scaled by the loss scale, divided by the number of micro-batches)."""
+        backward needs it (scaled by the loss scale, divided by the number of micro-batches unless summed)."""
         with torch.set_grad_enabled(not self.forward_only):
             y, loss = self.forward_step(self.chunks[c], self.microbatches[i], x)
         if loss is None:
             return y
         self.losses.append(loss.detach())
-        return loss * self.loss_scale / self.m if self.loss_scale is not None else loss / self.m
+        return loss * self.loss_scale / self.divisor if self.loss_scale is not None else loss / self.divisor
 
     def backward(self, y: torch.Tensor, gy: Optional[torch.Tensor], last_microbatch: bool) -> None:
         """gy: the gradient received from the next stage (None on the last chunk, which starts from y)."""

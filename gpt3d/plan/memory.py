@@ -45,7 +45,7 @@ def chunk_params(m: ModelConfig, vocab_size: int, tp: int, sp: bool, layer_ids: 
         out.append(ParamInfo(OUTPUT_LAYER, pv // tp * h, 2, True, tied_copy=not untied))
     if pre:
         out.append(ParamInfo(EMBEDDING, pv // tp * h, 2, True, shared_embedding=not untied))
-        if not m.use_rotary_position_embeddings:
+        if m.learned_positions:
             out.append(ParamInfo("embedding.position_embeddings.weight", m.max_positions * h, 2, False,
                                  sequence_parallel=sp))
 
@@ -306,7 +306,7 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, 
             for k, nbytes in per_mode[rc].items.items():
                 c.add(k, nbytes)
         if first and v == 0:
-            c.add("embedding inputs", (0 if m.use_rotary_position_embeddings else 8 * sh.s) + (9 * T if t > 1 else 0))
+            c.add("embedding inputs", (8 * sh.s if m.learned_positions else 0) + (9 * T if t > 1 else 0))
             c.add("dropout masks", Ts * h * (1 if device == "cuda" else e) if m.hidden_dropout > 0 else 0)
         if last and v == len(layer_ids) - 1:
             _norm_input(c, m, sh, compiled, "final norm input")

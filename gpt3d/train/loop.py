@@ -19,6 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from .. import checkpoint as ckpt
 from .. import determinism
+from ..checkpoint import megatron_deepspeed
 from ..config import DEFAULT_VOCAB_SIZE, Config
 from ..data import stream
 from ..data.sampler import MockGPTDataset, build_data_loader
@@ -91,10 +92,10 @@ class Trainer:
     def _vocab(self):
         d, m = self.cfg.data, self.cfg.model
         if d.mock_data:
-            return m.vocab_size or DEFAULT_VOCAB_SIZE, None
+            return m.padded_vocab_size or m.vocab_size or DEFAULT_VOCAB_SIZE, None
         from ..data.tokenizer import model_vocab_size, tokenizer_from_config
         tok = tokenizer_from_config(d, m.vocab_size, quiet=self.ps.rank != 0)
-        return model_vocab_size(tok, m.vocab_size), tok
+        return model_vocab_size(tok, m.vocab_size, m.padded_vocab_size), tok
 
     def build_datasets(self):
         d, t, m = self.cfg.data, self.cfg.training, self.cfg.model
@@ -211,7 +212,9 @@ class Trainer:
     def run(self) -> int:
         """Train to the end (or a stop). The run owns its --save directory meanwhile (checkpoint/lock.py): a
         second run saving there fails here, before it touches anything."""
-        save = self.cfg.checkpoint.save
+        save, load = self.cfg.checkpoint.save, self.cfg.checkpoint.load
+        if load and megatron_deepspeed.is_checkpoint(load):   # before the lock writes into --save
+            megatron_deepspeed.check_save_dir(save, megatron_deepspeed.Checkpoint(load))
         lock = ckpt.lock_save_dir(save, self.ps) if save else None
         try:
             return self._run()
@@ -223,7 +226,10 @@ class Trainer:
     def _run(self) -> int:
         cfg, t, ps = self.cfg, self.cfg.training, self.ps
         loaded = None   # the checkpoint first: its own checks (shape, tokenizer) say more than the data's
-        if cfg.checkpoint.load and ckpt.holds_no_checkpoint(cfg.checkpoint.load):
+        if cfg.checkpoint.load and megatron_deepspeed.is_checkpoint(cfg.checkpoint.load):
+            # converted into --save as a gpt3d checkpoint, then loaded like one
+            loaded = self.load(megatron_deepspeed.import_for_run(self), check_data=False)
+        elif cfg.checkpoint.load and ckpt.holds_no_checkpoint(cfg.checkpoint.load):
             if ps.rank == 0:
                 warn(f"--load {cfg.checkpoint.load} holds no checkpoint yet: starting from scratch (as Megatron does)")
         elif cfg.checkpoint.load:

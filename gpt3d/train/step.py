@@ -94,7 +94,8 @@ class TrainStep:
                           loss_scale: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         return forward_backward(self.chunks, microbatches, self.ps, forward_step=gpt_forward_step,
                                 forward_only=forward_only, loss_scale=loss_scale, no_sync=self.grads.no_sync,
-                                hidden_shape=self.hidden_shape, dtype=self.dtype)
+                                hidden_shape=self.hidden_shape, dtype=self.dtype,
+                                sum_gradients=self.cfg.optimizer.micro_batch_gradients == "sum")
 
     def __call__(self, microbatches: list[dict]) -> StepResult:
         """Forward/backward all micro-batches, sync grads, clip, step; advances the TrainState."""

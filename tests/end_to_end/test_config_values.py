@@ -292,9 +292,10 @@ def test_every_numeric_flag_of_a_command_has_a_rule():
     from gpt3d.config import field_index
     from gpt3d.inference import EVAL_RULES, GENERATE_RULES
     from gpt3d.plan.cli import PLAN_RULES
+    from gpt3d.tools import CHECKPOINT_RULES
     subs = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     expected = {"eval": EVAL_RULES, "generate": GENERATE_RULES, "plan": PLAN_RULES, "export-hf": {},
-                "import-hf": {}, "plot": {}, "checkpoint-info": {}, "checkpoint": {}}
+                "import-hf": {}, "plot": {}, "checkpoint-info": {}, "checkpoint": CHECKPOINT_RULES}
     config_flags = set(field_index())   # plan also takes every config flag (checked by RULES)
     for command, rules in expected.items():
         numeric = _numeric_flags(subs[command]) - (config_flags if command == "plan" else set())
