@@ -46,7 +46,7 @@ class ShardReader:
         self.model_files = defaultdict(dict)     # name -> {tp: file}
         self.optim = defaultdict(lambda: defaultdict(list))   # (name, kind) -> tp -> [(lo, hi, file, key)]
         self.step = 0
-        for fname in sorted(os.listdir(path)):
+        for fname in sorted(meta["files"]):   # only what meta.json lists (and integrity.py verified)
             m = SHARD_FILE.fullmatch(fname)
             if not m:
                 continue
