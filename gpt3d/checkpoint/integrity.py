@@ -30,21 +30,8 @@ from typing import Callable, Iterable, Optional
 import torch
 import xxhash
 
+from ..checksum import ALGORITHM, file_checksum
 from .meta_check import meta_problem
-
-ALGORITHM = "xxh3_128"
-_CHUNK = 16 << 20
-
-
-def file_checksum(path: str) -> str:
-    """'xxh3_128:<hex>' of the file's bytes, read in 16 MiB blocks."""
-    h = xxhash.xxh3_128()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return f"{ALGORITHM}:{h.hexdigest()}"
 
 
 def non_finite(tensors: dict) -> list[str]:

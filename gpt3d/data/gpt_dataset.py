@@ -23,6 +23,7 @@ rule version, so a new --split or an older rule never reuses stale indices.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from typing import Callable, Optional
 
@@ -52,8 +53,9 @@ def parse_data_path(data_path) -> tuple[list[str], list[float]]:
         weights = [float(w) for w in items[0::2]]
     except ValueError:
         raise DataError(f"--data-path: expected 'weight prefix' pairs, got {items}") from None
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise DataError(f"--data-path weights must be non-negative with a positive sum, got {weights}")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise DataError(f"--data-path weights must be finite, non-negative numbers with a positive sum, got "
+                        f"{items[0::2]}")
     return [p.strip() for p in items[1::2]], normalize_weights(weights)
 
 
@@ -227,7 +229,12 @@ def build_train_valid_test_datasets(data_path, split: str, num_samples: tuple, s
 
     def single(prefix: str, counts) -> list:
         indexed = MMapIndexedDataset(prefix)
+        if len(indexed) == 0:
+            raise DataError(f"{prefix}: the corpus holds no documents (an empty .bin/.idx)")
         ranges = get_split_ranges(split, len(indexed))
+        if counts[0] > 0 and ranges[0][1] <= ranges[0][0]:
+            raise DataError(f"{prefix}: --split {split} leaves no training documents (of {len(indexed)}); "
+                            "give the train split a share")
         if vocab_size is not None:
             used = [r for r, n in zip(ranges, counts) if n > 0 and r[1] > r[0]]
             if used:
