@@ -1,0 +1,156 @@
+"""Data is checked, not trusted (issue 24): a .bin/.idx is validated when it is opened, and the token-id check's
+cache is keyed by the .bin's content.
+
+Rows of README's "Faults tried": one `sizes` entry of a .idx bit-flipped trained 40 iterations on the next
+documents' tokens (exit 0), a flip elsewhere crashed with a traceback; a same-size .bin rewritten with an
+out-of-range id and its old mtime restored passed the cached check and crashed mid-run.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpt3d.data import vocab_check
+from gpt3d.data.indexed import MMapIndexedDataset, MMapIndexedDatasetBuilder
+from gpt3d.errors import DataError
+
+from tests.support import runs
+
+pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+
+VOCAB = 300   # NullTokenizer ids 0..298 and its eod 299
+
+
+def write_corpus(prefix: str, docs: list, dtype=np.uint16) -> None:
+    b = MMapIndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for d in docs:
+        if len(d):
+            b.add_item(d)
+        b.end_document()
+    b.finalize(prefix + ".idx")
+
+
+def docs_of(n: int, seed: int = 0) -> list:
+    """n documents of 20-60 ids below VOCAB - 1; 37 of the first 40 non-empty (a count no flip of one bit in
+    a size reaches, so a flipped last size never looks like Megatron-DeepSpeed's left-out eods)."""
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(0, VOCAB - 1, size=int(rng.integers(20, 60))) for _ in range(n)]
+    for i in (3, 17, 30):
+        docs[i] = docs[i][:0]
+    return docs
+
+
+def data_flags(prefix: str) -> list:
+    return ["--no-mock-data", "--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size",
+            str(VOCAB - 1), "--split", "1,0,0", "--eval-iters", "0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[str, list]:
+    """A 40-document corpus (uint16) and the tokens of each of its sequences."""
+    prefix = str(tmp_path_factory.mktemp("corpus") / "c")
+    write_corpus(prefix, docs_of(40))
+    ds = MMapIndexedDataset(prefix)
+    return prefix, [ds.get(i).copy() for i in range(len(ds))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(damage=st.one_of(st.tuples(st.just("flip"), st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
+                        st.tuples(st.sampled_from([".idx", ".bin"]), st.integers(1, 64))))
+def test_a_corrupt_index_is_refused_naming_the_entry(corpus, tmp_path_factory, damage):
+    """A bit flipped anywhere in the .idx (header, sizes, pointers, doc_idx), or either file truncated: the
+    open is refused with a DataError naming the file (and, for an index entry, which one), or, where the
+    flip left a consistent index (a document boundary moved), every sequence reads exactly as before. (A
+    flipped token in the .bin is the vocabulary check's: test_vocab_check.py.)"""
+    prefix, sequences = corpus
+    work = str(tmp_path_factory.mktemp("flip") / "c")
+    for ext in (".bin", ".idx"):
+        with open(prefix + ext, "rb") as src, open(work + ext, "wb") as dst:
+            dst.write(src.read())
+    kind, a, b = damage if damage[0] == "flip" else (*damage, None)
+    target = work + (".idx" if kind == "flip" else kind)
+    raw = bytearray(open(target, "rb").read())
+    if kind == "flip":
+        raw[int(a * len(raw))] ^= 1 << b
+    else:
+        raw = raw[:max(0, len(raw) - a)]
+    open(target, "wb").write(raw)
+    try:
+        ds = MMapIndexedDataset(work)
+    except DataError as e:
+        assert str(e).startswith((work + ".idx:", work + ".bin:")), e
+        return
+    assert [ds.get(i).tolist() for i in range(len(ds))] == [s.tolist() for s in sequences]
+
+
+def test_a_flipped_size_is_one_error_line_naming_the_entry(corpus, tmp_path, capsys):
+    """The README row: one sizes entry of a .idx bit-flipped. `gpt3d train` stops before training with one line
+    naming the index and the first entry that disagrees; nothing existing is changed."""
+    prefix, _ = corpus
+    work = str(tmp_path / "c")
+    for ext in (".bin", ".idx"):
+        with open(prefix + ext, "rb") as src, open(work + ext, "wb") as dst:
+            dst.write(src.read())
+    with open(work + ".idx", "r+b") as fh:   # sizes[5]: int32 at byte 34 + 4 * 5
+        fh.seek(34 + 4 * 5)
+        size = int.from_bytes(fh.read(4), "little")
+        fh.seek(34 + 4 * 5)
+        fh.write((size ^ 4).to_bytes(4, "little"))
+    before = runs.snapshot(tmp_path)
+    capsys.readouterr()
+    assert runs.train(*data_flags(work), "--train-iters", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"gpt3d: error: {work}.idx: pointers[6] is "), err
+    assert runs.snapshot(tmp_path) == before
+
+
+def test_the_token_id_cache_is_keyed_by_content(tmp_path, capsys, monkeypatch):
+    """A .bin rewritten in place with the same size, one id beyond the vocabulary, and its old modification
+    time restored: the cached range is not reused (its change time moved) and the run is refused with one
+    line. The same content touched or copied keeps the cached range without re-reading the tokens."""
+    prefix = str(tmp_path / "c")
+    write_corpus(prefix, docs_of(40))
+    assert runs.train(*data_flags(prefix), "--train-iters", "1") == 0
+    ds = MMapIndexedDataset(prefix)
+    calls = []
+    real = vocab_check.id_range
+    monkeypatch.setattr(vocab_check, "id_range", lambda *a: calls.append(a) or real(*a))
+    os.utime(prefix + ".bin")                                      # touched: same content
+    vocab_check.check_token_ids(ds, 0, len(ds), VOCAB)
+    assert calls == []
+    st_before = os.stat(prefix + ".bin")
+    with open(prefix + ".bin", "r+b") as fh:                     # same size, one id out of range
+        fh.seek(10)
+        fh.write(np.array([VOCAB + 7], np.uint16).tobytes())
+    os.utime(prefix + ".bin", ns=(st_before.st_atime_ns, st_before.st_mtime_ns))
+    assert os.stat(prefix + ".bin").st_size == st_before.st_size
+    capsys.readouterr()
+    assert runs.train(*data_flags(prefix), "--train-iters", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"gpt3d: error: {prefix}.bin holds token id {VOCAB + 7}, outside the model's vocabulary of "
+                   f"{VOCAB} ids (0-{VOCAB - 1}): tokenized with another tokenizer? (see --vocab-file, "
+                   "--vocab-size)"], err
+
+
+def test_index_checks_keep_legacy_files(tmp_path):
+    """Megatron-DeepSpeed's --append-eod files (one eod per non-empty document in the .bin, not in the sizes)
+    still open, with their warning; one byte more or less than that is refused."""
+    prefix = str(tmp_path / "legacy")
+    docs = docs_of(40)
+    write_corpus(prefix, docs)
+    with open(prefix + ".bin", "ab") as fh:
+        fh.write(np.zeros(sum(1 for d in docs if len(d)), np.uint16).tobytes())
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert len(MMapIndexedDataset(prefix)) == 37
+    assert "leaves each document's eod token out of its sizes" in err.getvalue()
+    with open(prefix + ".bin", "ab") as fh:
+        fh.write(b"\0\0")
+    with pytest.raises(DataError, match=r"legacy.bin: size \d+ bytes does not match its index"):
+        MMapIndexedDataset(prefix)
