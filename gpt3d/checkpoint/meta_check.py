@@ -100,19 +100,39 @@ def _check(meta: Any) -> None:
 
 
 def _config(config: Any) -> None:
-    """The saved model settings, under the rules a run applies to its own (settings of other gpt3d versions
-    that this one does not know are left out; the other sections are read as any settings are, when used)."""
-    from ..config import Config, ModelConfig, field_types
-    from ..config_check import check_model, check_values
+    """The saved settings: each known one of the type its field has (as gpt3d wrote it: a path is a string,
+    never a number), the model settings under the rules a run applies to its own. Settings of other gpt3d
+    versions that this one does not know are left out."""
+    from ..config import SECTIONS, field_types
     from ..errors import ConfigError
     config = _obj(config, "config")
-    model = _obj(config.get("model"), "config.model")
+    _obj(config.get("model"), "config.model")
     for section, values in config.items():
-        _obj(values, f"config.{section}")
-    known = field_types(ModelConfig)
+        types = field_types(SECTIONS[section]) if section in SECTIONS else {}
+        for key, v in _obj(values, f"config.{section}").items():
+            if key in types and v is not None and not _of_type(v, types[key]):
+                raise _Bad(f"config.{section}.{key} is {v!r}, expected {types[key].__name__}")
     try:
-        cfg = Config.from_dict({"model": {k: v for k, v in model.items() if k in known}})
-        check_values(cfg)
-        check_model(cfg.model)
+        saved_model_config(config)
     except ConfigError as e:
         raise _Bad(f"config: {e}") from None
+
+
+def _of_type(v: Any, t: type) -> bool:
+    if t is float:
+        return type(v) in (int, float)
+    if t is list:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    return type(v) is t
+
+
+def saved_model_config(config: dict):
+    """The ModelConfig of a checkpoint's meta.json "config" (settings of other gpt3d versions that this one
+    does not know are left out), checked as a run's own: ConfigError if it could not be built."""
+    from ..config import Config, ModelConfig, field_types
+    from ..config_check import check_model, check_values
+    known = field_types(ModelConfig)
+    cfg = Config.from_dict({"model": {k: v for k, v in config["model"].items() if k in known}})
+    check_values(cfg)
+    check_model(cfg.model)
+    return cfg.model

@@ -72,8 +72,14 @@ class ShardReader:
         return EMBEDDING if name == OUTPUT_LAYER and EMBEDDING in self.model_files and \
             not self.meta["config"]["model"]["untie_embeddings_and_output_weights"] else None
 
+    def _info(self, name: str) -> dict:
+        info = self.meta["params"].get(name)
+        if info is None:
+            raise CheckpointError(f"checkpoint {self.path}: meta.json describes no parameter {name}")
+        return info
+
     def _assemble(self, name: str, shards: dict) -> torch.Tensor:
-        info = self.meta["params"][name]
+        info = self._info(name)
         if info["split_dim"] is None or len(shards) == 1:
             return shards[min(shards)]
         return torch.cat([shards[t] for t in sorted(shards)], dim=info["split_dim"])
@@ -92,7 +98,7 @@ class ShardReader:
         src = name if (name, kind) in self.optim else self._source_name(name)
         if src is None or (src, kind) not in self.optim:
             return None
-        info = self.meta["params"][src]
+        info = self._info(src)
         saved_tp = self.meta["layout"]["tp"]
         shape = list(info["shape"])
         if info["split_dim"] is not None:
@@ -133,21 +139,28 @@ def check_compatible(meta: dict, model_cfg) -> None:
 def read_model_tensors(root: str) -> tuple[str, dict, dict]:
     """(path, meta, {name: full tensor}) of a checkpoint at any saved layout, for export and inference.
 
-    Tied copies (the last stage's output layer) are left out and padded vocabulary rows are cut off. The model
-    shards' checksums are verified first and every tensor must be finite: a bad checkpoint is refused."""
+    Every parameter of the model its config describes, with that model's shape (padded vocabulary rows cut
+    off; a tied output layer is the embedding): a shard whose tensors do not fit the config is refused. The
+    model shards' checksums are verified first and every tensor must be finite: a bad checkpoint is refused."""
+    from ..model.build import build_full_model
     from .integrity import files_read_for_inference, non_finite
+    from .meta_check import saved_model_config
     from .store import read_meta, resolve
     path = resolve(root, fallback=False, wanted=files_read_for_inference)   # a bad newest checkpoint is refused
     meta = read_meta(path)
+    vocab = meta["vocab_size"]
+    model = build_full_model(saved_model_config(meta["config"]), vocab, device=torch.device("meta"))
     reader = ShardReader(path, meta)
     tensors = {}
-    for name, info in meta["params"].items():
-        if info.get("tied_to"):
-            continue
+    for name, p in model.named_parameters():
         full = reader.model_tensor(name)
         if full is None:
             raise CheckpointError(f"checkpoint {path} has no tensor for parameter {name}")
-        tensors[name] = full[:meta["vocab_size"]] if name in VOCAB_PARAMETERS else full
+        want = (vocab, *p.shape[1:]) if name in VOCAB_PARAMETERS else tuple(p.shape)
+        tensors[name] = full[:vocab] if name in VOCAB_PARAMETERS else full
+        if tuple(tensors[name].shape) != want:
+            raise CheckpointError(f"checkpoint {path}: {name} has shape {tuple(full.shape)}, its config's model "
+                                  f"needs {want}")
         if non_finite({name: tensors[name]}):
             raise CheckpointError(f"checkpoint {path}: {name} holds non-finite values; refusing to use it")
     return path, meta, tensors

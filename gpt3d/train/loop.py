@@ -208,6 +208,12 @@ class Trainer:
         self.state.data_state = stream.data_state(cfg, self.global_batch, train_ds)
         if loaded is not None:
             self.check_data_stream(loaded)
+            need = self.state.consumed_samples + (self.train_iters - self.state.iteration) * self.global_batch
+            if self.state.iteration < self.train_iters and need > len(train_ds):
+                raise ckpt.CheckpointError(
+                    f"{loaded.path} resumes at sample {self.state.consumed_samples:,} (iteration "
+                    f"{self.state.iteration:,}): {self.train_iters:,} iterations would need {need:,} samples of a "
+                    f"data stream of {len(train_ds):,}")
         self.report.run_start(self.state, cfg.non_defaults())   # accepted: only now are the metrics files created
         n_params = count_parameters(cfg.model, self.vocab_size)
         self.report.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "

@@ -17,33 +17,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt3d.data import vocab_check
-from gpt3d.data.indexed import MMapIndexedDataset, MMapIndexedDatasetBuilder
+from gpt3d.data.indexed import MMapIndexedDataset
 from gpt3d.errors import DataError
 
-from tests.support import runs
+from tests.support import hostile, runs
+from tests.support.hostile import write_corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
 VOCAB = 300   # NullTokenizer ids 0..298 and its eod 299
 
 
-def write_corpus(prefix: str, docs: list, dtype=np.uint16) -> None:
-    b = MMapIndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    for d in docs:
-        if len(d):
-            b.add_item(d)
-        b.end_document()
-    b.finalize(prefix + ".idx")
-
-
 def docs_of(n: int, seed: int = 0) -> list:
-    """n documents of 20-60 ids below VOCAB - 1; 37 of the first 40 non-empty (a count no flip of one bit in
-    a size reaches, so a flipped last size never looks like Megatron-DeepSpeed's left-out eods)."""
-    rng = np.random.default_rng(seed)
-    docs = [rng.integers(0, VOCAB - 1, size=int(rng.integers(20, 60))) for _ in range(n)]
-    for i in (3, 17, 30):
-        docs[i] = docs[i][:0]
-    return docs
+    return hostile.docs_of(n, VOCAB, seed)
 
 
 def data_flags(prefix: str) -> list:

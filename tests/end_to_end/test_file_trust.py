@@ -29,11 +29,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt3d import checkpoint
-from gpt3d.checkpoint.integrity import file_checksum, with_meta_checksum
 from gpt3d.cli import main as cli_main
 from gpt3d.parallel.random import from_tensors
 
 from tests.support import runs
+from tests.support.hostile import reseal
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")   # @record under capsys
 
@@ -50,17 +50,6 @@ def saved(tmp_path_factory) -> Path:
 def ck(saved, tmp_path) -> Path:
     shutil.copytree(saved, tmp_path / "ck")
     return tmp_path / "ck"
-
-
-def _reseal(path: Path, add: dict = (), drop: tuple = ()) -> None:
-    """Rewrite meta.json as an attacker who can edit it would: files `add`ed ({name: path}) or `drop`ped,
-    their sizes and checksums recorded, its own checksum recomputed (checksums are no signature)."""
-    meta = json.loads((path / "meta.json").read_text())
-    for name in drop:
-        del meta["files"][name], meta["checksums"][name]
-    for name, f in dict(add).items():
-        meta["files"][name], meta["checksums"][name] = os.path.getsize(f), file_checksum(str(f))
-    (path / "meta.json").write_text(json.dumps(with_meta_checksum(meta), indent=1))
 
 
 class _Plant:
@@ -93,14 +82,14 @@ def test_no_code_runs_from_a_checkpoint(ck, tmp_path, capsys):
     with safe_open(str(it4 / "rng_rank0.safetensors"), framework="pt") as f:
         state = from_tensors({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
     torch.save(state, it4 / "rng_rank0.pt")
-    _reseal(it4, add={"rng_rank0.pt": it4 / "rng_rank0.pt"}, drop=("rng_rank0.safetensors",))
+    reseal(it4, add={"rng_rank0.pt": it4 / "rng_rank0.pt"}, drop=("rng_rank0.safetensors",))
     (it4 / "rng_rank0.safetensors").unlink()
     assert runs.train("--train-iters", "6", "--load", str(ck), "--log-file", str(old_log)) == 0
     assert runs.losses(old_log) == runs.losses(new_log) and sorted(runs.losses(new_log)) == [5, 6]
 
     marker = tmp_path / "planted-code-ran"
     torch.save(_Plant(marker), it4 / "rng_rank0.pt")
-    _reseal(it4, add={"rng_rank0.pt": it4 / "rng_rank0.pt"})
+    reseal(it4, add={"rng_rank0.pt": it4 / "rng_rank0.pt"})
     assert cli_main(["checkpoint", "verify", str(it4)]) == 0   # its checksum matches: verify cannot tell
     capsys.readouterr()
     before = runs.snapshot(tmp_path)
