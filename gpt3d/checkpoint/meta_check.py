@@ -75,7 +75,7 @@ def _check(meta: Any) -> None:
             raise _Bad(f"params[{name!r}].shape is {shape!r}, expected a list of sizes")
         for n in shape:
             _int(n, f"params[{name!r}].shape")
-        split = info.get("split_dim")
+        split = info.get("split_dim", "missing")
         if split is not None and (type(split) is not int or not 0 <= split < len(shape)):
             raise _Bad(f"params[{name!r}].split_dim is {split!r}, expected null or a dimension of its shape")
     for key in ("iteration", "consumed_samples", "tokens"):

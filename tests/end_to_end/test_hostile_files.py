@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support import hostile, runs
-from tests.support.hostile import damage, damage_json, one_error_line, reseal, run_cli, write_damaged
+from tests.support.hostile import FUZZ, damage, damage_json, one_error_line, reseal, run_cli, write_damaged
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
@@ -121,7 +121,7 @@ def _changed_nothing(before: dict, root: Path) -> bool:
     return {k: v for k, v in after.items() if k in before} == before
 
 
-@settings(max_examples=12, deadline=None)
+@settings(FUZZ, max_examples=30)
 @given(how=damage)
 def test_hostile_ds_config(tmp_path_factory, how):
     """--deepspeed_config with a value of any type at any key, a key removed, the file cut short or a bit
@@ -137,7 +137,7 @@ def test_hostile_ds_config(tmp_path_factory, how):
     shutil.rmtree(d)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(FUZZ, max_examples=40)
 @given(target=st.sampled_from(["config.json", "model.safetensors"]), how=damage,
        cut=st.booleans(), where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7), header=st.booleans())
 def test_hostile_hf_directory(files, tmp_path_factory, target, how, cut, where, bit, header):
@@ -168,7 +168,7 @@ def test_hostile_hf_directory(files, tmp_path_factory, target, how, cut, where, 
     shutil.rmtree(d)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(FUZZ, max_examples=60)
 @given(how=damage, seal=st.booleans(), command=st.sampled_from(["verify", "info", "export-hf", "eval", "train"]))
 def test_hostile_meta_json(files, tmp_path_factory, how, seal, command):
     """A checkpoint's meta.json with a value of any type at any path, an entry removed (re-sealed, as someone
@@ -196,7 +196,7 @@ def test_hostile_meta_json(files, tmp_path_factory, how, seal, command):
     shutil.rmtree(d)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(FUZZ, max_examples=10)
 @given(file=st.sampled_from([".idx", ".bin"]), how=st.tuples(st.sampled_from(["cut", "flip"]),
                                                              st.floats(0, 1, exclude_max=True), st.integers(0, 7)))
 def test_hostile_data_files(files, tmp_path_factory, file, how):
@@ -220,7 +220,7 @@ def test_hostile_data_files(files, tmp_path_factory, file, how):
     shutil.rmtree(d)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(FUZZ, max_examples=20)
 @given(text=st.text(max_size=60), encoding=st.sampled_from(["utf-8", "utf-16", "latin-1", "cp1252", "raw"]),
        raw=st.binary(max_size=40), command=st.sampled_from(["eval", "preprocess"]))
 def test_hostile_text_encodings(files, tmp_path_factory, text, encoding, raw, command):

@@ -14,11 +14,17 @@ import os
 from pathlib import Path
 
 import numpy as np
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from gpt3d.checkpoint.integrity import file_checksum, with_meta_checksum
 from gpt3d.cli import main as cli_main
 from gpt3d.data.indexed import MMapIndexedDatasetBuilder
+
+# The property tests' settings: no deadline (a step of a training run is no unit of time), and the same
+# examples on every run (a failure in CI is reproducible, never a coin toss; run with more max_examples, or
+# without derandomize, to explore).
+FUZZ = settings(deadline=None, derandomize=True)
 
 # Any JSON value, small: the wrong types a hand-edited or generated file holds.
 json_values = st.recursive(
