@@ -12,6 +12,7 @@ import -> export returns the same bytes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Optional
@@ -261,10 +262,11 @@ def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[
               merge_file: Optional[str] = None, tokenizer_type: Optional[str] = None,
               tokenizer_model: Optional[str] = None) -> dict:
     from .checkpoint import read_model_tensors
+    from .checkpoint.meta_check import saved_model_config
     from .data.hf_tokenizer import data_sample, export_tokenizer
     from .data.tokenizer import tokenizer_for_checkpoint
     path, meta, tensors = read_model_tensors(load)
-    m, data = meta["config"]["model"], meta["config"]["data"]
+    m, data = dataclasses.asdict(saved_model_config(meta["config"])), meta["config"].get("data", {})
     flags = dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model, vocab_file=vocab_file,
                  merge_file=merge_file)
     named = any(flags.values()) or meta.get("tokenizer") or data.get("tokenizer_model") or \

@@ -70,7 +70,7 @@ class ShardReader:
         if name in self.model_files:
             return name
         return EMBEDDING if name == OUTPUT_LAYER and EMBEDDING in self.model_files and \
-            not self.meta["config"]["model"]["untie_embeddings_and_output_weights"] else None
+            not self.meta["config"]["model"].get("untie_embeddings_and_output_weights", False) else None
 
     def _info(self, name: str) -> dict:
         info = self.meta["params"].get(name)

@@ -17,6 +17,7 @@ non-finite tensor, say) is shared, so every rank raises the same CheckpointError
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from ..errors import CheckpointError, warn
 from ..parallel.state import ParallelState
 from .integrity import (checked_files, checksum_problem, file_checksum, non_finite, read_meta, structure_problem,
                         with_meta_checksum)
+from .meta_check import saved_model_config
 from .reshard import ShardReader
 
 FORMAT = "gpt3d-1"
@@ -346,7 +348,7 @@ def describe(root: str) -> str:
     meta = read_meta(path)
     files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
     size = sum(os.path.getsize(f) for f in files)
-    m = meta["config"]["model"]
+    m = dataclasses.asdict(saved_model_config(meta["config"]))
     lay = meta["layout"]
     zero = f"ZeRO-{lay['zero']}" if "zero" in lay else "weights only"
     return "\n".join([

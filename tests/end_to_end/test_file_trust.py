@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
 import signal
@@ -146,7 +145,8 @@ def test_a_stray_shard_is_never_loaded(ck, tmp_path, capsys, command):
     """Row: eval, export-hf and train silently loaded an unlisted model_tp0_pp1.safetensors instead of the
     verified weights. eval and export-hf refuse the checkpoint with one line naming the file; train skips it
     with a warning naming it and resumes from the previous good one."""
-    shutil.copyfile(ck / "iter_0000002" / "model_tp0_pp0.safetensors", ck / "iter_0000004" / "model_tp0_pp1.safetensors")
+    shutil.copyfile(ck / "iter_0000002" / "model_tp0_pp0.safetensors",
+                    ck / "iter_0000004" / "model_tp0_pp1.safetensors")
     capsys.readouterr()
     before = runs.snapshot(tmp_path)
     rc = cli_main(command(ck, tmp_path))

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support import hostile, runs
-from tests.support.hostile import FUZZ, damage, damage_json, one_error_line, reseal, run_cli, write_damaged
+from tests.support.hostile import FUZZ, damage_json, one_error_line, reseal, run_cli, write_damaged
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
@@ -29,6 +29,20 @@ DS_CONFIG = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradie
              "gradient_clipping": 1.0, "steps_per_print": 10, "wall_clock_breakdown": False,
              "zero_optimization": {"stage": 1, "reduce_bucket_size": 5e8, "overlap_comm": True},
              "fp16": {"enabled": False}, "bf16": {"enabled": False}}
+DS_PATHS = [(k,) for k in DS_CONFIG] + [("zero_optimization", k) for k in DS_CONFIG["zero_optimization"]] + \
+    [("fp16", "enabled"), ("bf16", "enabled"), ("fp16", "loss_scale"), ("fp16", "initial_scale_power")]
+# The fields of the exported GPT-2 config.json that import-hf reads.
+HF_KEYS = ["model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+           "activation_function", "resid_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range",
+           "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings"]
+# The entries of meta.json that loading, export and eval read.
+META_PATHS = [("files",), ("checksums",), ("layout",), ("layout", "tp"), ("layout", "dp"), ("layout", "zero"),
+              ("config",), ("config", "model"), ("config", "data"), ("config", "model", "hidden_size"),
+              ("config", "model", "num_layers"), ("config", "model", "num_attention_heads"),
+              ("config", "model", "seq_length"), ("config", "model", "untie_embeddings_and_output_weights"),
+              ("config", "data", "vocab_file"), ("config", "data", "split"), ("vocab_size",), ("padded_vocab",),
+              ("params",), ("iteration",), ("consumed_samples",), ("tokens",), ("data_state",), ("scaler",),
+              ("tokenizer",), ("non_finite",), ("format",)]
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +135,8 @@ def _changed_nothing(before: dict, root: Path) -> bool:
     return {k: v for k, v in after.items() if k in before} == before
 
 
-@settings(FUZZ, max_examples=30)
-@given(how=damage)
+@settings(FUZZ, max_examples=40)
+@given(how=hostile.edits(DS_PATHS))
 def test_hostile_ds_config(tmp_path_factory, how):
     """--deepspeed_config with a value of any type at any key, a key removed, the file cut short or a bit
     flipped: the run trains or stops with one line naming the file."""
@@ -138,7 +152,8 @@ def test_hostile_ds_config(tmp_path_factory, how):
 
 
 @settings(FUZZ, max_examples=40)
-@given(target=st.sampled_from(["config.json", "model.safetensors"]), how=damage,
+@given(target=st.sampled_from(["config.json", "config.json", "model.safetensors"]),
+       how=hostile.edits([(k,) for k in HF_KEYS]),
        cut=st.booleans(), where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7), header=st.booleans())
 def test_hostile_hf_directory(files, tmp_path_factory, target, how, cut, where, bit, header):
     """import-hf of a directory whose config.json has a value of any type at any field, a field removed, or
@@ -168,8 +183,9 @@ def test_hostile_hf_directory(files, tmp_path_factory, target, how, cut, where, 
     shutil.rmtree(d)
 
 
-@settings(FUZZ, max_examples=60)
-@given(how=damage, seal=st.booleans(), command=st.sampled_from(["verify", "info", "export-hf", "eval", "train"]))
+@settings(FUZZ, max_examples=80)
+@given(how=hostile.edits(META_PATHS), seal=st.booleans(),
+       command=st.sampled_from(["verify", "info", "export-hf", "eval", "train"]))
 def test_hostile_meta_json(files, tmp_path_factory, how, seal, command):
     """A checkpoint's meta.json with a value of any type at any path, an entry removed (re-sealed, as someone
     who edits it would, or not), cut short or bit-flipped, read by verify, checkpoint-info, export-hf, eval

@@ -26,33 +26,44 @@ from gpt3d.data.indexed import MMapIndexedDatasetBuilder
 # without derandomize, to explore).
 FUZZ = settings(deadline=None, derandomize=True)
 
-# Any JSON value, small: the wrong types a hand-edited or generated file holds.
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2, 2 ** 70) | st.sampled_from([0, 1, -1, 2 ** 31, 2 ** 63])
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=6)
+# Any JSON value, small: the wrong types a hand-edited or generated file holds (and plausible other sizes).
+scalars = (st.none() | st.booleans() | st.integers(-2, 2 ** 70) | st.sampled_from([0, 1, -1, 3, 64, 2 ** 31, 2 ** 63])
+           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8))
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
 
 # What to do to a file: ("set", path index, value), ("drop", path index), ("cut", fraction), ("flip", fraction,
-# bit). A path index picks one of the document's paths (modulo their number).
+# bit). A path index picks one of the document's paths (modulo their number, shallow ones first).
 damage = st.one_of(st.tuples(st.just("set"), st.integers(0, 10 ** 6), json_values),
                    st.tuples(st.just("drop"), st.integers(0, 10 ** 6)),
                    st.tuples(st.just("cut"), st.floats(0, 1, exclude_max=True)),
                    st.tuples(st.just("flip"), st.floats(0, 1, exclude_max=True), st.integers(0, 7)))
 
 
-def paths(doc, prefix=()) -> list:
-    """Every path (tuple of keys / indices) into a JSON document, the document itself excluded."""
-    out = []
-    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
-    for k, v in items:
-        out.append((*prefix, k))
-        out += paths(v, (*prefix, k))
+def edits(where: list) -> st.SearchStrategy:
+    """("at", path, value): a value of any type at one of the paths `where` names (the entries a reader
+    uses), next to `damage` anywhere."""
+    return st.one_of(st.tuples(st.just("at"), st.sampled_from(where), json_values), damage)
+
+
+def paths(doc) -> list:
+    """Every path (tuple of keys / indices) into a JSON document, the document itself excluded, shallow ones
+    first (a small path index, which hypothesis favours, edits a top-level entry)."""
+    out, level = [], [((), doc)]
+    while level:
+        deeper = []
+        for prefix, node in level:
+            items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+            for k, v in items:
+                out.append((*prefix, k))
+                deeper.append(((*prefix, k), v))
+        level = deeper
     return out
 
 
 def damage_json(text: str, how: tuple) -> tuple[str, bool]:
-    """(damaged text, whether it is still JSON whose structure was edited: worth re-sealing)."""
+    """(damaged text, whether it is still JSON whose structure was edited: worth re-sealing). "at" paths must
+    lead through existing objects."""
     kind = how[0]
     if kind in ("cut", "flip"):
         raw = bytearray(text.encode())
@@ -64,16 +75,19 @@ def damage_json(text: str, how: tuple) -> tuple[str, bool]:
         return raw.decode("utf-8", "surrogateescape"), False
     doc = json.loads(text)
     where = paths(doc)
-    if not where:
+    if kind == "at":
+        path = how[1]
+    elif not where:
         return json.dumps(how[2] if kind == "set" else None), True
-    path = where[how[1] % len(where)]
+    else:
+        path = where[how[1] % len(where)]
     node = doc
     for k in path[:-1]:
         node = node[k]
-    if kind == "set":
-        node[path[-1]] = how[2]
-    else:
+    if kind == "drop":
         del node[path[-1]]
+    else:
+        node[path[-1]] = how[2]
     return json.dumps(doc), True
 
 
