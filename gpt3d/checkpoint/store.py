@@ -351,9 +351,10 @@ def describe(root: str) -> str:
     m = dataclasses.asdict(saved_model_config(meta["config"]))
     lay = meta["layout"]
     zero = f"ZeRO-{lay['zero']}" if "zero" in lay else "weights only"
+    tokens = f"{meta['tokens']:,}" if "tokens" in meta else "not recorded"
     return "\n".join([
         f"checkpoint: {path}",
-        f"iteration: {meta['iteration']}  tokens: {meta['tokens']:,}  consumed samples: {meta['consumed_samples']:,}",
+        f"iteration: {meta['iteration']}  tokens: {tokens}  consumed samples: {meta['consumed_samples']:,}",
         f"layout: TP={lay['tp']} PP={lay['pp']} DP={lay['dp']} {zero}",
         f"model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
         f"seq {m['seq_length']}, vocab {meta['vocab_size']} (padded {meta['padded_vocab']})",

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from gpt3d.data import vocab_check
@@ -21,7 +21,7 @@ from gpt3d.data.indexed import MMapIndexedDataset
 from gpt3d.errors import DataError
 
 from tests.support import hostile, runs
-from tests.support.hostile import FUZZ, write_corpus
+from tests.support.hostile import fuzz, write_corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
@@ -46,7 +46,7 @@ def corpus(tmp_path_factory) -> tuple[str, list]:
     return prefix, [ds.get(i).copy() for i in range(len(ds))]
 
 
-@settings(FUZZ, max_examples=300)
+@fuzz(300)
 @given(damage=st.one_of(st.tuples(st.just("flip"), st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
                         st.tuples(st.sampled_from([".idx", ".bin"]), st.integers(1, 64))))
 def test_a_corrupt_index_is_refused_naming_the_entry(corpus, tmp_path_factory, damage):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from gpt3d import checkpoint
@@ -32,7 +32,7 @@ from gpt3d.cli import main as cli_main
 from gpt3d.parallel.random import from_tensors
 
 from tests.support import runs
-from tests.support.hostile import FUZZ, reseal
+from tests.support.hostile import fuzz, reseal
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")   # @record under capsys
 
@@ -101,7 +101,7 @@ def test_no_code_runs_from_a_checkpoint(ck, tmp_path, capsys):
 LISTED = (".", "..", "meta.json", "model_tp0_pp0.safetensors", "optim_tp0_pp0_dp0.safetensors", "rng_rank0.safetensors")
 
 
-@settings(FUZZ, max_examples=25)
+@fuzz(25)
 @given(name=st.one_of(
     st.sampled_from(["model_tp0_pp1.safetensors", "rng_rank0.pt", "optim_tp0_pp0_dp1.safetensors",
                      "tokenizer/vocab.json", ".nfs0001", "sub/dir/x.bin"]),

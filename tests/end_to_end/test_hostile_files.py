@@ -15,11 +15,11 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support import hostile, runs
-from tests.support.hostile import FUZZ, damage_json, one_error_line, reseal, run_cli, write_damaged
+from tests.support.hostile import fuzz, damage_json, one_error_line, reseal, run_cli, write_damaged
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
@@ -135,7 +135,7 @@ def _changed_nothing(before: dict, root: Path) -> bool:
     return {k: v for k, v in after.items() if k in before} == before
 
 
-@settings(FUZZ, max_examples=40)
+@fuzz(40)
 @given(how=hostile.edits(DS_PATHS))
 def test_hostile_ds_config(tmp_path_factory, how):
     """--deepspeed_config with a value of any type at any key, a key removed, the file cut short or a bit
@@ -151,7 +151,7 @@ def test_hostile_ds_config(tmp_path_factory, how):
     shutil.rmtree(d)
 
 
-@settings(FUZZ, max_examples=40)
+@fuzz(40)
 @given(target=st.sampled_from(["config.json", "config.json", "model.safetensors"]),
        how=hostile.edits([(k,) for k in HF_KEYS]),
        cut=st.booleans(), where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7), header=st.booleans())
@@ -183,7 +183,7 @@ def test_hostile_hf_directory(files, tmp_path_factory, target, how, cut, where, 
     shutil.rmtree(d)
 
 
-@settings(FUZZ, max_examples=80)
+@fuzz(80)
 @given(how=hostile.edits(META_PATHS), seal=st.booleans(),
        command=st.sampled_from(["verify", "info", "export-hf", "eval", "train"]))
 def test_hostile_meta_json(files, tmp_path_factory, how, seal, command):
@@ -212,7 +212,7 @@ def test_hostile_meta_json(files, tmp_path_factory, how, seal, command):
     shutil.rmtree(d)
 
 
-@settings(FUZZ, max_examples=10)
+@fuzz(10)
 @given(file=st.sampled_from([".idx", ".bin"]), how=st.tuples(st.sampled_from(["cut", "flip"]),
                                                              st.floats(0, 1, exclude_max=True), st.integers(0, 7)))
 def test_hostile_data_files(files, tmp_path_factory, file, how):
@@ -236,7 +236,7 @@ def test_hostile_data_files(files, tmp_path_factory, file, how):
     shutil.rmtree(d)
 
 
-@settings(FUZZ, max_examples=20)
+@fuzz(20)
 @given(text=st.text(max_size=60), encoding=st.sampled_from(["utf-8", "utf-16", "latin-1", "cp1252", "raw"]),
        raw=st.binary(max_size=40), command=st.sampled_from(["eval", "preprocess"]))
 def test_hostile_text_encodings(files, tmp_path_factory, text, encoding, raw, command):
