@@ -151,7 +151,7 @@ def test_hostile_ds_config(tmp_path_factory, how):
     shutil.rmtree(d)
 
 
-@fuzz(40)
+@fuzz(150)
 @given(target=st.sampled_from(["config.json", "config.json", "model.safetensors"]),
        how=hostile.edits([(k,) for k in HF_KEYS]),
        cut=st.booleans(), where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7), header=st.booleans())
@@ -212,7 +212,7 @@ def test_hostile_meta_json(files, tmp_path_factory, how, seal, command):
     shutil.rmtree(d)
 
 
-@fuzz(10)
+@fuzz(30)
 @given(file=st.sampled_from([".idx", ".bin"]), how=st.tuples(st.sampled_from(["cut", "flip"]),
                                                              st.floats(0, 1, exclude_max=True), st.integers(0, 7)))
 def test_hostile_data_files(files, tmp_path_factory, file, how):

@@ -48,7 +48,8 @@ damage = st.one_of(st.tuples(st.just("set"), st.integers(0, 10 ** 6), json_value
 def edits(where: list) -> st.SearchStrategy:
     """("at", path, value): a value of any type at one of the paths `where` names (the entries a reader
     uses), next to `damage` anywhere."""
-    return st.one_of(st.tuples(st.just("at"), st.sampled_from(where), json_values), damage)
+    values = st.one_of(json_values, st.integers(0, 128))   # and plausible other sizes
+    return st.one_of(st.tuples(st.just("at"), st.sampled_from(where), values), damage)
 
 
 def paths(doc) -> list:
