@@ -31,10 +31,13 @@ DS_CONFIG = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradie
              "fp16": {"enabled": False}, "bf16": {"enabled": False}}
 DS_PATHS = [(k,) for k in DS_CONFIG] + [("zero_optimization", k) for k in DS_CONFIG["zero_optimization"]] + \
     [("fp16", "enabled"), ("bf16", "enabled"), ("fp16", "loss_scale"), ("fp16", "initial_scale_power")]
+DS_SIZES = [("train_batch_size",), ("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",),
+            ("zero_optimization", "stage"), ("zero_optimization", "reduce_bucket_size")]
 # The fields of the exported GPT-2 config.json that import-hf reads.
 HF_KEYS = ["model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
            "activation_function", "resid_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range",
            "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings"]
+HF_SIZES = ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"]
 # The entries of meta.json that loading, export and eval read.
 META_PATHS = [("files",), ("checksums",), ("layout",), ("layout", "tp"), ("layout", "dp"), ("layout", "zero"),
               ("config",), ("config", "model"), ("config", "data"), ("config", "model", "hidden_size"),
@@ -43,6 +46,10 @@ META_PATHS = [("files",), ("checksums",), ("layout",), ("layout", "tp"), ("layou
               ("config", "data", "vocab_file"), ("config", "data", "split"), ("vocab_size",), ("padded_vocab",),
               ("params",), ("iteration",), ("consumed_samples",), ("tokens",), ("data_state",), ("scaler",),
               ("tokenizer",), ("non_finite",), ("format",)]
+META_SIZES = [("layout", "tp"), ("layout", "pp"), ("config", "model", "hidden_size"), ("config", "model", "num_layers"),
+              ("config", "model", "num_attention_heads"), ("config", "model", "ffn_hidden_size"),
+              ("config", "model", "seq_length"), ("vocab_size",), ("padded_vocab",), ("iteration",),
+              ("consumed_samples",)]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +143,7 @@ def _changed_nothing(before: dict, root: Path) -> bool:
 
 
 @fuzz(40)
-@given(how=hostile.edits(DS_PATHS))
+@given(how=hostile.edits(DS_PATHS, sizes=DS_SIZES))
 def test_hostile_ds_config(tmp_path_factory, how):
     """--deepspeed_config with a value of any type at any key, a key removed, the file cut short or a bit
     flipped: the run trains or stops with one line naming the file."""
@@ -153,7 +160,7 @@ def test_hostile_ds_config(tmp_path_factory, how):
 
 @fuzz(150)
 @given(target=st.sampled_from(["config.json", "config.json", "model.safetensors"]),
-       how=hostile.edits([(k,) for k in HF_KEYS]),
+       how=hostile.edits([(k,) for k in HF_KEYS], sizes=[(k,) for k in HF_SIZES]),
        cut=st.booleans(), where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7), header=st.booleans())
 def test_hostile_hf_directory(files, tmp_path_factory, target, how, cut, where, bit, header):
     """import-hf of a directory whose config.json has a value of any type at any field, a field removed, or
@@ -184,7 +191,7 @@ def test_hostile_hf_directory(files, tmp_path_factory, target, how, cut, where, 
 
 
 @fuzz(80)
-@given(how=hostile.edits(META_PATHS), seal=st.booleans(),
+@given(how=hostile.edits(META_PATHS, sizes=META_SIZES), seal=st.booleans(),
        command=st.sampled_from(["verify", "info", "export-hf", "eval", "train"]))
 def test_hostile_meta_json(files, tmp_path_factory, how, seal, command):
     """A checkpoint's meta.json with a value of any type at any path, an entry removed (re-sealed, as someone

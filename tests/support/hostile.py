@@ -45,11 +45,13 @@ damage = st.one_of(st.tuples(st.just("set"), st.integers(0, 10 ** 6), json_value
                    st.tuples(st.just("flip"), st.floats(0, 1, exclude_max=True), st.integers(0, 7)))
 
 
-def edits(where: list) -> st.SearchStrategy:
+def edits(where: list, sizes: list = ()) -> st.SearchStrategy:
     """("at", path, value): a value of any type at one of the paths `where` names (the entries a reader
-    uses), next to `damage` anywhere."""
-    values = st.one_of(json_values, st.integers(0, 128))   # and plausible other sizes
-    return st.one_of(st.tuples(st.just("at"), st.sampled_from(where), values), damage)
+    uses), or another plausible size at one of the paths `sizes` names, next to `damage` anywhere."""
+    options = [st.tuples(st.just("at"), st.sampled_from(where), json_values), damage]
+    if sizes:
+        options.append(st.tuples(st.just("at"), st.sampled_from(sizes), st.integers(0, 130)))
+    return st.one_of(*options)
 
 
 def paths(doc) -> list:
