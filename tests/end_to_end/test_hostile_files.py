@@ -117,6 +117,15 @@ def _resealed(w: Path, edit) -> Path:
      r"hf/config.json: not valid JSON"),
     ("meta.json null", lambda w: ["eval", "--load", str(_meta(w, lambda m: None)), "--text-file", str(w / "c.idx")],
      r"iter_0000004 is unusable: meta.json is malformed: the file is null, expected a JSON object"),
+    ("meta.json: a resume position beyond the data", lambda w: [
+        "train", *runs.TINY, "--load", str(_resealed(w, lambda m: {**m, "consumed_samples": 10 ** 6})),
+        "--train-iters", "6"],
+     r"iter_0000004 resumes at sample 1,000,000 \(iteration 4\): 6 iterations would need 1,000,008 samples of a "
+     r"data stream of 24"),
+    ("meta.json: a model shape its shards do not have", lambda w: [
+        "export-hf", "--load", str(_resealed(w, lambda m: {**m, "config": {
+            **m["config"], "model": {**m["config"]["model"], "ffn_hidden_size": 64}}})), "--output", str(w / "out")],
+     r"iter_0000004: layers.0.mlp.fc1.weight has shape \(128, 32\), its config's model needs \(64, 32\)"),
     ("meta.json edited and re-sealed", lambda w: [
         "export-hf", "--load", str(_resealed(w, lambda m: {**m, "layout": {**m["layout"], "tp": "2"}})),
         "--output", str(w / "out")],
@@ -221,10 +230,11 @@ def test_hostile_meta_json(files, tmp_path_factory, how, seal, command):
 
 @fuzz(30)
 @given(file=st.sampled_from([".idx", ".bin"]), how=st.tuples(st.sampled_from(["cut", "flip"]),
-                                                             st.floats(0, 1, exclude_max=True), st.integers(0, 7)))
-def test_hostile_data_files(files, tmp_path_factory, file, how):
-    """`gpt3d train` on a .bin/.idx cut short or with a bit flipped anywhere (a token beyond the vocabulary
-    included): it trains, or stops before training with one line naming the file."""
+                                                             st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
+       high=st.booleans())
+def test_hostile_data_files(files, tmp_path_factory, file, how, high):
+    """`gpt3d train` on a .bin/.idx cut short or with a bit flipped anywhere (in a token's high byte: an id
+    beyond the vocabulary): it trains, or stops before training with one line naming the file."""
     d = tmp_path_factory.mktemp("data")
     for ext in (".bin", ".idx"):
         shutil.copyfile(files / f"c{ext}", d / f"c{ext}")
@@ -233,7 +243,7 @@ def test_hostile_data_files(files, tmp_path_factory, file, how):
     if how[0] == "cut":
         raw = raw[:at]
     else:
-        raw[at] ^= 1 << how[2]
+        raw[at | 1 if file == ".bin" and high else at] ^= 1 << how[2]
     (d / f"c{file}").write_bytes(bytes(raw))
     before = runs.snapshot(d)
     rc, _, err = run_cli("train", *runs.TINY, "--no-mock-data", "--data-path", str(d / "c"), *NULL_TOKENIZER,
