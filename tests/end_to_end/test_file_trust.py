@@ -247,3 +247,39 @@ def test_one_save_per_iteration_with_a_stop_signal(tmp_path, capsys, monkeypatch
     assert saves == [1, 2, 3], saves
     out = capsys.readouterr().out
     assert out.count("saved checkpoint at iteration 3 ") == 1 and "stop signal received at iteration 3" in out
+
+
+def test_a_killed_preprocess_leaves_only_what_its_next_run_removes(tmp_path):
+    """Row: a preprocess killed with -9 left its temporary files behind forever. Its index spill files have
+    no name; its .bin/.idx temporaries are removed by the next run of the same output on this host, which
+    touches nothing else: another host's or a live process's temporaries, a user's `*.tmp` file. (Killed
+    once both temporaries exist, while it reads a 45 MB input.)"""
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+    line = '{"text": "' + " ".join(str(i % 97) for i in range(200)) + '"}\n'
+    (tmp_path / "in.jsonl").write_text(line * 60000)   # 45 MB: seconds of work, killed long before the end
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "gpt3d", "preprocess", "--input", str(tmp_path / "in.jsonl"),
+                             "--output-prefix", str(out), "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"],
+                            cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def temporaries() -> list:
+        return sorted(n for n in os.listdir(tmp_path) if n.startswith(".out_text_document."))
+    runs.wait_for(lambda: len(temporaries()) == 2, proc)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    left = temporaries()
+    assert [n.split(".tmp-")[0] for n in left] == [".out_text_document.bin", ".out_text_document.idx"], left
+    assert sorted(os.listdir(tmp_path)) == sorted(left + ["in.jsonl"])   # spill files: nameless
+    foreign = [".out_text_document.bin.tmp-otherhost-12345-0123abcd", "out_text_document.bin.tmp",
+               f".out_text_document.idx{left[1][len('.out_text_document.idx'):].rsplit('-', 2)[0]}-1-0123abcd"]
+    for name in foreign:   # another host's, a user's, and one of a live process (pid 1) of this host
+        (tmp_path / name).write_text("not yours")
+    (tmp_path / "in.jsonl").write_text('{"text": "4 5 6"}\n')
+    assert cli_main(["preprocess", "--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(out),
+                     "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(foreign + ["in.jsonl", "out_text_document.bin",
+                                                             "out_text_document.idx"])
