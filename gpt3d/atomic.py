@@ -87,8 +87,9 @@ def is_temporary(name: str) -> bool:
     return re.fullmatch(r"\..+\.tmp-.+-\d+-[0-9a-f]{8}", name) is not None
 
 
-def remove_temporary(path: str) -> None:
-    """Remove a temporary gpt3d created (a regular file or a real directory; a symlink is only unlinked)."""
+def remove_created(path: str) -> None:
+    """Remove what gpt3d created at `path` (a file, or a real directory and all in it; a symlink found there is
+    unlinked, never followed)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -109,7 +110,7 @@ def remove_leftovers(target: str) -> None:
         return
     for name in names:
         if _leftover(target, name):
-            remove_temporary(os.path.join(directory, name))
+            remove_created(os.path.join(directory, name))
 
 
 def new_file(target: str) -> str:
@@ -160,7 +161,7 @@ def publish_dir(tmp: str, final: str) -> None:
     os.replace(tmp, final)
     fsync_dir(os.path.dirname(os.path.abspath(final)))
     if old is not None:
-        remove_temporary(old)
+        remove_created(old)
 
 
 @contextlib.contextmanager
@@ -173,4 +174,4 @@ def replacing(path: str) -> Iterator[str]:
         yield tmp
         os.replace(tmp, path)
     finally:
-        remove_temporary(tmp)
+        remove_created(tmp)

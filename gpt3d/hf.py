@@ -295,7 +295,7 @@ def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[
         _write_json(os.path.join(tmp, "generation_config.json"), ids)
         atomic.publish_dir(tmp, output)   # replaces an empty directory, checked above
     finally:
-        atomic.remove_temporary(tmp)      # only what this export created; nothing once published
+        atomic.remove_created(tmp)      # only what this export created; nothing once published
     return {"checkpoint": path, "output": output, "architecture": config["architectures"][0],
             "tokenizer": tok.type_name if tok else None, "dtype": config["dtype"]}
 

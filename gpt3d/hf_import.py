@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import atomic
 from .config import Config
 from .config_check import check_model, check_values
 from .errors import ConfigError, HFError, os_errors_are_user_errors
@@ -195,9 +196,12 @@ def import_hf(src: str, save: str) -> dict:
                              tokenizer=tok)
         yaml_path = os.path.join(save, "model.yaml")
         _write_model_yaml(yaml_path, cfg)
-    except BaseException:
-        if created:   # the directory this import made, and only it
+    except BaseException:   # what this import wrote, and only that: the directory was new or empty
+        if created:
             shutil.rmtree(save, ignore_errors=True)
+        else:
+            for name in os.listdir(save):
+                atomic.remove_created(os.path.join(save, name))
         raise
     return {"input": src, "checkpoint": final, "config": yaml_path, "architecture": hf_config.get("model_type")}
 

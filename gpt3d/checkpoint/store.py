@@ -205,7 +205,7 @@ def save(root: str, parts: dict, ps: ParallelState, iteration: int, keep_last: O
     err = _from_rank0(ps, err)
     if err:
         if ps.rank == 0:
-            atomic.remove_temporary(tmp)
+            atomic.remove_created(tmp)
         raise CheckpointError(f"could not write checkpoint {final}: {err}; previous checkpoints are intact")
     if ps.rank == 0 and not bad:   # a bad newest checkpoint must not push the last good one out
         _prune(root, name, keep_last)
@@ -245,7 +245,7 @@ def _prune(root: str, newest: str, keep_last: Optional[int]) -> None:
     stale = [d for d in os.listdir(root) if re.fullmatch(r"\.iter_\d{7}\.tmp-.+", d) and atomic.is_temporary(d)
              or re.fullmatch(r"iter_\d{7}\.tmp", d) and not os.path.islink(os.path.join(root, d))]
     for d in old + stale:
-        atomic.remove_temporary(os.path.join(root, d))
+        atomic.remove_created(os.path.join(root, d))
 
 
 def list_checkpoints(root: str) -> list[str]:
