@@ -58,7 +58,11 @@ def umask() -> int:
 
 def honour_umask(path: str) -> None:
     """Give a regular file the mode a plain `open(path, "w")` would have (0666 less the umask)."""
-    os.chmod(path, 0o666 & ~umask(), follow_symlinks=False)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+    finally:
+        os.close(fd)
 
 
 def _temp_path(target: str) -> str:
