@@ -52,7 +52,8 @@ def corpus(tmp_path_factory) -> tuple[str, list]:
 def test_a_corrupt_index_is_refused_naming_the_entry(corpus, tmp_path_factory, damage):
     """A bit flipped anywhere in the .idx (header, sizes, pointers, doc_idx), or either file truncated: the
     open is refused with a DataError naming the file (and, for an index entry, which one), or, where the
-    flip left a consistent index (a document boundary moved), every sequence reads exactly as before. (A
+    flip left a consistent index (a document boundary moved), every sequence reads exactly as before and the
+    documents still partition the sequences in order. (A
     flipped token in the .bin is the vocabulary check's: test_vocab_check.py.)"""
     prefix, sequences = corpus
     work = str(tmp_path_factory.mktemp("flip") / "c")
@@ -73,6 +74,8 @@ def test_a_corrupt_index_is_refused_naming_the_entry(corpus, tmp_path_factory, d
         assert str(e).startswith((work + ".idx:", work + ".bin:")), e
         return
     assert [ds.get(i).tolist() for i in range(len(ds))] == [s.tolist() for s in sequences]
+    docs = ds.doc_idx.tolist()   # documents still partition the sequences, in order
+    assert docs[0] == 0 and docs == sorted(docs) and docs[-1] == len(ds), docs
 
 
 def test_a_flipped_size_is_one_error_line_naming_the_entry(corpus, tmp_path, capsys):
