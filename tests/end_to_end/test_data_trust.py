@@ -46,27 +46,36 @@ def corpus(tmp_path_factory) -> tuple[str, list]:
     return prefix, [ds.get(i).copy() for i in range(len(ds))]
 
 
+# The .idx regions as (offset, entry size, entries) for a corpus of n sequences and m doc_idx entries.
+def _regions(n: int, m: int) -> dict:
+    return {"header": (0, 1, 34), "sizes": (34, 4, n), "pointers": (34 + 4 * n, 8, n),
+            "doc_idx": (34 + 12 * n, 8, m)}
+
+
 @fuzz(300)
-@given(damage=st.one_of(st.tuples(st.just("flip"), st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
+@given(damage=st.one_of(st.tuples(st.just("flip"), st.sampled_from(["header", "sizes", "pointers", "doc_idx"]),
+                                  st.integers(0, 10 ** 6), st.integers(0, 7), st.integers(0, 7)),
                         st.tuples(st.sampled_from([".idx", ".bin"]), st.integers(1, 64))))
 def test_a_corrupt_index_is_refused_naming_the_entry(corpus, tmp_path_factory, damage):
-    """A bit flipped anywhere in the .idx (header, sizes, pointers, doc_idx), or either file truncated: the
-    open is refused with a DataError naming the file (and, for an index entry, which one), or, where the
-    flip left a consistent index (a document boundary moved), every sequence reads exactly as before and the
-    documents still partition the sequences in order. (A
-    flipped token in the .bin is the vocabulary check's: test_vocab_check.py.)"""
+    """A bit flipped in any entry of the .idx (header, sizes, pointers, doc_idx; the first and last entries
+    often), or either file truncated: the open is refused with a DataError naming the file (and, for an
+    index entry, which one), or, where the flip left a consistent index (a document boundary moved), every
+    sequence reads exactly as before and the documents still partition the sequences in order. (A flipped
+    token in the .bin is the vocabulary check's: test_vocab_check.py.)"""
     prefix, sequences = corpus
     work = str(tmp_path_factory.mktemp("flip") / "c")
     for ext in (".bin", ".idx"):
         with open(prefix + ext, "rb") as src, open(work + ext, "wb") as dst:
             dst.write(src.read())
-    kind, a, b = damage if damage[0] == "flip" else (*damage, None)
-    target = work + (".idx" if kind == "flip" else kind)
+    target = work + (".idx" if damage[0] == "flip" else damage[0])
     raw = bytearray(open(target, "rb").read())
-    if kind == "flip":
-        raw[int(a * len(raw))] ^= 1 << b
+    if damage[0] == "flip":
+        _, region, entry, byte, bit = damage
+        start, width, count = _regions(len(sequences), 41)[region]
+        k = entry % count if entry < count or entry % 3 else count - 1   # the last entry often too
+        raw[start + k * width + byte % width] ^= 1 << bit
     else:
-        raw = raw[:max(0, len(raw) - a)]
+        raw = raw[:max(0, len(raw) - damage[1])]
     open(target, "wb").write(raw)
     try:
         ds = MMapIndexedDataset(work)
