@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from typing import Optional
 
@@ -174,7 +175,8 @@ def hf_model_config(c) -> dict:
                                   f"hidden_act {c.get('hidden_act', 'gelu')} (gpt3d uses tanh GeLU)"),
                                  (not c.get("attention_bias", True), "no attention bias"),
                                  (rope.get("rope_type", "default") != "default", "RoPE scaling"),
-                                 (float(theta) != int(theta), f"non-integer rotary base {theta}")] if cond]
+                                 (not math.isfinite(theta) or float(theta) != int(theta),
+                                  f"non-integer rotary base {theta}")] if cond]
         if why:
             raise HFError(f"GPT-NeoX variant not supported: {', '.join(why)}")
         m = {"num_layers": c["num_hidden_layers"], "hidden_size": c["hidden_size"],
@@ -193,7 +195,8 @@ def hf_model_config(c) -> dict:
                                  (hd * heads != h, f"head_dim {hd} != hidden/heads"),
                                  (rope.get("rope_type", "default") != "default" or c.get("rope_scaling"),
                                   "RoPE scaling"),
-                                 (float(theta) != int(theta), f"non-integer rope_theta {theta}"),
+                                 (not math.isfinite(theta) or float(theta) != int(theta),
+                                  f"non-integer rope_theta {theta}"),
                                  (bias != c.get("mlp_bias", False), "attention_bias != mlp_bias")] if cond]
         if why:
             raise HFError(f"Llama variant not supported: {', '.join(why)}")

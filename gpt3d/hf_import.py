@@ -2,7 +2,8 @@
 believed before it is checked), becomes a weights-only gpt3d checkpoint (the mapping is hf.py's `from_hf`).
 
 config.json must be a JSON object, and each field gpt3d reads must have the type its meaning needs (a size
-is an integer, not a bool, a float or a string; an epsilon a finite number; a switch a boolean): `HFConfig`
+is an integer, not a bool, a float or a string; an epsilon a number; a switch a boolean; ranges, NaN
+and infinity are train's rules, applied to the settings they become): `HFConfig`
 checks every read, so a malformed config is one error line naming the field, never a traceback. Weights
 are read from *.safetensors only (never a pickle: a pytorch_model.bin directory is refused with the way to
 convert it), headers first: a truncated or corrupt file, or a tensor name in two files, is one error naming
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -55,8 +55,8 @@ class HFConfig:
         name = f"{self.where}{key}"
         if key in _INT and (type(v) is not int):
             raise HFError(f"{self.path}: {name} is {json.dumps(v)}, expected an integer")
-        if key in _NUMBER and (type(v) not in (int, float) or not math.isfinite(v)):
-            raise HFError(f"{self.path}: {name} is {json.dumps(v)}, expected a finite number")
+        if key in _NUMBER and type(v) not in (int, float):   # its range (finite too): train's rules, later
+            raise HFError(f"{self.path}: {name} is {json.dumps(v)}, expected a number")
         if key in _BOOL and type(v) is not bool:
             raise HFError(f"{self.path}: {name} is {json.dumps(v)}, expected true or false")
         if key in _STR and type(v) is not str:
