@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from typing import Callable, Optional
 
 import numpy as np
@@ -185,17 +184,23 @@ class GPTDataset(Dataset):
         stem = f"{prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s_{self.digest}"
         paths = {k: f"{stem}_{k}_idx.npy" for k in ("doc", "sample", "shuffle")}
         self.cache_paths = paths
-        arrays = None
-        if is_builder and not (cache and all(os.path.exists(p) for p in paths.values())):
+        shapes = {"doc": (epochs * len(documents),), "sample": ((epochs * tokens_per_epoch - 1) // seq_length + 1, 2),
+                  "shuffle": ((epochs * tokens_per_epoch - 1) // seq_length,)}
+        arrays = cached_mappings(paths, shapes, documents) if cache and is_builder else None
+        if is_builder and arrays is None:   # none cached yet, or a cache that does not fit: (re)built
             arrays = build_index_mappings(documents, indexed.sizes, num_samples, seq_length, seed)
             if cache:
                 for k, arr in arrays.items():
                     save_atomic(paths[k], arr)
         if barrier:   # builder and readers call it exactly once each
             barrier()
-        if arrays is None:
-            arrays = {k: np.load(p, mmap_mode="r") for k, p in paths.items()} if cache else \
-                build_index_mappings(documents, indexed.sizes, num_samples, seq_length, seed)
+        if arrays is None and cache:
+            arrays = cached_mappings(paths, shapes, documents)
+            if arrays is None:
+                raise DataError(f"{paths['sample']}: the cached sample index does not fit this data (corrupt, or "
+                                "changed while the builder rank wrote it): remove the *_idx.npy files and rerun")
+        elif arrays is None:
+            arrays = build_index_mappings(documents, indexed.sizes, num_samples, seq_length, seed)
         self.doc_idx, self.sample_idx, self.shuffle_idx = arrays["doc"], arrays["sample"], arrays["shuffle"]
 
     def __len__(self) -> int:
@@ -212,6 +217,36 @@ class GPTDataset(Dataset):
             parts.append(self.indexed.get(int(self.doc_idx[d1]), length=int(o1) + 1))
             tokens = np.concatenate(parts)
         return {"text": tokens.astype(np.int64)}
+
+
+def cached_mappings(paths: dict, shapes: dict, documents: np.ndarray) -> Optional[dict]:
+    """The cached doc/sample/shuffle arrays (memory-mapped) if every file loads, has the shape this split's
+    settings give and only values in range (documents of the split, positions in doc_idx, samples), else None:
+    a cache beside the data is checked like the data, never trusted to index it."""
+    try:
+        arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in paths.items()}
+    except Exception:  # noqa: BLE001 - a damaged .npy header raises ValueError, SyntaxError, ...
+        return None
+    doc, sample, shuffle = arrays["doc"], arrays["sample"], arrays["shuffle"]
+    if any(arrays[k].shape != shapes[k] or arrays[k].dtype.kind not in "iu" for k in arrays):
+        return None
+    lo, hi = int(documents[0]), int(documents[-1])
+    for a in range(0, len(doc), _CHECK_BLOCK):
+        d = doc[a:a + _CHECK_BLOCK]
+        if int(d.min()) < lo or int(d.max()) > hi:
+            return None
+    for a in range(0, len(sample), _CHECK_BLOCK):
+        rows = sample[max(a - 1, 0):a + _CHECK_BLOCK]
+        if int(rows[:, 0].min()) < 0 or int(rows[:, 0].max()) >= len(doc) or int(rows[:, 1].min()) < 0 \
+                or (np.diff(rows[:, 0].astype(np.int64)) < 0).any():
+            return None
+    for a in range(0, len(shuffle), _CHECK_BLOCK):
+        if int(shuffle[a:a + _CHECK_BLOCK].max()) >= len(shuffle):
+            return None
+    return arrays
+
+
+_CHECK_BLOCK = 1 << 24
 
 
 def build_train_valid_test_datasets(data_path, split: str, num_samples: tuple, seq_length: int, seed: int, *,

@@ -152,3 +152,42 @@ def test_index_checks_keep_legacy_files(tmp_path):
         fh.write(b"\0\0")
     with pytest.raises(DataError, match=r"legacy.bin: size \d+ bytes does not match its index"):
         MMapIndexedDataset(prefix)
+
+
+@fuzz(60)
+@given(which=st.sampled_from(["doc", "sample", "shuffle", "blend", "blend_sample"]),
+       cut=st.booleans(), where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
+def test_cached_sample_indices_are_checked(corpus, tmp_path_factory, which, cut, where, bit):
+    """The sample-index and blend caches beside the data, cut short or with a bit flipped: the rank that
+    builds them rebuilds a cache that does not fit (wrong shape, an index out of range) and every sample
+    reads within the data; a rank that only reads them stops with a DataError naming the cache. A flip
+    that stays in range is a valid (other) order: never a crash, never a read outside the data."""
+    from gpt3d.data.gpt_dataset import build_train_valid_test_datasets
+    prefix, _ = corpus
+    work = str(tmp_path_factory.mktemp("caches") / "c")
+    for ext in (".bin", ".idx"):
+        with open(prefix + ext, "rb") as src, open(work + ext, "wb") as dst:
+            dst.write(src.read())
+    data_path = ["0.5", work, "0.5", work]
+
+    def build(builder: bool = True):
+        return build_train_valid_test_datasets(data_path, "1,0,0", (64, 0, 0), 16, 3, is_builder=builder)[0]
+
+    blend = build()
+    part = blend.datasets[0]
+    path = {"blend": blend.cache_paths[0], "blend_sample": blend.cache_paths[1]}.get(which) or \
+        part.cache_paths[which]
+    raw = bytearray(open(path, "rb").read())
+    at = int(where * len(raw))
+    if cut:
+        raw = raw[:at]
+    else:
+        raw[at] ^= 1 << bit
+    open(path, "wb").write(raw)
+    try:
+        build(builder=False)
+    except DataError as e:
+        assert str(e).startswith(os.path.dirname(work)), e
+    rebuilt = build()
+    for i in range(len(rebuilt)):
+        assert len(rebuilt[i]["text"]) == 17
