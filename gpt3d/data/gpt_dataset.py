@@ -186,7 +186,7 @@ class GPTDataset(Dataset):
         self.cache_paths = paths
         shapes = {"doc": (epochs * len(documents),), "sample": ((epochs * tokens_per_epoch - 1) // seq_length + 1, 2),
                   "shuffle": ((epochs * tokens_per_epoch - 1) // seq_length,)}
-        arrays = cached_mappings(paths, shapes, documents) if cache and is_builder else None
+        arrays = cached_mappings(paths, shapes, documents, indexed.sizes) if cache and is_builder else None
         if is_builder and arrays is None:   # none cached yet, or a cache that does not fit: (re)built
             arrays = build_index_mappings(documents, indexed.sizes, num_samples, seq_length, seed)
             if cache:
@@ -195,7 +195,7 @@ class GPTDataset(Dataset):
         if barrier:   # builder and readers call it exactly once each
             barrier()
         if arrays is None and cache:
-            arrays = cached_mappings(paths, shapes, documents)
+            arrays = cached_mappings(paths, shapes, documents, indexed.sizes)
             if arrays is None:
                 raise DataError(f"{paths['sample']}: the cached sample index does not fit this data (corrupt, or "
                                 "changed while the builder rank wrote it): remove the *_idx.npy files and rerun")
@@ -216,13 +216,19 @@ class GPTDataset(Dataset):
             parts += [self.indexed.get(int(self.doc_idx[d])) for d in range(d0 + 1, d1)]
             parts.append(self.indexed.get(int(self.doc_idx[d1]), length=int(o1) + 1))
             tokens = np.concatenate(parts)
+        if len(tokens) != self.seq + 1:   # only a damaged cache of the sample index gets here
+            raise DataError(f"{self.cache_paths['sample']}: sample {i} spans {len(tokens)} tokens, not seq + 1 = "
+                            f"{self.seq + 1}: the cached sample index is corrupt; remove the *_idx.npy files and "
+                            "rerun")
         return {"text": tokens.astype(np.int64)}
 
 
-def cached_mappings(paths: dict, shapes: dict, documents: np.ndarray) -> Optional[dict]:
+def cached_mappings(paths: dict, shapes: dict, documents: np.ndarray, sizes: np.ndarray) -> Optional[dict]:
     """The cached doc/sample/shuffle arrays (memory-mapped) if every file loads, has the shape this split's
-    settings give and only values in range (documents of the split, positions in doc_idx, samples), else None:
-    a cache beside the data is checked like the data, never trusted to index it."""
+    settings give and only values in range (documents of the split, positions in doc_idx in order, offsets
+    inside their document, samples), else None: a cache beside the data is checked like the data, never
+    trusted to index it. (What stays in range yet is not this order reads as another order of whole samples;
+    a sample of the wrong length is refused when read.)"""
     try:
         arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in paths.items()}
     except Exception:  # noqa: BLE001 - a damaged .npy header raises ValueError, SyntaxError, ...
@@ -238,7 +244,8 @@ def cached_mappings(paths: dict, shapes: dict, documents: np.ndarray) -> Optiona
     for a in range(0, len(sample), _CHECK_BLOCK):
         rows = sample[max(a - 1, 0):a + _CHECK_BLOCK]
         if int(rows[:, 0].min()) < 0 or int(rows[:, 0].max()) >= len(doc) or int(rows[:, 1].min()) < 0 \
-                or (np.diff(rows[:, 0].astype(np.int64)) < 0).any():
+                or (np.diff(rows[:, 0].astype(np.int64)) < 0).any() \
+                or (rows[:, 1] > sizes[doc[rows[:, 0]]]).any():
             return None
     for a in range(0, len(shuffle), _CHECK_BLOCK):
         if int(shuffle[a:a + _CHECK_BLOCK].max()) >= len(shuffle):
