@@ -129,8 +129,8 @@ class Reader:
                 return torch.load(path, weights_only=True, map_location="cpu")
         except Exception as e:  # noqa: BLE001 - the unpickler raises its own types for what it refuses
             why = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: not loadable without running code from it ({why}); it is "
-                                  "refused (pass --no-load-rng to resume without it)") from None
+            raise CheckpointError(f"{path}: refused: not plain tensors and arrays ({why}); gpt3d never runs "
+                                  "code from a checkpoint (--no-load-rng resumes without this file)") from None
 
 
 # What older checkpoints' RNG pickles hold besides tensors: numpy's RNG key array (and its dtype), under the
