@@ -139,7 +139,7 @@ def hf_tensors_needed(cfg: Config, model, headers: dict) -> list[str]:
     """The names of `headers` ({name: (file, shape, dtype)}) that `from_hf` reads, after checking that each
     is there with the shape the config implies (found by mapping the gpt3d model's own shapes through
     `to_hf`, on the meta device) and a floating dtype; HFError naming the first that is not."""
-    vocab = cfg.model.vocab_size
+    vocab = model.vocab_size
     shapes = {n: torch.empty(p.shape, device="meta")[:vocab] if n in VOCAB_PARAMETERS else
               torch.empty(p.shape, device="meta") for n, p in model.named_parameters()}
     expected, _ = to_hf(dataclasses.asdict(cfg.model), shapes, vocab, None)

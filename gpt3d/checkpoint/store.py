@@ -140,7 +140,7 @@ def _legacy_globals() -> list:
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:   # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
     kinds = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.uint8)]
     return [np.ndarray, np.dtype, *kinds, (_reconstruct, "numpy.core.multiarray._reconstruct"),
             (_reconstruct, "numpy._core.multiarray._reconstruct")]
