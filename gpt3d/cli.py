@@ -133,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
 # Every other command -> the module that registers its sub-parser (`register(sub)`) and runs it. Only the
 # module of the command being run is imported, so a light command (preprocess) never pays for torch.
 COMMANDS = {"preprocess": "data.preprocess", "bench": "bench", "checkpoint-info": "tools", "checkpoint": "tools",
-            "export-hf": "hf", "import-hf": "hf", "eval": "inference", "generate": "inference", "plot": "plot",
+            "export-hf": "hf", "import-hf": "hf_import", "eval": "inference", "generate": "inference", "plot": "plot",
             "plan": "plan.cli"}
 
 

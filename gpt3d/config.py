@@ -356,14 +356,19 @@ def read_settings_file(path: str, load: Callable[[IO[str]], Any],
                        describe: Callable[[Exception], str], missing: str, expected: str) -> dict:
     """The mapping that `load` parses from the file at `path` (a YAML config, a ds_config.json), or one
     ConfigError line: `missing` when there is no such file, `path: describe(error)` when `load` raises
-    `parse_error`, `path: expected` when the file holds something other than a mapping."""
+    `parse_error`, `path: expected` when the file holds something other than a mapping (or is not UTF-8 text,
+    or is nested too deeply to parse)."""
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             data = load(fh)
     except FileNotFoundError:
         raise ConfigError(missing) from None
     except parse_error as e:
         raise ConfigError(f"{path}: {describe(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start + 1})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {expected}")
     return data

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from .config import SECTIONS, Config, flag_name
+from .config import SECTIONS, Config, ModelConfig, flag_name
 from .errors import ConfigError
 
 
@@ -76,10 +76,9 @@ def check_values(cfg: Config) -> None:
             check_value(flag_name(f), v, RULES.get(f.name))
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Check every value and cross-field rule up front so a bad run fails in its first second."""
-    m, p, t, s, pr = cfg.model, cfg.parallel, cfg.training, cfg.scheduler, cfg.precision
-    check_values(cfg)
+def check_model(m: ModelConfig) -> None:
+    """The rules between model settings (after `check_values`): what any model, trained, saved or imported,
+    must satisfy to be built."""
     _need(m.hidden_size % m.num_attention_heads == 0,
           f"--num-attention-heads ({m.num_attention_heads}) must divide --hidden-size ({m.hidden_size})")
     _need(m.num_attention_heads % m.kv_heads == 0,
@@ -89,6 +88,13 @@ def validate(cfg: Config, world_size: int) -> None:
     if m.use_rotary_position_embeddings:
         rot = int(m.head_dim * m.rotary_percent)
         _need(rot >= 2 and rot % 2 == 0, f"rotary dims (head dim {m.head_dim} x {m.rotary_percent}) must be even")
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Check every value and cross-field rule up front so a bad run fails in its first second."""
+    m, p, t, s, pr = cfg.model, cfg.parallel, cfg.training, cfg.scheduler, cfg.precision
+    check_values(cfg)
+    check_model(m)
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     _need(world_size % (tp * pp) == 0,
           f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Optional
 
@@ -69,6 +70,17 @@ def deepspeed_settings(ds: dict, path: str, micro_batch: int, dp: Optional[int])
     def fail(key: str, why: str):
         raise ConfigError(f"{path}: {key}: {why}")
 
+    def number(key: str, v: Any, integer: bool = False) -> Any:
+        """A JSON number (an integer where `integer`), finite: never a bool, a string or null."""
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not math.isfinite(v):
+            fail(key, f"expected {'an integer' if integer else 'a finite number'}, got {json.dumps(v)}")
+        return v
+
+    def switch(key: str, v: Any) -> bool:
+        if not isinstance(v, bool):
+            fail(key, f"expected true or false, got {json.dumps(v)}")
+        return v
+
     def section(name: str) -> dict:
         value = ds.get(name, {})
         if not isinstance(value, dict):
@@ -114,11 +126,10 @@ def deepspeed_settings(ds: dict, path: str, micro_batch: int, dp: Optional[int])
                                      f"gradient_accumulation_steps ({gas}) x data-parallel size ({dp})")
 
     # steps_per_print: accepted, no effect (the module docstring says why)
-    out.append(("clip_grad", float(ds.get("gradient_clipping", 0.0)), "gradient_clipping"))
-    if not isinstance(ds.get("prescale_gradients", False), bool):
-        fail("prescale_gradients", "expected true or false")
-    if ds.get("zero_allow_untested_optimizer", False) not in (True, False):
-        fail("zero_allow_untested_optimizer", "expected true or false")
+    out.append(("clip_grad", float(number("gradient_clipping", ds.get("gradient_clipping", 0.0))),
+                "gradient_clipping"))
+    switch("prescale_gradients", ds.get("prescale_gradients", False))
+    switch("zero_allow_untested_optimizer", ds.get("zero_allow_untested_optimizer", False))
     types = section("data_types")
     for key, value in types.items():
         if key != "grad_accum_dtype" or value != "fp32":
@@ -127,12 +138,14 @@ def deepspeed_settings(ds: dict, path: str, micro_batch: int, dp: Optional[int])
     zero = section("zero_optimization")
     for key, value in zero.items():
         if key == "stage":
-            if value not in (0, 1):
+            if number("zero_optimization.stage", value, integer=True) not in (0, 1):
                 fail("zero_optimization.stage", f"ZeRO stage {value} is not supported (gpt3d has stage 0 and 1)")
         elif key == "reduce_bucket_size":
-            out.append(("bucket_size_mb", float(value) * 4 / 2 ** 20, "zero_optimization.reduce_bucket_size"))
+            out.append(("bucket_size_mb", float(number("zero_optimization.reduce_bucket_size", value)) * 4 / 2 ** 20,
+                        "zero_optimization.reduce_bucket_size"))
         elif key == "overlap_comm":
-            out.append(("overlap_grad_reduce", bool(value), "zero_optimization.overlap_comm"))
+            out.append(("overlap_grad_reduce", switch("zero_optimization.overlap_comm", value),
+                        "zero_optimization.overlap_comm"))
         elif key in _ZERO_FIXED:
             if value != _ZERO_FIXED[key]:
                 fail(f"zero_optimization.{key}", f"only {json.dumps(_ZERO_FIXED[key])} is supported")
@@ -144,7 +157,8 @@ def deepspeed_settings(ds: dict, path: str, micro_batch: int, dp: Optional[int])
     for key in bf16:
         if key != "enabled":
             fail(f"bf16.{key}", "a DeepSpeed bf16 option gpt3d does not have")
-    fp16_on, bf16_on = bool(fp16.get("enabled", False)), bool(bf16.get("enabled", False))
+    fp16_on = switch("fp16.enabled", fp16.get("enabled", False))
+    bf16_on = switch("bf16.enabled", bf16.get("enabled", False))
     if fp16_on and bf16_on:
         fail("bf16.enabled", "fp16 and bf16 are both enabled")
     out.append(("fp16", fp16_on, "fp16.enabled"))
@@ -156,13 +170,18 @@ def deepspeed_settings(ds: dict, path: str, micro_batch: int, dp: Optional[int])
                        "min_loss_scale", *_FP16_FIXED):
             fail(f"fp16.{key}", "a DeepSpeed fp16 option gpt3d does not have")
     if fp16_on:   # DeepSpeed's defaults for the keys the file leaves out
-        scale = float(fp16.get("loss_scale", 0))
+        scale = float(number("fp16.loss_scale", fp16.get("loss_scale", 0)))
         out.append(("loss_scale", scale if scale > 0 else None, "fp16.loss_scale"))
-        out.append(("initial_loss_scale", float(2 ** fp16.get("initial_scale_power", 16)),
-                    "fp16.initial_scale_power"))
-        out.append(("loss_scale_window", int(fp16.get("loss_scale_window", 1000)), "fp16.loss_scale_window"))
-        out.append(("hysteresis", int(fp16.get("hysteresis", 2)), "fp16.hysteresis"))
-        out.append(("min_loss_scale", float(fp16.get("min_loss_scale", 1)), "fp16.min_loss_scale"))
+        power = number("fp16.initial_scale_power", fp16.get("initial_scale_power", 16), integer=True)
+        if not 0 <= power <= 127:
+            fail("fp16.initial_scale_power", f"expected 0..127 (a float32 loss scale), got {power}")
+        out.append(("initial_loss_scale", float(2 ** power), "fp16.initial_scale_power"))
+        out.append(("loss_scale_window", number("fp16.loss_scale_window", fp16.get("loss_scale_window", 1000),
+                                                integer=True), "fp16.loss_scale_window"))
+        out.append(("hysteresis", number("fp16.hysteresis", fp16.get("hysteresis", 2), integer=True),
+                    "fp16.hysteresis"))
+        out.append(("min_loss_scale", float(number("fp16.min_loss_scale", fp16.get("min_loss_scale", 1))),
+                    "fp16.min_loss_scale"))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Hugging Face export/import: `gpt3d export-hf` and `gpt3d import-hf`.
+"""Hugging Face export: `gpt3d export-hf`, and the tensor mapping both directions use (import-hf's command,
+which reads an untrusted directory, is hf_import.py).
 
 Three HF architectures express gpt3d models exactly: the GPT-3/Megatron default (learned positions, LayerNorm,
 tanh-GeLU, biases, multi-head) is `GPT2LMHeadModel`; the same with RoPE (any --rotary-percent) is
@@ -11,23 +12,21 @@ import -> export returns the same bytes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
-import shutil
-import sys
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import atomic
 from .config import Config
-from .config_check import check_values
-from .errors import ConfigError, HFError, os_errors_are_user_errors
-from .atomic import fresh_dir, publish_dir
+from .errors import HFError, os_errors_are_user_errors
 from .model.build import DTYPES
-from .model.gpt import EMBEDDING, OUTPUT_LAYER, VOCAB_PARAMETERS
-from .progress import Activity, Progress
+from .model.gpt import EMBEDDING, OUTPUT_LAYER
+from .progress import Activity
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -158,21 +157,75 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
 
 
 # ----- HF -> gpt3d ------------------------------------------------------------------------------------------------
-def from_hf(c: dict, sd: dict) -> tuple[dict, dict]:
-    """(gpt3d model config dict, full gpt3d tensors) from an HF config.json and state dict."""
+def hf_model_config(c) -> dict:
+    """The gpt3d model settings (a dict) of an HF config (hf_input.HFConfig: fields type-checked as read);
+    HFError for a variant gpt3d cannot express exactly."""
     arch = c.get("model_type")
-    tied = c.get("tie_word_embeddings", arch == "gpt2")   # each config class's default
-    t = {}
     if arch == "gpt2":
         act = c.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh") or c.get("scale_attn_by_inverse_layer_idx") or \
                 c.get("reorder_and_upcast_attn") or c.get("scale_attn_weights", True) is False:
             raise HFError(f"GPT-2 variant not supported (activation {act}, attention scaling options)")
-        h, heads, layers = c["n_embd"], c["n_head"], c["n_layer"]
-        m = {"num_layers": layers, "hidden_size": h, "num_attention_heads": heads,
+        h = c["n_embd"]
+        m = {"num_layers": c["n_layer"], "hidden_size": h, "num_attention_heads": c["n_head"],
              "ffn_hidden_size": c.get("n_inner") or 4 * h, "seq_length": c["n_positions"],
              "max_position_embeddings": c["n_positions"], "layernorm_epsilon": c.get("layer_norm_epsilon", 1e-5),
              "hidden_dropout": c.get("resid_pdrop", 0.1), "attention_dropout": c.get("attn_pdrop", 0.1)}
+    elif arch == "gpt_neox":
+        rope = c.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", c.get("rotary_emb_base", 10000.0))
+        pct = rope.get("partial_rotary_factor", c.get("rotary_pct", 0.25))
+        why = [w for cond, w in [(c.get("use_parallel_residual", True), "parallel residual"),
+                                 (c.get("hidden_act", "gelu") not in ("gelu_new", "gelu_pytorch_tanh"),
+                                  f"hidden_act {c.get('hidden_act', 'gelu')} (gpt3d uses tanh GeLU)"),
+                                 (not c.get("attention_bias", True), "no attention bias"),
+                                 (rope.get("rope_type", "default") != "default", "RoPE scaling"),
+                                 (not math.isfinite(theta) or float(theta) != int(theta),
+                                  f"non-integer rotary base {theta}")] if cond]
+        if why:
+            raise HFError(f"GPT-NeoX variant not supported: {', '.join(why)}")
+        m = {"num_layers": c["num_hidden_layers"], "hidden_size": c["hidden_size"],
+             "num_attention_heads": c["num_attention_heads"], "ffn_hidden_size": c["intermediate_size"],
+             "seq_length": min(c["max_position_embeddings"], 4096),
+             "max_position_embeddings": c["max_position_embeddings"], "use_rotary_position_embeddings": True,
+             "rotary_base": int(theta), "rotary_percent": pct, "layernorm_epsilon": c.get("layer_norm_eps", 1e-5),
+             "hidden_dropout": c.get("hidden_dropout", 0.0), "attention_dropout": c.get("attention_dropout", 0.0)}
+    elif arch == "llama":
+        h, heads = c["hidden_size"], c["num_attention_heads"]
+        hd = c.get("head_dim") or (h // heads if heads else 0)
+        rope = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": c.get("rope_theta", 10000.0)}
+        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+        bias = c.get("attention_bias", False)
+        why = [w for cond, w in [(c.get("hidden_act", "silu") != "silu", f"hidden_act {c.get('hidden_act')}"),
+                                 (hd * heads != h, f"head_dim {hd} != hidden/heads"),
+                                 (rope.get("rope_type", "default") != "default" or c.get("rope_scaling"),
+                                  "RoPE scaling"),
+                                 (not math.isfinite(theta) or float(theta) != int(theta),
+                                  f"non-integer rope_theta {theta}"),
+                                 (bias != c.get("mlp_bias", False), "attention_bias != mlp_bias")] if cond]
+        if why:
+            raise HFError(f"Llama variant not supported: {', '.join(why)}")
+        m = {"num_layers": c["num_hidden_layers"], "hidden_size": h, "num_attention_heads": heads,
+             "num_key_value_heads": c.get("num_key_value_heads") or heads,
+             "ffn_hidden_size": c["intermediate_size"], "seq_length": min(c["max_position_embeddings"], 4096),
+             "max_position_embeddings": c["max_position_embeddings"], "use_rotary_position_embeddings": True,
+             "rotary_base": int(theta), "normalization": "rmsnorm", "swiglu": True,
+             "layernorm_epsilon": c.get("rms_norm_eps", 1e-6), "disable_bias_linear": not bias,
+             "hidden_dropout": 0.0, "attention_dropout": c.get("attention_dropout", 0.0)}
+    else:
+        raise HFError(f"model_type {arch!r} is not supported (gpt2, gpt_neox and llama are)")
+    m.update({"vocab_size": c["vocab_size"], "init_method_std": c.get("initializer_range", 0.02),
+              "untie_embeddings_and_output_weights": not c.get("tie_word_embeddings", arch == "gpt2")})
+    return m
+
+
+def from_hf(c, sd: dict) -> tuple[dict, dict]:
+    """(gpt3d model config dict, full gpt3d tensors) from an HF config and state dict whose tensors have the
+    shapes that config implies (import_hf checks them first)."""
+    m = hf_model_config(c)
+    arch, layers, h, heads = c.get("model_type"), m["num_layers"], m["hidden_size"], m["num_attention_heads"]
+    t = {}
+    if arch == "gpt2":
         p = "transformer." if "transformer.wte.weight" in sd else ""
         t[EMBEDDING], t["embedding.position_embeddings.weight"] = sd[f"{p}wte.weight"], sd[f"{p}wpe.weight"]
         for i in range(layers):
@@ -187,23 +240,6 @@ def from_hf(c: dict, sd: dict) -> tuple[dict, dict]:
                 t[f"{dst}{a}.weight"], t[f"{dst}{a}.bias"] = sd[f"{src}{b}.weight"].t(), sd[f"{src}{b}.bias"]
         t["final_norm.weight"], t["final_norm.bias"] = sd[f"{p}ln_f.weight"], sd[f"{p}ln_f.bias"]
     elif arch == "gpt_neox":
-        h, heads, layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
-        rope = c.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", c.get("rotary_emb_base", 10000.0))
-        pct = rope.get("partial_rotary_factor", c.get("rotary_pct", 0.25))
-        why = [w for cond, w in [(c.get("use_parallel_residual", True), "parallel residual"),
-                                 (c.get("hidden_act", "gelu") not in ("gelu_new", "gelu_pytorch_tanh"),
-                                  f"hidden_act {c.get('hidden_act', 'gelu')} (gpt3d uses tanh GeLU)"),
-                                 (not c.get("attention_bias", True), "no attention bias"),
-                                 (rope.get("rope_type", "default") != "default", "RoPE scaling"),
-                                 (float(theta) != int(theta), f"non-integer rotary base {theta}")] if cond]
-        if why:
-            raise HFError(f"GPT-NeoX variant not supported: {', '.join(why)}")
-        m = {"num_layers": layers, "hidden_size": h, "num_attention_heads": heads,
-             "ffn_hidden_size": c["intermediate_size"], "seq_length": min(c["max_position_embeddings"], 4096),
-             "max_position_embeddings": c["max_position_embeddings"], "use_rotary_position_embeddings": True,
-             "rotary_base": int(theta), "rotary_percent": pct, "layernorm_epsilon": c.get("layer_norm_eps", 1e-5),
-             "hidden_dropout": c.get("hidden_dropout", 0.0), "attention_dropout": c.get("attention_dropout", 0.0)}
         t[EMBEDDING] = sd["gpt_neox.embed_in.weight"]
         for i in range(layers):
             src, dst = f"gpt_neox.layers.{i}.", f"layers.{i}."
@@ -211,43 +247,21 @@ def from_hf(c: dict, sd: dict) -> tuple[dict, dict]:
                 t[f"{dst}{a}.weight"], t[f"{dst}{a}.bias"] = sd[f"{src}{b}.weight"], sd[f"{src}{b}.bias"]
         t["final_norm.weight"] = sd["gpt_neox.final_layer_norm.weight"]
         t["final_norm.bias"] = sd["gpt_neox.final_layer_norm.bias"]
-    elif arch == "llama":
-        h, heads, layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
-        kv, hd = c.get("num_key_value_heads") or heads, c.get("head_dim") or h // heads
-        rope = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": c.get("rope_theta", 10000.0)}
-        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-        bias = c.get("attention_bias", False)
-        why = [w for cond, w in [(c.get("hidden_act", "silu") != "silu", f"hidden_act {c.get('hidden_act')}"),
-                                 (hd * heads != h, f"head_dim {hd} != hidden/heads"),
-                                 (rope.get("rope_type", "default") != "default" or c.get("rope_scaling"),
-                                  "RoPE scaling"),
-                                 (float(theta) != int(theta), f"non-integer rope_theta {theta}"),
-                                 (bias != c.get("mlp_bias", False), "attention_bias != mlp_bias")] if cond]
-        if why:
-            raise HFError(f"Llama variant not supported: {', '.join(why)}")
-        m = {"num_layers": layers, "hidden_size": h, "num_attention_heads": heads, "num_key_value_heads": kv,
-             "ffn_hidden_size": c["intermediate_size"], "seq_length": min(c["max_position_embeddings"], 4096),
-             "max_position_embeddings": c["max_position_embeddings"], "use_rotary_position_embeddings": True,
-             "rotary_base": int(theta), "normalization": "rmsnorm", "swiglu": True,
-             "layernorm_epsilon": c.get("rms_norm_eps", 1e-6), "disable_bias_linear": not bias,
-             "hidden_dropout": 0.0, "attention_dropout": c.get("attention_dropout", 0.0)}
+    else:
+        kv, hd = m["num_key_value_heads"], h // heads
         t[EMBEDDING] = sd["model.embed_tokens.weight"]
         for i in range(layers):
             src, dst = f"model.layers.{i}.", f"layers.{i}."
             t[f"{dst}input_norm.weight"] = sd[f"{src}input_layernorm.weight"]
             t[f"{dst}post_attention_norm.weight"] = sd[f"{src}post_attention_layernorm.weight"]
-            for kind in ("weight", "bias") if bias else ("weight",):
+            for kind in ("weight",) if m["disable_bias_linear"] else ("weight", "bias"):
                 t[f"{dst}attention.qkv.{kind}"] = fuse_qkv(*(sd[f"{src}self_attn.{x}_proj.{kind}"] for x in "qkv"),
                                                            heads, kv, hd)
                 for a, b in LLAMA_LINEARS:
                     t[f"{dst}{a}.{kind}"] = sd[f"{src}{b}.{kind}"]
         t["final_norm.weight"] = sd["model.norm.weight"]
-    else:
-        raise HFError(f"model_type {arch!r} is not supported (gpt2, gpt_neox and llama are)")
-    if not tied:
+    if m["untie_embeddings_and_output_weights"]:
         t[OUTPUT_LAYER] = sd["embed_out.weight" if "embed_out.weight" in sd else "lm_head.weight"]
-    m.update({"vocab_size": c["vocab_size"], "init_method_std": c.get("initializer_range", 0.02),
-              "untie_embeddings_and_output_weights": not tied})
     return m, {k: v.contiguous() for k, v in t.items()}
 
 
@@ -256,10 +270,11 @@ def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[
               merge_file: Optional[str] = None, tokenizer_type: Optional[str] = None,
               tokenizer_model: Optional[str] = None) -> dict:
     from .checkpoint import read_model_tensors
+    from .checkpoint.meta_check import saved_model_config
     from .data.hf_tokenizer import data_sample, export_tokenizer
     from .data.tokenizer import tokenizer_for_checkpoint
     path, meta, tensors = read_model_tensors(load)
-    m, data = meta["config"]["model"], meta["config"]["data"]
+    m, data = dataclasses.asdict(saved_model_config(meta["config"])), meta["config"].get("data", {})
     flags = dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model, vocab_file=vocab_file,
                  merge_file=merge_file)
     named = any(flags.values()) or meta.get("tokenizer") or data.get("tokenizer_model") or \
@@ -269,9 +284,13 @@ def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[
     target = DTYPES[dtype] if dtype != "auto" else next(iter(sd.values())).dtype
     sd = {k: v.to(target) for k, v in sd.items()}
     config["torch_dtype"] = config["dtype"] = HF_DTYPE_NAMES[target]
-    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-        raise HFError(f"output {output} already exists and is not empty; choose a new directory")
-    tmp = fresh_dir(output.rstrip("/") + ".tmp")   # written whole, then renamed into place
+    output = output.rstrip("/") or output
+    if os.path.lexists(output) and (not os.path.isdir(output) or os.path.islink(output) or os.listdir(output)):
+        what = "is a symbolic link" if os.path.islink(output) else "is a file" if not os.path.isdir(output) else \
+            "is not empty"
+        raise HFError(f"output {output} already exists and {what}; choose a new directory")
+    atomic.remove_leftovers(output)   # of an export of this output killed on this host
+    tmp = atomic.new_dir(output)      # written whole under a fresh name, then renamed into place
     try:
         ids = {"bos_token_id": None, "eos_token_id": None}
         if tok is not None:
@@ -280,12 +299,12 @@ def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[
             config.update(ids)
         with Activity(f"export-hf: writing {os.path.join(output, 'model.safetensors')}"):
             save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        atomic.honour_umask(os.path.join(tmp, "model.safetensors"))   # safetensors creates it 0600
         _write_json(os.path.join(tmp, "config.json"), config)
         _write_json(os.path.join(tmp, "generation_config.json"), ids)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_dir(tmp, output)   # replaces an empty directory, checked above
+        atomic.publish_dir(tmp, output)   # replaces an empty directory, checked above
+    finally:
+        atomic.remove_created(tmp)      # only what this export created; nothing once published
     return {"checkpoint": path, "output": output, "architecture": config["architectures"][0],
             "tokenizer": tok.type_name if tok else None, "dtype": config["dtype"]}
 
@@ -296,83 +315,6 @@ def _write_json(path: str, obj: dict) -> None:
         fh.write("\n")
 
 
-def read_hf_dir(path: str) -> tuple[dict, dict]:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise HFError(f"{path} has no config.json (not a Hugging Face model directory)")
-    with open(cfg_path) as fh:
-        config = json.load(fh)
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise HFError(f"{path} has no .safetensors weights (convert pytorch_model.bin with save_pretrained "
-                      "(safe_serialization=True) first)")
-    sd = {}
-    total = sum(os.path.getsize(os.path.join(path, f)) for f in files) / 2 ** 20
-    with Progress(f"import-hf: reading {path}", total, "MB") as bar:
-        for f in files:
-            with safe_open(os.path.join(path, f), framework="pt") as fh:
-                for k in fh.keys():
-                    sd[k] = fh.get_tensor(k)
-                    bar.update(sd[k].numel() * sd[k].element_size() / 2 ** 20)
-    return config, sd
-
-
-def import_hf(src: str, save: str) -> dict:
-    from .checkpoint import save_weights
-    from .model.build import ModelChunks, build_full_model
-    hf_config, sd = read_hf_dir(src)
-    try:
-        m, tensors = from_hf(hf_config, sd)
-    except KeyError as e:
-        raise HFError(f"{src}: weight {e} missing for a {hf_config.get('model_type')} model") from None
-    if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)):
-        raise HFError(f"checkpoint directory {save} already exists and is not empty; choose a new one")
-    cfg = Config.from_dict({"model": m})
-    cfg.model.make_vocab_size_divisible_by = 128
-    try:   # config.json's numbers (epsilon, rope base, std, shapes) under train's rules, before anything is built
-        check_values(cfg)
-    except ConfigError as e:
-        raise HFError(f"{os.path.join(src, 'config.json')}: a value gpt3d cannot train with: {e}") from None
-    model = build_full_model(cfg.model, m["vocab_size"], device=torch.device("meta"))
-    params = ModelChunks([model]).layout()
-    if set(params) != set(tensors):
-        raise HFError(f"weights do not match the derived model: missing {sorted(set(params) - set(tensors))}, "
-                      f"unexpected {sorted(set(tensors) - set(params))}")
-    for n, p in model.named_parameters():
-        w = tensors[n]
-        if n in VOCAB_PARAMETERS:   # pad the vocabulary like training does
-            w = torch.cat([w, w.new_zeros(p.shape[0] - w.shape[0], w.shape[1])])
-            tensors[n] = w
-        if tuple(w.shape) != tuple(p.shape):
-            raise HFError(f"{n}: HF weight has shape {tuple(w.shape)}, the model needs {tuple(p.shape)}")
-    os.makedirs(save, exist_ok=True)
-    from .data.hf_tokenizer import import_tokenizer
-    from .data.tokenizer import tokenizer_from_config
-    import_tokenizer(src, save, cfg.data)
-    tok = tokenizer_from_config(cfg.data) if cfg.data.vocab_file or cfg.data.tokenizer_model else None
-    with Activity(f"import-hf: writing the checkpoint under {save}"):
-        final = save_weights(save, tensors, params, cfg.to_dict(), m["vocab_size"], model.padded_vocab,
-                             tokenizer=tok)
-    yaml_path = os.path.join(save, "model.yaml")
-    _write_model_yaml(yaml_path, cfg)
-    return {"input": src, "checkpoint": final, "config": yaml_path, "architecture": hf_config.get("model_type")}
-
-
-def _write_model_yaml(path: str, cfg: Config) -> None:
-    """The model (and tokenizer) settings a run needs to --load this checkpoint."""
-    import dataclasses
-
-    import yaml
-    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if v is not None}
-    doc = {"model": model}
-    if cfg.data.vocab_file:
-        doc["data"] = {"vocab_file": cfg.data.vocab_file, "merge_file": cfg.data.merge_file}
-    elif cfg.data.tokenizer_model:
-        doc["data"] = {"tokenizer_type": cfg.data.tokenizer_type, "tokenizer_model": cfg.data.tokenizer_model}
-    with open(path, "w") as fh:
-        yaml.safe_dump(doc, fh, sort_keys=False)
-
-
 def register(sub) -> None:
     p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face model directory")
     p.add_argument("--load", required=True, help="checkpoint root (uses `latest`) or one iter_XXXXXXX directory")
@@ -381,26 +323,11 @@ def register(sub) -> None:
     from .inference import add_tokenizer_flags
     add_tokenizer_flags(p)
     p.set_defaults(func=_export_cmd)
-    p = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2/Llama directory into a gpt3d checkpoint")
-    p.add_argument("--input", required=True, help="HF model directory (config.json + *.safetensors)")
-    p.add_argument("--save", required=True, help="new checkpoint directory")
-    p.set_defaults(func=_import_cmd)
 
 
 @os_errors_are_user_errors
-def _run(fn, **kw) -> int:
-    print(json.dumps(fn(**kw)))
-    return 0
-
-
 def _export_cmd(args: argparse.Namespace) -> int:
-    return _run(export_hf, load=args.load, output=args.output, dtype=args.dtype, vocab_file=args.vocab_file,
-                merge_file=args.merge_file, tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model)
-
-
-def _import_cmd(args: argparse.Namespace) -> int:
-    code = _run(import_hf, src=args.input, save=args.save)
-    if code == 0:
-        print(f"train from it: gpt3d train --config {os.path.join(args.save, 'model.yaml')} --load {args.save} "
-              "--finetune ...", file=sys.stderr)
-    return code
+    print(json.dumps(export_hf(load=args.load, output=args.output, dtype=args.dtype, vocab_file=args.vocab_file,
+                               merge_file=args.merge_file, tokenizer_type=args.tokenizer_type,
+                               tokenizer_model=args.tokenizer_model)))
+    return 0

@@ -100,8 +100,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if cfg.model.learned_positions and seq > cfg.model.max_positions:
         raise ConfigError(f"--seq-length {seq} exceeds the model's {cfg.model.max_positions} positions")
     if args.text_file:
-        with open(args.text_file, encoding="utf-8") as fh:
-            text = fh.read()
+        from .data.corpus import utf8_text
+        with open(args.text_file, "rb") as fh:
+            text = utf8_text(fh.read(), args.text_file)
         ids = torch.tensor(tokenizer_for(cfg, meta, args).encode(text), dtype=torch.long)
     else:
         ids = _split_tokens(args.data_path, args.split or cfg.data.split, args.eval_split, meta["vocab_size"])

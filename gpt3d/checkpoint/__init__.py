@@ -8,14 +8,16 @@ Layout of SAVE/:
                                   each file's size and checksum, a checksum of meta.json's own content
       model_tp{t}_pp{p}.safetensors          this (tp, pp) shard of every parameter, by global name
       optim_tp{t}_pp{p}_dp{d}.safetensors    fp32 master + Adam moments, in parameter space
-      rng_rank{r}.pt
+      rng_rank{r}.safetensors                this rank's random streams (older checkpoints: rng_rank{r}.pt)
       tokenizer/                             a copy of the run's tokenizer files (meta.json "tokenizer")
+    .iter_0000200.tmp-HOST-PID-RANDOM/       a save in progress (or killed: the next save removes it)
 
 What is saved is a set of stateful parts (parts.py: model chunks, optimizer, loss scaler, RNG, train
 state; tokenizer_part.py: the tokenizer); the directory, its crash-safe save sequence and every file write
 live in store.py; reading the shards back at another layout in reshard.py. Only a good checkpoint is loaded
 (integrity.py): meta.json records each file's size and xxh3-128 checksum (and one of itself), and a file
-with non-finite tensors marks it bad.
+with non-finite tensors marks it bad. Nothing is unpickled, and only the files meta.json lists are opened
+(meta_check.py checks meta.json itself first).
 """
 from ..errors import CheckpointError
 from .integrity import structure_problem

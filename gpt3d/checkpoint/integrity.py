@@ -9,6 +9,10 @@ meta.json is readable, every file has its recorded size and checksum, and nothin
 checkpoints written before checksums existed are checked by size only (and still by the finiteness check of
 the loaded state, see parts.py).
 
+meta.json is checked first (meta_check.py: a JSON object of the expected shape, listing only paths inside
+the directory), and nothing in the directory that it does not list is allowed: a stray file (another
+run's shard, a planted pickle) makes the checkpoint bad instead of being read.
+
 meta.json checks itself too: "meta_checksum" is the xxh3-128 of its own canonical JSON (sorted keys, no
 spaces) without that key, so a flipped digit in the iteration, token count or a recorded size is caught as a
 corrupt meta.json. Checkpoints written before it existed have no such key and are read as before.
@@ -26,23 +30,9 @@ from typing import Callable, Iterable, Optional
 import torch
 import xxhash
 
+from ..checksum import ALGORITHM, file_checksum
 from ..progress import Progress
-
-ALGORITHM = "xxh3_128"
-_CHUNK = 16 << 20
-
-
-def file_checksum(path: str, on_block: Optional[Callable[[int], None]] = None) -> str:
-    """'xxh3_128:<hex>' of the file's bytes, read in 16 MiB blocks (`on_block(bytes)` after each)."""
-    h = xxhash.xxh3_128()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-            if on_block is not None:
-                on_block(n)
-    return f"{ALGORITHM}:{h.hexdigest()}"
+from .meta_check import meta_problem
 
 
 def non_finite(tensors: dict) -> list[str]:
@@ -83,28 +73,53 @@ def read_meta(path: str) -> dict:
 
 
 def structure_problem(path: str) -> Optional[str]:
-    """Why the directory is not a complete checkpoint (missing/unreadable meta.json, missing or truncated
-    files, files marked non-finite when written), or None. Cheap: reads meta.json and file sizes only."""
+    """Why the directory is not a complete checkpoint (missing/unreadable/malformed meta.json, missing or
+    truncated files, a file meta.json does not list, files marked non-finite when written), or None. Cheap:
+    reads meta.json, file sizes and the directory's names only."""
     if not os.path.exists(os.path.join(path, "meta.json")):
         return "no meta.json (incomplete save)"
     try:
         meta = read_meta(path)
     except (OSError, ValueError) as e:
         return f"unreadable meta.json ({e})"
+    if not isinstance(meta, dict):
+        return meta_problem(meta)
     want = meta.get(META_CHECKSUM)
     got = meta_checksum(meta) if want is not None else None
     if got != want:
         return (f"meta.json is corrupt (checksum {got.split(':')[1][:12]}..., recorded "
                 f"{str(want).split(':')[-1][:12]}...)")
-    for fname, size in meta.get("files", {}).items():
+    why = meta_problem(meta)
+    if why:
+        return why
+    for fname, size in meta["files"].items():
         fp = os.path.join(path, fname)
-        if not os.path.exists(fp):
+        if not os.path.isfile(fp):
             return f"missing {fname}"
         if os.path.getsize(fp) != size:
             return f"{fname} has {os.path.getsize(fp)} bytes, expected {size} (truncated?)"
+    stray = unlisted(path, meta["files"])
+    if stray:
+        return (f"{stray[0]} is not listed in meta.json (not written by this checkpoint's save: it is never "
+                f"read; remove it{f' and {len(stray) - 1} more' if len(stray) > 1 else ''})")
     for fname, names in meta.get("non_finite", {}).items():
         return f"{fname} holds non-finite values ({', '.join(names[:3])}) since it was written"
     return None
+
+
+def unlisted(path: str, files: dict) -> list[str]:
+    """The entries under the checkpoint directory `path` that are neither meta.json, a listed file, nor a
+    directory holding one (sorted, relative paths)."""
+    keep = {"meta.json", *files}
+    keep |= {os.path.dirname(f) for f in files if os.path.dirname(f)}
+    out = []
+    for d, dirs, names in os.walk(path):
+        for n in dirs + names:
+            rel = os.path.relpath(os.path.join(d, n), path)
+            if rel not in keep:
+                out.append(rel)
+        dirs[:] = [n for n in dirs if os.path.relpath(os.path.join(d, n), path) in keep]
+    return sorted(out)
 
 
 def checksum_problem(path: str, files: Iterable[str], progress: bool = True) -> Optional[str]:

@@ -7,14 +7,19 @@ across nodes, as NFSv4 and Lustre mounted with `flock` do, on another) fails at 
 line, naming the holder recorded in the file (pid, host, start time). The other ranks of the owning job need
 no lock of their own: they act only through the job's collectives. The kernel drops the lock when the
 holding process ends, however it ends (kill -9 included), so a stale .lock file never blocks a new run.
+
+The lock file is opened without following links (O_NOFOLLOW) and must be a regular file with one name: a
+symlink or hard link planted at SAVE/.lock is refused with one line, never written through.
 """
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 from typing import Optional
 
 import torch.distributed as dist
@@ -42,9 +47,16 @@ def _try_lock(root: str) -> tuple[Optional[int], Optional[str]]:
     path = os.path.join(root, LOCK_FILE)
     try:
         os.makedirs(root, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None, f"{path} is a symbolic link; refusing to write through it (remove it)"
         return None, f"cannot create the lock file {path}: {e.strerror or e}"
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} hard links"
+        return None, f"{path} is {what}; refusing to write to it (remove it)"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

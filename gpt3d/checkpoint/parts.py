@@ -12,7 +12,8 @@ the loss scaler, the RNG streams, the train state) and knows how that state is s
     scaler      DynamicLossScaler    meta.json "scaler" (null without fp16)             always
     tokenizer   the run's Tokenizer  tokenizer/<its files> (rank 0), meta.json           checked: same
                                      "tokenizer" (manifest; tokenizer_part.py)           fingerprint
-    rng         RNGState             rng_rank{r}.pt                                      same layout only
+    rng         RNGState             rng_rank{r}.safetensors (older: rng_rank{r}.pt,     same layout only
+                                     read weights-only)
     train       TrainState           meta.json top level: iteration, consumed_samples,  always
                                      tokens, data_state
 
@@ -27,6 +28,8 @@ from typing import Optional, Protocol
 from ..config import CheckpointConfig, Config
 from ..errors import CheckpointError
 from ..parallel.random import TPRNG, RNGState
+from ..parallel.random import from_tensors as rng_from_tensors
+from ..parallel.random import to_tensors as rng_to_tensors
 from ..parallel.state import ParallelState
 from .integrity import non_finite
 from .reshard import check_compatible, model_file, optim_file, optim_key, to_local
@@ -83,19 +86,30 @@ class MetaPart:
         return True
 
 
-class RankPart:
-    """A per-rank torch.save file, restored only at the layout that wrote it (RNG streams)."""
+class RNGPart:
+    """This rank's random streams as a safetensors file, restored only at the layout that wrote it. Older
+    checkpoints hold them as rng_rank{r}.pt, read with the weights-only unpickler."""
 
-    def __init__(self, obj: Stateful, ps: ParallelState):
-        self.obj, self.file = obj, f"rng_rank{ps.rank}.pt"
+    def __init__(self, obj: RNGState, ps: ParallelState):
+        self.obj, self.file = obj, f"rng_rank{ps.rank}.safetensors"
+        self.legacy_file = f"rng_rank{ps.rank}.pt"
 
     def save(self, w: Writer) -> None:
-        w.object(self.file, self.obj.state_dict())
+        w.tensors(self.file, *rng_to_tensors(self.obj.state_dict()))
 
     def load(self, r: Reader) -> bool:
-        state = r.object(self.file) if r.same_layout() else None
-        if state is None:
+        if not r.same_layout():
             return False
+        stored = r.tensors(self.file)
+        if stored is not None:
+            try:
+                state = rng_from_tensors(*stored)
+            except (KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f"{r.path}/{self.file}: not an RNG state ({type(e).__name__}: {e})") from None
+        else:
+            state = r.legacy_object(self.legacy_file)
+            if state is None:
+                return False
         self.obj.load_state_dict(state)
         return True
 
@@ -222,7 +236,7 @@ def training_parts(cfg: Config, ps: ParallelState, *, model, optimizer, scaler, 
         "model": ModelPart(model, ps),
         "optimizer": OptimizerPart(optimizer, model, ps),
         "scaler": MetaPart(scaler, "scaler"),
-        "rng": RankPart(RNGState(tp_rng), ps),
+        "rng": RNGPart(RNGState(tp_rng), ps),
         "train": MetaPart(state, None),
     }
 

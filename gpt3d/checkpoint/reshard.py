@@ -47,7 +47,7 @@ class ShardReader:
         self.model_files = defaultdict(dict)     # name -> {tp: file}
         self.optim = defaultdict(lambda: defaultdict(list))   # (name, kind) -> tp -> [(lo, hi, file, key)]
         self.step = 0
-        for fname in sorted(os.listdir(path)):
+        for fname in sorted(meta["files"]):   # only what meta.json lists (and integrity.py verified)
             m = SHARD_FILE.fullmatch(fname)
             if not m:
                 continue
@@ -71,10 +71,16 @@ class ShardReader:
         if name in self.model_files:
             return name
         return EMBEDDING if name == OUTPUT_LAYER and EMBEDDING in self.model_files and \
-            not self.meta["config"]["model"]["untie_embeddings_and_output_weights"] else None
+            not self.meta["config"]["model"].get("untie_embeddings_and_output_weights", False) else None
+
+    def _info(self, name: str) -> dict:
+        info = self.meta["params"].get(name)
+        if info is None:
+            raise CheckpointError(f"checkpoint {self.path}: meta.json describes no parameter {name}")
+        return info
 
     def _assemble(self, name: str, shards: dict) -> torch.Tensor:
-        info = self.meta["params"][name]
+        info = self._info(name)
         if info["split_dim"] is None or len(shards) == 1:
             return shards[min(shards)]
         return torch.cat([shards[t] for t in sorted(shards)], dim=info["split_dim"])
@@ -93,7 +99,7 @@ class ShardReader:
         src = name if (name, kind) in self.optim else self._source_name(name)
         if src is None or (src, kind) not in self.optim:
             return None
-        info = self.meta["params"][src]
+        info = self._info(src)
         saved_tp = self.meta["layout"]["tp"]
         shape = list(info["shape"])
         if info["split_dim"] is not None:
@@ -140,23 +146,31 @@ def check_compatible(meta: dict, model_cfg) -> None:
 def read_model_tensors(root: str) -> tuple[str, dict, dict]:
     """(path, meta, {name: full tensor}) of a checkpoint at any saved layout, for export and inference.
 
-    Tied copies (the last stage's output layer) are left out and padded vocabulary rows are cut off. The model
-    shards' checksums are verified first and every tensor must be finite: a bad checkpoint is refused."""
+    Every parameter of the model its config describes, with that model's shape (padded vocabulary rows cut
+    off; a tied output layer is the embedding): a shard whose tensors do not fit the config is refused. The
+    model shards' checksums are verified first and every tensor must be finite: a bad checkpoint is refused."""
+    from ..model.build import build_full_model
     from .integrity import files_read_for_inference, non_finite
+    from .meta_check import saved_model_config
     from .store import read_meta, resolve
     path = resolve(root, fallback=False, wanted=files_read_for_inference)   # a bad newest checkpoint is refused
     meta = read_meta(path)
+    vocab = meta["vocab_size"]
+    model = build_full_model(saved_model_config(meta["config"]), vocab, device=torch.device("meta"))
     reader = ShardReader(path, meta)
     tensors = {}
-    with Progress(f"reading {path}", len(meta["params"]), "tensors") as bar:
-        for name, info in meta["params"].items():
+    params = list(model.named_parameters())
+    with Progress(f"reading {path}", len(params), "tensors") as bar:
+        for name, p in params:
             bar.update()
-            if info.get("tied_to"):
-                continue
             full = reader.model_tensor(name)
             if full is None:
                 raise CheckpointError(f"checkpoint {path} has no tensor for parameter {name}")
-            tensors[name] = full[:meta["vocab_size"]] if name in VOCAB_PARAMETERS else full
+            want = (vocab, *p.shape[1:]) if name in VOCAB_PARAMETERS else tuple(p.shape)
+            tensors[name] = full[:vocab] if name in VOCAB_PARAMETERS else full
+            if tuple(tensors[name].shape) != want:
+                raise CheckpointError(f"checkpoint {path}: {name} has shape {tuple(full.shape)}, its config's "
+                                      f"model needs {want}")
             if non_finite({name: tensors[name]}):
                 raise CheckpointError(f"checkpoint {path}: {name} holds non-finite values; refusing to use it")
     return path, meta, tensors

@@ -1,19 +1,23 @@
 """The checkpoint directory: the crash-safe save sequence, the one place its files are written, and loading.
 
-Save: rank 0 creates iter_X.tmp/; every rank lets each part write through a `Writer`; one all-gather
-collects every rank's files and meta entries (and errors); rank 0 writes meta.json last, fsyncs, renames
-the directory, and only then rewrites `latest`. A failure on any rank is shared with every rank, so all
-raise the same CheckpointError instead of one raising while the others wait in a collective; the
-half-written directory is removed and `latest` still names the previous checkpoint.
+Save: rank 0 creates a fresh temporary directory beside iter_X (atomic.new_dir) and shares its name; every
+rank lets each part write through a `Writer`; one all-gather collects every rank's files and meta entries
+(and errors); rank 0 writes meta.json last, fsyncs, renames the directory, and only then rewrites `latest`.
+A failure on any rank is shared with every rank, so all raise the same CheckpointError instead of one
+raising while the others wait in a collective; the half-written directory is removed and `latest` still
+names the previous checkpoint.
 
-Load: the newest good checkpoint (integrity.py: complete, every file with its recorded size and checksum,
-nothing non-finite); a training run splits the checksum reads over its ranks and skips a bad newest one
-with a warning naming the file, read-only commands refuse it. Each part reads what it needs through a
-`Reader`, resharding to the current layout; an error on any rank (a non-finite tensor, say) is shared, so
-every rank raises the same CheckpointError.
+Load: the newest good checkpoint (integrity.py: complete, nothing in it that meta.json does not list, every
+file with its recorded size and checksum, nothing non-finite); a training run splits the checksum reads over
+its ranks and skips a bad newest one with a warning naming the file, read-only commands refuse it. Each part
+reads what it needs through a `Reader`, resharding to the current layout, and only files meta.json lists;
+nothing is unpickled (state is safetensors and JSON; a legacy .pt file is read with torch.load's
+weights_only unpickler, which builds tensors and plain containers only). An error on any rank (a
+non-finite tensor, say) is shared, so every rank raises the same CheckpointError.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import atomic
@@ -31,6 +36,7 @@ from ..optim.zero1 import describe_zero
 from ..parallel.state import ParallelState
 from .integrity import (checked_files, checksum_problem, file_checksum, non_finite, read_meta, structure_problem,
                         with_meta_checksum)
+from .meta_check import saved_model_config
 from .reshard import ShardReader
 
 FORMAT = "gpt3d-1"
@@ -62,12 +68,7 @@ class Writer:
             self.non_finite[name] = bad
         path = os.path.join(self.tmp, name)
         save_file(tensors, path, metadata=metadata)
-        self._done(path)
-
-    def object(self, name: str, obj) -> None:
-        """A torch.save file (Python objects and tensors that need no resharding)."""
-        path = os.path.join(self.tmp, name)
-        torch.save(obj, path)
+        atomic.honour_umask(path)   # safetensors creates its files 0600
         self._done(path)
 
     def copy(self, name: str, src: str) -> str:
@@ -106,10 +107,47 @@ class Reader:
         lay = self.meta["layout"]
         return (lay["tp"], lay["pp"], lay["dp"]) == (self.ps.tp, self.ps.pp, self.ps.dp)
 
-    def object(self, name: str):
-        """A file written by Writer.object, or None if this checkpoint has none of that name."""
+    def has(self, name: str) -> bool:
+        """Whether meta.json lists the file `name` (only listed files are ever opened)."""
+        return name in self.meta["files"]
+
+    def tensors(self, name: str) -> Optional[tuple[dict, dict]]:
+        """({name: tensor}, metadata) of a listed safetensors file written by Writer.tensors, or None if
+        meta.json lists no file of that name."""
+        if not self.has(name):
+            return None
+        with safe_open(os.path.join(self.path, name), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+    def legacy_object(self, name: str):
+        """A listed torch.save file of an older checkpoint (RNG states), read with the weights-only unpickler
+        (tensors, numpy arrays, plain containers; no code runs), or None if meta.json lists no such file."""
+        if not self.has(name):
+            return None
         path = os.path.join(self.path, name)
-        return torch.load(path, weights_only=False) if os.path.exists(path) else None
+        try:
+            with torch.serialization.safe_globals(_LEGACY_GLOBALS):
+                return torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - the unpickler raises its own types for what it refuses
+            why = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: refused: not plain tensors and arrays ({why}); gpt3d never runs "
+                                  "code from a checkpoint (--no-load-rng resumes without this file)") from None
+
+
+# What older checkpoints' RNG pickles hold besides tensors: numpy's RNG key array (and its dtype), under the
+# names numpy 1.x and 2.x pickle it with. The weights-only unpickler builds only these and plain containers.
+def _legacy_globals() -> list:
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:   # numpy 1.x
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    kinds = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.uint8)]
+    return [np.ndarray, np.dtype, *kinds, (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+_LEGACY_GLOBALS = _legacy_globals()
 
 
 @dataclass
@@ -123,15 +161,15 @@ class Loaded:
 def save(root: str, parts: dict, ps: ParallelState, iteration: int, keep_last: Optional[int] = None) -> str:
     """Write every part as checkpoint iter_<iteration> under `root` (see the module docstring); its path."""
     name = f"iter_{iteration:07d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
-    err = None
+    final, tmp, err = os.path.join(root, name), None, None
     if ps.rank == 0:
         try:
             os.makedirs(root, exist_ok=True)
-            atomic.fresh_dir(tmp)   # a leftover of a killed save is discarded
+            err = _not_replaceable(final)
+            tmp = None if err else atomic.new_dir(final)   # a fresh name: nothing planted is followed
         except OSError as e:
             err = str(e)
-    err = _first_error(ps, err)
+    err, tmp = _from_rank0(ps, (err, tmp))
     if err:
         raise CheckpointError(f"could not write checkpoint {final}: {err}")
     w, err = Writer(tmp, ps), None
@@ -165,10 +203,10 @@ def save(root: str, parts: dict, ps: ParallelState, iteration: int, keep_last: O
             atomic.write_text(os.path.join(root, "latest"), name)
         except OSError as e:
             err = str(e)
-    err = _first_error(ps, err)
+    err = _from_rank0(ps, err)
     if err:
         if ps.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            atomic.remove_created(tmp)
         raise CheckpointError(f"could not write checkpoint {final}: {err}; previous checkpoints are intact")
     if ps.rank == 0 and not bad:   # a bad newest checkpoint must not push the last good one out
         _prune(root, name, keep_last)
@@ -176,24 +214,39 @@ def save(root: str, parts: dict, ps: ParallelState, iteration: int, keep_last: O
     return final
 
 
-def _first_error(ps: ParallelState, err: Optional[str]) -> Optional[str]:
-    """Rank 0's verdict, shared with every rank (rank 0 is the one that creates and renames)."""
+def _not_replaceable(final: str) -> Optional[str]:
+    """Why an existing `final` must not be replaced by a new save (None if it may: absent, or a checkpoint
+    directory of an earlier timeline, which a save of the same iteration replaces)."""
+    if not os.path.lexists(final):
+        return None
+    if os.path.islink(final) or not os.path.isdir(final) or not os.path.isfile(os.path.join(final, "meta.json")):
+        return f"{final} exists and is not a checkpoint gpt3d wrote (no meta.json, or not a directory): move it away"
+    return None
+
+
+def _from_rank0(ps: ParallelState, value):
+    """Rank 0's `value` (its verdict, the temporary directory it created), shared with every rank."""
     if not ps.distributed:
-        return err
-    box = [err]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def _prune(root: str, newest: str, keep_last: Optional[int]) -> None:
-    """Keep `newest` and the keep_last-1 checkpoints before it; drop .tmp leftovers of saves killed mid-write.
+    """Keep `newest` and the keep_last-1 checkpoints before it; drop the temporary directories of saves
+    killed mid-write (this run holds the directory's lock, so no other save is in progress).
 
-    Checkpoints named after `newest` (a run resumed from an older one) are left alone."""
+    Only what gpt3d's saves create is removed: checkpoint directories (iter_XXXXXXX with a meta.json) and
+    temporaries by their name (atomic.py's, and `iter_XXXXXXX.tmp` of older versions). Checkpoints named
+    after `newest` (a run resumed from an older one) are left alone."""
     older = [d for d in list_checkpoints(root) if d < newest]
-    old = older[:len(older) - (keep_last - 1)] if keep_last else []
-    stale = [d for d in os.listdir(root) if re.fullmatch(r"iter_\d{7}\.tmp", d) and d != newest + ".tmp"]
+    old = [d for d in (older[:len(older) - (keep_last - 1)] if keep_last else [])
+           if _not_replaceable(os.path.join(root, d)) is None]
+    stale = [d for d in os.listdir(root) if re.fullmatch(r"\.iter_\d{7}\.tmp-.+", d) and atomic.is_temporary(d)
+             or re.fullmatch(r"iter_\d{7}\.tmp", d) and not os.path.islink(os.path.join(root, d))]
     for d in old + stale:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        atomic.remove_created(os.path.join(root, d))
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -272,9 +325,9 @@ def resolve(root: str, ps: Optional[ParallelState] = None, fallback: bool = True
         raise CheckpointError(f"no checkpoint directory {root}")
     candidates = list_checkpoints(root)
     latest_file = os.path.join(root, "latest")
-    if os.path.exists(latest_file):
-        with open(latest_file) as fh:
-            name = fh.read().strip()
+    if os.path.isfile(latest_file):
+        with open(latest_file, "rb") as fh:
+            name = fh.read(64).decode("utf-8", "replace").strip()
         if name in candidates:  # prefer what `latest` names, then anything older
             candidates = [c for c in candidates if c <= name]
     for name in reversed(candidates):
@@ -296,13 +349,14 @@ def describe(root: str) -> str:
     meta = read_meta(path)
     files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
     size = sum(os.path.getsize(f) for f in files)
-    m = meta["config"]["model"]
+    m = dataclasses.asdict(saved_model_config(meta["config"]))
     lay = meta["layout"]
     stage = meta["config"].get("parallel", {}).get("zero_stage", lay.get("zero"))
     zero = describe_zero(stage, lay["dp"]) if "zero" in lay else "weights only"
+    tokens = f"{meta['tokens']:,}" if "tokens" in meta else "not recorded"
     return "\n".join([
         f"checkpoint: {path}",
-        f"iteration: {meta['iteration']}  tokens: {meta['tokens']:,}  consumed samples: {meta['consumed_samples']:,}",
+        f"iteration: {meta['iteration']}  tokens: {tokens}  consumed samples: {meta['consumed_samples']:,}",
         f"layout: TP={lay['tp']} PP={lay['pp']} DP={lay['dp']} {zero}",
         f"model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
         f"seq {m['seq_length']}, vocab {meta['vocab_size']} (padded {meta['padded_vocab']})",

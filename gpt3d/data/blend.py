@@ -11,7 +11,6 @@ keyed by the corpora's own index caches, the weights and the size.
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -113,16 +112,35 @@ class BlendableDataset(Dataset):
             return
         paths = (f"{cache_prefix}_index.npy", f"{cache_prefix}_sample_index.npy")
         self.cache_paths = paths
-        if is_builder and not all(os.path.exists(p) for p in paths):
+        if is_builder and self._cached(paths) is None:   # none cached yet, or one that does not fit: rebuilt
             with Activity(f"building the blend index ({size:,} samples from {len(datasets)} corpora)"):
                 arrays = blending_indices(w, size)
             for p, arr in zip(paths, arrays):
                 save_atomic(p, arr)
         if barrier:
             barrier()
-        self.dataset_index, self.sample_index = (np.load(p, mmap_mode="r") for p in paths)
-        if len(self.dataset_index) != size:
-            raise DataError(f"{paths[0]}: cached blend has {len(self.dataset_index)} samples, expected {size}")
+        cached = self._cached(paths)
+        if cached is None:
+            raise DataError(f"{paths[0]}: the cached blend does not fit these corpora (corrupt, or changed while "
+                            "the builder rank wrote it): remove it and its _sample_index.npy and rerun")
+        self.dataset_index, self.sample_index = cached
+
+    def _cached(self, paths: tuple) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The cached (dataset_index, sample_index), memory-mapped, if both load with this blend's size and
+        only indices into its corpora; else None (a cache beside the data is checked like the data)."""
+        try:
+            index, sample = (np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+        except Exception:  # noqa: BLE001 - a damaged .npy header raises ValueError, SyntaxError, ...
+            return None
+        if index.shape != (self.size,) or sample.shape != (self.size,) or index.dtype != np.uint8 or \
+                sample.dtype.kind not in "iu":
+            return None
+        lens = np.array([len(d) for d in self.datasets] + [0], dtype=np.int64)   # [k]: an index beyond them
+        for a in range(0, self.size, 1 << 24):
+            i, s = np.minimum(index[a:a + (1 << 24)], len(self.datasets)), sample[a:a + (1 << 24)]
+            if len(s) and (int(s.min()) < 0 or (s >= lens[i]).any()):
+                return None
+        return index, sample
 
     def __len__(self) -> int:
         return self.size

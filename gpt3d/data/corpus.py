@@ -236,18 +236,24 @@ def _what(v) -> str:
             list: "a list with non-strings"}.get(type(v), type(v).__name__)
 
 
+def utf8_text(raw: bytes, path: str, first_line: int = 1) -> str:
+    """`raw` decoded as UTF-8, or DataError('PATH:LINE: not UTF-8 at byte N'), N counting that line's bytes
+    from 1 (`first_line`: the line number of raw's first line)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        line = first_line + raw.count(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: not UTF-8 at byte {e.start - start + 1}") from None
+
+
 def decode(chunk: Chunk, keys: list) -> tuple[dict, int, int]:
     """-> ({key: [text, or list of sentence texts, per document]}, documents, input bytes).
     Raises DataError('FILE:LINE: ...') for the first bad document."""
     if not isinstance(chunk.data, (bytes, bytearray)):
         return _decode_batch(chunk, keys)
     raw = chunk.data
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        start = raw.rfind(b"\n", 0, e.start) + 1
-        line = chunk.first + raw.count(b"\n", 0, e.start)
-        raise DataError(f"{chunk.path}:{line}: not UTF-8 at byte {e.start - start + 1}") from None
+    text = utf8_text(raw, chunk.path, chunk.first)
     values: dict = {k: [] for k in keys}
     n = 0
     surrogates = _SURROGATE_ESCAPE.search(raw) is not None       # rare: check the values only then

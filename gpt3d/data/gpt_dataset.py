@@ -23,7 +23,7 @@ rule version, so a new --split or an older rule never reuses stale indices.
 from __future__ import annotations
 
 import hashlib
-import os
+import math
 from typing import Callable, Optional
 
 import numpy as np
@@ -53,8 +53,9 @@ def parse_data_path(data_path) -> tuple[list[str], list[float]]:
         weights = [float(w) for w in items[0::2]]
     except ValueError:
         raise DataError(f"--data-path: expected 'weight prefix' pairs, got {items}") from None
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise DataError(f"--data-path weights must be non-negative with a positive sum, got {weights}")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise DataError(f"--data-path weights must be finite, non-negative numbers with a positive sum, got "
+                        f"{items[0::2]}")
     return [p.strip() for p in items[1::2]], normalize_weights(weights)
 
 
@@ -184,8 +185,10 @@ class GPTDataset(Dataset):
         stem = f"{prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s_{self.digest}"
         paths = {k: f"{stem}_{k}_idx.npy" for k in ("doc", "sample", "shuffle")}
         self.cache_paths = paths
-        arrays = None
-        if is_builder and not (cache and all(os.path.exists(p) for p in paths.values())):
+        shapes = {"doc": (epochs * len(documents),), "sample": ((epochs * tokens_per_epoch - 1) // seq_length + 1, 2),
+                  "shuffle": ((epochs * tokens_per_epoch - 1) // seq_length,)}
+        arrays = cached_mappings(paths, shapes, documents, indexed.sizes) if cache and is_builder else None
+        if is_builder and arrays is None:   # none cached yet, or a cache that does not fit: (re)built
             with Activity(f"building the {name} sample index of {prefix} ({num_samples:,} samples, {self.order})"):
                 arrays = build_index_mappings(documents, indexed.sizes, num_samples, seq_length, seed)
             if cache:
@@ -193,9 +196,13 @@ class GPTDataset(Dataset):
                     save_atomic(paths[k], arr)
         if barrier:   # builder and readers call it exactly once each
             barrier()
-        if arrays is None:
-            arrays = {k: np.load(p, mmap_mode="r") for k, p in paths.items()} if cache else \
-                build_index_mappings(documents, indexed.sizes, num_samples, seq_length, seed)
+        if arrays is None and cache:
+            arrays = cached_mappings(paths, shapes, documents, indexed.sizes)
+            if arrays is None:
+                raise DataError(f"{paths['sample']}: the cached sample index does not fit this data (corrupt, or "
+                                "changed while the builder rank wrote it): remove the *_idx.npy files and rerun")
+        elif arrays is None:
+            arrays = build_index_mappings(documents, indexed.sizes, num_samples, seq_length, seed)
         self.doc_idx, self.sample_idx, self.shuffle_idx = arrays["doc"], arrays["sample"], arrays["shuffle"]
 
     def __len__(self) -> int:
@@ -211,7 +218,44 @@ class GPTDataset(Dataset):
             parts += [self.indexed.get(int(self.doc_idx[d])) for d in range(d0 + 1, d1)]
             parts.append(self.indexed.get(int(self.doc_idx[d1]), length=int(o1) + 1))
             tokens = np.concatenate(parts)
+        if len(tokens) != self.seq + 1:   # only a damaged cache of the sample index gets here
+            raise DataError(f"{self.cache_paths['sample']}: sample {i} spans {len(tokens)} tokens, not seq + 1 = "
+                            f"{self.seq + 1}: the cached sample index is corrupt; remove the *_idx.npy files and "
+                            "rerun")
         return {"text": tokens.astype(np.int64)}
+
+
+def cached_mappings(paths: dict, shapes: dict, documents: np.ndarray, sizes: np.ndarray) -> Optional[dict]:
+    """The cached doc/sample/shuffle arrays (memory-mapped) if every file loads, has the shape this split's
+    settings give and only values in range (documents of the split, positions in doc_idx in order, offsets
+    inside their document, samples), else None: a cache beside the data is checked like the data, never
+    trusted to index it. (What stays in range yet is not this order reads as another order of whole samples;
+    a sample of the wrong length is refused when read.)"""
+    try:
+        arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in paths.items()}
+    except Exception:  # noqa: BLE001 - a damaged .npy header raises ValueError, SyntaxError, ...
+        return None
+    doc, sample, shuffle = arrays["doc"], arrays["sample"], arrays["shuffle"]
+    if any(arrays[k].shape != shapes[k] or arrays[k].dtype.kind not in "iu" for k in arrays):
+        return None
+    lo, hi = int(documents[0]), int(documents[-1])
+    for a in range(0, len(doc), _CHECK_BLOCK):
+        d = doc[a:a + _CHECK_BLOCK]
+        if int(d.min()) < lo or int(d.max()) > hi:
+            return None
+    for a in range(0, len(sample), _CHECK_BLOCK):
+        rows = sample[max(a - 1, 0):a + _CHECK_BLOCK]
+        if int(rows[:, 0].min()) < 0 or int(rows[:, 0].max()) >= len(doc) or int(rows[:, 1].min()) < 0 \
+                or (np.diff(rows[:, 0].astype(np.int64)) < 0).any() \
+                or (rows[:, 1] > sizes[doc[rows[:, 0]]]).any():
+            return None
+    for a in range(0, len(shuffle), _CHECK_BLOCK):
+        if int(shuffle[a:a + _CHECK_BLOCK].max()) >= len(shuffle):
+            return None
+    return arrays
+
+
+_CHECK_BLOCK = 1 << 24
 
 
 def build_train_valid_test_datasets(data_path, split: str, num_samples: tuple, seq_length: int, seed: int, *,
@@ -229,7 +273,12 @@ def build_train_valid_test_datasets(data_path, split: str, num_samples: tuple, s
 
     def single(prefix: str, counts) -> list:
         indexed = MMapIndexedDataset(prefix)
+        if len(indexed) == 0:
+            raise DataError(f"{prefix}: the corpus holds no documents (an empty .bin/.idx)")
         ranges = get_split_ranges(split, len(indexed))
+        if counts[0] > 0 and ranges[0][1] <= ranges[0][0]:
+            raise DataError(f"{prefix}: --split {split} leaves no training documents (of {len(indexed)}); "
+                            "give the train split a share")
         if vocab_size is not None:
             used = [r for r, n in zip(ranges, counts) if n > 0 and r[1] > r[0]]
             if used:

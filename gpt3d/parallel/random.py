@@ -5,11 +5,13 @@ parallelism) must see the *same* dropout mask on every TP rank, so they use the
 default generator, seeded identically on TP peers. Activations that are split
 (attention heads, sequence-parallel shards) must see *different* masks, so they
 draw from a second, per-TP-rank state entered with `tp_rng(ps)`. `RNGState` bundles every stream of a
-rank for an exact resume.
+rank for an exact resume, as plain tensors and JSON-able numbers (`to_tensors` / `from_tensors`): a
+checkpoint stores them as safetensors, never as a pickle.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 
 import numpy as np
@@ -93,6 +95,38 @@ class RNGState:
         if "cuda" in d and self.tp_rng.device.type == "cuda":
             torch.cuda.set_rng_state(d["cuda"], self.tp_rng.device)
         self.tp_rng.load_state_dict(d["tp"])
+
+
+def to_tensors(d: dict) -> tuple[dict, dict]:
+    """An RNGState.state_dict() as ({name: integer tensor}, {name: str}), for a safetensors file."""
+    version, mt, gauss = d["python"]
+    name, key, pos, has_gauss, cached = d["numpy"]
+    tensors = {"python": torch.tensor(list(mt), dtype=torch.int64),
+               "numpy": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+               "torch": d["torch"], "tp": d["tp"]["state"]}
+    if "cuda" in d:
+        tensors["cuda"] = d["cuda"]
+    numbers = {"python_version": version, "python_gauss_next": gauss, "numpy_generator": name, "numpy_pos": pos,
+               "numpy_has_gauss": has_gauss, "numpy_cached_gaussian": cached}
+    return tensors, {"rng": json.dumps(numbers)}
+
+
+def from_tensors(tensors: dict, metadata: dict) -> dict:
+    """The RNGState.state_dict() that `to_tensors` stored (ValueError/KeyError/TypeError if it is not one)."""
+    n = json.loads(metadata["rng"])
+    mt = tuple(int(x) for x in tensors["python"].tolist())
+    key = tensors["numpy"].numpy().astype(np.uint32)
+    gauss, cached = n["python_gauss_next"], n["numpy_cached_gaussian"]
+    if not (isinstance(n["python_version"], int) and isinstance(n["numpy_pos"], int)
+            and isinstance(n["numpy_has_gauss"], int) and (gauss is None or isinstance(gauss, float))
+            and isinstance(cached, (int, float)) and isinstance(n["numpy_generator"], str)):
+        raise ValueError("RNG numbers of the wrong type")
+    d = {"python": (n["python_version"], mt, gauss),
+         "numpy": (n["numpy_generator"], key, n["numpy_pos"], n["numpy_has_gauss"], float(cached)),
+         "torch": tensors["torch"].to(torch.uint8), "tp": {"state": tensors["tp"].to(torch.uint8)}}
+    if "cuda" in tensors:
+        d["cuda"] = tensors["cuda"].to(torch.uint8)
+    return d
 
 
 def checkpoint(fn, tp_rng: TPRNG, *args, tp_stream: bool = True):

@@ -86,6 +86,7 @@ class Trainer:
         self.report = Reporter(t, ps, throughput, self.train_iters, self.global_batch, optimizer=self.optimizer,
                                sharded_state=cfg.parallel.zero_stage == 1 and ps.dp > 1, plan=self.plan)
         self.last_checkpoint: Optional[str] = None
+        self.saved_iteration: Optional[int] = None   # the iteration this run last saved (one save each)
         faults.install(self)   # a test hook, installed only when GPT3D_FAULT_INJECT names this rank
 
     # ----- setup --------------------------------------------------------------------------------------------
@@ -136,9 +137,12 @@ class Trainer:
                                    tokenizer=self.tokenizer)
 
     def save(self) -> None:
+        """Save this iteration's checkpoint, once: a second request for the same iteration (the save interval
+        and a stop signal, or the end of the run, at one step) is a no-op."""
         c = self.cfg.checkpoint
-        if c.save:
+        if c.save and self.saved_iteration != self.state.iteration:
             path = ckpt.save(c.save, self.checkpoint_parts(), self.ps, self.state.iteration, keep_last=c.keep_last)
+            self.saved_iteration = self.state.iteration
             if ckpt.structure_problem(path) is None:   # checksummed as written; not if it holds non-finite values
                 self.last_checkpoint = path
             self.report.console(f"saved checkpoint at iteration {self.state.iteration} to {c.save}")
@@ -238,6 +242,12 @@ class Trainer:
         self.state.data_state = stream.data_state(cfg, self.global_batch, train_ds)
         if loaded is not None:
             self.check_data_stream(loaded)
+            need = self.state.consumed_samples + (self.train_iters - self.state.iteration) * self.global_batch
+            if self.state.iteration < self.train_iters and need > len(train_ds):
+                raise ckpt.CheckpointError(
+                    f"{loaded.path} resumes at sample {self.state.consumed_samples:,} (iteration "
+                    f"{self.state.iteration:,}): {self.train_iters:,} iterations would need {need:,} samples of a "
+                    f"data stream of {len(train_ds):,}")
         resumed = loaded.meta["config"].get("training") if loaded is not None and "train" in loaded.parts else None
         # accepted: only now are the run directory and the metrics files created
         run_dir = self.report.run_start(self.state, cfg.non_defaults(), resumed)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gpt3d.hf import export_hf, import_hf
+from gpt3d.hf import export_hf
+from gpt3d.hf_import import import_hf
 from gpt3d.inference import generate, load_model, score_tokens
 
 from tests.support import distributed

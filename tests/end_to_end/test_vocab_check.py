@@ -56,6 +56,6 @@ def test_id_range_over_blocks_and_its_cache(tmp_path, monkeypatch):
         vocab_check.check_token_ids(ds, 0, 50, 300)
     vocab_check.check_token_ids(ds, 8, 40, 300)   # the documents in use are fine
     cache = tmp_path / "d_token_ids_8-40.json"
-    assert json.loads(cache.read_text())["key"]["documents"] == [8, 40]
+    assert json.loads(cache.read_text())["span"][:2] == [8, 40]
     monkeypatch.setattr(vocab_check, "id_range", lambda *a: pytest.fail("the cached range was not used"))
     vocab_check.check_token_ids(ds, 8, 40, 300)

@@ -2,6 +2,7 @@
 
     curves          a tiny GPT config, a trainer for it, and its training curve under any layout
     distributed     run a function on N gloo processes (CPU) and collect each rank's result
+    hostile         damaging files as a hostile user would (JSON edits, cuts, bit flips), re-sealing meta.json
     mds             Megatron-DeepSpeed's reference checkpoints beside the repository and their command lines
     plan_jobs       the shared gloo jobs behind the planner's tests (one spawn per world size)
     runs            real `gpt3d train` runs for the fault tests: tiny flags, in-process or as a killable process

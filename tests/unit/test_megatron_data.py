@@ -302,7 +302,7 @@ def test_blend_corpus_sizes_use_the_1005_margin(tmp_path):
 
 
 def test_blending_cache_is_keyed_by_weights(tmp_path):
-    a, b = (BlendableDataset([None, None], w, 500, cache_prefix=str(tmp_path / f"bl{i}"))
+    a, b = (BlendableDataset([range(500), range(500)], w, 500, cache_prefix=str(tmp_path / f"bl{i}"))
             for i, w in enumerate(([0.3, 0.7], [0.7, 0.3])))
     assert not np.array_equal(a.dataset_index, b.dataset_index)
     prefixes = [_write_corpus(str(tmp_path / f"k{i}"), _sizes(30 + i, n=50), 0) for i in range(2)]
