@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -29,7 +30,7 @@ from .config import Config
 from .config_check import check_model, check_values
 from .errors import ConfigError, HFError, os_errors_are_user_errors
 from .hf import from_hf, hf_model_config, to_hf
-from .model.gpt import VOCAB_PARAMETERS
+from .model.gpt import VOCAB_PARAMETERS, count_parameters
 from .progress import Activity, Progress
 
 _INT = ("n_embd", "n_head", "n_layer", "n_inner", "n_positions", "hidden_size", "num_attention_heads",
@@ -184,6 +185,11 @@ def import_hf(src: str, save: str) -> dict:
         check_model(cfg.model)
     except ConfigError as e:
         raise HFError(f"{hf_config.path}: a value gpt3d cannot train with: {e}") from None
+    implied = count_parameters(cfg.model, m["vocab_size"])["total"]   # arithmetic: nothing built yet
+    held = sum(math.prod(shape) for _, shape, _ in headers.values())
+    if implied > held:   # e.g. a layer count or width no weights could back: refused before building anything
+        raise HFError(f"{hf_config.path} describes a model of {implied:,} parameters, but the .safetensors files "
+                      f"hold {held:,} values")
     model = build_full_model(cfg.model, m["vocab_size"], device=torch.device("meta"))
     params = ModelChunks([model]).layout()
     sd = read_tensors(headers, hf_tensors_needed(cfg, model, headers))
