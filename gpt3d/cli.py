@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import yaml
 
 from .config import SECTIONS, Config, apply_flat, field_types, flag_name, flatten, read_settings_file
-from .errors import FileError, Gpt3dError
+from .errors import FileError, Gpt3dError, error_line
 
 # Token (and sample) counts are often written 300e9 or 3_000_000_000.
 TOKEN_COUNT_FIELDS = ("train_tokens", "train_samples", "lr_warmup_tokens", "lr_decay_tokens")
@@ -106,8 +106,9 @@ def main(argv: Optional[list] = None) -> int:
     try:
         return int(func(args) or 0)
     except (Gpt3dError, OSError) as e:   # an OSError: a file the user named cannot be read or written
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return e.exit_code if isinstance(e, Gpt3dError) else FileError.exit_code
+        err = e if isinstance(e, Gpt3dError) else FileError(str(e))
+        print(error_line(err), file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

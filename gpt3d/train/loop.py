@@ -1,7 +1,8 @@
 """The training loop: build everything from the config, then step, log, evaluate, save, until told to stop.
 
 The loop only sequences; each decision lives with an object that owns it: the step and its counters
-(step.py), when to stop (stop.py), what to print and record (report.py), the model and its compile
+(step.py), when to stop (stop.py), what to print and record (report.py), when a rank is hung (watchdog.py:
+the loop reports its progress), the model and its compile
 policy (model/build.py), gradient sync and the optimizer (optim/), what a checkpoint holds (the parts
 named in `checkpoint_parts`, written by checkpoint/). `Trainer.train_step` is the one step used by `train`
 and by `bench`, so the benchmark measures exactly what training runs.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from typing import Iterator, Optional
 
 import torch.distributed as dist
@@ -32,12 +32,13 @@ from ..optim.grad_scaler import DynamicLossScaler
 from ..optim.schedule import LRSchedule
 from ..optim.zero1 import ShardedOptimizer
 from ..parallel.random import seed_everything
-from ..parallel.state import ParallelState, build_parallel_state, init_distributed
+from ..parallel.state import ParallelState, build_parallel_state, init_distributed, launch_env
 from ..plan.search import for_run as plan_for_run
 from . import faults
 from .report import Reporter, dp_mean
 from .step import StepResult, TrainState, TrainStep
 from .stop import StopPolicy, divergence_error
+from .watchdog import SLOW_PHASE_EXTRA_S, Watchdog
 
 
 def legacy_data_fingerprint(cfg: Config) -> str:
@@ -52,7 +53,7 @@ class Trainer:
     def __init__(self, cfg: Config, ps: Optional[ParallelState] = None):
         t = cfg.training
         if ps is None:   # validate before joining the job, so a bad layout fails without waiting for peers
-            cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+            cfg.validate(launch_env().world)
             self.restore_determinism = determinism.apply(t.deterministic_mode)   # before CUDA and NCCL start
             world, rank, device = init_distributed(cfg.parallel.distributed_backend,
                                                    cfg.parallel.distributed_timeout_minutes, t.device)
@@ -84,6 +85,8 @@ class Trainer:
         self.report = Reporter(t, ps, throughput, self.train_iters, self.global_batch, optimizer=self.optimizer,
                                sharded_state=cfg.parallel.zero_stage == 1 and ps.dp > 1, plan=self.plan)
         self.last_checkpoint: Optional[str] = None
+        self.watchdog = Watchdog.for_run(cfg.parallel.distributed_timeout_minutes, ps.rank, ps.world_size,
+                                         compile=t.compile)   # running only inside `run`
         faults.install(self)   # a test hook, installed only when GPT3D_FAULT_INJECT names this rank
 
     # ----- setup --------------------------------------------------------------------------------------------
@@ -124,7 +127,13 @@ class Trainer:
         if dataset is None or t.eval_iters == 0:
             return None
         loader = iter(build_data_loader(dataset, 0, t.micro_batch_size, self.ps.dp_rank, self.ps.dp))
-        loss = self.step.evaluate(self.microbatches(loader) for _ in range(t.eval_iters))
+
+        def batches() -> Iterator[list[dict]]:
+            for i in range(t.eval_iters):
+                if i:
+                    self.watchdog.progress(f"validation batch {i} of {t.eval_iters}")
+                yield self.microbatches(loader)
+        loss = self.step.evaluate(batches())
         return dp_mean(loss, self.ps) if loss is not None else None
 
     def checkpoint_parts(self) -> dict:
@@ -136,7 +145,9 @@ class Trainer:
     def save(self) -> None:
         c = self.cfg.checkpoint
         if c.save:
-            path = ckpt.save(c.save, self.checkpoint_parts(), self.ps, self.state.iteration, keep_last=c.keep_last)
+            with self.watchdog.allow(f"saving iteration {self.state.iteration}", SLOW_PHASE_EXTRA_S):
+                path = ckpt.save(c.save, self.checkpoint_parts(), self.ps, self.state.iteration,
+                                 keep_last=c.keep_last)
             if ckpt.structure_problem(path) is None:   # checksummed as written; not if it holds non-finite values
                 self.last_checkpoint = path
             self.report.console(f"saved checkpoint at iteration {self.state.iteration} to {c.save}")
@@ -186,7 +197,17 @@ class Trainer:
         save = self.cfg.checkpoint.save
         lock = ckpt.lock_save_dir(save, self.ps) if save else None
         try:
-            return self._run()
+            with self.watchdog:
+                try:
+                    return self._run()
+                except Gpt3dError:
+                    raise
+                except Exception:
+                    # e.g. a collective's own timeout: say which peers went silent, if any (the traceback follows)
+                    silent = self.watchdog.report_silent_peers() if self.ps.distributed else None
+                    if silent:
+                        warn(silent)
+                    raise
         finally:
             if lock is not None:
                 lock.release()
@@ -199,8 +220,10 @@ class Trainer:
             if ps.rank == 0:
                 warn(f"--load {cfg.checkpoint.load} holds no checkpoint yet: starting from scratch (as Megatron does)")
         elif cfg.checkpoint.load:
-            loaded = self.load(cfg.checkpoint.load, check_data=False)
-        train_ds, valid_ds, _ = self.build_datasets()
+            with self.watchdog.allow("loading the checkpoint", SLOW_PHASE_EXTRA_S):
+                loaded = self.load(cfg.checkpoint.load, check_data=False)
+        with self.watchdog.allow("building the datasets and their index", SLOW_PHASE_EXTRA_S):
+            train_ds, valid_ds, _ = self.build_datasets()
         self.state.data_state = stream.data_state(cfg, self.global_batch, train_ds)
         if loaded is not None:
             self.check_data_stream(loaded)
@@ -223,10 +246,15 @@ class Trainer:
         save_interval = cfg.checkpoint.save_interval
         report.start(state.iteration)
         batch = None
+        # the first step (and the first validation) may compile and set up communicators: more time for them
+        wd, first_extra = self.watchdog, self.watchdog.first_extra_s
+        wd.progress("set-up", next_extra_s=first_extra)
+        validated = False
         while state.iteration < self.train_iters:
             if t.train_tokens is not None and state.tokens >= t.train_tokens:
                 break
             result = self.train_step(batch or self.microbatches(loader))
+            wd.progress(f"iteration {state.iteration}")
             # Read the next batch while the device still runs this step: the checks below wait for it.
             batch = self.microbatches(loader) if state.iteration < self.train_iters else None
             stop.observe(result)
@@ -238,8 +266,10 @@ class Trainer:
             evaluating = bool(t.eval_interval) and it % t.eval_interval == 0
             saving = bool(save_interval) and it % save_interval == 0
             if evaluating:
-                with report.untimed(state):
+                with report.untimed(state), \
+                        wd.allow(f"validation at iteration {it}", 0 if validated else first_extra):
                     report.validation(self.evaluate(valid_ds), state)
+                validated = True
             # Read the verdict now where it decides something or the host has synced anyway (log line,
             # validation, save, last step); elsewhere at the next step, so the host never waits here.
             last = it >= self.train_iters or (t.train_tokens is not None and state.tokens >= t.train_tokens)
@@ -259,7 +289,8 @@ class Trainer:
         if late is not None and late.diverged:
             raise divergence_error(late, self.last_checkpoint)
         if state.iteration % t.eval_interval != 0:
-            report.validation(self.evaluate(valid_ds), state)
+            with wd.allow(f"validation at iteration {state.iteration}", 0 if validated else first_extra):
+                report.validation(self.evaluate(valid_ds), state)
         if cfg.checkpoint.save and (not save_interval or state.iteration % save_interval != 0):
             self.save()
 
