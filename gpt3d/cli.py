@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from .config import SECTIONS, Config, apply_flat, field_types, flag_name, flatten, read_settings_file
+from .config import SECTIONS, Config, apply_layer, field_types, flag_name, flatten, read_settings_file
 from .errors import FileError, Gpt3dError, error_line
 
 # Token (and sample) counts are often written 300e9 or 3_000_000_000.
@@ -64,10 +64,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
                                   missing=f"config file not found: {args.config}",
                                   expected="expected a mapping of settings")
         flat = flatten(data, source=args.config)
-        apply_flat(cfg, flat)
+        apply_layer(cfg, flat, source=args.config)
         yaml_keys = set(flat)
     given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
-    apply_flat(cfg, flatten(given, source="flags"))
+    apply_layer(cfg, flatten(given, source="flags"), source="the command line")
     from .deepspeed_config import apply_deepspeed_config   # Megatron-DeepSpeed's --deepspeed_config
     apply_deepspeed_config(cfg, set(given) | yaml_keys)
     return cfg
@@ -85,9 +85,16 @@ COMMANDS = {"preprocess": "data.preprocess", "bench": "bench", "checkpoint-info"
             "plan": "plan.cli"}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors (a bad flag or flag value) as the one `gpt3d: error:` line, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"gpt3d: error: {message} (`{self.prog} --help` lists the flags)\n")
+
+
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser of `command` (and train's), or of every command when it is not one of them (e.g. --help)."""
-    parser = argparse.ArgumentParser(prog="gpt3d", description="GPT pretraining with 3D parallelism")
+    parser = Parser(prog="gpt3d", description="GPT pretraining with 3D parallelism")
     sub = parser.add_subparsers(dest="command", required=True)
     tp = sub.add_parser("train", help="pretrain a GPT model", allow_abbrev=False)
     add_config_flags(tp)

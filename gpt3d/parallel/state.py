@@ -103,8 +103,8 @@ class LaunchEnv:
 
 
 def launch_env(environ=os.environ) -> LaunchEnv:
-    """WORLD_SIZE / RANK / LOCAL_RANK, checked: a ConfigError (one line) for values that are not a job's, e.g. a
-    WORLD_SIZE=2 left in the shell of a plain `gpt3d train`, where joining would fail with a traceback."""
+    """WORLD_SIZE / RANK / LOCAL_RANK, checked: a ConfigError (one line) for values that are not a job's (where
+    int() or joining would end in a traceback)."""
     def number(name: str, default: str) -> int:
         text = environ.get(name, default)
         try:
@@ -115,14 +115,17 @@ def launch_env(environ=os.environ) -> LaunchEnv:
     if world < 1 or not 0 <= rank < world or local < 0:
         raise ConfigError(f"WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={local} do not describe a job (need "
                           "WORLD_SIZE >= 1, 0 <= RANK < WORLD_SIZE); unset them for one process")
-    if world > 1:
-        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
-        if missing:
-            verb = "is" if len(missing) == 1 else "are"
-            raise ConfigError(f"WORLD_SIZE={world} is set but {' and '.join(missing)} {verb} not: start the job with "
-                              f"torchrun (e.g. torchrun --nproc_per_node {world} -m gpt3d train ...), or unset "
-                              "WORLD_SIZE to train in one process")
     return LaunchEnv(world, rank, local)
+
+
+def refuse_a_job_without_rendezvous(env: LaunchEnv, environ=os.environ) -> None:
+    """Joining a job of several processes needs torchrun's MASTER_ADDR/MASTER_PORT: one line if they are absent."""
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
+    if env.world > 1 and missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ConfigError(f"WORLD_SIZE={env.world} is set but {' and '.join(missing)} {verb} not: start the job "
+                          f"with torchrun (e.g. torchrun --nproc_per_node {env.world} -m gpt3d train ...), or unset "
+                          "WORLD_SIZE to train in one process")
 
 
 def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
@@ -134,6 +137,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
     of a hang (gloo raises in the waiting call; NCCL's watchdog ends the process).
     """
     env = launch_env()
+    refuse_a_job_without_rendezvous(env)
     dev = pick_device(device, env.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

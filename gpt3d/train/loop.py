@@ -23,7 +23,7 @@ from ..config import DEFAULT_VOCAB_SIZE, Config
 from ..data import stream
 from ..data.sampler import MockGPTDataset, build_data_loader
 from ..data.sizing import train_iterations, train_valid_test_num_samples
-from ..errors import Gpt3dError, warn
+from ..errors import DataError, Gpt3dError, warn
 from ..metrics import Throughput
 from ..model.build import build_model_chunks
 from ..model.gpt import count_parameters
@@ -33,6 +33,7 @@ from ..optim.schedule import LRSchedule
 from ..optim.zero1 import ShardedOptimizer
 from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState, build_parallel_state, init_distributed, launch_env
+from ..plan.fits import refuse_what_cannot_fit
 from ..plan.search import for_run as plan_for_run
 from . import faults
 from .report import Reporter, dp_mean
@@ -51,27 +52,34 @@ def legacy_data_fingerprint(cfg: Config) -> str:
 
 class Trainer:
     def __init__(self, cfg: Config, ps: Optional[ParallelState] = None):
+        # validate before joining the job, so a bad layout fails without waiting for peers
+        cfg.validate(launch_env().world if ps is None else ps.world_size)
+        self.restore_determinism = determinism.apply(cfg.training.deterministic_mode)   # before CUDA and NCCL
+        try:
+            self._build(cfg, ps)
+        except BaseException:   # refused (or failed) here: the process' settings are as they were
+            self.restore_determinism()
+            raise
+
+    def _build(self, cfg: Config, ps: Optional[ParallelState]) -> None:
         t = cfg.training
-        if ps is None:   # validate before joining the job, so a bad layout fails without waiting for peers
-            cfg.validate(launch_env().world)
-            self.restore_determinism = determinism.apply(t.deterministic_mode)   # before CUDA and NCCL start
+        if ps is None:
             world, rank, device = init_distributed(cfg.parallel.distributed_backend,
                                                    cfg.parallel.distributed_timeout_minutes, t.device)
             ps = build_parallel_state(cfg.parallel, world, rank, device)
-        else:
-            cfg.validate(ps.world_size)
-            self.restore_determinism = determinism.apply(t.deterministic_mode)
         self.cfg, self.ps = cfg, ps
         self.tp_rng = seed_everything(t.seed, ps)
         self.vocab_size, self.tokenizer = self._vocab()
-        # `gpt3d plan`'s prediction for this layout (GPU only), before allocating: --check-memory refuses here
-        self.plan = plan_for_run(cfg, ps, self.vocab_size)
-        self.model = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
         self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
         self.num_micro = self.global_batch // (t.micro_batch_size * ps.dp)
         tokens_per_iter = self.global_batch * cfg.model.seq_length
         self.train_iters = train_iterations(t.train_iters, t.train_samples, t.train_tokens, self.global_batch,
                                             cfg.model.seq_length)
+        # before allocating: sizes no memory holds are refused; `gpt3d plan`'s prediction for this layout (GPU
+        # only), which --check-memory compares with the usable memory
+        refuse_what_cannot_fit(cfg, ps, self.vocab_size, None if cfg.data.mock_data else sum(self._num_samples()))
+        self.plan = plan_for_run(cfg, ps, self.vocab_size)
+        self.model = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
         self.grads = GradBuffer(self.model, ps, zero_stage=cfg.parallel.zero_stage,
                                 bucket_size_mb=cfg.parallel.bucket_size_mb, overlap=cfg.parallel.overlap_grad_reduce)
         self.optimizer = ShardedOptimizer(self.grads, cfg.optimizer, ps)
@@ -98,10 +106,15 @@ class Trainer:
         tok = tokenizer_from_config(d, m.vocab_size, quiet=self.ps.rank != 0)
         return model_vocab_size(tok, m.vocab_size), tok
 
+    def _num_samples(self) -> tuple[int, int, int]:
+        """Megatron-DeepSpeed's (train, valid, test) sample counts: they fix the sample order."""
+        t = self.cfg.training
+        return train_valid_test_num_samples(self.train_iters, t.train_samples, self.global_batch, t.eval_interval,
+                                            t.eval_iters)
+
     def build_datasets(self):
         d, t, m = self.cfg.data, self.cfg.training, self.cfg.model
-        n = train_valid_test_num_samples(self.train_iters, t.train_samples, self.global_batch, t.eval_interval,
-                                         t.eval_iters)   # Megatron-DeepSpeed's counts: they fix the sample order
+        n = self._num_samples()
         if d.mock_data:
             return tuple(MockGPTDataset(k, m.seq_length, self.vocab_size, t.seed + i) if k else None
                          for i, k in enumerate(n))
@@ -224,6 +237,9 @@ class Trainer:
                 loaded = self.load(cfg.checkpoint.load, check_data=False)
         with self.watchdog.allow("building the datasets and their index", SLOW_PHASE_EXTRA_S):
             train_ds, valid_ds, _ = self.build_datasets()
+        if train_ds is None:
+            raise DataError(f"--split {cfg.data.split} leaves no document of --data-path {' '.join(cfg.data.data_path)} "
+                            "for training")
         self.state.data_state = stream.data_state(cfg, self.global_batch, train_ds)
         if loaded is not None:
             self.check_data_stream(loaded)
@@ -232,6 +248,12 @@ class Trainer:
         self.report.console(f"gpt3d: {ps.describe()} | {n_params['total'] / 1e6:.2f}M parameters | "
                             f"global batch {self.global_batch} ({self.num_micro} micro-batches of "
                             f"{t.micro_batch_size}) | {self.train_iters} iterations | device {ps.device}")
+        self.report.console(f"gpt3d: data: {stream.describe(cfg, train_ds)}")
+        last = self.train_iters if t.train_tokens is None else \
+            min(self.train_iters, -(-t.train_tokens // (self.global_batch * cfg.model.seq_length)))
+        warmup = self.schedule.warmup_beyond(last)
+        if warmup and ps.rank == 0:
+            warn(warmup)
         self.report.prediction()
         stop = StopPolicy(t, ps, fp16=cfg.precision.fp16)
         with stop.signals() if t.exit_signal_handler else contextlib.nullcontext():
