@@ -238,8 +238,8 @@ class Trainer:
         with self.watchdog.allow("building the datasets and their index", SLOW_PHASE_EXTRA_S):
             train_ds, valid_ds, _ = self.build_datasets()
         if train_ds is None:
-            raise DataError(f"--split {cfg.data.split} leaves no document of --data-path {' '.join(cfg.data.data_path)} "
-                            "for training")
+            raise DataError(f"--split {cfg.data.split} leaves no document of --data-path "
+                            f"{' '.join(cfg.data.data_path)} for training")
         self.state.data_state = stream.data_state(cfg, self.global_batch, train_ds)
         if loaded is not None:
             self.check_data_stream(loaded)

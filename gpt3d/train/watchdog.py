@@ -93,8 +93,8 @@ class Heartbeats:
     def alarm(self) -> Optional[str]:
         return self.store.get("alarm").decode() if self.store.check(["alarm"]) else None
 
-    def survey(self, silent_after: float) -> list[str]:
-        """The other ranks silent for over `silent_after` seconds, then where the live ones (this one too) are."""
+    def survey(self, silent_after: float) -> tuple[list[str], str]:
+        """(the other ranks silent for over `silent_after` seconds, where the live ones, this one too, are)."""
         silent, places, now = [], {main_thread_place(): [self.rank]}, time.time()
         for r in range(self.world):
             if r == self.rank:
@@ -110,7 +110,7 @@ class Heartbeats:
             else:
                 places.setdefault(beat["where"], []).append(r)
         by_place = [f"{_ranks(rs)} in {place}" for place, rs in sorted(places.items(), key=lambda kv: len(kv[1]))]
-        return silent + ["live: " + ", ".join(by_place)]
+        return silent, "live: " + ", ".join(by_place)
 
 
 class Watchdog:
@@ -176,10 +176,10 @@ class Watchdog:
     def report_silent_peers(self) -> Optional[str]:
         """After a failure elsewhere (e.g. a collective's own timeout): the silent peers, if any, as one line
         with where the live ranks are; the alarm is raised so that the other live ranks dump their stacks."""
-        survey = self._survey()
-        if not any("heartbeat" in s or "unreachable" in s for s in survey):
+        silent, live = self._survey()
+        if not silent:
             return None
-        text = f"rank {self.rank}: " + "; ".join(survey)
+        text = f"rank {self.rank}: " + "; ".join(silent + [live])
         self._raise_alarm(text)
         return text
 
@@ -202,18 +202,23 @@ class Watchdog:
                 self._fire(f"rank {self.rank}: no progress for {self.timeout_s + extra:.0f} s "
                            f"(--distributed-timeout-minutes {self.timeout_s / 60:g}"
                            f"{f' + {extra:.0f} s allowed for this phase' if extra else ''}); last progress: "
-                           f"{self._what}, now in {main_thread_place()}" + "".join(f"; {s}" for s in self._survey()),
+                           f"{self._what}, now in {main_thread_place()}" + "".join(f"; {s}" for s in self._report()),
                            alarm=True)
             if self._stop.wait(min(self.interval, max(self._deadline - time.monotonic(), 0.0))):
                 return
 
-    def _survey(self) -> list[str]:
+    def _survey(self) -> tuple[list[str], str]:
+        """The heartbeats' survey (silent ranks, live ranks' places); a silent store counts as a silent peer."""
         if self.heartbeats is None:
-            return []
+            return [], ""
         try:
             return self.heartbeats.survey(self.timeout_s / 2)
         except Exception:  # noqa: BLE001 - the store is unreachable
-            return ["the job's store is unreachable (rank 0's host or the launcher may be down)"]
+            return ["the job's store is unreachable (rank 0's host or the launcher may be down)"], ""
+
+    def _report(self) -> list[str]:
+        silent, live = self._survey()
+        return silent + ([live] if live else [])
 
     def _raise_alarm(self, text: str) -> None:
         if self.heartbeats is not None:

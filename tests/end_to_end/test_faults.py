@@ -260,14 +260,19 @@ def test_exception_on_one_rank_ends_the_job_with_its_error(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def _torchrun(launcher: list, train: list, fault: str) -> str:
+def _torchrun(launcher: list, train: list, fault: str) -> tuple[int, str]:
     """stdout + stderr of a 2-rank gloo job of the TINY model with GPT3D_FAULT_INJECT=`fault`, after asserting
     its exit status. No limit of its own: a job that never ended would be pytest-timeout's to fail."""
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *launcher, "-m",
-                        "gpt3d", "train", *runs.TINY, "--distributed-timeout-minutes", "0.1", *train],
-                       capture_output=True, text=True, cwd=str(ROOT),
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "GPT3D_FAULT_INJECT": fault})
-    return r.returncode, r.stdout + r.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *launcher,
+                             "-m", "gpt3d", "train", *runs.TINY, "--distributed-timeout-minutes", "0.1", *train],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "GPT3D_FAULT_INJECT": fault})
+    try:
+        out, err = proc.communicate()
+    finally:   # interrupted (pytest-timeout): no job, frozen worker included, outlives the test
+        if proc.poll() is None:
+            runs.kill_tree(proc.pid)
+    return proc.returncode, out + err
 
 
 @pytest.mark.slow
