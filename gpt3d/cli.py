@@ -32,10 +32,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             names = [flag_name(f), *f.metadata.get("aliases", ())]
             kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help"))
             t = types[f.name]
+            if f.name in ORDERED:   # which data source came last decides (config.apply_layer)
+                kw["action"] = _recording(argparse.BooleanOptionalAction if t is bool else _Store)
             if t is bool and names[0].startswith("--no-"):   # Megatron's negative switches, e.g.
                 group.add_argument(*names, action="store_true", **kw)   # --no-pipeline-parallel: set only
             elif t is bool:
-                group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+                group.add_argument(*names, **{"action": argparse.BooleanOptionalAction, **kw})
             elif t is list:
                 group.add_argument(*names, nargs="+", **kw)
             else:
@@ -45,6 +47,25 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             for switch, (value, text) in f.metadata.get("const_aliases", {}).items():
                 group.add_argument(switch, dest=f.name, action="store_const", const=value,
                                    default=argparse.SUPPRESS, help=text)
+
+
+# Flags whose order on the command line matters: the later of --mock-data and --data-path wins (a launcher's
+# extra flags come last and override its own).
+ORDERED = ("mock_data", "data_path")
+
+
+class _Store(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
+def _recording(base: type) -> type:
+    """`base` (an argparse action) that also notes the order in which the ORDERED flags were given."""
+    class Recording(base):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            namespace._order = [*getattr(namespace, "_order", []), self.dest]
+    return Recording
 
 
 def _int_tokens(text: str) -> int:
@@ -66,8 +87,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         flat = flatten(data, source=args.config)
         apply_layer(cfg, flat, source=args.config)
         yaml_keys = set(flat)
-    given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
-    apply_layer(cfg, flatten(given, source="flags"), source="the command line")
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "_order")}
+    apply_layer(cfg, flatten(given, source="flags"), source="the command line", order=getattr(args, "_order", None))
     from .deepspeed_config import apply_deepspeed_config   # Megatron-DeepSpeed's --deepspeed_config
     apply_deepspeed_config(cfg, set(given) | yaml_keys)
     return cfg

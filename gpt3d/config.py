@@ -326,17 +326,20 @@ def apply_flat(cfg: Config, flat: dict) -> None:
         setattr(section, key, _coerce(section, key, value))
 
 
-def apply_layer(cfg: Config, flat: dict, source: str) -> None:
+def apply_layer(cfg: Config, flat: dict, source: str, order: Optional[list] = None) -> None:
     """One layer of settings (a YAML file, then the flags) over `cfg`, as `apply_flat`, where a data path
-    means real data: a layer that names a data path turns off an earlier layer's mock_data, and one that asks
-    for both is refused (it used to train on mock tokens, silently, with the data path given)."""
+    means real data: a layer that names a data path turns off an earlier layer's mock_data. A layer that asks
+    for both decides by `order` (the command line's: the later flag wins, so a launcher's extra --mock-data
+    overrides its --data-path) and is refused without one (a YAML file). It used to train on mock tokens,
+    silently, with the data path given."""
     mock = _coerce(cfg.data, "mock_data", flat["mock_data"]) if "mock_data" in flat else None
     paths = _coerce(cfg.data, "data_path", flat["data_path"]) if "data_path" in flat else None
-    if paths and mock:
+    last = next((k for k in reversed(order or []) if k in ("mock_data", "data_path")), None)
+    if paths and mock and last is None:
         raise ConfigError(f"{source} asks for both mock data and --data-path {' '.join(paths)} (mock data trains "
                           "on synthetic tokens, a data path on your data): give one")
     apply_flat(cfg, flat)
-    if paths and mock is None:
+    if paths and (mock is None or last == "data_path"):
         cfg.data.mock_data = False
 
 
