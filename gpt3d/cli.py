@@ -16,8 +16,8 @@ from typing import Callable, Optional
 
 import yaml
 
-from .config import SECTIONS, Config, apply_flat, field_types, flag_name, flatten, read_settings_file
-from .errors import FileError, Gpt3dError
+from .config import SECTIONS, Config, apply_layer, field_types, flag_name, flatten, read_settings_file
+from .errors import FileError, Gpt3dError, error_line
 
 # Token (and sample) counts are often written 300e9 or 3_000_000_000.
 TOKEN_COUNT_FIELDS = ("train_tokens", "train_samples", "lr_warmup_tokens", "lr_decay_tokens")
@@ -48,11 +48,15 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """gpt3d's parsers (each command's, sub-commands' too): defaults shown in --help."""
+    """gpt3d's parsers (each command's, sub-commands' too): defaults shown in --help, and argparse's errors (a bad
+    flag or flag value) as the one `gpt3d: error:` line, exit 2."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"gpt3d: error: {message} (`{self.prog} --help` lists the flags)\n")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -66,10 +70,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             names = [flag_name(f), *f.metadata.get("aliases", ())]
             kw = dict(dest=f.name, default=argparse.SUPPRESS, help=_help_with_default(f))
             t = types[f.name]
+            if f.name in ORDERED:   # which data source came last decides (config.apply_layer)
+                kw["action"] = _recording(argparse.BooleanOptionalAction if t is bool else _Store)
             if t is bool and names[0].startswith("--no-"):   # Megatron's negative switches, e.g.
                 group.add_argument(*names, action="store_true", **kw)   # --no-pipeline-parallel: set only
             elif t is bool:
-                group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+                group.add_argument(*names, **{"action": argparse.BooleanOptionalAction, **kw})
             elif t is list:
                 group.add_argument(*names, nargs="+", **kw)
             else:
@@ -90,6 +96,25 @@ def _help_with_default(f: dataclasses.Field) -> str:
     return f"{text} (default: {show_default(default)})".replace("%", "%%")
 
 
+# Flags whose order on the command line matters: the later of --mock-data and --data-path wins (a launcher's
+# extra flags come last and override its own).
+ORDERED = ("mock_data", "data_path")
+
+
+class _Store(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
+def _recording(base: type) -> type:
+    """`base` (an argparse action) that also notes the order in which the ORDERED flags were given."""
+    class Recording(base):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            namespace._order = [*getattr(namespace, "_order", []), self.dest]
+    return Recording
+
+
 def _int_tokens(text: str) -> int:
     """Token counts are often written 300e9 or 3_000_000_000."""
     try:
@@ -107,10 +132,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
                                   missing=f"config file not found: {args.config}",
                                   expected="expected a mapping of settings")
         flat = flatten(data, source=args.config)
-        apply_flat(cfg, flat)
+        apply_layer(cfg, flat, source=args.config)
         yaml_keys = set(flat)
-    given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
-    apply_flat(cfg, flatten(given, source="flags"))
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "_order")}
+    apply_layer(cfg, flatten(given, source="flags"), source="the command line", order=getattr(args, "_order", None))
     from .deepspeed_config import apply_deepspeed_config   # Megatron-DeepSpeed's --deepspeed_config
     decided = set(given) | yaml_keys | apply_deepspeed_config(cfg, set(given) | yaml_keys)
     if cfg.checkpoint.load:   # a Megatron-DeepSpeed checkpoint's args fill the settings left out
@@ -158,8 +183,9 @@ def main(argv: Optional[list] = None) -> int:
     try:
         return int(func(args) or 0)
     except (Gpt3dError, OSError) as e:   # an OSError: a file the user named cannot be read or written
-        print(f"gpt3d: error: {e}", file=sys.stderr)
-        return e.exit_code if isinstance(e, Gpt3dError) else FileError.exit_code
+        err = e if isinstance(e, Gpt3dError) else FileError(str(e))
+        print(error_line(err), file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

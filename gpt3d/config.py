@@ -336,12 +336,19 @@ def field_index() -> dict:
 def flatten(d: dict, source: str = "config") -> dict:
     """Accept both `{model: {num_layers: 2}}` and flat `{num-layers: 2}` YAML styles."""
     flat = {}
+
+    def name(key: Any) -> str:
+        if not isinstance(key, str):
+            raise ConfigError(f"setting names in {source} are words like num_layers, got {key!r}")
+        return key.replace("-", "_")
     for key, value in (d or {}).items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"section '{key}' in {source} must be a mapping of settings, got {value!r}")
             for k, v in value.items():
-                flat[k.replace("-", "_")] = v
+                flat[name(k)] = v
         else:
-            flat[key.replace("-", "_")] = value
+            flat[name(key)] = value
     index = field_index()
     for key in flat:
         if key not in index:
@@ -381,6 +388,30 @@ def apply_flat(cfg: Config, flat: dict) -> None:
         setattr(section, key, _coerce(section, key, value))
 
 
+def apply_layer(cfg: Config, flat: dict, source: str, order: Optional[list] = None) -> None:
+    """One layer of settings (a YAML file, then the flags) over `cfg`, as `apply_flat`, where a data path
+    means real data: a layer that names a data path turns off an earlier layer's mock_data. A layer that asks
+    for both decides by `order` (the command line's: the later flag wins, so a launcher's extra --mock-data
+    overrides its --data-path) and is refused without one (a YAML file). It used to train on mock tokens,
+    silently, with the data path given."""
+    mock = _coerce(cfg.data, "mock_data", flat["mock_data"]) if "mock_data" in flat else None
+    paths = _coerce(cfg.data, "data_path", flat["data_path"]) if "data_path" in flat else None
+    last = next((k for k in reversed(order or []) if k in ("mock_data", "data_path")), None)
+    if paths and mock and last is None:
+        raise ConfigError(f"{source} asks for both mock data and --data-path {' '.join(paths)} (mock data trains "
+                          "on synthetic tokens, a data path on your data): give one")
+    apply_flat(cfg, flat)
+    if paths and (mock is None or last == "data_path"):
+        cfg.data.mock_data = False
+
+
+@functools.lru_cache(maxsize=None)
+def optional_fields(klass: type) -> frozenset:
+    """The fields of a config section that may be unset (None)."""
+    return frozenset(name for name, t in typing.get_type_hints(klass).items()
+                     if typing.get_origin(t) is typing.Union and type(None) in typing.get_args(t))
+
+
 @functools.lru_cache(maxsize=None)
 def field_types(klass: type) -> dict:
     """{field name: its type without Optional} of a config section, read from the annotations."""
@@ -392,28 +423,67 @@ def field_types(klass: type) -> dict:
     return out
 
 
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
 def _coerce(section, key: str, value: Any) -> Any:
-    t = field_types(type(section))[key]
+    """`value` (from YAML, flags or a saved config) as the field's type, strictly: a bool is not a number, a
+    number is not a string (a path, a split) nor a list, a non-integral number is not an int. Numbers written
+    as strings (PyYAML reads `3e-4` and `300e9` as strings) are read as numbers."""
+    klass = type(section)
+    t = field_types(klass)[key]
     if value is None:
-        return None
-    try:
-        if t is list:
-            return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split()
-        if t is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if t is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if t is float:
+        if key in optional_fields(klass):
+            return None
+        raise ConfigError(f"setting '{key}' needs a value ({t.__name__}), got null")
+
+    def bad(hint: str = "") -> ConfigError:
+        return ConfigError(f"setting '{key}' expects {t.__name__}, got {value!r}{hint}")
+    if t is list:
+        if isinstance(value, str):
+            return value.split()
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                                    for v in value):
+            return [str(v) for v in value]
+        raise bad(" (a path, or weights and paths: [0.7, data/web, 0.3, data/books])")
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise bad(" (true or false)")
+    if isinstance(value, str) and "\0" in value or isinstance(value, (list, tuple)) and any(
+            isinstance(v, str) and "\0" in v for v in value):
+        raise bad(" (a NUL character)")
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise bad(f" (in YAML, quote it: {key}: \"{value}\")" if isinstance(value, (int, float)) else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad()
+    if t is int:
+        if isinstance(value, int):
+            return value
+        try:
+            return int(value) if isinstance(value, str) else _integral(value)
+        except ValueError:
+            pass
+        try:
+            return _integral(float(value))
+        except (ValueError, OverflowError):
+            raise bad() from None
+    if t is float:
+        try:
             return float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"setting '{key}' expects {t.__name__}, got {value!r}") from None
+        except (ValueError, OverflowError):
+            raise bad() from None
     return value
+
+
+def _integral(x: float) -> int:
+    if not (x == x and abs(x) != float("inf") and x.is_integer()):
+        raise ValueError(x)
+    return int(x)
 
 
 def flag_name(f: dataclasses.Field) -> str:

@@ -12,6 +12,7 @@ import math
 from typing import Any, Optional
 
 from .config import SECTIONS, Config, ModelConfig, flag_name
+from .data.sizing import train_iterations, train_valid_test_num_samples
 from .errors import ConfigError
 
 
@@ -23,6 +24,7 @@ def _need(cond: bool, msg: str) -> None:
 # Value rules by field name: (test, what the value must be). Optional fields may also be None (unset).
 # Commands' own numeric flags (eval, generate, plan) use the same rules through `check_flags`.
 POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "non-negative")
+INT64 = 2 ** 63   # counts become numpy/torch int64 (sample indices, token counters, tensor sizes)
 _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 RULES = {
     **dict.fromkeys(["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
@@ -33,14 +35,18 @@ RULES = {
                      "train_samples", "tensorboard_queue_size",
                      "lr_decay_iters", "lr_decay_tokens", "loss_scale_window", "hysteresis", "save_interval",
                      "keep_last", "adam_eps", "layernorm_epsilon", "init_method_std", "loss_scale",
-                     "initial_loss_scale", "min_loss_scale", "bucket_size_mb", "peak_tflops",
-                     "distributed_timeout_minutes"], POSITIVE),
-    **dict.fromkeys(["eval_iters", "lr_warmup_iters", "lr_warmup_tokens", "num_workers", "max_skipped_steps",
+                     "initial_loss_scale", "min_loss_scale", "peak_tflops"], POSITIVE),
+    **dict.fromkeys(["eval_iters", "lr_warmup_iters", "lr_warmup_tokens", "max_skipped_steps",
                      "lr", "min_lr", "weight_decay", "clip_grad", "exit_duration_in_mins"], NON_NEGATIVE),
     **dict.fromkeys(["hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"], _FRACTION),
     "rotary_percent": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "lr_warmup_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)"),
+    "num_workers": (lambda v: 0 <= v <= 1024, "in [0, 1024]"),   # processes: more is a fork bomb, not a loader
+    # buckets are counted in int64 elements; a 1 TiB bucket is already one bucket for any model
+    "bucket_size_mb": (lambda v: 0 < v <= 2 ** 20, "in (0, 1048576] (MiB)"),
+    # every wait's deadline and the watchdog's (train/watchdog.py): 6 s to about two years
+    "distributed_timeout_minutes": (lambda v: 0.1 <= v <= 1e6, "in [0.1, 1000000]"),
     # Token ids are int32 in the .bin data (Megatron's format: uint16 below 65,500 ids, else int32), so no id
     # can reach 2^31. A vocabulary that fits this rule but not in memory is refused in model/build.py.
     "vocab_size": (lambda v: 0 < v < 2 ** 31, "in [1, 2^31) (token ids are int32 in the .bin data)"),
@@ -48,13 +54,14 @@ RULES = {
 
 
 def check_value(flag: str, v: Any, rule: Optional[tuple] = None) -> None:
-    """One number: finite (NaN/inf fail whatever the rule), then `rule` (test, what it must be) if any.
-    None (unset) and non-numbers pass."""
+    """One number: finite (NaN/inf fail whatever the rule), then `rule` (test, what it must be) if any, then
+    within int64 for an int. None (unset) and non-numbers pass."""
     if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
         return
     _need(not isinstance(v, float) or math.isfinite(v), f"{flag} must be a finite number, got {v}")
     if rule:
         _need(rule[0](v), f"{flag} must be {rule[1]}, got {v}")
+    _need(not isinstance(v, int) or -INT64 <= v < INT64, f"{flag} must fit in an int64 (below 2^63), got {v}")
 
 
 def check_flags(args: Any, rules: dict) -> None:
@@ -133,6 +140,14 @@ def validate(cfg: Config, world_size: int) -> None:
     _need(t.train_iters is not None or t.train_tokens is not None or t.train_samples is not None,
           "give --train-iters, --train-samples or --train-tokens")
     _need(t.train_iters is None or t.train_samples is None, "--train-iters and --train-samples are exclusive")
+    iters = train_iterations(t.train_iters, t.train_samples, t.train_tokens, gbs, m.seq_length)
+    _need(iters > 0, f"--train-samples {t.train_samples} is less than one global batch ({gbs} samples): the run would "
+          "do no iteration")
+    counts = train_valid_test_num_samples(iters, t.train_samples, gbs, t.eval_interval, t.eval_iters)
+    _need(max(counts) * (m.seq_length + 1) < INT64,
+          f"the run's sample counts (train, validation, test: {', '.join(f'{n:,}' for n in counts)}) of "
+          f"{m.seq_length + 1} tokens each exceed 2^63 tokens (check --train-iters/--train-samples, "
+          "--global-batch-size, --eval-iters)")
     _need(not (pr.bf16 and pr.fp16), "--bf16 and --fp16 are exclusive")
     _need(not t.deterministic_mode or m.attention_backend in ("auto", "flash", "math"),
           f"--attention-backend {m.attention_backend} has no deterministic backward: --deterministic-mode takes "
@@ -147,7 +162,15 @@ def validate(cfg: Config, world_size: int) -> None:
           "(--data-impl mmap or infer)")
     _need(not p.no_pipeline_parallel or pp == 1,
           f"--no-pipeline-parallel needs --pipeline-model-parallel-size 1, got {pp}")
+    parts = d.split.replace("/", ",").split(",")
+    try:
+        vals = [float(x) for x in parts]
+    except ValueError:
+        raise ConfigError(f"--split '{d.split}' must be numbers like 949,50,1") from None
+    _need(all(math.isfinite(v) and v >= 0 for v in vals) and sum(vals) > 0 and len(vals) <= 3,
+          f"bad --split '{d.split}'")
     if not d.mock_data:
+        _need(vals[0] > 0, f"--split '{d.split}' gives training no documents (its first part is 0)")
         _need(bool(d.data_path), "give --data-path (or --mock-data for synthetic tokens)")
         if d.tokenizer_type == "GPT2BPETokenizer":
             _need(bool(d.vocab_file) and bool(d.merge_file), "--data-path needs --vocab-file and --merge-file")
@@ -155,10 +178,3 @@ def validate(cfg: Config, world_size: int) -> None:
             _need(bool(cfg.model.vocab_size), "--tokenizer-type NullTokenizer needs --vocab-size")
         else:
             _need(bool(d.tokenizer_model), f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
-        parts = d.split.replace("/", ",").split(",")
-        try:
-            vals = [float(x) for x in parts]
-        except ValueError:
-            raise ConfigError(f"--split '{d.split}' must be numbers like 949,50,1") from None
-        _need(all(math.isfinite(v) and v >= 0 for v in vals) and sum(vals) > 0 and len(vals) <= 3,
-              f"bad --split '{d.split}'")

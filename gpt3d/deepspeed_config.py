@@ -198,7 +198,10 @@ def apply_deepspeed_config(cfg: Config, given: set, world_size: Optional[int] = 
         return set()
     path = t.deepspeed_config
     ds = read_deepspeed_config(path)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if world_size is None:
+        from .parallel.state import launch_env   # the launcher's variables, checked (torch is loaded by train)
+        world_size = launch_env().world
+    world = world_size
     mp = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
     dp = world // mp if mp > 0 and world % mp == 0 else None
     settings = deepspeed_settings(ds, path, t.micro_batch_size, dp)

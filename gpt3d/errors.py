@@ -58,6 +58,17 @@ class TrainingError(Gpt3dError, RuntimeError):
     exit_code = 3
 
 
+class HangError(Gpt3dError, RuntimeError):
+    """A rank made no progress within its deadline (train/watchdog.py); the message names the stuck ranks.
+    Exit code 4: the job is ended so that a launcher can restart it from the last checkpoint."""
+    exit_code = 4
+
+
+def error_line(e: Gpt3dError) -> str:
+    """How an error is shown: the CLI prints it; the watchdog, whose main thread is stuck, prints it itself."""
+    return f"gpt3d: error: {e}"
+
+
 def os_errors_are_user_errors(fn: Callable) -> Callable:
     """For commands whose files all come from the user: an OSError (missing input, unwritable output)
     becomes a FileError with the same message, so the CLI reports it as one line."""

@@ -7,6 +7,7 @@ than one rank at a time, and only one parameter is assembled at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections import defaultdict
@@ -15,6 +16,7 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
+from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model.gpt import EMBEDDING, OUTPUT_LAYER, VOCAB_PARAMETERS
 from ..progress import Progress
@@ -129,14 +131,23 @@ def to_local(full: torch.Tensor, info: dict, vocab: int, tp: int, tp_rank: int) 
     return full
 
 
+# Shape settings whose unset value means a default derived from others: compared as resolved (ModelConfig's
+# property), so `--num-key-value-heads` equal to the heads, or `--ffn-hidden-size` equal to 4 x hidden, is the
+# same model as leaving them unset.
+RESOLVED = {"num_key_value_heads": "kv_heads", "ffn_hidden_size": "ffn_size"}
+
+
 def check_compatible(meta: dict, model_cfg) -> None:
-    saved = meta["config"]["model"]
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    saved = ModelConfig(**{k: v for k, v in meta["config"]["model"].items() if k in known})
     for k in SHAPE_KEYS:
-        if saved.get(k) != getattr(model_cfg, k):
-            raise CheckpointError(f"checkpoint model has {k}={saved.get(k)!r} but this run has "
-                                  f"{getattr(model_cfg, k)!r}: incompatible model shape")
-    learned = saved.get("add_position_embedding")   # absent (older checkpoints): learned positions iff no RoPE
-    learned = not saved.get("use_rotary_position_embeddings") if learned is None else learned
+        mine, theirs = (getattr(c, RESOLVED.get(k, k)) for c in (model_cfg, saved))
+        if mine != theirs:
+            raise CheckpointError(f"checkpoint model has {k}={theirs!r} but this run has {mine!r}: incompatible "
+                                  "model shape")
+    raw = meta["config"]["model"]
+    learned = raw.get("add_position_embedding")   # absent (older checkpoints): learned positions iff no RoPE
+    learned = not raw.get("use_rotary_position_embeddings") if learned is None else learned
     if learned != model_cfg.learned_positions:
         raise CheckpointError(f"checkpoint model {'has' if learned else 'has no'} learned position embeddings but "
                               f"this run's {'has none' if learned else 'has'} (--add-position-embedding): "

@@ -170,9 +170,10 @@ class GPTDataset(Dataset):
     def __init__(self, name: str, prefix: str, indexed: MMapIndexedDataset, documents: np.ndarray,
                  num_samples: int, seq_length: int, seed: int, *, cache: bool = True, is_builder: bool = True,
                  barrier: Optional[Callable[[], None]] = None):
-        self.name, self.indexed, self.seq = name, indexed, seq_length
+        self.name, self.indexed, self.seq, self.prefix = name, indexed, seq_length, prefix
         documents = np.asarray(documents, dtype=np.int32)
         tokens_per_epoch = int(np.sum(indexed.sizes[documents], dtype=np.int64))
+        self.documents, self.tokens = len(documents), tokens_per_epoch   # this split's (the start-up line)
         if len(documents) == 0 or tokens_per_epoch < seq_length + 1:
             raise DataError(f"{prefix}: the {name} split has {len(documents)} documents and {tokens_per_epoch} "
                             f"tokens: data too small for seq length {seq_length}")

@@ -39,6 +39,25 @@ def data_state(cfg: Config, global_batch: int, train_dataset=None) -> dict:
     return state
 
 
+def describe(cfg: Config, train_dataset) -> str:
+    """What the run trains on, for its start-up line: 'mock (...)', or each corpus' path, weight and the tokens
+    and documents of its train split."""
+    d = cfg.data
+    if d.mock_data:
+        unused = f"; --data-path {' '.join(d.data_path)} is not read" if d.data_path else ""
+        return f"mock (synthetic tokens, --mock-data{unused})"
+    parts = getattr(train_dataset, "datasets", None)
+    if parts is None:
+        return f"{_corpus(train_dataset)}, --split {d.split}"
+    weights = getattr(train_dataset, "weights", [])
+    listed = ", ".join(f"{w:.1%} {_corpus(ds)}" for ds, w in zip(parts, weights))
+    return f"blend of {len(parts)}: {listed}, --split {d.split}"
+
+
+def _corpus(ds) -> str:
+    return f"{ds.prefix} ({ds.tokens:,} tokens in {ds.documents:,} documents of the train split)"
+
+
 def changes(saved: dict, current: dict) -> list[str]:
     """'--seq-length 64 -> 32', ... for every setting recorded on both sides that differs."""
     out = []

@@ -25,6 +25,22 @@ class LRSchedule:
         if cfg.lr_warmup_fraction is not None:
             self.warmup = int(cfg.lr_warmup_fraction * self.decay)
 
+    def warmup_beyond(self, last_iteration: int) -> str | None:
+        """A warning when the warm-up does not end by the run's last step (`last_iteration`, counted from 1),
+        naming the learning rate that step reaches; None otherwise. A warning, not a refusal: a short trial of
+        a long run's settings (a seed config's 3B-token warm-up for 20 iterations) is a fair thing to do."""
+        if self.warmup <= 0 or self.cfg.lr <= 0:
+            return None
+        unit = "tokens" if self.by_tokens else "iterations"
+        run_end = last_iteration * self.tokens_per_iter if self.by_tokens else last_iteration
+        if self.warmup <= run_end:
+            return None
+        step = (last_iteration - 1) * (self.tokens_per_iter if self.by_tokens else 1)
+        last = self.lr(last_iteration - 1, step)
+        return (f"the learning-rate warm-up ({self.warmup:,} {unit}) is longer than the run ({run_end:,} {unit}"
+                f"{f', {last_iteration:,} iterations' if self.by_tokens else ''}): its last step trains at lr "
+                f"{last:.3g}, {last / self.cfg.lr:.1%} of --lr {self.cfg.lr:g} (shorten the warm-up or train longer)")
+
     def lr(self, iteration: int, tokens: int) -> float:
         """Learning rate for the step that follows `iteration` steps / `tokens` consumed tokens."""
         c = self.cfg

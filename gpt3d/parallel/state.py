@@ -94,24 +94,74 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher (torchrun, srun + torchrun) told this process through the environment."""
+    world: int
+    rank: int
+    local_rank: int
+
+
+def launch_env(environ=os.environ) -> LaunchEnv:
+    """WORLD_SIZE / RANK / LOCAL_RANK, checked: a ConfigError (one line) for values that are not a job's (where
+    int() or joining would end in a traceback)."""
+    def number(name: str, default: str) -> int:
+        text = environ.get(name, default)
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"environment variable {name}={text!r} is not a whole number") from None
+    world, rank, local = number("WORLD_SIZE", "1"), number("RANK", "0"), number("LOCAL_RANK", "0")
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ConfigError(f"WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={local} do not describe a job (need "
+                          "WORLD_SIZE >= 1, 0 <= RANK < WORLD_SIZE); unset them for one process")
+    return LaunchEnv(world, rank, local)
+
+
+def refuse_a_job_without_rendezvous(env: LaunchEnv, environ=os.environ) -> None:
+    """Joining a job of several processes needs torchrun's MASTER_ADDR/MASTER_PORT: one line if they are absent."""
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
+    if env.world > 1 and missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ConfigError(f"WORLD_SIZE={env.world} is set but {' and '.join(missing)} {verb} not: start the job "
+                          f"with torchrun (e.g. torchrun --nproc_per_node {env.world} -m gpt3d train ...), or unset "
+                          "WORLD_SIZE to train in one process")
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
                      device: str = "auto") -> tuple[int, int, torch.device]:
     """Join the torchrun job (if any) and pick this rank's device.
 
-    NCCL on GPU and gloo on CPU by default; the timeout makes a rank that died
-    bring the others down with an error instead of a hang.
+    NCCL on GPU and gloo on CPU by default. The timeout is every collective's deadline (the groups of
+    `build_parallel_state` get it too): a stopped or dead rank brings the others down with an error instead
+    of a hang (gloo raises in the waiting call; NCCL's watchdog ends the process).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    env = launch_env()
+    refuse_a_job_without_rendezvous(env)
+    dev = pick_device(device, env.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if env.world > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
-        kw = {"device_id": dev} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), **kw)
-    return world, rank, dev
+        kw: dict = {"device_id": dev} if backend == "nccl" else {}
+        timeout = timedelta(minutes=timeout_minutes)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            kw.update(store=_attempt_store(timeout), rank=env.rank, world_size=env.world)
+        dist.init_process_group(backend, timeout=timeout, **kw)
+    return env.world, env.rank, dev
+
+
+def _attempt_store(timeout: timedelta) -> "dist.Store":
+    """torchrun's store, under a prefix of its own for each attempt of the job.
+
+    torchrun keeps one store across the restarts of `--max-restarts`, and torch names process groups the
+    same way in every attempt (default_pg/1/, ...), so a restarted job's new_group can read the addresses
+    (gloo) or ids (NCCL) its predecessor left there and fail to connect. A prefix per attempt keeps them apart."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return dist.PrefixStore(f"gpt3d/attempt/{attempt}", store)
 
 
 def build_parallel_state(cfg: ParallelConfig, world_size: int, rank: int, device: torch.device) -> ParallelState:
@@ -126,11 +176,15 @@ def build_parallel_state(cfg: ParallelConfig, world_size: int, rank: int, device
     def rank_of(t: int, d: int, p: int) -> int:
         return p * dp * tp + d * tp + t
 
+    # Every group gets the job's deadline: new_group's own default is torch's (30 minutes on gloo), not the
+    # default group's, so without it a stopped peer would keep a DP or pipeline wait going that long.
+    timeout = timedelta(minutes=cfg.distributed_timeout_minutes)
+
     def group(all_ranks: list) -> Optional[object]:
         """Create every group of one kind (all ranks, same order) and return the one holding this rank."""
         mine = None
         for ranks in all_ranks:
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 mine = g
         return mine

@@ -217,7 +217,7 @@ def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recomput
     rng = 5056 if device == "cpu" else 0   # torch.utils.checkpoint keeps the CPU generator's state
     if recompute == "full":
         out.add("layer input (kept by full recompute)", e * Ts * h)
-        out.add("RNG state kept by recompute", rng)
+        out.add("RNG state kept by recompute", rng * (2 if m.attention_dropout > 0 else 1))
         return out
     for name in ("layer input", "residual after attention"):
         _norm_input(out, m, sh, compiled, name)
@@ -244,6 +244,16 @@ def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recomput
     out.add("MLP intermediates", e * T * f // t * ((3 if compiled else 4) if m.swiglu else 2))
     if m.hidden_dropout > 0:   # CUDA keeps bool masks; the CPU kernel keeps them in the activation dtype
         out.add("dropout masks", 2 * Ts * h * (1 if device == "cuda" else e))
+    if m.attention_dropout > 0 and device == "cpu":
+        # CPU's flash kernel takes no dropout: SDPA's math path keeps the s x s probabilities, the dropout mask
+        # and the dropped probabilities (measured on CPU, torch 2.13: 12 bytes per score in fp32, 16 in bf16,
+        # plus 992 per layer; a recomputed core keeps the attention RNG's state instead). Exact for GPT blocks;
+        # with RoPE or GQA the math path keeps other q/k/v copies than the fused kernels (not modelled)
+        if selective:
+            out.add("RNG state kept by recompute", rng)
+        else:
+            out.add("attention scores (math SDPA: attention dropout on CPU)",
+                    (12 if e == 4 else 16) * sh.b * (nh // t) * sh.s * sh.s + 992)
     return out
 
 

@@ -4,6 +4,7 @@
     step.py     TrainStep (one optimizer step -> StepResult, evaluation), TrainState (the counters)
     stop.py     StopPolicy: signals, time limit, streak of non-finite steps; the same verdict on every rank
     report.py   Reporter: timing window, console / JSON lines / TensorBoard, plot at the end
+    watchdog.py Watchdog: no progress within the timeout ends the rank (and the job), naming who is stuck
     faults.py   the GPT3D_FAULT_INJECT test hook, wrapped around the step only when it is set
 """
 from ..errors import TrainingError

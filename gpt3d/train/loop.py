@@ -1,7 +1,8 @@
 """The training loop: build everything from the config, then step, log, evaluate, save, until told to stop.
 
 The loop only sequences; each decision lives with an object that owns it: the step and its counters
-(step.py), when to stop (stop.py), what to print and record (report.py), the model and its compile
+(step.py), when to stop (stop.py), what to print and record (report.py), when a rank is hung (watchdog.py:
+the loop reports its progress), the model and its compile
 policy (model/build.py), gradient sync and the optimizer (optim/), what a checkpoint holds (the parts
 named in `checkpoint_parts`, written by checkpoint/). `Trainer.train_step` is the one step used by `train`
 and by `bench`, so the benchmark measures exactly what training runs.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from typing import Iterator, Optional
 
 import torch.distributed as dist
@@ -24,7 +24,7 @@ from ..config import DEFAULT_VOCAB_SIZE, Config
 from ..data import stream
 from ..data.sampler import MockGPTDataset, build_data_loader
 from ..data.sizing import train_iterations, train_valid_test_num_samples
-from ..errors import Gpt3dError, warn
+from ..errors import DataError, Gpt3dError, warn
 from ..metrics import Throughput
 from ..model.build import build_model_chunks
 from ..model.gpt import count_parameters
@@ -33,13 +33,15 @@ from ..optim.grad_scaler import DynamicLossScaler
 from ..optim.schedule import LRSchedule
 from ..optim.zero1 import ShardedOptimizer, describe_zero
 from ..parallel.random import seed_everything
-from ..parallel.state import ParallelState, build_parallel_state, init_distributed
+from ..parallel.state import ParallelState, build_parallel_state, init_distributed, launch_env
+from ..plan.fits import refuse_what_cannot_fit
 from ..plan.search import for_run as plan_for_run
 from ..progress import Activity
 from . import faults
 from .report import Reporter, dp_mean
 from .step import StepResult, TrainState, TrainStep
 from .stop import StopPolicy, divergence_error
+from .watchdog import SLOW_PHASE_EXTRA_S, Watchdog
 
 
 def legacy_data_fingerprint(cfg: Config) -> str:
@@ -52,27 +54,34 @@ def legacy_data_fingerprint(cfg: Config) -> str:
 
 class Trainer:
     def __init__(self, cfg: Config, ps: Optional[ParallelState] = None):
+        # validate before joining the job, so a bad layout fails without waiting for peers
+        cfg.validate(launch_env().world if ps is None else ps.world_size)
+        self.restore_determinism = determinism.apply(cfg.training.deterministic_mode)   # before CUDA and NCCL
+        try:
+            self._build(cfg, ps)
+        except BaseException:   # refused (or failed) here: the process' settings are as they were
+            self.restore_determinism()
+            raise
+
+    def _build(self, cfg: Config, ps: Optional[ParallelState]) -> None:
         t = cfg.training
-        if ps is None:   # validate before joining the job, so a bad layout fails without waiting for peers
-            cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
-            self.restore_determinism = determinism.apply(t.deterministic_mode)   # before CUDA and NCCL start
+        if ps is None:
             world, rank, device = init_distributed(cfg.parallel.distributed_backend,
                                                    cfg.parallel.distributed_timeout_minutes, t.device)
             ps = build_parallel_state(cfg.parallel, world, rank, device)
-        else:
-            cfg.validate(ps.world_size)
-            self.restore_determinism = determinism.apply(t.deterministic_mode)
         self.cfg, self.ps = cfg, ps
         self.tp_rng = seed_everything(t.seed, ps)
         self.vocab_size, self.tokenizer = self._vocab()
-        # `gpt3d plan`'s prediction for this layout (GPU only), before allocating: --check-memory refuses here
-        self.plan = plan_for_run(cfg, ps, self.vocab_size)
-        self.model = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
         self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
         self.num_micro = self.global_batch // (t.micro_batch_size * ps.dp)
         tokens_per_iter = self.global_batch * cfg.model.seq_length
         self.train_iters = train_iterations(t.train_iters, t.train_samples, t.train_tokens, self.global_batch,
                                             cfg.model.seq_length)
+        # before allocating: sizes no memory holds are refused; `gpt3d plan`'s prediction for this layout (GPU
+        # only), which --check-memory compares with the usable memory
+        refuse_what_cannot_fit(cfg, ps, self.vocab_size, None if cfg.data.mock_data else sum(self._num_samples()))
+        self.plan = plan_for_run(cfg, ps, self.vocab_size)
+        self.model = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
         self.grads = GradBuffer(self.model, ps, zero_stage=cfg.parallel.zero_stage,
                                 bucket_size_mb=cfg.parallel.bucket_size_mb, overlap=cfg.parallel.overlap_grad_reduce)
         self.optimizer = ShardedOptimizer(self.grads, cfg.optimizer, ps)
@@ -87,6 +96,8 @@ class Trainer:
                                sharded_state=cfg.parallel.zero_stage == 1 and ps.dp > 1, plan=self.plan)
         self.last_checkpoint: Optional[str] = None
         self.saved_iteration: Optional[int] = None   # the iteration this run last saved (one save each)
+        self.watchdog = Watchdog.for_run(cfg.parallel.distributed_timeout_minutes, ps.rank, ps.world_size,
+                                         compile=t.compile)   # running only inside `run`
         faults.install(self)   # a test hook, installed only when GPT3D_FAULT_INJECT names this rank
 
     # ----- setup --------------------------------------------------------------------------------------------
@@ -98,10 +109,15 @@ class Trainer:
         tok = tokenizer_from_config(d, m.vocab_size, quiet=self.ps.rank != 0)
         return model_vocab_size(tok, m.vocab_size, m.padded_vocab_size), tok
 
+    def _num_samples(self) -> tuple[int, int, int]:
+        """Megatron-DeepSpeed's (train, valid, test) sample counts: they fix the sample order."""
+        t = self.cfg.training
+        return train_valid_test_num_samples(self.train_iters, t.train_samples, self.global_batch, t.eval_interval,
+                                            t.eval_iters)
+
     def build_datasets(self):
         d, t, m = self.cfg.data, self.cfg.training, self.cfg.model
-        n = train_valid_test_num_samples(self.train_iters, t.train_samples, self.global_batch, t.eval_interval,
-                                         t.eval_iters)   # Megatron-DeepSpeed's counts: they fix the sample order
+        n = self._num_samples()
         if d.mock_data:
             return tuple(MockGPTDataset(k, m.seq_length, self.vocab_size, t.seed + i) if k else None
                          for i, k in enumerate(n))
@@ -127,7 +143,13 @@ class Trainer:
         if dataset is None or t.eval_iters == 0:
             return None
         loader = iter(build_data_loader(dataset, 0, t.micro_batch_size, self.ps.dp_rank, self.ps.dp))
-        loss = self.step.evaluate(self.microbatches(loader) for _ in range(t.eval_iters))
+
+        def batches() -> Iterator[list[dict]]:
+            for i in range(t.eval_iters):
+                if i:
+                    self.watchdog.progress(f"validation batch {i} of {t.eval_iters}")
+                yield self.microbatches(loader)
+        loss = self.step.evaluate(batches())
         return dp_mean(loss, self.ps) if loss is not None else None
 
     def checkpoint_parts(self) -> dict:
@@ -141,7 +163,9 @@ class Trainer:
         and a stop signal, or the end of the run, at one step) is a no-op."""
         c = self.cfg.checkpoint
         if c.save and self.saved_iteration != self.state.iteration:
-            path = ckpt.save(c.save, self.checkpoint_parts(), self.ps, self.state.iteration, keep_last=c.keep_last)
+            with self.watchdog.allow(f"saving iteration {self.state.iteration}", SLOW_PHASE_EXTRA_S):
+                path = ckpt.save(c.save, self.checkpoint_parts(), self.ps, self.state.iteration,
+                                 keep_last=c.keep_last)
             self.saved_iteration = self.state.iteration
             if ckpt.structure_problem(path) is None:   # checksummed as written; not if it holds non-finite values
                 self.last_checkpoint = path
@@ -190,7 +214,7 @@ class Trainer:
             warn(f"--override-data-state: the data stream changed ({what}); continuing at sample "
                  f"{state.consumed_samples:,} of the new order with {state.tokens:,} tokens trained so far")
 
-    def header(self, run_dir: Optional[str]) -> list[str]:
+    def header(self, run_dir: Optional[str], train_ds) -> list[str]:
         """The start-up lines: layout (ZeRO as configured, and what it means at this DP), size, batch, device;
         the data; where the run writes (run directory, metrics, curves, TensorBoard, W&B, checkpoints)."""
         cfg, t, ps = self.cfg, self.cfg.training, self.ps
@@ -199,12 +223,8 @@ class Trainer:
         lines = [f"gpt3d: {ps.describe()} {zero} | {n_params['total'] / 1e6:.2f}M parameters | global batch "
                  f"{self.global_batch} ({self.num_micro} micro-batches of {t.micro_batch_size}) | "
                  f"{self.train_iters} iterations | device {ps.device}"]
-        d = cfg.data
-        if d.mock_data:
-            lines.append(f"data: mock (synthetic learnable tokens, vocabulary {self.vocab_size:,})")
-        else:
-            lines.append(f"data: {' '.join(d.data_path)} (split {d.split}; {self.tokenizer.type_name}: "
-                         f"{self.tokenizer.describe()})")
+        tok = f" | tokenizer {self.tokenizer.type_name}: {self.tokenizer.describe()}" if self.tokenizer else ""
+        lines.append(f"gpt3d: data: {stream.describe(cfg, train_ds)}{tok}")
         c = cfg.checkpoint
         saves = (f"checkpoints: {c.save}" + (f" every {c.save_interval} iterations" if c.save_interval else
                                              " at the end") if c.save else "checkpoints: none (--save)")
@@ -221,7 +241,17 @@ class Trainer:
             megatron_deepspeed.check_save_dir(save, megatron_deepspeed.Checkpoint(load))
         lock = ckpt.lock_save_dir(save, self.ps) if save else None
         try:
-            return self._run()
+            with self.watchdog:
+                try:
+                    return self._run()
+                except Gpt3dError:
+                    raise
+                except Exception:
+                    # e.g. a collective's own timeout: say which peers went silent, if any (the traceback follows)
+                    silent = self.watchdog.report_silent_peers() if self.ps.distributed else None
+                    if silent:
+                        warn(silent)
+                    raise
         finally:
             if lock is not None:
                 lock.release()
@@ -237,8 +267,13 @@ class Trainer:
             if ps.rank == 0:
                 warn(f"--load {cfg.checkpoint.load} holds no checkpoint yet: starting from scratch (as Megatron does)")
         elif cfg.checkpoint.load:
-            loaded = self.load(cfg.checkpoint.load, check_data=False)
-        train_ds, valid_ds, _ = self.build_datasets()
+            with self.watchdog.allow("loading the checkpoint", SLOW_PHASE_EXTRA_S):
+                loaded = self.load(cfg.checkpoint.load, check_data=False)
+        with self.watchdog.allow("building the datasets and their index", SLOW_PHASE_EXTRA_S):
+            train_ds, valid_ds, _ = self.build_datasets()
+        if train_ds is None:
+            raise DataError(f"--split {cfg.data.split} leaves no document of --data-path "
+                            f"{' '.join(cfg.data.data_path)} for training")
         self.state.data_state = stream.data_state(cfg, self.global_batch, train_ds)
         if loaded is not None:
             self.check_data_stream(loaded)
@@ -251,10 +286,15 @@ class Trainer:
         resumed = loaded.meta["config"].get("training") if loaded is not None and "train" in loaded.parts else None
         # accepted: only now are the run directory and the metrics files created
         run_dir = self.report.run_start(self.state, cfg.non_defaults(), resumed)
-        for line in self.header(run_dir):
+        for line in self.header(run_dir, train_ds):
             self.report.console(line)
         if loaded is not None:
             self.report.console(self.loaded_line(loaded))
+        last = self.train_iters if t.train_tokens is None else \
+            min(self.train_iters, -(-t.train_tokens // (self.global_batch * cfg.model.seq_length)))
+        warmup = self.schedule.warmup_beyond(last)
+        if warmup and ps.rank == 0:
+            warn(warmup)
         self.report.prediction()
         stop = StopPolicy(t, ps, fp16=cfg.precision.fp16)
         with stop.signals() if t.exit_signal_handler else contextlib.nullcontext():
@@ -269,6 +309,10 @@ class Trainer:
         save_interval = cfg.checkpoint.save_interval
         report.start(state.iteration)
         batch = None
+        # the first step (and the first validation) may compile and set up communicators: more time for them
+        wd, first_extra = self.watchdog, self.watchdog.first_extra_s
+        wd.progress("set-up", next_extra_s=first_extra)
+        validated = False
         compiling = t.compile
         if compiling:
             report.console("torch.compile: the first step compiles the model first (often 30 s or more)")
@@ -281,6 +325,7 @@ class Trainer:
                 report.console(f"torch.compile: first step compiled and run in {work.elapsed():.1f} s")
             else:
                 result = self.train_step(batch or self.microbatches(loader))
+            wd.progress(f"iteration {state.iteration}")
             # Read the next batch while the device still runs this step: the checks below wait for it.
             batch = self.microbatches(loader) if state.iteration < self.train_iters else None
             stop.observe(result)
@@ -295,8 +340,10 @@ class Trainer:
             evaluating = bool(t.eval_interval) and it % t.eval_interval == 0
             saving = bool(save_interval) and it % save_interval == 0
             if evaluating:
-                with report.untimed(state):
+                with report.untimed(state), \
+                        wd.allow(f"validation at iteration {it}", 0 if validated else first_extra):
                     report.validation(self.evaluate(valid_ds), state)
+                validated = True
             # Read the verdict now where it decides something or the host has synced anyway (log line,
             # validation, save, last step); elsewhere at the next step, so the host never waits here.
             last = it >= self.train_iters or (t.train_tokens is not None and state.tokens >= t.train_tokens)
@@ -316,7 +363,8 @@ class Trainer:
         if late is not None and late.diverged:
             raise divergence_error(late, self.last_checkpoint)
         if state.iteration % t.eval_interval != 0:
-            report.validation(self.evaluate(valid_ds), state)
+            with wd.allow(f"validation at iteration {state.iteration}", 0 if validated else first_extra):
+                report.validation(self.evaluate(valid_ds), state)
         if cfg.checkpoint.save and (not save_interval or state.iteration % save_interval != 0):
             self.save()
 

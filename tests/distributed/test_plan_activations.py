@@ -65,6 +65,17 @@ def test_one_process_activation_bytes_are_exact(arch, recompute, dropout):
     assert kept > 0 and kept == predicted, (kept, predicted)
 
 
+@pytest.mark.parametrize("recompute,bf16", list(itertools.product([None, "selective", "full"], [True, False])))
+def test_attention_dropout_on_cpu_keeps_the_scores(recompute, bf16):
+    """Attention dropout sends CPU's SDPA down its math path, which keeps s x s scores: what makes a long
+    --seq-length impossible on a CPU (`gpt3d train` refuses it from this prediction, plan/fits.py). GPT blocks;
+    with RoPE or GQA the math path keeps other copies of q/k/v than the fused kernels (not modelled: terms
+    linear in the sequence, next to the scores' square)."""
+    torch.manual_seed(0)
+    kept, predicted = measure(_cfg("gpt", recompute, 0.1, bf16=bf16, attention_dropout=0.1), ParallelState())
+    assert kept > 0 and kept == predicted, (kept, predicted)
+
+
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
 def test_fused_linear_loss_activation_bytes_are_exact(arch):
     """--cross-entropy-loss-fusion: no logits; the head's input and fp32 weight gradients are kept instead."""

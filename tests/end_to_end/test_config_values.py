@@ -5,11 +5,24 @@ into tmp_path, so an untouched tmp_path shows nothing started.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
+import math
+import os
+
+import re
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gpt3d import cli
+from gpt3d.config import SECTIONS, field_types, flag_name, optional_fields
+
+from tests.support import ROOT, runs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")   # @record under capsys
 
@@ -69,10 +82,10 @@ BAD_VALUES = [
     # batch, data, run control
     (["--global-batch-size", "0"], "--global-batch-size must be positive, got 0"),
     (["--eval-iters", "-1"], "--eval-iters must be non-negative, got -1"),
-    (["--num-workers", "-2"], "--num-workers must be non-negative, got -2"),
+    (["--num-workers", "-2"], "--num-workers must be in [0, 1024], got -2"),
     (["--seed", "-1"], "--seed must be in [0, 2^31), got -1"),
     (["--bucket-size-mb", "nan"], "--bucket-size-mb must be a finite number, got nan"),
-    (["--bucket-size-mb", "0"], "--bucket-size-mb must be positive, got 0.0"),
+    (["--bucket-size-mb", "0"], "--bucket-size-mb must be in (0, 1048576] (MiB), got 0.0"),
     (["--peak-tflops", "0"], "--peak-tflops must be positive, got 0.0"),
     (["--distributed-timeout-minutes", "inf"], "--distributed-timeout-minutes must be a finite number, got inf"),
     (["--exit-duration-in-mins", "nan"], "--exit-duration-in-mins must be a finite number, got nan"),
@@ -80,6 +93,16 @@ BAD_VALUES = [
     (["--keep-last", "0"], "--keep-last must be positive, got 0"),
     (["--no-mock-data", "--data-path", "d", "--vocab-file", "v", "--merge-file", "m", "--split", "nan,1,0"],
      "bad --split 'nan,1,0'"),
+    (["--no-mock-data", "--data-path", "d", "--vocab-file", "v", "--merge-file", "m", "--split", "0,1,0"],
+     "--split '0,1,0' gives training no documents"),
+    # impossible sizes used to end in an allocator traceback: refused from the memory prediction, before allocating
+    (["--seq-length", "262144"], "could never run (--seq-length 262144"),
+    (["--micro-batch-size", "100000000"], "could never run"),
+    (["--global-batch-size", "1000000000000"], "could never run"),
+    (["--hidden-size", "1048576"], "needs at least"),
+    (["--global-batch-size", str(2 ** 62)], "exceed 2^63 tokens"),
+    (["--distributed-timeout-minutes", "0.01"], "--distributed-timeout-minutes must be in [0.1, 1000000], got 0.01"),
+    (["--num-workers", "100000"], "--num-workers must be in [0, 1024], got 100000"),
 ]
 
 
@@ -103,12 +126,47 @@ def test_bad_value_is_one_error_line_before_any_work(tmp_path, capsys, flags, me
     ("train_iters: 2\nlayernorm_epsilon: nan\n", "--layernorm-epsilon must be a finite number, got nan"),
     ("train_iters: .inf\n", "setting 'train_iters' expects int, got inf"),
     ("train_iters: 0\n", "--train-iters must be positive, got 0"),
+    # wrong types used to train silently (num_layers: true trained one layer) or end in a traceback
+    ("train_iters: 2\nnum_layers: true\n", "setting 'num_layers' expects int, got True"),
+    ("train_iters: 2\nsplit: 100\n", "setting 'split' expects str, got 100 (in YAML, quote it: split: \"100\")"),
+    ("train_iters: 2\npipeline_model_parallel_split: 2\n", "setting 'pipeline_model_parallel_split' expects str"),
+    ("train_iters: 2\nsave: [a, b]\n", "setting 'save' expects str, got ['a', 'b']"),
+    ("train_iters: 2\nmodel: 3\n", "section 'model' in"),
+    ("train_iters: 2\n3: 4\n", "setting names in"),
+    ("train_iters: 2\nnum_layers: null\n", "setting 'num_layers' needs a value (int), got null"),
 ])
 def test_bad_value_in_yaml(tmp_path, capsys, yaml_text, message):
     (tmp_path / "c.yaml").write_text(yaml_text)
     rc, err = _run_train(tmp_path / "out", ["--config", str(tmp_path / "c.yaml")], capsys)
     assert rc == 2 and len(err) == 1 and err[0].startswith("gpt3d: error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_can_do_no_iteration_is_refused(tmp_path, capsys):
+    """--train-samples below one global batch used to exit 0 after 0 iterations, saving iter_0000000."""
+    capsys.readouterr()
+    assert cli.main(["train", *BASE, "--train-samples", "3", "--global-batch-size", "4", "--save",
+                     str(tmp_path / "ck")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "gpt3d: error: --train-samples 3 is less than one global batch (4 samples): the run would do no iteration"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags,warning", [
+    (["--lr-warmup-iters", "500", "--train-iters", "5"], "the learning-rate warm-up (500 iterations) is longer "
+     "than the run (5 iterations): its last step trains at lr 3e-06, 1.0% of --lr 0.0003"),
+    # a seed config's 3B-token warm-up, tried for 20 iterations
+    (["--lr-warmup-tokens", "3e9", "--train-iters", "20", "--global-batch-size", "4"], "the learning-rate warm-up "
+     "(3,000,000,000 tokens) is longer than the run (1,280 tokens, 20 iterations): its last step trains at lr "
+     "1.28e-10, 0.0% of --lr 0.0003"),
+])
+def test_a_warmup_longer_than_the_run_is_one_warning(capsys, flags, warning):
+    """It used to train at lr ~1e-9 without a word. A warning, not a refusal: a short trial of a long run's settings
+    is legitimate; the line says what learning rate the run reaches."""
+    capsys.readouterr()
+    assert cli.main(["train", *BASE, *flags]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [x for x in err if "warm-up" in x] == [f"gpt3d: warning: {warning} (shorten the warm-up or train longer)"]
 
 
 def test_every_numeric_setting_has_a_rule():
@@ -300,3 +358,225 @@ def test_every_numeric_flag_of_a_command_has_a_rule():
     for command, rules in expected.items():
         numeric = _numeric_flags(subs[command]) - (config_flags if command == "plan" else set())
         assert numeric == set(rules), command
+
+
+# ----- every setting, YAML and flags, driven with wrong types, out-of-range values, NaN/inf (hypothesis) ---------
+FIELDS = [(klass, f) for klass in SECTIONS.values() for f in dataclasses.fields(klass)]
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=6)
+_HUGE = st.sampled_from([2 ** 31, 2 ** 62, 2 ** 63, 2 ** 64, 10 ** 30, -2 ** 63 - 1])
+_FLOATS = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([1e308, -1e308, 5e-324, 0.5, -0.5])
+_INTS = st.integers(min_value=-3, max_value=2) | _HUGE
+_NESTED = st.lists(st.integers() | _TEXT, max_size=2) | st.dictionaries(_TEXT, st.integers(), min_size=1, max_size=1)
+
+
+def _bad_values(klass, f) -> st.SearchStrategy:
+    """Values of the wrong type for the field, and its type's edge values (0, negatives, 2^63, NaN, inf)."""
+    t = field_types(klass)[f.name]
+    choices = f.metadata.get("choices")
+    edge = {int: _INTS, float: _FLOATS | _INTS, bool: _INTS | _FLOATS | _TEXT, str: _INTS | _FLOATS | _TEXT,
+            list: _INTS | _FLOATS | st.lists(st.booleans() | st.none() | _NESTED, min_size=1, max_size=2)}[t]
+    wrong = st.booleans() if t is not bool else st.sampled_from(["maybe", "2"])
+    return st.one_of(edge, wrong, _NESTED, st.none(), _TEXT, st.sampled_from(choices or [None]))
+
+
+def _as_flags(klass, f, value) -> list:
+    t, flag = field_types(klass)[f.name], flag_name(f)
+    if t is bool:   # switches take no value: a value is argparse's error, the switch alone is a valid run
+        return [flag] if value is True else [f"{flag}={value}"]
+    if value is None:
+        return [flag]
+    return [flag, *(map(str, value) if isinstance(value, list) else [str(value)])]
+
+
+@pytest.fixture(scope="module")
+def existing(tmp_path_factory):
+    """A checkpoint directory and a metrics file from an earlier run: what a refused run must leave as it was."""
+    root = tmp_path_factory.mktemp("existing")
+    assert cli.main(["train", *BASE, "--train-iters", "1", "--save", str(root / "ck"),
+                     "--log-file", str(root / "m.jsonl")]) == 0
+    return root
+
+
+@pytest.fixture
+def accepted_runs_stop_before_the_first_step():
+    """An accepted run (everything checked, model and data built) returns instead of training: these tests are
+    about what a run refuses, so "success" costs a model build, not an optimisation; the watchdog stays off."""
+    from gpt3d.train import loop, watchdog
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop.Trainer, "_loop", lambda self, train_ds, valid_ds, stop: None)
+        mp.setattr(watchdog.Watchdog, "__enter__", lambda self: self)
+        mp.setattr(watchdog.Watchdog, "__exit__", lambda self, *exc: None)
+        yield
+
+
+def _number(text, integral: bool):
+    """A flag's or YAML value's number as gpt3d reads it (an int setting's may be written 3e9), or None."""
+    if integral:
+        try:
+            return int(text)
+        except (TypeError, ValueError):
+            pass
+    try:
+        x = float(text)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if integral:
+        return int(x) if math.isfinite(x) and x.is_integer() else None
+    return x
+
+
+def _must_be_refused(klass, f, value, via: str) -> bool:
+    """What the type and range rules say of `value` alone: True where gpt3d must refuse it (a bool for a number,
+    a number for a path or list, a list or mapping for a scalar, null for a setting that needs a value, a
+    non-integral number for an int, NaN/inf, a value outside its RULES range or choices); False where it may be
+    accepted (other settings' rules may still refuse the combination)."""
+    from gpt3d.config_check import RULES
+    t, name, choices = field_types(klass)[f.name], f.name, f.metadata.get("choices")
+    if via == "flags":
+        if t is bool or value is None:
+            return value is not True
+        if t in (str, list):
+            return (choices is not None and str(value) not in map(str, choices)) or None
+        value = str(value)
+    else:
+        if value is None:
+            return f.name not in optional_fields(klass)
+        if t is bool:
+            return not (isinstance(value, bool) or str(value).lower() in ("true", "false", "yes", "no", "1", "0"))
+        if isinstance(value, bool) or isinstance(value, dict):
+            return True
+        if t is str:
+            return not isinstance(value, str) or "\0" in value or (choices is not None and value not in choices)
+        if t is list:
+            return not isinstance(value, str) and not (isinstance(value, list) and all(
+                isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value))
+        if isinstance(value, list):
+            return True
+    num = _number(value, integral=t is int)
+    if num is None or (isinstance(num, float) and not math.isfinite(num)):
+        return True
+    rule = RULES.get(name)
+    return (rule is not None and not rule[0](num)) or (choices is not None and num not in choices) or \
+        (isinstance(num, int) and not -2 ** 63 <= num < 2 ** 63)
+
+
+def _base_without(name: str, existing) -> list:
+    """BASE, one step, saving into `existing`, less the setting under test (a flag would override its YAML)."""
+    flags, i, base = [], 0, [*BASE, "--train-iters", "1", "--save", str(existing / "ck")]
+    while i < len(base):
+        takes_value = i + 1 < len(base) and not base[i + 1].startswith("--")
+        if base[i].lstrip("-").replace("-", "_") not in (name, "no_" + name):
+            flags += base[i:i + 1 + takes_value]
+        i += 1 + takes_value
+    return flags
+
+
+def _one_run(name: str, argv: list, existing, refuse: bool) -> None:
+    """`gpt3d train` with `argv` for setting `name`, in this process: exit 0 (not where `refuse`), or exit 2 with
+    one `gpt3d: error:` line (warnings may precede it), no traceback, and every file of `existing` as it was."""
+    before = runs.snapshot(existing)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = cli.main(["train", *_base_without(name, existing), *argv])
+        except SystemExit as e:   # argparse's own errors
+            rc = e.code
+    lines = [x for x in err.getvalue().splitlines() if x.strip()]
+    if rc == 0:
+        assert not refuse, f"{argv} was accepted"
+        assert not any(x.startswith("gpt3d: error") for x in lines), lines
+        return
+    assert rc == 2 and lines and lines[-1].startswith("gpt3d: error: "), (argv, rc, lines[-5:])
+    assert all(x.startswith("gpt3d: warning: ") for x in lines[:-1]), (argv, lines)
+    assert runs.snapshot(existing) == before, argv
+
+
+@pytest.mark.parametrize("klass,f", FIELDS, ids=[f.name for _, f in FIELDS])
+@settings(max_examples=6, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_every_setting_in_yaml_and_flags_is_accepted_or_one_error_line(klass, f, data, existing, tmp_path,
+                                                                       accepted_runs_stop_before_the_first_step):
+    """Each config field (the dataclasses of gpt3d/config.py enumerate them), set in a YAML file or by its flag to
+    a value of the wrong type (a bool for an int, a number for a path or a list, a list or mapping for a scalar,
+    null), an edge value (0, negatives, 2^63 and beyond, NaN, inf) or one of its choices: the run is accepted
+    (up to its first step) or refused with one error line, exit 2, nothing existing changed."""
+    value = data.draw(_bad_values(klass, f), label="value")
+    via = data.draw(st.sampled_from(["yaml", "flags"]), label="via")
+    if via == "yaml":
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({f.name: value}))
+        argv = ["--config", str(path)]
+    else:
+        argv = _as_flags(klass, f, value)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)   # relative paths a value names land here
+    try:
+        _one_run(f.name, argv, existing, refuse=_must_be_refused(klass, f, value, via) is True)
+    finally:
+        os.chdir(cwd)
+
+
+# ----- the launcher's variables; what data a run trains on ----------------------------------------------------------
+_ENV_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=4)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(world=st.integers(-2, 9).map(str) | _ENV_TEXT, rank=st.none() | st.integers(-2, 9).map(str) | _ENV_TEXT)
+def test_a_launchers_variables_left_in_the_shell_are_one_line(tmp_path, monkeypatch, world, rank,
+                                                              accepted_runs_stop_before_the_first_step):
+    """WORLD_SIZE=2 left in the shell of a plain `gpt3d train` (no torchrun, so no MASTER_ADDR/MASTER_PORT) used to
+    end in torch's ValueError traceback, WORLD_SIZE=two in int()'s: any WORLD_SIZE/RANK is a run or one line."""
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = cli.main(["train", *BASE, "--train-iters", "1", "--save", str(tmp_path / "ck")])
+    lines = err.getvalue().splitlines()
+    if rc == 0:
+        assert int(world) == 1 and int(rank or 0) == 0
+        return
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("gpt3d: error: "), lines
+    if _number(world, True) and int(world) > 1 and 0 <= int(_number(rank or "0", True) or -1) < int(world):
+        assert f"WORLD_SIZE={int(world)} is set but MASTER_ADDR and MASTER_PORT are not: start the job with " \
+               "torchrun" in lines[0], lines
+    assert not (tmp_path / "ck").exists()
+
+
+def test_an_explicit_data_path_means_real_data_and_the_start_up_line_names_it(tmp_path, capsys, bpe, text_prefix):
+    """configs/tiny.yaml sets mock data; `--data-path` on top of it used to train on mock tokens, silently. A data
+    path given at a later layer (flags over YAML) means real data; on the command line the later of --mock-data
+    and --data-path wins (a launcher's extra flags override its own); both in one YAML file are refused; the
+    start-up line says which data is used."""
+    from gpt3d import checkpoint
+    small = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--num-layers", "1", "--seq-length", "16",
+             "--max-position-embeddings", "16", "--micro-batch-size", "2", "--global-batch-size", "2",
+             "--train-iters", "1", "--eval-iters", "1", "--device", "cpu", "--log-file", str(tmp_path / "m.jsonl")]
+    real = ["--data-path", text_prefix, "--vocab-file", str(bpe.vocab), "--merge-file", str(bpe.merges)]
+    capsys.readouterr()
+    assert cli.main(["train", *small, *real, "--save", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("gpt3d: data: "))
+    assert re.fullmatch(rf"gpt3d: data: {re.escape(text_prefix)} \([\d,]+ tokens in [\d,]+ documents of the train "
+                        r"split\), --split 969,30,1 \| tokenizer GPT2BPETokenizer: vocab.json, merges.txt", line), line
+    state = checkpoint.read_meta(checkpoint.resolve(str(tmp_path / "ck")))["data_state"]
+    assert state["mock_data"] is False and state["data_path"] == [text_prefix]
+    assert cli.main(["train", *small]) == 0
+    assert "gpt3d: data: mock (synthetic tokens, --mock-data)" in capsys.readouterr().out.splitlines()
+    assert cli.main(["train", *small, *real, "--mock-data"]) == 0   # e.g. examples/train_1gpu.sh ... --mock-data
+    assert f"gpt3d: data: mock (synthetic tokens, --mock-data; --data-path {text_prefix} is not read)" in \
+        capsys.readouterr().out.splitlines()
+    assert cli.main(["train", *small, "--mock-data", *real]) == 0
+    assert line in capsys.readouterr().out.splitlines()
+    both = tmp_path / "both.yaml"
+    both.write_text(f"mock_data: true\ndata_path: {text_prefix}\n")
+    assert cli.main(["train", *small[2:], "--config", str(both)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"gpt3d: error: {both} asks for both mock data and --data-path {text_prefix} (mock data trains on synthetic "
+        "tokens, a data path on your data): give one"]

@@ -260,6 +260,58 @@ def test_exception_on_one_rank_ends_the_job_with_its_error(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+def _torchrun(launcher: list, train: list, fault: str) -> tuple[int, str]:
+    """stdout + stderr of a 2-rank gloo job of the TINY model with GPT3D_FAULT_INJECT=`fault`, after asserting
+    its exit status. No limit of its own: a job that never ended would be pytest-timeout's to fail."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *launcher,
+                             "-m", "gpt3d", "train", *runs.TINY, "--distributed-timeout-minutes", "0.1", *train],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "GPT3D_FAULT_INJECT": fault})
+    try:
+        out, err = proc.communicate()
+    finally:   # interrupted (pytest-timeout): no job, frozen worker included, outlives the test
+        if proc.poll() is None:
+            runs.kill_tree(proc.pid)
+    return proc.returncode, out + err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)   # the bound: the 6 s timeout, torchrun's 30 s grace for a frozen worker, start-up
+def test_a_frozen_rank_ends_the_job_naming_it(tmp_path):
+    """Rank 1 of 2 is frozen (SIGSTOP) at iteration 5, as a hung node would be. Its peer used to wait forever in
+    the gradient reduction (the DP group had torch's 30-minute default, not the job's timeout); now its
+    watchdog (or the collective's own deadline, whichever comes first) ends it with one line naming rank 1 as
+    silent, torchrun kills the frozen rank, and the job exits non-zero by itself, its checkpoints intact."""
+    ck = tmp_path / "ck"
+    rc, out = _torchrun([], ["--train-iters", "1000", "--save", str(ck), "--save-interval", "2"], "1:5:stop")
+    assert rc != 0, out
+    named = re.findall(r"gpt3d: (?:error|warning): rank 0: .*rank 1 sent no heartbeat for \d+ s \(stopped, dead or "
+                       r"unreachable", out)
+    assert named, out
+    assert checkpoint.read_meta(checkpoint.resolve(str(ck)))["iteration"] == 4   # what a restart resumes from
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_hung_rank_dumps_its_stack_and_the_restarted_job_resumes(tmp_path):
+    """Rank 1's main thread hangs at iteration 5 (alive, in no collective: as in a stuck file system). The
+    watchdogs end both ranks with status 4: one line says where rank 1's main thread is stuck, and rank 1's
+    dump of its threads' stacks shows the call. torchrun --max-restarts 1 restarts the job, which resumes from
+    the last checkpoint (iteration 4) and finishes (the fault hook stays out of a restarted job)."""
+    ck = tmp_path / "ck"
+    rc, out = _torchrun(["--max-restarts", "1"], ["--train-iters", "6", "--save", str(ck), "--load", str(ck),
+                                                  "--save-interval", "2"], "1:5:hang")
+    assert rc == 0, out
+    errors = re.findall(r"^gpt3d: error: rank [01]: .*", out, flags=re.M)
+    assert errors and all("exiting with status 4" in e for e in errors), out
+    # whichever rank's watchdog fired first, a line says where rank 1 is stuck, and its stack shows the call
+    assert any(re.search(r"(rank 1: no progress .* now in|rank 1 in) faulty_step \(train/faults\.py:\d+\)", e)
+               for e in errors), errors
+    assert re.search(r'faults\.py", line \d+ in faulty_step', out), out
+    assert f"loaded checkpoint {ck / 'iter_0000004'} (iteration 4" in out
+    assert checkpoint.read_meta(checkpoint.resolve(str(ck)))["iteration"] == 6
+
+
 def test_readme_lists_every_fault_test():
     """The README's "Faults tried" section is the list, read from the README itself so it cannot drift: every
     test of the files its introduction names (the fault suites) has a row, every test file the section names

@@ -101,3 +101,25 @@ def test_other_data_path_tokenizer_or_sample_order_is_refused(tmp_path, capsys, 
     err = _refused(capsys, tmp_path, *_data_args(text_prefix, bpe), "--train-iters", str(2 * epoch), *resume)
     assert "the sample order" in err and "1 epoch -> 2 epochs" in err
     assert runs.train(*_data_args(text_prefix, bpe), "--train-iters", "4", *resume) == 0
+
+
+@pytest.mark.parametrize("unset,explicit", [
+    ([], ["--num-key-value-heads", "4"]),                     # kv heads default to the attention heads (4)
+    ([], ["--ffn-hidden-size", "128"]),                       # the FFN defaults to 4 x hidden (32)
+    (["--swiglu"], ["--swiglu", "--ffn-hidden-size", "64"]),  # SwiGLU's default: 8/3 x hidden, rounded to 64
+])
+def test_a_resume_compares_the_resolved_model_shape(tmp_path, capsys, unset, explicit):
+    """Row: resuming with --num-key-value-heads equal to the heads, or --ffn-hidden-size equal to its default, was
+    refused as "an incompatible model shape" though it is the same model; either way round it resumes now, and
+    a shape that does differ is still refused, naming the resolved values."""
+    for saved, resumed in ((unset, explicit), (explicit, unset)):
+        ck = tmp_path / f"ck{len(saved)}"
+        assert runs.train("--train-iters", "2", "--save", str(ck), *saved) == 0
+        capsys.readouterr()
+        assert runs.train("--train-iters", "3", "--load", str(ck), *resumed) == 0
+        assert f"loaded checkpoint {ck / 'iter_0000002'}" in capsys.readouterr().out
+    before = runs.snapshot(ck)
+    assert runs.train("--train-iters", "3", "--load", str(ck), *unset, "--num-key-value-heads", "2") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "gpt3d: error: checkpoint model has num_key_value_heads=4 but this run has 2: incompatible model shape"]
+    assert runs.snapshot(ck) == before

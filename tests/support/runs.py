@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -70,6 +71,28 @@ def run_dirs() -> list:
     """The run directories made so far under the tests' runs root ($GPT3D_RUNS_DIR, set by tests/conftest.py)."""
     root = Path(os.environ["GPT3D_RUNS_DIR"])
     return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (torchrun's workers live in sessions of their own), found
+    through /proc: what a test interrupted by pytest-timeout leaves behind."""
+    children: dict = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, found = [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def last_iteration(log: Path) -> int:
