@@ -76,8 +76,13 @@ class WandbSink:
     without wandb installed the flag is one error line naming the extra, before any work."""
 
     MISSING = "--wandb-project needs Weights & Biases: pip install -e \".[wandb]\""
+    FORBIDDEN = "/\\#?%:"   # characters W&B refuses in a project name
 
     def __init__(self, t: TrainingConfig):
+        bad = sorted(set(t.wandb_project or "") & set(self.FORBIDDEN))
+        if bad or not (t.wandb_project or "").strip():
+            raise ConfigError(f"--wandb-project {t.wandb_project!r}: a W&B project name is not empty and holds none "
+                              f"of {' '.join(self.FORBIDDEN)}")
         try:
             with quiet_imports():
                 import wandb
@@ -96,9 +101,13 @@ class WandbSink:
         t = self.t
         save_dir = t.wandb_save_dir or run_dir or "."
         os.makedirs(save_dir, exist_ok=True)
-        self.run = self.wandb.init(project=t.wandb_project, name=t.wandb_exp_name or os.path.basename(
-            os.path.abspath(run_dir or save_dir)), dir=save_dir, config=settings,
-            settings=self.wandb.Settings(console="off"))
+        try:
+            self.run = self.wandb.init(project=t.wandb_project, name=t.wandb_exp_name or os.path.basename(
+                os.path.abspath(run_dir or save_dir)), dir=save_dir, config=settings,
+                settings=self.wandb.Settings(console="off"))
+        except self.wandb.errors.Error as e:   # e.g. no API key: `wandb login`, or WANDB_MODE=offline
+            raise ConfigError(f"W&B could not start a run: {str(e).splitlines()[0]} (`wandb login`, or "
+                              "WANDB_MODE=offline to keep the run on disk)") from None
         self.run.define_metric("tokens")
         self.run.define_metric("loss_vs_tokens", step_metric="tokens")
 

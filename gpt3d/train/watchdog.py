@@ -6,7 +6,7 @@ system, in a device kernel or a deadlock, and a frozen (SIGSTOP) or unreachable 
 waiting with no clue which of them is the culprit. So a thread on every rank watches the loop's progress
 (each training step, each validation batch, each save) and, when none comes within the timeout, prints one
 `gpt3d: error:` line naming this rank, the ranks that went silent and where every live rank's main thread
-is, dumps this rank's threads' Python stacks (faulthandler) and exits with `HangError.exit_code` (4), so
+is, dumps this rank's threads' Python stacks (one write a thread) and exits with `HangError.exit_code` (4), so
 torchrun (`--max-restarts`) or a scheduler restarts the job from the last checkpoint. The first step and the
 first validation get `FIRST_STEP_EXTRA_S` more (compilation, communicator set-up), as loading a checkpoint,
 building the data index and each save get `SLOW_PHASE_EXTRA_S` more.
@@ -235,10 +235,28 @@ class Watchdog:
             self._raise_alarm(text.split("; ")[0])
         print(error_line(err), file=sys.stderr, flush=True)
         _record_for_launcher(err)
-        faulthandler.dump_traceback(file=_stderr(), all_threads=True)
+        _dump_stacks(self.rank)
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(err.exit_code)
+
+
+def _dump_stacks(rank: int) -> None:
+    """Every thread's Python stack in faulthandler's format, each thread's block in one write: the ranks of a
+    job share the launcher's stderr, and a pipe keeps a write of up to 4 KiB whole, so two ranks dumping at
+    once do not interleave their lines (faulthandler writes a frame at a time)."""
+    out = _stderr()
+    main = threading.main_thread().ident
+    for ident, frame in sys._current_frames().items():
+        name = "main thread" if ident == main else f"thread {ident:#x}"
+        lines = [f"rank {rank}, {name} (most recent call first):"]
+        while frame is not None:
+            lines.append(f'  File "{frame.f_code.co_filename}", line {frame.f_lineno} in {frame.f_code.co_name}')
+            frame = frame.f_back
+        try:
+            os.write(out.fileno(), ("\n".join(lines) + "\n\n").encode(errors="replace"))
+        except (OSError, ValueError):
+            return
 
 
 def _stderr():
