@@ -201,7 +201,13 @@ class TrainingConfig:
                                                 "loss scaling, clipping (see deepspeed_config.py)",
                                           flag="--deepspeed_config", aliases=("--deepspeed-config",))
     peak_tflops: float = opt(989.0, "per-device peak for MFU (H100 bf16 dense)")
-    compile: bool = opt(False, "torch.compile the transformer layers")
+    compile: Optional[bool] = opt(None, "torch.compile the model (default: on with CUDA, off on the CPU; "
+                                        "--no-compile runs eager)")
+    compile_granularity: str = opt(
+        "auto", "what one compiled graph covers: chunk (the whole model chunk, embedding to loss: fusions across "
+                "layers, compile time grows with the layers), layer (regional: one transformer layer's body, "
+                "compiled once and reused by every layer), auto (chunk with TP = DP = 1, else layer)",
+        choices=["auto", "chunk", "layer"])
     exit_duration_in_mins: Optional[float] = opt(None, "save and exit after this many minutes")
     exit_signal_handler: bool = opt(True, "SIGTERM/SIGINT: finish the step, save, exit 0")
     max_skipped_steps: int = opt(10, "stop after this many consecutive non-finite steps (fp16: at the minimum "

@@ -200,6 +200,12 @@ def _norm_input(out: Terms, m: ModelConfig, sh: Shape, compiled: bool, name: str
     out.add("norm statistics", 4 * Ts if rms else 2 * sh.e * Ts)
 
 
+def dropout_mask_bytes(lay: Layout, e: int, device: str) -> int:
+    """Bytes per element of a residual dropout mask kept for backward: bool, but for the CPU's native dropout
+    kernel (sequence-parallel shards), which keeps it in the activation dtype (gpt3d/parallel/random.py)."""
+    return e if lay.sp and device == "cpu" else 1
+
+
 def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recompute: Optional[str],
                 device: str = "cuda") -> Terms:
     """What one transformer layer keeps for backward, one micro-batch, one TP rank.
@@ -242,8 +248,8 @@ def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recomput
         out.add("attention output", e * T * nh * hd // t)
     # GeLU: fc1 output and GeLU output; SwiGLU: gate and fc1 outputs and their product (+ silu(gate) eager)
     out.add("MLP intermediates", e * T * f // t * ((3 if compiled else 4) if m.swiglu else 2))
-    if m.hidden_dropout > 0:   # CUDA keeps bool masks; the CPU kernel keeps them in the activation dtype
-        out.add("dropout masks", 2 * Ts * h * (1 if device == "cuda" else e))
+    if m.hidden_dropout > 0:
+        out.add("dropout masks", 2 * Ts * h * dropout_mask_bytes(lay, e, device))
     return out
 
 
@@ -307,7 +313,7 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, 
                 c.add(k, nbytes)
         if first and v == 0:
             c.add("embedding inputs", (0 if m.use_rotary_position_embeddings else 8 * sh.s) + (9 * T if t > 1 else 0))
-            c.add("dropout masks", Ts * h * (1 if device == "cuda" else e) if m.hidden_dropout > 0 else 0)
+            c.add("dropout masks", Ts * h * dropout_mask_bytes(lay, e, device) if m.hidden_dropout > 0 else 0)
         if last and v == len(layer_ids) - 1:
             _norm_input(c, m, sh, compiled, "final norm input")
             c.add("loss value", 4)

@@ -16,6 +16,7 @@ import torch
 from ..config import DEFAULT_VOCAB_SIZE, Config, ConfigError
 from ..flops import model_flops_per_iter
 from ..metrics import megatron_flops_per_iter
+from ..model.build import compile_enabled
 from ..model.gpt import padded_vocab_size
 from ..parallel.state import ParallelState
 from .layout import Layout, apply_layout, enumerate_layouts, layout_of
@@ -69,7 +70,7 @@ def predict_layout(cfg: Config, lay: Layout, gpu: Gpu, gpus_per_node: int = 8, *
     `device="cpu"` models the CPU code paths (vocab-parallel loss at TP=1), for tests."""
     c = apply_layout(cfg, lay)
     m, vocab, pb = c.model, vocab_of(c, vocab_size), param_bytes_of(c)
-    compiled = c.training.compile
+    compiled = compile_enabled(c.training, torch.device(device))
     fused = lay.tp == 1 and device == "cuda"
     stages: list[StageMemory] = plan_memory(m, vocab, lay, param_bytes=pb, bucket_size_mb=c.parallel.bucket_size_mb,
                                             compiled=compiled, fused_loss=fused, device=device, cache=cache)
