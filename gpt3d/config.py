@@ -63,10 +63,12 @@ class ModelConfig:
     disable_bias_linear: bool = opt(False, "no biases in linear layers")
     untie_embeddings_and_output_weights: bool = opt(False, "separate output head instead of tied embedding")
     recompute_granularity: Optional[str] = opt(
-        None, "activation checkpointing", choices=["full", "selective"],
+        None, "activation checkpointing (none: off)", choices=["full", "selective"],
         const_aliases={"--checkpoint-activations": ("full", "Megatron's name for --recompute-granularity full"),
                        "--deepspeed-activation-checkpointing": (
-                           "full", "DeepSpeed's activation checkpointing: here --recompute-granularity full")})
+                           "full", "DeepSpeed's activation checkpointing: here --recompute-granularity full"),
+                       "--no-checkpoint-activations": (None, "no activation recompute, whatever the config says "
+                                                             "(--recompute-granularity none)")})
     recompute_num_layers: Optional[int] = opt(None, "with full recompute: layers per stage to recompute (default all)")
     cross_entropy_loss_fusion: bool = opt(False, "fuse the output projection with the loss, chunked over tokens, "
                                                  "so the [tokens x vocab] logits are never stored (less memory, "
