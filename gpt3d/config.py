@@ -216,6 +216,9 @@ class TrainingConfig:
                                      "loss scale); 0 never stops")
     check_for_nan_in_loss_and_grad: bool = opt(False, "stop at the first non-finite loss/grad (bf16/fp32)")
     check_memory: bool = opt(False, "refuse to start a layout `gpt3d plan` predicts will not fit in GPU memory")
+    auto_tune_layout: bool = opt(False, "on a GPU, run the start-up advice: the recompute setting and micro-batch "
+                                        "size `gpt3d plan` predicts fastest that fit, same global batch, sample "
+                                        "order and math (gpt3d/plan/advice.py)")
     deterministic_mode: bool = opt(
         False, "same command, same GPU(s): identical losses (deterministic algorithms, cuBLAS workspace, NCCL "
                "Ring, flash-attention backward; slower: see benchmarks/deterministic_check.py)",

@@ -111,14 +111,21 @@ def check_memory(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None
     return p
 
 
-def for_run(cfg: Config, ps: ParallelState, vocab_size: int) -> Optional[Prediction]:
-    """`gpt3d train`'s prediction for its own layout on the GPU it runs on (None off CUDA): with
-    `--check-memory`, a layout predicted not to fit raises ConfigError before anything is allocated."""
+def run_gpu(ps: ParallelState) -> Optional[tuple[Gpu, int]]:
+    """(the GPU `gpt3d train` runs on, GPUs per node), None off CUDA: what its prediction and advice are for."""
     if ps.device.type != "cuda":
         return None
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+    return gpu_for_device(ps.device), int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+
+
+def for_run(cfg: Config, ps: ParallelState, vocab_size: int,
+            gpu: Optional[tuple[Gpu, int]] = None) -> Optional[Prediction]:
+    """`gpt3d train`'s prediction for its own layout on `gpu` (from `run_gpu`; None: no prediction): with
+    `--check-memory`, a layout predicted not to fit raises ConfigError before anything is allocated."""
+    if gpu is None:
+        return None
     fn = check_memory if cfg.training.check_memory else predict
-    return fn(cfg, ps.world_size, gpu_for_device(ps.device), per_node, vocab_size=vocab_size)
+    return fn(cfg, ps.world_size, gpu[0], gpu[1], vocab_size=vocab_size)
 
 
 def plan(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_per_node: int = 8, *,

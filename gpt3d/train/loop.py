@@ -33,7 +33,9 @@ from ..optim.schedule import LRSchedule
 from ..optim.zero1 import ShardedOptimizer
 from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState, build_parallel_state, init_distributed
+from ..plan.advice import advise
 from ..plan.search import for_run as plan_for_run
+from ..plan.search import run_gpu
 from . import faults
 from .report import Reporter, dp_mean
 from .step import StepResult, TrainState, TrainStep
@@ -63,8 +65,15 @@ class Trainer:
         self.cfg, self.ps = cfg, ps
         self.tp_rng = seed_everything(t.seed, ps)
         self.vocab_size, self.tokenizer = self._vocab()
-        # `gpt3d plan`'s prediction for this layout (GPU only), before allocating: --check-memory refuses here
-        self.plan = plan_for_run(cfg, ps, self.vocab_size)
+        # `gpt3d plan` on the GPU this runs on (none on the CPU), before allocating: a faster layout of the same
+        # optimisation is advised (--auto-tune-layout takes it), then the prediction; --check-memory refuses here
+        gpu = self.plan_gpu(ps)
+        self.advice = advise(cfg, ps.world_size, *gpu, vocab_size=self.vocab_size) if gpu else None
+        if self.advice is not None and t.auto_tune_layout:
+            cfg = self.advice.apply(cfg)
+            cfg.validate(ps.world_size)
+            self.cfg, t = cfg, cfg.training
+        self.plan = plan_for_run(cfg, ps, self.vocab_size, gpu)
         self.model = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
         self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
         self.num_micro = self.global_batch // (t.micro_batch_size * ps.dp)
@@ -87,6 +96,10 @@ class Trainer:
         faults.install(self)   # a test hook, installed only when GPT3D_FAULT_INJECT names this rank
 
     # ----- setup --------------------------------------------------------------------------------------------
+    def plan_gpu(self, ps: ParallelState):
+        """The GPU the start-up plan is made for (None on the CPU: no prediction, no advice)."""
+        return run_gpu(ps)
+
     def _vocab(self):
         d, m = self.cfg.data, self.cfg.model
         if d.mock_data:
@@ -210,6 +223,9 @@ class Trainer:
                             f"global batch {self.global_batch} ({self.num_micro} micro-batches of "
                             f"{t.micro_batch_size}) | {self.train_iters} iterations | device {ps.device}")
         self.report.prediction()
+        if self.advice is not None:
+            self.report.console(("gpt3d plan: applied (--auto-tune-layout) " if t.auto_tune_layout else "")
+                                + self.advice.line())
         stop = StopPolicy(t, ps, fp16=cfg.precision.fp16)
         with stop.signals() if t.exit_signal_handler else contextlib.nullcontext():
             self._loop(train_ds, valid_ds, stop)
