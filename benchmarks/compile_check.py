@@ -61,6 +61,7 @@ class Run:
     log: int = 2
     est_s: float = 60.0             # expected seconds (skip when less is left)
     bench: bool = False             # time `gpt3d bench`'s step (gpt3d/bench.py) instead of the loop
+    hash_bits: bool = False         # check the dropout hash's bits on the GPU against the CPU's instead
 
 
 def runs() -> list:
@@ -74,6 +75,8 @@ def runs() -> list:
         return Run(name, group or shape, SHAPE[shape], settings, **kw)
 
     return [   # priority order: what a deadline cuts is at the end
+        Run("dropout hash: GPU bits == CPU bits (eager kernel and inside a compiled graph)", "125M", [],
+            hash_bits=True, est_s=20),
         one("125M 1gpu.sh as shipped (16x16, no recompute, drop .1, compiled)", "125M", {**ship, **DROP}, est_s=70),
         Run("125M gpt3d bench 16x1, drop 0 (reference)", "125M", ["--model", "125M"], bench=True, est_s=40),
         one("125M 1gpu.sh, drop 0", "125M", {**ship, **NO_DROP}, est_s=50),
@@ -133,6 +136,26 @@ def _bench(run: Run) -> dict:
     return {"tokens_per_s": tokens / r["seconds_per_iter"], "peak_gib": r["peak_mem_gib"]}
 
 
+def _hash_bits() -> dict:
+    """The replicated-dropout mask of one site on the GPU (the eager path's compiled kernel, and traced into a
+    compiled function) must be the CPU's bit for bit: Triton's int32 arithmetic has to wrap as the CPU's does."""
+    import torch
+
+    from gpt3d.parallel import random as R
+    from gpt3d.parallel.state import ParallelState
+    shape, out = torch.Size([8, 2048, 768]), {}
+    for dev in ("cpu", "cuda"):
+        rng = R.TPRNG(1234, ParallelState(device=torch.device(dev)))
+        draw, site = rng.next_draw() + 7, torch.tensor(4 * 11 + 1, device=dev)
+        out[dev] = R.keep_mask(shape, torch.device(dev), 0.1, rng.seed, draw, site).cpu()
+        if dev == "cuda":
+            traced = torch.compile(lambda d, s: R.keep_mask(shape, torch.device(dev), 0.1, rng.seed, d, s))
+            out["compiled"] = traced(draw, site).cpu()
+    same = torch.equal(out["cpu"], out["cuda"]) and torch.equal(out["cpu"], out["compiled"])
+    return {"ok": same, "dropped": round(1 - float(out["cuda"].float().mean()), 5),
+            **({} if same else {"error": "GPU dropout masks differ from the CPU's"})}
+
+
 def _train(run: Run, run_dir: Path, smoke: bool = False) -> dict:
     import statistics
 
@@ -189,7 +212,7 @@ def worker(args) -> int:
     sys.path.insert(0, str(Path(args.pkg).resolve()))
     torch.backends.cuda.matmul.allow_tf32 = True
     out = Path(args.out)
-    todo = [r for r in runs() if r.group == args.worker and _wanted(r, args.only)]
+    todo = [r for r in runs() if r.group == args.worker and _wanted(r, args.only) and not (args.tag and r.hash_bits)]
     with open(out / "compile_check.jsonl", "a") as results:
         for run in todo:
             row = {"run": args.tag + run.name, **{k: v for k, v in asdict(run).items() if k in ("group", "set")}}
@@ -202,7 +225,8 @@ def worker(args) -> int:
                 (run_dir / "metrics.jsonl").unlink(missing_ok=True)
                 t0 = time.time()
                 try:
-                    row.update(_bench(run) if run.bench else _train(run, run_dir, args.smoke))
+                    row.update(_hash_bits() if run.hash_bits else _bench(run) if run.bench else
+                               _train(run, run_dir, args.smoke))
                 except Exception as e:  # noqa: BLE001 - one run's failure is its row, not the check's
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 row["wall_s"] = round(time.time() - t0, 1)
@@ -250,7 +274,8 @@ def table(rows: list) -> str:
         mem = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else ""
         first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") else ""
         gb = f"{r['graph_breaks']} / {r['graphs']}" if "graph_breaks" in r else ""
-        note = r.get("error") or "; ".join(r.get("break_reasons") or [])
+        note = r.get("error") or "; ".join(r.get("break_reasons") or []) or (
+            f"bits equal, dropped {r['dropped']}" if r.get("ok") else "")
         lines.append(f"| {r['run']} | {tok} | {vs} | {pred} | {mem} | {first} | {gb} | {note} |")
     return "\n".join(lines)
 
@@ -305,7 +330,8 @@ def main() -> int:
         rows = [json.loads(x) for x in fh if x.strip()]
     done = {r["run"] for r in rows}
     for tag, _ in packages:
-        rows += [{"run": tag + r.name, "error": "skipped: deadline"} for r in chosen if tag + r.name not in done]
+        rows += [{"run": tag + r.name, "error": "skipped: deadline"} for r in chosen
+                 if tag + r.name not in done and not (tag and r.hash_bits)]
     print(f"compile_check: {len(rows)} runs in {time.time() - t0:.0f} s (device: see nvidia-smi)\n")
     print(table(rows))
     return 0

@@ -9,7 +9,8 @@ output without sequence parallelism) must see the *same* mask. Two streams serve
   the default CUDA generator, and sequence-parallel residual dropout is plain `F.dropout`. torch.compile traces
   both (Inductor generates the random numbers in its own kernels from seeds drawn off the default generator),
   and `torch.utils.checkpoint` replays them on recompute (eager: it restores the default generators; compiled:
-  the partitioner keeps what a random op produced instead of recomputing it).
+  AOTAutograd keeps a random op's output, or, inside a checkpointed region, saves the generator state the op
+  ran with and recomputes it from that state: SDPA's fused kernels are tagged as seeded random ops).
 - **replicated activations: a counter-based hash** (`replicated_dropout`): keep element i iff
   hash(seed, draw, site, i) >= p, computed with plain integer tensor ops that Inductor fuses into the
   neighbouring elementwise kernel. `draw` is a device tensor taken from a counter once per model-chunk forward
