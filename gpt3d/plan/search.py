@@ -120,8 +120,10 @@ def run_gpu(ps: ParallelState) -> Optional[tuple[Gpu, int]]:
 
 def for_run(cfg: Config, ps: ParallelState, vocab_size: int,
             gpu: Optional[tuple[Gpu, int]] = None) -> Optional[Prediction]:
-    """`gpt3d train`'s prediction for its own layout on `gpu` (from `run_gpu`; None: no prediction): with
-    `--check-memory`, a layout predicted not to fit raises ConfigError before anything is allocated."""
+    """`gpt3d train`'s prediction for its own layout on `gpu` (default `run_gpu(ps)`: the GPU it runs on, None
+    off CUDA: no prediction): with `--check-memory`, a layout predicted not to fit raises ConfigError before
+    anything is allocated."""
+    gpu = gpu or run_gpu(ps)
     if gpu is None:
         return None
     fn = check_memory if cfg.training.check_memory else predict

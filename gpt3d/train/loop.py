@@ -226,6 +226,10 @@ class Trainer:
         if self.advice is not None:
             self.report.console(("gpt3d plan: applied (--auto-tune-layout) " if t.auto_tune_layout else "")
                                 + self.advice.line())
+        elif t.auto_tune_layout:   # asked for, nothing to apply: say so rather than stay silent
+            self.report.console("gpt3d plan: --auto-tune-layout: " + (
+                "no faster recompute setting or micro-batch size is predicted for this run; it runs as given"
+                if self.plan is not None else "no GPU to plan for; the run keeps its layout"))
         stop = StopPolicy(t, ps, fp16=cfg.precision.fp16)
         with stop.signals() if t.exit_signal_handler else contextlib.nullcontext():
             self._loop(train_ds, valid_ds, stop)

@@ -255,7 +255,7 @@ class Reporter:
             row["loss_scale"] = float(result.loss_scale.item())
         self.log.record(row)
         self.lines += 1
-        if self.plan is not None and self.lines == 2 and self.ps.device.type == "cuda":   # past compilation
+        if self.plan is not None and self.lines == 2:   # this run's second log line: past compilation
             peak = torch.cuda.max_memory_allocated(self.ps.device)
             self.log.console(measured_line(self.plan, tp["tokens_per_s"], peak))
         self.log.console(

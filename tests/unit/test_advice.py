@@ -67,7 +67,10 @@ def test_train_prints_the_advice_and_applies_it_only_when_asked(tune, capsys, tm
         assert torch.allclose(torch.tensor(tuned["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=0)
 
 
-def test_no_advice_off_the_gpu(capsys):
+def test_no_advice_off_the_gpu(capsys, tmp_path):
+    """On the CPU nothing is planned: --auto-tune-layout says it keeps the layout, and does."""
     t = Trainer(tiny_config(micro_batch_size=1, global_batch_size=8, recompute_granularity="full",
-                            auto_tune_layout=True))
+                            auto_tune_layout=True, train_iters=1, eval_iters=1, log_file=str(tmp_path / "m.jsonl")))
     assert t.advice is None and t.plan is None and t.num_micro == 8
+    t.run()
+    assert "--auto-tune-layout: no GPU to plan for; the run keeps its layout" in capsys.readouterr().out
