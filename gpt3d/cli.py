@@ -69,19 +69,23 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(klass):
             names = [flag_name(f), *f.metadata.get("aliases", ())]
             kw = dict(dest=f.name, default=argparse.SUPPRESS, help=_help_with_default(f))
-            t = types[f.name]
+            t, choices = types[f.name], f.metadata.get("choices")
             if f.name in ORDERED:   # which data source came last decides (config.apply_layer)
                 kw["action"] = _recording(argparse.BooleanOptionalAction if t is bool else _Store)
-            if t is bool and names[0].startswith("--no-"):   # Megatron's negative switches, e.g.
-                group.add_argument(*names, action="store_true", **kw)   # --no-pipeline-parallel: set only
-            elif t is bool:
+            if t is bool and names[0].startswith("--no-"):   # Megatron's negative switches (--no-load-optim)
+                group.add_argument(*names, action="store_true", **kw)
+                group.add_argument("--" + names[0][len("--no-"):], dest=f.name, action="store_false",
+                                   default=argparse.SUPPRESS, help=f"undo {names[0]}")
+            elif t is bool:   # --X and --no-X, so a flag can undo what a config turns on
                 group.add_argument(*names, **{"action": argparse.BooleanOptionalAction, **kw})
             elif t is list:
                 group.add_argument(*names, nargs="+", **kw)
             else:
                 conv = _int_tokens if f.name in TOKEN_COUNT_FIELDS else t if t in (int, float) else str
-                group.add_argument(*names, type=conv, choices=f.metadata.get("choices"),
-                                   metavar=f.name.upper() if not f.metadata.get("choices") else None, **kw)
+                if choices and f.default is None:   # an optional choice: `none` unsets what a config set
+                    conv, choices = _none_or(conv), [*choices, None]
+                group.add_argument(*names, type=conv, choices=choices,
+                                   metavar=f.name.upper() if not choices else _choices_metavar(choices), **kw)
             for switch, (value, text) in f.metadata.get("const_aliases", {}).items():
                 group.add_argument(switch, dest=f.name, action="store_const", const=value,
                                    default=argparse.SUPPRESS, help=text)
@@ -113,6 +117,14 @@ def _recording(base: type) -> type:
             super().__call__(parser, namespace, values, option_string)
             namespace._order = [*getattr(namespace, "_order", []), self.dest]
     return Recording
+
+
+def _none_or(conv: Callable) -> Callable:
+    return lambda text: None if text == "none" else conv(text)
+
+
+def _choices_metavar(choices: list) -> str:
+    return "{" + ",".join("none" if c is None else str(c) for c in choices) + "}"
 
 
 def _int_tokens(text: str) -> int:

@@ -78,10 +78,13 @@ class ModelConfig:
     disable_bias_linear: bool = opt(False, "no biases in linear layers")
     untie_embeddings_and_output_weights: bool = opt(False, "separate output head instead of tied embedding")
     recompute_granularity: Optional[str] = opt(
-        None, "activation checkpointing (default: none, every activation kept)", choices=["full", "selective"],
+        None, "activation checkpointing: full, selective, or none (the default: every activation kept)",
+        choices=["full", "selective"],
         const_aliases={"--checkpoint-activations": ("full", "Megatron's name for --recompute-granularity full"),
                        "--deepspeed-activation-checkpointing": (
-                           "full", "DeepSpeed's activation checkpointing: here --recompute-granularity full")})
+                           "full", "DeepSpeed's activation checkpointing: here --recompute-granularity full"),
+                       "--no-checkpoint-activations": (None, "no activation recompute, whatever the config says "
+                                                             "(--recompute-granularity none)")})
     recompute_num_layers: Optional[int] = opt(None, "with full recompute: layers per stage to recompute (default all)")
     cross_entropy_loss_fusion: bool = opt(False, "fuse the output projection with the loss, chunked over tokens, "
                                                  "so the [tokens x vocab] logits are never stored (less memory, "
@@ -256,7 +259,13 @@ class TrainingConfig:
                                                 "loss scaling, clipping (see deepspeed_config.py; default: none)",
                                           flag="--deepspeed_config", aliases=("--deepspeed-config",))
     peak_tflops: float = opt(989.0, "per-device peak for MFU (H100 bf16 dense)")
-    compile: bool = opt(False, "torch.compile the transformer layers")
+    compile: Optional[bool] = opt(None, "torch.compile the model (default: on with CUDA, off on the CPU; "
+                                        "--no-compile runs eager)")
+    compile_granularity: str = opt(
+        "auto", "what one compiled graph covers: chunk (the whole model chunk, embedding to loss: fusions across "
+                "layers, compile time grows with the layers), layer (regional: one transformer layer's body, "
+                "compiled once and reused by every layer), auto (chunk with TP = DP = 1, else layer)",
+        choices=["auto", "chunk", "layer"])
     exit_duration_in_mins: Optional[float] = opt(None, "save and exit after this many minutes (default: no "
                                                                "limit)")
     exit_signal_handler: bool = opt(True, "SIGTERM/SIGINT: finish the step, save, exit 0")
@@ -264,6 +273,9 @@ class TrainingConfig:
                                      "loss scale); 0 never stops")
     check_for_nan_in_loss_and_grad: bool = opt(False, "stop at the first non-finite loss/grad (bf16/fp32)")
     check_memory: bool = opt(False, "refuse to start a layout `gpt3d plan` predicts will not fit in GPU memory")
+    auto_tune_layout: bool = opt(False, "on a GPU, run the start-up advice: the recompute setting and micro-batch "
+                                        "size `gpt3d plan` predicts fastest that fit, same global batch, sample "
+                                        "order and math (gpt3d/plan/advice.py)")
     deterministic_mode: bool = opt(
         False, "same command, same GPU(s): identical losses (deterministic algorithms, cuBLAS workspace, NCCL "
                "Ring, flash-attention backward; slower: see benchmarks/deterministic_check.py)",

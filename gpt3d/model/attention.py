@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
-from ..parallel.random import TPRNG, checkpoint
+from ..parallel.random import recompute
 from ..parallel.state import ParallelState
 from .rope import RotaryEmbedding, apply_rotary
 
@@ -54,9 +54,9 @@ except ImportError:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, tp_rng: TPRNG):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState):
         super().__init__()
-        self.ps, self.tp_rng = ps, tp_rng
+        self.ps = ps
         self.head_dim = cfg.head_dim
         self.heads = cfg.num_attention_heads // ps.tp       # query heads on this rank
         self.kv_heads = cfg.kv_heads // ps.tp                # key/value heads on this rank
@@ -85,7 +85,7 @@ class SelfAttention(nn.Module):
         # cos, sin [s, rot]: made outside the checkpointed region, whose side effects torch.compile cannot trace
         rope = self.rotary(s, q.device) if self.rotary is not None else ()
         if self.selective_recompute and self.training:
-            y = checkpoint(self._core, self.tp_rng, q, k, v, *rope, tp_stream=self.dropout > 0)
+            y = recompute(self._core, q, k, v, *rope)
         else:
             y = self._core(q, k, v, *rope)                     # [b, s, heads, hd]
         return self.proj(y.reshape(b, s, self.heads * self.head_dim))
@@ -96,11 +96,8 @@ class SelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads|kv, s, hd]
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        p = self.dropout if self.training else 0.0
-        if p > 0.0:  # heads are split across TP: each rank draws its own mask
-            with self.tp_rng.fork():
-                return self._attend(q, k, v, p)
-        return self._attend(q, k, v, 0.0)
+        # heads are split across TP: the kernel's dropout draws from the default generator, seeded per TP rank
+        return self._attend(q, k, v, self.dropout if self.training else 0.0)
 
     def _cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: "LayerKV") -> torch.Tensor:
         """Inference only: the new tokens attend to the cached keys/values and their own causal prefix."""

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..config import Config, ModelConfig, PrecisionConfig
+from ..config import Config, ModelConfig, PrecisionConfig, TrainingConfig
 from ..errors import ConfigError
 from ..parallel.layers import full_shape
 from ..parallel.random import TPRNG
@@ -111,7 +111,7 @@ def refuse_a_vocabulary_beyond_memory(cfg: Config, ps: ParallelState, vocab_size
 
 def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size: int) -> ModelChunks:
     """This rank's pipeline stage, initialised (layout-independent weights), with --fp8 its TP linears' GEMMs
-    in float8 (model/fp8.py), cast and, with --compile, compiled."""
+    in float8 (model/fp8.py), cast and compiled (`compile_enabled`)."""
     refuse_a_vocabulary_beyond_memory(cfg, ps, vocab_size)
     p = cfg.parallel
     chunks = []
@@ -127,25 +127,44 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size
             from .fp8 import enable_fp8
             enable_fp8(m, cfg.precision.fp8_recipe, ps.device)
         chunks.append(m.cast_parameters(param_dtype(cfg.precision)))
-    if cfg.training.compile:
-        compile_chunks(chunks, ps)
+    if compile_enabled(cfg.training, ps.device):
+        compile_chunks(chunks, ps, cfg.training.compile_granularity)
     return ModelChunks(chunks)
 
 
-def compile_chunks(chunks: list[GPTModel], ps: ParallelState) -> None:
-    """torch.compile in place (`Module.compile`), so parameter names and checkpoints stay the same.
+def compile_enabled(t: TrainingConfig, device: torch.device) -> bool:
+    """--compile / --no-compile as given; unset, compiled on CUDA (the fast path) and eager on the CPU (where
+    compiling costs more than a short run gains)."""
+    return t.compile if t.compile is not None else device.type == "cuda"
 
-    With no tensor or data parallelism the whole chunk, embedding to loss, is one graph: the fusions span
-    layer boundaries and the loss (measured 10% faster at 125M, benchmarks/RESULTS.md). Otherwise each
-    layer is its own graph: TP collectives stay outside compiled code, and gradients become ready layer
-    by layer, so the DP bucket reductions overlap the rest of backward (a whole-chunk graph would hand
-    every gradient over at its very end)."""
+
+def compile_granularity(granularity: str, ps: ParallelState) -> str:
+    """`chunk` or `layer` for --compile-granularity (auto: chunk with TP = DP = 1, else layer)."""
+    if granularity != "auto":
+        return granularity
+    return "chunk" if ps.tp == 1 and ps.dp == 1 else "layer"
+
+
+def compile_chunks(chunks: list[GPTModel], ps: ParallelState, granularity: str = "auto", **options) -> None:
+    """torch.compile in place (`Module.compile`), so parameter names and checkpoints stay the same;
+    `options` go to torch.compile (tests pass a cheaper backend).
+
+    `chunk`: the whole chunk, embedding to loss, is one graph: the fusions span layer boundaries and the loss
+    (measured 10% faster at 125M, benchmarks/RESULTS.md), but Dynamo unrolls every layer into it, so compile
+    time grows with the depth. `layer` (regional compilation): each transformer layer is compiled on its
+    own, and since Dynamo treats a module's parameters and buffers as graph inputs, the first layer's graph
+    serves every other layer without recompiling (a layer's differences, its dropout site among them, are
+    buffers: tests/unit/test_compile.py counts the recompiles), so compile time is one layer's. Per-layer
+    graphs also keep TP collectives outside compiled code and let gradients become ready layer by layer, so
+    DP bucket reductions overlap the rest of backward (a whole-chunk graph hands every gradient over at its
+    very end): `auto` picks `chunk` only with TP = DP = 1."""
+    mode = compile_granularity(granularity, ps)
     for c in chunks:
-        if ps.tp == 1 and ps.dp == 1:
-            c.compile()
+        if mode == "chunk":
+            c.compile(**options)
         else:
             for layer in c.layers.values():
-                layer.compile()
+                layer.compile(**options)
 
 
 def inference_config(cfg: ModelConfig) -> ModelConfig:

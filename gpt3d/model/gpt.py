@@ -21,7 +21,7 @@ from ..parallel.cross_entropy import linear_cross_entropy, vocab_parallel_cross_
 from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, init_parameters,
                                mark)
 from ..parallel.mappings import copy_to_tp, gather_from_sequence
-from ..parallel.random import TPRNG, checkpoint
+from ..parallel.random import EMBEDDING_SITE, TPRNG, recompute, replicated_dropout, split_dropout
 from ..parallel.state import ParallelState
 from .attention import KVCache, LayerKV, SelfAttention
 
@@ -47,14 +47,16 @@ def build_norm(cfg: ModelConfig, ps: ParallelState) -> nn.Module:
     return norm
 
 
-def residual_dropout(x: torch.Tensor, p: float, training: bool, ps: ParallelState, tp_rng: TPRNG) -> torch.Tensor:
-    """Dropout on the residual stream: sequence shards differ per TP rank, so must their masks."""
+def residual_dropout(x: torch.Tensor, p: float, training: bool, ps: ParallelState, tp_rng: TPRNG,
+                     draw: Optional[torch.Tensor], site, offset: int = 0) -> torch.Tensor:
+    """Dropout on the residual stream (parallel/random.py): sequence-parallel shards differ per TP rank, so do
+    their masks (default generator); the replicated stream gets the same mask on every TP peer (hash of the
+    chunk's `draw` and the dropout site `site + offset`)."""
     if not training or p == 0.0:
         return x
     if ps.sp:
-        with tp_rng.fork():
-            return F.dropout(x, p, True)
-    return F.dropout(x, p, True)
+        return split_dropout(x, p)
+    return replicated_dropout(x, p, tp_rng.seed, draw, site + offset)
 
 
 class MLP(nn.Module):
@@ -77,20 +79,25 @@ class MLP(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-LN block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
 
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, tp_rng: TPRNG):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, tp_rng: TPRNG, layer_id: int = 0):
         super().__init__()
         self.ps, self.tp_rng, self.p = ps, tp_rng, cfg.hidden_dropout
         self.input_norm = build_norm(cfg, ps)
-        self.attention = SelfAttention(cfg, ps, tp_rng)
+        self.attention = SelfAttention(cfg, ps)
         self.post_attention_norm = build_norm(cfg, ps)
         self.mlp = MLP(cfg, ps)
+        # this layer's replicated-dropout sites (4 * global id + 0 / 1): a buffer, not a Python int, so one
+        # compiled layer body serves every layer without recompiling
+        self.register_buffer("dropout_site", torch.tensor(4 * layer_id, dtype=torch.int64, device=ps.device),
+                             persistent=False)
 
-    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        return residual_dropout(x, self.p, self.training, self.ps, self.tp_rng)
+    def _dropout(self, x: torch.Tensor, draw: Optional[torch.Tensor], offset: int) -> torch.Tensor:
+        return residual_dropout(x, self.p, self.training, self.ps, self.tp_rng, draw, self.dropout_site, offset)
 
-    def forward(self, x: torch.Tensor, kv_cache: Optional[LayerKV] = None) -> torch.Tensor:   # [b, s(/tp), h]
-        x = x + self._dropout(self.attention(self.input_norm(x), kv_cache))
-        return x + self._dropout(self.mlp(self.post_attention_norm(x)))
+    def forward(self, x: torch.Tensor, kv_cache: Optional[LayerKV] = None,
+                draw: Optional[torch.Tensor] = None) -> torch.Tensor:   # [b, s(/tp), h]
+        x = x + self._dropout(self.attention(self.input_norm(x), kv_cache), draw, 0)
+        return x + self._dropout(self.mlp(self.post_attention_norm(x)), draw, 1)
 
 
 class Embedding(nn.Module):
@@ -103,7 +110,8 @@ class Embedding(nn.Module):
             self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size, device=ps.device)
             mark(self.position_embeddings.weight, None, ("normal", cfg.init_method_std), sequence_parallel=ps.sp)
 
-    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:  # [b, s] -> [b, s(/tp), h]
+    def forward(self, tokens: torch.Tensor, start: int = 0,
+                draw: Optional[torch.Tensor] = None) -> torch.Tensor:  # [b, s] -> [b, s(/tp), h]
         x = self.word_embeddings(tokens)
         if self.position_embeddings is not None:
             s = tokens.shape[1]
@@ -111,7 +119,7 @@ class Embedding(nn.Module):
             if self.ps.sp:
                 pos = pos.chunk(self.ps.tp)[self.ps.tp_rank]
             x = x + self.position_embeddings(pos)
-        return residual_dropout(x, self.p, self.training, self.ps, self.tp_rng)
+        return residual_dropout(x, self.p, self.training, self.ps, self.tp_rng, draw, EMBEDDING_SITE)
 
 
 class GPTModel(nn.Module):
@@ -128,14 +136,14 @@ class GPTModel(nn.Module):
         self.embedding = Embedding(cfg, ps, self.padded_vocab, tp_rng) if pre_process else None
         if pre_process and not cfg.untie_embeddings_and_output_weights:
             self.embedding.word_embeddings.weight.shared_embedding = True   # the output head reuses it
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, ps, tp_rng) for i in layer_ids})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, ps, tp_rng, i) for i in layer_ids})
         self.recompute_layers = set()
         if cfg.recompute_granularity == "full":
             n = len(layer_ids) if cfg.recompute_num_layers is None else cfg.recompute_num_layers
             self.recompute_layers = {str(i) for i in layer_ids[:n]}
         self.tp_rng = tp_rng
-        # does a layer draw from the TP dropout stream (attention dropout, SP residual dropout)?
-        self._layer_tp_stream = cfg.attention_dropout > 0 or (cfg.hidden_dropout > 0 and ps.sp)
+        # does a training forward draw from the replicated-dropout stream (residual dropout without SP)?
+        self._replicated_dropout = cfg.hidden_dropout > 0 and not ps.sp
         self.final_norm = build_norm(cfg, ps) if post_process else None
         self.output_layer = None
         if post_process and (cfg.untie_embeddings_and_output_weights or not pre_process):
@@ -162,14 +170,15 @@ class GPTModel(nn.Module):
         logits [b, s, V/tp] without labels, else the hidden state [b, s(/tp), h] for the next stage.
         `kv_cache` (inference, one stage): tokens continue the cached ones, the cache grows by s."""
         start = kv_cache.length if kv_cache is not None else 0
-        x = self.embedding(tokens, start) if self.pre_process else hidden
+        draw = self.tp_rng.next_draw() if self._replicated_dropout and self.training else None
+        x = self.embedding(tokens, start, draw) if self.pre_process else hidden
         for key, layer in self.layers.items():
             if kv_cache is not None:
                 x = layer(x, kv_cache.layer(key))
             elif key in self.recompute_layers and self.training:
-                x = checkpoint(layer, self.tp_rng, x, tp_stream=self._layer_tp_stream)
+                x = recompute(layer, x, None, draw)
             else:
-                x = layer(x)
+                x = layer(x, None, draw)
         if kv_cache is not None:
             kv_cache.length += x.shape[1]
         if not self.post_process:

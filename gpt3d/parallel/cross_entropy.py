@@ -33,7 +33,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         start = ps.tp_rank * per_rank
         real_here = max(0, min(per_rank, vocab_size - start))
         if real_here < per_rank:
-            x = x.clone() if x.data_ptr() == logits.data_ptr() else x
+            x = x.clone() if logits.dtype == torch.float32 else x   # .float() returned the logits themselves
             x[:, real_here:] = float("-inf")
         m = x.max(dim=-1).values
         if ps.tp > 1:

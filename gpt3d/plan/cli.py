@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"gpt3d plan: {m.num_layers}L/{m.hidden_size}h/{m.num_attention_heads} heads, seq {m.seq_length}, "
           f"vocab {vocab_of(cfg)}, global batch {cfg.training.global_batch_size}, "
           f"{'bf16' if cfg.precision.bf16 else 'fp16' if cfg.precision.fp16 else 'fp32'}, "
-          f"{'compiled' if cfg.training.compile else 'eager (add --compile for the fast path)'}; "
+          f"{'eager (--no-compile)' if cfg.training.compile is False else 'compiled'}; "
           f"{world} GPUs, {args.gpus_per_node} per node")
     print(f"  {gpu.describe()}")
     print(table(preds, own, args.top, sys.stdout.isatty(), args.show_unfit))

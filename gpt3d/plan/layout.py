@@ -102,6 +102,12 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def default_micro_batch_sizes(per_replica: int) -> list[int]:
+    """The micro-batch sizes the planner tries: powers of two up to 16 that divide the per-replica batch (the
+    range its speed model was checked over, benchmarks/RESULTS.md)."""
+    return [b for b in _divisors(per_replica) if b <= 16 and b & (b - 1) == 0]
+
+
 def enumerate_layouts(cfg: Config, world: int, gpus_per_node: int, *, micro_batch_sizes: Optional[Iterable] = None,
                       max_virtual: int = 8) -> list[Layout]:
     """Every layout gpt3d accepts for this model and global batch on `world` GPUs: TP inside a node (a power of
@@ -119,7 +125,7 @@ def enumerate_layouts(cfg: Config, world: int, gpus_per_node: int, *, micro_batc
             if gbs % dp:
                 continue
             per_replica = gbs // dp
-            sizes = micro_batch_sizes or [b for b in _divisors(per_replica) if b <= 16 and b & (b - 1) == 0]
+            sizes = micro_batch_sizes or default_micro_batch_sizes(per_replica)
             vps = [1] + [v for v in range(2, max_virtual + 1) if pp > 1 and m.num_layers % (pp * v) == 0]
             for mbs in sizes:
                 if per_replica % mbs:

@@ -200,6 +200,12 @@ def _norm_input(out: Terms, m: ModelConfig, sh: Shape, compiled: bool, name: str
     out.add("norm statistics", 4 * Ts if rms else 2 * sh.e * Ts)
 
 
+def dropout_mask_bytes(lay: Layout, e: int, device: str) -> int:
+    """Bytes per element of a residual dropout mask kept for backward: bool, but for the CPU's native dropout
+    kernel (sequence-parallel shards), which keeps it in the activation dtype (gpt3d/parallel/random.py)."""
+    return e if lay.sp and device == "cpu" else 1
+
+
 def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recompute: Optional[str],
                 device: str = "cuda") -> Terms:
     """What one transformer layer keeps for backward, one micro-batch, one TP rank.
@@ -217,7 +223,7 @@ def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recomput
     rng = 5056 if device == "cpu" else 0   # torch.utils.checkpoint keeps the CPU generator's state
     if recompute == "full":
         out.add("layer input (kept by full recompute)", e * Ts * h)
-        out.add("RNG state kept by recompute", rng * (2 if m.attention_dropout > 0 else 1))
+        out.add("RNG state kept by recompute", rng)
         return out
     for name in ("layer input", "residual after attention"):
         _norm_input(out, m, sh, compiled, name)
@@ -242,16 +248,14 @@ def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recomput
         out.add("attention output", e * T * nh * hd // t)
     # GeLU: fc1 output and GeLU output; SwiGLU: gate and fc1 outputs and their product (+ silu(gate) eager)
     out.add("MLP intermediates", e * T * f // t * ((3 if compiled else 4) if m.swiglu else 2))
-    if m.hidden_dropout > 0:   # CUDA keeps bool masks; the CPU kernel keeps them in the activation dtype
-        out.add("dropout masks", 2 * Ts * h * (1 if device == "cuda" else e))
+    if m.hidden_dropout > 0:
+        out.add("dropout masks", 2 * Ts * h * dropout_mask_bytes(lay, e, device))
     if m.attention_dropout > 0 and device == "cpu":
         # CPU's flash kernel takes no dropout: SDPA's math path keeps the s x s probabilities, the dropout mask
         # and the dropped probabilities (measured on CPU, torch 2.13: 12 bytes per score in fp32, 16 in bf16,
-        # plus 992 per layer; a recomputed core keeps the attention RNG's state instead). Exact for GPT blocks;
-        # with RoPE or GQA the math path keeps other q/k/v copies than the fused kernels (not modelled)
-        if selective:
-            out.add("RNG state kept by recompute", rng)
-        else:
+        # plus 992 per layer; a recomputed core keeps none, only the generator state counted above). Exact for
+        # GPT blocks; with RoPE or GQA the math path keeps other q/k/v copies than the fused kernels (not modelled)
+        if not selective:
             out.add("attention scores (math SDPA: attention dropout on CPU)",
                     (12 if e == 4 else 16) * sh.b * (nh // t) * sh.s * sh.s + 992)
     return out
@@ -317,7 +321,7 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, 
                 c.add(k, nbytes)
         if first and v == 0:
             c.add("embedding inputs", (8 * sh.s if m.learned_positions else 0) + (9 * T if t > 1 else 0))
-            c.add("dropout masks", Ts * h * (1 if device == "cuda" else e) if m.hidden_dropout > 0 else 0)
+            c.add("dropout masks", Ts * h * dropout_mask_bytes(lay, e, device) if m.hidden_dropout > 0 else 0)
         if last and v == len(layer_ids) - 1:
             _norm_input(c, m, sh, compiled, "final norm input")
             c.add("loss value", 4)

@@ -70,6 +70,17 @@ class Calibration:
 
 
 EW_PASSES = 4      # elementwise traffic per layer ~ 4x its saved activations (write + read, forward + backward)
+
+# Dropout (gpt3d/parallel/random.py), modelled from the kernels' work, not yet measured (benchmarks/compile_check.py
+# times it: dropout 0/0 against 0.1/0.1 at the same shape). A residual dropout site makes its mask inside the
+# kernel that applies it: the replicated stream's counter-based hash is ~26 int32 operations per element, taken
+# as the time of moving DROPOUT_HASH_BYTES at the elementwise rate (Philox numbers for sequence-parallel shards
+# cost about the same); the mask is written as 1 byte per element and read back by backward. Fused attention
+# draws its dropout mask tile by tile in the kernel, forward and again in backward: ATTN_DROPOUT_OVERHEAD is the
+# fraction of attention time that adds (assumed).
+DROPOUT_HASH_BYTES = 4.5
+DROPOUT_MASK_BYTES = 2
+ATTN_DROPOUT_OVERHEAD = 0.15
 LOSS_PASSES = 3    # the fused loss reads the logits, its backward reads them and writes their gradient
 
 

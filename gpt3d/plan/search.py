@@ -16,6 +16,7 @@ import torch
 from ..config import DEFAULT_VOCAB_SIZE, Config, ConfigError
 from ..flops import model_flops_per_iter
 from ..metrics import megatron_flops_per_iter
+from ..model.build import compile_enabled
 from ..model.gpt import padded_vocab_size
 from ..parallel.state import ParallelState
 from .layout import Layout, apply_layout, enumerate_layouts, layout_of
@@ -71,7 +72,7 @@ def predict_layout(cfg: Config, lay: Layout, gpu: Gpu, gpus_per_node: int = 8, *
     `device="cpu"` models the CPU code paths (vocab-parallel loss at TP=1), for tests."""
     c = apply_layout(cfg, lay)
     m, vocab, pb = c.model, vocab_of(c, vocab_size), param_bytes_of(c)
-    compiled = c.training.compile
+    compiled = compile_enabled(c.training, torch.device(device))
     fused = lay.tp == 1 and device == "cuda"
     stages: list[StageMemory] = plan_memory(m, vocab, lay, param_bytes=pb, bucket_size_mb=c.parallel.bucket_size_mb,
                                             compiled=compiled, fused_loss=fused, device=device, cache=cache)
@@ -112,14 +113,23 @@ def check_memory(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None
     return p
 
 
-def for_run(cfg: Config, ps: ParallelState, vocab_size: int) -> Optional[Prediction]:
-    """`gpt3d train`'s prediction for its own layout on the GPU it runs on (None off CUDA): with
-    `--check-memory`, a layout predicted not to fit raises ConfigError before anything is allocated."""
+def run_gpu(ps: ParallelState) -> Optional[tuple[Gpu, int]]:
+    """(the GPU `gpt3d train` runs on, GPUs per node), None off CUDA: what its prediction and advice are for."""
     if ps.device.type != "cuda":
         return None
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+    return gpu_for_device(ps.device), int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+
+
+def for_run(cfg: Config, ps: ParallelState, vocab_size: int,
+            gpu: Optional[tuple[Gpu, int]] = None) -> Optional[Prediction]:
+    """`gpt3d train`'s prediction for its own layout on `gpu` (default `run_gpu(ps)`: the GPU it runs on, None
+    off CUDA: no prediction): with `--check-memory`, a layout predicted not to fit raises ConfigError before
+    anything is allocated."""
+    gpu = gpu or run_gpu(ps)
+    if gpu is None:
+        return None
     fn = check_memory if cfg.training.check_memory else predict
-    return fn(cfg, ps.world_size, gpu_for_device(ps.device), per_node, vocab_size=vocab_size)
+    return fn(cfg, ps.world_size, gpu[0], gpu[1], vocab_size=vocab_size)
 
 
 def plan(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_per_node: int = 8, *,

@@ -17,8 +17,8 @@ from ..config import ModelConfig
 from ..model.gpt import padded_vocab_size
 from .layout import Layout
 from .memory import Persistent, Shape, layer_terms, shape_of
-from .presets import (COMM_EFFICIENCY, COMM_LATENCY_S, EW_PASSES, GEMM_OVERHEAD_S, LOSS_PASSES, Gpu,
-                      attention_efficiency)
+from .presets import (ATTN_DROPOUT_OVERHEAD, COMM_EFFICIENCY, COMM_LATENCY_S, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES,
+                      EW_PASSES, GEMM_OVERHEAD_S, LOSS_PASSES, Gpu, attention_efficiency)
 from .schedule import pipeline_time
 
 # Eager execution runs each norm, activation and residual as its own kernels. Rough factor from
@@ -57,6 +57,17 @@ class LayerTime:
     recompute: float
     tp_comm_forward: float
     tp_comm_backward: float
+    dropout: float = 0.0          # what dropout adds to forward + backward (and to a recompute of them)
+
+
+def dropout_site_time(m: ModelConfig, elements: int, gpu: Gpu, ew_factor: float = 1.0) -> tuple[float, float]:
+    """(forward, backward) seconds of one residual dropout site over `elements`: make the mask and write it,
+    read it back (presets.DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES)."""
+    if m.hidden_dropout <= 0:
+        return 0.0, 0.0
+    rate = gpu.calibration.ew_gbps * 1e9 / ew_factor
+    half = DROPOUT_MASK_BYTES / 2
+    return elements * (DROPOUT_HASH_BYTES + half) / rate, elements * half / rate
 
 
 def layer_flops(m: ModelConfig, lay: Layout, sh: Shape) -> tuple[float, float]:
@@ -76,17 +87,22 @@ def layer_time(m: ModelConfig, lay: Layout, gpu: Gpu, link: Links, sh: Shape, re
     matmuls = 5 if m.swiglu else 4
     gemm_s = gemm / (cal.gemm_tflops * 1e12) + matmuls * GEMM_OVERHEAD_S          # forward; backward is twice it
     attn_s = attn / (cal.attn_tflops * 1e12 * attention_efficiency(sh.s, m.head_dim))
-    ew = EW_PASSES * layer_terms(m, lay, sh, True, None).total / (cal.ew_gbps * 1e9) * ew_factor
+    kept = layer_terms(m, lay, sh, True, None)
+    ew = EW_PASSES * (kept.total - kept.items.get("dropout masks", 0)) / (cal.ew_gbps * 1e9) * ew_factor
     fwd = gemm_s + attn_s + ew / 3
     bwd = 2 * gemm_s + 2.5 * attn_s + 2 * ew / 3
+    # dropout: two residual sites, and the fused attention's own mask (forward, and again in backward)
+    site_f, site_b = dropout_site_time(m, sh.seq_tokens * sh.h, gpu, ew_factor)
+    attn_drop = ATTN_DROPOUT_OVERHEAD * attn_s if m.attention_dropout > 0 else 0.0
+    drop_f, drop_b = 2 * site_f + attn_drop, 2 * site_b + 2.5 * attn_drop
     # two all-reduces (or all-gather + reduce-scatter pairs with SP) of the residual stream each way
     stream = sh.e * sh.tokens * sh.h
     kinds = ("all_gather", "reduce_scatter") if lay.sp else ("all_reduce",)
     comm = 2 * sum(_ring(stream, lay.tp, link.tp_gbps, k) for k in kinds)
     if lay.sp and m.swiglu:   # gate and fc1 each all-gather the MLP input (and reduce-scatter its gradient)
         comm += _ring(stream, lay.tp, link.tp_gbps, "all_gather")
-    rc = fwd if recompute == "full" else attn_s if recompute == "selective" else 0.0
-    return LayerTime(fwd, bwd, rc, comm, comm)
+    rc = fwd + drop_f if recompute == "full" else attn_s + attn_drop if recompute == "selective" else 0.0
+    return LayerTime(fwd, bwd, rc, comm, comm, drop_f + drop_b)
 
 
 @dataclass
@@ -113,7 +129,7 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Layout, gpu: Gpu, gpus_per_n
     per_mode = {rc: layer_time(m, lay, gpu, link, sh, rc, ew_factor) for rc in {None, lay.recompute}}
     for r in range(lay.pp):
         chunks = lay.stage_chunks(m.num_layers, r)
-        parts = {"layers (compute)": 0.0, "recompute": 0.0, "TP communication": 0.0, "embedding": 0.0,
+        parts = {"layers (compute)": 0.0, "recompute": 0.0, "dropout": 0.0, "TP communication": 0.0, "embedding": 0.0,
                  "output layer + loss": 0.0, "pipeline send/receive": 0.0}
         for v, ids in enumerate(chunks):
             for i, _ in enumerate(ids):
@@ -121,10 +137,12 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Layout, gpu: Gpu, gpus_per_n
                 lt = per_mode[rc]
                 parts["layers (compute)"] += lt.forward + lt.backward
                 parts["recompute"] += lt.recompute
+                parts["dropout"] += lt.dropout
                 parts["TP communication"] += lt.tp_comm_forward * (2 if rc == "full" else 1) + lt.tp_comm_backward
             if r == 0 and v == 0:
                 parts["embedding"] += (sh.e * pv // t * h + 4 * sh.e * T * h) / (cal.ew_gbps * 1e9) * ew_factor + \
                     2 * _ring(sh.e * T * h, t, link.tp_gbps, "all_reduce")
+                parts["dropout"] += sum(dropout_site_time(m, sh.seq_tokens * h, gpu, ew_factor))
             if r == lay.pp - 1 and v == len(chunks) - 1:
                 gemm = 6 * T * h * pv / t / (cal.gemm_tflops * 1e12) + 3 * GEMM_OVERHEAD_S
                 # fused: bf16 logits read/written LOSS_PASSES times; vocab-parallel: ~5 fp32 passes

@@ -26,7 +26,7 @@ from ..data.sampler import MockGPTDataset, build_data_loader
 from ..data.sizing import train_iterations, train_valid_test_num_samples
 from ..errors import DataError, Gpt3dError, warn
 from ..metrics import Throughput
-from ..model.build import build_model_chunks
+from ..model.build import build_model_chunks, compile_enabled
 from ..model.gpt import count_parameters
 from ..optim.grad_buffer import GradBuffer
 from ..optim.grad_scaler import DynamicLossScaler
@@ -34,8 +34,10 @@ from ..optim.schedule import LRSchedule
 from ..optim.zero1 import ShardedOptimizer, describe_zero
 from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState, build_parallel_state, init_distributed, launch_env
+from ..plan.advice import advise
 from ..plan.fits import refuse_what_cannot_fit
 from ..plan.search import for_run as plan_for_run
+from ..plan.search import run_gpu
 from ..progress import Activity
 from . import faults
 from .report import Reporter, dp_mean
@@ -72,6 +74,14 @@ class Trainer:
         self.cfg, self.ps = cfg, ps
         self.tp_rng = seed_everything(t.seed, ps)
         self.vocab_size, self.tokenizer = self._vocab()
+        # `gpt3d plan` on the GPU this runs on (none on the CPU), before allocating: a faster layout of the same
+        # optimisation is advised (--auto-tune-layout takes it), then the prediction; --check-memory refuses here
+        gpu = self.plan_gpu(ps)
+        self.advice = advise(cfg, ps.world_size, *gpu, vocab_size=self.vocab_size) if gpu else None
+        if self.advice is not None and t.auto_tune_layout:
+            cfg = self.advice.apply(cfg)
+            cfg.validate(ps.world_size)
+            self.cfg, t = cfg, cfg.training
         self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
         self.num_micro = self.global_batch // (t.micro_batch_size * ps.dp)
         tokens_per_iter = self.global_batch * cfg.model.seq_length
@@ -80,7 +90,7 @@ class Trainer:
         # before allocating: sizes no memory holds are refused; `gpt3d plan`'s prediction for this layout (GPU
         # only), which --check-memory compares with the usable memory
         refuse_what_cannot_fit(cfg, ps, self.vocab_size, None if cfg.data.mock_data else sum(self._num_samples()))
-        self.plan = plan_for_run(cfg, ps, self.vocab_size)
+        self.plan = plan_for_run(cfg, ps, self.vocab_size, gpu)
         self.model = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
         self.grads = GradBuffer(self.model, ps, zero_stage=cfg.parallel.zero_stage,
                                 bucket_size_mb=cfg.parallel.bucket_size_mb, overlap=cfg.parallel.overlap_grad_reduce)
@@ -97,10 +107,14 @@ class Trainer:
         self.last_checkpoint: Optional[str] = None
         self.saved_iteration: Optional[int] = None   # the iteration this run last saved (one save each)
         self.watchdog = Watchdog.for_run(cfg.parallel.distributed_timeout_minutes, ps.rank, ps.world_size,
-                                         compile=t.compile)   # running only inside `run`
+                                         compile=compile_enabled(t, ps.device))   # running only inside `run`
         faults.install(self)   # a test hook, installed only when GPT3D_FAULT_INJECT names this rank
 
     # ----- setup --------------------------------------------------------------------------------------------
+    def plan_gpu(self, ps: ParallelState):
+        """The GPU the start-up plan is made for (None on the CPU: no prediction, no advice)."""
+        return run_gpu(ps)
+
     def _vocab(self):
         d, m = self.cfg.data, self.cfg.model
         if d.mock_data:
@@ -296,6 +310,13 @@ class Trainer:
         if warmup and ps.rank == 0:
             warn(warmup)
         self.report.prediction()
+        if self.advice is not None:
+            self.report.console(("gpt3d plan: applied (--auto-tune-layout) " if t.auto_tune_layout else "")
+                                + self.advice.line())
+        elif t.auto_tune_layout:   # asked for, nothing to apply: say so rather than stay silent
+            self.report.console("gpt3d plan: --auto-tune-layout: " + (
+                "no faster recompute setting or micro-batch size is predicted for this run; it runs as given"
+                if self.plan is not None else "no GPU to plan for; the run keeps its layout"))
         stop = StopPolicy(t, ps, fp16=cfg.precision.fp16)
         with stop.signals() if t.exit_signal_handler else contextlib.nullcontext():
             self._loop(train_ds, valid_ds, stop)
@@ -313,7 +334,7 @@ class Trainer:
         wd, first_extra = self.watchdog, self.watchdog.first_extra_s
         wd.progress("set-up", next_extra_s=first_extra)
         validated = False
-        compiling = t.compile
+        compiling = compile_enabled(t, ps.device)
         if compiling:
             report.console("torch.compile: the first step compiles the model first (often 30 s or more)")
         while state.iteration < self.train_iters:

@@ -234,7 +234,7 @@ def test_train_prints_the_prediction_then_the_measured_figures(monkeypatch, caps
     from gpt3d.parallel.state import ParallelState
     cfg = tiny_config(train_iters=3, log_interval=1, eval_iters=0)
     pred = predict(cfg, 1, "h100-80gb")
-    monkeypatch.setattr(loop, "plan_for_run", lambda cfg, ps, vocab_size: pred)
+    monkeypatch.setattr(loop, "plan_for_run", lambda cfg, ps, vocab_size, gpu=None: pred)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * GIB)
     assert loop.Trainer(cfg, ParallelState.single()).run() == 0
     lines = capsys.readouterr().out.splitlines()

@@ -1,0 +1,53 @@
+"""The compile policy (gpt3d/model/build.py): compiled by default on CUDA only, and regional compilation that
+compiles one transformer layer's body once for every layer."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from gpt3d.config import ModelConfig, TrainingConfig
+from gpt3d.model.build import compile_chunks, compile_enabled, compile_granularity
+from gpt3d.model.gpt import GPTModel
+from gpt3d.parallel.random import seed_everything
+from gpt3d.parallel.state import ParallelState
+
+LLAMA = dict(use_rotary_position_embeddings=True, normalization="rmsnorm", swiglu=True, disable_bias_linear=True,
+             num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("given", [None, True, False])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compiled_by_default_on_cuda_only(given, device):
+    want = given if given is not None else device == "cuda"
+    assert compile_enabled(TrainingConfig(compile=given), torch.device(device)) is want
+
+
+@pytest.mark.parametrize("tp,dp", [(1, 1), (2, 1), (1, 2), (2, 4)])
+def test_auto_granularity(tp, dp):
+    ps = ParallelState(tp=tp, dp=dp)
+    assert compile_granularity("auto", ps) == ("chunk" if tp == dp == 1 else "layer")
+    assert compile_granularity("layer", ps) == "layer" and compile_granularity("chunk", ps) == "chunk"
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+@pytest.mark.parametrize("recompute", [None, "full", "selective"])
+def test_regional_compilation_compiles_one_layer_for_all(arch, recompute):
+    """Six layers, two training steps, hidden and attention dropout on: Dynamo compiles one graph, no
+    recompile and no graph break (a per-layer Python value, such as the dropout site as an int, would compile
+    each layer anew)."""
+    cfg = ModelConfig(num_layers=6, hidden_size=32, num_attention_heads=4, seq_length=32, hidden_dropout=0.1,
+                      attention_dropout=0.1, recompute_granularity=recompute, **(LLAMA if arch == "llama" else {}))
+    ps = ParallelState()
+    model = GPTModel(cfg, ps, seed_everything(1, ps), vocab_size=128)
+    model.init_weights(1)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_chunks([model], ps, "layer", backend="eager")
+    tokens = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
+    stats = dict(counters["stats"])
+    torch._dynamo.reset()
+    assert sum(counters["graph_break"].values()) == 0
+    assert stats["unique_graphs"] == 1, stats
