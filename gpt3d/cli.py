@@ -75,7 +75,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             if t is bool and names[0].startswith("--no-"):   # Megatron's negative switches (--no-load-optim)
                 group.add_argument(*names, action="store_true", **kw)
                 group.add_argument("--" + names[0][len("--no-"):], dest=f.name, action="store_false",
-                                   default=argparse.SUPPRESS, help=f"undo {names[0]}")
+                                   default=argparse.SUPPRESS,
+                                   help=f"undo {names[0]} (default: {'off' if f.default else 'on'})")
             elif t is bool:   # --X and --no-X, so a flag can undo what a config turns on
                 group.add_argument(*names, **{"action": argparse.BooleanOptionalAction, **kw})
             elif t is list:

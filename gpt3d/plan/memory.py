@@ -240,8 +240,16 @@ def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recomput
         out.add("q copy (RoPE / GQA)", e * T * nh * hd // t)
     if rope and not selective:
         out.add("rotated k", e * T * nkv * hd // t)
+    # CPU's flash kernel takes no dropout: with attention dropout SDPA's math path keeps the s x s probabilities,
+    # the dropout mask and the dropped probabilities instead of a log-sum-exp (measured on CPU, torch 2.13: 12
+    # bytes per score in fp32, 16 in bf16). Exact for GPT blocks; with RoPE or GQA the math path keeps other
+    # q/k/v copies than the fused kernels (not modelled)
+    math_sdpa = m.attention_dropout > 0 and device == "cpu"
     if selective:
         out.add("RNG state kept by recompute", rng)
+    elif math_sdpa:
+        out.add("attention scores (math SDPA: attention dropout on CPU)",
+                (12 if e == 4 else 16) * sh.b * (nh // t) * sh.s * sh.s)
     else:
         out.add("attention log-sum-exp (fp32)", 4 * sh.b * (nh // t) * sh.s)
     if not (selective and compiled):   # compiled, the partition recomputes it for the projection's backward
@@ -250,14 +258,6 @@ def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recomput
     out.add("MLP intermediates", e * T * f // t * ((3 if compiled else 4) if m.swiglu else 2))
     if m.hidden_dropout > 0:
         out.add("dropout masks", 2 * Ts * h * dropout_mask_bytes(lay, e, device))
-    if m.attention_dropout > 0 and device == "cpu":
-        # CPU's flash kernel takes no dropout: SDPA's math path keeps the s x s probabilities, the dropout mask
-        # and the dropped probabilities (measured on CPU, torch 2.13: 12 bytes per score in fp32, 16 in bf16,
-        # plus 992 per layer; a recomputed core keeps none, only the generator state counted above). Exact for
-        # GPT blocks; with RoPE or GQA the math path keeps other q/k/v copies than the fused kernels (not modelled)
-        if not selective:
-            out.add("attention scores (math SDPA: attention dropout on CPU)",
-                    (12 if e == 4 else 16) * sh.b * (nh // t) * sh.s * sh.s + 992)
     return out
 
 
