@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LLAMA = ["--use-rotary-position-embeddings", "--normalization", "rmsnorm", "--swiglu", "--disable-bias-linear",
          "--untie-embeddings-and-output-weights", "--num-key-value-heads", "8", "--ffn-hidden-size", "8192",
          "--vocab-size", "128256"]
-SHAPE = {   # gpt3d/bench.py's SHAPES as train flags, at the bench's micro-batch, one micro-batch per step
+SHAPE = {   # gpt3d/perf/bench.py's SHAPES as train flags, at the bench's micro-batch, one micro-batch per step
     "1.3B": ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16", "--micro-batch-size",
              "8", "--global-batch-size", "8"],
     "llama": ["--num-layers", "16", "--hidden-size", "2048", "--num-attention-heads", "32", *LLAMA,
@@ -60,7 +60,7 @@ class Run:
     iters: int = 8
     log: int = 2
     est_s: float = 60.0             # expected seconds (skip when less is left)
-    bench: bool = False             # time `gpt3d bench`'s step (gpt3d/bench.py) instead of the loop
+    bench: bool = False             # time `gpt3d bench`'s step (gpt3d/perf/bench.py) instead of the loop
     hash_bits: bool = False         # check the dropout hash's bits on the GPU against the CPU's instead
 
 
@@ -127,7 +127,7 @@ def _config(run: Run, run_dir: Path, smoke: bool = False):
 
 
 def _bench(run: Run) -> dict:
-    import gpt3d.bench as b
+    import gpt3d.perf.bench as b
     p = argparse.ArgumentParser()
     b.add_arguments(p)
     cfg = b._config("125M", p.parse_args(run.flags + ["--peer", "none"]))

@@ -28,7 +28,7 @@ from pathlib import Path
 LLAMA = ["--use-rotary-position-embeddings", "--normalization", "rmsnorm", "--swiglu", "--disable-bias-linear",
          "--untie-embeddings-and-output-weights", "--num-key-value-heads", "8", "--ffn-hidden-size", "8192",
          "--vocab-size", "128256"]
-MODEL_FLAGS = {   # gpt3d/bench.py's SHAPES as train flags
+MODEL_FLAGS = {   # gpt3d/perf/bench.py's SHAPES as train flags
     "125M": ["--num-layers", "12", "--hidden-size", "768", "--num-attention-heads", "12"],
     "1.3B": ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16"],
     "llama-1.5B": ["--num-layers", "16", "--hidden-size", "2048", "--num-attention-heads", "32", *LLAMA],

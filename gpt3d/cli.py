@@ -149,7 +149,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         yaml_keys = set(flat)
     given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "_order")}
     apply_layer(cfg, flatten(given, source="flags"), source="the command line", order=getattr(args, "_order", None))
-    from .deepspeed_config import apply_deepspeed_config   # Megatron-DeepSpeed's --deepspeed_config
+    from .config.deepspeed import apply_deepspeed_config   # Megatron-DeepSpeed's --deepspeed_config
     decided = set(given) | yaml_keys | apply_deepspeed_config(cfg, set(given) | yaml_keys)
     if cfg.checkpoint.load:   # a Megatron-DeepSpeed checkpoint's args fill the settings left out
         from .checkpoint.megatron_deepspeed import apply_settings
@@ -170,9 +170,10 @@ def _train(args: argparse.Namespace) -> int:
 
 # Every other command -> the module that registers its sub-parser (`register(sub)`) and runs it. Only the
 # module of the command being run is imported, so a light command (preprocess) never pays for torch.
-COMMANDS = {"preprocess": "data.preprocess", "bench": "bench", "checkpoint-info": "tools", "checkpoint": "tools",
-            "export-hf": "hf", "import-hf": "hf_import", "eval": "inference", "generate": "inference", "plot": "plot",
-            "plan": "plan.cli"}
+COMMANDS = {"preprocess": "data.preprocess", "bench": "perf.bench", "checkpoint-info": "commands.checkpoint",
+            "checkpoint": "commands.checkpoint", "export-hf": "interop.hf", "import-hf": "interop.hf_import",
+            "eval": "inference.generate", "generate": "inference.generate", "plot": "console.plot",
+            "plan": "commands.plan"}
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:

@@ -30,8 +30,8 @@ from typing import Callable, Iterable, Optional
 import torch
 import xxhash
 
-from ..checksum import ALGORITHM, file_checksum
-from ..progress import Progress
+from ..files.checksum import ALGORITHM, file_checksum
+from ..console.progress import Progress
 from .meta_check import meta_problem
 
 
@@ -124,7 +124,7 @@ def unlisted(path: str, files: dict) -> list[str]:
 
 def checksum_problem(path: str, files: Iterable[str], progress: bool = True) -> Optional[str]:
     """Why one of `files` (names inside the checkpoint) does not match its recorded checksum, or None.
-    `progress`: report the bytes read on stderr (gpt3d/progress.py; a large checkpoint takes minutes)."""
+    `progress`: report the bytes read on stderr (gpt3d/console/progress.py; a large checkpoint takes minutes)."""
     recorded = read_meta(path).get("checksums", {})
     files = [f for f in files if recorded.get(f) is not None]   # files written before checksums: sizes only
     total = sum(os.path.getsize(os.path.join(path, f)) for f in files) / 2 ** 20

@@ -130,7 +130,7 @@ def saved_model_config(config: dict):
     """The ModelConfig of a checkpoint's meta.json "config" (settings of other gpt3d versions that this one
     does not know are left out), checked as a run's own: ConfigError if it could not be built."""
     from ..config import Config, ModelConfig, field_types
-    from ..config_check import check_model, check_values
+    from ..config.rules import check_model, check_values
     known = field_types(ModelConfig)
     cfg = Config.from_dict({"model": {k: v for k, v in config["model"].items() if k in known}})
     check_values(cfg)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model.gpt import EMBEDDING, OUTPUT_LAYER, VOCAB_PARAMETERS
-from ..progress import Progress
+from ..console.progress import Progress
 
 # Model settings that change parameter shapes or names: a checkpoint loads only where they agree.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "ffn_hidden_size",

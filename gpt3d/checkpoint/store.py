@@ -30,9 +30,9 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .. import atomic
+from ..files import atomic
 from ..errors import CheckpointError, warn
-from ..optim.zero1 import describe_zero
+from ..optim.zero import describe_zero
 from ..parallel.state import ParallelState
 from .integrity import (checked_files, checksum_problem, file_checksum, non_finite, read_meta, structure_problem,
                         with_meta_checksum)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from ..data.tokenizer import CHECKPOINT_DIR, Tokenizer, flags_for_dir, sha256_file
+from ..tokenizers.base import CHECKPOINT_DIR, Tokenizer, flags_for_dir, sha256_file
 from ..errors import CheckpointError
 from .store import Reader, Writer
 

@@ -16,8 +16,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from .. import atomic
-from ..progress import Activity
+from ..files import atomic
+from ..console.progress import Activity
 from .indexed import DataError
 
 

@@ -29,10 +29,10 @@ from typing import Callable, Optional
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..progress import Activity
+from ..console.progress import Activity
 from .blend import BlendableDataset, corpus_num_samples, normalize_weights, save_atomic
 from .indexed import DataError, MMapIndexedDataset
-from .vocab_check import check_token_ids
+from ..tokenizers.vocab_check import check_token_ids
 
 RULES = "mds1"   # bump when the index rules change, so old caches are not reused
 

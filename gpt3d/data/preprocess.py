@@ -25,12 +25,12 @@ from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
-from .. import atomic
+from ..files import atomic
 from ..errors import DataError, TokenizerError, os_errors_are_user_errors
-from ..progress import Progress
+from ..console.progress import Progress
 from . import corpus
 from .indexed import MMapIndexedDatasetBuilder, best_dtype
-from .tokenizer import TYPES, build_tokenizer
+from ..tokenizers.base import TYPES, build_tokenizer
 
 _state: dict = {}
 SUFFIXES = (".gz", ".zst", ".zstd", ".jsonl", ".json", ".parquet", ".pq")

@@ -32,7 +32,7 @@ def sdpa_backend_context(name: str, device: torch.device):
     depths only: around the whole model call by whoever runs it (the training step, evaluation, inference),
     outside any compiled region, since Dynamo cannot trace this context with priorities and bakes the
     choice in at trace time; and by eager attention itself, so a recompute inside backward picks the same.
-    In deterministic mode (gpt3d/determinism.py) only flash, then math, are allowed.
+    In deterministic mode (gpt3d/train/determinism.py) only flash, then math, are allowed.
     """
     if device.type != "cuda" or torch.compiler.is_compiling():
         return contextlib.nullcontext()

@@ -40,7 +40,7 @@ class Float8Matmul:
     """`matmul(x, weight, bias)` = F.linear with both GEMM operands cast to float8 (dynamic scaling)."""
 
     def __init__(self, recipe: str, emulate: bool = False):
-        from ..quiet import quiet_imports
+        from ..console.quiet import quiet_imports
         try:
             with quiet_imports():   # torchao logs a line per CUDA extension it cannot load here
                 import torchao.float8  # noqa: F401

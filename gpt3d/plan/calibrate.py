@@ -118,7 +118,7 @@ def _chunk_seconds(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: 
 def _optimizer_ns_per_param(cfg: Config, warmup: int, iters: int, device: torch.device, n: int) -> float:
     """clip + fused AdamW + bf16 copy over ~100M fp32 master elements."""
     from ..optim.grad_buffer import GradBuffer
-    from ..optim.zero1 import ShardedOptimizer
+    from ..optim.zero import ShardedOptimizer
     from ..parallel.state import ParallelState
     ps = ParallelState.single(device)
     layer = torch.nn.Linear(10_000, n // 10_000, bias=False, device=device, dtype=torch.bfloat16)

@@ -14,8 +14,8 @@ from typing import Optional, Union
 import torch
 
 from ..config import DEFAULT_VOCAB_SIZE, Config, ConfigError
-from ..flops import model_flops_per_iter
-from ..metrics import megatron_flops_per_iter
+from ..perf.flops import model_flops_per_iter
+from ..perf.throughput import megatron_flops_per_iter
 from ..model.build import compile_enabled
 from ..model.gpt import padded_vocab_size
 from ..parallel.state import ParallelState
@@ -34,7 +34,7 @@ class Prediction:
     usable_bytes: float
     time: StepTime
     tflops_per_gpu: float          # hardware: Megatron-DeepSpeed's formula (recompute counted), as training logs it
-    mfu: float                     # model FLOPs (gpt3d/flops.py) over peak, as training logs it
+    mfu: float                     # model FLOPs (gpt3d/perf/flops.py) over peak, as training logs it
     model_tflops_per_gpu: float    # the model's FLOPs (no recompute) per GPU-second: the MFU numerator
     stages: list = field(default_factory=list)   # StageMemory per stage
 
@@ -82,7 +82,7 @@ def predict_layout(cfg: Config, lay: Layout, gpu: Gpu, gpus_per_node: int = 8, *
     gbs = lay.mbs * lay.num_micro * lay.dp
     pv = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
     flops = megatron_flops_per_iter(m, pv, gbs, recompute=lay.recompute is not None)
-    model_flops = model_flops_per_iter(m, pv, gbs)   # the MFU numerator training logs (gpt3d/flops.py)
+    model_flops = model_flops_per_iter(m, pv, gbs)   # the MFU numerator training logs (gpt3d/perf/flops.py)
     model_tflops = model_flops / t.seconds / lay.world / 1e12
     return Prediction(lay, busiest.peak, busiest.pp_rank, busiest.breakdown(), gpu.usable_bytes, t,
                       flops / t.seconds / lay.world / 1e12, model_tflops / gpu.tflops, model_tflops, stages)

@@ -18,27 +18,27 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .. import checkpoint as ckpt
-from .. import determinism
+from . import determinism
 from ..checkpoint import megatron_deepspeed
 from ..config import DEFAULT_VOCAB_SIZE, Config
 from ..data import stream
 from ..data.sampler import MockGPTDataset, build_data_loader
 from ..data.sizing import train_iterations, train_valid_test_num_samples
 from ..errors import DataError, Gpt3dError, warn
-from ..metrics import Throughput
+from ..perf.throughput import Throughput
 from ..model.build import build_model_chunks, compile_enabled
 from ..model.gpt import count_parameters
 from ..optim.grad_buffer import GradBuffer
 from ..optim.grad_scaler import DynamicLossScaler
-from ..optim.schedule import LRSchedule
-from ..optim.zero1 import ShardedOptimizer, describe_zero
+from ..optim.lr_schedule import LRSchedule
+from ..optim.zero import ShardedOptimizer, describe_zero
 from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState, build_parallel_state, init_distributed, launch_env
 from ..plan.advice import advise
 from ..plan.fits import refuse_what_cannot_fit
 from ..plan.search import for_run as plan_for_run
 from ..plan.search import run_gpu
-from ..progress import Activity
+from ..console.progress import Activity
 from . import faults
 from .report import Reporter, dp_mean
 from .step import StepResult, TrainState, TrainStep
@@ -119,7 +119,7 @@ class Trainer:
         d, m = self.cfg.data, self.cfg.model
         if d.mock_data:
             return m.padded_vocab_size or m.vocab_size or DEFAULT_VOCAB_SIZE, None
-        from ..data.tokenizer import model_vocab_size, tokenizer_from_config
+        from ..tokenizers.base import model_vocab_size, tokenizer_from_config
         tok = tokenizer_from_config(d, m.vocab_size, quiet=self.ps.rank != 0)
         return model_vocab_size(tok, m.vocab_size, m.padded_vocab_size), tok
 

@@ -33,11 +33,11 @@ import torch.distributed as dist
 
 from ..config import TrainingConfig
 from ..errors import ConfigError, FileError, warn
-from ..metrics import Throughput
+from ..perf.throughput import Throughput
 from ..parallel.state import ParallelState
 from ..plan.search import Prediction, measured_line, startup_line
-from ..progress import fmt_duration
-from ..quiet import quiet_imports
+from ..console.progress import fmt_duration
+from ..console.quiet import quiet_imports
 from . import rundir
 from .step import StepResult, TrainState
 
@@ -395,7 +395,7 @@ class Reporter:
         if not (self.log.enabled and log_file):
             return
         try:
-            from ..plot import plot_runs
+            from ..console.plot import plot_runs
             plot_runs([log_file], os.path.splitext(log_file)[0] + ".png")
         except Exception as e:  # noqa: BLE001 - matplotlib, fonts, disk: none of it may cost the run
             warn(f"could not plot {log_file}: {e}")

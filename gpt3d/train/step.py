@@ -20,8 +20,8 @@ from ..model.attention import sdpa_backend_context
 from ..model.build import ModelChunks, param_dtype
 from ..optim.grad_buffer import GradBuffer
 from ..optim.grad_scaler import DynamicLossScaler
-from ..optim.schedule import LRSchedule
-from ..optim.zero1 import ShardedOptimizer
+from ..optim.lr_schedule import LRSchedule
+from ..optim.zero import ShardedOptimizer
 from ..parallel.pipeline import forward_backward
 from ..parallel.precision import upcast
 from ..parallel.state import ParallelState

@@ -174,7 +174,7 @@ def test_every_numeric_setting_has_a_rule():
     import dataclasses
 
     from gpt3d.config import SECTIONS
-    from gpt3d.config_check import RULES
+    from gpt3d.config.rules import RULES
     missing = [f.name for k in SECTIONS.values() for f in dataclasses.fields(k)
                if any(t in str(f.type) for t in ("int", "float")) and f.name not in RULES
                and not f.metadata.get("choices")]
@@ -322,7 +322,7 @@ def test_a_tiny_temperature_is_greedy():
     """A positive temperature below ~1e-38 (0 in fp32) gave NaN probabilities and a torch traceback."""
     import torch
 
-    from gpt3d.inference import sample_next
+    from gpt3d.inference.generate import sample_next
     logits = torch.tensor([1.0, 3.0, 2.0, -50.0])
     for t in (1e-45, 1e-310, 5e-324):
         assert sample_next(logits, t, 0, 1.0, torch.Generator().manual_seed(0)) == 1
@@ -348,9 +348,9 @@ def test_every_numeric_flag_of_a_command_has_a_rule():
     import argparse
 
     from gpt3d.config import field_index
-    from gpt3d.inference import EVAL_RULES, GENERATE_RULES
-    from gpt3d.plan.cli import PLAN_RULES
-    from gpt3d.tools import CHECKPOINT_RULES
+    from gpt3d.inference.generate import EVAL_RULES, GENERATE_RULES
+    from gpt3d.commands.plan import PLAN_RULES
+    from gpt3d.commands.checkpoint import CHECKPOINT_RULES
     subs = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     expected = {"eval": EVAL_RULES, "generate": GENERATE_RULES, "plan": PLAN_RULES, "export-hf": {},
                 "import-hf": {}, "plot": {}, "checkpoint-info": {}, "checkpoint": CHECKPOINT_RULES}
@@ -430,7 +430,7 @@ def _must_be_refused(klass, f, value, via: str) -> bool:
     a number for a path or list, a list or mapping for a scalar, null for a setting that needs a value, a
     non-integral number for an int, NaN/inf, a value outside its RULES range or choices); False where it may be
     accepted (other settings' rules may still refuse the combination)."""
-    from gpt3d.config_check import RULES
+    from gpt3d.config.rules import RULES
     t, name, choices = field_types(klass)[f.name], f.name, f.metadata.get("choices")
     if via == "flags":
         if t is bool or value is None:
@@ -497,7 +497,7 @@ def _one_run(name: str, argv: list, existing, refuse: bool) -> None:
 @given(data=st.data())
 def test_every_setting_in_yaml_and_flags_is_accepted_or_one_error_line(klass, f, data, existing, tmp_path,
                                                                        accepted_runs_stop_before_the_first_step):
-    """Each config field (the dataclasses of gpt3d/config.py enumerate them), set in a YAML file or by its flag to
+    """Each config field (the dataclasses of gpt3d/config/schema.py enumerate them), set in a YAML file or by its flag to
     a value of the wrong type (a bool for an int, a number for a path or a list, a list or mapping for a scalar,
     null), an edge value (0, negatives, 2^63 and beyond, NaN, inf) or one of its choices: the run is accepted
     (up to its first step) or refused with one error line, exit 2, nothing existing changed."""

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpt3d.data import vocab_check
+from gpt3d.tokenizers import vocab_check
 from gpt3d.data.indexed import MMapIndexedDataset
 from gpt3d.errors import DataError
 

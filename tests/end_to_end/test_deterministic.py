@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from gpt3d import determinism
+from gpt3d.train import determinism
 from gpt3d.train import loop
 
 from tests.support import runs

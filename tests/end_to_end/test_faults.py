@@ -212,9 +212,9 @@ def test_resume_restores_scheduler_and_loss_scaler(tmp_path):
 @pytest.mark.parametrize("where", ["shard", "latest"])
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch, where):
     ck = tmp_path / "ck"
-    import gpt3d.atomic
+    import gpt3d.files.atomic
     import gpt3d.checkpoint.store as store
-    real_save, real_text = store.save_file, gpt3d.atomic.write_text
+    real_save, real_text = store.save_file, gpt3d.files.atomic.write_text
 
     def save_file(tensors, path, metadata=None):
         if "iter_0000004" in path:   # half a shard reaches the disk, then the disk is full
@@ -227,7 +227,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, capsys, m
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
         return real_text(path, text)
 
-    monkeypatch.setattr(store if where == "shard" else gpt3d.atomic, "save_file" if where == "shard" else
+    monkeypatch.setattr(store if where == "shard" else gpt3d.files.atomic, "save_file" if where == "shard" else
                         "write_text", save_file if where == "shard" else write_text)
     assert runs.train("--train-iters", "2", "--save", str(ck)) == 0
     before = runs.snapshot(ck)

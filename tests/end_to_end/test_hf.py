@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gpt3d.hf import export_hf
-from gpt3d.hf_import import import_hf
-from gpt3d.inference import generate, load_model, score_tokens
+from gpt3d.interop.hf import export_hf
+from gpt3d.interop.hf_import import import_hf
+from gpt3d.inference.generate import generate, load_model, score_tokens
 
 from tests.support import distributed
 from tests.support.curves import make_trainer, run_curve, save_worker, tiny_config
@@ -87,7 +87,7 @@ def test_gpt2_export_matches_transformers_loss(text_prefix, bpe, heldout_text, t
     model = _load_hf(transformers.GPT2LMHeadModel, out)
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     ids = torch.tensor(tok(text.read_text())["input_ids"])
-    from gpt3d.data.tokenizer import build_tokenizer
+    from gpt3d.tokenizers.base import build_tokenizer
     assert ids.tolist() == build_tokenizer(str(bpe.vocab), str(bpe.merges)).tokenize(text.read_text())
     loss, count = _hf_window_loss(model, ids, 32)
     assert ours["tokens"] == count and abs(ours["ppl"] - math.exp(ours["loss"])) < 1e-6 * ours["ppl"]
@@ -99,7 +99,7 @@ def test_gpt2_export_matches_transformers_loss(text_prefix, bpe, heldout_text, t
              "--max-tokens", "700", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     split = json.loads(r.stdout)
-    from gpt3d.inference import _split_tokens
+    from gpt3d.inference.generate import _split_tokens
     ref, count = _hf_window_loss(model, _split_tokens(text_prefix, "949,50,1", "valid", vocab_size)[:700], 32)
     assert split["tokens"] == count and abs(split["loss"] - ref) <= 2e-3
     r = _cli("generate", "--load", str(ck), "--prompt", "ROMEO:", "--max-new-tokens", "8", "--top-k", "20",

@@ -61,7 +61,7 @@ def test_plot_overlays_runs(two_runs, tmp_path, capsys):
 
 
 def test_later_rows_win_and_non_finite_values_are_skipped(tmp_path):
-    from gpt3d.plot import read_metrics
+    from gpt3d.console.plot import read_metrics
     f = tmp_path / "m.jsonl"
     f.write_text('{"iteration": 1, "tokens": 10, "loss": 5.0, "tokens_per_s": 7.0}\n'
                  '{"iteration": 2, "tokens": 20, "loss": "nan"}\n'
@@ -73,7 +73,7 @@ def test_later_rows_win_and_non_finite_values_are_skipped(tmp_path):
 
 
 def test_a_fresh_run_replaces_and_a_resumed_run_continues_the_curve(tmp_path):
-    from gpt3d.plot import read_metrics
+    from gpt3d.console.plot import read_metrics
     f = tmp_path / "m.jsonl"
     old = ['{"iteration": 1, "tokens": 10, "loss": 9.0}', '{"iteration": 2, "tokens": 20, "loss": 8.0}',
            '{"iteration": 3, "tokens": 30, "loss": 7.0}', '{"iteration": 3, "tokens": 30, "val_loss": 7.5}']
@@ -89,7 +89,7 @@ def test_a_fresh_run_replaces_and_a_resumed_run_continues_the_curve(tmp_path):
 def test_a_reused_log_file_is_marked_per_run(tmp_path):
     """Train into one --log-file fresh, again fresh, then resume: each run starts with its marker, the plot
     follows the last run (and the history a resume continues)."""
-    from gpt3d.plot import read_metrics
+    from gpt3d.console.plot import read_metrics
     log, ck = tmp_path / "m.jsonl", tmp_path / "ck"
     assert _train(log, "--train-iters", "3", "--lr", "1e-3", "--min-lr", "1e-4") == 0
     assert _train(log, "--train-iters", "4", "--save", str(ck), "--save-interval", "2") == 0
@@ -131,11 +131,11 @@ def test_bad_metrics_file_is_one_error_line(two_runs, tmp_path, capsys, content,
 
 
 def test_a_plotting_failure_only_warns(tmp_path, capsys, monkeypatch):
-    import gpt3d.plot
+    import gpt3d.console.plot
 
     def broken(*a, **k):
         raise RuntimeError("no fonts today")
-    monkeypatch.setattr(gpt3d.plot, "plot_runs", broken)
+    monkeypatch.setattr(gpt3d.console.plot, "plot_runs", broken)
     log = tmp_path / "m.jsonl"
     assert _train(log, "--train-iters", "2") == 0
     err = capsys.readouterr().err

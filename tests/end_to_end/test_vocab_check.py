@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from gpt3d.data import vocab_check
+from gpt3d.tokenizers import vocab_check
 from gpt3d.data.indexed import MMapIndexedDataset, MMapIndexedDatasetBuilder
 
 from tests.support import runs

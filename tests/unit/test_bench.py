@@ -7,7 +7,7 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gpt3d.metrics import Throughput, megatron_flops_per_iter
+from gpt3d.perf.throughput import Throughput, megatron_flops_per_iter
 from gpt3d.model.gpt import GPTModel
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
@@ -51,7 +51,7 @@ def test_bench_bad_shapes_fail_in_one_line():
 
 def test_bench_custom_shape_config():
     import argparse
-    from gpt3d.bench import _config, add_arguments
+    from gpt3d.perf.bench import _config, add_arguments
     p = argparse.ArgumentParser()
     add_arguments(p)
     args = p.parse_args(["--model", "custom", "--num-layers", "3", "--hidden-size", "96", "--num-attention-heads",
@@ -63,7 +63,7 @@ def test_bench_custom_shape_config():
 
 def test_bench_llama_shape_and_precision_flags():
     import argparse
-    from gpt3d.bench import _config, add_arguments, peer_name
+    from gpt3d.perf.bench import _config, add_arguments, peer_name
     p = argparse.ArgumentParser()
     add_arguments(p)
     cfg = _config("llama-1.5B", p.parse_args(["--model", "llama-1.5B", "--fp8", "--micro-batches", "2"]))

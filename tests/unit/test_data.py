@@ -13,7 +13,7 @@ from gpt3d.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets, 
 from gpt3d.data.indexed import DataError, MMapIndexedDataset, MMapIndexedDatasetBuilder, best_dtype
 from gpt3d.data.preprocess import main as preprocess_main
 from gpt3d.data.sampler import MockGPTDataset, PretrainingSampler
-from gpt3d.data.tokenizer import GPT2BPETokenizer, TokenizerError
+from gpt3d.tokenizers.base import GPT2BPETokenizer, TokenizerError
 
 from tests.support.textgen import paragraphs
 

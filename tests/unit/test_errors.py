@@ -30,8 +30,8 @@ def test_only_the_cli_prints_errors():
 def test_cli_prints_one_line_and_returns_the_exit_code(cls, code, monkeypatch, capsys):
     def fail(args):
         raise cls("something is off")
-    import gpt3d.tools
-    monkeypatch.setattr(gpt3d.tools, "_info", fail)
+    import gpt3d.commands.checkpoint
+    monkeypatch.setattr(gpt3d.commands.checkpoint, "_info", fail)
     assert cli_main(["checkpoint-info", "x"]) == code
     assert capsys.readouterr().err.splitlines() == ["gpt3d: error: something is off"]
     assert issubclass(cls, errors.Gpt3dError)
@@ -41,7 +41,7 @@ def test_error_types_are_importable_where_they_were():
     from gpt3d.checkpoint import CheckpointError
     from gpt3d.config import ConfigError
     from gpt3d.data.indexed import DataError
-    from gpt3d.data.tokenizer import TokenizerError
+    from gpt3d.tokenizers.base import TokenizerError
     from gpt3d.train import TrainingError
     for cls in (CheckpointError, ConfigError, DataError, TokenizerError, TrainingError):
         assert getattr(errors, cls.__name__) is cls

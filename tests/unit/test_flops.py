@@ -6,8 +6,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gpt3d.config import ModelConfig
-from gpt3d.flops import model_flops_per_iter, model_flops_per_token
-from gpt3d.metrics import Throughput
+from gpt3d.perf.flops import model_flops_per_iter, model_flops_per_token
+from gpt3d.perf.throughput import Throughput
 from gpt3d.model.gpt import GPTModel
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState

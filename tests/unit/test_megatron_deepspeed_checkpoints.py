@@ -23,7 +23,7 @@ from gpt3d.checkpoint.megatron_deepspeed.convert import Converter, fragments, pl
 from gpt3d.checkpoint.megatron_deepspeed.source import Checkpoint
 from gpt3d.config import Config, apply_flat, flatten
 from gpt3d.errors import CheckpointError
-from gpt3d.hf import fuse_qkv
+from gpt3d.interop.hf import fuse_qkv
 from gpt3d.optim.grad_scaler import DynamicLossScaler
 
 from tests.support import ROOT

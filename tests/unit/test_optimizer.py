@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from gpt3d.config import OptimizerConfig
 from gpt3d.optim.grad_buffer import GradBuffer
-from gpt3d.optim.zero1 import ShardedOptimizer
+from gpt3d.optim.zero import ShardedOptimizer
 from gpt3d.parallel.state import ParallelState
 
 

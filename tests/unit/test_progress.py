@@ -1,4 +1,4 @@
-"""gpt3d/progress.py off a terminal: dated lines with rate and ETA, on the stream given (stderr by default).
+"""gpt3d/console/progress.py off a terminal: dated lines with rate and ETA, on the stream given (stderr by default).
 
 The interval and the clock are injected: interval 0 prints at every update, and the clock is a counter the
 test advances, so nothing here reads the real clock or depends on timing."""
@@ -10,7 +10,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt3d.progress import Activity, Progress, fmt_duration
+from gpt3d.console.progress import Activity, Progress, fmt_duration
 
 DATED = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] ")
 

@@ -15,7 +15,7 @@ from tests.support import ROOT
 def test_gpt3d_imports_transformers_without_their_noise():
     pytest.importorskip("transformers")
     code = ("from gpt3d.config import Config\n"
-            "from gpt3d.bench import _hf_model\n"
+            "from gpt3d.perf.bench import _hf_model\n"
             "c = Config()\n"
             "c.model.vocab_size = 50257\n"
             "_hf_model(c)\n"                              # imports transformers (and, through it, torchao)

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from gpt3d.config import SchedulerConfig
-from gpt3d.optim.schedule import LRSchedule
+from gpt3d.optim.lr_schedule import LRSchedule
 
 TOK = 100   # tokens per iteration
 

@@ -16,7 +16,7 @@ import pytest
 from gpt3d.data.indexed import MMapIndexedDataset
 from gpt3d.data.preprocess import main as preprocess_main
 from gpt3d.data.preprocess import preprocess
-from gpt3d.data.tokenizer import TokenizerError, build_tokenizer, load_from_dir
+from gpt3d.tokenizers.base import TokenizerError, build_tokenizer, load_from_dir
 
 
 
@@ -69,7 +69,7 @@ def test_huggingface_tokenizer_ignores_stored_truncation_and_padding(hf_bpe, tex
     no pad ids, as Megatron's `AutoTokenizer(text).input_ids` does; so does the exported tokenizer."""
     from tokenizers import Tokenizer
 
-    from gpt3d.data.hf_tokenizer import export_tokenizer
+    from gpt3d.tokenizers.files import export_tokenizer
     ref = Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json"))
     cut = Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json"))
     cut.enable_truncation(8)
@@ -193,7 +193,7 @@ def test_exported_tokenizer_encodes_like_gpt3d(kind, hf_bpe, spm_model, texts, t
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer
 
-    from gpt3d.data.hf_tokenizer import export_tokenizer
+    from gpt3d.tokenizers.files import export_tokenizer
     if kind == "GPT2BPETokenizer":            # vocab.json + merges.txt of the BPE trained above
         (tmp_path / "src").mkdir()
         Tokenizer.from_file(os.path.join(hf_bpe, "tokenizer.json")).model.save(str(tmp_path / "src"))
@@ -224,8 +224,8 @@ def test_exported_tokenizer_encodes_like_gpt3d(kind, hf_bpe, spm_model, texts, t
 def test_export_verifies_text_decoded_from_the_training_data(spm_model, texts, tmp_path):
     """export-hf checks the exported tokenizer on text decoded from the checkpoint's .bin/.idx too (beside
     the fixed probes): a difference only such text shows refuses the export; gone or mock data is skipped."""
-    from gpt3d.data.hf_tokenizer import data_sample, export_tokenizer
-    from gpt3d.data.spm_tokenizer import GPTSentencePieceTokenizer
+    from gpt3d.tokenizers.files import data_sample, export_tokenizer
+    from gpt3d.tokenizers.sentencepiece import GPTSentencePieceTokenizer
     tok = build_tokenizer(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=spm_model)
     docs = [t for t in texts if t][:300]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
@@ -251,7 +251,7 @@ def test_export_verifies_text_decoded_from_the_training_data(spm_model, texts, t
 def test_export_refuses_what_cannot_match(tmp_path, texts):
     import sentencepiece as spm
 
-    from gpt3d.data.hf_tokenizer import export_tokenizer
+    from gpt3d.tokenizers.files import export_tokenizer
     spm.SentencePieceTrainer.train(sentence_iterator=iter([t for t in texts if t]), model_prefix=str(tmp_path / "w"),
                                    vocab_size=200, model_type="word", minloglevel=2)
     tok = build_tokenizer(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=str(tmp_path / "w.model"))
@@ -260,7 +260,7 @@ def test_export_refuses_what_cannot_match(tmp_path, texts):
 
 
 def test_tokenizer_for_checkpoint_prefers_the_carried_copy(spm_model, hf_bpe, tmp_path):
-    from gpt3d.data.tokenizer import tokenizer_for_checkpoint
+    from gpt3d.tokenizers.base import tokenizer_for_checkpoint
     tok = build_tokenizer(tokenizer_type="SentencePieceTokenizer", tokenizer_model=spm_model)
     manifest = tok.save_files(str(tmp_path / "iter_0000010" / "tokenizer"))
     data = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": "/moved/away/sp.model"}
@@ -281,7 +281,7 @@ def test_a_rewritten_tokenizer_has_the_fingerprint_of_the_original_files(hf_bpe,
     """export-hf re-writes a tokenizer.json (other bytes, a new tokenizer_config.json) that encodes the same:
     the original files match a checkpoint that carries the re-written copy, and an older checkpoint's
     file-byte fingerprint; another tokenizer matches neither."""
-    from gpt3d.data.hf_tokenizer import export_tokenizer
+    from gpt3d.tokenizers.files import export_tokenizer
     # the user's file as a hub would have it: compact JSON with a stored truncation (which gpt3d ignores)
     spec = json.loads(Path(hf_bpe, "tokenizer.json").read_text())
     spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}

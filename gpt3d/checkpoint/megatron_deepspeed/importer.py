@@ -217,8 +217,8 @@ def import_checkpoint(load: str, save: str, iteration: Optional[int] = None) -> 
     as a YAML config (`gpt3d train --config SAVE/megatron_deepspeed.yaml --load SAVE ...` continues it)."""
     import yaml
 
-    from ...config_check import check_values
-    from ...data.tokenizer import model_vocab_size, tokenizer_from_config
+    from ...config.rules import check_values
+    from ...tokenizers.base import model_vocab_size, tokenizer_from_config
     from ..lock import lock_save_dir
     ckpt = Checkpoint(load, iteration)
     check_save_dir(save, ckpt)

@@ -134,7 +134,7 @@ def _schedule(a: dict, global_batch: int) -> dict:
 
 def settings(ckpt: Checkpoint) -> dict:
     """{gpt3d setting: value} of the run that wrote `ckpt` (None values are left out)."""
-    from ...deepspeed_config import deepspeed_settings
+    from ...config.deepspeed import deepspeed_settings
     refuse_unsupported(ckpt)
     a = ckpt.args
     norm = (a.get("normalization") or "layernorm").lower()

@@ -15,8 +15,8 @@ import json
 import sys
 
 from ..config import ConfigError
-from ..config_check import NON_NEGATIVE, POSITIVE, check_flags, check_values
-from .presets import GIB, PRESETS, RESULTS_MD, calibration_to_json, load_calibration, resolve_gpu
+from ..config.rules import NON_NEGATIVE, POSITIVE, check_flags, check_values
+from ..plan.presets import GIB, PRESETS, RESULTS_MD, calibration_to_json, load_calibration, resolve_gpu
 
 
 def register(sub) -> None:
@@ -52,7 +52,7 @@ def _gpu(args):
     if args.calibrate:
         import torch
         if torch.cuda.is_available():
-            from .calibrate import calibrate
+            from ..plan.calibrate import calibrate
             cal = calibrate(_config(args))
         else:
             cal = load_calibration(RESULTS_MD)
@@ -85,8 +85,8 @@ PLAN_KEYS = {"gpus", "gpus_per_node", "gpu", "gpu_tflops", "gpu_memory_gib", "hb
 
 
 def run(args: argparse.Namespace) -> int:
-    from .layout import layout_of
-    from .search import plan, vocab_of
+    from ..plan.layout import layout_of
+    from ..plan.search import plan, vocab_of
     check_flags(args, PLAN_RULES)
     cfg = _config(args)      # a ConfigError reaches gpt3d/cli.py, which prints it as one line (exit 2)
     check_values(cfg)        # ranges and NaN/inf of the config's settings, as `gpt3d train` checks them
@@ -119,7 +119,7 @@ def _strike(text: str, tty: bool) -> str:
     return f"\x1b[9m{text}\x1b[0m" if tty else f"~~{text}~~"
 
 
-LEGEND = ("model TFLOPs: the model's FLOPs per GPU-second (gpt3d/flops.py, no recompute); MFU = model TFLOPs / the "
+LEGEND = ("model TFLOPs: the model's FLOPs per GPU-second (gpt3d/perf/flops.py, no recompute); MFU = model TFLOPs / the "
           "GPU's peak.\nhw TFLOPs: Megatron-DeepSpeed's formula, as `gpt3d train` logs it; it counts recomputed work "
           "(x4/3 with any recompute), so with recompute it is above the model's figure.")
 

@@ -13,9 +13,9 @@ import os
 import shutil
 
 from .fingerprint import PROBES
-from .json_tokenizer import HuggingFaceTokenizer
-from .spm_tokenizer import SentencePieceTokenizer
-from .tokenizer import GPT2BPETokenizer, NullTokenizer, Tokenizer, TokenizerError, plain
+from .huggingface import HuggingFaceTokenizer
+from .sentencepiece import SentencePieceTokenizer
+from .base import GPT2BPETokenizer, NullTokenizer, Tokenizer, TokenizerError, plain
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -36,7 +36,7 @@ def to_hf_tokenizer(tok: Tokenizer):
 
 
 def _from_sentencepiece(tok):
-    from ..quiet import quiet_imports
+    from ..console.quiet import quiet_imports
     try:
         from sentencepiece import sentencepiece_model_pb2
         with quiet_imports():
@@ -89,8 +89,8 @@ def data_sample(data: dict, tok: Tokenizer, count: int = 200, max_tokens: int = 
     spread over each file, at most `max_tokens` ids each): real text for `verify` beside the probes.
     [] for mock data, or where the files are gone or unreadable (the probes still run)."""
     from ..errors import DataError
-    from .gpt_dataset import parse_data_path
-    from .indexed import MMapIndexedDataset
+    from ..data.gpt_dataset import parse_data_path
+    from ..data.indexed import MMapIndexedDataset
     if data.get("mock_data") or not data.get("data_path"):
         return []
     try:

@@ -174,12 +174,12 @@ def load_from_dir(directory: str, manifest: dict) -> Tokenizer:
     if kind == "GPT2BPETokenizer":
         tok = GPT2BPETokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
     elif kind == "HuggingFaceTokenizer":
-        from .json_tokenizer import HuggingFaceTokenizer
+        from .huggingface import HuggingFaceTokenizer
         tok = HuggingFaceTokenizer(directory)
     elif kind == "NullTokenizer":
         tok = NullTokenizer(s["vocab_size"])
     else:
-        from .spm_tokenizer import SP_TYPES
+        from .sentencepiece import SP_TYPES
         tok = SP_TYPES[kind](os.path.join(directory, "tokenizer.model"))
     if not tok.matches(manifest):
         raise TokenizerError(f"{directory}: rebuilt {kind} does not match the manifest's fingerprint")
@@ -319,10 +319,10 @@ def build_tokenizer(vocab_file: Optional[str] = None, merge_file: Optional[str] 
     elif not tokenizer_model:
         raise TokenizerError(f"{kind} needs --tokenizer-model")
     elif kind == "HuggingFaceTokenizer":
-        from .json_tokenizer import HuggingFaceTokenizer
+        from .huggingface import HuggingFaceTokenizer
         tok = HuggingFaceTokenizer(tokenizer_model)
     else:
-        from .spm_tokenizer import SP_TYPES
+        from .sentencepiece import SP_TYPES
         tok = SP_TYPES[kind](tokenizer_model)
     tok.manifest()
     note = getattr(tok, "note", None)

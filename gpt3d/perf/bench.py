@@ -6,7 +6,7 @@ tokens. The peer is `transformers.GPT2LMHeadModel` for the GPT-3 shapes and
 `LlamaForCausalLM` for the Llama shape, with SDPA attention, autocast (bf16, or
 fp16 with a GradScaler under --fp16), fused AdamW, clipping and torch.compile.
 Both report tokens/s, TFLOPs/GPU by Megatron-DeepSpeed's formula and by
-6N+12lhs, MFU (model FLOPs of gpt3d/flops.py) against --peak-tflops, and peak
+6N+12lhs, MFU (model FLOPs of gpt3d/perf/flops.py) against --peak-tflops, and peak
 memory; gpt3d's row shows its ratio to the peer.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from .config import DEFAULT_VOCAB_SIZE as VOCAB, Config
-from .errors import ConfigError
-from .metrics import Throughput
+from ..config import DEFAULT_VOCAB_SIZE as VOCAB, Config
+from ..errors import ConfigError
+from .throughput import Throughput
 
 LLAMA = dict(use_rotary_position_embeddings=True, normalization="rmsnorm", swiglu=True, disable_bias_linear=True,
              untie_embeddings_and_output_weights=True)
@@ -115,8 +115,8 @@ def _time(step, warmup: int, iters: int) -> tuple[float, float]:
 
 
 def bench_gpt3d(cfg: Config, warmup: int, iters: int) -> dict:
-    from .parallel.state import ParallelState
-    from .train import Trainer
+    from ..parallel.state import ParallelState
+    from ..train import Trainer
     trainer = Trainer(cfg, ParallelState.single(torch.device("cuda")))
     mbs, seq = cfg.training.micro_batch_size, cfg.model.seq_length
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -147,7 +147,7 @@ def bench_hf(cfg: Config, warmup: int, iters: int) -> dict:
 
 def _hf_model(cfg: Config):
     """The peer a user would otherwise pick: GPT-2 for GPT-3 shapes, Llama for RoPE+RMSNorm+SwiGLU shapes."""
-    from .quiet import quiet_imports
+    from ..console.quiet import quiet_imports
     m = cfg.model
     with quiet_imports():   # transformers imports torchao, which logs lines about its CUDA extensions
         import transformers  # noqa: F401
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     precision = "fp16" if args.fp16 else f"fp8-{args.fp8_recipe}" if args.fp8 else "bf16"
     rows = []
     for shape, cfg in configs:
-        from .model.gpt import padded_vocab_size
+        from ..model.gpt import padded_vocab_size
         v = cfg.model.vocab_size
         tp = Throughput(cfg.model, v, padded_vocab_size(v, 128, 1), cfg.training.global_batch_size, 1,
                         args.peak_tflops)
@@ -262,8 +262,8 @@ def _table(rows: list) -> None:
 
 
 def main(argv=None) -> int:
-    """`python -m gpt3d.bench ...` is `gpt3d bench ...`."""
-    from .cli import main as cli_main
+    """`python -m gpt3d.perf.bench ...` is `gpt3d bench ...`."""
+    from ..cli import main as cli_main
     return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -11,7 +11,7 @@ import os
 from typing import Optional
 
 from .fingerprint import hf_model_data
-from .tokenizer import Tokenizer, TokenizerError, _batch, _need_file, plain
+from .base import Tokenizer, TokenizerError, _batch, _need_file, plain
 
 # end-of-document names tried, in order, when a tokenizer.json comes without a tokenizer_config.json
 KNOWN_EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")

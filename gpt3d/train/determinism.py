@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # variable -> (value to set if unset, values accepted if the launcher set it)
 ENV = {"CUBLAS_WORKSPACE_CONFIG": (":4096:8", (":4096:8", ":16:8")),

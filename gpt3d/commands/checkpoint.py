@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .config_check import NON_NEGATIVE
+from ..config.rules import NON_NEGATIVE
 
 CHECKPOINT_RULES = {"iteration": NON_NEGATIVE}   # `checkpoint import-megatron-deepspeed --iteration`
 
@@ -31,15 +31,15 @@ def register(sub) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .checkpoint import describe
+    from ..checkpoint import describe
     print(describe(args.path))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
     """One line per checkpoint; a CheckpointError (one error line, exit 2) if any is bad or there is none."""
-    from .checkpoint import CheckpointError, list_checkpoints
-    from .checkpoint.integrity import describe_files, problem
+    from ..checkpoint import CheckpointError, list_checkpoints
+    from ..checkpoint.integrity import describe_files, problem
     root = args.path
     if os.path.exists(os.path.join(root, "meta.json")):
         paths = [root]
@@ -68,9 +68,9 @@ def _import_megatron_deepspeed(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from .checkpoint.megatron_deepspeed import import_checkpoint
-    from .config_check import check_flags
-    from .errors import os_errors_are_user_errors
+    from ..checkpoint.megatron_deepspeed import import_checkpoint
+    from ..config.rules import check_flags
+    from ..errors import os_errors_are_user_errors
     check_flags(args, CHECKPOINT_RULES)
     out = os_errors_are_user_errors(import_checkpoint)(args.load, args.save, args.iteration)
     print(json.dumps(out))

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import atomic
-from .config import Config
-from .config_check import check_model, check_values
-from .errors import ConfigError, HFError, os_errors_are_user_errors
+from ..files import atomic
+from ..config import Config
+from ..config.rules import check_model, check_values
+from ..errors import ConfigError, HFError, os_errors_are_user_errors
 from .hf import from_hf, hf_model_config, to_hf
-from .model.gpt import VOCAB_PARAMETERS, count_parameters
-from .progress import Activity, Progress
+from ..model.gpt import VOCAB_PARAMETERS, count_parameters
+from ..console.progress import Activity, Progress
 
 _INT = ("n_embd", "n_head", "n_layer", "n_inner", "n_positions", "hidden_size", "num_attention_heads",
         "num_hidden_layers", "intermediate_size", "max_position_embeddings", "num_key_value_heads", "head_dim",
@@ -172,8 +172,8 @@ def hf_tensors_needed(cfg: Config, model, headers: dict) -> list[str]:
 
 
 def import_hf(src: str, save: str) -> dict:
-    from .checkpoint import save_weights
-    from .model.build import ModelChunks, build_full_model
+    from ..checkpoint import save_weights
+    from ..model.build import ModelChunks, build_full_model
     hf_config, headers = read_config(src), read_headers(src)   # checked as read; no tensor loaded yet
     m = hf_model_config(hf_config)
     if os.path.lexists(save) and (not os.path.isdir(save) or os.path.islink(save) or os.listdir(save)):
@@ -198,8 +198,8 @@ def import_hf(src: str, save: str) -> dict:
         if n in VOCAB_PARAMETERS:   # pad the vocabulary like training does
             w = tensors[n]
             tensors[n] = torch.cat([w, w.new_zeros(p.shape[0] - w.shape[0], w.shape[1])])
-    from .data.hf_tokenizer import import_tokenizer
-    from .data.tokenizer import tokenizer_from_config
+    from ..tokenizers.files import import_tokenizer
+    from ..tokenizers.base import tokenizer_from_config
     created = not os.path.exists(save)
     os.makedirs(save, exist_ok=True)
     try:

@@ -25,8 +25,8 @@ import math
 import os
 from typing import Any, Optional
 
-from .config import SECTIONS, Config, ConfigError, field_index, flag_name, read_settings_file
-from .errors import warn
+from .schema import SECTIONS, Config, ConfigError, field_index, flag_name, read_settings_file
+from ..errors import warn
 
 # keys accepted with a fixed value because gpt3d always behaves that way
 _FIXED = {
@@ -199,7 +199,7 @@ def apply_deepspeed_config(cfg: Config, given: set, world_size: Optional[int] = 
     path = t.deepspeed_config
     ds = read_deepspeed_config(path)
     if world_size is None:
-        from .parallel.state import launch_env   # the launcher's variables, checked (torch is loaded by train)
+        from ..parallel.state import launch_env   # the launcher's variables, checked (torch is loaded by train)
         world_size = launch_env().world
     world = world_size
     mp = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size

@@ -16,8 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Optional, Union
 
-from .data.tokenizer import TYPES as TOKENIZER_TYPES
-from .errors import ConfigError
+from ..tokenizers.base import TYPES as TOKENIZER_TYPES
+from ..errors import ConfigError
 
 # The vocabulary size when no tokenizer gives one (mock data, benchmarks): GPT-2's.
 DEFAULT_VOCAB_SIZE = 50257
@@ -326,7 +326,7 @@ class Config:
 
     def validate(self, world_size: int = 1) -> None:
         """ConfigError (one line naming the flag) for any value or combination a run would refuse."""
-        from .config_check import validate   # the rules read these classes: imported here, one direction
+        from .rules import validate   # the rules read these classes: imported here, one direction
         validate(self, world_size)
 
     def non_defaults(self) -> dict:

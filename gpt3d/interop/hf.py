@@ -21,12 +21,12 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from . import atomic
-from .config import Config
-from .errors import HFError, os_errors_are_user_errors
-from .model.build import DTYPES
-from .model.gpt import EMBEDDING, OUTPUT_LAYER
-from .progress import Activity
+from ..files import atomic
+from ..config import Config
+from ..errors import HFError, os_errors_are_user_errors
+from ..model.build import DTYPES
+from ..model.gpt import EMBEDDING, OUTPUT_LAYER
+from ..console.progress import Activity
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -269,10 +269,10 @@ def from_hf(c, sd: dict) -> tuple[dict, dict]:
 def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[str] = None,
               merge_file: Optional[str] = None, tokenizer_type: Optional[str] = None,
               tokenizer_model: Optional[str] = None) -> dict:
-    from .checkpoint import read_model_tensors
-    from .checkpoint.meta_check import saved_model_config
-    from .data.hf_tokenizer import data_sample, export_tokenizer
-    from .data.tokenizer import tokenizer_for_checkpoint
+    from ..checkpoint import read_model_tensors
+    from ..checkpoint.meta_check import saved_model_config
+    from ..tokenizers.files import data_sample, export_tokenizer
+    from ..tokenizers.base import tokenizer_for_checkpoint
     path, meta, tensors = read_model_tensors(load)
     m, data = dataclasses.asdict(saved_model_config(meta["config"])), meta["config"].get("data", {})
     flags = dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model, vocab_file=vocab_file,
@@ -320,7 +320,7 @@ def register(sub) -> None:
     p.add_argument("--load", required=True, help="checkpoint root (uses `latest`) or one iter_XXXXXXX directory")
     p.add_argument("--output", required=True, help="new directory for config.json, model.safetensors, tokenizer")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: as saved)")
-    from .inference import add_tokenizer_flags
+    from ..inference.generate import add_tokenizer_flags
     add_tokenizer_flags(p)
     p.set_defaults(func=_export_cmd)
 

@@ -5,14 +5,14 @@ Two FLOP counts are reported, because papers use both:
       72 * B * s * l * h^2 * (1 + s/(6h) + V/(16 l h))   (x 4/3 with activation recompute),
     with V the padded vocabulary — the number the seed's logs and the GPT-3/BLOOM reports quote;
   * the PaLM-style 6N + 12*l*h*s per token, N = parameters without position embeddings.
-MFU uses the model FLOPs of gpt3d/flops.py (Megatron-LM's current count: GQA, SwiGLU's three matrices,
+MFU uses the model FLOPs of gpt3d/perf/flops.py (Megatron-LM's current count: GQA, SwiGLU's three matrices,
 causal attention as half of s^2; no recompute) over `peak_tflops`, and reports them as `model_flops_per_token`.
 """
 from __future__ import annotations
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .flops import model_flops_per_token
-from .model.gpt import count_parameters
+from ..model.gpt import count_parameters
 
 
 def megatron_flops_per_iter(cfg: ModelConfig, padded_vocab: int, batch: int, recompute: bool = False) -> float:

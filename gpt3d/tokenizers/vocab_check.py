@@ -20,11 +20,11 @@ import json
 import os
 from typing import Callable, Optional
 
-from .. import atomic
-from ..checksum import file_checksum
+from ..files import atomic
+from ..files.checksum import file_checksum
 from ..errors import DataError
-from ..progress import Progress
-from .indexed import MMapIndexedDataset
+from ..console.progress import Progress
+from ..data.indexed import MMapIndexedDataset
 
 _BLOCK = 64 << 20
 

@@ -11,9 +11,9 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from .config import SECTIONS, Config, ModelConfig, flag_name
-from .data.sizing import train_iterations, train_valid_test_num_samples
-from .errors import ConfigError
+from .schema import SECTIONS, Config, ModelConfig, flag_name
+from ..data.sizing import train_iterations, train_valid_test_num_samples
+from ..errors import ConfigError
 
 
 def _need(cond: bool, msg: str) -> None:

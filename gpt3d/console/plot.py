@@ -14,8 +14,8 @@ import math
 import os
 from typing import Optional
 
-from .atomic import replacing
-from .errors import PlotError, os_errors_are_user_errors
+from ..files.atomic import replacing
+from ..errors import PlotError, os_errors_are_user_errors
 
 
 def _num(v) -> Optional[float]:

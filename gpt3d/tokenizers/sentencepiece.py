@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Optional
 
-from .tokenizer import Tokenizer, TokenizerError, _need_file
+from .base import Tokenizer, TokenizerError, _need_file
 
 
 class GPTSentencePieceTokenizer(Tokenizer):

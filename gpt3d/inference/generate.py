@@ -13,17 +13,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import read_model_tensors
-from .config import Config
-from .config_check import NON_NEGATIVE, POSITIVE, RULES, check_flags
-from .data.tokenizer import TYPES as TOKENIZER_TYPES
-from .data.tokenizer import tokenizer_for_checkpoint
-from .errors import ConfigError, DataError, os_errors_are_user_errors, warn
-from .model.attention import KVCache, sdpa_backend_context
-from .model.build import DTYPES, build_inference_model
-from .model.gpt import GPTModel
-from .parallel.state import pick_device
-from .progress import Progress
+from ..checkpoint import read_model_tensors
+from ..config import Config
+from ..config.rules import NON_NEGATIVE, POSITIVE, RULES, check_flags
+from ..tokenizers.base import TYPES as TOKENIZER_TYPES
+from ..tokenizers.base import tokenizer_for_checkpoint
+from ..errors import ConfigError, DataError, os_errors_are_user_errors, warn
+from ..model.attention import KVCache, sdpa_backend_context
+from ..model.build import DTYPES, build_inference_model
+from ..model.gpt import GPTModel
+from ..parallel.state import pick_device
+from ..console.progress import Progress
 
 
 def load_model(root: str, device: torch.device = torch.device("cpu"),
@@ -43,7 +43,7 @@ def tokenizer_for(cfg: Config, meta: dict, args: argparse.Namespace):
     """The checkpoint's tokenizer (its carried copy or recorded settings), tokenizer flags on top."""
     import dataclasses
 
-    from .checkpoint import resolve
+    from ..checkpoint import resolve
     flags = {k: getattr(args, k, None) for k in ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")}
     manifest = meta.get("tokenizer")
     return tokenizer_for_checkpoint(dataclasses.asdict(cfg.data), meta["vocab_size"], flags,
@@ -55,7 +55,7 @@ def score_tokens(model: GPTModel, ids: torch.Tensor, seq_length: int, batch_size
                  progress: bool = False) -> tuple[float, int]:
     """(summed loss, predicted tokens) over non-overlapping windows of `seq_length` tokens of `ids`;
     each window predicts its tokens 2..n from the ones before (the last, shorter window too). `progress`:
-    report the tokens scored on stderr (gpt3d/progress.py)."""
+    report the tokens scored on stderr (gpt3d/console/progress.py)."""
     device = next(model.parameters()).device
     windows = [ids[i:i + seq_length] for i in range(0, len(ids), seq_length)]
     windows = [w for w in windows if len(w) >= 2]
@@ -75,9 +75,9 @@ def score_tokens(model: GPTModel, ids: torch.Tensor, seq_length: int, batch_size
 
 def _split_tokens(prefix: str, split: str, which: str, vocab_size: int) -> torch.Tensor:
     """All tokens of one split's documents, in document order (every id must fit the model's vocabulary)."""
-    from .data.gpt_dataset import get_split_ranges
-    from .data.indexed import MMapIndexedDataset
-    from .data.vocab_check import check_token_ids
+    from ..data.gpt_dataset import get_split_ranges
+    from ..data.indexed import MMapIndexedDataset
+    from ..tokenizers.vocab_check import check_token_ids
     data = MMapIndexedDataset(prefix)
     lo, hi = get_split_ranges(split, len(data))[("train", "valid", "test").index(which)]
     if hi <= lo:
@@ -100,7 +100,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if cfg.model.learned_positions and seq > cfg.model.max_positions:
         raise ConfigError(f"--seq-length {seq} exceeds the model's {cfg.model.max_positions} positions")
     if args.text_file:
-        from .data.corpus import utf8_text
+        from ..data.corpus import utf8_text
         with open(args.text_file, "rb") as fh:
             text = utf8_text(fh.read(), args.text_file)
         ids = torch.tensor(tokenizer_for(cfg, meta, args).encode(text), dtype=torch.long)

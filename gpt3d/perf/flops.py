@@ -18,7 +18,7 @@ not counted (these are model FLOPs); biases, norms and softmax are not GEMMs.
 """
 from __future__ import annotations
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def model_flops_per_token(cfg: ModelConfig, padded_vocab: int) -> float:

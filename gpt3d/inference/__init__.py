@@ -1,0 +1,1 @@
+"""Using a trained checkpoint: load it for inference, score held-out tokens (eval), sample text (generate)."""

@@ -1,0 +1,1 @@
+"""Other systems' model formats: Hugging Face export (hf) and import (hf_import)."""
