@@ -134,7 +134,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from gpt3d.data import corpus
-    from gpt3d.tokenizers.base import build_tokenizer
+    from gpt3d.tokenizers.factory import build_tokenizer
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"docs_{args.size_mb:g}mb.jsonl")
     if not os.path.exists(path):

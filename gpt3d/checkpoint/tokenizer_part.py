@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from ..tokenizers.base import CHECKPOINT_DIR, Tokenizer, flags_for_dir, sha256_file
+from ..tokenizers.base import CHECKPOINT_DIR, Tokenizer, sha256_file
+from ..tokenizers.factory import flags_for_dir
 from ..errors import CheckpointError
 from .store import Reader, Writer
 

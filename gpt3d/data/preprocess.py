@@ -30,7 +30,8 @@ from ..errors import DataError, TokenizerError, os_errors_are_user_errors
 from ..console.progress import Progress
 from . import corpus
 from .indexed import MMapIndexedDatasetBuilder, best_dtype
-from ..tokenizers.base import TYPES, build_tokenizer
+from ..tokenizers.base import TYPES
+from ..tokenizers.factory import build_tokenizer
 
 _state: dict = {}
 SUFFIXES = (".gz", ".zst", ".zstd", ".jsonl", ".json", ".parquet", ".pq")

@@ -17,7 +17,7 @@ from ..checkpoint import read_model_tensors
 from ..config import Config
 from ..config.rules import NON_NEGATIVE, POSITIVE, RULES, check_flags
 from ..tokenizers.base import TYPES as TOKENIZER_TYPES
-from ..tokenizers.base import tokenizer_for_checkpoint
+from ..tokenizers.factory import tokenizer_for_checkpoint
 from ..errors import ConfigError, DataError, os_errors_are_user_errors, warn
 from ..model.attention import KVCache, sdpa_backend_context
 from ..model.build import DTYPES, build_inference_model

@@ -272,7 +272,7 @@ def export_hf(load: str, output: str, dtype: str = "auto", vocab_file: Optional[
     from ..checkpoint import read_model_tensors
     from ..checkpoint.meta_check import saved_model_config
     from ..tokenizers.files import data_sample, export_tokenizer
-    from ..tokenizers.base import tokenizer_for_checkpoint
+    from ..tokenizers.factory import tokenizer_for_checkpoint
     path, meta, tensors = read_model_tensors(load)
     m, data = dataclasses.asdict(saved_model_config(meta["config"])), meta["config"].get("data", {})
     flags = dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model, vocab_file=vocab_file,

@@ -199,7 +199,7 @@ def import_hf(src: str, save: str) -> dict:
             w = tensors[n]
             tensors[n] = torch.cat([w, w.new_zeros(p.shape[0] - w.shape[0], w.shape[1])])
     from ..tokenizers.files import import_tokenizer
-    from ..tokenizers.base import tokenizer_from_config
+    from ..tokenizers.factory import tokenizer_from_config
     created = not os.path.exists(save)
     os.makedirs(save, exist_ok=True)
     try:

@@ -119,7 +119,7 @@ class Trainer:
         d, m = self.cfg.data, self.cfg.model
         if d.mock_data:
             return m.padded_vocab_size or m.vocab_size or DEFAULT_VOCAB_SIZE, None
-        from ..tokenizers.base import model_vocab_size, tokenizer_from_config
+        from ..tokenizers.factory import model_vocab_size, tokenizer_from_config
         tok = tokenizer_from_config(d, m.vocab_size, quiet=self.ps.rank != 0)
         return model_vocab_size(tok, m.vocab_size, m.padded_vocab_size), tok
 

@@ -87,7 +87,7 @@ def test_gpt2_export_matches_transformers_loss(text_prefix, bpe, heldout_text, t
     model = _load_hf(transformers.GPT2LMHeadModel, out)
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     ids = torch.tensor(tok(text.read_text())["input_ids"])
-    from gpt3d.tokenizers.base import build_tokenizer
+    from gpt3d.tokenizers.factory import build_tokenizer
     assert ids.tolist() == build_tokenizer(str(bpe.vocab), str(bpe.merges)).tokenize(text.read_text())
     loss, count = _hf_window_loss(model, ids, 32)
     assert ours["tokens"] == count and abs(ours["ppl"] - math.exp(ours["loss"])) < 1e-6 * ours["ppl"]

@@ -13,7 +13,7 @@ import torch
 
 from gpt3d.cli import main as cli_main
 from gpt3d.data.indexed import MMapIndexedDataset
-from gpt3d.tokenizers.base import build_tokenizer
+from gpt3d.tokenizers.factory import build_tokenizer
 
 from tests.support.textgen import make_texts, tokenizer_flags
 

@@ -18,7 +18,7 @@ from gpt3d.data import corpus
 from gpt3d.data.indexed import MMapIndexedDataset
 from gpt3d.data.preprocess import main as preprocess_main
 from gpt3d.data.preprocess import preprocess
-from gpt3d.tokenizers.base import build_tokenizer
+from gpt3d.tokenizers.factory import build_tokenizer
 
 from tests.support.textgen import make_texts, tokenizer_flags
 

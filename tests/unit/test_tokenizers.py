@@ -16,7 +16,8 @@ import pytest
 from gpt3d.data.indexed import MMapIndexedDataset
 from gpt3d.data.preprocess import main as preprocess_main
 from gpt3d.data.preprocess import preprocess
-from gpt3d.tokenizers.base import TokenizerError, build_tokenizer, load_from_dir
+from gpt3d.tokenizers.base import TokenizerError
+from gpt3d.tokenizers.factory import build_tokenizer, load_from_dir
 
 
 
@@ -260,7 +261,7 @@ def test_export_refuses_what_cannot_match(tmp_path, texts):
 
 
 def test_tokenizer_for_checkpoint_prefers_the_carried_copy(spm_model, hf_bpe, tmp_path):
-    from gpt3d.tokenizers.base import tokenizer_for_checkpoint
+    from gpt3d.tokenizers.factory import tokenizer_for_checkpoint
     tok = build_tokenizer(tokenizer_type="SentencePieceTokenizer", tokenizer_model=spm_model)
     manifest = tok.save_files(str(tmp_path / "iter_0000010" / "tokenizer"))
     data = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": "/moved/away/sp.model"}

@@ -218,7 +218,7 @@ def import_checkpoint(load: str, save: str, iteration: Optional[int] = None) -> 
     import yaml
 
     from ...config.rules import check_values
-    from ...tokenizers.base import model_vocab_size, tokenizer_from_config
+    from ...tokenizers.factory import model_vocab_size, tokenizer_from_config
     from ..lock import lock_save_dir
     ckpt = Checkpoint(load, iteration)
     check_save_dir(save, ckpt)
