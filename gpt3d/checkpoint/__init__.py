@@ -19,7 +19,6 @@ live in store.py; reading the shards back at another layout in reshard.py. Only 
 with non-finite tensors marks it bad. Nothing is unpickled, and only the files meta.json lists are opened
 (meta_check.py checks meta.json itself first).
 """
-from ..errors import CheckpointError
 from .integrity import structure_problem
 from .lock import lock_save_dir
 from .parts import skipped_parts, training_parts, weights_parts
@@ -39,5 +38,5 @@ def save_weights(root: str, tensors: dict, params: dict, config: dict, vocab_siz
 
 
 __all__ = ["save", "load", "Loaded", "training_parts", "skipped_parts", "save_weights", "read_model_tensors",
-           "resolve", "holds_no_checkpoint", "read_meta", "describe", "list_checkpoints", "CheckpointError",
+           "resolve", "holds_no_checkpoint", "read_meta", "describe", "list_checkpoints",
            "structure_problem", "lock_save_dir"]

@@ -38,7 +38,8 @@ def _info(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     """One line per checkpoint; a CheckpointError (one error line, exit 2) if any is bad or there is none."""
-    from ..checkpoint import CheckpointError, list_checkpoints
+    from ..checkpoint import list_checkpoints
+    from ..errors import CheckpointError
     from ..checkpoint.integrity import describe_files, problem
     root = args.path
     if os.path.exists(os.path.join(root, "meta.json")):

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..config.rules import NON_NEGATIVE, POSITIVE, check_flags, check_values
 from ..plan.presets import GIB, PRESETS, RESULTS_MD, calibration_to_json, load_calibration, resolve_gpu
 

@@ -25,8 +25,10 @@ import math
 import os
 from typing import Any, Optional
 
-from .schema import SECTIONS, Config, ConfigError, field_index, flag_name, read_settings_file
-from ..errors import warn
+from ..errors import ConfigError, warn
+from .root import Config
+from .schema import SECTIONS, flag_name
+from .values import field_index, read_settings_file
 
 # keys accepted with a fixed value because gpt3d always behaves that way
 _FIXED = {

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from .schema import SECTIONS, Config, ModelConfig, flag_name
+from .schema import SECTIONS, ModelConfig, Sections, flag_name
 from ..data.sizing import train_iterations, train_valid_test_num_samples
 from ..errors import ConfigError
 
@@ -73,7 +73,7 @@ def check_flags(args: Any, rules: dict) -> None:
             check_value("--" + name.replace("_", "-"), x, rule)
 
 
-def check_values(cfg: Config) -> None:
+def check_values(cfg: Sections) -> None:
     """Choices (YAML bypasses argparse's), every number finite (NaN/inf fail here, whatever the field, including
     ones added later), then RULES."""
     for section in SECTIONS:
@@ -97,7 +97,7 @@ def check_model(m: ModelConfig) -> None:
         _need(rot >= 2 and rot % 2 == 0, f"rotary dims (head dim {m.head_dim} x {m.rotary_percent}) must be even")
 
 
-def validate(cfg: Config, world_size: int) -> None:
+def validate(cfg: Sections, world_size: int) -> None:
     """Check every value and cross-field rule up front so a bad run fails in its first second."""
     m, p, t, s, pr = cfg.model, cfg.parallel, cfg.training, cfg.scheduler, cfg.precision
     check_values(cfg)

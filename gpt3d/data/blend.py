@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from ..files import atomic
 from ..console.progress import Activity
-from .indexed import DataError
+from ..errors import DataError
 
 
 def save_atomic(path: str, arr: np.ndarray) -> None:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Union
 
-from .indexed import DataError
+from ..errors import DataError
 
 CHUNK_BYTES = 1 << 21          # raw JSONL bytes per chunk handed to a worker
 PARQUET_ROWS = 2048            # rows per Parquet record batch

@@ -31,7 +31,8 @@ from torch.utils.data import Dataset
 
 from ..console.progress import Activity
 from .blend import BlendableDataset, corpus_num_samples, normalize_weights, save_atomic
-from .indexed import DataError, MMapIndexedDataset
+from .indexed import MMapIndexedDataset
+from ..errors import DataError
 from ..tokenizers.vocab_check import check_token_ids
 
 RULES = "mds1"   # bump when the index rules change, so old caches are not reused

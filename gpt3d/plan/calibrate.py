@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config
+from ..errors import ConfigError
 from .layout import layout_of
 from .memory import layer_terms, shape_of
 from .presets import EW_PASSES, GEMM_OVERHEAD_S, LOSS_PASSES, Calibration, attention_efficiency

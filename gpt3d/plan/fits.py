@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config
+from ..errors import ConfigError
 from ..model.build import compile_enabled, device_memory, param_dtype, refuse_a_vocabulary_beyond_memory
 from ..model.gpt import count_parameters
 from ..parallel.state import ParallelState

@@ -10,7 +10,8 @@ import copy
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
-from ..config import Config, ConfigError
+from ..config import Config
+from ..errors import ConfigError
 from ..parallel.pipeline import stage_layers
 
 RECOMPUTE = (None, "selective", "full")

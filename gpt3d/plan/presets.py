@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 GIB = 2 ** 30
 COMM_EFFICIENCY = 0.8          # NCCL bus bandwidth / link bandwidth (assumed)

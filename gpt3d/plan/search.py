@@ -13,7 +13,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..config import DEFAULT_VOCAB_SIZE, Config, ConfigError
+from ..config import DEFAULT_VOCAB_SIZE, Config
+from ..errors import ConfigError
 from ..perf.flops import model_flops_per_iter
 from ..perf.throughput import megatron_flops_per_iter
 from ..model.build import compile_enabled

@@ -15,7 +15,8 @@ import shutil
 from .fingerprint import PROBES
 from .huggingface import HuggingFaceTokenizer
 from .sentencepiece import SentencePieceTokenizer
-from .base import GPT2BPETokenizer, NullTokenizer, Tokenizer, TokenizerError, plain
+from .base import GPT2BPETokenizer, NullTokenizer, Tokenizer, plain
+from ..errors import TokenizerError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 

@@ -11,7 +11,8 @@ import os
 from typing import Optional
 
 from .fingerprint import hf_model_data
-from .base import Tokenizer, TokenizerError, _batch, _need_file, plain
+from .base import Tokenizer, _batch, _need_file, plain
+from ..errors import TokenizerError
 
 # end-of-document names tried, in order, when a tokenizer.json comes without a tokenizer_config.json
 KNOWN_EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")

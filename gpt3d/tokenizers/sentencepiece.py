@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from typing import Callable, Optional
 
-from .base import Tokenizer, TokenizerError, _need_file
+from .base import Tokenizer, _need_file
+from ..errors import TokenizerError
 
 
 class GPTSentencePieceTokenizer(Tokenizer):

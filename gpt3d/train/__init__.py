@@ -6,9 +6,9 @@
     report.py   Reporter: timing window, console / JSON lines / TensorBoard, plot at the end
     watchdog.py Watchdog: no progress within the timeout ends the rank (and the job), naming who is stuck
     faults.py   the GPT3D_FAULT_INJECT test hook, wrapped around the step only when it is set
+    determinism.py  --deterministic-mode: the settings that make a GPU run repeat bit for bit
 """
-from ..errors import TrainingError
 from .loop import Trainer, main
 from .step import StepResult, TrainState
 
-__all__ = ["Trainer", "main", "StepResult", "TrainState", "TrainingError"]
+__all__ = ["Trainer", "main", "StepResult", "TrainState"]

@@ -181,7 +181,8 @@ def test_gpt_tp2_equals_tp1(kw, sp):
 
 
 def test_tp_must_divide_heads():
-    from gpt3d.config import Config, ConfigError
+    from gpt3d.config import Config
+    from gpt3d.errors import ConfigError
     cfg = Config()
     cfg.model.num_attention_heads, cfg.model.hidden_size = 6, 96
     cfg.parallel.tensor_model_parallel_size = 4

@@ -191,7 +191,7 @@ def test_choices_hold_in_yaml_too(tmp_path, capsys):
 def test_pipeline_split_that_is_not_numbers():
     from tests.support.curves import tiny_config
 
-    from gpt3d.config import ConfigError
+    from gpt3d.errors import ConfigError
     with pytest.raises(ConfigError, match="--pipeline-model-parallel-split '2,x' must be comma-separated"):
         tiny_config(pipeline_model_parallel_size=2, pipeline_model_parallel_split="2,x").validate(world_size=2)
 

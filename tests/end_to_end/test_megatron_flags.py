@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from gpt3d.cli import build_parser, config_from_args, main
-from gpt3d.config import ConfigError
+from gpt3d.errors import ConfigError
 from gpt3d.data.sizing import train_iterations, train_valid_test_num_samples
 
 from tests.support import ROOT

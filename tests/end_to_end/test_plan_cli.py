@@ -13,7 +13,8 @@ import re
 import pytest
 
 from gpt3d.cli import main
-from gpt3d.config import Config, ConfigError
+from gpt3d.config import Config
+from gpt3d.errors import ConfigError
 from gpt3d.plan import check_memory, plan, predict
 from gpt3d.plan.layout import Layout, apply_layout
 from gpt3d.plan.presets import (GIB, RESULTS_MD, calibration_to_json, load_calibration, resolve_gpu)

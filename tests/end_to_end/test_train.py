@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt3d.cli import build_parser, config_from_args
-from gpt3d.config import ConfigError
+from gpt3d.errors import ConfigError
 
 from tests.support import ROOT
 from tests.support.curves import make_trainer, run_curve, tiny_config

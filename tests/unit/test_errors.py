@@ -38,11 +38,11 @@ def test_cli_prints_one_line_and_returns_the_exit_code(cls, code, monkeypatch, c
 
 
 def test_error_types_are_importable_where_they_were():
-    from gpt3d.checkpoint import CheckpointError
-    from gpt3d.config import ConfigError
-    from gpt3d.data.indexed import DataError
-    from gpt3d.tokenizers.base import TokenizerError
-    from gpt3d.train import TrainingError
+    from gpt3d.errors import CheckpointError
+    from gpt3d.errors import ConfigError
+    from gpt3d.errors import DataError
+    from gpt3d.errors import TokenizerError
+    from gpt3d.errors import TrainingError
     for cls in (CheckpointError, ConfigError, DataError, TokenizerError, TrainingError):
         assert getattr(errors, cls.__name__) is cls
 

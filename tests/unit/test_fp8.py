@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from gpt3d.config import ConfigError, ParallelConfig
+from gpt3d.config import ParallelConfig
+from gpt3d.errors import ConfigError
 from gpt3d.model.fp8 import enable_fp8
 from gpt3d.model.gpt import GPTModel
 from gpt3d.parallel.layers import ColumnParallelLinear, RowParallelLinear

@@ -242,7 +242,7 @@ def test_reads_megatron_deepspeed_append_eod_files_as_megatron_does(tmp_path, ca
     document's eod into the .bin but not into the .idx sizes; Megatron reads through the pointers regardless.
     gpt3d opens such a pair (the .bin longer by exactly one token per non-empty document) and reads the same
     tokens; any other size mismatch is still refused."""
-    from gpt3d.data.indexed import DataError
+    from gpt3d.errors import DataError
     eod = 50000
     docs = [[1, 2, 3], [], [4, 5], [6] * 20, [], [7, 8, 9, 10]]
     prefix = str(tmp_path / "mds")
