@@ -22,7 +22,7 @@ with non-finite tensors marks it bad. Nothing is unpickled, and only the files m
 from .integrity import structure_problem
 from .lock import lock_save_dir
 from .parts import skipped_parts, training_parts, weights_parts
-from .reshard import read_model_tensors
+from .full_model import read_model_tensors
 from .store import Loaded, describe, holds_no_checkpoint, list_checkpoints, load, read_meta, resolve, save
 
 

@@ -18,8 +18,7 @@ from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..model.gpt import EMBEDDING, OUTPUT_LAYER, VOCAB_PARAMETERS
-from ..console.progress import Progress
+from ..model.gpt import EMBEDDING, OUTPUT_LAYER
 
 # Model settings that change parameter shapes or names: a checkpoint loads only where they agree.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "ffn_hidden_size",
@@ -152,36 +151,3 @@ def check_compatible(meta: dict, model_cfg) -> None:
         raise CheckpointError(f"checkpoint model {'has' if learned else 'has no'} learned position embeddings but "
                               f"this run's {'has none' if learned else 'has'} (--add-position-embedding): "
                               "incompatible model shape")
-
-
-def read_model_tensors(root: str) -> tuple[str, dict, dict]:
-    """(path, meta, {name: full tensor}) of a checkpoint at any saved layout, for export and inference.
-
-    Every parameter of the model its config describes, with that model's shape (padded vocabulary rows cut
-    off; a tied output layer is the embedding): a shard whose tensors do not fit the config is refused. The
-    model shards' checksums are verified first and every tensor must be finite: a bad checkpoint is refused."""
-    from ..model.build import build_full_model
-    from .integrity import files_read_for_inference, non_finite
-    from .meta_check import saved_model_config
-    from .store import read_meta, resolve
-    path = resolve(root, fallback=False, wanted=files_read_for_inference)   # a bad newest checkpoint is refused
-    meta = read_meta(path)
-    vocab = meta["vocab_size"]
-    model = build_full_model(saved_model_config(meta["config"]), vocab, device=torch.device("meta"))
-    reader = ShardReader(path, meta)
-    tensors = {}
-    params = list(model.named_parameters())
-    with Progress(f"reading {path}", len(params), "tensors") as bar:
-        for name, p in params:
-            bar.update()
-            full = reader.model_tensor(name)
-            if full is None:
-                raise CheckpointError(f"checkpoint {path} has no tensor for parameter {name}")
-            want = (vocab, *p.shape[1:]) if name in VOCAB_PARAMETERS else tuple(p.shape)
-            tensors[name] = full[:vocab] if name in VOCAB_PARAMETERS else full
-            if tuple(tensors[name].shape) != want:
-                raise CheckpointError(f"checkpoint {path}: {name} has shape {tuple(full.shape)}, its config's "
-                                      f"model needs {want}")
-            if non_finite({name: tensors[name]}):
-                raise CheckpointError(f"checkpoint {path}: {name} holds non-finite values; refusing to use it")
-    return path, meta, tensors

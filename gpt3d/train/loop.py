@@ -24,7 +24,7 @@ from ..config import DEFAULT_VOCAB_SIZE, Config
 from ..data import stream
 from ..data.sampler import MockGPTDataset, build_data_loader
 from ..data.sizing import train_iterations, train_valid_test_num_samples
-from ..errors import DataError, Gpt3dError, warn
+from ..errors import CheckpointError, DataError, Gpt3dError, warn
 from ..perf.throughput import Throughput
 from ..model.build import build_model_chunks, compile_enabled
 from ..model.gpt import count_parameters
@@ -221,7 +221,7 @@ class Trainer:
             return
         what = "; ".join(diffs)
         if not self.cfg.checkpoint.override_data_state:
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 f"resuming from {loaded.path} would change the data stream: {what}. Pass --override-data-state to "
                 f"continue anyway (sample position {state.consumed_samples:,} and {state.tokens:,} tokens carry over)")
         if self.ps.rank == 0:
@@ -293,7 +293,7 @@ class Trainer:
             self.check_data_stream(loaded)
             need = self.state.consumed_samples + (self.train_iters - self.state.iteration) * self.global_batch
             if self.state.iteration < self.train_iters and need > len(train_ds):
-                raise ckpt.CheckpointError(
+                raise CheckpointError(
                     f"{loaded.path} resumes at sample {self.state.consumed_samples:,} (iteration "
                     f"{self.state.iteration:,}): {self.train_iters:,} iterations would need {need:,} samples of a "
                     f"data stream of {len(train_ds):,}")

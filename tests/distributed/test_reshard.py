@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from gpt3d.errors import CheckpointError
 import pytest
 
 from tests.support import distributed
@@ -46,7 +47,7 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     assert checkpoint.resolve(str(tmp_path / "ck")).endswith("iter_0000002")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "iter_0000001").mkdir()        # no meta.json: never loaded
-    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
         checkpoint.resolve(str(tmp_path / "bad"))
 
 

@@ -27,6 +27,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gpt3d.errors import CheckpointError
 from gpt3d import checkpoint
 from gpt3d.cli import main as cli_main
 from gpt3d.parallel.random import from_tensors
@@ -130,7 +131,7 @@ def test_only_files_meta_json_lists_are_opened(saved, tmp_path_factory, name, co
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         assert cli_main(["checkpoint", "verify", str(path)]) == 2
     assert out.getvalue().startswith(f"BAD  {path}: {first}") and "is not listed in meta.json" in out.getvalue()
-    with pytest.raises(checkpoint.CheckpointError, match="is not listed in meta.json"):
+    with pytest.raises(CheckpointError, match="is not listed in meta.json"):
         checkpoint.resolve(str(path), fallback=False)
     assert not marker.exists()
     shutil.rmtree(path.parent)

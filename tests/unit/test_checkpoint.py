@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt3d.errors import CheckpointError
 from gpt3d import checkpoint
 from gpt3d.checkpoint.parts import MetaPart
 
@@ -72,7 +73,7 @@ def test_a_new_part_is_saved_checked_and_loaded(tmp_path):
     assert counter.n == 7 and torch.equal(extra.t, torch.arange(4.0))
     assert loaded.parts == {"model", "optimizer", "train", "counter", "extra"}
     (tmp_path / "ck" / "iter_0000005" / "extra.safetensors").write_bytes(b"x")   # truncated: not loaded
-    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
         checkpoint.resolve(str(tmp_path / "ck"))
 
 
@@ -82,7 +83,7 @@ def test_resume_with_other_data_settings_is_refused(tmp_path, capsys):
     same.load(str(tmp_path / "ck"))
     assert "warning" not in capsys.readouterr().err
     other = make_trainer(tiny_config(bf16=True, seed=8))
-    with pytest.raises(checkpoint.CheckpointError, match="would change the data stream: --seed 7 -> 8"):
+    with pytest.raises(CheckpointError, match="would change the data stream: --seed 7 -> 8"):
         other.load(str(tmp_path / "ck"))
     forced = make_trainer(tiny_config(bf16=True, seed=8, override_data_state=True))
     forced.load(str(tmp_path / "ck"))

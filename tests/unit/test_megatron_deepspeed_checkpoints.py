@@ -434,7 +434,8 @@ def test_a_llama_style_run_comes_back_whole(tmp_path):
     """RMSNorm, SwiGLU, grouped-query attention, RoPE with learned positions, untied head, no biases, at TP2 x DP2
     with padded ZeRO partitions (no param_slice_mappings: derived from param_shapes): the imported gpt3d
     checkpoint holds exactly the tensors the shards were cut from, masters and moments included."""
-    from gpt3d.checkpoint.reshard import ShardReader, read_model_tensors
+    from gpt3d.checkpoint.reshard import ShardReader
+    from gpt3d.checkpoint.full_model import read_model_tensors
     from gpt3d.model.build import build_full_model
     cfg = Config.from_dict({"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
                                       "num_key_value_heads": 2, "seq_length": 16, "vocab_size": 61,

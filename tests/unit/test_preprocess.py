@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpt3d.errors import DataError
 from gpt3d.data import corpus
 from gpt3d.data.indexed import MMapIndexedDataset
 from gpt3d.data.preprocess import main as preprocess_main
@@ -270,7 +271,7 @@ def test_zstd_reads_every_frame_and_refuses_a_cut_one(tmp_path):
     assert got == "".join(lines).encode()
     for cut in (frames[0] + frames[1][:len(frames[1]) // 2], frames[0] + frames[1][:3]):
         (tmp_path / "c.jsonl.zst").write_bytes(cut)
-        with pytest.raises(corpus.DataError, match="c.jsonl.zst: truncated zstd stream after line"):
+        with pytest.raises(DataError, match="c.jsonl.zst: truncated zstd stream after line"):
             list(corpus.chunks(str(tmp_path / "c.jsonl.zst"), ["text"]))
 
 
