@@ -7,7 +7,7 @@ the loss scaler, the RNG streams, the train state) and knows how that state is s
     config      the run's Config     meta.json "config"                                 model shape checked
     model       ModelChunks          model_tp{t}_pp{p}.safetensors (first DP rank),      at any layout
                                      meta.json "vocab_size", "padded_vocab", "params"
-    optimizer   ShardedOptimizer     optim_tp{t}_pp{p}_dp{d}.safetensors,                at any layout
+    optimizer   ZeroOptimizer     optim_tp{t}_pp{p}_dp{d}.safetensors,                at any layout
                                      meta.json layout "zero"
     scaler      DynamicLossScaler    meta.json "scaler" (null without fp16)             always
     tokenizer   the run's Tokenizer  tokenizer/<its files> (rank 0), meta.json           checked: same

@@ -1,4 +1,4 @@
-"""The sharded (ZeRO-1) AdamW optimizer over a GradBuffer's shard: fp32 masters, clip, step, all-gather, state.
+"""The AdamW optimizer of ZeRO stage 0 or 1 over a GradBuffer's shard: fp32 masters, clip, step, all-gather, state.
 
 Megatron-core's distributed optimizer, minus the indirection:
   * each DP rank owns 1/DP of every gradient bucket (`GradBuffer.shard`); it keeps fp32 master weights and
@@ -8,7 +8,8 @@ Megatron-core's distributed optimizer, minus the indirection:
     any rank skips the step on every rank, without a host sync;
   * the state is kept in parameter space (name, element range), so a checkpoint loads at any other
     DP/TP/PP layout.
-ZeRO-0 is the same code with every rank owning the whole buffer. The gradient reduction itself belongs to
+ZeRO-0 is the same class with every rank owning the whole buffer (a shard of one), hence its name
+`ZeroOptimizer`, for both stages. The gradient reduction itself belongs to
 the GradBuffer (grad_buffer.py).
 """
 from __future__ import annotations
@@ -80,7 +81,10 @@ class OptimizerStep(NamedTuple):
     found_inf: torch.Tensor    # [1], 1.0 if the step was skipped on every rank because of it
 
 
-class ShardedOptimizer:
+class ZeroOptimizer:
+    """AdamW for ZeRO stage 0 (`buffer.zero == 0`: every DP rank steps the whole model) or stage 1 (each DP rank
+    steps its shard of the buffer, then all-gathers the updated parameters)."""
+
     def __init__(self, buffer: GradBuffer, cfg: OptimizerConfig, ps: ParallelState):
         self.buffer, self.cfg, self.ps, self.zero = buffer, cfg, ps, buffer.zero
         self.pieces = [_Piece(r.name, r.param, r.lo, r.hi, r.offset, counted=not (

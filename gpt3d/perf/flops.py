@@ -1,8 +1,11 @@
-"""Model FLOPs of one training token, counted the way Megatron-LM counts them today.
+"""Every FLOP count gpt3d makes, in one place: model FLOPs (MFU), Megatron-DeepSpeed's and PaLM's reported
+counts (throughput.py), and one layer's forward FLOPs on one TP rank (the planner, plan/timing.py).
+
+Model FLOPs of one training token, counted the way Megatron-LM counts them today.
 
 MFU needs the FLOPs the model itself requires, whatever the architecture: the
 GPT-3 formula the seed quotes (Megatron-DeepSpeed's `throughput_calculator`,
-kept in metrics.py for its "TFLOPs/GPU" column) assumes 4h GeLU MLPs, full
+kept below, `megatron_flops_per_iter`, for its "TFLOPs/GPU" column) assumes 4h GeLU MLPs, full
 multi-head attention, a full s^2 score matrix and a 4.5*h*V logits term, so it
 under-counts SwiGLU (three matrices), over-counts GQA (fewer key/value
 projections) and causal attention. This module follows Megatron-LM's current
@@ -18,7 +21,14 @@ not counted (these are model FLOPs); biases, norms and softmax are not GEMMs.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..config import ModelConfig
+from ..model.gpt import count_parameters
+
+if TYPE_CHECKING:   # the planner's types, for the annotations of layer_flops only
+    from ..plan.layout import Layout
+    from ..plan.memory import Shape
 
 
 def model_flops_per_token(cfg: ModelConfig, padded_vocab: int) -> float:
@@ -33,3 +43,26 @@ def model_flops_per_token(cfg: ModelConfig, padded_vocab: int) -> float:
 def model_flops_per_iter(cfg: ModelConfig, padded_vocab: int, batch: int) -> float:
     """FLOPs of `batch` sequences of cfg.seq_length tokens (forward and backward)."""
     return batch * cfg.seq_length * model_flops_per_token(cfg, padded_vocab)
+
+
+# ----- the counts reported beside MFU (throughput.py) --------------------------------------------------------------
+def megatron_flops_per_iter(cfg: ModelConfig, padded_vocab: int, batch: int, recompute: bool = False) -> float:
+    s, l, h = cfg.seq_length, cfg.num_layers, cfg.hidden_size
+    factor = 4 if recompute else 3
+    return 24 * factor * batch * s * l * h * h * (1.0 + s / (6.0 * h) + padded_vocab / (16.0 * l * h))
+
+
+def palm_flops_per_iter(cfg: ModelConfig, vocab: int, batch: int) -> float:
+    p = count_parameters(cfg, vocab)
+    n = p["total"] - p["position"]
+    return batch * cfg.seq_length * (6 * n + 12 * cfg.num_layers * cfg.hidden_size * cfg.seq_length)
+
+
+# ----- the planner's per-layer count (plan/timing.py) ----------------------------------------------------------------
+def layer_flops(m: ModelConfig, lay: Layout, sh: Shape) -> tuple[float, float]:
+    """(matmul, attention) forward FLOPs of one layer, one micro-batch, one TP rank (causal: half the scores)."""
+    t, T, h = lay.tp, sh.tokens, sh.h
+    hd, nh, nkv, f = m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size
+    gemm = 2 * T * h * ((nh + 2 * nkv) * hd + nh * hd + f * (3 if m.swiglu else 2)) / t
+    attn = 2 * sh.b * sh.s * sh.s * nh * hd / t
+    return gemm, attn

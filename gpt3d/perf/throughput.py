@@ -1,4 +1,5 @@
-"""Throughput accounting: the FLOPs of one iteration, turned into TFLOPs/GPU and MFU for a measured time.
+"""Throughput accounting: the FLOPs of one iteration (counted in flops.py), turned into TFLOPs/GPU and MFU for a
+measured time.
 
 Two FLOP counts are reported, because papers use both:
   * Megatron-DeepSpeed's `throughput_calculator` formula,
@@ -11,20 +12,7 @@ causal attention as half of s^2; no recompute) over `peak_tflops`, and reports t
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .flops import model_flops_per_token
-from ..model.gpt import count_parameters
-
-
-def megatron_flops_per_iter(cfg: ModelConfig, padded_vocab: int, batch: int, recompute: bool = False) -> float:
-    s, l, h = cfg.seq_length, cfg.num_layers, cfg.hidden_size
-    factor = 4 if recompute else 3
-    return 24 * factor * batch * s * l * h * h * (1.0 + s / (6.0 * h) + padded_vocab / (16.0 * l * h))
-
-
-def palm_flops_per_iter(cfg: ModelConfig, vocab: int, batch: int) -> float:
-    p = count_parameters(cfg, vocab)
-    n = p["total"] - p["position"]
-    return batch * cfg.seq_length * (6 * n + 12 * cfg.num_layers * cfg.hidden_size * cfg.seq_length)
+from .flops import megatron_flops_per_iter, model_flops_per_token, palm_flops_per_iter
 
 
 class Throughput:

@@ -22,7 +22,7 @@ from .layout import layout_of
 from .memory import layer_terms, shape_of
 from .presets import EW_PASSES, GEMM_OVERHEAD_S, LOSS_PASSES, Calibration, attention_efficiency
 from .search import vocab_of
-from .timing import layer_flops
+from ..perf.flops import layer_flops
 
 
 def _sync(device: torch.device) -> None:
@@ -119,13 +119,13 @@ def _chunk_seconds(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: 
 def _optimizer_ns_per_param(cfg: Config, warmup: int, iters: int, device: torch.device, n: int) -> float:
     """clip + fused AdamW + bf16 copy over ~100M fp32 master elements."""
     from ..optim.grad_buffer import GradBuffer
-    from ..optim.zero import ShardedOptimizer
+    from ..optim.zero import ZeroOptimizer
     from ..parallel.state import ParallelState
     ps = ParallelState.single(device)
     layer = torch.nn.Linear(10_000, n // 10_000, bias=False, device=device, dtype=torch.bfloat16)
     layer.weight.tp_split_dim = None
     grads = GradBuffer([layer], ps)
-    opt = ShardedOptimizer(grads, cfg.optimizer, ps)
+    opt = ZeroOptimizer(grads, cfg.optimizer, ps)
     for p in layer.parameters():
         p.main_grad.normal_()
     try:   # the median of three runs: one slow run (clock ramp, a neighbour) must not set the rate

@@ -3,7 +3,7 @@
 Why its own module: it is the half of the plan that can be checked exactly.
 Persistent memory mirrors gpt3d's allocations (GPTModel's parameters in their
 registration order, GradBuffer's contiguous parameter and gradient buffers and
-buckets, ShardedOptimizer's masters and Adam moments for this rank's shard) and
+buckets, ZeroOptimizer's masters and Adam moments for this rank's shard) and
 is compared byte for byte with real ranks in tests/distributed/test_plan_memory.py.
 Activation memory is a list of named per-tensor terms (what autograd and the
 compiled graphs keep per layer and per micro-batch), so a kernel change (FP8,
@@ -112,7 +112,7 @@ class Persistent:
 
 def persistent_bytes(params: list[ParamInfo], lay: Layout, *, dp_rank: int = 0, param_bytes: int = 2,
                      bucket_size_mb: float = 40.0) -> Persistent:
-    """GradBuffer's and ShardedOptimizer's bytes for `params` (all chunks of a stage, in order) on DP rank
+    """GradBuffer's and ZeroOptimizer's bytes for `params` (all chunks of a stage, in order) on DP rank
     `dp_rank`.
 
     Buckets fill in reverse parameter order up to `bucket_size_mb` of fp32 gradients; under ZeRO-1 each bucket

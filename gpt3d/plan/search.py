@@ -16,7 +16,7 @@ import torch
 from ..config import DEFAULT_VOCAB_SIZE, Config
 from ..errors import ConfigError
 from ..perf.flops import model_flops_per_iter
-from ..perf.throughput import megatron_flops_per_iter
+from ..perf.flops import megatron_flops_per_iter
 from ..model.build import compile_enabled
 from ..model.gpt import padded_vocab_size
 from ..parallel.state import ParallelState

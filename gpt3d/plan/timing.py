@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..config import ModelConfig
 from ..model.gpt import padded_vocab_size
+from ..perf.flops import layer_flops
 from .layout import Layout
 from .memory import Persistent, Shape, layer_terms, shape_of
 from .presets import (ATTN_DROPOUT_OVERHEAD, COMM_EFFICIENCY, COMM_LATENCY_S, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES,
@@ -68,15 +69,6 @@ def dropout_site_time(m: ModelConfig, elements: int, gpu: Gpu, ew_factor: float 
     rate = gpu.calibration.ew_gbps * 1e9 / ew_factor
     half = DROPOUT_MASK_BYTES / 2
     return elements * (DROPOUT_HASH_BYTES + half) / rate, elements * half / rate
-
-
-def layer_flops(m: ModelConfig, lay: Layout, sh: Shape) -> tuple[float, float]:
-    """(matmul, attention) forward FLOPs of one layer, one micro-batch, one TP rank (causal: half the scores)."""
-    t, T, h = lay.tp, sh.tokens, sh.h
-    hd, nh, nkv, f = m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size
-    gemm = 2 * T * h * ((nh + 2 * nkv) * hd + nh * hd + f * (3 if m.swiglu else 2)) / t
-    attn = 2 * sh.b * sh.s * sh.s * nh * hd / t
-    return gemm, attn
 
 
 def layer_time(m: ModelConfig, lay: Layout, gpu: Gpu, link: Links, sh: Shape, recompute,

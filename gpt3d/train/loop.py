@@ -31,7 +31,7 @@ from ..model.gpt import count_parameters
 from ..optim.grad_buffer import GradBuffer
 from ..optim.grad_scaler import DynamicLossScaler
 from ..optim.lr_schedule import LRSchedule
-from ..optim.zero import ShardedOptimizer, describe_zero
+from ..optim.zero import ZeroOptimizer, describe_zero
 from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState, build_parallel_state, init_distributed, launch_env
 from ..plan.advice import advise
@@ -94,7 +94,7 @@ class Trainer:
         self.model = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
         self.grads = GradBuffer(self.model, ps, zero_stage=cfg.parallel.zero_stage,
                                 bucket_size_mb=cfg.parallel.bucket_size_mb, overlap=cfg.parallel.overlap_grad_reduce)
-        self.optimizer = ShardedOptimizer(self.grads, cfg.optimizer, ps)
+        self.optimizer = ZeroOptimizer(self.grads, cfg.optimizer, ps)
         self.schedule = LRSchedule(cfg.scheduler, train_iters=self.train_iters, tokens_per_iter=tokens_per_iter)
         self.scaler = DynamicLossScaler(cfg.precision, ps.device) if cfg.precision.fp16 else None
         self.state = TrainState(cfg.model.seq_length, data_state=stream.data_state(cfg, self.global_batch))

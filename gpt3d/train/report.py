@@ -239,7 +239,7 @@ _MAXES = ("variance_abs_max", "variance_sqrt_abs_max", "momentum_abs_max", "weig
 def optimizer_state_stats(pieces: dict, ps: ParallelState, sharded: bool) -> dict:
     """L2/L1 norms and max |x| of Adam's exp_avg_sq, its sqrt, exp_avg and the fp32 weights, over the model.
 
-    `pieces` is ShardedOptimizer.state_dict()["pieces"] of this rank. Summed as Megatron-DeepSpeed sums
+    `pieces` is ZeroOptimizer.state_dict()["pieces"] of this rank. Summed as Megatron-DeepSpeed sums
     them: over every rank when ZeRO shards the state (`sharded`), else over the tensor/pipeline ranks (DP
     replicas hold copies). A parameter replicated across tensor ranks (norms, row-parallel biases) counts
     once per rank there too. A collective: call on every rank."""
@@ -266,7 +266,7 @@ class Reporter:
     def __init__(self, cfg: TrainingConfig, ps: ParallelState, throughput: Throughput, train_iters: int,
                  global_batch: int, optimizer=None, sharded_state: bool = False,
                  plan: Optional[Prediction] = None):
-        """`optimizer` (anything with state_dict() as ShardedOptimizer's) is read only for
+        """`optimizer` (anything with state_dict() as ZeroOptimizer's) is read only for
         --log-optimizer-states-to-tensorboard; `sharded_state`: ZeRO splits its state over all ranks;
         `plan`: `gpt3d plan`'s prediction for this run (GPU runs), printed beside the measured figures."""
         self.cfg, self.ps, self.throughput, self.train_iters = cfg, ps, throughput, train_iters

@@ -21,7 +21,7 @@ from ..model.build import ModelChunks, param_dtype
 from ..optim.grad_buffer import GradBuffer
 from ..optim.grad_scaler import DynamicLossScaler
 from ..optim.lr_schedule import LRSchedule
-from ..optim.zero import ShardedOptimizer
+from ..optim.zero import ZeroOptimizer
 from ..parallel.pipeline import forward_backward
 from ..parallel.precision import upcast
 from ..parallel.state import ParallelState
@@ -76,7 +76,7 @@ def gpt_forward_step(chunk: nn.Module, micro_batch: dict, x: Optional[torch.Tens
 
 class TrainStep:
     def __init__(self, cfg: Config, ps: ParallelState, model: ModelChunks, grads: GradBuffer,
-                 optimizer: ShardedOptimizer, schedule: LRSchedule, scaler: Optional[DynamicLossScaler],
+                 optimizer: ZeroOptimizer, schedule: LRSchedule, scaler: Optional[DynamicLossScaler],
                  state: TrainState, global_batch: int):
         self.cfg, self.ps, self.model, self.grads, self.optimizer = cfg, ps, model, grads, optimizer
         self.schedule, self.scaler, self.state, self.global_batch = schedule, scaler, state, global_batch

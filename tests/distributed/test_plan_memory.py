@@ -18,7 +18,7 @@ from gpt3d.data.sampler import build_data_loader
 from gpt3d.model.build import build_model_chunks
 from gpt3d.model.gpt import GPTModel
 from gpt3d.optim.grad_buffer import GradBuffer
-from gpt3d.optim.zero import ShardedOptimizer
+from gpt3d.optim.zero import ZeroOptimizer
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
 from gpt3d.plan.layout import layout_of
@@ -28,7 +28,7 @@ from tests.support import plan_jobs
 from tests.support.curves import make_trainer, tiny_config
 
 
-def held_bytes(model, grads: GradBuffer, optimizer: ShardedOptimizer) -> dict:
+def held_bytes(model, grads: GradBuffer, optimizer: ZeroOptimizer) -> dict:
     """Bytes this rank holds, by kind. The figures are the public byte reports: the gradient buffer's
     `param_nbytes()` (the contiguous parameter buffer, which the model's parameters are views of) and
     `nbytes()` (fp32 gradients), and the sharded optimizer's `state_bytes()` (fp32 masters if separate,
@@ -143,8 +143,8 @@ def test_stand_in_ranks_match_the_optimizer_buffers(case, arch):
         plan_chunks = stage_params(cfg.model, cfg.model.vocab_size, lay, ps.pp_rank)
         assert [(p.name, p.numel) for c in plan_chunks for p in c] == names
         grads = GradBuffer(chunks, ps, zero_stage=zero, bucket_size_mb=0.003)
-        opt = ShardedOptimizer(grads, OptimizerConfig(), ps)
-        opt.optimizer.step()   # the torch AdamW alone creates Adam's state; ShardedOptimizer.step needs peers
+        opt = ZeroOptimizer(grads, OptimizerConfig(), ps)
+        opt.optimizer.step()   # the torch AdamW alone creates Adam's state; ZeroOptimizer.step needs peers
         held = held_bytes(chunks, grads, opt)
         pred = persistent_bytes([p for c in plan_chunks for p in c], lay, dp_rank=ps.dp_rank, param_bytes=2,
                                 bucket_size_mb=0.003)

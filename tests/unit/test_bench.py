@@ -7,7 +7,8 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gpt3d.perf.throughput import Throughput, megatron_flops_per_iter
+from gpt3d.perf.throughput import Throughput
+from gpt3d.perf.flops import megatron_flops_per_iter
 from gpt3d.model.gpt import GPTModel
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState

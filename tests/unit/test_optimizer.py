@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from gpt3d.config import OptimizerConfig
 from gpt3d.optim.grad_buffer import GradBuffer
-from gpt3d.optim.zero import ShardedOptimizer
+from gpt3d.optim.zero import ZeroOptimizer
 from gpt3d.parallel.state import ParallelState
 
 
@@ -25,7 +25,7 @@ def test_step_matches_torch_adamw_with_clipping(clip, dtype):
     cfg = OptimizerConfig(weight_decay=0.1, clip_grad=clip)
     ours, ref = _model(dtype), _model(torch.float32)
     grads = GradBuffer([ours], ParallelState.single())
-    opt = ShardedOptimizer(grads, cfg, ParallelState.single())
+    opt = ZeroOptimizer(grads, cfg, ParallelState.single())
     decay = [p for p in ref.parameters() if p.ndim > 1]
     no_decay = [p for p in ref.parameters() if p.ndim <= 1]
     ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
