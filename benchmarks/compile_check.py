@@ -105,7 +105,8 @@ def runs() -> list:
 
 # ----- worker: one process per group -------------------------------------------------------------------------
 def _config(run: Run, run_dir: Path, smoke: bool = False):
-    from gpt3d.cli import build_parser, config_from_args
+    from gpt3d.cli import build_parser
+    from gpt3d.config.load import load_config
     seq = "64" if smoke else str(SEQ)
     flags = [*run.flags, *(SMOKE if smoke else []), "--seq-length", seq, "--max-position-embeddings", seq,
              "--mock-data",
@@ -113,7 +114,7 @@ def _config(run: Run, run_dir: Path, smoke: bool = False):
              "--eval-iters", "0", "--lr", "1e-4", "--log-file", str(run_dir / "metrics.jsonl")]
     if "--config" not in run.flags and not smoke:
         flags.append("--bf16")
-    cfg = config_from_args(build_parser("train").parse_args(["train", *flags]))
+    cfg = load_config(build_parser("train").parse_args(["train", *flags]))
     cfg.checkpoint.save = None
     cfg.training.exit_signal_handler = False
     for k, v in run.set.items():
@@ -128,8 +129,9 @@ def _config(run: Run, run_dir: Path, smoke: bool = False):
 
 def _bench(run: Run) -> dict:
     import gpt3d.perf.bench as b
+    from gpt3d.commands.bench import add_arguments
     p = argparse.ArgumentParser()
-    b.add_arguments(p)
+    add_arguments(p)
     cfg = b._config("125M", p.parse_args(run.flags + ["--peer", "none"]))
     r = b.bench_gpt3d(cfg, 3, 10)
     tokens = cfg.training.global_batch_size * cfg.model.seq_length

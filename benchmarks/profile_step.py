@@ -25,7 +25,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gpt3d.perf.bench import _config, add_arguments  # noqa: E402
+from gpt3d.perf.bench import _config
+from gpt3d.commands.bench import add_arguments  # noqa: E402
 from gpt3d.perf.throughput import Throughput  # noqa: E402
 from gpt3d.model.gpt import padded_vocab_size  # noqa: E402
 from gpt3d.parallel.state import ParallelState  # noqa: E402

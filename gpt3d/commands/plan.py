@@ -22,7 +22,7 @@ from ..plan.presets import GIB, PRESETS, RESULTS_MD, calibration_to_json, load_c
 def register(sub) -> None:
     p = sub.add_parser("plan", help="predict memory and speed of every TP x PP x DP layout, ranked",
                        allow_abbrev=False)
-    from ..cli import add_config_flags
+    from ..config.flags import add_config_flags
     add_config_flags(p)
     g = p.add_argument_group("plan")
     g.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default: the config's TP x PP)")
@@ -69,9 +69,9 @@ def _gpu(args):
 
 
 def _config(args):
-    from ..cli import config_from_args
+    from ..config.load import load_config
     ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in PLAN_KEYS})
-    return config_from_args(ns)
+    return load_config(ns)
 
 
 # The plan's own numeric flags, checked (with NaN/inf) as config settings are, before any work.

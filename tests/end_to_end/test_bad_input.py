@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt3d.data.preprocess import main as preprocess_main
+from gpt3d.commands.preprocess import main as preprocess_main
 
 from tests.support import runs
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gpt3d import cli
+from gpt3d.config.load import load_config
 from gpt3d.model.gpt import count_parameters
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
@@ -33,7 +34,7 @@ SHORT = ["--train-iters", "2", "--log-interval", "1", "--eval-interval", "2", "-
 
 
 def _parse(path: Path, *flags: str):
-    return cli.config_from_args(cli.build_parser().parse_args(["train", "--config", str(path), *flags]))
+    return load_config(cli.build_parser().parse_args(["train", "--config", str(path), *flags]))
 
 
 def _size_from_name(stem: str) -> float:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt3d.cli import build_parser, config_from_args
+from gpt3d.cli import build_parser
+from gpt3d.config.load import load_config
 from gpt3d.cli import main as cli_main
 
 from tests.support import ROOT, distributed
@@ -55,7 +56,7 @@ def _worker(rank: int, world: int, jobs: list, tmp: str) -> list:
     out = []
     for run, tag, tp, pp in jobs:
         argv = continuation_argv(run, Path(tmp), tp, pp, tag)
-        cfg = config_from_args(build_parser("train").parse_args(["train", *argv]))
+        cfg = load_config(build_parser("train").parse_args(["train", *argv]))
         ps = build_parallel_state(cfg.parallel, world, rank, torch.device("cpu"))
         t = Trainer(cfg, ps)
         assert t.run() == 0
@@ -134,7 +135,7 @@ def test_offline_import_then_train_at_another_layout(tmp_path):
 
 def test_every_flag_of_the_reference_command_lines_is_accepted():
     for run in runs():
-        cfg = config_from_args(build_parser("train").parse_args(["train", *command(run)]))
+        cfg = load_config(build_parser("train").parse_args(["train", *command(run)]))
         m = cfg.model
         assert m.no_masked_softmax_fusion and m.no_bias_dropout_fusion and m.no_persist_layer_norm
         assert m.no_gradient_accumulation_fusion and cfg.parallel.no_async_tensor_model_parallel_allreduce

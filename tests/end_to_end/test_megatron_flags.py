@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt3d.cli import build_parser, config_from_args, main
+from gpt3d.cli import build_parser, main
+from gpt3d.config.load import load_config
 from gpt3d.errors import ConfigError
 from gpt3d.data.sizing import train_iterations, train_valid_test_num_samples
 
@@ -91,7 +92,7 @@ def seed_argv(name: str, config_json: str, ckpt: str = "output/checkpoint/job", 
 
 
 def parse(argv: list):
-    return config_from_args(build_parser().parse_args(["train", *argv]))
+    return load_config(build_parser().parse_args(["train", *argv]))
 
 
 @pytest.mark.parametrize("name", list(SEEDS))

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from gpt3d.cli import build_parser, config_from_args
+from gpt3d.cli import build_parser
+from gpt3d.config.load import load_config
 from gpt3d.errors import ConfigError
 
 from tests.support import ROOT
@@ -62,7 +63,7 @@ def test_yaml_then_flags_override(tmp_path):
     (tmp_path / "c.yaml").write_text("num_layers: 3\ntraining:\n  micro_batch_size: 5\nlr: 0.1\n")
     args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--lr", "0.2",
                                       "--data-path", "0.3", "a", "0.7", "b"])
-    cfg = config_from_args(args)
+    cfg = load_config(args)
     assert (cfg.model.num_layers, cfg.training.micro_batch_size, cfg.scheduler.lr) == (3, 5, 0.2)
     assert cfg.data.data_path == ["0.3", "a", "0.7", "b"]
 

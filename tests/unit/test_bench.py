@@ -52,7 +52,8 @@ def test_bench_bad_shapes_fail_in_one_line():
 
 def test_bench_custom_shape_config():
     import argparse
-    from gpt3d.perf.bench import _config, add_arguments
+    from gpt3d.perf.bench import _config
+    from gpt3d.commands.bench import add_arguments
     p = argparse.ArgumentParser()
     add_arguments(p)
     args = p.parse_args(["--model", "custom", "--num-layers", "3", "--hidden-size", "96", "--num-attention-heads",
@@ -64,7 +65,8 @@ def test_bench_custom_shape_config():
 
 def test_bench_llama_shape_and_precision_flags():
     import argparse
-    from gpt3d.perf.bench import _config, add_arguments, peer_name
+    from gpt3d.perf.bench import _config, peer_name
+    from gpt3d.commands.bench import add_arguments
     p = argparse.ArgumentParser()
     add_arguments(p)
     cfg = _config("llama-1.5B", p.parse_args(["--model", "llama-1.5B", "--fp8", "--micro-batches", "2"]))

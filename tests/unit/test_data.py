@@ -12,7 +12,7 @@ from gpt3d.data.blend import BlendableDataset
 from gpt3d.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets, get_split_ranges
 from gpt3d.data.indexed import MMapIndexedDataset, MMapIndexedDatasetBuilder, best_dtype
 from gpt3d.errors import DataError
-from gpt3d.data.preprocess import main as preprocess_main
+from gpt3d.commands.preprocess import main as preprocess_main
 from gpt3d.data.sampler import MockGPTDataset, PretrainingSampler
 from gpt3d.tokenizers.base import GPT2BPETokenizer
 from gpt3d.errors import TokenizerError

@@ -48,8 +48,9 @@ def test_error_types_are_importable_where_they_were():
 
 
 def test_flag_types_come_from_the_annotations():
-    from gpt3d.cli import build_parser, config_from_args
-    cfg = config_from_args(build_parser().parse_args(
+    from gpt3d.cli import build_parser
+    from gpt3d.config.load import load_config
+    cfg = load_config(build_parser().parse_args(
         ["train", "--num-key-value-heads", "2", "--loss-scale", "8", "--no-mock-data", "--train-tokens", "3e3",
          "--data-path", "a", "b"]))
     assert cfg.model.num_key_value_heads == 2 and isinstance(cfg.model.num_key_value_heads, int)

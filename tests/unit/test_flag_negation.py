@@ -12,7 +12,8 @@ import dataclasses
 import pytest
 import yaml
 
-from gpt3d.cli import build_parser, config_from_args
+from gpt3d.cli import build_parser
+from gpt3d.config.load import load_config
 from gpt3d.config import SECTIONS, Config, field_types, flag_name
 
 BOOL_FIELDS = [(section, f) for section, klass in SECTIONS.items() for f in dataclasses.fields(klass)
@@ -28,7 +29,7 @@ def _undo_flag(f: dataclasses.Field) -> str:
 def _config(tmp_path, yaml_settings: dict, flags: list):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(yaml_settings))
-    return config_from_args(build_parser("train").parse_args(["train", "--config", str(path), *flags]))
+    return load_config(build_parser("train").parse_args(["train", "--config", str(path), *flags]))
 
 
 def test_there_are_switches_to_walk():

@@ -17,7 +17,7 @@ import pytest
 from gpt3d.errors import DataError
 from gpt3d.data import corpus
 from gpt3d.data.indexed import MMapIndexedDataset
-from gpt3d.data.preprocess import main as preprocess_main
+from gpt3d.commands.preprocess import main as preprocess_main
 from gpt3d.data.preprocess import preprocess
 from gpt3d.tokenizers.factory import build_tokenizer
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gpt3d.data.indexed import MMapIndexedDataset
-from gpt3d.data.preprocess import main as preprocess_main
+from gpt3d.commands.preprocess import main as preprocess_main
 from gpt3d.data.preprocess import preprocess
 from gpt3d.errors import TokenizerError
 from gpt3d.tokenizers.factory import build_tokenizer, load_from_dir
