@@ -437,7 +437,7 @@ def _must_be_refused(klass, f, value, via: str) -> bool:
             return value is not True
         if t in (str, list):
             return (choices is not None and str(value) not in map(str, choices)) or None
-        value = str(value)
+        value = " ".join(map(str, value)) if isinstance(value, list) else str(value)   # as _as_flags passes it
     else:
         if value is None:
             return f.name not in optional_fields(klass)
