@@ -16,11 +16,11 @@ import torch
 from ..config import Config, ModelConfig, PrecisionConfig, TrainingConfig
 from ..errors import ConfigError
 from ..parallel.layers import full_shape
+from ..parallel.layout import padded_vocab_size, stage_layers
 from ..parallel.random import TPRNG
-from ..parallel.pipeline import stage_layers
 from ..parallel.precision import full_dtype
 from ..parallel.state import ParallelState
-from .gpt import GPTModel, padded_vocab_size
+from .gpt import GPTModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

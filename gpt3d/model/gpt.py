@@ -20,6 +20,7 @@ from ..config import ModelConfig
 from ..parallel.cross_entropy import linear_cross_entropy, vocab_parallel_cross_entropy
 from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, init_parameters,
                                mark)
+from ..parallel.layout import padded_vocab_size
 from ..parallel.mappings import copy_to_tp, gather_from_sequence
 from ..parallel.random import EMBEDDING_SITE, TPRNG, recompute, replicated_dropout, split_dropout
 from ..parallel.state import ParallelState
@@ -29,11 +30,6 @@ from .attention import KVCache, LayerKV, SelfAttention
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer"      # the untied output head, or the last stage's copy of the tied embedding
 VOCAB_PARAMETERS = (EMBEDDING, OUTPUT_LAYER)
-
-
-def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
-    step = multiple * tp
-    return (vocab_size + step - 1) // step * step
 
 
 def build_norm(cfg: ModelConfig, ps: ParallelState) -> nn.Module:

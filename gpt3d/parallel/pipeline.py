@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .layout import check_interleaved
 from .state import ParallelState
 
 # (chunk, micro-batch, input from the previous stage or None) -> (output for the next stage, loss or None)
@@ -160,8 +161,7 @@ def _interleaved(step: _Step, ps: ParallelState, p2p: _P2P) -> None:
     travel a ring (the last stage feeds chunk v+1 of the first stage).
     """
     p, r, v_count, m, forward_only = ps.pp, ps.pp_rank, len(step.chunks), step.m, step.forward_only
-    if m % p:
-        raise ValueError(f"interleaved pipeline needs micro-batches ({m}) divisible by PP ({p})")
+    check_interleaved(m, p, v_count)   # refused at start (parallel/layout.py); kept for direct callers
     total = m * v_count
     first, last = ps.is_first_stage, ps.is_last_stage
     inputs = [[] for _ in range(v_count)]
@@ -245,19 +245,3 @@ def _interleaved(step: _Step, ps: ParallelState, p2p: _P2P) -> None:
             _, gy = p2p(send_prev=gx, recv_next=recv_next)
             if recv_next:
                 grads[nb].append(gy)
-
-
-def stage_layers(num_layers: int, pp: int, pp_rank: int, split: Optional[str] = None,
-                 layers_per_virtual_stage: Optional[int] = None) -> list[list[int]]:
-    """Global layer ids of each model chunk on stage `pp_rank`.
-
-    Interleaved (Megatron): chunk v of stage p holds virtual stage v*pp + p, so a
-    micro-batch visits every stage once per chunk round.
-    """
-    if layers_per_virtual_stage:
-        n = layers_per_virtual_stage
-        chunks = num_layers // (n * pp)
-        return [list(range((v * pp + pp_rank) * n, (v * pp + pp_rank + 1) * n)) for v in range(chunks)]
-    sizes = [int(x) for x in split.split(",")] if split else [num_layers // pp] * pp
-    start = sum(sizes[:pp_rank])
-    return [list(range(start, start + sizes[pp_rank]))]

@@ -153,7 +153,7 @@ def calibrate(cfg: Config, *, warmup: int = 3, iters: int = 10, verbose: bool = 
     layer_s = two_layers_s / 2
     ew_s = max(layer_s - gemm_s - attn_s, 0.05 * layer_s)
     head_s, _ = _chunk_seconds(cfg, [], True, True, warmup, iters, dev, compile=False)
-    from ..model.gpt import padded_vocab_size
+    from ..parallel.layout import padded_vocab_size
     pv = padded_vocab_size(vocab_of(cfg), m.make_vocab_size_divisible_by, 1)
     gemm_tflops = 3 * gemm_flops / max(gemm_s - n_gemm * GEMM_OVERHEAD_S, 0.5 * gemm_s) / 1e12
     head_gemm_s = 6 * b * s * m.hidden_size * pv / (gemm_tflops * 1e12) + 3 * GEMM_OVERHEAD_S

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import ModelConfig
-from ..model.gpt import padded_vocab_size
+from ..parallel.layout import padded_vocab_size
 from .layout import Layout
 from .memory import Persistent, Shape, layer_terms, shape_of
 from .presets import (ATTN_DROPOUT_OVERHEAD, COMM_EFFICIENCY, COMM_LATENCY_S, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES,
