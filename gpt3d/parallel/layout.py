@@ -69,11 +69,14 @@ def split_sizes(split: Optional[str], num_layers: int, pp: int) -> tuple[int, ..
 
 
 def virtual_stages(num_layers: int, pp: int, layers_per_virtual_stage: Optional[int],
-                   split: Optional[str] = None) -> int:
-    """VP: model chunks per pipeline stage (1 without `--num-layers-per-virtual-pipeline-stage`)."""
+                   split: Optional[str] = None, check: bool = True) -> int:
+    """VP: model chunks per pipeline stage (1 without `--num-layers-per-virtual-pipeline-stage`). `check=False`:
+    the count asked for, rounded down, whether or not the rules allow it."""
     if not layers_per_virtual_stage:
         return 1
     n = layers_per_virtual_stage
+    if not check:
+        return num_layers // (n * pp)
     _need(not split, "--pipeline-model-parallel-split and --num-layers-per-virtual-pipeline-stage are exclusive")
     _need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
     _need(num_layers % (n * pp) == 0,
@@ -81,13 +84,14 @@ def virtual_stages(num_layers: int, pp: int, layers_per_virtual_stage: Optional[
     return num_layers // (n * pp)
 
 
-def micro_batches(global_batch: Optional[int], micro_batch: int, dp: int) -> tuple[int, int]:
+def micro_batches(global_batch: Optional[int], micro_batch: int, dp: int, check: bool = True) -> tuple[int, int]:
     """(global batch, micro-batches per step and DP rank): global = micro x DP x micro-batches; unset, one
-    micro-batch per DP rank."""
+    micro-batch per DP rank. `check=False`: at least one, rounded down, for a batch the rule refuses."""
     gbs = global_batch or micro_batch * dp
-    _need(gbs % (micro_batch * dp) == 0,
-          f"--global-batch-size ({gbs}) must be divisible by micro batch x DP ({micro_batch} x {dp})")
-    return gbs, gbs // (micro_batch * dp)
+    if check:
+        _need(gbs % (micro_batch * dp) == 0,
+              f"--global-batch-size ({gbs}) must be divisible by micro batch x DP ({micro_batch} x {dp})")
+    return gbs, max(1, gbs // (micro_batch * dp))
 
 
 def check_interleaved(num_micro: int, pp: int, vp: int) -> None:
@@ -153,6 +157,17 @@ class Layout:
     def stage_layers(self, pp_rank: int) -> list[list[int]]:
         """Global layer ids of each model chunk on stage `pp_rank`."""
         return [list(ids) for ids in self.stages[pp_rank]]
+
+
+def requested(cfg: Config, world_size: int) -> tuple[int, int, int, int, int, int]:
+    """(TP, PP, DP, VP, micro-batch size, micro-batches) that `cfg` asks for at `world_size` ranks, checking only
+    that the world size splits into TP x PP x DP: what the planner shows for a config's own layout even when
+    `resolve` refuses it (`gpt3d plan` marks it as not valid)."""
+    p, t = cfg.parallel, cfg.training
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    dp = data_parallel_size(world_size, tp, pp)
+    vp = virtual_stages(cfg.model.num_layers, pp, p.num_layers_per_virtual_pipeline_stage, check=False)
+    return tp, pp, dp, vp, t.micro_batch_size, micro_batches(t.global_batch_size, t.micro_batch_size, dp, False)[1]
 
 
 def resolve(cfg: Config, world_size: int, vocab_size: Optional[int] = None) -> Layout:

@@ -26,6 +26,7 @@ from typing import Optional
 
 from ..config import Config
 from ..errors import ConfigError
+from ..parallel.layout import resolve
 from .layout import MICRO_BATCH_SIZES, RECOMPUTE, Layout, apply_layout, is_valid, layout_of
 from .presets import GIB, Gpu
 from .search import Prediction, predict_layout
@@ -71,7 +72,7 @@ def candidates(cfg: Config, own: Layout) -> list[Layout]:
         c = apply_layout(cfg, own)
         c.training.micro_batch_size = mbs   # the same global batch in micro-batches of `mbs`, if the runtime can
         try:
-            num_micro = layout_of(c, own.world).num_micro
+            num_micro = resolve(c, own.world).num_micro
         except ConfigError:
             continue
         for rc in RECOMPUTE:
@@ -96,10 +97,7 @@ def _flags(cfg: Config, own: Layout, lay: Layout) -> list:
 def advise(cfg: Config, world: int, gpu: Gpu, gpus_per_node: int = 8, *,
            vocab_size: Optional[int] = None) -> Optional[Advice]:
     """The fastest layout of `candidates` that fits, when it beats the config's own by `MIN_GAIN`."""
-    try:
-        own = layout_of(cfg, world)
-    except ConfigError:
-        return None
+    own = layout_of(cfg, world)
     if not is_valid(cfg, own):
         return None
     cache: dict = {}

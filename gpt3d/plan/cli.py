@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional
 
 from ..config import ConfigError
 from ..config_check import NON_NEGATIVE, POSITIVE, check_flags, check_values
@@ -98,9 +97,9 @@ def run(args: argparse.Namespace) -> int:
     gpu = _gpu(args)
     preds = plan(cfg, world, gpu, args.gpus_per_node, micro_batch_sizes=args.micro_batch_sizes)
     try:
-        own, refused = layout_of(cfg, world), None
-    except ConfigError as e:   # the runtime's verdict (parallel/layout.py): shown under the table
-        own, refused = None, str(e)
+        own = layout_of(cfg, world)
+    except ConfigError:
+        own = None
     if args.json:
         print(json.dumps({"gpus": world, "gpus_per_node": args.gpus_per_node, "gpu": gpu.describe(),
                           "config_layout": own.as_dict() if own else None,
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
           f"{'eager (--no-compile)' if cfg.training.compile is False else 'compiled'}; "
           f"{world} GPUs, {args.gpus_per_node} per node")
     print(f"  {gpu.describe()}")
-    print(table(preds, own, args.top, sys.stdout.isatty(), args.show_unfit, refused))
+    print(table(preds, own, args.top, sys.stdout.isatty(), args.show_unfit))
     return 0
 
 
@@ -125,7 +124,7 @@ LEGEND = ("model TFLOPs: the model's FLOPs per GPU-second (gpt3d/flops.py, no re
           "(x4/3 with any recompute), so with recompute it is above the model's figure.")
 
 
-def table(preds: list, own, top: int, tty: bool = False, show_unfit: int = 3, refused: Optional[str] = None) -> str:
+def table(preds: list, own, top: int, tty: bool = False, show_unfit: int = 3) -> str:
     """The `top` fastest layouts that fit, ranked 1, 2, ... among those; then the config's own layout if it
     was not among them; then the `show_unfit` fastest that do not fit, struck out (the config's own always).
     `step s` is the predicted time of one optimizer step (`step_s` in --json)."""
@@ -156,8 +155,6 @@ def table(preds: list, own, top: int, tty: bool = False, show_unfit: int = 3, re
         lines.append(f"({len(unfit)} layouts do not fit: --show-unfit N lists the fastest of them)")
     if own is not None and not any(p.layout == own for p in preds):
         lines.append(f"      the config's layout ({own.label()}) is not valid for these GPUs")
-    if refused:
-        lines.append(f"      the config's own layout cannot run on these GPUs: {refused}")
     lines.append(LEGEND)
     return "\n".join(lines)
 

@@ -69,12 +69,13 @@ class Layout:
 
 
 def layout_of(cfg: Config, world: int) -> Layout:
-    """The layout a config asks for at `world` GPUs; ConfigError (the runtime's) when it cannot run there."""
+    """The layout a config asks for at `world` GPUs (the runtime's `requested`: checked only for the world size;
+    `is_valid` says whether gpt3d runs it)."""
     p, m = cfg.parallel, cfg.model
-    r = runtime.resolve(cfg, world)
-    return Layout(tp=r.tp, pp=r.pp, dp=r.dp, mbs=r.micro_batch_size, num_micro=r.num_micro, vp=r.vp,
-                  sp=r.sequence_parallel, recompute=m.recompute_granularity, zero=p.zero_stage,
-                  split=p.pipeline_model_parallel_split, recompute_num_layers=m.recompute_num_layers)
+    tp, pp, dp, vp, mbs, num_micro = runtime.requested(cfg, world)
+    return Layout(tp=tp, pp=pp, dp=dp, mbs=mbs, num_micro=num_micro, vp=vp, sp=p.sequence_parallel and tp > 1,
+                  recompute=m.recompute_granularity, zero=p.zero_stage, split=p.pipeline_model_parallel_split,
+                  recompute_num_layers=m.recompute_num_layers)
 
 
 def apply_layout(cfg: Config, lay: Layout) -> Config:
@@ -102,9 +103,10 @@ def is_valid(cfg: Config, lay: Layout) -> bool:
     c = apply_layout(cfg, lay)
     try:
         c.validate(lay.world)
-        return layout_of(c, lay.world).runtime() == lay.runtime()
+        r = runtime.resolve(c, lay.world)
     except ConfigError:
         return False
+    return (r.tp, r.pp, r.dp, r.micro_batch_size, r.num_micro, r.vp, r.sequence_parallel) == lay.runtime()
 
 
 def _divisors(n: int) -> list[int]:
@@ -125,10 +127,10 @@ def candidate(cfg: Config, world: int, tp: int, pp: int, vp: int, mbs: int) -> O
     p.num_layers_per_virtual_pipeline_stage = max(1, cfg.model.num_layers // (pp * vp)) if vp > 1 else None
     c.training.micro_batch_size = mbs
     try:
-        lay = layout_of(c, world)
+        r = runtime.resolve(c, world)
     except ConfigError:
         return None
-    return lay if lay.vp == vp else None
+    return layout_of(c, world) if r.vp == vp else None
 
 
 def enumerate_layouts(cfg: Config, world: int, gpus_per_node: int, *, micro_batch_sizes: Optional[Iterable] = None,
