@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..parallel.param_meta import param_meta
 from ..parallel.state import ParallelState
 from .buckets import bucket_layout, late_reduction, local_pieces, shard_range
 
@@ -80,16 +81,16 @@ class GradBuffer:
 
     # ----- layout -------------------------------------------------------------------------------------------
     def _late(self, p) -> bool:
-        return late_reduction(getattr(p, "sequence_parallel", False),
-                              getattr(p, "shared_embedding", False) or hasattr(p, "tied_to"), self.ps.tp, self.ps.pp)
+        meta = param_meta(p)
+        return late_reduction(meta.sequence_parallel, meta.tied_across_stages, self.ps.tp, self.ps.pp)
 
     def _sequence_parallel(self, p) -> bool:
         """A norm/bias that saw only this TP rank's tokens: summed over TP."""
-        return getattr(p, "sequence_parallel", False) and self.ps.tp > 1
+        return param_meta(p).sequence_parallel and self.ps.tp > 1
 
     def _tied_across_stages(self, p) -> bool:
         """The first stage's embedding and the last stage's copy of it (tied models only): summed over stages."""
-        return self.ps.pp > 1 and (getattr(p, "shared_embedding", False) or hasattr(p, "tied_to"))
+        return self.ps.pp > 1 and param_meta(p).tied_across_stages
 
     def shard(self, b: Bucket) -> tuple[int, int]:
         """This DP rank's buffer range of bucket `b` (the whole bucket at ZeRO-0)."""

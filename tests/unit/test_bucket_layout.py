@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from gpt3d.optim.buckets import bucket_alignment, bucket_layout, local_pieces
 from gpt3d.optim.grad_buffer import GradBuffer
+from gpt3d.parallel.param_meta import set_meta
 from gpt3d.parallel.state import ParallelState
 from gpt3d.plan.layout import Layout
 from gpt3d.plan.memory import ParamInfo, persistent_bytes
@@ -23,7 +24,7 @@ class _Model(nn.Module):
         self.ps = nn.ParameterList()
         for n, sp in sizes:
             p = nn.Parameter(torch.arange(n, dtype=torch.float32))
-            p.sequence_parallel = sp
+            set_meta(p, sequence_parallel=sp)
             self.ps.append(p)
 
 
