@@ -31,8 +31,9 @@ def in_flight(ops: list[Op], chunks: int) -> tuple[int, list[int]]:
 def peak_in_flight(pp: int, rank: int, vp: int, m: int, chunk_bytes: list[float]) -> float:
     """Largest activation bytes alive on stage `rank`, given one micro-batch's bytes for each of its chunks
     (1F1B: the warm-up forwards and one more, min(pp - rank, m) micro-batches)."""
-    if vp == 1:   # one chunk: the most micro-batches alive, times one's bytes
-        return _most_alive(pp, rank, m) * chunk_bytes[0]
+    if vp == 1:   # one chunk: the most micro-batches alive, times one's bytes. The count stops growing after
+        # the warm-up (steady state: one in, one out), so pp micro-batches' table gives it for any m
+        return _most_alive(pp, rank, min(m, pp)) * chunk_bytes[0]
     return _peak(pp, rank, vp, m, tuple(chunk_bytes))
 
 
