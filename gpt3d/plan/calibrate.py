@@ -122,7 +122,6 @@ def _optimizer_ns_per_param(cfg: Config, warmup: int, iters: int, device: torch.
     from ..parallel.state import ParallelState
     ps = ParallelState.single(device)
     layer = torch.nn.Linear(10_000, n // 10_000, bias=False, device=device, dtype=torch.bfloat16)
-    layer.weight.tp_split_dim = None
     grads = GradBuffer([layer], ps)
     opt = ShardedOptimizer(grads, cfg.optimizer, ps)
     for p in layer.parameters():
