@@ -26,6 +26,7 @@ import os
 from typing import Any, Optional
 
 from ..errors import ConfigError, warn
+from ..parallel.layout import data_parallel_size
 from .root import Config
 from .schema import SECTIONS, flag_name
 from .values import field_index, read_settings_file
@@ -204,8 +205,11 @@ def apply_deepspeed_config(cfg: Config, given: set, world_size: Optional[int] = 
         from ..parallel.state import launch_env   # the launcher's variables, checked (torch is loaded by train)
         world_size = launch_env().world
     world = world_size
-    mp = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
-    dp = world // mp if mp > 0 and world % mp == 0 else None
+    try:   # a world size the layout refuses is reported by the config check, after these settings are read
+        dp: Optional[int] = data_parallel_size(world, cfg.parallel.tensor_model_parallel_size,
+                                               cfg.parallel.pipeline_model_parallel_size)
+    except ConfigError:
+        dp = None
     settings = deepspeed_settings(ds, path, t.micro_batch_size, dp)
     wanted = {name: value for name, value, _ in settings}
     for mine, other in (("fp16", "bf16"), ("bf16", "fp16")):   # name the key that enables the other type

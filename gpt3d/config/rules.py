@@ -3,7 +3,9 @@
 Its own module because it is policy over the settings, not their definition: config.py says which settings
 exist (types, defaults, flags, help) and how YAML and flags become them; this module says which values and
 combinations `gpt3d train` (and every layout `gpt3d plan` proposes) accepts, so a bad run fails in its first
-second with one line naming the flag. `Config.validate` calls `validate`.
+second with one line naming the flag. `Config.validate` calls `validate`. The rules of the parallel layout
+(world size, TP/PP/VP divisibility, micro-batches, pipeline split) live in parallel/layout.py: `validate`
+resolves the layout through it.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, Optional
 from .schema import SECTIONS, ModelConfig, Sections, flag_name
 from ..data.sizing import train_iterations, train_valid_test_num_samples
 from ..errors import ConfigError
+from ..parallel.layout import resolve
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -99,44 +102,13 @@ def check_model(m: ModelConfig) -> None:
 
 def validate(cfg: Sections, world_size: int) -> None:
     """Check every value and cross-field rule up front so a bad run fails in its first second."""
-    m, p, t, s, pr = cfg.model, cfg.parallel, cfg.training, cfg.scheduler, cfg.precision
+    m, t, s, pr = cfg.model, cfg.training, cfg.scheduler, cfg.precision
     check_values(cfg)
     check_model(m)
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    _need(world_size % (tp * pp) == 0,
-          f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
-    dp = world_size // (tp * pp)
-    _need(m.num_attention_heads % tp == 0, f"TP size {tp} must divide --num-attention-heads ({m.num_attention_heads})")
-    _need(m.kv_heads % tp == 0, f"TP size {tp} must divide the key/value heads ({m.kv_heads})")
-    _need(m.ffn_size % tp == 0, f"TP size {tp} must divide the FFN hidden size ({m.ffn_size})")
-    _need(m.hidden_size % tp == 0, f"TP size {tp} must divide --hidden-size ({m.hidden_size})")
-    if p.sequence_parallel and tp > 1:
-        _need(m.seq_length % tp == 0, f"--sequence-parallel needs TP ({tp}) to divide --seq-length ({m.seq_length})")
-    if p.pipeline_model_parallel_split:
-        try:
-            parts = [int(x) for x in p.pipeline_model_parallel_split.split(",")]
-        except ValueError:
-            raise ConfigError(f"--pipeline-model-parallel-split '{p.pipeline_model_parallel_split}' must be "
-                              "comma-separated layer counts like 3,5") from None
-        _need(len(parts) == pp and sum(parts) == m.num_layers and min(parts) > 0,
-              f"--pipeline-model-parallel-split {p.pipeline_model_parallel_split} must be {pp} positive "
-              f"numbers summing to {m.num_layers}")
-    else:
-        _need(m.num_layers % pp == 0, f"PP size {pp} must divide --num-layers ({m.num_layers}) "
-              "(or give --pipeline-model-parallel-split)")
+    gbs = resolve(cfg, world_size).global_batch   # every layout rule (parallel/layout.py)
     _need(pr.accumulate_allreduce_grads_in_fp32,
           "--no-accumulate-allreduce-grads-in-fp32 is not supported: gradients are always accumulated and "
           "reduced in fp32 (the fp32 master weights step on them)")
-    if p.num_layers_per_virtual_pipeline_stage:
-        _need(not p.pipeline_model_parallel_split,
-              "--pipeline-model-parallel-split and --num-layers-per-virtual-pipeline-stage are exclusive")
-        v = p.num_layers_per_virtual_pipeline_stage
-        _need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-        _need(m.num_layers % (v * pp) == 0,
-              f"--num-layers ({m.num_layers}) must be divisible by layers-per-virtual-stage x PP ({v} x {pp})")
-    gbs = t.global_batch_size or t.micro_batch_size * dp
-    _need(gbs % (t.micro_batch_size * dp) == 0,
-          f"--global-batch-size ({gbs}) must be divisible by micro batch x DP ({t.micro_batch_size} x {dp})")
     _need(t.train_iters is not None or t.train_tokens is not None or t.train_samples is not None,
           "give --train-iters, --train-samples or --train-tokens")
     _need(t.train_iters is None or t.train_samples is None, "--train-iters and --train-samples are exclusive")
@@ -160,8 +132,6 @@ def validate(cfg: Sections, world_size: int) -> None:
     _need(d.data_impl in ("mmap", "infer"),
           f"--data-impl {d.data_impl} is not supported: gpt3d reads Megatron's mmap .bin/.idx format only "
           "(--data-impl mmap or infer)")
-    _need(not p.no_pipeline_parallel or pp == 1,
-          f"--no-pipeline-parallel needs --pipeline-model-parallel-size 1, got {pp}")
     parts = d.split.replace("/", ",").split(",")
     try:
         vals = [float(x) for x in parts]

@@ -252,7 +252,7 @@ class TrainingConfig:
     wandb_save_dir: Optional[str] = opt(None, "directory for W&B's local files (default: the run directory)")
     deepspeed: bool = opt(False, "Megatron-DeepSpeed's switch: read --deepspeed_config (gpt3d needs no DeepSpeed)")
     deepspeed_config: Optional[str] = opt(None, "DeepSpeed JSON config: batch sizes, ZeRO stage, fp16/bf16 and "
-                                                "loss scaling, clipping (see deepspeed_config.py; default: none)",
+                                                "loss scaling, clipping (see config/deepspeed.py; default: none)",
                                           flag="--deepspeed_config", aliases=("--deepspeed-config",))
     peak_tflops: float = opt(989.0, "per-device peak for MFU (H100 bf16 dense)")
     compile: Optional[bool] = opt(None, "torch.compile the model (default: on with CUDA, off on the CPU; "

@@ -16,11 +16,12 @@ import torch
 from ..config import Config, ModelConfig, PrecisionConfig, TrainingConfig
 from ..errors import ConfigError
 from ..parallel.layers import full_shape
+from ..parallel.layout import padded_vocab_size, stage_layers
+from ..parallel.param_meta import param_meta
 from ..parallel.random import TPRNG
-from ..parallel.pipeline import stage_layers
 from ..parallel.precision import full_dtype
 from ..parallel.state import ParallelState
-from .gpt import GPTModel, padded_vocab_size
+from .gpt import GPTModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -78,8 +79,8 @@ class ModelChunks:
 
     def layout(self) -> dict:
         """{global name: {"shape": full shape, "split_dim": TP split dim or None, "tied_to": name or None}}."""
-        return {n: {"shape": list(full_shape(p, self.ps.tp)), "split_dim": p.tp_split_dim,
-                    "tied_to": getattr(p, "tied_to", None)} for n, p in self.named_parameters()}
+        return {n: {"shape": list(full_shape(p, self.ps.tp)), "split_dim": param_meta(p).split_dim,
+                    "tied_to": param_meta(p).tied_to} for n, p in self.named_parameters()}
 
 
 def device_memory(device: torch.device) -> Optional[int]:

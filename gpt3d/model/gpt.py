@@ -20,6 +20,8 @@ from ..config import ModelConfig
 from ..parallel.cross_entropy import linear_cross_entropy, vocab_parallel_cross_entropy
 from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, init_parameters,
                                mark)
+from ..parallel.layout import padded_vocab_size
+from ..parallel.param_meta import set_meta
 from ..parallel.mappings import copy_to_tp, gather_from_sequence
 from ..parallel.random import EMBEDDING_SITE, TPRNG, recompute, replicated_dropout, split_dropout
 from ..parallel.state import ParallelState
@@ -29,11 +31,6 @@ from .attention import KVCache, LayerKV, SelfAttention
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer"      # the untied output head, or the last stage's copy of the tied embedding
 VOCAB_PARAMETERS = (EMBEDDING, OUTPUT_LAYER)
-
-
-def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
-    step = multiple * tp
-    return (vocab_size + step - 1) // step * step
 
 
 def build_norm(cfg: ModelConfig, ps: ParallelState) -> nn.Module:
@@ -135,7 +132,7 @@ class GPTModel(nn.Module):
         layer_ids = list(range(cfg.num_layers)) if layer_ids is None else list(layer_ids)
         self.embedding = Embedding(cfg, ps, self.padded_vocab, tp_rng) if pre_process else None
         if pre_process and not cfg.untie_embeddings_and_output_weights:
-            self.embedding.word_embeddings.weight.shared_embedding = True   # the output head reuses it
+            set_meta(self.embedding.word_embeddings.weight, shared_embedding=True)   # the output head reuses it
         self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, ps, tp_rng, i) for i in layer_ids})
         self.recompute_layers = set()
         if cfg.recompute_granularity == "full":
@@ -150,7 +147,7 @@ class GPTModel(nn.Module):
             w = nn.Parameter(torch.empty(self.padded_vocab // ps.tp, cfg.hidden_size, device=ps.device))
             self.output_layer = mark(w, 0, ("normal", cfg.init_method_std))
             if not cfg.untie_embeddings_and_output_weights:
-                w.tied_to = EMBEDDING   # last stage's copy of the first stage's embedding
+                set_meta(w, tied_to=EMBEDDING)   # last stage's copy of the first stage's embedding
 
     def init_weights(self, seed: int) -> None:
         init_parameters(self, seed, self.ps, rows_limit={name: self.vocab_size for name in VOCAB_PARAMETERS})

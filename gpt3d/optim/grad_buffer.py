@@ -10,12 +10,11 @@ Megatron-core's DDP buffer, minus the indirection:
   * gradients that first need a TP or embedding all-reduce (sequence-parallel norms, tied embeddings
     across stages) sit in "late" buckets, reduced by `finish_grad_sync` after backward.
 With ZeRO-1 each DP rank owns 1/DP of every bucket (`shard`): after `finish_grad_sync` that part holds the
-DP-averaged gradient. What to do with it (clip, step, all-gather) is the sharded optimizer's job (zero1.py).
+DP-averaged gradient. What to do with it (clip, step, all-gather) is the ZeRO optimizer's job (zero.py).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -23,7 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..parallel.param_meta import param_meta
 from ..parallel.state import ParallelState
+from .buckets import bucket_layout, late_reduction, local_pieces, shard_range
 
 
 @dataclass
@@ -56,71 +57,50 @@ class GradBuffer:
         named.reverse()  # roughly the order in which backward produces gradients
         self.param_dtype = named[0][1].dtype
         self._names = {p: n for n, p in named}
-        self.buckets = self._make_buckets(named, bucket_size_mb)
+        params = [p for _, p in reversed(named)]   # registration order, as bucket_layout takes it
+        self._numels = [p.numel() for p in params]
+        self.layout = bucket_layout(self._numels, [self._late(p) for p in params], bucket_size_mb=bucket_size_mb,
+                                    dp=ps.dp, zero=self.zero)
+        self._params = params
+        self.buckets = [Bucket(s.start, s.end, [params[i] for i in s.members], late=s.late) for s in self.layout]
         total = self.buckets[-1].end if self.buckets else 0
         self.param_data = torch.zeros(total, dtype=self.param_dtype, device=ps.device)
         # fp32 gradients for half parameters (fp64 for fp64 ones, see parallel/precision.py)
         grad_dtype = grad_dtype or torch.promote_types(self.param_dtype, torch.float32)
         self.grad_data = torch.zeros(total, dtype=grad_dtype, device=ps.device)
         self._offsets = {}
-        for b in self.buckets:
-            off = b.start
-            for p in b.params:
+        for spec, b in zip(self.layout, self.buckets):
+            for p, off in zip(b.params, spec.offsets):
                 n = p.numel()
                 self.param_data[off:off + n].copy_(p.detach().reshape(-1))
                 p.data = self.param_data[off:off + n].view_as(p)
                 p.main_grad = self.grad_data[off:off + n].view_as(p)
                 self._offsets[p] = off
                 p.register_post_accumulate_grad_hook(self._make_hook(b))
-                off += n
         self._untouched = set()
 
     # ----- layout -------------------------------------------------------------------------------------------
     def _late(self, p) -> bool:
-        return self._sequence_parallel(p) or self._tied_across_stages(p)
+        meta = param_meta(p)
+        return late_reduction(meta.sequence_parallel, meta.tied_across_stages, self.ps.tp, self.ps.pp)
 
     def _sequence_parallel(self, p) -> bool:
         """A norm/bias that saw only this TP rank's tokens: summed over TP."""
-        return getattr(p, "sequence_parallel", False) and self.ps.tp > 1
+        return param_meta(p).sequence_parallel and self.ps.tp > 1
 
     def _tied_across_stages(self, p) -> bool:
         """The first stage's embedding and the last stage's copy of it (tied models only): summed over stages."""
-        return self.ps.pp > 1 and (getattr(p, "shared_embedding", False) or hasattr(p, "tied_to"))
-
-    def _make_buckets(self, named, bucket_size_mb: float) -> list[Bucket]:
-        elem = 4  # bucket size counted in fp32 gradient bytes
-        cap = max(1, int(bucket_size_mb * 2 ** 20 / elem))
-        align = self.ps.dp * 64 if self.zero else 1
-        early = [p for _, p in named if not self._late(p)]
-        late = [p for _, p in named if self._late(p)]
-        buckets, start = [], 0
-        for params, is_late in ((early, False), (late, True)):
-            cur = []
-            for i, p in enumerate(params):
-                cur.append(p)
-                if sum(q.numel() for q in cur) >= cap or i == len(params) - 1:
-                    n = sum(q.numel() for q in cur)
-                    end = start + math.ceil(n / align) * align
-                    buckets.append(Bucket(start, end, cur, late=is_late))
-                    start, cur = end, []
-        return buckets
+        return self.ps.pp > 1 and param_meta(p).tied_across_stages
 
     def shard(self, b: Bucket) -> tuple[int, int]:
         """This DP rank's buffer range of bucket `b` (the whole bucket at ZeRO-0)."""
-        if self.zero == 0:
-            return b.start, b.end
-        size = (b.end - b.start) // self.ps.dp
-        return b.start + self.ps.dp_rank * size, b.start + (self.ps.dp_rank + 1) * size
+        return shard_range(b.start, b.end, self.ps.dp, self.ps.dp_rank, self.zero)
 
     def local_ranges(self) -> Iterator[LocalRange]:
         """Every parameter range inside this rank's shards, bucket by bucket."""
-        for b in self.buckets:
-            lo, hi = self.shard(b)
-            for p in b.params:
-                off, n = self._offsets[p], p.numel()
-                s, e = max(lo, off), min(hi, off + n)
-                if s < e:
-                    yield LocalRange(self._names[p], p, s - off, e - off, s)
+        for i, lo, hi, off in local_pieces(self.layout, self._numels, self.ps.dp, self.ps.dp_rank, self.zero):
+            p = self._params[i]
+            yield LocalRange(self._names[p], p, lo, hi, off)
 
     def nbytes(self) -> int:
         """Bytes of the gradient buffer on this rank (bucket padding included). The parameters live in

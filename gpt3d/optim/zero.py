@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import OptimizerConfig
+from ..parallel.param_meta import param_meta
 from ..parallel.precision import upcast
 from ..parallel.state import ParallelState
 from .grad_buffer import GradBuffer
@@ -88,7 +89,8 @@ class ZeroOptimizer:
     def __init__(self, buffer: GradBuffer, cfg: OptimizerConfig, ps: ParallelState):
         self.buffer, self.cfg, self.ps, self.zero = buffer, cfg, ps, buffer.zero
         self.pieces = [_Piece(r.name, r.param, r.lo, r.hi, r.offset, counted=not (
-            (r.param.tp_split_dim is None and ps.tp_rank != 0) or (hasattr(r.param, "tied_to") and ps.pp > 1)))
+            (param_meta(r.param).split_dim is None and ps.tp_rank != 0)
+            or (param_meta(r.param).tied_to is not None and ps.pp > 1)))
             for r in buffer.local_ranges()]
         self.separate_master = buffer.param_dtype not in (torch.float32, torch.float64)   # half params
         groups = {True: [], False: []}

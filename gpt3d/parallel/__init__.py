@@ -1,2 +1,3 @@
-"""Parallelism: the process layout (state), TP communication ops (mappings), TP layers (layers),
-vocab-parallel loss (cross_entropy), TP-aware randomness (random), pipeline schedules (pipeline)."""
+"""Parallelism: the run's layout and every rule about it (layout), the process groups (state), TP communication
+ops (mappings), TP layers (layers), vocab-parallel loss (cross_entropy), TP-aware randomness (random), pipeline
+schedules (pipeline)."""

@@ -1,7 +1,7 @@
 """Megatron's tensor-parallel layers, equal to nn.Linear / nn.Embedding at TP=1.
 
-Every parameter records how it is split (`tp_split_dim`) and how it is
-initialised (`init`). Weights are then initialised from the *full* tensor,
+Every parameter records how it is split and how it is initialised (its
+`ParamMeta`, parallel/param_meta.py). Weights are then initialised from the *full* tensor,
 generated from (seed, global parameter name), and sliced: any TP/PP layout
 gives the same model as one process, and checkpoints know how to reshard.
 
@@ -18,22 +18,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .param_meta import param_meta, set_meta
 from .mappings import copy_to_tp, gather_from_sequence, reduce_from_tp, reduce_scatter_to_sequence
 from .state import ParallelState
 
 
 def mark(p: nn.Parameter, split_dim: Optional[int], init: tuple, sequence_parallel: bool = False) -> nn.Parameter:
-    """Attach the layout metadata that init, grad sync, clipping and checkpoints read."""
-    p.tp_split_dim = split_dim          # None: replicated across TP
-    p.init = init                       # ("normal", std) | ("zeros",) | ("ones",)
-    p.sequence_parallel = sequence_parallel  # grads are partial per TP rank: all-reduce over TP
-    return p
+    """Set the layout metadata that init, grad sync, clipping and checkpoints read (`param_meta`)."""
+    return set_meta(p, split_dim=split_dim, init=init, sequence_parallel=sequence_parallel)
 
 
 def full_shape(p: torch.Tensor, tp: int) -> tuple:
     shape = list(p.shape)
-    if getattr(p, "tp_split_dim", None) is not None:
-        shape[p.tp_split_dim] *= tp
+    dim = param_meta(p).split_dim
+    if dim is not None:
+        shape[dim] *= tp
     return tuple(shape)
 
 
@@ -50,7 +49,8 @@ def init_parameters(model: nn.Module, seed: int, ps: ParallelState, rows_limit: 
     whose number depends on TP and which never reach the loss).
     """
     for name, p in model.named_parameters():
-        kind = p.init[0]
+        meta = param_meta(p)
+        kind = meta.init[0]
         if kind == "zeros":
             p.zero_()
             continue
@@ -58,13 +58,13 @@ def init_parameters(model: nn.Module, seed: int, ps: ParallelState, rows_limit: 
             p.fill_(1.0)
             continue
         shape = full_shape(p, ps.tp)
-        key = getattr(p, "tied_to", name)  # a tied copy is initialised like its original
+        key = meta.tied_to or name  # a tied copy is initialised like its original
         gen = torch.Generator(device=p.device).manual_seed(_name_seed(seed, key))
         limit = (rows_limit or {}).get(key, shape[0])
         full = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        full[:limit].normal_(0.0, p.init[1], generator=gen)
-        if p.tp_split_dim is not None:
-            full = full.chunk(ps.tp, dim=p.tp_split_dim)[ps.tp_rank]
+        full[:limit].normal_(0.0, meta.init[1], generator=gen)
+        if meta.split_dim is not None:
+            full = full.chunk(ps.tp, dim=meta.split_dim)[ps.tp_rank]
         p.copy_(full)
 
 

@@ -1,6 +1,8 @@
 """Micro-batch schedules: one entry, `forward_backward`, for gradient accumulation with and without pipelining.
 
-It runs every micro-batch of one global step through this rank's model chunk(s): plain accumulation
+The order of a stage's forwards and backwards is one pure function, `schedule_ops` (Megatron-core's schedule
+table): the executor walks that list, and the planner (gpt3d/plan/schedule.py) sizes memory and time from the
+same list, so the order has one home. It runs every micro-batch of one global step through this rank's model chunk(s): plain accumulation
 without pipelining; 1F1B with it (warm-up forwards, steady one-forward-one-backward, cool-down backwards);
 interleaved 1F1B with several chunks per stage; activations move between stages by batched isend/irecv.
 The schedules know nothing of the model: they call `forward_step(chunk, micro_batch, input) -> (output,
@@ -11,12 +13,13 @@ gradient buffer's handle that holds its reductions back until the last micro-bat
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .layout import check_interleaved
 from .state import ParallelState
 
 # (chunk, micro-batch, input from the previous stage or None) -> (output for the next stage, loss or None)
@@ -34,13 +37,78 @@ def forward_backward(chunks: list[nn.Module], microbatches: list[dict], ps: Para
     or with `sum_gradients` of the micro-batches' summed losses (DeepSpeed's pipeline engine's gradients).
     `hidden_shape`/`dtype`: the activations sent between stages (needed with pipelining)."""
     step = _Step(chunks, microbatches, forward_step, forward_only, loss_scale, no_sync, sum_gradients)
+    if ps.pp > 1:
+        check_interleaved(step.m, ps.pp, len(chunks))   # refused at start (parallel/layout.py); kept for direct callers
+    ops = schedule_ops(ps.pp, ps.pp_rank, len(chunks), step.m, forward_only=forward_only)
     if ps.pp == 1:
-        _no_pipelining(step)
+        _no_pipelining(step, ops)
     elif len(chunks) == 1:
-        _one_f_one_b(step, ps, _P2P(ps, hidden_shape, dtype))
+        _one_f_one_b(step, ps, _P2P(ps, hidden_shape, dtype), ops)
     else:
-        _interleaved(step, ps, _P2P(ps, hidden_shape, dtype, ring=True))
+        _interleaved(step, ps, _P2P(ps, hidden_shape, dtype, ring=True), ops)
     return step.mean_loss()
+
+
+class Op(NamedTuple):
+    """One compute step of a stage: "F" (forward) or "B" (backward) of model chunk `chunk` on micro-batch `micro`."""
+    kind: str
+    chunk: int
+    micro: int
+
+
+def virtual_chunk(k: int, pp: int, vp: int, forward: bool = True) -> int:
+    """The model chunk of virtual step k in the interleaved schedule (reversed for backwards)."""
+    c = (k % (pp * vp)) // pp
+    return c if forward else vp - 1 - c
+
+
+def virtual_micro(k: int, pp: int, vp: int) -> int:
+    """The micro-batch of virtual step k in the interleaved schedule."""
+    return (k // (pp * vp)) * pp + k % pp
+
+
+def schedule_ops(pp: int, rank: int, vp: int, m: int, forward_only: bool = False) -> list[Op]:
+    """The forwards and backwards stage `rank` runs in one step, in order (the schedule table).
+
+    No pipelining: forward and backward of each micro-batch in turn. 1F1B (vp = 1): pp-rank-1 warm-up
+    forwards, then one forward / one backward, then the remaining backwards. Interleaved (Megatron):
+    (pp-rank-1)*2 + (vp-1)*pp warm-up forwards (all of them when m == pp); virtual step k works on chunk
+    `virtual_chunk(k)` and micro-batch `virtual_micro(k)`. `forward_only`: the forwards alone, in that order.
+    The first `warmup_forwards` of them are the warm-up, before the steady one-forward-one-backward."""
+    warm = warmup_forwards(pp, rank, vp, m)
+    if pp == 1:
+        ops = [op for i in range(m) for op in (Op("F", 0, i), Op("B", 0, i))]
+    elif vp == 1:
+        ops = [Op("F", 0, i) for i in range(warm)]
+        for i in range(m - warm):
+            ops += [Op("F", 0, warm + i), Op("B", 0, i)]
+        ops += [Op("B", 0, i) for i in range(m - warm, m)]
+    else:
+        total = m * vp
+
+        def fwd(k: int) -> Op:
+            return Op("F", virtual_chunk(k, pp, vp), virtual_micro(k, pp, vp))
+
+        def bwd(k: int) -> Op:
+            return Op("B", virtual_chunk(k, pp, vp, forward=False), virtual_micro(k, pp, vp))
+
+        ops = [fwd(k) for k in range(warm)]
+        for k in range(total - warm):
+            ops += [fwd(k + warm), bwd(k)]
+        ops += [bwd(k) for k in range(total - warm, total)]
+    return [op for op in ops if op.kind == "F"] if forward_only else ops
+
+
+def warmup_forwards(pp: int, rank: int, vp: int, m: int, forward_only: bool = False) -> int:
+    """Forwards stage `rank` runs before its first steady-state forward/backward pair (all of them forward-only)."""
+    if forward_only:
+        return m * vp
+    if pp == 1:
+        return 0
+    if vp == 1:
+        return min(pp - rank - 1, m)
+    total = m * vp
+    return total if m == pp else min(total, (pp - rank - 1) * 2 + (vp - 1) * pp)
 
 
 class _Step:
@@ -105,31 +173,34 @@ class _P2P:
         return from_prev, from_next
 
 
-def _no_pipelining(step: _Step) -> None:
-    for i in range(step.m):
-        y = step.forward(0, i, None)
-        if not step.forward_only:
-            step.backward(y, None, last_microbatch=i == step.m - 1)
+def _no_pipelining(step: _Step, ops: list[Op]) -> None:
+    alive = {}
+    for op in ops:
+        if op.kind == "F":
+            y = step.forward(op.chunk, op.micro, None)
+            if not step.forward_only:
+                alive[op.micro] = y
+        else:
+            step.backward(alive.pop(op.micro), None, last_microbatch=op.micro == step.m - 1)
 
 
-def _one_f_one_b(step: _Step, ps: ParallelState, p2p: _P2P) -> None:
-    """Non-interleaved 1F1B: stage r runs P-r-1 warm-up forwards, then alternates, then drains.
-
-    At most P-r micro-batches' activations are alive on stage r (vs all M with GPipe).
+def _one_f_one_b(step: _Step, ps: ParallelState, p2p: _P2P, ops: list[Op]) -> None:
+    """Non-interleaved 1F1B (`schedule_ops`' order): stage r runs P-r-1 warm-up forwards, then alternates, then
+    drains. At most P-r micro-batches' activations are alive on stage r (vs all M with GPipe).
     """
     m, forward_only = step.m, step.forward_only
+    fwd = [op for op in ops if op.kind == "F"]
+    bwd = iter([op for op in ops if op.kind == "B"])
     inputs, outputs = [], []
-    done_backward = [0]
 
     def backward(x, y, gy) -> Optional[torch.Tensor]:
-        step.backward(y, gy, last_microbatch=done_backward[0] == m - 1)
-        done_backward[0] += 1
+        step.backward(y, gy, last_microbatch=next(bwd).micro == m - 1)
         return x.grad if x is not None else None
 
-    warmup = m if forward_only else min(ps.pp - ps.pp_rank - 1, m)
+    warmup = warmup_forwards(ps.pp, ps.pp_rank, 1, m, forward_only)
     for i in range(warmup):
         x, _ = p2p(recv_prev=True)
-        y = step.forward(0, i, x)
+        y = step.forward(fwd[i].chunk, fwd[i].micro, x)
         p2p(send_next=None if ps.is_last_stage else y.detach())
         if not forward_only:
             inputs.append(x)
@@ -137,7 +208,7 @@ def _one_f_one_b(step: _Step, ps: ParallelState, p2p: _P2P) -> None:
     remaining = m - warmup
     x = p2p(recv_prev=True)[0] if remaining else None
     for i in range(remaining):
-        y = step.forward(0, warmup + i, x)
+        y = step.forward(fwd[warmup + i].chunk, fwd[warmup + i].micro, x)
         send = None if ps.is_last_stage else y.detach()
         _, gy = p2p(send_next=send, recv_next=not ps.is_last_stage)
         inputs.append(x)
@@ -153,34 +224,31 @@ def _one_f_one_b(step: _Step, ps: ParallelState, p2p: _P2P) -> None:
         p2p(send_prev=gx)
 
 
-def _interleaved(step: _Step, ps: ParallelState, p2p: _P2P) -> None:
+def _interleaved(step: _Step, ps: ParallelState, p2p: _P2P, ops: list[Op]) -> None:
     """Interleaved 1F1B (Megatron): V model chunks per stage cut the bubble to (P-1)/(V*M).
 
-    Virtual step k runs chunk (k mod P*V) // P on micro-batch (k // P*V) * P + k mod P; activations
-    travel a ring (the last stage feeds chunk v+1 of the first stage).
+    The k-th forward and k-th backward are those of `schedule_ops`; what arrives from a neighbour belongs to
+    the chunk its own schedule ran (`virtual_chunk`). Activations travel a ring (the last stage feeds chunk
+    v+1 of the first stage).
     """
-    p, r, v_count, m, forward_only = ps.pp, ps.pp_rank, len(step.chunks), step.m, step.forward_only
-    if m % p:
-        raise ValueError(f"interleaved pipeline needs micro-batches ({m}) divisible by PP ({p})")
+    p, v_count, m, forward_only = ps.pp, len(step.chunks), step.m, step.forward_only
     total = m * v_count
     first, last = ps.is_first_stage, ps.is_last_stage
+    f_ops = [op for op in ops if op.kind == "F"]
+    b_ops = [op for op in ops if op.kind == "B"]
     inputs = [[] for _ in range(v_count)]
     outputs = [[] for _ in range(v_count)]
     grads = [[] for _ in range(v_count)]
 
     def chunk_of(k: int, forward: bool) -> int:
-        c = (k % (p * v_count)) // p
-        return c if forward else v_count - 1 - c
-
-    def mb_of(k: int) -> int:
-        return (k // (p * v_count)) * p + k % p
+        return virtual_chunk(k, p, v_count, forward)
 
     def fwd(k: int) -> Optional[torch.Tensor]:
-        c = chunk_of(k, True)
+        c = f_ops[k].chunk
         is_first, is_last = first and c == 0, last and c == v_count - 1
         if is_first and len(inputs[c]) == len(outputs[c]):
             inputs[c].append(None)  # the embedding chunk reads tokens, nothing is received
-        y = step.forward(c, mb_of(k), inputs[c][-1])
+        y = step.forward(c, f_ops[k].micro, inputs[c][-1])
         outputs[c].append(y)
         if forward_only:
             inputs[c].pop()
@@ -188,15 +256,15 @@ def _interleaved(step: _Step, ps: ParallelState, p2p: _P2P) -> None:
         return None if is_last else y.detach()
 
     def bwd(k: int) -> Optional[torch.Tensor]:
-        c = chunk_of(k, False)
+        c = b_ops[k].chunk
         if last and c == v_count - 1 and not grads[c]:
             grads[c].append(None)   # the loss chunk starts backward from the loss
         x, y, gy = inputs[c].pop(0), outputs[c].pop(0), grads[c].pop(0)
-        step.backward(y, None if (last and c == v_count - 1) else gy, last_microbatch=mb_of(k) == m - 1)
+        step.backward(y, None if (last and c == v_count - 1) else gy, last_microbatch=b_ops[k].micro == m - 1)
         return None if (first and c == 0) or x is None else x.grad
 
-    all_warmup = forward_only or m == p
-    warmup = total if all_warmup else min(total, (p - r - 1) * 2 + (v_count - 1) * p)
+    warmup = warmup_forwards(p, ps.pp_rank, v_count, m, forward_only)
+    all_warmup = warmup == total
     remaining = total - warmup
     if not first:
         inputs[0].append(p2p(recv_prev=True)[0])
@@ -245,19 +313,3 @@ def _interleaved(step: _Step, ps: ParallelState, p2p: _P2P) -> None:
             _, gy = p2p(send_prev=gx, recv_next=recv_next)
             if recv_next:
                 grads[nb].append(gy)
-
-
-def stage_layers(num_layers: int, pp: int, pp_rank: int, split: Optional[str] = None,
-                 layers_per_virtual_stage: Optional[int] = None) -> list[list[int]]:
-    """Global layer ids of each model chunk on stage `pp_rank`.
-
-    Interleaved (Megatron): chunk v of stage p holds virtual stage v*pp + p, so a
-    micro-batch visits every stage once per chunk round.
-    """
-    if layers_per_virtual_stage:
-        n = layers_per_virtual_stage
-        chunks = num_layers // (n * pp)
-        return [list(range((v * pp + pp_rank) * n, (v * pp + pp_rank + 1) * n)) for v in range(chunks)]
-    sizes = [int(x) for x in split.split(",")] if split else [num_layers // pp] * pp
-    start = sum(sizes[:pp_rank])
-    return [list(range(start, start + sizes[pp_rank]))]

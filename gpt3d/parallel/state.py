@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ..config import ParallelConfig
 from ..errors import ConfigError
+from .layout import data_parallel_size
 
 
 @dataclass
@@ -166,9 +167,7 @@ def _attempt_store(timeout: timedelta) -> "dist.Store":
 
 def build_parallel_state(cfg: ParallelConfig, world_size: int, rank: int, device: torch.device) -> ParallelState:
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
-    dp = world_size // (tp * pp)
+    dp = data_parallel_size(world_size, tp, pp)
     ps = ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, sequence_parallel=cfg.sequence_parallel, device=device)
     if world_size == 1:
         return ps

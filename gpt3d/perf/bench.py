@@ -93,7 +93,9 @@ def bench_gpt3d(cfg: Config, warmup: int, iters: int) -> dict:
 
 def bench_hf(cfg: Config, warmup: int, iters: int) -> dict:
     """The peer at the same global batch: if its micro-batch does not fit, halve it and accumulate more."""
-    mbs, micro = cfg.training.micro_batch_size, cfg.training.global_batch_size // cfg.training.micro_batch_size
+    from .parallel.layout import resolve
+    one_gpu = resolve(cfg, 1)
+    mbs, micro = one_gpu.micro_batch_size, one_gpu.num_micro
     while True:
         try:
             r = _bench_hf(cfg, mbs, micro, warmup, iters)
@@ -174,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     precision = "fp16" if args.fp16 else f"fp8-{args.fp8_recipe}" if args.fp8 else "bf16"
     rows = []
     for shape, cfg in configs:
-        from ..model.gpt import padded_vocab_size
+        from ..parallel.layout import padded_vocab_size
         v = cfg.model.vocab_size
         tp = Throughput(cfg.model, v, padded_vocab_size(v, 128, 1), cfg.training.global_batch_size, 1,
                         args.peak_tflops)

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import Config
-from .layout import RECOMPUTE, Layout, default_micro_batch_sizes, is_valid, layout_of
+from ..errors import ConfigError
+from ..parallel.layout import resolve
+from .layout import MICRO_BATCH_SIZES, RECOMPUTE, Layout, apply_layout, is_valid, layout_of
 from .presets import GIB, Gpu
 from .search import Prediction, predict_layout
 
@@ -55,7 +57,7 @@ class Advice:
         """A copy of `cfg` with the better layout's recompute and micro-batch size (global batch kept)."""
         c = copy.deepcopy(cfg)
         lay, t = self.better.layout, c.training
-        t.global_batch_size = self.current.layout.mbs * self.current.layout.num_micro * self.current.layout.dp
+        t.global_batch_size = self.current.layout.global_batch
         t.micro_batch_size = lay.mbs
         c.model.recompute_granularity = lay.recompute
         if lay.recompute != "full":
@@ -65,12 +67,16 @@ class Advice:
 
 def candidates(cfg: Config, own: Layout) -> list[Layout]:
     """`own` with every recompute setting and each micro-batch size the planner tries (`gpt3d plan`'s)."""
-    per_replica = own.mbs * own.num_micro
-    sizes = sorted(set(default_micro_batch_sizes(per_replica)) | {own.mbs})
     out = []
-    for mbs in sizes:
+    for mbs in sorted(set(MICRO_BATCH_SIZES) | {own.mbs}):
+        c = apply_layout(cfg, own)
+        c.training.micro_batch_size = mbs   # the same global batch in micro-batches of `mbs`, if the runtime can
+        try:
+            num_micro = resolve(c, own.world).num_micro
+        except ConfigError:
+            continue
         for rc in RECOMPUTE:
-            lay = dataclasses.replace(own, mbs=mbs, num_micro=per_replica // mbs, recompute=rc,
+            lay = dataclasses.replace(own, mbs=mbs, num_micro=num_micro, recompute=rc,
                                       recompute_num_layers=own.recompute_num_layers if rc == "full" else None)
             if lay != own and is_valid(cfg, lay):
                 out.append(lay)
@@ -84,7 +90,7 @@ def _flags(cfg: Config, own: Layout, lay: Layout) -> list:
     if lay.mbs != own.mbs:
         flags += ["--micro-batch-size", str(lay.mbs)]
         if not cfg.training.global_batch_size:   # the global batch followed the micro-batch size: pin it
-            flags += ["--global-batch-size", str(own.mbs * own.num_micro * own.dp)]
+            flags += ["--global-batch-size", str(own.global_batch)]
     return flags
 
 

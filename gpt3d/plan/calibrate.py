@@ -123,7 +123,6 @@ def _optimizer_ns_per_param(cfg: Config, warmup: int, iters: int, device: torch.
     from ..parallel.state import ParallelState
     ps = ParallelState.single(device)
     layer = torch.nn.Linear(10_000, n // 10_000, bias=False, device=device, dtype=torch.bfloat16)
-    layer.weight.tp_split_dim = None
     grads = GradBuffer([layer], ps)
     opt = ZeroOptimizer(grads, cfg.optimizer, ps)
     for p in layer.parameters():
@@ -154,7 +153,7 @@ def calibrate(cfg: Config, *, warmup: int = 3, iters: int = 10, verbose: bool = 
     layer_s = two_layers_s / 2
     ew_s = max(layer_s - gemm_s - attn_s, 0.05 * layer_s)
     head_s, _ = _chunk_seconds(cfg, [], True, True, warmup, iters, dev, compile=False)
-    from ..model.gpt import padded_vocab_size
+    from ..parallel.layout import padded_vocab_size
     pv = padded_vocab_size(vocab_of(cfg), m.make_vocab_size_divisible_by, 1)
     gemm_tflops = 3 * gemm_flops / max(gemm_s - n_gemm * GEMM_OVERHEAD_S, 0.5 * gemm_s) / 1e12
     head_gemm_s = 6 * b * s * m.hidden_size * pv / (gemm_tflops * 1e12) + 3 * GEMM_OVERHEAD_S

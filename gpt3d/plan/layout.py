@@ -1,8 +1,11 @@
 """One candidate parallel layout, and every valid one for a model, batch and cluster.
 
 Why a separate module: the memory and time models take a `Layout`, the search
-makes them, and validity is decided by gpt3d's own `Config.validate` (the rule
-`gpt3d train` applies), so the planner never proposes a layout training refuses.
+makes them. The layout arithmetic (DP, micro-batches, virtual stages, each stage's
+layers) and its rules are the runtime's own, parallel/layout.py: a candidate is made by
+`parallel.layout.resolve` from the config it stands for, and it is valid when
+gpt3d's own `Config.validate` (the rule `gpt3d train` applies) accepts that config,
+so the planner never proposes a layout training refuses, nor hides one it accepts.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Iterable, Optional
 
 from ..config import Config
 from ..errors import ConfigError
-from ..parallel.pipeline import stage_layers
+from ..parallel import layout as runtime
 
 RECOMPUTE = (None, "selective", "full")
 
@@ -36,6 +39,15 @@ class Layout:
         return self.tp * self.pp * self.dp
 
     @property
+    def global_batch(self) -> int:
+        """Samples per step: micro-batch x DP x micro-batches (parallel/layout.py's `micro_batches`)."""
+        return self.mbs * self.dp * self.num_micro
+
+    def runtime(self) -> tuple:
+        """What the runtime's layout (parallel/layout.py) fixes: TP, PP, DP, micro-batching, chunks, SP."""
+        return self.tp, self.pp, self.dp, self.mbs, self.num_micro, self.vp, self.sp
+
+    @property
     def zero_effective(self) -> int:
         return self.zero if self.dp > 1 else 0
 
@@ -54,22 +66,17 @@ class Layout:
     def stage_chunks(self, num_layers: int, pp_rank: int) -> list[list[int]]:
         """Global layer ids of each model chunk on stage `pp_rank` (gpt3d's own assignment)."""
         per_chunk = num_layers // (self.pp * self.vp) if self.vp > 1 else None
-        return stage_layers(num_layers, self.pp, pp_rank, self.split, per_chunk)
+        return runtime.stage_layers(num_layers, self.pp, pp_rank, self.split, per_chunk)
 
 
 def layout_of(cfg: Config, world: int) -> Layout:
-    """The layout a config asks for at `world` GPUs."""
-    p, t, m = cfg.parallel, cfg.training, cfg.model
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if world % (tp * pp):
-        raise ConfigError(f"world size {world} is not divisible by TP x PP = {tp} x {pp}")
-    dp = world // (tp * pp)
-    gbs = t.global_batch_size or t.micro_batch_size * dp
-    vp = m.num_layers // (p.num_layers_per_virtual_pipeline_stage * pp) if p.num_layers_per_virtual_pipeline_stage \
-        else 1
-    return Layout(tp=tp, pp=pp, dp=dp, mbs=t.micro_batch_size, num_micro=max(1, gbs // (t.micro_batch_size * dp)),
-                  vp=vp, sp=p.sequence_parallel and tp > 1, recompute=m.recompute_granularity, zero=p.zero_stage,
-                  split=p.pipeline_model_parallel_split, recompute_num_layers=m.recompute_num_layers)
+    """The layout a config asks for at `world` GPUs (the runtime's `requested`: checked only for the world size;
+    `is_valid` says whether gpt3d runs it)."""
+    p, m = cfg.parallel, cfg.model
+    tp, pp, dp, vp, mbs, num_micro = runtime.requested(cfg, world)
+    return Layout(tp=tp, pp=pp, dp=dp, mbs=mbs, num_micro=num_micro, vp=vp, sp=p.sequence_parallel and tp > 1,
+                  recompute=m.recompute_granularity, zero=p.zero_stage, split=p.pipeline_model_parallel_split,
+                  recompute_num_layers=m.recompute_num_layers)
 
 
 def apply_layout(cfg: Config, lay: Layout) -> Config:
@@ -84,7 +91,7 @@ def apply_layout(cfg: Config, lay: Layout) -> Config:
     m.recompute_granularity = lay.recompute
     m.recompute_num_layers = lay.recompute_num_layers if lay.recompute == "full" else None
     c.training.micro_batch_size = lay.mbs
-    c.training.global_batch_size = lay.mbs * lay.num_micro * lay.dp
+    c.training.global_batch_size = lay.global_batch
     if c.training.train_iters is None and c.training.train_tokens is None:
         c.training.train_iters = 1
     c.data.mock_data = True
@@ -92,53 +99,61 @@ def apply_layout(cfg: Config, lay: Layout) -> Config:
 
 
 def is_valid(cfg: Config, lay: Layout) -> bool:
+    """`gpt train` accepts `lay` (its config validates) and runs exactly `lay` (the runtime resolves that config
+    back to it)."""
+    c = apply_layout(cfg, lay)
     try:
-        apply_layout(cfg, lay).validate(lay.world)
+        c.validate(lay.world)
+        r = runtime.resolve(c, lay.world)
     except ConfigError:
         return False
-    return True
+    return (r.tp, r.pp, r.dp, r.micro_batch_size, r.num_micro, r.vp, r.sequence_parallel) == lay.runtime()
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def default_micro_batch_sizes(per_replica: int) -> list[int]:
-    """The micro-batch sizes the planner tries: powers of two up to 16 that divide the per-replica batch (the
-    range its speed model was checked over, benchmarks/RESULTS.md)."""
-    return [b for b in _divisors(per_replica) if b <= 16 and b & (b - 1) == 0]
+MICRO_BATCH_SIZES = (1, 2, 4, 8, 16)   # the range the speed model was checked over (benchmarks/RESULTS.md)
+
+
+def candidate(cfg: Config, world: int, tp: int, pp: int, vp: int, mbs: int) -> Optional[Layout]:
+    """The layout of `cfg` set to TP, PP, VP chunks per stage and micro-batch size `mbs` (global batch kept,
+    no SP, recompute and ZeRO as in `cfg`) as the runtime resolves it, None when the runtime refuses it."""
+    c = copy.copy(cfg)
+    c.parallel, c.training = copy.copy(cfg.parallel), copy.copy(cfg.training)
+    p = c.parallel
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.sequence_parallel = tp, pp, False
+    p.pipeline_model_parallel_split = None
+    p.num_layers_per_virtual_pipeline_stage = max(1, cfg.model.num_layers // (pp * vp)) if vp > 1 else None
+    c.training.micro_batch_size = mbs
+    try:
+        r = runtime.resolve(c, world)
+    except ConfigError:
+        return None
+    return layout_of(c, world) if r.vp == vp else None
 
 
 def enumerate_layouts(cfg: Config, world: int, gpus_per_node: int, *, micro_batch_sizes: Optional[Iterable] = None,
                       max_virtual: int = 8) -> list[Layout]:
-    """Every layout gpt3d accepts for this model and global batch on `world` GPUs: TP inside a node (a power of
-    two dividing the heads), PP dividing the layers, interleaving, micro-batch sizes dividing the per-replica
-    batch, SP, recompute none/selective/full, ZeRO 0/1."""
-    m, gbs = cfg.model, cfg.training.global_batch_size
-    if not gbs:
+    """Every layout gpt3d accepts for this model and global batch on `world` GPUs among those the planner tries:
+    TP a power of two inside a node, PP, 1 to `max_virtual` chunks per stage, micro-batch sizes
+    (`MICRO_BATCH_SIZES` unless given), SP, recompute none/selective/full, ZeRO 0/1. Which of them gpt3d
+    accepts is the runtime's verdict (`candidate`, `is_valid`)."""
+    if not cfg.training.global_batch_size:
         raise ConfigError("the plan needs --global-batch-size (the batch the layouts must reproduce)")
     out = []
     for tp in [d for d in _divisors(min(world, gpus_per_node)) if d & (d - 1) == 0]:
         for pp in _divisors(world // tp):
-            if m.num_layers % pp:
-                continue
-            dp = world // (tp * pp)
-            if gbs % dp:
-                continue
-            per_replica = gbs // dp
-            sizes = micro_batch_sizes or default_micro_batch_sizes(per_replica)
-            vps = [1] + [v for v in range(2, max_virtual + 1) if pp > 1 and m.num_layers % (pp * v) == 0]
-            for mbs in sizes:
-                if per_replica % mbs:
-                    continue
-                num_micro = per_replica // mbs
-                for vp in vps:
-                    if vp > 1 and num_micro % pp:
+            for mbs in micro_batch_sizes or MICRO_BATCH_SIZES:
+                for vp in range(1, max_virtual + 1):
+                    base = candidate(cfg, world, tp, pp, vp, mbs)
+                    if base is None:
                         continue
                     for sp in ([False, True] if tp > 1 else [False]):
                         for rc in RECOMPUTE:
-                            for zero in ([1, 0] if dp > 1 else [1]):
-                                lay = Layout(tp, pp, dp, mbs, num_micro, vp, sp, rc, zero)
+                            for zero in ([1, 0] if base.dp > 1 else [1]):
+                                lay = Layout(tp, pp, base.dp, mbs, base.num_micro, vp, sp, rc, zero)
                                 if is_valid(cfg, lay):
                                     out.append(lay)
     return out

@@ -11,11 +11,11 @@ fused cross entropy) edits one line.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import ModelConfig
+from ..optim.buckets import bucket_layout, late_reduction, local_pieces
 from ..model.gpt import EMBEDDING, OUTPUT_LAYER, padded_vocab_size
 from ..parallel.cross_entropy import CHUNK_BYTES
 from .layout import Layout
@@ -113,47 +113,17 @@ class Persistent:
 def persistent_bytes(params: list[ParamInfo], lay: Layout, *, dp_rank: int = 0, param_bytes: int = 2,
                      bucket_size_mb: float = 40.0) -> Persistent:
     """GradBuffer's and ZeroOptimizer's bytes for `params` (all chunks of a stage, in order) on DP rank
-    `dp_rank`.
-
-    Buckets fill in reverse parameter order up to `bucket_size_mb` of fp32 gradients; under ZeRO-1 each bucket
-    is padded to a multiple of DP*64 elements and every DP rank owns one contiguous 1/DP of it."""
+    `dp_rank`, from GradBuffer's own bucket layout (gpt3d/optim/buckets.py)."""
     zero, dp = lay.zero_effective, lay.dp
-    named = list(reversed(params))
-
-    def late(p: ParamInfo) -> bool:
-        return (p.sequence_parallel and lay.tp > 1) or (lay.pp > 1 and (p.shared_embedding or p.tied_copy))
-
-    cap = max(1, int(bucket_size_mb * 2 ** 20 / 4))
-    align = dp * 64 if zero else 1
-    start, buckets = 0, []            # (start, end, [(offset, numel)])
-    late_elements = 0
-    for group, is_late in (([p for p in named if not late(p)], False), ([p for p in named if late(p)], True)):
-        cur, n = [], 0
-        for i, p in enumerate(group):
-            cur.append(p)
-            n += p.numel
-            if n >= cap or i == len(group) - 1:
-                end = start + math.ceil(n / align) * align
-                offs, off = [], start
-                for q in cur:
-                    offs.append((off, q.numel))
-                    off += q.numel
-                buckets.append((start, end, offs))
-                late_elements += (end - start) if is_late else 0
-                start, cur, n = end, [], 0
-    shard, pieces = 0, 0
-    for b_start, b_end, offs in buckets:
-        lo, hi = b_start, b_end
-        if zero:
-            size = (b_end - b_start) // dp
-            lo, hi = b_start + dp_rank * size, b_start + (dp_rank + 1) * size
-        for off, n in offs:
-            s, e = max(lo, off), min(hi, off + n)
-            if s < e:
-                shard += e - s
-                pieces += 1
+    numels = [p.numel for p in params]
+    late = [late_reduction(p.sequence_parallel, p.shared_embedding or p.tied_copy, lay.tp, lay.pp) for p in params]
+    buckets = bucket_layout(numels, late, bucket_size_mb=bucket_size_mb, dp=dp, zero=zero)
+    start = buckets[-1].end if buckets else 0
+    late_elements = sum(b.end - b.start for b in buckets if b.late)
+    pieces = list(local_pieces(buckets, numels, dp, dp_rank, zero))
+    shard = sum(hi - lo for _, lo, hi, _ in pieces)
     return Persistent(params=start * param_bytes, grads=start * 4, masters=shard * 4 if param_bytes != 4 else 0,
-                      adam_moments=8 * shard, adam_steps=4 * pieces, elements=start,
+                      adam_moments=8 * shard, adam_steps=4 * len(pieces), elements=start,
                       param_elements=sum(p.numel for p in params), shard_elements=shard, buckets=len(buckets),
                       late_elements=late_elements, largest_param=max((p.numel for p in params), default=0))
 

@@ -174,7 +174,22 @@ def gpu_for_device(device) -> Gpu:
 
 # ----- calibration files ------------------------------------------------------------------------------------
 RESULTS_MARK = "plan-calibration"
-RESULTS_MD = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "RESULTS.md")
+# The latest calibration measured on a GPU (benchmarks/RESULTS.md's last plan-calibration line), shipped with the
+# package so an installed gpt3d has it: `gpt3d plan --calibrate` uses it where no GPU is visible.
+# benchmarks/update_calibration.py rewrites it from RESULTS.md; tests/end_to_end/test_plan_installed.py checks
+# that the two agree.
+CALIBRATION_DATA = "calibration.json"
+
+
+def measured_calibration() -> Calibration:
+    """The packaged calibration (gpt3d/plan/calibration.json)."""
+    from importlib import resources
+    try:
+        text = resources.files(__package__).joinpath(CALIBRATION_DATA).read_text()
+        return calibration_from_dict(json.loads(text))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"the packaged calibration gpt3d/plan/{CALIBRATION_DATA} is unreadable ({e}); "
+                          "reinstall gpt3d or give --calibration FILE") from None
 
 
 def calibration_to_json(c: Calibration) -> str:

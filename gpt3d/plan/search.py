@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..perf.flops import model_flops_per_iter
 from ..perf.flops import megatron_flops_per_iter
 from ..model.build import compile_enabled
-from ..model.gpt import padded_vocab_size
+from ..parallel.layout import padded_vocab_size
 from ..parallel.state import ParallelState
 from .layout import Layout, apply_layout, enumerate_layouts, layout_of
 from .memory import StageMemory, plan_memory
@@ -80,7 +80,7 @@ def predict_layout(cfg: Config, lay: Layout, gpu: Gpu, gpus_per_node: int = 8, *
     busiest = max(stages, key=lambda s: s.peak)
     t = step_time(m, vocab, lay, gpu, gpus_per_node, [s.persistent for s in stages], param_bytes=pb,
                   overlap_grad_reduce=c.parallel.overlap_grad_reduce, fused_loss=fused, compiled=compiled)
-    gbs = lay.mbs * lay.num_micro * lay.dp
+    gbs = lay.global_batch
     pv = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
     flops = megatron_flops_per_iter(m, pv, gbs, recompute=lay.recompute is not None)
     model_flops = model_flops_per_iter(m, pv, gbs)   # the MFU numerator training logs (gpt3d/perf/flops.py)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import ModelConfig
-from ..model.gpt import padded_vocab_size
+from ..parallel.layout import padded_vocab_size
 from ..perf.flops import layer_flops
 from .layout import Layout
 from .memory import Persistent, Shape, layer_terms, shape_of

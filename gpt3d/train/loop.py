@@ -32,6 +32,7 @@ from ..optim.grad_buffer import GradBuffer
 from ..optim.grad_scaler import DynamicLossScaler
 from ..optim.lr_schedule import LRSchedule
 from ..optim.zero import ZeroOptimizer, describe_zero
+from ..parallel.layout import resolve
 from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState, build_parallel_state, init_distributed, launch_env
 from ..plan.advice import advise
@@ -82,8 +83,8 @@ class Trainer:
             cfg = self.advice.apply(cfg)
             cfg.validate(ps.world_size)
             self.cfg, t = cfg, cfg.training
-        self.global_batch = t.global_batch_size or t.micro_batch_size * ps.dp
-        self.num_micro = self.global_batch // (t.micro_batch_size * ps.dp)
+        self.layout = resolve(cfg, ps.world_size, self.vocab_size)   # checked by cfg.validate above
+        self.global_batch, self.num_micro = self.layout.global_batch, self.layout.num_micro
         tokens_per_iter = self.global_batch * cfg.model.seq_length
         self.train_iters = train_iterations(t.train_iters, t.train_samples, t.train_tokens, self.global_batch,
                                             cfg.model.seq_length)

@@ -19,6 +19,7 @@ from gpt3d.model.build import build_model_chunks
 from gpt3d.model.gpt import GPTModel
 from gpt3d.optim.grad_buffer import GradBuffer
 from gpt3d.optim.zero import ZeroOptimizer
+from gpt3d.parallel.param_meta import param_meta
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
 from gpt3d.plan.layout import layout_of
@@ -161,6 +162,7 @@ def test_parameter_list_matches_the_model_in_registration_order():
                          post_process=post)
         got = [(p.name, p.numel, p.tp_split, p.sequence_parallel, p.shared_embedding, p.tied_copy)
                for p in chunk_params(cfg, 250, 2, True, [1, 2], pre, post)]
-        want = [(n, p.numel(), p.tp_split_dim is not None, p.sequence_parallel,
-                 getattr(p, "shared_embedding", False), hasattr(p, "tied_to")) for n, p in model.named_parameters()]
+        want = [(n, p.numel(), param_meta(p).split_dim is not None, param_meta(p).sequence_parallel,
+                 param_meta(p).shared_embedding, param_meta(p).tied_to is not None)
+                for n, p in model.named_parameters()]
         assert got == want, (pre, post)

@@ -12,6 +12,7 @@ from gpt3d.config import ModelConfig, ParallelConfig
 from gpt3d.model.gpt import GPTModel
 from gpt3d.parallel.cross_entropy import vocab_parallel_cross_entropy
 from gpt3d.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from gpt3d.parallel.param_meta import param_meta
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState, build_parallel_state
 
@@ -131,16 +132,17 @@ def _model_case(rank: int, world: int, kw: dict, sp: bool) -> dict:
     for name, p in model.named_parameters():
         d = dense_params[name]
         grad = p.grad.clone()
-        if getattr(p, "sequence_parallel", False) and ps.sp:
+        if param_meta(p).sequence_parallel and ps.sp:
             dist.all_reduce(grad)
         rows = min(d.shape[0], 1000) if "word_embeddings" in name else None
-        if p.tp_split_dim is not None:
+        split = param_meta(p).split_dim
+        if split is not None:
             parts = [torch.empty_like(p) for _ in range(world)]
             dist.all_gather(parts, p.detach())
-            full_w = torch.cat(parts, p.tp_split_dim)
+            full_w = torch.cat(parts, split)
             gparts = [torch.empty_like(grad) for _ in range(world)]
             dist.all_gather(gparts, grad)
-            full_g = torch.cat(gparts, p.tp_split_dim)
+            full_g = torch.cat(gparts, split)
         else:
             full_w, full_g = p.detach(), grad
         if rows:

@@ -17,7 +17,7 @@ from gpt3d.config import Config
 from gpt3d.errors import ConfigError
 from gpt3d.plan import check_memory, plan, predict
 from gpt3d.plan.layout import Layout, apply_layout
-from gpt3d.plan.presets import (GIB, RESULTS_MD, calibration_to_json, load_calibration, resolve_gpu)
+from gpt3d.plan.presets import (GIB, calibration_to_json, load_calibration, measured_calibration, resolve_gpu)
 from gpt3d.plan.schedule import bubble_fraction
 from gpt3d.plan.search import predict_layout
 
@@ -135,7 +135,7 @@ def test_custom_gpu_and_calibration_files(tmp_path, capsys):
     md = tmp_path / "log.md"
     md.write_text("text\n<!-- plan-calibration " + calibration_to_json(cal) + " -->\n")
     assert load_calibration(str(md)).gemm_tflops == cal.gemm_tflops
-    assert load_calibration(RESULTS_MD).source.startswith("measured on NVIDIA H100")   # --calibrate without a GPU
+    assert measured_calibration().source.startswith("measured on NVIDIA H100")   # --calibrate without a GPU
 
 
 def test_check_memory_refuses_a_layout_predicted_not_to_fit():

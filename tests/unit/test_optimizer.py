@@ -14,8 +14,6 @@ from gpt3d.parallel.state import ParallelState
 def _model(dtype) -> nn.Module:
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 8))
-    for p in m.parameters():
-        p.tp_split_dim = None
     return m.to(dtype)
 
 
