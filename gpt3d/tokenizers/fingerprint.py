@@ -6,7 +6,7 @@ tokenizer.json, which import-hf carries: other bytes, the same ids) and accepted
 fingerprint hashes `behaviour(tok)`: the type-independent settings, the vocabulary (token -> id), BPE merges or
 unigram scores, the special ids, eod and bos, and the ids the tokenizer gives PROBES, texts chosen to exercise
 whitespace, Unicode, special-token look-alikes, code and prose. PROBES are also what export-hf checks its
-tokenizer.json against (data/hf_tokenizer.py).
+tokenizer.json against (tokenizers/files.py).
 """
 from __future__ import annotations
 
