@@ -5,7 +5,7 @@
     distributed/  several gloo ranks against one process: every parallel layout, tensor-parallel layers,
                   resharding, and the planner's predictions against real ranks
     end_to_end/   the `gpt3d` commands as a user runs them: configs and launch scripts, train / resume /
-                  eval / export, `plan`, `plot`, and every fault in README's "Faults tried" table
+                  eval / export, `plan`, `plot`, and every fault in docs/faults.md's "Faults tried" table
     support/      helpers the tests share (imported as `from tests.support import curves`)
     conftest.py   the fixtures tests build for themselves: generated text and the tokenizers trained on it
 

@@ -5,7 +5,7 @@ parallel and their 3D composition must agree with the single-process run in loss
 iterations and in validation loss, to `verification.TOL`. The runs are in float64, so the only difference
 a correct layout can make is float64 rounding in another reduction order — the bound holds on any CPU (AVX2,
 AVX-512, AMX), yet an error the size of one fp32 rounding in one TP reduction breaks it. The layouts and the
-cached runs live in tests/support/verification.py, shared with the README table's test.
+cached runs live in tests/support/verification.py, shared with the docs table's test (docs/verification.md).
 """
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
-"""The seed's verification table: ZeRO-1 DP=2, + TP=2, + PP=2 (3D, 8 ranks) vs one process, and README's copy.
+"""The seed's verification table: ZeRO-1 DP=2, + TP=2, + PP=2 (3D, 8 ranks) vs one process, and the docs' copy.
 
 The runs are the ones test_layouts.py makes (cached in tests/support/verification.py); the
-README table must be what `python -m tests.support.verification --update-readme` writes
+table in docs/verification.md must be what `python -m tests.support.verification --update-docs` writes
 from such a run, so a stale or hand-typed table fails here.
 """
 from __future__ import annotations
 
 import pytest
 
-from tests.support.verification import (COMMAND, README, SEED_ROWS, TOL, parse, readme_block, seed_table,
+from tests.support.verification import (COMMAND, SEED_ROWS, TABLE_DOC, TOL, parse, seed_table, table_block,
                                         world_curves)
 
 
@@ -27,16 +27,16 @@ def test_seed_layouts_match_one_process(rows):
 
 
 @pytest.mark.slow
-def test_readme_table_is_the_run(rows):
-    block = readme_block(README.read_text())
-    assert f"`{COMMAND}`" in block, "the README table must say which command produced it"
+def test_docs_table_is_the_run(rows):
+    block = table_block(TABLE_DOC.read_text())
+    assert f"`{COMMAND}`" in block, "the docs table must say which command produced it"
     table = parse(block)
     assert [(r["layout"], r["ranks"], r["shape"]) for r in table] == \
-        [(r["layout"], r["ranks"], r["shape"]) for r in rows], f"README table layouts are stale; run {COMMAND}"
+        [(r["layout"], r["ranks"], r["shape"]) for r in rows], f"docs/verification.md table layouts are stale; run {COMMAND}"
     for got, fresh in zip(table, rows):
         for key in ("train", "valid", "train_diff", "valid_diff"):
             if fresh[key] is None:
                 assert got[key] is None, (got["layout"], key)
             else:
                 assert got[key] is not None and abs(got[key] - fresh[key]) <= 1e-3, \
-                    f"README {got['layout']} {key} = {got[key]} but the run gives {fresh[key]:.6f}; run {COMMAND}"
+                    f"docs/verification.md {got['layout']} {key} = {got[key]} but the run gives {fresh[key]:.6f}; run {COMMAND}"

@@ -3,7 +3,7 @@
 Missing or corrupt tokenizer files, data files that disagree with their index, data too small for the
 sequence, a typo in a config file, a world size the layout does not divide, a checkpoint of another shape,
 and a malformed JSONL line: each run ends with exit 2 and one `gpt3d: error:` line, and every file that was
-there before is byte for byte the same. README's "Faults tried" table lists them.
+there before is byte for byte the same. docs/faults.md's "Faults tried" table lists them.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Data is checked, not trusted (issue 24): a .bin/.idx is validated when it is opened, and the token-id check's
 cache is keyed by the .bin's content.
 
-Rows of README's "Faults tried": one `sizes` entry of a .idx bit-flipped trained 40 iterations on the next
+Rows of docs/faults.md's "Faults tried": one `sizes` entry of a .idx bit-flipped trained 40 iterations on the next
 documents' tokens (exit 0), a flip elsewhere crashed with a traceback; a same-size .bin rewritten with an
 out-of-range id and its old mtime restored passed the cached check and crashed mid-run.
 """
@@ -88,7 +88,7 @@ def test_a_corrupt_index_is_refused_naming_the_entry(corpus, tmp_path_factory, d
 
 
 def test_a_flipped_size_is_one_error_line_naming_the_entry(corpus, tmp_path, capsys):
-    """The README row: one sizes entry of a .idx bit-flipped. `gpt3d train` stops before training with one line
+    """The docs/faults.md row: one sizes entry of a .idx bit-flipped. `gpt3d train` stops before training with one line
     naming the index and the first entry that disagrees; nothing existing is changed."""
     prefix, _ = corpus
     work = str(tmp_path / "c")

@@ -1,4 +1,4 @@
-"""Faults a long pretraining run meets, each injected for real; README's "Faults tried" table lists them.
+"""Faults a long pretraining run meets, each injected for real; docs/faults.md's "Faults tried" table lists them.
 
 Real kills and signals go to a `python -m gpt3d train` subprocess; everything
 else runs `gpt3d.cli.main` in this process (same code path, no torch import); both through
@@ -312,13 +312,14 @@ def test_a_hung_rank_dumps_its_stack_and_the_restarted_job_resumes(tmp_path):
     assert checkpoint.read_meta(checkpoint.resolve(str(ck)))["iteration"] == 6
 
 
-def test_readme_lists_every_fault_test():
-    """The README's "Faults tried" section is the list, read from the README itself so it cannot drift: every
-    test of the files its introduction names (the fault suites) has a row, every test file the section names
-    exists (found by name anywhere under tests/), and every test a row names exists in one of them."""
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("## Faults tried")
-    section = readme[start:readme.index("\n## ", start)]
+def test_docs_list_every_fault_test():
+    """The "Faults tried" section of docs/faults.md is the list, read from that page itself so it cannot drift:
+    every test of the files its introduction names (the fault suites) has a row, every test file the section
+    names exists (found by name anywhere under tests/), and every test a row names exists in one of them."""
+    doc = (ROOT / "docs" / "faults.md").read_text()
+    start = doc.index("# Faults tried")
+    end = doc.find("\n## ", start)
+    section = doc[start:end if end >= 0 else len(doc)]
     intro, table = section[:section.index("\n|")], section[section.index("\n|"):]
     defs = {p.stem: re.findall(r"^def (test_\w+)", p.read_text(), flags=re.M)
             for p in (ROOT / "tests").rglob("test_*.py")}
@@ -327,10 +328,10 @@ def test_readme_lists_every_fault_test():
     assert {"test_faults", "test_config_values"} <= suites and sorted(files - set(defs)) == []
     listed = set(re.findall(r"\b(test_\w+)\b(?!\.py)", table)) - files
     unlisted = [f"{f}.py::{n}" for f in sorted(suites) for n in defs[f]
-                if n not in listed and n != "test_readme_lists_every_fault_test"]
-    assert unlisted == [], "tests of the fault suites without a row in the README's Faults tried table"
+                if n not in listed and n != "test_docs_list_every_fault_test"]
+    assert unlisted == [], "tests of the fault suites without a row in docs/faults.md's Faults tried table"
     stale = sorted(listed - {n for f in files for n in defs[f]})
-    assert stale == [], "tests named in the README's Faults tried table that do not exist"
+    assert stale == [], "tests named in docs/faults.md's Faults tried table that do not exist"
 
 
 @pytest.mark.slow

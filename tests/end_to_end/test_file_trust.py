@@ -9,7 +9,7 @@ One test per class of fault, each driving the real commands (in-process `gpt3d.c
   are created with the user's umask;
 * one save per iteration, a stop signal at a save interval included.
 
-README's "Faults tried" table has a row per test.
+docs/faults.md's "Faults tried" table has a row per test.
 """
 from __future__ import annotations
 

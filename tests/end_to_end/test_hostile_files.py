@@ -4,7 +4,7 @@
 First the bad inputs the issue found ending in a traceback, each once; then hypothesis drives each kind of
 file (ds_config JSON, an HF directory's config.json and safetensors header, a checkpoint's meta.json, the
 .bin/.idx data, text in any encoding) with values of the wrong type, truncations and bit flips, through the
-command that reads it, in this process (`gpt3d.cli.main`). README's "Faults tried" table has a row per test.
+command that reads it, in this process (`gpt3d.cli.main`). docs/faults.md's "Faults tried" table has a row per test.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@
     runs            real `gpt3d train` runs for the fault tests: tiny flags, in-process or as a killable process
     schedule_trace  gpt3d's pipeline schedule traced on stage threads and timed on a simulated clock
     textgen         text and tokenizers the suite makes itself (no downloads)
-    verification    README's verification table from a run; `python -m tests.support.verification --update-readme`
+    verification    docs/verification.md's table from a run; `python -m tests.support.verification --update-docs`
 """
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]   # the repository root: README, configs/, examples/, gpt3d/
+ROOT = Path(__file__).resolve().parents[2]   # the repository root: README, docs/, configs/, examples/, gpt3d/

@@ -3,10 +3,10 @@
 Every layout trains the tiny model (tests/support/curves.py) from the same seed on the
 same global batches; the table gives final train and valid loss and the largest
 per-iteration difference from the single-process run. tests/distributed/test_layouts.py
-asserts on all layouts below, tests/distributed/test_verification.py checks the README's
-table against a fresh run, so a stale or hand-typed table fails CI.
+asserts on all layouts below, tests/distributed/test_verification.py checks the table in
+docs/verification.md against a fresh run, so a stale or hand-typed table fails CI.
 
-    python -m tests.support.verification --update-readme     # from the repository root: rewrites README's table
+    python -m tests.support.verification --update-docs     # from the repository root: rewrites that table
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ ITERS = 20
 # after 20 iterations here, on AVX2 and AVX-512/AMX alike); an error of fp32's size (1e-7) in one reduction
 # moves it by >1e-6 (tests/distributed/test_layouts.py::test_a_broken_tp_reduction_is_caught).
 TOL = 1e-9
-README = ROOT / "README.md"
+TABLE_DOC = ROOT / "docs" / "verification.md"   # the page that holds the verification table
 START, END = "<!-- verification-table:start -->", "<!-- verification-table:end -->"
-COMMAND = "python -m tests.support.verification --update-readme"
+COMMAND = "python -m tests.support.verification --update-docs"
 
 # world size -> name -> overrides; one spawned job per world size runs all of its layouts in turn
 LAYOUTS = {
@@ -132,15 +132,15 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def readme_block(text: str) -> str:
+def table_block(text: str) -> str:
     m = re.search(re.escape(START) + r"\n(.*?)" + re.escape(END), text, re.S)
     if not m:
-        raise ValueError(f"{README.name} has no {START} ... {END} block")
+        raise ValueError(f"{TABLE_DOC} has no {START} ... {END} block")
     return m.group(1)
 
 
 def parse(block: str) -> list[dict]:
-    """The table rows of a README block, numbers as floats (None for '—')."""
+    """The table rows of the docs block, numbers as floats (None for '—')."""
     rows = []
     for line in block.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -152,9 +152,9 @@ def parse(block: str) -> list[dict]:
     return rows
 
 
-def update_readme(rows: list[dict], path: Path = README) -> None:
+def update_table(rows: list[dict], path: Path = TABLE_DOC) -> None:
     text = path.read_text()
-    old = readme_block(text)
+    old = table_block(text)
     stamp = (f"Produced by `{COMMAND}` on {datetime.date.today().isoformat()} (CPU, gloo, torch "
              f"{torch.__version__}, tiny model, {ITERS} iterations);\n"
              "`tests/distributed/test_verification.py` re-runs it and fails when this table disagrees with the run.")
@@ -163,18 +163,18 @@ def update_readme(rows: list[dict], path: Path = README) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="Run the seed's verification layouts and print (or store) the table.")
-    p.add_argument("--update-readme", action="store_true", help=f"rewrite the table in {README.name}")
+    p.add_argument("--update-docs", action="store_true", help=f"rewrite the table in {TABLE_DOC.relative_to(ROOT)}")
     a = p.parse_args()
-    if a.update_readme:
+    if a.update_docs:
         try:
-            readme_block(README.read_text())    # fail before the run, not after it
+            table_block(TABLE_DOC.read_text())    # fail before the run, not after it
         except (OSError, ValueError) as e:
             sys.exit(f"verification.py: error: {e}")
     rows = seed_table()
     print(render(rows))
-    if a.update_readme:
-        update_readme(rows)
-        print(f"updated {README}")
+    if a.update_docs:
+        update_table(rows)
+        print(f"updated {TABLE_DOC}")
 
 
 if __name__ == "__main__":
