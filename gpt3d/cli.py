@@ -43,7 +43,8 @@ def main(argv: Optional[list] = None) -> int:
         return int(func(args) or 0)
     except (Gpt3dError, OSError) as e:   # an OSError: a file the user named cannot be read or written
         err = e if isinstance(e, Gpt3dError) else FileError(str(e))
-        print(error_line(err), file=sys.stderr)
+        sys.stderr.write(error_line(err) + "\n")   # one write: ranks sharing a stderr never split the line
+        sys.stderr.flush()
         return err.exit_code
 
 

@@ -85,4 +85,5 @@ def os_errors_are_user_errors(fn: Callable) -> Callable:
 
 def warn(msg: str) -> None:
     """A problem the run survives (a skipped checkpoint, a failed plot): one `gpt3d: warning:` line."""
-    print(f"gpt3d: warning: {msg}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"gpt3d: warning: {msg}\n")   # one write (print writes the newline apart): ranks sharing
+    sys.stderr.flush()                              # a stderr never split the line

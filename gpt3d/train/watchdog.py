@@ -233,7 +233,8 @@ class Watchdog:
                         f"{HangError.exit_code} so the launcher can restart from the last checkpoint")
         if alarm:
             self._raise_alarm(text.split("; ")[0])
-        print(error_line(err), file=sys.stderr, flush=True)
+        sys.stderr.write(error_line(err) + "\n")   # one write: ranks sharing a stderr never split the line
+        sys.stderr.flush()
         _record_for_launcher(err)
         _dump_stacks(self.rank)
         sys.stderr.flush()
