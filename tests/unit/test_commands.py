@@ -7,7 +7,8 @@ import pathlib
 import subprocess
 import sys
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gpt3d.cli import COMMANDS
 from gpt3d.commands.output import Column, table_line
@@ -61,7 +62,7 @@ def test_table_line_is_the_f_string_it_replaces(cells):
         spec = ",.1f" if isinstance(value, float) else ",d" if isinstance(value, int) else ""
         columns.append(Column(str(value), width, align, spec, before))
         expected += f"{before}{value:{align}{width or ''}{spec}}"
-        header += f"{before}{str(value):{align}{width or ''}}"
+        header += f"{before}{value!s:{align}{width or ''}}"
     values = [c[0] for c in cells]
     assert table_line(columns, values) == expected
     assert table_line(columns) == header
