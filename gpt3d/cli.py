@@ -18,8 +18,8 @@ from .errors import FileError, Gpt3dError, error_line
 # Every other command -> the module that registers its sub-parser (`register(sub)`) and runs it. Only the
 # module of the command being run is imported, so a light command (preprocess) never pays for torch.
 COMMANDS = {"preprocess": "commands.preprocess", "bench": "commands.bench", "checkpoint-info": "commands.checkpoint",
-            "checkpoint": "commands.checkpoint", "export-hf": "interop.hf", "import-hf": "interop.hf_import",
-            "eval": "inference.generate", "generate": "inference.generate", "plot": "console.plot",
+            "checkpoint": "commands.checkpoint", "export-hf": "commands.export_hf", "import-hf": "commands.import_hf",
+            "eval": "commands.inference", "generate": "commands.inference", "plot": "commands.plot",
             "plan": "commands.plan"}
 
 

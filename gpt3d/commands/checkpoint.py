@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ..config.rules import NON_NEGATIVE
+from .output import emit, note
 
 CHECKPOINT_RULES = {"iteration": NON_NEGATIVE}   # `checkpoint import-megatron-deepspeed --iteration`
 
@@ -32,7 +33,7 @@ def register(sub) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     from ..checkpoint import describe
-    print(describe(args.path))
+    emit(describe(args.path))
     return 0
 
 
@@ -55,26 +56,23 @@ def _verify(args: argparse.Namespace) -> int:
         why = problem(path)
         if why:
             bad += 1
-            print(f"BAD  {path}: {why}", flush=True)
+            emit(f"BAD  {path}: {why}")
             continue
         n, size, checksummed = describe_files(path)
         how = "checksums match" if checksummed else "sizes only: written before checksums"
-        print(f"ok   {path}: {n} files, {size / 2 ** 20:,.1f} MiB, {how}", flush=True)
+        emit(f"ok   {path}: {n} files, {size / 2 ** 20:,.1f} MiB, {how}")
     if bad:
         raise CheckpointError(f"{bad} of {len(paths)} checkpoints in {root} are bad")
     return 0
 
 
 def _import_megatron_deepspeed(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
     from ..checkpoint.megatron_deepspeed import import_checkpoint
     from ..config.rules import check_flags
     from ..errors import os_errors_are_user_errors
     check_flags(args, CHECKPOINT_RULES)
     out = os_errors_are_user_errors(import_checkpoint)(args.load, args.save, args.iteration)
-    print(json.dumps(out))
-    print(f"continue it: gpt3d train --config {out['config']} --load {args.save} --save {args.save} "
-          "(plus --data-path and the tokenizer files where they live now)", file=sys.stderr)
+    emit(out, as_json=True)
+    note(f"continue it: gpt3d train --config {out['config']} --load {args.save} --save {args.save} "
+         "(plus --data-path and the tokenizer files where they live now)")
     return 0

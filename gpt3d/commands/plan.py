@@ -11,12 +11,12 @@ prints every layout.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..errors import ConfigError
 from ..config.rules import NON_NEGATIVE, POSITIVE, check_flags, check_values
 from ..plan.presets import GIB, PRESETS, calibration_to_json, load_calibration, measured_calibration, resolve_gpu
+from .output import Column, emit, table_line
 
 
 def register(sub) -> None:
@@ -101,17 +101,16 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError:
         own = None
     if args.json:
-        print(json.dumps({"gpus": world, "gpus_per_node": args.gpus_per_node, "gpu": gpu.describe(),
-                          "config_layout": own.as_dict() if own else None,
-                          "layouts": [x.as_dict() for x in preds]}, indent=1))
+        emit({"gpus": world, "gpus_per_node": args.gpus_per_node, "gpu": gpu.describe(),
+              "config_layout": own.as_dict() if own else None,
+              "layouts": [x.as_dict() for x in preds]}, as_json=True, indent=1)
         return 0
-    print(f"gpt3d plan: {m.num_layers}L/{m.hidden_size}h/{m.num_attention_heads} heads, seq {m.seq_length}, "
-          f"vocab {vocab_of(cfg)}, global batch {cfg.training.global_batch_size}, "
-          f"{'bf16' if cfg.precision.bf16 else 'fp16' if cfg.precision.fp16 else 'fp32'}, "
-          f"{'eager (--no-compile)' if cfg.training.compile is False else 'compiled'}; "
-          f"{world} GPUs, {args.gpus_per_node} per node")
-    print(f"  {gpu.describe()}")
-    print(table(preds, own, args.top, sys.stdout.isatty(), args.show_unfit))
+    summary = (f"gpt3d plan: {m.num_layers}L/{m.hidden_size}h/{m.num_attention_heads} heads, seq {m.seq_length}, "
+               f"vocab {vocab_of(cfg)}, global batch {cfg.training.global_batch_size}, "
+               f"{'bf16' if cfg.precision.bf16 else 'fp16' if cfg.precision.fp16 else 'fp32'}, "
+               f"{'eager (--no-compile)' if cfg.training.compile is False else 'compiled'}; "
+               f"{world} GPUs, {args.gpus_per_node} per node")
+    emit("\n".join([summary, f"  {gpu.describe()}", table(preds, own, args.top, sys.stdout.isatty(), args.show_unfit)]))
     return 0
 
 
@@ -128,8 +127,7 @@ def table(preds: list, own, top: int, tty: bool = False, show_unfit: int = 3) ->
     """The `top` fastest layouts that fit, ranked 1, 2, ... among those; then the config's own layout if it
     was not among them; then the `show_unfit` fastest that do not fit, struck out (the config's own always).
     `step s` is the predicted time of one optimizer step (`step_s` in --json)."""
-    head = (f"{'#':>4}  {'layout':<44}{'GiB/GPU':>9}{'step s':>9}{'tok/s':>12}{'model TFLOPs':>14}{'hw TFLOPs':>11}"
-            f"{'MFU':>7}  largest time terms")
+    head = table_line(COLUMNS)
     lines = [head, "-" * len(head)]
     fit = [p for p in preds if p.fits]
     unfit = [p for p in preds if not p.fits]
@@ -159,11 +157,17 @@ def table(preds: list, own, top: int, tty: bool = False, show_unfit: int = 3) ->
     return "\n".join(lines)
 
 
+COLUMNS = (Column("#", 4), Column("layout", 44, "<", before="  "), Column("GiB/GPU", 9),
+           Column("step s", 9, spec=".3f"), Column("tok/s", 12, spec=",.0f"), Column("model TFLOPs", 14, spec=".1f"),
+           Column("hw TFLOPs", 11, spec=".1f"), Column("MFU", 7, spec=".1%"),
+           Column("largest time terms", align="<", before="  "))
+
+
 def _row(rank: str, p, mine: bool, tty: bool) -> str:
     terms = sorted(((k, v) for k, v in p.time.parts.items() if k != "layers (compute)"), key=lambda kv: -kv[1])
     why = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in terms[:2])
     mem = f"{p.peak_bytes / GIB:.1f}" + ("" if p.fits else f">{p.usable_bytes / GIB:.0f}")
-    row = (f"{rank:>4}  {p.layout.label():<44}{mem:>9}{p.time.seconds:>9.3f}{p.tokens_per_s:>12,.0f}"
-           f"{p.model_tflops_per_gpu:>14.1f}{p.tflops_per_gpu:>11.1f}{p.mfu:>7.1%}  {why}")
+    row = table_line(COLUMNS, [rank, p.layout.label(), mem, p.time.seconds, p.tokens_per_s, p.model_tflops_per_gpu,
+                               p.tflops_per_gpu, p.mfu, why])
     row = row if p.fits else _strike(row, tty) + "  (does not fit)"
     return row + ("   <- the config's layout" if mine else "")

@@ -9,6 +9,7 @@ from typing import Optional
 from ..data.preprocess import preprocess
 from ..errors import os_errors_are_user_errors
 from ..tokenizers.base import TYPES
+from .output import emit
 
 
 def register(sub) -> None:
@@ -48,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
                    args.append_eod, args.workers, tokenizer_type=args.tokenizer_type,
                    tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
                    log_interval=args.log_interval)
-    print(f"processed {s['docs']:,} documents ({s['empty']:,} empty) from {s['files']} file(s), "
-          f"{s['tokens']:,} tokens ({s['dtype']}), {s['bytes'] / 2 ** 20:,.1f} MB in {s['seconds']:.1f}s: "
-          f"{s['docs_per_s']:,.0f} docs/s, {s['mb_per_s']:.2f} MB/s, {s['tokens_per_s']:,.0f} tokens/s -> "
-          + ", ".join(p + ".bin/.idx" for p in s["outputs"]))
+    emit(f"processed {s['docs']:,} documents ({s['empty']:,} empty) from {s['files']} file(s), "
+         f"{s['tokens']:,} tokens ({s['dtype']}), {s['bytes'] / 2 ** 20:,.1f} MB in {s['seconds']:.1f}s: "
+         f"{s['docs_per_s']:,.0f} docs/s, {s['mb_per_s']:.2f} MB/s, {s['tokens_per_s']:,.0f} tokens/s -> "
+         + ", ".join(p + ".bin/.idx" for p in s["outputs"]))
     return 0
 
 

@@ -8,14 +8,13 @@ matplotlib state and needs no display.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 from typing import Optional
 
 from ..files.atomic import replacing
-from ..errors import PlotError, os_errors_are_user_errors
+from ..errors import PlotError
 
 
 def _num(v) -> Optional[float]:
@@ -119,16 +118,3 @@ def plot_runs(paths: list, output: str, title: Optional[str] = None) -> str:
         fig.savefig(tmp, format="png", dpi=110)
     return output
 
-
-def register(sub) -> None:
-    p = sub.add_parser("plot", help="train/validation loss and tokens/s vs tokens of one or more runs")
-    p.add_argument("metrics", nargs="+", help="JSON-lines metrics files written by `train --log-file`")
-    p.add_argument("--output", "-o", default="curves.png", help="PNG to write")
-    p.add_argument("--title", default=None, help="figure title (default: none)")
-    p.set_defaults(func=_run)
-
-
-@os_errors_are_user_errors
-def _run(args: argparse.Namespace) -> int:
-    print(f"wrote {plot_runs(args.metrics, args.output, args.title)}")
-    return 0

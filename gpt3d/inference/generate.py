@@ -5,8 +5,6 @@ are the ones training reports; generation decodes with the model's KV cache.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from typing import Optional
 
@@ -15,10 +13,8 @@ import torch
 
 from ..checkpoint import read_model_tensors
 from ..config import Config
-from ..config.rules import NON_NEGATIVE, POSITIVE, RULES, check_flags
-from ..tokenizers.base import TYPES as TOKENIZER_TYPES
 from ..tokenizers.factory import tokenizer_for_checkpoint
-from ..errors import ConfigError, DataError, os_errors_are_user_errors, warn
+from ..errors import ConfigError, DataError, warn
 from ..model.attention import KVCache, sdpa_backend_context
 from ..model.build import DTYPES, build_inference_model
 from ..model.gpt import GPTModel
@@ -39,15 +35,19 @@ def _attention_kernels(model: GPTModel):
     return sdpa_backend_context(model.cfg.attention_backend, next(model.parameters()).device)
 
 
-def tokenizer_for(cfg: Config, meta: dict, args: argparse.Namespace):
-    """The checkpoint's tokenizer (its carried copy or recorded settings), tokenizer flags on top."""
+TOKENIZER_FLAGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
+
+
+def tokenizer_for(cfg: Config, meta: dict, load: str, flags: Optional[dict] = None):
+    """The tokenizer of the checkpoint under `load` (its carried copy or recorded settings), with `flags`
+    (TOKENIZER_FLAGS -> value or None; other keys are ignored) on top."""
     import dataclasses
 
     from ..checkpoint import resolve
-    flags = {k: getattr(args, k, None) for k in ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")}
+    flags = {k: (flags or {}).get(k) for k in TOKENIZER_FLAGS}
     manifest = meta.get("tokenizer")
     return tokenizer_for_checkpoint(dataclasses.asdict(cfg.data), meta["vocab_size"], flags,
-                                    resolve(args.load) if manifest else None, manifest)
+                                    resolve(load) if manifest else None, manifest)
 
 
 @torch.no_grad()
@@ -86,29 +86,26 @@ def _split_tokens(prefix: str, split: str, which: str, vocab_size: int) -> torch
     return torch.from_numpy(np.concatenate([data.get(i) for i in range(lo, hi)]).astype(np.int64))
 
 
-# The numeric flags of eval and generate, checked (with NaN/inf) before the checkpoint is read.
-EVAL_RULES = {"seq_length": (lambda v: v >= 2, "at least 2 (a window predicts its tokens 2..n)"),
-              "micro_batch_size": POSITIVE, "max_tokens": POSITIVE}
-GENERATE_RULES = {"max_new_tokens": NON_NEGATIVE, "temperature": NON_NEGATIVE, "top_k": NON_NEGATIVE,
-                  "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "seed": RULES["seed"]}   # seed: as train's
-
-
-def evaluate(args: argparse.Namespace) -> dict:
-    check_flags(args, EVAL_RULES)
-    model, cfg, meta = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
-    seq = args.seq_length or cfg.model.seq_length
+def evaluate(load: str, *, device: str = "auto", dtype: str = "fp32", text_file: Optional[str] = None,
+             data_path: Optional[str] = None, split: Optional[str] = None, eval_split: str = "valid",
+             seq_length: Optional[int] = None, micro_batch_size: int = 8, max_tokens: Optional[int] = None,
+             tokenizer: Optional[dict] = None) -> dict:
+    """`gpt3d eval`: {loss, ppl, tokens} of the checkpoint under `load` on `text_file` (tokenized with its
+    tokenizer, `tokenizer` flags on top) or on one split (`eval_split`) of the .bin/.idx data at `data_path`."""
+    model, cfg, meta = load_model(load, pick_device(device), DTYPES[dtype])
+    seq = seq_length or cfg.model.seq_length
     if cfg.model.learned_positions and seq > cfg.model.max_positions:
         raise ConfigError(f"--seq-length {seq} exceeds the model's {cfg.model.max_positions} positions")
-    if args.text_file:
+    if text_file:
         from ..data.corpus import utf8_text
-        with open(args.text_file, "rb") as fh:
-            text = utf8_text(fh.read(), args.text_file)
-        ids = torch.tensor(tokenizer_for(cfg, meta, args).encode(text), dtype=torch.long)
+        with open(text_file, "rb") as fh:
+            text = utf8_text(fh.read(), text_file)
+        ids = torch.tensor(tokenizer_for(cfg, meta, load, tokenizer).encode(text), dtype=torch.long)
     else:
-        ids = _split_tokens(args.data_path, args.split or cfg.data.split, args.eval_split, meta["vocab_size"])
-    if args.max_tokens:
-        ids = ids[:args.max_tokens]
-    total, count = score_tokens(model, ids, seq, args.micro_batch_size, progress=True)
+        ids = _split_tokens(data_path, split or cfg.data.split, eval_split, meta["vocab_size"])
+    if max_tokens:
+        ids = ids[:max_tokens]
+    total, count = score_tokens(model, ids, seq, micro_batch_size, progress=True)
     if count == 0:
         raise DataError("fewer than 2 tokens to score")
     loss = total / count
@@ -188,83 +185,25 @@ def generate(model: GPTModel, prompt: list[int], max_new_tokens: int, *, tempera
     return ids
 
 
-def _generate_cmd(args: argparse.Namespace) -> dict:
-    check_flags(args, GENERATE_RULES)
-    model, cfg, meta = load_model(args.load, pick_device(args.device), DTYPES[args.dtype])
-    tok = tokenizer_for(cfg, meta, args)
-    prompt = tok.encode(args.prompt) or [tok.require_eod()]
+def generate_text(load: str, prompt: str, *, device: str = "auto", dtype: str = "fp32", max_new_tokens: int = 64,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = 1234,
+                  stop_at_eod: bool = True, keep_special_tokens: bool = False, use_cache: bool = True,
+                  tokenizer: Optional[dict] = None) -> dict:
+    """`gpt3d generate`: {text, completion, tokens (the new ids), stopped_by} of the checkpoint under `load`
+    continuing `prompt` (tokenized with its tokenizer, `tokenizer` flags on top); a warning when the prompt and
+    `max_new_tokens` go beyond the model's context."""
+    model, cfg, meta = load_model(load, pick_device(device), DTYPES[dtype])
+    tok = tokenizer_for(cfg, meta, load, tokenizer)
+    ids = tok.encode(prompt) or [tok.require_eod()]
     limit = position_limit(model)
-    if limit is not None and len(prompt) >= limit:
-        raise ConfigError(f"the prompt has {len(prompt)} tokens; the model has {limit} positions")
-    note = context_warning(model, len(prompt), args.max_new_tokens)
+    if limit is not None and len(ids) >= limit:
+        raise ConfigError(f"the prompt has {len(ids)} tokens; the model has {limit} positions")
+    note = context_warning(model, len(ids), max_new_tokens)
     if note:
         warn(note)
     why: list = []
-    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, use_cache=not args.no_kv_cache,
-                   stop_token=tok.eod if args.stop_at_eod else None, progress=True, why=why)
-    keep = args.keep_special_tokens
-    return {"text": tok.decode_text(out, keep), "completion": tok.decode_text(out[len(prompt):], keep),
-            "tokens": out[len(prompt):], "stopped_by": why[0]}
-
-
-# ----- CLI --------------------------------------------------------------------------------------------------------
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--load", required=True, help="checkpoint root (uses `latest`) or one iter_XXXXXXX directory")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where to run (auto: the GPU if there is one)")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights and compute dtype")
-    add_tokenizer_flags(p)
-
-
-def add_tokenizer_flags(p: argparse.ArgumentParser) -> None:
-    """Tokenizer flags of eval/generate/export-hf; given, they replace the checkpoint's tokenizer."""
-    p.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES), help="tokenizer type (default: the checkpoint's)")
-    p.add_argument("--tokenizer-model", help="tokenizer.json (or its directory) / SentencePiece .model")
-    p.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json (default: the checkpoint's)")
-    p.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt (default: the checkpoint's)")
-
-
-def register(sub) -> None:
-    p = sub.add_parser("eval", help="loss/perplexity of a checkpoint on a text file or a data split")
-    _common(p)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text-file", help="UTF-8 text, tokenized with the checkpoint's tokenizer")
-    src.add_argument("--data-path", help="prefix of Megatron .bin/.idx data")
-    p.add_argument("--split", help="with --data-path: train,valid,test weights (default: the checkpoint's)")
-    p.add_argument("--eval-split", default="valid", choices=["train", "valid", "test"],
-                   help="with --data-path: which split's documents to score")
-    p.add_argument("--seq-length", type=int, help="window length (default: the checkpoint's seq length)")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--max-tokens", type=int, help="score only the first N tokens (default: all)")
-    p.set_defaults(func=lambda a: _run(evaluate, a))
-    p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache)")
-    _common(p)
-    p.add_argument("--prompt", required=True, help="text to continue (tokenized with the checkpoint's tokenizer)")
-    p.add_argument("--max-new-tokens", type=int, default=64,
-                   help="tokens to generate at most (a warning when the prompt and these exceed the model's "
-                        "context)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0: greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=1234, help="sampling seed (the same seed gives the same text)")
-    p.add_argument("--stop-at-eod", action=argparse.BooleanOptionalAction, default=True,
-                   help="stop at the tokenizer's end-of-document token")
-    p.add_argument("--keep-special-tokens", action="store_true",
-                   help="keep special tokens (eod, bos, e.g. <s> and </s>) in the printed text; by default they "
-                        "are left out of it (--json's token ids always hold them)")
-    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON line (text, completion, token ids, what stopped generation) instead of the "
-                        "text")
-    p.set_defaults(func=lambda a: _run(_generate_cmd, a))
-
-
-@os_errors_are_user_errors
-def _run(fn, args: argparse.Namespace) -> int:
-    out = fn(args)
-    if fn is _generate_cmd and not args.json:
-        print(out["text"])
-    else:
-        print(json.dumps(out))
-    return 0
+    out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   use_cache=use_cache, stop_token=tok.eod if stop_at_eod else None, progress=True, why=why)
+    keep = keep_special_tokens
+    return {"text": tok.decode_text(out, keep), "completion": tok.decode_text(out[len(ids):], keep),
+            "tokens": out[len(ids):], "stopped_by": why[0]}

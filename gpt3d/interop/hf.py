@@ -11,7 +11,6 @@ import -> export returns the same bytes.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -23,7 +22,7 @@ from safetensors.torch import save_file
 
 from ..files import atomic
 from ..config import Config
-from ..errors import HFError, os_errors_are_user_errors
+from ..errors import HFError
 from ..model.build import DTYPES
 from ..model.gpt import EMBEDDING, OUTPUT_LAYER
 from ..console.progress import Activity
@@ -314,20 +313,3 @@ def _write_json(path: str, obj: dict) -> None:
         json.dump(obj, fh, indent=2)
         fh.write("\n")
 
-
-def register(sub) -> None:
-    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face model directory")
-    p.add_argument("--load", required=True, help="checkpoint root (uses `latest`) or one iter_XXXXXXX directory")
-    p.add_argument("--output", required=True, help="new directory for config.json, model.safetensors, tokenizer")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: as saved)")
-    from ..inference.generate import add_tokenizer_flags
-    add_tokenizer_flags(p)
-    p.set_defaults(func=_export_cmd)
-
-
-@os_errors_are_user_errors
-def _export_cmd(args: argparse.Namespace) -> int:
-    print(json.dumps(export_hf(load=args.load, output=args.output, dtype=args.dtype, vocab_file=args.vocab_file,
-                               merge_file=args.merge_file, tokenizer_type=args.tokenizer_type,
-                               tokenizer_model=args.tokenizer_model)))
-    return 0

@@ -13,13 +13,11 @@ config describes (`hf_tensors_needed`) before anything is reshaped or written. C
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import shutil
-import sys
 from typing import Any
 
 import torch
@@ -28,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from ..files import atomic
 from ..config import Config
 from ..config.rules import check_model, check_values
-from ..errors import ConfigError, HFError, os_errors_are_user_errors
+from ..errors import ConfigError, HFError
 from .hf import from_hf, hf_model_config, to_hf
 from ..model.gpt import VOCAB_PARAMETERS, count_parameters
 from ..console.progress import Activity, Progress
@@ -232,17 +230,3 @@ def _write_model_yaml(path: str, cfg: Config) -> None:
     with open(path, "w") as fh:
         yaml.safe_dump(doc, fh, sort_keys=False)
 
-
-def register(sub) -> None:
-    p = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2/Llama directory into a gpt3d checkpoint")
-    p.add_argument("--input", required=True, help="HF model directory (config.json + *.safetensors)")
-    p.add_argument("--save", required=True, help="new checkpoint directory")
-    p.set_defaults(func=_import_cmd)
-
-
-@os_errors_are_user_errors
-def _import_cmd(args: argparse.Namespace) -> int:
-    print(json.dumps(import_hf(src=args.input, save=args.save)))
-    print(f"train from it: gpt3d train --config {os.path.join(args.save, 'model.yaml')} --load {args.save} "
-          "--finetune ...", file=sys.stderr)
-    return 0

@@ -7,14 +7,15 @@ tokens. The peer is `transformers.GPT2LMHeadModel` for the GPT-3 shapes and
 fp16 with a GradScaler under --fp16), fused AdamW, clipping and torch.compile.
 Both report tokens/s, TFLOPs/GPU by Megatron-DeepSpeed's formula and by
 6N+12lhs, MFU (model FLOPs of gpt3d/perf/flops.py) against --peak-tflops, and peak
-memory; gpt3d's row shows its ratio to the peer.
+memory; gpt3d's row shows its ratio to the peer. `measure` returns the rows; gpt3d/commands/bench.py prints
+them.
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -33,7 +34,32 @@ SHAPES = {
 }
 
 
-def _config(shape: str, args) -> Config:
+@dataclass
+class BenchOptions:
+    """What `gpt3d bench` measures: its flags (gpt3d/commands/bench.py), which take their defaults from here."""
+    model: list = field(default_factory=lambda: ["125M", "1.3B"])   # SHAPES names, or "custom"
+    num_layers: Optional[int] = None            # the custom shape
+    hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    seq_length: int = 2048
+    micro_batch_size: Optional[int] = None      # None: the shape's
+    iters: int = 10
+    warmup: int = 3
+    peer: str = "hf"                            # "hf" or "none"
+    peer_first: bool = False
+    compile: bool = True
+    recompute_granularity: Optional[str] = None
+    use_flash_attn: bool = False
+    attention_backend: str = "auto"
+    micro_batches: int = 1
+    fp16: bool = False
+    fp8: bool = False
+    fp8_recipe: str = "tensorwise"
+    ce_fusion: bool = False
+    peak_tflops: float = 989.0
+
+
+def _config(shape: str, args: BenchOptions) -> Config:
     if shape == "custom":
         given = {"num_layers": args.num_layers, "hidden_size": args.hidden_size,
                  "num_attention_heads": args.num_attention_heads}
@@ -93,7 +119,7 @@ def bench_gpt3d(cfg: Config, warmup: int, iters: int) -> dict:
 
 def bench_hf(cfg: Config, warmup: int, iters: int) -> dict:
     """The peer at the same global batch: if its micro-batch does not fit, halve it and accumulate more."""
-    from .parallel.layout import resolve
+    from ..parallel.layout import resolve
     one_gpu = resolve(cfg, 1)
     mbs, micro = one_gpu.micro_batch_size, one_gpu.num_micro
     while True:
@@ -168,7 +194,8 @@ def _bench_hf(cfg: Config, mbs: int, micro: int, warmup: int, iters: int) -> dic
     return {"seconds_per_iter": sec, "peak_mem_gib": mem}
 
 
-def run(args: argparse.Namespace) -> int:
+def measure(args: BenchOptions, on_shape: Optional[Callable[[list], None]] = None) -> list:
+    """One row (a dict) per shape and system; `on_shape` gets each shape's rows as soon as they are measured."""
     configs = [(shape, _config(shape, args)) for shape in args.model]   # bad shapes fail before any work
     if not torch.cuda.is_available():
         raise ConfigError("bench needs a CUDA device")
@@ -203,22 +230,7 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             if r["shape"] == shape and r["system"] == "gpt3d" and peer and "tokens_per_s" in r:
                 r["vs_peer"] = r["tokens_per_s"] / peer["tokens_per_s"]
-        if args.json:
-            for r in rows:
-                if r["shape"] == shape:
-                    print(json.dumps(r), flush=True)
-    _table(rows)
-    return 0
+        if on_shape is not None:
+            on_shape([r for r in rows if r["shape"] == shape])
+    return rows
 
-
-def _table(rows: list) -> None:
-    print(f"\n{'system':<22}{'shape':>11}{'prec':>14}{'mbs':>6}{'tok/s':>11}{'TFLOPs':>8}{'6N TF':>8}{'MFU':>7}"
-          f"{'peak GiB':>10}{'vs peer':>9}")
-    for r in rows:
-        if "tokens_per_s" not in r:
-            print(f"{r['system']:<22}{r['shape']:>11}{r['precision']:>14}{r['micro_batch']:>6}  {r.get('error')}")
-            continue
-        ratio = f"{r['vs_peer']:.2f}x" if "vs_peer" in r else ""
-        print(f"{r['system']:<22}{r['shape']:>11}{r['precision']:>14}{r['micro_batch']:>6}{r['tokens_per_s']:>11,.0f}"
-              f"{r['tflops_per_gpu']:>8.1f}{r['tflops_per_gpu_6n']:>8.1f}{r['mfu']:>7.1%}{r['peak_mem_gib']:>10.1f}"
-              f"{ratio:>9}")

@@ -348,7 +348,7 @@ def test_every_numeric_flag_of_a_command_has_a_rule():
     import argparse
 
     from gpt3d.config import field_index
-    from gpt3d.inference.generate import EVAL_RULES, GENERATE_RULES
+    from gpt3d.commands.inference import EVAL_RULES, GENERATE_RULES
     from gpt3d.commands.plan import PLAN_RULES
     from gpt3d.commands.checkpoint import CHECKPOINT_RULES
     subs = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
