@@ -58,6 +58,7 @@ def _chunk_template(model: tuple, vocab_size: int, tp: int, sp: bool, pre: bool,
 @functools.lru_cache(maxsize=4096)
 def _chunk_params(model: tuple, vocab_size: int, tp: int, sp: bool, layer_ids: tuple, pre: bool,
                   post: bool) -> tuple[ParamInfo, ...]:
+    """chunk_params, cached per chunk (the search meets each chunk of a model in many layouts)."""
     template = _chunk_template(model, vocab_size, tp, sp, pre, post)
     prefix = layer_prefix(_TEMPLATE_LAYER)
     at = [i for i, p in enumerate(template) if p.name.startswith(prefix)]
