@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..config import Config, ModelConfig, PrecisionConfig, TrainingConfig
 from ..errors import ConfigError
@@ -181,6 +182,31 @@ def build_full_model(cfg: ModelConfig, vocab_size: int, device: torch.device = t
     """The whole model (every layer, embeddings and head) on one device, uninitialised."""
     ps = ParallelState.single(device)
     return GPTModel(cfg, ps, TPRNG(seed, ps), vocab_size=vocab_size)
+
+
+_RANDOM_INIT = (torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.trunc_normal_,
+                torch.nn.init.kaiming_uniform_, torch.Tensor.normal_, torch.Tensor.uniform_)
+
+
+class _NoRandomInit(TorchFunctionMode):
+    """Random initialisers leave their tensor as it is: on the meta device there is nothing to fill, and torch's
+    meta `normal_` (nn.Embedding's own init) is a Python reference whose first call imports Dynamo (a second)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RANDOM_INIT:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def build_meta_chunk(cfg: ModelConfig, vocab_size: int, tp: int, sequence_parallel: bool, layer_ids: list,
+                     pre_process: bool, post_process: bool) -> GPTModel:
+    """One tensor-parallel rank's model chunk on the meta device: its parameters' names (in registration order),
+    shapes and metadata as `build_model_chunks` makes them, with nothing allocated or initialised (the planner
+    reads its parameter list from it)."""
+    ps = ParallelState.tp_rank_view(tp, sequence_parallel)
+    with _NoRandomInit():
+        return GPTModel(cfg, ps, TPRNG(0, ps), vocab_size=vocab_size, layer_ids=layer_ids, pre_process=pre_process,
+                        post_process=post_process)
 
 
 def build_inference_model(cfg: ModelConfig, vocab_size: int, tensors: dict, device: torch.device,

@@ -33,6 +33,11 @@ OUTPUT_LAYER = "output_layer"      # the untied output head, or the last stage's
 VOCAB_PARAMETERS = (EMBEDDING, OUTPUT_LAYER)
 
 
+def layer_prefix(layer_id: int) -> str:
+    """The global name prefix of layer `layer_id`'s parameters (GPTModel keys its layers by global id)."""
+    return f"layers.{layer_id}."
+
+
 def build_norm(cfg: ModelConfig, ps: ParallelState) -> nn.Module:
     if cfg.normalization == "rmsnorm":
         norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=ps.device)

@@ -40,6 +40,14 @@ class ParallelState:
         """One process holding the whole model (eval, generate, export, tests)."""
         return cls(device=device)
 
+    @classmethod
+    def tp_rank_view(cls, tp: int, sequence_parallel: bool = False, tp_rank: int = 0,
+                     device: torch.device = torch.device("meta")) -> "ParallelState":
+        """One tensor-parallel rank's view, without process groups: enough to build that rank's model chunks
+        (their parameter shapes and metadata) but not to run collectives. The planner builds its parameter
+        lists from models built so, on the meta device."""
+        return cls(tp=tp, rank=tp_rank, sequence_parallel=sequence_parallel, device=device)
+
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp

@@ -2,8 +2,10 @@
 
 Why its own module: it is the half of the plan that can be checked exactly.
 Persistent memory mirrors gpt3d's allocations (GPTModel's parameters in their
-registration order, GradBuffer's contiguous parameter and gradient buffers and
-buckets, ZeroOptimizer's masters and Adam moments for this rank's shard) and
+registration order, with their metadata, read from the model itself built on the
+meta device; GradBuffer's contiguous parameter and gradient buffers and buckets
+from its own bucket layout; ZeroOptimizer's masters and Adam moments for this
+rank's shard) and
 is compared byte for byte with real ranks in tests/distributed/test_plan_memory.py.
 Activation memory is a list of named per-tensor terms (what autograd and the
 compiled graphs keep per layer and per micro-batch), so a kernel change (FP8,
@@ -11,72 +13,67 @@ fused cross entropy) edits one line.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import ModelConfig
 from ..optim.buckets import bucket_layout, late_reduction, local_pieces
-from ..model.gpt import EMBEDDING, OUTPUT_LAYER, padded_vocab_size
+from ..model.build import build_meta_chunk
+from ..model.gpt import layer_prefix, padded_vocab_size
 from ..parallel.cross_entropy import CHUNK_BYTES
+from ..parallel.param_meta import ParamMeta, param_meta
 from .layout import Layout
 from .schedule import peak_in_flight
 
 
 @dataclass(frozen=True)
 class ParamInfo:
+    """One parameter of one TP rank, read from the model the runtime builds: its global name, local element
+    count and metadata (split dim, sequence-parallel, tied copy, shared embedding: parallel/param_meta.py)."""
     name: str
     numel: int
-    ndim: int
-    tp_split: bool            # False: replicated on every TP rank
-    sequence_parallel: bool = False
-    shared_embedding: bool = False   # the first stage's word embedding, reused as the output head
-    tied_copy: bool = False          # the last stage's copy of it (pipelined, tied models)
+    meta: ParamMeta = ParamMeta()
+
+
+_TEMPLATE_LAYER = 0   # the one layer a template chunk is built with; a layer's parameters do not depend on its id
+
+
+def _model_key(m: ModelConfig) -> tuple:
+    """ModelConfig's field values: hashable (the dataclass is mutable), so the caches below can key on them."""
+    return tuple(getattr(m, f.name) for f in dataclasses.fields(m))
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_template(model: tuple, vocab_size: int, tp: int, sp: bool, pre: bool,
+                    post: bool) -> tuple[ParamInfo, ...]:
+    """The parameters of a chunk with one layer, built on the meta device (so `gpt3d plan`'s thousands of
+    layouts build a handful of models)."""
+    m = ModelConfig(**dict(zip((f.name for f in dataclasses.fields(ModelConfig)), model)))
+    chunk = build_meta_chunk(m, vocab_size, tp, sp, [_TEMPLATE_LAYER], pre, post)
+    return tuple(ParamInfo(n, p.numel(), param_meta(p)) for n, p in chunk.named_parameters())
+
+
+@functools.lru_cache(maxsize=4096)
+def _chunk_params(model: tuple, vocab_size: int, tp: int, sp: bool, layer_ids: tuple, pre: bool,
+                  post: bool) -> tuple[ParamInfo, ...]:
+    """chunk_params, cached per chunk (the search meets each chunk of a model in many layouts)."""
+    template = _chunk_template(model, vocab_size, tp, sp, pre, post)
+    prefix = layer_prefix(_TEMPLATE_LAYER)
+    at = [i for i, p in enumerate(template) if p.name.startswith(prefix)]
+    lo, hi = (at[0], at[-1] + 1) if at else (len(template), len(template))
+    out = list(template[:lo])
+    for i in layer_ids:
+        out += [ParamInfo(layer_prefix(i) + p.name[len(prefix):], p.numel, p.meta) for p in template[lo:hi]]
+    return tuple(out + list(template[hi:]))
 
 
 def chunk_params(m: ModelConfig, vocab_size: int, tp: int, sp: bool, layer_ids: list[int], pre: bool,
                  post: bool) -> list[ParamInfo]:
-    """GPTModel's parameters on one TP rank, in `named_parameters()` order (the optimizer's bucket order)."""
-    h, hd, nh, nkv, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size
-    pv = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
-    sp = sp and tp > 1
-    bias, untied = not m.disable_bias_linear, m.untie_embeddings_and_output_weights
-    out: list[ParamInfo] = []
-    if post and (untied or not pre):   # the module's own parameter comes before its children's
-        out.append(ParamInfo(OUTPUT_LAYER, pv // tp * h, 2, True, tied_copy=not untied))
-    if pre:
-        out.append(ParamInfo(EMBEDDING, pv // tp * h, 2, True, shared_embedding=not untied))
-        if m.learned_positions:
-            out.append(ParamInfo("embedding.position_embeddings.weight", m.max_positions * h, 2, False,
-                                 sequence_parallel=sp))
-
-    def norm(prefix: str) -> None:
-        out.append(ParamInfo(prefix + ".weight", h, 1, False, sequence_parallel=sp))
-        if m.normalization != "rmsnorm":
-            out.append(ParamInfo(prefix + ".bias", h, 1, False, sequence_parallel=sp))
-
-    def column(prefix: str, n_in: int, n_out: int) -> None:
-        out.append(ParamInfo(prefix + ".weight", n_out // tp * n_in, 2, True))
-        if bias:
-            out.append(ParamInfo(prefix + ".bias", n_out // tp, 1, True))
-
-    def row(prefix: str, n_in: int, n_out: int) -> None:
-        out.append(ParamInfo(prefix + ".weight", n_out * (n_in // tp), 2, True))
-        if bias:
-            out.append(ParamInfo(prefix + ".bias", n_out, 1, False, sequence_parallel=sp))
-
-    for i in layer_ids:
-        p = f"layers.{i}"
-        norm(p + ".input_norm")
-        column(p + ".attention.qkv", h, (nh + 2 * nkv) * hd)
-        row(p + ".attention.proj", nh * hd, h)
-        norm(p + ".post_attention_norm")
-        if m.swiglu:
-            column(p + ".mlp.gate", h, f)
-        column(p + ".mlp.fc1", h, f)
-        row(p + ".mlp.fc2", f, h)
-    if post:
-        norm("final_norm")
-    return out
+    """GPTModel's parameters on one TP rank, in `named_parameters()` order (the optimizer's bucket order): a
+    meta-device chunk of one layer, whose layer is repeated under each of `layer_ids`' names."""
+    return list(_chunk_params(_model_key(m), vocab_size, tp, sp, tuple(layer_ids), pre, post))
 
 
 def stage_params(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int) -> list[list[ParamInfo]]:
@@ -116,7 +113,7 @@ def persistent_bytes(params: list[ParamInfo], lay: Layout, *, dp_rank: int = 0, 
     `dp_rank`, from GradBuffer's own bucket layout (gpt3d/optim/buckets.py)."""
     zero, dp = lay.zero_effective, lay.dp
     numels = [p.numel for p in params]
-    late = [late_reduction(p.sequence_parallel, p.shared_embedding or p.tied_copy, lay.tp, lay.pp) for p in params]
+    late = [late_reduction(p.meta.sequence_parallel, p.meta.tied_across_stages, lay.tp, lay.pp) for p in params]
     buckets = bucket_layout(numels, late, bucket_size_mb=bucket_size_mb, dp=dp, zero=zero)
     start = buckets[-1].end if buckets else 0
     late_elements = sum(b.end - b.start for b in buckets if b.late)
@@ -324,7 +321,7 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, 
     whole_graph = compiled and lay.tp == 1 and lay.dp == 1
     f_t = m.ffn_size // t
     first_layer = layer_ids[0][0] if layer_ids and layer_ids[0] else None
-    layer_params = sum(p.numel for p in params if p.name.startswith(f"layers.{first_layer}.")) \
+    layer_params = sum(p.numel for p in params if p.name.startswith(layer_prefix(first_layer))) \
         if first_layer is not None else 0
     workspace = 0 if whole_graph else 2 * e * T * f_t
     transients = {"one layer's weight gradients + backward workspace": layer_params * e + e * T * h + workspace}

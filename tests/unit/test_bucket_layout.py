@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from gpt3d.optim.buckets import bucket_alignment, bucket_layout, local_pieces
 from gpt3d.optim.grad_buffer import GradBuffer
-from gpt3d.parallel.param_meta import set_meta
+from gpt3d.parallel.param_meta import ParamMeta, set_meta
 from gpt3d.parallel.state import ParallelState
 from gpt3d.plan.layout import Layout
 from gpt3d.plan.memory import ParamInfo, persistent_bytes
@@ -58,7 +58,7 @@ def test_grad_buffer_and_planner_use_the_same_layout(sizes, dp, zero, tp, bucket
         if r == 0:
             for p in model.parameters():
                 assert p.data.data_ptr() == buf.param_data[want[id(p)]:].data_ptr()
-        infos = [ParamInfo(f"ps.{i}", n, 1, False, sequence_parallel=sp) for i, (n, sp) in enumerate(sizes)]
+        infos = [ParamInfo(f"ps.{i}", n, ParamMeta(sequence_parallel=sp)) for i, (n, sp) in enumerate(sizes)]
         lay = Layout(tp=tp, pp=1, dp=dp, mbs=1, num_micro=1, zero=zero)
         pred = persistent_bytes(infos, lay, dp_rank=r, param_bytes=4, bucket_size_mb=bucket_mb)
         ranges = list(buf.local_ranges())
