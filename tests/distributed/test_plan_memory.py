@@ -18,7 +18,6 @@ from gpt3d.data.sampler import build_data_loader
 from gpt3d.model.build import build_model_chunks
 from gpt3d.optim.grad_buffer import GradBuffer
 from gpt3d.optim.zero import ZeroOptimizer
-from gpt3d.parallel.param_meta import param_meta
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
 from gpt3d.plan.layout import layout_of
