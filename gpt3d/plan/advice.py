@@ -8,7 +8,7 @@ is learned:
   (parallel/random.py), so the gradients are those of the run without it;
 - **micro-batch size**, with the global batch held fixed (so fewer, larger micro-batches): the samples of
   every global batch and their order are the data sampler's, independent of how a step cuts them into
-  micro-batches (README "Parallelism"), and the step's loss and gradient are means over the same tokens.
+  micro-batches (docs/parallelism.md), and the step's loss and gradient are means over the same tokens.
 
 Tensor, pipeline and data parallel sizes, sequence parallelism, interleaving and ZeRO stay as asked. What can
 differ is float rounding, not the optimisation: gradient accumulation sums the micro-batches' gradients in
