@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Callable, Iterable, Optional
+from typing import Optional
+from collections.abc import Callable, Iterable
 
 import torch
 import xxhash

@@ -23,7 +23,8 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Optional
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist

@@ -36,7 +36,7 @@ class ParallelState:
     pp_ranks: list = field(default_factory=lambda: [0])   # global ranks of this rank's pipeline, by stage
 
     @classmethod
-    def single(cls, device: torch.device = torch.device("cpu")) -> "ParallelState":
+    def single(cls, device: torch.device = torch.device("cpu")) -> ParallelState:
         """One process holding the whole model (eval, generate, export, tests)."""
         return cls(device=device)
 
@@ -153,7 +153,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
     return env.world, env.rank, dev
 
 
-def _attempt_store(timeout: timedelta) -> "dist.Store":
+def _attempt_store(timeout: timedelta) -> dist.Store:
     """torchrun's store, under a prefix of its own for each attempt of the job.
 
     torchrun keeps one store across the restarts of `--max-restarts`, and torch names process groups the

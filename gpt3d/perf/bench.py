@@ -93,7 +93,7 @@ def bench_gpt3d(cfg: Config, warmup: int, iters: int) -> dict:
 
 def bench_hf(cfg: Config, warmup: int, iters: int) -> dict:
     """The peer at the same global batch: if its micro-batch does not fit, halve it and accumulate more."""
-    from .parallel.layout import resolve
+    from ..parallel.layout import resolve
     one_gpu = resolve(cfg, 1)
     mbs, micro = one_gpu.micro_batch_size, one_gpu.num_micro
     while True:
