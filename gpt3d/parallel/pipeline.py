@@ -45,6 +45,8 @@ def forward_backward(chunks: list[nn.Module], microbatches: list[dict], ps: Para
     ops = schedule_ops(ps.pp, ps.pp_rank, len(chunks), step.m, forward_only=forward_only)
     if ps.pp == 1:
         _no_pipelining(step, ops)
+    elif hidden_shape is None:
+        raise ValueError("pipelining needs hidden_shape (the activation sent between stages)")
     elif len(chunks) == 1:
         _one_f_one_b(step, ps, _P2P(ps, hidden_shape, dtype), ops)
     else:
@@ -132,6 +134,7 @@ class _Step:
         with torch.set_grad_enabled(not self.forward_only):
             y, loss = self.forward_step(self.chunks[c], self.microbatches[i], x)
         if loss is None:
+            assert y is not None, "forward_step returns the activation when it returns no loss"
             return y
         self.losses.append(loss.detach())
         return loss * self.loss_scale / self.divisor if self.loss_scale is not None else loss / self.divisor
@@ -239,9 +242,9 @@ def _interleaved(step: _Step, ps: ParallelState, p2p: _P2P, ops: list[Op]) -> No
     first, last = ps.is_first_stage, ps.is_last_stage
     f_ops = [op for op in ops if op.kind == "F"]
     b_ops = [op for op in ops if op.kind == "B"]
-    inputs = [[] for _ in range(v_count)]
-    outputs = [[] for _ in range(v_count)]
-    grads = [[] for _ in range(v_count)]
+    inputs: list[list] = [[] for _ in range(v_count)]
+    outputs: list[list] = [[] for _ in range(v_count)]
+    grads: list[list] = [[] for _ in range(v_count)]
 
     def chunk_of(k: int, forward: bool) -> int:
         return virtual_chunk(k, p, v_count, forward)

@@ -28,11 +28,11 @@ class ParallelState:
     rank: int = 0
     sequence_parallel: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    tp_group: Optional[object] = None
-    pp_group: Optional[object] = None
-    dp_group: Optional[object] = None
-    mp_group: Optional[object] = None      # tp x pp: everything holding one model replica
-    embedding_group: Optional[object] = None  # first and last stage: tied embedding grads
+    tp_group: Optional[dist.ProcessGroup] = None
+    pp_group: Optional[dist.ProcessGroup] = None
+    dp_group: Optional[dist.ProcessGroup] = None
+    mp_group: Optional[dist.ProcessGroup] = None      # tp x pp: everything holding one model replica
+    embedding_group: Optional[dist.ProcessGroup] = None  # first and last stage: tied embedding grads
     pp_ranks: list = field(default_factory=lambda: [0])   # global ranks of this rank's pipeline, by stage
 
     @classmethod
@@ -179,7 +179,7 @@ def build_parallel_state(cfg: ParallelConfig, world_size: int, rank: int, device
     # default group's, so without it a stopped peer would keep a DP or pipeline wait going that long.
     timeout = timedelta(minutes=cfg.distributed_timeout_minutes)
 
-    def group(all_ranks: list) -> Optional[object]:
+    def group(all_ranks: list) -> Optional[dist.ProcessGroup]:
         """Create every group of one kind (all ranks, same order) and return the one holding this rank."""
         mine = None
         for ranks in all_ranks:
