@@ -16,6 +16,7 @@ fits the planner's Calibration to such a file.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from gpt3d.model.attention import sdpa_backend_context  # noqa: E402
+from gpt3d.model.attention import sdpa_backend_context
 
 # (name, hidden, heads, kv heads, ffn, swiglu, vocab)
 MODELS = [("125M", 768, 12, 12, 3072, False, 50304), ("1.3B", 2048, 16, 16, 8192, False, 50304),
@@ -77,10 +78,19 @@ def gemm_rows(dev, emit):
                         seen.add(key)
                         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
                         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
-                        s = timed(lambda: torch.mm(x, w.t()))
+                        s = timed(functools.partial(torch.mm, x, w.t()))
                         emit({"kind": "gemm", "model": name, "tp": tp, "tokens": T, "weight": wname, "op": kind,
                               "M": M, "N": N, "K": K, "seconds": s, "tflops": 2 * M * N * K / s / 1e12})
                         del x, w
+
+
+def _causal_sdpa(q, k, v, gqa: bool, dev):
+    with sdpa_backend_context("auto", dev):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
+def _backward(fwd, g):
+    fwd().backward(g)
 
 
 def attention_rows(dev, emit):
@@ -94,20 +104,14 @@ def attention_rows(dev, emit):
                 k = torch.randn(b, kv, s, hd, device=dev, dtype=torch.bfloat16, requires_grad=True)
                 v = torch.randn_like(k, requires_grad=True)
                 g = torch.randn(b, heads, s, hd, device=dev, dtype=torch.bfloat16)
-
-                def fwd():
-                    with sdpa_backend_context("auto", dev):
-                        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                                enable_gqa=kv != heads)
-
-                def fwd_bwd():
-                    fwd().backward(g)
+                fwd = functools.partial(_causal_sdpa, q, k, v, kv != heads, dev)
+                fwd_bwd = functools.partial(_backward, fwd, g)
                 tf, tfb = timed(fwd), timed(fwd_bwd)
                 flops = 2 * b * s * s * heads * hd   # forward, causal (half of 4·b·s²·heads·hd)
                 emit({"kind": "attention", "head_dim": hd, "heads": heads, "kv_heads": kv, "b": b, "s": s,
                       "forward_s": tf, "fwd_bwd_s": tfb, "fwd_tflops": flops / tf / 1e12,
                       "fwd_bwd_tflops": 3.5 * flops / tfb / 1e12})
-                del q, k, v, g
+                del q, k, v, g, fwd, fwd_bwd
 
 
 def main() -> None:

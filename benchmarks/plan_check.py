@@ -25,11 +25,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from gpt3d.config import Config  # noqa: E402
-from gpt3d.model.attention import sdpa_backend_context  # noqa: E402
-from gpt3d.plan.layout import layout_of  # noqa: E402
-from gpt3d.plan.presets import GIB, calibration_to_json, resolve_gpu  # noqa: E402
-from gpt3d.plan.search import predict_layout  # noqa: E402
+from gpt3d.config import Config
+from gpt3d.model.attention import sdpa_backend_context
+from gpt3d.plan.layout import layout_of
+from gpt3d.plan.presets import GIB, calibration_to_json, resolve_gpu
+from gpt3d.plan.search import predict_layout
 
 LLAMA = dict(use_rotary_position_embeddings=True, normalization="rmsnorm", swiglu=True,
              disable_bias_linear=True, untie_embeddings_and_output_weights=True)

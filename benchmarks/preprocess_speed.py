@@ -172,7 +172,8 @@ def main() -> None:
         for w, r in runs.items():
             assert r["tokens"] == c1[False]["tokens"], (r["tokens"], c1[False]["tokens"])
             rows.append({"tokenizer": name, "workers": w, "mb_per_s": r["mb_per_s"], "tokens_per_s": r["tokens_per_s"],
-                         "ceiling_mb_per_s": ceil[False]["mb_per_s"], "ceiling_tokens_per_s": ceil[False]["tokens_per_s"],
+                         "ceiling_mb_per_s": ceil[False]["mb_per_s"],
+                         "ceiling_tokens_per_s": ceil[False]["tokens_per_s"],
                          "ceiling_fast_mb_per_s": ceil[True]["mb_per_s"],
                          "of_ceiling_x_workers": r["tokens_per_s"] / (ceil[False]["tokens_per_s"] * w),
                          "of_fast_ceiling_x_workers": r["tokens_per_s"] / (ceil[True]["tokens_per_s"] * w),

@@ -26,12 +26,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gpt3d.perf.bench import _config
-from gpt3d.commands.bench import add_arguments  # noqa: E402
-from gpt3d.perf.throughput import Throughput  # noqa: E402
-from gpt3d.model.gpt import padded_vocab_size  # noqa: E402
-from gpt3d.parallel.state import ParallelState  # noqa: E402
-import gpt3d.model.build  # noqa: E402
-from gpt3d.train import Trainer  # noqa: E402
+from gpt3d.commands.bench import add_arguments
+from gpt3d.perf.throughput import Throughput
+from gpt3d.model.gpt import padded_vocab_size
+from gpt3d.parallel.state import ParallelState
+import gpt3d.model.build
+from gpt3d.train import Trainer
 
 OUT = os.environ.get("OUT", ".")
 
@@ -140,7 +140,7 @@ def head_bench(ns=(8192, 16384), h=2048, v=128256) -> None:
     ps = ParallelState.single(torch.device("cuda"))
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as Liger
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - liger is optional: any import failure means "not available"
         print("liger unavailable:", str(e)[:100])
         Liger = None
     rows = []
@@ -148,15 +148,16 @@ def head_bench(ns=(8192, 16384), h=2048, v=128256) -> None:
         x0 = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
         w0 = (torch.randn(v, h, device="cuda") * 0.02).to(torch.bfloat16)
         t = torch.randint(0, v, (n,), device="cuda")
-        cands = {"logits+compiled CE": lambda x, w: _fused_dense(F.linear(x, w), t, v).mean()}
+        # the candidates below are built and run within this iteration, so their closures see this n's t
+        cands = {"logits+compiled CE": lambda x, w: _fused_dense(F.linear(x, w), t, v).mean()}  # noqa: B023
         for c in (1024, 2048, 4096):
-            cands[f"fused chunk {c}"] = (lambda c: lambda x, w: linear_cross_entropy(x, w, t, v, ps, c).mean())(c)
-        comp = torch.compile(lambda x, w: linear_cross_entropy(x, w, t, v, ps).mean())
+            cands[f"fused chunk {c}"] = (lambda c: lambda x, w: linear_cross_entropy(x, w, t, v, ps, c).mean())(c)  # noqa: B023
+        comp = torch.compile(lambda x, w: linear_cross_entropy(x, w, t, v, ps).mean())  # noqa: B023
         cands["fused default, compiled"] = comp
         if Liger is not None:
-            cands["liger fp32 accum"] = lambda x, w: Liger.apply(x, w, t, None, None, -100, 0.0, 0.0, "mean", None,
+            cands["liger fp32 accum"] = lambda x, w: Liger.apply(x, w, t, None, None, -100, 0.0, 0.0, "mean", None,  # noqa: B023
                                                                  False, torch.float32)
-            cands["liger bf16 accum"] = lambda x, w: Liger.apply(x, w, t, None, None, -100, 0.0, 0.0, "mean")
+            cands["liger bf16 accum"] = lambda x, w: Liger.apply(x, w, t, None, None, -100, 0.0, 0.0, "mean")  # noqa: B023
         ref = None
         for name, fn in cands.items():
             try:
@@ -188,7 +189,7 @@ def head_bench(ns=(8192, 16384), h=2048, v=128256) -> None:
                 extra = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
                 ts.sort()
                 rows.append((n, name, ts[3], extra, err))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a candidate that fails (OOM, unsupported) is its row
                 rows.append((n, name, float("nan"), float("nan"), [str(e)[:80]]))
             print(rows[-1], flush=True)
         del x0, w0
@@ -232,8 +233,8 @@ def main() -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True)   # one process per run: clean peaks
         with open(os.path.join(OUT, "runs.log"), "a") as fh:
             fh.write(f"=== {run}\n{proc.stdout}\n{proc.stderr[-6000:]}\n")
-        sys.stdout.write("\n".join(l for l in proc.stdout.splitlines() if not l.startswith("ROW "))[:3000] + "\n")
-        got = [l[4:] for l in proc.stdout.splitlines() if l.startswith("ROW ")]
+        sys.stdout.write("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("ROW "))[:3000] + "\n")
+        got = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
         r = json.loads(got[0]) if got else {"run": run, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:160]}
         r["wall_s"] = time.time() - t0
         rows.append(r)

@@ -92,7 +92,8 @@ def plans() -> dict:
 
 def precision_flags(prec: str, bench: bool) -> list:
     """bench takes bf16 by default and --fp8 on top of it; train names bf16 explicitly."""
-    flags = {"bf16": [] if bench else ["--bf16"], "fp16": ["--fp16"], "fp8": ["--fp8"] if bench else ["--bf16", "--fp8"]}
+    flags = {"bf16": [] if bench else ["--bf16"], "fp16": ["--fp16"],
+             "fp8": ["--fp8"] if bench else ["--bf16", "--fp8"]}
     return flags[prec]
 
 

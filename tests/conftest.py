@@ -72,7 +72,8 @@ def text_prefix(text_jsonl, bpe, tmp_path_factory) -> str:
     return prefix + "_text_document"
 
 
-# ----- the tokenizers a user brings (unit/test_tokenizers.py, unit/test_preprocess.py, end_to_end/test_llama_pretraining.py)
+# ----- the tokenizers a user brings (unit/test_tokenizers.py, unit/test_preprocess.py,
+#       end_to_end/test_llama_pretraining.py)
 @pytest.fixture(scope="module")
 def texts() -> list:
     """400 documents of made-up words (a few empty)."""

@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Callable, Iterable, Optional
+from typing import Optional
+from collections.abc import Callable, Iterable
 
 import torch
 import xxhash
@@ -86,7 +87,7 @@ def structure_problem(path: str) -> Optional[str]:
         return meta_problem(meta)
     want = meta.get(META_CHECKSUM)
     got = meta_checksum(meta) if want is not None else None
-    if got != want:
+    if got is not None and got != want:
         return (f"meta.json is corrupt (checksum {got.split(':')[1][:12]}..., recorded "
                 f"{str(want).split(':')[-1][:12]}...)")
     why = meta_problem(meta)

@@ -73,6 +73,7 @@ class MetaPart:
     def save(self, w: Writer) -> None:
         state = self.obj.state_dict() if self.obj is not None else None
         if self.key is None:
+            assert state is not None, "a MetaPart merged at the top level has an object"
             for k, v in state.items():
                 w.meta(k, v)
         else:
@@ -186,8 +187,12 @@ class _LocalTensors(Mapping):
         self.r, self.layout, self.vocab_size, self.ps, self.optimizer = r, layout, vocab_size, ps, optimizer
 
     def __getitem__(self, key):
-        name, kind = key if self.optimizer else (key, None)
-        full = self.r.shards.optim_tensor(name, kind) if self.optimizer else self.r.shards.model_tensor(name)
+        if self.optimizer:
+            name, kind = key
+            full = self.r.shards.optim_tensor(name, kind)
+        else:
+            name, kind = key, None
+            full = self.r.shards.model_tensor(name)
         if full is None:
             if self.optimizer:
                 return None
@@ -210,7 +215,8 @@ class _Pieces(Mapping):
     for all of its consecutive pieces."""
 
     def __init__(self, local: _LocalTensors, kinds: tuple, keys: list):
-        self.local, self.kinds, self.keys, self._cached = local, kinds, keys, (None, {})
+        self.local, self.kinds, self._keys = local, kinds, keys
+        self._cached: tuple[Optional[str], dict] = (None, {})
 
     def __getitem__(self, key) -> dict:
         name, lo, hi = key
@@ -219,10 +225,10 @@ class _Pieces(Mapping):
         return {k: t[lo:hi] for k, t in self._cached[1].items() if t is not None}
 
     def __iter__(self):
-        return iter(self.keys)
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._keys)
 
 
 # ----- the parts of a training run --------------------------------------------------------------------------------
@@ -261,4 +267,5 @@ def weights_parts(tensors: dict, params: dict, config: dict, vocab_size: int, pa
     HF directory's tokenizer when it has one."""
     return {"config": ConfigPart(config), "tokenizer": TokenizerPart(tokenizer),
             "model": WeightsPart(tensors, params, vocab_size, padded_vocab),
-            "scaler": MetaPart(None, "scaler"), "train": MetaPart(_NotStarted(), None)}
+            "scaler": MetaPart(None, "scaler"),
+            "train": MetaPart(_NotStarted(), None)}  # type: ignore[arg-type]  # written, never loaded

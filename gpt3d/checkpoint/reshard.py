@@ -45,8 +45,9 @@ class ShardReader:
 
     def __init__(self, path: str, meta: dict):
         self.path, self.meta = path, meta
-        self.model_files = defaultdict(dict)     # name -> {tp: file}
-        self.optim = defaultdict(lambda: defaultdict(list))   # (name, kind) -> tp -> [(lo, hi, file, key)]
+        self.model_files: defaultdict[str, dict] = defaultdict(dict)     # name -> {tp: file}
+        self.optim: defaultdict[tuple, defaultdict] = defaultdict(lambda: defaultdict(list))
+        # (name, kind) -> tp -> [(lo, hi, file, key)]
         self.step = 0
         for fname in sorted(meta["files"]):   # only what meta.json lists (and integrity.py verified)
             m = SHARD_FILE.fullmatch(fname)

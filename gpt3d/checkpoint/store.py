@@ -23,7 +23,8 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -182,7 +183,7 @@ def save(root: str, parts: dict, ps: ParallelState, iteration: int, keep_last: O
         err = str(e) or type(e).__name__
     gathered = [(w.files, w.entries, err, w.checksums, w.non_finite)]
     if ps.distributed:
-        mine, gathered = gathered[0], [None] * ps.world_size
+        mine, gathered = gathered[0], [None] * ps.world_size  # type: ignore[list-item]  # all_gather_object fills it
         dist.all_gather_object(gathered, mine)
     err = next((f"rank {r}: {g[2]}" if ps.distributed else g[2] for r, g in enumerate(gathered) if g[2]), None)
     bad = {k: v for g in gathered for k, v in g[4].items()} if ps.rank == 0 else {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from .schema import SECTIONS, flag_name
 from .values import field_types

@@ -12,7 +12,7 @@ from .values import apply_flat, flatten
 @dataclass
 class Config(Sections):
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         cfg = cls()
         apply_flat(cfg, flatten(d))
         return cfg

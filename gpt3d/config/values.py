@@ -7,7 +7,8 @@ import dataclasses
 import difflib
 import functools
 import typing
-from typing import IO, Any, Callable, Optional, Union
+from typing import IO, Any, Optional, Union
+from collections.abc import Callable
 
 from ..errors import ConfigError
 from .schema import SECTIONS, Sections
@@ -95,14 +96,14 @@ def apply_layer(cfg: Sections, flat: dict, source: str, order: Optional[list] = 
         cfg.data.mock_data = False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def optional_fields(klass: type) -> frozenset:
     """The fields of a config section that may be unset (None)."""
     return frozenset(name for name, t in typing.get_type_hints(klass).items()
                      if typing.get_origin(t) is typing.Union and type(None) in typing.get_args(t))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_types(klass: type) -> dict:
     """{field name: its type without Optional} of a config section, read from the annotations."""
     out = {}

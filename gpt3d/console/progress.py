@@ -24,7 +24,8 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Optional, TextIO
+from typing import Optional, TextIO
+from collections.abc import Callable
 
 INTERVAL_ENV = "GPT3D_PROGRESS_INTERVAL"
 DEFAULT_INTERVAL = 10.0
@@ -82,7 +83,7 @@ class Progress:
             self.bar = tqdm(total=total, desc=what, unit=f" {unit}", file=self.stream, delay=TTY_DELAY,
                             dynamic_ncols=True, leave=False, mininterval=0.5, bar_format=bar_format)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -190,7 +191,7 @@ class Activity:
         else:
             p.emit(f"{self.what}: still working, elapsed {fmt_duration(secs)}")
 
-    def __enter__(self) -> "Activity":
+    def __enter__(self) -> Activity:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -15,7 +15,7 @@ import importlib
 import logging
 import warnings
 from types import ModuleType
-from typing import Iterator
+from collections.abc import Iterator
 
 # Loggers that speak while torchao / transformers are imported (see the module docstring).
 NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "transformers")

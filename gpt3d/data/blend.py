@@ -11,7 +11,8 @@ keyed by the corpora's own index caches, the weights and the size.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Optional
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset

@@ -14,7 +14,8 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Union
+from typing import Any, Union
+from collections.abc import Iterator
 
 from ..errors import DataError
 
@@ -95,7 +96,7 @@ def _parquet(path: str, keys: list):
     import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a file that is not Parquet
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     schema = pf.schema_arrow
     for key in keys:

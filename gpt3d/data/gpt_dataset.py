@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 import numpy as np
 from torch.utils.data import Dataset

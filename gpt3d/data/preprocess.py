@@ -1,4 +1,5 @@
-"""Corpus files -> Megatron .bin/.idx (`preprocess`; the `gpt3d preprocess` command is commands/preprocess.py), at the tokenizer's own speed times the workers.
+"""Corpus files -> Megatron .bin/.idx (`preprocess`; the `gpt3d preprocess` command is commands/preprocess.py),
+at the tokenizer's own speed times the workers.
 
 Megatron's tools/preprocess_data.py flags and output: the same ids (same tokenizer types), the same token
 width, and the same .idx bytes (every non-empty sentence one sequence, --append-eod counted in the last
@@ -19,7 +20,8 @@ import multiprocessing as mp
 import os
 import time
 from collections import deque
-from typing import Iterable, Iterator, Optional, Union
+from typing import Optional, Union
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -86,7 +88,7 @@ def _encode_chunk(chunk: corpus.Chunk) -> tuple:
 
 
 def _locate(chunk: corpus.Chunk, values: dict, err: Exception) -> str:
-    for k, docs in values.items():
+    for docs in values.values():
         for i, v in enumerate(docs):
             try:
                 _state["tok"].encode_batch([v] if type(v) is str else v)

@@ -11,6 +11,7 @@ token.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from ..config import Config
 
@@ -28,7 +29,7 @@ def _path_item(x: str) -> str:
         return os.path.abspath(x)
 
 
-def data_state(cfg: Config, global_batch: int, train_dataset=None) -> dict:
+def data_state(cfg: Config, global_batch: Optional[int], train_dataset=None) -> dict:
     """The data stream's settings; with the train dataset also its sample order (the epochs of its index)."""
     d = cfg.data
     state = {"mock_data": d.mock_data, "data_path": None if d.mock_data else [_path_item(x) for x in d.data_path],

@@ -23,7 +23,7 @@ import secrets
 import shutil
 import socket
 import stat
-from typing import Iterator
+from collections.abc import Iterator
 
 _HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
 

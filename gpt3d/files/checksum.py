@@ -5,7 +5,8 @@ xxh3 runs at ~20 GB/s on one core, so a checksum costs about one read of the fil
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 import xxhash
 

@@ -73,7 +73,7 @@ class SelfAttention(nn.Module):
         if cfg.use_rotary_position_embeddings:
             self.rotary = RotaryEmbedding(int(self.head_dim * cfg.rotary_percent), cfg.rotary_base)
 
-    def forward(self, x: torch.Tensor, kv_cache: Optional["LayerKV"] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: Optional[LayerKV] = None) -> torch.Tensor:
         qkv = self.qkv(x)                                      # [b, s, (heads + 2 kv) * hd]
         b, s, _ = qkv.shape
         group = self.heads // self.kv_heads
@@ -99,7 +99,7 @@ class SelfAttention(nn.Module):
         # heads are split across TP: the kernel's dropout draws from the default generator, seeded per TP rank
         return self._attend(q, k, v, self.dropout if self.training else 0.0)
 
-    def _cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: "LayerKV") -> torch.Tensor:
+    def _cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV) -> torch.Tensor:
         """Inference only: the new tokens attend to the cached keys/values and their own causal prefix."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads|kv, s, hd]
         start, s = cache.start, q.shape[2]
@@ -130,7 +130,7 @@ class SelfAttention(nn.Module):
 class LayerKV:
     """One layer's cached keys/values [b, kv, t, hd]; `start` is the number of tokens already cached."""
 
-    def __init__(self, cache: "KVCache"):
+    def __init__(self, cache: KVCache):
         self.cache, self.k, self.v = cache, None, None
 
     @property

@@ -59,7 +59,7 @@ class ModelChunks:
     def padded_vocab(self) -> int:
         return self.chunks[0].padded_vocab
 
-    def train(self, mode: bool = True) -> "ModelChunks":
+    def train(self, mode: bool = True) -> ModelChunks:
         for c in self.chunks:
             c.train(mode)
         return self

@@ -157,7 +157,7 @@ class GPTModel(nn.Module):
     def init_weights(self, seed: int) -> None:
         init_parameters(self, seed, self.ps, rows_limit={name: self.vocab_size for name in VOCAB_PARAMETERS})
 
-    def cast_parameters(self, dtype: torch.dtype) -> "GPTModel":
+    def cast_parameters(self, dtype: torch.dtype) -> GPTModel:
         """Parameters only: buffers (the RoPE frequencies) stay fp32, in training and in inference alike."""
         for p in self.parameters():
             p.data = p.data.to(dtype)

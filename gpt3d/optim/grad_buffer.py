@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Optional
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,7 @@ class Bucket:
     params: list
     late: bool = False         # needs TP / embedding all-reduce before the DP reduction
     pending: int = 0           # gradients still to come in this step's synced backward
-    handle: Optional[object] = None
+    handle: Optional[dist.Work] = None   # the bucket's asynchronous reduction, waited on in finish_grad_sync
 
 
 @dataclass
@@ -77,7 +78,7 @@ class GradBuffer:
                 p.main_grad = self.grad_data[off:off + n].view_as(p)
                 self._offsets[p] = off
                 p.register_post_accumulate_grad_hook(self._make_hook(b))
-        self._untouched = set()
+        self._untouched: set[torch.Tensor] = set()
 
     # ----- layout -------------------------------------------------------------------------------------------
     def _late(self, p) -> bool:
@@ -114,10 +115,10 @@ class GradBuffer:
     def _make_hook(self, bucket: Bucket) -> Callable:
         def hook(p: torch.Tensor) -> None:
             if p in self._untouched:   # first gradient of the step: a copy, so zero_grad need not clear
-                p.main_grad.copy_(p.grad)
+                p.main_grad.copy_(p.grad)  # type: ignore[attr-defined]  # the buffer view set in __init__
                 self._untouched.discard(p)
             else:
-                p.main_grad.add_(p.grad)
+                p.main_grad.add_(p.grad)  # type: ignore[attr-defined]  # the buffer view set in __init__
             p.grad = None
             if self.overlap and self._sync and not bucket.late:
                 bucket.pending -= 1
@@ -156,7 +157,7 @@ class GradBuffer:
     def finish_grad_sync(self) -> None:
         """Wait for overlapped reductions, then do the ones that had to wait for the whole backward."""
         for p in self._untouched:
-            p.main_grad.zero_()
+            p.main_grad.zero_()  # type: ignore[attr-defined]  # the buffer view set in __init__
         self._untouched = set()
         for b in self.buckets:
             if not b.late and b.handle is None:

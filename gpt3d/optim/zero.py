@@ -15,7 +15,7 @@ the GradBuffer (grad_buffer.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -57,11 +57,11 @@ def _fused_adamw_step(opt: torch.optim.Adam, lr: float, grad_scale: Optional[tor
     torch.amp.GradScaler uses with them (torch/amp/grad_scaler.py). They are set for this step only."""
     for g in opt.param_groups:
         g["lr"] = lr
-    opt.grad_scale, opt.found_inf = grad_scale, found_inf
+    opt.grad_scale, opt.found_inf = grad_scale, found_inf  # type: ignore[attr-defined]  # GradScaler's contract
     try:
         opt.step()
     finally:
-        opt.grad_scale = opt.found_inf = None
+        opt.grad_scale = opt.found_inf = None  # type: ignore[attr-defined]  # (see above)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,8 +93,8 @@ class ZeroOptimizer:
             or (param_meta(r.param).tied_to is not None and ps.pp > 1)))
             for r in buffer.local_ranges()]
         self.separate_master = buffer.param_dtype not in (torch.float32, torch.float64)   # half params
-        groups = {True: [], False: []}
-        self.masters = []
+        groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
+        self.masters: list[nn.Parameter] = []
         for pc in self.pieces:
             view = self._param_view(pc)
             master = nn.Parameter(view.detach().float().clone() if self.separate_master else view)
@@ -118,11 +118,11 @@ class ZeroOptimizer:
 
         Call after `GradBuffer.finish_grad_sync`. The step is skipped on every rank if any rank saw a
         non-finite gradient, without a host sync."""
-        grads = [m.grad for m in self.masters]
+        grads = cast(list[torch.Tensor], [m.grad for m in self.masters])   # each is its buffer view, set in __init__
         found_inf = torch.zeros(1, device=self.ps.device, dtype=torch.float32)
         if loss_scale is not None and grads:
             _unscale_and_check_(grads, found_inf, (1.0 / loss_scale).float())
-        counted = [m.grad for m, pc in zip(self.masters, self.pieces) if pc.counted]
+        counted = cast(list[torch.Tensor], [m.grad for m, pc in zip(self.masters, self.pieces) if pc.counted])
         sq = torch.zeros(1, device=self.ps.device, dtype=self.buffer.grad_data.dtype)
         if counted:
             sq = _sum_of_squares(counted)

@@ -101,7 +101,7 @@ def _chunk_grad(logits: torch.Tensor, m: torch.Tensor, s: torch.Tensor, local_t:
     return (p - hit.to(p.dtype)).to(logits.dtype)
 
 
-_compiled = {}
+_compiled: dict = {}
 
 
 def _kernel(fn, on_gpu: bool):

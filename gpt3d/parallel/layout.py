@@ -20,13 +20,14 @@ Rules (Megatron's, where Megatron has one):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypeAlias
 
 from ..errors import ConfigError
 
 # The config (gpt3d.config.Config / ModelConfig) is read by attribute only: importing it here, even for types,
 # would make a cycle with config_check, which resolves the layout.
-Config = ModelConfig = Any
+Config: TypeAlias = Any
+ModelConfig: TypeAlias = Any
 
 
 def _need(cond: bool, msg: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, TypeVar
 
 import torch
 
@@ -39,7 +39,10 @@ def param_meta(p: torch.Tensor) -> ParamMeta:
     return getattr(p, _ATTR, _PLAIN)
 
 
-def set_meta(p: torch.Tensor, **fields) -> torch.Tensor:
+T = TypeVar("T", bound=torch.Tensor)
+
+
+def set_meta(p: T, **fields) -> T:
     """Set some of `p`'s metadata fields (the others keep their values); returns `p`."""
     setattr(p, _ATTR, dataclasses.replace(param_meta(p), **fields))
     return p

@@ -2,7 +2,8 @@
 
 The order of a stage's forwards and backwards is one pure function, `schedule_ops` (Megatron-core's schedule
 table): the executor walks that list, and the planner (gpt3d/plan/schedule.py) sizes memory and time from the
-same list, so the order has one home. It runs every micro-batch of one global step through this rank's model chunk(s): plain accumulation
+same list, so the order has one home. It runs every micro-batch of one global step through this rank's model
+chunk(s): plain accumulation
 without pipelining; 1F1B with it (warm-up forwards, steady one-forward-one-backward, cool-down backwards);
 interleaved 1F1B with several chunks per stage; activations move between stages by batched isend/irecv.
 The schedules know nothing of the model: they call `forward_step(chunk, micro_batch, input) -> (output,
@@ -13,7 +14,9 @@ gradient buffer's handle that holds its reductions back until the last micro-bat
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, NamedTuple, Optional
+from contextlib import AbstractContextManager
+from typing import NamedTuple, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,7 +32,7 @@ ForwardStep = Callable[[nn.Module, dict, Optional[torch.Tensor]],
 
 def forward_backward(chunks: list[nn.Module], microbatches: list[dict], ps: ParallelState, *,
                      forward_step: ForwardStep, forward_only: bool, loss_scale: Optional[torch.Tensor] = None,
-                     no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
+                     no_sync: Callable[[], AbstractContextManager] = contextlib.nullcontext,
                      hidden_shape: Optional[tuple] = None,
                      dtype: torch.dtype = torch.float32, sum_gradients: bool = False) -> Optional[torch.Tensor]:
     """Forward (and unless `forward_only`, backward) of every micro-batch; returns the mean loss over the
@@ -42,6 +45,8 @@ def forward_backward(chunks: list[nn.Module], microbatches: list[dict], ps: Para
     ops = schedule_ops(ps.pp, ps.pp_rank, len(chunks), step.m, forward_only=forward_only)
     if ps.pp == 1:
         _no_pipelining(step, ops)
+    elif hidden_shape is None:
+        raise ValueError("pipelining needs hidden_shape (the activation sent between stages)")
     elif len(chunks) == 1:
         _one_f_one_b(step, ps, _P2P(ps, hidden_shape, dtype), ops)
     else:
@@ -115,7 +120,7 @@ class _Step:
     """What every schedule shares: the model call, the losses, and backward (held back by no_sync)."""
 
     def __init__(self, chunks, microbatches, forward_step: ForwardStep, forward_only: bool,
-                 loss_scale: Optional[torch.Tensor], no_sync: Callable[[], ContextManager],
+                 loss_scale: Optional[torch.Tensor], no_sync: Callable[[], AbstractContextManager],
                  sum_gradients: bool = False):
         self.chunks, self.microbatches, self.forward_step = chunks, microbatches, forward_step
         self.forward_only, self.loss_scale, self.no_sync = forward_only, loss_scale, no_sync
@@ -129,6 +134,7 @@ class _Step:
         with torch.set_grad_enabled(not self.forward_only):
             y, loss = self.forward_step(self.chunks[c], self.microbatches[i], x)
         if loss is None:
+            assert y is not None, "forward_step returns the activation when it returns no loss"
             return y
         self.losses.append(loss.detach())
         return loss * self.loss_scale / self.divisor if self.loss_scale is not None else loss / self.divisor
@@ -236,9 +242,9 @@ def _interleaved(step: _Step, ps: ParallelState, p2p: _P2P, ops: list[Op]) -> No
     first, last = ps.is_first_stage, ps.is_last_stage
     f_ops = [op for op in ops if op.kind == "F"]
     b_ops = [op for op in ops if op.kind == "B"]
-    inputs = [[] for _ in range(v_count)]
-    outputs = [[] for _ in range(v_count)]
-    grads = [[] for _ in range(v_count)]
+    inputs: list[list] = [[] for _ in range(v_count)]
+    outputs: list[list] = [[] for _ in range(v_count)]
+    grads: list[list] = [[] for _ in range(v_count)]
 
     def chunk_of(k: int, forward: bool) -> int:
         return virtual_chunk(k, p, v_count, forward)

@@ -28,15 +28,15 @@ class ParallelState:
     rank: int = 0
     sequence_parallel: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    tp_group: Optional[object] = None
-    pp_group: Optional[object] = None
-    dp_group: Optional[object] = None
-    mp_group: Optional[object] = None      # tp x pp: everything holding one model replica
-    embedding_group: Optional[object] = None  # first and last stage: tied embedding grads
+    tp_group: Optional[dist.ProcessGroup] = None
+    pp_group: Optional[dist.ProcessGroup] = None
+    dp_group: Optional[dist.ProcessGroup] = None
+    mp_group: Optional[dist.ProcessGroup] = None      # tp x pp: everything holding one model replica
+    embedding_group: Optional[dist.ProcessGroup] = None  # first and last stage: tied embedding grads
     pp_ranks: list = field(default_factory=lambda: [0])   # global ranks of this rank's pipeline, by stage
 
     @classmethod
-    def single(cls, device: torch.device = torch.device("cpu")) -> "ParallelState":
+    def single(cls, device: torch.device = torch.device("cpu")) -> ParallelState:
         """One process holding the whole model (eval, generate, export, tests)."""
         return cls(device=device)
 
@@ -161,7 +161,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
     return env.world, env.rank, dev
 
 
-def _attempt_store(timeout: timedelta) -> "dist.Store":
+def _attempt_store(timeout: timedelta) -> dist.Store:
     """torchrun's store, under a prefix of its own for each attempt of the job.
 
     torchrun keeps one store across the restarts of `--max-restarts`, and torch names process groups the
@@ -187,7 +187,7 @@ def build_parallel_state(cfg: ParallelConfig, world_size: int, rank: int, device
     # default group's, so without it a stopped peer would keep a DP or pipeline wait going that long.
     timeout = timedelta(minutes=cfg.distributed_timeout_minutes)
 
-    def group(all_ranks: list) -> Optional[object]:
+    def group(all_ranks: list) -> Optional[dist.ProcessGroup]:
         """Create every group of one kind (all ranks, same order) and return the one holding this rank."""
         mine = None
         for ranks in all_ranks:

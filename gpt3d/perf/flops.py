@@ -47,9 +47,9 @@ def model_flops_per_iter(cfg: ModelConfig, padded_vocab: int, batch: int) -> flo
 
 # ----- the counts reported beside MFU (throughput.py) --------------------------------------------------------------
 def megatron_flops_per_iter(cfg: ModelConfig, padded_vocab: int, batch: int, recompute: bool = False) -> float:
-    s, l, h = cfg.seq_length, cfg.num_layers, cfg.hidden_size
+    s, L, h = cfg.seq_length, cfg.num_layers, cfg.hidden_size
     factor = 4 if recompute else 3
-    return 24 * factor * batch * s * l * h * h * (1.0 + s / (6.0 * h) + padded_vocab / (16.0 * l * h))
+    return 24 * factor * batch * s * L * h * h * (1.0 + s / (6.0 * h) + padded_vocab / (16.0 * L * h))
 
 
 def palm_flops_per_iter(cfg: ModelConfig, vocab: int, batch: int) -> float:

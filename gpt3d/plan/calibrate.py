@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 import torch
 
@@ -111,7 +112,7 @@ def _chunk_seconds(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: 
             if hooks else None
         return _seconds(run, warmup, iters, device), hook_gbps
     finally:
-        chunk = pairs = None   # noqa: F841 - releases the model the closure holds
+        chunk = pairs = None   # releases the model the closure holds
         torch._dynamo.reset()
         gc.collect()
 
@@ -131,7 +132,7 @@ def _optimizer_ns_per_param(cfg: Config, warmup: int, iters: int, device: torch.
         runs = sorted(_seconds(lambda: opt.step(1e-4), warmup, iters, device) for _ in range(3))
         return runs[1] / n * 1e9
     finally:
-        opt = grads = layer = None   # noqa: F841
+        opt = grads = layer = None   # releases the optimizer's masters and the layer before the next measurement
         gc.collect()   # the optimizer's gradient hooks make a reference cycle with the parameters
 
 

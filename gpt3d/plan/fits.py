@@ -44,7 +44,8 @@ def refuse_what_cannot_fit(cfg: Config, ps: ParallelState, vocab_size: int, inde
                               "never run (check --num-layers, --hidden-size, --ffn-hidden-size)")
         lay = layout_of(cfg, ps.world_size)
         stages = plan_memory(m, vocab_size, lay, param_bytes=param_bytes, bucket_size_mb=p.bucket_size_mb,
-                             compiled=compile_enabled(cfg.training, ps.device), fused_loss=lay.tp == 1 and ps.device.type == "cuda",
+                             compiled=compile_enabled(cfg.training, ps.device),
+                             fused_loss=lay.tp == 1 and ps.device.type == "cuda",
                              device=ps.device.type)
         busiest = max(stages, key=lambda s: s.peak)
         if busiest.peak > have:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional
+from typing import Optional
+from collections.abc import Iterable
 
 from ..config import Config
 from ..errors import ConfigError

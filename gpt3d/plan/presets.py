@@ -62,7 +62,7 @@ class Calibration:
     host_layer_s: float = 1.18e-3
     host_step_s: float = 13.8e-3
 
-    def scaled(self, compute: float, memory: float, source: str) -> "Calibration":
+    def scaled(self, compute: float, memory: float, source: str) -> Calibration:
         """The same kernels on another GPU: compute-bound parts scale with peak FLOPs, the rest with HBM."""
         return Calibration(self.gemm_tflops * compute, self.attn_tflops * compute, self.ew_gbps * memory,
                            self.loss_gbps * memory, self.optimizer_ns_per_param / memory, source,

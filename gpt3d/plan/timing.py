@@ -38,7 +38,9 @@ class Links:
 def links(lay: Layout, gpu: Gpu, gpus_per_node: int) -> Links:
     """Megatron rank order (TP innermost, then DP, then PP): a group stays on NVLink while it fits in a node."""
     nv, ib = gpu.nvlink_gbps * COMM_EFFICIENCY, gpu.ib_gbps * COMM_EFFICIENCY
-    inside = lambda span: nv if span <= gpus_per_node else ib   # noqa: E731
+
+    def inside(span: int) -> float:
+        return nv if span <= gpus_per_node else ib
     return Links(tp_gbps=inside(lay.tp), pp_gbps=inside(lay.tp * lay.dp * lay.pp),
                  dp_gbps=inside(lay.tp * lay.dp), embedding_gbps=inside(lay.world))
 

@@ -5,9 +5,9 @@ into their .bin data, so every type here gives exactly the ids Megatron's class 
 A tokenizer can copy its files into a directory and be rebuilt from that directory alone (`save_files` /
 `load_from_dir`), and its `fingerprint` hashes what it does (fingerprint.py: its vocabulary, merges or
 scores, special tokens, eod/bos and the ids of a fixed set of probe texts), not its file bytes or paths: a
-checkpoint carries its tokenizer and a resume with one that encodes differently is refused, while the same tokenizer re-written (import-hf's
-tokenizer.json) or moved is accepted. Checkpoints from before hashed the files' bytes (`file_fingerprint`);
-`matches` accepts either.
+checkpoint carries its tokenizer and a resume with one that encodes differently is refused, while the same tokenizer
+re-written (import-hf's tokenizer.json) or moved is accepted. Checkpoints from before hashed the files' bytes
+(`file_fingerprint`); `matches` accepts either.
 """
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ class GPT2BPETokenizer(Tokenizer):
                                  "expected two symbols per line)")
         try:
             bpe = models.BPE(vocab, [tuple(ln.split(" ")) for ln in lines])
-        except Exception as e:  # the Rust side reports merges that name unknown tokens
+        except Exception as e:  # noqa: BLE001 - the Rust side reports merges that name unknown tokens
             raise TokenizerError(f"{merge_file}: merges do not match {vocab_file} ({e})") from None
         self.tok = HFTok(bpe)
         self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

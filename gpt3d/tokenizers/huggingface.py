@@ -65,7 +65,7 @@ class HuggingFaceTokenizer(Tokenizer):
         _need_file(file, "tokenizer.json")
         try:
             self.tok = HFTok.from_file(file)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - tokenizers raises its own types for a bad file
             raise TokenizerError(f"{file}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
         plain(self.tok)
         self.file = file

@@ -7,7 +7,8 @@ Llama2Tokenizer (bos first) and SentencePieceTokenizer (extra special tokens, eo
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 from .base import Tokenizer, _need_file
 from ..errors import TokenizerError
@@ -24,7 +25,7 @@ class GPTSentencePieceTokenizer(Tokenizer):
         _need_file(model_file, "SentencePiece model")
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - sentencepiece raises its own types for a bad file
             raise TokenizerError(f"{model_file}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
         self.model_file = model_file
         self.pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 from ..files import atomic
 from ..files.checksum import file_checksum

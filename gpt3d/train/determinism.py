@@ -20,7 +20,7 @@ the previous settings (for in-process callers such as the tests).
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from typing import Iterator, Optional
+from typing import Optional
+from collections.abc import Iterator
 
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record

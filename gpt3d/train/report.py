@@ -26,7 +26,8 @@ import json
 import math
 import os
 import time
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist

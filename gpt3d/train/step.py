@@ -10,7 +10,8 @@ deciding anything itself: when to stop and what to print belong to stop.py and r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn

@@ -16,7 +16,8 @@ import contextlib
 import signal
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist

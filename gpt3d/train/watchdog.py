@@ -28,7 +28,8 @@ import threading
 import time
 import traceback
 from datetime import timedelta
-from typing import Iterator, Optional
+from typing import Optional
+from collections.abc import Iterator
 
 from ..errors import HangError, error_line
 

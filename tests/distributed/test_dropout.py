@@ -58,7 +58,7 @@ def _masks_worker(rank: int, world: int) -> dict:
     return {k: all(torch.equal(p, _gathered(v)[0]) for p in _gathered(v)) for k, v in same.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _masks() -> dict:
     return distributed.run(2, _masks_worker)[0]
 
@@ -105,7 +105,7 @@ def _compile_worker(rank: int, world: int, cases: dict) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled() -> list:
     return distributed.run(2, _compile_worker, COMPILE_CASES)
 

@@ -21,7 +21,8 @@ N, H, VOCAB, PADDED = 45, 16, 123, 128
 
 def _data():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(N, H, generator=g), torch.randn(PADDED, H, generator=g), torch.randint(0, VOCAB, (N,), generator=g)
+    return (torch.randn(N, H, generator=g), torch.randn(PADDED, H, generator=g),
+            torch.randint(0, VOCAB, (N,), generator=g))
 
 
 def _dense(x, w, t):

@@ -147,7 +147,7 @@ def _logs() -> list:
 @pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
 def test_in_flight_and_order_match_the_real_schedule(index):
     pp, m, v = CASES[index]
-    for pp_rank, dp_rank, log in _logs()[index]:
+    for pp_rank, _dp_rank, log in _logs()[index]:
         compute = [ev for ev in log if ev[0] != "P"]
         assert len(compute) == 2 * m * v
         most, most_per_chunk = in_flight(compute, v)    # counted on what the real schedule did

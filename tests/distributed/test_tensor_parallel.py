@@ -153,7 +153,7 @@ def _model_case(rank: int, world: int, kw: dict, sp: bool) -> dict:
     return {"loss": _close(lt, ld), "worst": worst}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layers(world: int) -> tuple:
     return tuple(distributed.run(world, _layer_cases))
 

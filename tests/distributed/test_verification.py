@@ -32,11 +32,13 @@ def test_docs_table_is_the_run(rows):
     assert f"`{COMMAND}`" in block, "the docs table must say which command produced it"
     table = parse(block)
     assert [(r["layout"], r["ranks"], r["shape"]) for r in table] == \
-        [(r["layout"], r["ranks"], r["shape"]) for r in rows], f"docs/verification.md table layouts are stale; run {COMMAND}"
+        [(r["layout"], r["ranks"], r["shape"]) for r in rows], \
+        f"docs/verification.md table layouts are stale; run {COMMAND}"
     for got, fresh in zip(table, rows):
         for key in ("train", "valid", "train_diff", "valid_diff"):
             if fresh[key] is None:
                 assert got[key] is None, (got["layout"], key)
             else:
                 assert got[key] is not None and abs(got[key] - fresh[key]) <= 1e-3, \
-                    f"docs/verification.md {got['layout']} {key} = {got[key]} but the run gives {fresh[key]:.6f}; run {COMMAND}"
+                    (f"docs/verification.md {got['layout']} {key} = {got[key]} but the run gives "
+                     f"{fresh[key]:.6f}; run {COMMAND}")

@@ -497,8 +497,8 @@ def _one_run(name: str, argv: list, existing, refuse: bool) -> None:
 @given(data=st.data())
 def test_every_setting_in_yaml_and_flags_is_accepted_or_one_error_line(klass, f, data, existing, tmp_path,
                                                                        accepted_runs_stop_before_the_first_step):
-    """Each config field (the dataclasses of gpt3d/config/schema.py enumerate them), set in a YAML file or by its flag to
-    a value of the wrong type (a bool for an int, a number for a path or a list, a list or mapping for a scalar,
+    """Each config field (the dataclasses of gpt3d/config/schema.py enumerate them), set in a YAML file or by its flag
+    to a value of the wrong type (a bool for an int, a number for a path or a list, a list or mapping for a scalar,
     null), an edge value (0, negatives, 2^63 and beyond, NaN, inf) or one of its choices: the run is accepted
     (up to its first step) or refused with one error line, exit 2, nothing existing changed."""
     value = data.draw(_bad_values(klass, f), label="value")

@@ -31,7 +31,8 @@ def test_two_runs_give_identical_losses_with_the_mode_on_during_the_run(tmp_path
     for k in range(2):
         log = tmp_path / f"m{k}.jsonl"
         assert runs.train("--train-iters", "6", "--deterministic", "--log-file", str(log)) == 0
-        curves.append([(r["loss"], r["grad_norm"]) for r in map(json.loads, log.read_text().splitlines()) if "loss" in r])
+        rows = map(json.loads, log.read_text().splitlines())
+        curves.append([(r["loss"], r["grad_norm"]) for r in rows if "loss" in r])
     assert curves[0] == curves[1] and len(curves[0]) == 6
     assert set(seen) == {(True, ":4096:8", "Ring", True)}
     # restored afterwards (in-process callers; a CLI run simply exits)

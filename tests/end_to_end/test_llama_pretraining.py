@@ -127,7 +127,8 @@ def test_llama_pretraining_end_to_end(kind, hf_bpe, spm_model, texts, tmp_path, 
     if kind == "bpe":   # the imported copy was re-written by export-hf: the user's original files still match it
         again = _tokenizer_copy(kind, hf_bpe, spm_model, elsewhere / "tok_again")
         capsys.readouterr()
-        assert cli_main(["train", "--config", "ck2_moved/model.yaml", *TINY, *LLAMA, "--data-path", str(work / "data" / "c_text_document"), *again,
+        assert cli_main(["train", "--config", "ck2_moved/model.yaml", *TINY, *LLAMA,
+                         "--data-path", str(work / "data" / "c_text_document"), *again,
                          "--load", "ck2_moved", "--finetune", "--train-iters", "1", "--log-file", "ft.jsonl"]) == 0
         assert "loaded checkpoint" in capsys.readouterr().out
 

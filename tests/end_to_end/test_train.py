@@ -103,7 +103,8 @@ def test_tiny_config_learns_real_text(text_prefix, bpe, tmp_path):
     assert "tok/s" in r.stdout and "ETA" in r.stdout
     assert "TFLOPs" not in r.stdout and "MFU" not in r.stdout   # a GPU's figures: not on a CPU's lines
     # the header names the data, the layout's ZeRO as configured, and where every output goes
-    assert re.search(rf"gpt3d: data: {re.escape(text_prefix)} \([\d,]+ tokens in [\d,]+ documents of the train split\), "
+    assert re.search(rf"gpt3d: data: {re.escape(text_prefix)} "
+                     r"\([\d,]+ tokens in [\d,]+ documents of the train split\), "
                      r"--split 969,30,1 \| tokenizer GPT2BPETokenizer: vocab.json, merges.txt\n", r.stdout), r.stdout
     assert "ZeRO-1 (no sharding at DP 1)" in r.stdout and f"metrics: {log}" in r.stdout
     assert f"curves: {tmp_path / 'm.png'} (at the end)" in r.stdout and "TensorBoard: off" in r.stdout

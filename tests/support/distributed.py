@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         result = fn(rank, world, *args)
         queue.put((rank, "ok", result))
-    except BaseException:  # report, don't hang the parent
+    except BaseException:  # noqa: BLE001 - report, don't hang the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():

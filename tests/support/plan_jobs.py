@@ -29,7 +29,7 @@ def _run_parts(rank: int, world: int, parts: dict) -> dict:
     return {name: worker(rank, world, *args) for name, (worker, args) in parts.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _job(world: int) -> list:
     return distributed.run(world, _run_parts, _parts(world))
 

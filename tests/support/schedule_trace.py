@@ -142,7 +142,7 @@ class _Logged(torch.autograd.Function):
     """Identity that logs ('F', virtual stage, micro-batch) and, in backward, ('B', ..., outside no_sync)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, chunk: "TracedChunk", mb: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, chunk: TracedChunk, mb: int) -> torch.Tensor:
         ctx.chunk, ctx.mb = chunk, mb
         chunk.log.append(("F", chunk.vstage, mb))
         return x.clone()

@@ -86,7 +86,7 @@ def mismatch(name: str, got: dict, ref: dict) -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(extra: tuple = ()) -> dict:
     """The single-process curve (in this process, float64), optionally with model overrides."""
     return layout_curve(dict(train_iters=ITERS, **dict(extra)))
@@ -101,7 +101,7 @@ def _run(world: int, names: tuple) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def world_curves(world: int) -> dict:
     """Every layout of `world`, one spawned job; shared by the test files through this cache."""
     return _run(world, tuple(LAYOUTS[world]))

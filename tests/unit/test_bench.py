@@ -82,4 +82,5 @@ def test_bench_llama_shape_and_precision_flags():
     assert cfg16.precision.fp16 and not cfg16.precision.bf16 and cfg16.model.vocab_size == 50257
     assert peer_name(cfg16) == "hf-gpt2-sdpa-compile"
     r = _bench("--model", "125M", "--fp8", "--fp16")
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["gpt3d: error: --fp8 runs on bf16 weights: drop --fp16"]
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["gpt3d: error: --fp8 runs on bf16 weights: drop --fp16"]

@@ -47,7 +47,7 @@ def _dangerous(marker: str) -> list:
     return [(os.system, (f"touch {marker}",)), (builtins.exec, (f"open({marker!r}, 'w')",)),
             (builtins.eval, (f"open({marker!r}, 'w')",)), (subprocess.check_call, (["touch", marker],)),
             (shutil.copy, (__file__, marker)), (builtins.open, (marker, "w")), (builtins.getattr, (marker, "upper")),
-            (torch.load, (marker,)), (np.save, (marker, np.zeros(1))), (pickle.loads, (b"\x80\x02N.",))]
+            (torch.load, (marker,)), (np.save, (marker, np.zeros(1))), (pickle.loads, (b"\x80\x02N.",))]  # noqa: TID251 (a callable the restricted unpickler must refuse, not a call)
 
 
 @settings(max_examples=25, deadline=None, database=None)
@@ -382,7 +382,8 @@ def _write_mds_llama(root, tensors: dict, cfg: Config, padded: int, tp: int, dp:
         num_key_value_heads=m.kv_heads, kv_channels=m.head_dim, ffn_hidden_size=m.ffn_size, seq_length=m.seq_length,
         max_position_embeddings=m.max_positions, make_vocab_size_divisible_by=8, padded_vocab_size=padded,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, data_parallel_size=dp, swiglu=True,
-        normalization="rmsnorm", add_bias_linear=False, use_rotary_position_embeddings=True, add_position_embedding=True,
+        normalization="rmsnorm", add_bias_linear=False, use_rotary_position_embeddings=True,
+        add_position_embedding=True,
         untie_embeddings_and_output_weights=True, rope_theta=10000, rotary_percent=1.0, layernorm_epsilon=1e-5,
         bias_gelu_fusion=False, optimizer="adam", lr=1e-3, min_lr=1e-4, lr_decay_style="cosine", weight_decay=0.1,
         adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, tokenizer_type="NullTokenizer", vocab_size=cfg.model.vocab_size,

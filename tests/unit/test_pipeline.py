@@ -1,6 +1,7 @@
 """The schedules' interface: one forward_step, the loss reduced once, no_sync around all but the last backward.
 
-Every pipelined layout is checked against one process in tests/distributed/test_layouts.py; this is the one-process contract.
+Every pipelined layout is checked against one process in tests/distributed/test_layouts.py; this is the one-process
+contract.
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def tag_dir(path: str, iteration: Optional[int] = None) -> Optional[str]:
 
 
 def is_checkpoint(path: Optional[str]) -> bool:
-    return bool(path) and tag_dir(path) is not None
+    return path is not None and bool(path) and tag_dir(path) is not None
 
 
 @dataclass
@@ -85,9 +85,10 @@ class Checkpoint:
         if not models or 0 not in models:
             raise CheckpointError(f"{d} has no mp_rank_00_model_states.pt")
         first = self._state(models[0])
-        self.args = vars(first["args"]) if first.get("args") is not None else None
-        if not isinstance(self.args, dict):
+        args = vars(first["args"]) if first.get("args") is not None else None
+        if not isinstance(args, dict):
             raise CheckpointError(f"{models[0]} holds no Megatron args (not written by Megatron-DeepSpeed?)")
+        self.args: dict = args
         a = self.args
         self.iteration = int(first.get("iteration", first.get("global_steps", 0)))
         self.tokens = int(first.get("tokens", a.get("consumed_train_tokens") or 0))

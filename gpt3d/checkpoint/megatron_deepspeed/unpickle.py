@@ -92,7 +92,7 @@ def _reconstruct():
     try:
         from numpy._core.multiarray import _reconstruct as r   # numpy 2
     except ImportError:   # pragma: no cover - numpy 1
-        from numpy.core.multiarray import _reconstruct as r
+        from numpy.core.multiarray import _reconstruct as r  # type: ignore[no-redef]  # numpy 1's home of it
     return r
 
 
