@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 from .config.flags import Parser
 from .errors import FileError, Gpt3dError, error_line

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
+from collections.abc import Sequence
 
 
 def emit(result: Any, as_json: bool = False, text: Optional[str] = None, indent: Optional[int] = None) -> None:

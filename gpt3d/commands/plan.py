@@ -118,9 +118,9 @@ def _strike(text: str, tty: bool) -> str:
     return f"\x1b[9m{text}\x1b[0m" if tty else f"~~{text}~~"
 
 
-LEGEND = ("model TFLOPs: the model's FLOPs per GPU-second (gpt3d/perf/flops.py, no recompute); MFU = model TFLOPs / the "
-          "GPU's peak.\nhw TFLOPs: Megatron-DeepSpeed's formula, as `gpt3d train` logs it; it counts recomputed work "
-          "(x4/3 with any recompute), so with recompute it is above the model's figure.")
+LEGEND = ("model TFLOPs: the model's FLOPs per GPU-second (gpt3d/perf/flops.py, no recompute); MFU = model TFLOPs "
+          "/ the GPU's peak.\nhw TFLOPs: Megatron-DeepSpeed's formula, as `gpt3d train` logs it; it counts "
+          "recomputed work (x4/3 with any recompute), so with recompute it is above the model's figure.")
 
 
 def table(preds: list, own, top: int, tty: bool = False, show_unfit: int = 3) -> str:

@@ -42,7 +42,7 @@ class ParallelState:
 
     @classmethod
     def tp_rank_view(cls, tp: int, sequence_parallel: bool = False, tp_rank: int = 0,
-                     device: torch.device = torch.device("meta")) -> "ParallelState":
+                     device: torch.device = torch.device("meta")) -> ParallelState:
         """One tensor-parallel rank's view, without process groups: enough to build that rank's model chunks
         (their parameter shapes and metadata) but not to run collectives. The planner builds its parameter
         lists from models built so, on the meta device."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 import torch
 
@@ -112,7 +113,7 @@ def bench_gpt3d(cfg: Config, warmup: int, iters: int) -> dict:
     try:
         sec, mem = _time(lambda: trainer.train_step(batch), warmup, iters)
     finally:
-        del trainer, batch, text
+        trainer = batch = text = None   # free the GPU memory before the next shape (the closure sees None)
         torch._dynamo.reset()   # compiled graphs hold the model's tensors
     return {"seconds_per_iter": sec, "peak_mem_gib": mem}
 
@@ -189,7 +190,7 @@ def _bench_hf(cfg: Config, mbs: int, micro: int, warmup: int, iters: int) -> dic
     try:
         sec, mem = _time(step, warmup, iters)
     finally:
-        del model, opt, compiled, texts
+        model = opt = compiled = texts = None   # free the GPU memory before the next shape
         torch._dynamo.reset()
     return {"seconds_per_iter": sec, "peak_mem_gib": mem}
 
