@@ -25,6 +25,7 @@ PACKAGE = ROOT / "gpt3d"
 LAYERS = [
     ["errors"],
     ["files", "console"],
+    ["parallel.layout", "data.sizing"],
     ["config"],
     ["parallel"],
     ["model", "optim", "data", "tokenizers"],
@@ -42,10 +43,7 @@ TOP = {"__init__", "__main__"}   # gpt3d/__init__.py and python -m gpt3d: the pa
 KNOWN_EXCEPTIONS = {
     ("gpt3d.commands.bench", "gpt3d.cli"),                        # the CLI's parser and flag helpers
     ("gpt3d.commands.preprocess", "gpt3d.cli"),
-    ("gpt3d.config.deepspeed", "gpt3d.parallel.layout"),          # config resolves the layout to check it
-    ("gpt3d.config.deepspeed", "gpt3d.parallel.state"),
-    ("gpt3d.config.rules", "gpt3d.parallel.layout"),
-    ("gpt3d.config.rules", "gpt3d.data.sizing"),
+    ("gpt3d.config.deepspeed", "gpt3d.parallel.state"),           # the launcher's world size (lazily)
     ("gpt3d.config.schema", "gpt3d.tokenizers.base"),             # the tokenizer type names
     ("gpt3d.config.load", "gpt3d.checkpoint.megatron_deepspeed"),  # settings from a Megatron-DeepSpeed run's args
     ("gpt3d.perf.flops", "gpt3d.plan.layout"),                    # type annotations only (TYPE_CHECKING)
