@@ -239,7 +239,7 @@ def _prune(root: str, newest: str, keep_last: Optional[int]) -> None:
     killed mid-write (this run holds the directory's lock, so no other save is in progress).
 
     Only what gpt3d's saves create is removed: checkpoint directories (iter_XXXXXXX with a meta.json) and
-    temporaries by their name (atomic.py's, and `iter_XXXXXXX.tmp` of older versions). Checkpoints named
+    temporaries by their name (files/atomic.py's, and `iter_XXXXXXX.tmp` of older versions). Checkpoints named
     after `newest` (a run resumed from an older one) are left alone."""
     older = [d for d in list_checkpoints(root) if d < newest]
     old = [d for d in (older[:len(older) - (keep_last - 1)] if keep_last else [])

@@ -2,13 +2,13 @@
 
 Saved: a copy of the tokenizer's files under tokenizer/ (rank 0, through the Writer) and its manifest as
 meta.json "tokenizer" (type, settings, each file's sha256, vocab_size, eod and its name, fingerprint), so
-`eval`, `generate` and `export-hf` rebuild it from the checkpoint alone (data/tokenizer.py load_from_dir),
+`eval`, `generate` and `export-hf` rebuild it from the checkpoint alone (tokenizers/factory.py load_from_dir),
 from any directory, after the original files are gone. Mock-data runs have no tokenizer and save none.
 
 Loaded: nothing is restored (a run builds its tokenizer from its own flags), but a checkpoint whose
 tokenizer has another fingerprint is refused with one line: every embedding row would mean another token.
 The fingerprint follows what the tokenizer does (vocabulary, special tokens, eod/bos, the ids of probe texts;
-data/tokenizer.py), not its file bytes or paths, so the original files of a tokenizer that import-hf or
+tokenizers/fingerprint.py), not its file bytes or paths, so the original files of a tokenizer that import-hf or
 export-hf re-wrote are accepted; a checkpoint written before that recorded a hash of the files, and the same
 files are accepted against it (`Tokenizer.matches`). Checkpoints without a tokenizer (mock data, or saved
 before checkpoints carried one) are accepted as they are.

@@ -37,7 +37,7 @@ def register(sub) -> None:
                    help="kernel speeds: a JSON from --calibrate, or a markdown log with plan-calibration lines")
     g.add_argument("--calibrate", action="store_true",
                    help="measure one layer's forward/backward, the loss and the optimizer step on this GPU "
-                        "(without a GPU: the latest figures measured on an H100, shipped with gpt3d)")
+                        "(without a GPU: the calibration shipped with gpt3d, gpt3d/plan/calibration.json)")
     g.add_argument("--save-calibration", metavar="FILE", help="write the calibration used to FILE (JSON)")
     g.add_argument("--micro-batch-sizes", type=int, nargs="+", help="micro-batch sizes to try (default 1..16)")
     g.add_argument("--top", type=int, default=15, help="layouts that fit to show, fastest first")
@@ -63,8 +63,8 @@ def _gpu(args):
                       nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps, calibration=cal,
                       reserve_gib=args.reserve_gib)
     if args.save_calibration:
-        with open(args.save_calibration, "w") as fh:
-            fh.write(calibration_to_json(gpu.calibration) + "\n")
+        from ..files.atomic import write_text   # crash-safe, never through a planted link, the umask honoured
+        write_text(args.save_calibration, calibration_to_json(gpu.calibration) + "\n")
     return gpu
 
 

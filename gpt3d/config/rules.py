@@ -1,7 +1,7 @@
 """Which values a run accepts: every setting's range (RULES), then the rules between settings.
 
-Its own module because it is policy over the settings, not their definition: config.py says which settings
-exist (types, defaults, flags, help) and how YAML and flags become them; this module says which values and
+Its own module because it is policy over the settings, not their definition: schema.py says which settings
+exist (types, defaults, help), values.py and flags.py how YAML and flags become them; this module says which values and
 combinations `gpt3d train` (and every layout `gpt3d plan` proposes) accepts, so a bad run fails in its first
 second with one line naming the flag. `Config.validate` calls `validate`. The rules of the parallel layout
 (world size, TP/PP/VP divisibility, micro-batches, pipeline split) live in parallel/layout.py: `validate`

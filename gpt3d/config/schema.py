@@ -2,8 +2,8 @@
 
 Each component receives only its own section, so a model never reads optimizer
 settings and the schedule never reads model shapes. Field names are Megatron's
-flag names with dashes turned into underscores; `cli.py` builds the flags from
-these fields (config/flags.py), so a new option is added in exactly one place. Here: what
+flag names with dashes turned into underscores; config/flags.py builds the flags from
+these fields, so a new option is added in exactly one place. Here: what
 settings exist; values.py: how YAML and flags become them; rules.py: which values a run
 accepts (a new numeric setting also needs its range rule there); root.py: `Config`.
 """

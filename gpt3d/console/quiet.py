@@ -11,10 +11,8 @@ anything the libraries say after they are imported.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import warnings
-from types import ModuleType
 from collections.abc import Iterator
 
 # Loggers that speak while torchao / transformers are imported (see the module docstring).
@@ -37,9 +35,3 @@ def quiet_imports() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def import_quietly(name: str) -> ModuleType:
-    """`importlib.import_module(name)` inside `quiet_imports()`."""
-    with quiet_imports():
-        return importlib.import_module(name)

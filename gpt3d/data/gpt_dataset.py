@@ -270,7 +270,7 @@ def build_train_valid_test_datasets(data_path, split: str, num_samples: tuple, s
     indexed for N samples; anything longer is `weight prefix` pairs, even a single pair (`1.0 prefix`):
     each corpus is asked for ceil(N * w * 1.005) samples and the blend, built by Megatron's greedy
     (blend.py), has the sum of those counts as its length (its first N samples are what training reads).
-    With `vocab_size`, every id of the documents used must fit it (vocab_check.py)."""
+    With `vocab_size`, every id of the documents used must fit it (tokenizers/vocab_check.py)."""
     prefixes, weights = parse_data_path(data_path)
     names = ("train", "valid", "test")
 

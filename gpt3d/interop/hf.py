@@ -24,7 +24,7 @@ from ..files import atomic
 from ..config import Config
 from ..errors import HFError
 from ..model.build import DTYPES
-from ..model.gpt import EMBEDDING, OUTPUT_LAYER
+from ..model.gpt import EMBEDDING, OUTPUT_LAYER, layer_prefix
 from ..console.progress import Activity
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -94,7 +94,7 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
         sd["transformer.wte.weight"] = t[EMBEDDING]
         sd["transformer.wpe.weight"] = t["embedding.position_embeddings.weight"]
         for i in range(m["num_layers"]):
-            src, dst = f"layers.{i}.", f"transformer.h.{i}."
+            src, dst = layer_prefix(i), f"transformer.h.{i}."
             for a, b in GPT2_NORMS:
                 sd[f"{dst}{b}.weight"], sd[f"{dst}{b}.bias"] = t[f"{src}{a}.weight"], t[f"{src}{a}.bias"]
             for kind in ("weight", "bias"):
@@ -113,7 +113,7 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
     elif arch == "gpt_neox":   # fused QKV per head [q, k, v]: gpt3d's layout when every head is its own group
         sd["gpt_neox.embed_in.weight"] = t[EMBEDDING]
         for i in range(m["num_layers"]):
-            src, dst = f"layers.{i}.", f"gpt_neox.layers.{i}."
+            src, dst = layer_prefix(i), f"gpt_neox.layers.{i}."
             for a, b in NEOX_LAYER:
                 sd[f"{dst}{b}.weight"], sd[f"{dst}{b}.bias"] = t[f"{src}{a}.weight"], t[f"{src}{a}.bias"]
         sd["gpt_neox.final_layer_norm.weight"] = t["final_norm.weight"]
@@ -131,7 +131,7 @@ def to_hf(m: dict, t: dict, vocab_size: int, eod: Optional[int]) -> tuple[dict, 
         bias = not m["disable_bias_linear"]
         sd["model.embed_tokens.weight"] = t[EMBEDDING]
         for i in range(m["num_layers"]):
-            src, dst = f"layers.{i}.", f"model.layers.{i}."
+            src, dst = layer_prefix(i), f"model.layers.{i}."
             sd[f"{dst}input_layernorm.weight"] = t[f"{src}input_norm.weight"]
             sd[f"{dst}post_attention_layernorm.weight"] = t[f"{src}post_attention_norm.weight"]
             for kind in ("weight", "bias") if bias else ("weight",):
@@ -228,7 +228,7 @@ def from_hf(c, sd: dict) -> tuple[dict, dict]:
         p = "transformer." if "transformer.wte.weight" in sd else ""
         t[EMBEDDING], t["embedding.position_embeddings.weight"] = sd[f"{p}wte.weight"], sd[f"{p}wpe.weight"]
         for i in range(layers):
-            src, dst = f"{p}h.{i}.", f"layers.{i}."
+            src, dst = f"{p}h.{i}.", layer_prefix(i)
             for a, b in GPT2_NORMS:
                 t[f"{dst}{a}.weight"], t[f"{dst}{a}.bias"] = sd[f"{src}{b}.weight"], sd[f"{src}{b}.bias"]
             for kind in ("weight", "bias"):
@@ -241,7 +241,7 @@ def from_hf(c, sd: dict) -> tuple[dict, dict]:
     elif arch == "gpt_neox":
         t[EMBEDDING] = sd["gpt_neox.embed_in.weight"]
         for i in range(layers):
-            src, dst = f"gpt_neox.layers.{i}.", f"layers.{i}."
+            src, dst = f"gpt_neox.layers.{i}.", layer_prefix(i)
             for a, b in NEOX_LAYER:
                 t[f"{dst}{a}.weight"], t[f"{dst}{a}.bias"] = sd[f"{src}{b}.weight"], sd[f"{src}{b}.bias"]
         t["final_norm.weight"] = sd["gpt_neox.final_layer_norm.weight"]
@@ -250,7 +250,7 @@ def from_hf(c, sd: dict) -> tuple[dict, dict]:
         kv, hd = m["num_key_value_heads"], h // heads
         t[EMBEDDING] = sd["model.embed_tokens.weight"]
         for i in range(layers):
-            src, dst = f"model.layers.{i}.", f"layers.{i}."
+            src, dst = f"model.layers.{i}.", layer_prefix(i)
             t[f"{dst}input_norm.weight"] = sd[f"{src}input_layernorm.weight"]
             t[f"{dst}post_attention_norm.weight"] = sd[f"{src}post_attention_layernorm.weight"]
             for kind in ("weight",) if m["disable_bias_linear"] else ("weight", "bias"):

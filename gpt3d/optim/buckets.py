@@ -31,6 +31,11 @@ def late_reduction(sequence_parallel: bool, tied_across_stages: bool, tp: int, p
     return (sequence_parallel and tp > 1) or (tied_across_stages and pp > 1)
 
 
+def effective_zero_stage(zero_stage: int, dp: int) -> int:
+    """The ZeRO stage that runs: at DP 1 there is nothing to shard, so stage 1 runs as stage 0."""
+    return zero_stage if dp > 1 else 0
+
+
 def bucket_alignment(dp: int, zero: int) -> int:
     """Elements a bucket's size is a multiple of: DP*64 under ZeRO-1 (equal shards), else 1."""
     return dp * 64 if zero else 1

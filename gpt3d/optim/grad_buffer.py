@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..parallel.param_meta import param_meta
 from ..parallel.state import ParallelState
-from .buckets import bucket_layout, late_reduction, local_pieces, shard_range
+from .buckets import bucket_layout, effective_zero_stage, late_reduction, local_pieces, shard_range
 
 
 @dataclass
@@ -51,7 +51,7 @@ class LocalRange:
 class GradBuffer:
     def __init__(self, chunks: Iterable[nn.Module], ps: ParallelState, *, zero_stage: int = 1,
                  bucket_size_mb: float = 40.0, overlap: bool = True, grad_dtype: Optional[torch.dtype] = None):
-        self.ps, self.zero = ps, zero_stage if ps.dp > 1 else 0
+        self.ps, self.zero = ps, effective_zero_stage(zero_stage, ps.dp)
         self.overlap = overlap and ps.dp > 1
         self._sync = True
         named = [(n, p) for c in chunks for n, p in c.named_parameters() if p.requires_grad]

@@ -50,6 +50,8 @@ def init_parameters(model: nn.Module, seed: int, ps: ParallelState, rows_limit: 
     """
     for name, p in model.named_parameters():
         meta = param_meta(p)
+        if meta.init is None:   # a parameter the model forgot to mark(): a bug, never silently zeroed
+            raise RuntimeError(f"parameter {name} has no declared init (mark it with parallel/layers.mark)")
         kind = meta.init[0]
         if kind == "zeros":
             p.zero_()

@@ -25,7 +25,7 @@ from typing import Any, Optional, TypeAlias
 from ..errors import ConfigError
 
 # The config (gpt3d.config.Config / ModelConfig) is read by attribute only: importing it here, even for types,
-# would make a cycle with config_check, which resolves the layout.
+# would make a cycle with config/rules.py, which resolves the layout.
 Config: TypeAlias = Any
 ModelConfig: TypeAlias = Any
 
@@ -67,6 +67,11 @@ def split_sizes(split: Optional[str], num_layers: int, pp: int) -> tuple[int, ..
     _need(len(parts) == pp and sum(parts) == num_layers and min(parts) > 0,
           f"--pipeline-model-parallel-split {split} must be {pp} positive numbers summing to {num_layers}")
     return parts
+
+
+def layers_per_virtual_stage(num_layers: int, pp: int, vp: int) -> Optional[int]:
+    """The `--num-layers-per-virtual-pipeline-stage` that gives VP chunks per stage (None: not interleaved)."""
+    return num_layers // (pp * vp) if vp > 1 else None
 
 
 def virtual_stages(num_layers: int, pp: int, layers_per_virtual_stage: Optional[int],
@@ -146,14 +151,6 @@ class Layout:
     global_batch: int
     stages: tuple              # [pp_rank][chunk] -> global layer ids
     padded_vocab: Optional[int] = None   # None when resolved without a vocabulary size
-
-    @property
-    def interleaved(self) -> bool:
-        return self.vp > 1
-
-    @property
-    def num_layers(self) -> int:
-        return sum(len(ids) for stage in self.stages for ids in stage)
 
     def stage_layers(self, pp_rank: int) -> list[list[int]]:
         """Global layer ids of each model chunk on stage `pp_rank`."""

@@ -4,7 +4,7 @@ initialised, whether its gradient is partial per TP rank, and whether it is (a c
 Why its own module: init, gradient sync, clipping, the optimizer's shards and checkpoints all read this, so it
 is one typed record (`ParamMeta`) set when the layer creates the parameter and read through one accessor
 (`param_meta`), instead of loose attributes probed with getattr/hasattr. A parameter nobody described (a plain
-torch module in a test) reads as replicated, with no flags.
+torch module in a test) reads as replicated, with no flags and no declared init.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ _ATTR = "gpt3d_meta"
 @dataclass(frozen=True)
 class ParamMeta:
     split_dim: Optional[int] = None       # the dimension tensor parallelism splits; None: replicated across TP
-    init: tuple = ("zeros",)              # ("normal", std) | ("zeros",) | ("ones",), applied to the full tensor
+    init: Optional[tuple] = None          # ("normal", std) | ("zeros",) | ("ones",), applied to the full tensor;
+                                          # None: undeclared, which init_parameters refuses (never a silent zero)
     sequence_parallel: bool = False       # gradient partial per TP rank (saw only its tokens): summed over TP
     tied_to: Optional[str] = None         # the last stage's copy of this global parameter (the tied embedding)
     shared_embedding: bool = False        # the word embedding that the output head reuses (tied models)

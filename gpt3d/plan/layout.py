@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from ..config import Config
 from ..errors import ConfigError
+from ..optim.buckets import effective_zero_stage
 from ..parallel import layout as runtime
 
 RECOMPUTE = (None, "selective", "full")
@@ -50,7 +51,7 @@ class Layout:
 
     @property
     def zero_effective(self) -> int:
-        return self.zero if self.dp > 1 else 0
+        return effective_zero_stage(self.zero, self.dp)
 
     def label(self) -> str:
         parts = [f"TP{self.tp}", f"PP{self.pp}" + (f"x{self.vp}v" if self.vp > 1 else ""), f"DP{self.dp}",
@@ -66,7 +67,7 @@ class Layout:
 
     def stage_chunks(self, num_layers: int, pp_rank: int) -> list[list[int]]:
         """Global layer ids of each model chunk on stage `pp_rank` (gpt3d's own assignment)."""
-        per_chunk = num_layers // (self.pp * self.vp) if self.vp > 1 else None
+        per_chunk = runtime.layers_per_virtual_stage(num_layers, self.pp, self.vp)
         return runtime.stage_layers(num_layers, self.pp, pp_rank, self.split, per_chunk)
 
 
@@ -88,7 +89,7 @@ def apply_layout(cfg: Config, lay: Layout) -> Config:
     p, m = c.parallel, c.model
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = lay.tp, lay.pp
     p.sequence_parallel, p.zero_stage, p.pipeline_model_parallel_split = lay.sp, lay.zero, lay.split
-    p.num_layers_per_virtual_pipeline_stage = m.num_layers // (lay.pp * lay.vp) if lay.vp > 1 else None
+    p.num_layers_per_virtual_pipeline_stage = runtime.layers_per_virtual_stage(m.num_layers, lay.pp, lay.vp)
     m.recompute_granularity = lay.recompute
     m.recompute_num_layers = lay.recompute_num_layers if lay.recompute == "full" else None
     c.training.micro_batch_size = lay.mbs
@@ -126,7 +127,8 @@ def candidate(cfg: Config, world: int, tp: int, pp: int, vp: int, mbs: int) -> O
     p = c.parallel
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.sequence_parallel = tp, pp, False
     p.pipeline_model_parallel_split = None
-    p.num_layers_per_virtual_pipeline_stage = max(1, cfg.model.num_layers // (pp * vp)) if vp > 1 else None
+    p.num_layers_per_virtual_pipeline_stage = (max(1, runtime.layers_per_virtual_stage(cfg.model.num_layers, pp, vp))
+                                               if vp > 1 else None)
     c.training.micro_batch_size = mbs
     try:
         r = runtime.resolve(c, world)

@@ -21,7 +21,8 @@ from typing import Optional
 from ..config import ModelConfig
 from ..optim.buckets import bucket_layout, late_reduction, local_pieces
 from ..model.build import build_meta_chunk
-from ..model.gpt import layer_prefix, padded_vocab_size
+from ..model.gpt import layer_prefix
+from ..parallel.layout import padded_vocab_size
 from ..parallel.cross_entropy import CHUNK_BYTES
 from ..parallel.param_meta import ParamMeta, param_meta
 from .layout import Layout

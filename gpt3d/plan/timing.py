@@ -184,5 +184,5 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Layout, gpu: Gpu, gpus_per_n
     if host > seconds:
         parts["host launch (GPU idle)"] = host - seconds
         seconds = host
-    tokens = lay.mbs * lay.num_micro * lay.dp * m.seq_length
+    tokens = lay.global_batch * m.seq_length
     return StepTime(seconds, tokens / seconds, {k: v for k, v in parts.items() if v}, stage_times)

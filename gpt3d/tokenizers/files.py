@@ -1,4 +1,6 @@
-"""Tokenizer files for `export-hf` that `transformers.AutoTokenizer` loads and that encode exactly as gpt3d.
+"""Tokenizer files in and out of gpt3d: `import-hf` copies an HF directory's tokenizer into a checkpoint
+(import_tokenizer); `export-hf` writes tokenizer files that `transformers.AutoTokenizer` loads and that
+encode exactly as gpt3d.
 
 A model exported with a tokenizer that splits text differently silently gets other ids and other losses
 in transformers. So every tokenizer type is written as one tokenizer.json (HF `tokenizers` format, loaded

@@ -6,7 +6,7 @@ contiguous span of the .bin: the split ranges in use) through the numpy memmap i
 vectorised, and caches the span's smallest and largest id beside the .bin. One rank computes while the
 others wait.
 
-The cache is keyed by the .bin's content: an xxh3-128 checksum of the whole file (checksum.py), so a file
+The cache is keyed by the .bin's content: an xxh3-128 checksum of the whole file (files/checksum.py), so a file
 rewritten in place with the same size and its old modification time restored is caught. Re-hashing the
 .bin on every run would cost a read of it, so the cache also records the file's identity when it was
 hashed (size, modification and change times, inode): while that is unchanged, the recorded checksum

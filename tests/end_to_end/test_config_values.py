@@ -170,7 +170,7 @@ def test_a_warmup_longer_than_the_run_is_one_warning(capsys, flags, warning):
 
 
 def test_every_numeric_setting_has_a_rule():
-    """A new int/float setting gets a range in config_check.RULES (or fixed choices); NaN/inf are refused for all."""
+    """A new int/float setting gets a range in config.rules.RULES (or fixed choices); NaN/inf are refused for all."""
     import dataclasses
 
     from gpt3d.config import SECTIONS
@@ -344,7 +344,7 @@ def _numeric_flags(parser) -> set:
 
 def test_every_numeric_flag_of_a_command_has_a_rule():
     """eval, generate and plan check their own numeric flags with config-style rules (the config's settings
-    have theirs in config_check.RULES); the other commands listed take no numbers. A new numeric flag needs a rule."""
+    have theirs in config.rules.RULES); the other commands listed take no numbers. A new numeric flag needs a rule."""
     import argparse
 
     from gpt3d.config import field_index

@@ -41,7 +41,7 @@ TOP = {"__init__", "__main__"}   # gpt3d/__init__.py and python -m gpt3d: the pa
 
 # Imports against the order that the code has today (importer -> imported), each named in architecture.md.
 KNOWN_EXCEPTIONS = {
-    ("gpt3d.commands.bench", "gpt3d.cli"),                        # the CLI's parser and flag helpers
+    ("gpt3d.commands.bench", "gpt3d.cli"),                        # `python -m gpt3d.commands.bench` runs the CLI
     ("gpt3d.commands.preprocess", "gpt3d.cli"),
     ("gpt3d.config.deepspeed", "gpt3d.parallel.state"),           # the launcher's world size (lazily)
     ("gpt3d.config.schema", "gpt3d.tokenizers.base"),             # the tokenizer type names

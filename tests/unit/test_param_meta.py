@@ -51,3 +51,16 @@ def test_a_plain_parameter_reads_as_replicated_and_set_meta_keeps_other_fields()
     set_meta(p, split_dim=1, init=("ones",))
     set_meta(p, sequence_parallel=True)
     assert param_meta(p) == ParamMeta(split_dim=1, init=("ones",), sequence_parallel=True)
+
+
+def test_a_parameter_without_a_declared_init_is_refused_not_zeroed():
+    """A layer that forgets `mark()` is a bug: init refuses it by name instead of silently zeroing the weight."""
+    import pytest
+
+    from gpt3d.parallel.layers import init_parameters
+
+    model = nn.Linear(3, 2)
+    set_meta(model.bias, init=("zeros",))
+    with pytest.raises(RuntimeError, match="weight has no declared init"):
+        init_parameters(model, 0, ParallelState.tp_rank_view(1, False, device=torch.device("cpu")))
+    assert param_meta(model.weight).init is None

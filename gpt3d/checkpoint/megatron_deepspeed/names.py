@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ...errors import CheckpointError
-from ...model.gpt import EMBEDDING, OUTPUT_LAYER
+from ...model.gpt import EMBEDDING, OUTPUT_LAYER, layer_prefix
 
 QKV_GROUPED, QKV_BLOCKS = "grouped", "blocks"
 
@@ -62,7 +62,7 @@ class Shapes:
 def _layer_target(i: int, suffix: str, shapes: Shapes) -> Target:
     if suffix not in LAYER_SUFFIX:
         raise KeyError(suffix)
-    name = f"layers.{i}.{LAYER_SUFFIX[suffix]}"
+    name = layer_prefix(i) + LAYER_SUFFIX[suffix]
     if shapes.swiglu and suffix.startswith("mlp.dense_h_to_4h."):
         return Target(name, gate=name.replace(".fc1.", ".gate."))
     if suffix.startswith("self_attention.query_key_value."):
