@@ -27,7 +27,7 @@ from ..config import ModelConfig
 from ..model.gpt import count_parameters
 
 if TYPE_CHECKING:   # the planner's types, for the annotations of layer_flops only
-    from ..plan.layout import Layout
+    from ..plan.layout import Candidate
     from ..plan.memory import Shape
 
 
@@ -59,7 +59,7 @@ def palm_flops_per_iter(cfg: ModelConfig, vocab: int, batch: int) -> float:
 
 
 # ----- the planner's per-layer count (plan/timing.py) ----------------------------------------------------------------
-def layer_flops(m: ModelConfig, lay: Layout, sh: Shape) -> tuple[float, float]:
+def layer_flops(m: ModelConfig, lay: Candidate, sh: Shape) -> tuple[float, float]:
     """(matmul, attention) forward FLOPs of one layer, one micro-batch, one TP rank (causal: half the scores)."""
     t, T, h = lay.tp, sh.tokens, sh.h
     hd, nh, nkv, f = m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size

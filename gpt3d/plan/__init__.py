@@ -7,9 +7,9 @@ measured kernel speeds; the default calibration is the package data calibration.
 on this GPU), search (predict / plan), advice (train's start-up suggestion, --auto-tune-layout), fits (sizes no
 memory holds, refused by `gpt3d train`). The command itself is gpt3d/commands/plan.py.
 """
-from .layout import Layout, layout_of
+from .layout import Candidate, layout_of
 from .presets import Calibration, Gpu, resolve_gpu
 from .search import Prediction, check_memory, plan, predict
 
-__all__ = ["Calibration", "Gpu", "Layout", "Prediction", "check_memory", "layout_of", "plan", "predict",
+__all__ = ["Calibration", "Candidate", "Gpu", "Prediction", "check_memory", "layout_of", "plan", "predict",
            "resolve_gpu"]

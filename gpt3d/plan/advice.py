@@ -27,7 +27,7 @@ from typing import Optional
 from ..config import Config
 from ..errors import ConfigError
 from ..parallel.layout import resolve
-from .layout import MICRO_BATCH_SIZES, RECOMPUTE, Layout, apply_layout, is_valid, layout_of
+from .layout import MICRO_BATCH_SIZES, RECOMPUTE, Candidate, apply_layout, is_valid, layout_of
 from .presets import GIB, Gpu
 from .search import Prediction, predict_layout
 
@@ -65,7 +65,7 @@ class Advice:
         return c
 
 
-def candidates(cfg: Config, own: Layout) -> list[Layout]:
+def candidates(cfg: Config, own: Candidate) -> list[Candidate]:
     """`own` with every recompute setting and each micro-batch size the planner tries (`gpt3d plan`'s)."""
     out = []
     for mbs in sorted(set(MICRO_BATCH_SIZES) | {own.mbs}):
@@ -83,7 +83,7 @@ def candidates(cfg: Config, own: Layout) -> list[Layout]:
     return out
 
 
-def _flags(cfg: Config, own: Layout, lay: Layout) -> list:
+def _flags(cfg: Config, own: Candidate, lay: Candidate) -> list:
     flags = []
     if lay.recompute != own.recompute:
         flags += ["--recompute-granularity", lay.recompute or "none"]

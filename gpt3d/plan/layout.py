@@ -1,6 +1,6 @@
 """One candidate parallel layout, and every valid one for a model, batch and cluster.
 
-Why a separate module: the memory and time models take a `Layout`, the search
+Why a separate module: the memory and time models take a `Candidate`, the search
 makes them. The layout arithmetic (DP, micro-batches, virtual stages, each stage's
 layers) and its rules are the runtime's own, parallel/layout.py: a candidate is made by
 `parallel.layout.resolve` from the config it stands for, and it is valid when
@@ -23,7 +23,10 @@ RECOMPUTE = (None, "selective", "full")
 
 
 @dataclass(frozen=True)
-class Layout:
+class Candidate:
+    """A layout the planner weighs: the runtime's layout (parallel/layout.py's `Layout` fixes TP, PP, DP, VP,
+    micro-batching and SP; `runtime()` compares them) plus the choices that change memory and time but not the
+    layout arithmetic (recompute, ZeRO stage, uneven split)."""
     tp: int
     pp: int
     dp: int
@@ -71,17 +74,17 @@ class Layout:
         return runtime.stage_layers(num_layers, self.pp, pp_rank, self.split, per_chunk)
 
 
-def layout_of(cfg: Config, world: int) -> Layout:
+def layout_of(cfg: Config, world: int) -> Candidate:
     """The layout a config asks for at `world` GPUs (the runtime's `requested`: checked only for the world size;
     `is_valid` says whether gpt3d runs it)."""
     p, m = cfg.parallel, cfg.model
     tp, pp, dp, vp, mbs, num_micro = runtime.requested(cfg, world)
-    return Layout(tp=tp, pp=pp, dp=dp, mbs=mbs, num_micro=num_micro, vp=vp, sp=p.sequence_parallel and tp > 1,
+    return Candidate(tp=tp, pp=pp, dp=dp, mbs=mbs, num_micro=num_micro, vp=vp, sp=p.sequence_parallel and tp > 1,
                   recompute=m.recompute_granularity, zero=p.zero_stage, split=p.pipeline_model_parallel_split,
                   recompute_num_layers=m.recompute_num_layers)
 
 
-def apply_layout(cfg: Config, lay: Layout) -> Config:
+def apply_layout(cfg: Config, lay: Candidate) -> Config:
     """A copy of `cfg` set to `lay` (data settings made irrelevant: the plan reads no files)."""
     c = copy.copy(cfg)   # only the sections changed here are copied (cheap: the search calls this per layout)
     c.parallel, c.model, c.training, c.data = (copy.copy(s) for s in (cfg.parallel, cfg.model, cfg.training,
@@ -100,7 +103,7 @@ def apply_layout(cfg: Config, lay: Layout) -> Config:
     return c
 
 
-def is_valid(cfg: Config, lay: Layout) -> bool:
+def is_valid(cfg: Config, lay: Candidate) -> bool:
     """`gpt train` accepts `lay` (its config validates) and runs exactly `lay` (the runtime resolves that config
     back to it)."""
     c = apply_layout(cfg, lay)
@@ -119,7 +122,7 @@ def _divisors(n: int) -> list[int]:
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16)   # the range the speed model was checked over (benchmarks/RESULTS.md)
 
 
-def candidate(cfg: Config, world: int, tp: int, pp: int, vp: int, mbs: int) -> Optional[Layout]:
+def candidate(cfg: Config, world: int, tp: int, pp: int, vp: int, mbs: int) -> Optional[Candidate]:
     """The layout of `cfg` set to TP, PP, VP chunks per stage and micro-batch size `mbs` (global batch kept,
     no SP, recompute and ZeRO as in `cfg`) as the runtime resolves it, None when the runtime refuses it."""
     c = copy.copy(cfg)
@@ -138,7 +141,7 @@ def candidate(cfg: Config, world: int, tp: int, pp: int, vp: int, mbs: int) -> O
 
 
 def enumerate_layouts(cfg: Config, world: int, gpus_per_node: int, *, micro_batch_sizes: Optional[Iterable] = None,
-                      max_virtual: int = 8) -> list[Layout]:
+                      max_virtual: int = 8) -> list[Candidate]:
     """Every layout gpt3d accepts for this model and global batch on `world` GPUs among those the planner tries:
     TP a power of two inside a node, PP, 1 to `max_virtual` chunks per stage, micro-batch sizes
     (`MICRO_BATCH_SIZES` unless given), SP, recompute none/selective/full, ZeRO 0/1. Which of them gpt3d
@@ -156,7 +159,7 @@ def enumerate_layouts(cfg: Config, world: int, gpus_per_node: int, *, micro_batc
                     for sp in ([False, True] if tp > 1 else [False]):
                         for rc in RECOMPUTE:
                             for zero in ([1, 0] if base.dp > 1 else [1]):
-                                lay = Layout(tp, pp, base.dp, mbs, base.num_micro, vp, sp, rc, zero)
+                                lay = Candidate(tp, pp, base.dp, mbs, base.num_micro, vp, sp, rc, zero)
                                 if is_valid(cfg, lay):
                                     out.append(lay)
     return out

@@ -25,7 +25,7 @@ from ..model.gpt import layer_prefix
 from ..parallel.layout import padded_vocab_size
 from ..parallel.cross_entropy import CHUNK_BYTES
 from ..parallel.param_meta import ParamMeta, param_meta
-from .layout import Layout
+from .layout import Candidate
 from .schedule import peak_in_flight
 
 
@@ -77,7 +77,7 @@ def chunk_params(m: ModelConfig, vocab_size: int, tp: int, sp: bool, layer_ids: 
     return list(_chunk_params(_model_key(m), vocab_size, tp, sp, tuple(layer_ids), pre, post))
 
 
-def stage_params(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int) -> list[list[ParamInfo]]:
+def stage_params(m: ModelConfig, vocab_size: int, lay: Candidate, pp_rank: int) -> list[list[ParamInfo]]:
     """Each model chunk's parameters on stage `pp_rank`."""
     chunks = lay.stage_chunks(m.num_layers, pp_rank)
     return [chunk_params(m, vocab_size, lay.tp, lay.sp, ids, pp_rank == 0 and v == 0,
@@ -108,7 +108,7 @@ class Persistent:
         return self.params + self.grads + self.optimizer
 
 
-def persistent_bytes(params: list[ParamInfo], lay: Layout, *, dp_rank: int = 0, param_bytes: int = 2,
+def persistent_bytes(params: list[ParamInfo], lay: Candidate, *, dp_rank: int = 0, param_bytes: int = 2,
                      bucket_size_mb: float = 40.0) -> Persistent:
     """GradBuffer's and ZeroOptimizer's bytes for `params` (all chunks of a stage, in order) on DP rank
     `dp_rank`, from GradBuffer's own bucket layout (gpt3d/optim/buckets.py)."""
@@ -152,7 +152,7 @@ class Shape:
     e: int               # activation element bytes
 
 
-def shape_of(m: ModelConfig, lay: Layout, e: int) -> Shape:
+def shape_of(m: ModelConfig, lay: Candidate, e: int) -> Shape:
     t = lay.mbs * m.seq_length
     return Shape(lay.mbs, m.seq_length, m.hidden_size, t, t // lay.tp if lay.sp else t, e)
 
@@ -168,13 +168,13 @@ def _norm_input(out: Terms, m: ModelConfig, sh: Shape, compiled: bool, name: str
     out.add("norm statistics", 4 * Ts if rms else 2 * sh.e * Ts)
 
 
-def dropout_mask_bytes(lay: Layout, e: int, device: str) -> int:
+def dropout_mask_bytes(lay: Candidate, e: int, device: str) -> int:
     """Bytes per element of a residual dropout mask kept for backward: bool, but for the CPU's native dropout
     kernel (sequence-parallel shards), which keeps it in the activation dtype (gpt3d/parallel/random.py)."""
     return e if lay.sp and device == "cpu" else 1
 
 
-def layer_terms(m: ModelConfig, lay: Layout, sh: Shape, compiled: bool, recompute: Optional[str],
+def layer_terms(m: ModelConfig, lay: Candidate, sh: Shape, compiled: bool, recompute: Optional[str],
                 device: str = "cuda") -> Terms:
     """What one transformer layer keeps for backward, one micro-batch, one TP rank.
 
@@ -246,7 +246,7 @@ class StageMemory:
                 "activations": self.per_microbatch.total * self.in_flight, **self.other.items}
 
 
-def _stage_persistent(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, param_bytes: int,
+def _stage_persistent(m: ModelConfig, vocab_size: int, lay: Candidate, pp_rank: int, param_bytes: int,
                       bucket_size_mb: float, cache: Optional[dict]) -> tuple[list[ParamInfo], Persistent]:
     """The stage's parameters and its largest DP shard (the last DP rank holds the bucket padding's shard, the
     first the most parameter elements: ZeRO-1 is reported for the first)."""
@@ -261,7 +261,7 @@ def _stage_persistent(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int
     return out
 
 
-def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, param_bytes: int = 2,
+def stage_memory(m: ModelConfig, vocab_size: int, lay: Candidate, pp_rank: int, *, param_bytes: int = 2,
                  bucket_size_mb: float = 40.0, compiled: bool = True, fused_loss: bool = True,
                  device: str = "cuda", cache: Optional[dict] = None) -> StageMemory:
     """Peak of stage `pp_rank` = persistent + activations of the micro-batches in flight + the largest transient.
@@ -349,6 +349,6 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Layout, pp_rank: int, *, 
     return sm
 
 
-def plan_memory(m: ModelConfig, vocab_size: int, lay: Layout, **kw) -> list[StageMemory]:
+def plan_memory(m: ModelConfig, vocab_size: int, lay: Candidate, **kw) -> list[StageMemory]:
     """Every stage's prediction; the plan reports the largest."""
     return [stage_memory(m, vocab_size, lay, r, **kw) for r in range(lay.pp)]

@@ -20,7 +20,7 @@ from ..perf.flops import megatron_flops_per_iter
 from ..model.build import compile_enabled
 from ..parallel.layout import padded_vocab_size
 from ..parallel.state import ParallelState
-from .layout import Layout, apply_layout, enumerate_layouts, layout_of
+from .layout import Candidate, apply_layout, enumerate_layouts, layout_of
 from .memory import StageMemory, plan_memory
 from .presets import GIB, Gpu, gpu_for_device, resolve_gpu
 from .timing import StepTime, step_time
@@ -28,7 +28,7 @@ from .timing import StepTime, step_time
 
 @dataclass
 class Prediction:
-    layout: Layout
+    layout: Candidate
     peak_bytes: float              # the busiest stage's rank
     busiest_stage: int
     memory: dict                   # bytes by term, busiest stage
@@ -66,7 +66,7 @@ def param_bytes_of(cfg: Config) -> int:
     return 2 if cfg.precision.bf16 or cfg.precision.fp16 else 4
 
 
-def predict_layout(cfg: Config, lay: Layout, gpu: Gpu, gpus_per_node: int = 8, *, device: str = "cuda",
+def predict_layout(cfg: Config, lay: Candidate, gpu: Gpu, gpus_per_node: int = 8, *, device: str = "cuda",
                    cache: Optional[dict] = None, vocab_size: Optional[int] = None) -> Prediction:
     """One layout of `cfg` (its model, batch, precision and compile setting) on `lay.world` GPUs of kind `gpu`.
 

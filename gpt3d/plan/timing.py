@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ..config import ModelConfig
 from ..parallel.layout import padded_vocab_size
 from ..perf.flops import layer_flops
-from .layout import Layout
+from .layout import Candidate
 from .memory import Persistent, Shape, layer_terms, shape_of
 from .presets import (ATTN_DROPOUT_OVERHEAD, COMM_EFFICIENCY, COMM_LATENCY_S, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES,
                       EW_PASSES, GEMM_OVERHEAD_S, LOSS_PASSES, Gpu, attention_efficiency)
@@ -35,7 +35,7 @@ class Links:
     embedding_gbps: float
 
 
-def links(lay: Layout, gpu: Gpu, gpus_per_node: int) -> Links:
+def links(lay: Candidate, gpu: Gpu, gpus_per_node: int) -> Links:
     """Megatron rank order (TP innermost, then DP, then PP): a group stays on NVLink while it fits in a node."""
     nv, ib = gpu.nvlink_gbps * COMM_EFFICIENCY, gpu.ib_gbps * COMM_EFFICIENCY
 
@@ -73,7 +73,7 @@ def dropout_site_time(m: ModelConfig, elements: int, gpu: Gpu, ew_factor: float 
     return elements * (DROPOUT_HASH_BYTES + half) / rate, elements * half / rate
 
 
-def layer_time(m: ModelConfig, lay: Layout, gpu: Gpu, link: Links, sh: Shape, recompute,
+def layer_time(m: ModelConfig, lay: Candidate, gpu: Gpu, link: Links, sh: Shape, recompute,
                ew_factor: float = 1.0) -> LayerTime:
     """`ew_factor` > 1 for eager execution (unfused norms, activations and residuals)."""
     cal = gpu.calibration
@@ -107,7 +107,7 @@ class StepTime:
     stage_seconds: list = field(default_factory=list)   # forward+backward per micro-batch, per stage
 
 
-def step_time(m: ModelConfig, vocab_size: int, lay: Layout, gpu: Gpu, gpus_per_node: int,
+def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_per_node: int,
               persistent: list[Persistent], *, param_bytes: int = 2, overlap_grad_reduce: bool = True,
               fused_loss: bool = True, compiled: bool = True) -> StepTime:
     """`persistent`: each stage's optimizer layout (from memory.stage_memory), for bucket sizes and shards."""

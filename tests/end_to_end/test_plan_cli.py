@@ -16,7 +16,7 @@ from gpt3d.cli import main
 from gpt3d.config import Config
 from gpt3d.errors import ConfigError
 from gpt3d.plan import check_memory, plan, predict
-from gpt3d.plan.layout import Layout, apply_layout
+from gpt3d.plan.layout import Candidate, apply_layout
 from gpt3d.plan.presets import (GIB, calibration_to_json, load_calibration, measured_calibration, resolve_gpu)
 from gpt3d.plan.schedule import bubble_fraction
 from gpt3d.plan.search import predict_layout
@@ -150,7 +150,7 @@ def test_check_memory_refuses_a_layout_predicted_not_to_fit():
 
 def _one(cfg, **kw) -> object:
     base = dict(tp=1, pp=1, dp=1, mbs=4, num_micro=8)
-    return predict_layout(cfg, Layout(**{**base, **kw}), resolve_gpu("h100-80gb"), 8)
+    return predict_layout(cfg, Candidate(**{**base, **kw}), resolve_gpu("h100-80gb"), 8)
 
 
 @pytest.fixture(scope="module")
@@ -190,13 +190,13 @@ def test_small_shapes_pay_matmul_overhead_short_attention_and_the_host_floor():
     small = Config.from_dict({"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "seq_length": 1024,
                               "vocab_size": 50257, "bf16": True, "mock_data": True, "train_iters": 1,
                               "compile": True, "micro_batch_size": 1, "global_batch_size": 1})
-    tiny = predict_layout(small, Layout(tp=1, pp=1, dp=1, mbs=1, num_micro=1), resolve_gpu("h200"), 8)
-    big = predict_layout(small, Layout(tp=1, pp=1, dp=1, mbs=16, num_micro=1), resolve_gpu("h200"), 8)
+    tiny = predict_layout(small, Candidate(tp=1, pp=1, dp=1, mbs=1, num_micro=1), resolve_gpu("h200"), 8)
+    big = predict_layout(small, Candidate(tp=1, pp=1, dp=1, mbs=16, num_micro=1), resolve_gpu("h200"), 8)
     assert tiny.time.parts["host launch (GPU idle)"] > 0 and "host launch (GPU idle)" not in big.time.parts
     assert tiny.tokens_per_s < 0.25 * big.tokens_per_s
     cal = resolve_gpu("h200").calibration
     assert tiny.time.seconds == pytest.approx(12 * cal.host_layer_s + cal.host_step_s)
-    acc = [predict_layout(small, Layout(tp=1, pp=1, dp=1, mbs=16, num_micro=m), resolve_gpu("h200"), 8)
+    acc = [predict_layout(small, Candidate(tp=1, pp=1, dp=1, mbs=16, num_micro=m), resolve_gpu("h200"), 8)
            for m in (1, 4)]
     assert acc[1].time.parts["gradient accumulation"] > 3 * acc[0].time.parts["gradient accumulation"]
 

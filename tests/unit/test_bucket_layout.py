@@ -12,7 +12,7 @@ from gpt3d.optim.buckets import bucket_alignment, bucket_layout, local_pieces
 from gpt3d.optim.grad_buffer import GradBuffer
 from gpt3d.parallel.param_meta import ParamMeta, set_meta
 from gpt3d.parallel.state import ParallelState
-from gpt3d.plan.layout import Layout
+from gpt3d.plan.layout import Candidate
 from gpt3d.plan.memory import ParamInfo, persistent_bytes
 
 params_st = st.lists(st.tuples(st.integers(1, 300), st.booleans()), min_size=1, max_size=12)
@@ -59,7 +59,7 @@ def test_grad_buffer_and_planner_use_the_same_layout(sizes, dp, zero, tp, bucket
             for p in model.parameters():
                 assert p.data.data_ptr() == buf.param_data[want[id(p)]:].data_ptr()
         infos = [ParamInfo(f"ps.{i}", n, ParamMeta(sequence_parallel=sp)) for i, (n, sp) in enumerate(sizes)]
-        lay = Layout(tp=tp, pp=1, dp=dp, mbs=1, num_micro=1, zero=zero)
+        lay = Candidate(tp=tp, pp=1, dp=dp, mbs=1, num_micro=1, zero=zero)
         pred = persistent_bytes(infos, lay, dp_rank=r, param_bytes=4, bucket_size_mb=bucket_mb)
         ranges = list(buf.local_ranges())
         assert pred.grads == buf.nbytes() and pred.params == buf.param_nbytes()
