@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from gpt3d.checkpoint.integrity import file_checksum, non_finite
 from gpt3d.config import Config
+from gpt3d.files.atomic import fsync_file
 from gpt3d.model.gpt import count_parameters
 
 
@@ -59,7 +60,7 @@ def main() -> None:
             rows["scan"].append(timed(lambda: non_finite(tensors)))
             rows["write"].append(timed(lambda: save_file(tensors, path)))
             rows["checksum"].append(timed(lambda: file_checksum(path)))
-            rows["fsync"].append(timed(lambda: _fsync(path)))
+            rows["fsync"].append(timed(lambda: fsync_file(path)))
             rows["verify"].append(timed(lambda: file_checksum(path)))
             rows["sha256"].append(timed(lambda: hashlib_file(path, "sha256")))
             rows["blake2b"].append(timed(lambda: hashlib_file(path, "blake2b")))
@@ -83,14 +84,6 @@ def main() -> None:
           f"{save_plain * scale:.0f} s, integrity +{extra * scale:.1f} s on save (scan of the fp32 part "
           f"{med['scan'] * params * 12 / nbytes:.1f} s + checksum {med['checksum'] * scale:.1f} s), "
           f"+{med['verify'] * scale:.1f} s on load (one process; split over the job's ranks)")
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":
