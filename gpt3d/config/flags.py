@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable
 
+from ..errors import ConfigError, error_line
 from .schema import SECTIONS, flag_name
 from .values import field_types
 
@@ -48,7 +49,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"gpt3d: error: {message} (`{self.prog} --help` lists the flags)\n")
+        self.exit(2, error_line(ConfigError(f"{message} (`{self.prog} --help` lists the flags)")) + "\n")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
