@@ -7,8 +7,11 @@ A run is SHAPE:OPTIONS[:MBS[:MICRO]] with OPTIONS joined by '+':
   bf16 (default) | fp16 | fp8 | fp8row (rowwise recipe) | fce (fused linear + cross entropy, chunked)
   seq1024 | full | selective (recompute) | layer (per-layer compile) | eager | cudnn|flash|efficient|math
   gqaexp (expand K/V heads before SDPA) | ro (compile mode reduce-overhead) | cdt (coordinate-descent tuning)
-Prints one row per run: ms/iter, tokens/s, MFU, peak GiB, optimizer ms, attention kernels, wall seconds;
-with --profile, the top CUDA kernels of those runs (also written to $OUT). --head first times the output
+  drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
+  h1 (probe: the replicated-dropout hash with one mixing round instead of two; masks differ from gpt3d's)
+Prints one row per run: ms/iter, tokens/s, MFU, peak GiB, optimizer ms, first step s (compilation included),
+attention kernels, wall seconds; with --profile, the top CUDA kernels of those runs and their time per step by
+kind (GEMM, attention, Triton, optimizer, ...), also written to $OUT. --head first times the output
 head + loss alone at the Llama shape: logits then loss, the chunked fused version, Liger's if installed.
 Exploratory: the numbers that count come from `gpt3d bench` and go to benchmarks/RESULTS.md.
 """
@@ -64,16 +67,25 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
     if "cdt" in opts:
         import torch._inductor.config as ic
         ic.coordinate_descent_tuning = True
-    if "layer" in opts or "ro" in opts:
-        mode = "reduce-overhead" if "ro" in opts else None
+    if "drop" in opts or "hdrop" in opts:
+        cfg.model.hidden_dropout = 0.1
+    if "drop" in opts or "adrop" in opts:
+        cfg.model.attention_dropout = 0.1
+    if "layer" in opts:
+        cfg.training.compile_granularity = "layer"
+    if "h1" in opts:
+        import gpt3d.parallel.random as R
 
-        def _compile(chunks, ps):
-            for c in chunks:
-                if "layer" in opts:
-                    for layer in c.layers.values():
-                        layer.compile(mode=mode)
-                else:
-                    c.compile(mode=mode)
+        def one_round(i, k1, k2):
+            if i.dtype == torch.int64:
+                return R._mix32(R._as_int32(i & R._M32) ^ k1 ^ R._as_int32(i >> 32))
+            return R._mix32(i ^ k1)
+        R.hash_index = one_round
+    if "ro" in opts:
+        compile_chunks = gpt3d.model.build.compile_chunks
+
+        def _compile(chunks, ps, granularity="auto", **kw):
+            compile_chunks(chunks, ps, granularity, mode="reduce-overhead", **kw)
         gpt3d.model.build.compile_chunks = _compile   # build_model_chunks calls it by this name
     return cfg, Trainer(cfg, ParallelState.single(torch.device("cuda")))
 
@@ -88,8 +100,12 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
     m, seq, v = cfg.training.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size
     text = torch.randint(0, v, (micro, m, seq + 1), device="cuda")
     batch = [{"tokens": t[:, :-1], "labels": t[:, 1:]} for t in text]
+    t_first = None
     for _ in range(warmup):
         tr.train_step(batch)
+        if t_first is None:
+            torch.cuda.synchronize()
+            t_first = time.time() - t_start
     torch.cuda.synchronize()
     t_ready = time.time()
     torch.cuda.reset_peak_memory_stats()
@@ -116,7 +132,7 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
     tp = Throughput(cfg.model, v, padded_vocab_size(v, 128, 1), m * micro, 1, 989.0)
     times.sort()
     row = {"run": run, "ms": sec * 1e3, "ms_min_synced": times[0] * 1e3, "ms_med_synced": times[len(times) // 2] * 1e3,
-           "opt_ms": opt_ms, "mem": mem, "setup_s": t_ready - t_start, **tp.report(sec)}
+           "opt_ms": opt_ms, "mem": mem, "setup_s": t_ready - t_start, "first_s": t_first, **tp.report(sec)}
     from torch.profiler import ProfilerActivity, profile as prof
     with prof(activities=[ProfilerActivity.CUDA]) as pr:
         for _ in range(2 if profile else 1):
@@ -126,11 +142,38 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
     row["attn_kernels"] = sorted({e.key[:60] for e in ka if any(
         w in e.key.lower() for w in ("flash", "cudnn", "fmha", "attention", "sdpa", "efficient"))})[:3]
     if profile:
-        table = ka.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=100)
+        table = ka.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=110)
+        kinds = kernel_kinds(ka, steps=2)
+        row["kinds_ms"] = kinds
         with open(os.path.join(OUT, f"prof_{run.replace(':', '_').replace('+', '-')}.txt"), "w") as fh:
-            fh.write(table)
+            fh.write(table + "\n" + json.dumps(kinds, indent=1))
         print(table[:5000])
+        print("per step by kind (ms):", json.dumps(kinds))
     return row
+
+
+KINDS = [   # (kind, substrings of a kernel's name, lower case): the first match names a kernel's kind
+    ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "matmul")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "norm_kernel")),
+    ("triton", ("triton",)),
+    ("copy/cast", ("copy", "cast", "elementwise", "vectorized", "unrolled", "fill")),
+    ("reduce", ("reduce",)),
+]
+
+
+def kernel_kinds(ka, steps: int) -> dict:
+    """CUDA time per step (ms) of the profiled kernels, grouped by KINDS; the rest is `other`."""
+    out: dict = {}
+    for e in ka:
+        t = getattr(e, "device_time_total", None)
+        t = e.cuda_time_total if t is None else t
+        if not t:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, words in KINDS if any(w in name for w in words)), "other")
+        out[kind] = out.get(kind, 0.0) + t / 1e3 / steps
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def head_bench(ns=(8192, 16384), h=2048, v=128256) -> None:
@@ -241,11 +284,13 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     with open(os.path.join(OUT, "rows.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
-    print(f"\n{'run':<30}{'ms':>8}{'synced':>8}{'opt':>6}{'tok/s':>10}{'MFU':>7}{'GiB':>6}{'wall':>6}  attention")
+    print(f"\n{'run':<30}{'ms':>8}{'synced':>8}{'opt':>6}{'tok/s':>10}{'MFU':>7}{'GiB':>6}{'1st s':>6}{'wall':>6}"
+          "  attention")
     for r in rows:
         if "ms" in r:
             print(f"{r['run']:<30}{r['ms']:>8.1f}{r['ms_med_synced']:>8.1f}{r['opt_ms']:>6.1f}{r['tokens_per_s']:>10,.0f}"
-                  f"{r['mfu']:>7.1%}{r['mem']:>6.1f}{r['wall_s']:>6.0f}  {r['attn_kernels'][:1]}")
+                  f"{r['mfu']:>7.1%}{r['mem']:>6.1f}{r['first_s'] or 0:>6.1f}{r['wall_s']:>6.0f}"
+                  f"  {r['attn_kernels'][:1]}")
         else:
             print(f"{r['run']:<30} {r.get('error')}  {r.get('wall_s', 0):.0f}s")
 
