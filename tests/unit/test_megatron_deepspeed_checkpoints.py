@@ -1,4 +1,4 @@
-"""Reading Megatron-DeepSpeed checkpoints, piece by piece: the restricted unpickler, the QKV and SwiGLU
+"""Reading Megatron-DeepSpeed checkpoints, piece by piece: the weights-only unpickler, the QKV and SwiGLU
 rearrangements, the ZeRO partition arithmetic, the loss-scaler mapping, the refusals; and, on the reference
 checkpoints Megatron-DeepSpeed wrote (tests/support/mds.py), the merged shards against what their own
 pickled param_shapes, param_slice_mappings and args say."""
@@ -30,7 +30,7 @@ from tests.support import ROOT
 from tests.support.mds import FIXTURES, needs_fixtures, runs
 
 
-# ----- the restricted unpickler ---------------------------------------------------------------------------------
+# ----- the weights-only unpickler -------------------------------------------------------------------------------
 class _Planted:
     """An object whose unpickling calls `fn(*args)`: what a malicious .pt file holds."""
 
@@ -47,7 +47,7 @@ def _dangerous(marker: str) -> list:
     return [(os.system, (f"touch {marker}",)), (builtins.exec, (f"open({marker!r}, 'w')",)),
             (builtins.eval, (f"open({marker!r}, 'w')",)), (subprocess.check_call, (["touch", marker],)),
             (shutil.copy, (__file__, marker)), (builtins.open, (marker, "w")), (builtins.getattr, (marker, "upper")),
-            (torch.load, (marker,)), (np.save, (marker, np.zeros(1))), (pickle.loads, (b"\x80\x02N.",))]  # noqa: TID251 (a callable the restricted unpickler must refuse, not a call)
+            (torch.load, (marker,)), (np.save, (marker, np.zeros(1))), (pickle.loads, (b"\x80\x02N.",))]  # noqa: TID251 (a callable the unpickler must refuse, not a call)
 
 
 @settings(max_examples=25, deadline=None, database=None)
@@ -354,10 +354,18 @@ def test_fixture_files_are_read_without_megatron_or_deepspeed():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
 
-def test_pickle_module_shim_is_the_only_unpickler():
-    """torch.load gets the restricted Unpickler and load (its own wrapper subclasses the Unpickler)."""
-    assert issubclass(unpickle.PICKLE_MODULE.Unpickler, pickle.Unpickler)
-    assert unpickle.PICKLE_MODULE.Unpickler.find_class is unpickle.RestrictedUnpickler.find_class
+def test_files_are_read_by_torchs_weights_only_unpickler_and_the_allowlist_does_not_outlive_a_read(tmp_path):
+    """torch.load(weights_only=True) does every read; the names allowed for a Megatron-DeepSpeed file are
+    allowed during that read only, so no other torch.load in the process ever accepts them."""
+    path = str(tmp_path / "f.pt")
+    torch.save({"w": torch.ones(2), "args": __import__("argparse").Namespace(x=1)}, path)
+    before = list(torch.serialization.get_safe_globals())
+    with mock.patch.object(torch, "load", wraps=torch.load) as load:
+        assert unpickle.load(path)["args"].x == 1
+    assert load.call_count == 1 and load.call_args.kwargs["weights_only"] is True
+    assert torch.serialization.get_safe_globals() == before
+    with pytest.raises(pickle.UnpicklingError):   # outside unpickle.load, the Namespace is refused again
+        torch.load(path, weights_only=True)
 
 
 # ----- a Llama-style run, written the way Megatron-DeepSpeed lays it out ------------------------------------------

@@ -1,6 +1,6 @@
 """Continuing a Megatron-DeepSpeed run: its DeepSpeed checkpoints read safely and written as gpt3d's.
 
-    unpickle   the .pt files through a restricted unpickler: tensors, arrays, plain containers and stand-ins
+    unpickle   the .pt files through torch's weights-only unpickler: tensors, arrays, plain containers, stand-ins
                for the few megatron/deepspeed classes they name; nothing else is ever resolved or called
     source     which files a global_stepN directory holds (either engine), the run's args, each shard's rank
     names      Megatron-DeepSpeed parameter names and TP-local layouts -> gpt3d's, as element ranges

@@ -1,36 +1,35 @@
 """Reading Megatron-DeepSpeed's `.pt` files without running anything they name.
 
 They are torch.save pickles, and a pickle can name any importable callable (`os.system` included) that the
-unpickler then calls. Besides tensors, storages, numpy arrays and plain containers, these files name a few
-classes of programs gpt3d does not import (megatron's ModelType enum, DeepSpeed's loss scaler, ZeRO stage
-enum and fragment addresses) and argparse.Namespace. So the unpickler here resolves a global only from
-`ALLOWED`: torch's tensor rebuilders, numpy's array reconstruction (non-object dtypes only), a latin-1
-`_codecs.encode` (how protocol 2 stores bytes) and plain stand-ins for the named classes that keep only the
-state the file gives them. Any other global stops the read with one CheckpointError naming the file and the
-global, before it is called. TorchScript archives (whose loading runs TorchScript) are refused too.
-
-`torch.load(..., pickle_module=this module's shim)` does the rest (zip records, storages; memory-mapped, so
-reading a multi-GB shard touches only the tensors asked for). No `megatron` or `deepspeed` import happens.
+unpickler then calls. So they are read with torch's weights-only unpickler (`torch.load(weights_only=True)`),
+which builds tensors, storages and plain containers and refuses every other global before calling it. These
+files also name numpy arrays (RNG state), argparse.Namespace (the run's arguments) and a few classes of
+programs gpt3d does not import (megatron's ModelType enum, DeepSpeed's loss scaler, ZeRO stage enum and
+fragment addresses): `SAFE_GLOBALS` lets exactly those through, for the duration of one load, each under the
+name the file uses but resolved to something of gpt3d's: numpy's array reconstruction and numeric dtypes (a
+dtype factory that refuses the object dtype, whose arrays would hold pickled objects) and plain stand-ins that
+keep only the state the file gives them (no method of the original class ever runs). Any other global stops
+the read with one CheckpointError naming the file and the global. TorchScript archives (whose loading runs
+TorchScript) are refused too. Tensors are memory-mapped, so reading a multi-GB shard touches only the tensors
+asked for; no `megatron` or `deepspeed` import happens.
 """
 from __future__ import annotations
 
 import argparse
-import codecs
-import collections
 import pickle
-import types
+import re
 import zipfile
 from typing import Any
 
 import numpy as np
 import torch
-import torch._utils
+import torch.serialization
 
 from ...errors import CheckpointError
 
 
 class Refused(pickle.UnpicklingError):
-    """A global outside ALLOWED (the caller names the file)."""
+    """Something SAFE_GLOBALS' numpy factories will not build (the caller names the file)."""
 
 
 # ----- stand-ins for the classes of other programs -------------------------------------------------------------
@@ -74,20 +73,6 @@ def _np_scalar(dtype, data=None):
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
-def _latin1_encode(text, encoding="latin1"):
-    """What protocol 2 uses to store bytes; no other codec."""
-    if not isinstance(text, str) or codecs.lookup(encoding).name != "iso8859-1":
-        raise Refused(f"_codecs.encode with {encoding!r}")
-    return text.encode("latin1")
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    """torch's rebuild of a tensor subclass, for Tensor and Parameter only."""
-    if new_type not in (torch.Tensor, torch.nn.Parameter):
-        raise Refused(f"tensor subclass {new_type}")
-    return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
-
-
 def _reconstruct():
     try:
         from numpy._core.multiarray import _reconstruct as r   # numpy 2
@@ -96,58 +81,37 @@ def _reconstruct():
     return r
 
 
-_TORCH_DTYPES = {str(d).split(".")[1]: d for d in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint8, torch.bool)}
+# numpy's numeric dtypes (bool, integers, floats, complex): a dtype the file names is rebuilt as one of these
+_NUMPY_DTYPES = sorted({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"}, key=str)
 
-ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set, ("__builtin__", "set"): set,
-    ("builtins", "frozenset"): frozenset, ("__builtin__", "frozenset"): frozenset,
-    ("builtins", "slice"): slice, ("__builtin__", "slice"): slice,
-    ("_codecs", "encode"): _latin1_encode,
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Tensor"): torch.Tensor, ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
-    ("torch", "Size"): torch.Size, ("torch", "device"): torch.device,
-    **{("torch", name): dt for name, dt in _TORCH_DTYPES.items()},
-    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _np_dtype,
-    **{(mod, "_reconstruct"): _reconstruct() for mod in ("numpy._core.multiarray", "numpy.core.multiarray")},
-    **{(mod, "scalar"): _np_scalar for mod in ("numpy._core.multiarray", "numpy.core.multiarray")},
-    ("argparse", "Namespace"): argparse.Namespace,
-    **{(mod, name): _stand_in(f"{mod}.{name}") for mod, name in (
-        ("megatron.core.enums", "ModelType"), ("megatron.model.enums", "ModelType"),
-        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-        ("deepspeed.utils.tensor_fragment", "fragment_address"))},
-}
+# (what gpt3d builds, the name the file gives it): every global a Megatron-DeepSpeed checkpoint may name beyond
+# what torch's weights-only unpickler already builds (tensors, storages, OrderedDict, the bytes codec)
+SAFE_GLOBALS: list = [
+    (argparse.Namespace, "argparse.Namespace"),
+    (np.ndarray, "numpy.ndarray"), (_np_dtype, "numpy.dtype"), *_NUMPY_DTYPES,
+    *((_reconstruct(), f"{mod}._reconstruct") for mod in ("numpy._core.multiarray", "numpy.core.multiarray")),
+    *((_np_scalar, f"{mod}.scalar") for mod in ("numpy._core.multiarray", "numpy.core.multiarray")),
+    *((_stand_in(name), name) for name in (
+        "megatron.core.enums.ModelType", "megatron.model.enums.ModelType",
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")),
+]
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """pickle.Unpickler whose globals come from ALLOWED only (torch's loader adds storages and tensors)."""
-
-    def find_class(self, module: str, name: str):
-        try:
-            return ALLOWED[(module, name)]
-        except (KeyError, TypeError):
-            raise Refused(f"{module}.{name}") from None
-
-
-def _shim_load(file, **kwargs):
-    return RestrictedUnpickler(file, **kwargs).load()
-
-
-# What torch.load takes as `pickle_module`: it subclasses `Unpickler` (adding storages) and calls `load`.
-PICKLE_MODULE = types.SimpleNamespace(__name__="gpt3d_restricted_pickle", Unpickler=RestrictedUnpickler,
-                                      load=_shim_load)
+def _refused(e: Exception) -> str:
+    """What torch's weights-only unpickler refused, in a few words: its inner error (chained as the context of
+    the multi-paragraph one torch.load raises) names the global, or says what it could not build."""
+    inner = e.__context__ if isinstance(e.__context__, pickle.UnpicklingError) else e
+    text = str(inner)
+    m = re.search(r"GLOBAL (\S+)", text)
+    if m:
+        return m.group(1)
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(inner).__name__)[:200]
 
 
 def load(path: str) -> Any:
     """The object in the torch.save file `path`, its tensors on the CPU (memory-mapped where the format
-    allows); CheckpointError naming the file for anything outside ALLOWED or a file that is not one."""
+    allows); CheckpointError naming the file for anything outside SAFE_GLOBALS or a file that is not one."""
     is_zip = zipfile.is_zipfile(path)
     if is_zip:
         with zipfile.ZipFile(path) as z:
@@ -155,11 +119,11 @@ def load(path: str) -> Any:
                 raise CheckpointError(f"{path}: a TorchScript archive, not a Megatron-DeepSpeed checkpoint file; "
                                       "refusing to load it")
     try:
-        return torch.load(path, map_location="cpu", pickle_module=PICKLE_MODULE, weights_only=False,
-                          mmap=is_zip)
-    except Refused as e:
-        raise CheckpointError(f"{path}: refusing to unpickle {e} (only tensors, arrays, plain containers and "
-                              "the Megatron-DeepSpeed/DeepSpeed classes gpt3d knows are read)") from None
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refusing to unpickle {_refused(e)} (only tensors, arrays, plain containers "
+                              "and the Megatron-DeepSpeed/DeepSpeed classes gpt3d knows are read)") from None
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - torch and pickle raise many types for a damaged file
