@@ -139,6 +139,7 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
             tr.train_step(batch)
         torch.cuda.synchronize()
     ka = pr.key_averages()
+    row["gpu_ms"] = sum(kernel_kinds(ka, steps=2 if profile else 1).values())   # kernels alone, per step
     row["attn_kernels"] = sorted({e.key[:60] for e in ka if any(
         w in e.key.lower() for w in ("flash", "cudnn", "fmha", "attention", "sdpa", "efficient"))})[:3]
     if profile:
@@ -284,12 +285,12 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     with open(os.path.join(OUT, "rows.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
-    print(f"\n{'run':<30}{'ms':>8}{'synced':>8}{'opt':>6}{'tok/s':>10}{'MFU':>7}{'GiB':>6}{'1st s':>6}{'wall':>6}"
-          "  attention")
+    print(f"\n{'run':<30}{'ms':>8}{'synced':>8}{'opt':>6}{'tok/s':>10}{'MFU':>7}{'GiB':>6}{'1st s':>6}{'gpu':>6}"
+          f"{'wall':>6}  attention")
     for r in rows:
         if "ms" in r:
             print(f"{r['run']:<30}{r['ms']:>8.1f}{r['ms_med_synced']:>8.1f}{r['opt_ms']:>6.1f}{r['tokens_per_s']:>10,.0f}"
-                  f"{r['mfu']:>7.1%}{r['mem']:>6.1f}{r['first_s'] or 0:>6.1f}{r['wall_s']:>6.0f}"
+                  f"{r['mfu']:>7.1%}{r['mem']:>6.1f}{r['first_s'] or 0:>6.1f}{r['gpu_ms']:>6.1f}{r['wall_s']:>6.0f}"
                   f"  {r['attn_kernels'][:1]}")
         else:
             print(f"{r['run']:<30} {r.get('error')}  {r.get('wall_s', 0):.0f}s")
