@@ -25,10 +25,16 @@ class BucketSpec:
     late: bool = False         # reduced after backward (needs a TP / embedding all-reduce first)
 
 
+def late_reductions(sequence_parallel: bool, tied_across_stages: bool, tp: int, pp: int) -> tuple[bool, bool]:
+    """(summed over TP, summed over the pipeline's first and last stages) before a gradient's DP reduction:
+    sequence-parallel norms and biases saw only their TP rank's tokens; the tied embedding has a copy on
+    the first and the last stage."""
+    return sequence_parallel and tp > 1, tied_across_stages and pp > 1
+
+
 def late_reduction(sequence_parallel: bool, tied_across_stages: bool, tp: int, pp: int) -> bool:
-    """A gradient that must be summed over TP (sequence-parallel norms and biases) or over the pipeline's
-    first and last stages (the tied embedding) before its DP reduction."""
-    return (sequence_parallel and tp > 1) or (tied_across_stages and pp > 1)
+    """Must the gradient wait for the whole backward (a `late` bucket)? Yes if it needs either reduction."""
+    return any(late_reductions(sequence_parallel, tied_across_stages, tp, pp))
 
 
 def effective_zero_stage(zero_stage: int, dp: int) -> int:

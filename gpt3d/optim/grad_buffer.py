@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..parallel.param_meta import param_meta
 from ..parallel.state import ParallelState
-from .buckets import bucket_layout, effective_zero_stage, late_reduction, local_pieces, shard_range
+from .buckets import bucket_layout, effective_zero_stage, late_reductions, local_pieces, shard_range
 
 
 @dataclass
@@ -60,7 +60,7 @@ class GradBuffer:
         self._names = {p: n for n, p in named}
         params = [p for _, p in reversed(named)]   # registration order, as bucket_layout takes it
         self._numels = [p.numel() for p in params]
-        self.layout = bucket_layout(self._numels, [self._late(p) for p in params], bucket_size_mb=bucket_size_mb,
+        self.layout = bucket_layout(self._numels, [any(self._late(p)) for p in params], bucket_size_mb=bucket_size_mb,
                                     dp=ps.dp, zero=self.zero)
         self._params = params
         self.buckets = [Bucket(s.start, s.end, [params[i] for i in s.members], late=s.late) for s in self.layout]
@@ -81,17 +81,10 @@ class GradBuffer:
         self._untouched: set[torch.Tensor] = set()
 
     # ----- layout -------------------------------------------------------------------------------------------
-    def _late(self, p) -> bool:
+    def _late(self, p) -> tuple[bool, bool]:
+        """(summed over TP, summed over the tied stages) first: buckets.late_reductions for `p`."""
         meta = param_meta(p)
-        return late_reduction(meta.sequence_parallel, meta.tied_across_stages, self.ps.tp, self.ps.pp)
-
-    def _sequence_parallel(self, p) -> bool:
-        """A norm/bias that saw only this TP rank's tokens: summed over TP."""
-        return param_meta(p).sequence_parallel and self.ps.tp > 1
-
-    def _tied_across_stages(self, p) -> bool:
-        """The first stage's embedding and the last stage's copy of it (tied models only): summed over stages."""
-        return self.ps.pp > 1 and param_meta(p).tied_across_stages
+        return late_reductions(meta.sequence_parallel, meta.tied_across_stages, self.ps.tp, self.ps.pp)
 
     def shard(self, b: Bucket) -> tuple[int, int]:
         """This DP rank's buffer range of bucket `b` (the whole bucket at ZeRO-0)."""
@@ -163,10 +156,10 @@ class GradBuffer:
             if not b.late and b.handle is None:
                 self._reduce(b)
         late = [p for b in self.buckets if b.late for p in b.params]
-        sp = [p.main_grad for p in late if self._sequence_parallel(p)]
+        sp = [p.main_grad for p in late if self._late(p)[0]]
         if sp:  # sequence-parallel params saw only this rank's tokens
             _all_reduce_coalesced(sp, self.ps.tp_group)
-        tied = [p.main_grad for p in late if self._tied_across_stages(p)]
+        tied = [p.main_grad for p in late if self._late(p)[1]]
         if tied and self.ps.embedding_group is not None:
             _all_reduce_coalesced(tied, self.ps.embedding_group)
         for b in self.buckets:
