@@ -26,7 +26,7 @@ import os
 from typing import Any, Optional
 
 from ..errors import ConfigError, warn
-from ..parallel.layout import data_parallel_size
+from ..parallel.layout import data_parallel_size, global_batch_size
 from .root import Config
 from .schema import SECTIONS, flag_name
 from .values import field_index, read_settings_file
@@ -104,7 +104,7 @@ def deepspeed_settings(ds: dict, path: str, micro_batch: int, dp: Optional[int])
         if key in ds and ds[key] != value:
             fail(key, f"only {json.dumps(value)} is supported: {why}")
 
-    # batch sizes: train_batch_size = micro batch x gradient accumulation x data-parallel size
+    # batch sizes (parallel/layout.global_batch_size); a missing one is derived from the other two
     tbs, mbs, gas = (ds.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
                                          "gradient_accumulation_steps"))
     for key, v in (("train_batch_size", tbs), ("train_micro_batch_size_per_gpu", mbs),
@@ -118,13 +118,13 @@ def deepspeed_settings(ds: dict, path: str, micro_batch: int, dp: Optional[int])
     if gas is not None and dp is not None:
         micro = mbs if mbs is not None else micro_batch
         if tbs is None:
-            out.append(("global_batch_size", micro * gas * dp, "gradient_accumulation_steps"))
+            out.append(("global_batch_size", global_batch_size(micro, gas, dp), "gradient_accumulation_steps"))
         elif mbs is None:
             if tbs % (gas * dp):
                 fail("train_batch_size", f"{tbs} is not gradient_accumulation_steps ({gas}) x data-parallel "
                                          f"size ({dp}) x a micro batch")
             out.append(("micro_batch_size", tbs // (gas * dp), "gradient_accumulation_steps"))
-        elif tbs != mbs * gas * dp:
+        elif tbs != global_batch_size(mbs, gas, dp):
             fail("train_batch_size", f"{tbs} != train_micro_batch_size_per_gpu ({mbs}) x "
                                      f"gradient_accumulation_steps ({gas}) x data-parallel size ({dp})")
 

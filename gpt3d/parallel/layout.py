@@ -90,10 +90,16 @@ def virtual_stages(num_layers: int, pp: int, layers_per_virtual_stage: Optional[
     return num_layers // (n * pp)
 
 
+def global_batch_size(micro_batch: int, num_micro: int, dp: int) -> int:
+    """Samples per optimizer step: each DP rank runs `num_micro` micro-batches of `micro_batch` samples
+    (DeepSpeed's train_batch_size = train_micro_batch_size_per_gpu x gradient_accumulation_steps x DP)."""
+    return micro_batch * num_micro * dp
+
+
 def micro_batches(global_batch: Optional[int], micro_batch: int, dp: int, check: bool = True) -> tuple[int, int]:
     """(global batch, micro-batches per step and DP rank): global = micro x DP x micro-batches; unset, one
     micro-batch per DP rank. `check=False`: at least one, rounded down, for a batch the rule refuses."""
-    gbs = global_batch or micro_batch * dp
+    gbs = global_batch or global_batch_size(micro_batch, 1, dp)
     if check:
         _need(gbs % (micro_batch * dp) == 0,
               f"--global-batch-size ({gbs}) must be divisible by micro batch x DP ({micro_batch} x {dp})")

@@ -45,8 +45,8 @@ class Candidate:
 
     @property
     def global_batch(self) -> int:
-        """Samples per step: micro-batch x DP x micro-batches (parallel/layout.py's `micro_batches`)."""
-        return self.mbs * self.dp * self.num_micro
+        """Samples per step (parallel/layout.py's rule)."""
+        return runtime.global_batch_size(self.mbs, self.num_micro, self.dp)
 
     def runtime(self) -> tuple:
         """What the runtime's layout (parallel/layout.py) fixes: TP, PP, DP, micro-batching, chunks, SP."""
