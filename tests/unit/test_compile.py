@@ -24,10 +24,31 @@ def test_compiled_by_default_on_cuda_only(given, device):
 
 
 @pytest.mark.parametrize("tp,dp", [(1, 1), (2, 1), (1, 2), (2, 4)])
-def test_auto_granularity(tp, dp):
+@pytest.mark.parametrize("layers", [1, 12, 19, 20, 24, 96])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_auto_granularity(tp, dp, layers, dropout):
+    """auto: per-layer graphs with TP or DP, and for deep chunks with dropout; the whole chunk otherwise.
+    An explicit choice is kept whatever the run."""
     ps = ParallelState(tp=tp, dp=dp)
-    assert compile_granularity("auto", ps) == ("chunk" if tp == dp == 1 else "layer")
-    assert compile_granularity("layer", ps) == "layer" and compile_granularity("chunk", ps) == "chunk"
+    whole = tp == dp == 1 and not (dropout and layers >= 20)
+    assert compile_granularity("auto", ps, layers, dropout) == ("chunk" if whole else "layer")
+    assert compile_granularity("layer", ps, layers, dropout) == "layer"
+    assert compile_granularity("chunk", ps, layers, dropout) == "chunk"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("layers", [2, 20])
+def test_auto_compiles_what_compile_granularity_says(dropout, layers):
+    """compile_chunks reads the chunk's depth and dropout: a 20-layer chunk with dropout gets per-layer graphs
+    (its layers are compiled modules, the chunk is not), every other single-rank chunk one graph."""
+    cfg = ModelConfig(num_layers=layers, hidden_size=16, num_attention_heads=2, seq_length=8,
+                      hidden_dropout=dropout, attention_dropout=dropout)
+    ps = ParallelState.single(torch.device("cpu"))
+    model = GPTModel(cfg, ps, seed_everything(0, ps), vocab_size=32)
+    compile_chunks([model], ps, "auto", backend="eager")
+    per_layer = dropout > 0 and layers >= 20
+    assert all(layer._compiled_call_impl is not None for layer in model.layers.values()) is per_layer
+    assert (model._compiled_call_impl is not None) is not per_layer
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
