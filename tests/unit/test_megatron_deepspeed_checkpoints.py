@@ -359,11 +359,11 @@ def test_files_are_read_by_torchs_weights_only_unpickler_and_the_allowlist_does_
     allowed during that read only, so no other torch.load in the process ever accepts them."""
     path = str(tmp_path / "f.pt")
     torch.save({"w": torch.ones(2), "args": __import__("argparse").Namespace(x=1)}, path)
-    before = list(torch.serialization.get_safe_globals())
+    before = set(torch.serialization.get_safe_globals())   # torch keeps them in a set: compare as one
     with mock.patch.object(torch, "load", wraps=torch.load) as load:
         assert unpickle.load(path)["args"].x == 1
     assert load.call_count == 1 and load.call_args.kwargs["weights_only"] is True
-    assert torch.serialization.get_safe_globals() == before
+    assert set(torch.serialization.get_safe_globals()) == before
     with pytest.raises(pickle.UnpicklingError):   # outside unpickle.load, the Namespace is refused again
         torch.load(path, weights_only=True)
 
