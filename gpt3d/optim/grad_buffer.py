@@ -60,7 +60,10 @@ class GradBuffer:
         self._names = {p: n for n, p in named}
         params = [p for _, p in reversed(named)]   # registration order, as bucket_layout takes it
         self._numels = [p.numel() for p in params]
-        self.layout = bucket_layout(self._numels, [any(self._late(p)) for p in params], bucket_size_mb=bucket_size_mb,
+        late = [self._late(p) for p in params]
+        self._tp_late: list = [p for p, (tp_sum, _) in zip(params, late) if tp_sum]         # summed over TP first
+        self._stage_late: list = [p for p, (_, stage_sum) in zip(params, late) if stage_sum]  # over the tied stages
+        self.layout = bucket_layout(self._numels, [any(k) for k in late], bucket_size_mb=bucket_size_mb,
                                     dp=ps.dp, zero=self.zero)
         self._params = params
         self.buckets = [Bucket(s.start, s.end, [params[i] for i in s.members], late=s.late) for s in self.layout]
@@ -82,7 +85,7 @@ class GradBuffer:
 
     # ----- layout -------------------------------------------------------------------------------------------
     def _late(self, p) -> tuple[bool, bool]:
-        """(summed over TP, summed over the tied stages) first: buckets.late_reductions for `p`."""
+        """(summed over TP, summed over the tied stages) before DP: buckets.late_reductions for `p`."""
         meta = param_meta(p)
         return late_reductions(meta.sequence_parallel, meta.tied_across_stages, self.ps.tp, self.ps.pp)
 
@@ -155,13 +158,10 @@ class GradBuffer:
         for b in self.buckets:
             if not b.late and b.handle is None:
                 self._reduce(b)
-        late = [p for b in self.buckets if b.late for p in b.params]
-        sp = [p.main_grad for p in late if self._late(p)[0]]
-        if sp:  # sequence-parallel params saw only this rank's tokens
-            _all_reduce_coalesced(sp, self.ps.tp_group)
-        tied = [p.main_grad for p in late if self._late(p)[1]]
-        if tied and self.ps.embedding_group is not None:
-            _all_reduce_coalesced(tied, self.ps.embedding_group)
+        if self._tp_late:  # sequence-parallel params saw only this rank's tokens
+            _all_reduce_coalesced([p.main_grad for p in self._tp_late], self.ps.tp_group)
+        if self._stage_late and self.ps.embedding_group is not None:
+            _all_reduce_coalesced([p.main_grad for p in self._stage_late], self.ps.embedding_group)
         for b in self.buckets:
             if b.late:
                 self._reduce(b)
