@@ -139,12 +139,12 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
             tr.train_step(batch)
         torch.cuda.synchronize()
     ka = pr.key_averages()
-    row["gpu_ms"] = sum(kernel_kinds(ka, steps=2 if profile else 1).values())   # kernels alone, per step
+    kinds = kernel_kinds(ka, steps=2 if profile else 1)
+    row["gpu_ms"] = sum(kinds.values())   # kernels alone, per step
     row["attn_kernels"] = sorted({e.key[:60] for e in ka if any(
         w in e.key.lower() for w in ("flash", "cudnn", "fmha", "attention", "sdpa", "efficient"))})[:3]
     if profile:
         table = ka.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=110)
-        kinds = kernel_kinds(ka, steps=2)
         row["kinds_ms"] = kinds
         with open(os.path.join(OUT, f"prof_{run.replace(':', '_').replace('+', '-')}.txt"), "w") as fh:
             fh.write(table + "\n" + json.dumps(kinds, indent=1))
