@@ -37,15 +37,10 @@ def describe_zero(stage: int, dp: int) -> str:
 
 
 # ----- torch entry points beyond the plain public API, kept in this one place ---------------------------------
-def _unscale_and_check_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
-    """grads *= inv_scale in place, found_inf = 1 if any is non-finite: the kernel torch.amp.GradScaler uses."""
-    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
-
-
-def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
-    """[1] in the gradients' dtype (fp32 or fp64): the squared L2 norm of all `grads` (the per-tensor norms
-    clip_grad_norm_ uses)."""
-    return upcast(torch.stack(torch._foreach_norm(grads, 2.0))).pow(2).sum().reshape(1)
+def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """[len(grads)] in the gradients' dtype (fp32 or fp64): each gradient's L2 norm (what clip_grad_norm_ sums),
+    one multi-tensor pass; a non-finite element makes its tensor's norm non-finite."""
+    return upcast(torch.stack(torch._foreach_norm(grads, 2.0)))
 
 
 def _fused_adamw_step(opt: torch.optim.Adam, lr: float, grad_scale: Optional[torch.Tensor],
@@ -92,6 +87,9 @@ class ZeroOptimizer:
             (param_meta(r.param).split_dim is None and ps.tp_rank != 0)
             or (param_meta(r.param).tied_to is not None and ps.pp > 1)))
             for r in buffer.local_ranges()]
+        # indices of the pieces whose gradient counts toward the global norm here
+        counted = [i for i, pc in enumerate(self.pieces) if pc.counted]
+        self.counted = torch.tensor(counted, dtype=torch.long, device=ps.device) if counted else None
         self.separate_master = buffer.param_dtype not in (torch.float32, torch.float64)   # half params
         groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
         self.masters: list[nn.Parameter] = []
@@ -114,19 +112,19 @@ class ZeroOptimizer:
 
     # ----- step ---------------------------------------------------------------------------------------------
     def step(self, lr: float, loss_scale: Optional[torch.Tensor] = None) -> OptimizerStep:
-        """Unscale, check for inf/nan everywhere, clip by the global norm, step, all-gather.
+        """Check for inf/nan everywhere, clip by the global norm, step (unscaling inside the kernel), all-gather.
 
         Call after `GradBuffer.finish_grad_sync`. The step is skipped on every rank if any rank saw a
         non-finite gradient, without a host sync."""
         grads = cast(list[torch.Tensor], [m.grad for m in self.masters])   # each is its buffer view, set in __init__
+        dtype = self.buffer.grad_data.dtype
+        sq = torch.zeros(1, device=self.ps.device, dtype=dtype)
         found_inf = torch.zeros(1, device=self.ps.device, dtype=torch.float32)
-        if loss_scale is not None and grads:
-            _unscale_and_check_(grads, found_inf, (1.0 / loss_scale).float())
-        counted = cast(list[torch.Tensor], [m.grad for m, pc in zip(self.masters, self.pieces) if pc.counted])
-        sq = torch.zeros(1, device=self.ps.device, dtype=self.buffer.grad_data.dtype)
-        if counted:
-            sq = _sum_of_squares(counted)
-        found_inf = torch.maximum(found_inf, (~torch.isfinite(sq)).float())
+        if grads:   # fp16: still multiplied by the loss scale, unscaled below and inside the AdamW kernel
+            norms = _norms(grads)
+            found_inf = (~torch.isfinite(norms).all()).float().reshape(1)   # any gradient here, counted or not
+            if self.counted is not None:
+                sq = norms[self.counted].pow(2).sum().reshape(1)
         if self.ps.distributed:
             if self.zero == 1:   # shards span every rank: one all-reduce carries norm and overflow flag
                 both = torch.cat([sq, found_inf.to(sq.dtype)])
@@ -138,13 +136,19 @@ class ZeroOptimizer:
                 dist.all_reduce(found_inf)
                 found_inf = (found_inf > 0).float()
         norm = sq.sqrt()
+        if loss_scale is not None:
+            norm = norm / loss_scale.to(norm.dtype)   # exact for Megatron's power-of-two scales
         found_inf = torch.maximum(found_inf, (~torch.isfinite(norm)).float())
+        # The fused AdamW kernel divides each gradient by `grad_scale`: the loss scale and the clip ride in it,
+        # saving a read-modify-write pass over every fp32 gradient for each (GradScaler's way with fused
+        # optimizers); a non-finite norm skips the step via found_inf.
         grad_scale = None
         if self.cfg.clip_grad > 0 and grads:
-            # Clip inside the fused AdamW kernel (it divides each gradient by `grad_scale`), saving a
-            # read-modify-write pass over every fp32 gradient; a non-finite norm is skipped via found_inf.
             coef = (self.cfg.clip_grad / (norm + 1e-6)).clamp(max=1.0).reshape(())
             grad_scale = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef)).reciprocal().float()
+        if loss_scale is not None and grads:
+            scale = loss_scale.float().reshape(())
+            grad_scale = scale if grad_scale is None else grad_scale * scale
         _fused_adamw_step(self.optimizer, lr, grad_scale, found_inf.reshape(()))
         self._publish()
         return OptimizerStep(norm, found_inf)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 import torch.nn as nn
 
@@ -86,3 +87,36 @@ def test_grad_buffer_reduces_only_outside_no_sync():
             torch.testing.assert_close(torch.tensor(g), dense[name][lo:hi], rtol=1e-5, atol=1e-6)
             covered += hi - lo
     assert covered == results[0]["numel"]   # the two shards hold every gradient element once
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(-6, 32), clip=st.sampled_from([0.0, 1e-3, 1.0, 1e4]), seed=st.integers(0, 2 ** 16),
+       bad=st.sampled_from([None, float("inf"), float("-inf"), float("nan")]))
+def test_a_loss_scaled_step_is_the_unscaled_step(k, clip, seed, bad):
+    """fp16's loss scale rides inside the fused AdamW kernel (no unscaling pass of its own): stepping gradients
+    multiplied by a power-of-two scale S with loss_scale=S gives bit for bit the norm, the skip decision and
+    the parameters of stepping the plain gradients. A non-finite gradient skips the step."""
+    cfg = OptimizerConfig(weight_decay=0.1, clip_grad=clip)
+    g = torch.Generator().manual_seed(seed)
+    runs = []
+    for scale in (None, torch.tensor([2.0 ** k])):
+        model = _model(torch.float16)
+        grads = GradBuffer([model], ParallelState.single())
+        opt = ZeroOptimizer(grads, cfg, ParallelState.single())
+        g.manual_seed(seed)
+        for r in grads.local_ranges():   # gradients of every magnitude, some past fp16's range once scaled
+            n = r.hi - r.lo
+            grad = torch.randn(n, generator=g) * 10.0 ** torch.randint(-3, 4, (n,), generator=g)
+            if bad is not None and r.name.endswith("weight"):
+                grad[torch.randint(0, n, (1,), generator=g)] = bad
+            grads.grad_data[r.offset:r.offset + n] = grad * (1.0 if scale is None else scale)
+        before = grads.param_data.clone()
+        norm, found_inf = opt.step(1e-2, scale)
+        runs.append((norm, found_inf, grads.param_data.clone(), [m.detach().clone() for m in opt.masters]))
+        if bad is not None:
+            assert float(found_inf) == 1.0 and torch.equal(grads.param_data, before)
+    (n0, f0, p0, m0), (n1, f1, p1, m1) = runs
+    assert torch.equal(f0, f1)
+    assert torch.equal(n0, n1) or (bad is not None and not torch.isfinite(n0).all() and not torch.isfinite(n1).all())
+    assert torch.equal(p0, p1) and all(torch.equal(a, b) for a, b in zip(m0, m1))
+    assert bad is not None or not torch.equal(p0, before)   # the step did move the parameters
