@@ -10,9 +10,10 @@ A run is SHAPE:OPTIONS[:MBS[:MICRO]] with OPTIONS joined by '+':
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
   h1 (probe: the replicated-dropout hash with one mixing round instead of two; masks differ from gpt3d's)
 Prints one row per run: ms/iter, tokens/s, MFU, peak GiB, optimizer ms, first step s (compilation included),
-attention kernels, wall seconds; with --profile, the top CUDA kernels of those runs and their time per step by
-kind (GEMM, attention, Triton, optimizer, ...), also written to $OUT. --head first times the output
-head + loss alone at the Llama shape: logits then loss, the chunked fused version, Liger's if installed.
+attention kernels, wall seconds, host ms per phase (time spent launching: where the step is host-bound);
+with --profile, the top CUDA kernels of those runs and their time per step by kind (GEMM, attention, Triton,
+optimizer, ...), also written to $OUT. --head first times the output head + loss alone at the Llama shape:
+logits then loss, the chunked fused version, Liger's if installed.
 Exploratory: the numbers that count come from `gpt3d bench` and go to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -117,11 +118,14 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
         e1.record()
         e1.synchronize()
         times.append(e0.elapsed_time(e1) / 1e3)
+    host = _time_phases(tr)
     t0 = time.perf_counter()
     for _ in range(iters):   # back to back, no sync between steps (what training does)
         tr.train_step(batch)
     torch.cuda.synchronize()
     sec = (time.perf_counter() - t0) / iters
+    host_ms = {k: round(v[0] * 1e3 / iters, 2) for k, v in host.items()}
+    host.clear()   # the wrappers stay but stop mattering: later steps add to a dict nobody reads
     mem = torch.cuda.max_memory_allocated() / 2 ** 30
     e0.record()
     for _ in range(3):
@@ -132,7 +136,8 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
     tp = Throughput(cfg.model, v, padded_vocab_size(v, 128, 1), m * micro, 1, 989.0)
     times.sort()
     row = {"run": run, "ms": sec * 1e3, "ms_min_synced": times[0] * 1e3, "ms_med_synced": times[len(times) // 2] * 1e3,
-           "opt_ms": opt_ms, "mem": mem, "setup_s": t_ready - t_start, "first_s": t_first, **tp.report(sec)}
+           "opt_ms": opt_ms, "host_ms": host_ms, "mem": mem, "setup_s": t_ready - t_start, "first_s": t_first,
+           **tp.report(sec)}
     from torch.profiler import ProfilerActivity, profile as prof
     with prof(activities=[ProfilerActivity.CUDA]) as pr:
         for _ in range(2 if profile else 1):
@@ -151,6 +156,25 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
         print(table[:5000])
         print("per step by kind (ms):", json.dumps(kinds))
     return row
+
+
+def _time_phases(tr) -> dict:
+    """Host seconds spent launching each phase of the step (forward+backward, gradient sync, optimizer), with no
+    synchronisation: where the step is host-bound, these say which phase's launches the GPU waits for."""
+    acc: dict = {}
+    for owner, name, label in ((tr.step, "_forward_backward", "fwd_bwd"), (tr.step.grads, "finish_grad_sync", "sync"),
+                               (tr.step.optimizer, "step", "optimizer"), (tr.step.grads, "zero_grad", "zero_grad")):
+        fn = getattr(owner, name)
+        acc[label] = [0.0]
+
+        def timed(*a, _fn=fn, _cell=acc[label], **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                _cell[0] += time.perf_counter() - t
+        setattr(owner, name, timed)
+    return acc
 
 
 KINDS = [   # (kind, substrings of a kernel's name, lower case): the first match names a kernel's kind
@@ -291,7 +315,7 @@ def main() -> None:
         if "ms" in r:
             print(f"{r['run']:<30}{r['ms']:>8.1f}{r['ms_med_synced']:>8.1f}{r['opt_ms']:>6.1f}{r['tokens_per_s']:>10,.0f}"
                   f"{r['mfu']:>7.1%}{r['mem']:>6.1f}{r['first_s'] or 0:>6.1f}{r['gpu_ms']:>6.1f}{r['wall_s']:>6.0f}"
-                  f"  {r['attn_kernels'][:1]}")
+                  f"  {r['attn_kernels'][:1]}  host {r.get('host_ms')}")
         else:
             print(f"{r['run']:<30} {r.get('error')}  {r.get('wall_s', 0):.0f}s")
 
