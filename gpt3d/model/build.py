@@ -60,8 +60,11 @@ class ModelChunks:
         return self.chunks[0].padded_vocab
 
     def train(self, mode: bool = True) -> ModelChunks:
+        """Every chunk (and all its modules) to `mode`; a chunk already there is left alone: Module.train walks
+        every module, a host cost a small training step notices, and only these calls change the mode."""
         for c in self.chunks:
-            c.train(mode)
+            if c.training != mode:
+                c.train(mode)
         return self
 
     def named_parameters(self):

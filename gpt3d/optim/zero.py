@@ -99,6 +99,10 @@ class ZeroOptimizer:
             master.grad = buffer.grad_data[pc.offset:pc.offset + pc.hi - pc.lo]
             self.masters.append(master)
             groups[pc.param.ndim > 1].append(master)  # no decay on biases and norms
+        # fixed for the optimizer's life (the buffers are never reallocated; masters change in place), so the
+        # step builds no per-tensor lists: at small shapes the step is host-bound
+        self._grads: list[torch.Tensor] = [cast(torch.Tensor, m.grad) for m in self.masters]
+        self._publish_pairs = ([self._param_view(pc) for pc in self.pieces], [m.detach() for m in self.masters])
         param_groups = [{"params": groups[True], "weight_decay": cfg.weight_decay},
                         {"params": groups[False], "weight_decay": 0.0}]
         param_groups = [g for g in param_groups if g["params"]]
@@ -116,7 +120,7 @@ class ZeroOptimizer:
 
         Call after `GradBuffer.finish_grad_sync`. The step is skipped on every rank if any rank saw a
         non-finite gradient, without a host sync."""
-        grads = cast(list[torch.Tensor], [m.grad for m in self.masters])   # each is its buffer view, set in __init__
+        grads = self._grads   # each master's .grad is its buffer view, set in __init__
         dtype = self.buffer.grad_data.dtype
         sq = torch.zeros(1, device=self.ps.device, dtype=dtype)
         found_inf = torch.zeros(1, device=self.ps.device, dtype=torch.float32)
@@ -156,7 +160,7 @@ class ZeroOptimizer:
     def _publish(self) -> None:
         """Copy updated masters into the (bf16/fp16) parameters and share the shards across DP."""
         if self.separate_master and self.masters:
-            torch._foreach_copy_([self._param_view(pc) for pc in self.pieces], [m.detach() for m in self.masters])
+            torch._foreach_copy_(*self._publish_pairs)
         if self.zero == 1:
             data = self.buffer.param_data
             for b in self.buffer.buckets:
