@@ -1,6 +1,8 @@
 """The distributed optimizer's step equals torch's AdamW after clip_grad_norm_ (one process, fp32 and bf16)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings, strategies as st
 import torch
@@ -120,3 +122,49 @@ def test_a_loss_scaled_step_is_the_unscaled_step(k, clip, seed, bad):
     assert torch.equal(n0, n1) or (bad is not None and not torch.isfinite(n0).all() and not torch.isfinite(n1).all())
     assert torch.equal(p0, p1) and all(torch.equal(a, b) for a, b in zip(m0, m1))
     assert bad is not None or not torch.equal(p0, before)   # the step did move the parameters
+
+
+class _Gated(nn.Module):
+    """Four linears with small integer weights; a forward uses only those named in `use` (the rest get no
+    gradient that backward). Integer inputs keep every gradient an exact integer, so sums do not depend on
+    their order."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(6, 6) for _ in range(4)).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randint(-2, 3, p.shape, generator=g))
+
+    def forward(self, x, use):
+        for i in use:
+            x = self.layers[i](x)
+        return x.sum()
+
+
+@settings(max_examples=40, deadline=None)
+@given(uses=st.lists(st.lists(st.integers(0, 3), max_size=4), min_size=1, max_size=4),
+       bucket_kb=st.sampled_from([0.0001, 0.2, 100.0]))
+def test_the_buffer_holds_the_sum_of_every_micro_batchs_gradients(uses, bucket_kb):
+    """Whatever subset of parameters each micro-batch reaches (a bucket may then wait across backward passes),
+    the fp32/fp64 buffer ends up holding exactly the sum of the micro-batches' gradients, and zero for a
+    parameter no micro-batch reached."""
+    model = _Gated()
+    grads = GradBuffer([model], ParallelState.single(), bucket_size_mb=bucket_kb / 1024)
+    want = {p: torch.zeros_like(p) for p in model.parameters()}
+    grads.zero_grad()
+    for i, use in enumerate(uses):
+        x = torch.randint(-3, 4, (3, 6), generator=torch.Generator().manual_seed(i)).double()
+        if use:
+            reached = [p for j in sorted(set(use)) for p in model.layers[j].parameters()]
+            for p, g in zip(reached, torch.autograd.grad(model(x, use), reached)):
+                want[p] += g
+        last = i == len(uses) - 1
+        with contextlib.nullcontext() if last else grads.no_sync():
+            if use:
+                model(x, use).backward()
+    grads.finish_grad_sync()
+    for p in model.parameters():
+        assert torch.equal(p.main_grad, want[p])
+        assert p.grad is None
