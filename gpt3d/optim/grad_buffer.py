@@ -15,7 +15,7 @@ DP-averaged gradient. What to do with it (clip, step, all-gather) is the ZeRO op
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 from collections.abc import Callable, Iterable, Iterator
 
@@ -34,7 +34,7 @@ class Bucket:
     end: int
     params: list
     late: bool = False         # needs TP / embedding all-reduce before the DP reduction
-    arrived: dict = field(default_factory=dict)   # parameters whose .grad waits to be moved into the buffer
+    pending: int = 0           # gradients still to come in this step's synced backward
     handle: Optional[dist.Work] = None   # the bucket's asynchronous reduction, waited on in finish_grad_sync
 
 
@@ -110,31 +110,17 @@ class GradBuffer:
     # ----- gradient sync ------------------------------------------------------------------------------------
     def _make_hook(self, bucket: Bucket) -> Callable:
         def hook(p: torch.Tensor) -> None:
-            # A parameter's gradient waits (in its own dtype) until the bucket's last one of this backward
-            # comes; then one multi-tensor copy/add moves the bucket's gradients into the fp32 buffer: a
-            # vectorised kernel, and one launch per bucket instead of one per parameter. A gradient that
-            # arrives twice before its bucket completes (a parameter left out of a backward) was summed by
-            # autograd in .grad, and is moved once.
-            bucket.arrived[p] = None
-            if len(bucket.arrived) == len(bucket.params):
-                self._flush(bucket)
-                if self.overlap and self._sync and not bucket.late:
+            if p in self._untouched:   # first gradient of the step: a copy, so zero_grad need not clear
+                p.main_grad.copy_(p.grad)  # type: ignore[attr-defined]  # the buffer view set in __init__
+                self._untouched.discard(p)
+            else:
+                p.main_grad.add_(p.grad)  # type: ignore[attr-defined]  # the buffer view set in __init__
+            p.grad = None
+            if self.overlap and self._sync and not bucket.late:
+                bucket.pending -= 1
+                if bucket.pending == 0:
                     self._reduce(bucket)
         return hook
-
-    def _flush(self, b: Bucket) -> None:
-        """Move the arrived gradients of bucket `b` into the buffer: the first of this step overwrites its slot
-        (so zero_grad need not clear), later ones add."""
-        first = [p for p in b.arrived if p in self._untouched]
-        later = [p for p in b.arrived if p not in self._untouched]
-        if first:
-            move_grads([p.main_grad for p in first], [p.grad for p in first], first=True)
-            self._untouched.difference_update(first)
-        if later:
-            move_grads([p.main_grad for p in later], [p.grad for p in later], first=False)
-        for p in b.arrived:
-            p.grad = None
-        b.arrived.clear()
 
     def _reduce(self, b: Bucket) -> None:
         if self.ps.dp == 1:
@@ -153,7 +139,7 @@ class GradBuffer:
         `finish_grad_sync` clears the slots of parameters that got no gradient. Padding stays zero."""
         self._untouched = set(self._offsets)
         for b in self.buckets:
-            b.handle = None
+            b.pending, b.handle = len(b.params), None
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -166,9 +152,6 @@ class GradBuffer:
 
     def finish_grad_sync(self) -> None:
         """Wait for overlapped reductions, then do the ones that had to wait for the whole backward."""
-        for b in self.buckets:   # gradients of buckets some parameter of which got none this step
-            if b.arrived:
-                self._flush(b)
         for p in self._untouched:
             p.main_grad.zero_()  # type: ignore[attr-defined]  # the buffer view set in __init__
         self._untouched = set()
@@ -185,15 +168,6 @@ class GradBuffer:
         for b in self.buckets:
             if b.handle is not None:
                 b.handle.wait()
-
-
-def move_grads(mains: list, grads: list, first: bool) -> None:
-    """Gradients (parameter dtype) into their fp32 buffer views: copied (the step's first) or added, one
-    multi-tensor call (what the planner's calibration times, plan/calibrate.py)."""
-    if first:
-        torch._foreach_copy_(mains, grads)
-    else:
-        torch._foreach_add_(mains, grads)
 
 
 def _all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:

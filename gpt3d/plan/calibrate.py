@@ -23,7 +23,6 @@ from .layout import layout_of
 from .memory import layer_terms, shape_of
 from .presets import EW_PASSES, GEMM_OVERHEAD_S, LOSS_PASSES, Calibration, attention_efficiency
 from .search import vocab_of
-from ..optim.grad_buffer import move_grads
 from ..perf.flops import layer_flops
 
 
@@ -106,7 +105,8 @@ def _chunk_seconds(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: 
             p.grad = None
 
     def add_grads():
-        move_grads([m for m, _ in pairs], [g for _, g in pairs], first=False)
+        for main, grad in pairs:
+            main.add_(grad)
     try:
         hook_gbps = 10 * sum(g.numel() for _, g in pairs) / _seconds(add_grads, warmup, iters, device) / 1e9 \
             if hooks else None

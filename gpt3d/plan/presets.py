@@ -44,7 +44,7 @@ class Calibration:
     shapes); ew_gbps: everything else in a layer (norms, activations, residuals, rotary), as the bytes of the
     layer's saved activations times `EW_PASSES` per second; loss_gbps: the cross entropy over the logits (bytes
     of the logits times `LOSS_PASSES` per second); optimizer_ns_per_param: clipping + fused AdamW + bf16 copy
-    per fp32 element of this rank's shard; grad_gbps: the gradient hooks that copy (first
+    per fp32 element of this rank's shard; grad_gbps: the per-parameter gradient hooks that copy (first
     micro-batch, 6 bytes per element) or add (10 bytes) each bf16 gradient into the fp32 buffer; host_layer_s
     and host_step_s: CPU time to launch one layer's forward + backward (with its gradient hooks) and a step's
     own work (clipping, optimizer, bookkeeping): a step never runs faster than the host can launch it, which

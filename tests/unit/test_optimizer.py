@@ -147,9 +147,9 @@ class _Gated(nn.Module):
 @given(uses=st.lists(st.lists(st.integers(0, 3), max_size=4), min_size=1, max_size=4),
        bucket_kb=st.sampled_from([0.0001, 0.2, 100.0]))
 def test_the_buffer_holds_the_sum_of_every_micro_batchs_gradients(uses, bucket_kb):
-    """Whatever subset of parameters each micro-batch reaches (a bucket may then wait across backward passes),
-    the fp32/fp64 buffer ends up holding exactly the sum of the micro-batches' gradients, and zero for a
-    parameter no micro-batch reached."""
+    """Whatever subset of parameters each micro-batch reaches (so a parameter's first gradient of the step may
+    come in any micro-batch, or none), the fp32/fp64 buffer ends up holding exactly the sum of the
+    micro-batches' gradients, and zero for a parameter no micro-batch reached."""
     model = _Gated()
     grads = GradBuffer([model], ParallelState.single(), bucket_size_mb=bucket_kb / 1024)
     want = {p: torch.zeros_like(p) for p in model.parameters()}
