@@ -63,15 +63,8 @@ def test_regional_compilation_compiles_one_layer_for_all(arch, recompute):
     ps = ParallelState()
     model = GPTModel(cfg, ps, seed_everything(1, ps), vocab_size=128)
     model.init_weights(1)
-    torch._dynamo.reset()
-    counters.clear()
-    compile_chunks([model], ps, "layer", backend="eager")
-    tokens = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
-    for _ in range(2):
-        model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
-    stats = dict(counters["stats"])
-    torch._dynamo.reset()
-    assert sum(counters["graph_break"].values()) == 0
+    breaks, stats = _per_layer_graphs(model, ps)
+    assert breaks == 0
     assert stats["unique_graphs"] == 1, stats
 
 
@@ -85,13 +78,19 @@ def test_regional_compilation_with_fp8_compiles_one_layer_for_all(recipe):
     model.init_weights(1)
     model.cast_parameters(torch.bfloat16)
     assert enable_fp8(model, recipe, ps.device, emulate=True) == 4 * cfg.num_layers
+    breaks, stats = _per_layer_graphs(model, ps)
+    assert breaks == 0
+    assert stats["unique_graphs"] == 1, stats
+
+
+def _per_layer_graphs(model: GPTModel, ps: ParallelState) -> tuple[int, dict]:
+    """(graph breaks, Dynamo's stats) of two training steps of `model` compiled per layer (eager backend)."""
     torch._dynamo.reset()
     counters.clear()
     compile_chunks([model], ps, "layer", backend="eager")
     tokens = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         model(tokens[:, :-1], tokens[:, 1:]).float().mean().backward()
-    stats = dict(counters["stats"])
+    stats, breaks = dict(counters["stats"]), sum(counters["graph_break"].values())
     torch._dynamo.reset()
-    assert sum(counters["graph_break"].values()) == 0
-    assert stats["unique_graphs"] == 1, stats
+    return breaks, stats
