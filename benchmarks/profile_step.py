@@ -4,7 +4,8 @@ Run on the GPU machine, e.g.
     python benchmarks/profile_step.py --head --runs llama-1.5B:bf16 llama-1.5B:fp8:8 1.3B:bf16+fce \
         --profile llama-1.5B:bf16 --deadline 540
 A run is SHAPE:OPTIONS[:MBS[:MICRO]] with OPTIONS joined by '+':
-  bf16 (default) | fp16 | fp8 | fp8row (rowwise recipe) | fce (fused linear + cross entropy, chunked)
+  bf16 (default) | fp16 | fp8 | fp8row (rowwise recipe) | fp8gw (rowwise_with_gw_hp)
+  fce (fused linear + cross entropy, chunked)
   seq1024 | full | selective (recompute) | layer (per-layer compile) | eager | cudnn|flash|efficient|math
   gqaexp (expand K/V heads before SDPA) | ro (compile mode reduce-overhead) | cdt (coordinate-descent tuning)
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
@@ -45,8 +46,9 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
     add_arguments(p)
     argv = ["--model", shape, "--micro-batches", str(micro)] + (["--micro-batch-size", str(mbs)] if mbs else [])
     argv += ["--fp16"] if "fp16" in opts else []
-    argv += ["--fp8"] if "fp8" in opts or "fp8row" in opts else []
+    argv += ["--fp8"] if opts & {"fp8", "fp8row", "fp8gw"} else []
     argv += ["--fp8-recipe", "rowwise"] if "fp8row" in opts else []
+    argv += ["--fp8-recipe", "rowwise_with_gw_hp"] if "fp8gw" in opts else []
     argv += ["--cross-entropy-loss-fusion"] if "fce" in opts else []
     argv += ["--seq-length", "1024"] if "seq1024" in opts else []
     argv += ["--recompute-granularity", "full"] if "full" in opts else []

@@ -11,6 +11,11 @@ and torchao do, and master weights, optimizer and checkpoints never see FP8. A
 checkpoint written with --fp8 therefore resumes without it and vice versa.
 The output head (vocabulary projection) stays bf16, as in torchao's and
 Megatron's recipes. Under torch.compile the casts fuse with their neighbours.
+With `tensorwise` scaling the backward's casts of the input and the weight would give the very bits the
+forward's did (one scale per tensor, whatever the layout), so the forward casts them once and hands torchao
+the FP8 tensors: backward reuses them (a transpose of FP8 bytes instead of another amax and cast of bf16)
+and saves FP8 rather than bf16 activations. The rowwise recipes scale the backward's copies along the
+other axis, so they cast inside torchao's function as before.
 """
 from __future__ import annotations
 
@@ -46,7 +51,9 @@ class Float8Matmul:
                 import torchao.float8  # noqa: F401
             from torchao.float8 import Float8LinearConfig
             from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
-            from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig
+            from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+            from torchao.float8.float8_training_tensor import GemmInputRole, LinearMMConfig, ScaledMMConfig
+            from torchao.float8.config import ScalingGranularity, ScalingType
         except ImportError:
             raise ConfigError("--fp8 needs torchao's float8 training: pip install -e \".[fp8]\"") from None
         if recipe not in RECIPES:
@@ -59,9 +66,24 @@ class Float8Matmul:
                                           for g in (c.gemm_config_output, c.gemm_config_grad_input,
                                                     c.gemm_config_grad_weight)))
         self._fn = matmul_with_hp_or_float8_args
+        casts = [getattr(c, f"cast_config_{n}") for n in ("input", "input_for_grad_weight", "weight",
+                                                          "weight_for_grad_input")]
+        self._cast_once = (all(k.scaling_type is ScalingType.DYNAMIC
+                               and k.scaling_granularity is ScalingGranularity.TENSORWISE for k in casts)
+                           and casts[0].target_dtype == casts[1].target_dtype
+                           and casts[2].target_dtype == casts[3].target_dtype)
+        self._to_fp8 = hp_tensor_to_float8_dynamic
+        self._roles = (GemmInputRole.INPUT, GemmInputRole.WEIGHT)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-        y = self._fn.apply(x, weight.t(), self.mm_config, self.config)   # [*, in] @ [in, out] -> [*, out]
+        w = weight.t()
+        if self._cast_once:   # what torchao's forward would cast, cast here so that its backward reuses it
+            c, (x_role, w_role) = self.config, self._roles
+            x = self._to_fp8(x, c.cast_config_input.target_dtype, self.mm_config, gemm_input_role=x_role,
+                             round_scales_to_power_of_2=c.round_scales_to_power_of_2)
+            w = self._to_fp8(w, c.cast_config_weight.target_dtype, self.mm_config, gemm_input_role=w_role,
+                             round_scales_to_power_of_2=c.round_scales_to_power_of_2)
+        y = self._fn.apply(x, w, self.mm_config, self.config)   # [*, in] @ [in, out] -> [*, out]
         return y if bias is None else y + bias.to(y.dtype)
 
 

@@ -12,10 +12,11 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from gpt3d.config import ParallelConfig
 from gpt3d.errors import ConfigError
-from gpt3d.model.fp8 import enable_fp8
+from gpt3d.model.fp8 import RECIPES, Float8Matmul, enable_fp8
 from gpt3d.model.gpt import GPTModel
 from gpt3d.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from gpt3d.parallel.random import seed_everything
@@ -131,3 +132,37 @@ def test_fp8_with_tensor_parallel_sharded_linears():
         assert abs(o["loss"] - float(loss)) < 1e-2 * float(loss)
     full = torch.cat([o["qkv_grad"] for o in out], dim=0)   # column-parallel: rows split across ranks
     assert _cos(full, grads["layers.0.attention.qkv.weight"]) > 0.98
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 24), k=st.integers(1, 48), n=st.integers(1, 40), spread=st.sampled_from([1e-3, 1.0, 3e3]),
+       seed=st.integers(0, 2 ** 31 - 1), recipe=st.sampled_from(RECIPES))
+def test_the_forward_casts_serve_the_backward_bit_for_bit(rows, k, n, spread, seed, recipe):
+    """With tensorwise scales the backward's FP8 copies of input and weight are the forward's bits, so gpt3d
+    casts them once: output and both gradients equal torchao's own function (which casts them again in
+    backward) bit for bit, and backward keeps FP8 tensors rather than the bf16 input and weight. The rowwise
+    recipes scale the backward's copies along the other axis: they keep torchao's path (same bits, trivially).
+    Fails if the early casts use another dtype or scale than torchao's, or if tensorwise stops casting once."""
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor
+    g = torch.Generator().manual_seed(seed)
+    x0 = (torch.randn(2, rows, k, generator=g) * spread).to(torch.bfloat16)
+    w0 = (torch.randn(n, k, generator=g) * spread).to(torch.bfloat16)
+    dy = (torch.randn(2, rows, n, generator=g) / spread).to(torch.bfloat16)
+    mm = Float8Matmul(recipe, emulate=True)
+
+    def step(fn):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        kept: list = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            y = fn(x, w)
+        y.backward(dy)
+        return (y, x.grad, w.grad), kept
+
+    got, kept = step(mm)
+    want, _ = step(lambda x, w: mm._fn.apply(x, w.t(), mm.mm_config, mm.config))   # torchao's casts, in its backward
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    fp8 = [t for t in kept if isinstance(t, Float8TrainingTensor)]
+    if recipe == "tensorwise":
+        assert len(fp8) == len(kept) == 2
+    else:
+        assert not fp8
