@@ -6,7 +6,7 @@ Run on the GPU machine, e.g.
 A run is SHAPE:OPTIONS[:MBS[:MICRO]] with OPTIONS joined by '+':
   bf16 (default) | fp16 | fp8 | fp8row (rowwise recipe) | fp8gw (rowwise_with_gw_hp)
   fce (fused linear + cross entropy, chunked)
-  seq1024 | full | selective (recompute) | layer (per-layer compile) | eager | cudnn|flash|efficient|math
+  seq1024 | full | selective (recompute) | layer | chunk (compile granularity) | eager | cudnn|flash|efficient|math
   gqaexp (expand K/V heads before SDPA) | ro (compile mode reduce-overhead) | cdt (coordinate-descent tuning)
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
   h1 (probe: the replicated-dropout hash with one mixing round instead of two; masks differ from gpt3d's)
@@ -74,8 +74,9 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
         cfg.model.hidden_dropout = 0.1
     if "drop" in opts or "adrop" in opts:
         cfg.model.attention_dropout = 0.1
-    if "layer" in opts:
-        cfg.training.compile_granularity = "layer"
+    for g in ("layer", "chunk"):
+        if g in opts:
+            cfg.training.compile_granularity = g
     if "h1" in opts:
         import gpt3d.parallel.random as R
 

@@ -133,7 +133,7 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size
             enable_fp8(m, cfg.precision.fp8_recipe, ps.device)
         chunks.append(m.cast_parameters(param_dtype(cfg.precision)))
     if compile_enabled(cfg.training, ps.device):
-        compile_chunks(chunks, ps, cfg.training.compile_granularity)
+        compile_chunks(chunks, ps, cfg.training.compile_granularity, fp8=cfg.precision.fp8)
     return ModelChunks(chunks)
 
 
@@ -147,22 +147,26 @@ def compile_enabled(t: TrainingConfig, device: torch.device) -> bool:
 REGIONAL_FROM_LAYERS = 20
 
 
-def compile_granularity(granularity: str, ps: ParallelState, layers: int = 0, dropout: bool = False) -> str:
-    """`chunk` or `layer` for --compile-granularity, given the deepest chunk's `layers` and whether any dropout
-    is on. `auto`: `layer` with TP or DP > 1, and for a chunk of REGIONAL_FROM_LAYERS layers or more with
-    dropout; else `chunk`. Measured on one H100 (benchmarks/RESULTS.md, 2026-12-05): at 125M (12 layers) the
-    whole chunk runs 1.7-1.8% faster with 2.6-2.9 GiB less than per-layer graphs, dropout on or off, and
-    compiles in under a minute (48 s with dropout); at 1.3B (24 layers) with dropout 0.1 it runs no faster,
-    holds 6.8 GiB more and its first step takes 75 s against 11.5 s; at 1.3B without dropout it holds 1.4 GiB
-    less and compiles in 40 s."""
+def compile_granularity(granularity: str, ps: ParallelState, layers: int = 0, dropout: bool = False,
+                        fp8: bool = False) -> str:
+    """`chunk` or `layer` for --compile-granularity, given the deepest chunk's `layers`, whether any dropout
+    is on and whether the linears run FP8 GEMMs. `auto`: `layer` with TP or DP > 1, with FP8, and for a chunk
+    of REGIONAL_FROM_LAYERS layers or more with dropout; else `chunk`. Measured on one H100 (benchmarks/
+    RESULTS.md, 2026-12-05): at 125M (12 layers) the whole chunk runs 1.7-1.8% faster with 2.6-2.9 GiB less
+    than per-layer graphs, dropout on or off, and compiles in under a minute (48 s with dropout); at 1.3B (24
+    layers) with dropout 0.1 it runs no faster, holds 6.8 GiB more and its first step takes 75 s against
+    11.5 s; at 1.3B without dropout it holds 1.4 GiB less and compiles in 40 s. With FP8 (2026-12-06) the
+    per-layer first step is 34 s at 1.3B and 31-34 s at the Llama shape, where the whole chunk's took 96-216 s
+    (2026-11-25)."""
     if granularity != "auto":
         return granularity
-    if ps.tp > 1 or ps.dp > 1 or (dropout and layers >= REGIONAL_FROM_LAYERS):
+    if ps.tp > 1 or ps.dp > 1 or fp8 or (dropout and layers >= REGIONAL_FROM_LAYERS):
         return "layer"
     return "chunk"
 
 
-def compile_chunks(chunks: list[GPTModel], ps: ParallelState, granularity: str = "auto", **options) -> None:
+def compile_chunks(chunks: list[GPTModel], ps: ParallelState, granularity: str = "auto", fp8: bool = False,
+                   **options) -> None:
     """torch.compile in place (`Module.compile`), so parameter names and checkpoints stay the same;
     `options` go to torch.compile (tests pass a cheaper backend).
 
@@ -176,7 +180,7 @@ def compile_chunks(chunks: list[GPTModel], ps: ParallelState, granularity: str =
     (a whole-chunk graph hands every gradient over at its very end). `auto`: compile_granularity."""
     layers = max((len(c.layers) for c in chunks), default=0)
     dropout = any(c.cfg.hidden_dropout > 0 or c.cfg.attention_dropout > 0 for c in chunks)
-    mode = compile_granularity(granularity, ps, layers, dropout)
+    mode = compile_granularity(granularity, ps, layers, dropout, fp8)
     for c in chunks:
         if mode == "chunk":
             c.compile(**options)
