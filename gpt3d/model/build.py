@@ -22,6 +22,7 @@ from ..parallel.param_meta import param_meta
 from ..parallel.random import TPRNG
 from ..parallel.precision import full_dtype
 from ..parallel.state import ParallelState
+from .fp8 import enable_fp8, uses_fp8
 from .gpt import GPTModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -129,11 +130,10 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size
                      post_process=last)
         m.init_weights(cfg.training.seed)
         if cfg.precision.fp8:   # FP8 GEMMs in the TP linears; parameters (names, dtypes) unchanged
-            from .fp8 import enable_fp8
             enable_fp8(m, cfg.precision.fp8_recipe, ps.device)
         chunks.append(m.cast_parameters(param_dtype(cfg.precision)))
     if compile_enabled(cfg.training, ps.device):
-        compile_chunks(chunks, ps, cfg.training.compile_granularity, fp8=cfg.precision.fp8)
+        compile_chunks(chunks, ps, cfg.training.compile_granularity)
     return ModelChunks(chunks)
 
 
@@ -165,8 +165,7 @@ def compile_granularity(granularity: str, ps: ParallelState, layers: int = 0, dr
     return "chunk"
 
 
-def compile_chunks(chunks: list[GPTModel], ps: ParallelState, granularity: str = "auto", fp8: bool = False,
-                   **options) -> None:
+def compile_chunks(chunks: list[GPTModel], ps: ParallelState, granularity: str = "auto", **options) -> None:
     """torch.compile in place (`Module.compile`), so parameter names and checkpoints stay the same;
     `options` go to torch.compile (tests pass a cheaper backend).
 
@@ -180,7 +179,7 @@ def compile_chunks(chunks: list[GPTModel], ps: ParallelState, granularity: str =
     (a whole-chunk graph hands every gradient over at its very end). `auto`: compile_granularity."""
     layers = max((len(c.layers) for c in chunks), default=0)
     dropout = any(c.cfg.hidden_dropout > 0 or c.cfg.attention_dropout > 0 for c in chunks)
-    mode = compile_granularity(granularity, ps, layers, dropout, fp8)
+    mode = compile_granularity(granularity, ps, layers, dropout, any(uses_fp8(c) for c in chunks))
     for c in chunks:
         if mode == "chunk":
             c.compile(**options)

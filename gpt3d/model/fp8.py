@@ -13,9 +13,10 @@ The output head (vocabulary projection) stays bf16, as in torchao's and
 Megatron's recipes. Under torch.compile the casts fuse with their neighbours.
 With `tensorwise` scaling the backward's casts of the input and the weight would give the very bits the
 forward's did (one scale per tensor, whatever the layout), so the forward casts them once and hands torchao
-the FP8 tensors: backward reuses them (a transpose of FP8 bytes instead of another amax and cast of bf16)
-and saves FP8 rather than bf16 activations. The rowwise recipes scale the backward's copies along the
-other axis, so they cast inside torchao's function as before.
+the FP8 tensors: backward reuses them (a transpose of FP8 bytes instead of another amax and cast of bf16).
+What backward keeps is then FP8 input and weight copies rather than the bf16 input and a view of the weight;
+compiled, Inductor's partitioner decides what is kept either way (peak memory measured the same). The
+rowwise recipes scale the backward's copies along the other axis, so they cast inside torchao's function.
 """
 from __future__ import annotations
 
@@ -66,12 +67,11 @@ class Float8Matmul:
                                           for g in (c.gemm_config_output, c.gemm_config_grad_input,
                                                     c.gemm_config_grad_weight)))
         self._fn = matmul_with_hp_or_float8_args
+        # torchao's config already requires each operand's two casts to share a dtype
         casts = [getattr(c, f"cast_config_{n}") for n in ("input", "input_for_grad_weight", "weight",
                                                           "weight_for_grad_input")]
-        self._cast_once = (all(k.scaling_type is ScalingType.DYNAMIC
-                               and k.scaling_granularity is ScalingGranularity.TENSORWISE for k in casts)
-                           and casts[0].target_dtype == casts[1].target_dtype
-                           and casts[2].target_dtype == casts[3].target_dtype)
+        self._cast_once = all(k.scaling_type is ScalingType.DYNAMIC
+                              and k.scaling_granularity is ScalingGranularity.TENSORWISE for k in casts)
         self._to_fp8 = hp_tensor_to_float8_dynamic
         self._roles = (GemmInputRole.INPUT, GemmInputRole.WEIGHT)
 
@@ -85,6 +85,11 @@ class Float8Matmul:
                              round_scales_to_power_of_2=c.round_scales_to_power_of_2)
         y = self._fn.apply(x, w, self.mm_config, self.config)   # [*, in] @ [in, out] -> [*, out]
         return y if bias is None else y + bias.to(y.dtype)
+
+
+def uses_fp8(model: nn.Module) -> bool:
+    """Whether any linear of `model` runs FP8 GEMMs (enable_fp8 was applied)."""
+    return any(isinstance(getattr(m, "_matmul", None), Float8Matmul) for m in model.modules())
 
 
 def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: bool = False) -> int:

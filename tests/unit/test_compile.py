@@ -42,14 +42,16 @@ def test_auto_granularity(tp, dp, layers, dropout, fp8):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("layers", [2, 20])
 def test_auto_compiles_what_compile_granularity_says(dropout, layers, fp8):
-    """compile_chunks reads the chunk's depth and dropout and is told about FP8: a 20-layer chunk with dropout
-    and any FP8 chunk get per-layer graphs (its layers are compiled modules, the chunk is not), every other
-    single-rank chunk one graph."""
+    """compile_chunks reads the chunk's depth, dropout and FP8 linears: a 20-layer chunk with dropout and any
+    FP8 chunk get per-layer graphs (its layers are compiled modules, the chunk is not), every other single-rank
+    chunk one graph."""
     cfg = ModelConfig(num_layers=layers, hidden_size=16, num_attention_heads=2, seq_length=8,
                       hidden_dropout=dropout, attention_dropout=dropout)
     ps = ParallelState.single(torch.device("cpu"))
     model = GPTModel(cfg, ps, seed_everything(0, ps), vocab_size=32)
-    compile_chunks([model], ps, "auto", fp8=fp8, backend="eager")
+    if fp8:
+        enable_fp8(model, "tensorwise", ps.device, emulate=True)
+    compile_chunks([model], ps, "auto", backend="eager")
     per_layer = fp8 or (dropout > 0 and layers >= 20)
     assert all(layer._compiled_call_impl is not None for layer in model.layers.values()) is per_layer
     assert (model._compiled_call_impl is not None) is not per_layer
@@ -98,20 +100,3 @@ def _per_layer_graphs(model: GPTModel, ps: ParallelState) -> tuple[int, dict]:
     torch._dynamo.reset()
     return breaks, stats
 
-
-@pytest.mark.parametrize("fp8", [False, True])
-def test_the_model_builder_tells_the_compile_policy_about_fp8(monkeypatch, fp8):
-    """build_model_chunks passes --fp8 on, so that `auto` compiles an FP8 model per layer (its first step in
-    about half a minute on an H100 instead of the whole chunk's 96-216 s). The GPU check is bypassed: no GEMM
-    runs here, the model is only built."""
-    import gpt3d.model.build as build
-    import gpt3d.model.fp8 as fp8_module
-    from tests.support.curves import tiny_config
-    seen: dict = {}
-    monkeypatch.setattr(fp8_module, "check_fp8_supported", lambda device: None)
-    monkeypatch.setattr(build, "compile_chunks", lambda chunks, ps, granularity, fp8=False, **kw: seen.update(
-        granularity=granularity, fp8=fp8))
-    cfg = tiny_config(bf16=True, fp8=fp8, compile=True)
-    ps = ParallelState()
-    build.build_model_chunks(cfg, ps, seed_everything(0, ps), vocab_size=256)
-    assert seen == {"granularity": "auto", "fp8": fp8}

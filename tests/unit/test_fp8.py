@@ -134,35 +134,55 @@ def test_fp8_with_tensor_parallel_sharded_linears():
     assert _cos(full, grads["layers.0.attention.qkv.weight"]) > 0.98
 
 
+
+def _step_and_kept(fn, x0, w0, dy):
+    """fn(x, w)'s output and gradients, and the tensors autograd keeps for backward."""
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    kept: list = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = fn(x, w)
+    y.backward(dy)
+    return (y, x.grad, w.grad), kept
+
+
+def _torchao_matmul(mm):
+    """torchao's own function on the bf16 tensors: it casts them again in backward."""
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+    return lambda x, w: matmul_with_hp_or_float8_args.apply(x, w.t(), mm.mm_config, mm.config)
+
+
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 24), k=st.integers(1, 48), n=st.integers(1, 40), spread=st.sampled_from([1e-3, 1.0, 3e3]),
-       seed=st.integers(0, 2 ** 31 - 1), recipe=st.sampled_from(RECIPES))
-def test_the_forward_casts_serve_the_backward_bit_for_bit(rows, k, n, spread, seed, recipe):
+       seed=st.integers(0, 2 ** 31 - 1), transposed=st.booleans())
+def test_the_forward_casts_serve_the_backward_bit_for_bit(rows, k, n, spread, seed, transposed):
     """With tensorwise scales the backward's FP8 copies of input and weight are the forward's bits, so gpt3d
     casts them once: output and both gradients equal torchao's own function (which casts them again in
-    backward) bit for bit, and backward keeps FP8 tensors rather than the bf16 input and weight. The rowwise
-    recipes scale the backward's copies along the other axis: they keep torchao's path (same bits, trivially).
-    Fails if the early casts use another dtype or scale than torchao's, or if tensorwise stops casting once."""
+    backward) bit for bit, also for a transposed input (the [s, b, h] -> [b, s, h] layouts attention and
+    sequence parallelism hand over), and backward keeps the two FP8 tensors instead of the bf16 ones.
+    Fails if the early casts use another dtype, role or scale than torchao's, or if gpt3d stops casting once."""
     from torchao.float8.float8_training_tensor import Float8TrainingTensor
     g = torch.Generator().manual_seed(seed)
-    x0 = (torch.randn(2, rows, k, generator=g) * spread).to(torch.bfloat16)
+    x0 = (torch.randn(rows, 2, k, generator=g) * spread).to(torch.bfloat16)
+    x0 = x0.transpose(0, 1) if transposed else x0.reshape(2, rows, k)
     w0 = (torch.randn(n, k, generator=g) * spread).to(torch.bfloat16)
     dy = (torch.randn(2, rows, n, generator=g) / spread).to(torch.bfloat16)
-    mm = Float8Matmul(recipe, emulate=True)
-
-    def step(fn):
-        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        kept: list = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-            y = fn(x, w)
-        y.backward(dy)
-        return (y, x.grad, w.grad), kept
-
-    got, kept = step(mm)
-    want, _ = step(lambda x, w: mm._fn.apply(x, w.t(), mm.mm_config, mm.config))   # torchao's casts, in its backward
+    mm = Float8Matmul("tensorwise", emulate=True)
+    got, kept = _step_and_kept(mm, x0, w0, dy)
+    want, _ = _step_and_kept(_torchao_matmul(mm), x0, w0, dy)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    fp8 = [t for t in kept if isinstance(t, Float8TrainingTensor)]
-    if recipe == "tensorwise":
-        assert len(fp8) == len(kept) == 2
-    else:
-        assert not fp8
+    assert len(kept) == 2 and all(isinstance(t, Float8TrainingTensor) for t in kept)
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r != "tensorwise"])
+def test_rowwise_recipes_cast_inside_torchao(recipe):
+    """The rowwise recipes scale the backward's copies along the other axis, so gpt3d leaves every cast to
+    torchao's function: the same results, and backward keeps the high-precision tensors, not FP8 ones."""
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor
+    g = torch.Generator().manual_seed(5)
+    x0, w0 = torch.randn(2, 16, 32, generator=g).to(torch.bfloat16), torch.randn(48, 32, generator=g).to(torch.bfloat16)
+    dy = torch.randn(2, 16, 48, generator=g).to(torch.bfloat16)
+    mm = Float8Matmul(recipe, emulate=True)
+    got, kept = _step_and_kept(mm, x0, w0, dy)
+    want, _ = _step_and_kept(_torchao_matmul(mm), x0, w0, dy)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert kept and not any(isinstance(t, Float8TrainingTensor) for t in kept)
