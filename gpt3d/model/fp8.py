@@ -21,6 +21,9 @@ rowwise recipes scale the backward's copies along the other axis, so they cast i
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -70,19 +73,23 @@ class Float8Matmul:
         # torchao's config already requires each operand's two casts to share a dtype
         casts = [getattr(c, f"cast_config_{n}") for n in ("input", "input_for_grad_weight", "weight",
                                                           "weight_for_grad_input")]
-        self._cast_once = all(k.scaling_type is ScalingType.DYNAMIC
-                              and k.scaling_granularity is ScalingGranularity.TENSORWISE for k in casts)
-        self._to_fp8 = hp_tensor_to_float8_dynamic
-        self._roles = (GemmInputRole.INPUT, GemmInputRole.WEIGHT)
+        # (cast input, cast weight) as torchao's forward would, for its backward to reuse; None: torchao casts
+        self._cast_once: Optional[tuple[Callable, Callable]] = None
+        if all(k.scaling_type is ScalingType.DYNAMIC and k.scaling_granularity is ScalingGranularity.TENSORWISE
+               for k in casts):
+            cast = functools.partial(hp_tensor_to_float8_dynamic, linear_mm_config=self.mm_config,
+                                     round_scales_to_power_of_2=c.round_scales_to_power_of_2)
+            self._cast_once = (
+                functools.partial(cast, float8_dtype=c.cast_config_input.target_dtype,
+                                  gemm_input_role=GemmInputRole.INPUT),
+                functools.partial(cast, float8_dtype=c.cast_config_weight.target_dtype,
+                                  gemm_input_role=GemmInputRole.WEIGHT))
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
         w = weight.t()
-        if self._cast_once:   # what torchao's forward would cast, cast here so that its backward reuses it
-            c, (x_role, w_role) = self.config, self._roles
-            x = self._to_fp8(x, c.cast_config_input.target_dtype, self.mm_config, gemm_input_role=x_role,
-                             round_scales_to_power_of_2=c.round_scales_to_power_of_2)
-            w = self._to_fp8(w, c.cast_config_weight.target_dtype, self.mm_config, gemm_input_role=w_role,
-                             round_scales_to_power_of_2=c.round_scales_to_power_of_2)
+        if self._cast_once is not None:
+            cast_x, cast_w = self._cast_once
+            x, w = cast_x(x), cast_w(w)
         y = self._fn.apply(x, w, self.mm_config, self.config)   # [*, in] @ [in, out] -> [*, out]
         return y if bias is None else y + bias.to(y.dtype)
 

@@ -99,4 +99,3 @@ def _per_layer_graphs(model: GPTModel, ps: ParallelState) -> tuple[int, dict]:
     stats, breaks = dict(counters["stats"]), sum(counters["graph_break"].values())
     torch._dynamo.reset()
     return breaks, stats
-

@@ -134,7 +134,6 @@ def test_fp8_with_tensor_parallel_sharded_linears():
     assert _cos(full, grads["layers.0.attention.qkv.weight"]) > 0.98
 
 
-
 def _step_and_kept(fn, x0, w0, dy):
     """fn(x, w)'s output and gradients, and the tensors autograd keeps for backward."""
     x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
