@@ -5,9 +5,11 @@ Run on the GPU machine, e.g.
         --profile llama-1.5B:bf16 --deadline 540
 A run is SHAPE:OPTIONS[:MBS[:MICRO]] with OPTIONS joined by '+':
   bf16 (default) | fp16 | fp8 | fp8row (rowwise recipe) | fp8gw (rowwise_with_gw_hp)
+  fp8o | fp8r | fp8d | fp8dr (probes, benchmarks/fp8_scaling_probe.py: own casts; per-row amax; delayed; both)
   fce (fused linear + cross entropy, chunked)
   seq1024 | full | selective (recompute) | layer | chunk (compile granularity) | eager | cudnn|flash|efficient|math
   gqaexp (expand K/V heads before SDPA) | ro (compile mode reduce-overhead) | cdt (coordinate-descent tuning)
+  ndt (Inductor prefer_nd_tiling) | map (Inductor max_autotune_pointwise)
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
   h1 (probe: the replicated-dropout hash with one mixing round instead of two; masks differ from gpt3d's)
 Prints one row per run: ms/iter, tokens/s, MFU, peak GiB, optimizer ms, first step s (compilation included),
@@ -46,7 +48,10 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
     add_arguments(p)
     argv = ["--model", shape, "--micro-batches", str(micro)] + (["--micro-batch-size", str(mbs)] if mbs else [])
     argv += ["--fp16"] if "fp16" in opts else []
-    argv += ["--fp8"] if opts & {"fp8", "fp8row", "fp8gw"} else []
+    argv += ["--fp8"] if opts & {"fp8", "fp8row", "fp8gw", "fp8d", "fp8r", "fp8dr", "fp8o"} else []
+    if opts & {"fp8d", "fp8r", "fp8dr", "fp8o"}:   # probes: delayed scaling, per-row-then-global amax
+        from fp8_scaling_probe import install
+        install(delayed=bool(opts & {"fp8d", "fp8dr"}), rowamax=bool(opts & {"fp8r", "fp8dr"}))
     argv += ["--fp8-recipe", "rowwise"] if "fp8row" in opts else []
     argv += ["--fp8-recipe", "rowwise_with_gw_hp"] if "fp8gw" in opts else []
     argv += ["--cross-entropy-loss-fusion"] if "fce" in opts else []
@@ -67,9 +72,11 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
                 v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         SelfAttention._sdpa = _sdpa
-    if "cdt" in opts:
+    if opts & {"cdt", "ndt", "map"}:
         import torch._inductor.config as ic
-        ic.coordinate_descent_tuning = True
+        ic.coordinate_descent_tuning = "cdt" in opts
+        ic.triton.prefer_nd_tiling = "ndt" in opts   # 2-D tiles for the transposing casts
+        ic.max_autotune_pointwise = "map" in opts    # autotune pointwise/reduction kernels' block sizes
     if "drop" in opts or "hdrop" in opts:
         cfg.model.hidden_dropout = 0.1
     if "drop" in opts or "adrop" in opts:

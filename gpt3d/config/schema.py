@@ -261,7 +261,7 @@ class TrainingConfig:
         "auto", "what one compiled graph covers: chunk (the whole model chunk, embedding to loss: fusions across "
                 "layers, compile time grows with the layers), layer (regional: one transformer layer's body, "
                 "compiled once and reused by every layer), auto (chunk with TP = DP = 1 and no FP8, unless "
-                "dropout is on and a chunk has 20 layers or more; else layer)",
+                "dropout is on and a chunk has 16 layers or more; else layer)",
         choices=["auto", "chunk", "layer"])
     exit_duration_in_mins: Optional[float] = opt(None, "save and exit after this many minutes (default: no "
                                                                "limit)")

@@ -25,14 +25,14 @@ def test_compiled_by_default_on_cuda_only(given, device):
 
 
 @pytest.mark.parametrize("tp,dp", [(1, 1), (2, 1), (1, 2), (2, 4)])
-@pytest.mark.parametrize("layers", [1, 12, 19, 20, 24, 96])
+@pytest.mark.parametrize("layers", [1, 12, 15, 16, 24, 96])
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_auto_granularity(tp, dp, layers, dropout, fp8):
     """auto: per-layer graphs with TP or DP, with FP8, and for deep chunks with dropout; the whole chunk
     otherwise. An explicit choice is kept whatever the run."""
     ps = ParallelState(tp=tp, dp=dp)
-    whole = tp == dp == 1 and not fp8 and not (dropout and layers >= 20)
+    whole = tp == dp == 1 and not fp8 and not (dropout and layers >= 16)
     assert compile_granularity("auto", ps, layers, dropout, fp8) == ("chunk" if whole else "layer")
     assert compile_granularity("layer", ps, layers, dropout, fp8) == "layer"
     assert compile_granularity("chunk", ps, layers, dropout, fp8) == "chunk"
