@@ -86,7 +86,7 @@ PLAN_KEYS = {"gpus", "gpus_per_node", "gpu", "gpu_tflops", "gpu_memory_gib", "hb
 
 def run(args: argparse.Namespace) -> int:
     from ..plan.layout import layout_of
-    from ..plan.search import plan, vocab_of
+    from ..plan.search import plan, unmodelled, vocab_of
     check_flags(args, PLAN_RULES)
     cfg = _config(args)      # a ConfigError reaches gpt3d/cli.py, which prints it as one line (exit 2)
     check_values(cfg)        # ranges and NaN/inf of the config's settings, as `gpt3d train` checks them
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError:
         own = None
     if args.json:
-        emit({"gpus": world, "gpus_per_node": args.gpus_per_node, "gpu": gpu.describe(),
+        emit({"gpus": world, "gpus_per_node": args.gpus_per_node, "gpu": gpu.describe(), "notes": unmodelled(cfg),
               "config_layout": own.as_dict() if own else None,
               "layouts": [x.as_dict() for x in preds]}, as_json=True, indent=1)
         return 0
@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
                f"{'bf16' if cfg.precision.bf16 else 'fp16' if cfg.precision.fp16 else 'fp32'}, "
                f"{'eager (--no-compile)' if cfg.training.compile is False else 'compiled'}; "
                f"{world} GPUs, {args.gpus_per_node} per node")
-    emit("\n".join([summary, f"  {gpu.describe()}", table(preds, own, args.top, sys.stdout.isatty(), args.show_unfit)]))
+    notes = [f"  note: {n}" for n in unmodelled(cfg)]
+    emit("\n".join([summary, f"  {gpu.describe()}", *notes,
+                     table(preds, own, args.top, sys.stdout.isatty(), args.show_unfit)]))
     return 0
 
 

@@ -148,6 +148,33 @@ def test_check_memory_refuses_a_layout_predicted_not_to_fit():
     assert check_memory(cfg, 8, "h100-80gb").fits
 
 
+def test_fp8_is_said_unmodelled_wherever_figures_are_shown(capsys):
+    """--fp8 is not in the memory and time models: the figures are bf16's, and the table, the JSON, train's
+    prediction line and --check-memory's refusal say so; without --fp8 none of them carries a note."""
+    from gpt3d.plan.search import startup_line
+    base = {"num_layers": 40, "hidden_size": 5120, "num_attention_heads": 40, "seq_length": 2048,
+            "micro_batch_size": 1, "global_batch_size": 8, "bf16": True, "mock_data": True, "train_iters": 1,
+            "compile": True}
+    note = "--fp8 is not modelled: memory and speed are bf16's"
+    for fp8 in (False, True):
+        cfg = Config.from_dict({**base, "fp8": fp8})
+        p = predict(cfg, 8, "h100-80gb")
+        assert (note in startup_line(p)) is fp8 and bool(p.notes) is fp8 and (p.as_dict()["notes"] != []) is fp8
+        with pytest.raises(ConfigError) as e:
+            check_memory(cfg, 8, "h100-80gb")     # 13B on each of 8 GPUs does not fit
+        assert (note in str(e.value)) is fp8
+        flags = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4", "--seq-length", "128",
+                 "--max-position-embeddings", "128", "--global-batch-size", "8", "--bf16"] + (["--fp8"] if fp8 else [])
+        rc, out, _ = _run(capsys, *flags, "--gpus", "2")
+        assert rc == 0 and (f"note: {note}" in out) is fp8
+        rc, out, _ = _run(capsys, *flags, "--gpus", "2", "--json")
+        doc = json.loads(out)
+        assert rc == 0 and (note in " ".join(doc["notes"])) is fp8
+        assert all((note in " ".join(r["notes"])) is fp8 for r in doc["layouts"])
+    bf16 = predict(Config.from_dict(base), 8, "h100-80gb")
+    assert (p.peak_bytes, p.tokens_per_s) == (bf16.peak_bytes, bf16.tokens_per_s)   # the same figures as bf16's
+
+
 def _one(cfg, **kw) -> object:
     base = dict(tp=1, pp=1, dp=1, mbs=4, num_micro=8)
     return predict_layout(cfg, Candidate(**{**base, **kw}), resolve_gpu("h100-80gb"), 8)
