@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..parallel.layout import resolve
 from .layout import MICRO_BATCH_SIZES, RECOMPUTE, Candidate, apply_layout, is_valid, layout_of
 from .presets import GIB, Gpu
-from .search import Prediction, predict_layout
+from .search import Prediction, noted, predict_layout
 
 MIN_GAIN = 1.05     # predicted tokens/s over the config's own layout before anything is suggested
 HEADROOM = 0.95     # and a suggested layout's predicted peak within 95% of the usable memory (the planner's
@@ -51,7 +51,7 @@ class Advice:
         return (f"gpt3d plan: {' '.join(self.flags)} is predicted {self.gain:.2f}x faster "
                 f"({b.tokens_per_s:,.0f} instead of {self.current.tokens_per_s:,.0f} tokens/s, "
                 f"{b.peak_bytes / GIB:.1f} of {b.usable_bytes / GIB:.1f} GiB) with the same global batch, "
-                "sample order and math; --auto-tune-layout applies it")
+                "sample order and math; --auto-tune-layout applies it" + noted(self.current))
 
     def apply(self, cfg: Config) -> Config:
         """A copy of `cfg` with the better layout's recompute and micro-batch size (global batch kept)."""

@@ -164,15 +164,20 @@ def plan(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_p
     return preds
 
 
+def noted(p: Prediction) -> str:
+    """The notes of `p` (what the figures leave out), to end any line that shows its figures."""
+    return "".join(f"; {n}" for n in p.notes)
+
+
 def startup_line(p: Prediction) -> str:
     """What `gpt3d train` prints for its own layout before the first step."""
     return (f"gpt3d plan: predicted {p.peak_bytes / GIB:.1f} GiB per GPU (stage {p.busiest_stage}; "
             f"{p.usable_bytes / GIB:.1f} usable) and {p.tokens_per_s:,.0f} tokens/s for {p.layout.label()}"
-            + "".join(f"; {n}" for n in p.notes))
+            + noted(p))
 
 
 def measured_line(p: Prediction, tokens_per_s: float, peak_bytes: float) -> str:
     """The measured figures beside the prediction, after the first logged steps."""
     return (f"gpt3d plan: measured {peak_bytes / GIB:.1f} GiB peak on this rank (predicted "
             f"{p.peak_bytes / GIB:.1f} for the busiest stage) and {tokens_per_s:,.0f} tokens/s (predicted "
-            f"{p.tokens_per_s:,.0f})")
+            f"{p.tokens_per_s:,.0f})" + noted(p))

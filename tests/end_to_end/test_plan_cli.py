@@ -151,7 +151,8 @@ def test_check_memory_refuses_a_layout_predicted_not_to_fit():
 def test_fp8_is_said_unmodelled_wherever_figures_are_shown(capsys):
     """--fp8 is not in the memory and time models: the figures are bf16's, and the table, the JSON, train's
     prediction line and --check-memory's refusal say so; without --fp8 none of them carries a note."""
-    from gpt3d.plan.search import startup_line
+    from gpt3d.plan.advice import Advice
+    from gpt3d.plan.search import measured_line, startup_line
     base = {"num_layers": 40, "hidden_size": 5120, "num_attention_heads": 40, "seq_length": 2048,
             "micro_batch_size": 1, "global_batch_size": 8, "bf16": True, "mock_data": True, "train_iters": 1,
             "compile": True}
@@ -160,6 +161,7 @@ def test_fp8_is_said_unmodelled_wherever_figures_are_shown(capsys):
         cfg = Config.from_dict({**base, "fp8": fp8})
         p = predict(cfg, 8, "h100-80gb")
         assert (note in startup_line(p)) is fp8 and bool(p.notes) is fp8 and (p.as_dict()["notes"] != []) is fp8
+        assert (note in measured_line(p, 1.0, 1.0)) is fp8 and (note in Advice(p, p, []).line()) is fp8
         with pytest.raises(ConfigError) as e:
             check_memory(cfg, 8, "h100-80gb")     # 13B on each of 8 GPUs does not fit
         assert (note in str(e.value)) is fp8
