@@ -71,16 +71,19 @@ class Calibration:
 
 EW_PASSES = 4      # elementwise traffic per layer ~ 4x its saved activations (write + read, forward + backward)
 
-# Dropout (gpt3d/parallel/random.py), modelled from the kernels' work, not yet measured (benchmarks/compile_check.py
-# times it: dropout 0/0 against 0.1/0.1 at the same shape). A residual dropout site makes its mask inside the
-# kernel that applies it: the replicated stream's counter-based hash is ~26 int32 operations per element, taken
-# as the time of moving DROPOUT_HASH_BYTES at the elementwise rate (Philox numbers for sequence-parallel shards
-# cost about the same); the mask is written as 1 byte per element and read back by backward. Fused attention
-# draws its dropout mask tile by tile in the kernel, forward and again in backward: ATTN_DROPOUT_OVERHEAD is the
-# fraction of attention time that adds (assumed).
+# Dropout (gpt3d/parallel/random.py). A residual dropout site makes its mask inside the kernel that applies it:
+# the replicated stream's counter-based hash is ~26 int32 operations per element, taken as the time of moving
+# DROPOUT_HASH_BYTES at the elementwise rate (Philox numbers for sequence-parallel shards cost about the same);
+# the mask is written as 1 byte per element and read back by backward (modelled from the kernels' work; at 1.3B
+# it predicts ~4 ms per step where hidden dropout alone measured +3.1 ms, benchmarks/RESULTS.md 2026-12-06).
+# Fused attention draws its dropout mask inside the kernel, score by score, forward and again in backward: its
+# cost is per attention score (b x heads x s x s, whatever the head size), measured on one H100 with cuDNN's
+# kernel as the extra time of attention dropout 0.1 over 0 (benchmarks/RESULTS.md 2026-12-06 session 28):
+# 0.68 ps per score at 1.3B (head size 128), 0.75 at 125M (64), 0.73-0.91 at the Llama shape (64, GQA).
+# Other GPUs scale it with their calibrated attention speed against H100_MEASURED's.
 DROPOUT_HASH_BYTES = 4.5
 DROPOUT_MASK_BYTES = 2
-ATTN_DROPOUT_OVERHEAD = 0.15
+ATTN_DROPOUT_S_PER_SCORE = 0.75e-12    # forward + backward
 LOSS_PASSES = 3    # the fused loss reads the logits, its backward reads them and writes their gradient
 
 

@@ -18,8 +18,8 @@ from ..parallel.layout import padded_vocab_size
 from ..perf.flops import layer_flops
 from .layout import Candidate
 from .memory import Persistent, Shape, layer_terms, shape_of
-from .presets import (ATTN_DROPOUT_OVERHEAD, COMM_EFFICIENCY, COMM_LATENCY_S, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES,
-                      EW_PASSES, GEMM_OVERHEAD_S, LOSS_PASSES, Gpu, attention_efficiency)
+from .presets import (ATTN_DROPOUT_S_PER_SCORE, COMM_EFFICIENCY, COMM_LATENCY_S, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES,
+                      EW_PASSES, GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES, Gpu, attention_efficiency)
 from .schedule import pipeline_time
 
 # Eager execution runs each norm, activation and residual as its own kernels. Rough factor from
@@ -73,6 +73,16 @@ def dropout_site_time(m: ModelConfig, elements: int, gpu: Gpu, ew_factor: float 
     return elements * (DROPOUT_HASH_BYTES + half) / rate, elements * half / rate
 
 
+def attention_dropout_time(m: ModelConfig, scores: int, gpu: Gpu) -> tuple[float, float]:
+    """(forward, backward) seconds that attention dropout adds to one fused attention over `scores` (b x heads
+    x s x s) scores: ATTN_DROPOUT_S_PER_SCORE at the H100's measured attention rate, split as attention's own
+    time is (backward 2.5x forward)."""
+    if m.attention_dropout <= 0:
+        return 0.0, 0.0
+    total = scores * ATTN_DROPOUT_S_PER_SCORE * H100_MEASURED.attn_tflops / gpu.calibration.attn_tflops
+    return total / 3.5, total * 2.5 / 3.5
+
+
 def layer_time(m: ModelConfig, lay: Candidate, gpu: Gpu, link: Links, sh: Shape, recompute,
                ew_factor: float = 1.0) -> LayerTime:
     """`ew_factor` > 1 for eager execution (unfused norms, activations and residuals)."""
@@ -87,15 +97,15 @@ def layer_time(m: ModelConfig, lay: Candidate, gpu: Gpu, link: Links, sh: Shape,
     bwd = 2 * gemm_s + 2.5 * attn_s + 2 * ew / 3
     # dropout: two residual sites, and the fused attention's own mask (forward, and again in backward)
     site_f, site_b = dropout_site_time(m, sh.seq_tokens * sh.h, gpu, ew_factor)
-    attn_drop = ATTN_DROPOUT_OVERHEAD * attn_s if m.attention_dropout > 0 else 0.0
-    drop_f, drop_b = 2 * site_f + attn_drop, 2 * site_b + 2.5 * attn_drop
+    attn_drop_f, attn_drop_b = attention_dropout_time(m, sh.b * (m.num_attention_heads // lay.tp) * sh.s ** 2, gpu)
+    drop_f, drop_b = 2 * site_f + attn_drop_f, 2 * site_b + attn_drop_b
     # two all-reduces (or all-gather + reduce-scatter pairs with SP) of the residual stream each way
     stream = sh.e * sh.tokens * sh.h
     kinds = ("all_gather", "reduce_scatter") if lay.sp else ("all_reduce",)
     comm = 2 * sum(_ring(stream, lay.tp, link.tp_gbps, k) for k in kinds)
     if lay.sp and m.swiglu:   # gate and fc1 each all-gather the MLP input (and reduce-scatter its gradient)
         comm += _ring(stream, lay.tp, link.tp_gbps, "all_gather")
-    rc = fwd + drop_f if recompute == "full" else attn_s + attn_drop if recompute == "selective" else 0.0
+    rc = fwd + drop_f if recompute == "full" else attn_s + attn_drop_f if recompute == "selective" else 0.0
     return LayerTime(fwd, bwd, rc, comm, comm, drop_f + drop_b)
 
 

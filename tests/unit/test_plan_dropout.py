@@ -1,12 +1,14 @@
 """The planner's dropout term (gpt3d/plan/timing.py, constants in presets.py): what dropout adds to a step is
-its own line, built from the residual sites' mask passes and the fused attention's overhead."""
+its own line, built from the residual sites' mask passes and the fused attention's per-score cost."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt3d.plan.layout import layout_of
-from gpt3d.plan.presets import ATTN_DROPOUT_OVERHEAD, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, resolve_gpu
+from gpt3d.plan.presets import (ATTN_DROPOUT_S_PER_SCORE, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, H100_MEASURED,
+                                resolve_gpu)
 from gpt3d.plan.search import predict_layout
 
 from tests.support.curves import tiny_config
@@ -15,9 +17,9 @@ H100 = resolve_gpu("h100-80gb")
 
 
 def _predict(**kw):
-    cfg = tiny_config(num_layers=4, hidden_size=2048, num_attention_heads=16, seq_length=2048,   # GPU-bound
-                      max_position_embeddings=2048, micro_batch_size=8, global_batch_size=16, bf16=True,
-                      compile=True, **kw)
+    shape = {"hidden_size": 2048, "num_attention_heads": 16, "seq_length": 2048, "max_position_embeddings": 2048,
+             **kw}   # GPU-bound
+    cfg = tiny_config(num_layers=4, micro_batch_size=8, global_batch_size=16, bf16=True, compile=True, **shape)
     return predict_layout(cfg, layout_of(cfg, 1), H100, vocab_size=256)
 
 
@@ -31,10 +33,23 @@ def test_dropout_term(hidden, attention, recompute):
         assert "dropout" not in p.time.parts and p.time.seconds == none.time.seconds
         return
     assert p.time.tokens_per_s < none.time.tokens_per_s
-    # residual sites: 2 per layer and the embedding's, each micro-batch, over [b, s, h] elements
+    # residual sites: 2 per layer and the embedding's, 2 micro-batches, over [b, s, h] elements
     elements = 8 * 2048 * 2048
     rate = H100.calibration.ew_gbps * 1e9
     sites = (2 * 4 + 1) * 2 * elements * (DROPOUT_HASH_BYTES + DROPOUT_MASK_BYTES) / rate if hidden else 0.0
-    assert p.time.parts["dropout"] >= sites * (1 - 1e-9)
-    assert (p.time.parts["dropout"] > sites * (1 + 1e-9)) is (attention > 0)   # the attention kernels' share
-    assert 0 < ATTN_DROPOUT_OVERHEAD < 1
+    # attention: every score (b x heads x s x s) of 4 layers, 2 micro-batches, at the H100's measured cost
+    scores = 2 * 4 * 8 * 16 * 2048 * 2048
+    attn = scores * ATTN_DROPOUT_S_PER_SCORE * H100_MEASURED.attn_tflops / H100.calibration.attn_tflops \
+        if attention else 0.0
+    assert p.time.parts["dropout"] == pytest.approx(sites + attn, rel=1e-9)
+
+
+def test_attention_dropout_costs_the_same_per_score_whatever_the_head_size():
+    """The measured cost is per score: heads x s^2 fixed, head size 64 or 128 adds the same time (attention's
+    own time differs), and twice the sequence costs four times as much."""
+    def cost(heads, hidden, seq):
+        kw = dict(num_attention_heads=heads, hidden_size=hidden, seq_length=seq, max_position_embeddings=seq)
+        return _predict(attention_dropout=0.1, hidden_dropout=0.0, **kw).time.parts["dropout"]
+    assert cost(16, 2048, 2048) == pytest.approx(cost(16, 1024, 2048), rel=1e-9)
+    assert cost(16, 2048, 2048) == pytest.approx(4 * cost(16, 2048, 1024), rel=1e-9)
+    assert cost(32, 2048, 2048) == pytest.approx(2 * cost(16, 2048, 2048), rel=1e-9)
