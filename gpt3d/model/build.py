@@ -155,10 +155,11 @@ def compile_granularity(granularity: str, ps: ParallelState, layers: int = 0, dr
     RESULTS.md): at 125M (12 layers) the whole chunk runs 1.7-1.8% faster with 2.6-2.9 GiB less than
     per-layer graphs, dropout on or off, and compiles in under a minute (48 s with dropout); at the Llama
     shape (16 layers) with dropout 0.1 per-layer graphs run as fast (53,721 against 53,237 tok/s) with 1.2 GiB
-    more, and the first step takes 28 s against 103 s (2026-12-06); at 1.3B (24 layers) with dropout the
-    whole chunk runs no faster, holds 6.8 GiB more and its first step takes 75 s against 11.5 s; without
-    dropout it holds 1.4-1.5 GiB less at equal speed and compiles in 40 s. With FP8 the per-layer first step
-    is 34 s at 1.3B and 31-34 s at the Llama shape, where the whole chunk's took 96-216 s (2026-11-25)."""
+    more, and the first step takes 28 s against 103 s (2026-12-06; with attention dropout alone per layer may
+    cost ~1%, measured only across calls); at 1.3B (24 layers) with dropout the whole chunk runs no faster,
+    holds 6.8 GiB more and its first step takes 75 s against 11.5 s; without dropout it holds 1.4 GiB less
+    and compiles in 40 s. With FP8 the per-layer first step is 33-34 s at 1.3B and 31-34 s at the Llama shape,
+    where the whole chunk's took 96-216 s (115.6 s at 1.3B, for +0.8% speed, 2026-12-06)."""
     if granularity != "auto":
         return granularity
     if ps.tp > 1 or ps.dp > 1 or fp8 or (dropout and layers >= REGIONAL_FROM_LAYERS):

@@ -6,7 +6,9 @@ shape, the sample index), applied by `gpt3d train` before it builds anything. Th
 few percent of compiled ones) predicts this rank's peak; a prediction above the device's *whole* memory could
 never run, so it is one `gpt3d: error:` line at start naming the largest terms, instead of an allocator
 traceback (or the kernel's out-of-memory kill) later. Layouts that merely come close are left to
-`--check-memory`, which compares against usable memory.
+`--check-memory`, which compares against usable memory. The model has no FP8 term (its activations are bf16's):
+with --fp8 only what FP8 could never save is held against the memory, the activations less
+FP8_MOST_ACTIVATIONS_SAVED of them.
 """
 from __future__ import annotations
 
@@ -22,8 +24,12 @@ from ..parallel.state import ParallelState
 from .layout import layout_of
 from .memory import plan_memory
 from .presets import GIB
+from .search import unmodelled
 
 INDEX_BYTES_PER_SAMPLE = 16   # shuffle_idx (int64) + sample_idx (2 x int32) per indexed sample, gpt_dataset.py
+# FP8 keeps a linear's input in one byte where bf16 kept two, so at most half of what a layer keeps goes (measured
+# on one H100: a third at 1.3B, 49.3 -> 40.3 GiB; benchmarks/RESULTS.md 2026-12-06)
+FP8_MOST_ACTIVATIONS_SAVED = 0.5
 
 
 def refuse_what_cannot_fit(cfg: Config, ps: ParallelState, vocab_size: int, indexed_samples: Optional[int] = None
@@ -48,12 +54,15 @@ def refuse_what_cannot_fit(cfg: Config, ps: ParallelState, vocab_size: int, inde
                              fused_loss=lay.tp == 1 and ps.device.type == "cuda",
                              device=ps.device.type)
         busiest = max(stages, key=lambda s: s.peak)
-        if busiest.peak > have:
+        saved = FP8_MOST_ACTIVATIONS_SAVED * busiest.breakdown()["activations"] if cfg.precision.fp8 else 0.0
+        if busiest.peak - saved > have:
             top = sorted(busiest.breakdown().items(), key=lambda kv: -kv[1])[:3]
+            fp8 = (f" (with --fp8 at least {(busiest.peak - saved) / GIB:,.1f}: " + "; ".join(unmodelled(cfg)) + ")"
+                   if saved else "")
             raise ConfigError(
-                f"this layout needs about {busiest.peak / GIB:,.1f} GiB per rank (pipeline stage {busiest.pp_rank}; "
-                f"{', '.join(f'{k} {v / GIB:,.1f}' for k, v in top)}), more than {where}: it could never run "
-                f"(--seq-length {m.seq_length}, --micro-batch-size {cfg.training.micro_batch_size}, "
+                f"this layout needs about {busiest.peak / GIB:,.1f} GiB per rank{fp8} (pipeline stage "
+                f"{busiest.pp_rank}; {', '.join(f'{k} {v / GIB:,.1f}' for k, v in top)}), more than {where}: it "
+                f"could never run (--seq-length {m.seq_length}, --micro-batch-size {cfg.training.micro_batch_size}, "
                 f"{lay.num_micro} micro-batches per step; see `gpt3d plan` for layouts that fit)")
     host = device_memory(torch.device("cpu"))
     if indexed_samples is not None and host is not None and indexed_samples * INDEX_BYTES_PER_SAMPLE > host:

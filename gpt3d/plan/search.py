@@ -65,12 +65,11 @@ def vocab_of(cfg: Config, vocab_size: Optional[int] = None) -> int:
 
 def unmodelled(cfg: Config) -> list[str]:
     """What `cfg` asks for that the memory and time models leave out, said wherever figures are shown (the
-    plan's table and JSON, train's prediction, --check-memory's refusal) rather than silently modelled as
-    something else. FP8 keeps FP8 copies of the linears' inputs and adds cast kernels; neither is modelled
-    yet (measured, one H100: benchmarks/RESULTS.md 2026-12-06)."""
+    plan's table and JSON, train's prediction, measured and advice lines, --check-memory's and fits.py's
+    refusals) rather than silently modelled as something else. FP8 keeps FP8 copies of the linears' inputs
+    and adds cast kernels; neither is modelled yet (measured, one H100: benchmarks/RESULTS.md 2026-12-06)."""
     if cfg.precision.fp8:
-        return ["--fp8 is not modelled: memory and speed are bf16's (FP8 measured faster and smaller on one "
-                "H100: docs/performance.md)"]
+        return ["--fp8 is not modelled: memory and speed are bf16's (FP8's own measurements: docs/performance.md)"]
     return []
 
 

@@ -173,8 +173,38 @@ def test_fp8_is_said_unmodelled_wherever_figures_are_shown(capsys):
         doc = json.loads(out)
         assert rc == 0 and (note in " ".join(doc["notes"])) is fp8
         assert all((note in " ".join(r["notes"])) is fp8 for r in doc["layouts"])
+    fp8 = predict(Config.from_dict({**base, "fp8": True}), 8, "h100-80gb")
     bf16 = predict(Config.from_dict(base), 8, "h100-80gb")
-    assert (p.peak_bytes, p.tokens_per_s) == (bf16.peak_bytes, bf16.tokens_per_s)   # the same figures as bf16's
+    assert (fp8.peak_bytes, fp8.tokens_per_s) == (bf16.peak_bytes, bf16.tokens_per_s)   # the same figures
+
+
+def test_fp8_is_refused_as_impossible_only_beyond_what_fp8_could_save(monkeypatch):
+    """fits.py refuses a layout whose predicted peak exceeds the whole device memory; with --fp8 (not modelled)
+    only beyond what FP8 could ever save, half the activations, and the refusal says so."""
+    from gpt3d.parallel.state import ParallelState
+    from gpt3d.plan import fits
+    from gpt3d.plan.memory import plan_memory
+    seen = []
+    monkeypatch.setattr(fits, "plan_memory", lambda *a, **k: seen.append(plan_memory(*a, **k)) or seen[-1])
+
+    def refused(fp8: bool, have: float):
+        cfg = Config.from_dict({"num_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "seq_length": 512,
+                                "micro_batch_size": 8, "global_batch_size": 8, "bf16": True, "fp8": fp8,
+                                "mock_data": True, "train_iters": 1, "compile": True, "vocab_size": 256})
+        monkeypatch.setattr(fits, "device_memory", lambda device: have)   # this rank's device: the CPU here
+        try:
+            fits.refuse_what_cannot_fit(cfg, ParallelState.single(), 256)
+        except ConfigError as e:
+            return str(e)
+        return None
+    assert refused(False, 1e15) is None
+    busiest = max(seen[-1], key=lambda s: s.peak)
+    peak, acts = busiest.peak, busiest.breakdown()["activations"]
+    assert acts > 0
+    for fp8 in (False, True):
+        near, far = refused(fp8, peak - 0.25 * acts), refused(fp8, peak - 0.75 * acts)
+        assert far is not None and "could never run" in far
+        assert (near is None) is fp8 and ("--fp8 is not modelled" in far) is fp8
 
 
 def _one(cfg, **kw) -> object:
