@@ -22,13 +22,14 @@ from ..model.build import compile_enabled, device_memory, param_dtype, refuse_a_
 from ..model.gpt import count_parameters
 from ..parallel.state import ParallelState
 from .layout import layout_of
-from .memory import plan_memory
+from .memory import StageMemory, plan_memory
 from .presets import GIB
 from .search import unmodelled
 
 INDEX_BYTES_PER_SAMPLE = 16   # shuffle_idx (int64) + sample_idx (2 x int32) per indexed sample, gpt_dataset.py
 # FP8 keeps a linear's input in one byte where bf16 kept two, so at most half of what a layer keeps goes (measured
-# on one H100: a third at 1.3B, 49.3 -> 40.3 GiB; benchmarks/RESULTS.md 2026-12-06)
+# on one H100: a third at 1.3B, 49.3 -> 40.3 GiB; benchmarks/RESULTS.md 2026-12-06). Halving all "activations"
+# (the bf16 head's logits and the dropout masks included, which FP8 does not shrink) errs towards letting a run start.
 FP8_MOST_ACTIVATIONS_SAVED = 0.5
 
 
@@ -53,8 +54,10 @@ def refuse_what_cannot_fit(cfg: Config, ps: ParallelState, vocab_size: int, inde
                              compiled=compile_enabled(cfg.training, ps.device),
                              fused_loss=lay.tp == 1 and ps.device.type == "cuda",
                              device=ps.device.type)
-        busiest = max(stages, key=lambda s: s.peak)
-        saved = FP8_MOST_ACTIVATIONS_SAVED * busiest.breakdown()["activations"] if cfg.precision.fp8 else 0.0
+        def fp8_saved(s: StageMemory) -> float:
+            return FP8_MOST_ACTIVATIONS_SAVED * s.breakdown()["activations"] if cfg.precision.fp8 else 0.0
+        busiest = max(stages, key=lambda s: s.peak - fp8_saved(s))
+        saved = fp8_saved(busiest)
         if busiest.peak - saved > have:
             top = sorted(busiest.breakdown().items(), key=lambda kv: -kv[1])[:3]
             fp8 = (f" (with --fp8 at least {(busiest.peak - saved) / GIB:,.1f}: " + "; ".join(unmodelled(cfg)) + ")"

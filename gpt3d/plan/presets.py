@@ -78,8 +78,9 @@ EW_PASSES = 4      # elementwise traffic per layer ~ 4x its saved activations (w
 # it predicts ~4 ms per step where hidden dropout alone measured +3.1 ms, benchmarks/RESULTS.md 2026-12-06).
 # Fused attention draws its dropout mask inside the kernel, score by score, forward and again in backward: its
 # cost is per attention score (b x heads x s x s, whatever the head size), measured on one H100 with cuDNN's
-# kernel as the extra time of attention dropout 0.1 over 0 (benchmarks/RESULTS.md 2026-12-06 session 28):
-# 0.68 ps per score at 1.3B (head size 128), 0.75 at 125M (64), 0.73-0.91 at the Llama shape (64, GQA).
+# kernel as the extra step time of attention dropout 0.1 over 0 (benchmarks/RESULTS.md 2026-12-06 session 28):
+# 0.68 ps per score at 1.3B (head size 128), 0.73-0.91 at the Llama shape (64, GQA); at 125M (64) 0.75 from the
+# attention kernels' own growth (session 23's kernel table, which gives 0.97-0.99 at the other two shapes).
 # Other GPUs scale it with their calibrated attention speed against H100_MEASURED's.
 DROPOUT_HASH_BYTES = 4.5
 DROPOUT_MASK_BYTES = 2

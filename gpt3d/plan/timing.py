@@ -75,8 +75,9 @@ def dropout_site_time(m: ModelConfig, elements: int, gpu: Gpu, ew_factor: float 
 
 def attention_dropout_time(m: ModelConfig, scores: int, gpu: Gpu) -> tuple[float, float]:
     """(forward, backward) seconds that attention dropout adds to one fused attention over `scores` (b x heads
-    x s x s) scores: ATTN_DROPOUT_S_PER_SCORE at the H100's measured attention rate, split as attention's own
-    time is (backward 2.5x forward)."""
+    x s x s) scores: ATTN_DROPOUT_S_PER_SCORE at the H100's measured attention rate. Only forward + backward
+    was measured; the split (backward 2.5x forward, as attention's own time) is assumed, and decides what a
+    recompute of the attention adds."""
     if m.attention_dropout <= 0:
         return 0.0, 0.0
     total = scores * ATTN_DROPOUT_S_PER_SCORE * H100_MEASURED.attn_tflops / gpu.calibration.attn_tflops

@@ -178,33 +178,44 @@ def test_fp8_is_said_unmodelled_wherever_figures_are_shown(capsys):
     assert (fp8.peak_bytes, fp8.tokens_per_s) == (bf16.peak_bytes, bf16.tokens_per_s)   # the same figures
 
 
-def test_fp8_is_refused_as_impossible_only_beyond_what_fp8_could_save(monkeypatch):
-    """fits.py refuses a layout whose predicted peak exceeds the whole device memory; with --fp8 (not modelled)
-    only beyond what FP8 could ever save, half the activations, and the refusal says so."""
+@pytest.mark.parametrize("shape", [
+    dict(num_layers=4, hidden_size=256, num_attention_heads=4, seq_length=512, micro_batch_size=8, vocab_size=256),
+    # two stages whose order differs with and without the FP8 discount (the head's large vocabulary on the last)
+    dict(num_layers=8, hidden_size=2048, num_attention_heads=16, seq_length=2048, micro_batch_size=2,
+         vocab_size=200000, pipeline_model_parallel_size=2)])
+def test_fp8_is_refused_as_impossible_only_beyond_what_fp8_could_save(monkeypatch, shape):
+    """fits.py refuses a layout whose predicted peak on some stage exceeds the whole device memory; with --fp8
+    (not modelled) only beyond what FP8 could ever save, half of each stage's activations, and the refusal
+    says so."""
     from gpt3d.parallel.state import ParallelState
     from gpt3d.plan import fits
     from gpt3d.plan.memory import plan_memory
     seen = []
     monkeypatch.setattr(fits, "plan_memory", lambda *a, **k: seen.append(plan_memory(*a, **k)) or seen[-1])
+    pp = shape.get("pipeline_model_parallel_size", 1)
 
     def refused(fp8: bool, have: float):
-        cfg = Config.from_dict({"num_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "seq_length": 512,
-                                "micro_batch_size": 8, "global_batch_size": 8, "bf16": True, "fp8": fp8,
-                                "mock_data": True, "train_iters": 1, "compile": True, "vocab_size": 256})
+        cfg = Config.from_dict({**shape, "global_batch_size": 4, "bf16": True, "fp8": fp8, "mock_data": True,
+                                "train_iters": 1, "compile": True})
         monkeypatch.setattr(fits, "device_memory", lambda device: have)   # this rank's device: the CPU here
         try:
-            fits.refuse_what_cannot_fit(cfg, ParallelState.single(), 256)
+            fits.refuse_what_cannot_fit(cfg, ParallelState(pp=pp), shape["vocab_size"])
         except ConfigError as e:
             return str(e)
         return None
     assert refused(False, 1e15) is None
-    busiest = max(seen[-1], key=lambda s: s.peak)
-    peak, acts = busiest.peak, busiest.breakdown()["activations"]
-    assert acts > 0
+    stages = seen[-1]
+    assert len(stages) == pp and all(s.breakdown()["activations"] > 0 for s in stages)
+    need = {False: max(s.peak for s in stages),
+            True: max(s.peak - 0.5 * s.breakdown()["activations"] for s in stages)}
+    if pp > 1:   # the FP8 verdict is not the bf16 busiest stage's, discounted
+        busiest = max(stages, key=lambda s: s.peak)
+        assert need[True] > busiest.peak - 0.5 * busiest.breakdown()["activations"]
     for fp8 in (False, True):
-        near, far = refused(fp8, peak - 0.25 * acts), refused(fp8, peak - 0.75 * acts)
-        assert far is not None and "could never run" in far
-        assert (near is None) is fp8 and ("--fp8 is not modelled" in far) is fp8
+        assert refused(fp8, need[fp8] * (1 + 1e-9)) is None
+        msg = refused(fp8, need[fp8] * (1 - 1e-9))
+        assert msg is not None and "could never run" in msg and ("--fp8 is not modelled" in msg) is fp8
+    assert need[True] < need[False]
 
 
 def _one(cfg, **kw) -> object:

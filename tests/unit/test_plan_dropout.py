@@ -53,3 +53,26 @@ def test_attention_dropout_costs_the_same_per_score_whatever_the_head_size():
     assert cost(16, 2048, 2048) == pytest.approx(cost(16, 1024, 2048), rel=1e-9)
     assert cost(16, 2048, 2048) == pytest.approx(4 * cost(16, 2048, 1024), rel=1e-9)
     assert cost(32, 2048, 2048) == pytest.approx(2 * cost(16, 2048, 2048), rel=1e-9)
+
+
+@settings(max_examples=24, deadline=None)
+@given(tp=st.sampled_from([1, 2]), kv_heads=st.sampled_from([16, 4]), gpu=st.sampled_from(["h100-80gb", "a100-80gb"]),
+       recompute=st.sampled_from([None, "selective", "full"]))
+def test_attention_dropout_per_rank_scaled_and_recomputed(tp, kv_heads, gpu, recompute):
+    """Each rank pays for its own query heads' scores (TP splits them, GQA's fewer K/V heads do not change the
+    count), a GPU with slower attention pays more, and recomputing the attention (selective or full) adds the
+    forward's share again."""
+    g = resolve_gpu(gpu)
+
+    def pred(attention):
+        cfg = tiny_config(num_layers=4, hidden_size=2048, num_attention_heads=16, num_key_value_heads=kv_heads,
+                          seq_length=2048, max_position_embeddings=2048, micro_batch_size=8, global_batch_size=16,
+                          bf16=True, compile=True, tensor_model_parallel_size=tp, recompute_granularity=recompute,
+                          attention_dropout=attention)
+        return predict_layout(cfg, layout_of(cfg, tp), g, vocab_size=256).time.parts
+    on, off = pred(0.1), pred(0.0)
+    total = 2 * 4 * 8 * (16 // tp) * 2048 * 2048 * ATTN_DROPOUT_S_PER_SCORE * \
+        H100_MEASURED.attn_tflops / g.calibration.attn_tflops   # 2 micro-batches, 4 layers, b x heads/tp x s^2
+    assert on["dropout"] == pytest.approx(total, rel=1e-9) and "dropout" not in off
+    again = on.get("recompute", 0.0) - off.get("recompute", 0.0)
+    assert again == pytest.approx(total / 3.5 if recompute else 0.0, rel=1e-9, abs=1e-15)
