@@ -21,7 +21,8 @@ from ..config import Config
 from ..errors import ConfigError
 from .layout import layout_of
 from .memory import layer_terms, shape_of
-from .presets import EW_PASSES, GEMM_OVERHEAD_S, LOSS_PASSES, Calibration, attention_efficiency
+from .presets import (ATTN_BACKWARD_FACTOR, EW_PASSES, GEMM_OVERHEAD_S, LOSS_PASSES, Calibration,
+                      attention_efficiency)
 from .search import vocab_of
 from ..perf.flops import layer_flops
 
@@ -164,7 +165,8 @@ def calibrate(cfg: Config, *, warmup: int = 3, iters: int = 10, verbose: bool = 
     opt_ns = _optimizer_ns_per_param(cfg, warmup, iters, dev, optimizer_params)
     where = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     cal = Calibration(gemm_tflops=gemm_tflops,
-                      attn_tflops=3.5 * attn_flops / attn_s / attention_efficiency(s, m.head_dim) / 1e12,
+                      attn_tflops=(1 + ATTN_BACKWARD_FACTOR) * attn_flops / attn_s
+                      / attention_efficiency(s, m.head_dim) / 1e12,
                       ew_gbps=ew_gbps, loss_gbps=LOSS_PASSES * 2 * b * s * pv / loss_s / 1e9,
                       optimizer_ns_per_param=opt_ns, grad_gbps=grad_gbps,
                       source=f"measured on {where} at {m.num_layers}L/{m.hidden_size}h micro-batch {b}")

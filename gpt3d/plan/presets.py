@@ -38,19 +38,19 @@ def attention_efficiency(s: int, head_dim: int) -> float:
 class Calibration:
     """Achieved speeds of gpt3d's own kernels on one GPU (bf16, torch.compile).
 
-    gemm_tflops: the transformer layer's matmuls (forward + backward) once `GEMM_OVERHEAD_S` per matmul is
-    taken out; attn_tflops: fused causal attention, forward + backward, counted as 4·b·s²·heads·head_dim/2
-    forward and 2.5x that backward, at long sequences and head size 128 (`attention_efficiency` gives other
+    gemm_tflops: the transformer layer's matmuls (forward + backward) once `GEMM_OVERHEAD_S` per matmul is taken
+    out; attn_tflops: fused causal attention, forward + backward, counted as 4·b·s²·heads·head_dim/2 forward and
+    ATTN_BACKWARD_FACTOR x that backward, at long sequences and head size 128 (`attention_efficiency` gives other
     shapes); ew_gbps: everything else in a layer (norms, activations, residuals, rotary), as the bytes of the
-    layer's saved activations times `EW_PASSES` per second; loss_gbps: the cross entropy over the logits (bytes
-    of the logits times `LOSS_PASSES` per second); optimizer_ns_per_param: clipping + fused AdamW + bf16 copy
-    per fp32 element of this rank's shard; grad_gbps: the per-parameter gradient hooks that copy (first
-    micro-batch, 6 bytes per element) or add (10 bytes) each bf16 gradient into the fp32 buffer; host_layer_s
-    and host_step_s: CPU time to launch one layer's forward + backward (with its gradient hooks) and a step's
-    own work (clipping, optimizer, bookkeeping): a step never runs faster than the host can launch it, which
-    is what bounds small models at small micro-batches. The host figures are the CPU's, not the GPU's: fitted
-    to two runs of benchmarks/plan_check.py (125M, micro-batch 8 x 1024, 1 and 4 micro-batches) on the H200
-    machine's host (benchmarks/RESULTS.md 2026-12-02) and assumed for every preset.
+    layer's saved activations times `EW_PASSES` per second; loss_gbps: the cross entropy over the logits (bytes of
+    the logits times `LOSS_PASSES` per second); optimizer_ns_per_param: clipping + fused AdamW + bf16 copy per fp32
+    element of this rank's shard; grad_gbps: the per-parameter gradient hooks that copy (first micro-batch, 6 bytes
+    per element) or add (10 bytes) each bf16 gradient into the fp32 buffer; host_layer_s and host_step_s: CPU time
+    to launch one layer's forward + backward (with its gradient hooks) and a step's own work (clipping, optimizer,
+    bookkeeping): a step never runs faster than the host can launch it, which is what bounds small models at small
+    micro-batches. The host figures are the CPU's, not the GPU's: fitted to two runs of benchmarks/plan_check.py
+    (125M, micro-batch 8 x 1024, 1 and 4 micro-batches) on the H200 machine's host (benchmarks/RESULTS.md
+    2026-12-02) and assumed for every preset.
     """
     gemm_tflops: float
     attn_tflops: float
@@ -70,6 +70,7 @@ class Calibration:
 
 
 EW_PASSES = 4      # elementwise traffic per layer ~ 4x its saved activations (write + read, forward + backward)
+ATTN_BACKWARD_FACTOR = 2.5   # fused attention's backward takes 2.5x its forward (what attn_tflops counts)
 
 # Dropout (gpt3d/parallel/random.py). A residual dropout site makes its mask inside the kernel that applies it:
 # the replicated stream's counter-based hash is ~26 int32 operations per element, taken as the time of moving

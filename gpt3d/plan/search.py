@@ -122,8 +122,7 @@ def check_memory(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None
         top = sorted(p.memory.items(), key=lambda kv: -kv[1])[:3]
         raise ConfigError(f"layout {p.layout.label()} is predicted to need {p.peak_bytes / GIB:.1f} GiB per GPU on "
                           f"pipeline stage {p.busiest_stage}, more than the {p.usable_bytes / GIB:.1f} GiB usable "
-                          f"({', '.join(f'{k} {v / GIB:.1f}' for k, v in top)}); see `gpt3d plan`"
-                          + "".join(f" ({n})" for n in p.notes))
+                          f"({', '.join(f'{k} {v / GIB:.1f}' for k, v in top)}); see `gpt3d plan`" + noted(p))
     return p
 
 

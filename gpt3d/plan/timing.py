@@ -18,8 +18,9 @@ from ..parallel.layout import padded_vocab_size
 from ..perf.flops import layer_flops
 from .layout import Candidate
 from .memory import Persistent, Shape, layer_terms, shape_of
-from .presets import (ATTN_DROPOUT_S_PER_SCORE, COMM_EFFICIENCY, COMM_LATENCY_S, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES,
-                      EW_PASSES, GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES, Gpu, attention_efficiency)
+from .presets import (ATTN_BACKWARD_FACTOR, ATTN_DROPOUT_S_PER_SCORE, COMM_EFFICIENCY, COMM_LATENCY_S,
+                      DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, EW_PASSES, GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES,
+                      Gpu, attention_efficiency)
 from .schedule import pipeline_time
 
 # Eager execution runs each norm, activation and residual as its own kernels. Rough factor from
@@ -76,12 +77,13 @@ def dropout_site_time(m: ModelConfig, elements: int, gpu: Gpu, ew_factor: float 
 def attention_dropout_time(m: ModelConfig, scores: int, gpu: Gpu) -> tuple[float, float]:
     """(forward, backward) seconds that attention dropout adds to one fused attention over `scores` (b x heads
     x s x s) scores: ATTN_DROPOUT_S_PER_SCORE at the H100's measured attention rate. Only forward + backward
-    was measured; the split (backward 2.5x forward, as attention's own time) is assumed, and decides what a
-    recompute of the attention adds."""
+    was measured; the split (backward ATTN_BACKWARD_FACTOR x forward, as attention's own time) is assumed, and
+    decides what a recompute of the attention adds."""
     if m.attention_dropout <= 0:
         return 0.0, 0.0
     total = scores * ATTN_DROPOUT_S_PER_SCORE * H100_MEASURED.attn_tflops / gpu.calibration.attn_tflops
-    return total / 3.5, total * 2.5 / 3.5
+    share = total / (1 + ATTN_BACKWARD_FACTOR)
+    return share, ATTN_BACKWARD_FACTOR * share
 
 
 def layer_time(m: ModelConfig, lay: Candidate, gpu: Gpu, link: Links, sh: Shape, recompute,
@@ -95,7 +97,7 @@ def layer_time(m: ModelConfig, lay: Candidate, gpu: Gpu, link: Links, sh: Shape,
     kept = layer_terms(m, lay, sh, True, None)
     ew = EW_PASSES * (kept.total - kept.items.get("dropout masks", 0)) / (cal.ew_gbps * 1e9) * ew_factor
     fwd = gemm_s + attn_s + ew / 3
-    bwd = 2 * gemm_s + 2.5 * attn_s + 2 * ew / 3
+    bwd = 2 * gemm_s + ATTN_BACKWARD_FACTOR * attn_s + 2 * ew / 3
     # dropout: two residual sites, and the fused attention's own mask (forward, and again in backward)
     site_f, site_b = dropout_site_time(m, sh.seq_tokens * sh.h, gpu, ew_factor)
     attn_drop_f, attn_drop_b = attention_dropout_time(m, sh.b * (m.num_attention_heads // lay.tp) * sh.s ** 2, gpu)
