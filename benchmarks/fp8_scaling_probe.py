@@ -80,14 +80,14 @@ class ProbeMatmul(gpt3d_fp8.Float8Matmul):
 
 
 def install(delayed: bool, rowamax: bool) -> None:
-    """Make build_model_chunks route the TP linears through ProbeMatmul instead of gpt3d's FP8 GEMMs."""
+    """Make build_model_chunks route the linears gpt3d's enable_fp8 picks (its checks and its multiple-of-16
+    rule) through a ProbeMatmul each instead of gpt3d's shared Float8Matmul."""
     import gpt3d.model.build as build
 
     def enable_fp8(model: torch.nn.Module, recipe: str, device: torch.device, emulate: bool = False) -> int:
-        n = 0
+        n = gpt3d_fp8.enable_fp8(model, recipe, device, emulate)
         for m in model.modules():
-            if isinstance(m, (gpt3d_fp8.ColumnParallelLinear, gpt3d_fp8.RowParallelLinear)):
+            if isinstance(getattr(m, "_matmul", None), gpt3d_fp8.Float8Matmul):
                 m.set_matmul(ProbeMatmul(device, emulate, delayed, rowamax))
-                n += 1
         return n
     build.enable_fp8 = enable_fp8   # type: ignore[assignment]   # build_model_chunks calls it by this name
