@@ -85,7 +85,7 @@ def install(delayed: bool, rowamax: bool) -> None:
     import gpt3d.model.build as build
 
     def enable_fp8(model: torch.nn.Module, recipe: str, device: torch.device, emulate: bool = False) -> int:
-        n = gpt3d_fp8.enable_fp8(model, recipe, device, emulate)
+        n = gpt3d_fp8.enable_fp8(model, recipe, device, emulate, fused_mlp=False)   # every GEMM a probe
         for m in model.modules():
             if isinstance(getattr(m, "_matmul", None), gpt3d_fp8.Float8Matmul):
                 m.set_matmul(ProbeMatmul(device, emulate, delayed, rowamax))

@@ -17,6 +17,8 @@ the FP8 tensors: backward reuses them (a transpose of FP8 bytes instead of anoth
 What backward keeps is then FP8 input and weight copies rather than the bf16 input and a view of the weight;
 compiled, Inductor's partitioner decides what is kept either way (peak memory measured the same). The
 rowwise recipes scale the backward's copies along the other axis, so they cast inside torchao's function.
+With `tensorwise` a GeLU MLP's two linears run as one FP8 function instead (gpt3d/model/fp8_mlp.py, same
+recipe), whose casts between the two GEMMs are Triton kernels near bandwidth rather than Inductor's.
 """
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
+from .gpt import MLP
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
@@ -99,9 +103,12 @@ def uses_fp8(model: nn.Module) -> bool:
     return any(isinstance(getattr(m, "_matmul", None), Float8Matmul) for m in model.modules())
 
 
-def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: bool = False) -> int:
+def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: bool = False,
+               fused_mlp: bool = True) -> int:
     """Route every TP linear of `model` whose (local) dims suit FP8 GEMMs (multiples of 16) through float8;
-    returns how many. The output head is not a TP linear and stays bf16."""
+    returns how many. The output head is not a TP linear and stays bf16. With `tensorwise` scaling a GeLU
+    MLP whose two linears both switched runs as one FP8 function (gpt3d/model/fp8_mlp.py: the same recipe,
+    its casts in fewer passes) unless `fused_mlp` is False (benchmarks compare the two)."""
     if not emulate:
         check_fp8_supported(device)
     matmul = Float8Matmul(recipe, emulate)
@@ -112,4 +119,19 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
             if out_f % 16 == 0 and in_f % 16 == 0:
                 m.set_matmul(matmul)
                 n += 1
+    if fused_mlp and matmul._cast_once is not None:   # tensorwise
+        for m in model.modules():
+            if isinstance(m, MLP) and not m.swiglu and m.fc1._matmul is matmul and m.fc2._matmul is matmul:
+                m.set_fused(_fused_gelu_mlp(matmul, m.gelu_approximation))
     return n
+
+
+def _fused_gelu_mlp(matmul: Float8Matmul, approximate: str):
+    from .fp8_mlp import Float8GeluMLP
+    c = matmul.config
+
+    def per_linear(x, w1, b1, w2):
+        return matmul(F.gelu(matmul(x, w1, b1), approximate=approximate), w2, None)
+    fast = (c.gemm_config_output.use_fast_accum, c.gemm_config_grad_input.use_fast_accum,
+            c.gemm_config_grad_weight.use_fast_accum)
+    return Float8GeluMLP(approximate == "tanh", fast, per_linear)

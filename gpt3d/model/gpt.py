@@ -71,8 +71,17 @@ class MLP(nn.Module):
             self.gate = ColumnParallelLinear(h, f, ps, bias=bias, std=std)
         self.fc1 = ColumnParallelLinear(h, f, ps, bias=bias, std=std)
         self.fc2 = RowParallelLinear(f, h, ps, bias=bias, std=std / (2 * cfg.num_layers) ** 0.5)
+        self._fused = None
+
+    def set_fused(self, fused) -> None:
+        """`fused(x, fc1.weight, fc1.bias, fc2.weight)` runs fc1 -> GeLU -> fc2's GEMM work in one (e.g. FP8,
+        gpt3d/model/fp8_mlp.py); the TP layers keep their communication and fc2's bias. None: per linear."""
+        object.__setattr__(self, "_fused", fused)   # a plain attribute, never a submodule: names stay the same
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None:
+            y = self._fused(self.fc1.gather_input(x), self.fc1.weight, self.fc1.bias, self.fc2.weight)
+            return self.fc2.reduce_output(y)
         if self.swiglu:
             return self.fc2(F.silu(self.gate(x)) * self.fc1(x))   # [b, s, f/tp] -> [b, s(/tp), h]
         return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu_approximation))

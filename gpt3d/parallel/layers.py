@@ -92,9 +92,12 @@ class ColumnParallelLinear(nn.Module):
         """`matmul(x, weight, bias)` replaces F.linear (same parameters, another GEMM); None restores it."""
         object.__setattr__(self, "_matmul", matmul)   # a plain attribute, never a submodule: names stay the same
 
+    def gather_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The TP communication before the GEMM (for callers that run the GEMM themselves, e.g. a fused MLP)."""
+        return gather_from_sequence(x, self.ps) if self.ps.sp else copy_to_tp(x, self.ps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_sequence(x, self.ps) if self.ps.sp else copy_to_tp(x, self.ps)
-        return (self._matmul or F.linear)(x, self.weight, self.bias)   # [*, out/tp]
+        return (self._matmul or F.linear)(self.gather_input(x), self.weight, self.bias)   # [*, out/tp]
 
 
 class RowParallelLinear(nn.Module):
@@ -120,10 +123,13 @@ class RowParallelLinear(nn.Module):
         """As ColumnParallelLinear.set_matmul; the bias is added after the reduction, not by `matmul`."""
         object.__setattr__(self, "_matmul", matmul)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (self._matmul or F.linear)(x, self.weight, None)
+    def reduce_output(self, y: torch.Tensor) -> torch.Tensor:
+        """What follows the GEMM: the partial sums' reduction, then the bias."""
         y = reduce_scatter_to_sequence(y, self.ps) if self.ps.sp else reduce_from_tp(y, self.ps)
         return y + self.bias if self.bias is not None else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce_output((self._matmul or F.linear)(x, self.weight, None))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from gpt3d.config import ParallelConfig
 from gpt3d.errors import ConfigError
 from gpt3d.model.fp8 import RECIPES, Float8Matmul, enable_fp8
-from gpt3d.model.gpt import GPTModel
+from gpt3d.model.gpt import MLP, GPTModel
 from gpt3d.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState, build_parallel_state
@@ -25,6 +25,7 @@ from gpt3d.parallel.state import ParallelState, build_parallel_state
 from tests.support import distributed
 from tests.support.curves import tiny_config
 
+GPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=250)
 LLAMA = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, seq_length=32,
              vocab_size=250, swiglu=True, ffn_hidden_size=128, use_rotary_position_embeddings=True,
              normalization="rmsnorm", disable_bias_linear=True, untie_embeddings_and_output_weights=True)
@@ -97,12 +98,14 @@ def test_fp8_swaps_the_gemms_not_the_parameters(arch):
         assert _cos(g0[k], g1[k]) > 0.98, k
 
 
-def test_fp8_with_recompute_gives_the_same_step():
+@pytest.mark.parametrize("arch", ["gpt", "llama"])   # gpt: the GeLU MLP as one FP8 function (model/fp8_mlp.py)
+def test_fp8_with_recompute_gives_the_same_step(arch):
     """Full recompute replays the forward inside backward: the dynamic FP8 scales are recomputed identically."""
     ps = ParallelState()
-    cfg = tiny_config(**LLAMA)
+    shape = LLAMA if arch == "llama" else GPT
+    cfg = tiny_config(**shape)
     a, _ = _model(cfg, ps, fp8=True)
-    cfg_r = tiny_config(**LLAMA, recompute_granularity="full")
+    cfg_r = tiny_config(**shape, recompute_granularity="full")
     b, _ = _model(cfg_r, ps, fp8=True)
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(1))
     la, ga = _loss_and_grads(a, tokens)
@@ -111,23 +114,29 @@ def test_fp8_with_recompute_gives_the_same_step():
     assert all(torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-5) for k in ga)
 
 
-def _tp_fp8(rank: int, world: int) -> dict:
-    cfg = tiny_config(**LLAMA)
-    ps = build_parallel_state(ParallelConfig(tensor_model_parallel_size=world), world, rank, torch.device("cpu"))
+def _tp_fp8(rank: int, world: int, arch: str = "llama", sp: bool = False) -> dict:
+    cfg = tiny_config(**(LLAMA if arch == "llama" else GPT))
+    ps = build_parallel_state(ParallelConfig(tensor_model_parallel_size=world, sequence_parallel=sp), world, rank,
+                              torch.device("cpu"))
     m, n = _model(cfg, ps, fp8=True)
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(2))
     loss, grads = _loss_and_grads(m, tokens)
-    return {"loss": float(loss), "swapped": n, "qkv_grad": grads["layers.0.attention.qkv.weight"]}
+    fused = all(mlp._fused is not None for mlp in m.modules() if isinstance(mlp, MLP))
+    return {"loss": float(loss), "swapped": n, "qkv_grad": grads["layers.0.attention.qkv.weight"], "fused": fused}
 
 
-def test_fp8_with_tensor_parallel_sharded_linears():
-    """TP=2: each rank's sharded linears run FP8 GEMMs; loss and gradients match one process within FP8's error."""
-    out = distributed.run(2, _tp_fp8)
+@pytest.mark.parametrize("arch,sp", [("llama", False), ("gpt", False), ("gpt", True)])
+def test_fp8_with_tensor_parallel_sharded_linears(arch, sp):
+    """TP=2: each rank's sharded linears run FP8 GEMMs; loss and gradients match one process within FP8's error.
+    gpt: the GeLU MLP runs as one FP8 function on each rank's shards, the TP layers' communication around it
+    (with sequence parallelism: the all-gather before fc1 and the reduce-scatter after fc2)."""
+    out = distributed.run(2, _tp_fp8, arch, sp)
     ps = ParallelState()
-    ref, _ = _model(tiny_config(**LLAMA), ps, fp8=True)
+    ref, _ = _model(tiny_config(**(LLAMA if arch == "llama" else GPT)), ps, fp8=True)
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(2))
     loss, grads = _loss_and_grads(ref, tokens)
-    assert [o["swapped"] for o in out] == [10, 10]
+    assert [o["swapped"] for o in out] == ([10, 10] if arch == "llama" else [8, 8])
+    assert [o["fused"] for o in out] == [arch == "gpt"] * 2
     for o in out:
         assert abs(o["loss"] - float(loss)) < 1e-2 * float(loss)
     full = torch.cat([o["qkv_grad"] for o in out], dim=0)   # column-parallel: rows split across ranks

@@ -1,0 +1,120 @@
+"""Triton kernels for the FP8 GeLU MLP (gpt3d/model/fp8_mlp.py): why they exist is bandwidth.
+
+Tensorwise FP8 needs a tensor's amax before its cast, so each cast is two passes. Inductor writes them
+at ~1 TB/s of the H100's ~3 (benchmarks/RESULTS.md, 2026-12-06): its amax of the GeLU output is a split
+reduction of its own, and the GeLU backward's cast into both layouts (row-major for the input-gradient
+GEMM, transposed for the weight-gradient GEMM) is a strided scatter. Here each pass reads its inputs once
+in 2-D tiles: the stats pass keeps the tile's max (and, in backward, the bias gradient's column sums)
+and writes one partial per tile, so the result does not depend on scheduling; the cast pass writes the
+tile in both layouts. The math is the reference in fp8_mlp.py: GeLU (or its gradient) in fp32 of the
+model-precision inputs, rounded to the model precision as the unfused model would store it, scaled,
+clamped to the FP8 range and rounded to nearest even.
+
+Imported only where Triton is installed (CUDA wheels of torch bring it); the CPU reference is the spec.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
+K0: tl.constexpr = tl.constexpr(0.7978845608028654)   # sqrt(2/pi), the tanh approximation's
+K1: tl.constexpr = tl.constexpr(0.044715)
+
+# (rows per stats program, tile rows, tile cols, warps) and (tile rows, tile cols, warps) for the casts;
+# chosen on one H100 by benchmarks/fp8_mlp_check.py (RESULTS.md)
+STATS = dict(ROWS=256, BT=16, BF=128, num_warps=4)
+CAST = dict(BT=32, BF=128, num_warps=4)
+
+
+@triton.jit
+def _tanh(u):
+    return 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+
+
+@triton.jit
+def _gelu(x, TANH: tl.constexpr):
+    if TANH:
+        return 0.5 * x * (1.0 + _tanh(K0 * (x + K1 * x * x * x)))
+    else:
+        return 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
+
+
+@triton.jit
+def _gelu_grad(x, TANH: tl.constexpr):
+    if TANH:
+        t = _tanh(K0 * (x + K1 * x * x * x))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * K0 * (1.0 + 3.0 * K1 * x * x)
+    else:
+        return 0.5 * (1.0 + tl.math.erf(x * SQRT1_2)) + x * INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
+def _value(h_ptr, da_ptr, offs, mask, BACKWARD: tl.constexpr, TANH: tl.constexpr):
+    """GeLU(h), or da * GeLU'(h), in fp32, rounded to the model precision as the unfused model stores it."""
+    x = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        g = tl.load(da_ptr + offs, mask=mask, other=0.0).to(tl.float32) * _gelu_grad(x, TANH)
+    else:
+        g = _gelu(x, TANH)
+    return g.to(h_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _stats_kernel(h_ptr, da_ptr, amax_ptr, sum_ptr, T, F, ROWS: tl.constexpr, BT: tl.constexpr,
+                  BF: tl.constexpr, BACKWARD: tl.constexpr, TANH: tl.constexpr):
+    pid_t, pid_f = tl.program_id(0), tl.program_id(1)
+    cols = pid_f * BF + tl.arange(0, BF)
+    cmask = cols < F
+    top = tl.zeros((BT, BF), tl.float32)     # reduced across threads once, at the end
+    total = tl.zeros((BT, BF), tl.float32)
+    for i in range(0, ROWS, BT):
+        rows = pid_t * ROWS + i + tl.arange(0, BT)
+        mask = (rows[:, None] < T) & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * F + cols[None, :]
+        g = _value(h_ptr, da_ptr, offs, mask, BACKWARD, TANH)   # masked entries are GeLU(0) = 0 / 0 * ...
+        top = tl.maximum(top, tl.abs(g))
+        if BACKWARD:
+            total += g
+    tl.store(amax_ptr + pid_t * tl.num_programs(1) + pid_f, tl.max(tl.max(top, axis=1), axis=0))
+    if BACKWARD:
+        tl.store(sum_ptr + pid_t * F + cols, tl.sum(total, axis=0), mask=cmask)
+
+
+@triton.jit
+def _cast_kernel(h_ptr, da_ptr, scale_ptr, out_ptr, out_t_ptr, T, F, FP8_MAX: tl.constexpr, BT: tl.constexpr,
+                 BF: tl.constexpr, BACKWARD: tl.constexpr, TANH: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BF + tl.arange(0, BF)
+    mask = (rows[:, None] < T) & (cols[None, :] < F)
+    g = _value(h_ptr, da_ptr, rows[:, None].to(tl.int64) * F + cols[None, :], mask, BACKWARD, TANH)
+    q = tl.clamp(g * tl.load(scale_ptr), -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * F + cols[None, :], q, mask=mask)
+    tl.store(out_t_ptr + cols[:, None].to(tl.int64) * T + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+
+
+def stats(h: torch.Tensor, da: torch.Tensor | None, tanh: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """amax of GeLU(h) (da None) or of da * GeLU'(h), and then also that product's column sums (fp32)."""
+    T, F = h.shape
+    c = STATS
+    grid = (triton.cdiv(T, c["ROWS"]), triton.cdiv(F, c["BF"]))
+    part = torch.empty(grid, device=h.device, dtype=torch.float32)
+    sums = torch.empty((grid[0], F), device=h.device, dtype=torch.float32) if da is not None else part
+    _stats_kernel[grid](h, da if da is not None else h, part, sums, T, F, ROWS=c["ROWS"], BT=c["BT"], BF=c["BF"],
+                        BACKWARD=da is not None, TANH=tanh, num_warps=c["num_warps"])
+    return part.amax(), (sums.sum(0) if da is not None else None)
+
+
+def cast(h: torch.Tensor, da: torch.Tensor | None, scale: torch.Tensor, tanh: bool,
+         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """GeLU(h) (da None) or da * GeLU'(h), scaled and cast to `dtype`, row-major and transposed."""
+    T, F = h.shape
+    c = CAST
+    out = torch.empty((T, F), device=h.device, dtype=dtype)
+    out_t = torch.empty((F, T), device=h.device, dtype=dtype)
+    grid = (triton.cdiv(T, c["BT"]), triton.cdiv(F, c["BF"]))
+    _cast_kernel[grid](h, da if da is not None else h, scale, out, out_t, T, F, FP8_MAX=torch.finfo(dtype).max,
+                       BT=c["BT"], BF=c["BF"], BACKWARD=da is not None, TANH=tanh, num_warps=c["num_warps"])
+    return out, out_t

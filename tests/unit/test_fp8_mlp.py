@@ -1,0 +1,174 @@
+"""The FP8 GeLU MLP as one function (gpt3d/model/fp8_mlp.py): its plumbing exactly, its casts bit for bit.
+
+Two separate claims, each checked exactly:
+- plumbing: with the quantization made exact (float64 casts, power-of-two scales, float64 GEMMs) the function is
+  the plain MLP, so output and every gradient equal float64 autograd's; a wrong layout, transpose, scale
+  pairing or GeLU-derivative would not;
+- quantization: its casts are torchao's tensorwise casts bit for bit (input, weights, output gradient), and
+  the GeLU casts are torchao's cast of the very GeLU output / gradient the unfused model computes.
+The Triton kernels are checked against this reference on the GPU (benchmarks/fp8_mlp_check.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from gpt3d.model import fp8_mlp
+from gpt3d.model.fp8 import Float8Matmul, enable_fp8
+from gpt3d.model.gpt import MLP, GPTModel
+from gpt3d.parallel.random import seed_everything
+from gpt3d.parallel.state import ParallelState
+
+from tests.support.curves import tiny_config
+
+GPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=250)
+
+
+def _exact_quantization(monkeypatch):
+    # a power of two per tensor, from its amax: exact in float64, and a scale paired with the wrong GEMM
+    # operand shows
+    monkeypatch.setattr(fp8_mlp, "to_scale",
+                        lambda amax, dtype: torch.exp2(-torch.floor(torch.log2(amax.double().clamp(min=2 ** -20)))))
+    monkeypatch.setattr(fp8_mlp, "quantize", lambda t, scale, dtype: t.to(torch.float64) * scale)
+
+    def mm(a, b, inv_a, inv_b, out_dtype, fast, bias=None):
+        y = (a @ b) * inv_a * inv_b
+        return y if bias is None else y + bias
+    monkeypatch.setattr(fp8_mlp, "scaled_mm", mm)
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=st.integers(1, 40), h=st.integers(1, 24), f=st.integers(1, 40), tanh=st.booleans(),
+       bias=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, tanh, bias, seed):
+    with pytest.MonkeyPatch.context() as mp:
+        _exact_quantization(mp)
+        g = torch.Generator().manual_seed(seed)
+        x, w1, w2 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((tokens, h), (f, h), (h, f)))
+        b1 = torch.randn(f, generator=g, dtype=torch.float64) if bias else None
+        dy = torch.randn(tokens, h, generator=g, dtype=torch.float64)
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w2)] + ([b1.clone().requires_grad_()] if bias else [])
+        xs, w1s, w2s = leaves[:3]
+        b1s = leaves[3] if bias else None
+        y = fp8_mlp._GeluMLP.apply(xs, w1s, b1s, w2s, tanh, (True, False, False))
+        y.backward(dy)
+        got = [y.detach()] + [t.grad for t in leaves]
+        ref = [t.detach().clone().requires_grad_() for t in leaves]
+        yr = F.linear(F.gelu(F.linear(ref[0], ref[1], ref[3] if bias else None),
+                             approximate="tanh" if tanh else "none"), ref[2])
+        yr.backward(dy)
+        want = [yr.detach()] + [t.grad for t in ref]
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _bytes(t):
+    return t.view(torch.uint8)
+
+
+def _torchao_cast(t, dtype, scale=None):
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import GemmInputRole, LinearMMConfig, hp_tensor_and_scale_to_float8
+    if scale is None:
+        return hp_tensor_to_float8_dynamic(t, dtype, LinearMMConfig(), gemm_input_role=GemmInputRole.INPUT)
+    return hp_tensor_and_scale_to_float8(t, scale, dtype, LinearMMConfig(), GemmInputRole.INPUT)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 24), cols=st.integers(1, 40), spread=st.sampled_from([1e-4, 1.0, 3e3]),
+       tanh=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_the_casts_are_torchaos_bits(rows, cols, spread, tanh, seed):
+    """cast(): torchao's dynamic tensorwise cast (bytes, scale) in both layouts. The GeLU ops: torchao's cast
+    of the bf16 GeLU output (E4M3) and GeLU gradient (E5M2) the unfused model computes, scaled from their
+    amax; the column sums are that gradient's (the bias gradient). Fails if a rounding step is dropped or
+    moved (e.g. scaling the fp32 GeLU before its bf16 rounding)."""
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(rows, cols, generator=g) * spread).to(torch.bfloat16)
+    da = (torch.randn(rows, cols, generator=g) / spread).to(torch.bfloat16)
+    for dtype in (fp8_mlp.E4M3, fp8_mlp.E5M2):
+        q, q_t, inv = fp8_mlp.cast(h, dtype)
+        ref = _torchao_cast(h, dtype)
+        assert torch.equal(_bytes(q), _bytes(ref._data))
+        assert torch.equal(_bytes(q_t), _bytes(q.t().contiguous())) and torch.equal(inv, ref._scale.reciprocal())
+    approximate = "tanh" if tanh else "none"
+    for value, da_in, dtype in ((F.gelu(h, approximate=approximate), None, fp8_mlp.E4M3),
+                                (torch.ops.aten.gelu_backward(da, h, approximate=approximate), da, fp8_mlp.E5M2)):
+        amax, sums = fp8_mlp.gelu_stats(h, da_in, tanh)
+        assert torch.equal(amax, value.abs().amax().float())
+        if da_in is not None:
+            torch.testing.assert_close(sums, value.float().sum(0), rtol=1e-6, atol=1e-6 * float(value.abs().max()))
+        scale = fp8_mlp.to_scale(amax, dtype)
+        q, q_t = fp8_mlp.gelu_cast(h, da_in, scale, tanh, dtype)
+        ref = _torchao_cast(value, dtype, scale)
+        assert torch.equal(_bytes(q), _bytes(ref._data))
+        assert torch.equal(_bytes(q_t), _bytes(q.t().contiguous()))
+
+
+def _model(cfg, fused: bool):
+    ps = ParallelState()
+    m = GPTModel(cfg.model, ps, seed_everything(3, ps), vocab_size=250)
+    m.init_weights(11)
+    enable_fp8(m, "tensorwise", ps.device, emulate=True, fused_mlp=fused)
+    return m.cast_parameters(torch.bfloat16)
+
+
+def _step(m, tokens):
+    m.zero_grad()
+    loss = m(tokens, tokens).float().mean()
+    loss.backward()
+    return loss.detach(), {k: p.grad.float().clone() for k, p in m.named_parameters()}
+
+
+def test_enable_fp8_fuses_the_gelu_mlp_only_with_tensorwise_scales():
+    cfg = tiny_config(**GPT)
+    ps = ParallelState()
+    for recipe, arch, fused in (("tensorwise", {}, True), ("rowwise", {}, False),
+                                ("tensorwise", dict(swiglu=True, ffn_hidden_size=128), False)):
+        m = GPTModel(tiny_config(**GPT, **arch).model, ps, seed_everything(3, ps), vocab_size=250)
+        enable_fp8(m, recipe, ps.device, emulate=True)
+        assert all((mlp._fused is not None) is fused for mlp in m.modules() if isinstance(mlp, MLP))
+    plain = _model(cfg, fused=False)
+    assert all(mlp._fused is None for mlp in plain.modules() if isinstance(mlp, MLP))
+
+
+def test_the_fused_model_trains_like_the_per_linear_one():
+    """Same recipe, other kernels: the loss and every gradient match the per-linear FP8 model within FP8's
+    rounding (a byte of a cast may round the other way where a bf16 input differs in its last bit)."""
+    cfg = tiny_config(**GPT)
+    tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0))
+    l0, g0 = _step(_model(cfg, fused=False), tokens)
+    l1, g1 = _step(_model(cfg, fused=True), tokens)
+    assert abs(float(l1 - l0)) < 1e-2 * float(l0)
+    for k in g0:
+        cos = F.cosine_similarity(g0[k].flatten(), g1[k].flatten(), dim=0)
+        assert cos > 0.99, k
+
+
+def test_token_counts_fp8_gemms_cannot_take_run_per_linear():
+    """31 tokens (not a multiple of 16): the fused MLP hands over to the per-linear path, bit for bit."""
+    cfg = tiny_config(**GPT)
+    tokens = torch.randint(0, 250, (1, 31), generator=torch.Generator().manual_seed(0))
+    l0, g0 = _step(_model(cfg, fused=False), tokens)
+    l1, g1 = _step(_model(cfg, fused=True), tokens)
+    assert torch.equal(l0, l1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+def test_the_fused_path_is_what_runs():
+    """The model's MLP output is the function's (not the per-linear path's) where tokens allow it."""
+    cfg = tiny_config(**GPT)
+    m = _model(cfg, fused=True)
+    mlp = m.layers["0"].mlp if hasattr(m.layers, "__getitem__") else next(x for x in m.modules() if isinstance(x, MLP))
+    calls = []
+    real = mlp._fused
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(a[0].shape)
+            return real(*a)
+    mlp.set_fused(Spy())
+    _step(m, torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0)))
+    assert calls == [torch.Size([2, 32, 64])]
+    assert isinstance(real, fp8_mlp.Float8GeluMLP) and isinstance(Float8Matmul("tensorwise", True), Float8Matmul)
