@@ -72,6 +72,36 @@ def check() -> bool:
                 print(f"check T={T} F={F} tanh={tanh} {'bwd' if d is not None else 'fwd'}: amax rel {arel:.1e}, "
                       f"sums rel {srel:.1e}, fp8 bytes differing {bad.sum().item()} ({frac:.1e}), worst rel "
                       f"{step:.3f}, transposed copy {'ok' if layout else 'WRONG'} -> {'ok' if good else 'FAIL'}")
+    return ok & special_values()
+
+
+def special_values() -> bool:
+    """A NaN, an inf, all zeros: the kernels give what the reference gives (NaN everywhere for a NaN or inf
+    amax, the inf entry NaN and the rest zero for an inf gradient, zeros for zeros)."""
+    ok = True
+    for what in ("nan h", "inf da", "zeros"):
+        h = torch.randn(256, 384, device="cuda").to(torch.bfloat16)
+        da = torch.randn(256, 384, device="cuda").to(torch.bfloat16)
+        if what == "nan h":
+            h[17, 33] = float("nan")
+        elif what == "inf da":
+            da[200, 5] = float("inf")
+        else:
+            h.zero_()
+            da.zero_()
+        for d in (None, da):
+            dtype = M.E4M3 if d is None else M.E5M2
+            amax_r, sums_r, q_r, _ = reference(h, d, False, dtype)
+            amax, sums = k.stats(h, d, False)
+            q, qt = k.cast(h, d, M.to_scale(amax, dtype), False, dtype)
+            a, b = q.float(), q_r.float()
+            same = (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+                    and torch.equal(amax.isnan(), amax_r.isnan()) and torch.equal(qt.float().isnan(), a.t().isnan())
+                    and (sums is None or torch.equal(sums.isnan(), sums_r.isnan())))
+            ok &= same
+            print(f"special {what} {'bwd' if d is not None else 'fwd'}: amax {amax.item()} (reference "
+                  f"{amax_r.item()}), NaN outputs {int(a.isnan().sum())} (reference {int(b.isnan().sum())}) -> "
+                  f"{'ok' if same else 'FAIL'}")
     return ok
 
 

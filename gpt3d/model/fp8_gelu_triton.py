@@ -8,7 +8,8 @@ in 2-D tiles: the stats pass keeps the tile's max (and, in backward, the bias gr
 and writes one partial per tile, so the result does not depend on scheduling; the cast pass writes the
 tile in both layouts. The math is the reference in fp8_mlp.py: GeLU (or its gradient) in fp32 of the
 model-precision inputs, rounded to the model precision as the unfused model would store it, scaled,
-clamped to the FP8 range and rounded to nearest even.
+clamped to the FP8 range and rounded to nearest even; NaN and inf propagate as there. Triton's erf/exp may
+differ from CUDA's in the last bits, which can move a rounding (benchmarks/fp8_mlp_check.py measures how often).
 
 Imported only where Triton is installed (CUDA wheels of torch bring it); the CPU reference is the spec.
 """
@@ -27,6 +28,12 @@ K1: tl.constexpr = tl.constexpr(0.044715)
 # chosen on one H100 by benchmarks/fp8_mlp_check.py (RESULTS.md)
 STATS = dict(ROWS=256, BT=16, BF=128, num_warps=4)
 CAST = dict(BT=32, BF=128, num_warps=4)
+
+
+@triton.jit
+def _max(a, b):
+    """max that keeps a NaN (the torch reference's amax is NaN then, and so is every cast)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -75,10 +82,10 @@ def _stats_kernel(h_ptr, da_ptr, amax_ptr, sum_ptr, T, F, ROWS: tl.constexpr, BT
         mask = (rows[:, None] < T) & cmask[None, :]
         offs = rows[:, None].to(tl.int64) * F + cols[None, :]
         g = _value(h_ptr, da_ptr, offs, mask, BACKWARD, TANH)   # masked entries are GeLU(0) = 0 / 0 * ...
-        top = tl.maximum(top, tl.abs(g))
+        top = _max(top, tl.abs(g))
         if BACKWARD:
             total += g
-    tl.store(amax_ptr + pid_t * tl.num_programs(1) + pid_f, tl.max(tl.max(top, axis=1), axis=0))
+    tl.store(amax_ptr + pid_t * tl.num_programs(1) + pid_f, tl.reduce(tl.reduce(top, 1, _max), 0, _max))
     if BACKWARD:
         tl.store(sum_ptr + pid_t * F + cols, tl.sum(total, axis=0), mask=cmask)
 
@@ -90,7 +97,8 @@ def _cast_kernel(h_ptr, da_ptr, scale_ptr, out_ptr, out_t_ptr, T, F, FP8_MAX: tl
     cols = tl.program_id(1) * BF + tl.arange(0, BF)
     mask = (rows[:, None] < T) & (cols[None, :] < F)
     g = _value(h_ptr, da_ptr, rows[:, None].to(tl.int64) * F + cols[None, :], mask, BACKWARD, TANH)
-    q = tl.clamp(g * tl.load(scale_ptr), -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
+    q = tl.clamp(g * tl.load(scale_ptr), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    q = q.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * F + cols[None, :], q, mask=mask)
     tl.store(out_t_ptr + cols[:, None].to(tl.int64) * T + rows[None, :], tl.trans(q), mask=tl.trans(mask))
 

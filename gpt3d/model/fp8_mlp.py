@@ -9,11 +9,12 @@ with the bias gradient summed on the way. Same recipe as `--fp8-recipe tensorwis
 per tensor from its amax (torchao's rule and bits for input, weights and fc2's output gradient; the GeLU
 output and gradient rounded to the model precision first, as the unfused model stores them), E4M3
 forward, E5M2 gradients, fast accumulation in the forward GEMMs only. The TP communication stays in the
-TP layers; this is their local GEMM work. Where a shape cannot use FP8 GEMMs (tokens not a multiple of
-16) the per-linear path runs instead.
+TP layers; this is their local GEMM work. Where the token count is not a multiple of 16 (the weight-gradient
+GEMMs' inner dimension) the per-linear path runs instead.
 
-The four GeLU ops are custom ops: a torch reference (CPU, and the spec the Triton kernels are checked
-against by benchmarks/fp8_mlp_check.py) and the Triton kernels on CUDA; torch.compile keeps them whole.
+The two GeLU ops (stats, cast; each with a forward and a backward mode) are custom ops: a torch reference
+(CPU, and the spec the Triton kernels are checked against by benchmarks/fp8_mlp_check.py) and the Triton
+kernels on CUDA; torch.compile keeps them whole. On CPU (tests) the GEMMs are torch's CPU `_scaled_mm`.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def _gelu_value(h: torch.Tensor, da: Optional[torch.Tensor], tanh: bool) -> torc
 
 @torch.library.custom_op("gpt3d::fp8_gelu_stats", mutates_args=())
 def gelu_stats(h: torch.Tensor, da: Optional[torch.Tensor], tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(amax, column sums in fp32) of GeLU(h) (da None; the sums then empty) or of da * GeLU'(h)."""
+    """(amax, column sums) of GeLU(h) (da None; the sums then empty) or of da * GeLU'(h), in fp32 (or h's
+    precision, if higher)."""
     v = _gelu_value(h, da, tanh)
     sums = v.sum(0) if da is not None else v.new_empty(0)
     return v.abs().amax(), sums
@@ -65,8 +67,8 @@ def gelu_stats(h: torch.Tensor, da: Optional[torch.Tensor], tanh: bool) -> tuple
 
 @gelu_stats.register_fake
 def _(h, da, tanh):
-    return h.new_empty((), dtype=torch.float32), h.new_empty(h.shape[1] if da is not None else 0,
-                                                              dtype=torch.float32)
+    opmath = torch.promote_types(h.dtype, torch.float32)
+    return h.new_empty((), dtype=opmath), h.new_empty(h.shape[1] if da is not None else 0, dtype=opmath)
 
 
 @torch.library.custom_op("gpt3d::fp8_gelu_cast", mutates_args=())
@@ -127,13 +129,14 @@ class _GeluMLP(torch.autograd.Function):
         inv_a = scale_a.reciprocal()
         y = scaled_mm(a8, w2_8.t(), inv_a, inv_w2, dt, fast[0])
         ctx.save_for_backward(x8_t, inv_x, w1_8t, inv_w1, h, a8_t, inv_a, w2_8t, inv_w2)
-        ctx.tanh, ctx.fast, ctx.has_bias, ctx.dtypes = tanh, fast, b1 is not None, (w1.dtype, w2.dtype)
+        ctx.tanh, ctx.fast, ctx.dtypes = tanh, fast, (w1.dtype, w2.dtype, None if b1 is None else b1.dtype)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
         x8_t, inv_x, w1_8t, inv_w1, h, a8_t, inv_a, w2_8t, inv_w2 = ctx.saved_tensors
         dt, (_, fast_dgrad, fast_wgrad) = dy.dtype, ctx.fast
+        dy = dy.contiguous()   # row-major, as _scaled_mm's first operand must be
         dy8, dy8_t, inv_dy = cast(dy, E5M2)
         da = scaled_mm(dy8, w2_8t.t(), inv_dy, inv_w2, dt, fast_dgrad)              # [T, H] @ [H, F]
         dw2 = scaled_mm(dy8_t, a8_t.t(), inv_dy, inv_a, ctx.dtypes[1], fast_wgrad)  # [H, T] @ [T, F]
@@ -143,7 +146,7 @@ class _GeluMLP(torch.autograd.Function):
         inv_g = scale_g.reciprocal()
         dx = scaled_mm(g8, w1_8t.t(), inv_g, inv_w1, dt, fast_dgrad)                # [T, F] @ [F, H]
         dw1 = scaled_mm(g8_t, x8_t.t(), inv_g, inv_x, ctx.dtypes[0], fast_wgrad)    # [F, T] @ [T, H]
-        return dx, dw1, (db1.to(ctx.dtypes[0]) if ctx.has_bias else None), dw2, None, None
+        return dx, dw1, (None if ctx.dtypes[2] is None else db1.to(ctx.dtypes[2])), dw2, None, None
 
 
 class Float8GeluMLP:
@@ -158,7 +161,7 @@ class Float8GeluMLP:
     def __call__(self, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                  w2: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = x.reshape(-1, shape[-1]).contiguous()
         if x2.shape[0] % 16:
             return self.fallback(x, w1, b1, w2)
         y = _GeluMLP.apply(x2, w1, b1, w2, self.tanh, self.fast)

@@ -122,7 +122,9 @@ def _tp_fp8(rank: int, world: int, arch: str = "llama", sp: bool = False) -> dic
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(2))
     loss, grads = _loss_and_grads(m, tokens)
     fused = all(mlp._fused is not None for mlp in m.modules() if isinstance(mlp, MLP))
-    return {"loss": float(loss), "swapped": n, "qkv_grad": grads["layers.0.attention.qkv.weight"], "fused": fused}
+    mlp = {k: grads[f"layers.0.mlp.{k}"] for k in ("fc1.weight", "fc2.weight")}
+    return {"loss": float(loss), "swapped": n, "qkv_grad": grads["layers.0.attention.qkv.weight"], "fused": fused,
+            "mlp": mlp}
 
 
 @pytest.mark.parametrize("arch,sp", [("llama", False), ("gpt", False), ("gpt", True)])
@@ -141,6 +143,8 @@ def test_fp8_with_tensor_parallel_sharded_linears(arch, sp):
         assert abs(o["loss"] - float(loss)) < 1e-2 * float(loss)
     full = torch.cat([o["qkv_grad"] for o in out], dim=0)   # column-parallel: rows split across ranks
     assert _cos(full, grads["layers.0.attention.qkv.weight"]) > 0.98
+    for name, dim in (("fc1.weight", 0), ("fc2.weight", 1)):   # column- / row-parallel
+        assert _cos(torch.cat([o["mlp"][name] for o in out], dim=dim), grads[f"layers.0.mlp.{name}"]) > 0.98
 
 
 def _step_and_kept(fn, x0, w0, dy):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from gpt3d.model import fp8_mlp
-from gpt3d.model.fp8 import Float8Matmul, enable_fp8
+from gpt3d.model.fp8 import enable_fp8
 from gpt3d.model.gpt import MLP, GPTModel
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
@@ -33,10 +33,16 @@ def _exact_quantization(monkeypatch):
                         lambda amax, dtype: torch.exp2(-torch.floor(torch.log2(amax.double().clamp(min=2 ** -20)))))
     monkeypatch.setattr(fp8_mlp, "quantize", lambda t, scale, dtype: t.to(torch.float64) * scale)
 
+    calls = []
+
     def mm(a, b, inv_a, inv_b, out_dtype, fast, bias=None):
+        # _scaled_mm's layouts: a row-major, b column-major (a wrong copy would compute the same values)
+        assert a.is_contiguous() and b.t().is_contiguous(), (a.stride(), b.stride())
+        calls.append((fast, out_dtype))
         y = (a @ b) * inv_a * inv_b
         return y if bias is None else y + bias
     monkeypatch.setattr(fp8_mlp, "scaled_mm", mm)
+    return calls
 
 
 @settings(max_examples=30, deadline=None)
@@ -44,7 +50,7 @@ def _exact_quantization(monkeypatch):
        bias=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
 def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, tanh, bias, seed):
     with pytest.MonkeyPatch.context() as mp:
-        _exact_quantization(mp)
+        calls = _exact_quantization(mp)
         g = torch.Generator().manual_seed(seed)
         x, w1, w2 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((tokens, h), (f, h), (h, f)))
         b1 = torch.randn(f, generator=g, dtype=torch.float64) if bias else None
@@ -52,8 +58,11 @@ def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, tanh, 
         leaves = [t.clone().requires_grad_() for t in (x, w1, w2)] + ([b1.clone().requires_grad_()] if bias else [])
         xs, w1s, w2s = leaves[:3]
         b1s = leaves[3] if bias else None
-        y = fp8_mlp._GeluMLP.apply(xs, w1s, b1s, w2s, tanh, (True, False, False))
+        y = fp8_mlp._GeluMLP.apply(xs, w1s, b1s, w2s, tanh, ("fwd", "dgrad", "wgrad"))
         y.backward(dy)
+        # forward fc1, fc2; backward fc2's dgrad, wgrad, then fc1's
+        assert [c[0] for c in calls] == ["fwd", "fwd", "dgrad", "wgrad", "dgrad", "wgrad"]
+        assert all(c[1] == torch.float64 for c in calls)
         got = [y.detach()] + [t.grad for t in leaves]
         ref = [t.detach().clone().requires_grad_() for t in leaves]
         yr = F.linear(F.gelu(F.linear(ref[0], ref[1], ref[3] if bias else None),
@@ -94,8 +103,10 @@ def test_the_casts_are_torchaos_bits(rows, cols, spread, tanh, seed):
         assert torch.equal(_bytes(q), _bytes(ref._data))
         assert torch.equal(_bytes(q_t), _bytes(q.t().contiguous())) and torch.equal(inv, ref._scale.reciprocal())
     approximate = "tanh" if tanh else "none"
-    for value, da_in, dtype in ((F.gelu(h, approximate=approximate), None, fp8_mlp.E4M3),
-                                (torch.ops.aten.gelu_backward(da, h, approximate=approximate), da, fp8_mlp.E5M2)):
+    hf = h.float()   # the unfused model's GeLU (forward, backward): computed in fp32, stored in bf16
+    for value, da_in, dtype in ((F.gelu(hf, approximate=approximate).bfloat16(), None, fp8_mlp.E4M3),
+                                (torch.ops.aten.gelu_backward(da.float(), hf, approximate=approximate).bfloat16(), da,
+                                 fp8_mlp.E5M2)):
         amax, sums = fp8_mlp.gelu_stats(h, da_in, tanh)
         assert torch.equal(amax, value.abs().amax().float())
         if da_in is not None:
@@ -156,19 +167,24 @@ def test_token_counts_fp8_gemms_cannot_take_run_per_linear():
     assert torch.equal(l0, l1) and all(torch.equal(g0[k], g1[k]) for k in g0)
 
 
-def test_the_fused_path_is_what_runs():
-    """The model's MLP output is the function's (not the per-linear path's) where tokens allow it."""
-    cfg = tiny_config(**GPT)
-    m = _model(cfg, fused=True)
-    mlp = m.layers["0"].mlp if hasattr(m.layers, "__getitem__") else next(x for x in m.modules() if isinstance(x, MLP))
-    calls = []
-    real = mlp._fused
+@pytest.mark.parametrize("tokens,fused_calls,fallback_calls", [(32, 2, 0), (31, 0, 2)])
+def test_which_path_runs(monkeypatch, tokens, fused_calls, fallback_calls):
+    """Each MLP (two layers) runs the one function where the token count allows it, else the per-linear path."""
+    m = _model(tiny_config(**GPT), fused=True)
+    seen = {"fused": 0, "fallback": 0}
+    real_apply = fp8_mlp._GeluMLP.apply
 
-    class Spy:
-        def __call__(self, *a):
-            calls.append(a[0].shape)
-            return real(*a)
-    mlp.set_fused(Spy())
-    _step(m, torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0)))
-    assert calls == [torch.Size([2, 32, 64])]
-    assert isinstance(real, fp8_mlp.Float8GeluMLP) and isinstance(Float8Matmul("tensorwise", True), Float8Matmul)
+    def apply(*a):
+        seen["fused"] += 1
+        return real_apply(*a)
+    monkeypatch.setattr(fp8_mlp._GeluMLP, "apply", apply)
+    for mlp in (x for x in m.modules() if isinstance(x, MLP)):
+        real_fallback = mlp._fused.fallback
+
+        def fallback(*a, _f=real_fallback):
+            seen["fallback"] += 1
+            return _f(*a)
+        mlp._fused.fallback = fallback
+    _step(m, torch.randint(0, 250, (2, tokens // 2) if tokens % 2 == 0 else (1, tokens),
+                           generator=torch.Generator().manual_seed(0)))
+    assert seen == {"fused": fused_calls, "fallback": fallback_calls}
