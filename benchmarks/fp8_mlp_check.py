@@ -1,6 +1,6 @@
-"""GPU check of gpt3d/model/fp8_gelu_triton.py against its reference (gpt3d/model/fp8_mlp.py), and timings.
+"""GPU check of gpt3d/model/fp8_mlp_triton.py against its reference (gpt3d/model/fp8_mlp.py), and timings.
 
-    python benchmarks/fp8_mlp_check.py [--sweep] [--mlp]
+    python benchmarks/fp8_mlp_check.py [--sweep] [--mlp] [--only gelu|swiglu]
 
 1. Correctness: for bench shapes and ragged ones, both GeLU forms, forward and backward: the Triton stats
    and casts against the torch reference on the same GPU (amax, column sums, FP8 bytes in both layouts).
@@ -8,8 +8,9 @@
    rare and one FP8 step at most; a layout or mask bug shows as a large fraction.
 2. Timing of the two passes (stats + cast) against Inductor compiling the reference (what the per-linear
    path gets), per shape; --sweep tries tile configs.
-3. --mlp: the whole GeLU MLP forward + backward, compiled, fused function vs gpt3d's per-linear FP8
-   (torchao's function per linear) vs bf16, at the 1.3B shape.
+3. --mlp: the whole MLP forward + backward, compiled, fused function vs gpt3d's per-linear FP8
+   (torchao's function per linear) vs bf16, at the 1.3B shape (GeLU) and the Llama shape (SwiGLU).
+The SwiGLU checks and timings follow the same pattern.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gpt3d.model import fp8_gelu_triton as k  # noqa: E402
+from gpt3d.model import fp8_mlp_triton as k  # noqa: E402
 from gpt3d.model import fp8_mlp as M  # noqa: E402
 
 SHAPES = [(16384, 8192), (8192, 10240), (16384, 4096), (16384, 3072), (1000, 136), (4112, 2064)]
@@ -154,9 +155,125 @@ def bench(sweep: bool) -> None:
                 k.CAST.update(cast0)
 
 
+SWIGLU_SHAPES = [(8192, 8192), (16384, 5632), (1000, 136), (4112, 2064)]
+
+
+def swiglu_reference(g, u, da, dtype, sums):
+    vals = M._swiglu_values(g, u, da)
+    amax = torch.stack([v.abs().amax() for v in vals])
+    scale = M.to_scale(amax, dtype)
+    qs = [M.quantize(v, scale[i], dtype) for i, v in enumerate(vals)]
+    return amax, (torch.stack([v.sum(0) for v in vals]) if da is not None and sums else None), qs, scale
+
+
+def check_swiglu() -> bool:
+    """The SwiGLU kernels against the reference, as check() does for GeLU, plus NaN / inf / zeros."""
+    ok = True
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    cases = [(T, F, None) for T, F in SWIGLU_SHAPES] + [(256, 384, w) for w in ("nan g", "inf da", "zeros")]
+    for T, F, special in cases:
+        g = (torch.randn(T, F, device="cuda", generator=gen) * 2).to(torch.bfloat16)
+        u = (torch.randn(T, F, device="cuda", generator=gen) * 2).to(torch.bfloat16)
+        da = (torch.randn(T, F, device="cuda", generator=gen) * 1e-3).to(torch.bfloat16)
+        if special == "nan g":
+            g[17, 33] = float("nan")
+        elif special == "inf da":
+            da[200, 5] = float("inf")
+        elif special == "zeros":
+            g.zero_(), u.zero_(), da.zero_()
+        for d, sums in ((None, False), (da, True), (da, False)):
+            dtype = M.E4M3 if d is None else M.E5M2
+            amax_r, sums_r, qs_r, scale = swiglu_reference(g, u, d, dtype, sums)
+            amax, total = k.swiglu_stats(g, u, d, sums)
+            out = k.swiglu_cast(g, u, d, scale, dtype)
+            good = len(out) == 2 * len(qs_r) and torch.equal(amax.isnan(), amax_r.isnan())
+            good &= bool((((amax - amax_r).abs() / amax_r.abs()).nan_to_num() < 1e-2).all())
+            worst = 0.0
+            for i, q_r in enumerate(qs_r):
+                q, q_t = out[2 * i].float(), out[2 * i + 1]
+                a, b = q, q_r.float()
+                good &= torch.equal(q_t.float().isnan(), a.t().isnan())
+                good &= torch.equal(q_t.view(torch.uint8), out[2 * i].t().contiguous().view(torch.uint8))
+                if special:
+                    good &= torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+                else:
+                    bad = (out[2 * i].view(torch.uint8) != q_r.view(torch.uint8))
+                    frac = bad.float().mean().item()
+                    if frac:
+                        worst = max(worst, ((a - b).abs() / b.abs().clamp(min=1e-30))[bad].max().item())
+                    good &= frac < 1e-4 and worst <= 0.5
+            if total is not None and not special:
+                good &= bool(((total - sums_r).abs().amax(1) / sums_r.abs().amax(1) < 1e-3).all())
+            good &= (total is None) == (sums_r is None)
+            ok &= good
+            print(f"swiglu {special or f'T={T} F={F}'} {'bwd' if d is not None else 'fwd'} sums={sums}: amax "
+                  f"{amax.tolist()} (reference {amax_r.tolist()}), worst rel {worst:.3f} -> {'ok' if good else 'FAIL'}")
+    return ok
+
+
+def bench_swiglu() -> None:
+    for T, F in SWIGLU_SHAPES[:2]:
+        g, u = (torch.randn(T, F, device="cuda").to(torch.bfloat16) for _ in range(2))
+        da = (torch.randn(T, F, device="cuda") * 1e-3).to(torch.bfloat16)
+        for d in (None, da):
+            dtype = M.E4M3 if d is None else M.E5M2
+
+            def ref(g, u, d, dtype=dtype):
+                vals = M._swiglu_values(g, u, d)
+                amax = torch.stack([v.abs().amax() for v in vals])
+                scale = M.to_scale(amax, dtype)
+                return [q for i, v in enumerate(vals) for q in (M.quantize(v, scale[i], dtype),
+                                                                 M.quantize(v, scale[i], dtype).t().contiguous())]
+            ind = torch.compile(ref)
+            t_ind = timed(lambda g=g, u=u, d=d, ind=ind: ind(g, u, d))
+
+            def ours(g=g, u=u, d=d, dtype=dtype):
+                amax, _ = k.swiglu_stats(g, u, d, False)
+                return k.swiglu_cast(g, u, d, M.to_scale(amax, dtype), dtype)
+            print(f"swiglu time T={T} F={F} {'bwd' if d is not None else 'fwd'}: inductor {t_ind:.0f} us, "
+                  f"triton {timed(ours):.0f} us")
+
+
+def mlp_bench_swiglu(T=8192, H=2048, F=8192) -> None:
+    import torch.nn.functional as Fn
+    from gpt3d.model.fp8 import Float8Matmul, _fused_mlp
+    torch.manual_seed(0)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    wg, w1 = ((torch.randn(F, H, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    w2 = (torch.randn(H, F, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(T, H, device="cuda", dtype=torch.bfloat16) * 1e-2
+    fused = _fused_mlp(Float8Matmul("tensorwise"), True, "none")
+    leaves = (x, wg, w1, w2)
+    variants = {
+        "bf16": lambda: Fn.linear(Fn.silu(Fn.linear(x, wg)) * Fn.linear(x, w1), w2),
+        "fp8 per linear": lambda: fused.fallback(x, wg, None, w1, None, w2),
+        "fp8 fused": lambda: fused(x, wg, None, w1, None, w2),
+    }
+    outs = {}
+    for name, fn in variants.items():
+        c = torch.compile(fn)
+
+        def step(c=c):
+            y = c()
+            y.backward(dy)
+            return y
+        us = timed(step, 10)
+        for t in leaves:
+            t.grad = None
+        y = step()
+        outs[name] = [y.detach().float()] + [t.grad.float() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        print(f"swiglu mlp T={T} H={H} F={F} {name}: {us / 1000:.3f} ms fwd+bwd")
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()  # noqa: E731
+    for name in ("fp8 per linear", "fp8 fused"):
+        print(f"swiglu mlp {name} vs bf16 cosine (y, dx, dwg, dw1, dw2):",
+              " ".join(f"{cos(a, b):.5f}" for a, b in zip(outs[name], outs["bf16"])))
+
+
 def mlp_bench(T=16384, H=2048, F=8192) -> None:
     import torch.nn.functional as Fn
-    from gpt3d.model.fp8 import Float8Matmul, _fused_gelu_mlp
+    from gpt3d.model.fp8 import Float8Matmul, _fused_mlp
     torch.manual_seed(0)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w1 = (torch.randn(F, H, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
@@ -164,7 +281,7 @@ def mlp_bench(T=16384, H=2048, F=8192) -> None:
     w2 = (torch.randn(H, F, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
     dy = torch.randn(T, H, device="cuda", dtype=torch.bfloat16) * 1e-2
     mm = Float8Matmul("tensorwise")
-    fused = _fused_gelu_mlp(mm, "none")
+    fused = _fused_mlp(mm, False, "none")
     variants = {
         "bf16": lambda: Fn.linear(Fn.gelu(Fn.linear(x, w1, b1)), w2),
         "fp8 per linear": lambda: fused.fallback(x, w1, b1, w2),
@@ -196,12 +313,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--mlp", action="store_true")
+    ap.add_argument("--only", choices=["gelu", "swiglu"])
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", __import__("triton").__version__)
-    ok = check()
-    bench(a.sweep)
-    if a.mlp:
-        mlp_bench()
+    ok = True
+    if a.only != "swiglu":
+        ok &= check()
+        bench(a.sweep)
+        if a.mlp:
+            mlp_bench()
+    if a.only != "gelu":
+        ok &= check_swiglu()
+        bench_swiglu()
+        if a.mlp:
+            mlp_bench_swiglu()
     print("CHECK", "PASSED" if ok else "FAILED")
 
 

@@ -6,6 +6,7 @@ Run on the GPU machine, e.g.
 A run is SHAPE:OPTIONS[:MBS[:MICRO]] with OPTIONS joined by '+':
   bf16 (default) | fp16 | fp8 | fp8row (rowwise recipe) | fp8gw (rowwise_with_gw_hp)
   fp8u (tensorwise, the GeLU MLP per linear instead of gpt3d/model/fp8_mlp.py's one function)
+  fp8s (tensorwise, a SwiGLU MLP as one function too: enable_fp8's fused_swiglu)
   fp8o | fp8r | fp8d | fp8dr (probes, benchmarks/fp8_scaling_probe.py: own casts; per-row amax; delayed; both)
   fce (fused linear + cross entropy, chunked)
   seq1024 | full | selective (recompute) | layer | chunk (compile granularity) | eager | cudnn|flash|efficient|math
@@ -49,10 +50,11 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
     add_arguments(p)
     argv = ["--model", shape, "--micro-batches", str(micro)] + (["--micro-batch-size", str(mbs)] if mbs else [])
     argv += ["--fp16"] if "fp16" in opts else []
-    argv += ["--fp8"] if opts & {"fp8", "fp8u", "fp8row", "fp8gw", "fp8d", "fp8r", "fp8dr", "fp8o"} else []
-    if "fp8u" in opts:   # tensorwise with the GeLU MLP per linear (torchao's function each), not fp8_mlp.py's
+    argv += ["--fp8"] if opts & {"fp8", "fp8u", "fp8s", "fp8row", "fp8gw", "fp8d", "fp8r", "fp8dr", "fp8o"} else []
+    if opts & {"fp8u", "fp8s"}:   # the MLP per linear (torchao's function each) / SwiGLU's as one function too
         import functools
-        gpt3d.model.build.enable_fp8 = functools.partial(gpt3d.model.build.enable_fp8, fused_mlp=False)
+        gpt3d.model.build.enable_fp8 = functools.partial(gpt3d.model.build.enable_fp8, fused_mlp="fp8s" in opts,
+                                                         fused_swiglu="fp8s" in opts)
     if opts & {"fp8d", "fp8r", "fp8dr", "fp8o"}:   # probes: delayed scaling, per-row-then-global amax
         from fp8_scaling_probe import install
         install(delayed=bool(opts & {"fp8d", "fp8dr"}), rowamax=bool(opts & {"fp8r", "fp8dr"}))

@@ -17,8 +17,8 @@ the FP8 tensors: backward reuses them (a transpose of FP8 bytes instead of anoth
 What backward keeps is then FP8 input and weight copies rather than the bf16 input and a view of the weight;
 compiled, Inductor's partitioner decides what is kept either way (peak memory measured the same). The
 rowwise recipes scale the backward's copies along the other axis, so they cast inside torchao's function.
-With `tensorwise` a GeLU MLP's two linears run as one FP8 function instead (gpt3d/model/fp8_mlp.py, same
-recipe), whose casts between the two GEMMs are Triton kernels near bandwidth rather than Inductor's.
+With `tensorwise` a GeLU MLP's linears run as one FP8 function instead (gpt3d/model/fp8_mlp.py, same recipe),
+whose casts between the GEMMs are Triton kernels near bandwidth rather than Inductor's (SwiGLU: opt-in).
 """
 from __future__ import annotations
 
@@ -104,11 +104,13 @@ def uses_fp8(model: nn.Module) -> bool:
 
 
 def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: bool = False,
-               fused_mlp: bool = True) -> int:
+               fused_mlp: bool = True, fused_swiglu: bool = False) -> int:
     """Route every TP linear of `model` whose (local) dims suit FP8 GEMMs (multiples of 16) through float8;
     returns how many. The output head is not a TP linear and stays bf16. With `tensorwise` scaling a GeLU
-    MLP whose two linears both switched runs as one FP8 function (gpt3d/model/fp8_mlp.py: the same recipe,
-    its casts in fewer passes) unless `fused_mlp` is False (benchmarks compare the two)."""
+    MLP whose linears all switched runs as one FP8 function (gpt3d/model/fp8_mlp.py: the same recipe, its
+    casts in fewer passes) unless `fused_mlp` is False (benchmarks compare the two). A SwiGLU MLP does so
+    only with `fused_swiglu`: at the Llama shape it measured no faster than per linear (Inductor's casts
+    there already run at ~1.7 TB/s; benchmarks/RESULTS.md, 2026-12-06), so benchmarks opt in."""
     if not emulate:
         check_fp8_supported(device)
     matmul = Float8Matmul(recipe, emulate)
@@ -123,17 +125,22 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
     # the CPU has one, which the tests use)
     if fused_mlp and matmul._cast_once is not None and (not emulate or device.type == "cpu"):
         for m in model.modules():
-            if isinstance(m, MLP) and not m.swiglu and m.fc1._matmul is matmul and m.fc2._matmul is matmul:
-                m.set_fused(_fused_gelu_mlp(matmul, m.gelu_approximation))
+            if isinstance(m, MLP) and (fused_swiglu or not m.swiglu) and all(
+                    x._matmul is matmul for x in (m.fc1, m.fc2) + ((m.gate,) if m.swiglu else ())):
+                m.set_fused(_fused_mlp(matmul, m.swiglu, m.gelu_approximation))
     return n
 
 
-def _fused_gelu_mlp(matmul: Float8Matmul, approximate: str):
-    from .fp8_mlp import Float8GeluMLP
+def _fused_mlp(matmul: Float8Matmul, swiglu: bool, approximate: str):
+    from .fp8_mlp import Float8MLP
     c = matmul.config
 
-    def per_linear(x, w1, b1, w2):
+    def per_linear(x, *w):
+        if swiglu:
+            wg, bg, w1, b1, w2 = w
+            return matmul(F.silu(matmul(x, wg, bg)) * matmul(x, w1, b1), w2, None)
+        w1, b1, w2 = w
         return matmul(F.gelu(matmul(x, w1, b1), approximate=approximate), w2, None)
     fast = (c.gemm_config_output.use_fast_accum, c.gemm_config_grad_input.use_fast_accum,
             c.gemm_config_grad_weight.use_fast_accum)
-    return Float8GeluMLP(approximate == "tanh", fast, per_linear)
+    return Float8MLP(swiglu, approximate == "tanh", fast, per_linear)

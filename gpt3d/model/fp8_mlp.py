@@ -1,20 +1,21 @@
-"""The GeLU MLP's two FP8 GEMMs as one autograd function, so its casts can be written for bandwidth.
+"""The MLP's FP8 GEMMs (GeLU or SwiGLU) as one autograd function, so its casts can be written for bandwidth.
 
-Why: with torchao's per-linear function (gpt3d/model/fp8.py) the casts between the two GEMMs -- GeLU ->
-E4M3 for fc2's input, and in backward the GeLU gradient -> E5M2 in both layouts for fc1's two backward
-GEMMs -- are Inductor kernels running at ~1 TB/s, the largest cost FP8 adds (benchmarks/RESULTS.md,
-2026-12-06). Owning fc1 -> GeLU -> fc2 lets those casts be two passes each of Triton kernels
-(gpt3d/model/fp8_gelu_triton.py) that also write the transposed copy the weight-gradient GEMM needs,
-with the bias gradient summed on the way. Same recipe as `--fp8-recipe tensorwise`: one dynamic scale
-per tensor from its amax (torchao's rule and bits for input, weights and fc2's output gradient; the GeLU
-output and gradient rounded to the model precision first, as the unfused model stores them), E4M3
+Why: with torchao's per-linear function (gpt3d/model/fp8.py) the casts between the GEMMs -- the activation
+(GeLU, or SiLU(gate) * up) -> E4M3 for fc2's input, and in backward its gradient(s) -> E5M2 in both layouts
+for the first linears' backward GEMMs -- are Inductor kernels running at ~1 TB/s, the largest cost FP8 adds
+(benchmarks/RESULTS.md, 2026-12-06). Owning the whole MLP lets those casts be two passes each of Triton
+kernels (gpt3d/model/fp8_mlp_triton.py) that also write the transposed copy the weight-gradient GEMM needs,
+with the bias gradients summed on the way. Same recipe as `--fp8-recipe tensorwise`: one dynamic scale
+per tensor from its amax (torchao's rule and bits for input, weights and fc2's output gradient; the
+activation and its gradients rounded to the model precision first, as the unfused model stores them), E4M3
 forward, E5M2 gradients, fast accumulation in the forward GEMMs only. The TP communication stays in the
 TP layers; this is their local GEMM work. Where the token count is not a multiple of 16 (the weight-gradient
 GEMMs' inner dimension) the per-linear path runs instead.
 
-The two GeLU ops (stats, cast; each with a forward and a backward mode) are custom ops: a torch reference
-(CPU, and the spec the Triton kernels are checked against by benchmarks/fp8_mlp_check.py) and the Triton
-kernels on CUDA; torch.compile keeps them whole. On CPU (tests) the GEMMs are torch's CPU `_scaled_mm`.
+The activation ops (stats, cast; each with a forward and a backward mode; GeLU and SwiGLU) are custom ops:
+a torch reference (CPU, and the spec the Triton kernels are checked against by benchmarks/fp8_mlp_check.py)
+and the Triton kernels on CUDA; torch.compile keeps them whole. On CPU (tests) the GEMMs are torch's CPU
+`_scaled_mm`.
 """
 from __future__ import annotations
 
@@ -84,9 +85,56 @@ def _(h, da, scale, tanh, dtype):
     return h.new_empty(h.shape, dtype=dtype), h.new_empty((h.shape[1], h.shape[0]), dtype=dtype)
 
 
+def _swiglu_values(g: torch.Tensor, u: torch.Tensor, da: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """[SiLU(g) * u], or its gradients [d u, d g] from da, rounded to g's precision where the unfused model
+    stores a tensor (SiLU(g), the product; da * SiLU(g), da * u, SiLU's backward), returned in fp32 (or g's
+    precision, if higher)."""
+    op, dt = torch.promote_types(g.dtype, torch.float32), g.dtype
+    s = F.silu(g.to(op)).to(dt).to(op)
+    if da is None:
+        return [(s * u.to(op)).to(dt).to(op)]
+    du = (da.to(op) * s).to(dt).to(op)
+    ds = (da.to(op) * u.to(op)).to(dt).to(op)
+    return [du, torch.ops.aten.silu_backward(ds, g.to(op)).to(dt).to(op)]
+
+
+@torch.library.custom_op("gpt3d::fp8_swiglu_stats", mutates_args=())
+def swiglu_stats(g: torch.Tensor, u: torch.Tensor, da: Optional[torch.Tensor],
+                 sums: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """amax of SiLU(g) * u ([1]), or of its gradients (d u, d g) ([2]) and, with `sums`, their column sums
+    ([2, F]; else empty)."""
+    v = _swiglu_values(g, u, da)
+    total = torch.stack([x.sum(0) for x in v]) if da is not None and sums else v[0].new_empty(0)
+    return torch.stack([x.abs().amax() for x in v]), total
+
+
+@swiglu_stats.register_fake
+def _(g, u, da, sums):
+    op = torch.promote_types(g.dtype, torch.float32)
+    total = (2, g.shape[1]) if da is not None and sums else (0,)
+    return g.new_empty(1 if da is None else 2, dtype=op), g.new_empty(total, dtype=op)
+
+
+@torch.library.custom_op("gpt3d::fp8_swiglu_cast", mutates_args=())
+def swiglu_cast(g: torch.Tensor, u: torch.Tensor, da: Optional[torch.Tensor], scale: torch.Tensor,
+                dtype: torch.dtype) -> list[torch.Tensor]:
+    """[a, a transposed] (da None) or [d u, its transpose, d g, its transpose], value i scaled by scale[i]."""
+    out = []
+    for i, v in enumerate(_swiglu_values(g, u, da)):
+        q = quantize(v, scale[i], dtype)
+        out += [q, q.t().clone(memory_format=torch.contiguous_format)]
+    return out
+
+
+@swiglu_cast.register_fake
+def _(g, u, da, scale, dtype):
+    T, F_ = g.shape
+    return [g.new_empty(s, dtype=dtype) for s in ((T, F_), (F_, T)) * (1 if da is None else 2)]
+
+
 def _register_triton() -> bool:
     try:
-        from . import fp8_gelu_triton as k
+        from . import fp8_mlp_triton as k
     except ImportError:   # no Triton (CPU wheels): the reference serves every device
         return False
 
@@ -98,6 +146,16 @@ def _register_triton() -> bool:
     @gelu_cast.register_kernel("cuda")
     def _(h, da, scale, tanh, dtype):
         return k.cast(h.contiguous(), None if da is None else da.contiguous(), scale, tanh, dtype)
+
+    @swiglu_stats.register_kernel("cuda")
+    def _(g, u, da, sums):
+        amax, total = k.swiglu_stats(g.contiguous(), u.contiguous(), None if da is None else da.contiguous(), sums)
+        return amax, (total if total is not None else g.new_empty(0, dtype=torch.float32))
+
+    @swiglu_cast.register_kernel("cuda")
+    def _(g, u, da, scale, dtype):
+        return k.swiglu_cast(g.contiguous(), u.contiguous(), None if da is None else da.contiguous(),
+                             scale.contiguous(), dtype)
     return True
 
 
@@ -149,20 +207,70 @@ class _GeluMLP(torch.autograd.Function):
         return dx, dw1, (None if ctx.dtypes[2] is None else db1.to(ctx.dtypes[2])), dw2, None, None
 
 
-class Float8GeluMLP:
-    """`mlp(x, w1, b1, w2)` = the GeLU MLP's local GEMM work (fc2's bias and TP reduction excluded), FP8.
+class _SwiGLUMLP(torch.autograd.Function):
+    """y = (SiLU(x Wg^T + bg) * (x W1^T + b1)) W2^T on [tokens, features] tensors, every GEMM in FP8; the two
+    output gradients (of the gate and of fc1) each get their own scale, as per-linear tensorwise does."""
 
-    `fallback(x, w1, b1, w2)` serves shapes FP8 GEMMs cannot take: the per-linear FP8 path."""
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, wg: torch.Tensor, bg: Optional[torch.Tensor], w1: torch.Tensor,
+                b1: Optional[torch.Tensor], w2: torch.Tensor, fast: tuple[bool, bool, bool]) -> torch.Tensor:
+        dt = x.dtype
+        x8, x8_t, inv_x = cast(x, E4M3)
+        wg8, wg8_t, inv_wg = cast(wg, E4M3)
+        w1_8, w1_8t, inv_w1 = cast(w1, E4M3)
+        w2_8, w2_8t, inv_w2 = cast(w2, E4M3)
+        g = scaled_mm(x8, wg8.t(), inv_x, inv_wg, dt, fast[0], None if bg is None else bg.to(dt))
+        u = scaled_mm(x8, w1_8.t(), inv_x, inv_w1, dt, fast[0], None if b1 is None else b1.to(dt))
+        amax, _ = swiglu_stats(g, u, None, False)
+        scale_a = to_scale(amax, E4M3)
+        a8, a8_t = swiglu_cast(g, u, None, scale_a, E4M3)
+        inv_a = scale_a[0].reciprocal()
+        y = scaled_mm(a8, w2_8.t(), inv_a, inv_w2, dt, fast[0])
+        ctx.save_for_backward(x8_t, inv_x, wg8_t, inv_wg, w1_8t, inv_w1, g, u, a8_t, inv_a, w2_8t, inv_w2)
+        ctx.fast = fast
+        ctx.dtypes = [t.dtype if t is not None else None for t in (wg, bg, w1, b1, w2)]
+        return y
 
-    def __init__(self, tanh: bool, fast: tuple[bool, bool, bool], fallback: Callable[..., torch.Tensor]):
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
+        x8_t, inv_x, wg8_t, inv_wg, w1_8t, inv_w1, g, u, a8_t, inv_a, w2_8t, inv_w2 = ctx.saved_tensors
+        dt, (_, fast_dgrad, fast_wgrad) = dy.dtype, ctx.fast
+        t_wg, t_bg, t_w1, t_b1, t_w2 = ctx.dtypes
+        dy8, dy8_t, inv_dy = cast(dy.contiguous(), E5M2)
+        da = scaled_mm(dy8, w2_8t.t(), inv_dy, inv_w2, dt, fast_dgrad)          # [T, H] @ [H, F]
+        dw2 = scaled_mm(dy8_t, a8_t.t(), inv_dy, inv_a, t_w2, fast_wgrad)      # [H, T] @ [T, F]
+        amax, sums = swiglu_stats(g, u, da, t_bg is not None or t_b1 is not None)
+        scale_g = to_scale(amax, E5M2)   # [d u, d g]
+        du8, du8_t, dg8, dg8_t = swiglu_cast(g, u, da, scale_g, E5M2)
+        # each inverse scale a tensor of its own: Inductor's _scaled_mm lowering rejects a view into [2]
+        inv_du, inv_dg = scale_g[0].reciprocal(), scale_g[1].reciprocal()
+        dx = (scaled_mm(dg8, wg8_t.t(), inv_dg, inv_wg, dt, fast_dgrad)       # [T, F] @ [F, H], twice
+              + scaled_mm(du8, w1_8t.t(), inv_du, inv_w1, dt, fast_dgrad))
+        dwg = scaled_mm(dg8_t, x8_t.t(), inv_dg, inv_x, t_wg, fast_wgrad)      # [F, T] @ [T, H]
+        dw1 = scaled_mm(du8_t, x8_t.t(), inv_du, inv_x, t_w1, fast_wgrad)
+        dbg = None if t_bg is None else sums[1].to(t_bg)
+        db1 = None if t_b1 is None else sums[0].to(t_b1)
+        return dx, dwg, dbg, dw1, db1, dw2, None
+
+
+class Float8MLP:
+    """`mlp(x, *weights)` = the MLP's local GEMM work (fc2's bias and TP reduction excluded) as one FP8
+    function; weights (w1, b1, w2) for GeLU, (wg, bg, w1, b1, w2) for SwiGLU.
+
+    `fallback(x, *weights)` serves token counts FP8's weight-gradient GEMMs cannot take: the per-linear path."""
+
+    def __init__(self, swiglu: bool, tanh: bool, fast: tuple[bool, bool, bool],
+                 fallback: Callable[..., torch.Tensor]):
         """fast: fast (lower-precision) accumulation in the forward, input-gradient, weight-gradient GEMMs."""
-        self.tanh, self.fast, self.fallback = tanh, fast, fallback
+        self.swiglu, self.tanh, self.fast, self.fallback = swiglu, tanh, fast, fallback
 
-    def __call__(self, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
-                 w2: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *weights: Optional[torch.Tensor]) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         if x2.shape[0] % 16:
-            return self.fallback(x, w1, b1, w2)
-        y = _GeluMLP.apply(x2, w1, b1, w2, self.tanh, self.fast)
+            return self.fallback(x, *weights)
+        if self.swiglu:
+            y = _SwiGLUMLP.apply(x2, *weights, self.fast)
+        else:
+            y = _GeluMLP.apply(x2, *weights, self.tanh, self.fast)
         return y.reshape(*shape[:-1], y.shape[-1])

@@ -74,13 +74,15 @@ class MLP(nn.Module):
         self._fused = None
 
     def set_fused(self, fused) -> None:
-        """`fused(x, fc1.weight, fc1.bias, fc2.weight)` runs fc1 -> GeLU -> fc2's GEMM work in one (e.g. FP8,
-        gpt3d/model/fp8_mlp.py); the TP layers keep their communication and fc2's bias. None: per linear."""
+        """`fused(x, [gate.weight, gate.bias,] fc1.weight, fc1.bias, fc2.weight)` runs the MLP's GEMM work in one
+        (e.g. FP8, gpt3d/model/fp8_mlp.py); the TP layers keep their communication and fc2's bias (the gate
+        and fc1 share fc1's input gather). None: per linear."""
         object.__setattr__(self, "_fused", fused)   # a plain attribute, never a submodule: names stay the same
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:
-            y = self._fused(self.fc1.gather_input(x), self.fc1.weight, self.fc1.bias, self.fc2.weight)
+            gate = (self.gate.weight, self.gate.bias) if self.swiglu else ()
+            y = self._fused(self.fc1.gather_input(x), *gate, self.fc1.weight, self.fc1.bias, self.fc2.weight)
             return self.fc2.reduce_output(y)
         if self.swiglu:
             return self.fc2(F.silu(self.gate(x)) * self.fc1(x))   # [b, s, f/tp] -> [b, s(/tp), h]

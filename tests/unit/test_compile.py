@@ -73,16 +73,20 @@ def test_regional_compilation_compiles_one_layer_for_all(arch, recompute):
     assert stats["unique_graphs"] == 1, stats
 
 
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_regional_compilation_with_fp8_compiles_one_layer_for_all(recipe):
-    """With FP8 GEMMs (torchao, emulated on CPU) the per-layer graph still serves every layer: compiling an FP8
-    model costs one layer's compilation (the whole-chunk graph took 96-216 s on an H100)."""
-    cfg = ModelConfig(num_layers=6, hidden_size=32, num_attention_heads=4, seq_length=32)
+def test_regional_compilation_with_fp8_compiles_one_layer_for_all(recipe, arch):
+    """With FP8 GEMMs (torchao, emulated on CPU; with tensorwise the MLP as one FP8 function, GeLU or SwiGLU)
+    the per-layer graph still serves every layer, without a graph break: compiling an FP8 model costs one
+    layer's compilation (the whole-chunk graph took 96-216 s on an H100)."""
+    cfg = ModelConfig(num_layers=6, hidden_size=32, num_attention_heads=4, seq_length=32,
+                      **(LLAMA if arch == "llama" else {}))
     ps = ParallelState()
     model = GPTModel(cfg, ps, seed_everything(1, ps), vocab_size=128)
     model.init_weights(1)
     model.cast_parameters(torch.bfloat16)
-    assert enable_fp8(model, recipe, ps.device, emulate=True) == 4 * cfg.num_layers
+    n = enable_fp8(model, recipe, ps.device, emulate=True, fused_swiglu=True)
+    assert n == (5 if arch == "llama" else 4) * cfg.num_layers
     breaks, stats = _per_layer_graphs(model, ps)
     assert breaks == 0
     assert stats["unique_graphs"] == 1, stats

@@ -34,7 +34,7 @@ LLAMA = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_
 def _model(cfg, ps, fp8: bool):
     m = GPTModel(cfg.model, ps, seed_everything(3, ps), vocab_size=250)
     m.init_weights(11)
-    n = enable_fp8(m, "tensorwise", ps.device, emulate=True) if fp8 else 0
+    n = enable_fp8(m, "tensorwise", ps.device, emulate=True, fused_swiglu=True) if fp8 else 0   # SwiGLU's too
     return m, n
 
 
@@ -98,7 +98,7 @@ def test_fp8_swaps_the_gemms_not_the_parameters(arch):
         assert _cos(g0[k], g1[k]) > 0.98, k
 
 
-@pytest.mark.parametrize("arch", ["gpt", "llama"])   # gpt: the GeLU MLP as one FP8 function (model/fp8_mlp.py)
+@pytest.mark.parametrize("arch", ["gpt", "llama"])   # the MLP as one FP8 function (model/fp8_mlp.py), GeLU/SwiGLU
 def test_fp8_with_recompute_gives_the_same_step(arch):
     """Full recompute replays the forward inside backward: the dynamic FP8 scales are recomputed identically."""
     ps = ParallelState()
@@ -122,28 +122,30 @@ def _tp_fp8(rank: int, world: int, arch: str = "llama", sp: bool = False) -> dic
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(2))
     loss, grads = _loss_and_grads(m, tokens)
     fused = all(mlp._fused is not None for mlp in m.modules() if isinstance(mlp, MLP))
-    mlp = {k: grads[f"layers.0.mlp.{k}"] for k in ("fc1.weight", "fc2.weight")}
+    mlp = {k: grads[f"layers.0.mlp.{k}"] for k in ("fc1.weight", "fc2.weight", "gate.weight")
+           if f"layers.0.mlp.{k}" in grads}
     return {"loss": float(loss), "swapped": n, "qkv_grad": grads["layers.0.attention.qkv.weight"], "fused": fused,
             "mlp": mlp}
 
 
-@pytest.mark.parametrize("arch,sp", [("llama", False), ("gpt", False), ("gpt", True)])
+@pytest.mark.parametrize("arch,sp", [("llama", False), ("llama", True), ("gpt", False), ("gpt", True)])
 def test_fp8_with_tensor_parallel_sharded_linears(arch, sp):
     """TP=2: each rank's sharded linears run FP8 GEMMs; loss and gradients match one process within FP8's error.
-    gpt: the GeLU MLP runs as one FP8 function on each rank's shards, the TP layers' communication around it
-    (with sequence parallelism: the all-gather before fc1 and the reduce-scatter after fc2)."""
+    The MLP (GeLU or SwiGLU) runs as one FP8 function on each rank's shards, the TP layers' communication
+    around it (with sequence parallelism: the all-gather before fc1 and the reduce-scatter after fc2)."""
     out = distributed.run(2, _tp_fp8, arch, sp)
     ps = ParallelState()
     ref, _ = _model(tiny_config(**(LLAMA if arch == "llama" else GPT)), ps, fp8=True)
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(2))
     loss, grads = _loss_and_grads(ref, tokens)
     assert [o["swapped"] for o in out] == ([10, 10] if arch == "llama" else [8, 8])
-    assert [o["fused"] for o in out] == [arch == "gpt"] * 2
+    assert [o["fused"] for o in out] == [True, True]
     for o in out:
         assert abs(o["loss"] - float(loss)) < 1e-2 * float(loss)
     full = torch.cat([o["qkv_grad"] for o in out], dim=0)   # column-parallel: rows split across ranks
     assert _cos(full, grads["layers.0.attention.qkv.weight"]) > 0.98
-    for name, dim in (("fc1.weight", 0), ("fc2.weight", 1)):   # column- / row-parallel
+    names = (("fc1.weight", 0), ("fc2.weight", 1)) + ((("gate.weight", 0),) if arch == "llama" else ())
+    for name, dim in names:   # column- / row-parallel
         assert _cos(torch.cat([o["mlp"][name] for o in out], dim=dim), grads[f"layers.0.mlp.{name}"]) > 0.98
 
 

@@ -1,11 +1,12 @@
-"""The FP8 GeLU MLP as one function (gpt3d/model/fp8_mlp.py): its plumbing exactly, its casts bit for bit.
+"""The FP8 MLP (GeLU, SwiGLU) as one function (gpt3d/model/fp8_mlp.py): its plumbing exactly, its casts bit for
+bit.
 
 Two separate claims, each checked exactly:
 - plumbing: with the quantization made exact (float64 casts, power-of-two scales, float64 GEMMs) the function is
   the plain MLP, so output and every gradient equal float64 autograd's; a wrong layout, transpose, scale
   pairing or GeLU-derivative would not;
 - quantization: its casts are torchao's tensorwise casts bit for bit (input, weights, output gradient), and
-  the GeLU casts are torchao's cast of the very GeLU output / gradient the unfused model computes.
+  the activation casts are torchao's cast of the very activation / gradients the unfused model computes.
 The Triton kernels are checked against this reference on the GPU (benchmarks/fp8_mlp_check.py).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from gpt3d.parallel.state import ParallelState
 from tests.support.curves import tiny_config
 
 GPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=250)
+SWIGLU = dict(swiglu=True, ffn_hidden_size=128)
 
 
 def _exact_quantization(monkeypatch):
@@ -45,31 +47,41 @@ def _exact_quantization(monkeypatch):
     return calls
 
 
-@settings(max_examples=30, deadline=None)
-@given(tokens=st.integers(1, 40), h=st.integers(1, 24), f=st.integers(1, 40), tanh=st.booleans(),
-       bias=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
-def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, tanh, bias, seed):
+# the GEMMs in order: forward first linear(s), fc2; backward fc2's dgrad, wgrad, then the first linears'
+ORDER = {"gelu": ["fwd"] * 2 + ["dgrad", "wgrad"] * 2,
+         "swiglu": ["fwd"] * 3 + ["dgrad", "wgrad", "dgrad", "dgrad", "wgrad", "wgrad"]}
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(1, 40), h=st.integers(1, 24), f=st.integers(1, 40), swiglu=st.booleans(),
+       tanh=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, swiglu, tanh, bias, seed):
     with pytest.MonkeyPatch.context() as mp:
         calls = _exact_quantization(mp)
         g = torch.Generator().manual_seed(seed)
-        x, w1, w2 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((tokens, h), (f, h), (h, f)))
-        b1 = torch.randn(f, generator=g, dtype=torch.float64) if bias else None
-        dy = torch.randn(tokens, h, generator=g, dtype=torch.float64)
-        leaves = [t.clone().requires_grad_() for t in (x, w1, w2)] + ([b1.clone().requires_grad_()] if bias else [])
-        xs, w1s, w2s = leaves[:3]
-        b1s = leaves[3] if bias else None
-        y = fp8_mlp._GeluMLP.apply(xs, w1s, b1s, w2s, tanh, ("fwd", "dgrad", "wgrad"))
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+        x, dy = rand(tokens, h), torch.randn(tokens, h, generator=g, dtype=torch.float64)
+        firsts = [(rand(f, h), rand(f) if bias else None) for _ in range(2 if swiglu else 1)]   # (gate,) fc1
+        w2 = rand(h, f)
+        weights = [t for pair in firsts for t in pair] + [w2]
+        if swiglu:
+            y = fp8_mlp._SwiGLUMLP.apply(x, *weights, ("fwd", "dgrad", "wgrad"))
+        else:
+            y = fp8_mlp._GeluMLP.apply(x, *weights, tanh, ("fwd", "dgrad", "wgrad"))
         y.backward(dy)
-        # forward fc1, fc2; backward fc2's dgrad, wgrad, then fc1's
-        assert [c[0] for c in calls] == ["fwd", "fwd", "dgrad", "wgrad", "dgrad", "wgrad"]
-        assert all(c[1] == torch.float64 for c in calls)
+        leaves = [x] + [t for t in weights if t is not None]
         got = [y.detach()] + [t.grad for t in leaves]
-        ref = [t.detach().clone().requires_grad_() for t in leaves]
-        yr = F.linear(F.gelu(F.linear(ref[0], ref[1], ref[3] if bias else None),
-                             approximate="tanh" if tanh else "none"), ref[2])
+        assert [c[0] for c in calls] == ORDER["swiglu" if swiglu else "gelu"]
+        assert all(c[1] == torch.float64 for c in calls)
+        ref = [t.detach().clone().requires_grad_() if t is not None else None for t in [x] + weights]
+        lin = [F.linear(ref[0], ref[1 + 2 * i], ref[2 + 2 * i]) for i in range(len(firsts))]
+        act = F.silu(lin[0]) * lin[1] if swiglu else F.gelu(lin[0], approximate="tanh" if tanh else "none")
+        yr = F.linear(act, ref[-1])
         yr.backward(dy)
-        want = [yr.detach()] + [t.grad for t in ref]
-        for a, b in zip(got, want):
+        want = [yr.detach()] + [t.grad for t in ref if t is not None]
+        for a, b in zip(got, want, strict=True):
             assert a.shape == b.shape
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -118,11 +130,40 @@ def test_the_casts_are_torchaos_bits(rows, cols, spread, tanh, seed):
         assert torch.equal(_bytes(q_t), _bytes(q.t().contiguous()))
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 24), cols=st.integers(1, 40), spread=st.sampled_from([1e-3, 1.0, 30.0]),
+       sums=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_the_swiglu_casts_are_torchaos_bits(rows, cols, spread, sums, seed):
+    """The SwiGLU ops: torchao's cast of the bf16 SiLU(gate) * up the unfused model computes (E4M3), and of
+    its two bf16 gradients (E5M2, each its own scale: d up = da * SiLU(gate), d gate = SiLU's backward of
+    da * up); the column sums are those gradients' (the bias gradients)."""
+    g = torch.Generator().manual_seed(seed)
+    gate, up = ((torch.randn(rows, cols, generator=g) * spread).to(torch.bfloat16) for _ in range(2))
+    da = (torch.randn(rows, cols, generator=g) / spread).to(torch.bfloat16)
+    s = F.silu(gate.float()).bfloat16()   # the unfused model: SiLU in fp32 stored in bf16, products in bf16
+    d_up, d_s = da * s, da * up
+    d_gate = torch.ops.aten.silu_backward(d_s.float(), gate.float()).bfloat16()
+    for da_in, values, dtype in ((None, [s * up], fp8_mlp.E4M3), (da, [d_up, d_gate], fp8_mlp.E5M2)):
+        amax, total = fp8_mlp.swiglu_stats(gate, up, da_in, sums)
+        assert torch.equal(amax, torch.stack([v.abs().amax().float() for v in values]))
+        if da_in is not None and sums:
+            for t, v in zip(total, values, strict=True):
+                torch.testing.assert_close(t, v.float().sum(0), rtol=1e-6, atol=1e-6 * float(v.abs().max()))
+        else:
+            assert total.numel() == 0
+        scale = fp8_mlp.to_scale(amax, dtype)
+        out = fp8_mlp.swiglu_cast(gate, up, da_in, scale, dtype)
+        assert len(out) == 2 * len(values)
+        for i, v in enumerate(values):
+            assert torch.equal(_bytes(out[2 * i]), _bytes(_torchao_cast(v, dtype, scale[i])._data))
+            assert torch.equal(_bytes(out[2 * i + 1]), _bytes(out[2 * i].t().contiguous()))
+
+
 def _model(cfg, fused: bool):
     ps = ParallelState()
     m = GPTModel(cfg.model, ps, seed_everything(3, ps), vocab_size=250)
     m.init_weights(11)
-    enable_fp8(m, "tensorwise", ps.device, emulate=True, fused_mlp=fused)
+    enable_fp8(m, "tensorwise", ps.device, emulate=True, fused_mlp=fused, fused_swiglu=fused)
     return m.cast_parameters(torch.bfloat16)
 
 
@@ -133,22 +174,26 @@ def _step(m, tokens):
     return loss.detach(), {k: p.grad.float().clone() for k, p in m.named_parameters()}
 
 
-def test_enable_fp8_fuses_the_gelu_mlp_only_with_tensorwise_scales():
+def test_enable_fp8_fuses_the_mlp_only_with_tensorwise_scales():
+    """GeLU MLPs by default; SwiGLU ones only when asked (fused_swiglu: measured no faster at the Llama shape);
+    never with the rowwise recipes."""
     cfg = tiny_config(**GPT)
     ps = ParallelState()
-    for recipe, arch, fused in (("tensorwise", {}, True), ("rowwise", {}, False),
-                                ("tensorwise", dict(swiglu=True, ffn_hidden_size=128), False)):
+    for recipe, arch, swiglu_too, fused in (("tensorwise", {}, False, True), ("rowwise", {}, False, False),
+                                            ("tensorwise", SWIGLU, False, False), ("tensorwise", SWIGLU, True, True),
+                                            ("rowwise", SWIGLU, True, False)):
         m = GPTModel(tiny_config(**GPT, **arch).model, ps, seed_everything(3, ps), vocab_size=250)
-        enable_fp8(m, recipe, ps.device, emulate=True)
+        enable_fp8(m, recipe, ps.device, emulate=True, fused_swiglu=swiglu_too)
         assert all((mlp._fused is not None) is fused for mlp in m.modules() if isinstance(mlp, MLP))
     plain = _model(cfg, fused=False)
     assert all(mlp._fused is None for mlp in plain.modules() if isinstance(mlp, MLP))
 
 
-def test_the_fused_model_trains_like_the_per_linear_one():
+@pytest.mark.parametrize("arch", [{}, SWIGLU, dict(SWIGLU, disable_bias_linear=True)])
+def test_the_fused_model_trains_like_the_per_linear_one(arch):
     """Same recipe, other kernels: the loss and every gradient match the per-linear FP8 model within FP8's
     rounding (a byte of a cast may round the other way where a bf16 input differs in its last bit)."""
-    cfg = tiny_config(**GPT)
+    cfg = tiny_config(**GPT, **arch)
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0))
     l0, g0 = _step(_model(cfg, fused=False), tokens)
     l1, g1 = _step(_model(cfg, fused=True), tokens)
@@ -158,26 +203,29 @@ def test_the_fused_model_trains_like_the_per_linear_one():
         assert cos > 0.99, k
 
 
-def test_token_counts_fp8_gemms_cannot_take_run_per_linear():
+@pytest.mark.parametrize("arch", [{}, SWIGLU])
+def test_token_counts_fp8_gemms_cannot_take_run_per_linear(arch):
     """31 tokens (not a multiple of 16): the fused MLP hands over to the per-linear path, bit for bit."""
-    cfg = tiny_config(**GPT)
+    cfg = tiny_config(**GPT, **arch)
     tokens = torch.randint(0, 250, (1, 31), generator=torch.Generator().manual_seed(0))
     l0, g0 = _step(_model(cfg, fused=False), tokens)
     l1, g1 = _step(_model(cfg, fused=True), tokens)
     assert torch.equal(l0, l1) and all(torch.equal(g0[k], g1[k]) for k in g0)
 
 
+@pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize("tokens,fused_calls,fallback_calls", [(32, 2, 0), (31, 0, 2)])
-def test_which_path_runs(monkeypatch, tokens, fused_calls, fallback_calls):
-    """Each MLP (two layers) runs the one function where the token count allows it, else the per-linear path."""
-    m = _model(tiny_config(**GPT), fused=True)
+def test_which_path_runs(monkeypatch, tokens, fused_calls, fallback_calls, swiglu):
+    """Each MLP (two layers) runs its one function where the token count allows it, else the per-linear path."""
+    m = _model(tiny_config(**GPT, **(SWIGLU if swiglu else {})), fused=True)
     seen = {"fused": 0, "fallback": 0}
-    real_apply = fp8_mlp._GeluMLP.apply
+    fn = fp8_mlp._SwiGLUMLP if swiglu else fp8_mlp._GeluMLP
+    real_apply = fn.apply
 
     def apply(*a):
         seen["fused"] += 1
         return real_apply(*a)
-    monkeypatch.setattr(fp8_mlp._GeluMLP, "apply", apply)
+    monkeypatch.setattr(fn, "apply", apply)
     for mlp in (x for x in m.modules() if isinstance(x, MLP)):
         real_fallback = mlp._fused.fallback
 

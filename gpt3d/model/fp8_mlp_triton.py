@@ -1,13 +1,13 @@
-"""Triton kernels for the FP8 GeLU MLP (gpt3d/model/fp8_mlp.py): why they exist is bandwidth.
+"""Triton kernels for the FP8 MLP functions (gpt3d/model/fp8_mlp.py): why they exist is bandwidth.
 
 Tensorwise FP8 needs a tensor's amax before its cast, so each cast is two passes. Inductor writes them
 at ~1 TB/s of the H100's ~3 (benchmarks/RESULTS.md, 2026-12-06): its amax of the GeLU output is a split
-reduction of its own, and the GeLU backward's cast into both layouts (row-major for the input-gradient
+reduction of its own, and the GeLU (SwiGLU) backward's cast into both layouts (row-major for the input-gradient
 GEMM, transposed for the weight-gradient GEMM) is a strided scatter. Here each pass reads its inputs once
 in 2-D tiles: the stats pass keeps the tile's max (and, in backward, the bias gradient's column sums)
 and writes one partial per tile, so the result does not depend on scheduling; the cast pass writes the
-tile in both layouts. The math is the reference in fp8_mlp.py: GeLU (or its gradient) in fp32 of the
-model-precision inputs, rounded to the model precision as the unfused model would store it, scaled,
+tile in both layouts. The math is the reference in fp8_mlp.py: GeLU or SwiGLU (or their gradients) in fp32
+of the model-precision inputs, rounded to the model precision where the unfused model stores a tensor, scaled,
 clamped to the FP8 range and rounded to nearest even; NaN and inf propagate as there. Triton's erf/exp may
 differ from CUDA's in the last bits, which can move a rounding (benchmarks/fp8_mlp_check.py measures how often).
 
@@ -126,3 +126,103 @@ def cast(h: torch.Tensor, da: torch.Tensor | None, scale: torch.Tensor, tanh: bo
     _cast_kernel[grid](h, da if da is not None else h, scale, out, out_t, T, F, FP8_MAX=torch.finfo(dtype).max,
                        BT=c["BT"], BF=c["BF"], BACKWARD=da is not None, TANH=tanh, num_warps=c["num_warps"])
     return out, out_t
+
+
+@triton.jit
+def _swiglu_values(g_ptr, u_ptr, da_ptr, offs, mask, BACKWARD: tl.constexpr):
+    """SiLU(g) * u; or its gradients (d u, d g) from da. Rounded where the unfused model stores a tensor:
+    SiLU(g), the product, and in backward da * SiLU(g), da * u and SiLU's backward."""
+    dt = g_ptr.dtype.element_ty
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    if BACKWARD:
+        da = tl.load(da_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        du = (da * s).to(dt).to(tl.float32)
+        ds = (da * u).to(dt).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        dg = (ds * sig * (1.0 + g * (1.0 - sig))).to(dt).to(tl.float32)
+        return du, dg
+    else:
+        a = (s * u).to(dt).to(tl.float32)
+        return a, a
+
+
+@triton.jit
+def _swiglu_stats_kernel(g_ptr, u_ptr, da_ptr, amax_ptr, sum_ptr, T, F, ROWS: tl.constexpr, BT: tl.constexpr,
+                         BF: tl.constexpr, BACKWARD: tl.constexpr, SUMS: tl.constexpr):
+    pid_t, pid_f = tl.program_id(0), tl.program_id(1)
+    cols = pid_f * BF + tl.arange(0, BF)
+    cmask = cols < F
+    top0 = tl.zeros((BT, BF), tl.float32)
+    top1 = tl.zeros((BT, BF), tl.float32)
+    tot0 = tl.zeros((BT, BF), tl.float32)
+    tot1 = tl.zeros((BT, BF), tl.float32)
+    for i in range(0, ROWS, BT):
+        rows = pid_t * ROWS + i + tl.arange(0, BT)
+        mask = (rows[:, None] < T) & cmask[None, :]
+        v0, v1 = _swiglu_values(g_ptr, u_ptr, da_ptr, rows[:, None].to(tl.int64) * F + cols[None, :], mask,
+                                BACKWARD)   # masked entries: SiLU(0) * 0 = 0
+        top0 = _max(top0, tl.abs(v0))
+        if BACKWARD:
+            top1 = _max(top1, tl.abs(v1))
+            if SUMS:
+                tot0 += v0
+                tot1 += v1
+    n_f = tl.num_programs(1)
+    at = pid_t * n_f + pid_f
+    tl.store(amax_ptr + at, tl.reduce(tl.reduce(top0, 1, _max), 0, _max))
+    if BACKWARD:
+        tl.store(amax_ptr + tl.num_programs(0) * n_f + at, tl.reduce(tl.reduce(top1, 1, _max), 0, _max))
+        if SUMS:
+            tl.store(sum_ptr + pid_t * F + cols, tl.sum(tot0, axis=0), mask=cmask)
+            tl.store(sum_ptr + (tl.num_programs(0) + pid_t) * F + cols, tl.sum(tot1, axis=0), mask=cmask)
+
+
+@triton.jit
+def _store_both(out_ptr, out_t_ptr, v, scale, rows, cols, mask, T, F, FP8_MAX: tl.constexpr):
+    q = tl.clamp(v * scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * F + cols[None, :], q, mask=mask)
+    tl.store(out_t_ptr + cols[:, None].to(tl.int64) * T + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+
+
+@triton.jit
+def _swiglu_cast_kernel(g_ptr, u_ptr, da_ptr, scale_ptr, o0_ptr, o0_t_ptr, o1_ptr, o1_t_ptr, T, F,
+                        FP8_MAX: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BACKWARD: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BF + tl.arange(0, BF)
+    mask = (rows[:, None] < T) & (cols[None, :] < F)
+    v0, v1 = _swiglu_values(g_ptr, u_ptr, da_ptr, rows[:, None].to(tl.int64) * F + cols[None, :], mask, BACKWARD)
+    _store_both(o0_ptr, o0_t_ptr, v0, tl.load(scale_ptr), rows, cols, mask, T, F, FP8_MAX)
+    if BACKWARD:
+        _store_both(o1_ptr, o1_t_ptr, v1, tl.load(scale_ptr + 1), rows, cols, mask, T, F, FP8_MAX)
+
+
+def swiglu_stats(g: torch.Tensor, u: torch.Tensor, da: torch.Tensor | None,
+                 sums: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """amax of SiLU(g) * u ([1]), or of its gradients (d u, d g) ([2]) and, with `sums`, their column sums
+    ([2, F], fp32)."""
+    T, F = g.shape
+    c = STATS
+    grid = (triton.cdiv(T, c["ROWS"]), triton.cdiv(F, c["BF"]))
+    k = 1 if da is None else 2
+    part = torch.empty((k, *grid), device=g.device, dtype=torch.float32)
+    with_sums = da is not None and sums
+    total = torch.empty((2, grid[0], F), device=g.device, dtype=torch.float32) if with_sums else part
+    _swiglu_stats_kernel[grid](g, u, da if da is not None else g, part, total, T, F, ROWS=c["ROWS"], BT=c["BT"],
+                               BF=c["BF"], BACKWARD=da is not None, SUMS=with_sums, num_warps=c["num_warps"])
+    return part.flatten(1).amax(1), (total.sum(1) if with_sums else None)
+
+
+def swiglu_cast(g: torch.Tensor, u: torch.Tensor, da: torch.Tensor | None, scale: torch.Tensor,
+                dtype: torch.dtype) -> list[torch.Tensor]:
+    """[a, a transposed] (da None) or [d u, its transpose, d g, its transpose], scaled by scale[i], in `dtype`."""
+    T, F = g.shape
+    c = CAST
+    out = [torch.empty(s, device=g.device, dtype=dtype) for s in ((T, F), (F, T)) * (1 if da is None else 2)]
+    o1, o1_t = (out[2], out[3]) if da is not None else (out[0], out[1])
+    grid = (triton.cdiv(T, c["BT"]), triton.cdiv(F, c["BF"]))
+    _swiglu_cast_kernel[grid](g, u, da if da is not None else g, scale, out[0], out[1], o1, o1_t, T, F,
+                              FP8_MAX=torch.finfo(dtype).max, BT=c["BT"], BF=c["BF"], BACKWARD=da is not None,
+                              num_warps=c["num_warps"])
+    return out
