@@ -18,7 +18,7 @@ What backward keeps is then FP8 input and weight copies rather than the bf16 inp
 compiled, Inductor's partitioner decides what is kept either way (peak memory measured the same). The
 rowwise recipes scale the backward's copies along the other axis, so they cast inside torchao's function.
 With `tensorwise` a GeLU MLP's linears run as one FP8 function instead (gpt3d/model/fp8_mlp.py, same recipe),
-whose casts between the GEMMs are Triton kernels near bandwidth rather than Inductor's (SwiGLU: opt-in).
+whose casts between the GEMMs are Triton kernels, faster there than Inductor's (SwiGLU: opt-in, not faster).
 """
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ kernels (gpt3d/model/fp8_mlp_triton.py) that also write the transposed copy the 
 with the bias gradients summed on the way. Same recipe as `--fp8-recipe tensorwise`: one dynamic scale
 per tensor from its amax (torchao's rule and bits for input, weights and fc2's output gradient; the
 activation and its gradients rounded to the model precision first, as the unfused model stores them), E4M3
-forward, E5M2 gradients, fast accumulation in the forward GEMMs only. The TP communication stays in the
+forward, E5M2 gradients, fast accumulation in the forward GEMMs only. One difference in rounding: the first
+linears' biases are added in the GEMM's epilogue (one rounding to bf16), where the per-linear path rounds
+the GEMM's output and then adds the bias. The TP communication stays in the
 TP layers; this is their local GEMM work. Where the token count is not a multiple of 16 (the weight-gradient
 GEMMs' inner dimension) the per-linear path runs instead.
 

@@ -1,15 +1,17 @@
 """Triton kernels for the FP8 MLP functions (gpt3d/model/fp8_mlp.py): why they exist is bandwidth.
 
-Tensorwise FP8 needs a tensor's amax before its cast, so each cast is two passes. Inductor writes them
-at ~1 TB/s of the H100's ~3 (benchmarks/RESULTS.md, 2026-12-06): its amax of the GeLU output is a split
+Tensorwise FP8 needs a tensor's amax before its cast, so each cast is two passes. Inductor writes the GeLU
+MLP's at ~1 TB/s of the H100's ~3 (benchmarks/RESULTS.md, 2026-12-06): its amax of the GeLU output is a split
 reduction of its own, and the GeLU (SwiGLU) backward's cast into both layouts (row-major for the input-gradient
 GEMM, transposed for the weight-gradient GEMM) is a strided scatter. Here each pass reads its inputs once
 in 2-D tiles: the stats pass keeps the tile's max (and, in backward, the bias gradient's column sums)
 and writes one partial per tile, so the result does not depend on scheduling; the cast pass writes the
 tile in both layouts. The math is the reference in fp8_mlp.py: GeLU or SwiGLU (or their gradients) in fp32
 of the model-precision inputs, rounded to the model precision where the unfused model stores a tensor, scaled,
-clamped to the FP8 range and rounded to nearest even; NaN and inf propagate as there. Triton's erf/exp may
-differ from CUDA's in the last bits, which can move a rounding (benchmarks/fp8_mlp_check.py measures how often).
+clamped to the FP8 range and rounded to nearest even; NaN and inf propagate as there. Triton's erf/exp (and
+fp32 division) may differ from CUDA's in the last bits, which can move a rounding (benchmarks/fp8_mlp_check.py
+measures how often). Measured speed (RESULTS.md, 2026-12-06): the GeLU kernels beat Inductor's 1.7-2.2x; the
+SwiGLU ones by as much at 16384 x 5632 but not at the Llama shape 8192 x 8192, where Inductor's run at ~1.7 TB/s.
 
 Imported only where Triton is installed (CUDA wheels of torch bring it); the CPU reference is the spec.
 """

@@ -114,38 +114,46 @@ def test_fp8_with_recompute_gives_the_same_step(arch):
     assert all(torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-5) for k in ga)
 
 
+ARCH = {"gpt": GPT, "llama": LLAMA, "swiglu+bias": dict(LLAMA, disable_bias_linear=False)}
+
+
 def _tp_fp8(rank: int, world: int, arch: str = "llama", sp: bool = False) -> dict:
-    cfg = tiny_config(**(LLAMA if arch == "llama" else GPT))
+    cfg = tiny_config(**ARCH[arch])
     ps = build_parallel_state(ParallelConfig(tensor_model_parallel_size=world, sequence_parallel=sp), world, rank,
                               torch.device("cpu"))
     m, n = _model(cfg, ps, fp8=True)
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(2))
     loss, grads = _loss_and_grads(m, tokens)
     fused = all(mlp._fused is not None for mlp in m.modules() if isinstance(mlp, MLP))
-    mlp = {k: grads[f"layers.0.mlp.{k}"] for k in ("fc1.weight", "fc2.weight", "gate.weight")
-           if f"layers.0.mlp.{k}" in grads}
+    mlp = {k: grads[f"layers.0.mlp.{k}"] for k in MLP_GRADS if f"layers.0.mlp.{k}" in grads}
     return {"loss": float(loss), "swapped": n, "qkv_grad": grads["layers.0.attention.qkv.weight"], "fused": fused,
             "mlp": mlp}
 
 
-@pytest.mark.parametrize("arch,sp", [("llama", False), ("llama", True), ("gpt", False), ("gpt", True)])
+MLP_GRADS = {"fc1.weight": 0, "fc2.weight": 1, "gate.weight": 0, "fc1.bias": 0, "gate.bias": 0}   # split dims
+
+
+@pytest.mark.parametrize("arch,sp", [("llama", False), ("llama", True), ("gpt", False), ("gpt", True),
+                                     ("swiglu+bias", True)])
 def test_fp8_with_tensor_parallel_sharded_linears(arch, sp):
     """TP=2: each rank's sharded linears run FP8 GEMMs; loss and gradients match one process within FP8's error.
     The MLP (GeLU or SwiGLU) runs as one FP8 function on each rank's shards, the TP layers' communication
     around it (with sequence parallelism: the all-gather before fc1 and the reduce-scatter after fc2)."""
     out = distributed.run(2, _tp_fp8, arch, sp)
     ps = ParallelState()
-    ref, _ = _model(tiny_config(**(LLAMA if arch == "llama" else GPT)), ps, fp8=True)
+    ref, _ = _model(tiny_config(**ARCH[arch]), ps, fp8=True)
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(2))
     loss, grads = _loss_and_grads(ref, tokens)
-    assert [o["swapped"] for o in out] == ([10, 10] if arch == "llama" else [8, 8])
+    assert [o["swapped"] for o in out] == ([8, 8] if arch == "gpt" else [10, 10])
     assert [o["fused"] for o in out] == [True, True]
     for o in out:
         assert abs(o["loss"] - float(loss)) < 1e-2 * float(loss)
     full = torch.cat([o["qkv_grad"] for o in out], dim=0)   # column-parallel: rows split across ranks
     assert _cos(full, grads["layers.0.attention.qkv.weight"]) > 0.98
-    names = (("fc1.weight", 0), ("fc2.weight", 1)) + ((("gate.weight", 0),) if arch == "llama" else ())
-    for name, dim in names:   # column- / row-parallel
+    names = [k for k in MLP_GRADS if f"layers.0.mlp.{k}" in grads]
+    assert len(names) == {"gpt": 3, "llama": 3, "swiglu+bias": 5}[arch]
+    for name in names:   # column- / row-parallel shards
+        dim = MLP_GRADS[name]
         assert _cos(torch.cat([o["mlp"][name] for o in out], dim=dim), grads[f"layers.0.mlp.{name}"]) > 0.98
 
 

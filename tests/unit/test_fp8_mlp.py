@@ -60,9 +60,12 @@ def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, swiglu
         calls = _exact_quantization(mp)
         g = torch.Generator().manual_seed(seed)
 
+        exponent = iter(range(-6, 7, 2))   # each tensor its own magnitude, so each gets its own scale
+
         def rand(*shape):
-            return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
-        x, dy = rand(tokens, h), torch.randn(tokens, h, generator=g, dtype=torch.float64)
+            t = torch.randn(*shape, generator=g, dtype=torch.float64) * 2.0 ** next(exponent)
+            return t.requires_grad_()
+        x, dy = rand(tokens, h), rand(tokens, h).detach()
         firsts = [(rand(f, h), rand(f) if bias else None) for _ in range(2 if swiglu else 1)]   # (gate,) fc1
         w2 = rand(h, f)
         weights = [t for pair in firsts for t in pair] + [w2]
@@ -183,7 +186,10 @@ def test_enable_fp8_fuses_the_mlp_only_with_tensorwise_scales():
                                             ("tensorwise", SWIGLU, False, False), ("tensorwise", SWIGLU, True, True),
                                             ("rowwise", SWIGLU, True, False)):
         m = GPTModel(tiny_config(**GPT, **arch).model, ps, seed_everything(3, ps), vocab_size=250)
-        enable_fp8(m, recipe, ps.device, emulate=True, fused_swiglu=swiglu_too)
+        if swiglu_too:
+            enable_fp8(m, recipe, ps.device, emulate=True, fused_swiglu=True)
+        else:   # the default, as build_model_chunks calls it
+            enable_fp8(m, recipe, ps.device, emulate=True)
         assert all((mlp._fused is not None) is fused for mlp in m.modules() if isinstance(mlp, MLP))
     plain = _model(cfg, fused=False)
     assert all(mlp._fused is None for mlp in plain.modules() if isinstance(mlp, MLP))
