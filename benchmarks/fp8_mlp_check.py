@@ -234,21 +234,33 @@ def bench_swiglu() -> None:
                   f"triton {timed(ours):.0f} us")
 
 
-def mlp_bench_swiglu(T=8192, H=2048, F=8192) -> None:
+def mlp_bench(swiglu: bool) -> None:
+    """The whole MLP, compiled, forward + backward: bf16, FP8 per linear, FP8 as one function (1.3B's GeLU
+    MLP, T=16384 H=2048 F=8192, with a bias; the Llama shape's SwiGLU, T=8192 H=2048 F=8192, without)."""
     import torch.nn.functional as Fn
     from gpt3d.model.fp8 import Float8Matmul, _fused_mlp
+    T, H, F = (8192, 2048, 8192) if swiglu else (16384, 2048, 8192)
     torch.manual_seed(0)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    wg, w1 = ((torch.randn(F, H, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    w1 = (torch.randn(F, H, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
     w2 = (torch.randn(H, F, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
     dy = torch.randn(T, H, device="cuda", dtype=torch.bfloat16) * 1e-2
-    fused = _fused_mlp(Float8Matmul("tensorwise"), True, "none")
-    leaves = (x, wg, w1, w2)
-    variants = {
-        "bf16": lambda: Fn.linear(Fn.silu(Fn.linear(x, wg)) * Fn.linear(x, w1), w2),
-        "fp8 per linear": lambda: fused.fallback(x, wg, None, w1, None, w2),
-        "fp8 fused": lambda: fused(x, wg, None, w1, None, w2),
-    }
+    fused = _fused_mlp(Float8Matmul("tensorwise"), swiglu, "none")
+    if swiglu:
+        wg = (torch.randn(F, H, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
+        weights, leaves, names = (wg, None, w1, None, w2), (x, wg, w1, w2), "y, dx, dwg, dw1, dw2"
+
+        def bf16():
+            return Fn.linear(Fn.silu(Fn.linear(x, wg)) * Fn.linear(x, w1), w2)
+    else:
+        b1 = torch.zeros(F, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        weights, leaves, names = (w1, b1, w2), (x, w1, b1, w2), "y, dx, dw1, db1, dw2"
+
+        def bf16():
+            return Fn.linear(Fn.gelu(Fn.linear(x, w1, b1)), w2)
+    variants = {"bf16": bf16, "fp8 per linear": lambda: fused.fallback(x, *weights),
+                "fp8 fused": lambda: fused(x, *weights)}
+    tag = "swiglu " if swiglu else ""
     outs = {}
     for name, fn in variants.items():
         c = torch.compile(fn)
@@ -264,48 +276,10 @@ def mlp_bench_swiglu(T=8192, H=2048, F=8192) -> None:
         outs[name] = [y.detach().float()] + [t.grad.float() for t in leaves]
         for t in leaves:
             t.grad = None
-        print(f"swiglu mlp T={T} H={H} F={F} {name}: {us / 1000:.3f} ms fwd+bwd")
+        print(f"{tag}mlp T={T} H={H} F={F} {name}: {us / 1000:.3f} ms fwd+bwd")
     cos = lambda a, b: torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()  # noqa: E731
     for name in ("fp8 per linear", "fp8 fused"):
-        print(f"swiglu mlp {name} vs bf16 cosine (y, dx, dwg, dw1, dw2):",
-              " ".join(f"{cos(a, b):.5f}" for a, b in zip(outs[name], outs["bf16"])))
-
-
-def mlp_bench(T=16384, H=2048, F=8192) -> None:
-    import torch.nn.functional as Fn
-    from gpt3d.model.fp8 import Float8Matmul, _fused_mlp
-    torch.manual_seed(0)
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w1 = (torch.randn(F, H, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
-    b1 = torch.zeros(F, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w2 = (torch.randn(H, F, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
-    dy = torch.randn(T, H, device="cuda", dtype=torch.bfloat16) * 1e-2
-    mm = Float8Matmul("tensorwise")
-    fused = _fused_mlp(mm, False, "none")
-    variants = {
-        "bf16": lambda: Fn.linear(Fn.gelu(Fn.linear(x, w1, b1)), w2),
-        "fp8 per linear": lambda: fused.fallback(x, w1, b1, w2),
-        "fp8 fused": lambda: fused(x, w1, b1, w2),
-    }
-    outs = {}
-    for name, fn in variants.items():
-        c = torch.compile(fn)
-
-        def step(c=c):
-            y = c()
-            y.backward(dy)
-            return y
-        us = timed(step, 10)
-        for t in (x, w1, b1, w2):
-            t.grad = None
-        y = step()
-        outs[name] = [y.detach().float()] + [t.grad.float() for t in (x, w1, b1, w2)]
-        for t in (x, w1, b1, w2):
-            t.grad = None
-        print(f"mlp T={T} H={H} F={F} {name}: {us / 1000:.3f} ms fwd+bwd")
-    cos = lambda a, b: torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()  # noqa: E731
-    for name in ("fp8 per linear", "fp8 fused"):
-        print(f"mlp {name} vs bf16 cosine (y, dx, dw1, db1, dw2):",
+        print(f"{tag}mlp {name} vs bf16 cosine ({names}):",
               " ".join(f"{cos(a, b):.5f}" for a, b in zip(outs[name], outs["bf16"])))
 
 
@@ -321,12 +295,12 @@ def main() -> None:
         ok &= check()
         bench(a.sweep)
         if a.mlp:
-            mlp_bench()
+            mlp_bench(False)
     if a.only != "gelu":
         ok &= check_swiglu()
         bench_swiglu()
         if a.mlp:
-            mlp_bench_swiglu()
+            mlp_bench(True)
     print("CHECK", "PASSED" if ok else "FAILED")
 
 
