@@ -172,6 +172,14 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torc
                             use_fast_accum=fast_accum)
 
 
+def _fc2_backward(dy: torch.Tensor, w2_8t: torch.Tensor, inv_w2: torch.Tensor, a8_t: torch.Tensor,
+                  inv_a: torch.Tensor, w2_dtype: torch.dtype, fast: tuple[bool, bool, bool]) -> tuple:
+    """fc2's (input gradient, weight gradient) from dy, cast to E5M2 as torchao does; both MLP kinds share it."""
+    dy8, dy8_t, inv_dy = cast(dy.contiguous(), E5M2)   # row-major, as _scaled_mm's first operand must be
+    return (scaled_mm(dy8, w2_8t.t(), inv_dy, inv_w2, dy.dtype, fast[1]),    # [T, H] @ [H, F]
+            scaled_mm(dy8_t, a8_t.t(), inv_dy, inv_a, w2_dtype, fast[2]))    # [H, T] @ [T, F]
+
+
 class _GeluMLP(torch.autograd.Function):
     """y = GeLU(x W1^T + b1) W2^T on [tokens, features] tensors, every GEMM in FP8."""
 
@@ -189,24 +197,23 @@ class _GeluMLP(torch.autograd.Function):
         inv_a = scale_a.reciprocal()
         y = scaled_mm(a8, w2_8.t(), inv_a, inv_w2, dt, fast[0])
         ctx.save_for_backward(x8_t, inv_x, w1_8t, inv_w1, h, a8_t, inv_a, w2_8t, inv_w2)
-        ctx.tanh, ctx.fast, ctx.dtypes = tanh, fast, (w1.dtype, w2.dtype, None if b1 is None else b1.dtype)
+        ctx.tanh, ctx.fast = tanh, fast
+        ctx.dtypes = [t.dtype if t is not None else None for t in (w1, b1, w2)]
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
         x8_t, inv_x, w1_8t, inv_w1, h, a8_t, inv_a, w2_8t, inv_w2 = ctx.saved_tensors
         dt, (_, fast_dgrad, fast_wgrad) = dy.dtype, ctx.fast
-        dy = dy.contiguous()   # row-major, as _scaled_mm's first operand must be
-        dy8, dy8_t, inv_dy = cast(dy, E5M2)
-        da = scaled_mm(dy8, w2_8t.t(), inv_dy, inv_w2, dt, fast_dgrad)              # [T, H] @ [H, F]
-        dw2 = scaled_mm(dy8_t, a8_t.t(), inv_dy, inv_a, ctx.dtypes[1], fast_wgrad)  # [H, T] @ [T, F]
+        t_w1, t_b1, t_w2 = ctx.dtypes
+        da, dw2 = _fc2_backward(dy, w2_8t, inv_w2, a8_t, inv_a, t_w2, ctx.fast)
         amax, db1 = gelu_stats(h, da, ctx.tanh)
         scale_g = to_scale(amax, E5M2)
         g8, g8_t = gelu_cast(h, da, scale_g, ctx.tanh, E5M2)
         inv_g = scale_g.reciprocal()
         dx = scaled_mm(g8, w1_8t.t(), inv_g, inv_w1, dt, fast_dgrad)                # [T, F] @ [F, H]
-        dw1 = scaled_mm(g8_t, x8_t.t(), inv_g, inv_x, ctx.dtypes[0], fast_wgrad)    # [F, T] @ [T, H]
-        return dx, dw1, (None if ctx.dtypes[2] is None else db1.to(ctx.dtypes[2])), dw2, None, None
+        dw1 = scaled_mm(g8_t, x8_t.t(), inv_g, inv_x, t_w1, fast_wgrad)             # [F, T] @ [T, H]
+        return dx, dw1, (None if t_b1 is None else db1.to(t_b1)), dw2, None, None
 
 
 class _SwiGLUMLP(torch.autograd.Function):
@@ -238,9 +245,7 @@ class _SwiGLUMLP(torch.autograd.Function):
         x8_t, inv_x, wg8_t, inv_wg, w1_8t, inv_w1, g, u, a8_t, inv_a, w2_8t, inv_w2 = ctx.saved_tensors
         dt, (_, fast_dgrad, fast_wgrad) = dy.dtype, ctx.fast
         t_wg, t_bg, t_w1, t_b1, t_w2 = ctx.dtypes
-        dy8, dy8_t, inv_dy = cast(dy.contiguous(), E5M2)
-        da = scaled_mm(dy8, w2_8t.t(), inv_dy, inv_w2, dt, fast_dgrad)          # [T, H] @ [H, F]
-        dw2 = scaled_mm(dy8_t, a8_t.t(), inv_dy, inv_a, t_w2, fast_wgrad)      # [H, T] @ [T, F]
+        da, dw2 = _fc2_backward(dy, w2_8t, inv_w2, a8_t, inv_a, t_w2, ctx.fast)
         amax, sums = swiglu_stats(g, u, da, t_bg is not None or t_b1 is not None)
         scale_g = to_scale(amax, E5M2)   # [d u, d g]
         du8, du8_t, dg8, dg8_t = swiglu_cast(g, u, da, scale_g, E5M2)
