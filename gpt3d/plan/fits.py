@@ -28,7 +28,8 @@ from .search import unmodelled
 
 INDEX_BYTES_PER_SAMPLE = 16   # shuffle_idx (int64) + sample_idx (2 x int32) per indexed sample, gpt_dataset.py
 # FP8 keeps a linear's input in one byte where bf16 kept two, so at most half of what a layer keeps goes (measured
-# on one H100: a third at 1.3B, 49.3 -> 40.3 GiB; benchmarks/RESULTS.md 2026-12-06). Halving all "activations"
+# on one H100 at 1.3B: 49.3 -> 40.3 GiB per linear, 48.0 -> 43.3 with the fused GeLU MLP of gpt3d/model/fp8_mlp.py;
+# benchmarks/RESULTS.md 2026-12-06). Halving all "activations"
 # (the bf16 head's logits and the dropout masks included, which FP8 does not shrink) errs towards letting a run start.
 FP8_MOST_ACTIVATIONS_SAVED = 0.5
 
