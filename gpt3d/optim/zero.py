@@ -3,7 +3,7 @@
 Megatron-core's distributed optimizer, minus the indirection:
   * each DP rank owns 1/DP of every gradient bucket (`GradBuffer.shard`); it keeps fp32 master weights and
     Adam moments only for the parameter ranges inside that shard (`GradBuffer.local_ranges`), steps them
-    with torch's fused AdamW, and all-gathers the updated parameters bucket by bucket;
+    in one flat AdamW pass that also writes the parameters (adamw.py), and all-gathers them bucket by bucket;
   * the global gradient norm and the non-finite check need one all-reduce, and a non-finite gradient on
     any rank skips the step on every rank, without a host sync;
   * the state is kept in parameter space (name, element range), so a checkpoint loads at any other
@@ -25,6 +25,7 @@ from ..config import OptimizerConfig
 from ..parallel.param_meta import param_meta
 from ..parallel.precision import upcast
 from ..parallel.state import ParallelState
+from .adamw import FlatAdamW, Piece
 from .grad_buffer import GradBuffer
 
 
@@ -41,22 +42,6 @@ def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
     """[len(grads)] in the gradients' dtype (fp32 or fp64): each gradient's L2 norm (what clip_grad_norm_ sums),
     one multi-tensor pass; a non-finite element makes its tensor's norm non-finite."""
     return upcast(torch.stack(torch._foreach_norm(grads, 2.0)))
-
-
-def _fused_adamw_step(opt: torch.optim.Adam, lr: float, grad_scale: Optional[torch.Tensor],
-                      found_inf: torch.Tensor) -> None:
-    """One fused AdamW step that divides every gradient by `grad_scale` (clipping without a pass of its own)
-    and is skipped inside the kernel when `found_inf` is 1 (no host sync).
-
-    Fused torch optimizers read both from the `grad_scale` / `found_inf` attributes: the contract
-    torch.amp.GradScaler uses with them (torch/amp/grad_scaler.py). They are set for this step only."""
-    for g in opt.param_groups:
-        g["lr"] = lr
-    opt.grad_scale, opt.found_inf = grad_scale, found_inf  # type: ignore[attr-defined]  # GradScaler's contract
-    try:
-        opt.step()
-    finally:
-        opt.grad_scale = opt.found_inf = None  # type: ignore[attr-defined]  # (see above)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,25 +76,23 @@ class ZeroOptimizer:
         counted = [i for i, pc in enumerate(self.pieces) if pc.counted]
         self.counted = torch.tensor(counted, dtype=torch.long, device=ps.device) if counted else None
         self.separate_master = buffer.param_dtype not in (torch.float32, torch.float64)   # half params
-        groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
-        self.masters: list[nn.Parameter] = []
+        flat, pieces = 0, []
         for pc in self.pieces:
-            view = self._param_view(pc)
-            master = nn.Parameter(view.detach().float().clone() if self.separate_master else view)
+            pieces.append(Piece(pc.offset, flat, pc.hi - pc.lo, decay=pc.param.ndim > 1))   # none on biases, norms
+            flat += pc.hi - pc.lo
+        # AdamW (decoupled weight decay), or Adam's L2 penalty where a run continues one that used it
+        self.adamw = FlatAdamW(pieces, buffer.param_data, torch.float32 if self.separate_master else buffer.param_dtype,
+                               self.separate_master, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps,
+                               cfg.weight_decay, cfg.decoupled_weight_decay)
+        self.masters: list[nn.Parameter] = []
+        for i, pc in enumerate(self.pieces):
+            master = nn.Parameter(self.adamw.master_view(i))   # a view: the flat buffer (or the parameter) itself
             master.grad = buffer.grad_data[pc.offset:pc.offset + pc.hi - pc.lo]
             self.masters.append(master)
-            groups[pc.param.ndim > 1].append(master)  # no decay on biases and norms
         # fixed for the optimizer's life (the buffers are never reallocated; masters change in place), so the
         # step builds no per-tensor lists: at small shapes the step is host-bound
         self._grads: list[torch.Tensor] = [cast(torch.Tensor, m.grad) for m in self.masters]
         self._publish_pairs = ([self._param_view(pc) for pc in self.pieces], [m.detach() for m in self.masters])
-        param_groups = [{"params": groups[True], "weight_decay": cfg.weight_decay},
-                        {"params": groups[False], "weight_decay": 0.0}]
-        param_groups = [g for g in param_groups if g["params"]]
-        # AdamW (decoupled weight decay), or Adam's L2 penalty where a run continues one that used it
-        self.optimizer = torch.optim.Adam(param_groups, lr=0.0, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                          eps=cfg.adam_eps, fused=True,
-                                          decoupled_weight_decay=cfg.decoupled_weight_decay)
 
     def _param_view(self, pc: _Piece) -> torch.Tensor:
         return self.buffer.param_data[pc.offset:pc.offset + pc.hi - pc.lo]
@@ -143,9 +126,9 @@ class ZeroOptimizer:
         if loss_scale is not None:
             norm = norm / loss_scale.to(norm.dtype)   # exact for Megatron's power-of-two scales
         found_inf = torch.maximum(found_inf, (~torch.isfinite(norm)).float())
-        # The fused AdamW kernel divides each gradient by `grad_scale`: the loss scale and the clip ride in it,
-        # saving a read-modify-write pass over every fp32 gradient for each (GradScaler's way with fused
-        # optimizers); a non-finite norm skips the step via found_inf.
+        # The AdamW step divides each gradient by `grad_scale`: the loss scale and the clip ride in it, saving
+        # a read-modify-write pass over every fp32 gradient for each; a non-finite norm skips the step via
+        # found_inf.
         grad_scale = None
         if self.cfg.clip_grad > 0 and grads:
             coef = (self.cfg.clip_grad / (norm + 1e-6)).clamp(max=1.0).reshape(())
@@ -153,14 +136,19 @@ class ZeroOptimizer:
         if loss_scale is not None and grads:
             scale = loss_scale.float().reshape(())
             grad_scale = scale if grad_scale is None else grad_scale * scale
-        _fused_adamw_step(self.optimizer, lr, grad_scale, found_inf.reshape(()))
-        self._publish()
+        # the step writes the shard's (bf16/fp16) parameters itself
+        self.adamw.step(self.buffer.grad_data, lr, grad_scale, found_inf.reshape(()))
+        self._all_gather()
         return OptimizerStep(norm, found_inf)
 
     def _publish(self) -> None:
-        """Copy updated masters into the (bf16/fp16) parameters and share the shards across DP."""
+        """Copy the masters into the (bf16/fp16) parameters and share the shards across DP (after loading)."""
         if self.separate_master and self.masters:
             torch._foreach_copy_(*self._publish_pairs)
+        self._all_gather()
+
+    def _all_gather(self) -> None:
+        """ZeRO-1: every DP rank's updated shard to every rank."""
         if self.zero == 1:
             data = self.buffer.param_data
             for b in self.buffer.buckets:
@@ -175,12 +163,8 @@ class ZeroOptimizer:
     # ----- state --------------------------------------------------------------------------------------------
     def state_bytes(self) -> int:
         """Bytes of optimizer-owned state on this rank: master weights (if separate) and Adam moments."""
-        total = 0
-        for m in self.masters:
-            st = self.optimizer.state.get(m, {})
-            total += sum(v.numel() * v.element_size() for k, v in st.items() if k != "step")
-            total += m.numel() * m.element_size() if self.separate_master else 0
-        return total
+        a = self.adamw
+        return sum(t.numel() * t.element_size() for t in (a.master, a.exp_avg, a.exp_avg_sq))
 
     def piece_keys(self) -> list[tuple[str, int, int]]:
         """(name, lo, hi) of every parameter range whose state this rank holds, as in `state_dict`."""
@@ -189,31 +173,26 @@ class ZeroOptimizer:
     def state_dict(self) -> dict:
         """{"step": Adam's step count, "pieces": {(name, lo, hi): {"master", "exp_avg", "exp_avg_sq"}}}:
         this rank's state by parameter name and element range of the flattened (TP-local) parameter."""
-        pieces, step = {}, 0
-        for m, pc in zip(self.masters, self.pieces):
-            st = self.optimizer.state.get(m, {})
-            if "step" in st:
-                step = int(st["step"])
-            pieces[(pc.name, pc.lo, pc.hi)] = {
-                "master": m.detach(),
-                "exp_avg": st.get("exp_avg", torch.zeros_like(m)).detach(),
-                "exp_avg_sq": st.get("exp_avg_sq", torch.zeros_like(m)).detach()}
-        return {"step": step, "pieces": pieces}
+        steps = self.adamw.steps
+        pieces = {}
+        for i, (m, pc) in enumerate(zip(self.masters, self.pieces)):
+            avg, sq = self.adamw.moments(i)
+            pieces[(pc.name, pc.lo, pc.hi)] = {"master": m.detach(), "exp_avg": avg, "exp_avg_sq": sq}
+        return {"step": int(steps.max()) if steps.numel() else 0, "pieces": pieces}
 
     def load_state_dict(self, state: dict) -> None:
         """`state` as `state_dict` returns it, for this rank's pieces; a kind missing from a piece keeps what
-        is there (no Adam moments: they start at zero with the first step). Then the parameters follow."""
-        for m, pc in zip(self.masters, self.pieces):
+        is there (no Adam moments: they start at zero with the piece's first step). Then the parameters follow."""
+        for i, (m, pc) in enumerate(zip(self.masters, self.pieces)):
             kinds = state["pieces"].get((pc.name, pc.lo, pc.hi), {})
             if kinds.get("master") is not None:
                 m.data.copy_(kinds["master"])
             avg, sq = kinds.get("exp_avg"), kinds.get("exp_avg_sq")
             if avg is None or sq is None:
                 continue
-            self.optimizer.state[m] = {
-                "step": torch.tensor(float(state["step"]), dtype=torch.float32, device=m.device),
-                "exp_avg": avg.to(m.device, m.dtype).clone(),
-                "exp_avg_sq": sq.to(m.device, m.dtype).clone()}
+            for have, new in zip(self.adamw.moments(i), (avg, sq)):
+                have.copy_(new)
+            self.adamw.steps[i] = float(state["step"])
         self._publish()
 
     def reload_masters_from_params(self) -> None:

@@ -33,7 +33,8 @@ def held_bytes(model, grads: GradBuffer, optimizer: ZeroOptimizer) -> dict:
     `nbytes()` (fp32 gradients), and the sharded optimizer's `state_bytes()` (fp32 masters if separate,
     Adam moments). No report covers Adam's step counters, and reports could miss an allocation, so this
     also walks every distinct storage reachable from the parameters, their `main_grad` views and the
-    torch optimizer's parameters and state: `adam_steps` and `all_storages` (the walk's total) come from it.
+    optimizer's masters, moments and step counts: `adam_steps` and `all_storages` (the walk's total) come
+    from it.
 
     The one place that knows where gpt3d keeps these tensors: adapt it when the optimizer changes."""
     seen: dict = {}
@@ -46,12 +47,12 @@ def held_bytes(model, grads: GradBuffer, optimizer: ZeroOptimizer) -> dict:
         for p in c.parameters():
             add("params", p)
             add("grads", p.main_grad)
-    torch_opt = optimizer.optimizer
-    for group in torch_opt.param_groups:
-        for m in group["params"]:
-            add("masters", m)
-            for k, v in torch_opt.state.get(m, {}).items():
-                add("adam_steps" if k == "step" else "adam_moments", v)
+    for m in optimizer.masters:
+        add("masters", m)
+    a = optimizer.adamw
+    add("adam_moments", a.exp_avg)
+    add("adam_moments", a.exp_avg_sq)
+    add("adam_steps", a.steps)
     return {"params": grads.param_nbytes(), "grads": grads.nbytes(), "optimizer_state": optimizer.state_bytes(),
             "adam_steps": sum(n for kind, n in seen.values() if kind == "adam_steps"),
             "all_storages": sum(n for _, n in seen.values())}
@@ -143,7 +144,7 @@ def test_stand_in_ranks_match_the_optimizer_buffers(case, arch):
         assert [(p.name, p.numel) for c in plan_chunks for p in c] == names
         grads = GradBuffer(chunks, ps, zero_stage=zero, bucket_size_mb=0.003)
         opt = ZeroOptimizer(grads, OptimizerConfig(), ps)
-        opt.optimizer.step()   # the torch AdamW alone creates Adam's state; ZeroOptimizer.step needs peers
+        # Adam's state is allocated with the optimizer (ZeroOptimizer.step would need peers)
         held = held_bytes(chunks, grads, opt)
         pred = persistent_bytes([p for c in plan_chunks for p in c], lay, dp_rank=ps.dp_rank, param_bytes=2,
                                 bucket_size_mb=0.003)
