@@ -14,6 +14,7 @@ A run is SHAPE:OPTIONS[:MBS[:MICRO]] with OPTIONS joined by '+':
   ndt (Inductor prefer_nd_tiling) | map (Inductor max_autotune_pointwise)
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
   h1 (probe: the replicated-dropout hash with one mixing round instead of two; masks differ from gpt3d's)
+  gaps (where the GPU idles between kernels in back-to-back steps, and which host op it waits on: `GAPS` lines)
 Prints one row per run: ms/iter, tokens/s, MFU, peak GiB, optimizer ms, first step s (compilation included),
 attention kernels, wall seconds, host ms per phase (time spent launching: where the step is host-bound);
 with --profile, the top CUDA kernels of those runs and their time per step by kind (GEMM, attention, Triton,
@@ -164,6 +165,9 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
     row["gpu_ms"] = sum(kinds.values())   # kernels alone, per step
     row["attn_kernels"] = sorted({e.key[:60] for e in ka if any(
         w in e.key.lower() for w in ("flash", "cudnn", "fmha", "attention", "sdpa", "efficient"))})[:3]
+    if "gaps" in opts:
+        for line in gap_report(tr, batch):
+            print("GAPS " + run + " " + line)
     if profile:
         table = ka.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=110)
         row["kinds_ms"] = kinds
@@ -172,6 +176,58 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
         print(table[:5000])
         print("per step by kind (ms):", json.dumps(kinds))
     return row
+
+
+def gap_report(tr, batch, steps: int = 2) -> list[str]:
+    """Idle time of the GPU between its kernels over `steps` back-to-back steps, split by whether the host had
+    not yet started launching the kernel that ended the gap (host-late: the GPU waited on Python/dispatch),
+    with the host-late time by the outermost and innermost CPU ops around that launch."""
+    import bisect
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile as prof
+    tr.train_step(batch)
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+        for _ in range(steps):
+            tr.train_step(batch)
+        torch.cuda.synchronize()
+    path = os.path.join(tempfile.gettempdir(), "gaps_trace.json")
+    pr.export_chrome_trace(path)
+    with open(path) as fh:
+        ev = json.load(fh)["traceEvents"]
+    gpu = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                 key=lambda e: e["ts"])
+    launch = {e["args"]["correlation"]: e for e in ev if e.get("cat") == "cuda_runtime"
+              and "correlation" in e.get("args", {})}
+    ops: dict = {}
+    for e in ev:
+        if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e:
+            ops.setdefault(e["tid"], []).append(e)
+    starts = {t: [o["ts"] for o in sorted(v, key=lambda o: o["ts"])] for t, v in ops.items()}
+    ops = {t: sorted(v, key=lambda o: o["ts"]) for t, v in ops.items()}
+    busy = gpu[0]["ts"] + gpu[0]["dur"] if gpu else 0
+    total = late = 0.0
+    by: dict = {}
+    for k in gpu[1:]:
+        gap = k["ts"] - busy
+        if gap > 1.0:
+            total += gap
+            ln = launch.get(k.get("args", {}).get("correlation"))
+            if ln is not None and ln["ts"] > busy:   # the host began this launch after the GPU went idle
+                wait = min(gap, ln["ts"] - busy)
+                late += wait
+                t = ln["tid"]
+                i = bisect.bisect_right(starts.get(t, []), ln["ts"])
+                around = [o for o in ops.get(t, [])[max(0, i - 3000):i] if o["ts"] + o["dur"] >= ln["ts"]]
+                key = (around[0]["name"][:60], around[-1]["name"][:50]) if around else ("?", "?")
+                by[key] = by.get(key, 0.0) + wait
+        busy = max(busy, k["ts"] + k["dur"])
+    span = (busy - gpu[0]["ts"]) / steps if gpu else 0.0
+    out = [f"per step: span {span / 1e3:.1f} ms, kernels {len(gpu) / steps:.0f}, idle {total / steps / 1e3:.2f} ms, "
+           f"of it host-late {late / steps / 1e3:.2f} ms"]
+    for (outer, inner), t in sorted(by.items(), key=lambda kv: -kv[1])[:14]:
+        out.append(f"  {t / steps / 1e3:7.2f} ms  {outer}  >  {inner}")
+    return out
 
 
 def _time_phases(tr) -> dict:

@@ -43,14 +43,14 @@ class Calibration:
     ATTN_BACKWARD_FACTOR x that backward, at long sequences and head size 128 (`attention_efficiency` gives other
     shapes); ew_gbps: everything else in a layer (norms, activations, residuals, rotary), as the bytes of the
     layer's saved activations times `EW_PASSES` per second; loss_gbps: the cross entropy over the logits (bytes of
-    the logits times `LOSS_PASSES` per second); optimizer_ns_per_param: clipping + fused AdamW + bf16 copy per fp32
-    element of this rank's shard; grad_gbps: the per-parameter gradient hooks that copy (first micro-batch, 6 bytes
-    per element) or add (10 bytes) each bf16 gradient into the fp32 buffer; host_layer_s and host_step_s: CPU time
-    to launch one layer's forward + backward (with its gradient hooks) and a step's own work (clipping, optimizer,
-    bookkeeping): a step never runs faster than the host can launch it, which is what bounds small models at small
-    micro-batches. The host figures are the CPU's, not the GPU's: fitted to two runs of benchmarks/plan_check.py
-    (125M, micro-batch 8 x 1024, 1 and 4 micro-batches) on the H200 machine's host (benchmarks/RESULTS.md
-    2026-12-02) and assumed for every preset.
+    the logits times `LOSS_PASSES` per second); optimizer_ns_per_param: clipping + the AdamW step (which writes
+    the bf16 parameter) per fp32 element of this rank's shard; grad_gbps: the per-parameter gradient hooks that
+    copy (first micro-batch, 6 bytes per element) or add (10 bytes) each bf16 gradient into the fp32 buffer;
+    host_layer_s and host_step_s: CPU time to launch one layer's forward + backward (with its gradient hooks) and a
+    step's own work (clipping, optimizer, bookkeeping): a step never runs faster than the host can launch it,
+    which is what bounds small models at small micro-batches. The host figures are the CPU's, not the GPU's:
+    fitted to two runs of benchmarks/plan_check.py (125M, micro-batch 8 x 1024, 1 and 4 micro-batches) on the
+    H200 machine's host (benchmarks/RESULTS.md 2026-12-02) and assumed for every preset.
     """
     gemm_tflops: float
     attn_tflops: float
@@ -113,12 +113,14 @@ class Gpu:
 
 # Measured on one H100 80GB HBM3 by benchmarks/plan_check.py at the 1.3B shape, micro-batch 8
 # (benchmarks/RESULTS.md, 2026-11-25): the layer's GEMMs, cuDNN attention, the rest of a compiled layer, the
-# loss, and clipping + fused AdamW. The GEMM and attention rates measured there (778.9 and 347.5 TFLOP/s at
+# loss, and clipping + AdamW. The GEMM and attention rates measured there (778.9 and 347.5 TFLOP/s at
 # that shape) are restated for the cost curves above: 793.9 without 12 x GEMM_OVERHEAD_S, and 347.5 /
-# attention_efficiency(2048, 128) = 517.3.
+# attention_efficiency(2048, 128) = 517.3. The optimizer's, 2026-12-06: the flat AdamW step (optim/adamw.py),
+# 15.9 ms over the 1.3B model's parameters.
 H100_MEASURED = Calibration(gemm_tflops=793.9, attn_tflops=517.3, ew_gbps=2666.4, loss_gbps=1030.4,
-                            optimizer_ns_per_param=0.01773,
-                            source="measured on an H100 80GB HBM3 at the 1.3B shape (benchmarks/RESULTS.md 2026-11-25)")
+                            optimizer_ns_per_param=0.01208,
+                            source="measured on an H100 80GB HBM3 at the 1.3B shape (benchmarks/RESULTS.md "
+                                   "2026-11-25; optimizer 2026-12-06)")
 
 _H100 = dict(tflops=989.0, hbm_gbps=3350.0)
 PRESETS = {
