@@ -6,7 +6,8 @@ the fp32 masters into the bf16 parameters).
 
 Correctness: random piece layouts (gaps between pieces, odd sizes), bf16 parameters with fp32 masters and fp32
 parameters, decoupled decay and Adam's L2 penalty, with and without a gradient scale, a skipped step among
-four. Prints, per tensor, the largest difference and how many elements differ at all. Timing: the pieces of a
+four: the kernel must give the reference's bits (asserted); against torch's fused AdamW it prints the largest
+difference and how many elements differ. Timing: the pieces of a
 GPT shape's parameters, one step of each path (CUDA events, median of 10), with the bytes each must move.
 Exploratory: numbers that count go to benchmarks/RESULTS.md.
 """
@@ -76,10 +77,11 @@ def check() -> None:
                     torch_opt.step()
                 torch.cuda.synchronize()
                 tag = f"separate={separate} decoupled={decoupled} scale={scale}"
-                for name in ("master", "exp_avg", "exp_avg_sq", "param_data"):
+                for name in ("master", "exp_avg", "exp_avg_sq", "param_data", "steps"):
                     a, b = getattr(ker, name), getattr(ref, name)
                     if a.numel():
                         print(f"CHECK {tag} {name:10s} kernel vs reference: {_diff(a, b)}")
+                        assert torch.equal(a, b), f"{tag}: the kernel's {name} is not the reference's"
                 flat_torch = torch.cat([m.detach() for m in masters])
                 mine = torch.cat([ker.master_view(i) for i in range(len(pieces))])
                 print(f"CHECK {tag} master     kernel vs torch fused: {_diff(mine, flat_torch)}")

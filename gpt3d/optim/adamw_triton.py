@@ -2,9 +2,10 @@
 
 One program per block of at most BLOCK elements of one piece (adamw.block_table, built once): it reads the
 gradient, master and moments once and writes master, moments and the half-precision parameter once. The math
-is `reference_step`'s: float64 where torch's kernel computes in double (the constants from a float64 tensor,
-the learning rate as two float32 halves), float32 with IEEE-rounded division and square root elsewhere.
-Checked against the reference, and timed against torch's fused AdamW, by benchmarks/adamw_check.py on the GPU.
+is `reference_step`'s, operation by operation: float64 where torch's kernel computes in double (the constants
+from a float64 tensor, the learning rate as three float32 parts that sum to it exactly), float32 with
+IEEE-rounded division and square root elsewhere, and no fused multiply-adds, so the bits are the reference's
+(benchmarks/adamw_check.py checks that on the GPU, and times the kernel against torch's fused AdamW).
 
 Imported only where Triton is installed (CUDA wheels of torch bring it).
 """
@@ -21,7 +22,7 @@ BLOCK, WARPS = 1024, 4   # chosen on one H100 by benchmarks/adamw_check.py (benc
 
 @triton.jit
 def _adamw_kernel(g_ptr, master_ptr, m_ptr, v_ptr, out_ptr, off_ptr, flat_ptr, n_ptr, piece_ptr, decay_ptr,
-                  steps_ptr, consts_ptr, scale_ptr, inf_ptr, lr_hi, lr_lo,
+                  steps_ptr, consts_ptr, scale_ptr, inf_ptr, lr_hi, lr_mid, lr_lo,
                   HAS_SCALE: tl.constexpr, DECOUPLED: tl.constexpr, SEPARATE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     off = tl.load(off_ptr + pid)
@@ -33,7 +34,7 @@ def _adamw_kernel(g_ptr, master_ptr, m_ptr, v_ptr, out_ptr, off_ptr, flat_ptr, n
     b2 = tl.load(consts_ptr + 1)
     eps = tl.load(consts_ptr + 2)
     wd = tl.load(consts_ptr + 3)
-    lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
+    lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_mid, tl.float64) + tl.cast(lr_lo, tl.float64)   # exact
     t = tl.load(steps_ptr + tl.load(piece_ptr + pid)).to(tl.float64) + 1.0
     bc1 = (1.0 - tl.exp(t * tl.log(b1))).to(tl.float32)   # b1^t in float64 (~1e-12 of pow), then float32
     bc2s = tl.sqrt(1.0 - tl.exp(t * tl.log(b2))).to(tl.float32)
@@ -70,11 +71,16 @@ def _adamw_kernel(g_ptr, master_ptr, m_ptr, v_ptr, out_ptr, off_ptr, flat_ptr, n
 def step(opt, table: tuple[torch.Tensor, ...], grad_data: torch.Tensor, lr: float,
          grad_scale: Optional[torch.Tensor], found_inf: torch.Tensor) -> None:
     """One step of `opt` (a FlatAdamW); `table` from adamw.block_table(pieces, BLOCK), on the optimizer's device."""
-    lr_hi = float(torch.tensor(lr, dtype=torch.float32))
+    lr_parts = []   # three float32s that sum to lr exactly (Triton passes Python floats as float32)
+    rest = lr
+    for _ in range(3):
+        lr_parts.append(float(torch.tensor(rest, dtype=torch.float32)))
+        rest -= lr_parts[-1]
     out = opt.param_data
     off, flat, n, piece, decay = table
     _adamw_kernel[(off.numel(),)](
         grad_data, opt.master if opt.separate_master else out, opt.exp_avg, opt.exp_avg_sq, out,
         off, flat, n, piece, decay, opt.steps, opt.consts, grad_scale if grad_scale is not None else found_inf,
-        found_inf, lr_hi, lr - lr_hi, HAS_SCALE=grad_scale is not None, DECOUPLED=opt.decoupled,
-        SEPARATE=opt.separate_master, BLOCK=BLOCK, num_warps=WARPS)
+        found_inf, *lr_parts, HAS_SCALE=grad_scale is not None, DECOUPLED=opt.decoupled,
+        SEPARATE=opt.separate_master, BLOCK=BLOCK, num_warps=WARPS,
+        enable_fp_fusion=False)   # each operation rounded on its own, as reference_step's: the same bits

@@ -119,7 +119,7 @@ def _chunk_seconds(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: 
 
 
 def _optimizer_ns_per_param(cfg: Config, warmup: int, iters: int, device: torch.device, n: int) -> float:
-    """clip + fused AdamW + bf16 copy over ~100M fp32 master elements."""
+    """clip + the AdamW step (which writes the bf16 parameters) over ~100M fp32 master elements."""
     from ..optim.grad_buffer import GradBuffer
     from ..optim.zero import ZeroOptimizer
     from ..parallel.state import ParallelState

@@ -168,3 +168,48 @@ def test_the_buffer_holds_the_sum_of_every_micro_batchs_gradients(uses, bucket_k
     for p in model.parameters():
         assert torch.equal(p.main_grad, want[p])
         assert p.grad is None
+
+
+def test_pieces_loaded_without_moments_restart_their_own_count():
+    """Adam's step count is per piece, as torch's per tensor: after loading a state in which one piece has no
+    moments, that piece steps as a fresh AdamW (bias corrections from step 1) while the others go on from the
+    loaded count; float64, against torch's AdamW per piece."""
+    torch.manual_seed(0)
+    cfg = OptimizerConfig(weight_decay=0.1, clip_grad=0.0)
+    ps = ParallelState.single()
+
+    def make():
+        model = _model(torch.float64)
+        grads = GradBuffer([model], ps)
+        return grads, ZeroOptimizer(grads, cfg, ps)
+
+    def fill(grads, seed):
+        g = torch.Generator().manual_seed(seed)
+        grads.grad_data.copy_(torch.randn(grads.grad_data.shape, generator=g, dtype=torch.float64))
+    grads, opt = make()
+    for seed in (1, 2):
+        fill(grads, seed)
+        opt.step(1e-2)
+    state = opt.state_dict()
+    dropped = next(iter(state["pieces"]))
+    state["pieces"][dropped] = {"master": state["pieces"][dropped]["master"]}
+    grads2, opt2 = make()
+    opt2.load_state_dict(state)
+    assert [int(s) for s in opt2.adamw.steps] == [0 if k == dropped else 2 for k in opt2.state_dict()["pieces"]]
+    refs = []
+    for i, (key, kinds) in enumerate(state["pieces"].items()):
+        w = torch.nn.Parameter(kinds["master"].clone())
+        ref = torch.optim.Adam([w], lr=1e-2, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                               weight_decay=0.1 if opt2.pieces[i].param.ndim > 1 else 0.0,
+                               decoupled_weight_decay=True, foreach=False)
+        if key != dropped:
+            ref.state[w] = {"step": torch.tensor(2.0), "exp_avg": kinds["exp_avg"].clone(),
+                            "exp_avg_sq": kinds["exp_avg_sq"].clone()}
+        refs.append((w, ref))
+    fill(grads2, 3)
+    opt2.step(1e-2)
+    for (w, ref), pc, m in zip(refs, opt2.pieces, opt2.masters):
+        w.grad = grads2.grad_data[pc.offset:pc.offset + pc.hi - pc.lo].clone()
+        ref.step()
+        torch.testing.assert_close(m.detach(), w.detach(), rtol=1e-12, atol=1e-15)
+    assert [int(s) for s in opt2.adamw.steps] == [1 if k == dropped else 3 for k in opt2.state_dict()["pieces"]]
