@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..parallel.param_meta import param_meta
 from ..parallel.state import ParallelState
+from .accumulate import accumulate
 from .buckets import bucket_layout, effective_zero_stage, late_reductions, local_pieces, shard_range
 
 
@@ -110,11 +111,10 @@ class GradBuffer:
     # ----- gradient sync ------------------------------------------------------------------------------------
     def _make_hook(self, bucket: Bucket) -> Callable:
         def hook(p: torch.Tensor) -> None:
-            if p in self._untouched:   # first gradient of the step: a copy, so zero_grad need not clear
-                p.main_grad.copy_(p.grad)  # type: ignore[attr-defined]  # the buffer view set in __init__
+            first = p in self._untouched   # first gradient of the step: a copy, so zero_grad need not clear
+            accumulate(p.main_grad, p.grad, first)  # type: ignore[attr-defined, arg-type]  # view set in __init__
+            if first:
                 self._untouched.discard(p)
-            else:
-                p.main_grad.add_(p.grad)  # type: ignore[attr-defined]  # the buffer view set in __init__
             p.grad = None
             if self.overlap and self._sync and not bucket.late:
                 bucket.pending -= 1
