@@ -50,9 +50,10 @@ def main() -> None:
     dsts = [torch.zeros(s, device="cuda") for s in sizes]
     srcs = [torch.randn(s, device="cuda").to(torch.bfloat16) for s in sizes]
     total = sum(sizes)
+    default = (k.BLOCK, k.WARPS)
     for first, name, bpe in ((True, "copy", 6), (False, "add", 10)):
         t_torch = _ms(lambda first=first: [d.copy_(s) if first else d.add_(s) for d, s in zip(dsts, srcs)])
-        configs = [(k.BLOCK, k.WARPS)] + ([(1024, 4), (2048, 4), (4096, 4), (8192, 8)] if a.sweep else [])
+        configs = [default] + ([(1024, 4), (2048, 4), (4096, 4), (8192, 8)] if a.sweep else [])
         for block, warps in configs:
             k.BLOCK, k.WARPS = block, warps
             t = _ms(lambda first=first: [k.accumulate(d, s, first) for d, s in zip(dsts, srcs)])

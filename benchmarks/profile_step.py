@@ -197,8 +197,8 @@ def gap_report(tr, batch, steps: int = 2) -> list[str]:
         ev = json.load(fh)["traceEvents"]
     gpu = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
                  key=lambda e: e["ts"])
-    launch = {e["args"]["correlation"]: e for e in ev if e.get("cat") == "cuda_runtime"
-              and "correlation" in e.get("args", {})}
+    launch = {e["args"]["correlation"]: e for e in ev if e.get("cat") in ("cuda_runtime", "cuda_driver")
+              and "correlation" in e.get("args", {})}   # Triton/Inductor kernels launch through the driver API
     ops: dict = {}
     for e in ev:
         if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e:

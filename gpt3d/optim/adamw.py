@@ -3,7 +3,7 @@ parameters.
 
 Why not torch's fused AdamW: it steps a list of tensors and, given a gradient scale (gpt3d's clip and fp16
 loss scale ride in it), writes every unscaled gradient back; copying the fp32 masters into the bf16 parameters
-is then a pass of its own. At 1.3B on one H100 the optimizer took 21.8 ms a step (benchmarks/RESULTS.md,
+is then a pass of its own. At 1.3B on one H100 the optimizer took ~21.6 ms a step (benchmarks/RESULTS.md,
 2026-12-06), ~9% of an FP8 step, where the bytes a step must move (read gradient, master and both moments;
 write master, moments and the bf16 parameter) take ~13 ms. Here masters and moments are flat buffers in
 piece order and one kernel (gpt3d/optim/adamw_triton.py, on CUDA) steps every piece in fixed-size blocks,

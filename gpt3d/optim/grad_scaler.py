@@ -2,7 +2,7 @@
 
 Only fp16 needs it; bf16 and fp32 run with `scaler = None`. The scale, the count
 of good steps and the hysteresis left are device tensors updated with `where`,
-so a step never waits for the host: the fused AdamW already skips a step from
+so a step never waits for the host: the AdamW step (optim/adamw.py) already skips a step from
 the same `found_inf` flag, and the host reads the scale only when it logs or
 saves (a per-step `.item()` cost fp16 a quarter of its speed, benchmarks/RESULTS.md).
 """

@@ -1,7 +1,7 @@
 """`gpt3d bench`: gpt3d's real training step vs a Hugging Face peer, same shape, same batch, same process.
 
 gpt3d runs `Trainer.train_step` (bf16 or fp16 params, optionally FP8 GEMMs,
-fp32 master weights in the ZeRO optimizer, fused AdamW, clipping) on synthetic
+fp32 master weights in the ZeRO optimizer, its AdamW step, clipping) on synthetic
 tokens. The peer is `transformers.GPT2LMHeadModel` for the GPT-3 shapes and
 `LlamaForCausalLM` for the Llama shape, with SDPA attention, autocast (bf16, or
 fp16 with a GradScaler under --fp16), fused AdamW, clipping and torch.compile.

@@ -91,7 +91,7 @@ class Persistent:
     grads: int                # contiguous fp32 gradient buffer (same layout)
     masters: int              # fp32 master weights of this rank's shard (0 when parameters are fp32)
     adam_moments: int         # exp_avg + exp_avg_sq, fp32, this rank's shard
-    adam_steps: int           # one fp32 step counter per shard piece (fused AdamW)
+    adam_steps: int           # one fp32 step counter per shard piece (optim/adamw.py, as torch's per tensor)
     elements: int             # buffer elements, padding included
     param_elements: int
     shard_elements: int       # parameter elements this rank's optimizer owns

@@ -2,7 +2,7 @@
 
 `TrainStep` is what `train` and `bench` run: forward/backward of every micro-batch through the pipeline
 schedule, gradient sync, clip and optimizer step, with no host synchronisation: a step with
-non-finite gradients is skipped by the fused AdamW from the device flag `found_inf`, and fp16's loss scale
+non-finite gradients is skipped by the AdamW step from the device flag `found_inf`, and fp16's loss scale
 is updated from the same flag on the device (optim/grad_scaler.py).
 It hands its outcome back as a `StepResult` (device tensors, read when the loop chooses to) instead of
 deciding anything itself: when to stop and what to print belong to stop.py and report.py.

@@ -95,7 +95,7 @@ def test_grad_buffer_reduces_only_outside_no_sync():
 @given(k=st.integers(-6, 32), clip=st.sampled_from([0.0, 1e-3, 1.0, 1e4]), seed=st.integers(0, 2 ** 16),
        bad=st.sampled_from([None, float("inf"), float("-inf"), float("nan")]))
 def test_a_loss_scaled_step_is_the_unscaled_step(k, clip, seed, bad):
-    """fp16's loss scale rides inside the fused AdamW kernel (no unscaling pass of its own): stepping gradients
+    """fp16's loss scale rides inside the AdamW step (no unscaling pass of its own): stepping gradients
     multiplied by a power-of-two scale S with loss_scale=S gives bit for bit the norm, the skip decision and
     the parameters of stepping the plain gradients. A non-finite gradient skips the step."""
     cfg = OptimizerConfig(weight_decay=0.1, clip_grad=clip)
