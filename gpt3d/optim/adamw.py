@@ -86,8 +86,9 @@ class FlatAdamW:
             reference_step(self, grad_data, lr, grad_scale, found_inf)
         self.steps.add_(1.0 - found_inf)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.master, self.exp_avg, self.exp_avg_sq, self.steps))
+    def state_bytes(self) -> int:
+        """Bytes of the masters (if separate) and the Adam moments (the step counts aside)."""
+        return sum(t.numel() * t.element_size() for t in (self.master, self.exp_avg, self.exp_avg_sq))
 
 
 def block_table(pieces: list[Piece], block: int) -> tuple[torch.Tensor, ...]:

@@ -163,8 +163,7 @@ class ZeroOptimizer:
     # ----- state --------------------------------------------------------------------------------------------
     def state_bytes(self) -> int:
         """Bytes of optimizer-owned state on this rank: master weights (if separate) and Adam moments."""
-        a = self.adamw
-        return sum(t.numel() * t.element_size() for t in (a.master, a.exp_avg, a.exp_avg_sq))
+        return self.adamw.state_bytes()
 
     def piece_keys(self) -> list[tuple[str, int, int]]:
         """(name, lo, hi) of every parameter range whose state this rank holds, as in `state_dict`."""
