@@ -203,8 +203,8 @@ def gap_report(tr, batch, steps: int = 2) -> list[str]:
     for e in ev:
         if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e:
             ops.setdefault(e["tid"], []).append(e)
-    starts = {t: [o["ts"] for o in sorted(v, key=lambda o: o["ts"])] for t, v in ops.items()}
     ops = {t: sorted(v, key=lambda o: o["ts"]) for t, v in ops.items()}
+    starts = {t: [o["ts"] for o in v] for t, v in ops.items()}
     busy = gpu[0]["ts"] + gpu[0]["dur"] if gpu else 0
     total = late = 0.0
     by: dict = {}
