@@ -7,6 +7,7 @@ A run is SHAPE:OPTIONS[:MBS[:MICRO]] with OPTIONS joined by '+':
   bf16 (default) | fp16 | fp8 | fp8row (rowwise recipe) | fp8gw (rowwise_with_gw_hp)
   fp8u (tensorwise, the GeLU MLP per linear instead of gpt3d/model/fp8_mlp.py's one function)
   fp8s (tensorwise, a SwiGLU MLP as one function too: enable_fp8's fused_swiglu)
+  nq (with fp8: the QKV linear per linear, not gpt3d/model/fp8_qkv.py's function)
   fp8o | fp8r | fp8d | fp8dr (probes, benchmarks/fp8_scaling_probe.py: own casts; per-row amax; delayed; both)
   fce (fused linear + cross entropy, chunked)
   seq1024 | full | selective (recompute) | layer | chunk (compile granularity) | eager | cudnn|flash|efficient|math
@@ -52,10 +53,14 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
     argv = ["--model", shape, "--micro-batches", str(micro)] + (["--micro-batch-size", str(mbs)] if mbs else [])
     argv += ["--fp16"] if "fp16" in opts else []
     argv += ["--fp8"] if opts & {"fp8", "fp8u", "fp8s", "fp8row", "fp8gw", "fp8d", "fp8r", "fp8dr", "fp8o"} else []
+    kw = {}
     if opts & {"fp8u", "fp8s"}:   # the MLP per linear (torchao's function each) / SwiGLU's as one function too
+        kw.update(fused_mlp="fp8s" in opts, fused_swiglu="fp8s" in opts)
+    if "nq" in opts:   # the QKV linear per linear (torchao's function) instead of gpt3d/model/fp8_qkv.py's
+        kw.update(fused_qkv=False)
+    if kw:
         import functools
-        gpt3d.model.build.enable_fp8 = functools.partial(gpt3d.model.build.enable_fp8, fused_mlp="fp8s" in opts,
-                                                         fused_swiglu="fp8s" in opts)
+        gpt3d.model.build.enable_fp8 = functools.partial(gpt3d.model.build.enable_fp8, **kw)
     if opts & {"fp8d", "fp8r", "fp8dr", "fp8o"}:   # probes: delayed scaling, per-row-then-global amax
         from fp8_scaling_probe import install
         install(delayed=bool(opts & {"fp8d", "fp8dr"}), rowamax=bool(opts & {"fp8r", "fp8dr"}))

@@ -53,6 +53,15 @@ except ImportError:
     _flash_attn_func = None
 
 
+def split_qkv(qkv: torch.Tensor, kv: int, hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused QKV output [..., (heads + 2 kv) * hd] -> q [..., heads, hd], k and v [..., kv, hd]: per kv
+    group its query heads, then its key, then its value (views where a group holds one query head)."""
+    *lead, n = qkv.shape
+    group = n // (kv * hd) - 2
+    qkv = qkv.view(*lead, kv, group + 2, hd)
+    return qkv[..., :group, :].reshape(*lead, kv * group, hd), qkv[..., group, :], qkv[..., group + 1, :]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState):
         super().__init__()
@@ -69,17 +78,27 @@ class SelfAttention(nn.Module):
         self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, ps, bias=bias, std=cfg.init_method_std)
         self.proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, ps, bias=bias,
                                       std=cfg.init_method_std / math.sqrt(2 * cfg.num_layers))
+        self._fused_qkv = None
         self.rotary = None
         if cfg.use_rotary_position_embeddings:
             self.rotary = RotaryEmbedding(int(self.head_dim * cfg.rotary_percent), cfg.rotary_base)
 
+    def set_fused_qkv(self, fused) -> None:
+        """`fused(x, qkv.weight, qkv.bias, kv_heads, head_dim)` -> (q, k, v) [tokens, heads|kv, hd] runs the QKV
+        GEMM and its split as one (e.g. FP8, gpt3d/model/fp8_qkv.py); the TP layer keeps its communication.
+        None: the linear, then split_qkv."""
+        object.__setattr__(self, "_fused_qkv", fused)   # a plain attribute, never a submodule: names stay the same
+
     def forward(self, x: torch.Tensor, kv_cache: Optional[LayerKV] = None) -> torch.Tensor:
-        qkv = self.qkv(x)                                      # [b, s, (heads + 2 kv) * hd]
-        b, s, _ = qkv.shape
-        group = self.heads // self.kv_heads
-        qkv = qkv.view(b, s, self.kv_heads, group + 2, self.head_dim)
-        q = qkv[:, :, :, :group].reshape(b, s, self.heads, self.head_dim)
-        k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]    # [b, s, kv, hd]
+        if self._fused_qkv is not None:
+            x = self.qkv.gather_input(x)
+            b, s, _ = x.shape
+            q, k, v = self._fused_qkv(x, self.qkv.weight, self.qkv.bias, self.kv_heads, self.head_dim)
+            q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
+        else:
+            qkv = self.qkv(x)                                  # [b, s, (heads + 2 kv) * hd]
+            b, s, _ = qkv.shape
+            q, k, v = split_qkv(qkv, self.kv_heads, self.head_dim)   # [b, s, heads|kv, hd]
         if kv_cache is not None:
             return self.proj(self._cached(q, k, v, kv_cache).reshape(b, s, self.heads * self.head_dim))
         # cos, sin [s, rot]: made outside the checkpointed region, whose side effects torch.compile cannot trace

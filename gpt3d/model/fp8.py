@@ -18,7 +18,9 @@ What backward keeps is then FP8 input and weight copies rather than the bf16 inp
 compiled, Inductor's partitioner decides what is kept either way (peak memory measured the same). The
 rowwise recipes scale the backward's copies along the other axis, so they cast inside torchao's function.
 With `tensorwise` a GeLU MLP's linears run as one FP8 function instead (gpt3d/model/fp8_mlp.py, same recipe),
-whose casts between the GEMMs are Triton kernels, faster there than Inductor's (SwiGLU: opt-in, not faster).
+whose casts between the GEMMs are Triton kernels, faster there than Inductor's (SwiGLU: opt-in, not faster),
+and the attention's QKV linear as one function returning q, k and v (gpt3d/model/fp8_qkv.py), whose output
+gradient is cast where attention's backward leaves it.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
+from .attention import SelfAttention
 from .gpt import MLP
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
@@ -104,13 +107,15 @@ def uses_fp8(model: nn.Module) -> bool:
 
 
 def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: bool = False,
-               fused_mlp: bool = True, fused_swiglu: bool = False) -> int:
+               fused_mlp: bool = True, fused_swiglu: bool = False, fused_qkv: bool = True) -> int:
     """Route every TP linear of `model` whose (local) dims suit FP8 GEMMs (multiples of 16) through float8;
     returns how many. The output head is not a TP linear and stays bf16. With `tensorwise` scaling a GeLU
     MLP whose linears all switched runs as one FP8 function (gpt3d/model/fp8_mlp.py: the same recipe, its
     casts in fewer passes) unless `fused_mlp` is False (benchmarks compare the two). A SwiGLU MLP does so
     only with `fused_swiglu`: at the Llama shape it measured no faster than per linear (Inductor's casts
-    there already run at ~1.7 TB/s; benchmarks/RESULTS.md, 2026-12-06), so benchmarks opt in."""
+    there already run at ~1.7 TB/s; benchmarks/RESULTS.md, 2026-12-06), so benchmarks opt in. Likewise the
+    attention's QKV linear, unless `fused_qkv` is False, runs as one function handing back q, k and v
+    (gpt3d/model/fp8_qkv.py) where its head dim is a multiple of 16."""
     if not emulate:
         check_fp8_supported(device)
     matmul = Float8Matmul(recipe, emulate)
@@ -128,12 +133,22 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
             if isinstance(m, MLP) and (fused_swiglu or not m.swiglu) and all(
                     x._matmul is matmul for x in (m.fc1, m.fc2) + ((m.gate,) if m.swiglu else ())):
                 m.set_fused(_fused_mlp(matmul, m.swiglu, m.gelu_approximation))
+    if fused_qkv and matmul._cast_once is not None and (not emulate or device.type == "cpu"):
+        from .fp8_qkv import Float8QKV
+        for m in model.modules():
+            if isinstance(m, SelfAttention) and m.qkv._matmul is matmul and m.head_dim % 16 == 0:
+                m.set_fused_qkv(Float8QKV(_fast(matmul.config), matmul))
     return n
+
+
+def _fast(c) -> tuple[bool, bool, bool]:
+    """torchao's fast-accumulation choice for the forward, input-gradient and weight-gradient GEMMs."""
+    return (c.gemm_config_output.use_fast_accum, c.gemm_config_grad_input.use_fast_accum,
+            c.gemm_config_grad_weight.use_fast_accum)
 
 
 def _fused_mlp(matmul: Float8Matmul, swiglu: bool, approximate: str):
     from .fp8_mlp import Float8MLP
-    c = matmul.config
 
     def per_linear(x, *w):
         if swiglu:
@@ -141,6 +156,4 @@ def _fused_mlp(matmul: Float8Matmul, swiglu: bool, approximate: str):
             return matmul(F.silu(matmul(x, wg, bg)) * matmul(x, w1, b1), w2, None)
         w1, b1, w2 = w
         return matmul(F.gelu(matmul(x, w1, b1), approximate=approximate), w2, None)
-    fast = (c.gemm_config_output.use_fast_accum, c.gemm_config_grad_input.use_fast_accum,
-            c.gemm_config_grad_weight.use_fast_accum)
-    return Float8MLP(swiglu, approximate == "tanh", fast, per_linear)
+    return Float8MLP(swiglu, approximate == "tanh", _fast(matmul.config), per_linear)

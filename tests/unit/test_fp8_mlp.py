@@ -23,28 +23,12 @@ from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
 
 from tests.support.curves import tiny_config
+from tests.support.fp8 import bytes_ as _bytes
+from tests.support.fp8 import exact_quantization as _exact_quantization
+from tests.support.fp8 import torchao_cast as _torchao_cast
 
 GPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=250)
 SWIGLU = dict(swiglu=True, ffn_hidden_size=128)
-
-
-def _exact_quantization(monkeypatch):
-    # a power of two per tensor, from its amax: exact in float64, and a scale paired with the wrong GEMM
-    # operand shows
-    monkeypatch.setattr(fp8_mlp, "to_scale",
-                        lambda amax, dtype: torch.exp2(-torch.floor(torch.log2(amax.double().clamp(min=2 ** -20)))))
-    monkeypatch.setattr(fp8_mlp, "quantize", lambda t, scale, dtype: t.to(torch.float64) * scale)
-
-    calls = []
-
-    def mm(a, b, inv_a, inv_b, out_dtype, fast, bias=None):
-        # _scaled_mm's layouts: a row-major, b column-major (a wrong copy would compute the same values)
-        assert a.is_contiguous() and b.t().is_contiguous(), (a.stride(), b.stride())
-        calls.append((fast, out_dtype))
-        y = (a @ b) * inv_a * inv_b
-        return y if bias is None else y + bias
-    monkeypatch.setattr(fp8_mlp, "scaled_mm", mm)
-    return calls
 
 
 # the GEMMs in order: forward first linear(s), fc2; backward fc2's dgrad, wgrad, then the first linears'
@@ -87,18 +71,6 @@ def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, swiglu
         for a, b in zip(got, want, strict=True):
             assert a.shape == b.shape
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-def _bytes(t):
-    return t.view(torch.uint8)
-
-
-def _torchao_cast(t, dtype, scale=None):
-    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
-    from torchao.float8.float8_training_tensor import GemmInputRole, LinearMMConfig, hp_tensor_and_scale_to_float8
-    if scale is None:
-        return hp_tensor_to_float8_dynamic(t, dtype, LinearMMConfig(), gemm_input_role=GemmInputRole.INPUT)
-    return hp_tensor_and_scale_to_float8(t, scale, dtype, LinearMMConfig(), GemmInputRole.INPUT)
 
 
 @settings(max_examples=40, deadline=None)
@@ -166,7 +138,7 @@ def _model(cfg, fused: bool):
     ps = ParallelState()
     m = GPTModel(cfg.model, ps, seed_everything(3, ps), vocab_size=250)
     m.init_weights(11)
-    enable_fp8(m, "tensorwise", ps.device, emulate=True, fused_mlp=fused, fused_swiglu=fused)
+    enable_fp8(m, "tensorwise", ps.device, emulate=True, fused_mlp=fused, fused_swiglu=fused, fused_qkv=fused)
     return m.cast_parameters(torch.bfloat16)
 
 

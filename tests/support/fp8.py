@@ -1,0 +1,39 @@
+"""FP8 test helpers shared by the fused-function tests (gpt3d/model/fp8_mlp.py, fp8_qkv.py)."""
+from __future__ import annotations
+
+import torch
+
+from gpt3d.model import fp8_mlp
+
+
+def exact_quantization(monkeypatch):
+    """Make the FP8 functions' quantization exact (float64 casts, power-of-two scales, float64 GEMMs);
+    returns the GEMM calls' (fast accumulation, out dtype) as they happen."""
+    # a power of two per tensor, from its amax: exact in float64, and a scale paired with the wrong GEMM
+    # operand shows
+    monkeypatch.setattr(fp8_mlp, "to_scale",
+                        lambda amax, dtype: torch.exp2(-torch.floor(torch.log2(amax.double().clamp(min=2 ** -20)))))
+    monkeypatch.setattr(fp8_mlp, "quantize", lambda t, scale, dtype: t.to(torch.float64) * scale)
+
+    calls = []
+
+    def mm(a, b, inv_a, inv_b, out_dtype, fast, bias=None):
+        # _scaled_mm's layouts: a row-major, b column-major (a wrong copy would compute the same values)
+        assert a.is_contiguous() and b.t().is_contiguous(), (a.stride(), b.stride())
+        calls.append((fast, out_dtype))
+        y = (a @ b) * inv_a * inv_b
+        return y if bias is None else y + bias
+    monkeypatch.setattr(fp8_mlp, "scaled_mm", mm)
+    return calls
+
+
+def bytes_(t):
+    return t.view(torch.uint8)
+
+
+def torchao_cast(t, dtype, scale=None):
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import GemmInputRole, LinearMMConfig, hp_tensor_and_scale_to_float8
+    if scale is None:
+        return hp_tensor_to_float8_dynamic(t, dtype, LinearMMConfig(), gemm_input_role=GemmInputRole.INPUT)
+    return hp_tensor_and_scale_to_float8(t, scale, dtype, LinearMMConfig(), GemmInputRole.INPUT)
