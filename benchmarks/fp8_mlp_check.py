@@ -73,7 +73,35 @@ def check() -> bool:
                 print(f"check T={T} F={F} tanh={tanh} {'bwd' if d is not None else 'fwd'}: amax rel {arel:.1e}, "
                       f"sums rel {srel:.1e}, fp8 bytes differing {bad.sum().item()} ({frac:.1e}), worst rel "
                       f"{step:.3f}, transposed copy {'ok' if layout else 'WRONG'} -> {'ok' if good else 'FAIL'}")
-    return ok & special_values()
+    return ok & special_values() & gate()
+
+
+def gate() -> bool:
+    """The forward amax through the range pass (fp8_mlp_triton.stats) equals the GeLU pass's (_stats_kernel)
+    exactly: where the range settles it (typical h) and where it hands over (small or negative h, -inf)."""
+    import triton
+    ok = True
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for what in ("x2", "x0.1", "x0.02", "negative", "-inf", "+inf"):
+        for T, F in ((16384, 8192), (1000, 136)):
+            h = torch.randn(T, F, device="cuda", generator=g)
+            h = {"x2": h * 2, "x0.1": h * 0.1, "x0.02": h * 0.02, "negative": -h.abs()}.get(what, h)
+            h[T // 3, F // 2] = {"-inf": float("-inf"), "+inf": float("inf")}.get(what, h[T // 3, F // 2])
+            for dt in (torch.bfloat16, torch.float16):
+                for tanh in (False, True):
+                    hh = h.to(dt)
+                    c = k.STATS
+                    grid = (triton.cdiv(T, c["ROWS"]), triton.cdiv(F, c["BF"]))
+                    part = torch.empty(grid, device="cuda", dtype=torch.float32)
+                    k._stats_kernel[grid](hh, hh, part, part, T, F, ROWS=c["ROWS"], BT=c["BT"], BF=c["BF"],
+                                          BACKWARD=False, TANH=tanh, num_warps=c["num_warps"])
+                    a, _ = k.stats(hh, None, tanh)
+                    same = torch.equal(a, part.amax()) or bool(a.isnan() and part.amax().isnan())
+                    ok &= same
+                    if not same or (T, dt, tanh) == (16384, torch.bfloat16, True):
+                        print(f"gate {what} T={T} F={F} {dt} tanh={tanh}: range path {a.item()} GeLU pass "
+                              f"{part.amax().item()} -> {'ok' if same else 'FAIL'}")
+    return ok
 
 
 def special_values() -> bool:

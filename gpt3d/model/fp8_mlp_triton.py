@@ -105,12 +105,79 @@ def _cast_kernel(h_ptr, da_ptr, scale_ptr, out_ptr, out_t_ptr, T, F, FP8_MAX: tl
     tl.store(out_t_ptr + cols[:, None].to(tl.int64) * T + rows[None, :], tl.trans(q), mask=tl.trans(mask))
 
 
+@triton.jit
+def _range_kernel(h_ptr, part_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Per program: the max and the min of its ITERS * BLOCK elements of h (NaN kept)."""
+    pid = tl.program_id(0)
+    hi = tl.full((BLOCK,), float("-inf"), tl.float32)
+    lo = tl.full((BLOCK,), float("inf"), tl.float32)
+    for i in range(ITERS):
+        offs = (pid * ITERS + i).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(h_ptr + offs, mask=offs < n, other=float("nan")).to(tl.float32)
+        hi = _max(hi, tl.where(offs < n, x, float("-inf")))
+        lo = tl.minimum(lo, tl.where(offs < n, x, float("inf")), propagate_nan=tl.PropagateNan.ALL)
+    tl.store(part_ptr + 2 * pid, tl.reduce(hi, 0, _max))
+    tl.store(part_ptr + 2 * pid + 1, tl.min(lo, 0))
+
+
+@triton.jit
+def _gate_kernel(h_ptr, part_ptr, n_part, flag_ptr, BLOCK: tl.constexpr, LOOPS: tl.constexpr, TANH: tl.constexpr):
+    """One program: the candidate amax GeLU(max h), and whether it is certainly the amax (flag 0) or the full
+    pass must run (1). Why the candidate is exact: for x > 0 GeLU's slope is >= 1/2, so GeLU of two neighbouring
+    bf16/fp16 values differ by far more than fp32's error and their rounded GeLUs are ordered like them; for
+    x < 0, |GeLU(x)| < 0.1701 everywhere. So when the rounded GeLU(max h) >= 0.25 it is the amax; otherwise
+    (and where h holds -inf, whose GeLU is NaN, or NaN) the full pass decides."""
+    i = tl.arange(0, BLOCK)
+    hi = tl.full((BLOCK,), float("-inf"), tl.float32)
+    lo = tl.full((BLOCK,), float("inf"), tl.float32)
+    for k in range(0, LOOPS):   # LOOPS * BLOCK >= n_part
+        start = k * BLOCK
+        m = start + i < n_part
+        hi = _max(hi, tl.load(part_ptr + 2 * (start + i), mask=m, other=float("-inf")))
+        lo = tl.minimum(lo, tl.load(part_ptr + 2 * (start + i) + 1, mask=m, other=float("inf")),
+                        propagate_nan=tl.PropagateNan.ALL)
+    top = tl.reduce(hi, 0, _max)
+    cand = _gelu(top, TANH).to(h_ptr.dtype.element_ty).to(tl.float32)
+    sure = (cand >= 0.25) & (tl.min(lo, 0) > float("-inf"))   # False for NaN
+    tl.store(flag_ptr, tl.where(sure, 0, 1))
+    tl.store(flag_ptr + 1, cand.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _gated_stats_kernel(h_ptr, flag_ptr, amax_ptr, T, F, ROWS: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+                        TANH: tl.constexpr):
+    """_stats_kernel's forward where _gate_kernel found it needed; else each program writes the candidate."""
+    at = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    if tl.load(flag_ptr) == 0:
+        tl.store(amax_ptr + at, tl.load(flag_ptr + 1).to(tl.float32, bitcast=True))
+    else:
+        _stats_kernel(h_ptr, h_ptr, amax_ptr, amax_ptr, T, F, ROWS, BT, BF, False, TANH)
+
+
+RANGE = dict(BLOCK=4096, ITERS=8, num_warps=8)
+
+
 def stats(h: torch.Tensor, da: torch.Tensor | None, tanh: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """amax of GeLU(h) (da None) or of da * GeLU'(h), and then also that product's column sums (fp32)."""
+    """amax of GeLU(h) (da None) or of da * GeLU'(h), and then also that product's column sums (fp32).
+
+    Forward with bf16/fp16 h: a pass over h's range instead of GeLU's (GeLU is monotonic where it matters;
+    _gate_kernel says why and when), then the GeLU pass only where that does not settle the amax, decided on the
+    GPU: no host sync, the same bits."""
     T, F = h.shape
     c = STATS
     grid = (triton.cdiv(T, c["ROWS"]), triton.cdiv(F, c["BF"]))
     part = torch.empty(grid, device=h.device, dtype=torch.float32)
+    if da is None and h.dtype in (torch.bfloat16, torch.float16):
+        r = RANGE
+        n_prog = triton.cdiv(h.numel(), r["BLOCK"] * r["ITERS"])
+        ranges = torch.empty(2 * n_prog, device=h.device, dtype=torch.float32)
+        flag = torch.empty(2, device=h.device, dtype=torch.int32)
+        _range_kernel[(n_prog,)](h, ranges, h.numel(), BLOCK=r["BLOCK"], ITERS=r["ITERS"], num_warps=r["num_warps"])
+        _gate_kernel[(1,)](h, ranges, n_prog, flag, BLOCK=1024, LOOPS=triton.cdiv(n_prog, 1024), TANH=tanh,
+                           num_warps=4)
+        _gated_stats_kernel[grid](h, flag, part, T, F, ROWS=c["ROWS"], BT=c["BT"], BF=c["BF"], TANH=tanh,
+                                  num_warps=c["num_warps"])
+        return part.amax(), None
     sums = torch.empty((grid[0], F), device=h.device, dtype=torch.float32) if da is not None else part
     _stats_kernel[grid](h, da if da is not None else h, part, sums, T, F, ROWS=c["ROWS"], BT=c["BT"], BF=c["BF"],
                         BACKWARD=da is not None, TANH=tanh, num_warps=c["num_warps"])
