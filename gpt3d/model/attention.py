@@ -86,7 +86,8 @@ class SelfAttention(nn.Module):
     def set_fused_qkv(self, fused) -> None:
         """`fused(x, qkv.weight, qkv.bias, kv_heads, head_dim)` -> (q, k, v) [tokens, heads|kv, hd] runs the QKV
         GEMM and its split as one (e.g. FP8, gpt3d/model/fp8_qkv.py); the TP layer keeps its communication.
-        None: the linear, then split_qkv."""
+        None: the linear, then split_qkv. q, k, v may be views made inside an autograd function: nothing here may
+        modify them in place."""
         object.__setattr__(self, "_fused_qkv", fused)   # a plain attribute, never a submodule: names stay the same
 
     def forward(self, x: torch.Tensor, kv_cache: Optional[LayerKV] = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Triton kernels for the FP8 MLP functions (gpt3d/model/fp8_mlp.py): why they exist is bandwidth.
 
-Tensorwise FP8 needs a tensor's amax before its cast, so each cast is two passes. Inductor writes the GeLU
+Tensorwise FP8 needs a tensor's amax before its cast, so each cast is two passes (the forward's first a
+pass over h's range where that settles GeLU's amax: `stats`). Inductor writes the GeLU
 MLP's at ~1 TB/s of the H100's ~3 (benchmarks/RESULTS.md, 2026-12-06): its amax of the GeLU output is a split
 reduction of its own, and the GeLU (SwiGLU) backward's cast into both layouts (row-major for the input-gradient
 GEMM, transposed for the weight-gradient GEMM) is a strided scatter. Here each pass reads its inputs once

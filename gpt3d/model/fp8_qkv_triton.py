@@ -31,12 +31,13 @@ def _tile(q_ptr, k_ptr, v_ptr, q_t, q_h, k_t, k_h, v_t, v_h, rows, T, pid_f, GRO
     col0 = pid_f * BF
     blk, within = col0 // HD, col0 % HD
     g, i = blk // (GROUP + 2), blk % (GROUP + 2)
+    g64 = g.to(tl.int64)   # a head's offset reaches the source's size (heads-major: T * hd per head)
     if i < GROUP:
-        base, st = q_ptr + (g * GROUP + i) * q_h + within, q_t
+        base, st = q_ptr + (g64 * GROUP + i) * q_h + within, q_t
     elif i == GROUP:
-        base, st = k_ptr + g * k_h + within, k_t
+        base, st = k_ptr + g64 * k_h + within, k_t
     else:
-        base, st = v_ptr + g * v_h + within, v_t
+        base, st = v_ptr + g64 * v_h + within, v_t
     offs = rows[:, None].to(tl.int64) * st + tl.arange(0, BF)[None, :]
     return tl.load(base + offs, mask=rows[:, None] < T, other=0.0).to(tl.float32)
 

@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 from gpt3d.config import ParallelConfig
 from gpt3d.errors import ConfigError
+from gpt3d.model.attention import SelfAttention
 from gpt3d.model.fp8 import RECIPES, Float8Matmul, enable_fp8
 from gpt3d.model.gpt import MLP, GPTModel
 from gpt3d.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -124,7 +125,8 @@ def _tp_fp8(rank: int, world: int, arch: str = "llama", sp: bool = False) -> dic
     m, n = _model(cfg, ps, fp8=True)
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(2))
     loss, grads = _loss_and_grads(m, tokens)
-    fused = all(mlp._fused is not None for mlp in m.modules() if isinstance(mlp, MLP))
+    fused = all(mlp._fused is not None for mlp in m.modules() if isinstance(mlp, MLP)) and all(
+        a._fused_qkv is not None for a in m.modules() if isinstance(a, SelfAttention))   # QKV's function too
     mlp = {k: grads[f"layers.0.mlp.{k}"] for k in MLP_GRADS if f"layers.0.mlp.{k}" in grads}
     return {"loss": float(loss), "swapped": n, "qkv_grad": grads["layers.0.attention.qkv.weight"], "fused": fused,
             "mlp": mlp}

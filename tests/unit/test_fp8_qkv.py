@@ -165,3 +165,19 @@ def test_which_path_runs_and_the_fallback_is_the_per_linear_path(monkeypatch, to
     if fallback_calls:
         l0, g0 = _step(_model(cfg, fused=False), batch)
         assert torch.equal(l0, l1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+def test_compiled_the_function_gives_eagers_gradients():
+    """Under torch.compile (AOTAutograd traces the function, its view outputs and custom ops) the loss and every
+    gradient are eager's bit for bit; the GQA layout too. aot_eager: the same graphs without Inductor's codegen."""
+    for arch in (GPT, GQA):
+        cfg = tiny_config(**arch)
+        tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0))
+        eager = _model(cfg, fused=True)
+        assert all(a._fused_qkv is not None for a in eager.modules() if isinstance(a, SelfAttention))
+        l0, g0 = _step(eager, tokens)
+        compiled = _model(cfg, fused=True)
+        for layer in compiled.layers.values():
+            layer.compile(backend="aot_eager", fullgraph=True)
+        l1, g1 = _step(compiled, tokens)
+        assert torch.equal(l0, l1) and all(torch.equal(g0[k], g1[k]) for k in g0)
