@@ -4,6 +4,10 @@ from __future__ import annotations
 import torch
 
 from gpt3d.model import fp8_mlp
+from gpt3d.model.fp8 import enable_fp8
+from gpt3d.model.gpt import GPTModel
+from gpt3d.parallel.random import seed_everything
+from gpt3d.parallel.state import ParallelState
 
 
 def exact_quantization(monkeypatch):
@@ -37,3 +41,20 @@ def torchao_cast(t, dtype, scale=None):
     if scale is None:
         return hp_tensor_to_float8_dynamic(t, dtype, LinearMMConfig(), gemm_input_role=GemmInputRole.INPUT)
     return hp_tensor_and_scale_to_float8(t, scale, dtype, LinearMMConfig(), GemmInputRole.INPUT)
+
+
+def fp8_model(cfg, **fused) -> GPTModel:
+    """A one-process bf16 GPT with emulated tensorwise FP8 GEMMs; `fused` picks enable_fp8's fused functions."""
+    ps = ParallelState()
+    m = GPTModel(cfg.model, ps, seed_everything(3, ps), vocab_size=250)
+    m.init_weights(11)
+    enable_fp8(m, "tensorwise", ps.device, emulate=True, **fused)
+    return m.cast_parameters(torch.bfloat16)
+
+
+def step(m, tokens) -> tuple[torch.Tensor, dict]:
+    """(loss, every parameter's gradient in fp32) of one forward + backward."""
+    m.zero_grad()
+    loss = m(tokens, tokens).float().mean()
+    loss.backward()
+    return loss.detach(), {k: p.grad.float().clone() for k, p in m.named_parameters()}

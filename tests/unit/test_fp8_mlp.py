@@ -25,6 +25,7 @@ from gpt3d.parallel.state import ParallelState
 from tests.support.curves import tiny_config
 from tests.support.fp8 import bytes_ as _bytes
 from tests.support.fp8 import exact_quantization as _exact_quantization
+from tests.support.fp8 import fp8_model, step
 from tests.support.fp8 import torchao_cast as _torchao_cast
 
 GPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=250)
@@ -135,18 +136,7 @@ def test_the_swiglu_casts_are_torchaos_bits(rows, cols, spread, sums, seed):
 
 
 def _model(cfg, fused: bool):
-    ps = ParallelState()
-    m = GPTModel(cfg.model, ps, seed_everything(3, ps), vocab_size=250)
-    m.init_weights(11)
-    enable_fp8(m, "tensorwise", ps.device, emulate=True, fused_mlp=fused, fused_swiglu=fused, fused_qkv=fused)
-    return m.cast_parameters(torch.bfloat16)
-
-
-def _step(m, tokens):
-    m.zero_grad()
-    loss = m(tokens, tokens).float().mean()
-    loss.backward()
-    return loss.detach(), {k: p.grad.float().clone() for k, p in m.named_parameters()}
+    return fp8_model(cfg, fused_mlp=fused, fused_swiglu=fused, fused_qkv=fused)
 
 
 def test_enable_fp8_fuses_the_mlp_only_with_tensorwise_scales():
@@ -173,8 +163,8 @@ def test_the_fused_model_trains_like_the_per_linear_one(arch):
     rounding (a byte of a cast may round the other way where a bf16 input differs in its last bit)."""
     cfg = tiny_config(**GPT, **arch)
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0))
-    l0, g0 = _step(_model(cfg, fused=False), tokens)
-    l1, g1 = _step(_model(cfg, fused=True), tokens)
+    l0, g0 = step(_model(cfg, fused=False), tokens)
+    l1, g1 = step(_model(cfg, fused=True), tokens)
     assert abs(float(l1 - l0)) < 1e-2 * float(l0)
     for k in g0:
         cos = F.cosine_similarity(g0[k].flatten(), g1[k].flatten(), dim=0)
@@ -186,8 +176,8 @@ def test_token_counts_fp8_gemms_cannot_take_run_per_linear(arch):
     """31 tokens (not a multiple of 16): the fused MLP hands over to the per-linear path, bit for bit."""
     cfg = tiny_config(**GPT, **arch)
     tokens = torch.randint(0, 250, (1, 31), generator=torch.Generator().manual_seed(0))
-    l0, g0 = _step(_model(cfg, fused=False), tokens)
-    l1, g1 = _step(_model(cfg, fused=True), tokens)
+    l0, g0 = step(_model(cfg, fused=False), tokens)
+    l1, g1 = step(_model(cfg, fused=True), tokens)
     assert torch.equal(l0, l1) and all(torch.equal(g0[k], g1[k]) for k in g0)
 
 
@@ -211,6 +201,6 @@ def test_which_path_runs(monkeypatch, tokens, fused_calls, fallback_calls, swigl
             seen["fallback"] += 1
             return _f(*a)
         mlp._fused.fallback = fallback
-    _step(m, torch.randint(0, 250, (2, tokens // 2) if tokens % 2 == 0 else (1, tokens),
+    step(m, torch.randint(0, 250, (2, tokens // 2) if tokens % 2 == 0 else (1, tokens),
                            generator=torch.Generator().manual_seed(0)))
     assert seen == {"fused": fused_calls, "fallback": fallback_calls}

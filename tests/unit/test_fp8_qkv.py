@@ -23,7 +23,7 @@ from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
 
 from tests.support.curves import tiny_config
-from tests.support.fp8 import bytes_, exact_quantization, torchao_cast
+from tests.support.fp8 import bytes_, exact_quantization, fp8_model, step, torchao_cast
 
 GPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=250)
 GQA = dict(GPT, num_key_value_heads=2, swiglu=True, ffn_hidden_size=128, use_rotary_position_embeddings=True,
@@ -99,18 +99,7 @@ def test_the_gradient_casts_are_torchaos_cast_of_the_assembled_gradient(tokens, 
 
 
 def _model(cfg, fused: bool):
-    ps = ParallelState()
-    m = GPTModel(cfg.model, ps, seed_everything(3, ps), vocab_size=250)
-    m.init_weights(11)
-    enable_fp8(m, "tensorwise", ps.device, emulate=True, fused_qkv=fused)
-    return m.cast_parameters(torch.bfloat16)
-
-
-def _step(m, tokens):
-    m.zero_grad()
-    loss = m(tokens, tokens).float().mean()
-    loss.backward()
-    return loss.detach(), {k: p.grad.float().clone() for k, p in m.named_parameters()}
+    return fp8_model(cfg, fused_qkv=fused)
 
 
 def test_enable_fp8_fuses_the_qkv_with_tensorwise_scales_and_16_wide_heads():
@@ -130,8 +119,8 @@ def test_the_fused_model_trains_like_the_per_linear_one(arch):
     rounding (the bias is added in the GEMM's epilogue, one rounding fewer)."""
     cfg = tiny_config(**arch)
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0))
-    l0, g0 = _step(_model(cfg, fused=False), tokens)
-    l1, g1 = _step(_model(cfg, fused=True), tokens)
+    l0, g0 = step(_model(cfg, fused=False), tokens)
+    l1, g1 = step(_model(cfg, fused=True), tokens)
     assert abs(float(l1 - l0)) < 1e-2 * float(l0)
     for k in g0:
         cos = F.cosine_similarity(g0[k].flatten(), g1[k].flatten(), dim=0)
@@ -160,10 +149,10 @@ def test_which_path_runs_and_the_fallback_is_the_per_linear_path(monkeypatch, to
             seen["fallback"] += 1
             return _f(*a)
         att._fused_qkv.fallback = fallback
-    l1, g1 = _step(m, batch)
+    l1, g1 = step(m, batch)
     assert seen == {"fused": fused_calls, "fallback": fallback_calls}
     if fallback_calls:
-        l0, g0 = _step(_model(cfg, fused=False), batch)
+        l0, g0 = step(_model(cfg, fused=False), batch)
         assert torch.equal(l0, l1) and all(torch.equal(g0[k], g1[k]) for k in g0)
 
 
@@ -175,9 +164,9 @@ def test_compiled_the_function_gives_eagers_gradients():
         tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0))
         eager = _model(cfg, fused=True)
         assert all(a._fused_qkv is not None for a in eager.modules() if isinstance(a, SelfAttention))
-        l0, g0 = _step(eager, tokens)
+        l0, g0 = step(eager, tokens)
         compiled = _model(cfg, fused=True)
         for layer in compiled.layers.values():
             layer.compile(backend="aot_eager", fullgraph=True)
-        l1, g1 = _step(compiled, tokens)
+        l1, g1 = step(compiled, tokens)
         assert torch.equal(l0, l1) and all(torch.equal(g0[k], g1[k]) for k in g0)
