@@ -126,14 +126,15 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
             if out_f % 16 == 0 and in_f % 16 == 0:
                 m.set_matmul(matmul)
                 n += 1
-    # tensorwise; not where FP8 is emulated on a GPU without FP8 GEMMs (the function calls _scaled_mm itself;
-    # the CPU has one, which the tests use)
-    if fused_mlp and matmul._cast_once is not None and (not emulate or device.type == "cpu"):
+    # the functions: tensorwise; not where FP8 is emulated on a GPU without FP8 GEMMs (they call _scaled_mm
+    # themselves; the CPU has one, which the tests use)
+    functions = matmul._cast_once is not None and (not emulate or device.type == "cpu")
+    if fused_mlp and functions:
         for m in model.modules():
             if isinstance(m, MLP) and (fused_swiglu or not m.swiglu) and all(
                     x._matmul is matmul for x in (m.fc1, m.fc2) + ((m.gate,) if m.swiglu else ())):
                 m.set_fused(_fused_mlp(matmul, m.swiglu, m.gelu_approximation))
-    if fused_qkv and matmul._cast_once is not None and (not emulate or device.type == "cpu"):
+    if fused_qkv and functions:
         from .fp8_qkv import Float8QKV
         for m in model.modules():
             if isinstance(m, SelfAttention) and m.qkv._matmul is matmul and m.head_dim % 16 == 0:
