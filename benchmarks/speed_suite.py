@@ -10,7 +10,9 @@ time limit and the whole suite a deadline: what does not fit is reported as skip
     python benchmarks/speed_suite.py --plan bf16 --data-dir .bench_data --out $OUT --deadline 560
 
 `--baseline DIR` runs the jobs marked `base` a second time with the gpt3d package in DIR (e.g. the previous
-commit's, `git archive HEAD gpt3d | tar -x -C DIR`), in the same call, for a before/after comparison.
+commit's, `git archive HEAD gpt3d | tar -x -C DIR`), in the same call, for a before/after comparison. The fp8
+plan marks its bf16 benches `base`, and the suite ends with each FP8 row's ratio to the bf16 bench of its shape,
+this tree's and the baseline's: with DIR holding commit d1730e2, issue 25's FP8 ratios from one call.
 Rows go to OUT/suite.jsonl as they finish; a markdown table is printed at the end.
 """
 from __future__ import annotations
@@ -83,9 +85,9 @@ def plans() -> dict:
         "fp8": [   # FP8 vs bf16 at the 1.3B and Llama shapes, same call; FP8 in train
             Job("1.3B bench fp8 8x1", b, "1.3B", 8, prec="fp8", mem=42),
             Job("1.3B train fp8 8x1", t, "1.3B", 8, prec="fp8", iters=25, log=5, warm=False),
-            Job("1.3B bench 8x1", b, "1.3B", 8, mem=50),
+            Job("1.3B bench 8x1", b, "1.3B", 8, mem=50, base=True),
             Job("llama bench fp8 4x1", b, "llama-1.5B", 4, prec="fp8", mem=36),
-            Job("llama bench 4x1", b, "llama-1.5B", 4, mem=38),
+            Job("llama bench 4x1", b, "llama-1.5B", 4, mem=38, base=True),
         ],
     }
 
@@ -151,6 +153,22 @@ def parse(job: Job, stdout: str, run_dir: Path) -> dict:
     out = {"tokens_per_s": statistics.median(steady) if steady else None,
            "mfu": statistics.median([x["mfu"] for x in rows][2:] or [0]),
            "losses": [(x["iteration"], round(x["loss"], 4)) for x in rows]}
+    return out
+
+
+def ratios(rows: list) -> list:
+    """Each FP8 row's tokens/s over the bf16 bench of its shape and batch: this tree's, and the baseline's
+    where the suite ran one (same call, so the ratio compares like with like)."""
+    bf16 = {(r["job"].startswith("base:"), r["shape"], r["mbs"], r["micro"], r["seq"]): r["tokens_per_s"]
+            for r in rows if r["prec"] == "bf16" and r["kind"] == "bench" and r.get("tokens_per_s")}
+    out = []
+    for r in rows:
+        if r["prec"] != "fp8" or r["job"].startswith("base:") or not r.get("tokens_per_s"):
+            continue
+        for base, name in ((False, "this tree's"), (True, "the baseline's")):
+            ref = bf16.get((base, r["shape"], r["mbs"], r["micro"], r["seq"]))
+            if ref:
+                out.append(f"{r['job']}: {r['tokens_per_s'] / ref:.3f}x {name} bf16 bench ({ref:,.0f} tok/s)")
     return out
 
 
@@ -257,6 +275,8 @@ def main() -> int:
         vs = f"{r['vs_peer']:.2f}x" if r.get("vs_peer") else ""
         note = r.get("error") or (f"final loss {r['losses'][-1][1]}" if r.get("losses") else "")
         print(f"| {r['job']} | {tok} | {mfu} | {mem} | {peer} | {vs} | {r['wall_s']} | {note} |")
+    for line in ratios(rows):
+        print("RATIO", line)
     return 0
 
 
