@@ -347,7 +347,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="*", default=[], help="SHAPE:OPTIONS[:MBS[:MICRO]], e.g. 1.3B:fp8:8")
     ap.add_argument("--profile", nargs="*", default=[], help="runs to profile")
-    ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--iters", type=int, default=20,
+                    help="timed steps (6 left ~0.5-1%% between runs of one tree: RESULTS.md, session 32)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--head", action="store_true", help="output head + loss micro-benchmark first")
     ap.add_argument("--deadline", type=float, default=1e9, help="start no run after this many seconds")
