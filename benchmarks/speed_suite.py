@@ -156,6 +156,31 @@ def parse(job: Job, stdout: str, run_dir: Path) -> dict:
     return out
 
 
+def gpu_gib() -> float:
+    """What one warm wave may use: 92% of the first GPU's memory (the rest: each process's CUDA context and
+    the allocator's slack). 132 GiB (an H200's share) where no GPU answers."""
+    import torch
+    if torch.cuda.is_available():
+        return 0.92 * torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    return 132.0
+
+
+def waves(jobs: list, gib: float) -> list:
+    """The warm jobs packed first-fit, in order, into waves whose `mem` estimates sum to at most `gib` (a job
+    larger than that runs alone). On an H100 no two of the fp8 plan's big shapes fit together: 1.3B FP8 and bf16
+    side by side ran out of memory (RESULTS.md, session 32)."""
+    todo, out = list(jobs), []
+    while todo:
+        wave, used = [], 0.0
+        for j in list(todo):
+            if not wave or used + j.mem <= gib:
+                wave.append(j)
+                used += j.mem
+                todo.remove(j)
+        out.append(wave)
+    return out
+
+
 def ratios(rows: list) -> list:
     """Each FP8 row's tokens/s over the bf16 bench of its shape and batch: this tree's, and the baseline's
     where the suite ran one (same call, so the ratio compares like with like)."""
@@ -206,7 +231,7 @@ def main() -> int:
     a.add_argument("--data-dir", default=".bench_data")
     a.add_argument("--out", default=os.environ.get("OUT", "/tmp/speed_suite"))
     a.add_argument("--deadline", type=float, default=560.0, help="seconds for the whole suite")
-    a.add_argument("--gpu-gib", type=float, default=132.0, help="memory budget of one warm wave (H200: 139 GiB)")
+    a.add_argument("--gpu-gib", type=float, help="memory budget of one warm wave (default: 92%% of the GPU's)")
     a.add_argument("--baseline", help="directory holding another gpt3d package, for the jobs marked base")
     a.add_argument("--only", nargs="*", help="job names (substrings) to run")
     a.add_argument("--dry", action="store_true", help="print the commands and stop")
@@ -235,16 +260,13 @@ def main() -> int:
         print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
 
     # warm waves: distinct graphs compiled side by side (and the loss curves run to the end)
-    todo = [j for j in jobs if j.warm]
-    while todo:
-        wave, gib = [], 0.0
-        for j in list(todo):
-            if not wave or gib + j.mem <= args.gpu_gib:
-                wave.append(j)
-                gib += j.mem
-                todo.remove(j)
+    budget = args.gpu_gib or gpu_gib()
+    for wave in waves([j for j in jobs if j.warm], budget):
         if time.time() > end - 60:
             break
+        if len(wave) == 1 and wave[0].kind != "curve":   # nothing to share the GPU with: its timed run compiles it
+            print(json.dumps({"warm": wave[0].name, "skipped": f"alone in a wave of {budget:.0f} GiB"}), flush=True)
+            continue
         started = [(j, *run_one(j, here, data, out, "warm:", j.kind != "curve", 420), time.time()) for j in wave]
         for j, p, run_dir, limit, t in started:
             r = finish(p, j, run_dir, min(limit, end), log)
