@@ -31,6 +31,23 @@ def exact_quantization(monkeypatch):
     return calls
 
 
+def scaled_leaves(g: torch.Generator):
+    """rand(*shape): float64 leaf tensors (requiring grad), each drawn at its own magnitude (2^-6, 2^-4, ...,
+    up to seven tensors), so each gets its own scale and a scale paired with the wrong operand shows."""
+    exponent = iter(range(-6, 7, 2))
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * 2.0 ** next(exponent)).requires_grad_()
+    return rand
+
+
+def assert_same(got, want) -> None:
+    """Pairwise: equal shapes and values within 1e-12 (float64 autograd against float64 autograd)."""
+    for a, e in zip(got, want, strict=True):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a.detach(), e.detach(), rtol=1e-12, atol=1e-12)
+
+
 def bytes_(t):
     return t.view(torch.uint8)
 

@@ -25,7 +25,7 @@ from gpt3d.parallel.state import ParallelState
 from tests.support.curves import tiny_config
 from tests.support.fp8 import bytes_ as _bytes
 from tests.support.fp8 import exact_quantization as _exact_quantization
-from tests.support.fp8 import fp8_model, step
+from tests.support.fp8 import assert_same, fp8_model, scaled_leaves, step
 from tests.support.fp8 import torchao_cast as _torchao_cast
 
 GPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=250)
@@ -43,13 +43,7 @@ ORDER = {"gelu": ["fwd"] * 2 + ["dgrad", "wgrad"] * 2,
 def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, swiglu, tanh, bias, seed):
     with pytest.MonkeyPatch.context() as mp:
         calls = _exact_quantization(mp)
-        g = torch.Generator().manual_seed(seed)
-
-        exponent = iter(range(-6, 7, 2))   # each tensor its own magnitude, so each gets its own scale
-
-        def rand(*shape):
-            t = torch.randn(*shape, generator=g, dtype=torch.float64) * 2.0 ** next(exponent)
-            return t.requires_grad_()
+        rand = scaled_leaves(torch.Generator().manual_seed(seed))
         x, dy = rand(tokens, h), rand(tokens, h).detach()
         firsts = [(rand(f, h), rand(f) if bias else None) for _ in range(2 if swiglu else 1)]   # (gate,) fc1
         w2 = rand(h, f)
@@ -69,9 +63,7 @@ def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, swiglu
         yr = F.linear(act, ref[-1])
         yr.backward(dy)
         want = [yr.detach()] + [t.grad for t in ref if t is not None]
-        for a, b in zip(got, want, strict=True):
-            assert a.shape == b.shape
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert_same(got, want)
 
 
 @settings(max_examples=40, deadline=None)

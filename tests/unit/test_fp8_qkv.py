@@ -23,7 +23,7 @@ from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
 
 from tests.support.curves import tiny_config
-from tests.support.fp8 import bytes_, exact_quantization, fp8_model, step, torchao_cast
+from tests.support.fp8 import assert_same, bytes_, exact_quantization, fp8_model, scaled_leaves, step, torchao_cast
 
 GPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=250)
 GQA = dict(GPT, num_key_value_heads=2, swiglu=True, ffn_hidden_size=128, use_rotary_position_embeddings=True,
@@ -47,11 +47,7 @@ def test_assemble_is_split_qkvs_inverse(tokens, kv, group, hd, seed):
 def test_the_function_is_the_linear_then_the_split_when_quantization_is_exact(tokens, h, kv, group, hd, bias, seed):
     with pytest.MonkeyPatch.context() as mp:
         calls = exact_quantization(mp)
-        g = torch.Generator().manual_seed(seed)
-        exponent = iter(range(-6, 7, 2))   # each tensor its own magnitude, so each gets its own scale
-
-        def rand(*shape):
-            return (torch.randn(*shape, generator=g, dtype=torch.float64) * 2.0 ** next(exponent)).requires_grad_()
+        rand = scaled_leaves(torch.Generator().manual_seed(seed))
         n = kv * (group + 2) * hd
         x, w, b = rand(tokens, h), rand(n, h), rand(n) if bias else None
         dq, dk, dv = (rand(tokens, m, hd).detach() for m in (kv * group, kv, kv))
@@ -63,9 +59,7 @@ def test_the_function_is_the_linear_then_the_split_when_quantization_is_exact(to
         torch.autograd.backward(list(want), [dq, dk, dv])
         got = [q, k, v, x.grad, w.grad] + ([b.grad] if bias else [])
         expected = list(want) + [ref[0].grad, ref[1].grad] + ([ref[2].grad] if bias else [])
-        for a, e in zip(got, expected, strict=True):
-            assert a.shape == e.shape
-            torch.testing.assert_close(a.detach(), e.detach(), rtol=1e-12, atol=1e-12)
+        assert_same(got, expected)
 
 
 @settings(max_examples=40, deadline=None)
