@@ -25,7 +25,7 @@ from gpt3d.parallel.state import ParallelState
 from tests.support.curves import tiny_config
 from tests.support.fp8 import bytes_ as _bytes
 from tests.support.fp8 import exact_quantization as _exact_quantization
-from tests.support.fp8 import assert_same, fp8_model, scaled_leaves, step
+from tests.support.fp8 import assert_same, assert_trains_like, batch_of, count_paths, fp8_model, scaled_leaves, step
 from tests.support.fp8 import torchao_cast as _torchao_cast
 
 GPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=250)
@@ -154,13 +154,7 @@ def test_the_fused_model_trains_like_the_per_linear_one(arch):
     """Same recipe, other kernels: the loss and every gradient match the per-linear FP8 model within FP8's
     rounding (a byte of a cast may round the other way where a bf16 input differs in its last bit)."""
     cfg = tiny_config(**GPT, **arch)
-    tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0))
-    l0, g0 = step(_model(cfg, fused=False), tokens)
-    l1, g1 = step(_model(cfg, fused=True), tokens)
-    assert abs(float(l1 - l0)) < 1e-2 * float(l0)
-    for k in g0:
-        cos = F.cosine_similarity(g0[k].flatten(), g1[k].flatten(), dim=0)
-        assert cos > 0.99, k
+    assert_trains_like(cfg, _model)
 
 
 @pytest.mark.parametrize("arch", [{}, SWIGLU])
@@ -178,21 +172,7 @@ def test_token_counts_fp8_gemms_cannot_take_run_per_linear(arch):
 def test_which_path_runs(monkeypatch, tokens, fused_calls, fallback_calls, swiglu):
     """Each MLP (two layers) runs its one function where the token count allows it, else the per-linear path."""
     m = _model(tiny_config(**GPT, **(SWIGLU if swiglu else {})), fused=True)
-    seen = {"fused": 0, "fallback": 0}
     fn = fp8_mlp._SwiGLUMLP if swiglu else fp8_mlp._GeluMLP
-    real_apply = fn.apply
-
-    def apply(*a):
-        seen["fused"] += 1
-        return real_apply(*a)
-    monkeypatch.setattr(fn, "apply", apply)
-    for mlp in (x for x in m.modules() if isinstance(x, MLP)):
-        real_fallback = mlp._fused.fallback
-
-        def fallback(*a, _f=real_fallback):
-            seen["fallback"] += 1
-            return _f(*a)
-        mlp._fused.fallback = fallback
-    step(m, torch.randint(0, 250, (2, tokens // 2) if tokens % 2 == 0 else (1, tokens),
-                           generator=torch.Generator().manual_seed(0)))
+    seen = count_paths(monkeypatch, fn, [mlp._fused for mlp in m.modules() if isinstance(mlp, MLP)])
+    step(m, batch_of(tokens))
     assert seen == {"fused": fused_calls, "fallback": fallback_calls}

@@ -23,7 +23,8 @@ from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
 
 from tests.support.curves import tiny_config
-from tests.support.fp8 import assert_same, bytes_, exact_quantization, fp8_model, scaled_leaves, step, torchao_cast
+from tests.support.fp8 import (assert_same, assert_trains_like, batch_of, bytes_, count_paths, exact_quantization,
+                               fp8_model, scaled_leaves, step, torchao_cast)
 
 GPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=250)
 GQA = dict(GPT, num_key_value_heads=2, swiglu=True, ffn_hidden_size=128, use_rotary_position_embeddings=True,
@@ -112,13 +113,7 @@ def test_the_fused_model_trains_like_the_per_linear_one(arch):
     """Same recipe, other kernels: the loss and every gradient match the per-linear FP8 model within FP8's
     rounding (the bias is added in the GEMM's epilogue, one rounding fewer)."""
     cfg = tiny_config(**arch)
-    tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0))
-    l0, g0 = step(_model(cfg, fused=False), tokens)
-    l1, g1 = step(_model(cfg, fused=True), tokens)
-    assert abs(float(l1 - l0)) < 1e-2 * float(l0)
-    for k in g0:
-        cos = F.cosine_similarity(g0[k].flatten(), g1[k].flatten(), dim=0)
-        assert cos > 0.99, k
+    assert_trains_like(cfg, _model)
 
 
 @pytest.mark.parametrize("tokens,fused_calls,fallback_calls", [(32, 2, 0), (31, 0, 2)])
@@ -126,23 +121,9 @@ def test_which_path_runs_and_the_fallback_is_the_per_linear_path(monkeypatch, to
     """Each layer's QKV runs the one function where the token count allows it, else the per-linear GEMM, whose
     results are then the unfused model's bit for bit."""
     cfg = tiny_config(**GPT)
-    batch = torch.randint(0, 250, (2, tokens // 2) if tokens % 2 == 0 else (1, tokens),
-                          generator=torch.Generator().manual_seed(0))
+    batch = batch_of(tokens)
     m = _model(cfg, fused=True)
-    seen = {"fused": 0, "fallback": 0}
-    real_apply = fp8_qkv._QKV.apply
-
-    def apply(*a):
-        seen["fused"] += 1
-        return real_apply(*a)
-    monkeypatch.setattr(fp8_qkv._QKV, "apply", apply)
-    for att in (x for x in m.modules() if isinstance(x, SelfAttention)):
-        real_fallback = att._fused_qkv.fallback
-
-        def fallback(*a, _f=real_fallback):
-            seen["fallback"] += 1
-            return _f(*a)
-        att._fused_qkv.fallback = fallback
+    seen = count_paths(monkeypatch, fp8_qkv._QKV, [a._fused_qkv for a in m.modules() if isinstance(a, SelfAttention)])
     l1, g1 = step(m, batch)
     assert seen == {"fused": fused_calls, "fallback": fallback_calls}
     if fallback_calls:
