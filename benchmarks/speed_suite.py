@@ -12,7 +12,9 @@ time limit and the whole suite a deadline: what does not fit is reported as skip
 `--baseline DIR` runs the jobs marked `base` a second time with the gpt3d package in DIR (e.g. the previous
 commit's, `git archive HEAD gpt3d | tar -x -C DIR`), in the same call, for a before/after comparison. The fp8
 plan marks its bf16 benches `base`, and the suite ends with each FP8 row's ratio to the bf16 bench of its shape,
-this tree's and the baseline's: with DIR holding commit d1730e2, issue 25's FP8 ratios from one call.
+this tree's and the baseline's: with DIR holding commit d1730e2, issue 25's FP8 ratios from one call. The
+`peers` plan does the same for bf16 at the other GPT shapes (each job over its baseline run), and the `dropout`
+plan runs `gpt3d train` with hidden and attention dropout 0.1 beside 0 (each dropout row over its twin).
 Rows go to OUT/suite.jsonl as they finish; a markdown table is printed at the end.
 """
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Job:
     mem: float = 20.0          # GiB, for packing warm waves
     warm: bool = True          # compile in a warm wave first
     base: bool = False         # also run with --baseline's package
+    drop: float = 0.0          # train: hidden and attention dropout
     extra: list = field(default_factory=list)
 
 
@@ -89,6 +92,18 @@ def plans() -> dict:
             Job("llama bench fp8 4x1", b, "llama-1.5B", 4, prec="fp8", mem=36),
             Job("llama bench 4x1", b, "llama-1.5B", 4, mem=38, base=True),
         ],
+        "peers": [   # bf16 benches at issue 25's other GPT shapes, this tree against --baseline's, same call
+            Job("125M bench 16x1", b, "125M", 16, mem=16, base=True),
+            Job("350M bench 16x1", b, "350M", 16, mem=26, base=True),
+            Job("2.7B bench 4x1", b, "custom", 4, mem=50, base=True, extra=[
+                "--num-layers", "32", "--hidden-size", "2560", "--num-attention-heads", "32"]),
+        ],
+        "dropout": [   # gpt3d train with hidden and attention dropout 0.1 against 0, bf16 and fp16, same call
+            Job(f"{shape} train {prec} {mbs}x1 drop {d}", t, shape, mbs, prec=prec, drop=d, mem=mem,
+                iters=40 if shape == "125M" else 20, log=5)
+            for shape, mbs, mem in (("125M", 16, 18), ("1.3B", 8, 58), ("llama-1.5B", 4, 42))
+            for prec in ("bf16", "fp16") for d in (0.0, 0.1)
+        ],
     }
 
 
@@ -113,7 +128,8 @@ def command(job: Job, data: Path, run_dir: Path, warm: bool) -> list:
             "--no-mock-data", "--data-path", str(data / "corpus_text_document"),
             "--vocab-file", str(data / "gpt2-vocab.json"), "--merge-file", str(data / "gpt2-merges.txt"),
             "--split", "98,2,0", "--train-iters", str(iters), "--log-interval", str(job.log),
-            "--eval-interval", "100000", "--eval-iters", "0", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--eval-interval", "100000", "--eval-iters", "0", "--hidden-dropout", str(job.drop),
+            "--attention-dropout", str(job.drop),
             "--lr", "6e-4" if job.kind == "curve" else "1e-4", "--min-lr", "6e-5", "--lr-warmup-iters",
             "20" if job.kind == "curve" else "0", "--weight-decay", "0.1", "--clip-grad", "1.0",
             "--log-file", str(run_dir / "metrics.jsonl"), "--no-exit-signal-handler", *job.extra]
@@ -182,18 +198,28 @@ def waves(jobs: list, gib: float) -> list:
 
 
 def ratios(rows: list) -> list:
-    """Each FP8 row's tokens/s over the bf16 bench of its shape and batch: this tree's, and the baseline's
-    where the suite ran one (same call, so the ratio compares like with like)."""
-    bf16 = {(r["job"].startswith("base:"), r["shape"], r["mbs"], r["micro"], r["seq"]): r["tokens_per_s"]
-            for r in rows if r["prec"] == "bf16" and r["kind"] == "bench" and r.get("tokens_per_s")}
+    """Same-call ratios: each FP8 row's tokens/s over the bf16 bench of its shape and batch (this tree's, and
+    the baseline's where the suite ran one); each job run with both packages, this tree's over the baseline's;
+    each dropout row over the same run without dropout."""
+    def key(r, **kw):
+        return tuple({**r, **kw}[k] for k in ("kind", "shape", "mbs", "micro", "seq", "prec", "drop"))
+    tps = {(r["job"].startswith("base:"), key(r)): r["tokens_per_s"] for r in rows if r.get("tokens_per_s")}
     out = []
     for r in rows:
-        if r["prec"] != "fp8" or r["job"].startswith("base:") or not r.get("tokens_per_s"):
+        if r["job"].startswith("base:") or not r.get("tokens_per_s"):
             continue
-        for base, name in ((False, "this tree's"), (True, "the baseline's")):
-            ref = bf16.get((base, r["shape"], r["mbs"], r["micro"], r["seq"]))
-            if ref:
-                out.append(f"{r['job']}: {r['tokens_per_s'] / ref:.3f}x {name} bf16 bench ({ref:,.0f} tok/s)")
+        v = r["tokens_per_s"]
+        if r["prec"] == "fp8":
+            for base, name in ((False, "this tree's"), (True, "the baseline's")):
+                ref = tps.get((base, key(r, kind="bench", prec="bf16")))
+                if ref:
+                    out.append(f"{r['job']}: {v / ref:.3f}x {name} bf16 bench ({ref:,.0f} tok/s)")
+        ref = tps.get((True, key(r)))
+        if ref:
+            out.append(f"{r['job']}: {v / ref:.3f}x the baseline's ({ref:,.0f} tok/s)")
+        ref = tps.get((False, key(r, drop=0.0))) if r.get("drop") else None
+        if ref:
+            out.append(f"{r['job']}: {v / ref:.3f}x the same run without dropout ({ref:,.0f} tok/s)")
     return out
 
 
@@ -253,7 +279,7 @@ def main() -> int:
 
     def record(job, tag, r, wall):
         row = {"job": tag + job.name, "kind": job.kind, "shape": job.shape, "mbs": job.mbs, "micro": job.micro,
-               "seq": job.seq, "prec": job.prec, "wall_s": round(wall, 1), **r}
+               "seq": job.seq, "prec": job.prec, "drop": job.drop, "wall_s": round(wall, 1), **r}
         rows.append(row)
         results.write(json.dumps(row) + "\n")
         results.flush()
