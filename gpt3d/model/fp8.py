@@ -101,6 +101,12 @@ class Float8Matmul:
         return y if bias is None else y + bias.to(y.dtype)
 
 
+def fp8_eligible(out_features: int, in_features: int) -> bool:
+    """Whether a linear with these (TP-local) dimensions runs FP8 GEMMs: both multiples of 16, as `_scaled_mm`
+    needs. The one rule for enable_fp8 and the planner's time model (gpt3d/plan/timing.py)."""
+    return out_features % 16 == 0 and in_features % 16 == 0
+
+
 def uses_fp8(model: nn.Module) -> bool:
     """Whether any linear of `model` runs FP8 GEMMs (enable_fp8 was applied)."""
     return any(isinstance(getattr(m, "_matmul", None), Float8Matmul) for m in model.modules())
@@ -122,8 +128,7 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
     n = 0
     for m in model.modules():
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear)):
-            out_f, in_f = m.weight.shape
-            if out_f % 16 == 0 and in_f % 16 == 0:
+            if fp8_eligible(*m.weight.shape):
                 m.set_matmul(matmul)
                 n += 1
     # the functions: tensorwise; not where FP8 is emulated on a GPU without FP8 GEMMs (they call _scaled_mm

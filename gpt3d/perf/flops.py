@@ -59,10 +59,17 @@ def palm_flops_per_iter(cfg: ModelConfig, vocab: int, batch: int) -> float:
 
 
 # ----- the planner's per-layer count (plan/timing.py) ----------------------------------------------------------------
+def layer_linears(m: ModelConfig, tp: int) -> list[tuple[int, int]]:
+    """(in, out) features of each linear of one transformer layer on one TP rank, as gpt3d/model builds them:
+    QKV and the MLP's first linear(s) split their outputs (column-parallel), the attention's projection and
+    the MLP's last linear their inputs (row-parallel)."""
+    h, hd, nh, nkv, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size
+    first = [(h, f // tp)] * (2 if m.swiglu else 1)   # SwiGLU: gate and up
+    return [(h, (nh + 2 * nkv) * hd // tp), (nh * hd // tp, h), *first, (f // tp, h)]
+
+
 def layer_flops(m: ModelConfig, lay: Candidate, sh: Shape) -> tuple[float, float]:
     """(matmul, attention) forward FLOPs of one layer, one micro-batch, one TP rank (causal: half the scores)."""
-    t, T, h = lay.tp, sh.tokens, sh.h
-    hd, nh, nkv, f = m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size
-    gemm = 2 * T * h * ((nh + 2 * nkv) * hd + nh * hd + f * (3 if m.swiglu else 2)) / t
-    attn = 2 * sh.b * sh.s * sh.s * nh * hd / t
+    gemm = 2 * sh.tokens * sum(i * o for i, o in layer_linears(m, lay.tp))
+    attn = 2 * sh.b * sh.s * sh.s * m.num_attention_heads * m.head_dim / lay.tp
     return gemm, attn

@@ -88,6 +88,16 @@ DROPOUT_MASK_BYTES = 2
 ATTN_DROPOUT_S_PER_SCORE = 0.75e-12    # forward + backward
 LOSS_PASSES = 3    # the fused loss reads the logits, its backward reads them and writes their gradient
 
+# FP8 (--fp8, tensorwise recipe; gpt3d/model/fp8.py). The layers' FP8 GEMMs ran FP8_GEMM_SPEEDUP times as fast
+# as the same GEMMs in bf16 (one H100, 1.3B 8x1, same call: 161 -> 83 ms a step once the bf16 output head's
+# ~13 ms is taken from both kernel sums; benchmarks/RESULTS.md 2026-12-06 session 30). What FP8 adds is the casts:
+# each FP8 linear's input, weight and output gradient, counted as FP8_CAST_BYTES per element at the elementwise
+# rate (a cast reads the tensor for its amax and again to write both FP8 layouts; fused kernels also take the
+# activation's own bf16 work off). FP8_CAST_BYTES is fitted to one end-to-end step (1.3B 8x1, 2026-12-06
+# session 33) and checked at 125M and the Llama shape there.
+FP8_GEMM_SPEEDUP = 1.94
+FP8_CAST_BYTES = 4.7
+
 
 @dataclass
 class Gpu:
@@ -100,6 +110,7 @@ class Gpu:
     calibration: Calibration = field(default=None)  # type: ignore[assignment]
     reserve_gib: float = 2.0   # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers: outside torch's allocator
     fragmentation: float = 0.05  # caching-allocator slack on top of the bytes torch allocates
+    fp8: bool = True           # FP8 tensor cores (compute capability 8.9+), which --fp8 needs
 
     @property
     def usable_bytes(self) -> float:
@@ -127,9 +138,9 @@ _H100 = dict(tflops=989.0, hbm_gbps=3350.0)
 PRESETS = {
     "h100-80gb": Gpu("h100-80gb", 989.0, 79.2, 3350.0, 450.0, 50.0),
     "h200-141gb": Gpu("h200-141gb", 989.0, 139.8, 4800.0, 450.0, 50.0),
-    "a100-80gb": Gpu("a100-80gb", 312.0, 79.2, 2039.0, 300.0, 25.0),
-    "a100-40gb": Gpu("a100-40gb", 312.0, 39.4, 1555.0, 300.0, 25.0),
-    "v100-32gb": Gpu("v100-32gb", 125.0, 31.7, 900.0, 150.0, 12.5),
+    "a100-80gb": Gpu("a100-80gb", 312.0, 79.2, 2039.0, 300.0, 25.0, fp8=False),
+    "a100-40gb": Gpu("a100-40gb", 312.0, 39.4, 1555.0, 300.0, 25.0, fp8=False),
+    "v100-32gb": Gpu("v100-32gb", 125.0, 31.7, 900.0, 150.0, 12.5, fp8=False),
 }
 ALIASES = {"h100": "h100-80gb", "h200": "h200-141gb", "a100": "a100-80gb", "v100": "v100-32gb"}
 

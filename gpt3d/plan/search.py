@@ -66,11 +66,28 @@ def vocab_of(cfg: Config, vocab_size: Optional[int] = None) -> int:
 def unmodelled(cfg: Config) -> list[str]:
     """What `cfg` asks for that the memory and time models leave out, said wherever figures are shown (the
     plan's table and JSON, train's prediction, measured and advice lines, --check-memory's and fits.py's
-    refusals) rather than silently modelled as something else. FP8 keeps FP8 copies of the linears' inputs
-    and adds cast kernels; neither is modelled yet (measured, one H100: benchmarks/RESULTS.md 2026-12-06)."""
-    if cfg.precision.fp8:
-        return ["--fp8 is not modelled: memory and speed are bf16's (FP8's own measurements: docs/performance.md)"]
-    return []
+    refusals) rather than silently modelled as something else. FP8's speed is modelled for the tensorwise
+    recipe (timing.py: FP8 GEMMs and their casts); its memory is not: FP8 keeps FP8 copies of the linears'
+    inputs (and the fused MLP a transposed one), measured against bf16 on one H100: 43.4 against 48.0 GiB at
+    1.3B 8x1, 36.1 against 37.6 at the Llama shape 4x1, 15.2 against 14.5 at 125M 16x1 (benchmarks/RESULTS.md
+    2026-12-06)."""
+    if not cfg.precision.fp8:
+        return []
+    if cfg.precision.fp8_recipe != "tensorwise":
+        return [f"--fp8-recipe {cfg.precision.fp8_recipe} is not modelled: memory and speed are bf16's (measured "
+                "at 1.3B: rowwise 0.96x, rowwise_with_gw_hp 1.02x of bf16; docs/performance.md)"]
+    return ["--fp8 memory is not modelled: it is bf16's (measured: 0.90x of it at 1.3B, 1.05x at 125M; "
+            "docs/performance.md)"]
+
+
+def fp8_modelled(cfg: Config, gpu: Gpu) -> bool:
+    """Whether the time model runs the layers' linears in FP8: --fp8 with the tensorwise recipe, on a GPU that
+    has FP8 tensor cores (elsewhere --fp8 is refused at start, gpt3d/model/fp8.py; so is the plan)."""
+    if not cfg.precision.fp8:
+        return False
+    if not gpu.fp8:
+        raise ConfigError(f"--fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. H100); {gpu.name} has none")
+    return cfg.precision.fp8_recipe == "tensorwise"
 
 
 def param_bytes_of(cfg: Config) -> int:
@@ -90,7 +107,8 @@ def predict_layout(cfg: Config, lay: Candidate, gpu: Gpu, gpus_per_node: int = 8
                                             compiled=compiled, fused_loss=fused, device=device, cache=cache)
     busiest = max(stages, key=lambda s: s.peak)
     t = step_time(m, vocab, lay, gpu, gpus_per_node, [s.persistent for s in stages], param_bytes=pb,
-                  overlap_grad_reduce=c.parallel.overlap_grad_reduce, fused_loss=fused, compiled=compiled)
+                  overlap_grad_reduce=c.parallel.overlap_grad_reduce, fused_loss=fused, compiled=compiled,
+                  fp8=fp8_modelled(c, gpu))
     gbs = lay.global_batch
     pv = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
     flops = megatron_flops_per_iter(m, pv, gbs, recompute=lay.recompute is not None)

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 from ..config import ModelConfig
 from ..parallel.layout import padded_vocab_size
-from ..perf.flops import layer_flops
+from ..model.fp8 import fp8_eligible
+from ..perf.flops import layer_flops, layer_linears
 from .layout import Candidate
 from .memory import Persistent, Shape, layer_terms, shape_of
 from .presets import (ATTN_BACKWARD_FACTOR, ATTN_DROPOUT_S_PER_SCORE, COMM_EFFICIENCY, COMM_LATENCY_S,
-                      DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, EW_PASSES, GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES,
-                      Gpu, attention_efficiency)
+                      DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, EW_PASSES, FP8_CAST_BYTES, FP8_GEMM_SPEEDUP,
+                      GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES, Gpu, attention_efficiency)
 from .schedule import pipeline_time
 
 # Eager execution runs each norm, activation and residual as its own kernels. Rough factor from
@@ -62,6 +63,7 @@ class LayerTime:
     tp_comm_forward: float
     tp_comm_backward: float
     dropout: float = 0.0          # what dropout adds to forward + backward (and to a recompute of them)
+    fp8_casts: float = 0.0        # what --fp8's casts add to forward + backward (and to a full recompute)
 
 
 def dropout_site_time(m: ModelConfig, elements: int, gpu: Gpu, ew_factor: float = 1.0) -> tuple[float, float]:
@@ -86,11 +88,30 @@ def attention_dropout_time(m: ModelConfig, scores: int, gpu: Gpu) -> tuple[float
     return share, ATTN_BACKWARD_FACTOR * share
 
 
+def fp8_layer(m: ModelConfig, lay: Candidate, sh: Shape) -> tuple[float, float, float]:
+    """With --fp8 (tensorwise): (forward matmul FLOPs that run in FP8, elements the forward casts, elements the
+    backward casts) for one layer, one micro-batch, one TP rank. A linear runs FP8 where fp8_eligible says so
+    (gpt3d/model/fp8.py); its forward casts its input (the whole sequence: sequence parallelism gathers it
+    first) and its weight, which backward reuses; its backward casts the output gradient."""
+    flops = fwd = bwd = 0.0
+    for i, o in layer_linears(m, lay.tp):
+        if fp8_eligible(o, i):
+            flops += 2 * sh.tokens * i * o
+            fwd += sh.tokens * i + i * o
+            bwd += sh.tokens * o
+    return flops, fwd, bwd
+
+
 def layer_time(m: ModelConfig, lay: Candidate, gpu: Gpu, link: Links, sh: Shape, recompute,
-               ew_factor: float = 1.0) -> LayerTime:
-    """`ew_factor` > 1 for eager execution (unfused norms, activations and residuals)."""
+               ew_factor: float = 1.0, fp8: bool = False) -> LayerTime:
+    """`ew_factor` > 1 for eager execution (unfused norms, activations and residuals); `fp8`: --fp8 with the
+    tensorwise recipe (FP8 GEMMs and their casts, presets.FP8_GEMM_SPEEDUP and FP8_CAST_BYTES)."""
     cal = gpu.calibration
     gemm, attn = layer_flops(m, lay, sh)
+    fp8_flops, cast_f, cast_b = fp8_layer(m, lay, sh) if fp8 else (0.0, 0.0, 0.0)
+    gemm -= fp8_flops * (1 - 1 / FP8_GEMM_SPEEDUP)
+    cast_rate = cal.ew_gbps * 1e9 / (FP8_CAST_BYTES * ew_factor)
+    cast_f, cast_b = cast_f / cast_rate, cast_b / cast_rate
     matmuls = 5 if m.swiglu else 4
     gemm_s = gemm / (cal.gemm_tflops * 1e12) + matmuls * GEMM_OVERHEAD_S          # forward; backward is twice it
     attn_s = attn / (cal.attn_tflops * 1e12 * attention_efficiency(sh.s, m.head_dim))
@@ -108,8 +129,8 @@ def layer_time(m: ModelConfig, lay: Candidate, gpu: Gpu, link: Links, sh: Shape,
     comm = 2 * sum(_ring(stream, lay.tp, link.tp_gbps, k) for k in kinds)
     if lay.sp and m.swiglu:   # gate and fc1 each all-gather the MLP input (and reduce-scatter its gradient)
         comm += _ring(stream, lay.tp, link.tp_gbps, "all_gather")
-    rc = fwd + drop_f if recompute == "full" else attn_s + attn_drop_f if recompute == "selective" else 0.0
-    return LayerTime(fwd, bwd, rc, comm, comm, drop_f + drop_b)
+    rc = fwd + drop_f + cast_f if recompute == "full" else attn_s + attn_drop_f if recompute == "selective" else 0.0
+    return LayerTime(fwd, bwd, rc, comm, comm, drop_f + drop_b, cast_f + cast_b)
 
 
 @dataclass
@@ -122,8 +143,9 @@ class StepTime:
 
 def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_per_node: int,
               persistent: list[Persistent], *, param_bytes: int = 2, overlap_grad_reduce: bool = True,
-              fused_loss: bool = True, compiled: bool = True) -> StepTime:
-    """`persistent`: each stage's optimizer layout (from memory.stage_memory), for bucket sizes and shards."""
+              fused_loss: bool = True, compiled: bool = True, fp8: bool = False) -> StepTime:
+    """`persistent`: each stage's optimizer layout (from memory.stage_memory), for bucket sizes and shards;
+    `fp8`: the layers' linears run FP8 GEMMs (tensorwise), the output head stays bf16."""
     cal, link = gpu.calibration, links(lay, gpu, gpus_per_node)
     ew_factor = 1.0 if compiled else EAGER_EW_FACTOR
     sh = shape_of(m, lay, param_bytes)
@@ -133,11 +155,11 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_pe
     p2p_bytes = sh.e * sh.seq_tokens * h
     p2p = (p2p_bytes / (link.pp_gbps * 1e9) + COMM_LATENCY_S) if lay.pp > 1 else 0.0
     stage_times, per_stage_parts, host_micro = [], [], []
-    per_mode = {rc: layer_time(m, lay, gpu, link, sh, rc, ew_factor) for rc in {None, lay.recompute}}
+    per_mode = {rc: layer_time(m, lay, gpu, link, sh, rc, ew_factor, fp8) for rc in {None, lay.recompute}}
     for r in range(lay.pp):
         chunks = lay.stage_chunks(m.num_layers, r)
-        parts = {"layers (compute)": 0.0, "recompute": 0.0, "dropout": 0.0, "TP communication": 0.0, "embedding": 0.0,
-                 "output layer + loss": 0.0, "pipeline send/receive": 0.0}
+        parts = {"layers (compute)": 0.0, "recompute": 0.0, "dropout": 0.0, "FP8 casts": 0.0, "TP communication": 0.0,
+                 "embedding": 0.0, "output layer + loss": 0.0, "pipeline send/receive": 0.0}
         for v, ids in enumerate(chunks):
             for i, _ in enumerate(ids):
                 rc = lay.recompute if lay.recompute != "full" or n_rc is None or i < n_rc else None
@@ -145,6 +167,7 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_pe
                 parts["layers (compute)"] += lt.forward + lt.backward
                 parts["recompute"] += lt.recompute
                 parts["dropout"] += lt.dropout
+                parts["FP8 casts"] += lt.fp8_casts
                 parts["TP communication"] += lt.tp_comm_forward * (2 if rc == "full" else 1) + lt.tp_comm_backward
             if r == 0 and v == 0:
                 parts["embedding"] += (sh.e * pv // t * h + 4 * sh.e * T * h) / (cal.ew_gbps * 1e9) * ew_factor + \

@@ -1,0 +1,87 @@
+"""The planner's FP8 term (gpt3d/plan/timing.py; constants in presets.py): with --fp8 (tensorwise) the linears
+that enable_fp8 switches run at FP8_GEMM_SPEEDUP times the bf16 rate, and their casts (input, weight, output
+gradient) are a line of their own; the memory stays bf16's and says so."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpt3d.errors import ConfigError
+from gpt3d.model.fp8 import Float8Matmul, enable_fp8
+from gpt3d.model.gpt import GPTModel
+from gpt3d.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from gpt3d.parallel.random import seed_everything
+from gpt3d.parallel.state import ParallelState
+from gpt3d.plan.layout import layout_of
+from gpt3d.plan.presets import FP8_CAST_BYTES, FP8_GEMM_SPEEDUP, resolve_gpu
+from gpt3d.plan.search import predict_layout
+
+from tests.support.curves import tiny_config
+
+H100 = resolve_gpu("h100-80gb")
+MBS, SEQ, LAYERS, MICRO = 2, 128, 4, 2
+
+
+def _cfg(fp8: bool, recipe: str = "tensorwise", **shape):
+    return tiny_config(num_layers=LAYERS, micro_batch_size=MBS, global_batch_size=MBS * MICRO, seq_length=SEQ,
+                       max_position_embeddings=SEQ, bf16=True, compile=True, fp8=fp8, fp8_recipe=recipe, **shape)
+
+
+def _predict(cfg, gpu=H100):
+    return predict_layout(cfg, layout_of(cfg, 1), gpu, vocab_size=256)
+
+
+def _fp8_linears(cfg) -> list[tuple[int, int]]:
+    """(in, out) features of the linears enable_fp8 switches in one layer of the model gpt3d builds."""
+    ps = ParallelState()
+    m = GPTModel(cfg.model, ps, seed_everything(1, ps), vocab_size=256, layer_ids=[0])
+    enable_fp8(m, "tensorwise", ps.device, emulate=True)
+    return [(x.weight.shape[1], x.weight.shape[0]) for x in m.modules()
+            if isinstance(x, (ColumnParallelLinear, RowParallelLinear)) and isinstance(x._matmul, Float8Matmul)]
+
+
+@settings(max_examples=16, deadline=None)
+@given(hidden=st.sampled_from([32, 40, 64]), heads=st.sampled_from([2, 4]), gqa=st.booleans(),
+       ffn=st.sampled_from([None, 96, 88]), swiglu=st.booleans(), recompute=st.sampled_from([None, "full"]))
+def test_fp8_term_counts_the_linears_the_model_switches(hidden, heads, gqa, ffn, swiglu, recompute):
+    """Against the model itself: the casts are every switched linear's input, weight and output gradient at
+    FP8_CAST_BYTES per element (again in a full recompute's forward), and the layers' GEMM time drops by those
+    linears' share over FP8_GEMM_SPEEDUP; a model with no linear FP8 can run is predicted as bf16 exactly."""
+    shape = dict(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=1 if gqa else heads,
+                 ffn_hidden_size=ffn, swiglu=swiglu, recompute_granularity=recompute)
+    bf16, fp8 = _predict(_cfg(False, **shape)), _predict(_cfg(True, **shape))
+    linears = _fp8_linears(_cfg(True, **shape))
+    if not linears:
+        assert "FP8 casts" not in fp8.time.parts and fp8.time.seconds == bf16.time.seconds
+        return
+    tokens, n = MBS * SEQ, LAYERS * MICRO
+    cal = H100.calibration
+    per_element = FP8_CAST_BYTES / (cal.ew_gbps * 1e9)
+    forward = n * sum(tokens * i + i * o for i, o in linears) * per_element            # cast seconds
+    backward = n * sum(tokens * o for _, o in linears) * per_element
+    assert fp8.time.parts["FP8 casts"] == pytest.approx(forward + backward, rel=1e-9)
+    saved = n * sum(2 * tokens * i * o for i, o in linears) * (1 - 1 / FP8_GEMM_SPEEDUP) / (cal.gemm_tflops * 1e12)
+    layers = bf16.time.parts["layers (compute)"] - fp8.time.parts["layers (compute)"]
+    assert layers == pytest.approx(3 * saved, rel=1e-9)          # forward and the backward's two GEMMs
+    again = fp8.time.parts.get("recompute", 0.0) - bf16.time.parts.get("recompute", 0.0)
+    assert again == pytest.approx(forward - saved if recompute == "full" else 0.0, rel=1e-9, abs=1e-15)
+    assert fp8.peak_bytes == bf16.peak_bytes and fp8.notes and not bf16.notes   # memory: bf16's, and said
+
+
+def test_rowwise_recipes_are_predicted_as_bf16_and_say_so():
+    shape = dict(hidden_size=64, num_attention_heads=4)
+    bf16 = _predict(_cfg(False, **shape))
+    for recipe in ("rowwise", "rowwise_with_gw_hp"):
+        p = _predict(_cfg(True, recipe, **shape))
+        assert p.time.seconds == bf16.time.seconds and any(f"--fp8-recipe {recipe} is not modelled" in n
+                                                          for n in p.notes)
+
+
+def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_refused():
+    cfg = _cfg(True, hidden_size=64, num_attention_heads=4)
+    assert _predict(cfg, resolve_gpu("h200")).time.parts["FP8 casts"] > 0
+    for gpu in ("a100-80gb", "v100-32gb"):
+        with pytest.raises(ConfigError, match="FP8 tensor cores"):
+            _predict(cfg, resolve_gpu(gpu))
+        assert _predict(_cfg(False, hidden_size=64, num_attention_heads=4), resolve_gpu(gpu)).time.seconds > 0
