@@ -13,6 +13,7 @@ A run is SHAPE:OPTIONS[:MBS[:MICRO]] with OPTIONS joined by '+':
   seq1024 | full | selective (recompute) | layer | chunk (compile granularity) | eager | cudnn|flash|efficient|math
   gqaexp (expand K/V heads before SDPA) | ro (compile mode reduce-overhead) | cdt (coordinate-descent tuning)
   ndt (Inductor prefer_nd_tiling) | map (Inductor max_autotune_pointwise)
+  lt (cuBLASLt as torch's preferred BLAS library) | nrr (no reduced-precision reductions in half GEMMs)
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
   h1 (probe: the replicated-dropout hash with one mixing round instead of two; masks differ from gpt3d's)
   gaps (where the GPU idles between kernels in back-to-back steps, and which host op it waits on: `GAPS` lines)
@@ -89,6 +90,11 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
         ic.coordinate_descent_tuning = "cdt" in opts
         ic.triton.prefer_nd_tiling = "ndt" in opts   # 2-D tiles for the transposing casts
         ic.max_autotune_pointwise = "map" in opts    # autotune pointwise/reduction kernels' block sizes
+    if "lt" in opts:   # probes for fp16's GEMM gap (benchmarks/gemm_dtype_probe.py)
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+    if "nrr" in opts:
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     if "drop" in opts or "hdrop" in opts:
         cfg.model.hidden_dropout = 0.1
     if "drop" in opts or "adrop" in opts:
