@@ -24,7 +24,7 @@ from .memory import layer_terms, shape_of
 from .presets import (ATTN_BACKWARD_FACTOR, EW_PASSES, GEMM_OVERHEAD_S, LOSS_PASSES, Calibration,
                       attention_efficiency)
 from .search import vocab_of
-from ..perf.flops import layer_flops
+from ..perf.flops import layer_flops, layer_linears
 
 
 def _sync(device: torch.device) -> None:
@@ -45,8 +45,7 @@ def _seconds(fn: Callable[[], None], warmup: int, iters: int, device: torch.devi
 
 def _gemm_seconds(m, T: int, dtype, warmup: int, iters: int, device: torch.device) -> tuple[float, int]:
     """The layer's matmuls, forward (x W^T) and backward (dy W, dy^T x), at TP=1; and how many there are."""
-    h, hd, nh, nkv, f = m.hidden_size, m.head_dim, m.num_attention_heads, m.kv_heads, m.ffn_size
-    shapes = [((nh + 2 * nkv) * hd, h), (h, nh * hd)] + [(f, h)] * (2 if m.swiglu else 1) + [(h, f)]
+    shapes = [(o, i) for i, o in layer_linears(m, 1)]   # (out, in): the weights' shapes
     mats = [(torch.randn(T, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype),
              torch.randn(T, n, device=device, dtype=dtype)) for n, k in shapes]
 

@@ -6,8 +6,8 @@ shape, the sample index), applied by `gpt3d train` before it builds anything. Th
 few percent of compiled ones) predicts this rank's peak; a prediction above the device's *whole* memory could
 never run, so it is one `gpt3d: error:` line at start naming the largest terms, instead of an allocator
 traceback (or the kernel's out-of-memory kill) later. Layouts that merely come close are left to
-`--check-memory`, which compares against usable memory. The model has no FP8 term (its activations are bf16's):
-with --fp8 only what FP8 could never save is held against the memory, the activations less
+`--check-memory`, which compares against usable memory. The memory model has no FP8 term (its activations are
+bf16's): with --fp8 only what FP8 could never save is held against the memory, the activations less
 FP8_MOST_ACTIVATIONS_SAVED of them.
 """
 from __future__ import annotations

@@ -185,10 +185,11 @@ def gpu_for_device(device) -> Gpu:
     import torch
     props = torch.cuda.get_device_properties(device)
     name, mem = props.name.lower(), props.total_memory / GIB
-    for key, g in PRESETS.items():
-        if key.split("-")[0] in name and abs(g.memory_gib - mem) < 0.1 * g.memory_gib:
-            return resolve_gpu(key, memory_gib=mem)
-    return resolve_gpu("h100-80gb", memory_gib=mem)
+    g = next((resolve_gpu(key, memory_gib=mem) for key, p in PRESETS.items()
+              if key.split("-")[0] in name and abs(p.memory_gib - mem) < 0.1 * p.memory_gib), None) \
+        or resolve_gpu("h100-80gb", memory_gib=mem)
+    g.fp8 = (props.major, props.minor) >= (8, 9)   # what the device has, whichever preset it resembles
+    return g
 
 
 # ----- calibration files ------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def unmodelled(cfg: Config) -> list[str]:
         return [f"--fp8-recipe {cfg.precision.fp8_recipe} is not modelled: memory and speed are bf16's (measured "
                 "at 1.3B: rowwise 0.96x, rowwise_with_gw_hp 1.02x of bf16; docs/performance.md)"]
     return ["--fp8 memory is not modelled: it is bf16's (measured: 0.90x of it at 1.3B, 1.05x at 125M; "
-            "docs/performance.md)"]
+            "docs/planning.md)"]
 
 
 def fp8_modelled(cfg: Config, gpu: Gpu) -> bool:

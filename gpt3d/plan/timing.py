@@ -5,9 +5,11 @@ with gpt3d's behaviour: TP/SP collectives are blocking (not overlapped), pipelin
 point-to-point is blocking per micro-batch, the schedule's bubble comes from
 schedule.pipeline_time, DP gradient reductions overlap the last micro-batch's
 backward bucket by bucket (late buckets and the last one do not), and ZeRO-1
-all-gathers the parameters after the optimizer step. The compute part is checked
-on one GPU (benchmarks/plan_check.py); every communication term rests on the
-bandwidth figures of presets.py alone.
+all-gathers the parameters after the optimizer step. With --fp8 the FP8 linears'
+GEMMs run at a measured multiple of the bf16 rate and their casts are charged at
+the elementwise rate (presets.FP8_*). The compute part is checked on one GPU
+(benchmarks/plan_check.py); every communication term rests on the bandwidth
+figures of presets.py alone.
 """
 from __future__ import annotations
 

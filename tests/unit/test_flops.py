@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from gpt3d.config import ModelConfig
-from gpt3d.perf.flops import model_flops_per_iter, model_flops_per_token
+from gpt3d.perf.flops import layer_linears, model_flops_per_iter, model_flops_per_token
 from gpt3d.perf.throughput import Throughput
 from gpt3d.model.gpt import GPTModel
+from gpt3d.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
 
@@ -67,3 +70,18 @@ def test_throughput_reports_model_flops_and_mfu():
     assert row["model_flops_per_token"] == 7_817_134_080
     assert row["tokens_per_s"] == 4 * 2048 / 0.5
     assert row["mfu"] == pytest.approx(4 * 2048 * 7_817_134_080 / (0.5 * 2 * 1000e12))
+
+
+@settings(max_examples=20, deadline=None)
+@given(tp=st.sampled_from([1, 2, 4]), sp=st.booleans(), heads=st.sampled_from([4, 8]), gqa=st.booleans(),
+       swiglu=st.booleans(), ffn=st.sampled_from([None, 96]))
+def test_layer_linears_are_the_linears_each_tp_rank_builds(tp, sp, heads, gqa, swiglu, ffn):
+    """The planner's per-layer GEMM count (layer_flops sums layer_linears) holds the (in, out) features of the
+    linears one TP rank of gpt3d's model really has, whatever the TP size, GQA or SwiGLU."""
+    cfg = tiny_config(hidden_size=64, num_attention_heads=heads, num_key_value_heads=4 if gqa else heads,
+                      ffn_hidden_size=ffn, swiglu=swiglu).model
+    ps = ParallelState.tp_rank_view(tp, sequence_parallel=sp and tp > 1)
+    layer = GPTModel(cfg, ps, seed_everything(1, ps), vocab_size=256, layer_ids=[0]).layers["0"]
+    built = [(x.weight.shape[1], x.weight.shape[0]) for x in layer.modules()
+             if isinstance(x, (ColumnParallelLinear, RowParallelLinear))]
+    assert sorted(built) == sorted(layer_linears(cfg, tp)) and len(built) == (5 if swiglu else 4)

@@ -85,3 +85,24 @@ def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_refused():
         with pytest.raises(ConfigError, match="FP8 tensor cores"):
             _predict(cfg, resolve_gpu(gpu))
         assert _predict(_cfg(False, hidden_size=64, num_attention_heads=4), resolve_gpu(gpu)).time.seconds > 0
+
+
+@settings(max_examples=8, deadline=None)
+@given(sp=st.booleans(), swiglu=st.booleans(), gqa=st.booleans())
+def test_fp8_casts_per_tp_rank_cover_the_whole_sequence(sp, swiglu, gqa):
+    """At TP 2 each rank casts its own linears' shards, but over every token of the micro-batch even with
+    sequence parallelism: a column-parallel linear gathers its input first, a row-parallel one's output
+    gradient arrives whole."""
+    shape = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2 if gqa else 4, swiglu=swiglu,
+                 tensor_model_parallel_size=2, sequence_parallel=sp)
+    cfg = _cfg(True, **shape)
+    p = predict_layout(cfg, layout_of(cfg, 2), H100, vocab_size=256)
+    ps = ParallelState.tp_rank_view(2, sequence_parallel=sp)
+    m = GPTModel(cfg.model, ps, seed_everything(1, ps), vocab_size=256, layer_ids=[0])
+    enable_fp8(m, "tensorwise", ps.device, emulate=True)
+    linears = [(x.weight.shape[1], x.weight.shape[0]) for x in m.modules()
+               if isinstance(x, (ColumnParallelLinear, RowParallelLinear)) and isinstance(x._matmul, Float8Matmul)]
+    tokens = MBS * SEQ
+    elements = LAYERS * MICRO * sum(tokens * i + i * o + tokens * o for i, o in linears)
+    assert linears and p.time.parts["FP8 casts"] == pytest.approx(
+        elements * FP8_CAST_BYTES / (H100.calibration.ew_gbps * 1e9), rel=1e-9)
