@@ -3,7 +3,10 @@ that enable_fp8 switches run at FP8_GEMM_SPEEDUP times the bf16 rate, and their 
 gradient) are a line of their own; the memory stays bf16's and says so."""
 from __future__ import annotations
 
+import types
+
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +17,7 @@ from gpt3d.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
 from gpt3d.plan.layout import layout_of
-from gpt3d.plan.presets import FP8_CAST_BYTES, FP8_GEMM_SPEEDUP, resolve_gpu
+from gpt3d.plan.presets import FP8_CAST_BYTES, FP8_GEMM_SPEEDUP, GIB, gpu_for_device, resolve_gpu
 from gpt3d.plan.search import predict_layout
 
 from tests.support.curves import tiny_config
@@ -106,3 +109,15 @@ def test_fp8_casts_per_tp_rank_cover_the_whole_sequence(sp, swiglu, gqa):
     elements = LAYERS * MICRO * sum(tokens * i + i * o + tokens * o for i, o in linears)
     assert linears and p.time.parts["FP8 casts"] == pytest.approx(
         elements * FP8_CAST_BYTES / (H100.calibration.ew_gbps * 1e9), rel=1e-9)
+
+
+@pytest.mark.parametrize("name, gib, cc, fp8", [("NVIDIA H100 80GB HBM3", 79.2, (9, 0), True),
+                                                ("NVIDIA A100-SXM4-80GB", 79.2, (8, 0), False),
+                                                ("NVIDIA A10", 22.0, (8, 6), False),       # no preset: H100-like
+                                                ("NVIDIA L40S", 44.5, (8, 9), True)])
+def test_the_run_gpu_has_fp8_as_its_device_does(monkeypatch, name, gib, cc, fp8):
+    """gpt3d train predicts for the GPU it runs on: a device that resembles no preset borrows the H100's
+    figures, but FP8 follows the device's own compute capability, as enable_fp8's check does."""
+    props = types.SimpleNamespace(name=name, total_memory=gib * GIB, major=cc[0], minor=cc[1])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert gpu_for_device(0).fp8 is fp8
