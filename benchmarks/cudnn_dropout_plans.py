@@ -15,27 +15,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cuda_timing import median_ms   # benchmarks/, run as `python benchmarks/<script>.py`
+
 SHAPES = {"1.3B": (8, 16, 16, 2048, 128), "125M": (16, 12, 12, 2048, 64), "llama-1.5B": (4, 32, 8, 2048, 64)}
-
-
-def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
 
 
 def _forward_backward(attend, inputs):
@@ -46,6 +33,14 @@ def _forward_backward(attend, inputs):
 def bshd(b, h, s, d):
     """[b, h, s, d] view of [b, s, h, d] memory: how gpt3d hands q, k, v to SDPA."""
     return torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+
+
+def _graph(handle):
+    """An empty cuDNN graph for bf16 attention computed in fp32."""
+    import cudnn
+    f32 = cudnn.data_type.FLOAT
+    return cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=f32, compute_data_type=f32,
+                         handle=handle)
 
 
 def plans(graph, pack, reps, label):
@@ -60,7 +55,7 @@ def plans(graph, pack, reps, label):
         try:
             graph.build_plan_at_index(i)
             ws = torch.empty(max(1, graph.get_workspace_size_plan_at_index(i)), device="cuda", dtype=torch.uint8)
-            ms = timed(functools.partial(graph.execute_plan_at_index, pack, ws, index=i), reps)
+            ms = median_ms(functools.partial(graph.execute_plan_at_index, pack, ws, index=i), reps)
             print(f"  plan {i} {graph.get_plan_name_at_index(i)}: {ms:.3f} ms", flush=True)
         except Exception as e:  # noqa: BLE001 - a plan that does not build is reported, not fatal
             print(f"  plan {i}: {type(e).__name__}: {str(e)[:160]}", flush=True)
@@ -86,21 +81,16 @@ def main() -> None:
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, kk, vv))
             attend = functools.partial(F.scaled_dot_product_attention, qg, kg, vg, dropout_p=p, is_causal=True)
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                fwd = timed(attend, a.reps)
-                both = timed(functools.partial(_forward_backward, attend, (qg, kg, vg)), a.reps)
+                fwd = median_ms(attend, a.reps)
+                both = median_ms(functools.partial(_forward_backward, attend, (qg, kg, vg)), a.reps)
             print(f"{name} p={p}: SDPA cuDNN forward {fwd:.3f} ms, forward+backward {both:.3f} ms", flush=True)
             drop = p > 0
             seed = torch.full((1, 1, 1, 1), 1234, dtype=torch.int64, device="cuda")
             off = torch.full((1, 1, 1, 1), 0, dtype=torch.int64, device="cuda")
             o = torch.empty(b, s, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
             stats = torch.empty(b, h, s, 1, device="cuda", dtype=torch.float32)
-
-            def graph():
-                f32 = cudnn.data_type.FLOAT
-                return cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=f32,
-                                     compute_data_type=f32, handle=handle)
             try:
-                gf = graph()
+                gf = _graph(handle)
                 tq, tk, tv = gf.tensor_like(q), gf.tensor_like(k), gf.tensor_like(v)
                 ts, to = (gf.tensor_like(seed), gf.tensor_like(off)) if drop else (None, None)
                 out, st = gf.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=True, attn_scale=scale,
@@ -114,7 +104,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001
                 print(f"{name} p={p} forward graph: {type(e).__name__}: {str(e)[:200]}", flush=True)
             try:
-                gb = graph()
+                gb = _graph(handle)
                 dout = torch.randn_like(o)
                 dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
                 tq, tk, tv, tob, tdo, tst = (gb.tensor_like(x) for x in (q, k, v, o, dout, stats))

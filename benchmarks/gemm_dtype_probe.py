@@ -14,24 +14,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-
-def timed(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+from cuda_timing import median_ms   # benchmarks/, run as `python benchmarks/<script>.py`
 
 
 def gemms(tokens: int, h: int, vocab: int, dtype: torch.dtype) -> dict:
@@ -70,7 +57,7 @@ def main() -> None:
         m.allow_fp16_reduced_precision_reduction = s["rr"]
         m.allow_bf16_reduced_precision_reduction = s["rr"]
         for dtype in (torch.bfloat16, torch.float16):
-            ms = {k: timed(f) for k, f in gemms(a.tokens, a.hidden, a.vocab, dtype).items()}
+            ms = {k: median_ms(f) for k, f in gemms(a.tokens, a.hidden, a.vocab, dtype).items()}
             layer = sum(v for k, v in ms.items() if not k.startswith("head"))
             head = sum(v for k, v in ms.items() if k.startswith("head"))
             each = ", ".join(f"{k} {v:.3f}" for k, v in ms.items())
