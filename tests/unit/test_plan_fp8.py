@@ -4,6 +4,7 @@ gradient) are a line of their own; the memory stays bf16's and says so."""
 from __future__ import annotations
 
 import types
+from typing import Optional
 
 import pytest
 import torch
@@ -35,9 +36,10 @@ def _predict(cfg, gpu=H100):
     return predict_layout(cfg, layout_of(cfg, 1), gpu, vocab_size=256)
 
 
-def _fp8_linears(cfg) -> list[tuple[int, int]]:
-    """(in, out) features of the linears enable_fp8 switches in one layer of the model gpt3d builds."""
-    ps = ParallelState()
+def _fp8_linears(cfg, ps: Optional[ParallelState] = None) -> list[tuple[int, int]]:
+    """(in, out) features of the linears enable_fp8 switches in one layer of the model gpt3d builds (on the
+    rank `ps` describes; default one process, TP 1)."""
+    ps = ps or ParallelState()
     m = GPTModel(cfg.model, ps, seed_everything(1, ps), vocab_size=256, layer_ids=[0])
     enable_fp8(m, "tensorwise", ps.device, emulate=True)
     return [(x.weight.shape[1], x.weight.shape[0]) for x in m.modules()
@@ -100,11 +102,7 @@ def test_fp8_casts_per_tp_rank_cover_the_whole_sequence(sp, swiglu, gqa):
                  tensor_model_parallel_size=2, sequence_parallel=sp)
     cfg = _cfg(True, **shape)
     p = predict_layout(cfg, layout_of(cfg, 2), H100, vocab_size=256)
-    ps = ParallelState.tp_rank_view(2, sequence_parallel=sp)
-    m = GPTModel(cfg.model, ps, seed_everything(1, ps), vocab_size=256, layer_ids=[0])
-    enable_fp8(m, "tensorwise", ps.device, emulate=True)
-    linears = [(x.weight.shape[1], x.weight.shape[0]) for x in m.modules()
-               if isinstance(x, (ColumnParallelLinear, RowParallelLinear)) and isinstance(x._matmul, Float8Matmul)]
+    linears = _fp8_linears(cfg, ParallelState.tp_rank_view(2, sequence_parallel=sp))
     tokens = MBS * SEQ
     elements = LAYERS * MICRO * sum(tokens * i + i * o + tokens * o for i, o in linears)
     assert linears and p.time.parts["FP8 casts"] == pytest.approx(
