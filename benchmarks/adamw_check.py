@@ -6,9 +6,9 @@ the fp32 masters into the bf16 parameters).
 
 Correctness: random piece layouts (gaps between pieces, odd sizes), bf16 parameters with fp32 masters and fp32
 parameters, decoupled decay and Adam's L2 penalty, with and without a gradient scale, a skipped step among
-four: the kernel must give the reference's bits (asserted); against torch's fused AdamW it prints the largest
-difference and how many elements differ. Timing: the pieces of a
-GPT shape's parameters, one step of each path (CUDA events, median of 10), with the bytes each must move.
+four: the kernel must give the reference's bits (asserted), also reading direct half-precision gradients;
+against torch's fused AdamW it prints the largest difference and how many elements differ. Timing: the pieces
+of a GPT shape's parameters, one step of each path (CUDA events, median of 10), with the bytes each must move.
 Exploratory: numbers that count go to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -89,6 +89,43 @@ def check() -> None:
                 assert ker.steps.tolist() == [3.0] * len(pieces)
 
 
+def check_direct() -> None:
+    """Direct gradients (gpt3d/optim/buckets.py direct_gradients): the kernel reading one half-precision gradient
+    per piece at its address must give the bits of the kernel and of the reference reading the fp32 buffer that
+    holds their exact copies; the gradient norm computed in fp32 from them must be the norm of the copies."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    sizes = [1, 7, 2047, 2048, 2049, 65536, 3 * 2 ** 20 + 5, 17, 1_000_003]
+    pieces, total = layout(sizes, gap=13)
+    for half in (torch.bfloat16, torch.float16):
+        for decoupled in (True, False):
+            for scale in (None, 0.37):
+                params = torch.randn(total, device="cuda", generator=g).to(half)
+                opts = [FlatAdamW(pieces, params.clone(), torch.float32, True, BETAS, EPS, WD, decoupled)
+                        for _ in range(3)]
+                opts[0]._kernel = None
+                for step in range(3):
+                    per_piece = [(torch.randn(pc.numel, device="cuda", generator=g) * 10.0 ** (step - 2)).to(half)
+                                 for pc in pieces]
+                    buffer = torch.full((total,), float("nan"), device="cuda")
+                    for pc, gp in zip(pieces, per_piece):
+                        buffer[pc.offset:pc.offset + pc.numel] = gp.float()
+                    sc = None if scale is None else torch.tensor(scale, device="cuda")
+                    inf = torch.tensor(float(step == 1), device="cuda")
+                    opts[0].step(buffer, 1e-3, sc, inf)      # reference, buffer
+                    opts[1].step(buffer, 1e-3, sc, inf)      # kernel, buffer
+                    opts[2].step(per_piece, 1e-3, sc, inf)   # kernel, direct
+                    a = torch.stack(torch._foreach_norm([buffer[pc.offset:pc.offset + pc.numel] for pc in pieces]))
+                    b = torch.stack(torch._foreach_norm(per_piece, 2.0, dtype=torch.float32))
+                    if not torch.equal(a, b):   # a reduction order of its own for 2-byte loads: reported
+                        print(f"NORM {half} step {step}: fp32-from-half vs fp32 copies: {_diff(b, a)}")
+                torch.cuda.synchronize()
+                tag = f"direct {half} decoupled={decoupled} scale={scale}"
+                for name in ("master", "exp_avg", "exp_avg_sq", "param_data", "steps"):
+                    for o in opts[1:]:
+                        assert torch.equal(getattr(o, name), getattr(opts[0], name)), f"{tag}: {name} differs"
+                print(f"CHECK {tag}: kernel (buffer, direct) = reference")
+
+
 def gpt_sizes(shape: str) -> list[int]:
     layers, h, v = {"125M": (12, 768, 50304), "1.3B": (24, 2048, 50304), "2.7B": (32, 2560, 50304)}[shape]
     per = [h, h, 3 * h * h, 3 * h, h * h, h, h, h, 4 * h * h, 4 * h, 4 * h * h, h]
@@ -152,6 +189,15 @@ def bench(shape: str, sweep: bool) -> None:
         t = _timed(lambda: opt.step(grads, 1e-4, scale, inf))
         print(f"BENCH {shape}: flat kernel BLOCK={block} warps={warps}: {t:.2f} ms ({gb / t:.2f} TB/s of 30 "
               f"B/element), {t_before / t:.2f}x before")
+    adamw_triton.BLOCK, adamw_triton.WARPS = DEFAULT
+    opt._blocks = None
+    per_piece = [grads[pc.offset:pc.offset + pc.numel].to(torch.bfloat16) for pc in pieces]
+    fp32_views = [grads[pc.offset:pc.offset + pc.numel] for pc in pieces]
+    t_direct = _timed(lambda: opt.step(per_piece, 1e-4, scale, inf))
+    t_norm = _timed(lambda: torch._foreach_norm(fp32_views, 2.0))
+    t_norm_direct = _timed(lambda: torch._foreach_norm(per_piece, 2.0, dtype=torch.float32))
+    print(f"BENCH {shape}: direct bf16 gradients: step {t_direct:.2f} ms ({n * 28 / 1e9 / t_direct:.2f} TB/s of 28 "
+          f"B/element); gradient norm {t_norm:.2f} ms from fp32, {t_norm_direct:.2f} ms from bf16")
 
 
 def main() -> None:
@@ -163,6 +209,7 @@ def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__)
     if not a.no_check:
         check()
+        check_direct()
     for s in a.shape:
         bench(s, a.sweep)
         torch.cuda.empty_cache()

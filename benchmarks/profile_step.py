@@ -3,7 +3,8 @@
 Run on the GPU machine, e.g.
     python benchmarks/profile_step.py --head --runs llama-1.5B:bf16 llama-1.5B:fp8:8 1.3B:bf16+fce \
         --profile llama-1.5B:bf16 --deadline 540
-A run is SHAPE:OPTIONS[:MBS[:MICRO]] with OPTIONS joined by '+':
+A run is SHAPE:OPTIONS[:MBS[:MICRO]] (SHAPE: a `gpt3d bench` shape, or 2.7B = 32 layers, 2560 hidden, 32 heads)
+with OPTIONS joined by '+':
   bf16 (default) | fp16 | fp8 | fp8row (rowwise recipe) | fp8gw (rowwise_with_gw_hp)
   fp8u (tensorwise, the GeLU MLP per linear instead of gpt3d/model/fp8_mlp.py's one function)
   fp8s (tensorwise, a SwiGLU MLP as one function too: enable_fp8's fused_swiglu)
@@ -51,7 +52,9 @@ OUT = os.environ.get("OUT", ".")
 def build(shape: str, opts: set, mbs=None, micro: int = 1):
     p = argparse.ArgumentParser()
     add_arguments(p)
-    argv = ["--model", shape, "--micro-batches", str(micro)] + (["--micro-batch-size", str(mbs)] if mbs else [])
+    model = (["--model", "custom", "--num-layers", "32", "--hidden-size", "2560", "--num-attention-heads", "32"]
+             if shape == "2.7B" else ["--model", shape])   # 2.7B: issue 25's shape, as speed_suite.py runs it
+    argv = model + ["--micro-batches", str(micro)] + (["--micro-batch-size", str(mbs)] if mbs else [])
     argv += ["--fp16"] if "fp16" in opts else []
     argv += ["--fp8"] if opts & {"fp8", "fp8u", "fp8s", "fp8row", "fp8gw", "fp8d", "fp8r", "fp8dr", "fp8o"} else []
     kw = {}
@@ -74,7 +77,7 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
     argv += ["--no-compile"] if "eager" in opts else []
     for b in ("cudnn", "flash", "efficient", "math"):
         argv += ["--attention-backend", b] if b in opts else []
-    cfg = _config(shape, p.parse_args(argv))
+    cfg = _config("custom" if shape == "2.7B" else shape, p.parse_args(argv))
     if "gqaexp" in opts:   # K/V repeated to every query head, so SDPA sees plain multi-head attention
         import torch.nn.functional as F
         from gpt3d.model.attention import SelfAttention
@@ -155,12 +158,15 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
     host_ms = {k: round(v[0] * 1e3 / iters, 2) for k, v in host.items()}
     host.clear()   # the wrappers stay but stop mattering: later steps add to a dict nobody reads
     mem = torch.cuda.max_memory_allocated() / 2 ** 30
-    e0.record()
-    for _ in range(3):
+    opt_ms = 0.0
+    for _ in range(3):   # zero gradients (direct gradients are gone after a step: these are zeros of their own)
+        tr.grads.zero_grad()
+        tr.grads.finish_grad_sync()
+        e0.record()
         tr.optimizer.step(1e-4)
-    e1.record()
-    torch.cuda.synchronize()
-    opt_ms = e0.elapsed_time(e1) / 3
+        e1.record()
+        torch.cuda.synchronize()
+        opt_ms += e0.elapsed_time(e1) / 3
     tp = Throughput(cfg.model, v, padded_vocab_size(v, 128, 1), m * micro, 1, 989.0)
     times.sort()
     row = {"run": run, "ms": sec * 1e3, "ms_min_synced": times[0] * 1e3, "ms_med_synced": times[len(times) // 2] * 1e3,

@@ -22,9 +22,12 @@ the elements. Unlike torch's, it leaves the gradient buffer as it was.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+
+
+Grads = Union[torch.Tensor, list[torch.Tensor]]   # a gradient buffer, or one flat gradient per piece
 
 
 @dataclass(frozen=True)
@@ -72,18 +75,19 @@ class FlatAdamW:
         p = self.pieces[i]
         return self.exp_avg[p.flat:p.flat + p.numel], self.exp_avg_sq[p.flat:p.flat + p.numel]
 
-    def step(self, grad_data: torch.Tensor, lr: float, grad_scale: Optional[torch.Tensor],
-             found_inf: torch.Tensor) -> None:
-        """One AdamW step of every piece from its gradient in `grad_data` divided by `grad_scale` (a 0-d float32
-        tensor, or None); nothing changes where `found_inf` (0-d float32) is 1."""
+    def step(self, grads: Grads, lr: float, grad_scale: Optional[torch.Tensor], found_inf: torch.Tensor) -> None:
+        """One AdamW step of every piece from its gradient divided by `grad_scale` (a 0-d float32 tensor, or
+        None); nothing changes where `found_inf` (0-d float32) is 1. `grads`: the gradient buffer, read at each
+        piece's offset, or one flat gradient per piece in any float dtype (direct gradients, grad_buffer.py),
+        converted to the masters' precision as they are read."""
         if not self.pieces:
             return
         if self._kernel is not None:
             if self._blocks is None:
-                self._blocks = tuple(t.to(grad_data.device) for t in block_table(self.pieces, self._kernel.BLOCK))
-            self._kernel.step(self, self._blocks, grad_data, lr, grad_scale, found_inf)
+                self._blocks = tuple(t.to(self.param_data.device) for t in block_table(self.pieces, self._kernel.BLOCK))
+            self._kernel.step(self, self._blocks, grads, lr, grad_scale, found_inf)
         else:
-            reference_step(self, grad_data, lr, grad_scale, found_inf)
+            reference_step(self, grads, lr, grad_scale, found_inf)
         self.steps.add_(1.0 - found_inf)
 
     def state_bytes(self) -> int:
@@ -93,7 +97,8 @@ class FlatAdamW:
 
 def block_table(pieces: list[Piece], block: int) -> tuple[torch.Tensor, ...]:
     """The kernel's work list, one row per block of at most `block` elements of one piece (pieces cut in
-    order): (buffer offset, flat offset) of its first element, its length, its piece's index, its decay flag."""
+    order): (buffer offset, flat offset) of its first element, its length, its piece's index, its decay flag,
+    and its first element's offset within the piece (where a direct gradient is read)."""
     numel = torch.tensor([pc.numel for pc in pieces], dtype=torch.int64)
     count = (numel + block - 1) // block
     piece = torch.repeat_interleave(torch.arange(len(pieces)), count)
@@ -102,7 +107,7 @@ def block_table(pieces: list[Piece], block: int) -> tuple[torch.Tensor, ...]:
     flat = torch.tensor([pc.flat for pc in pieces], dtype=torch.int64)[piece] + start
     n = torch.clamp(numel[piece] - start, max=block)
     decay = torch.tensor([int(pc.decay) for pc in pieces], dtype=torch.int32)[piece]
-    return offset, flat, n.to(torch.int32), piece.to(torch.int32), decay
+    return offset, flat, n.to(torch.int32), piece.to(torch.int32), decay, start
 
 
 def bias_corrections(steps: torch.Tensor, betas: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +116,7 @@ def bias_corrections(steps: torch.Tensor, betas: tuple[float, float]) -> tuple[t
     return 1 - betas[0] ** t, (1 - betas[1] ** t).sqrt()
 
 
-def reference_step(opt: FlatAdamW, grad_data: torch.Tensor, lr: float, grad_scale: Optional[torch.Tensor],
+def reference_step(opt: FlatAdamW, grads: Grads, lr: float, grad_scale: Optional[torch.Tensor],
                    found_inf: torch.Tensor) -> None:
     """The step, piece by piece with torch operations: torch's fused CUDA AdamW, which computes the decay,
     the moments and the denominator in float64 and rounds each to the masters' precision."""
@@ -121,7 +126,7 @@ def reference_step(opt: FlatAdamW, grad_data: torch.Tensor, lr: float, grad_scal
     for i, pc in enumerate(opt.pieces):
         p, (m, v) = opt.master_view(i), opt.moments(i)
         dt = p.dtype
-        g = grad_data[pc.offset:pc.offset + pc.numel].to(dt)
+        g = (grads[i] if isinstance(grads, list) else grads[pc.offset:pc.offset + pc.numel]).to(dt)
         if grad_scale is not None:
             g = g / grad_scale.to(dt)
         q = p

@@ -11,6 +11,10 @@ Megatron-core's DDP buffer, minus the indirection:
     across stages) sit in "late" buckets, reduced by `finish_grad_sync` after backward.
 With ZeRO-1 each DP rank owns 1/DP of every bucket (`shard`): after `finish_grad_sync` that part holds the
 DP-averaged gradient. What to do with it (clip, step, all-gather) is the ZeRO optimizer's job (zero.py).
+
+Where nothing adds to or reduces a gradient (buckets.direct_gradients: DP 1, one micro-batch, no late
+reduction) there is no fp32 buffer: the hooks keep autograd's gradients as they are (`direct`), and the
+optimizer reads them from there (`gradient`).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import torch.nn as nn
 from ..parallel.param_meta import param_meta
 from ..parallel.state import ParallelState
 from .accumulate import accumulate
-from .buckets import bucket_layout, effective_zero_stage, late_reductions, local_pieces, shard_range
+from .buckets import bucket_layout, direct_gradients, effective_zero_stage, late_reductions, local_pieces, shard_range
 
 
 @dataclass
@@ -51,7 +55,10 @@ class LocalRange:
 
 class GradBuffer:
     def __init__(self, chunks: Iterable[nn.Module], ps: ParallelState, *, zero_stage: int = 1,
-                 bucket_size_mb: float = 40.0, overlap: bool = True, grad_dtype: Optional[torch.dtype] = None):
+                 bucket_size_mb: float = 40.0, overlap: bool = True, grad_dtype: Optional[torch.dtype] = None,
+                 micro_batches: Optional[int] = None):
+        """`micro_batches`: per step, where known (the trainer); with one, DP 1 and no late reduction the
+        gradients are used where autograd made them (`direct`)."""
         self.ps, self.zero = ps, effective_zero_stage(zero_stage, ps.dp)
         self.overlap = overlap and ps.dp > 1
         self._sync = True
@@ -69,19 +76,22 @@ class GradBuffer:
         self._params = params
         self.buckets = [Bucket(s.start, s.end, [params[i] for i in s.members], late=s.late) for s in self.layout]
         total = self.buckets[-1].end if self.buckets else 0
+        self.direct = direct_gradients(ps.dp, micro_batches, [any(k) for k in late])
+        self._kept: dict[torch.Tensor, torch.Tensor] = {}   # direct: each parameter's gradient of this step
         self.param_data = torch.zeros(total, dtype=self.param_dtype, device=ps.device)
-        # fp32 gradients for half parameters (fp64 for fp64 ones, see parallel/precision.py)
+        # fp32 gradients for half parameters (fp64 for fp64 ones, see parallel/precision.py); none when direct
         grad_dtype = grad_dtype or torch.promote_types(self.param_dtype, torch.float32)
-        self.grad_data = torch.zeros(total, dtype=grad_dtype, device=ps.device)
+        self.grad_data = torch.zeros(0 if self.direct else total, dtype=grad_dtype, device=ps.device)
         self._offsets = {}
         for spec, b in zip(self.layout, self.buckets):
             for p, off in zip(b.params, spec.offsets):
                 n = p.numel()
                 self.param_data[off:off + n].copy_(p.detach().reshape(-1))
                 p.data = self.param_data[off:off + n].view_as(p)
-                p.main_grad = self.grad_data[off:off + n].view_as(p)
+                if not self.direct:
+                    p.main_grad = self.grad_data[off:off + n].view_as(p)
                 self._offsets[p] = off
-                p.register_post_accumulate_grad_hook(self._make_hook(b))
+                p.register_post_accumulate_grad_hook(self._keep if self.direct else self._make_hook(b))
         self._untouched: set[torch.Tensor] = set()
 
     # ----- layout -------------------------------------------------------------------------------------------
@@ -108,7 +118,29 @@ class GradBuffer:
     def param_nbytes(self) -> int:
         return self.param_data.numel() * self.param_data.element_size()
 
+    def gradient(self, r: LocalRange) -> torch.Tensor:
+        """The flat gradient of range `r` (from `local_ranges`) after `finish_grad_sync`: a view of the buffer,
+        or (direct) of the gradient autograd made, which lives until the next `zero_grad` or `release`."""
+        if self.direct:
+            return self._kept[r.param].view(-1)[r.lo:r.hi]
+        return self.grad_data[r.offset:r.offset + r.hi - r.lo]
+
+    def release(self) -> None:
+        """Direct: drop this step's gradients once the optimizer has used them (their memory goes back to the
+        allocator before the next forward)."""
+        self._kept = {}
+
     # ----- gradient sync ------------------------------------------------------------------------------------
+    def _keep(self, p: torch.Tensor) -> None:
+        """Direct: the gradient autograd accumulated is this step's whole gradient; keep it, in the parameter's
+        layout, and take it off the parameter."""
+        if p in self._kept:   # excluded by direct_gradients: one backward per step, non-reentrant recompute
+            raise RuntimeError(f"{self._names[p]}: a second gradient in one step with direct gradients")  # type: ignore[index]
+        g = p.grad
+        assert g is not None
+        self._kept[p] = g if g.is_contiguous() else g.contiguous()
+        p.grad = None
+
     def _make_hook(self, bucket: Bucket) -> Callable:
         def hook(p: torch.Tensor) -> None:
             first = p in self._untouched   # first gradient of the step: a copy, so zero_grad need not clear
@@ -138,6 +170,7 @@ class GradBuffer:
         """Lazy: each parameter's first gradient overwrites its slot (one fp32 pass fewer per step);
         `finish_grad_sync` clears the slots of parameters that got no gradient. Padding stays zero."""
         self._untouched = set(self._offsets)
+        self._kept = {}
         for b in self.buckets:
             b.pending, b.handle = len(b.params), None
 
@@ -152,6 +185,13 @@ class GradBuffer:
 
     def finish_grad_sync(self) -> None:
         """Wait for overlapped reductions, then do the ones that had to wait for the whole backward."""
+        if self.direct:   # DP 1 and nothing late: no reduction to do; a parameter backward missed has zeros
+            if len(self._kept) < len(self._offsets):
+                for p in self._offsets:
+                    if p not in self._kept:
+                        self._kept[p] = torch.zeros_like(p)
+            self._untouched = set()
+            return
         for p in self._untouched:
             p.main_grad.zero_()  # type: ignore[attr-defined]  # the buffer view set in __init__
         self._untouched = set()

@@ -15,7 +15,7 @@ the GradBuffer (grad_buffer.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, cast
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,10 +38,11 @@ def describe_zero(stage: int, dp: int) -> str:
 
 
 # ----- torch entry points beyond the plain public API, kept in this one place ---------------------------------
-def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
-    """[len(grads)] in the gradients' dtype (fp32 or fp64): each gradient's L2 norm (what clip_grad_norm_ sums),
-    one multi-tensor pass; a non-finite element makes its tensor's norm non-finite."""
-    return upcast(torch.stack(torch._foreach_norm(grads, 2.0)))
+def _norms(grads: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """[len(grads)] in `dtype` (fp32 or fp64, the gradient buffer's): each gradient's L2 norm (what
+    clip_grad_norm_ sums), one multi-tensor pass computing in `dtype` (also for half gradients read directly,
+    buckets.direct_gradients); a non-finite element makes its tensor's norm non-finite."""
+    return upcast(torch.stack(torch._foreach_norm(grads, 2.0, dtype=dtype)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,10 +69,11 @@ class ZeroOptimizer:
 
     def __init__(self, buffer: GradBuffer, cfg: OptimizerConfig, ps: ParallelState):
         self.buffer, self.cfg, self.ps, self.zero = buffer, cfg, ps, buffer.zero
+        self._ranges = list(buffer.local_ranges())
         self.pieces = [_Piece(r.name, r.param, r.lo, r.hi, r.offset, counted=not (
             (param_meta(r.param).split_dim is None and ps.tp_rank != 0)
             or (param_meta(r.param).tied_to is not None and ps.pp > 1)))
-            for r in buffer.local_ranges()]
+            for r in self._ranges]
         # indices of the pieces whose gradient counts toward the global norm here
         counted = [i for i, pc in enumerate(self.pieces) if pc.counted]
         self.counted = torch.tensor(counted, dtype=torch.long, device=ps.device) if counted else None
@@ -85,13 +87,15 @@ class ZeroOptimizer:
                                self.separate_master, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps,
                                cfg.weight_decay, cfg.decoupled_weight_decay)
         self.masters: list[nn.Parameter] = []
-        for i, pc in enumerate(self.pieces):
+        for i in range(len(self.pieces)):
             master = nn.Parameter(self.adamw.master_view(i))   # a view: the flat buffer (or the parameter) itself
-            master.grad = buffer.grad_data[pc.offset:pc.offset + pc.hi - pc.lo]
+            if not buffer.direct:
+                master.grad = buffer.gradient(self._ranges[i])
             self.masters.append(master)
         # fixed for the optimizer's life (the buffers are never reallocated; masters change in place), so the
-        # step builds no per-tensor lists: at small shapes the step is host-bound
-        self._grads: list[torch.Tensor] = [cast(torch.Tensor, m.grad) for m in self.masters]
+        # step builds no per-tensor lists: at small shapes the step is host-bound. Direct gradients are new
+        # tensors every step, listed by `_step_grads`.
+        self._grads: list[torch.Tensor] = [m.grad for m in self.masters if m.grad is not None]
         self._publish_pairs = ([self._param_view(pc) for pc in self.pieces], [m.detach() for m in self.masters])
 
     def _param_view(self, pc: _Piece) -> torch.Tensor:
@@ -103,12 +107,12 @@ class ZeroOptimizer:
 
         Call after `GradBuffer.finish_grad_sync`. The step is skipped on every rank if any rank saw a
         non-finite gradient, without a host sync."""
-        grads = self._grads   # each master's .grad is its buffer view, set in __init__
-        dtype = self.buffer.grad_data.dtype
+        grads = self._step_grads()
+        dtype = self.buffer.grad_data.dtype   # fp32 (fp64 for fp64 parameters), also when direct
         sq = torch.zeros(1, device=self.ps.device, dtype=dtype)
         found_inf = torch.zeros(1, device=self.ps.device, dtype=torch.float32)
         if grads:   # fp16: still multiplied by the loss scale, unscaled below and inside the AdamW kernel
-            norms = _norms(grads)
+            norms = _norms(grads, dtype)
             found_inf = (~torch.isfinite(norms).all()).float().reshape(1)   # any gradient here, counted or not
             if self.counted is not None:
                 sq = norms[self.counted].pow(2).sum().reshape(1)
@@ -137,9 +141,15 @@ class ZeroOptimizer:
             scale = loss_scale.float().reshape(())
             grad_scale = scale if grad_scale is None else grad_scale * scale
         # the step writes the shard's (bf16/fp16) parameters itself
-        self.adamw.step(self.buffer.grad_data, lr, grad_scale, found_inf.reshape(()))
+        self.adamw.step(grads if self.buffer.direct else self.buffer.grad_data, lr, grad_scale,
+                        found_inf.reshape(()))
+        self.buffer.release()
         self._all_gather()
         return OptimizerStep(norm, found_inf)
+
+    def _step_grads(self) -> list[torch.Tensor]:
+        """Each piece's flat gradient: the buffer views fixed at construction, or this step's direct ones."""
+        return [self.buffer.gradient(r) for r in self._ranges] if self.buffer.direct else self._grads
 
     def _publish(self) -> None:
         """Copy the masters into the (bf16/fp16) parameters and share the shards across DP (after loading)."""

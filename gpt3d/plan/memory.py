@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import ModelConfig
-from ..optim.buckets import bucket_layout, late_reduction, local_pieces
+from ..optim.buckets import bucket_layout, direct_gradients, late_reduction, local_pieces
 from ..model.build import build_meta_chunk
 from ..model.gpt import layer_prefix
 from ..parallel.layout import padded_vocab_size
@@ -88,7 +88,7 @@ def stage_params(m: ModelConfig, vocab_size: int, lay: Candidate, pp_rank: int) 
 class Persistent:
     """One rank's parameter, gradient and optimizer bytes (steady state, after the first step)."""
     params: int               # contiguous parameter buffer, in the parameter dtype (bucket padding included)
-    grads: int                # contiguous fp32 gradient buffer (same layout)
+    grads: int                # contiguous fp32 gradient buffer (same layout); 0 with direct gradients
     masters: int              # fp32 master weights of this rank's shard (0 when parameters are fp32)
     adam_moments: int         # exp_avg + exp_avg_sq, fp32, this rank's shard
     adam_steps: int           # one fp32 step counter per shard piece (optim/adamw.py, as torch's per tensor)
@@ -98,6 +98,7 @@ class Persistent:
     buckets: int
     late_elements: int        # buffer elements reduced after backward (SP norms, tied embedding)
     largest_param: int = 0    # elements
+    direct: bool = False      # the optimizer reads autograd's gradients (optim/buckets.py direct_gradients)
 
     @property
     def optimizer(self) -> int:
@@ -120,10 +121,13 @@ def persistent_bytes(params: list[ParamInfo], lay: Candidate, *, dp_rank: int = 
     late_elements = sum(b.end - b.start for b in buckets if b.late)
     pieces = list(local_pieces(buckets, numels, dp, dp_rank, zero))
     shard = sum(hi - lo for _, lo, hi, _ in pieces)
-    return Persistent(params=start * param_bytes, grads=start * 4, masters=shard * 4 if param_bytes != 4 else 0,
+    direct = direct_gradients(dp, lay.num_micro, late)
+    return Persistent(params=start * param_bytes, grads=0 if direct else start * 4,
+                      masters=shard * 4 if param_bytes != 4 else 0,
                       adam_moments=8 * shard, adam_steps=4 * len(pieces), elements=start,
                       param_elements=sum(p.numel for p in params), shard_elements=shard, buckets=len(buckets),
-                      late_elements=late_elements, largest_param=max((p.numel for p in params), default=0))
+                      late_elements=late_elements, largest_param=max((p.numel for p in params), default=0),
+                      direct=direct)
 
 
 # ----- activations ------------------------------------------------------------------------------------------
@@ -251,7 +255,7 @@ def _stage_persistent(m: ModelConfig, vocab_size: int, lay: Candidate, pp_rank: 
     """The stage's parameters and its largest DP shard (the last DP rank holds the bucket padding's shard, the
     first the most parameter elements: ZeRO-1 is reported for the first)."""
     key = (lay.tp, lay.pp, lay.vp, lay.dp, lay.zero_effective, lay.sp, lay.split, pp_rank, param_bytes,
-           bucket_size_mb)
+           bucket_size_mb, lay.num_micro == 1)
     if cache is not None and key in cache:
         return cache[key]
     params = [p for c in stage_params(m, vocab_size, lay, pp_rank) for p in c]
@@ -340,6 +344,8 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Candidate, pp_rank: int, 
             transients["vocab-parallel loss temporaries"] = 6 * T * pv // t
     if lay.pp > 1:
         other.add("pipeline send/receive buffers", 2 * e * Ts * h)
+    if pers.direct:   # kept until the optimizer step, while backward frees the activations they outgrow
+        other.add("gradients kept for the optimizer (direct)", max(0.0, e * pers.param_elements - in_flight_bytes))
     for k, nbytes in transients.items():   # they happen one at a time: count the largest
         if nbytes == max(transients.values()):
             other.add(k, nbytes)

@@ -94,9 +94,16 @@ LOSS_PASSES = 3    # the fused loss reads the logits, its backward reads them an
 # each FP8 linear's input, weight and output gradient, counted as FP8_CAST_BYTES per element at the elementwise
 # rate (a cast reads the tensor for its amax and again to write both FP8 layouts; fused kernels also take the
 # activation's own bf16 work off). FP8_CAST_BYTES is fitted to one end-to-end step (1.3B 8x1, 2026-12-06
-# session 33) and checked at 125M and the Llama shape there.
+# session 34, with direct gradients) and checked at the Llama shape there (+2.4%). (Session 33's fit, 4.7, had
+# the gradient hooks' copy in the step, charged at the default 1000 GB/s.)
 FP8_GEMM_SPEEDUP = 1.94
-FP8_CAST_BYTES = 4.7
+FP8_CAST_BYTES = 5.5
+
+# The optimizer step (optimizer_ns_per_param) with direct gradients (optim/buckets.py): the norm and AdamW read
+# bf16 gradients instead of fp32 ones, 30 bytes a parameter instead of 34, but the AdamW kernel reads them no
+# faster. Measured at the 1.3B shape on one H100 (benchmarks/adamw_check.py, RESULTS.md 2026-12-06 session 34):
+# AdamW 13.89 ms + norm 1.58 ms against 13.79 + 2.31 from the fp32 buffer.
+DIRECT_OPTIMIZER_FACTOR = (13.89 + 1.58) / (13.79 + 2.31)
 
 
 @dataclass

@@ -22,8 +22,8 @@ from ..perf.flops import layer_flops, layer_linears
 from .layout import Candidate
 from .memory import Persistent, Shape, layer_terms, shape_of
 from .presets import (ATTN_BACKWARD_FACTOR, ATTN_DROPOUT_S_PER_SCORE, COMM_EFFICIENCY, COMM_LATENCY_S,
-                      DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, EW_PASSES, FP8_CAST_BYTES, FP8_GEMM_SPEEDUP,
-                      GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES, Gpu, attention_efficiency)
+                      DIRECT_OPTIMIZER_FACTOR, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, EW_PASSES, FP8_CAST_BYTES,
+                      FP8_GEMM_SPEEDUP, GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES, Gpu, attention_efficiency)
 from .schedule import pipeline_time
 
 # Eager execution runs each norm, activation and residual as its own kernels. Rough factor from
@@ -183,9 +183,10 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_pe
                 parts["output layer + loss"] += gemm + loss + 2 * _ring(sh.e * T * h, t, link.tp_gbps, "all_reduce")
             if lay.pp > 1:
                 parts["pipeline send/receive"] += 2 * p2p
-        # each parameter's hook copies (first micro-batch) or adds (the rest) its bf16 gradient into fp32
+        # each parameter's hook copies (first micro-batch) or adds (the rest) its bf16 gradient into fp32;
+        # with direct gradients there is no buffer to move them into
         pers = persistent[r]
-        moved = pers.param_elements * (6 + 10 * (lay.num_micro - 1)) / lay.num_micro
+        moved = 0 if pers.direct else pers.param_elements * (6 + 10 * (lay.num_micro - 1)) / lay.num_micro
         parts["gradient accumulation"] = moved / (cal.grad_gbps * 1e9)
         host_micro.append(sum(len(ids) for ids in chunks) * cal.host_layer_s *
                           (4 / 3 if lay.recompute == "full" else 1.0))
@@ -209,7 +210,8 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_pe
         tied = 0.0
         if lay.pp > 1 and not m.untie_embeddings_and_output_weights and r in (0, lay.pp - 1):
             tied = _ring(4 * pv // t * h, 2, link.embedding_gbps, "all_reduce")
-        opt = pers.shard_elements * cal.optimizer_ns_per_param * 1e-9
+        opt = pers.shard_elements * cal.optimizer_ns_per_param * 1e-9 * (DIRECT_OPTIMIZER_FACTOR if pers.direct
+                                                                       else 1.0)
         gather = _ring(param_bytes * pers.elements, lay.dp, link.dp_gbps, "all_gather") if lay.zero_effective \
             else 0.0
         tail.append({"DP gradient reduction (exposed)": exposed + late_comm, "tied embedding all-reduce": tied,

@@ -62,5 +62,5 @@ def install(trainer) -> None:
             if state.iteration + 1 >= at:   # the first range of this rank's shard: its optimizer sees NaN
                 r = next(grads.local_ranges(), None)
                 if r is not None:
-                    grads.grad_data[r.offset:r.offset + r.hi - r.lo].fill_(float("nan"))
+                    grads.gradient(r).fill_(float("nan"))
         grads.finish_grad_sync = poisoned_sync

@@ -95,7 +95,8 @@ class Trainer:
         self.plan = plan_for_run(cfg, ps, self.vocab_size, gpu)
         self.model = build_model_chunks(cfg, ps, self.tp_rng, self.vocab_size)
         self.grads = GradBuffer(self.model, ps, zero_stage=cfg.parallel.zero_stage,
-                                bucket_size_mb=cfg.parallel.bucket_size_mb, overlap=cfg.parallel.overlap_grad_reduce)
+                                bucket_size_mb=cfg.parallel.bucket_size_mb, overlap=cfg.parallel.overlap_grad_reduce,
+                                micro_batches=self.num_micro)
         self.optimizer = ZeroOptimizer(self.grads, cfg.optimizer, ps)
         self.schedule = LRSchedule(cfg.scheduler, train_iters=self.train_iters, tokens_per_iter=tokens_per_iter)
         self.scaler = DynamicLossScaler(cfg.precision, ps.device) if cfg.precision.fp16 else None

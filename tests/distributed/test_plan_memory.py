@@ -46,7 +46,8 @@ def held_bytes(model, grads: GradBuffer, optimizer: ZeroOptimizer) -> dict:
     for c in model:
         for p in c.parameters():
             add("params", p)
-            add("grads", p.main_grad)
+            if hasattr(p, "main_grad"):   # no buffer with direct gradients (optim/buckets.py)
+                add("grads", p.main_grad)
     for m in optimizer.masters:
         add("masters", m)
     a = optimizer.adamw
@@ -80,7 +81,8 @@ LAYOUTS = {
         dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, sequence_parallel=True, bf16=True),
         dict(tensor_model_parallel_size=2, sequence_parallel=True, zero_stage=1, bf16=True),
         dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1, zero_stage=1, bf16=True,
-             global_batch_size=8, micro_batch_size=2)],
+             global_batch_size=8, micro_batch_size=2),
+        dict(tensor_model_parallel_size=4, bf16=True, global_batch_size=2)],   # DP 1, one micro-batch: direct
     8: [dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, sequence_parallel=True, zero_stage=1,
              bf16=True, untie_embeddings_and_output_weights=True, use_rotary_position_embeddings=True,
              normalization="rmsnorm", swiglu=True, num_key_value_heads=2, disable_bias_linear=True)],

@@ -253,8 +253,8 @@ def test_each_knob_moves_memory_and_time_as_gpt3d_does(cfg_1b):
 
 def test_small_shapes_pay_matmul_overhead_short_attention_and_the_host_floor():
     """The H200 findings the time model carries (benchmarks/RESULTS.md 2026-12-02): per token, small matmuls
-    and short sequences cost more; gradient hooks cost every micro-batch; and a small model at a small
-    micro-batch waits on the host's launches, however fast its kernels."""
+    and short sequences cost more; gradient hooks cost every micro-batch (where there is a buffer); and a small
+    model at a small micro-batch waits on the host's launches, however fast its kernels."""
     from gpt3d.plan.presets import attention_efficiency
     assert attention_efficiency(1024, 128) < attention_efficiency(4096, 128) < 1.0
     assert attention_efficiency(2048, 64) < attention_efficiency(2048, 128)
@@ -269,7 +269,8 @@ def test_small_shapes_pay_matmul_overhead_short_attention_and_the_host_floor():
     assert tiny.time.seconds == pytest.approx(12 * cal.host_layer_s + cal.host_step_s)
     acc = [predict_layout(small, Candidate(tp=1, pp=1, dp=1, mbs=16, num_micro=m), resolve_gpu("h200"), 8)
            for m in (1, 4)]
-    assert acc[1].time.parts["gradient accumulation"] > 3 * acc[0].time.parts["gradient accumulation"]
+    # one micro-batch at DP 1: the optimizer reads autograd's gradients, nothing to accumulate (direct gradients)
+    assert "gradient accumulation" not in acc[0].time.parts and acc[1].time.parts["gradient accumulation"] > 0
 
 
 def test_predict_uses_the_configs_own_layout(cfg_1b):

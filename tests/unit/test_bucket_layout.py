@@ -30,8 +30,8 @@ class _Model(nn.Module):
 
 @settings(max_examples=60, deadline=None)
 @given(params_st, st.sampled_from([1, 2, 4]), st.sampled_from([0, 1]), st.sampled_from([1, 2]),
-       st.sampled_from([0.0001, 0.0005, 0.002, 40.0]))
-def test_grad_buffer_and_planner_use_the_same_layout(sizes, dp, zero, tp, bucket_mb):
+       st.sampled_from([0.0001, 0.0005, 0.002, 40.0]), st.sampled_from([1, 2]))
+def test_grad_buffer_and_planner_use_the_same_layout(sizes, dp, zero, tp, bucket_mb, micro):
     numels = [n for n, _ in sizes]
     late = [sp and tp > 1 for _, sp in sizes]
     eff = zero if dp > 1 else 0
@@ -53,16 +53,19 @@ def test_grad_buffer_and_planner_use_the_same_layout(sizes, dp, zero, tp, bucket
     want = {id(p): off for b in layout for i, off in zip(b.members, b.offsets) for p in [model.ps[i]]}
     for r in range(dp):
         ps = ParallelState(tp=tp, dp=dp, rank=r * tp)
-        buf = GradBuffer([_Model(sizes)], ps, zero_stage=zero, bucket_size_mb=bucket_mb) if r else \
-            GradBuffer([model], ps, zero_stage=zero, bucket_size_mb=bucket_mb)
+        buf = GradBuffer([_Model(sizes)], ps, zero_stage=zero, bucket_size_mb=bucket_mb, micro_batches=micro) if r \
+            else GradBuffer([model], ps, zero_stage=zero, bucket_size_mb=bucket_mb, micro_batches=micro)
         if r == 0:
             for p in model.parameters():
                 assert p.data.data_ptr() == buf.param_data[want[id(p)]:].data_ptr()
         infos = [ParamInfo(f"ps.{i}", n, ParamMeta(sequence_parallel=sp)) for i, (n, sp) in enumerate(sizes)]
-        lay = Candidate(tp=tp, pp=1, dp=dp, mbs=1, num_micro=1, zero=zero)
+        lay = Candidate(tp=tp, pp=1, dp=dp, mbs=1, num_micro=micro, zero=zero)
         pred = persistent_bytes(infos, lay, dp_rank=r, param_bytes=4, bucket_size_mb=bucket_mb)
         ranges = list(buf.local_ranges())
         assert pred.grads == buf.nbytes() and pred.params == buf.param_nbytes()
+        # no gradient buffer exactly where nothing adds to or reduces a gradient (optim/buckets.py)
+        assert pred.direct == buf.direct == (dp == 1 and micro == 1 and not any(late))
+        assert (buf.nbytes() == 0) == buf.direct
         assert pred.shard_elements == sum(x.hi - x.lo for x in ranges) and pred.adam_steps == 4 * len(ranges)
         assert pred.buckets == len(buf.buckets) and pred.late_elements == sum(b.end - b.start for b in buf.buckets
                                                                              if b.late)

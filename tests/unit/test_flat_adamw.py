@@ -96,17 +96,41 @@ def test_the_block_table_covers_every_element_once(layout, block):
     """Each row is a run of at most `block` elements inside one piece, with the same place in the buffer and in
     the flat state; together the rows cover every element of every piece exactly once."""
     pieces, total = _pieces(*layout)
-    offset, flat, n, piece, decay = block_table(pieces, block)
+    offset, flat, n, piece, decay, start = block_table(pieces, block)
     seen = torch.zeros(total, dtype=torch.int64)
-    for o, f, k, i, d in zip(offset.tolist(), flat.tolist(), n.tolist(), piece.tolist(), decay.tolist()):
+    for o, f, k, i, d, s in zip(offset.tolist(), flat.tolist(), n.tolist(), piece.tolist(), decay.tolist(),
+                                start.tolist()):
         pc = pieces[i]
         assert 1 <= k <= block and d == int(pc.decay)
-        assert pc.offset <= o and o + k <= pc.offset + pc.numel and f - pc.flat == o - pc.offset
+        assert pc.offset <= o and o + k <= pc.offset + pc.numel and f - pc.flat == o - pc.offset == s
         seen[o:o + k] += 1
     want = torch.zeros(total, dtype=torch.int64)
     for pc in pieces:
         want[pc.offset:pc.offset + pc.numel] = 1
     assert torch.equal(seen, want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layout=layouts, half=st.sampled_from([torch.bfloat16, torch.float16]), decoupled=st.booleans(),
+       scale=st.sampled_from([None, 0.25, 3.0]), seed=st.integers(0, 2 ** 16))
+def test_per_piece_gradients_step_as_their_fp32_copies(layout, half, decoupled, scale, seed):
+    """Direct gradients (optim/buckets.py direct_gradients): one half-precision gradient per piece gives the
+    parameters, masters and moments bit for bit what the fp32 buffer holding their exact copies gives."""
+    pieces, total = _pieces(*layout)
+    g = torch.Generator().manual_seed(seed)
+    params = torch.randn(total, generator=g).to(half)
+    opts = [FlatAdamW(pieces, params.clone(), torch.float32, True, BETAS, EPS, WD, decoupled) for _ in range(2)]
+    sc = None if scale is None else torch.tensor(scale, dtype=torch.float32)
+    for _ in range(3):
+        per_piece = [(torch.randn(pc.numel, generator=g) * 3).to(half) for pc in pieces]
+        buffer = torch.full((total,), float("nan"))   # between pieces: never read
+        for pc, gp in zip(pieces, per_piece):
+            buffer[pc.offset:pc.offset + pc.numel] = gp.float()
+        opts[0].step(buffer, 1e-2, sc, torch.tensor(0.0))
+        opts[1].step(per_piece, 1e-2, sc, torch.tensor(0.0))
+        for a, b in zip(opts[0].__dict__.items(), opts[1].__dict__.items()):
+            if isinstance(a[1], torch.Tensor):
+                assert torch.equal(a[1], b[1]), a[0]
 
 
 def test_no_pieces_no_step():

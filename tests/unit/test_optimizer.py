@@ -170,6 +170,53 @@ def test_the_buffer_holds_the_sum_of_every_micro_batchs_gradients(uses, bucket_k
         assert p.grad is None
 
 
+class _Subset(nn.Module):
+    """Three small linears; a forward goes through those named in `use` (the others get no gradient)."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(5, 5) for _ in range(3)).to(dtype)
+
+    def forward(self, x, use):
+        for i in use:
+            x = torch.tanh(self.layers[i](x))
+        return x.float().pow(2).mean()
+
+
+@settings(max_examples=30, deadline=None)
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       clip=st.sampled_from([0.0, 1e-3, 1e4]), seed=st.integers(0, 2 ** 16),
+       uses=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=3), min_size=1, max_size=3))
+def test_direct_gradients_train_bit_for_bit_as_the_buffer(dtype, clip, seed, uses):
+    """One micro-batch at DP 1: the optimizer reading autograd's gradients where they are (no fp32 buffer,
+    optim/buckets.py direct_gradients) gives the buffer's norms, skip flags, parameters and masters bit for
+    bit, whichever parameters a step reaches (the others step on zeros), fp16's loss scale included, and keeps
+    no gradient after its step."""
+    cfg = OptimizerConfig(weight_decay=0.1, clip_grad=clip)
+    runs = []
+    for micro in (None, 1):   # None: the buffer (the trainer passes its micro-batch count)
+        model = _Subset(dtype)
+        grads = GradBuffer([model], ParallelState.single(), micro_batches=micro)
+        assert grads.direct == (micro == 1) and (grads.nbytes() == 0) == grads.direct
+        opt = ZeroOptimizer(grads, cfg, ParallelState.single())
+        scale = torch.tensor([2.0 ** 12]) if dtype == torch.float16 else None
+        out = []
+        for i, use in enumerate(uses):
+            x = torch.randn(4, 5, generator=torch.Generator().manual_seed(seed + i)).to(dtype)
+            grads.zero_grad()
+            (model(x, use) * (1.0 if scale is None else scale)).backward()
+            grads.finish_grad_sync()
+            norm, found_inf = opt.step(1e-2, scale)
+            assert all(p.grad is None for p in model.parameters()) and not grads._kept
+            out.append((norm, found_inf, grads.param_data.clone(), opt.adamw.master.clone(),
+                        opt.adamw.exp_avg.clone(), opt.adamw.exp_avg_sq.clone()))
+        runs.append(out)
+    for buffered, direct in zip(*runs):
+        for a, b in zip(buffered, direct):
+            assert torch.equal(a, b)
+
+
 def test_pieces_loaded_without_moments_restart_their_own_count():
     """Adam's step count is per piece, as torch's per tensor: after loading a state in which one piece has no
     moments, that piece steps as a fresh AdamW (bias corrections from step 1) while the others go on from the
@@ -213,3 +260,22 @@ def test_pieces_loaded_without_moments_restart_their_own_count():
         ref.step()
         torch.testing.assert_close(m.detach(), w.detach(), rtol=1e-12, atol=1e-15)
     assert [int(s) for s in opt2.adamw.steps] == [1 if k == dropped else 3 for k in opt2.state_dict()["pieces"]]
+
+
+@pytest.mark.parametrize("precision", [{}, {"bf16": True}, {"fp16": True}])
+def test_a_run_with_direct_gradients_trains_as_with_the_buffer(monkeypatch, precision):
+    """The trainer wiring (one micro-batch at DP 1: optim/buckets.py direct_gradients): losses, gradient norms,
+    validation loss and the final parameters of a run equal, bit for bit, those of the same run with the fp32
+    buffer forced, in fp32, bf16 and fp16 (its loss scale included)."""
+    import gpt3d.optim.grad_buffer as gb
+    from tests.support.curves import make_trainer, run_curve, tiny_config
+    runs = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(gb, "direct_gradients", lambda *a: False)
+        t = make_trainer(tiny_config(global_batch_size=2, train_iters=4, **precision))
+        assert t.grads.direct == direct and (t.grads.nbytes() == 0) == direct
+        curve = run_curve(t.cfg, trainer=t)
+        runs.append((curve["losses"], curve["norms"], curve["val"], t.grads.param_data.clone()))
+    (l0, n0, v0, p0), (l1, n1, v1, p1) = runs
+    assert l0 == l1 and n0 == n1 and v0 == v1 and torch.equal(p0, p1)
