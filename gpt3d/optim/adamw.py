@@ -7,7 +7,8 @@ is then a pass of its own. At 1.3B on one H100 the optimizer took ~21.6 ms a ste
 2026-12-06), ~9% of an FP8 step, where the bytes a step must move (read gradient, master and both moments;
 write master, moments and the bf16 parameter) take ~13 ms. Here masters and moments are flat buffers in
 piece order and one kernel (gpt3d/optim/adamw_triton.py, on CUDA) steps every piece in fixed-size blocks,
-reading the gradient from the gradient buffer and writing the parameter straight into the parameter buffer.
+reading the gradient from the gradient buffer (or, with direct gradients, from each piece's own gradient) and
+writing the parameter straight into the parameter buffer.
 
 `reference_step` is the specification and the implementation wherever Triton is absent (CPU: the tests).
 It is torch's fused AdamW's arithmetic: divide the gradient by the scale; decoupled decay p -= lr * wd * p
@@ -17,7 +18,7 @@ decay, the moments and the denominator in float64 as torch's CUDA kernel has the
 masters' precision; a step with `found_inf` set changes nothing, counts included, without a host sync. Each
 operation is rounded on its own (the Triton kernel fuses no multiply-adds), so kernel and reference agree bit
 for bit; torch's kernel, compiled with contractions, differs from both in the last place of a few percent of
-the elements. Unlike torch's, it leaves the gradient buffer as it was.
+the elements. Unlike torch's, it leaves the gradients as they were.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class Piece:
 
 
 class FlatAdamW:
-    """Masters, moments and step counts of `pieces` (in buffer order), stepped from a gradient buffer.
+    """Masters, moments and step counts of `pieces` (in buffer order), stepped from a gradient buffer or from
+    one gradient per piece.
 
     With `separate_master` (half-precision parameters) the fp32 masters are a flat buffer of their own and a
     step writes the rounded parameters into `param_data`; otherwise the parameters in `param_data` are the

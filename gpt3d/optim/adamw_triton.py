@@ -88,7 +88,10 @@ def step(opt, table: tuple[torch.Tensor, ...], grads, lr: float,
     out = opt.param_data
     off, flat, n, piece, decay, start = table
     direct = isinstance(grads, list)
-    if direct:   # the gradients' addresses, new every step: through pinned memory, so the copy does not sync
+    # Direct: the gradients' addresses, new every step, through pinned memory so that the copy does not sync.
+    # Reading by address is safe because backward and this step share one CUDA stream: a gradient freed after
+    # the launch is not reused before the kernel has run (a side stream would need record_stream).
+    if direct:
         assert len({g.dtype for g in grads}) == 1 and all(g.is_contiguous() for g in grads)   # GradBuffer's
         addrs = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64).pin_memory()
         gaddr, g0 = addrs.to(out.device, non_blocking=True), grads[0]

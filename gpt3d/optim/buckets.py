@@ -41,10 +41,11 @@ def late_reduction(sequence_parallel: bool, tied_across_stages: bool, tp: int, p
 def direct_gradients(dp: int, micro_batches: Optional[int], late: Sequence[bool]) -> bool:
     """Can the optimizer read autograd's gradients as they are, with no gradient buffer at all? Where nothing
     adds to or reduces a gradient after backward made it: DP 1, one micro-batch per step, no late reduction.
-    The buffer would then hold an exact copy (a half-to-fp32 conversion is exact), so the AdamW step gives the
-    same bits either way (the gradient norm may differ in the last place on CUDA, whose norm kernel sums half
-    elements in another order); skipping it saves the copy, 4 bytes per parameter of memory and 2 of every
-    later read."""
+    The buffer would then hold an exact copy (a half-to-fp32 conversion is exact), so for the same gradient
+    norm the AdamW step gives the same bits either way; on CUDA the norm itself may differ in the last place
+    (its kernel sums half elements in another order), which moves a clipped step by that rounding. Skipping
+    the buffer saves the hooks' copy, part of the norm's read and the buffer's 4 bytes a parameter; the half
+    gradients (2 bytes) live from backward to the step instead of being freed by the copy."""
     return dp == 1 and micro_batches == 1 and not any(late)
 
 

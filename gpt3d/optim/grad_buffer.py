@@ -168,7 +168,8 @@ class GradBuffer:
 
     def zero_grad(self) -> None:
         """Lazy: each parameter's first gradient overwrites its slot (one fp32 pass fewer per step);
-        `finish_grad_sync` clears the slots of parameters that got no gradient. Padding stays zero."""
+        `finish_grad_sync` clears the slots of parameters that got no gradient. Padding stays zero.
+        Direct: forgets the gradients kept from the last step, if any."""
         self._untouched = set(self._offsets)
         self._kept = {}
         for b in self.buckets:

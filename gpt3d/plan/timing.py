@@ -210,7 +210,8 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_pe
         tied = 0.0
         if lay.pp > 1 and not m.untie_embeddings_and_output_weights and r in (0, lay.pp - 1):
             tied = _ring(4 * pv // t * h, 2, link.embedding_gbps, "all_reduce")
-        opt = pers.shard_elements * cal.optimizer_ns_per_param * 1e-9 * (DIRECT_OPTIMIZER_FACTOR if pers.direct
+        direct_half = pers.direct and param_bytes == 2   # fp32 gradients read directly are no smaller
+        opt = pers.shard_elements * cal.optimizer_ns_per_param * 1e-9 * (DIRECT_OPTIMIZER_FACTOR if direct_half
                                                                        else 1.0)
         gather = _ring(param_bytes * pers.elements, lay.dp, link.dp_gbps, "all_gather") if lay.zero_effective \
             else 0.0
