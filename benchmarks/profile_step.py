@@ -45,6 +45,7 @@ from gpt3d.model.gpt import padded_vocab_size
 from gpt3d.parallel.state import ParallelState
 import gpt3d.model.build
 from gpt3d.train import Trainer
+from speed_suite import GPT_2_7B   # benchmarks/, run as `python benchmarks/profile_step.py`
 
 OUT = os.environ.get("OUT", ".")
 
@@ -52,9 +53,9 @@ OUT = os.environ.get("OUT", ".")
 def build(shape: str, opts: set, mbs=None, micro: int = 1):
     p = argparse.ArgumentParser()
     add_arguments(p)
-    model = (["--model", "custom", "--num-layers", "32", "--hidden-size", "2560", "--num-attention-heads", "32"]
-             if shape == "2.7B" else ["--model", shape])   # 2.7B: issue 25's shape, as speed_suite.py runs it
-    argv = model + ["--micro-batches", str(micro)] + (["--micro-batch-size", str(mbs)] if mbs else [])
+    model = "custom" if shape == "2.7B" else shape   # 2.7B: issue 25's shape, as speed_suite.py runs it
+    argv = ["--model", model] + (GPT_2_7B if shape == "2.7B" else []) + ["--micro-batches", str(micro)]
+    argv += ["--micro-batch-size", str(mbs)] if mbs else []
     argv += ["--fp16"] if "fp16" in opts else []
     argv += ["--fp8"] if opts & {"fp8", "fp8u", "fp8s", "fp8row", "fp8gw", "fp8d", "fp8r", "fp8dr", "fp8o"} else []
     kw = {}
@@ -77,7 +78,7 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
     argv += ["--no-compile"] if "eager" in opts else []
     for b in ("cudnn", "flash", "efficient", "math"):
         argv += ["--attention-backend", b] if b in opts else []
-    cfg = _config("custom" if shape == "2.7B" else shape, p.parse_args(argv))
+    cfg = _config(model, p.parse_args(argv))
     if "gqaexp" in opts:   # K/V repeated to every query head, so SDPA sees plain multi-head attention
         import torch.nn.functional as F
         from gpt3d.model.attention import SelfAttention

@@ -38,6 +38,8 @@ MODEL_FLAGS = {   # gpt3d/perf/bench.py's SHAPES as train flags
     "llama-1.5B": ["--num-layers", "16", "--hidden-size", "2048", "--num-attention-heads", "32", *LLAMA],
 }
 
+GPT_2_7B = ["--num-layers", "32", "--hidden-size", "2560", "--num-attention-heads", "32"]   # issue 25's 2.7B shape
+
 
 START_MARGIN_S = 75   # start no timed job with less than this left before the deadline
 
@@ -95,8 +97,7 @@ def plans() -> dict:
         "peers": [   # bf16 benches at issue 25's other GPT shapes, this tree against --baseline's, same call
             Job("125M bench 16x1", b, "125M", 16, mem=16, base=True),
             Job("350M bench 16x1", b, "350M", 16, mem=26, base=True),
-            Job("2.7B bench 4x1", b, "custom", 4, mem=50, base=True, extra=[
-                "--num-layers", "32", "--hidden-size", "2560", "--num-attention-heads", "32"]),
+            Job("2.7B bench 4x1", b, "custom", 4, mem=50, base=True, extra=GPT_2_7B),
         ],
         "dropout": [   # gpt3d train with hidden and attention dropout 0.1 against 0, bf16 and fp16, same call
             Job(f"{shape} train {prec} {mbs}x1 drop {d}", t, shape, mbs, prec=prec, drop=d, mem=mem,
