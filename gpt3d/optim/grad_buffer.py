@@ -170,7 +170,7 @@ class GradBuffer:
         """Lazy: each parameter's first gradient overwrites its slot (one fp32 pass fewer per step);
         `finish_grad_sync` clears the slots of parameters that got no gradient. Padding stays zero.
         Direct: forgets the gradients kept from the last step, if any."""
-        self._untouched = set(self._offsets)
+        self._untouched = set() if self.direct else set(self._offsets)   # direct: `_kept` says who got one
         self._kept = {}
         for b in self.buckets:
             b.pending, b.handle = len(b.params), None
@@ -191,7 +191,6 @@ class GradBuffer:
                 for p in self._offsets:
                     if p not in self._kept:
                         self._kept[p] = torch.zeros_like(p)
-            self._untouched = set()
             return
         for p in self._untouched:
             p.main_grad.zero_()  # type: ignore[attr-defined]  # the buffer view set in __init__
