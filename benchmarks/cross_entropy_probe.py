@@ -1,18 +1,19 @@
-"""Is the loss's cross entropy at bandwidth? Inductor's kernels against two plain Triton kernels.
+"""Is the loss's cross entropy at bandwidth? Inductor's kernels against gpt3d's Triton kernels.
 
 Why: the 2026-12-06 session-34 profiles (benchmarks/RESULTS.md) put 7.3 ms of a 71 ms 125M step (16 x 2048
 tokens, 50,304 columns, 3.3 GB of bf16 logits) in the loss: the forward log-sum-exp at ~1.1 TB/s and the
 backward at ~1.65 TB/s, where a pass at ~3 TB/s would take ~3.3 ms in all. This times the per-token loss's
 forward + backward over [N, V] bf16 logits, as gpt3d's TP=1 path computes it:
 
-  compiled  gpt3d/parallel/cross_entropy.py `_fused_dense` (torch.compile of F.cross_entropy on the upcast
-            logits; in training the whole-chunk graph fuses the same ops)
-  triton    this script's kernels: the forward one program per row, block max then a rescaled running sum
-            (one exp per element), the target's logit, loss and log-sum-exp in fp32; the backward
-            (exp(x - lse) - onehot) * grad in the logits' dtype, padded columns 0
+  compiled  torch.compile of gpt3d's F.cross_entropy on the upcast logits (`_dense_cross_entropy`; gpt3d's
+            TP=1 GPU loss before the Triton kernels; in training the whole-chunk graph fused the same ops)
+  triton    gpt3d's custom ops (`dense_ce_forward`, `dense_ce_backward_`, what training calls) running
+            gpt3d/parallel/cross_entropy_triton.py's kernels: the forward one program per row, a running max
+            and rescaled running sum (one exp per element), loss and log-sum-exp in fp32; the backward
+            (exp(x - lse) - onehot) * grad in the logits' dtype over the logits, padded columns 0
 
 and prints each one's milliseconds, its bandwidth over the bytes it must move, and how far the Triton loss and
-gradient are from the compiled ones. Exploratory: nothing in gpt3d uses these kernels.
+gradient are from the compiled ones. --block/--warps sweep the kernels' launch shape.
 
     python benchmarks/cross_entropy_probe.py [--shapes 125M 1.3B llama] [--block 4096] [--warps 8]
     TRITON_INTERPRET=1 python benchmarks/cross_entropy_probe.py --check-cpu   # the kernels' arithmetic on CPU
@@ -25,9 +26,10 @@ import sys
 
 import torch
 import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from gpt3d.parallel import cross_entropy as CE   # noqa: E402
+from gpt3d.parallel import cross_entropy_triton as K   # noqa: E402
 
 SHAPES = {   # tokens per step, real vocabulary, padded columns (make_vocab_size_divisible_by 128)
     "125M": (16 * 2048, 50257, 50304),
@@ -37,53 +39,13 @@ SHAPES = {   # tokens per step, real vocabulary, padded columns (make_vocab_size
 }
 
 
-@triton.jit
-def _ce_forward(x_ptr, t_ptr, loss_ptr, lse_ptr, stride, v_real, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = x_ptr + row * stride
-    m = -float("inf")
-    s = 0.0
-    for start in range(0, v_real, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(base + cols, mask=cols < v_real, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-    lse = m + tl.log(s)
-    target = tl.load(t_ptr + row)
-    picked = tl.load(base + target).to(tl.float32)
-    tl.store(loss_ptr + row, lse - picked)
-    tl.store(lse_ptr + row, lse)
-
-
-@triton.jit
-def _ce_backward(x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, stride, v_real, v_pad, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = x_ptr + row * stride
-    out = dx_ptr + row * stride
-    lse = tl.load(lse_ptr + row)
-    g = tl.load(g_ptr + row)
-    target = tl.load(t_ptr + row)
-    for start in range(0, v_pad, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(base + cols, mask=cols < v_real, other=-float("inf")).to(tl.float32)
-        p = tl.exp(x - lse)
-        d = (p - tl.where(cols == target, 1.0, 0.0)) * g
-        d = tl.where(cols < v_real, d, 0.0)
-        tl.store(out + cols, d.to(dx_ptr.dtype.element_ty), mask=cols < v_pad)
-
-
 class TritonCrossEntropy(torch.autograd.Function):
-    """Per-token loss [N] of logits [N, V_pad] (columns >= v_real are padding) against targets [N]."""
-    block, warps = 4096, 8
+    """Per-token loss [N] of logits [N, V_pad] (columns >= v_real are padding) against targets [N], through the
+    kernels themselves (gpt3d/parallel/cross_entropy_triton.py), not the custom ops (CPU interpreter runs)."""
 
     @staticmethod
     def forward(ctx, logits, target, v_real):
-        n, v_pad = logits.shape
-        loss = torch.empty(n, device=logits.device, dtype=torch.float32)
-        lse = torch.empty_like(loss)
-        b, w = TritonCrossEntropy.block, TritonCrossEntropy.warps
-        _ce_forward[(n,)](logits, target, loss, lse, logits.stride(0), v_real, BLOCK=b, num_warps=w)
+        loss, lse = K.forward(logits, target, v_real)
         ctx.save_for_backward(logits, target, lse)
         ctx.v_real = v_real
         return loss
@@ -91,18 +53,15 @@ class TritonCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, target, lse = ctx.saved_tensors
-        n, v_pad = logits.shape
-        dx = torch.empty_like(logits)
-        g = grad_loss.float().contiguous()
-        b, w = TritonCrossEntropy.block, TritonCrossEntropy.warps
-        _ce_backward[(n,)](logits, target, lse, g, dx, logits.stride(0), ctx.v_real, v_pad, BLOCK=b, num_warps=w)
-        return dx, None, None
+        K.backward_(logits, target, lse, grad_loss.float().contiguous(), ctx.v_real)   # over the logits
+        return logits, None, None
 
 
 def _both(fn, logits, target, v_real):
-    """Loss and the logits' gradient of the mean loss (what training's backward hands the loss)."""
+    """Loss and the logits' gradient of the mean loss (what training's backward hands the loss). The loss gets a
+    copy of the logits, as gpt3d's gets the head's output: the Triton backward writes the gradient over it."""
     x = logits.detach().requires_grad_(True)
-    loss = fn(x, target, v_real)
+    loss = fn(x.clone(), target, v_real)
     loss.mean().backward()
     return loss.detach(), x.grad
 
@@ -115,17 +74,20 @@ def check_cpu() -> None:
     for n, v_real, v_pad, block in ((5, 300, 304, 64), (3, 1000, 1024, 128), (4, 37, 40, 16)):
         logits = (torch.randn(n, v_pad) * 4).to(torch.bfloat16)
         target = torch.randint(0, v_real, (n,))
-        TritonCrossEntropy.block = block
+        K.BLOCK = block
         want_loss, want_grad = _both(_dense_cross_entropy, logits, target, v_real)   # gpt3d's, eager
         got_loss, got_grad = _both(TritonCrossEntropy.apply, logits, target, v_real)
         torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=1e-2, atol=1e-4)
         assert torch.all(got_grad[:, v_real:] == 0)
+        ref_loss, ref_grad = _both(lambda x, t, v: CE.dense_ce_forward(x, t, v)[0], logits, target, v_real)
+        torch.testing.assert_close(ref_loss, want_loss, rtol=1e-5, atol=1e-5)   # the custom ops' CPU reference
+        torch.testing.assert_close(ref_grad.float(), want_grad.float(), rtol=1e-2, atol=1e-4)
         print(f"CHECK n={n} v={v_real}/{v_pad} block={block}: loss and gradient match gpt3d's loss")
 
 
 def _timed(fn, logits, target, v_real: int):
-    """(forward ms, forward + backward ms, loss, gradient) of `fn` on fresh leaf logits, the gradient of the mean."""
+    """(forward ms, forward + backward ms, loss, gradient) of the compiled loss, the gradient of the mean."""
     from cuda_timing import median_ms   # benchmarks/, run as `python benchmarks/<script>.py`
     x = logits.detach().requires_grad_(True)
     fwd = median_ms(lambda: fn(x, target, v_real))
@@ -139,8 +101,22 @@ def _timed(fn, logits, target, v_real: int):
     return fwd, both, loss.detach(), x.grad.detach().clone()
 
 
+def _timed_ops(logits, target, v_real: int):
+    """The same for gpt3d's custom ops: the forward op, then the in-place backward op alone on a scratch copy
+    of the logits (its time does not depend on the values it overwrites); values from autograd on a copy."""
+    from cuda_timing import median_ms
+    fwd = median_ms(lambda: CE.dense_ce_forward(logits, target, v_real))
+    loss, lse = CE.dense_ce_forward(logits, target, v_real)
+    grad = torch.full_like(loss, 1.0 / loss.numel())
+    scratch = logits.clone()
+    bwd = median_ms(lambda: torch.ops.gpt3d.dense_ce_backward_(scratch, target, lse, grad, v_real))
+    got_loss, got_grad = _both(lambda x, t, v: CE.dense_ce_forward(x, t, v)[0], logits, target, v_real)
+    return fwd, fwd + bwd, got_loss, got_grad
+
+
 def bench(shapes: list[str]) -> None:
-    from gpt3d.parallel.cross_entropy import _fused_dense
+    compiled = torch.compile(CE._dense_cross_entropy, dynamic=False)   # gpt3d's loss before the Triton kernels
+    assert CE._TRITON, "gpt3d's loss ops have no Triton kernels here"
     print(torch.cuda.get_device_name(), torch.__version__, "triton", triton.__version__)
     for name in shapes:
         n, v_real, v_pad = SHAPES[name]
@@ -149,8 +125,9 @@ def bench(shapes: list[str]) -> None:
         target = torch.randint(0, v_real, (n,), device="cuda", generator=g)
         moved = {"forward": n * v_real * 2, "backward": n * v_real * 2 + n * v_pad * 2}
         got = {}
-        for label, fn in (("compiled", _fused_dense), ("triton", TritonCrossEntropy.apply)):
-            fwd, both, loss, grad = _timed(fn, logits, target, v_real)
+        for label in ("compiled", "triton"):
+            fwd, both, loss, grad = _timed(compiled, logits, target, v_real) if label == "compiled" else \
+                _timed_ops(logits, target, v_real)
             got[label] = (loss, grad)
             bwd = both - fwd
             print(f"BENCH {name} {label:9s} forward {fwd:.3f} ms ({moved['forward'] / fwd / 1e9:.2f} TB/s), "
@@ -166,14 +143,14 @@ def bench(shapes: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="*", default=["125M", "1.3B", "llama"], choices=list(SHAPES))
-    ap.add_argument("--block", type=int, default=TritonCrossEntropy.block)
-    ap.add_argument("--warps", type=int, default=TritonCrossEntropy.warps)
+    ap.add_argument("--block", type=int, default=K.BLOCK)
+    ap.add_argument("--warps", type=int, default=K.WARPS)
     ap.add_argument("--check-cpu", action="store_true", help="with TRITON_INTERPRET=1: the arithmetic on CPU")
     a = ap.parse_args()
     if a.check_cpu:
         check_cpu()
         return
-    TritonCrossEntropy.block, TritonCrossEntropy.warps = a.block, a.warps
+    K.BLOCK, K.WARPS = a.block, a.warps
     bench(a.shapes)
 
 

@@ -181,6 +181,7 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
     ka = pr.key_averages()
     kinds = kernel_kinds(ka, steps=2 if profile else 1)
     row["gpu_ms"] = sum(kinds.values())   # kernels alone, per step
+    row["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)   # caching allocator frees + retries
     row["attn_kernels"] = sorted({e.key[:60] for e in ka if any(
         w in e.key.lower() for w in ("flash", "cudnn", "fmha", "attention", "sdpa", "efficient"))})[:3]
     if "gaps" in opts:

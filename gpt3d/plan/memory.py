@@ -337,11 +337,8 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Candidate, pp_rank: int, 
     if last and linear_loss:   # forward: one chunk of logits and their gradient (CHUNK_BYTES of logits each)
         rows = max(256, CHUNK_BYTES // (pv // t * e) // 256 * 256)
         transients["fused linear + loss: a chunk's logits and their gradient"] = 2 * e * min(rows, T) * pv // t
-    elif last:
-        if fused_loss and not whole_graph:
-            transients["logits gradient (separately compiled loss)"] = e * T * pv // t
-        elif not fused_loss:
-            transients["vocab-parallel loss temporaries"] = 6 * T * pv // t
+    elif last and not fused_loss:   # the fused loss's backward writes the logits' gradient over them
+        transients["vocab-parallel loss temporaries"] = 6 * T * pv // t
     if lay.pp > 1:
         other.add("pipeline send/receive buffers", 2 * e * Ts * h)
     if pers.direct:   # kept until the optimizer step, while backward frees the activations they outgrow

@@ -1,0 +1,77 @@
+"""The TP=1 GPU loss's custom ops (gpt3d/parallel/cross_entropy.py `dense_ce_forward` / `dense_ce_backward_`, whose
+CUDA kernels are Triton: cross_entropy_triton.py): their CPU reference is the spec the kernels are checked against
+(benchmarks/cross_entropy_probe.py), so here it must equal F.cross_entropy over the real columns -- loss and
+gradient, padded columns getting none -- and the ops must be honest to torch.compile (opcheck: fake shapes and
+strides, schema with the backward's declared overwrite of the logits, autograd through AOT). In float64 the
+reference and F.cross_entropy differ only by rounding. The backward writes the gradient over the saved logits:
+a second backward through the same graph must raise, not read the overwritten values."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from gpt3d.parallel import cross_entropy as CE
+
+CHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic", "test_autograd_registration")
+
+
+def _case(rows: int, vocab: int, pad: int, seed: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab + pad, generator=g, dtype=torch.float64) * 4).to(dtype)
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    weight = torch.rand(rows, generator=g, dtype=torch.float64)   # per-token weights, as a loss mask gives
+    return logits, target, weight
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 12), vocab=st.integers(1, 70), pad=st.integers(0, 9), seed=st.integers(0, 2 ** 31 - 1))
+def test_reference_equals_cross_entropy_float64(rows, vocab, pad, seed):
+    logits, target, weight = _case(rows, vocab, pad, seed, torch.float64)
+    x = logits.clone().requires_grad_()
+    loss = CE.dense_ce_forward(x * 1, target, vocab)[0]   # the head's output in gpt3d: not a leaf
+    (loss * weight).sum().backward()
+    want_x = logits.clone().requires_grad_()
+    want = F.cross_entropy(want_x[:, :vocab], target, reduction="none")
+    (want * weight).sum().backward()
+    scale = float(logits.abs().max()) + 1.0
+    assert float((loss - want).detach().abs().max()) <= 1e-13 * scale
+    assert float((x.grad - want_x.grad).abs().max()) <= 1e-13 * scale
+    assert torch.all(x.grad[:, vocab:] == 0)   # padding columns: no gradient
+    assert x.grad.is_contiguous()
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(1, 6), vocab=st.integers(2, 30), seed=st.integers(0, 2 ** 31 - 1))
+def test_a_target_outside_the_vocabulary_gives_nan(rows, vocab, seed):
+    """Nothing is read outside the real columns for it: its loss is NaN, the others are unchanged."""
+    logits, target, _ = _case(rows, vocab, 3, seed, torch.float32)
+    bad = target.clone()
+    bad[0] = vocab + 1 if seed % 2 else -1
+    loss = CE.dense_ce_forward(logits, bad, vocab)[0]
+    assert torch.isnan(loss[0])
+    torch.testing.assert_close(loss[1:], CE.dense_ce_forward(logits, target, vocab)[0][1:], rtol=0, atol=0)
+
+
+@settings(max_examples=5, deadline=None)
+@given(rows=st.integers(1, 10), vocab=st.integers(1, 40), pad=st.integers(0, 5), seed=st.integers(0, 2 ** 31 - 1),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]))
+def test_every_operator_passes_opcheck(rows, vocab, pad, seed, dtype):
+    logits, target, weight = _case(rows, vocab, pad, seed, dtype)
+    loss, lse = CE.dense_ce_forward(logits, target, vocab)
+    assert loss.dtype == lse.dtype == torch.float32
+    torch.library.opcheck(CE.dense_ce_forward, (logits.requires_grad_(), target, vocab), test_utils=CHECKS)
+    torch.library.opcheck(CE.dense_ce_backward_, (logits.detach().clone(), target, lse, weight.float(), vocab),
+                          test_utils=CHECKS[:3])
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(1, 6), vocab=st.integers(1, 30), pad=st.integers(0, 4), seed=st.integers(0, 2 ** 31 - 1))
+def test_a_second_backward_raises(rows, vocab, pad, seed):
+    logits, target, weight = _case(rows, vocab, pad, seed, torch.float32)
+    x = logits.clone().requires_grad_()
+    loss = (CE.dense_ce_forward(x * 1, target, vocab)[0] * weight.float()).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
