@@ -136,11 +136,13 @@ class Gpu:
 # that shape) are restated for the cost curves above: 793.9 without 12 x GEMM_OVERHEAD_S, and 347.5 /
 # attention_efficiency(2048, 128) = 517.3. The optimizer's, 2026-12-06: the flat AdamW step (optim/adamw.py),
 # 15.9 ms over the whole 1.3B model's parameters as profile_step times it (`--calibrate` times one ~100M-element
-# parameter instead, which read 23.3 ms at 1.3B for the old optimizer where profile_step read 21.6).
-H100_MEASURED = Calibration(gemm_tflops=793.9, attn_tflops=517.3, ew_gbps=2666.4, loss_gbps=1030.4,
+# parameter instead, which read 23.3 ms at 1.3B for the old optimizer where profile_step read 21.6). The loss's,
+# 2026-12-06 session 35: the TP=1 loss's Triton kernels (parallel/cross_entropy_triton.py) at the 1.3B shape, 1.897 ms
+# forward + backward over 16,384 x 50,304 bf16 logits (benchmarks/cross_entropy_probe.py); Inductor's read 1030.4.
+H100_MEASURED = Calibration(gemm_tflops=793.9, attn_tflops=517.3, ew_gbps=2666.4, loss_gbps=2606.8,
                             optimizer_ns_per_param=0.01208,
                             source="measured on an H100 80GB HBM3 at the 1.3B shape (benchmarks/RESULTS.md "
-                                   "2026-11-25; optimizer 2026-12-06)")
+                                   "2026-11-25; optimizer 2026-12-06; loss 2026-12-06 session 35)")
 
 _H100 = dict(tflops=989.0, hbm_gbps=3350.0)
 PRESETS = {
