@@ -84,6 +84,18 @@ def check_cpu() -> None:
         torch.testing.assert_close(ref_loss, want_loss, rtol=1e-5, atol=1e-5)   # the custom ops' CPU reference
         torch.testing.assert_close(ref_grad.float(), want_grad.float(), rtol=1e-2, atol=1e-4)
         print(f"CHECK n={n} v={v_real}/{v_pad} block={block}: loss and gradient match gpt3d's loss")
+    K.BLOCK = 64
+    for dtype in (torch.float16, torch.float32):   # other logits dtypes, targets outside the vocabulary, no rows
+        logits = (torch.randn(6, 200) * 4).to(dtype)
+        target = torch.tensor([0, 196, -1, 197, 10**9, 5])
+        loss, _ = K.forward(logits, target, 197)
+        want, _ = CE.dense_ce_forward(logits, target, 197)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert bool(torch.isnan(loss[[2, 3, 4]]).all())
+        empty = logits[:0]
+        assert K.forward(empty, target[:0], 197)[0].numel() == 0
+        K.backward_(empty, target[:0], torch.empty(0), torch.empty(0), 197)
+        print(f"CHECK {dtype}: loss matches the op's reference, NaN for targets outside the vocabulary, 0 rows")
 
 
 def _timed(fn, logits, target, v_real: int):

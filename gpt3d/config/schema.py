@@ -258,10 +258,10 @@ class TrainingConfig:
     compile: Optional[bool] = opt(None, "torch.compile the model (default: on with CUDA, off on the CPU; "
                                         "--no-compile runs eager)")
     compile_granularity: str = opt(
-        "auto", "what one compiled graph covers: chunk (the whole model chunk, embedding to loss: fusions across "
-                "layers, compile time grows with the layers), layer (regional: one transformer layer's body, "
-                "compiled once and reused by every layer), auto (chunk with TP = DP = 1 and no FP8, unless "
-                "dropout is on and a chunk has 16 layers or more; else layer)",
+        "auto", "what one compiled graph covers: chunk (the whole model chunk, embedding to the head's logits: "
+                "fusions across layers, compile time grows with the layers), layer (regional: one transformer "
+                "layer's body, compiled once and reused by every layer), auto (chunk with TP = DP = 1 and no "
+                "FP8, unless dropout is on and a chunk has 16 layers or more; else layer)",
         choices=["auto", "chunk", "layer"])
     exit_duration_in_mins: Optional[float] = opt(None, "save and exit after this many minutes (default: no "
                                                                "limit)")

@@ -171,7 +171,8 @@ def compile_chunks(chunks: list[GPTModel], ps: ParallelState, granularity: str =
     """torch.compile in place (`Module.compile`), so parameter names and checkpoints stay the same;
     `options` go to torch.compile (tests pass a cheaper backend).
 
-    `chunk`: the whole chunk, embedding to loss, is one graph: the fusions span layer boundaries and the loss,
+    `chunk`: the whole chunk, embedding to the head's logits, is one graph (the TP=1 GPU loss runs after it:
+    parallel/cross_entropy.py `dense_loss`; at TP > 1 the loss is in the graph): the fusions span layer boundaries,
     but Dynamo unrolls every layer into it, so compile time grows with the depth. `layer` (regional
     compilation): each transformer layer is compiled on its own, and since Dynamo treats a module's parameters
     and buffers as graph inputs, the first layer's graph serves every other layer without recompiling (a

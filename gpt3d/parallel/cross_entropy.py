@@ -69,15 +69,27 @@ def _dense_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size:
     return F.cross_entropy(upcast(logits[:, :vocab_size]), target, reduction="none")
 
 
-@torch.library.custom_op("gpt3d::dense_ce_forward", mutates_args=())
-def dense_ce_forward(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token loss, log-sum-exp) in fp32 of logits [N, V_pad] whose first `vocab_size` columns are real;
-    a target outside them gives NaN. The spec of the Triton kernels (cross_entropy_triton.py)."""
+def _ce_forward_ref(logits, target, vocab_size):
     x = upcast(logits[:, :vocab_size])
     lse = torch.logsumexp(x, dim=-1)
     inside = (target >= 0) & (target < vocab_size)
     picked = x.gather(-1, target.masked_fill(~inside, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(inside, lse - picked, float("nan")), lse
+
+
+def _ce_backward_ref_(logits, target, lse, grad, vocab_size) -> None:
+    x = upcast(logits[:, :vocab_size])
+    cols = torch.arange(vocab_size, device=x.device)
+    d = (torch.exp(x - lse.unsqueeze(-1)) - (cols == target.unsqueeze(-1)).to(x.dtype)) * grad.unsqueeze(-1)
+    logits[:, :vocab_size] = d.to(logits.dtype)
+    logits[:, vocab_size:] = 0
+
+
+@torch.library.custom_op("gpt3d::dense_ce_forward", mutates_args=())
+def dense_ce_forward(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss, log-sum-exp) in fp32 (float64 for float64 logits) of logits [N, V_pad] whose first
+    `vocab_size` columns are real; a target outside them gives NaN. The spec of the Triton kernels."""
+    return _ce_forward_ref(logits, target, vocab_size)
 
 
 @dense_ce_forward.register_fake
@@ -90,16 +102,13 @@ def _(logits, target, vocab_size):
 def dense_ce_backward_(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
                        vocab_size: int) -> None:
     """Overwrites the logits with their gradient (softmax - one_hot(target)) * grad per row, padded columns 0."""
-    x = upcast(logits[:, :vocab_size])
-    cols = torch.arange(vocab_size, device=x.device)
-    d = (torch.exp(x - lse.unsqueeze(-1)) - (cols == target.unsqueeze(-1)).to(x.dtype)) * grad.unsqueeze(-1)
-    logits[:, :vocab_size] = d.to(logits.dtype)
-    logits[:, vocab_size:] = 0
+    _ce_backward_ref_(logits, target, lse, grad, vocab_size)
 
 
 def _dense_ce_setup(ctx, inputs, output):
     logits, target, vocab_size = inputs
     ctx.save_for_backward(logits, target, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.vocab_size = vocab_size
 
 
@@ -122,10 +131,14 @@ def _register_triton() -> bool:
 
     @dense_ce_forward.register_kernel("cuda")
     def _(logits, target, vocab_size):
+        if logits.dtype == torch.float64:   # the kernels compute in fp32
+            return _ce_forward_ref(logits, target, vocab_size)
         return k.forward(logits.contiguous(), target.contiguous(), vocab_size)
 
     @dense_ce_backward_.register_kernel("cuda")
     def _(logits, target, lse, grad, vocab_size):
+        if logits.dtype == torch.float64:
+            return _ce_backward_ref_(logits, target, lse, grad, vocab_size)
         rows = logits if logits.stride(-1) == 1 else logits.contiguous()   # the kernel walks unit-stride rows
         k.backward_(rows, target.contiguous(), lse.contiguous(), grad.contiguous(), vocab_size)
         if rows is not logits:
@@ -137,14 +150,24 @@ _TRITON = torch.cuda.is_available() and _register_triton()
 _compiled_dense = None
 
 
+@torch.compiler.disable
+def dense_loss(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-token loss [N] through the ops above, kept out of compiled graphs: there a saved tensor is a graph
+    input of backward, which Inductor will not let an op overwrite, so it would copy the whole logits first
+    (one more pass over them: ~2 ms at 125M). Eager autograd hands the op the saved logits themselves.
+    A leaf that requires grad (a caller's own tensor) is copied rather than overwritten."""
+    if logits.is_leaf and logits.requires_grad:
+        logits = logits.clone()
+    return dense_ce_forward(logits, target, vocab_size)[0]
+
+
 def _fused_dense(logits, target, vocab_size):
     """TP=1 on GPU: the Triton kernels read the bf16 logits once in forward (online log-sum-exp) and once in
     backward, which writes their bf16 gradient over them, with no fp32 copy of [tokens, vocab]. Without
-    Triton, one compiled kernel of F.cross_entropy does the same at about half the bandwidth. `logits`: the
-    head's output, which nothing else reads (its backward consumes them)."""
+    Triton, one compiled kernel of F.cross_entropy does the same at about half the bandwidth."""
     global _compiled_dense
     if _TRITON and logits.dtype != torch.float64:
-        return dense_ce_forward(logits, target, vocab_size)[0]
+        return dense_loss(logits, target, vocab_size)
     if _compiled_dense is None:
         _compiled_dense = torch.compile(_dense_cross_entropy, dynamic=False)
     return _compiled_dense(logits, target, vocab_size)

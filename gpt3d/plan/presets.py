@@ -87,6 +87,10 @@ DROPOUT_HASH_BYTES = 4.5
 DROPOUT_MASK_BYTES = 2
 ATTN_DROPOUT_S_PER_SCORE = 0.75e-12    # forward + backward
 LOSS_PASSES = 3    # the fused loss reads the logits, its backward reads them and writes their gradient
+# The vocab-parallel loss (TP > 1: ~5 fp32 passes of eager ops) was charged at the fused loss's calibrated rate
+# until that loss got Triton kernels (2026-12-06, session 35: 1030.4 -> 2606.8 GB/s on the H100). Never measured
+# itself, it keeps its old rate, as a fraction of the calibrated elementwise rate so other GPUs scale it.
+VOCAB_PARALLEL_LOSS_OF_EW = 1030.4 / 2666.4
 
 # FP8 (--fp8, tensorwise recipe; gpt3d/model/fp8.py). The layers' FP8 GEMMs ran FP8_GEMM_SPEEDUP times as fast
 # as the same GEMMs in bf16 (one H100, 1.3B 8x1, same call: 161 -> 83 ms a step once the bf16 output head's

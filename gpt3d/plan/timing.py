@@ -23,7 +23,8 @@ from .layout import Candidate
 from .memory import Persistent, Shape, layer_terms, shape_of
 from .presets import (ATTN_BACKWARD_FACTOR, ATTN_DROPOUT_S_PER_SCORE, COMM_EFFICIENCY, COMM_LATENCY_S,
                       DIRECT_OPTIMIZER_FACTOR, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, EW_PASSES, FP8_CAST_BYTES,
-                      FP8_GEMM_SPEEDUP, GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES, Gpu, attention_efficiency)
+                      FP8_GEMM_SPEEDUP, GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES, VOCAB_PARALLEL_LOSS_OF_EW, Gpu,
+                      attention_efficiency)
 from .schedule import pipeline_time
 
 # Eager execution runs each norm, activation and residual as its own kernels. Rough factor from
@@ -179,7 +180,8 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_pe
                 gemm = 6 * T * h * pv / t / (cal.gemm_tflops * 1e12) + 3 * GEMM_OVERHEAD_S
                 # fused: bf16 logits read/written LOSS_PASSES times; vocab-parallel: ~5 fp32 passes
                 loss_bytes = (LOSS_PASSES * sh.e if fused_loss else 5 * 4) * T * pv / t
-                loss = loss_bytes / (cal.loss_gbps * 1e9) * (1 if fused_loss else ew_factor)
+                rate = cal.loss_gbps if fused_loss else cal.ew_gbps * VOCAB_PARALLEL_LOSS_OF_EW / ew_factor
+                loss = loss_bytes / (rate * 1e9)
                 parts["output layer + loss"] += gemm + loss + 2 * _ring(sh.e * T * h, t, link.tp_gbps, "all_reduce")
             if lay.pp > 1:
                 parts["pipeline send/receive"] += 2 * p2p

@@ -75,3 +75,54 @@ def test_a_second_backward_raises(rows, vocab, pad, seed):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def _head_and_loss(h, w, t, vocab):
+    return CE.dense_loss(h @ w.t(), t, vocab)
+
+
+@settings(max_examples=5, deadline=None)
+@given(rows=st.integers(1, 9), vocab=st.integers(1, 30), pad=st.integers(0, 4), seed=st.integers(0, 2 ** 31 - 1))
+def test_the_gradient_is_written_over_the_logits(rows, vocab, pad, seed):
+    """One [tokens, vocab] buffer: the gradient the head's backward receives is the logits' own storage."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = torch.randn(rows, 8, generator=g, requires_grad=True), torch.randn(vocab + pad, 8, generator=g)
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    logits = h @ w.t()
+    seen = []
+    logits.register_hook(lambda grad: seen.append(grad.data_ptr()))
+    CE.dense_loss(logits, t, vocab).sum().backward()
+    assert seen == [logits.data_ptr()]
+    leaf = (h.detach() @ w.t()).requires_grad_()   # a caller's own tensor is copied, not overwritten
+    kept = leaf.detach().clone()
+    CE.dense_loss(leaf, t, vocab).sum().backward()
+    assert torch.equal(leaf.detach(), kept) and leaf.grad is not None
+
+
+def test_the_loss_stays_out_of_compiled_graphs():
+    """Inside a compiled graph the saved logits are an input of backward, which Inductor copies before an op may
+    overwrite it (a whole extra pass): the loss runs eager between graphs, and the gradients are unchanged."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    g = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(12, 8, generator=g, dtype=torch.float64), torch.randn(20, 8, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 17, (12,), generator=g)
+    got = []
+    for fn in (_head_and_loss, torch.compile(_head_and_loss, backend=capture)):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = fn(h, w, t, 17)
+        loss.mean().backward()
+        got.append((loss.detach(), h.grad, w.grad))
+    assert graphs and not any("dense_ce" in str(gm.graph) for gm in graphs)
+    assert any("matmul" in str(gm.graph) or "mm" in str(gm.graph) for gm in graphs)   # the head was compiled
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lse_is_not_differentiable():
+    logits = torch.randn(3, 5, requires_grad=True)
+    loss, lse = CE.dense_ce_forward(logits * 1, torch.tensor([0, 1, 4]), 5)
+    assert loss.requires_grad and not lse.requires_grad
