@@ -152,13 +152,15 @@ _compiled_dense = None
 
 @torch.compiler.disable
 def dense_loss(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Per-token loss [N] through the ops above, kept out of compiled graphs: there a saved tensor is a graph
-    input of backward, which Inductor will not let an op overwrite, so it would copy the whole logits first
-    (one more pass over them: ~2 ms at 125M). Eager autograd hands the op the saved logits themselves.
-    A leaf that requires grad (a caller's own tensor) is copied rather than overwritten."""
-    if logits.is_leaf and logits.requires_grad:
+    """Per-token loss [*] of logits [*, V_pad] through the ops above, kept out of compiled graphs: there a saved
+    tensor is a graph input of backward, which Inductor will not let an op overwrite, so it would copy the whole
+    logits first (one more pass over them: ~2 ms at 125M). Eager autograd hands the op the saved logits
+    themselves. The logits are consumed: after backward their storage holds their gradient (callers pass the
+    head's output, which nothing else keeps); a caller's leaf, or a view of one, is copied instead."""
+    base = logits if logits._base is None else logits._base
+    if logits.requires_grad and base.is_leaf:
         logits = logits.clone()
-    return dense_ce_forward(logits, target, vocab_size)[0]
+    return dense_ce_forward(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), vocab_size)[0].view(target.shape)
 
 
 def _fused_dense(logits, target, vocab_size):
@@ -170,7 +172,12 @@ def _fused_dense(logits, target, vocab_size):
         return dense_loss(logits, target, vocab_size)
     if _compiled_dense is None:
         _compiled_dense = torch.compile(_dense_cross_entropy, dynamic=False)
-    return _compiled_dense(logits, target, vocab_size)
+    return _compiled_dense(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), vocab_size).view(target.shape)
+
+
+def _dense_device(logits: torch.Tensor) -> bool:
+    """Where the TP=1 loss takes the dense path above (a seam: CPU tests route the model through it)."""
+    return logits.is_cuda
 
 
 def _chunk_stats(logits: torch.Tensor, local_t: torch.Tensor, inside: torch.Tensor, real: int):
@@ -290,8 +297,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
                                  ps: ParallelState) -> torch.Tensor:
     """Per-token loss [*] for logits [*, V/tp] and targets [*]; columns >= vocab_size are padding."""
     shape = target.shape
-    if ps.tp == 1 and logits.is_cuda:
-        return _fused_dense(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), vocab_size).view(shape)
+    if ps.tp == 1 and _dense_device(logits):
+        return _fused_dense(logits, target, vocab_size)
     loss = _VocabParallelCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                             vocab_size, ps)
     return loss.view(shape)

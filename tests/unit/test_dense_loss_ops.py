@@ -93,9 +93,10 @@ def test_the_gradient_is_written_over_the_logits(rows, vocab, pad, seed):
     logits.register_hook(lambda grad: seen.append(grad.data_ptr()))
     CE.dense_loss(logits, t, vocab).sum().backward()
     assert seen == [logits.data_ptr()]
-    leaf = (h.detach() @ w.t()).requires_grad_()   # a caller's own tensor is copied, not overwritten
+    leaf = (h.detach() @ w.t()).requires_grad_()   # a caller's own tensor, or a view of one, is copied
     kept = leaf.detach().clone()
     CE.dense_loss(leaf, t, vocab).sum().backward()
+    CE.dense_loss(leaf.view(1, rows, -1), t.view(1, rows), vocab).sum().backward()
     assert torch.equal(leaf.detach(), kept) and leaf.grad is not None
 
 
@@ -126,3 +127,52 @@ def test_lse_is_not_differentiable():
     logits = torch.randn(3, 5, requires_grad=True)
     loss, lse = CE.dense_ce_forward(logits * 1, torch.tensor([0, 1, 4]), 5)
     assert loss.requires_grad and not lse.requires_grad
+
+
+def test_the_compiled_model_ends_its_graph_at_the_head(monkeypatch):
+    """The real route (GPTModel -> vocab_parallel_cross_entropy -> dense_loss, as on a GPU with Triton), the whole
+    chunk compiled through AOTAutograd: no graph holds the loss, the first ends at the head's linear, later steps
+    compile nothing new, and three training steps give the eager model's losses and gradients bit for bit."""
+    from gpt3d.model.gpt import GPTModel
+    from gpt3d.parallel.random import TPRNG
+    from gpt3d.parallel.state import ParallelState
+    from tests.support.curves import tiny_config
+    monkeypatch.setattr(CE, "_dense_device", lambda logits: True)
+    monkeypatch.setattr(CE, "_TRITON", True)
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+    cfg = tiny_config().model
+    ps = ParallelState.single(torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 250, (2, 16), generator=g), torch.randint(0, 250, (2, 16), generator=g))
+               for _ in range(3)]
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = GPTModel(cfg, ps, TPRNG(0, ps), vocab_size=250)   # float32: float64 takes the fallback
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.05)
+        if compiled:
+            model.compile(backend=capture)
+        out, counts = [], []
+        for tokens, labels in batches:
+            model.zero_grad()
+            loss = model(tokens, labels).mean()
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+            counts.append(len(graphs))
+        runs.append(out)
+    assert graphs and not any("dense_ce" in str(gm.graph) for gm in graphs)
+    last_call = [n for n in graphs[0].graph.nodes if n.op == "call_function"][-1]
+    assert last_call.target is torch.nn.functional.linear
+    assert counts[0] == counts[-1]   # the later steps compiled nothing
+    for (l0, g0), (l1, g1) in zip(*runs):
+        assert torch.equal(l0, l1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
