@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import Config, ModelConfig, PrecisionConfig, TrainingConfig
 from ..errors import ConfigError
+from ..parallel.cross_entropy import keep_loss_out_of_graphs
 from ..parallel.layers import full_shape
 from ..parallel.layout import padded_vocab_size, stage_layers
 from ..parallel.param_meta import param_meta
@@ -180,6 +181,7 @@ def compile_chunks(chunks: list[GPTModel], ps: ParallelState, granularity: str =
     recompiles), so compile time is one layer's. Per-layer graphs also keep TP collectives outside compiled
     code and let gradients become ready layer by layer, so DP bucket reductions overlap the rest of backward
     (a whole-chunk graph hands every gradient over at its very end). `auto`: compile_granularity."""
+    keep_loss_out_of_graphs()
     layers = max((len(c.layers) for c in chunks), default=0)
     dropout = any(c.cfg.hidden_dropout > 0 or c.cfg.attention_dropout > 0 for c in chunks)
     mode = compile_granularity(granularity, ps, layers, dropout, any(uses_fp8(c) for c in chunks))

@@ -150,17 +150,32 @@ _TRITON = torch.cuda.is_available() and _register_triton()
 _compiled_dense = None
 
 
-@torch.compiler.disable
-def dense_loss(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Per-token loss [*] of logits [*, V_pad] through the ops above, kept out of compiled graphs: there a saved
-    tensor is a graph input of backward, which Inductor will not let an op overwrite, so it would copy the whole
-    logits first (one more pass over them: ~2 ms at 125M). Eager autograd hands the op the saved logits
-    themselves. The logits are consumed: after backward their storage holds their gradient (callers pass the
-    head's output, which nothing else keeps); a caller's leaf, or a view of one, is copied instead."""
+def _dense_loss(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
     base = logits if logits._base is None else logits._base
     if logits.requires_grad and base.is_leaf:
         logits = logits.clone()
     return dense_ce_forward(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), vocab_size)[0].view(target.shape)
+
+
+_loss_call = _dense_loss   # torch.compiler.disable(_dense_loss) once gpt3d compiles a model (keep_loss_out_of_graphs)
+
+
+def keep_loss_out_of_graphs() -> None:
+    """Called where gpt3d compiles a model (model/build.py compile_chunks): from then on `dense_loss` runs between
+    compiled graphs. Not done at import: torch.compiler.disable imports Dynamo, ~2.4 s for every process."""
+    global _loss_call
+    if _loss_call is _dense_loss:
+        _loss_call = torch.compiler.disable(_dense_loss)
+
+
+def dense_loss(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-token loss [*] of logits [*, V_pad] through the ops above, kept out of compiled graphs
+    (keep_loss_out_of_graphs): there a saved tensor is a graph input of backward, which Inductor will not let an op
+    overwrite, so it would copy the whole logits first (one more pass over them: ~2 ms at 125M). Eager autograd
+    hands the op the saved logits themselves. The logits are consumed: after backward their storage holds their
+    gradient (callers pass the head's output, which nothing else keeps); a caller's leaf, or a view of one, is
+    copied instead."""
+    return _loss_call(logits, target, vocab_size)
 
 
 def _fused_dense(logits, target, vocab_size):

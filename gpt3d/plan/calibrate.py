@@ -78,6 +78,7 @@ def _chunk_seconds(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: 
     with `hooks`, also the gradient hooks' speed over the chunk's parameters in GB/s (a bf16 gradient added
     into an fp32 buffer: 10 bytes per element)."""
     from ..model.attention import sdpa_backend_context
+    from ..model.build import compile_chunks
     from ..model.gpt import GPTModel
     from ..parallel.random import seed_everything
     from ..parallel.state import ParallelState
@@ -88,7 +89,7 @@ def _chunk_seconds(cfg: Config, layer_ids: list, pre: bool, post: bool, warmup: 
     chunk.init_weights(1)
     chunk.cast_parameters(torch.bfloat16)
     if compile:
-        chunk.compile()
+        compile_chunks([chunk], ps, "chunk")
     tokens = torch.randint(0, vocab_of(cfg), (b, m.seq_length + 1), device=device)
     hidden = torch.randn(b, m.seq_length, m.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
     pairs = [(torch.zeros(p.shape, device=device), torch.ones_like(p)) for p in chunk.parameters()] if hooks else []

@@ -7,6 +7,9 @@ reference and F.cross_entropy differ only by rounding. The backward writes the g
 a second backward through the same graph must raise, not read the overwritten values."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,7 +103,7 @@ def test_the_gradient_is_written_over_the_logits(rows, vocab, pad, seed):
     assert torch.equal(leaf.detach(), kept) and leaf.grad is not None
 
 
-def test_the_loss_stays_out_of_compiled_graphs():
+def test_the_loss_stays_out_of_compiled_graphs(monkeypatch):
     """Inside a compiled graph the saved logits are an input of backward, which Inductor copies before an op may
     overwrite it (a whole extra pass): the loss runs eager between graphs, and the gradients are unchanged."""
     graphs = []
@@ -108,6 +111,8 @@ def test_the_loss_stays_out_of_compiled_graphs():
     def capture(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
+    monkeypatch.setattr(CE, "_loss_call", CE._dense_loss)
+    CE.keep_loss_out_of_graphs()   # what gpt3d's compile policy (model/build.py compile_chunks) calls
     g = torch.Generator().manual_seed(0)
     h0, w0 = torch.randn(12, 8, generator=g, dtype=torch.float64), torch.randn(20, 8, generator=g, dtype=torch.float64)
     t = torch.randint(0, 17, (12,), generator=g)
@@ -131,14 +136,17 @@ def test_lse_is_not_differentiable():
 
 def test_the_compiled_model_ends_its_graph_at_the_head(monkeypatch):
     """The real route (GPTModel -> vocab_parallel_cross_entropy -> dense_loss, as on a GPU with Triton), the whole
-    chunk compiled through AOTAutograd: no graph holds the loss, the first ends at the head's linear, later steps
-    compile nothing new, and three training steps give the eager model's losses and gradients bit for bit."""
+    chunk compiled by gpt3d's compile policy (compile_chunks) through AOTAutograd: no graph holds the loss, the
+    first ends at the head's linear, later steps compile nothing new, and three training steps give the eager
+    model's losses and gradients bit for bit."""
+    from gpt3d.model.build import compile_chunks
     from gpt3d.model.gpt import GPTModel
     from gpt3d.parallel.random import TPRNG
     from gpt3d.parallel.state import ParallelState
     from tests.support.curves import tiny_config
     monkeypatch.setattr(CE, "_dense_device", lambda logits: True)
     monkeypatch.setattr(CE, "_TRITON", True)
+    monkeypatch.setattr(CE, "_loss_call", CE._dense_loss)   # as in a fresh process: only compile_chunks switches it
     graphs = []
     aot_eager = torch._dynamo.lookup_backend("aot_eager")
 
@@ -158,7 +166,7 @@ def test_the_compiled_model_ends_its_graph_at_the_head(monkeypatch):
             for p in model.parameters():
                 p.normal_(0, 0.05)
         if compiled:
-            model.compile(backend=capture)
+            compile_chunks([model], ps, "chunk", backend=capture)
         out, counts = [], []
         for tokens, labels in batches:
             model.zero_grad()
@@ -176,3 +184,12 @@ def test_the_compiled_model_ends_its_graph_at_the_head(monkeypatch):
     assert counts[0] == counts[-1]   # the later steps compiled nothing
     for (l0, g0), (l1, g1) in zip(*runs):
         assert torch.equal(l0, l1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+def test_importing_gpt3d_leaves_dynamo_unloaded():
+    """Keeping the loss out of graphs must not import Dynamo at import time (~2.4 s for every gpt3d process, CLI
+    and test workers alike): the switch happens where gpt3d compiles."""
+    code = ("import sys, gpt3d.cli, gpt3d.commands.train, gpt3d.train, gpt3d.model.build, gpt3d.plan.calibrate, "
+            "gpt3d.parallel.cross_entropy; print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
