@@ -14,6 +14,7 @@ with OPTIONS joined by '+':
   seq1024 | full | selective (recompute) | layer | chunk (compile granularity) | eager | cudnn|flash|efficient|math
   gqaexp (expand K/V heads before SDPA) | ro (compile mode reduce-overhead) | cdt (coordinate-descent tuning)
   ndt (Inductor prefer_nd_tiling) | map (Inductor max_autotune_pointwise)
+  mk (Inductor multi_kernel: wider persistent reductions, benchmarked) | pdl (enable_pdl) | combo (combo_kernels)
   lt (cuBLASLt as torch's preferred BLAS library) | nrr (no reduced-precision reductions in half GEMMs)
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
   h1 (probe: the replicated-dropout hash with one mixing round instead of two; masks differ from gpt3d's)
@@ -94,6 +95,14 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
         ic.coordinate_descent_tuning = "cdt" in opts
         ic.triton.prefer_nd_tiling = "ndt" in opts   # 2-D tiles for the transposing casts
         ic.max_autotune_pointwise = "map" in opts    # autotune pointwise/reduction kernels' block sizes
+    if opts & {"mk", "pdl", "combo"}:
+        import torch._inductor.config as ic
+        if "mk" in opts:       # persistent reductions up to 16x wider, each benchmarked against the looped one
+            ic.triton.multi_kernel = 1
+        if "pdl" in opts:      # programmatic dependent launch for Inductor's Triton kernels (Hopper)
+            ic.triton.enable_pdl = True
+        if "combo" in opts:    # independent kernels of a graph launched as one (horizontal fusion)
+            ic.combo_kernels = True
     if "lt" in opts:   # probes for fp16's GEMM gap (benchmarks/gemm_dtype_probe.py)
         torch.backends.cuda.preferred_blas_library("cublaslt")
     if "nrr" in opts:
