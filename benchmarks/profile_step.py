@@ -14,6 +14,7 @@ with OPTIONS joined by '+':
   seq1024 | full | selective (recompute) | layer | chunk (compile granularity) | eager | cudnn|flash|efficient|math
   gqaexp (expand K/V heads before SDPA) | ro (compile mode reduce-overhead) | cdt (coordinate-descent tuning)
   ndt (Inductor prefer_nd_tiling) | map (Inductor max_autotune_pointwise)
+  bg (fc1's and QKV's bias gradients summed in the passes that write their tensors: bias_grad_probe.py)
   mk (Inductor multi_kernel: wider persistent reductions, benchmarked) | pdl (enable_pdl) | combo (combo_kernels)
   lt (cuBLASLt as torch's preferred BLAS library) | nrr (no reduced-precision reductions in half GEMMs)
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
@@ -129,7 +130,28 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
         def _compile(chunks, ps, granularity="auto", **kw):
             compile_chunks(chunks, ps, granularity, mode="reduce-overhead", **kw)
         gpt3d.model.build.compile_chunks = _compile   # build_model_chunks calls it by this name
-    return cfg, Trainer(cfg, ParallelState.single(torch.device("cuda")))
+    tr = Trainer(cfg, ParallelState.single(torch.device("cuda")))
+    if "bg" in opts:   # before the first step traces the compiled code
+        hooked = hook_bias_grads(tr.model)
+        print(f"bg: {hooked} MLP/QKV functions of benchmarks/bias_grad_probe.py installed")
+    return cfg, tr
+
+
+def hook_bias_grads(chunks) -> int:
+    """Every biased GeLU MLP and QKV linear of the model runs bias_grad_probe.py's functions."""
+    import bias_grad_probe as bg
+    from gpt3d.model.attention import SelfAttention
+    from gpt3d.model.gpt import MLP
+    n = 0
+    for chunk in chunks:
+        for m in chunk.modules():
+            if isinstance(m, MLP) and not m.swiglu and m.fc1.bias is not None and m._fused is None:
+                m.set_fused(bg.fused_mlp(m.gelu_approximation == "tanh"))
+                n += 1
+            elif isinstance(m, SelfAttention) and m.qkv.bias is not None and m._fused_qkv is None:
+                m.set_fused_qkv(bg.fused_qkv)
+                n += 1
+    return n
 
 
 def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
