@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,7 @@ def _qkv_grad_kernel(q_ptr, k_ptr, v_ptr, q_t, q_h, k_t, k_h, v_t, v_h, out_ptr,
 
 def gelu_grad_sums(da: torch.Tensor, h: torch.Tensor, tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(da * GeLU'(h) in h's dtype, its column sums in fp32) through the Triton kernel; [T, F] contiguous."""
+    da, h = da.contiguous(), h.contiguous()   # the kernel indexes row * F + col
     T, n = h.shape
     c = TILE
     grid = (triton.cdiv(T, c["ROWS"]), triton.cdiv(n, c["BF"]))
@@ -136,7 +137,7 @@ class _MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                 tanh: bool) -> torch.Tensor:
-        h = torch.addmm(b1, x, w1.t())
+        h = torch.addmm(b1, x, w1.t())   # a bias is required: without one there is no sum to fuse
         a = F.gelu(h, approximate="tanh" if tanh else "none")
         ctx.save_for_backward(x, w1, w2, h, a)
         ctx.tanh, ctx.b_dtype = tanh, b1.dtype
@@ -171,13 +172,13 @@ class _QKV(torch.autograd.Function):
 
 
 def fused_mlp(tanh: bool):
-    def call(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor) -> torch.Tensor:
+    def call(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         return _MLP.apply(x2, w1, b1, w2, tanh).reshape(*x.shape[:-1], w2.shape[0])
     return call
 
 
-def fused_qkv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], kv: int, hd: int):
+def fused_qkv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kv: int, hd: int):
     return _QKV.apply(x.reshape(-1, x.shape[-1]), w, b, kv, hd)
 
 
@@ -243,24 +244,36 @@ def check_cpu() -> None:
     print("check-cpu: ok")
 
 
-def bench(shapes: list[str], reps: int) -> None:
+def bench(shapes: list[str], reps: int, device: str = "cuda") -> None:
     from cuda_timing import median_ms
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     for shape in shapes:
         layers, h, _, mbs = SHAPES[shape]
         x = torch.randn(mbs, 2048, h, device=dev, dtype=torch.bfloat16)
         dy = torch.randn_like(x)
-        rows = {}
+        rows: dict = {}
         for fused in (False, True):
             for m in modules(shape, dev, torch.bfloat16, fused):
-                c = torch.compile(m)
-                rows[(type(m).__name__, fused)] = (c, median_ms(lambda c=c, x=x, dy=dy: _grads(c, x, dy), reps))
+                rows[(type(m).__name__, fused)] = [torch.compile(m), [], 0.0]
+        for _ in range(2):   # the four variants in turn, twice: clock or warm-up drift shows as a spread
+            for row in rows.values():
+                c = row[0]
+                _grads(c, x, dy)   # compiled before the memory and time are taken
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                _grads(c, x, dy)
+                row[2] = max(row[2], (torch.cuda.max_memory_allocated() - base) / 2 ** 20)
+                row[1].append(median_ms(lambda c=c, x=x, dy=dy: _grads(c, x, dy), reps))
         for name in ("MLP", "SelfAttention"):
-            (c0, t0), (c1, t1) = rows[(name, False)], rows[(name, True)]
+            (c0, ts0, mem0), (c1, ts1, mem1) = rows[(name, False)], rows[(name, True)]
+            t0, t1 = min(ts0), min(ts1)
             g0, g1 = _grads(c0, x, dy), _grads(c1, x, dy)
             worst = max(((u.float() - v.float()).abs().max() / u.float().abs().max()).item() for u, v in zip(g0, g1))
-            print(f"{shape} {name}: compiled {t0:.3f} ms, hooked {t1:.3f} ms ({t0 / t1:.3f}x), "
-                  f"x {layers} layers: {(t0 - t1) * layers:+.2f} ms a step; gradients max rel diff {worst:.1e}")
+            both = "/".join(f"{t:.3f}" for t in ts0), "/".join(f"{t:.3f}" for t in ts1)
+            print(f"{shape} {name}: compiled {t0:.3f} ms ({both[0]}), hooked {t1:.3f} ms ({both[1]}), {t0 / t1:.3f}x; "
+                  f"x {layers} layers: {(t0 - t1) * layers:+.2f} ms a step; peak over the layer's start {mem0:.0f} / "
+                  f"{mem1:.0f} MiB; gradients max rel diff {worst:.1e}")
 
 
 def main() -> None:

@@ -145,10 +145,14 @@ def hook_bias_grads(chunks) -> int:
     n = 0
     for chunk in chunks:
         for m in chunk.modules():
-            if isinstance(m, MLP) and not m.swiglu and m.fc1.bias is not None and m._fused is None:
+            if isinstance(m, MLP) and not m.swiglu and m.fc1.bias is not None:
+                if m._fused is not None or m.fc1._matmul is not None or m.fc2._matmul is not None:
+                    raise SystemExit("bg is a bf16/fp16 probe: these linears already run FP8 GEMMs")
                 m.set_fused(bg.fused_mlp(m.gelu_approximation == "tanh"))
                 n += 1
-            elif isinstance(m, SelfAttention) and m.qkv.bias is not None and m._fused_qkv is None:
+            elif isinstance(m, SelfAttention) and m.qkv.bias is not None:
+                if m._fused_qkv is not None or m.qkv._matmul is not None:
+                    raise SystemExit("bg is a bf16/fp16 probe: the QKV linear already runs FP8 GEMMs")
                 m.set_fused_qkv(bg.fused_qkv)
                 n += 1
     return n
