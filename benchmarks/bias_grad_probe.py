@@ -19,6 +19,7 @@ and prints milliseconds per call, the saving over the layers of a step, and how 
 compiled modules'. Exploratory: a change to gpt3d comes only with a measured gain, in RESULTS.md.
 
     python benchmarks/bias_grad_probe.py [--shapes 350M 1.3B 2.7B] [--rows 256 --bt 16 --bf 128 --warps 4]
+        (--bf is the GeLU kernel's column tile; the QKV kernel's is the largest power of two dividing the head dim)
     TRITON_INTERPRET=1 python benchmarks/bias_grad_probe.py --check-cpu   # the kernels' arithmetic on CPU
 """
 from __future__ import annotations
