@@ -7,7 +7,8 @@ speed, and `gpt3d plan` came out 29-73% optimistic for 125M at micro-batch 8 x
     gradient dyᵀ·x) for GPT/Llama shapes 125M to 13B, TP 1 to 8, 1k to 32k tokens,
     and the output layer's three matmuls;
   * fused causal attention forward + backward (cuDNN first, as training runs it)
-    for head sizes 64 and 128, micro-batches 1 to 16, sequences 1k to 4k.
+    for head sizes 64 and 128, micro-batches 1 to 16, sequences 1k to 4k;
+  * (part head_dims) the same at head sizes 64 to 128 in steps of 16, seq 2048.
 One JSON line per measurement goes to OUT/kernel_sweep.jsonl; `gpt3d.plan.fit`
 fits the planner's Calibration to such a file.
 
@@ -93,11 +94,15 @@ def _backward(fwd, g):
     fwd().backward(g)
 
 
-def attention_rows(dev, emit):
-    for hd, heads, kv in ((64, 12, 12), (128, 16, 16), (64, 32, 8), (128, 40, 40), (128, 8, 8), (128, 4, 4),
-                          (64, 16, 4)):
-        for s in (1024, 2048, 4096):
-            for b in (1, 2, 4, 8, 16):
+ATTENTION_SHAPES = ((64, 12, 12), (128, 16, 16), (64, 32, 8), (128, 40, 40), (128, 8, 8), (128, 4, 4), (64, 16, 4))
+# head sizes between 64 and 128 (2.7B's 2560 / 32 = 80), at the 2.7B and 1.3B bench shapes' heads and micro-batch
+HEAD_DIM_SHAPES = tuple((hd, h, h) for hd in (64, 80, 96, 112, 128) for h in (16, 32))
+
+
+def attention_rows(dev, emit, shapes=ATTENTION_SHAPES, seqs=(1024, 2048, 4096), batches=(1, 2, 4, 8, 16)):
+    for hd, heads, kv in shapes:
+        for s in seqs:
+            for b in batches:
                 if b * s > 32768:
                     continue
                 q = torch.randn(b, heads, s, hd, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -117,7 +122,7 @@ def attention_rows(dev, emit):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=".")
-    p.add_argument("--parts", nargs="+", default=["gemm", "attention"])
+    p.add_argument("--parts", nargs="+", default=["gemm", "attention"], choices=["gemm", "attention", "head_dims"])
     a = p.parse_args()
     dev = torch.device("cuda")
     path = os.path.join(a.out, "kernel_sweep.jsonl")
@@ -133,6 +138,9 @@ def main() -> None:
         if "attention" in a.parts:
             attention_rows(dev, emit)
             print(f"attention sweep done ({time.time() - t0:.0f} s)", flush=True)
+        if "head_dims" in a.parts:
+            attention_rows(dev, emit, HEAD_DIM_SHAPES, seqs=(2048,), batches=(4, 8))
+            print(f"head-size sweep done ({time.time() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
