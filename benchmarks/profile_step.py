@@ -14,7 +14,7 @@ with OPTIONS joined by '+':
   seq1024 | full | selective (recompute) | layer | chunk (compile granularity) | eager | cudnn|flash|efficient|math
   gqaexp (expand K/V heads before SDPA) | ro (compile mode reduce-overhead) | cdt (coordinate-descent tuning)
   ndt (Inductor prefer_nd_tiling) | map (Inductor max_autotune_pointwise)
-  bg (fc1's and QKV's bias gradients summed in the passes that write their tensors: bias_grad_probe.py)
+  bg (fc1's and QKV's bias gradients summed in the passes that write their tensors: gpt3d/model/bias_grad.py)
   mk (Inductor multi_kernel: wider persistent reductions, benchmarked) | pdl (enable_pdl) | combo (combo_kernels)
   lt (cuBLASLt as torch's preferred BLAS library) | nrr (no reduced-precision reductions in half GEMMs)
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
@@ -132,30 +132,10 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
         gpt3d.model.build.compile_chunks = _compile   # build_model_chunks calls it by this name
     tr = Trainer(cfg, ParallelState.single(torch.device("cuda")))
     if "bg" in opts:   # before the first step traces the compiled code
-        hooked = hook_bias_grads(tr.model)
-        print(f"bg: {hooked} MLP/QKV functions of benchmarks/bias_grad_probe.py installed")
+        from gpt3d.model.bias_grad import enable_bias_grad_fusion
+        print(f"bg: {sum(enable_bias_grad_fusion(c) for c in tr.model)} MLP/QKV functions of "
+              "gpt3d/model/bias_grad.py installed (none where FP8 runs the GEMMs)")
     return cfg, tr
-
-
-def hook_bias_grads(chunks) -> int:
-    """Every biased GeLU MLP and QKV linear of the model runs bias_grad_probe.py's functions."""
-    import bias_grad_probe as bg
-    from gpt3d.model.attention import SelfAttention
-    from gpt3d.model.gpt import MLP
-    n = 0
-    for chunk in chunks:
-        for m in chunk.modules():
-            if isinstance(m, MLP) and not m.swiglu and m.fc1.bias is not None:
-                if m._fused is not None or m.fc1._matmul is not None or m.fc2._matmul is not None:
-                    raise SystemExit("bg is a bf16/fp16 probe: these linears already run FP8 GEMMs")
-                m.set_fused(bg.fused_mlp(m.gelu_approximation == "tanh"))
-                n += 1
-            elif isinstance(m, SelfAttention) and m.qkv.bias is not None:
-                if m._fused_qkv is not None or m.qkv._matmul is not None:
-                    raise SystemExit("bg is a bf16/fp16 probe: the QKV linear already runs FP8 GEMMs")
-                m.set_fused_qkv(bg.fused_qkv)
-                n += 1
-    return n
 
 
 def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:

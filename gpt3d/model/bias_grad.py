@@ -1,0 +1,167 @@
+"""A biased GeLU MLP and a biased QKV linear whose bias gradients are summed in the passes that write their
+gradients.
+
+Why: in a compiled bf16 step two passes only re-read a tensor another kernel has just written: fc1's bias
+gradient sums the GeLU gradient, and the QKV bias gradient sums the query/key/value gradients after Inductor
+has copied them into the fused layout (benchmarks/RESULTS.md, 2026-12-06, session 36). Here one Triton pass
+writes the GeLU gradient and its column sums, and one reads dq, dk, dv where attention's backward left them
+and writes the fused gradient and its column sums (gpt3d/model/bias_grad_triton.py). The GEMMs are torch's,
+each bias in its GEMM's epilogue; the functions plug into the model's fusion hooks (`MLP.set_fused`,
+`SelfAttention.set_fused_qkv`), which keep the TP communication, fc2's bias and the parameters unchanged.
+
+Training does not install them yet: the estimate from the profiles (~3.7 ms of a 177 ms 350M step, ~3.8 of
+264 ms at 1.3B) has not been measured on a GPU. `benchmarks/profile_step.py` option `bg` installs them on the
+real model and `benchmarks/bias_grad_check.py` times the modules; model/build.py installs them (biased GeLU MLPs
+and QKV linears on torch's GEMMs, CUDA, bf16/fp16) once a whole step measures faster.
+
+The gradient ops are custom ops: a torch reference (CPU, float64, and the spec the Triton kernels are checked
+against by benchmarks/bias_grad_check.py) and the Triton kernels on CUDA.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import SelfAttention, split_qkv
+from .fp8_qkv import assemble
+from .gpt import MLP
+
+
+def _sum_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _gelu_ref(da: torch.Tensor, h: torch.Tensor, tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    op = _sum_dtype(h)
+    dh = torch.ops.aten.gelu_backward(da.to(op), h.to(op), approximate="tanh" if tanh else "none").to(h.dtype)
+    return dh, dh.to(op).sum(0)
+
+
+def _qkv_ref(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g = assemble(dq, dk, dv)
+    return g, g.to(_sum_dtype(dq)).sum(0)
+
+
+@torch.library.custom_op("gpt3d::gelu_grad_sums", mutates_args=())
+def gelu_grad_sums(da: torch.Tensor, h: torch.Tensor, tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(da * GeLU'(h) rounded to h's dtype, as autograd stores it; its column sums in fp32, or h's precision if
+    higher), da and h [T, F]."""
+    return _gelu_ref(da, h, tanh)
+
+
+@gelu_grad_sums.register_fake
+def _(da, h, tanh):
+    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[1], dtype=_sum_dtype(h))
+
+
+@torch.library.custom_op("gpt3d::qkv_grad_sums", mutates_args=())
+def qkv_grad_sums(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(split_qkv's inverse of dq [T, heads, hd], dk and dv [T, kv, hd]: the fused gradient [T, (heads + 2 kv) hd];
+    its column sums in fp32, or dq's precision if higher)."""
+    return _qkv_ref(dq, dk, dv)
+
+
+@qkv_grad_sums.register_fake
+def _(dq, dk, dv):
+    n = (dq.shape[1] + 2 * dk.shape[1]) * dq.shape[2]
+    return dq.new_empty((dq.shape[0], n)), dq.new_empty(n, dtype=_sum_dtype(dq))
+
+
+def _register_triton() -> bool:
+    try:
+        from . import bias_grad_triton as k
+    except ImportError:   # no Triton (CPU wheels): the reference serves every device
+        return False
+
+    @gelu_grad_sums.register_kernel("cuda")
+    def _(da, h, tanh):
+        if h.dtype == torch.float64:   # the kernels compute in fp32
+            return _gelu_ref(da, h, tanh)
+        return k.gelu_grad_sums(da, h, tanh)
+
+    @qkv_grad_sums.register_kernel("cuda")
+    def _(dq, dk, dv):
+        if dq.dtype == torch.float64:
+            return _qkv_ref(dq, dk, dv)
+        return k.qkv_grad_sums(dq, dk, dv)
+    return True
+
+
+TRITON = torch.cuda.is_available() and _register_triton()
+
+
+class _MLP(torch.autograd.Function):
+    """GeLU(x W1^T + b1) W2^T on [T, H] (fc2's bias stays with fc2); fc1's bias gradient summed in the GeLU
+    gradient's pass."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                tanh: bool) -> torch.Tensor:
+        h = torch.addmm(b1, x, w1.t())
+        a = F.gelu(h, approximate="tanh" if tanh else "none")
+        ctx.save_for_backward(x, w1, w2, h, a)
+        ctx.tanh, ctx.b_dtype = tanh, b1.dtype
+        return a @ w2.t()
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
+        x, w1, w2, h, a = ctx.saved_tensors
+        da = dy @ w2
+        dw2 = dy.t() @ a
+        dh, db1 = gelu_grad_sums(da, h, ctx.tanh)
+        return dh @ w1, dh.t() @ x, db1.to(ctx.b_dtype), dw2, None
+
+
+class _QKV(torch.autograd.Function):
+    """q, k, v = split_qkv(x W^T + b) on [T, H], views of the GEMM's output; the bias gradient summed as the
+    query/key/value gradients are assembled."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kv: int,
+                hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(x, w)
+        ctx.b_dtype = b.dtype
+        return split_qkv(torch.addmm(b, x, w.t()), kv, hd)
+
+    @staticmethod
+    def backward(ctx: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple:
+        x, w = ctx.saved_tensors
+        g, db = qkv_grad_sums(dq, dk, dv)
+        return g @ w, g.t() @ x, db.to(ctx.b_dtype), None, None
+
+
+class FusedGeluMLP:
+    """`MLP.set_fused`'s function for a biased GeLU MLP: `mlp(x, fc1.weight, fc1.bias, fc2.weight)`."""
+
+    def __init__(self, tanh: bool):
+        self.tanh = tanh
+
+    def __call__(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        y = _MLP.apply(x.reshape(-1, x.shape[-1]), w1, b1, w2, self.tanh)
+        return y.reshape(*x.shape[:-1], w2.shape[0])
+
+
+def fused_qkv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kv: int,
+              hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`SelfAttention.set_fused_qkv`'s function for a biased QKV linear."""
+    return _QKV.apply(x.reshape(-1, x.shape[-1]), w, b, kv, hd)
+
+
+def enable_bias_grad_fusion(model: nn.Module) -> int:
+    """Give every biased GeLU MLP and biased QKV linear of `model` whose linears run torch's own GEMMs (not
+    FP8's: model/fp8.py) and that has no fused function yet the functions above; returns how many. The functions
+    compute the same gradients on any device and dtype; the Triton kernels run on CUDA in fp32, bf16 and fp16."""
+    n = 0
+    for m in model.modules():
+        if (isinstance(m, MLP) and not m.swiglu and m.fc1.bias is not None and m._fused is None
+                and m.fc1._matmul is None and m.fc2._matmul is None):
+            m.set_fused(FusedGeluMLP(m.gelu_approximation == "tanh"))
+            n += 1
+        elif (isinstance(m, SelfAttention) and m.qkv.bias is not None and m._fused_qkv is None
+              and m.qkv._matmul is None):
+            m.set_fused_qkv(fused_qkv)
+            n += 1
+    return n

@@ -1,0 +1,168 @@
+"""The bias-gradient fusions (gpt3d/model/bias_grad.py): their gradient ops' reference, the functions in the
+model's fusion hooks, and where enable_bias_grad_fusion installs them.
+
+- the ops' reference (the spec benchmarks/bias_grad_check.py checks the Triton kernels against) is autograd's:
+  GeLU's gradient and its column sums, and split_qkv's gradient and its column sums, in float64;
+- the functions are the unfused modules: the hooked MLP, attention and whole GPT give the plain ones' output and
+  every gradient up to float64 rounding, eagerly and compiled (aot_eager), and at TP=2 with and without SP
+  (tests/distributed/test_tensor_parallel.py); a bias gradient off by one term would not;
+- installed exactly where the rule says: a biased GeLU MLP and a biased QKV linear on torch's GEMMs, not with
+  SwiGLU, without biases, or where FP8 runs the GEMMs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from gpt3d.model import bias_grad
+from gpt3d.model.attention import SelfAttention, split_qkv
+from gpt3d.model.fp8 import enable_fp8
+from gpt3d.model.gpt import MLP, GPTModel
+from gpt3d.parallel.random import seed_everything
+from gpt3d.parallel.state import ParallelState
+
+from tests.support.curves import tiny_config
+from tests.support.fp8 import assert_same
+
+CHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic", "test_autograd_registration")
+GPT = dict(num_layers=2, hidden_size=24, num_attention_heads=4, seq_length=8, vocab_size=250)
+
+
+def _rand(g: torch.Generator, *shape, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=st.integers(1, 20), width=st.integers(1, 40), tanh=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_gelu_reference_is_autograds_gelu_gradient_and_its_sums(tokens, width, tanh, seed):
+    g = torch.Generator().manual_seed(seed)
+    h, da = _rand(g, tokens, width, scale=3.0).requires_grad_(), _rand(g, tokens, width)
+    F.gelu(h, approximate="tanh" if tanh else "none").backward(da)
+    dh, sums = bias_grad.gelu_grad_sums(da, h.detach(), tanh)
+    assert_same([dh, sums], [h.grad, h.grad.sum(0)])
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=st.integers(1, 12), kv=st.integers(1, 3), group=st.integers(1, 3), hd=st.sampled_from([1, 2, 3, 8]),
+       heads_major=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_qkv_reference_is_split_qkvs_gradient_and_its_sums(tokens, kv, group, hd, heads_major, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = _rand(g, tokens, kv * (group + 2) * hd).requires_grad_()
+    q, k, v = split_qkv(y, kv, hd)
+
+    def grad(m):   # as attention's backward may leave them: tokens or heads outermost
+        return _rand(g, m, tokens, hd).transpose(0, 1) if heads_major else _rand(g, tokens, m, hd)
+    dq, dk, dv = grad(kv * group), grad(kv), grad(kv)
+    torch.autograd.backward([q, k, v], [dq, dk, dv])
+    full, sums = bias_grad.qkv_grad_sums(dq, dk, dv)
+    assert_same([full, sums], [y.grad, y.grad.sum(0)])
+
+
+def test_the_ops_are_honest_to_torch_compile():
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        h, da = _rand(g, 5, 7).to(dtype), _rand(g, 5, 7).to(dtype)
+        torch.library.opcheck(bias_grad.gelu_grad_sums, (da, h, True), test_utils=CHECKS)
+        dq, dk, dv = _rand(g, 5, 4, 2).to(dtype), _rand(g, 5, 2, 2).to(dtype), _rand(g, 5, 2, 2).to(dtype)
+        torch.library.opcheck(bias_grad.qkv_grad_sums, (dq, dk, dv), test_utils=CHECKS)
+
+
+def _pair(module, cfg):
+    """(plain, hooked) copies of one float64 module."""
+    ps = ParallelState()
+    torch.manual_seed(0)
+    a = module(cfg.model, ps).double()
+    for p in a.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    b = module(cfg.model, ps).double()
+    b.load_state_dict(a.state_dict())
+    assert bias_grad.enable_bias_grad_fusion(b) == 1
+    return a, b
+
+
+def _grads(m, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = m(x)
+    y.backward(dy)
+    return [y.detach(), x.grad] + [p.grad for p in m.parameters()]
+
+
+@settings(max_examples=15, deadline=None)
+@given(heads=st.integers(1, 3), kv_div=st.sampled_from([1, 0]), hd=st.sampled_from([2, 4]), tokens=st.integers(1, 6),
+       tanh=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_hooked_modules_equal_the_plain_ones_float64(heads, kv_div, hd, tokens, tanh, seed):
+    """Output, input gradient and every parameter gradient (fc1's and the QKV bias included); GQA too."""
+    kv = heads if kv_div else 1
+    cfg = tiny_config(num_layers=2, hidden_size=heads * hd, num_attention_heads=heads, num_key_value_heads=kv,
+                      ffn_hidden_size=3 * hd, gelu_approximation="tanh" if tanh else "none")
+    g = torch.Generator().manual_seed(seed)
+    x, dy = _rand(g, 2, tokens, heads * hd), _rand(g, 2, tokens, heads * hd)
+    for module in (MLP, SelfAttention):
+        a, b = _pair(module, cfg)
+        assert_same(_grads(b, x, dy), _grads(a, x, dy))
+
+
+def test_a_wrong_bias_gradient_is_caught(monkeypatch):
+    """The comparison above sees a bias gradient that misses one token's term."""
+    cfg = tiny_config(num_layers=2, hidden_size=8, num_attention_heads=2, ffn_hidden_size=12)
+    g = torch.Generator().manual_seed(1)
+    x, dy = _rand(g, 2, 5, 8), _rand(g, 2, 5, 8)
+    real = bias_grad._gelu_ref
+
+    def short(da, h, tanh):
+        dh, sums = real(da, h, tanh)
+        return dh, sums - dh[-1].to(sums.dtype)
+    monkeypatch.setattr(bias_grad, "_gelu_ref", short)
+    a, b = _pair(MLP, cfg)
+    with pytest.raises(AssertionError):
+        assert_same(_grads(b, x, dy), _grads(a, x, dy))
+
+
+def _gpt(cfg, hooked: bool, compiled: bool = False):
+    ps = ParallelState()
+    m = GPTModel(cfg.model, ps, seed_everything(3, ps), vocab_size=250)
+    m.init_weights(11)
+    m = m.cast_parameters(torch.float64)
+    if hooked:
+        assert bias_grad.enable_bias_grad_fusion(m) == 2 * cfg.model.num_layers
+    if compiled:
+        for layer in m.layers.values():
+            layer.compile(backend="aot_eager", fullgraph=True)
+    return m
+
+
+def _step(m, tokens):
+    m.zero_grad()
+    loss = m(tokens, tokens).mean()
+    loss.backward()
+    return [loss.detach()] + [p.grad.clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_hooked_gpt_trains_like_the_plain_one_float64(compiled):
+    """The loss and every gradient of a 2-layer GPT, eager and with each layer compiled (AOTAutograd traces the
+    functions, their view outputs and the custom ops; fullgraph: no graph break)."""
+    cfg = tiny_config(**GPT)
+    tokens = torch.randint(0, 250, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert_same(_step(_gpt(cfg, True, compiled), tokens), _step(_gpt(cfg, False), tokens))
+
+
+def test_installed_only_on_biased_gelu_mlps_and_biased_qkv_on_torchs_gemms():
+    ps = ParallelState()
+
+    def count(hooked_kinds, fp8=False, **arch):
+        m = GPTModel(tiny_config(**dict(GPT, hidden_size=32, **arch)).model, ps, seed_everything(3, ps),
+                     vocab_size=250)
+        if fp8:   # every linear eligible (dims multiples of 16), run per linear
+            assert enable_fp8(m, "tensorwise", ps.device, emulate=True, fused_mlp=False, fused_qkv=False) == 8
+        n = bias_grad.enable_bias_grad_fusion(m)
+        got = {type(x).__name__ for x in m.modules()
+               if getattr(x, "_fused", None) is not None or getattr(x, "_fused_qkv", None) is not None}
+        assert got == hooked_kinds, arch
+        return n
+    assert count({"MLP", "SelfAttention"}) == 4
+    assert count({"SelfAttention"}, swiglu=True, ffn_hidden_size=64) == 2
+    assert count(set(), disable_bias_linear=True) == 0
+    assert count(set(), fp8=True) == 0   # the FP8 GEMMs stay FP8
