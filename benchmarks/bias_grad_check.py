@@ -1,10 +1,12 @@
 """The bias-gradient fusions (gpt3d/model/bias_grad.py) on one GPU: their Triton kernels against the ops' torch
 reference, and gpt3d's own MLP and SelfAttention modules timed with and without them.
 
-Why: the fusions are in training's path only because a step measured faster with them (benchmarks/RESULTS.md,
-2026-12-07); this times the modules at the bench shapes, compiled as training compiles them, forward + backward,
-and prints milliseconds per call, the saving over the layers of a step, each variant's peak memory and how far
-the gradients are from the unfused modules'. `--check-cpu` runs the kernels' arithmetic in Triton's interpreter.
+Why: the fusions would enter training's path only if a step measured faster with them (not yet measured:
+benchmarks/RESULTS.md, 2026-12-07). This first checks the CUDA kernels against the ops' torch reference at the
+bench shapes (the QKV gradient bit for bit), then times the modules there, compiled as training compiles them,
+forward + backward, and prints milliseconds per call, the saving over the layers of a step, each variant's peak
+memory and how far the gradients are from the unfused modules'. `--check-cpu` runs the kernels' arithmetic in
+Triton's interpreter.
 
     python benchmarks/bias_grad_check.py [--shapes 350M 1.3B 2.7B] [--rows 256 --bt 16 --bf 128 --warps 4]
         (--bf is the GeLU kernel's column tile; the QKV kernel's is the largest power of two dividing the head dim)
@@ -53,15 +55,17 @@ def _grads(m: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> list[torch.
     return [x.grad] + [p.grad for p in m.parameters()]
 
 
-def check_cpu() -> None:
-    """The kernels (in Triton's interpreter) against torch in fp32 on bf16 inputs, ragged shapes included; and
-    the hooked modules against the plain ones on CPU (the ops' torch references)."""
+def check_kernels(gelu_cases, qkv_cases, device: torch.device) -> None:
+    """The kernels against the ops' torch reference in fp32 on bf16 inputs: GeLU (T, F, tanh) and QKV
+    (T, heads, kv, hd) cases, sources laid out as attention's backward may leave them."""
     g = torch.Generator().manual_seed(0)
-    for T, n, tanh in ((300, 96, True), (64, 200, False), (257, 128, True)):
-        h = (torch.randn(T, n, generator=g) * 3).bfloat16()
-        da = torch.randn(T, n, generator=g).bfloat16()
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).bfloat16().to(device)
+    for T, n, tanh in gelu_cases:
+        h, da = rand(T, n, scale=3.0), rand(T, n)
         dh, s = kernels.gelu_grad_sums(da, h, tanh)
-        ref_dh, _ = bias_grad.gelu_grad_sums(da, h, tanh)   # CPU tensors: the torch reference
+        ref_dh, _ = bias_grad._gelu_ref(da, h, tanh)
         # within two units in the last place (the interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest,
         # and exp/tanh differ in fp32's last bits), or fp32's error of GeLU' times da where GeLU' is ~0
         tol = torch.maximum(ref_dh.float().abs() * 2 ** -6, da.float().abs() * 4e-6)
@@ -70,16 +74,24 @@ def check_cpu() -> None:
         serr = ((s - own).abs() / (own.abs() + 1)).max().item()
         print(f"gelu grad T={T} F={n} tanh={tanh}: dh within {ulps:.2f} of 2 ulp, sums rel {serr:.1e}")
         assert ulps <= 1.0 and serr < 1e-5, (ulps, serr)
-    for T, heads, kv, hd in ((300, 4, 4, 32), (130, 6, 2, 16)):
-        dq = torch.randn(T, heads, hd, generator=g).bfloat16()
-        dk = torch.randn(kv, T, hd, generator=g).bfloat16().transpose(0, 1)
-        dv = torch.randn(T, 2 * kv, hd, generator=g).bfloat16()[:, ::2]
+    for T, heads, kv, hd in qkv_cases:
+        dq = rand(T, heads, hd)
+        dk = rand(kv, T, hd).transpose(0, 1)
+        dv = rand(T, 2 * kv, hd)[:, ::2]
         out, s = kernels.qkv_grad_sums(dq, dk, dv)
-        ref, ref_s = bias_grad.qkv_grad_sums(dq, dk, dv)
+        ref, ref_s = bias_grad._qkv_ref(dq, dk, dv)
         assert torch.equal(out, ref), "the fused gradient must be the assembled one, bit for bit"
         serr = ((s - ref_s).abs() / (ref_s.abs() + 1)).max().item()
         print(f"qkv grad T={T} heads={heads} kv={kv} hd={hd}: assembled equal, sums rel {serr:.1e}")
         assert serr < 1e-5, serr
+
+
+def check_cpu() -> None:
+    """The kernels (in Triton's interpreter), ragged shapes included; and the hooked modules against the plain
+    ones on CPU (the ops' torch references)."""
+    check_kernels(((300, 96, True), (64, 200, False), (257, 128, True)), ((300, 4, 4, 32), (130, 6, 2, 16)),
+                  torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
     cpu = torch.device("cpu")
     x = torch.randn(2, 64, 768, generator=g)
     dy = torch.randn(2, 64, 768, generator=g)
@@ -95,7 +107,8 @@ def bench(shapes: list[str], reps: int, device: str = "cuda") -> None:
     from cuda_timing import median_ms
     dev = torch.device(device)
     for shape in shapes:
-        layers, h, _, mbs = SHAPES[shape]
+        layers, h, heads, mbs = SHAPES[shape]
+        check_kernels(((mbs * 2048, 4 * h, True),), ((mbs * 2048, heads, heads, h // heads),), dev)
         x = torch.randn(mbs, 2048, h, device=dev, dtype=torch.bfloat16)
         dy = torch.randn_like(x)
         rows: dict = {}
@@ -134,6 +147,8 @@ def main() -> None:
     for k, key in (("rows", "ROWS"), ("bt", "BT"), ("bf", "BF"), ("warps", "num_warps")):
         if getattr(a, k):
             kernels.TILE[key] = getattr(a, k)
+    if kernels.TILE["ROWS"] % kernels.TILE["BT"]:
+        raise SystemExit("--rows must be a multiple of --bt")
     if a.check_cpu:
         check_cpu()
     else:

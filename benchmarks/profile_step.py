@@ -132,9 +132,12 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
         gpt3d.model.build.compile_chunks = _compile   # build_model_chunks calls it by this name
     tr = Trainer(cfg, ParallelState.single(torch.device("cuda")))
     if "bg" in opts:   # before the first step traces the compiled code
-        from gpt3d.model.bias_grad import enable_bias_grad_fusion
-        print(f"bg: {sum(enable_bias_grad_fusion(c) for c in tr.model)} MLP/QKV functions of "
-              "gpt3d/model/bias_grad.py installed (none where FP8 runs the GEMMs)")
+        from gpt3d.model import bias_grad
+        n = sum(bias_grad.enable_bias_grad_fusion(c) for c in tr.model)
+        if not n or not bias_grad.TRITON:   # else the run would time the unfused model, or the torch reference
+            raise SystemExit(f"bg: {n} functions installed (none on FP8 linears, SwiGLU or bias-free linears), "
+                             f"Triton kernels {'registered' if bias_grad.TRITON else 'missing'}")
+        print(f"bg: {n} MLP/QKV functions of gpt3d/model/bias_grad.py installed")
     return cfg, tr
 
 

@@ -37,7 +37,7 @@ def _sum_dtype(t: torch.Tensor) -> torch.dtype:
 def _gelu_ref(da: torch.Tensor, h: torch.Tensor, tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
     op = _sum_dtype(h)
     dh = torch.ops.aten.gelu_backward(da.to(op), h.to(op), approximate="tanh" if tanh else "none").to(h.dtype)
-    return dh, dh.to(op).sum(0)
+    return dh.contiguous(), dh.to(op).sum(0)   # row-major whatever the inputs' layout, as the kernel writes it
 
 
 def _qkv_ref(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +152,9 @@ def fused_qkv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kv: int,
 
 def enable_bias_grad_fusion(model: nn.Module) -> int:
     """Give every biased GeLU MLP and biased QKV linear of `model` whose linears run torch's own GEMMs (not
-    FP8's: model/fp8.py) and that has no fused function yet the functions above; returns how many. The functions
-    compute the same gradients on any device and dtype; the Triton kernels run on CUDA in fp32, bf16 and fp16."""
+    FP8's: model/fp8.py, which must come first) and that has no fused function yet the functions above; returns
+    how many. The references compute autograd's gradients; on CUDA the Triton kernels give the QKV ones exactly and
+    the GeLU one up to its last bits (Triton's erf/exp against torch's)."""
     n = 0
     for m in model.modules():
         if (isinstance(m, MLP) and not m.swiglu and m.fc1.bias is not None and m._fused is None

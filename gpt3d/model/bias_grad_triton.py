@@ -19,7 +19,7 @@ from .fp8_qkv_triton import _layout, _tile
 # rows per program, tile rows, GeLU column tile, warps (the QKV column tile is the largest power of two up to
 # 128 dividing the head dim): fp8_mlp_triton.py's stats tiles, not yet tuned for these passes (benchmarks/
 # bias_grad_check.py --rows --bt --bf --warps).
-TILE = dict(ROWS=256, BT=16, BF=128, num_warps=4)
+TILE = dict(ROWS=256, BT=16, BF=128, num_warps=4)   # ROWS a multiple of BT: else rows are summed twice
 
 
 @triton.jit

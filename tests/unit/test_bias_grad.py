@@ -4,8 +4,9 @@ model's fusion hooks, and where enable_bias_grad_fusion installs them.
 - the ops' reference (the spec benchmarks/bias_grad_check.py checks the Triton kernels against) is autograd's:
   GeLU's gradient and its column sums, and split_qkv's gradient and its column sums, in float64;
 - the functions are the unfused modules: the hooked MLP, attention and whole GPT give the plain ones' output and
-  every gradient up to float64 rounding, eagerly and compiled (aot_eager), and at TP=2 with and without SP
-  (tests/distributed/test_tensor_parallel.py); a bias gradient off by one term would not;
+  every gradient up to float64 rounding, eagerly and compiled (aot_eager); a bias gradient off by one token's
+  term would not. At TP=2 with and without SP they train like TP=1 within that test's fp32 bound
+  (tests/distributed/test_tensor_parallel.py);
 - installed exactly where the rule says: a biased GeLU MLP and a biased QKV linear on torch's GEMMs, not with
   SwiGLU, without biases, or where FP8 runs the GEMMs.
 """
@@ -61,10 +62,12 @@ def test_qkv_reference_is_split_qkvs_gradient_and_its_sums(tokens, kv, group, hd
 
 
 def test_the_ops_are_honest_to_torch_compile():
+    """Schema, fake shapes and strides (row-major outputs whatever the inputs' layout), AOT dispatch."""
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         h, da = _rand(g, 5, 7).to(dtype), _rand(g, 5, 7).to(dtype)
         torch.library.opcheck(bias_grad.gelu_grad_sums, (da, h, True), test_utils=CHECKS)
+        torch.library.opcheck(bias_grad.gelu_grad_sums, (da.t(), h.t(), False), test_utils=CHECKS)
         dq, dk, dv = _rand(g, 5, 4, 2).to(dtype), _rand(g, 5, 2, 2).to(dtype), _rand(g, 5, 2, 2).to(dtype)
         torch.library.opcheck(bias_grad.qkv_grad_sums, (dq, dk, dv), test_utils=CHECKS)
 
@@ -166,3 +169,7 @@ def test_installed_only_on_biased_gelu_mlps_and_biased_qkv_on_torchs_gemms():
     assert count({"SelfAttention"}, swiglu=True, ffn_hidden_size=64) == 2
     assert count(set(), disable_bias_linear=True) == 0
     assert count(set(), fp8=True) == 0   # the FP8 GEMMs stay FP8
+    m = GPTModel(tiny_config(**dict(GPT, hidden_size=32)).model, ps, seed_everything(3, ps), vocab_size=250)
+    bias_grad.enable_bias_grad_fusion(m)
+    with pytest.raises(RuntimeError, match="enable_fp8 must come before"):   # else they would keep bf16 GEMMs
+        enable_fp8(m, "rowwise", ps.device, emulate=True)
