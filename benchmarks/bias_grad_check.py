@@ -55,6 +55,11 @@ def _grads(m: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> list[torch.
     return [x.grad] + [p.grad for p in m.parameters()]
 
 
+def _worst(want: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    """The largest difference between paired gradients, relative to each wanted gradient's largest element."""
+    return max(((u.float() - v.float()).abs().max() / u.float().abs().max()).item() for u, v in zip(want, got))
+
+
 def check_kernels(gelu_cases, qkv_cases, device: torch.device) -> None:
     """The kernels against the ops' torch reference in fp32 on bf16 inputs: GeLU (T, F, tanh) and QKV
     (T, heads, kv, hd) cases, sources laid out as attention's backward may leave them."""
@@ -97,7 +102,7 @@ def check_cpu() -> None:
     dy = torch.randn(2, 64, 768, generator=g)
     for a, b in zip(modules("125M", cpu, torch.float32, False), modules("125M", cpu, torch.float32, True)):
         ga, gb = _grads(a, x, dy), _grads(b, x, dy)
-        worst = max(((u - v).abs().max() / u.abs().max()).item() for u, v in zip(ga, gb))
+        worst = _worst(ga, gb)
         print(f"{type(a).__name__} hooked vs plain (fp32, CPU): {len(ga)} gradients, max rel diff {worst:.1e}")
         assert worst < 1e-5, worst
     print("check-cpu: ok")
@@ -129,7 +134,7 @@ def bench(shapes: list[str], reps: int, device: str = "cuda") -> None:
             (c0, ts0, mem0), (c1, ts1, mem1) = rows[(name, False)], rows[(name, True)]
             t0, t1 = min(ts0), min(ts1)
             g0, g1 = _grads(c0, x, dy), _grads(c1, x, dy)
-            worst = max(((u.float() - v.float()).abs().max() / u.float().abs().max()).item() for u, v in zip(g0, g1))
+            worst = _worst(g0, g1)
             both = "/".join(f"{t:.3f}" for t in ts0), "/".join(f"{t:.3f}" for t in ts1)
             print(f"{shape} {name}: compiled {t0:.3f} ms ({both[0]}), hooked {t1:.3f} ms ({both[1]}), {t0 / t1:.3f}x; "
                   f"x {layers} layers: {(t0 - t1) * layers:+.2f} ms a step; peak over the layer's start {mem0:.0f} / "
