@@ -60,24 +60,26 @@ def _worst(want: list[torch.Tensor], got: list[torch.Tensor]) -> float:
     return max(((u.float() - v.float()).abs().max() / u.float().abs().max()).item() for u, v in zip(want, got))
 
 
-def check_kernels(gelu_cases, qkv_cases, device: torch.device) -> None:
-    """The kernels against the ops' torch reference in fp32 on bf16 inputs: GeLU (T, F, tanh) and QKV
-    (T, heads, kv, hd) cases, sources laid out as attention's backward may leave them."""
+def check_kernels(gelu_cases, qkv_cases, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
+    """The kernels against the ops' torch reference in fp32 on `dtype` inputs (bf16 or fp16, training's two):
+    GeLU (T, F, tanh) and QKV (T, heads, kv, hd) cases, sources laid out as attention's backward may leave
+    them."""
     g = torch.Generator().manual_seed(0)
+    two_ulp = 2 * torch.finfo(dtype).eps
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).bfloat16().to(device)
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
     for T, n, tanh in gelu_cases:
         h, da = rand(T, n, scale=3.0), rand(T, n)
         dh, s = kernels.gelu_grad_sums(da, h, tanh)
         ref_dh, _ = bias_grad._gelu_ref(da, h, tanh)
         # within two units in the last place (the interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest,
         # and exp/tanh differ in fp32's last bits), or fp32's error of GeLU' times da where GeLU' is ~0
-        tol = torch.maximum(ref_dh.float().abs() * 2 ** -6, da.float().abs() * 4e-6)
+        tol = torch.maximum(ref_dh.float().abs() * two_ulp, da.float().abs() * 4e-6)
         ulps = ((dh.float() - ref_dh.float()).abs() / tol).max().item()
         own = dh.float().sum(0)   # the sums are of the rounded gradient, as autograd's bias gradient
         serr = ((s - own).abs() / (own.abs() + 1)).max().item()
-        print(f"gelu grad T={T} F={n} tanh={tanh}: dh within {ulps:.2f} of 2 ulp, sums rel {serr:.1e}")
+        print(f"{dtype} gelu grad T={T} F={n} tanh={tanh}: dh within {ulps:.2f} of 2 ulp, sums rel {serr:.1e}")
         assert ulps <= 1.0 and serr < 1e-5, (ulps, serr)
     for T, heads, kv, hd in qkv_cases:
         dq = rand(T, heads, hd)
@@ -87,15 +89,16 @@ def check_kernels(gelu_cases, qkv_cases, device: torch.device) -> None:
         ref, ref_s = bias_grad._qkv_ref(dq, dk, dv)
         assert torch.equal(out, ref), "the fused gradient must be the assembled one, bit for bit"
         serr = ((s - ref_s).abs() / (ref_s.abs() + 1)).max().item()
-        print(f"qkv grad T={T} heads={heads} kv={kv} hd={hd}: assembled equal, sums rel {serr:.1e}")
+        print(f"{dtype} qkv grad T={T} heads={heads} kv={kv} hd={hd}: assembled equal, sums rel {serr:.1e}")
         assert serr < 1e-5, serr
 
 
 def check_cpu() -> None:
     """The kernels (in Triton's interpreter), ragged shapes included; and the hooked modules against the plain
     ones on CPU (the ops' torch references)."""
-    check_kernels(((300, 96, True), (64, 200, False), (257, 128, True)), ((300, 4, 4, 32), (130, 6, 2, 16)),
-                  torch.device("cpu"))
+    for dtype in (torch.bfloat16, torch.float16):
+        check_kernels(((300, 96, True), (64, 200, False), (257, 128, True)), ((300, 4, 4, 32), (130, 6, 2, 16)),
+                      torch.device("cpu"), dtype)
     g = torch.Generator().manual_seed(1)
     cpu = torch.device("cpu")
     x = torch.randn(2, 64, 768, generator=g)
@@ -113,7 +116,8 @@ def bench(shapes: list[str], reps: int, device: str = "cuda") -> None:
     dev = torch.device(device)
     for shape in shapes:
         layers, h, heads, mbs = SHAPES[shape]
-        check_kernels(((mbs * 2048, 4 * h, True),), ((mbs * 2048, heads, heads, h // heads),), dev)
+        for dtype in (torch.bfloat16, torch.float16):
+            check_kernels(((mbs * 2048, 4 * h, True),), ((mbs * 2048, heads, heads, h // heads),), dev, dtype)
         x = torch.randn(mbs, 2048, h, device=dev, dtype=torch.bfloat16)
         dy = torch.randn_like(x)
         rows: dict = {}
