@@ -14,7 +14,7 @@ with OPTIONS joined by '+':
   seq1024 | full | selective (recompute) | layer | chunk (compile granularity) | eager | cudnn|flash|efficient|math
   gqaexp (expand K/V heads before SDPA) | ro (compile mode reduce-overhead) | cdt (coordinate-descent tuning)
   ndt (Inductor prefer_nd_tiling) | map (Inductor max_autotune_pointwise)
-  bg (fc1's and QKV's bias gradients summed in the passes that write their tensors: gpt3d/model/bias_grad.py)
+  nobg (without gpt3d/model/bias_grad.py's functions, which training installs on CUDA in bf16/fp16)
   mk (Inductor multi_kernel: wider persistent reductions, benchmarked) | pdl (enable_pdl) | combo (combo_kernels)
   lt (cuBLASLt as torch's preferred BLAS library) | nrr (no reduced-precision reductions in half GEMMs)
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
@@ -130,14 +130,9 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
         def _compile(chunks, ps, granularity="auto", **kw):
             compile_chunks(chunks, ps, granularity, mode="reduce-overhead", **kw)
         gpt3d.model.build.compile_chunks = _compile   # build_model_chunks calls it by this name
+    if "nobg" in opts:   # build_model_chunks calls it by this name
+        gpt3d.model.build.bias_grad_fusion_applies = lambda device, dtype: False
     tr = Trainer(cfg, ParallelState.single(torch.device("cuda")))
-    if "bg" in opts:   # before the first step traces the compiled code
-        from gpt3d.model import bias_grad
-        n = sum(bias_grad.enable_bias_grad_fusion(c) for c in tr.model)
-        if not n or not bias_grad.TRITON:   # else the run would time the unfused model, or the torch reference
-            raise SystemExit(f"bg: {n} functions installed (none on FP8 linears, SwiGLU or bias-free linears), "
-                             f"Triton kernels {'registered' if bias_grad.TRITON else 'missing'}")
-        print(f"bg: {n} MLP/QKV functions of gpt3d/model/bias_grad.py installed")
     return cfg, tr
 
 

@@ -9,10 +9,9 @@ and writes the fused gradient and its column sums (gpt3d/model/bias_grad_triton.
 each bias in its GEMM's epilogue; the functions plug into the model's fusion hooks (`MLP.set_fused`,
 `SelfAttention.set_fused_qkv`), which keep the TP communication, fc2's bias and the parameters unchanged.
 
-Training does not install them yet: the estimate from the profiles (~3.7 ms of a 177 ms 350M step, ~3.8 of
-264 ms at 1.3B) has not been measured on a GPU. `benchmarks/profile_step.py` option `bg` installs them on the
-real model and `benchmarks/bias_grad_check.py` times the modules; model/build.py installs them (biased GeLU MLPs
-and QKV linears on torch's GEMMs, CUDA, bf16/fp16) once a whole step measures faster.
+Training installs them (model/build.py, through `bias_grad_fusion_applies`) on CUDA in bf16 and fp16 where
+the Triton kernels load: measured on one H100 (benchmarks/RESULTS.md, 2026-12-07, session 38).
+`benchmarks/bias_grad_check.py` checks the kernels against the references and times the modules.
 
 The gradient ops are custom ops: a torch reference (CPU, float64, and the spec the Triton kernels are checked
 against by benchmarks/bias_grad_check.py) and the Triton kernels on CUDA.
@@ -148,6 +147,13 @@ def fused_qkv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kv: int,
               hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`SelfAttention.set_fused_qkv`'s function for a biased QKV linear."""
     return _QKV.apply(x.reshape(-1, x.shape[-1]), w, b, kv, hd)
+
+
+def bias_grad_fusion_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether training installs the functions: where their Triton kernels run (CUDA, Triton loaded) and the
+    parameters are bf16 or fp16, the dtypes they were measured in; elsewhere the references would only add
+    passes."""
+    return device.type == "cuda" and TRITON and dtype in (torch.bfloat16, torch.float16)
 
 
 def enable_bias_grad_fusion(model: nn.Module) -> int:

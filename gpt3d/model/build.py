@@ -23,6 +23,7 @@ from ..parallel.param_meta import param_meta
 from ..parallel.random import TPRNG
 from ..parallel.precision import full_dtype
 from ..parallel.state import ParallelState
+from .bias_grad import bias_grad_fusion_applies, enable_bias_grad_fusion
 from .fp8 import enable_fp8, uses_fp8
 from .gpt import GPTModel
 
@@ -118,7 +119,8 @@ def refuse_a_vocabulary_beyond_memory(cfg: Config, ps: ParallelState, vocab_size
 
 def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size: int) -> ModelChunks:
     """This rank's pipeline stage, initialised (layout-independent weights), with --fp8 its TP linears' GEMMs
-    in float8 (model/fp8.py), cast and compiled (`compile_enabled`)."""
+    in float8 (model/fp8.py), the remaining biased linears' bias gradients fused where that applies
+    (model/bias_grad.py), cast and compiled (`compile_enabled`)."""
     refuse_a_vocabulary_beyond_memory(cfg, ps, vocab_size)
     p = cfg.parallel
     chunks = []
@@ -132,6 +134,8 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size
         m.init_weights(cfg.training.seed)
         if cfg.precision.fp8:   # FP8 GEMMs in the TP linears; parameters (names, dtypes) unchanged
             enable_fp8(m, cfg.precision.fp8_recipe, ps.device)
+        if bias_grad_fusion_applies(ps.device, param_dtype(cfg.precision)):   # after FP8: skips its linears
+            enable_bias_grad_fusion(m)
         chunks.append(m.cast_parameters(param_dtype(cfg.precision)))
     if compile_enabled(cfg.training, ps.device):
         compile_chunks(chunks, ps, cfg.training.compile_granularity)

@@ -12,6 +12,8 @@ model's fusion hooks, and where enable_bias_grad_fusion installs them.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,3 +175,37 @@ def test_installed_only_on_biased_gelu_mlps_and_biased_qkv_on_torchs_gemms():
     bias_grad.enable_bias_grad_fusion(m)
     with pytest.raises(RuntimeError, match="enable_fp8 must come before"):   # else they would keep bf16 GEMMs
         enable_fp8(m, "rowwise", ps.device, emulate=True)
+
+
+@settings(max_examples=20, deadline=None)
+@given(device=st.sampled_from(["cpu", "cuda", "meta"]), triton=st.booleans(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32, torch.float64]))
+def test_training_fuses_on_cuda_in_half_precision_where_triton_loaded(device, triton, dtype):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bias_grad, "TRITON", triton)
+        want = device == "cuda" and triton and dtype in (torch.bfloat16, torch.float16)
+        assert bias_grad.bias_grad_fusion_applies(torch.device(device), dtype) is want
+
+
+@pytest.mark.parametrize("applies", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_build_model_chunks_installs_them_where_the_rule_applies_after_fp8(monkeypatch, applies, fp8):
+    """Training's model gets the functions exactly where bias_grad_fusion_applies says (forced here: on CPU it
+    never does), on the linears FP8 left to torch's GEMMs. (That they train like the plain model: the tests above.)"""
+    import gpt3d.model.build as build
+    seen = []
+    monkeypatch.setattr(build, "bias_grad_fusion_applies", lambda d, t: seen.append((d.type, t)) or applies)
+    if fp8:   # emulated on CPU; tensorwise gives the MLP and QKV FP8 functions of their own
+        monkeypatch.setattr(build, "enable_fp8", functools.partial(enable_fp8, emulate=True))
+    cfg = tiny_config(**dict(GPT, hidden_size=32), compile=False, fp8=fp8, bf16=fp8)
+    ps = ParallelState()
+    (m,) = build.build_model_chunks(cfg, ps, seed_everything(1, ps), vocab_size=250).chunks
+    assert seen == [("cpu", build.param_dtype(cfg.precision))]
+    mlps = [x for x in m.modules() if isinstance(x, MLP)]
+    attn = [x for x in m.modules() if isinstance(x, SelfAttention)]
+    if fp8:
+        assert not any(isinstance(x._fused, bias_grad.FusedGeluMLP) for x in mlps)
+        assert all(x._fused_qkv is not bias_grad.fused_qkv for x in attn)
+    else:
+        assert all(isinstance(x._fused, bias_grad.FusedGeluMLP) is applies for x in mlps)
+        assert all((x._fused_qkv is bias_grad.fused_qkv) is applies for x in attn)
