@@ -40,14 +40,21 @@ def _max(a, b):
 
 
 @triton.jit
-def _tanh(u):
-    return 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+def _tanh_parts(u):
+    """((1 + tanh u) / 2, 1 - tanh(u)^2), each within a few ulp of its own size, from e = exp(-2|u|) <= 1. The
+    plain t = 2 / (1 + exp(-2u)) - 1 leaves 1 + t and 1 - t*t to cancellation: with the GPU's approximate exp and
+    division GeLU' was off by up to ~1e-5 near |h| ~ 5 (t's last bit times GeLU''s x^3 factor; RESULTS.md,
+    2026-12-07)."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    s = 1.0 / (1.0 + e)
+    return tl.where(u >= 0, s, e * s), 4.0 * e * s * s
 
 
 @triton.jit
 def _gelu(x, TANH: tl.constexpr):
     if TANH:
-        return 0.5 * x * (1.0 + _tanh(K0 * (x + K1 * x * x * x)))
+        half, _ = _tanh_parts(K0 * (x + K1 * x * x * x))
+        return x * half
     else:
         return 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
 
@@ -55,8 +62,8 @@ def _gelu(x, TANH: tl.constexpr):
 @triton.jit
 def _gelu_grad(x, TANH: tl.constexpr):
     if TANH:
-        t = _tanh(K0 * (x + K1 * x * x * x))
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * K0 * (1.0 + 3.0 * K1 * x * x)
+        half, sech2 = _tanh_parts(K0 * (x + K1 * x * x * x))
+        return half + 0.5 * x * sech2 * K0 * (1.0 + 3.0 * K1 * x * x)
     else:
         return 0.5 * (1.0 + tl.math.erf(x * SQRT1_2)) + x * INV_SQRT_2PI * tl.exp(-0.5 * x * x)
 
