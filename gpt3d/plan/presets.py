@@ -25,13 +25,23 @@ COMM_LATENCY_S = 10e-6         # per collective / p2p hop (assumed)
 # The shape of the kernels' cost curves, fitted to benchmarks/kernel_sweep.py on one H200 (benchmarks/RESULTS.md
 # 2026-12-02: 997 matmul shapes, 98 attention shapes); a calibration at one shape sets only the rates.
 GEMM_OVERHEAD_S = 10e-6   # per matmul on top of FLOPs / gemm_tflops: small GEMMs run far below the peak rate
-ATTN_SEQ0 = 1000          # causal attention time ~ heads·s·(s + ATTN_SEQ0)·(hd + ATTN_HEAD_DIM0): per-row work
-ATTN_HEAD_DIM0 = 30       # (softmax, the backward's dO·O) on top of the s² tiles; head size 64 runs at 0.84x of 128
+ATTN_SEQ0 = 1000          # causal attention time ~ heads·s·(s + ATTN_SEQ0)·attention_head_cost(hd): per-row work
+# Head sizes, fitted to cuDNN on one H100 (benchmarks/kernel_sweep.py --parts head_dims, RESULTS.md 2026-12-07:
+# head sizes 64-128, 16 and 32 heads, micro-batch 4 and 8; every point within 1.2%): work that does not scale
+# with the head size (softmax, the backward's dO·O) worth ATTN_HEAD_DIM0 columns, and above 64 the 128-wide
+# kernels' padding, ATTN_HEAD_DIM_PAD more: head size 80 costs 0.88x of 128 (the 2.7B shape), 64 costs 0.64x.
+ATTN_HEAD_DIM0 = 192
+ATTN_HEAD_DIM_PAD = 82
+
+
+def attention_head_cost(head_dim: int) -> int:
+    """Attention time per (head, score) in head-size units: the cost curve `attention_efficiency` scales by."""
+    return head_dim + ATTN_HEAD_DIM0 + (ATTN_HEAD_DIM_PAD if head_dim > 64 else 0)
 
 
 def attention_efficiency(s: int, head_dim: int) -> float:
     """Fraction of `attn_tflops` (long sequences, head size 128) that causal attention reaches at (s, hd)."""
-    return s / (s + ATTN_SEQ0) * (head_dim / (head_dim + ATTN_HEAD_DIM0)) / (128 / (128 + ATTN_HEAD_DIM0))
+    return s / (s + ATTN_SEQ0) * (head_dim / attention_head_cost(head_dim)) / (128 / attention_head_cost(128))
 
 
 @dataclass
