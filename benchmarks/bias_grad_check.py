@@ -1,12 +1,12 @@
 """The bias-gradient fusions (gpt3d/model/bias_grad.py) on one GPU: their Triton kernels against the ops' torch
 reference, and gpt3d's own MLP and SelfAttention modules timed with and without them.
 
-Why: the fusions would enter training's path only if a step measured faster with them (not yet measured:
-benchmarks/RESULTS.md, 2026-12-07). This first checks the CUDA kernels against the ops' torch reference at the
-bench shapes (the QKV gradient bit for bit), then times the modules there, compiled as training compiles them,
-forward + backward, and prints milliseconds per call, the saving over the layers of a step, each variant's peak
-memory and how far the gradients are from the unfused modules'. `--check-cpu` runs the kernels' arithmetic in
-Triton's interpreter.
+Why: training runs these kernels in every biased bf16/fp16 GPT step on CUDA (installed since whole steps
+measured faster with them: benchmarks/RESULTS.md, 2026-12-07, session 38). This first checks the CUDA
+kernels against the ops' torch reference at the bench shapes, bf16 and fp16 (the QKV gradient bit for bit),
+then times the modules there, compiled as training compiles them, forward + backward, and prints
+milliseconds per call, the saving over the layers of a step, each variant's peak memory and how far the
+gradients are from the unfused modules'. `--check-cpu` runs the kernels' arithmetic in Triton's interpreter.
 
     python benchmarks/bias_grad_check.py [--shapes 350M 1.3B 2.7B] [--rows 256 --bt 16 --bf 128 --warps 4]
         (--bf is the GeLU kernel's column tile; the QKV kernel's is the largest power of two dividing the head dim)
