@@ -86,7 +86,7 @@ def check_kernels(gelu_cases, qkv_cases, device: torch.device, dtype: torch.dtyp
         # subnormal steps (fp16's gradients below 6e-5, where 2 ulp of the value is less than one step)
         tol = torch.maximum(ref_dh.float().abs() * two_ulp, da.float().abs() * 4e-6).clamp_min(subnormal_step)
         diff = (dh.float() - ref_dh.float()).abs()
-        ulps = torch.where(diff == 0, 0.0, diff / tol).max().item()   # tol is 0 where da is (randn gives 0s)
+        ulps = torch.where(diff == 0, 0.0, diff / tol).max().item()
         own = dh.float().sum(0)   # the sums are of the rounded gradient, as autograd's bias gradient
         serr = _sum_err(s, own, dh)
         print(f"{dtype} gelu grad T={T} F={n} tanh={tanh}: dh within {ulps:.2f} of 2 ulp, sums rel {serr:.1e}")

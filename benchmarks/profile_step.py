@@ -130,9 +130,12 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
         def _compile(chunks, ps, granularity="auto", **kw):
             compile_chunks(chunks, ps, granularity, mode="reduce-overhead", **kw)
         gpt3d.model.build.compile_chunks = _compile   # build_model_chunks calls it by this name
-    if "nobg" in opts:   # build_model_chunks calls it by this name
-        gpt3d.model.build.bias_grad_fusion_applies = lambda device, dtype: False
+    cfg.model.bias_grad_fusion = "nobg" not in opts
     tr = Trainer(cfg, ParallelState.single(torch.device("cuda")))
+    from gpt3d.model import bias_grad
+    n = sum(isinstance(m, bias_grad.FusedGeluMLP) or m is bias_grad.fused_qkv for c in tr.model
+            for x in c.modules() for m in (getattr(x, "_fused", None), getattr(x, "_fused_qkv", None)))
+    print(f"bias-gradient fusions installed: {n} (Triton {'loaded' if bias_grad.TRITON else 'missing'})")
     return cfg, tr
 
 

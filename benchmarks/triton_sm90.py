@@ -4,7 +4,8 @@ Why: GPU time is scarce and sometimes not lent at all, while Triton's interprete
 `--check-cpu` modes of benchmarks/bias_grad_check.py and cross_entropy_probe.py) checks only a kernel's
 arithmetic in numpy, not that Triton's compiler accepts it. This runs such a check once under the interpreter,
 records each kernel launch (its arguments' types, its constexprs and launch options), then compiles each
-distinct one through Triton's CUDA backend down to a cubin, as the GPU's first launch would, and counts the
+distinct one through Triton's CUDA backend down to a cubin (without the launch-time specialisations: integer
+arguments divisible by 16 or equal to 1, aligned pointers; so the PTX may differ a little), and counts the
 approximate fp32 instructions in its PTX (`ex2.approx`, `div.full`: what the GPU's exp and division become).
 It cannot say anything about speed, or about the arithmetic on the GPU.
 
@@ -28,6 +29,8 @@ _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": 
 
 
 def _type(v) -> str:
+    if v is None:
+        return "constexpr"   # Triton specialises a None argument as a constexpr
     if hasattr(v, "dtype") and hasattr(v, "data_ptr"):
         return "*" + _DTYPES[str(v.dtype).removeprefix("torch.")]
     if isinstance(v, bool):
@@ -49,9 +52,10 @@ def record(out: str, script: str, argv: list) -> None:
         params = inspect.signature(self.fn).parameters
         options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
         bound = inspect.signature(self.fn).bind(*args, **{k: v for k, v in kwargs.items() if k in params})
+        bound.apply_defaults()
         sig, consts = {}, {}
         for name, v in bound.arguments.items():
-            if "constexpr" in str(params[name].annotation):
+            if v is None or "constexpr" in str(params[name].annotation):
                 sig[name], consts[name] = "constexpr", v
             else:
                 sig[name] = _type(v)
@@ -76,10 +80,10 @@ def compile_all(path: str) -> int:
     with open(path) as f:
         launches = [json.loads(line) for line in f]
     for module, name, sig, consts, options in launches:
-        fn = getattr(importlib.import_module(module), name)
         ptrs = ",".join(sorted({t[1:] for t in sig.values() if t.startswith("*")}))
         what = f"{module}.{name} ({ptrs}) {consts} {options}"
         try:
+            fn = getattr(importlib.import_module(module), name)   # a kernel of the checked script: FAIL, said why
             k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=options)
         except Exception as e:  # noqa: BLE001 -- Triton raises several types (front end, MLIR, ptxas); report all
             failed += 1
@@ -93,6 +97,8 @@ def compile_all(path: str) -> int:
 
 
 def main() -> int:
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
     if sys.argv[1] == "--record":
         record(sys.argv[2], sys.argv[3], sys.argv[4:])
         return 0

@@ -85,6 +85,9 @@ class ModelConfig:
     cross_entropy_loss_fusion: bool = opt(False, "fuse the output projection with the loss, chunked over tokens, "
                                                  "so the [tokens x vocab] logits are never stored (less memory, "
                                                  "a little slower)")
+    bias_grad_fusion: bool = opt(True, "on CUDA in bf16/fp16, sum fc1's and QKV's bias gradients in the Triton "
+                                       "passes that write their gradients (gpt3d/model/bias_grad.py); "
+                                       "--no-bias-grad-fusion leaves them to torch's separate sums")
     use_flash_attn: bool = opt(False, "use the flash-attn package if installed (else torch SDPA)")
     no_masked_softmax_fusion: bool = opt(False, "accepted, no effect: gpt3d's attention softmax is SDPA's (or "
                                                 "flash-attn's), never Megatron's fused masked-softmax kernel",

@@ -150,9 +150,9 @@ def fused_qkv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kv: int,
 
 
 def bias_grad_fusion_applies(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether training installs the functions: where their Triton kernels run (CUDA, Triton loaded) and the
-    parameters are bf16 or fp16, the dtypes they were measured in; elsewhere the references would only add
-    passes."""
+    """Whether training installs the functions (unless --no-bias-grad-fusion): where their Triton kernels run
+    (CUDA, Triton loaded) and the parameters are bf16 or fp16, the dtypes the kernels are checked in (bf16
+    timed); elsewhere the references would only add passes."""
     return device.type == "cuda" and TRITON and dtype in (torch.bfloat16, torch.float16)
 
 

@@ -134,7 +134,8 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size
         m.init_weights(cfg.training.seed)
         if cfg.precision.fp8:   # FP8 GEMMs in the TP linears; parameters (names, dtypes) unchanged
             enable_fp8(m, cfg.precision.fp8_recipe, ps.device)
-        if bias_grad_fusion_applies(ps.device, param_dtype(cfg.precision)):   # after FP8: skips its linears
+        if cfg.model.bias_grad_fusion and bias_grad_fusion_applies(ps.device, param_dtype(cfg.precision)):
+            # after FP8, whose linears it skips
             enable_bias_grad_fusion(m)
         chunks.append(m.cast_parameters(param_dtype(cfg.precision)))
     if compile_enabled(cfg.training, ps.device):

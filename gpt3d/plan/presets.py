@@ -30,6 +30,7 @@ ATTN_SEQ0 = 1000          # causal attention time ~ heads·s·(s + ATTN_SEQ0)·a
 # head sizes 64-128, 16 and 32 heads, micro-batch 4 and 8; every point within 1.2%): work that does not scale
 # with the head size (softmax, the backward's dO·O) worth ATTN_HEAD_DIM0 columns, and above 64 the 128-wide
 # kernels' padding, ATTN_HEAD_DIM_PAD more: head size 80 costs 0.88x of 128 (the 2.7B shape), 64 costs 0.64x.
+# Outside 64-128 it is not measured: below 64 the line is extended, above 128 the rate is taken as 128's.
 ATTN_HEAD_DIM0 = 192
 ATTN_HEAD_DIM_PAD = 82
 
@@ -41,7 +42,8 @@ def attention_head_cost(head_dim: int) -> int:
 
 def attention_efficiency(s: int, head_dim: int) -> float:
     """Fraction of `attn_tflops` (long sequences, head size 128) that causal attention reaches at (s, hd)."""
-    return s / (s + ATTN_SEQ0) * (head_dim / attention_head_cost(head_dim)) / (128 / attention_head_cost(128))
+    by_head = min(head_dim / attention_head_cost(head_dim) / (128 / attention_head_cost(128)), 1.0)
+    return s / (s + ATTN_SEQ0) * by_head
 
 
 @dataclass

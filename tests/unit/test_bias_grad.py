@@ -8,7 +8,9 @@ model's fusion hooks, and where enable_bias_grad_fusion installs them.
   term would not. At TP=2 with and without SP they train like TP=1 within that test's fp32 bound
   (tests/distributed/test_tensor_parallel.py);
 - installed exactly where the rule says: a biased GeLU MLP and a biased QKV linear on torch's GEMMs, not with
-  SwiGLU, without biases, or where FP8 runs the GEMMs.
+  SwiGLU, without biases, or where FP8 runs the GEMMs; by training (build_model_chunks) only on CUDA in bf16/fp16
+  with Triton and unless --no-bias-grad-fusion;
+- a compiled full-recompute region recomputes them as it does the plain layers (same tensors kept for backward).
 """
 from __future__ import annotations
 
@@ -187,25 +189,51 @@ def test_training_fuses_on_cuda_in_half_precision_where_triton_loaded(device, tr
         assert bias_grad.bias_grad_fusion_applies(torch.device(device), dtype) is want
 
 
+@pytest.mark.parametrize("switch", [False, True])
 @pytest.mark.parametrize("applies", [False, True])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_build_model_chunks_installs_them_where_the_rule_applies_after_fp8(monkeypatch, applies, fp8):
-    """Training's model gets the functions exactly where bias_grad_fusion_applies says (forced here: on CPU it
-    never does), on the linears FP8 left to torch's GEMMs. (That they train like the plain model: the tests above.)"""
+def test_build_model_chunks_installs_them_where_the_rule_applies_after_fp8(monkeypatch, switch, applies, fp8):
+    """Training's model gets the functions exactly where --bias-grad-fusion (default on) and
+    bias_grad_fusion_applies (forced here: on CPU it never holds) both say so, and only on the linears FP8 left to
+    torch's GEMMs. (That they train like the plain model: the tests above.)"""
     import gpt3d.model.build as build
     seen = []
     monkeypatch.setattr(build, "bias_grad_fusion_applies", lambda d, t: seen.append((d.type, t)) or applies)
     if fp8:   # emulated on CPU; tensorwise gives the MLP and QKV FP8 functions of their own
         monkeypatch.setattr(build, "enable_fp8", functools.partial(enable_fp8, emulate=True))
-    cfg = tiny_config(**dict(GPT, hidden_size=32), compile=False, fp8=fp8, bf16=fp8)
+    cfg = tiny_config(**dict(GPT, hidden_size=32), compile=False, fp8=fp8, bf16=fp8, bias_grad_fusion=switch)
+    assert tiny_config().model.bias_grad_fusion   # on unless switched off
     ps = ParallelState()
     (m,) = build.build_model_chunks(cfg, ps, seed_everything(1, ps), vocab_size=250).chunks
-    assert seen == [("cpu", build.param_dtype(cfg.precision))]
+    assert seen == ([("cpu", build.param_dtype(cfg.precision))] if switch else [])
     mlps = [x for x in m.modules() if isinstance(x, MLP)]
     attn = [x for x in m.modules() if isinstance(x, SelfAttention)]
-    if fp8:
-        assert not any(isinstance(x._fused, bias_grad.FusedGeluMLP) for x in mlps)
-        assert all(x._fused_qkv is not bias_grad.fused_qkv for x in attn)
-    else:
-        assert all(isinstance(x._fused, bias_grad.FusedGeluMLP) is applies for x in mlps)
-        assert all((x._fused_qkv is bias_grad.fused_qkv) is applies for x in attn)
+    want = switch and applies and not fp8
+    assert mlps and attn
+    assert all(isinstance(x._fused, bias_grad.FusedGeluMLP) is want for x in mlps)
+    assert all((x._fused_qkv is bias_grad.fused_qkv) is want for x in attn)
+
+
+def test_full_recompute_keeps_what_it_keeps_without_them_compiled(monkeypatch):
+    """Inside a compiled full-recompute region the functions' forwards are recomputed like the plain layers': the
+    forward leaves the same tensors for backward (count and bytes) with and without them. (Were their saved
+    h / GeLU(h) kept instead, full recompute would save less memory than the planner counts.)"""
+    import gpt3d.model.build as build
+
+    def saved(fused: bool) -> tuple[int, int]:
+        monkeypatch.setattr(build, "bias_grad_fusion_applies", lambda d, t: fused)
+        cfg = tiny_config(**dict(GPT, hidden_size=32, seq_length=16), compile=True, compile_granularity="chunk",
+                          recompute_granularity="full")
+        ps = ParallelState()
+        torch._dynamo.reset()
+        (m,) = build.build_model_chunks(cfg, ps, seed_everything(1, ps), vocab_size=250).chunks
+        assert any(isinstance(x._fused, bias_grad.FusedGeluMLP) for x in m.modules() if isinstance(x, MLP)) is fused
+        sizes: list = []
+        tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = m(tokens, tokens).mean()
+        loss.backward()
+        return len(sizes), sum(sizes)
+    plain = saved(False)
+    assert saved(True) == plain and plain[0] > 0
