@@ -16,6 +16,7 @@ with OPTIONS joined by '+':
   ndt (Inductor prefer_nd_tiling) | map (Inductor max_autotune_pointwise)
   nobg (without gpt3d/model/bias_grad.py's functions, which training installs on CUDA in bf16/fp16)
   mk (Inductor multi_kernel: wider persistent reductions, benchmarked) | pdl (enable_pdl) | combo (combo_kernels)
+  mat (Inductor max_autotune_gemm: cuBLAS or Triton GEMM templates with fused epilogues) | tma (mat + TMA templates)
   lt (cuBLASLt as torch's preferred BLAS library) | nrr (no reduced-precision reductions in half GEMMs)
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
   h1 (probe: the replicated-dropout hash with one mixing round instead of two; masks differ from gpt3d's)
@@ -50,6 +51,12 @@ from gpt3d.train import Trainer
 from speed_suite import GPT_2_7B   # benchmarks/, run as `python benchmarks/profile_step.py`
 
 OUT = os.environ.get("OUT", ".")
+
+
+OPTIONS = {"bf16", "fp16", "fp8", "fp8u", "fp8s", "fp8row", "fp8gw", "fp8d", "fp8r", "fp8dr", "fp8o", "nq", "fce",
+           "seq1024", "full", "selective", "layer", "chunk", "eager", "cudnn", "flash", "efficient", "math",
+           "gqaexp", "ro", "cdt", "ndt", "map", "nobg", "mk", "pdl", "combo", "mat", "tma", "lt", "nrr", "drop",
+           "hdrop", "adrop", "h1", "gaps"}
 
 
 def build(shape: str, opts: set, mbs=None, micro: int = 1):
@@ -91,19 +98,21 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
                 v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         SelfAttention._sdpa = _sdpa
+    import torch._inductor.config as ic
     if opts & {"cdt", "ndt", "map"}:
-        import torch._inductor.config as ic
         ic.coordinate_descent_tuning = "cdt" in opts
         ic.triton.prefer_nd_tiling = "ndt" in opts   # 2-D tiles for the transposing casts
         ic.max_autotune_pointwise = "map" in opts    # autotune pointwise/reduction kernels' block sizes
-    if opts & {"mk", "pdl", "combo"}:
-        import torch._inductor.config as ic
-        if "mk" in opts:       # persistent reductions up to 16x wider, each benchmarked against the looped one
-            ic.triton.multi_kernel = 1
-        if "pdl" in opts:      # programmatic dependent launch for Inductor's Triton kernels (Hopper)
-            ic.triton.enable_pdl = True
-        if "combo" in opts:    # independent kernels of a graph launched as one (horizontal fusion)
-            ic.combo_kernels = True
+    if "mk" in opts:       # persistent reductions up to 16x wider, each benchmarked against the looped one
+        ic.triton.multi_kernel = 1
+    if "pdl" in opts:      # programmatic dependent launch for Inductor's Triton kernels (Hopper)
+        ic.triton.enable_pdl = True
+    if "combo" in opts:    # independent kernels of a graph launched as one (horizontal fusion)
+        ic.combo_kernels = True
+    if opts & {"mat", "tma"}:   # GEMMs autotuned between cuBLAS and Triton templates, which can take the bias,
+        ic.max_autotune_gemm = True   # GeLU and its backward as epilogues (each fusion benchmarked)
+        ic.max_autotune_gemm_backends = "ATEN,TRITON"
+        ic.triton.enable_persistent_tma_matmul = "tma" in opts   # Hopper's TMA persistent templates too
     if "lt" in opts:   # probes for fp16's GEMM gap (benchmarks/gemm_dtype_probe.py)
         torch.backends.cuda.preferred_blas_library("cublaslt")
     if "nrr" in opts:
@@ -385,6 +394,10 @@ def main() -> None:
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile-this", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    for run in a.runs + a.profile:   # a misspelt option would otherwise time the default silently
+        unknown = set(run.split(":")[1].split("+")) - OPTIONS if ":" in run else set()
+        if unknown:
+            raise SystemExit(f"{run}: unknown option(s) {', '.join(sorted(unknown))} (the docstring lists them)")
     torch.backends.cuda.matmul.allow_tf32 = True
     t_begin = time.time()
     if a.one:
