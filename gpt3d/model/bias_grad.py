@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..triton_kernels import triton_kernels
 from .attention import SelfAttention, split_qkv
 from .fp8_qkv import assemble
 from .gpt import MLP
@@ -69,12 +70,7 @@ def _(dq, dk, dv):
     return dq.new_empty((dq.shape[0], n)), dq.new_empty(n, dtype=_sum_dtype(dq))
 
 
-def _register_triton() -> bool:
-    try:
-        from . import bias_grad_triton as k
-    except ImportError:   # no Triton (CPU wheels): the reference serves every device
-        return False
-
+def _register_triton(k) -> bool:
     @gelu_grad_sums.register_kernel("cuda")
     def _(da, h, tanh):
         if h.dtype == torch.float64:   # the kernels compute in fp32
@@ -89,7 +85,8 @@ def _register_triton() -> bool:
     return True
 
 
-TRITON = torch.cuda.is_available() and _register_triton()
+_KERNELS = triton_kernels(".bias_grad_triton", __package__)
+TRITON = _KERNELS is not None and _register_triton(_KERNELS)
 
 
 class _MLP(torch.autograd.Function):

@@ -27,6 +27,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from ..triton_kernels import triton_kernels
+
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 EPS = 1e-12   # torchao's floor on an amax (float8_utils.EPS)
 
@@ -134,12 +136,7 @@ def _(g, u, da, scale, dtype):
     return [g.new_empty(s, dtype=dtype) for s in ((T, F_), (F_, T)) * (1 if da is None else 2)]
 
 
-def _register_triton() -> bool:
-    try:
-        from . import fp8_mlp_triton as k
-    except ImportError:   # no Triton (CPU wheels): the reference serves every device
-        return False
-
+def _register_triton(k) -> bool:
     @gelu_stats.register_kernel("cuda")
     def _(h, da, tanh):
         amax, sums = k.stats(h.contiguous(), None if da is None else da.contiguous(), tanh)
@@ -161,8 +158,9 @@ def _register_triton() -> bool:
     return True
 
 
-if torch.cuda.is_available():
-    _register_triton()
+_KERNELS = triton_kernels(".fp8_mlp_triton", __package__)
+if _KERNELS is not None:
+    _register_triton(_KERNELS)
 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor, out_dtype: torch.dtype,

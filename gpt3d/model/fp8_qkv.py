@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..triton_kernels import triton_kernels
 from . import fp8_mlp
 from .attention import split_qkv
 
@@ -63,12 +64,7 @@ def _(dq, dk, dv, scale, dtype):
     return dq.new_empty((T, n), dtype=dtype), dq.new_empty((n, T), dtype=dtype)
 
 
-def _register_triton() -> bool:
-    try:
-        from . import fp8_qkv_triton as k
-    except ImportError:   # no Triton (CPU wheels): the reference serves every device
-        return False
-
+def _register_triton(k) -> bool:
     @qkv_stats.register_kernel("cuda")
     def _(dq, dk, dv, sums):
         return k.stats(dq, dk, dv, sums)
@@ -79,8 +75,9 @@ def _register_triton() -> bool:
     return True
 
 
-if torch.cuda.is_available():
-    _register_triton()
+_KERNELS = triton_kernels(".fp8_qkv_triton", __package__)
+if _KERNELS is not None:
+    _register_triton(_KERNELS)
 
 
 class _QKV(torch.autograd.Function):

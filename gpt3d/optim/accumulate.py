@@ -12,18 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from ..triton_kernels import triton_kernels
+
 TRITON_MIN_NUMEL = 1 << 20   # below this a kernel launch from Python costs more than the copy saves
 
 
-def _kernel_module():
-    try:
-        from . import accumulate_triton
-    except ImportError:   # no Triton (CPU wheels)
-        return None
-    return accumulate_triton
-
-
-_KERNELS = _kernel_module() if torch.cuda.is_available() else None
+_KERNELS = triton_kernels(".accumulate_triton", __package__)
 
 
 def accumulate(dst: torch.Tensor, src: torch.Tensor, first: bool) -> None:

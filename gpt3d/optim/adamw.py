@@ -27,6 +27,8 @@ from typing import Optional, Union
 
 import torch
 
+from ..triton_kernels import triton_kernels
+
 
 Grads = Union[torch.Tensor, list[torch.Tensor]]   # a gradient buffer, or one flat gradient per piece
 
@@ -154,8 +156,4 @@ def _triton_step(device: torch.device, dtype: torch.dtype):
     """The Triton kernel's module where it serves (CUDA, fp32 state, Triton installed); else None."""
     if device.type != "cuda" or dtype != torch.float32:
         return None
-    try:
-        from . import adamw_triton
-    except ImportError:
-        return None
-    return adamw_triton
+    return triton_kernels(".adamw_triton", __package__)

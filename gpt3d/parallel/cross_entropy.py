@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..triton_kernels import triton_kernels
 from .precision import upcast
 from .state import ParallelState
 
@@ -123,12 +124,7 @@ def _dense_ce_grad(ctx, grad_loss, grad_lse):
 torch.library.register_autograd("gpt3d::dense_ce_forward", _dense_ce_grad, setup_context=_dense_ce_setup)
 
 
-def _register_triton() -> bool:
-    try:
-        from . import cross_entropy_triton as k
-    except ImportError:   # no Triton (CPU wheels): the reference serves every device
-        return False
-
+def _register_triton(k) -> bool:
     @dense_ce_forward.register_kernel("cuda")
     def _(logits, target, vocab_size):
         if logits.dtype == torch.float64:   # the kernels compute in fp32
@@ -146,7 +142,8 @@ def _register_triton() -> bool:
     return True
 
 
-_TRITON = torch.cuda.is_available() and _register_triton()
+_KERNELS = triton_kernels(".cross_entropy_triton", __package__)
+_TRITON = _KERNELS is not None and _register_triton(_KERNELS)
 _compiled_dense = None
 
 

@@ -24,7 +24,7 @@ PACKAGE = ROOT / "gpt3d"
 # docs/architecture.md "Who may import whom", top to bottom: a module may import its own layer and those above.
 LAYERS = [
     ["errors"],
-    ["files", "console"],
+    ["files", "console", "triton_kernels"],
     ["parallel.layout", "data.sizing"],
     ["config"],
     ["parallel"],
