@@ -15,6 +15,7 @@ The SwiGLU checks and timings follow the same pattern.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -49,6 +50,16 @@ def reference(h, da, tanh, dtype):
     return amax, sums, q, q.t().contiguous()
 
 
+def fp8_steps(q: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|q - exact| in FP8 steps at exact's magnitude (correct rounding: <= 0.5; the bf16 rounding between, as the
+    unfused model stores the value, and a few fp32 ulps of the kernel's arithmetic can turn that into one step)."""
+    fi = torch.finfo(dtype)
+    exact = exact.clamp(-fi.max, fi.max)
+    low = math.log2(fi.smallest_normal)
+    e = torch.floor(torch.log2(exact.abs().clamp(min=fi.smallest_normal)))
+    return (q.double() - exact).abs() / (torch.exp2(e.clamp(min=low)) * fi.eps)
+
+
 def check() -> bool:
     ok = True
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -63,16 +74,20 @@ def check() -> bool:
                 scale = M.to_scale(amax_r, dtype)   # the same scale, so the casts compare byte for byte
                 q, qt = k.cast(h, d, scale, tanh, dtype)
                 bad = (q.view(torch.uint8) != q_r.view(torch.uint8))
-                step = ((q.float() - q_r.float()).abs() / q_r.float().abs().clamp(min=1e-30)).max().item()
+                # each differing byte judged against the exact value (float64): within one FP8 step of it
+                exact = M._gelu_value(h.double(), None if d is None else d.double(), tanh) * scale.double()
+                step = fp8_steps(q[bad], exact[bad], dtype).max().item() if bad.any() else 0.0
+                step_r = fp8_steps(q_r[bad], exact[bad], dtype).max().item() if bad.any() else 0.0
                 layout = torch.equal(qt.view(torch.uint8), q.t().contiguous().view(torch.uint8))
                 srel = 0.0 if sums is None else ((sums - sums_r).abs().max() / sums_r.abs().max()).item()
                 arel = abs(amax.item() - amax_r.item()) / amax_r.item()
                 frac = bad.float().mean().item()
-                good = layout and frac < 1e-4 and arel < 1e-2 and srel < 1e-3 and (frac == 0 or step <= 0.5)
+                good = layout and arel < 1e-2 and srel < 1e-3 and step <= 1.0
                 ok &= good
                 print(f"check T={T} F={F} tanh={tanh} {'bwd' if d is not None else 'fwd'}: amax rel {arel:.1e}, "
-                      f"sums rel {srel:.1e}, fp8 bytes differing {bad.sum().item()} ({frac:.1e}), worst rel "
-                      f"{step:.3f}, transposed copy {'ok' if layout else 'WRONG'} -> {'ok' if good else 'FAIL'}")
+                      f"sums rel {srel:.1e}, fp8 bytes differing {bad.sum().item()} ({frac:.1e}), there the "
+                      f"farthest from the exact value {step:.2f} FP8 steps (torch's {step_r:.2f}), transposed copy "
+                      f"{'ok' if layout else 'WRONG'} -> {'ok' if good else 'FAIL'}")
     return ok & special_values() & gate()
 
 

@@ -15,6 +15,7 @@ with OPTIONS joined by '+':
   gqaexp (expand K/V heads before SDPA) | ro (compile mode reduce-overhead) | cdt (coordinate-descent tuning)
   ndt (Inductor prefer_nd_tiling) | map (Inductor max_autotune_pointwise)
   nobg (without gpt3d/model/bias_grad.py's functions, which training installs on CUDA in bf16/fp16)
+  nolt (GEMMs left to torch: without gpt3d/model/cublaslt.py, which training uses where nvmath-python loads)
   mk (Inductor multi_kernel: wider persistent reductions, benchmarked) | pdl (enable_pdl) | combo (combo_kernels)
   mat (Inductor max_autotune_gemm: cuBLAS or Triton GEMM templates with fused epilogues) | tma (mat + TMA templates)
   lt (cuBLASLt as torch's preferred BLAS library) | nrr (no reduced-precision reductions in half GEMMs)
@@ -55,7 +56,7 @@ OUT = os.environ.get("OUT", ".")
 
 OPTIONS = {"bf16", "fp16", "fp8", "fp8u", "fp8s", "fp8row", "fp8gw", "fp8d", "fp8r", "fp8dr", "fp8o", "nq", "fce",
            "seq1024", "full", "selective", "layer", "chunk", "eager", "cudnn", "flash", "efficient", "math",
-           "gqaexp", "ro", "cdt", "ndt", "map", "nobg", "mk", "pdl", "combo", "mat", "tma", "lt", "nrr", "drop",
+           "gqaexp", "ro", "cdt", "ndt", "map", "nobg", "mk", "pdl", "combo", "mat", "tma", "lt", "nolt", "nrr", "drop",
            "hdrop", "adrop", "h1", "gaps"}
 
 
@@ -140,11 +141,17 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
             compile_chunks(chunks, ps, granularity, mode="reduce-overhead", **kw)
         gpt3d.model.build.compile_chunks = _compile   # build_model_chunks calls it by this name
     cfg.model.bias_grad_fusion = "nobg" not in opts
+    cfg.model.gemm_tuning = "nolt" not in opts
     tr = Trainer(cfg, ParallelState.single(torch.device("cuda")))
-    from gpt3d.model import bias_grad
-    n = sum(isinstance(m, bias_grad.FusedGeluMLP) or m is bias_grad.fused_qkv for c in tr.model
-            for x in c.modules() for m in (getattr(x, "_fused", None), getattr(x, "_fused_qkv", None)))
-    print(f"bias-gradient fusions installed: {n} (Triton {'loaded' if bias_grad.TRITON else 'missing'})")
+    from gpt3d.model import bias_grad, cublaslt
+    fused = [m for c in tr.model for x in c.modules() for m in (getattr(x, "_fused", None),
+                                                                getattr(x, "_fused_qkv", None))]
+    n = sum(isinstance(m, (bias_grad.FusedGeluMLP, bias_grad.FusedQKV)) for m in fused)
+    n_lt = sum(getattr(m, "lt", False) for m in fused)
+    linears = sum(getattr(x, "_matmul", None) is cublaslt.linear for c in tr.model for x in c.modules())
+    print(f"bias-gradient fusions installed: {n} (Triton {'loaded' if bias_grad.TRITON else 'missing'}); "
+          f"through cuBLASLt: {n_lt} fused functions, {linears} linears "
+          f"(nvmath-python {'loaded' if cublaslt.LOADED else 'missing'})")
     return cfg, tr
 
 

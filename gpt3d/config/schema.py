@@ -88,6 +88,10 @@ class ModelConfig:
     bias_grad_fusion: bool = opt(True, "on CUDA in bf16/fp16, sum fc1's and QKV's bias gradients in the Triton "
                                        "passes that write their gradients (gpt3d/model/bias_grad.py); "
                                        "--no-bias-grad-fusion leaves them to torch's separate sums")
+    gemm_tuning: bool = opt(True, "on CUDA in bf16/fp16 with nvmath-python installed (the gpu extra), run the "
+                                  "linears' GEMMs through cuBLASLt with the fastest of its candidate algorithms "
+                                  "for each shape, the tanh GeLU in their epilogues (gpt3d/model/cublaslt.py); "
+                                  "--no-gemm-tuning leaves them to torch; off in --deterministic-mode")
     use_flash_attn: bool = opt(False, "use the flash-attn package if installed (else torch SDPA)")
     no_masked_softmax_fusion: bool = opt(False, "accepted, no effect: gpt3d's attention softmax is SDPA's (or "
                                                 "flash-attn's), never Megatron's fused masked-softmax kernel",

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..triton_kernels import triton_kernels
+from . import cublaslt
 from .attention import SelfAttention, split_qkv
 from .fp8_qkv import assemble
 from .gpt import MLP
@@ -70,7 +71,42 @@ def _(dq, dk, dv):
     return dq.new_empty((dq.shape[0], n)), dq.new_empty(n, dtype=_sum_dtype(dq))
 
 
+@torch.library.custom_op("gpt3d::gelu_grad_sums_mm", mutates_args=())
+def gelu_grad_sums_mm(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gelu_grad_sums(dy @ w2, h, tanh) for the MLP's backward through model/cublaslt.py: on CUDA the faster, timed
+    once per shape, of cuBLASLt's GeLU-gradient epilogue then the sums, or the tuned GEMM then the Triton pass
+    (the epilogue measured faster at 1.3B and 2.7B, slower at 350M: RESULTS.md, 2026-12-07, session 39)."""
+    return _gelu_ref(dy @ w2, h, True)
+
+
+@gelu_grad_sums_mm.register_fake
+def _(dy, w2, h):
+    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[1], dtype=_sum_dtype(h))
+
+
+_GELU_GRAD_CHOICE: dict[tuple, int] = {}
+
+
+def _gelu_grad_sums_mm_cuda(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def epilogue():
+        dh = cublaslt.lt_mm_dgelu(dy, w2, h)
+        return dh, dh.sum(0, dtype=_sum_dtype(h))
+
+    def separate():
+        return gelu_grad_sums(cublaslt.lt_mm(dy, w2, None), h, True)
+    ways = [epilogue, separate]
+    key = (dy.shape, dy.stride(), w2.shape, w2.stride(), h.shape, h.dtype)
+    if key not in _GELU_GRAD_CHOICE:
+        i = cublaslt.fastest(ways)
+        if torch.cuda.is_current_stream_capturing():
+            return ways[i]()
+        _GELU_GRAD_CHOICE[key] = i
+    return ways[_GELU_GRAD_CHOICE[key]]()
+
+
 def _register_triton(k) -> bool:
+    gelu_grad_sums_mm.register_kernel("cuda")(_gelu_grad_sums_mm_cuda)
+
     @gelu_grad_sums.register_kernel("cuda")
     def _(da, h, tanh):
         if h.dtype == torch.float64:   # the kernels compute in fp32
@@ -89,26 +125,36 @@ _KERNELS = triton_kernels(".bias_grad_triton", __package__)
 TRITON = _KERNELS is not None and _register_triton(_KERNELS)
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor, lt: bool) -> torch.Tensor:
+    return cublaslt.lt_mm(a, b, None) if lt else a @ b
+
+
 class _MLP(torch.autograd.Function):
     """GeLU(x W1^T + b1) W2^T on [T, H] (fc2's bias stays with fc2); fc1's bias gradient summed in the GeLU
-    gradient's pass."""
+    gradient's pass; with `lt` and the tanh GeLU, the GeLU in cuBLASLt's GEMM epilogue (model/cublaslt.py) and
+    its gradient there too where that is faster (`gelu_grad_sums_mm`)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                tanh: bool) -> torch.Tensor:
-        h = torch.addmm(b1, x, w1.t())
-        a = F.gelu(h, approximate="tanh" if tanh else "none")
+                tanh: bool, lt: bool) -> torch.Tensor:
+        if lt and tanh:
+            a, h = cublaslt.lt_mm_gelu(x, w1.t(), b1)
+        else:
+            h = cublaslt.lt_mm(x, w1.t(), b1) if lt else torch.addmm(b1, x, w1.t())
+            a = F.gelu(h, approximate="tanh" if tanh else "none")
         ctx.save_for_backward(x, w1, w2, h, a)
-        ctx.tanh, ctx.b_dtype = tanh, b1.dtype
-        return a @ w2.t()
+        ctx.tanh, ctx.lt, ctx.b_dtype = tanh, lt, b1.dtype
+        return _mm(a, w2.t(), lt)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
         x, w1, w2, h, a = ctx.saved_tensors
-        da = dy @ w2
-        dw2 = dy.t() @ a
-        dh, db1 = gelu_grad_sums(da, h, ctx.tanh)
-        return dh @ w1, dh.t() @ x, db1.to(ctx.b_dtype), dw2, None
+        if ctx.lt and ctx.tanh:
+            dh, db1 = gelu_grad_sums_mm(dy, w2, h)
+        else:
+            dh, db1 = gelu_grad_sums(_mm(dy, w2, ctx.lt), h, ctx.tanh)
+        return (_mm(dh, w1, ctx.lt), _mm(dh.t(), x, ctx.lt), db1.to(ctx.b_dtype), _mm(dy.t(), a, ctx.lt),
+                None, None)
 
 
 class _QKV(torch.autograd.Function):
@@ -117,33 +163,39 @@ class _QKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kv: int,
-                hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                hd: int, lt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(x, w)
-        ctx.b_dtype = b.dtype
-        return split_qkv(torch.addmm(b, x, w.t()), kv, hd)
+        ctx.b_dtype, ctx.lt = b.dtype, lt
+        return split_qkv(cublaslt.lt_mm(x, w.t(), b) if lt else torch.addmm(b, x, w.t()), kv, hd)
 
     @staticmethod
     def backward(ctx: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple:
         x, w = ctx.saved_tensors
         g, db = qkv_grad_sums(dq, dk, dv)
-        return g @ w, g.t() @ x, db.to(ctx.b_dtype), None, None
+        return _mm(g, w, ctx.lt), _mm(g.t(), x, ctx.lt), db.to(ctx.b_dtype), None, None, None
 
 
 class FusedGeluMLP:
-    """`MLP.set_fused`'s function for a biased GeLU MLP: `mlp(x, fc1.weight, fc1.bias, fc2.weight)`."""
+    """`MLP.set_fused`'s function for a biased GeLU MLP: `mlp(x, fc1.weight, fc1.bias, fc2.weight)`; `lt`: its
+    GEMMs through model/cublaslt.py."""
 
-    def __init__(self, tanh: bool):
-        self.tanh = tanh
+    def __init__(self, tanh: bool, lt: bool = False):
+        self.tanh, self.lt = tanh, lt
 
     def __call__(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        y = _MLP.apply(x.reshape(-1, x.shape[-1]), w1, b1, w2, self.tanh)
+        y = _MLP.apply(x.reshape(-1, x.shape[-1]), w1, b1, w2, self.tanh, self.lt)
         return y.reshape(*x.shape[:-1], w2.shape[0])
 
 
-def fused_qkv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kv: int,
-              hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`SelfAttention.set_fused_qkv`'s function for a biased QKV linear."""
-    return _QKV.apply(x.reshape(-1, x.shape[-1]), w, b, kv, hd)
+class FusedQKV:
+    """`SelfAttention.set_fused_qkv`'s function for a biased QKV linear; `lt` as FusedGeluMLP's."""
+
+    def __init__(self, lt: bool = False):
+        self.lt = lt
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kv: int,
+                 hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _QKV.apply(x.reshape(-1, x.shape[-1]), w, b, kv, hd, self.lt)
 
 
 def bias_grad_fusion_applies(device: torch.device, dtype: torch.dtype) -> bool:
@@ -153,7 +205,7 @@ def bias_grad_fusion_applies(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and TRITON and dtype in (torch.bfloat16, torch.float16)
 
 
-def enable_bias_grad_fusion(model: nn.Module) -> int:
+def enable_bias_grad_fusion(model: nn.Module, lt: bool = False) -> int:
     """Give every biased GeLU MLP and biased QKV linear of `model` whose linears run torch's own GEMMs (not
     FP8's: model/fp8.py, which must come first) and that has no fused function yet the functions above; returns
     how many. The references compute autograd's gradients; on CUDA the Triton kernels give the QKV ones exactly and
@@ -162,10 +214,10 @@ def enable_bias_grad_fusion(model: nn.Module) -> int:
     for m in model.modules():
         if (isinstance(m, MLP) and not m.swiglu and m.fc1.bias is not None and m._fused is None
                 and m.fc1._matmul is None and m.fc2._matmul is None):
-            m.set_fused(FusedGeluMLP(m.gelu_approximation == "tanh"))
+            m.set_fused(FusedGeluMLP(m.gelu_approximation == "tanh", lt))
             n += 1
         elif (isinstance(m, SelfAttention) and m.qkv.bias is not None and m._fused_qkv is None
               and m.qkv._matmul is None):
-            m.set_fused_qkv(fused_qkv)
+            m.set_fused_qkv(FusedQKV(lt))
             n += 1
     return n

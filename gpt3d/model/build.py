@@ -24,6 +24,7 @@ from ..parallel.random import TPRNG
 from ..parallel.precision import full_dtype
 from ..parallel.state import ParallelState
 from .bias_grad import bias_grad_fusion_applies, enable_bias_grad_fusion
+from .cublaslt import cublaslt_applies, enable_cublaslt
 from .fp8 import enable_fp8, uses_fp8
 from .gpt import GPTModel
 
@@ -120,7 +121,8 @@ def refuse_a_vocabulary_beyond_memory(cfg: Config, ps: ParallelState, vocab_size
 def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size: int) -> ModelChunks:
     """This rank's pipeline stage, initialised (layout-independent weights), with --fp8 its TP linears' GEMMs
     in float8 (model/fp8.py), the remaining biased linears' bias gradients fused where that applies
-    (model/bias_grad.py), cast and compiled (`compile_enabled`)."""
+    (model/bias_grad.py), the other GEMMs through cuBLASLt where `gemm_tuning` says (model/cublaslt.py), cast and
+    compiled (`compile_enabled`)."""
     refuse_a_vocabulary_beyond_memory(cfg, ps, vocab_size)
     p = cfg.parallel
     chunks = []
@@ -134,13 +136,23 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size
         m.init_weights(cfg.training.seed)
         if cfg.precision.fp8:   # FP8 GEMMs in the TP linears; parameters (names, dtypes) unchanged
             enable_fp8(m, cfg.precision.fp8_recipe, ps.device)
+        lt = gemm_tuning(cfg, ps.device)
         if cfg.model.bias_grad_fusion and bias_grad_fusion_applies(ps.device, param_dtype(cfg.precision)):
             # after FP8, whose linears it skips
-            enable_bias_grad_fusion(m)
+            enable_bias_grad_fusion(m, lt)
+        if lt:   # last: the linears that neither FP8 nor the fused functions took
+            enable_cublaslt(m)
         chunks.append(m.cast_parameters(param_dtype(cfg.precision)))
     if compile_enabled(cfg.training, ps.device):
         compile_chunks(chunks, ps, cfg.training.compile_granularity)
     return ModelChunks(chunks)
+
+
+def gemm_tuning(cfg: Config, device: torch.device) -> bool:
+    """Whether the GEMMs run through model/cublaslt.py: --gemm-tuning (the default) where it applies, and never
+    in --deterministic-mode (the algorithm chosen by timing may differ between runs)."""
+    return (cfg.model.gemm_tuning and not cfg.training.deterministic_mode
+            and cublaslt_applies(device, param_dtype(cfg.precision)))
 
 
 def compile_enabled(t: TrainingConfig, device: torch.device) -> bool:

@@ -112,10 +112,11 @@ def _dense_weight_grads(x, w1, b1, w2, b2, gy):
     return w1.grad, w2.grad
 
 
-def _model_case(rank: int, world: int, kw: dict, sp: bool, bias_grad_fusion: bool = False) -> dict:
-    """Whole GPT at TP=world vs TP=1 built in the same process: same init, same loss, same grads. With
-    `bias_grad_fusion` the TP model's biased GeLU MLPs and QKV linears run gpt3d/model/bias_grad.py's
-    functions (here their torch reference runs; the Triton kernels on a GPU)."""
+def _model_case(rank: int, world: int, kw: dict, sp: bool, fusions: str = "") -> dict:
+    """Whole GPT at TP=world vs TP=1 built in the same process: same init, same loss, same grads. With "bg" in
+    `fusions` the TP model's biased GeLU MLPs and QKV linears run gpt3d/model/bias_grad.py's functions, with "lt"
+    its GEMMs go through gpt3d/model/cublaslt.py's ops (here their torch references run; the Triton kernels and
+    cuBLASLt on a GPU)."""
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, hidden_dropout=0.0,
                       attention_dropout=0.0, **kw)
     tokens = torch.randint(0, 1000, (2, 17), generator=torch.Generator().manual_seed(3))
@@ -127,9 +128,12 @@ def _model_case(rank: int, world: int, kw: dict, sp: bool, bias_grad_fusion: boo
     ps = _ps(world, sp=sp)
     model = GPTModel(cfg, ps, seed_everything(5, ps), vocab_size=1000)
     model.init_weights(5)
-    if bias_grad_fusion:
+    if "bg" in fusions:
         from gpt3d.model.bias_grad import enable_bias_grad_fusion
-        assert enable_bias_grad_fusion(model) == 2 * cfg.num_layers
+        assert enable_bias_grad_fusion(model, "lt" in fusions) == 2 * cfg.num_layers
+    if "lt" in fusions:
+        from gpt3d.model.cublaslt import enable_cublaslt
+        assert enable_cublaslt(model) > 0
     lt = model(tokens[:, :-1], tokens[:, 1:]).mean()
     lt.backward()
     worst = 0.0
@@ -171,21 +175,25 @@ def test_layers_match_dense(world):
             assert diff < 1e-4, f"{key}: sharded differs from dense by {diff} at TP={world}"
 
 
+LLAMA = dict(use_rotary_position_embeddings=True, normalization="rmsnorm", swiglu=True, num_key_value_heads=2,
+             disable_bias_linear=True)
 MODEL_CASES = [
-    ({}, False, False),
-    ({}, True, False),
-    (dict(use_rotary_position_embeddings=True, normalization="rmsnorm", swiglu=True, num_key_value_heads=2,
-          disable_bias_linear=True), True, False),
-    ({}, False, True),
-    (dict(num_key_value_heads=2), True, True),
+    ({}, False, ""),
+    ({}, True, ""),
+    (LLAMA, True, ""),
+    ({}, False, "bg"),
+    (dict(num_key_value_heads=2), True, "bg"),
+    ({}, True, "bg+lt"),
+    (LLAMA, True, "lt"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kw,sp,fused", MODEL_CASES,
-                         ids=["gpt", "gpt-sp", "llama-gqa-sp", "gpt-bias-grad-fusion", "gpt-gqa-sp-bias-grad-fusion"])
-def test_gpt_tp2_equals_tp1(kw, sp, fused):
-    for r in distributed.run(2, _model_case, kw, sp, fused):
+@pytest.mark.parametrize("kw,sp,fusions", MODEL_CASES,
+                         ids=["gpt", "gpt-sp", "llama-gqa-sp", "gpt-bias-grad-fusion", "gpt-gqa-sp-bias-grad-fusion",
+                              "gpt-sp-bias-grad-fusion-cublaslt", "llama-gqa-sp-cublaslt"])
+def test_gpt_tp2_equals_tp1(kw, sp, fusions):
+    for r in distributed.run(2, _model_case, kw, sp, fusions):
         assert r["loss"] < 1e-5, r
         assert r["worst"] < 1e-4, r
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from gpt3d.model import bias_grad
+from gpt3d.model import bias_grad, cublaslt
 from gpt3d.model.attention import SelfAttention, split_qkv
 from gpt3d.model.fp8 import enable_fp8
 from gpt3d.model.gpt import MLP, GPTModel
@@ -49,6 +49,16 @@ def test_gelu_reference_is_autograds_gelu_gradient_and_its_sums(tokens, width, t
     assert_same([dh, sums], [h.grad, h.grad.sum(0)])
 
 
+@settings(max_examples=20, deadline=None)
+@given(tokens=st.integers(1, 12), width=st.integers(1, 12), inner=st.integers(1, 12), seed=st.integers(0, 2 ** 31 - 1))
+def test_gelu_mm_reference_is_autograds_through_the_gemm(tokens, width, inner, seed):
+    """gelu_grad_sums_mm(dy, w2, h): the tanh GeLU's gradient where the GeLU's output gradient is dy @ w2."""
+    g = torch.Generator().manual_seed(seed)
+    h, dy, w2 = _rand(g, tokens, width, scale=3.0).requires_grad_(), _rand(g, tokens, inner), _rand(g, inner, width)
+    F.gelu(h, approximate="tanh").backward(dy @ w2)
+    assert_same(list(bias_grad.gelu_grad_sums_mm(dy, w2, h.detach())), [h.grad, h.grad.sum(0)])
+
+
 @settings(max_examples=30, deadline=None)
 @given(tokens=st.integers(1, 12), kv=st.integers(1, 3), group=st.integers(1, 3), hd=st.sampled_from([1, 2, 3, 8]),
        heads_major=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
@@ -74,10 +84,13 @@ def test_the_ops_are_honest_to_torch_compile():
         torch.library.opcheck(bias_grad.gelu_grad_sums, (da.t(), h.t(), False), test_utils=CHECKS)
         dq, dk, dv = _rand(g, 5, 4, 2).to(dtype), _rand(g, 5, 2, 2).to(dtype), _rand(g, 5, 2, 2).to(dtype)
         torch.library.opcheck(bias_grad.qkv_grad_sums, (dq, dk, dv), test_utils=CHECKS)
+        dy, w2 = _rand(g, 5, 3).to(dtype), _rand(g, 3, 7).to(dtype)
+        torch.library.opcheck(bias_grad.gelu_grad_sums_mm, (dy, w2, h), test_utils=CHECKS)
 
 
-def _pair(module, cfg):
-    """(plain, hooked) copies of one float64 module."""
+def _pair(module, cfg, lt: bool = False):
+    """(plain, hooked) copies of one float64 module; `lt`: the functions' GEMMs and the remaining linears through
+    model/cublaslt.py's ops (their torch references here)."""
     ps = ParallelState()
     torch.manual_seed(0)
     a = module(cfg.model, ps).double()
@@ -85,7 +98,9 @@ def _pair(module, cfg):
         torch.nn.init.normal_(p, std=0.3)
     b = module(cfg.model, ps).double()
     b.load_state_dict(a.state_dict())
-    assert bias_grad.enable_bias_grad_fusion(b) == 1
+    assert bias_grad.enable_bias_grad_fusion(b, lt) == 1
+    if lt:
+        cublaslt.enable_cublaslt(b)
     return a, b
 
 
@@ -98,16 +113,17 @@ def _grads(m, x, dy):
 
 @settings(max_examples=15, deadline=None)
 @given(heads=st.integers(1, 3), kv_div=st.sampled_from([1, 0]), hd=st.sampled_from([2, 4]), tokens=st.integers(1, 6),
-       tanh=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
-def test_hooked_modules_equal_the_plain_ones_float64(heads, kv_div, hd, tokens, tanh, seed):
-    """Output, input gradient and every parameter gradient (fc1's and the QKV bias included); GQA too."""
+       tanh=st.booleans(), lt=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_hooked_modules_equal_the_plain_ones_float64(heads, kv_div, hd, tokens, tanh, lt, seed):
+    """Output, input gradient and every parameter gradient (fc1's and the QKV bias included); GQA too; with the
+    GEMMs through model/cublaslt.py's ops or torch's."""
     kv = heads if kv_div else 1
     cfg = tiny_config(num_layers=2, hidden_size=heads * hd, num_attention_heads=heads, num_key_value_heads=kv,
                       ffn_hidden_size=3 * hd, gelu_approximation="tanh" if tanh else "none")
     g = torch.Generator().manual_seed(seed)
     x, dy = _rand(g, 2, tokens, heads * hd), _rand(g, 2, tokens, heads * hd)
     for module in (MLP, SelfAttention):
-        a, b = _pair(module, cfg)
+        a, b = _pair(module, cfg, lt)
         assert_same(_grads(b, x, dy), _grads(a, x, dy))
 
 
@@ -127,13 +143,15 @@ def test_a_wrong_bias_gradient_is_caught(monkeypatch):
         assert_same(_grads(b, x, dy), _grads(a, x, dy))
 
 
-def _gpt(cfg, hooked: bool, compiled: bool = False):
+def _gpt(cfg, hooked: bool, compiled: bool = False, lt: bool = False):
     ps = ParallelState()
     m = GPTModel(cfg.model, ps, seed_everything(3, ps), vocab_size=250)
     m.init_weights(11)
     m = m.cast_parameters(torch.float64)
     if hooked:
-        assert bias_grad.enable_bias_grad_fusion(m) == 2 * cfg.model.num_layers
+        assert bias_grad.enable_bias_grad_fusion(m, lt) == 2 * cfg.model.num_layers
+    if lt:
+        assert cublaslt.enable_cublaslt(m) == 4 * cfg.model.num_layers
     if compiled:
         for layer in m.layers.values():
             layer.compile(backend="aot_eager", fullgraph=True)
@@ -148,12 +166,14 @@ def _step(m, tokens):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_a_hooked_gpt_trains_like_the_plain_one_float64(compiled):
+@pytest.mark.parametrize("lt", [False, True])
+def test_a_hooked_gpt_trains_like_the_plain_one_float64(compiled, lt):
     """The loss and every gradient of a 2-layer GPT, eager and with each layer compiled (AOTAutograd traces the
-    functions, their view outputs and the custom ops; fullgraph: no graph break)."""
+    functions, their view outputs and the custom ops; fullgraph: no graph break); with the GEMMs through
+    model/cublaslt.py's ops too (every linear: the fused functions' and the others')."""
     cfg = tiny_config(**GPT)
     tokens = torch.randint(0, 250, (2, 8), generator=torch.Generator().manual_seed(0))
-    assert_same(_step(_gpt(cfg, True, compiled), tokens), _step(_gpt(cfg, False), tokens))
+    assert_same(_step(_gpt(cfg, True, compiled, lt), tokens), _step(_gpt(cfg, False), tokens))
 
 
 def test_installed_only_on_biased_gelu_mlps_and_biased_qkv_on_torchs_gemms():
@@ -211,7 +231,7 @@ def test_build_model_chunks_installs_them_where_the_rule_applies_after_fp8(monke
     want = switch and applies and not fp8
     assert mlps and attn
     assert all(isinstance(x._fused, bias_grad.FusedGeluMLP) is want for x in mlps)
-    assert all((x._fused_qkv is bias_grad.fused_qkv) is want for x in attn)
+    assert all(isinstance(x._fused_qkv, bias_grad.FusedQKV) is want for x in attn)
 
 
 def test_full_recompute_keeps_what_it_keeps_without_them_compiled(monkeypatch):

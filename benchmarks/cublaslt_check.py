@@ -1,0 +1,162 @@
+"""gpt3d/model/cublaslt.py on one GPU: its ops against their torch references, then every linear GEMM of issue
+25's bench shapes timed through torch and through the tuned cuBLASLt path.
+
+Why: training routes its bf16/fp16 GEMMs there by default where nvmath-python loads. This checks, per op and
+dtype, that the cuBLASLt path ran (a plan with candidates was made) and that its error against a float64
+product is at most twice torch's own plus a few ulps of the result's scale, at the bench shapes and at odd
+shapes (leading dimensions not multiples of 8, offset views: where the path must fall back or still be
+right). Then it times forward, input-gradient and weight-gradient GEMMs of each linear (and the GeLU
+epilogues against addmm + GeLU and mm + the Triton GeLU gradient) and prints the per-step sums.
+
+    python benchmarks/cublaslt_check.py [--shapes 350M 1.3B 2.7B llama] [--skip-check] [--reps 20]
+"""
+# ruff: noqa: B023  (each lambda is called before its loop variables change)
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from gpt3d.model import bias_grad, cublaslt  # noqa: E402
+
+# tokens per micro-batch step, layers, hidden, [(name, in, out, bias)] per layer: issue 25's bench shapes
+SHAPES = {
+    "125M": (16 * 2048, 12, [("qkv", 768, 2304, 1), ("proj", 768, 768, 0), ("fc1", 768, 3072, 1),
+                             ("fc2", 3072, 768, 0)]),
+    "350M": (16 * 2048, 24, [("qkv", 1024, 3072, 1), ("proj", 1024, 1024, 0), ("fc1", 1024, 4096, 1),
+                             ("fc2", 4096, 1024, 0)]),
+    "1.3B": (8 * 2048, 24, [("qkv", 2048, 6144, 1), ("proj", 2048, 2048, 0), ("fc1", 2048, 8192, 1),
+                            ("fc2", 8192, 2048, 0)]),
+    "2.7B": (4 * 2048, 32, [("qkv", 2560, 7680, 1), ("proj", 2560, 2560, 0), ("fc1", 2560, 10240, 1),
+                            ("fc2", 10240, 2560, 0)]),
+    "llama": (4 * 2048, 16, [("qkv", 2048, 3072, 0), ("proj", 2048, 2048, 0), ("gate", 2048, 8192, 0),
+                             ("up", 2048, 8192, 0), ("fc2", 8192, 2048, 0)]),
+}
+
+
+def timed(fn, reps: int) -> float:
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def _err(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return (got.double() - exact).abs().max().item()
+
+
+def check_one(name: str, fn, ref, exact: torch.Tensor, scale: float) -> bool:
+    before = cublaslt._RT.launches
+    got = fn()
+    ran = cublaslt._RT.launches > before
+    e_lt, e_ref = _err(got, exact), _err(ref(), exact)
+    ok = e_lt <= 2 * e_ref + 4 * torch.finfo(got.dtype).eps * scale
+    print(f"check {name}: error {e_lt:.3e} (torch {e_ref:.3e}) -> {'ok' if ok else 'FAIL'}"
+          f"{'' if ran else ' (reference path)'}", flush=True)
+    return ok
+
+
+def check() -> bool:
+    ok = True
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cases = [(16384, 2048, 8192), (1000, 136, 520), (4112, 2064, 1032), (333, 96, 200)]
+    for dtype in (torch.bfloat16, torch.float16):
+        for T, K, N in cases:
+            def r(*s, scale=1.0):
+                return (torch.randn(*s, device="cuda", generator=g) * scale).to(dtype)
+            x, w, b, dy = r(T, K), r(N, K, scale=0.05), r(N, scale=0.1), r(T, N, scale=0.01)
+            xd, wd, bd, dyd = x.double(), w.double(), b.double(), dy.double()
+            tag = f"{str(dtype)[6:]} T={T} K={K} N={N}"
+            pre = torch.addmm(bd, xd, wd.t())
+            s1, s2 = pre.abs().max().item(), (dyd @ wd).abs().max().item()
+            ok &= check_one(f"fwd+bias {tag}", lambda: cublaslt.lt_mm(x, w.t(), b), lambda: torch.addmm(b, x, w.t()),
+                            pre, s1)
+            ok &= check_one(f"dgrad {tag}", lambda: cublaslt.lt_mm(dy, w, None), lambda: dy @ w, dyd @ wd, s2)
+            ok &= check_one(f"wgrad {tag}", lambda: cublaslt.lt_mm(dy.t(), x, None), lambda: dy.t() @ x,
+                            dyd.t() @ xd, (dyd.t() @ xd).abs().max().item())
+            sl = x[1:, :]   # an offset view: its pointer is 2 * K bytes past an allocation
+            ok &= check_one(f"fwd offset view {tag}", lambda: cublaslt.lt_mm(sl, w.t(), None),
+                            lambda: sl @ w.t(), xd[1:] @ wd.t(), s1)
+            gelu_exact = F.gelu(pre, approximate="tanh")
+            ok &= check_one(f"gelu epilogue {tag}", lambda: cublaslt.lt_mm_gelu(x, w.t(), b)[0],
+                            lambda: F.gelu(torch.addmm(b, x, w.t()), approximate="tanh"), gelu_exact,
+                            gelu_exact.abs().max().item())
+            ok &= check_one(f"pre-activation {tag}", lambda: cublaslt.lt_mm_gelu(x, w.t(), b)[1],
+                            lambda: torch.addmm(b, x, w.t()), pre, s1)
+            h = torch.addmm(b, x, w.t())
+            w2 = r(K, N, scale=0.05)
+            dy2 = r(T, K, scale=0.01)
+            da = dy2.double() @ w2.double()
+            dh_exact = torch.ops.aten.gelu_backward(da, h.double(), approximate="tanh")
+            ok &= check_one(f"dgelu epilogue {tag}", lambda: cublaslt.lt_mm_dgelu(dy2, w2, h),
+                            lambda: torch.ops.aten.gelu_backward(dy2 @ w2, h, approximate="tanh"), dh_exact,
+                            dh_exact.abs().max().item())
+    return ok
+
+
+def bench(shapes: list[str], reps: int) -> None:
+    dtype = torch.bfloat16
+    for shape in shapes:
+        T, layers, lins = SHAPES[shape]
+        tot_t = tot_l = 0.0
+        for name, fin, fout, has_b in lins:
+            x = torch.randn(T, fin, device="cuda", dtype=dtype)
+            w = torch.randn(fout, fin, device="cuda", dtype=dtype) * 0.02
+            b = torch.randn(fout, device="cuda", dtype=dtype) if has_b else None
+            dy = torch.randn(T, fout, device="cuda", dtype=dtype) * 0.01
+            pairs = {
+                "fwd": (lambda: F.linear(x, w, b), lambda: cublaslt.lt_mm(x, w.t(), b)),
+                "dgrad": (lambda: dy @ w, lambda: cublaslt.lt_mm(dy, w, None)),
+                "wgrad": (lambda: dy.t() @ x, lambda: cublaslt.lt_mm(dy.t(), x, None)),
+            }
+            row = []
+            for k, (ft, fl) in pairs.items():
+                t, lt = timed(ft, reps), timed(fl, reps)
+                tot_t, tot_l = tot_t + t, tot_l + lt
+                flops = 2 * T * fin * fout
+                row.append(f"{k} {t:.3f}/{lt:.3f} ms ({flops / lt / 1e9:.0f} TF/s)")
+            print(f"{shape} {name} [{fin}->{fout}] torch/tuned: " + ", ".join(row), flush=True)
+            if name == "fc1" and has_b:
+                gelu = torch.compile(lambda h: F.gelu(h, approximate="tanh"))
+                h = torch.addmm(b, x, w.t())
+                w2 = torch.randn(fin, fout, device="cuda", dtype=dtype) * 0.02
+                dy2 = torch.randn(T, fin, device="cuda", dtype=dtype) * 0.01
+                f_t = timed(lambda: gelu(torch.addmm(b, x, w.t())), reps)
+                f_l = timed(lambda: cublaslt.lt_mm_gelu(x, w.t(), b), reps)
+                b_t = timed(lambda: bias_grad.gelu_grad_sums(dy2 @ w2, h, True), reps)
+                b_l = timed(lambda: cublaslt.lt_mm_dgelu(dy2, w2, h).sum(0, dtype=torch.float32), reps)
+                print(f"{shape} fc1 GeLU: forward addmm + compiled GeLU {f_t:.3f} vs epilogue {f_l:.3f} ms; "
+                      f"backward mm + Triton GeLU grad/sums {b_t:.3f} vs epilogue + sum {b_l:.3f} ms", flush=True)
+        print(f"{shape}: a layer's GEMMs torch {tot_t:.3f} ms, tuned {tot_l:.3f} ms; x {layers} layers: "
+              f"{(tot_t - tot_l) * layers:+.2f} ms a step saved (the GeLU epilogues' own saving: the line above)",
+              flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="*", default=["350M", "1.3B", "2.7B", "llama"])
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--reps", type=int, default=20)
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, nvmath-python "
+          f"{'loaded' if cublaslt.LOADED else 'MISSING'}", flush=True)
+    if not cublaslt.LOADED:
+        sys.exit(1)
+    ok = True if a.skip_check else check()
+    bench(a.shapes, a.reps)
+    print("CHECK", "PASSED" if ok else "FAILED")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

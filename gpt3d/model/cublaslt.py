@@ -1,0 +1,331 @@
+"""GEMMs through cuBLASLt with the fastest of its candidate algorithms for each problem, and the tanh GeLU and
+its gradient inside the GEMMs' epilogues.
+
+Why: torch runs each half-precision GEMM with cuBLAS's first heuristic choice, and the GeLU as separate
+elementwise passes. Here each problem's candidates are timed once and the fastest kept (level with torch's choice
+at most of issue 25's shapes, faster at a few), and the tanh GeLU runs in the GEMMs' epilogues (forward: bias +
+GeLU, writing the pre-activation too; backward: GeLU' times the gradient, where that times faster). Whole compiled
+steps measured +1.1% to +1.9% tok/s at 350M, 1.3B, 2.7B and the Llama shape (benchmarks/RESULTS.md, 2026-12-07,
+session 39). cuBLASLt is reached through nvmath-python's bindings (the optional `gpu` extra). Where they are
+not installed, on other devices, or for a layout, dtype or alignment not handled here, each op runs its torch
+reference, so what a GEMM computes never depends on them: only its rounding (the algorithm's summation order,
+and the epilogues rounding once where torch rounds twice).
+
+Row-major `a @ b` is cuBLAS's column-major `b^T @ a^T`: `problem` is the one place that translates (tested
+against a column-major emulation on CPU). Each problem's descriptors and chosen algorithm are made once per
+process; the choice is timed on the current stream (never while a CUDA graph is being captured: then the first
+candidate runs). The ops are custom ops, opaque to torch.compile; benchmarks/cublaslt_check.py checks them on a
+GPU against their references and times them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+try:   # the optional GPU extra; its absence only means the references run
+    import numpy as np
+    from nvmath.bindings import cublas as _cublas
+    from nvmath.bindings import cublasLt as _lt
+    LOADED = True
+except Exception:   # noqa: BLE001 (any import failure: missing package, missing CUDA libraries)
+    LOADED = False
+
+CANDIDATES = 8                 # heuristic candidates timed per problem
+WORKSPACE = 32 * 1024 * 1024   # bytes a candidate may use
+_DTYPES = {torch.bfloat16: 14, torch.float16: 2}   # cudaDataType: CUDA_R_16BF, CUDA_R_16F
+_R_32F = 0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One row-major `a [M, K] @ b [K, N]` as cuBLAS's column-major D (N x M, ld N) = op(A) @ op(B), A being b's
+    memory and B a's: (transa, transb) in "NT"; each matrix as (rows, cols, ld) of its column-major storage."""
+    m: int
+    n: int
+    k: int
+    transa: str
+    transb: str
+    a_layout: tuple[int, int, int]
+    b_layout: tuple[int, int, int]
+
+
+def _storage(shape: tuple[int, int], stride: tuple[int, int]) -> Optional[tuple[str, tuple[int, int, int]]]:
+    """A row-major matrix X [R, C] as column-major storage: rows contiguous (stride (ld, 1)) it is X^T stored
+    C x R ("N" gives X^T); columns contiguous (stride (1, ld)) it is X stored R x C ("T" gives X^T)."""
+    (r, c), (s0, s1) = shape, stride
+    if s1 == 1 and s0 >= max(c, 1):
+        return "N", (c, r, s0)
+    if s0 == 1 and s1 >= max(r, 1):
+        return "T", (r, c, s1)
+    return None
+
+
+def problem(a_shape, a_stride, b_shape, b_stride) -> Optional[Problem]:
+    """The cuBLAS form of row-major a @ b (None for layouts it cannot take without a copy)."""
+    ta, tb = _storage(tuple(b_shape), tuple(b_stride)), _storage(tuple(a_shape), tuple(a_stride))
+    if ta is None or tb is None:
+        return None
+    return Problem(m=b_shape[1], n=a_shape[0], k=a_shape[1], transa=ta[0], transb=tb[0],
+                   a_layout=ta[1], b_layout=tb[1])
+
+
+def _mm_ref(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return (torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)).contiguous()
+
+
+def _mm_gelu_ref(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pre = torch.addmm(bias, a, b).contiguous()
+    return F.gelu(pre, approximate="tanh"), pre
+
+
+def _mm_dgelu_ref(a: torch.Tensor, b: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(torch.mm(a, b), pre, approximate="tanh").contiguous()
+
+
+@torch.library.custom_op("gpt3d::lt_mm", mutates_args=())
+def lt_mm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """a [M, K] @ b [K, N] (+ bias [N]), row-major [M, N]."""
+    return _mm_ref(a, b, bias)
+
+
+@torch.library.custom_op("gpt3d::lt_mm_gelu", mutates_args=())
+def lt_mm_gelu(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GeLU_tanh(pre), pre) with pre = a @ b + bias, both row-major [M, N]."""
+    return _mm_gelu_ref(a, b, bias)
+
+
+@torch.library.custom_op("gpt3d::lt_mm_dgelu", mutates_args=())
+def lt_mm_dgelu(a: torch.Tensor, b: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """(a @ b) * GeLU_tanh'(pre), row-major [M, N]: the gradient before a tanh GeLU whose output's is a @ b."""
+    return _mm_dgelu_ref(a, b, pre)
+
+
+@lt_mm.register_fake
+def _(a, b, bias):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+@lt_mm_gelu.register_fake
+def _(a, b, bias):
+    return a.new_empty(a.shape[0], b.shape[1]), a.new_empty(a.shape[0], b.shape[1])
+
+
+@lt_mm_dgelu.register_fake
+def _(a, b, pre):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+def _align(ptr: int) -> int:
+    return min(256, ptr & -ptr) if ptr else 256
+
+
+def fastest(candidates: list) -> int:
+    """The index of the fastest of `candidates` (callables on the current stream), each timed over 3 runs after
+    one warm-up; the first where a CUDA graph is being captured (no timing there)."""
+    if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+        return 0
+    times = []
+    for go in candidates:
+        go()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            go()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return min(range(len(candidates)), key=times.__getitem__)
+
+
+class _Plan:
+    """cuBLASLt's descriptors for one problem, epilogue, dtype and alignment, its candidates and the chosen one."""
+
+    def __init__(self, handle: int, p: Problem, dtype: int, epilogue: int, aligns: tuple[int, ...], aux_ld: int):
+        self.handle, self.p = handle, p
+        self.desc = _lt.matmul_desc_create(int(_cublas.ComputeType.COMPUTE_32F), _R_32F)
+        A = _lt.MatmulDescAttribute
+        op = {"N": 0, "T": 1}   # cublasOperation_t
+        self.set(A.TRANSA, op[p.transa])
+        self.set(A.TRANSB, op[p.transb])
+        self.set(A.EPILOGUE, epilogue)
+        if aux_ld:
+            self.set(A.EPILOGUE_AUX_LD, aux_ld)
+        # the per-call pointers: host buffers made once
+        self.ptrs = {a: np.zeros(1, dtype=_lt.get_matmul_desc_attribute_dtype(a))
+                     for a in (A.BIAS_POINTER, A.EPILOGUE_AUX_POINTER)}
+        self.layouts = [_lt.matrix_layout_create(dtype, *p.a_layout), _lt.matrix_layout_create(dtype, *p.b_layout),
+                        _lt.matrix_layout_create(dtype, p.m, p.n, p.m)]
+        pref = _lt.matmul_preference_create()
+        P = _lt.MatmulPreferenceAttribute
+        for attr, v in ((P.MAX_WORKSPACE_BYTES, WORKSPACE), (P.MIN_ALIGNMENT_A_BYTES, aligns[0]),
+                        (P.MIN_ALIGNMENT_B_BYTES, aligns[1]), (P.MIN_ALIGNMENT_C_BYTES, aligns[2]),
+                        (P.MIN_ALIGNMENT_D_BYTES, aligns[2])):
+            _set(_lt.matmul_preference_set_attribute, _lt.get_matmul_preference_attribute_dtype, pref, attr, v)
+        self.results = _lt.MatmulHeuristicResult(CANDIDATES)
+        found = np.zeros(1, dtype=np.int32)
+        a, b, d = self.layouts
+        _lt.matmul_algo_get_heuristic(handle, self.desc, a, b, d, d, pref, CANDIDATES, self.results.ptr,
+                                      found.ctypes.data)
+        _lt.matmul_preference_destroy(pref)
+        self.count = int(found[0])
+        self.algos = [self.results[i]["algo"] for i in range(self.count)]   # kept: cuBLASLt reads them by address
+        self.algo_ptrs = [x.ctypes.data for x in self.algos]
+        self.choice: Optional[int] = None
+        # cuBLASLt wants a little more than an epilogue algorithm reports (as nvmath-python allows for)
+        self.workspace = int(np.max(self.results["workspace_size"][:max(self.count, 1)])) + 16 * (epilogue != 1)
+
+    def set(self, attr, value: int) -> None:
+        _set(_lt.matmul_desc_set_attribute, _lt.get_matmul_desc_attribute_dtype, self.desc, attr, value)
+
+    def set_pointer(self, attr, ptr: int) -> None:
+        buf = self.ptrs[attr]
+        buf[0] = ptr
+        _lt.matmul_desc_set_attribute(self.desc, attr, buf.ctypes.data, buf.itemsize)
+
+
+def _set(setter, dtype_of, obj, attr, value: int) -> None:
+    buf = np.array([value], dtype=dtype_of(attr))
+    setter(obj, attr, buf.ctypes.data, buf.itemsize)
+
+
+class _Runtime:
+    """Per process: one cuBLASLt handle per device, the plans (None: a call the references serve), a workspace
+    per stream, host alpha/beta."""
+
+    def __init__(self):
+        self.handles: dict[int, int] = {}
+        self.plans: dict[tuple, Optional[_Plan]] = {}
+        self.workspaces: dict[int, torch.Tensor] = {}
+        self.launches = 0   # cuBLASLt calls made (benchmarks/cublaslt_check.py: the path ran, not the reference)
+        self.alpha, self.beta = np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.float32)
+        self.alpha_ptr, self.beta_ptr = self.alpha.ctypes.data, self.beta.ctypes.data
+
+    def make(self, a: torch.Tensor, b: torch.Tensor, code: int, gelu_aux: bool) -> Optional[_Plan]:
+        p = problem(a.shape, a.stride(), b.shape, b.stride())
+        if p is None or min(p.m, p.n, p.k) == 0 or gelu_aux and p.m % 8:   # the GeLU input's leading dimension
+            return None
+        device = a.device.index
+        if device not in self.handles:
+            self.handles[device] = _lt.create()
+        # outputs come from torch's allocator: 256-byte aligned
+        plan = _Plan(self.handles[device], p, _DTYPES[a.dtype], code, (_align(b.data_ptr()), _align(a.data_ptr()),
+                                                                          256), p.m if gelu_aux else 0)
+        return plan if plan.count else None
+
+    def run(self, plan: _Plan, i: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> None:
+        stream = torch.cuda.current_stream()
+        ws = self.workspaces.get(stream.cuda_stream)
+        if ws is None:   # stream-ordered: one per stream, as torch keeps cuBLAS's
+            ws = self.workspaces[stream.cuda_stream] = torch.empty(WORKSPACE + 16, dtype=torch.uint8,
+                                                                   device=d.device)
+        self.launches += 1
+        _lt.matmul(plan.handle, plan.desc, self.alpha_ptr, b.data_ptr(), plan.layouts[0], a.data_ptr(),
+                   plan.layouts[1], self.beta_ptr, d.data_ptr(), plan.layouts[2], d.data_ptr(), plan.layouts[2],
+                   plan.algo_ptrs[i], ws.data_ptr(), plan.workspace, stream.cuda_stream)
+
+
+_RT: Optional[_Runtime] = _Runtime() if LOADED else None
+_EPILOGUE = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192}   # cublasLtEpilogue_t
+
+
+def _lt_call(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: Optional[torch.Tensor] = None,
+             aux: Optional[torch.Tensor] = None, aux_out: bool = False) -> Optional[tuple[torch.Tensor, ...]]:
+    """Row-major a @ b through cuBLASLt with `epilogue`, or None where it does not apply (the caller then runs
+    the reference). `aux` is the GeLU input read by dgelu; `aux_out` makes gelu_aux_bias return it too."""
+    if _RT is None or a.dtype not in _DTYPES or b.dtype != a.dtype or a.dim() != 2 or b.dim() != 2:
+        return None
+    key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, a.device.index, epilogue,
+           _align(a.data_ptr()), _align(b.data_ptr()))
+    plan = _RT.plans.get(key, False)
+    if plan is False:
+        plan = _RT.plans[key] = _RT.make(a, b, _EPILOGUE[epilogue], aux_out or aux is not None)
+    if plan is None:
+        return None
+    m, n = plan.p.m, plan.p.n
+    A = _lt.MatmulDescAttribute
+    if bias is not None:
+        if bias.dtype != a.dtype or bias.shape != (m,) or bias.stride() != (1,) or bias.data_ptr() % 16:
+            return None
+        plan.set_pointer(A.BIAS_POINTER, bias.data_ptr())
+    if aux is not None and (aux.dtype != a.dtype or aux.shape != (n, m) or aux.stride() != (m, 1)
+                            or aux.data_ptr() % 16):
+        return None
+    d = torch.empty(n, m, dtype=a.dtype, device=a.device)
+    out = torch.empty_like(d) if aux_out else None
+    if aux is not None or out is not None:
+        plan.set_pointer(A.EPILOGUE_AUX_POINTER, (aux if aux is not None else d).data_ptr())
+    # gelu_aux_bias: D is GeLU's output and the aux its input; here D = `out`, aux = `d` (the pre-activation)
+    target = out if out is not None else d
+    if plan.choice is None:
+        i = fastest([lambda i=i: _RT.run(plan, i, a, b, target) for i in range(plan.count)])
+        if not torch.cuda.is_current_stream_capturing():
+            plan.choice = i
+    _RT.run(plan, plan.choice or 0, a, b, target)
+    return (target, d) if out is not None else (d,)
+
+
+def _register() -> None:
+    @lt_mm.register_kernel("cuda")
+    def _(a, b, bias):
+        r = _lt_call(a, b, "default" if bias is None else "bias", bias=bias)
+        return r[0] if r is not None else _mm_ref(a, b, bias)
+
+    @lt_mm_gelu.register_kernel("cuda")
+    def _(a, b, bias):
+        r = _lt_call(a, b, "gelu_aux_bias", bias=bias, aux_out=True)
+        return (r[0], r[1]) if r is not None else _mm_gelu_ref(a, b, bias)
+
+    @lt_mm_dgelu.register_kernel("cuda")
+    def _(a, b, pre):
+        r = _lt_call(a, b, "dgelu", aux=pre)
+        return r[0] if r is not None else _mm_dgelu_ref(a, b, pre)
+
+
+if LOADED:
+    _register()
+
+
+def cublaslt_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether training routes its GEMMs here (unless --no-gemm-tuning): CUDA, nvmath-python loaded, bf16 or
+    fp16 parameters (the dtypes handled and checked)."""
+    return device.type == "cuda" and LOADED and dtype in _DTYPES
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear(x, w, b) with its three GEMMs through the ops above."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, w)
+        ctx.shape, ctx.bias = x.shape, b is not None
+        return lt_mm(x2, w.t(), b).view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
+        x2, w = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = lt_mm(dy2, w, None).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        dw = lt_mm(dy2.t(), x2, None) if ctx.needs_input_grad[1] else None
+        db = dy2.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`set_matmul`'s function (parallel/layers.py): F.linear through cuBLASLt."""
+    return _Linear.apply(x, w, b)
+
+
+def enable_cublaslt(model: torch.nn.Module) -> int:
+    """Route every TP linear of `model` whose GEMM is still torch's (no `set_matmul` function yet: FP8 comes
+    first) through `linear`; returns how many. The fused functions of model/bias_grad.py take `lt` themselves."""
+    from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m._matmul is None:
+            m.set_matmul(linear)
+            n += 1
+    return n

@@ -1,0 +1,175 @@
+"""gpt3d/model/cublaslt.py on CPU: the layout translation, the ops' references, the linear, and where training
+routes its GEMMs there.
+
+- `problem` (row-major a @ b as cuBLAS's column-major call) is checked against an emulation of cuBLAS's
+  column-major GEMM that reads the operands' raw storage (integer-valued float64: exact), for every pairing of
+  row- and column-contiguous operands with padded leading dimensions; a swapped transpose or leading dimension
+  fails it;
+- the ops' references are torch's mm/addmm, GeLU and GeLU's gradient; they are honest to torch.compile;
+- `linear` (the set_matmul function) gives F.linear's output and gradients in float64, eagerly and compiled;
+- training routes its linears there where `gemm_tuning` says: the switch, CUDA + nvmath-python + bf16/fp16
+  (forced here), never in deterministic mode, after FP8 and the fused functions, which take the flag themselves.
+On a GPU benchmarks/cublaslt_check.py checks the cuBLASLt path against these references.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from gpt3d.model import bias_grad, cublaslt
+from gpt3d.model.gpt import MLP
+from gpt3d.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from gpt3d.parallel.random import seed_everything
+from gpt3d.parallel.state import ParallelState
+
+from tests.support.curves import tiny_config
+from tests.support.fp8 import assert_same
+
+CHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic", "test_autograd_registration")
+
+
+def _operand(g: torch.Generator, rows: int, cols: int, col_major: bool, pad: int) -> torch.Tensor:
+    """A [rows, cols] matrix, rows- or columns-contiguous, its leading dimension padded by `pad`."""
+    if col_major:
+        base = torch.randint(-4, 5, (cols, rows + pad), generator=g).double()
+        return base[:, :rows].t()
+    base = torch.randint(-4, 5, (rows, cols + pad), generator=g).double()
+    return base[:, :cols]
+
+
+def _col_major(t: torch.Tensor, layout: tuple[int, int, int], trans: str) -> torch.Tensor:
+    """What cuBLAS reads: a column-major (rows, cols, ld) matrix at t's storage, transposed when trans is T."""
+    rows, cols, ld = layout
+    m = torch.as_strided(t, (rows, cols), (1, ld), t.storage_offset())
+    return m.t() if trans == "T" else m
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 9), n=st.integers(1, 9), k=st.integers(1, 9), a_cm=st.booleans(), b_cm=st.booleans(),
+       pad_a=st.integers(0, 3), pad_b=st.integers(0, 3), seed=st.integers(0, 2 ** 31 - 1))
+def test_problem_is_cublass_column_major_form_of_the_product(m, n, k, a_cm, b_cm, pad_a, pad_b, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b = _operand(g, m, k, a_cm, pad_a), _operand(g, k, n, b_cm, pad_b)
+    p = cublaslt.problem(a.shape, a.stride(), b.shape, b.stride())
+    assert p is not None and (p.m, p.n, p.k) == (n, m, k)
+    d = _col_major(b, p.a_layout, p.transa) @ _col_major(a, p.b_layout, p.transb)   # D = op(A) op(B), N x M
+    assert d.shape == (n, m)
+    # D is column-major with ld N: the same memory as the row-major [M, N] result
+    assert torch.equal(d.t().contiguous(), a @ b)
+
+
+def test_problem_refuses_what_needs_a_copy():
+    x = torch.zeros(4, 6, 5)[:, :, 0]   # neither dimension contiguous
+    assert cublaslt.problem(x.shape, x.stride(), (6, 3), (3, 1)) is None
+    assert cublaslt.problem((3, 6), (6, 1), x.t().shape, x.t().stride()) is None
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 7), n=st.integers(1, 7), k=st.integers(1, 7), seed=st.integers(0, 2 ** 31 - 1))
+def test_references_are_torchs(m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b, bias = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((m, k), (k, n), (n,)))
+    pre = torch.addmm(bias, a, b)
+    assert_same([cublaslt.lt_mm(a, b, None), cublaslt.lt_mm(a, b, bias)], [a @ b, pre])
+    out, got_pre = cublaslt.lt_mm_gelu(a, b, bias)
+    assert_same([out, got_pre], [F.gelu(pre, approximate="tanh"), pre])
+    x = pre.clone().requires_grad_()
+    F.gelu(x, approximate="tanh").backward(a @ b)
+    assert_same([cublaslt.lt_mm_dgelu(a, b, pre)], [x.grad])
+
+
+def test_the_ops_are_honest_to_torch_compile():
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b, bias = (torch.randn(*s, generator=g).to(dtype) for s in ((5, 3), (3, 8), (8,)))
+        for args in ((a, b, None), (a, b, bias), (a.t().contiguous().t(), b.t().contiguous().t(), bias)):
+            torch.library.opcheck(cublaslt.lt_mm, args, test_utils=CHECKS)
+        torch.library.opcheck(cublaslt.lt_mm_gelu, (a, b, bias), test_utils=CHECKS)
+        torch.library.opcheck(cublaslt.lt_mm_dgelu, (a, b, torch.randn(5, 8, generator=g).to(dtype)),
+                              test_utils=CHECKS)
+
+
+def _linear_grads(fn, x, w, b, dy):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    b = b.clone().requires_grad_() if b is not None else None
+    y = fn(x, w, b)
+    y.backward(dy)
+    return [y.detach(), x.grad, w.grad] + ([b.grad] if b is not None else [])
+
+
+@settings(max_examples=30, deadline=None)
+@given(lead=st.lists(st.integers(1, 4), min_size=1, max_size=2), fin=st.integers(1, 7), fout=st.integers(1, 7),
+       bias=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_linear_is_f_linear_float64(lead, fin, fout, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w, dy = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((*lead, fin), (fout, fin), (*lead, fout)))
+    b = torch.randn(fout, generator=g, dtype=torch.float64) if bias else None
+    assert_same(_linear_grads(cublaslt.linear, x, w, b, dy), _linear_grads(F.linear, x, w, b, dy))
+
+
+def test_linear_compiled_is_eager():
+    g = torch.Generator().manual_seed(0)
+    x, w, b, dy = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 3, 5), (4, 5), (4,), (2, 3, 4)))
+    compiled = torch.compile(cublaslt.linear, backend="aot_eager", fullgraph=True)
+    assert_same(_linear_grads(compiled, x, w, b, dy), _linear_grads(F.linear, x, w, b, dy))
+
+
+def test_a_wrong_weight_gradient_is_caught(monkeypatch):
+    """The comparison above sees a weight gradient computed as dy^T x with x's rows shifted by one."""
+    g = torch.Generator().manual_seed(2)
+    x, w, b, dy = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((6, 5), (4, 5), (4,), (6, 4)))
+    real = cublaslt.lt_mm
+
+    def shifted(a, c, bias):
+        return real(a, c.roll(1, 0), bias) if a.shape[0] == 4 and c.shape[1] == 5 else real(a, c, bias)
+    monkeypatch.setattr(cublaslt, "lt_mm", shifted)
+    with pytest.raises(AssertionError):
+        assert_same(_linear_grads(cublaslt.linear, x, w, b, dy), _linear_grads(F.linear, x, w, b, dy))
+
+
+GPT = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=8, vocab_size=250)
+
+
+@pytest.mark.parametrize("switch", [False, True])
+@pytest.mark.parametrize("applies", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_training_routes_the_gemms_where_gemm_tuning_says(monkeypatch, switch, applies, deterministic, arch):
+    import gpt3d.model.build as build
+    seen = []
+    monkeypatch.setattr(build, "cublaslt_applies", lambda d, t: seen.append((d.type, t)) or applies)
+    monkeypatch.setattr(build, "bias_grad_fusion_applies", lambda d, t: True)
+    extra = dict(swiglu=True, disable_bias_linear=True, ffn_hidden_size=64) if arch == "llama" else {}
+    cfg = tiny_config(**GPT, **extra, compile=False, gemm_tuning=switch, deterministic_mode=deterministic)
+    assert tiny_config().model.gemm_tuning   # on unless switched off
+    ps = ParallelState()
+    (m,) = build.build_model_chunks(cfg, ps, seed_everything(1, ps), vocab_size=250).chunks
+    want = switch and applies and not deterministic
+    linears = [x for x in m.modules() if isinstance(x, (ColumnParallelLinear, RowParallelLinear))]
+    routed = [x for x in linears if x._matmul is cublaslt.linear]
+    assert len(routed) == (len(linears) if want else 0)
+    fused = [f for x in m.modules() for f in (getattr(x, "_fused", None), getattr(x, "_fused_qkv", None))
+             if f is not None]
+    assert all(f.lt is want for f in fused)
+    if arch == "gpt":   # biased GeLU: the fused functions, with the flag
+        assert len(fused) == 2 * cfg.model.num_layers and any(isinstance(x, MLP) for x in m.modules())
+    else:
+        assert fused == []
+
+
+def test_fp8_linears_keep_their_gemms(monkeypatch):
+    """FP8 comes first; its linears (and fused functions) are not re-routed."""
+    import functools
+
+    import gpt3d.model.build as build
+    from gpt3d.model.fp8 import Float8Matmul, enable_fp8
+    monkeypatch.setattr(build, "cublaslt_applies", lambda d, t: True)
+    monkeypatch.setattr(build, "enable_fp8", functools.partial(enable_fp8, emulate=True))
+    cfg = tiny_config(**GPT, compile=False, fp8=True, bf16=True)
+    ps = ParallelState()
+    (m,) = build.build_model_chunks(cfg, ps, seed_everything(1, ps), vocab_size=250).chunks
+    linears = [x for x in m.modules() if isinstance(x, (ColumnParallelLinear, RowParallelLinear))]
+    assert linears and all(isinstance(x._matmul, Float8Matmul) for x in linears)
+    assert not any(isinstance(getattr(x, "_fused", None), bias_grad.FusedGeluMLP) for x in m.modules())
