@@ -19,6 +19,7 @@ GPU against their references and times them.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -288,10 +289,20 @@ if LOADED:
     _register()
 
 
+@functools.cache
+def _library_loads() -> bool:
+    """nvmath-python imports without its CUDA library; cuBLASLt itself loads on first use."""
+    try:
+        _lt.get_version()
+        return True
+    except Exception:   # noqa: BLE001 (no libcublasLt where nvmath-python looks)
+        return False
+
+
 def cublaslt_applies(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether training routes its GEMMs here (unless --no-gemm-tuning): CUDA, nvmath-python loaded, bf16 or
-    fp16 parameters (the dtypes handled and checked)."""
-    return device.type == "cuda" and LOADED and dtype in _DTYPES
+    """Whether training routes its GEMMs here (unless --no-gemm-tuning): CUDA, nvmath-python and cuBLASLt
+    loaded, bf16 or fp16 parameters (the dtypes handled and checked)."""
+    return device.type == "cuda" and LOADED and dtype in _DTYPES and _library_loads()
 
 
 class _Linear(torch.autograd.Function):
