@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,21 +56,25 @@ def _err(got: torch.Tensor, exact: torch.Tensor) -> float:
     return (got.double() - exact).abs().max().item()
 
 
-def check_one(name: str, fn, ref, exact: torch.Tensor, scale: float) -> bool:
+def check_one(name: str, fn, ref, exact: torch.Tensor, scale: float, lt: Optional[bool] = True) -> bool:
+    """`fn`'s error against `exact` at most twice torch's (`ref`) plus 4 ulps of `scale`, and cuBLASLt ran
+    (`lt`) or the reference served (False: a layout or alignment the path must leave to it; None: either)."""
     before = cublaslt._RT.launches
     got = fn()
     ran = cublaslt._RT.launches > before
     e_lt, e_ref = _err(got, exact), _err(ref(), exact)
-    ok = e_lt <= 2 * e_ref + 4 * torch.finfo(got.dtype).eps * scale
-    print(f"check {name}: error {e_lt:.3e} (torch {e_ref:.3e}) -> {'ok' if ok else 'FAIL'}"
-          f"{'' if ran else ' (reference path)'}", flush=True)
+    ok = e_lt <= 2 * e_ref + 4 * torch.finfo(got.dtype).eps * scale and lt in (None, ran)
+    print(f"check {name}: error {e_lt:.3e} (torch {e_ref:.3e}), {'cuBLASLt' if ran else 'the reference'} ran "
+          f"-> {'ok' if ok else 'FAIL'}", flush=True)
     return ok
 
 
 def check() -> bool:
     ok = True
     g = torch.Generator(device="cuda").manual_seed(0)
-    cases = [(16384, 2048, 8192), (1000, 136, 520), (4112, 2064, 1032), (333, 96, 200)]
+    # the bench shape, then ones whose leading dimensions are multiples of 8 but not of 16/64, and one (N = 203)
+    # that is not: the GeLU epilogues need N % 8 == 0 and leave it to the reference
+    cases = [(16384, 2048, 8192), (1000, 136, 520), (4112, 2064, 1032), (333, 96, 200), (333, 96, 203)]
     for dtype in (torch.bfloat16, torch.float16):
         for T, K, N in cases:
             def r(*s, scale=1.0):
@@ -77,22 +82,38 @@ def check() -> bool:
             x, w, b, dy = r(T, K), r(N, K, scale=0.05), r(N, scale=0.1), r(T, N, scale=0.01)
             xd, wd, bd, dyd = x.double(), w.double(), b.double(), dy.double()
             tag = f"{str(dtype)[6:]} T={T} K={K} N={N}"
+            sure = None if N % 8 else True   # an odd N: cuBLASLt may or may not take the plain GEMMs
             pre = torch.addmm(bd, xd, wd.t())
             s1, s2 = pre.abs().max().item(), (dyd @ wd).abs().max().item()
             ok &= check_one(f"fwd+bias {tag}", lambda: cublaslt.lt_mm(x, w.t(), b), lambda: torch.addmm(b, x, w.t()),
-                            pre, s1)
-            ok &= check_one(f"dgrad {tag}", lambda: cublaslt.lt_mm(dy, w, None), lambda: dy @ w, dyd @ wd, s2)
+                            pre, s1, sure)
+            ok &= check_one(f"dgrad {tag}", lambda: cublaslt.lt_mm(dy, w, None), lambda: dy @ w, dyd @ wd, s2, sure)
             ok &= check_one(f"wgrad {tag}", lambda: cublaslt.lt_mm(dy.t(), x, None), lambda: dy.t() @ x,
-                            dyd.t() @ xd, (dyd.t() @ xd).abs().max().item())
+                            dyd.t() @ xd, (dyd.t() @ xd).abs().max().item(), sure)
             sl = x[1:, :]   # an offset view: its pointer is 2 * K bytes past an allocation
             ok &= check_one(f"fwd offset view {tag}", lambda: cublaslt.lt_mm(sl, w.t(), None),
-                            lambda: sl @ w.t(), xd[1:] @ wd.t(), s1)
+                            lambda: sl @ w.t(), xd[1:] @ wd.t(), s1, sure)
+            xs, ws_ = x[:, 1:], w[:, 1:]   # 2-byte aligned, leading dimension K: cuBLASLt still, or the reference
+            ok &= check_one(f"fwd 2-byte aligned {tag}", lambda: cublaslt.lt_mm(xs, ws_.t(), None),
+                            lambda: xs @ ws_.t(), xd[:, 1:] @ wd[:, 1:].t(), s1, lt=None)
+            bs = torch.cat([b[:1], b])[1:]   # a bias 2 bytes past an allocation: the reference serves
+            ok &= check_one(f"fwd+unaligned bias {tag}", lambda: cublaslt.lt_mm(x, w.t(), bs),
+                            lambda: torch.addmm(bs, x, w.t()), pre, s1, lt=False)
+            xl, wl, bl, dyl = (t.clone().requires_grad_() for t in (x, w, b, dy))
+            yl = cublaslt.linear(xl, wl, bl)
+            yl.backward(dy)
+            xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+            F.linear(xr, wr, br).backward(dy)
+            for gname, got, want, ex in (("dx", xl.grad, xr.grad, dyd @ wd), ("dw", wl.grad, wr.grad, dyd.t() @ xd),
+                                         ("db", bl.grad, br.grad, dyd.sum(0))):
+                ok &= check_one(f"linear {gname} {tag}", lambda: got, lambda: want, ex, ex.abs().max().item(),
+                                lt=None)
             gelu_exact = F.gelu(pre, approximate="tanh")
             ok &= check_one(f"gelu epilogue {tag}", lambda: cublaslt.lt_mm_gelu(x, w.t(), b)[0],
                             lambda: F.gelu(torch.addmm(b, x, w.t()), approximate="tanh"), gelu_exact,
-                            gelu_exact.abs().max().item())
+                            gelu_exact.abs().max().item(), lt=N % 8 == 0)
             ok &= check_one(f"pre-activation {tag}", lambda: cublaslt.lt_mm_gelu(x, w.t(), b)[1],
-                            lambda: torch.addmm(b, x, w.t()), pre, s1)
+                            lambda: torch.addmm(b, x, w.t()), pre, s1, lt=N % 8 == 0)
             h = torch.addmm(b, x, w.t())
             w2 = r(K, N, scale=0.05)
             dy2 = r(T, K, scale=0.01)
@@ -100,7 +121,17 @@ def check() -> bool:
             dh_exact = torch.ops.aten.gelu_backward(da, h.double(), approximate="tanh")
             ok &= check_one(f"dgelu epilogue {tag}", lambda: cublaslt.lt_mm_dgelu(dy2, w2, h),
                             lambda: torch.ops.aten.gelu_backward(dy2 @ w2, h, approximate="tanh"), dh_exact,
-                            dh_exact.abs().max().item())
+                            dh_exact.abs().max().item(), lt=N % 8 == 0)
+            for way in (0, 1):   # the MLP backward's two ways, each forced
+                bias_grad._GELU_GRAD_CHOICE.clear()
+                bias_grad._GELU_GRAD_CHOICE[(dy2.shape, dy2.stride(), w2.shape, w2.stride(), h.shape, h.dtype,
+                                             dy2.device.index, dy2.data_ptr() % 256, w2.data_ptr() % 256)] = way
+                dh2, sums = bias_grad.gelu_grad_sums_mm(dy2, w2, h)
+                want, want_sums = bias_grad.gelu_grad_sums(dy2 @ w2, h, True)
+                ok &= check_one(f"gelu_grad_sums_mm way {way} {tag}", lambda: dh2, lambda: want, dh_exact,
+                                dh_exact.abs().max().item(), lt=None)
+                ok &= check_one(f"gelu_grad_sums_mm way {way} sums {tag}", lambda: sums, lambda: want_sums,
+                                dh_exact.sum(0), dh_exact.abs().sum(0).max().item(), lt=None)
     return ok
 
 

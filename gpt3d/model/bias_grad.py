@@ -94,13 +94,13 @@ def _gelu_grad_sums_mm_cuda(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor)
 
     def separate():
         return gelu_grad_sums(cublaslt.lt_mm(dy, w2, None), h, True)
-    ways = [epilogue, separate]
-    key = (dy.shape, dy.stride(), w2.shape, w2.stride(), h.shape, h.dtype)
+    ways = [separate, epilogue]   # the first is kept unless the other times more than 3% faster
+    key = (dy.shape, dy.stride(), w2.shape, w2.stride(), h.shape, h.dtype, dy.device.index,
+           dy.data_ptr() % 256, w2.data_ptr() % 256)
     if key not in _GELU_GRAD_CHOICE:
-        i = cublaslt.fastest(ways)
         if torch.cuda.is_current_stream_capturing():
-            return ways[i]()
-        _GELU_GRAD_CHOICE[key] = i
+            return separate()
+        _GELU_GRAD_CHOICE[key] = cublaslt.fastest(ways)
     return ways[_GELU_GRAD_CHOICE[key]]()
 
 

@@ -13,9 +13,12 @@ and the epilogues rounding once where torch rounds twice).
 
 Row-major `a @ b` is cuBLAS's column-major `b^T @ a^T`: `problem` is the one place that translates (tested
 against a column-major emulation on CPU). Each problem's descriptors and chosen algorithm are made once per
-process; the choice is timed on the current stream (never while a CUDA graph is being captured: then the first
-candidate runs). The ops are custom ops, opaque to torch.compile; benchmarks/cublaslt_check.py checks them on a
-GPU against their references and times them.
+process: the heuristic's first candidate unless another times more than 3% faster on the current stream
+(`fastest`). A problem cuBLASLt refuses, or one first met while a CUDA graph is being captured, runs the
+reference; torch's reduced-precision-reduction flags bound the split-K schemes as they bound torch's own GEMMs.
+The choice is per process and per run: --deterministic-mode leaves the GEMMs to torch. The ops are custom ops,
+opaque to torch.compile; benchmarks/cublaslt_check.py checks them on a GPU against their references (and that
+the path ran) and times them.
 """
 from __future__ import annotations
 
@@ -123,14 +126,20 @@ def _align(ptr: int) -> int:
     return min(256, ptr & -ptr) if ptr else 256
 
 
-def fastest(candidates: list) -> int:
+def fastest(candidates: list, margin: float = 0.03) -> int:
     """The index of the fastest of `candidates` (callables on the current stream), each timed over 3 runs after
-    one warm-up; the first where a CUDA graph is being captured (no timing there)."""
+    one warm-up; the first unless another is more than `margin` faster (timing noise does not move a choice
+    off the default), and the first where a CUDA graph is being captured (no timing there). A candidate that
+    raises is out."""
     if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
         return 0
     times = []
     for go in candidates:
-        go()
+        try:
+            go()
+        except Exception:   # noqa: BLE001 (e.g. cuBLASLt refusing one algorithm): not a candidate
+            times.append(float("inf"))
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(3):
@@ -138,13 +147,15 @@ def fastest(candidates: list) -> int:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return min(range(len(candidates)), key=times.__getitem__)
+    best = min(range(len(candidates)), key=times.__getitem__)
+    return 0 if times[0] <= times[best] * (1 + margin) else best
 
 
 class _Plan:
     """cuBLASLt's descriptors for one problem, epilogue, dtype and alignment, its candidates and the chosen one."""
 
-    def __init__(self, handle: int, p: Problem, dtype: int, epilogue: int, aligns: tuple[int, ...], aux_ld: int):
+    def __init__(self, handle: int, p: Problem, dtype: int, epilogue: int, aligns: tuple[int, ...], aux_ld: int,
+                 reduction_mask: int, pointers: dict):
         self.handle, self.p = handle, p
         self.desc = _lt.matmul_desc_create(int(_cublas.ComputeType.COMPUTE_32F), _R_32F)
         A = _lt.MatmulDescAttribute
@@ -157,13 +168,15 @@ class _Plan:
         # the per-call pointers: host buffers made once
         self.ptrs = {a: np.zeros(1, dtype=_lt.get_matmul_desc_attribute_dtype(a))
                      for a in (A.BIAS_POINTER, A.EPILOGUE_AUX_POINTER)}
+        for attr, ptr in pointers.items():   # the first call's, so the heuristic sees real ones
+            self.set_pointer(attr, ptr)
         self.layouts = [_lt.matrix_layout_create(dtype, *p.a_layout), _lt.matrix_layout_create(dtype, *p.b_layout),
                         _lt.matrix_layout_create(dtype, p.m, p.n, p.m)]
         pref = _lt.matmul_preference_create()
         P = _lt.MatmulPreferenceAttribute
         for attr, v in ((P.MAX_WORKSPACE_BYTES, WORKSPACE), (P.MIN_ALIGNMENT_A_BYTES, aligns[0]),
                         (P.MIN_ALIGNMENT_B_BYTES, aligns[1]), (P.MIN_ALIGNMENT_C_BYTES, aligns[2]),
-                        (P.MIN_ALIGNMENT_D_BYTES, aligns[2])):
+                        (P.MIN_ALIGNMENT_D_BYTES, aligns[2]), (P.REDUCTION_SCHEME_MASK, reduction_mask)):
             _set(_lt.matmul_preference_set_attribute, _lt.get_matmul_preference_attribute_dtype, pref, attr, v)
         self.results = _lt.MatmulHeuristicResult(CANDIDATES)
         found = np.zeros(1, dtype=np.int32)
@@ -194,42 +207,61 @@ def _set(setter, dtype_of, obj, attr, value: int) -> None:
 
 class _Runtime:
     """Per process: one cuBLASLt handle per device, the plans (None: a call the references serve), a workspace
-    per stream, host alpha/beta."""
+    per (device, stream), host alpha/beta."""
 
     def __init__(self):
         self.handles: dict[int, int] = {}
         self.plans: dict[tuple, Optional[_Plan]] = {}
-        self.workspaces: dict[int, torch.Tensor] = {}
+        self.workspaces: dict[tuple[int, int], torch.Tensor] = {}
         self.launches = 0   # cuBLASLt calls made (benchmarks/cublaslt_check.py: the path ran, not the reference)
         self.alpha, self.beta = np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.float32)
         self.alpha_ptr, self.beta_ptr = self.alpha.ctypes.data, self.beta.ctypes.data
 
-    def make(self, a: torch.Tensor, b: torch.Tensor, code: int, gelu_aux: bool) -> Optional[_Plan]:
+    def make(self, a: torch.Tensor, b: torch.Tensor, code: int, gelu_aux: bool, reduction_mask: int,
+             pointers: dict) -> Optional[_Plan]:
+        """The plan, or None where cuBLASLt has no algorithm for it (or refuses it): the reference serves."""
         p = problem(a.shape, a.stride(), b.shape, b.stride())
         if p is None or min(p.m, p.n, p.k) == 0 or gelu_aux and p.m % 8:   # the GeLU input's leading dimension
             return None
         device = a.device.index
-        if device not in self.handles:
-            self.handles[device] = _lt.create()
-        # outputs come from torch's allocator: 256-byte aligned
-        plan = _Plan(self.handles[device], p, _DTYPES[a.dtype], code, (_align(b.data_ptr()), _align(a.data_ptr()),
-                                                                          256), p.m if gelu_aux else 0)
+        try:
+            with torch.cuda.device(device):
+                if device not in self.handles:
+                    self.handles[device] = _lt.create()
+                # outputs come from torch's allocator: 256-byte aligned
+                plan = _Plan(self.handles[device], p, _DTYPES[a.dtype], code,
+                             (_align(b.data_ptr()), _align(a.data_ptr()), 256), p.m if gelu_aux else 0,
+                             reduction_mask, pointers)
+        except _lt.cuBLASLtError:   # e.g. NOT_SUPPORTED: no algorithm for this problem and epilogue
+            return None
         return plan if plan.count else None
 
-    def run(self, plan: _Plan, i: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> None:
-        stream = torch.cuda.current_stream()
-        ws = self.workspaces.get(stream.cuda_stream)
-        if ws is None:   # stream-ordered: one per stream, as torch keeps cuBLAS's
-            ws = self.workspaces[stream.cuda_stream] = torch.empty(WORKSPACE + 16, dtype=torch.uint8,
-                                                                   device=d.device)
+    def workspace(self, device: torch.device, stream: int) -> Optional[torch.Tensor]:
+        ws = self.workspaces.get((device.index, stream))
+        if ws is None and not torch.cuda.is_current_stream_capturing():   # never from a graph's private pool
+            ws = self.workspaces[(device.index, stream)] = torch.empty(WORKSPACE + 16, dtype=torch.uint8,
+                                                                       device=device)
+        return ws
+
+    def run(self, plan: _Plan, i: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ws: torch.Tensor,
+            stream: int) -> None:
         self.launches += 1
         _lt.matmul(plan.handle, plan.desc, self.alpha_ptr, b.data_ptr(), plan.layouts[0], a.data_ptr(),
                    plan.layouts[1], self.beta_ptr, d.data_ptr(), plan.layouts[2], d.data_ptr(), plan.layouts[2],
-                   plan.algo_ptrs[i], ws.data_ptr(), plan.workspace, stream.cuda_stream)
+                   plan.algo_ptrs[i], ws.data_ptr(), plan.workspace, stream)
 
 
 _RT: Optional[_Runtime] = _Runtime() if LOADED else None
 _EPILOGUE = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192}   # cublasLtEpilogue_t
+
+
+def _reduction_mask(dtype: torch.dtype) -> int:
+    """cuBLASLt's split-K reduction schemes torch's flag allows: all (7), or only in the compute type (2) when
+    reduced-precision reductions are off for this dtype, as torch asks of its own cuBLASLt calls."""
+    m = torch.backends.cuda.matmul
+    allowed = (m.allow_bf16_reduced_precision_reduction if dtype == torch.bfloat16
+               else m.allow_fp16_reduced_precision_reduction)
+    return 7 if allowed else 2
 
 
 def _lt_call(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: Optional[torch.Tensor] = None,
@@ -238,33 +270,44 @@ def _lt_call(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: Optional[tor
     the reference). `aux` is the GeLU input read by dgelu; `aux_out` makes gelu_aux_bias return it too."""
     if _RT is None or a.dtype not in _DTYPES or b.dtype != a.dtype or a.dim() != 2 or b.dim() != 2:
         return None
-    key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, a.device.index, epilogue,
-           _align(a.data_ptr()), _align(b.data_ptr()))
-    plan = _RT.plans.get(key, False)
-    if plan is False:
-        plan = _RT.plans[key] = _RT.make(a, b, _EPILOGUE[epilogue], aux_out or aux is not None)
-    if plan is None:
+    n, m = a.shape[0], b.shape[1]
+    if bias is not None and (bias.dtype != a.dtype or bias.shape != (m,) or bias.stride() != (1,)
+                             or bias.data_ptr() % 16):
         return None
-    m, n = plan.p.m, plan.p.n
-    A = _lt.MatmulDescAttribute
-    if bias is not None:
-        if bias.dtype != a.dtype or bias.shape != (m,) or bias.stride() != (1,) or bias.data_ptr() % 16:
-            return None
-        plan.set_pointer(A.BIAS_POINTER, bias.data_ptr())
     if aux is not None and (aux.dtype != a.dtype or aux.shape != (n, m) or aux.stride() != (m, 1)
                             or aux.data_ptr() % 16):
         return None
+    stream = torch.cuda.current_stream(a.device).cuda_stream
+    ws = _RT.workspace(a.device, stream)
+    mask = _reduction_mask(a.dtype)
+    key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, a.device.index, epilogue,
+           _align(a.data_ptr()), _align(b.data_ptr()), mask)
+    plan = _RT.plans.get(key, False)
+    if ws is None or plan is False and torch.cuda.is_current_stream_capturing():
+        return None   # a graph being captured: what it would first need, made outside it
     d = torch.empty(n, m, dtype=a.dtype, device=a.device)
     out = torch.empty_like(d) if aux_out else None
-    if aux is not None or out is not None:
-        plan.set_pointer(A.EPILOGUE_AUX_POINTER, (aux if aux is not None else d).data_ptr())
-    # gelu_aux_bias: D is GeLU's output and the aux its input; here D = `out`, aux = `d` (the pre-activation)
+    A = _lt.MatmulDescAttribute
+    pointers = {}
+    if bias is not None:
+        pointers[A.BIAS_POINTER] = bias.data_ptr()
+    if aux is not None or out is not None:   # gelu_aux_bias: D = `out` (GeLU), aux = `d` (its input)
+        pointers[A.EPILOGUE_AUX_POINTER] = (aux if aux is not None else d).data_ptr()
+    if plan is False:
+        plan = _RT.plans[key] = _RT.make(a, b, _EPILOGUE[epilogue], aux_out or aux is not None, mask, pointers)
+    if plan is None:
+        return None
+    for attr, ptr in pointers.items():
+        plan.set_pointer(attr, ptr)
     target = out if out is not None else d
-    if plan.choice is None:
-        i = fastest([lambda i=i: _RT.run(plan, i, a, b, target) for i in range(plan.count)])
-        if not torch.cuda.is_current_stream_capturing():
-            plan.choice = i
-    _RT.run(plan, plan.choice or 0, a, b, target)
+    try:
+        if plan.choice is None:
+            plan.choice = fastest([lambda i=i: _RT.run(plan, i, a, b, target, ws, stream)
+                                   for i in range(plan.count)])
+        _RT.run(plan, plan.choice, a, b, target, ws, stream)
+    except _lt.cuBLASLtError:   # every candidate refused at launch: the reference from now on
+        _RT.plans[key] = None
+        return None
     return (target, d) if out is not None else (d,)
 
 

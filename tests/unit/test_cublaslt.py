@@ -173,3 +173,57 @@ def test_fp8_linears_keep_their_gemms(monkeypatch):
     linears = [x for x in m.modules() if isinstance(x, (ColumnParallelLinear, RowParallelLinear))]
     assert linears and all(isinstance(x._matmul, Float8Matmul) for x in linears)
     assert not any(isinstance(getattr(x, "_fused", None), bias_grad.FusedGeluMLP) for x in m.modules())
+
+
+class _Clock:
+    """Stands in for CUDA events: each candidate advances the clock by its cost."""
+    now = 0.0
+
+    def __init__(self, enable_timing: bool = True):
+        self.t = 0.0
+
+    def record(self):
+        self.t = _Clock.now
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end: _Clock) -> float:
+        return end.t - self.t
+
+
+@settings(max_examples=40, deadline=None)
+@given(costs=st.lists(st.one_of(st.floats(0.1, 10.0), st.none()), min_size=1, max_size=6),
+       capturing=st.booleans())
+def test_fastest_keeps_the_first_unless_another_is_clearly_faster(costs, capturing):
+    """The choice rule the tuning rests on: the first candidate unless another times more than 3% faster; one that
+    raises is out; nothing is timed while a CUDA graph is being captured. (None: a candidate that raises.)"""
+    def candidate(cost):
+        def go():
+            if cost is None:
+                raise RuntimeError("refused")
+            _Clock.now += cost
+        return go
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "Event", _Clock)
+        mp.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        got = cublaslt.fastest([candidate(c) for c in costs])
+    times = [float("inf") if c is None else 3 * c for c in costs]
+    best = min(range(len(costs)), key=times.__getitem__)
+    if capturing or len(costs) == 1 or times[0] <= times[best] * 1.03:
+        assert got == 0
+    else:
+        assert got == best and times[best] < times[0] / 1.03
+
+
+@pytest.mark.parametrize("bf16,fp16", [(True, True), (False, True), (True, False), (False, False)])
+def test_reduction_schemes_follow_torchs_flags(bf16, fp16):
+    """Split-K reductions in the output type only where torch allows reduced-precision reductions for that dtype."""
+    m = torch.backends.cuda.matmul   # a module-like object monkeypatch cannot patch: set and restore by hand
+    saved = m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction
+    try:
+        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = bf16, fp16
+        assert cublaslt._reduction_mask(torch.bfloat16) == (7 if bf16 else 2)
+        assert cublaslt._reduction_mask(torch.float16) == (7 if fp16 else 2)
+    finally:
+        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
