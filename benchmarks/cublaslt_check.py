@@ -40,16 +40,9 @@ SHAPES = {
 
 
 def timed(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / reps
+    """cuda_timing's median (call 3 of RESULTS.md's session 39 took the mean of 20 runs after 2 warm-ups)."""
+    from cuda_timing import median_ms   # beside this script
+    return median_ms(fn, reps)
 
 
 def _err(got: torch.Tensor, exact: torch.Tensor) -> float:

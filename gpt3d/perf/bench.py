@@ -57,6 +57,7 @@ class BenchOptions:
     fp8: bool = False
     fp8_recipe: str = "tensorwise"
     ce_fusion: bool = False
+    gemm_tuning: bool = True                    # model/cublaslt.py where it applies, as in training
     peak_tflops: float = 989.0
 
 
@@ -82,6 +83,7 @@ def _config(shape: str, args: BenchOptions) -> Config:
                             "train_iters": 1000, "attention_backend": args.attention_backend,
                             "mock_data": True, "bf16": not args.fp16, "fp16": args.fp16, "fp8": args.fp8,
                             "fp8_recipe": args.fp8_recipe, "cross_entropy_loss_fusion": args.ce_fusion,
+                            "gemm_tuning": args.gemm_tuning,
                             "lr": 1e-4, "weight_decay": 0.1,
                             "clip_grad": 1.0, "device": "cuda", "compile": args.compile,
                             "recompute_granularity": args.recompute_granularity,
@@ -203,6 +205,7 @@ def measure(args: BenchOptions, on_shape: Optional[Callable[[list], None]] = Non
     torch.backends.cuda.matmul.allow_tf32 = True
     precision = "fp16" if args.fp16 else f"fp8-{args.fp8_recipe}" if args.fp8 else "bf16"
     rows = []
+    from ..model.build import gemm_tuning
     for shape, cfg in configs:
         from ..parallel.layout import padded_vocab_size
         v = cfg.model.vocab_size
@@ -222,7 +225,9 @@ def measure(args: BenchOptions, on_shape: Optional[Callable[[list], None]] = Non
                    "micro_batch": r.pop("peer_micro_batch", f"{cfg.training.micro_batch_size}x{args.micro_batches}"),
                    "precision": precision if name == "gpt3d" else ("fp16" if args.fp16 else "bf16"),
                    "compile": args.compile, "recompute": args.recompute_granularity,
-                   "attention": args.attention_backend if name == "gpt3d" else "sdpa-default", **r}
+                   "attention": args.attention_backend if name == "gpt3d" else "sdpa-default",
+                   # whether the GEMMs ran through tuned cuBLASLt (nvmath-python installed, bf16/fp16, switch on)
+                   "gemm_tuning": name == "gpt3d" and gemm_tuning(cfg, torch.device("cuda")), **r}
             if "seconds_per_iter" in r:
                 row.update(tp.report(r["seconds_per_iter"]))
             rows.append(row)

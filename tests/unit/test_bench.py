@@ -61,6 +61,8 @@ def test_bench_custom_shape_config():
     cfg = _config("custom", args)
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (3, 96, 6)
     assert (cfg.training.micro_batch_size, cfg.training.global_batch_size, cfg.model.seq_length) == (2, 8, 128)
+    assert cfg.model.gemm_tuning   # as training runs, unless switched off
+    assert not _config("125M", p.parse_args(["--model", "125M", "--no-gemm-tuning"])).model.gemm_tuning
 
 
 def test_bench_llama_shape_and_precision_flags():
