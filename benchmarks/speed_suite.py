@@ -158,7 +158,8 @@ def parse(job: Job, stdout: str, run_dir: Path) -> dict:
     if job.kind == "bench":
         rows = [json.loads(x) for x in stdout.splitlines() if x.startswith("{")]
         me = next(r for r in rows if r["system"] == "gpt3d")
-        out = {k: me.get(k) for k in ("tokens_per_s", "mfu", "tflops_per_gpu", "peak_mem_gib", "error")}
+        out = {k: me.get(k) for k in ("tokens_per_s", "mfu", "tflops_per_gpu", "peak_mem_gib", "error",
+                                      "gemm_tuning")}
         peer = next((r for r in rows if r["system"] != "gpt3d"), None)
         if peer:
             out.update(peer=peer["system"], peer_tokens_per_s=peer.get("tokens_per_s"),
@@ -323,6 +324,7 @@ def main() -> int:
         peer = f"{r['peer_tokens_per_s']:,.0f} ({r.get('peer_micro')})" if r.get("peer_tokens_per_s") else ""
         vs = f"{r['vs_peer']:.2f}x" if r.get("vs_peer") else ""
         note = r.get("error") or (f"final loss {r['losses'][-1][1]}" if r.get("losses") else "")
+        note += " GEMMs: tuned cuBLASLt" if r.get("gemm_tuning") else ""
         print(f"| {r['job']} | {tok} | {mfu} | {mem} | {peer} | {vs} | {r['wall_s']} | {note} |")
     for line in ratios(rows):
         print("RATIO", line)

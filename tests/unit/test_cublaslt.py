@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from gpt3d.model import bias_grad, cublaslt
 from gpt3d.model.gpt import MLP
@@ -193,11 +193,14 @@ class _Clock:
 
 
 @settings(max_examples=40, deadline=None)
-@given(costs=st.lists(st.one_of(st.floats(0.1, 10.0), st.none()), min_size=1, max_size=6),
+@given(costs=st.lists(st.one_of(st.integers(1, 10_000), st.none()), min_size=1, max_size=6),
        capturing=st.booleans())
+@example(costs=[None, 5081, 5522, 9000, 9000, 5081], capturing=False)   # a tie that float costs once broke
 def test_fastest_keeps_the_first_unless_another_is_clearly_faster(costs, capturing):
     """The choice rule the tuning rests on: the first candidate unless another times more than 3% faster; one that
-    raises is out; nothing is timed while a CUDA graph is being captured. (None: a candidate that raises.)"""
+    raises is out; nothing is timed while a CUDA graph is being captured. (None: a candidate that raises; whole
+    costs keep the fake clock's sums exact, so equal costs tie and the first of them wins, as min's does.)"""
+    _Clock.now = 0.0
     def candidate(cost):
         def go():
             if cost is None:
