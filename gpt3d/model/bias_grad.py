@@ -18,7 +18,7 @@ against by benchmarks/bias_grad_check.py) and the Triton kernels on CUDA.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -125,8 +125,11 @@ _KERNELS = triton_kernels(".bias_grad_triton", __package__)
 TRITON = _KERNELS is not None and _register_triton(_KERNELS)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, lt: bool) -> torch.Tensor:
-    return cublaslt.lt_mm(a, b, None) if lt else a @ b
+def _mm(a: torch.Tensor, b: torch.Tensor, lt: bool, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b (+ bias) through model/cublaslt.py's op (`lt`) or torch's."""
+    if lt:
+        return cublaslt.lt_mm(a, b, bias)
+    return a @ b if bias is None else torch.addmm(bias, a, b)
 
 
 class _MLP(torch.autograd.Function):
@@ -140,7 +143,7 @@ class _MLP(torch.autograd.Function):
         if lt and tanh:
             a, h = cublaslt.lt_mm_gelu(x, w1.t(), b1)
         else:
-            h = cublaslt.lt_mm(x, w1.t(), b1) if lt else torch.addmm(b1, x, w1.t())
+            h = _mm(x, w1.t(), lt, b1)
             a = F.gelu(h, approximate="tanh" if tanh else "none")
         ctx.save_for_backward(x, w1, w2, h, a)
         ctx.tanh, ctx.lt, ctx.b_dtype = tanh, lt, b1.dtype
@@ -166,7 +169,7 @@ class _QKV(torch.autograd.Function):
                 hd: int, lt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(x, w)
         ctx.b_dtype, ctx.lt = b.dtype, lt
-        return split_qkv(cublaslt.lt_mm(x, w.t(), b) if lt else torch.addmm(b, x, w.t()), kv, hd)
+        return split_qkv(_mm(x, w.t(), lt, b), kv, hd)
 
     @staticmethod
     def backward(ctx: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple:

@@ -125,6 +125,7 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size
     compiled (`compile_enabled`)."""
     refuse_a_vocabulary_beyond_memory(cfg, ps, vocab_size)
     p = cfg.parallel
+    lt = gemm_tuning(cfg, ps.device)
     chunks = []
     layer_groups = stage_layers(cfg.model.num_layers, ps.pp, ps.pp_rank, p.pipeline_model_parallel_split,
                                 p.num_layers_per_virtual_pipeline_stage)
@@ -136,7 +137,6 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size
         m.init_weights(cfg.training.seed)
         if cfg.precision.fp8:   # FP8 GEMMs in the TP linears; parameters (names, dtypes) unchanged
             enable_fp8(m, cfg.precision.fp8_recipe, ps.device)
-        lt = gemm_tuning(cfg, ps.device)
         if cfg.model.bias_grad_fusion and bias_grad_fusion_applies(ps.device, param_dtype(cfg.precision)):
             # after FP8, whose linears it skips
             enable_bias_grad_fusion(m, lt)
