@@ -375,11 +375,19 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
 
 def enable_cublaslt(model: torch.nn.Module) -> int:
     """Route every TP linear of `model` whose GEMM is still torch's (no `set_matmul` function yet: FP8 comes
-    first) through `linear`; returns how many. The fused functions of model/bias_grad.py take `lt` themselves."""
+    first) through `linear`; returns how many. Linears whose module runs a fused function (an MLP's `set_fused`,
+    attention's `set_fused_qkv`: model/bias_grad.py's take `lt` themselves) are left alone: that function, not
+    the linear, runs their GEMMs."""
     from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
+    bypassed = set()
+    for m in model.modules():
+        if getattr(m, "_fused", None) is not None:   # an MLP: its fused function takes every weight
+            bypassed |= {id(getattr(m, name, None)) for name in ("gate", "fc1", "fc2")}
+        if getattr(m, "_fused_qkv", None) is not None:
+            bypassed.add(id(m.qkv))
     n = 0
     for m in model.modules():
-        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m._matmul is None:
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m._matmul is None and id(m) not in bypassed:
             m.set_matmul(linear)
             n += 1
     return n
