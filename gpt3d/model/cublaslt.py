@@ -382,7 +382,7 @@ def enable_cublaslt(model: torch.nn.Module) -> int:
     bypassed = set()
     for m in model.modules():
         if getattr(m, "_fused", None) is not None:   # an MLP: its fused function takes every weight
-            bypassed |= {id(getattr(m, name, None)) for name in ("gate", "fc1", "fc2")}
+            bypassed |= {id(getattr(m, name)) for name in ("gate", "fc1", "fc2") if hasattr(m, name)}
         if getattr(m, "_fused_qkv", None) is not None:
             bypassed.add(id(m.qkv))
     n = 0
