@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gpt3d.model import bias_grad, cublaslt  # noqa: E402
+from gpt3d.model import bias_grad, cublaslt, quack_gemm  # noqa: E402
 
 # tokens per micro-batch step, layers, hidden, [(name, in, out, bias)] per layer: issue 25's bench shapes
 SHAPES = {
@@ -102,11 +102,28 @@ def check() -> bool:
                 ok &= check_one(f"linear {gname} {tag}", lambda: got, lambda: want, ex, ex.abs().max().item(),
                                 lt=None)
             gelu_exact = F.gelu(pre, approximate="tanh")
+            cublaslt.GELU_WAYS[cublaslt.gelu_key(x, w.t(), b)] = 0   # cuBLASLt's way here; quack's below
             ok &= check_one(f"gelu epilogue {tag}", lambda: cublaslt.lt_mm_gelu(x, w.t(), b)[0],
                             lambda: F.gelu(torch.addmm(b, x, w.t()), approximate="tanh"), gelu_exact,
                             gelu_exact.abs().max().item(), lt=N % 8 == 0)
             ok &= check_one(f"pre-activation {tag}", lambda: cublaslt.lt_mm_gelu(x, w.t(), b)[1],
                             lambda: torch.addmm(b, x, w.t()), pre, s1, lt=N % 8 == 0)
+            for way in (0, 1) if quack_gemm.available() else ():   # the forward GeLU GEMM's two ways, forced
+                cublaslt.GELU_WAYS.clear()
+                cublaslt.GELU_WAYS[cublaslt.gelu_key(x, w.t(), b)] = way
+                before = quack_gemm.launches
+                post, pre_q = cublaslt.lt_mm_gelu(x, w.t(), b)
+                ran = quack_gemm.launches > before
+                want_q = way == 1 and quack_gemm.takes(x, w.t(), b)
+                ok &= ran == want_q
+                print(f"check gelu way {way} {tag}: quack {'ran' if ran else 'did not run'} -> "
+                      f"{'ok' if ran == want_q else 'FAIL'}", flush=True)
+                ok &= check_one(f"gelu way {way} {tag}", lambda: post,
+                                lambda: F.gelu(torch.addmm(b, x, w.t()), approximate="tanh"), gelu_exact,
+                                gelu_exact.abs().max().item(), lt=None)
+                ok &= check_one(f"pre-activation way {way} {tag}", lambda: pre_q, lambda: torch.addmm(b, x, w.t()),
+                                pre, s1, lt=None)
+            cublaslt.GELU_WAYS.clear()
             h = torch.addmm(b, x, w.t())
             w2 = r(K, N, scale=0.05)
             dy2 = r(T, K, scale=0.01)
@@ -115,11 +132,23 @@ def check() -> bool:
             ok &= check_one(f"dgelu epilogue {tag}", lambda: cublaslt.lt_mm_dgelu(dy2, w2, h),
                             lambda: torch.ops.aten.gelu_backward(dy2 @ w2, h, approximate="tanh"), dh_exact,
                             dh_exact.abs().max().item(), lt=N % 8 == 0)
-            for way in (0, 1):   # the MLP backward's two ways, each forced
+            quack_bwd = quack_gemm.available() and quack_gemm.takes(dy2, w2, h)
+            for way in (0, 1, 2) if quack_bwd else (0, 1):   # the MLP backward's ways, each forced (2: quack's)
                 bias_grad._GELU_GRAD_CHOICE.clear()
                 bias_grad._GELU_GRAD_CHOICE[(dy2.shape, dy2.stride(), w2.shape, w2.stride(), h.shape, h.dtype,
                                              dy2.device.index, dy2.data_ptr() % 256, w2.data_ptr() % 256)] = way
-                dh2, sums = bias_grad.gelu_grad_sums_mm(dy2, w2, h)
+                before = quack_gemm.launches
+                try:
+                    dh2, sums = bias_grad.gelu_grad_sums_mm(dy2, w2, h)
+                except Exception as e:   # noqa: BLE001 (quack's compile errors: reported, the check fails)
+                    print(f"check gelu_grad_sums_mm way {way} {tag}: raised {type(e).__name__}: {str(e)[:300]} "
+                          "-> FAIL", flush=True)
+                    ok = False
+                    continue
+                ran = quack_gemm.launches > before
+                ok &= ran == (way == 2)
+                print(f"check gelu_grad_sums_mm way {way} {tag}: quack {'ran' if ran else 'did not run'} -> "
+                      f"{'ok' if ran == (way == 2) else 'FAIL'}", flush=True)
                 want, want_sums = bias_grad.gelu_grad_sums(dy2 @ w2, h, True)
                 ok &= check_one(f"gelu_grad_sums_mm way {way} {tag}", lambda: dh2, lambda: want, dh_exact,
                                 dh_exact.abs().max().item(), lt=None)
@@ -156,11 +185,19 @@ def bench(shapes: list[str], reps: int) -> None:
                 w2 = torch.randn(fin, fout, device="cuda", dtype=dtype) * 0.02
                 dy2 = torch.randn(T, fin, device="cuda", dtype=dtype) * 0.01
                 f_t = timed(lambda: gelu(torch.addmm(b, x, w.t())), reps)
-                f_l = timed(lambda: cublaslt.lt_mm_gelu(x, w.t(), b), reps)
+                f_w = []   # the forward epilogue's ways, each forced: cuBLASLt's, quack's where it loads
+                for way in (0, 1) if quack_gemm.available() else (0,):
+                    cublaslt.GELU_WAYS[cublaslt.gelu_key(x, w.t(), b)] = way
+                    f_w.append(f"{timed(lambda: cublaslt.lt_mm_gelu(x, w.t(), b), reps):.3f}")
+                cublaslt.GELU_WAYS.clear()
                 b_t = timed(lambda: bias_grad.gelu_grad_sums(dy2 @ w2, h, True), reps)
                 b_l = timed(lambda: cublaslt.lt_mm_dgelu(dy2, w2, h).sum(0, dtype=torch.float32), reps)
-                print(f"{shape} fc1 GeLU: forward addmm + compiled GeLU {f_t:.3f} vs epilogue {f_l:.3f} ms; "
-                      f"backward mm + Triton GeLU grad/sums {b_t:.3f} vs epilogue + sum {b_l:.3f} ms", flush=True)
+                b_q = (f"{timed(lambda: quack_gemm.mm_dgelu_sums(dy2, w2, h), reps):.3f}"
+                       if quack_gemm.available() and quack_gemm.takes(dy2, w2, h) else "-")
+                print(f"{shape} fc1 GeLU: forward addmm + compiled GeLU {f_t:.3f} vs epilogue (cuBLASLt/quack) "
+                      f"{'/'.join(f_w)} ms; "
+                      f"backward mm + Triton GeLU grad/sums {b_t:.3f} vs epilogue + sum {b_l:.3f}, "
+                      f"quack's epilogue with the sums {b_q} ms", flush=True)
         print(f"{shape}: a layer's GEMMs torch {tot_t:.3f} ms, tuned {tot_l:.3f} ms; x {layers} layers: "
               f"{(tot_t - tot_l) * layers:+.2f} ms a step saved (the GeLU epilogues' own saving: the line above)",
               flush=True)
@@ -173,7 +210,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, nvmath-python "
-          f"{'loaded' if cublaslt.LOADED else 'MISSING'}", flush=True)
+          f"{'loaded' if cublaslt.LOADED else 'MISSING'}, quack-kernels "
+          f"{'loaded' if quack_gemm.available() else 'missing'}", flush=True)
     if not cublaslt.LOADED:
         sys.exit(1)
     ok = True if a.skip_check else check()

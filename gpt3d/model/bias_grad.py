@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..triton_kernels import triton_kernels
-from . import cublaslt
+from . import cublaslt, quack_gemm
 from .attention import SelfAttention, split_qkv
 from .fp8_qkv import assemble
 from .gpt import MLP
@@ -73,9 +73,11 @@ def _(dq, dk, dv):
 
 @torch.library.custom_op("gpt3d::gelu_grad_sums_mm", mutates_args=())
 def gelu_grad_sums_mm(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """gelu_grad_sums(dy @ w2, h, tanh) for the MLP's backward through model/cublaslt.py: on CUDA the faster, timed
-    once per shape, of cuBLASLt's GeLU-gradient epilogue then the sums, or the tuned GEMM then the Triton pass
-    (the epilogue measured faster at 1.3B and 2.7B, slower at 350M: RESULTS.md, 2026-12-07, session 39)."""
+    """gelu_grad_sums(dy @ w2, h, tanh) for the MLP's backward through model/cublaslt.py: on CUDA the fastest, timed
+    once per shape, of cuBLASLt's GeLU-gradient epilogue then the sums, the tuned GEMM then the Triton pass
+    (the epilogue measured faster at 1.3B and 2.7B, slower at 350M: RESULTS.md, 2026-12-07, session 39), and
+    where quack-kernels loads its epilogue with the sums in it (model/quack_gemm.py; fastest at all three,
+    session 41; its sums are of dh before dh's rounding)."""
     return _gelu_ref(dy @ w2, h, True)
 
 
@@ -94,14 +96,12 @@ def _gelu_grad_sums_mm_cuda(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor)
 
     def separate():
         return gelu_grad_sums(cublaslt.lt_mm(dy, w2, None), h, True)
-    ways = [separate, epilogue]   # the first is kept unless the other times more than 3% faster
     key = (dy.shape, dy.stride(), w2.shape, w2.stride(), h.shape, h.dtype, dy.device.index,
            dy.data_ptr() % 256, w2.data_ptr() % 256)
-    if key not in _GELU_GRAD_CHOICE:
-        if torch.cuda.is_current_stream_capturing():
-            return separate()
-        _GELU_GRAD_CHOICE[key] = cublaslt.fastest(ways)
-    return ways[_GELU_GRAD_CHOICE[key]]()
+    ways = [separate, epilogue]   # the first unless another times faster; quack's where it loads
+    if quack_gemm.takes(dy, w2, h) and quack_gemm.available():
+        ways.append(lambda: quack_gemm.mm_dgelu_sums(dy, w2, h) or epilogue())
+    return cublaslt.pick(_GELU_GRAD_CHOICE, key, ways)
 
 
 def _register_triton(k) -> bool:

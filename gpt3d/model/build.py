@@ -155,6 +155,17 @@ def gemm_tuning(cfg: Config, device: torch.device) -> bool:
             and cublaslt_applies(device, param_dtype(cfg.precision)))
 
 
+def gelu_epilogues(cfg: Config) -> bool:
+    """Whether a CUDA run of `cfg` with the gpu (or quack) extra runs its MLPs' GeLU and GeLU' in the fc1 GEMMs'
+    epilogues: the switches build_model_chunks reads (bias-gradient fusion, GEMM tuning, no deterministic mode,
+    no FP8, bf16 or fp16) and an MLP model/bias_grad.py's fused function takes with the tanh GeLU (biased, not
+    SwiGLU). For the planner, which cannot see the training machine's packages."""
+    m = cfg.model
+    return (m.bias_grad_fusion and m.gemm_tuning and not cfg.training.deterministic_mode and not cfg.precision.fp8
+            and param_dtype(cfg.precision) in (torch.bfloat16, torch.float16) and not m.swiglu
+            and not m.disable_bias_linear and m.gelu_approximation == "tanh")
+
+
 def compile_enabled(t: TrainingConfig, device: torch.device) -> bool:
     """--compile / --no-compile as given; unset, compiled on CUDA (the fast path) and eager on the CPU (where
     compiling costs more than a short run gains)."""

@@ -16,7 +16,9 @@ against a column-major emulation on CPU). Each problem's descriptors and chosen 
 process: the heuristic's first candidate unless another times more than 3% faster on the current stream
 (`fastest`). A problem cuBLASLt refuses, or one first met while a CUDA graph is being captured, runs the
 reference; torch's reduced-precision-reduction flags bound the split-K schemes as they bound torch's own GEMMs.
-The choice is per process and per run: --deterministic-mode leaves the GEMMs to torch. The ops are custom ops,
+The forward GeLU GEMM has a second way, quack-kernels' (model/quack_gemm.py, where that optional package loads),
+and the faster of the two is kept per problem likewise (`pick`). The choice is per process and per run:
+--deterministic-mode leaves the GEMMs to torch. The ops are custom ops,
 opaque to torch.compile; benchmarks/cublaslt_check.py checks them on a GPU against their references (and that
 the path ran) and times them.
 """
@@ -28,6 +30,8 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import quack_gemm
 
 try:   # the optional GPU extra; its absence only means the references run
     import numpy as np
@@ -151,6 +155,18 @@ def fastest(candidates: list, margin: float = 0.03) -> int:
     return 0 if times[0] <= times[best] * (1 + margin) else best
 
 
+def pick(choices: dict, key: tuple, ways: list):
+    """Run the way `choices` holds for `key` among `ways` (callables doing the same work, the first the default),
+    choosing it by `fastest` when `key` is first met; the first way, unchosen, while a CUDA graph is being
+    captured."""
+    way = choices.get(key)
+    if way is None:
+        if torch.cuda.is_current_stream_capturing():
+            return ways[0]()
+        way = choices[key] = fastest(ways)
+    return ways[way]()
+
+
 class _Plan:
     """cuBLASLt's descriptors for one problem, epilogue, dtype and alignment, its candidates and the chosen one."""
 
@@ -252,7 +268,14 @@ class _Runtime:
 
 
 _RT: Optional[_Runtime] = _Runtime() if LOADED else None
+GELU_WAYS: dict[tuple, int] = {}   # lt_mm_gelu's way per problem: 0 cuBLASLt's, 1 quack's (model/quack_gemm.py)
 _EPILOGUE = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192}   # cublasLtEpilogue_t
+
+
+def gelu_key(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> tuple:
+    """`GELU_WAYS`' key: what a way's speed and applicability depend on."""
+    return (a.shape, a.stride(), b.shape, b.stride(), a.dtype, a.device.index, _align(a.data_ptr()),
+            _align(b.data_ptr()), _align(bias.data_ptr()))
 
 
 def _reduction_mask(dtype: torch.dtype) -> int:
@@ -319,8 +342,12 @@ def _register() -> None:
 
     @lt_mm_gelu.register_kernel("cuda")
     def _(a, b, bias):
-        r = _lt_call(a, b, "gelu_aux_bias", bias=bias, aux_out=True)
-        return (r[0], r[1]) if r is not None else _mm_gelu_ref(a, b, bias)
+        def lt():
+            r = _lt_call(a, b, "gelu_aux_bias", bias=bias, aux_out=True)
+            return (r[0], r[1]) if r is not None else _mm_gelu_ref(a, b, bias)
+        if not (quack_gemm.takes(a, b, bias) and quack_gemm.available()):
+            return lt()
+        return pick(GELU_WAYS, gelu_key(a, b, bias), [lt, lambda: quack_gemm.mm_gelu(a, b, bias) or lt()])
 
     @lt_mm_dgelu.register_kernel("cuda")
     def _(a, b, pre):

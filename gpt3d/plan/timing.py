@@ -22,6 +22,7 @@ from ..perf.flops import layer_flops, layer_linears
 from .layout import Candidate
 from .memory import Persistent, Shape, layer_terms, shape_of
 from .presets import (ATTN_BACKWARD_FACTOR, ATTN_DROPOUT_S_PER_SCORE, COMM_EFFICIENCY, COMM_LATENCY_S,
+                      GELU_EPILOGUE_EW_SHARE,
                       DIRECT_OPTIMIZER_FACTOR, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, EW_PASSES, FP8_CAST_BYTES,
                       FP8_GEMM_SPEEDUP, GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES, VOCAB_PARALLEL_LOSS_OF_EW, Gpu,
                       attention_efficiency)
@@ -106,9 +107,10 @@ def fp8_layer(m: ModelConfig, lay: Candidate, sh: Shape) -> tuple[float, float, 
 
 
 def layer_time(m: ModelConfig, lay: Candidate, gpu: Gpu, link: Links, sh: Shape, recompute,
-               ew_factor: float = 1.0, fp8: bool = False) -> LayerTime:
+               ew_factor: float = 1.0, fp8: bool = False, gelu_epilogues: bool = False) -> LayerTime:
     """`ew_factor` > 1 for eager execution (unfused norms, activations and residuals); `fp8`: --fp8 with the
-    tensorwise recipe (FP8 GEMMs and their casts, presets.FP8_GEMM_SPEEDUP and FP8_CAST_BYTES)."""
+    tensorwise recipe (FP8 GEMMs and their casts, presets.FP8_GEMM_SPEEDUP and FP8_CAST_BYTES); `gelu_epilogues`:
+    the GeLU in the fc1 GEMMs' epilogues (presets.GELU_EPILOGUE_EW_SHARE)."""
     cal = gpu.calibration
     gemm, attn = layer_flops(m, lay, sh)
     fp8_flops, cast_f, cast_b = fp8_layer(m, lay, sh) if fp8 else (0.0, 0.0, 0.0)
@@ -119,7 +121,10 @@ def layer_time(m: ModelConfig, lay: Candidate, gpu: Gpu, link: Links, sh: Shape,
     gemm_s = gemm / (cal.gemm_tflops * 1e12) + matmuls * GEMM_OVERHEAD_S          # forward; backward is twice it
     attn_s = attn / (cal.attn_tflops * 1e12 * attention_efficiency(sh.s, m.head_dim))
     kept = layer_terms(m, lay, sh, True, None)
-    ew = EW_PASSES * (kept.total - kept.items.get("dropout masks", 0)) / (cal.ew_gbps * 1e9) * ew_factor
+    ew_bytes = kept.total - kept.items.get("dropout masks", 0)
+    if gelu_epilogues:
+        ew_bytes -= (1 - GELU_EPILOGUE_EW_SHARE) * kept.items.get("MLP intermediates", 0)
+    ew = EW_PASSES * ew_bytes / (cal.ew_gbps * 1e9) * ew_factor
     fwd = gemm_s + attn_s + ew / 3
     bwd = 2 * gemm_s + ATTN_BACKWARD_FACTOR * attn_s + 2 * ew / 3
     # dropout: two residual sites, and the fused attention's own mask (forward, and again in backward)
@@ -146,9 +151,11 @@ class StepTime:
 
 def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_per_node: int,
               persistent: list[Persistent], *, param_bytes: int = 2, overlap_grad_reduce: bool = True,
-              fused_loss: bool = True, compiled: bool = True, fp8: bool = False) -> StepTime:
+              fused_loss: bool = True, compiled: bool = True, fp8: bool = False,
+              gelu_epilogues: bool = False) -> StepTime:
     """`persistent`: each stage's optimizer layout (from memory.stage_memory), for bucket sizes and shards;
-    `fp8`: the layers' linears run FP8 GEMMs (tensorwise), the output head stays bf16."""
+    `fp8`: the layers' linears run FP8 GEMMs (tensorwise), the output head stays bf16; `gelu_epilogues`: as
+    layer_time's."""
     cal, link = gpu.calibration, links(lay, gpu, gpus_per_node)
     ew_factor = 1.0 if compiled else EAGER_EW_FACTOR
     sh = shape_of(m, lay, param_bytes)
@@ -158,7 +165,8 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_pe
     p2p_bytes = sh.e * sh.seq_tokens * h
     p2p = (p2p_bytes / (link.pp_gbps * 1e9) + COMM_LATENCY_S) if lay.pp > 1 else 0.0
     stage_times, per_stage_parts, host_micro = [], [], []
-    per_mode = {rc: layer_time(m, lay, gpu, link, sh, rc, ew_factor, fp8) for rc in {None, lay.recompute}}
+    per_mode = {rc: layer_time(m, lay, gpu, link, sh, rc, ew_factor, fp8, gelu_epilogues)
+                for rc in {None, lay.recompute}}
     for r in range(lay.pp):
         chunks = lay.stage_chunks(m.num_layers, r)
         parts = {"layers (compute)": 0.0, "recompute": 0.0, "dropout": 0.0, "FP8 casts": 0.0, "TP communication": 0.0,

@@ -232,3 +232,40 @@ def test_reduction_schemes_follow_torchs_flags(bf16, fp16):
         assert cublaslt._reduction_mask(torch.float16) == (7 if fp16 else 2)
     finally:
         m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
+
+
+@settings(max_examples=30, deadline=None)
+@given(calls=st.lists(st.tuples(st.integers(0, 2), st.booleans()), min_size=1, max_size=12),
+       chosen=st.integers(0, 2))
+def test_pick_chooses_once_per_problem_and_never_while_capturing(calls, chosen):
+    """`pick` (the MLP backward's and the forward GeLU GEMM's choice between ways): a problem's way is chosen by
+    `fastest` the first time the problem is met outside a CUDA-graph capture and kept; while capturing, an unchosen
+    problem runs the first way and stays unchosen. (calls: (problem, capturing) in order.)"""
+    choices: dict = {}
+    timed: list = []
+    capturing = [False]
+    ran: list = []
+    def fastest(ways):
+        timed.append(len(ways))
+        return chosen
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cublaslt, "fastest", fastest)
+        mp.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+        for key, cap in calls:
+            capturing[0] = cap
+            before = (key,) in choices
+            cublaslt.pick(choices, (key,), [lambda i=i: ran.append(i) for i in range(3)])
+            assert ran[-1] == (chosen if before or not cap else 0)
+            assert ((key,) in choices) == (before or not cap)
+    assert len(timed) == len({k for k, cap in calls if not cap})   # once per problem met outside a capture
+
+
+def test_quack_takes_nothing_on_cpu_or_unaligned():
+    """model/quack_gemm.py's way is offered only for CUDA bf16/fp16 operands with 16-byte aligned rows: on CPU (and
+    for a row stride of an odd number of elements) `mm_gelu` declines, so cuBLASLt's way or the reference serves."""
+    from gpt3d.model import quack_gemm
+    a, b, bias = torch.randn(32, 16, dtype=torch.bfloat16), torch.randn(16, 24, dtype=torch.bfloat16), \
+        torch.randn(24, dtype=torch.bfloat16)
+    assert not quack_gemm.takes(a, b, bias) and quack_gemm.mm_gelu(a, b, bias) is None
+    odd = torch.randn(32, 17, dtype=torch.bfloat16)[:, :16]
+    assert not quack_gemm.takes(odd, b, bias)

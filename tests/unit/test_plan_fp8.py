@@ -28,8 +28,11 @@ MBS, SEQ, LAYERS, MICRO = 2, 128, 4, 2
 
 
 def _cfg(fp8: bool, recipe: str = "tensorwise", **shape):
+    """bf16 without the GeLU epilogues (--no-gemm-tuning: FP8 runs have none, test_plan_gelu_epilogues.py models
+    them), so that the difference is the FP8 term alone."""
     return tiny_config(num_layers=LAYERS, micro_batch_size=MBS, global_batch_size=MBS * MICRO, seq_length=SEQ,
-                       max_position_embeddings=SEQ, bf16=True, compile=True, fp8=fp8, fp8_recipe=recipe, **shape)
+                       max_position_embeddings=SEQ, bf16=True, compile=True, fp8=fp8, fp8_recipe=recipe,
+                       gemm_tuning=False, **shape)
 
 
 def _predict(cfg, gpu=H100):

@@ -1,0 +1,103 @@
+"""quack-kernels' GEMMs with bias + tanh GeLU, or GeLU' and the bias gradient, in their epilogues: further ways,
+beside cuBLASLt's, for model/cublaslt.py's forward GeLU GEMM (`lt_mm_gelu`) and model/bias_grad.py's MLP backward
+(`gelu_grad_sums_mm`).
+
+Why: on sm_90 cuBLASLt runs its GeLU epilogues in an older kernel. Forward (bias + GeLU, the pre-activation
+written too): cuBLASLt 0.806 ms at 1.3B's fc1 against 0.706 for the plain GEMM, quack's CuTe-DSL GEMM (its
+epilogue overlapped with the next tile's main loop) 0.720. Backward (GeLU' and fc1's bias gradient): cuBLASLt's
+DGELU epilogue + a sum 0.908 ms, the GEMM + the Triton pass 1.044, quack's epilogue reducing the column sums as it
+goes 0.749 (2.7B: forward 0.629 -> 0.567, backward 0.704 -> 0.594; 350M: 0.479 -> 0.397 and 0.705 -> 0.505; one
+H100, benchmarks/RESULTS.md, 2026-12-07, session 41). Whole 1.3B steps +1.7%. quack's plain GEMMs measured
+3-20% slower than cuBLAS's, so only these two ops offer it; model/cublaslt.py and model/bias_grad.py time every
+way once per problem and keep the fastest (`cublaslt.pick`).
+
+quack-kernels is optional (the `quack` extra) and used only where it loads, on CUDA sm_90 or newer, in bf16 and
+fp16, for operands whose rows are 16-byte aligned; elsewhere its functions return None and the other ways serve.
+quack compiles each kernel on first use (~3 s; its own disk cache, under ~/.quack or QUACK_CACHE_DIR, keeps them)
+and imports in ~11 s: both only when training first meets the ops. The kernels run quack's default tile
+configuration, not its autotuner (which compiles dozens of configurations in a process pool): the default
+measured the fastest of six at 1.3B and 2.7B. quack fingerprints the code its kernels depend on and takes code
+under a `site-packages` folder as installed; installed elsewhere (e.g. `pip --target` into another folder) its
+first call raises, and the timing rules its way out.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import torch
+
+ACTIVATION = "gelu_tanh_approx"   # quack's name for GeLU(approximate="tanh")
+
+
+@functools.cache
+def _gemm_act() -> Optional[Any]:
+    """quack's gemm_act, or None where quack-kernels (or its CUTLASS DSL) does not import."""
+    try:
+        from quack.gemm_interface import gemm_act
+    except Exception:   # noqa: BLE001 (any import failure: missing package, CUDA libraries, DSL version)
+        return None
+    return gemm_act
+
+
+launches = 0   # calls that ran quack's kernel (benchmarks/cublaslt_check.py: the way ran, not a fallback)
+
+
+def takes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> bool:
+    """Whether `mm_gelu` (c: the bias [N]) or `mm_dgelu_sums` (c: the pre-activation [M, N]) would try these
+    operands: CUDA sm_90 or newer, bf16 or fp16, rows and pointers 16-byte aligned (as quack's kernels need)."""
+    def aligned(t: torch.Tensor) -> bool:
+        return (t.data_ptr() % 16 == 0 and all(s == 1 or s * t.element_size() % 16 == 0 for s in t.stride())
+                and 1 in t.stride())
+    m, n = a.shape[0], b.shape[-1]
+    return (a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype and c.dtype == a.dtype
+            and a.dim() == 2 and b.dim() == 2 and c.shape in ((n,), (m, n)) and min(m, a.shape[1], n) > 0
+            and n % 8 == 0 and aligned(a) and aligned(b) and aligned(c)
+            and torch.cuda.get_device_capability(a.device)[0] >= 9)
+
+
+@functools.cache
+def _dgelu_sums() -> Optional[Any]:
+    """quack's GEMM with GeLU' and the column sums in its epilogue (as quack's own dgelu_dbias_mod, without its
+    post-activation output, which the MLP keeps from the forward), or None where quack does not import."""
+    try:
+        from quack.activation import dgelu_tanh_approx
+        from quack.epilogue.frontend import gemm_epilogue
+        from quack.epilogue.ops import RowVecReduce
+    except Exception:   # noqa: BLE001 (as _gemm_act's)
+        return None
+
+    @gemm_epilogue(reduces={"dbias": RowVecReduce("dbias")})
+    def dgelu_sums(acc, c):
+        dx, _ = dgelu_tanh_approx(c, acc)
+        return {"D": dx, "dbias": dx}
+    return dgelu_sums
+
+
+def available() -> bool:
+    return _gemm_act() is not None
+
+
+def mm_gelu(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(GeLU_tanh(pre), pre) with pre = a [M, K] @ b [K, N] + bias, both row-major [M, N], by quack's kernel; None
+    where it does not apply (`takes`, `available`). Raises what quack raises (a first call's compile error)."""
+    gemm_act = _gemm_act()
+    if gemm_act is None or not takes(a, b, bias):
+        return None
+    global launches
+    launches += 1
+    pre, post = gemm_act(a, b, bias=bias, activation=ACTIVATION, tuned=False)
+    return post, pre
+
+
+def mm_dgelu_sums(a: torch.Tensor, b: torch.Tensor, pre: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(dh, its column sums in fp32) with dh = (a [M, K] @ b [K, N]) * GeLU_tanh'(pre), row-major [M, N]: the MLP
+    backward's GeLU gradient and fc1's bias gradient in one kernel (the sums are of dh before its rounding to
+    pre's dtype). None where it does not apply; raises what quack raises."""
+    mod = _dgelu_sums()
+    if mod is None or not takes(a, b, pre) or pre.shape != (a.shape[0], b.shape[1]):
+        return None
+    global launches
+    launches += 1
+    r = mod(a, b, pre, tuned=False)
+    return r["D"], r["dbias"].float()
