@@ -90,6 +90,10 @@ class SelfAttention(nn.Module):
         modify them in place."""
         object.__setattr__(self, "_fused_qkv", fused)   # a plain attribute, never a submodule: names stay the same
 
+    def fused_linears(self) -> tuple[nn.Module, ...]:
+        """The linears whose GEMMs a fused function runs (`set_fused_qkv`: the QKV linear; none without one)."""
+        return () if self._fused_qkv is None else (self.qkv,)
+
     def forward(self, x: torch.Tensor, kv_cache: Optional[LayerKV] = None) -> torch.Tensor:
         if self._fused_qkv is not None:
             x = self.qkv.gather_input(x)

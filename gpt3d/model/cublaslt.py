@@ -406,12 +406,9 @@ def enable_cublaslt(model: torch.nn.Module) -> int:
     attention's `set_fused_qkv`: model/bias_grad.py's take `lt` themselves) are left alone: that function, not
     the linear, runs their GEMMs."""
     from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
-    bypassed = set()
-    for m in model.modules():
-        if getattr(m, "_fused", None) is not None:   # an MLP: its fused function takes every weight
-            bypassed |= {id(getattr(m, name)) for name in ("gate", "fc1", "fc2") if hasattr(m, name)}
-        if getattr(m, "_fused_qkv", None) is not None:
-            bypassed.add(id(m.qkv))
+    from .attention import SelfAttention
+    from .gpt import MLP
+    bypassed = {id(x) for m in model.modules() if isinstance(m, (MLP, SelfAttention)) for x in m.fused_linears()}
     n = 0
     for m in model.modules():
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m._matmul is None and id(m) not in bypassed:

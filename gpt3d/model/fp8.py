@@ -125,7 +125,7 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
     if not emulate:
         check_fp8_supported(device)
     for m in model.modules():   # one set first would keep its GEMMs where no FP8 function replaces it
-        if getattr(m, "_fused", None) is not None or getattr(m, "_fused_qkv", None) is not None:
+        if isinstance(m, (MLP, SelfAttention)) and m.fused_linears():
             raise RuntimeError(f"enable_fp8 must come before other fused functions ({type(m).__name__} has one)")
     matmul = Float8Matmul(recipe, emulate)
     n = 0

@@ -79,6 +79,12 @@ class MLP(nn.Module):
         and fc1 share fc1's input gather). None: per linear."""
         object.__setattr__(self, "_fused", fused)   # a plain attribute, never a submodule: names stay the same
 
+    def fused_linears(self) -> tuple[nn.Module, ...]:
+        """The linears whose GEMMs the fused function runs (none without one): their own GEMM path is bypassed."""
+        if self._fused is None:
+            return ()
+        return ((self.gate,) if self.swiglu else ()) + (self.fc1, self.fc2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:
             gate = (self.gate.weight, self.gate.bias) if self.swiglu else ()
