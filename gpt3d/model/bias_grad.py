@@ -96,12 +96,21 @@ def _gelu_grad_sums_mm_cuda(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor)
 
     def separate():
         return gelu_grad_sums(cublaslt.lt_mm(dy, w2, None), h, True)
-    key = (dy.shape, dy.stride(), w2.shape, w2.stride(), h.shape, h.dtype, dy.device.index,
-           dy.data_ptr() % 256, w2.data_ptr() % 256)
-    ways = [separate, epilogue]   # the first unless another times faster; quack's where it loads
-    if quack_gemm.takes(dy, w2, h) and quack_gemm.available():
+    ways = [separate, epilogue]   # the first unless another times faster; quack's where it applies
+    if _quack_way(dy, w2, h):
         ways.append(lambda: quack_gemm.mm_dgelu_sums(dy, w2, h) or epilogue())
-    return cublaslt.pick(_GELU_GRAD_CHOICE, key, ways)
+    return cublaslt.pick(_GELU_GRAD_CHOICE, gelu_grad_key(dy, w2, h), ways)
+
+
+def _quack_way(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> bool:
+    return quack_gemm.takes(dy, w2, h) and quack_gemm.available()
+
+
+def gelu_grad_key(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> tuple:
+    """`_GELU_GRAD_CHOICE`'s key: what the ways' speed and applicability depend on, and so how many there are."""
+    return (dy.shape, dy.stride(), w2.shape, w2.stride(), h.shape, h.stride(), dy.dtype, w2.dtype, h.dtype,
+            dy.device.index, dy.data_ptr() % 256, w2.data_ptr() % 256, h.data_ptr() % 256,
+            cublaslt._reduction_mask(dy.dtype), _quack_way(dy, w2, h))
 
 
 def _register_triton(k) -> bool:
@@ -134,8 +143,9 @@ def _mm(a: torch.Tensor, b: torch.Tensor, lt: bool, bias: Optional[torch.Tensor]
 
 class _MLP(torch.autograd.Function):
     """GeLU(x W1^T + b1) W2^T on [T, H] (fc2's bias stays with fc2); fc1's bias gradient summed in the GeLU
-    gradient's pass; with `lt` and the tanh GeLU, the GeLU in cuBLASLt's GEMM epilogue (model/cublaslt.py) and
-    its gradient there too where that is faster (`gelu_grad_sums_mm`)."""
+    gradient's pass; with `lt` and the tanh GeLU, the GeLU in a GEMM epilogue (cuBLASLt's or quack's, whichever
+    is faster: model/cublaslt.py) and its gradient with fc1's bias sums likewise where that is faster
+    (`gelu_grad_sums_mm`)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,

@@ -156,10 +156,11 @@ def gemm_tuning(cfg: Config, device: torch.device) -> bool:
 
 
 def gelu_epilogues(cfg: Config) -> bool:
-    """Whether a CUDA run of `cfg` with the gpu (or quack) extra runs its MLPs' GeLU and GeLU' in the fc1 GEMMs'
-    epilogues: the switches build_model_chunks reads (bias-gradient fusion, GEMM tuning, no deterministic mode,
-    no FP8, bf16 or fp16) and an MLP model/bias_grad.py's fused function takes with the tanh GeLU (biased, not
-    SwiGLU). For the planner, which cannot see the training machine's packages."""
+    """Whether a CUDA run of `cfg` with the gpu extra gives its MLPs the GeLU in GEMM epilogues (the forward's
+    always, GeLU' where that times faster): the switches build_model_chunks reads (bias-gradient fusion, GEMM
+    tuning, no deterministic mode, bf16 or fp16, no FP8 — with --fp8, MLPs whose dims FP8 cannot take would have
+    them too, which this does not count) and an MLP model/bias_grad.py's fused function takes with the tanh GeLU
+    (biased, not SwiGLU). For the planner, which cannot see the training machine's GPU."""
     m = cfg.model
     return (m.bias_grad_fusion and m.gemm_tuning and not cfg.training.deterministic_mode and not cfg.precision.fp8
             and param_dtype(cfg.precision) in (torch.bfloat16, torch.float16) and not m.swiglu

@@ -25,6 +25,7 @@ the path ran) and times them.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -134,7 +135,7 @@ def fastest(candidates: list, margin: float = 0.03) -> int:
     """The index of the fastest of `candidates` (callables on the current stream), each timed over 3 runs after
     one warm-up; the first unless another is more than `margin` faster (timing noise does not move a choice
     off the default), and the first where a CUDA graph is being captured (no timing there). A candidate that
-    raises is out."""
+    raises on its first call is out."""
     if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
         return 0
     times = []
@@ -156,15 +157,25 @@ def fastest(candidates: list, margin: float = 0.03) -> int:
 
 
 def pick(choices: dict, key: tuple, ways: list):
-    """Run the way `choices` holds for `key` among `ways` (callables doing the same work, the first the default),
-    choosing it by `fastest` when `key` is first met; the first way, unchosen, while a CUDA graph is being
-    captured."""
+    """Run the way `choices` holds for `key` among `ways` (callables doing the same work, the first the default;
+    `key` must fix how many ways there are), choosing it by `fastest` when `key` is first met; the first way,
+    unchosen, while a CUDA graph is being captured. A chosen way other than the first that raises later is
+    dropped for `key`, with a warning, and the first serves from then on: the ways compute the same thing, so
+    only the speed changes."""
     way = choices.get(key)
     if way is None:
         if torch.cuda.is_current_stream_capturing():
             return ways[0]()
         way = choices[key] = fastest(ways)
-    return ways[way]()
+    if way == 0:
+        return ways[0]()
+    try:
+        return ways[way]()
+    except Exception as e:   # noqa: BLE001 (a third-party kernel's error: the default way computes the same)
+        warnings.warn(f"gpt3d: GEMM way {way} raised {type(e).__name__}: {e}; the default way serves this problem "
+                      "from now on", RuntimeWarning, stacklevel=2)
+        choices[key] = 0
+        return ways[0]()
 
 
 class _Plan:
@@ -273,9 +284,10 @@ _EPILOGUE = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192}   # cu
 
 
 def gelu_key(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> tuple:
-    """`GELU_WAYS`' key: what a way's speed and applicability depend on."""
-    return (a.shape, a.stride(), b.shape, b.stride(), a.dtype, a.device.index, _align(a.data_ptr()),
-            _align(b.data_ptr()), _align(bias.data_ptr()))
+    """`GELU_WAYS`' key: what a way's speed and applicability depend on (the kernel reaches `pick` only where
+    quack's way applies, so there are always two)."""
+    return (a.shape, a.stride(), b.shape, b.stride(), a.dtype, b.dtype, bias.dtype, a.device.index,
+            _align(a.data_ptr()), _align(b.data_ptr()), _align(bias.data_ptr()), _reduction_mask(a.dtype))
 
 
 def _reduction_mask(dtype: torch.dtype) -> int:

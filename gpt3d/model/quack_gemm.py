@@ -23,6 +23,7 @@ first call raises, and the timing rules its way out.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Any, Optional
 
 import torch
@@ -43,16 +44,33 @@ def _gemm_act() -> Optional[Any]:
 launches = 0   # calls that ran quack's kernel (benchmarks/cublaslt_check.py: the way ran, not a fallback)
 
 
+def loadable(t: torch.Tensor) -> bool:
+    """Whether quack's kernels can load `t` (by the GPU's tensor-memory-access unit): a vector of unit stride, or a
+    matrix with one unit stride whose other stride spans at least that dimension (no overlap, no broadcast), that
+    stride and the pointer 16-byte aligned."""
+    if t.dim() == 1:
+        return t.stride(0) == 1 and t.data_ptr() % 16 == 0
+    if t.dim() != 2:
+        return False
+    (r, c), (s0, s1) = t.shape, t.stride()
+    if s1 == 1 and s0 >= max(c, 1):
+        ld = s0
+    elif s0 == 1 and s1 >= max(r, 1):
+        ld = s1
+    else:
+        return False
+    return ld * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+
+
 def takes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> bool:
     """Whether `mm_gelu` (c: the bias [N]) or `mm_dgelu_sums` (c: the pre-activation [M, N]) would try these
-    operands: CUDA sm_90 or newer, bf16 or fp16, rows and pointers 16-byte aligned (as quack's kernels need)."""
-    def aligned(t: torch.Tensor) -> bool:
-        return (t.data_ptr() % 16 == 0 and all(s == 1 or s * t.element_size() % 16 == 0 for s in t.stride())
-                and 1 in t.stride())
-    m, n = a.shape[0], b.shape[-1]
+    operands: CUDA sm_90 or newer, bf16 or fp16, each `loadable`."""
+    if a.dim() != 2 or b.dim() != 2:
+        return False
+    m, n = a.shape[0], b.shape[1]
     return (a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype and c.dtype == a.dtype
-            and a.dim() == 2 and b.dim() == 2 and c.shape in ((n,), (m, n)) and min(m, a.shape[1], n) > 0
-            and n % 8 == 0 and aligned(a) and aligned(b) and aligned(c)
+            and b.shape[0] == a.shape[1] and c.shape in ((n,), (m, n)) and min(m, a.shape[1], n) > 0
+            and n % 8 == 0 and loadable(a) and loadable(b) and loadable(c)
             and torch.cuda.get_device_capability(a.device)[0] >= 9)
 
 
@@ -78,11 +96,16 @@ def available() -> bool:
     return _gemm_act() is not None
 
 
+def installed() -> bool:
+    """Whether quack-kernels is installed here, without importing it (~11 s): for the planner."""
+    return importlib.util.find_spec("quack") is not None
+
+
 def mm_gelu(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(GeLU_tanh(pre), pre) with pre = a [M, K] @ b [K, N] + bias, both row-major [M, N], by quack's kernel; None
     where it does not apply (`takes`, `available`). Raises what quack raises (a first call's compile error)."""
     gemm_act = _gemm_act()
-    if gemm_act is None or not takes(a, b, bias):
+    if gemm_act is None or bias.shape != (b.shape[1],) or not takes(a, b, bias):
         return None
     global launches
     launches += 1

@@ -83,11 +83,13 @@ class Calibration:
 
 EW_PASSES = 4      # elementwise traffic per layer ~ 4x its saved activations (write + read, forward + backward)
 ATTN_BACKWARD_FACTOR = 2.5   # fused attention's backward takes 2.5x its forward (what attn_tflops counts)
-# With the GeLU and its gradient in the fc1 GEMMs' epilogues (model/build.gelu_epilogues), the MLP intermediates'
-# elementwise passes shrink to what the epilogues add (the forward's second output, the backward's read of the
-# pre-activation, the bias gradient's sums): this share of them is charged. Fitted on one H100 against the bench
-# shapes with quack's epilogues (benchmarks/RESULTS.md, 2026-12-07, session 41): 1 charged 125M -4.7%, 350M -7.4%,
-# 1.3B -1.6%, 2.7B +0.5% off; 0 charged +6.7%, +3.8%, +6.5%, +6.8%; 0.5 between.
+# With quack-kernels' GeLU epilogues (model/quack_gemm.py: the GeLU, and GeLU' with fc1's bias sums, in the fc1
+# GEMMs' epilogues, where model/build.gelu_epilogues says and quack-kernels is installed where the planner runs),
+# the MLP intermediates' elementwise passes shrink to what the epilogues add (the forward's second output, the
+# backward's read of the pre-activation): this share of them is charged. Fitted on one H100 against the bench
+# shapes (benchmarks/RESULTS.md, 2026-12-07, session 41): all charged 125M -4.7%, 350M -7.4%, 1.3B -1.6%, 2.7B
+# +0.5% off; none +6.7%, +3.8%, +6.5%, +6.8%; half between. cuBLASLt's epilogues alone are not modelled: charging
+# all, the planner was within 5% of them (session 40).
 GELU_EPILOGUE_EW_SHARE = 0.5
 
 # Dropout (gpt3d/parallel/random.py). A residual dropout site makes its mask inside the kernel that applies it:

@@ -17,6 +17,7 @@ from ..config import DEFAULT_VOCAB_SIZE, Config
 from ..errors import ConfigError
 from ..perf.flops import model_flops_per_iter
 from ..perf.flops import megatron_flops_per_iter
+from ..model import quack_gemm
 from ..model.build import compile_enabled, gelu_epilogues
 from ..parallel.layout import padded_vocab_size
 from ..parallel.state import ParallelState
@@ -108,7 +109,8 @@ def predict_layout(cfg: Config, lay: Candidate, gpu: Gpu, gpus_per_node: int = 8
     busiest = max(stages, key=lambda s: s.peak)
     t = step_time(m, vocab, lay, gpu, gpus_per_node, [s.persistent for s in stages], param_bytes=pb,
                   overlap_grad_reduce=c.parallel.overlap_grad_reduce, fused_loss=fused, compiled=compiled,
-                  fp8=fp8_modelled(c, gpu), gelu_epilogues=device == "cuda" and gelu_epilogues(c))
+                  fp8=fp8_modelled(c, gpu),
+                  gelu_epilogues=device == "cuda" and gelu_epilogues(c) and quack_gemm.installed())
     gbs = lay.global_batch
     pv = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
     flops = megatron_flops_per_iter(m, pv, gbs, recompute=lay.recompute is not None)

@@ -110,7 +110,7 @@ def layer_time(m: ModelConfig, lay: Candidate, gpu: Gpu, link: Links, sh: Shape,
                ew_factor: float = 1.0, fp8: bool = False, gelu_epilogues: bool = False) -> LayerTime:
     """`ew_factor` > 1 for eager execution (unfused norms, activations and residuals); `fp8`: --fp8 with the
     tensorwise recipe (FP8 GEMMs and their casts, presets.FP8_GEMM_SPEEDUP and FP8_CAST_BYTES); `gelu_epilogues`:
-    the GeLU in the fc1 GEMMs' epilogues (presets.GELU_EPILOGUE_EW_SHARE)."""
+    quack's GeLU epilogues in the fc1 GEMMs (presets.GELU_EPILOGUE_EW_SHARE)."""
     cal = gpu.calibration
     gemm, attn = layer_flops(m, lay, sh)
     fp8_flops, cast_f, cast_b = fp8_layer(m, lay, sh) if fp8 else (0.0, 0.0, 0.0)

@@ -260,12 +260,45 @@ def test_pick_chooses_once_per_problem_and_never_while_capturing(calls, chosen):
     assert len(timed) == len({k for k, cap in calls if not cap})   # once per problem met outside a capture
 
 
-def test_quack_takes_nothing_on_cpu_or_unaligned():
-    """model/quack_gemm.py's way is offered only for CUDA bf16/fp16 operands with 16-byte aligned rows: on CPU (and
-    for a row stride of an odd number of elements) `mm_gelu` declines, so cuBLASLt's way or the reference serves."""
+def test_a_chosen_way_that_raises_later_gives_way_to_the_default():
+    """Once chosen, a way other than the first that raises is dropped for that problem with a warning, and the
+    first computes the result from then on (the ways compute the same thing)."""
+    calls: list = []
+    def broken():
+        calls.append("quack")
+        raise RuntimeError("kernel refused")
+    choices = {("p",): 1}
+    with pytest.warns(RuntimeWarning, match="RuntimeError: kernel refused"):
+        assert cublaslt.pick(choices, ("p",), [lambda: calls.append("lt") or "lt", broken]) == "lt"
+    assert choices == {("p",): 0} and calls == ["quack", "lt"]
+    assert cublaslt.pick(choices, ("p",), [lambda: "lt", broken]) == "lt"   # not tried again
+
+
+@settings(max_examples=60, deadline=None)
+@given(r=st.integers(1, 40), c=st.integers(1, 40), pad=st.integers(0, 9), offset=st.integers(0, 9),
+       transposed=st.booleans(), broadcast=st.booleans())
+@example(r=3, c=8, pad=0, offset=0, transposed=False, broadcast=True)   # a broadcast row
+@example(r=3, c=8, pad=0, offset=0, transposed=True, broadcast=True)
+@example(r=4, c=16, pad=8, offset=8, transposed=True, broadcast=False)
+def test_quack_loads_only_aligned_non_overlapping_matrices(r, c, pad, offset, transposed, broadcast):
+    """model/quack_gemm.py's layout rule, on CPU tensors: a bf16 matrix cut from a fresh allocation at `offset`
+    elements, rows `c + pad` elements apart (or its transpose), is loadable exactly when that row pitch and the
+    offset are whole 16-byte units; a broadcast dimension (stride 0) never is."""
+    from gpt3d.model import quack_gemm
+    base = torch.zeros(offset + r * (c + pad) + 16, dtype=torch.bfloat16)
+    assert base.data_ptr() % 64 == 0   # CPU allocations are 64-byte aligned
+    t = base.as_strided((r, c), (c + pad, 1), offset)
+    if broadcast:
+        t = base.as_strided((r, c), (0, 1), offset)
+    t = t.t() if transposed else t
+    want = not broadcast and (c + pad) % 8 == 0 and offset % 8 == 0
+    assert quack_gemm.loadable(t) == want
+
+
+def test_quack_takes_nothing_on_cpu():
+    """On CPU (and without quack-kernels) the quack ways decline: cuBLASLt's ways or the reference serve."""
     from gpt3d.model import quack_gemm
     a, b, bias = torch.randn(32, 16, dtype=torch.bfloat16), torch.randn(16, 24, dtype=torch.bfloat16), \
         torch.randn(24, dtype=torch.bfloat16)
+    assert quack_gemm.loadable(a) and quack_gemm.loadable(b) and quack_gemm.loadable(bias)
     assert not quack_gemm.takes(a, b, bias) and quack_gemm.mm_gelu(a, b, bias) is None
-    odd = torch.randn(32, 17, dtype=torch.bfloat16)[:, :16]
-    assert not quack_gemm.takes(odd, b, bias)
