@@ -325,6 +325,7 @@ def main() -> int:
         vs = f"{r['vs_peer']:.2f}x" if r.get("vs_peer") else ""
         note = r.get("error") or (f"final loss {r['losses'][-1][1]}" if r.get("losses") else "")
         note += " GEMMs: tuned cuBLASLt" if r.get("gemm_tuning") else ""
+        note += f", quack epilogues ({r['quack_epilogues']})" if r.get("quack_epilogues") else ""
         print(f"| {r['job']} | {tok} | {mfu} | {mem} | {peer} | {vs} | {r['wall_s']} | {note} |")
     for line in ratios(rows):
         print("RATIO", line)

@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gpt3d fuses the output projection with the loss (chunked; never stores the logits)")
     p.add_argument("--no-gemm-tuning", dest="gemm_tuning", action="store_false",
                    help="gpt3d's GEMMs left to torch (default: through tuned cuBLASLt where nvmath-python is "
-                        "installed, as `gpt3d train` runs them; each row's gemm_tuning says which ran)")
+                        "installed, as `gpt3d train` runs them; each row's gemm_tuning says which ran, and "
+                        "quack_epilogues how many GEMMs took quack-kernels' GeLU epilogues)")
     p.add_argument("--peak-tflops", type=float, default=D.peak_tflops,
                    help="per-device peak for MFU (H100 bf16 dense)")
     p.add_argument("--json", action="store_true", help="print one JSON line per result")

@@ -113,6 +113,12 @@ def gelu_grad_key(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> tuple:
             cublaslt._reduction_mask(dy.dtype), _quack_way(dy, w2, h))
 
 
+def quack_problems() -> int:
+    """How many GEMM problems of this process chose a quack-kernels way (model/quack_gemm.py): the forward GeLU
+    GEMM's way 1, the MLP backward's way 2. `gpt3d bench` reports it per row."""
+    return sum(v == 1 for v in cublaslt.GELU_WAYS.values()) + sum(v == 2 for v in _GELU_GRAD_CHOICE.values())
+
+
 def _register_triton(k) -> bool:
     gelu_grad_sums_mm.register_kernel("cuda")(_gelu_grad_sums_mm_cuda)
 

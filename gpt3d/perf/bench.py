@@ -205,6 +205,7 @@ def measure(args: BenchOptions, on_shape: Optional[Callable[[list], None]] = Non
     torch.backends.cuda.matmul.allow_tf32 = True
     precision = "fp16" if args.fp16 else f"fp8-{args.fp8_recipe}" if args.fp8 else "bf16"
     rows = []
+    from ..model.bias_grad import quack_problems
     from ..model.build import gemm_tuning
     for shape, cfg in configs:
         from ..parallel.layout import padded_vocab_size
@@ -215,6 +216,7 @@ def measure(args: BenchOptions, on_shape: Optional[Callable[[list], None]] = Non
         if args.peer_first:
             runners.reverse()
         for name, fn in runners:
+            quack0 = quack_problems()
             try:
                 r = fn(cfg, args.warmup, args.iters)
             except torch.cuda.OutOfMemoryError:
@@ -227,7 +229,9 @@ def measure(args: BenchOptions, on_shape: Optional[Callable[[list], None]] = Non
                    "compile": args.compile, "recompute": args.recompute_granularity,
                    "attention": args.attention_backend if name == "gpt3d" else "sdpa-default",
                    # whether the GEMMs ran through tuned cuBLASLt (nvmath-python installed, bf16/fp16, switch on)
-                   "gemm_tuning": name == "gpt3d" and gemm_tuning(cfg, torch.device("cuda")), **r}
+                   "gemm_tuning": name == "gpt3d" and gemm_tuning(cfg, torch.device("cuda")),
+                   # GEMM problems whose GeLU epilogue ran quack-kernels' (model/quack_gemm.py) rather than cuBLASLt's
+                   "quack_epilogues": quack_problems() - quack0 if name == "gpt3d" else 0, **r}
             if "seconds_per_iter" in r:
                 row.update(tp.report(r["seconds_per_iter"]))
             rows.append(row)

@@ -302,3 +302,10 @@ def test_quack_takes_nothing_on_cpu():
         torch.randn(24, dtype=torch.bfloat16)
     assert quack_gemm.loadable(a) and quack_gemm.loadable(b) and quack_gemm.loadable(bias)
     assert not quack_gemm.takes(a, b, bias) and quack_gemm.mm_gelu(a, b, bias) is None
+
+
+def test_quack_problems_counts_the_problems_on_quacks_ways(monkeypatch):
+    """What `gpt3d bench` reports per row: the forward GeLU problems on way 1 and the MLP backward's on way 2."""
+    monkeypatch.setattr(cublaslt, "GELU_WAYS", {("a",): 0, ("b",): 1, ("c",): 1})
+    monkeypatch.setattr(bias_grad, "_GELU_GRAD_CHOICE", {("a",): 0, ("b",): 1, ("c",): 2})
+    assert bias_grad.quack_problems() == 3
