@@ -18,9 +18,9 @@ process: the heuristic's first candidate unless another times more than 3% faste
 reference; torch's reduced-precision-reduction flags bound the split-K schemes as they bound torch's own GEMMs.
 The forward GeLU GEMM has a second way, quack-kernels' (model/quack_gemm.py, where that optional package loads),
 and the faster of the two is kept per problem likewise (`pick`). The choice is per process and per run:
---deterministic-mode leaves the GEMMs to torch. The ops are custom ops,
-opaque to torch.compile; benchmarks/cublaslt_check.py checks them on a GPU against their references (and that
-the path ran) and times them.
+--deterministic-mode leaves the GEMMs to torch. The ops are custom ops, opaque to torch.compile;
+benchmarks/cublaslt_check.py checks them on a GPU against their references (and that the path ran) and times
+them.
 """
 from __future__ import annotations
 
