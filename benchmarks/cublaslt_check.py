@@ -102,7 +102,7 @@ def check() -> bool:
                 ok &= check_one(f"linear {gname} {tag}", lambda: got, lambda: want, ex, ex.abs().max().item(),
                                 lt=None)
             gelu_exact = F.gelu(pre, approximate="tanh")
-            cublaslt.GELU_WAYS[cublaslt.gelu_key(x, w.t(), b)] = 0   # cuBLASLt's way here; quack's below
+            cublaslt.GELU_WAYS[cublaslt.way_key(x, w.t(), b)] = 0   # cuBLASLt's way here; quack's below
             ok &= check_one(f"gelu epilogue {tag}", lambda: cublaslt.lt_mm_gelu(x, w.t(), b)[0],
                             lambda: F.gelu(torch.addmm(b, x, w.t()), approximate="tanh"), gelu_exact,
                             gelu_exact.abs().max().item(), lt=N % 8 == 0)
@@ -110,7 +110,7 @@ def check() -> bool:
                             lambda: torch.addmm(b, x, w.t()), pre, s1, lt=N % 8 == 0)
             for way in (0, 1) if quack_gemm.available() else ():   # the forward GeLU GEMM's two ways, forced
                 cublaslt.GELU_WAYS.clear()
-                cublaslt.GELU_WAYS[cublaslt.gelu_key(x, w.t(), b)] = way
+                cublaslt.GELU_WAYS[cublaslt.way_key(x, w.t(), b)] = way
                 before = quack_gemm.launches
                 try:
                     post, pre_q = cublaslt.lt_mm_gelu(x, w.t(), b)
@@ -137,10 +137,10 @@ def check() -> bool:
             ok &= check_one(f"dgelu epilogue {tag}", lambda: cublaslt.lt_mm_dgelu(dy2, w2, h),
                             lambda: torch.ops.aten.gelu_backward(dy2 @ w2, h, approximate="tanh"), dh_exact,
                             dh_exact.abs().max().item(), lt=N % 8 == 0)
-            quack_bwd = quack_gemm.available() and quack_gemm.takes(dy2, w2, h)
+            quack_bwd = quack_gemm.applies(dy2, w2, h)
             for way in (0, 1, 2) if quack_bwd else (0, 1):   # the MLP backward's ways, each forced (2: quack's)
                 bias_grad._GELU_GRAD_CHOICE.clear()
-                bias_grad._GELU_GRAD_CHOICE[bias_grad.gelu_grad_key(dy2, w2, h)] = way
+                bias_grad._GELU_GRAD_CHOICE[bias_grad.gelu_grad_key(dy2, w2, h, quack_bwd)] = way
                 before = quack_gemm.launches
                 try:
                     dh2, sums = bias_grad.gelu_grad_sums_mm(dy2, w2, h)
@@ -191,13 +191,13 @@ def bench(shapes: list[str], reps: int) -> None:
                 f_t = timed(lambda: gelu(torch.addmm(b, x, w.t())), reps)
                 f_w = []   # the forward epilogue's ways, each forced: cuBLASLt's, quack's where it loads
                 for way in (0, 1) if quack_gemm.available() else (0,):
-                    cublaslt.GELU_WAYS[cublaslt.gelu_key(x, w.t(), b)] = way
+                    cublaslt.GELU_WAYS[cublaslt.way_key(x, w.t(), b)] = way
                     f_w.append(f"{timed(lambda: cublaslt.lt_mm_gelu(x, w.t(), b), reps):.3f}")
                 cublaslt.GELU_WAYS.clear()
                 b_t = timed(lambda: bias_grad.gelu_grad_sums(dy2 @ w2, h, True), reps)
                 b_l = timed(lambda: cublaslt.lt_mm_dgelu(dy2, w2, h).sum(0, dtype=torch.float32), reps)
                 b_q = (f"{timed(lambda: quack_gemm.mm_dgelu_sums(dy2, w2, h), reps):.3f}"
-                       if quack_gemm.available() and quack_gemm.takes(dy2, w2, h) else "-")
+                       if quack_gemm.applies(dy2, w2, h) else "-")
                 print(f"{shape} fc1 GeLU: forward addmm + compiled GeLU {f_t:.3f} vs epilogue (cuBLASLt/quack) "
                       f"{'/'.join(f_w)} ms; "
                       f"backward mm + Triton GeLU grad/sums {b_t:.3f} vs epilogue + sum {b_l:.3f}, "

@@ -96,21 +96,17 @@ def _gelu_grad_sums_mm_cuda(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor)
 
     def separate():
         return gelu_grad_sums(cublaslt.lt_mm(dy, w2, None), h, True)
+    quack = quack_gemm.applies(dy, w2, h)
     ways = [separate, epilogue]   # the first unless another times faster; quack's where it applies
-    if _quack_way(dy, w2, h):
+    if quack:
         ways.append(lambda: quack_gemm.mm_dgelu_sums(dy, w2, h) or epilogue())
-    return cublaslt.pick(_GELU_GRAD_CHOICE, gelu_grad_key(dy, w2, h), ways)
+    return cublaslt.pick(_GELU_GRAD_CHOICE, gelu_grad_key(dy, w2, h, quack), ways)
 
 
-def _quack_way(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> bool:
-    return quack_gemm.takes(dy, w2, h) and quack_gemm.available()
-
-
-def gelu_grad_key(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> tuple:
-    """`_GELU_GRAD_CHOICE`'s key: what the ways' speed and applicability depend on, and so how many there are."""
-    return (dy.shape, dy.stride(), w2.shape, w2.stride(), h.shape, h.stride(), dy.dtype, w2.dtype, h.dtype,
-            dy.device.index, dy.data_ptr() % 256, w2.data_ptr() % 256, h.data_ptr() % 256,
-            cublaslt._reduction_mask(dy.dtype), _quack_way(dy, w2, h))
+def gelu_grad_key(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, quack: bool) -> tuple:
+    """`_GELU_GRAD_CHOICE`'s key: what the ways' speed depends on, and whether quack's way is among them
+    (`quack_gemm.applies`), which fixes how many there are."""
+    return cublaslt.way_key(dy, w2, h) + (quack,)
 
 
 def quack_problems() -> int:

@@ -151,8 +151,11 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size
 def gemm_tuning(cfg: Config, device: torch.device) -> bool:
     """Whether the GEMMs run through model/cublaslt.py: --gemm-tuning (the default) where it applies, and never
     in --deterministic-mode (the algorithm chosen by timing may differ between runs)."""
-    return (cfg.model.gemm_tuning and not cfg.training.deterministic_mode
-            and cublaslt_applies(device, param_dtype(cfg.precision)))
+    return _tuning_asked(cfg) and cublaslt_applies(device, param_dtype(cfg.precision))
+
+
+def _tuning_asked(cfg: Config) -> bool:
+    return cfg.model.gemm_tuning and not cfg.training.deterministic_mode
 
 
 def gelu_epilogues(cfg: Config) -> bool:
@@ -162,7 +165,7 @@ def gelu_epilogues(cfg: Config) -> bool:
     them too, which this does not count) and an MLP model/bias_grad.py's fused function takes with the tanh GeLU
     (biased, not SwiGLU). For the planner, which cannot see the training machine's GPU."""
     m = cfg.model
-    return (m.bias_grad_fusion and m.gemm_tuning and not cfg.training.deterministic_mode and not cfg.precision.fp8
+    return (m.bias_grad_fusion and _tuning_asked(cfg) and not cfg.precision.fp8
             and param_dtype(cfg.precision) in (torch.bfloat16, torch.float16) and not m.swiglu
             and not m.disable_bias_linear and m.gelu_approximation == "tanh")
 

@@ -283,11 +283,12 @@ GELU_WAYS: dict[tuple, int] = {}   # lt_mm_gelu's way per problem: 0 cuBLASLt's,
 _EPILOGUE = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192}   # cublasLtEpilogue_t
 
 
-def gelu_key(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> tuple:
-    """`GELU_WAYS`' key: what a way's speed and applicability depend on (the kernel reaches `pick` only where
-    quack's way applies, so there are always two)."""
-    return (a.shape, a.stride(), b.shape, b.stride(), a.dtype, b.dtype, bias.dtype, a.device.index,
-            _align(a.data_ptr()), _align(b.data_ptr()), _align(bias.data_ptr()), _reduction_mask(a.dtype))
+def way_key(*tensors: torch.Tensor) -> tuple:
+    """What a GEMM's plan or choice of way depends on: each operand's shape, strides, dtype and pointer
+    alignment, the device, and the split-K schemes torch's flags allow (keys of `_RT.plans`, `GELU_WAYS` and
+    model/bias_grad.py's MLP-backward choice)."""
+    return tuple((t.shape, t.stride(), t.dtype, _align(t.data_ptr())) for t in tensors) + (
+        tensors[0].device.index, _reduction_mask(tensors[0].dtype))
 
 
 def _reduction_mask(dtype: torch.dtype) -> int:
@@ -315,8 +316,7 @@ def _lt_call(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: Optional[tor
     stream = torch.cuda.current_stream(a.device).cuda_stream
     ws = _RT.workspace(a.device, stream)
     mask = _reduction_mask(a.dtype)
-    key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, a.device.index, epilogue,
-           _align(a.data_ptr()), _align(b.data_ptr()), mask)
+    key = way_key(a, b) + (epilogue,)
     plan = _RT.plans.get(key, False)
     if ws is None or plan is False and torch.cuda.is_current_stream_capturing():
         return None   # a graph being captured: what it would first need, made outside it
@@ -357,9 +357,9 @@ def _register() -> None:
         def lt():
             r = _lt_call(a, b, "gelu_aux_bias", bias=bias, aux_out=True)
             return (r[0], r[1]) if r is not None else _mm_gelu_ref(a, b, bias)
-        if not (quack_gemm.takes(a, b, bias) and quack_gemm.available()):
+        if not quack_gemm.applies(a, b, bias):   # one way: no choice (`GELU_WAYS` holds only two-way problems)
             return lt()
-        return pick(GELU_WAYS, gelu_key(a, b, bias), [lt, lambda: quack_gemm.mm_gelu(a, b, bias) or lt()])
+        return pick(GELU_WAYS, way_key(a, b, bias), [lt, lambda: quack_gemm.mm_gelu(a, b, bias) or lt()])
 
     @lt_mm_dgelu.register_kernel("cuda")
     def _(a, b, pre):

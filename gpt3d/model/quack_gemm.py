@@ -96,6 +96,11 @@ def available() -> bool:
     return _gemm_act() is not None
 
 
+def applies(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> bool:
+    """Whether quack's way is offered for these operands: `takes` them and quack-kernels loads."""
+    return takes(a, b, c) and available()
+
+
 def installed() -> bool:
     """Whether quack-kernels is installed here, without importing it (~11 s): for the planner."""
     return importlib.util.find_spec("quack") is not None
