@@ -81,7 +81,8 @@ class SelfAttention(nn.Module):
         self._fused_qkv = None
         self.rotary = None
         if cfg.use_rotary_position_embeddings:
-            self.rotary = RotaryEmbedding(int(self.head_dim * cfg.rotary_percent), cfg.rotary_base)
+            self.rotary = RotaryEmbedding(int(self.head_dim * cfg.rotary_percent), cfg.rotary_base,
+                                          ps.device)
 
     def set_fused_qkv(self, fused) -> None:
         """`fused(x, qkv.weight, qkv.bias, kv_heads, head_dim)` -> (q, k, v) [tokens, heads|kv, hd] runs the QKV

@@ -6,6 +6,8 @@ rotates only the first part of each head (GPT-NeoX's partial rotary).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -13,11 +15,15 @@ from ..parallel.precision import upcast
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, rot_dim: int, base: int = 10000):
+    def __init__(self, rot_dim: int, base: int = 10000, device: Optional[torch.device] = None):
+        """inv_freq is computed on the CPU (the bits HF's Llama computes) and kept on `device`, the parameters'
+        device: a buffer left on the CPU would make compiled code copy it to the GPU in every layer's forward,
+        a copy that waits for the GPU to finish all queued work (16 host synchronisations a step at the Llama
+        shape; benchmarks/RESULTS.md, 2026-12-07)."""
         super().__init__()
         self.rot_dim = rot_dim
         inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self._cache: tuple = (0, None, None)
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

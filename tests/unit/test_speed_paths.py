@@ -1,5 +1,6 @@
 """Rewrites made for speed keep their results: the block-table mock dataset yields the same tokens as the
-step-by-step Markov chain, and the on-device fp16 loss scaler follows Megatron's rules without a host read."""
+step-by-step Markov chain, and the on-device fp16 loss scaler follows Megatron's rules without a host read;
+and a model keeps every tensor on its own device (no host-synchronising copy in a compiled forward)."""
 from __future__ import annotations
 
 import numpy as np
@@ -64,3 +65,28 @@ def test_device_loss_scaler_follows_megatron_rules():
     again = DynamicLossScaler(cfg, torch.device("cpu"))
     again.load_state_dict(state)
     assert again.state_dict() == state
+
+
+@pytest.mark.parametrize("rotary_percent", [1.0, 0.5])
+def test_a_model_keeps_every_tensor_on_its_device(rotary_percent):
+    """A buffer left on the CPU in a GPU model (RoPE's inv_freq was) is copied to the GPU in every compiled forward,
+    and that copy waits for all queued GPU work: 16 host synchronisations a step at the Llama shape. The meta
+    device stands in for the GPU: every parameter and buffer must live there, and the RoPE frequencies keep the
+    bits computed on the CPU (HF's)."""
+    from tests.support.curves import tiny_config
+    from gpt3d.model.gpt import GPTModel
+    from gpt3d.model.rope import RotaryEmbedding
+    from gpt3d.parallel.random import seed_everything
+    from gpt3d.parallel.state import ParallelState
+
+    cfg = tiny_config(use_rotary_position_embeddings=True, rotary_percent=rotary_percent, normalization="rmsnorm",
+                      swiglu=True, num_key_value_heads=2).model
+    ps = ParallelState.tp_rank_view(1)
+    model = GPTModel(cfg, ps, seed_everything(1, ps), vocab_size=64)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert any(n.endswith("inv_freq") for n in tensors)
+    assert {n: t.device.type for n, t in tensors.items() if t.device != ps.device} == {}
+    rot = int(cfg.hidden_size // cfg.num_attention_heads * rotary_percent)
+    cpu = RotaryEmbedding(rot, cfg.rotary_base)
+    expect = 1.0 / (cfg.rotary_base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+    assert cpu.inv_freq.device.type == "cpu" and torch.equal(cpu.inv_freq, expect)
