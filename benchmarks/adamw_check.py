@@ -127,6 +127,9 @@ def check_direct() -> None:
 
 
 def gpt_sizes(shape: str) -> list[int]:
+    if shape == "llama-1.5B":   # 16 layers, GQA (8 KV heads of 64), SwiGLU 8192, untied 128,256-token vocabulary
+        h, f, v, kv = 2048, 8192, 128256, 512
+        return [v * h] + [h, (h + 2 * kv) * h, h * h, h, f * h, f * h, h * f] * 16 + [h, v * h]
     layers, h, v = {"125M": (12, 768, 50304), "1.3B": (24, 2048, 50304), "2.7B": (32, 2560, 50304)}[shape]
     per = [h, h, 3 * h * h, 3 * h, h * h, h, h, h, 4 * h * h, 4 * h, 4 * h * h, h]
     return [v * h, 2048 * h] + per * layers + [h, h]

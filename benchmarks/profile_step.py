@@ -220,7 +220,7 @@ def time_variant(run: str, warmup: int, iters: int, profile: bool) -> dict:
         for line in gap_report(tr, batch):
             print("GAPS " + run + " " + line)
     if profile:
-        table = ka.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=110)
+        table = ka.table(sort_by="cuda_time_total", row_limit=120, max_name_column_width=110)
         row["kinds_ms"] = kinds
         with open(os.path.join(OUT, f"prof_{run.replace(':', '_').replace('+', '-')}.txt"), "w") as fh:
             fh.write(table + "\n" + json.dumps(kinds, indent=1))
@@ -278,6 +278,18 @@ def gap_report(tr, batch, steps: int = 2) -> list[str]:
            f"of it host-late {late / steps / 1e3:.2f} ms"]
     for (outer, inner), t in sorted(by.items(), key=lambda kv: -kv[1])[:14]:
         out.append(f"  {t / steps / 1e3:7.2f} ms  {outer}  >  {inner}")
+    blocking: dict = {}   # host calls that wait on the GPU (or copy from pageable memory), by the ops around them
+    for e in ev:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e and any(
+                w in e["name"] for w in ("Synchronize", "Memcpy", "EventSynchronize", "StreamWait")):
+            t = e["tid"]
+            i = bisect.bisect_right(starts.get(t, []), e["ts"])
+            around = [o for o in ops.get(t, [])[max(0, i - 3000):i] if o["ts"] + o["dur"] >= e["ts"]]
+            key = (e["name"], " > ".join(o["name"][:40] for o in around[:2] + around[-2:]) if around else "?")
+            n, d = blocking.get(key, (0, 0.0))
+            blocking[key] = (n + 1, d + e["dur"])
+    for (name, where), (n, d) in sorted(blocking.items(), key=lambda kv: -kv[1][1])[:12]:
+        out.append(f"  host {name} x{n / steps:g}/step {d / steps / 1e3:.2f} ms/step in {where}")
     return out
 
 

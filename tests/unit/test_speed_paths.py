@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpt3d.config import PrecisionConfig
 from gpt3d.data.sampler import MockGPTDataset
@@ -67,26 +69,35 @@ def test_device_loss_scaler_follows_megatron_rules():
     assert again.state_dict() == state
 
 
-@pytest.mark.parametrize("rotary_percent", [1.0, 0.5])
-def test_a_model_keeps_every_tensor_on_its_device(rotary_percent):
+
+@settings(max_examples=25, deadline=None)
+@given(rotary=st.sampled_from([None, 1.0, 0.5, 0.25]), swiglu=st.booleans(), gqa=st.booleans(), tp=st.sampled_from([1, 2]),
+       untie=st.booleans(), stage=st.sampled_from(["first", "last", "whole", "middle"]))
+def test_a_model_keeps_every_tensor_on_its_device(rotary, swiglu, gqa, tp, untie, stage):
     """A buffer left on the CPU in a GPU model (RoPE's inv_freq was) is copied to the GPU in every compiled forward,
     and that copy waits for all queued GPU work: 16 host synchronisations a step at the Llama shape. The meta
-    device stands in for the GPU: every parameter and buffer must live there, and the RoPE frequencies keep the
-    bits computed on the CPU (HF's)."""
+    device stands in for the GPU: for any architecture, TP rank view and pipeline stage, every parameter and buffer
+    must live there; and the RoPE frequencies keep the bits computed on the CPU (HF's)."""
     from tests.support.curves import tiny_config
     from gpt3d.model.gpt import GPTModel
     from gpt3d.model.rope import RotaryEmbedding
     from gpt3d.parallel.random import seed_everything
     from gpt3d.parallel.state import ParallelState
 
-    cfg = tiny_config(use_rotary_position_embeddings=True, rotary_percent=rotary_percent, normalization="rmsnorm",
-                      swiglu=True, num_key_value_heads=2).model
-    ps = ParallelState.tp_rank_view(1)
-    model = GPTModel(cfg, ps, seed_everything(1, ps), vocab_size=64)
+    flags = dict(swiglu=swiglu, num_key_value_heads=2 if gqa else None,
+                 untie_embeddings_and_output_weights=untie)
+    if rotary is not None:
+        flags.update(use_rotary_position_embeddings=True, rotary_percent=rotary)
+    cfg = tiny_config(**flags).model
+    ps = ParallelState.tp_rank_view(tp)
+    first, last = {"first": (True, False), "last": (False, True), "whole": (True, True), "middle": (False, False)}[stage]
+    model = GPTModel(cfg, ps, seed_everything(1, ps), vocab_size=64, layer_ids=[0, 1], pre_process=first,
+                     post_process=last)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    assert any(n.endswith("inv_freq") for n in tensors)
+    assert any(n.endswith("inv_freq") for n in tensors) == (rotary is not None)
     assert {n: t.device.type for n, t in tensors.items() if t.device != ps.device} == {}
-    rot = int(cfg.hidden_size // cfg.num_attention_heads * rotary_percent)
-    cpu = RotaryEmbedding(rot, cfg.rotary_base)
-    expect = 1.0 / (cfg.rotary_base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
-    assert cpu.inv_freq.device.type == "cpu" and torch.equal(cpu.inv_freq, expect)
+    if rotary is not None:
+        rot = int(cfg.hidden_size // cfg.num_attention_heads * rotary)
+        cpu = RotaryEmbedding(rot, cfg.rotary_base)
+        expect = 1.0 / (cfg.rotary_base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+        assert cpu.inv_freq.device.type == "cpu" and torch.equal(cpu.inv_freq, expect)
