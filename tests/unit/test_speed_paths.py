@@ -71,8 +71,8 @@ def test_device_loss_scaler_follows_megatron_rules():
 
 
 @settings(max_examples=25, deadline=None)
-@given(rotary=st.sampled_from([None, 1.0, 0.5, 0.25]), swiglu=st.booleans(), gqa=st.booleans(), tp=st.sampled_from([1, 2]),
-       untie=st.booleans(), stage=st.sampled_from(["first", "last", "whole", "middle"]))
+@given(rotary=st.sampled_from([None, 1.0, 0.5, 0.25]), swiglu=st.booleans(), gqa=st.booleans(),
+       tp=st.sampled_from([1, 2]), untie=st.booleans(), stage=st.sampled_from(["first", "last", "whole", "middle"]))
 def test_a_model_keeps_every_tensor_on_its_device(rotary, swiglu, gqa, tp, untie, stage):
     """A buffer left on the CPU in a GPU model (RoPE's inv_freq was) is copied to the GPU in every compiled forward,
     and that copy waits for all queued GPU work: 16 host synchronisations a step at the Llama shape. The meta
@@ -90,7 +90,8 @@ def test_a_model_keeps_every_tensor_on_its_device(rotary, swiglu, gqa, tp, untie
         flags.update(use_rotary_position_embeddings=True, rotary_percent=rotary)
     cfg = tiny_config(**flags).model
     ps = ParallelState.tp_rank_view(tp)
-    first, last = {"first": (True, False), "last": (False, True), "whole": (True, True), "middle": (False, False)}[stage]
+    first, last = {"first": (True, False), "last": (False, True), "whole": (True, True),
+                   "middle": (False, False)}[stage]
     model = GPTModel(cfg, ps, seed_everything(1, ps), vocab_size=64, layer_ids=[0, 1], pre_process=first,
                      post_process=last)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
