@@ -16,8 +16,10 @@ import re
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d import cli
 from gpt3d.config import SECTIONS, field_types, flag_name, optional_fields
@@ -492,8 +494,7 @@ def _one_run(name: str, argv: list, existing, refuse: bool) -> None:
 
 
 @pytest.mark.parametrize("klass,f", FIELDS, ids=[f.name for _, f in FIELDS])
-@settings(max_examples=6, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@fuzz(6, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_every_setting_in_yaml_and_flags_is_accepted_or_one_error_line(klass, f, data, existing, tmp_path,
                                                                        accepted_runs_stop_before_the_first_step):
@@ -521,8 +522,7 @@ def test_every_setting_in_yaml_and_flags_is_accepted_or_one_error_line(klass, f,
 _ENV_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=4)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz(30, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(world=st.integers(-2, 9).map(str) | _ENV_TEXT, rank=st.none() | st.integers(-2, 9).map(str) | _ENV_TEXT)
 def test_a_launchers_variables_left_in_the_shell_are_one_line(tmp_path, monkeypatch, world, rank,
                                                               accepted_runs_stop_before_the_first_step):

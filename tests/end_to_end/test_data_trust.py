@@ -21,7 +21,8 @@ from gpt3d.data.indexed import MMapIndexedDataset
 from gpt3d.errors import DataError
 
 from tests.support import hostile, runs
-from tests.support.hostile import fuzz, write_corpus
+from tests.support.fuzz import fuzz
+from tests.support.hostile import write_corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 

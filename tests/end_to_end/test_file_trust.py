@@ -33,7 +33,8 @@ from gpt3d.cli import main as cli_main
 from gpt3d.parallel.random import from_tensors
 
 from tests.support import runs
-from tests.support.hostile import fuzz, reseal
+from tests.support.fuzz import fuzz
+from tests.support.hostile import reseal
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")   # @record under capsys
 

@@ -19,7 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support import hostile, runs
-from tests.support.hostile import fuzz, damage_json, one_error_line, reseal, run_cli, write_damaged
+from tests.support.fuzz import fuzz
+from tests.support.hostile import damage_json, one_error_line, reseal, run_cli, write_damaged
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 

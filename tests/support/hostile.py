@@ -14,22 +14,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-from hypothesis import settings
 from hypothesis import strategies as st
 
 from gpt3d.checkpoint.integrity import file_checksum, with_meta_checksum
 from gpt3d.cli import main as cli_main
 from gpt3d.data.indexed import MMapIndexedDatasetBuilder
-
-# The property tests' settings: no deadline (a step of a training run is no unit of time), and the same
-# examples on every run, so a failure in CI is reproducible, never a coin toss. GPT3D_FUZZ_EXPLORE=N runs N
-# times as many examples, drawn at random, to look for new failures.
-EXPLORE = int(os.environ.get("GPT3D_FUZZ_EXPLORE", "0"))
-
-
-def fuzz(max_examples: int) -> settings:
-    return settings(deadline=None, derandomize=not EXPLORE, max_examples=max_examples * max(1, EXPLORE))
-
 
 # Any JSON value, small: the wrong types a hand-edited or generated file holds (and plausible other sizes).
 scalars = (st.none() | st.booleans() | st.integers(-2, 2 ** 70) | st.sampled_from([0, 1, -1, 3, 64, 2 ** 31, 2 ** 63])

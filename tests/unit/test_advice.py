@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.plan.advice import HEADROOM, MIN_GAIN, advise
 from gpt3d.plan.layout import layout_of
@@ -20,7 +22,7 @@ from tests.support.curves import run_curve, tiny_config
 H100 = resolve_gpu("h100-80gb")
 
 
-@settings(max_examples=25, deadline=None)
+@fuzz(25)
 @given(mbs=st.sampled_from([1, 2, 4]), micro=st.sampled_from([1, 2, 4, 8]),
        recompute=st.sampled_from([None, "selective", "full"]), layers=st.sampled_from([2, 4]))
 def test_advice_keeps_the_optimisation(mbs, micro, recompute, layers):

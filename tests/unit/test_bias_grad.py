@@ -19,7 +19,9 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.model import bias_grad, cublaslt
 from gpt3d.model.attention import SelfAttention, split_qkv
@@ -39,7 +41,7 @@ def _rand(g: torch.Generator, *shape, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
 
 
-@settings(max_examples=30, deadline=None)
+@fuzz(30)
 @given(tokens=st.integers(1, 20), width=st.integers(1, 40), tanh=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
 def test_gelu_reference_is_autograds_gelu_gradient_and_its_sums(tokens, width, tanh, seed):
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +51,7 @@ def test_gelu_reference_is_autograds_gelu_gradient_and_its_sums(tokens, width, t
     assert_same([dh, sums], [h.grad, h.grad.sum(0)])
 
 
-@settings(max_examples=20, deadline=None)
+@fuzz(20)
 @given(tokens=st.integers(1, 12), width=st.integers(1, 12), inner=st.integers(1, 12), seed=st.integers(0, 2 ** 31 - 1))
 def test_gelu_mm_reference_is_autograds_through_the_gemm(tokens, width, inner, seed):
     """gelu_grad_sums_mm(dy, w2, h): the tanh GeLU's gradient where the GeLU's output gradient is dy @ w2."""
@@ -59,7 +61,7 @@ def test_gelu_mm_reference_is_autograds_through_the_gemm(tokens, width, inner, s
     assert_same(list(bias_grad.gelu_grad_sums_mm(dy, w2, h.detach())), [h.grad, h.grad.sum(0)])
 
 
-@settings(max_examples=30, deadline=None)
+@fuzz(30)
 @given(tokens=st.integers(1, 12), kv=st.integers(1, 3), group=st.integers(1, 3), hd=st.sampled_from([1, 2, 3, 8]),
        heads_major=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
 def test_qkv_reference_is_split_qkvs_gradient_and_its_sums(tokens, kv, group, hd, heads_major, seed):
@@ -111,7 +113,7 @@ def _grads(m, x, dy):
     return [y.detach(), x.grad] + [p.grad for p in m.parameters()]
 
 
-@settings(max_examples=15, deadline=None)
+@fuzz(15)
 @given(heads=st.integers(1, 3), kv_div=st.sampled_from([1, 0]), hd=st.sampled_from([2, 4]), tokens=st.integers(1, 6),
        tanh=st.booleans(), lt=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
 def test_hooked_modules_equal_the_plain_ones_float64(heads, kv_div, hd, tokens, tanh, lt, seed):
@@ -199,7 +201,7 @@ def test_installed_only_on_biased_gelu_mlps_and_biased_qkv_on_torchs_gemms():
         enable_fp8(m, "rowwise", ps.device, emulate=True)
 
 
-@settings(max_examples=20, deadline=None)
+@fuzz(20)
 @given(device=st.sampled_from(["cpu", "cuda", "meta"]), triton=st.booleans(),
        dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32, torch.float64]))
 def test_training_fuses_on_cuda_in_half_precision_where_triton_loaded(device, triton, dtype):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.optim.buckets import bucket_alignment, bucket_layout, local_pieces
 from gpt3d.optim.grad_buffer import GradBuffer
@@ -28,7 +30,7 @@ class _Model(nn.Module):
             self.ps.append(p)
 
 
-@settings(max_examples=60, deadline=None)
+@fuzz(60)
 @given(params_st, st.sampled_from([1, 2, 4]), st.sampled_from([0, 1]), st.sampled_from([1, 2]),
        st.sampled_from([0.0001, 0.0005, 0.002, 40.0]), st.sampled_from([1, 2]))
 def test_grad_buffer_and_planner_use_the_same_layout(sizes, dp, zero, tp, bucket_mb, micro):

@@ -10,6 +10,8 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.fuzz import fuzz
+
 from gpt3d.cli import COMMANDS
 from gpt3d.commands.output import Column, table_line
 
@@ -53,6 +55,7 @@ _CELL = st.one_of(st.text(max_size=12), st.floats(allow_nan=False, allow_infinit
                   st.integers(-10 ** 9, 10 ** 9))
 
 
+@fuzz(100)
 @given(st.lists(st.tuples(_CELL, st.integers(0, 15), st.sampled_from("<>"), st.sampled_from(["  ", ""])),
                 min_size=1, max_size=6))
 def test_table_line_is_the_f_string_it_replaces(cells):

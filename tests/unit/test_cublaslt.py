@@ -16,7 +16,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.model import bias_grad, cublaslt
 from gpt3d.model.gpt import MLP
@@ -46,7 +48,7 @@ def _col_major(t: torch.Tensor, layout: tuple[int, int, int], trans: str) -> tor
     return m.t() if trans == "T" else m
 
 
-@settings(max_examples=60, deadline=None)
+@fuzz(60)
 @given(m=st.integers(1, 9), n=st.integers(1, 9), k=st.integers(1, 9), a_cm=st.booleans(), b_cm=st.booleans(),
        pad_a=st.integers(0, 3), pad_b=st.integers(0, 3), seed=st.integers(0, 2 ** 31 - 1))
 def test_problem_is_cublass_column_major_form_of_the_product(m, n, k, a_cm, b_cm, pad_a, pad_b, seed):
@@ -66,7 +68,7 @@ def test_problem_refuses_what_needs_a_copy():
     assert cublaslt.problem((3, 6), (6, 1), x.t().shape, x.t().stride()) is None
 
 
-@settings(max_examples=20, deadline=None)
+@fuzz(20)
 @given(m=st.integers(1, 7), n=st.integers(1, 7), k=st.integers(1, 7), seed=st.integers(0, 2 ** 31 - 1))
 def test_references_are_torchs(m, n, k, seed):
     g = torch.Generator().manual_seed(seed)
@@ -99,7 +101,7 @@ def _linear_grads(fn, x, w, b, dy):
     return [y.detach(), x.grad, w.grad] + ([b.grad] if b is not None else [])
 
 
-@settings(max_examples=30, deadline=None)
+@fuzz(30)
 @given(lead=st.lists(st.integers(1, 4), min_size=1, max_size=2), fin=st.integers(1, 7), fout=st.integers(1, 7),
        bias=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
 def test_linear_is_f_linear_float64(lead, fin, fout, bias, seed):
@@ -194,7 +196,7 @@ class _Clock:
         return end.t - self.t
 
 
-@settings(max_examples=40, deadline=None)
+@fuzz(40)
 @given(costs=st.lists(st.one_of(st.integers(1, 10_000), st.none()), min_size=1, max_size=6),
        capturing=st.booleans())
 @example(costs=[None, 5081, 5522, 9000, 9000, 5081], capturing=False)   # a tie that float costs once broke
@@ -234,7 +236,7 @@ def test_reduction_schemes_follow_torchs_flags(bf16, fp16):
         m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
 
 
-@settings(max_examples=30, deadline=None)
+@fuzz(30)
 @given(calls=st.lists(st.tuples(st.integers(0, 2), st.booleans()), min_size=1, max_size=12),
        chosen=st.integers(0, 2))
 def test_pick_chooses_once_per_problem_and_never_while_capturing(calls, chosen):
@@ -274,7 +276,7 @@ def test_a_chosen_way_that_raises_later_gives_way_to_the_default():
     assert cublaslt.pick(choices, ("p",), [lambda: "lt", broken]) == "lt"   # not tried again
 
 
-@settings(max_examples=60, deadline=None)
+@fuzz(60)
 @given(r=st.integers(1, 40), c=st.integers(1, 40), pad=st.integers(0, 9), offset=st.integers(0, 9),
        transposed=st.booleans(), broadcast=st.booleans())
 @example(r=3, c=8, pad=0, offset=0, transposed=False, broadcast=True)   # a broadcast row

@@ -13,7 +13,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.parallel import cross_entropy as CE
 
@@ -28,7 +30,7 @@ def _case(rows: int, vocab: int, pad: int, seed: int, dtype: torch.dtype):
     return logits, target, weight
 
 
-@settings(max_examples=25, deadline=None)
+@fuzz(25)
 @given(rows=st.integers(1, 12), vocab=st.integers(1, 70), pad=st.integers(0, 9), seed=st.integers(0, 2 ** 31 - 1))
 def test_reference_equals_cross_entropy_float64(rows, vocab, pad, seed):
     logits, target, weight = _case(rows, vocab, pad, seed, torch.float64)
@@ -45,7 +47,7 @@ def test_reference_equals_cross_entropy_float64(rows, vocab, pad, seed):
     assert x.grad.is_contiguous()
 
 
-@settings(max_examples=10, deadline=None)
+@fuzz(10)
 @given(rows=st.integers(1, 6), vocab=st.integers(2, 30), seed=st.integers(0, 2 ** 31 - 1))
 def test_a_target_outside_the_vocabulary_gives_nan(rows, vocab, seed):
     """Nothing is read outside the real columns for it: its loss is NaN, the others are unchanged."""
@@ -57,7 +59,7 @@ def test_a_target_outside_the_vocabulary_gives_nan(rows, vocab, seed):
     torch.testing.assert_close(loss[1:], CE.dense_ce_forward(logits, target, vocab)[0][1:], rtol=0, atol=0)
 
 
-@settings(max_examples=5, deadline=None)
+@fuzz(5)
 @given(rows=st.integers(1, 10), vocab=st.integers(1, 40), pad=st.integers(0, 5), seed=st.integers(0, 2 ** 31 - 1),
        dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]))
 def test_every_operator_passes_opcheck(rows, vocab, pad, seed, dtype):
@@ -69,7 +71,7 @@ def test_every_operator_passes_opcheck(rows, vocab, pad, seed, dtype):
                           test_utils=CHECKS[:3])
 
 
-@settings(max_examples=10, deadline=None)
+@fuzz(10)
 @given(rows=st.integers(1, 6), vocab=st.integers(1, 30), pad=st.integers(0, 4), seed=st.integers(0, 2 ** 31 - 1))
 def test_a_second_backward_raises(rows, vocab, pad, seed):
     logits, target, weight = _case(rows, vocab, pad, seed, torch.float32)
@@ -84,7 +86,7 @@ def _head_and_loss(h, w, t, vocab):
     return CE.dense_loss(h @ w.t(), t, vocab)
 
 
-@settings(max_examples=5, deadline=None)
+@fuzz(5)
 @given(rows=st.integers(1, 9), vocab=st.integers(1, 30), pad=st.integers(0, 4), seed=st.integers(0, 2 ** 31 - 1))
 def test_the_gradient_is_written_over_the_logits(rows, vocab, pad, seed):
     """One [tokens, vocab] buffer: the gradient the head's backward receives is the logits' own storage."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.parallel import random as R
 from gpt3d.parallel.state import ParallelState
@@ -32,7 +34,7 @@ def _i32(k: int) -> torch.Tensor:
     return R._as_int32(torch.tensor(k, dtype=torch.int64))
 
 
-@settings(max_examples=40, deadline=None)
+@fuzz(40)
 @given(k1=U32, k2=U32, start=st.integers(0, 2 ** 40))
 def test_hash_is_unsigned_32_bit_arithmetic(k1, k2, start):
     with np.errstate(over="ignore"):

@@ -4,7 +4,9 @@ buffers; the kernel's block table covers every element once. (The Triton kernel 
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
+
+from tests.support.fuzz import fuzz
 import torch
 
 from gpt3d.optim.adamw import FlatAdamW, Piece, block_table
@@ -27,7 +29,7 @@ layouts = st.integers(1, 5).flatmap(lambda k: st.tuples(
     st.lists(st.booleans(), min_size=k, max_size=k)))
 
 
-@settings(max_examples=40, deadline=None)
+@fuzz(40)
 @given(layout=layouts, decoupled=st.booleans(), scale=st.sampled_from([None, 0.25, 3.0]),
        skips=st.lists(st.booleans(), min_size=3, max_size=3), seed=st.integers(0, 2 ** 16))
 def test_the_step_is_torch_adamw_per_piece(layout, decoupled, scale, skips, seed):
@@ -68,7 +70,7 @@ def test_the_step_is_torch_adamw_per_piece(layout, decoupled, scale, skips, seed
         assert torch.equal(params[outside], before_outside)
 
 
-@settings(max_examples=20, deadline=None)
+@fuzz(20)
 @given(layout=layouts, seed=st.integers(0, 2 ** 16))
 def test_half_parameters_get_their_rounded_masters(layout, seed):
     """bf16 parameters: fp32 masters of their own, and the step writes each master rounded to bf16 into the
@@ -90,7 +92,7 @@ def test_half_parameters_get_their_rounded_masters(layout, seed):
     assert torch.equal(params[~inside], before[~inside])
 
 
-@settings(max_examples=60, deadline=None)
+@fuzz(60)
 @given(layout=layouts, block=st.sampled_from([1, 2, 3, 7, 16, 64]))
 def test_the_block_table_covers_every_element_once(layout, block):
     """Each row is a run of at most `block` elements inside one piece, with the same place in the buffer and in
@@ -110,7 +112,7 @@ def test_the_block_table_covers_every_element_once(layout, block):
     assert torch.equal(seen, want)
 
 
-@settings(max_examples=30, deadline=None)
+@fuzz(30)
 @given(layout=layouts, half=st.sampled_from([torch.bfloat16, torch.float16]), decoupled=st.booleans(),
        scale=st.sampled_from([None, 0.25, 3.0]), seed=st.integers(0, 2 ** 16))
 def test_per_piece_gradients_step_as_their_fp32_copies(layout, half, decoupled, scale, seed):

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.support.fuzz import fuzz
 from torch.utils.flop_counter import FlopCounterMode
 
 from gpt3d.config import ModelConfig
@@ -72,7 +74,7 @@ def test_throughput_reports_model_flops_and_mfu():
     assert row["mfu"] == pytest.approx(4 * 2048 * 7_817_134_080 / (0.5 * 2 * 1000e12))
 
 
-@settings(max_examples=20, deadline=None)
+@fuzz(20)
 @given(tp=st.sampled_from([1, 2, 4]), sp=st.booleans(), heads=st.sampled_from([4, 8]), gqa=st.booleans(),
        swiglu=st.booleans(), ffn=st.sampled_from([None, 96]))
 def test_layer_linears_are_the_linears_each_tp_rank_builds(tp, sp, heads, gqa, swiglu, ffn):

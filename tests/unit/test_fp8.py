@@ -12,7 +12,9 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.config import ParallelConfig
 from gpt3d.errors import ConfigError
@@ -175,7 +177,7 @@ def _torchao_matmul(mm):
     return lambda x, w: matmul_with_hp_or_float8_args.apply(x, w.t(), mm.mm_config, mm.config)
 
 
-@settings(max_examples=25, deadline=None)
+@fuzz(25)
 @given(rows=st.integers(1, 24), k=st.integers(1, 48), n=st.integers(1, 40), spread=st.sampled_from([1e-3, 1.0, 3e3]),
        seed=st.integers(0, 2 ** 31 - 1), transposed=st.booleans())
 def test_the_forward_casts_serve_the_backward_bit_for_bit(rows, k, n, spread, seed, transposed):

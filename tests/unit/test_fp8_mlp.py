@@ -14,7 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.model import fp8_mlp
 from gpt3d.model.fp8 import enable_fp8
@@ -37,7 +39,7 @@ ORDER = {"gelu": ["fwd"] * 2 + ["dgrad", "wgrad"] * 2,
          "swiglu": ["fwd"] * 3 + ["dgrad", "wgrad", "dgrad", "dgrad", "wgrad", "wgrad"]}
 
 
-@settings(max_examples=40, deadline=None)
+@fuzz(40)
 @given(tokens=st.integers(1, 40), h=st.integers(1, 24), f=st.integers(1, 40), swiglu=st.booleans(),
        tanh=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
 def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, swiglu, tanh, bias, seed):
@@ -66,7 +68,7 @@ def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, swiglu
         assert_same(got, want)
 
 
-@settings(max_examples=40, deadline=None)
+@fuzz(40)
 @given(rows=st.integers(1, 24), cols=st.integers(1, 40), spread=st.sampled_from([1e-4, 1.0, 3e3]),
        tanh=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
 def test_the_casts_are_torchaos_bits(rows, cols, spread, tanh, seed):
@@ -98,7 +100,7 @@ def test_the_casts_are_torchaos_bits(rows, cols, spread, tanh, seed):
         assert torch.equal(_bytes(q_t), _bytes(q.t().contiguous()))
 
 
-@settings(max_examples=40, deadline=None)
+@fuzz(40)
 @given(rows=st.integers(1, 24), cols=st.integers(1, 40), spread=st.sampled_from([1e-3, 1.0, 30.0]),
        sums=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
 def test_the_swiglu_casts_are_torchaos_bits(rows, cols, spread, sums, seed):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.model import fp8_mlp as M
 from gpt3d.model import fp8_qkv as Q
@@ -32,7 +34,7 @@ def _cases(rows: int, cols: int, heads: int, kv: int, seed: int):
     ]
 
 
-@settings(max_examples=5, deadline=None)
+@fuzz(5)
 @given(rows=st.integers(1, 20), cols=st.integers(1, 24), heads=st.integers(1, 3), kv=st.integers(1, 3),
        seed=st.integers(0, 2 ** 31 - 1))
 def test_every_operator_passes_opcheck(rows, cols, heads, kv, seed):

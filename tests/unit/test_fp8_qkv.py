@@ -13,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.model import fp8_qkv
 from gpt3d.model.attention import SelfAttention, split_qkv
@@ -33,7 +35,7 @@ GQA = dict(GPT, num_key_value_heads=2, swiglu=True, ffn_hidden_size=128, use_rot
 shapes = dict(kv=st.integers(1, 3), group=st.integers(1, 3), hd=st.sampled_from([1, 2, 3, 8]))
 
 
-@settings(max_examples=30, deadline=None)
+@fuzz(30)
 @given(tokens=st.integers(1, 9), seed=st.integers(0, 2 ** 31 - 1), **shapes)
 def test_assemble_is_split_qkvs_inverse(tokens, kv, group, hd, seed):
     y = torch.randn(tokens, kv * (group + 2) * hd, generator=torch.Generator().manual_seed(seed))
@@ -42,7 +44,7 @@ def test_assemble_is_split_qkvs_inverse(tokens, kv, group, hd, seed):
     assert torch.equal(fp8_qkv.assemble(q, k, v), y)
 
 
-@settings(max_examples=40, deadline=None)
+@fuzz(40)
 @given(tokens=st.integers(1, 24), h=st.integers(1, 12), bias=st.booleans(), seed=st.integers(0, 2 ** 31 - 1),
        **shapes)
 def test_the_function_is_the_linear_then_the_split_when_quantization_is_exact(tokens, h, kv, group, hd, bias, seed):
@@ -63,7 +65,7 @@ def test_the_function_is_the_linear_then_the_split_when_quantization_is_exact(to
         assert_same(got, expected)
 
 
-@settings(max_examples=40, deadline=None)
+@fuzz(40)
 @given(tokens=st.integers(1, 24), spread=st.sampled_from([1e-4, 1.0, 3e3]), sums=st.booleans(),
        layout=st.sampled_from(["contiguous", "strided", "heads-major"]), seed=st.integers(0, 2 ** 31 - 1), **shapes)
 def test_the_gradient_casts_are_torchaos_cast_of_the_assembled_gradient(tokens, kv, group, hd, spread, sums, layout,

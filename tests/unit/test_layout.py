@@ -10,8 +10,10 @@ the layouts of its search space that `resolve` accepts.
 """
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.config import Config
 from gpt3d.errors import ConfigError, Gpt3dError
@@ -19,7 +21,7 @@ from gpt3d.parallel.layout import resolve, stage_layers
 from gpt3d.plan.layout import MICRO_BATCH_SIZES, enumerate_layouts
 from tests.support.schedule_trace import trace_schedule
 
-PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROFILE = dict(suppress_health_check=[HealthCheck.too_slow])
 
 
 def config(*, layers: int, heads: int, kv_heads: int = 0, tp: int = 1, pp: int = 1, per_vstage: int = 0,
@@ -76,7 +78,7 @@ def layouts(draw):
                   mbs=mbs, gbs=gbs, sp=sp, seq=seq, vocab=draw(st.integers(1, 300))), world
 
 
-@settings(max_examples=150, **PROFILE)
+@fuzz(150, **PROFILE)
 @given(layouts())
 def test_a_layout_resolve_accepts_runs(case):
     cfg, world = case
@@ -138,7 +140,7 @@ def _resolvable(cfg: Config, world: int, tp: int, pp: int, vp: int, mbs: int) ->
         return False
 
 
-@settings(max_examples=40, **PROFILE)
+@fuzz(40, **PROFILE)
 @given(world=st.integers(1, 16), gpus_per_node=st.sampled_from([1, 2, 4, 8]), layers=st.integers(1, 12),
        heads=st.sampled_from([1, 2, 4, 6, 8]), gbs=st.integers(1, 48))
 def test_the_planner_proposes_exactly_the_layouts_the_runtime_accepts(world, gpus_per_node, layers, heads, gbs):

@@ -15,8 +15,10 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.checkpoint.megatron_deepspeed import importer, names, settings as mds_settings, unpickle
 from gpt3d.checkpoint.megatron_deepspeed.convert import Converter, fragments, plan
@@ -50,7 +52,7 @@ def _dangerous(marker: str) -> list:
             (torch.load, (marker,)), (np.save, (marker, np.zeros(1))), (pickle.loads, (b"\x80\x02N.",))]  # noqa: TID251 (a callable the unpickler must refuse, not a call)
 
 
-@settings(max_examples=25, deadline=None, database=None)
+@fuzz(25)
 @given(pick=st.integers(0, 9), where=st.sampled_from(["top", "args", "nested", "object array"]))
 def test_the_unpickler_refuses_any_other_global_and_runs_nothing(tmp_path_factory, pick, where):
     tmp = tmp_path_factory.mktemp("planted")
@@ -135,7 +137,7 @@ def attention(draw):
     return kv * group, kv, draw(st.integers(1, 3)), tp, draw(st.integers(1, 3))
 
 
-@settings(max_examples=60, deadline=None, database=None)
+@fuzz(60)
 @given(shape=attention(), data=st.data())
 def test_post_fpdt_qkv_blocks_become_gpt3ds_groups(shape, data):
     """A [all q | all k | all v] TP shard is regrouped into gpt3d's per-group [q.., k, v] rows, whole or in any
@@ -156,7 +158,7 @@ def test_post_fpdt_qkv_blocks_become_gpt3ds_groups(shape, data):
     assert torch.equal(got, want)
 
 
-@settings(max_examples=60, deadline=None, database=None)
+@fuzz(60)
 @given(f=st.integers(1, 12), h=st.integers(1, 5), data=st.data())
 def test_swiglu_halves_become_gate_and_fc1(f, h, data):
     src = torch.arange(2 * f * h, dtype=torch.float64)
@@ -178,7 +180,7 @@ def test_swiglu_halves_become_gate_and_fc1(f, h, data):
         assert torch.equal(written, (idx >= lo) & (idx < hi))
 
 
-@settings(max_examples=100, deadline=None, database=None)
+@fuzz(100)
 @given(sizes=st.lists(st.integers(1, 50), min_size=1, max_size=6), dp=st.integers(1, 4), pad=st.integers(0, 7))
 def test_partition_fragments_cover_every_element_once(sizes, dp, pad):
     shapes = {f"p{i}": (n,) for i, n in enumerate(sizes)}
@@ -238,7 +240,7 @@ def _deepspeed_update(s: dict, overflow: bool) -> None:
     s["cur_iter"] += 1
 
 
-@settings(max_examples=80, deadline=None, database=None)
+@fuzz(80)
 @given(before=st.lists(st.booleans(), max_size=30), after=st.lists(st.booleans(), min_size=1, max_size=30),
        window=st.integers(1, 6), hysteresis=st.integers(1, 3))
 def test_deepspeeds_loss_scaler_state_continues_as_gpt3ds(before, after, window, hysteresis):

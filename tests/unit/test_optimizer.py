@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
+
+from tests.support.fuzz import fuzz
 import torch
 import torch.nn as nn
 
@@ -91,7 +93,7 @@ def test_grad_buffer_reduces_only_outside_no_sync():
     assert covered == results[0]["numel"]   # the two shards hold every gradient element once
 
 
-@settings(max_examples=40, deadline=None)
+@fuzz(40)
 @given(k=st.integers(-6, 32), clip=st.sampled_from([0.0, 1e-3, 1.0, 1e4]), seed=st.integers(0, 2 ** 16),
        bad=st.sampled_from([None, float("inf"), float("-inf"), float("nan")]))
 def test_a_loss_scaled_step_is_the_unscaled_step(k, clip, seed, bad):
@@ -143,7 +145,7 @@ class _Gated(nn.Module):
         return x.sum()
 
 
-@settings(max_examples=40, deadline=None)
+@fuzz(40)
 @given(uses=st.lists(st.lists(st.integers(0, 3), max_size=4), min_size=1, max_size=4),
        bucket_kb=st.sampled_from([0.0001, 0.2, 100.0]))
 def test_the_buffer_holds_the_sum_of_every_micro_batchs_gradients(uses, bucket_kb):
@@ -184,7 +186,7 @@ class _Subset(nn.Module):
         return x.float().pow(2).mean()
 
 
-@settings(max_examples=30, deadline=None)
+@fuzz(30)
 @given(dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        clip=st.sampled_from([0.0, 1e-3, 1e4]), seed=st.integers(0, 2 ** 16),
        uses=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=3), min_size=1, max_size=3))

@@ -3,8 +3,10 @@ its own line, built from the residual sites' mask passes and the fused attention
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.plan.layout import layout_of
 from gpt3d.plan.presets import (ATTN_DROPOUT_S_PER_SCORE, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, H100_MEASURED,
@@ -23,7 +25,7 @@ def _predict(**kw):
     return predict_layout(cfg, layout_of(cfg, 1), H100, vocab_size=256)
 
 
-@settings(max_examples=20, deadline=None)
+@fuzz(20)
 @given(hidden=st.sampled_from([0.0, 0.1, 0.3]), attention=st.sampled_from([0.0, 0.1]),
        recompute=st.sampled_from([None, "selective", "full"]))
 def test_dropout_term(hidden, attention, recompute):
@@ -55,7 +57,7 @@ def test_attention_dropout_costs_the_same_per_score_whatever_the_head_size():
     assert cost(32, 2048, 2048) == pytest.approx(2 * cost(16, 2048, 2048), rel=1e-9)
 
 
-@settings(max_examples=24, deadline=None)
+@fuzz(24)
 @given(tp=st.sampled_from([1, 2]), kv_heads=st.sampled_from([16, 4]), gpu=st.sampled_from(["h100-80gb", "a100-80gb"]),
        recompute=st.sampled_from([None, "selective", "full"]))
 def test_attention_dropout_per_rank_scaled_and_recomputed(tp, kv_heads, gpu, recompute):

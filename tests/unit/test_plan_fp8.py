@@ -8,8 +8,10 @@ from typing import Optional
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.errors import ConfigError
 from gpt3d.model.fp8 import Float8Matmul, enable_fp8
@@ -49,7 +51,7 @@ def _fp8_linears(cfg, ps: Optional[ParallelState] = None) -> list[tuple[int, int
             if isinstance(x, (ColumnParallelLinear, RowParallelLinear)) and isinstance(x._matmul, Float8Matmul)]
 
 
-@settings(max_examples=16, deadline=None)
+@fuzz(16)
 @given(hidden=st.sampled_from([32, 40, 64]), heads=st.sampled_from([2, 4]), gqa=st.booleans(),
        ffn=st.sampled_from([None, 96, 88]), swiglu=st.booleans(), recompute=st.sampled_from([None, "full"]))
 def test_fp8_term_counts_the_linears_the_model_switches(hidden, heads, gqa, ffn, swiglu, recompute):
@@ -95,7 +97,7 @@ def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_refused():
         assert _predict(_cfg(False, hidden_size=64, num_attention_heads=4), resolve_gpu(gpu)).time.seconds > 0
 
 
-@settings(max_examples=8, deadline=None)
+@fuzz(8)
 @given(sp=st.booleans(), swiglu=st.booleans(), gqa=st.booleans())
 def test_fp8_casts_per_tp_rank_cover_the_whole_sequence(sp, swiglu, gqa):
     """At TP 2 each rank casts its own linears' shards, but over every token of the micro-batch even with

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.model import quack_gemm
 from gpt3d.model.bias_grad import FusedGeluMLP
@@ -29,7 +31,7 @@ def _cfg(bf16: bool = True, **kw):
                        max_position_embeddings=SEQ, bf16=bf16, compile=True, **kw)
 
 
-@settings(max_examples=40, deadline=None)
+@fuzz(40)
 @given(swiglu=st.booleans(), no_bias=st.booleans(), tanh=st.booleans(),
        switch=st.sampled_from([None, "fp16", "fp32", "no fusion", "no tuning", "deterministic"]))
 @example(swiglu=False, no_bias=False, tanh=True, switch="deterministic")
@@ -55,7 +57,7 @@ def test_the_rule_is_what_training_installs(swiglu, no_bias, tanh, switch):
     assert fused and gelu_epilogues(cfg) == all(isinstance(f, FusedGeluMLP) and f.tanh and f.lt for f in fused)
 
 
-@settings(max_examples=12, deadline=None)
+@fuzz(12)
 @given(hidden=st.sampled_from([32, 64]), ffn=st.sampled_from([None, 96, 200]))
 def test_only_the_share_of_the_mlp_intermediates_is_charged(hidden, ffn):
     """With quack-kernels installed, the layers' compute time drops by (1 - share) of EW_PASSES x the GeLU MLP's

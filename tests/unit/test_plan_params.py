@@ -5,7 +5,9 @@ the CPU at any TP rank: names in registration order (the optimizer's bucket orde
 typed metadata (split dim, init, sequence-parallel, tied copy, shared embedding) that buckets read."""
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.model.gpt import GPTModel
 from gpt3d.parallel.param_meta import param_meta
@@ -39,7 +41,7 @@ def chunks(draw):
                 sp=draw(st.booleans()), ids=ids, pre=draw(st.booleans()), post=draw(st.booleans()))
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, database=None)
+@fuzz(80)
 @given(chunks())
 def test_the_planners_parameter_list_is_the_real_models(c):
     m = tiny_config(**c["model"]).model

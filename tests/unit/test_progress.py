@@ -7,8 +7,10 @@ from __future__ import annotations
 import io
 import re
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.console.progress import Activity, Progress, fmt_duration
 
@@ -25,7 +27,7 @@ class Clock:
         return self.now
 
 
-@settings(database=None)   # nothing written beside the tests
+@fuzz(100)   # nothing written beside the tests
 @given(st.lists(st.integers(1, 1000), min_size=1, max_size=20), st.floats(0.5, 100.0))
 def test_lines_count_rate_and_eta(steps, seconds_per_step):
     clock, out = Clock(), io.StringIO()

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.support.fuzz import fuzz
 
 from gpt3d.config import PrecisionConfig
 from gpt3d.data.sampler import MockGPTDataset
@@ -70,7 +72,7 @@ def test_device_loss_scaler_follows_megatron_rules():
 
 
 
-@settings(max_examples=25, deadline=None)
+@fuzz(25)
 @given(rotary=st.sampled_from([None, 1.0, 0.5, 0.25]), swiglu=st.booleans(), gqa=st.booleans(),
        tp=st.sampled_from([1, 2]), untie=st.booleans(), stage=st.sampled_from(["first", "last", "whole", "middle"]))
 def test_a_model_keeps_every_tensor_on_its_device(rotary, swiglu, gqa, tp, untie, stage):
