@@ -280,12 +280,15 @@ def gap_report(tr, batch, steps: int = 2) -> list[str]:
         out.append(f"  {t / steps / 1e3:7.2f} ms  {outer}  >  {inner}")
     blocking: dict = {}   # host calls that wait on the GPU (or copy from pageable memory), by the ops around them
     for e in ev:
-        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e and any(
-                w in e["name"] for w in ("Synchronize", "Memcpy", "EventSynchronize", "StreamWait")):
+        # stream/event synchronisations and copies (pageable ones wait for the stream); not the device-wide
+        # synchronisation that ends the profiled steps
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e and e["name"] != "cudaDeviceSynchronize" \
+                and any(w in e["name"] for w in ("Synchronize", "Memcpy")):
             t = e["tid"]
             i = bisect.bisect_right(starts.get(t, []), e["ts"])
             around = [o for o in ops.get(t, [])[max(0, i - 3000):i] if o["ts"] + o["dur"] >= e["ts"]]
-            key = (e["name"], " > ".join(o["name"][:40] for o in around[:2] + around[-2:]) if around else "?")
+            shown = around if len(around) <= 4 else around[:2] + around[-2:]
+            key = (e["name"], " > ".join(o["name"][:40] for o in shown) if around else "?")
             n, d = blocking.get(key, (0, 0.0))
             blocking[key] = (n + 1, d + e["dur"])
     for (name, where), (n, d) in sorted(blocking.items(), key=lambda kv: -kv[1][1])[:12]:

@@ -82,7 +82,6 @@ def test_a_model_keeps_every_tensor_on_its_device(rotary, swiglu, gqa, tp, untie
     must live there; and the RoPE frequencies keep the bits computed on the CPU (HF's)."""
     from tests.support.curves import tiny_config
     from gpt3d.model.gpt import GPTModel
-    from gpt3d.model.rope import RotaryEmbedding
     from gpt3d.parallel.random import seed_everything
     from gpt3d.parallel.state import ParallelState
 
@@ -99,8 +98,10 @@ def test_a_model_keeps_every_tensor_on_its_device(rotary, swiglu, gqa, tp, untie
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     assert any(n.endswith("inv_freq") for n in tensors) == (rotary is not None)
     assert {n: t.device.type for n, t in tensors.items() if t.device != ps.device} == {}
-    if rotary is not None:
-        rot = int(cfg.hidden_size // cfg.num_attention_heads * rotary)
-        cpu = RotaryEmbedding(rot, cfg.rotary_base)
-        expect = 1.0 / (cfg.rotary_base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
-        assert cpu.inv_freq.device.type == "cpu" and torch.equal(cpu.inv_freq, expect)
+    if rotary is not None:   # the frequencies a CPU build holds: HF Llama's formula, bit for bit
+        cpu_ps = ParallelState.single(torch.device("cpu"))
+        cpu = GPTModel(cfg, cpu_ps, seed_everything(1, cpu_ps), vocab_size=64, layer_ids=[0])
+        inv = [b for n, b in cpu.named_buffers() if n.endswith("inv_freq")]
+        rot = int(cfg.head_dim * rotary)
+        expect = 1.0 / (cfg.rotary_base ** (torch.arange(0, rot, 2, dtype=torch.int64).float() / rot))
+        assert len(inv) == 1 and inv[0].device.type == "cpu" and torch.equal(inv[0], expect)
