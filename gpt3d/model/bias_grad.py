@@ -87,6 +87,7 @@ def _(dy, w2, h):
 
 
 _GELU_GRAD_CHOICE: dict[tuple, int] = {}
+QUACK_WAY = 2   # the index of quack's way (model/quack_gemm.py) in the MLP backward's ways
 
 
 def _gelu_grad_sums_mm_cuda(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +98,7 @@ def _gelu_grad_sums_mm_cuda(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor)
     def separate():
         return gelu_grad_sums(cublaslt.lt_mm(dy, w2, None), h, True)
     quack = quack_gemm.applies(dy, w2, h)
-    ways = [separate, epilogue]   # the first unless another times faster; quack's where it applies
+    ways = [separate, epilogue]   # the first unless another times faster; quack's (QUACK_WAY) where it applies
     if quack:
         ways.append(lambda: quack_gemm.mm_dgelu_sums(dy, w2, h) or epilogue())
     return cublaslt.pick(_GELU_GRAD_CHOICE, gelu_grad_key(dy, w2, h, quack), ways)
@@ -111,8 +112,9 @@ def gelu_grad_key(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, quack: bo
 
 def quack_problems() -> int:
     """How many GEMM problems of this process chose a quack-kernels way (model/quack_gemm.py): the forward GeLU
-    GEMM's way 1, the MLP backward's way 2. `gpt3d bench` reports it per row."""
-    return sum(v == 1 for v in cublaslt.GELU_WAYS.values()) + sum(v == 2 for v in _GELU_GRAD_CHOICE.values())
+    GEMM's (cublaslt.GELU_QUACK_WAY) and the MLP backward's (QUACK_WAY). `gpt3d bench` reports it per row."""
+    return (sum(v == cublaslt.GELU_QUACK_WAY for v in cublaslt.GELU_WAYS.values())
+            + sum(v == QUACK_WAY for v in _GELU_GRAD_CHOICE.values()))
 
 
 def _register_triton(k) -> bool:

@@ -279,7 +279,8 @@ class _Runtime:
 
 
 _RT: Optional[_Runtime] = _Runtime() if LOADED else None
-GELU_WAYS: dict[tuple, int] = {}   # lt_mm_gelu's way per problem: 0 cuBLASLt's, 1 quack's (model/quack_gemm.py)
+GELU_WAYS: dict[tuple, int] = {}   # lt_mm_gelu's way per problem: 0 cuBLASLt's, GELU_QUACK_WAY quack's
+GELU_QUACK_WAY = 1   # the index of quack's way (model/quack_gemm.py) in lt_mm_gelu's ways
 _EPILOGUE = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192}   # cublasLtEpilogue_t
 
 
