@@ -1,6 +1,6 @@
 """GPU check of gpt3d/model/fp8_mlp_triton.py against its reference (gpt3d/model/fp8_mlp.py), and timings.
 
-    python benchmarks/fp8_mlp_check.py [--sweep] [--mlp] [--only gelu|swiglu]
+    python benchmarks/fp8_mlp_check.py [--sweep] [--mlp] [--only gelu|swiglu|epilogue]
 
 1. Correctness: for bench shapes and ragged ones, both GeLU forms, forward and backward: the Triton stats
    and casts against the torch reference on the same GPU (amax, column sums, FP8 bytes in both layouts).
@@ -277,6 +277,80 @@ def bench_swiglu() -> None:
                   f"triton {timed(ours):.0f} us")
 
 
+def time_dgrad_epilogue(dy8, w2_8t, inv_dy, inv_w2, g, u) -> None:
+    from gpt3d.model import quack_gemm
+    T, F = g.shape
+
+    def old():
+        da = M.scaled_mm(dy8, w2_8t.t(), inv_dy, inv_w2, torch.bfloat16, False)
+        amax, _ = k.swiglu_stats(g, u, da, False)
+        return k.swiglu_cast(g, u, da, M.to_scale(amax, M.E5M2), M.E5M2)
+
+    def new():
+        du, dg, amax = quack_gemm.mm_dswiglu_amax(dy8, w2_8t.t(), inv_dy, inv_w2, g, u)
+        return k.cast_pair(du, dg, M.to_scale(amax, M.E5M2), M.E5M2)
+
+    @torch.compile
+    def per_linear(g, u, dy8):   # what the per-linear path runs: the GEMM, then Inductor's passes
+        da = torch._scaled_mm(dy8, w2_8t.t(), scale_a=inv_dy, scale_b=inv_w2, out_dtype=torch.bfloat16)
+        vals = M._swiglu_values(g, u, da)
+        sc = M.to_scale(torch.stack([v.abs().amax() for v in vals]), M.E5M2)
+        return [q for i, v in enumerate(vals) for q in (M.quantize(v, sc[i], M.E5M2),
+                                                         M.quantize(v, sc[i], M.E5M2).t().contiguous())]
+    t_gemm = timed(lambda: M.scaled_mm(dy8, w2_8t.t(), inv_dy, inv_w2, torch.bfloat16, False))
+    t_epi = timed(lambda: quack_gemm.mm_dswiglu_amax(dy8, w2_8t.t(), inv_dy, inv_w2, g, u))
+    print(f"dgrad epilogue time T={T} H={dy8.shape[1]} F={F}: cuBLAS GEMM {t_gemm:.0f} us, quack GEMM + epilogue "
+          f"{t_epi:.0f} us; the backward's GEMM and casts: + stats and cast passes {timed(old):.0f} us, epilogue + "
+          f"cast_pair {timed(new):.0f} us, Inductor per linear {timed(lambda: per_linear(g, u, dy8)):.0f} us")
+
+
+def check_dgrad_epilogue() -> bool:
+    """The SwiGLU backward's dgrad epilogue (quack's GEMM, fp8_mlp.swiglu_dgrad) against its reference on the same
+    GPU (cuBLAS's FP8 GEMM to fp32, torch's SiLU): d up and d gate may differ where the accumulation order or
+    quack's approximate exp / reciprocal moves a rounding (rare, one bf16 step), amaxes within that; cast_pair's
+    Triton kernel against its reference, bit for bit. Then times: cuBLAS's GEMM + the stats and cast passes (the
+    function without the epilogue) against the epilogue GEMM + cast_pair, and Inductor's per-linear passes."""
+    from gpt3d.model import quack_gemm
+    if not quack_gemm.dswiglu_available():
+        print("dgrad epilogue: quack-kernels does not load here; skipped")
+        return True
+    ok = True
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for T, H, F in ((8192, 2048, 8192), (4112, 2064, 1040)):
+        g, u = ((torch.randn(T, F, device="cuda", generator=gen) * 2).to(torch.bfloat16) for _ in range(2))
+        dy = (torch.randn(T, H, device="cuda", generator=gen) * 1e-2).to(torch.bfloat16)
+        w2 = (torch.randn(H, F, device="cuda", generator=gen) * F ** -0.5).to(torch.bfloat16)
+        dy8, _, inv_dy = M.cast(dy, M.E5M2)
+        _, w2_8t, inv_w2 = M.cast(w2, M.E4M3)
+        got = quack_gemm.mm_dswiglu_amax(dy8, w2_8t.t(), inv_dy, inv_w2, g, u)
+        want = M._swiglu_dgrad_ref(dy8, w2_8t, inv_dy, inv_w2, g, u)
+        if got is None:
+            print(f"dgrad epilogue T={T} H={H} F={F}: quack declined the operands -> FAIL")
+            ok = False
+            continue
+        good, fracs = True, []
+        for a, b in zip(got[:2], want[:2]):
+            bad = a != b
+            fracs.append(bad.float().mean().item())
+            rel = ((a.float() - b.float()).abs() / b.float().abs().clamp(min=1e-30))[bad]
+            good &= fracs[-1] < 1e-2 and (rel.numel() == 0 or rel.max().item() <= 2 ** -7)
+        good &= bool(((got[2] - want[2]).abs() <= want[2].abs() * 2 ** -7).all())
+        scale = M.to_scale(got[2], M.E5M2)
+        pair = k.cast_pair(got[0], got[1], scale, M.E5M2)
+        ref = []   # cast_pair's reference, by hand (on CUDA the op runs the kernel)
+        for i, v in enumerate(got[:2]):
+            q = M.quantize(v, scale[i], M.E5M2)
+            ref += [q.view(torch.uint8), q.t().contiguous().view(torch.uint8)]
+        good &= all(torch.equal(p.view(torch.uint8), r) for p, r in zip(pair, ref))
+        ok &= good
+        print(f"dgrad epilogue T={T} H={H} F={F}: d up / d gate differ at {fracs[0]:.1e} / {fracs[1]:.1e}, amaxes "
+              f"{got[2].tolist()} (reference {want[2].tolist()}), cast_pair bytes "
+              f"{'equal' if good else 'DIFFER'} -> {'ok' if good else 'FAIL'}")
+        if (T, H, F) == (8192, 2048, 8192):
+            time_dgrad_epilogue(dy8, w2_8t, inv_dy, inv_w2, g, u)
+    return ok
+
+
 def mlp_bench(swiglu: bool) -> None:
     """The whole MLP, compiled, forward + backward: bf16, FP8 per linear, FP8 as one function (1.3B's GeLU
     MLP, T=16384 H=2048 F=8192, with a bias; the Llama shape's SwiGLU, T=8192 H=2048 F=8192, without)."""
@@ -288,7 +362,7 @@ def mlp_bench(swiglu: bool) -> None:
     w1 = (torch.randn(F, H, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
     w2 = (torch.randn(H, F, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
     dy = torch.randn(T, H, device="cuda", dtype=torch.bfloat16) * 1e-2
-    fused = _fused_mlp(Float8Matmul("tensorwise"), swiglu, "none")
+    fused = _fused_mlp(Float8Matmul("tensorwise"), swiglu, "none", torch.bfloat16, torch.device("cuda"))
     if swiglu:
         wg = (torch.randn(F, H, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
         weights, leaves, names = (wg, None, w1, None, w2), (x, wg, w1, w2), "y, dx, dwg, dw1, dw2"
@@ -330,10 +404,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--mlp", action="store_true")
-    ap.add_argument("--only", choices=["gelu", "swiglu"])
+    ap.add_argument("--only", choices=["gelu", "swiglu", "epilogue"])
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", __import__("triton").__version__)
     ok = True
+    if a.only == "epilogue":
+        print("CHECK", "PASSED" if check_dgrad_epilogue() else "FAILED")
+        return
     if a.only != "swiglu":
         ok &= check()
         bench(a.sweep)
@@ -341,6 +418,7 @@ def main() -> None:
             mlp_bench(False)
     if a.only != "gelu":
         ok &= check_swiglu()
+        ok &= check_dgrad_epilogue()
         bench_swiglu()
         if a.mlp:
             mlp_bench(True)

@@ -14,6 +14,14 @@ the GEMM's output and then adds the bias. The TP communication stays in the
 TP layers; this is their local GEMM work. Where the token count is not a multiple of 16 (the weight-gradient
 GEMMs' inner dimension) the per-linear path runs instead.
 
+A SwiGLU MLP's backward can skip writing da altogether where quack-kernels loads (`dgrad_epilogue_loads`):
+the down projection's input-gradient GEMM computes d up, d gate and their amaxes in its epilogue
+(`swiglu_dgrad`, model/quack_gemm.py), and one pass casts the two gradients (`cast_pair`), instead of the
+stats and cast passes each reading g, u and da. Its rounding differs in one place: da and SiLU(g) are not
+rounded to bf16 on the way (one rounding of each gradient). Not measured on a GPU yet (benchmarks/RESULTS.md,
+session 43): `benchmarks/fp8_mlp_check.py --only epilogue` checks and times it, `profile_step.py` option `fp8s`
+runs it end to end; SwiGLU MLPs still run per linear by default.
+
 The activation ops (stats, cast; each with a forward and a backward mode; GeLU and SwiGLU) are custom ops:
 a torch reference (CPU, and the spec the Triton kernels are checked against by benchmarks/fp8_mlp_check.py)
 and the Triton kernels on CUDA; torch.compile keeps them whole. On CPU (tests) the GEMMs are torch's CPU
@@ -28,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..triton_kernels import triton_kernels
+from . import quack_gemm
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 EPS = 1e-12   # torchao's floor on an amax (float8_utils.EPS)
@@ -136,6 +145,52 @@ def _(g, u, da, scale, dtype):
     return [g.new_empty(s, dtype=dtype) for s in ((T, F_), (F_, T)) * (1 if da is None else 2)]
 
 
+def _dswiglu_values(da: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> list[torch.Tensor]:
+    """[d u, d g] of SiLU(g) * u from da, computed in fp32 (or higher) and rounded once, to g's dtype."""
+    op = torch.promote_types(g.dtype, torch.float32)
+    gf, uf, d = g.to(op), u.to(op), da.to(op)
+    sig = torch.sigmoid(gf)
+    return [(d * (gf * sig)).to(g.dtype), (d * uf * (sig * (1 + gf * (1 - sig)))).to(g.dtype)]
+
+
+@torch.library.custom_op("gpt3d::fp8_swiglu_dgrad", mutates_args=())
+def swiglu_dgrad(dy8: torch.Tensor, w2_8t: torch.Tensor, inv_dy: torch.Tensor, inv_w2: torch.Tensor,
+                 g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d up, d gate, their amaxes [2]) from the down projection's input gradient da = dy8 @ w2_8t^T (FP8, fp32
+    accumulation without fast accumulation), da not rounded on the way: the spec of quack's GEMM with SwiGLU's
+    backward and the amaxes in its epilogue (model/quack_gemm.py), which writes no da."""
+    return _swiglu_dgrad_ref(dy8, w2_8t, inv_dy, inv_w2, g, u)
+
+
+def _swiglu_dgrad_ref(dy8, w2_8t, inv_dy, inv_w2, g, u) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = torch.promote_types(g.dtype, torch.float32)
+    du, dg = _dswiglu_values(scaled_mm(dy8, w2_8t.t(), inv_dy, inv_w2, op, False), g, u)
+    return du, dg, torch.stack([du.abs().amax(), dg.abs().amax()]).to(op)
+
+
+@swiglu_dgrad.register_fake
+def _(dy8, w2_8t, inv_dy, inv_w2, g, u):
+    op = torch.promote_types(g.dtype, torch.float32)
+    return (torch.empty_like(g, memory_format=torch.contiguous_format),
+            torch.empty_like(g, memory_format=torch.contiguous_format), g.new_empty(2, dtype=op))
+
+
+@torch.library.custom_op("gpt3d::fp8_cast_pair", mutates_args=())
+def cast_pair(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """[a, a transposed, b, b transposed], a scaled by scale[0] and b by scale[1], cast to `dtype`."""
+    out = []
+    for i, v in enumerate((a, b)):
+        q = quantize(v, scale[i], dtype)
+        out += [q, q.t().clone(memory_format=torch.contiguous_format)]
+    return out
+
+
+@cast_pair.register_fake
+def _(a, b, scale, dtype):
+    T, F_ = a.shape
+    return [a.new_empty(s, dtype=dtype) for s in ((T, F_), (F_, T)) * 2]
+
+
 def _register_triton(k) -> bool:
     @gelu_stats.register_kernel("cuda")
     def _(h, da, tanh):
@@ -155,12 +210,33 @@ def _register_triton(k) -> bool:
     def _(g, u, da, scale, dtype):
         return k.swiglu_cast(g.contiguous(), u.contiguous(), None if da is None else da.contiguous(),
                              scale.contiguous(), dtype)
+
+    @cast_pair.register_kernel("cuda")
+    def _(a, b, scale, dtype):
+        return k.cast_pair(a.contiguous(), b.contiguous(), scale.contiguous(), dtype)
     return True
+
+
+@swiglu_dgrad.register_kernel("cuda")
+def _(dy8, w2_8t, inv_dy, inv_w2, g, u):
+    # operands quack declines (e.g. misaligned): the reference, eager
+    return (quack_gemm.mm_dswiglu_amax(dy8, w2_8t.t(), inv_dy, inv_w2, g, u)
+            or _swiglu_dgrad_ref(dy8, w2_8t, inv_dy, inv_w2, g, u))
 
 
 _KERNELS = triton_kernels(".fp8_mlp_triton", __package__)
 if _KERNELS is not None:
     _register_triton(_KERNELS)
+
+
+def dgrad_epilogue_loads(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a SwiGLU MLP's backward on `device` can run the down projection's input-gradient GEMM with
+    SwiGLU's backward and the amaxes in its epilogue (`swiglu_dgrad`: quack-kernels, model/quack_gemm.py)
+    instead of writing da and reading it back twice (`swiglu_stats`, `swiglu_cast`): CUDA sm_90+ where quack's
+    epilogue loads, activations (`dtype`) in bf16 or fp16. Asked once, when the function is built (importing
+    quack is no work for a traced backward); tests patch it to run the op's reference on CPU."""
+    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(device)[0] >= 9 and quack_gemm.dswiglu_available())
 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor, out_dtype: torch.dtype,
@@ -220,7 +296,8 @@ class _SwiGLUMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, wg: torch.Tensor, bg: Optional[torch.Tensor], w1: torch.Tensor,
-                b1: Optional[torch.Tensor], w2: torch.Tensor, fast: tuple[bool, bool, bool]) -> torch.Tensor:
+                b1: Optional[torch.Tensor], w2: torch.Tensor, fast: tuple[bool, bool, bool],
+                epilogue: bool = False) -> torch.Tensor:
         dt = x.dtype
         x8, x8_t, inv_x = cast(x, E4M3)
         wg8, wg8_t, inv_wg = cast(wg, E4M3)
@@ -234,7 +311,7 @@ class _SwiGLUMLP(torch.autograd.Function):
         inv_a = scale_a[0].reciprocal()
         y = scaled_mm(a8, w2_8.t(), inv_a, inv_w2, dt, fast[0])
         ctx.save_for_backward(x8_t, inv_x, wg8_t, inv_wg, w1_8t, inv_w1, g, u, a8_t, inv_a, w2_8t, inv_w2)
-        ctx.fast = fast
+        ctx.fast, ctx.epilogue = fast, epilogue
         ctx.dtypes = [t.dtype if t is not None else None for t in (wg, bg, w1, b1, w2)]
         return y
 
@@ -243,10 +320,21 @@ class _SwiGLUMLP(torch.autograd.Function):
         x8_t, inv_x, wg8_t, inv_wg, w1_8t, inv_w1, g, u, a8_t, inv_a, w2_8t, inv_w2 = ctx.saved_tensors
         dt, (_, fast_dgrad, fast_wgrad) = dy.dtype, ctx.fast
         t_wg, t_bg, t_w1, t_b1, t_w2 = ctx.dtypes
-        da, dw2 = _fc2_backward(dy, w2_8t, inv_w2, a8_t, inv_a, t_w2, ctx.fast)
-        amax, sums = swiglu_stats(g, u, da, t_bg is not None or t_b1 is not None)
-        scale_g = to_scale(amax, E5M2)   # [d u, d g]
-        du8, du8_t, dg8, dg8_t = swiglu_cast(g, u, da, scale_g, E5M2)
+        biased = t_bg is not None or t_b1 is not None
+        # where it loads, without fast accumulation (quack's FP8 GEMMs promote periodically, as torchao's recipe
+        # asks of input gradients) and biases (no column sums in that epilogue): da never written
+        if ctx.epilogue and not fast_dgrad and not biased:
+            dy8, dy8_t, inv_dy = cast(dy.contiguous(), E5M2)
+            dw2 = scaled_mm(dy8_t, a8_t.t(), inv_dy, inv_a, t_w2, fast_wgrad)
+            du, dg, amax = swiglu_dgrad(dy8, w2_8t, inv_dy, inv_w2, g, u)
+            scale_g = to_scale(amax, E5M2)   # [d u, d g]
+            du8, du8_t, dg8, dg8_t = cast_pair(du, dg, scale_g, E5M2)
+            sums = None
+        else:
+            da, dw2 = _fc2_backward(dy, w2_8t, inv_w2, a8_t, inv_a, t_w2, ctx.fast)
+            amax, sums = swiglu_stats(g, u, da, biased)
+            scale_g = to_scale(amax, E5M2)   # [d u, d g]
+            du8, du8_t, dg8, dg8_t = swiglu_cast(g, u, da, scale_g, E5M2)
         # each inverse scale a tensor of its own: Inductor's _scaled_mm lowering rejects a view into [2]
         inv_du, inv_dg = scale_g[0].reciprocal(), scale_g[1].reciprocal()
         dx = (scaled_mm(dg8, wg8_t.t(), inv_dg, inv_wg, dt, fast_dgrad)       # [T, F] @ [F, H], twice
@@ -255,7 +343,7 @@ class _SwiGLUMLP(torch.autograd.Function):
         dw1 = scaled_mm(du8_t, x8_t.t(), inv_du, inv_x, t_w1, fast_wgrad)
         dbg = None if t_bg is None else sums[1].to(t_bg)
         db1 = None if t_b1 is None else sums[0].to(t_b1)
-        return dx, dwg, dbg, dw1, db1, dw2, None
+        return dx, dwg, dbg, dw1, db1, dw2, None, None
 
 
 class Float8MLP:
@@ -265,9 +353,11 @@ class Float8MLP:
     `fallback(x, *weights)` serves token counts FP8's weight-gradient GEMMs cannot take: the per-linear path."""
 
     def __init__(self, swiglu: bool, tanh: bool, fast: tuple[bool, bool, bool],
-                 fallback: Callable[..., torch.Tensor]):
-        """fast: fast (lower-precision) accumulation in the forward, input-gradient, weight-gradient GEMMs."""
+                 fallback: Callable[..., torch.Tensor], epilogue: bool = False):
+        """fast: fast (lower-precision) accumulation in the forward, input-gradient, weight-gradient GEMMs;
+        epilogue: SwiGLU's backward in the down projection's input-gradient GEMM (`dgrad_epilogue_loads`)."""
         self.swiglu, self.tanh, self.fast, self.fallback = swiglu, tanh, fast, fallback
+        self.epilogue = epilogue
 
     def __call__(self, x: torch.Tensor, *weights: Optional[torch.Tensor]) -> torch.Tensor:
         shape = x.shape
@@ -275,7 +365,7 @@ class Float8MLP:
         if x2.shape[0] % 16:
             return self.fallback(x, *weights)
         if self.swiglu:
-            y = _SwiGLUMLP.apply(x2, *weights, self.fast)
+            y = _SwiGLUMLP.apply(x2, *weights, self.fast, self.epilogue)
         else:
             y = _GeluMLP.apply(x2, *weights, self.tanh, self.fast)
         return y.reshape(*shape[:-1], y.shape[-1])

@@ -303,3 +303,28 @@ def swiglu_cast(g: torch.Tensor, u: torch.Tensor, da: torch.Tensor | None, scale
                               FP8_MAX=torch.finfo(dtype).max, BT=c["BT"], BF=c["BF"], BACKWARD=da is not None,
                               num_warps=c["num_warps"])
     return out
+
+
+@triton.jit
+def _pair_cast_kernel(a_ptr, b_ptr, scale_ptr, o0_ptr, o0_t_ptr, o1_ptr, o1_t_ptr, T, F, FP8_MAX: tl.constexpr,
+                      BT: tl.constexpr, BF: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BF + tl.arange(0, BF)
+    mask = (rows[:, None] < T) & (cols[None, :] < F)
+    offs = rows[:, None].to(tl.int64) * F + cols[None, :]
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    _store_both(o0_ptr, o0_t_ptr, a, tl.load(scale_ptr), rows, cols, mask, T, F, FP8_MAX)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    _store_both(o1_ptr, o1_t_ptr, b, tl.load(scale_ptr + 1), rows, cols, mask, T, F, FP8_MAX)
+
+
+def cast_pair(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """[a, a transposed, b, b transposed], a scaled by scale[0] and b by scale[1], in `dtype` (a, b [T, F]
+    row-major)."""
+    T, F = a.shape
+    c = CAST
+    out = [torch.empty(s, device=a.device, dtype=dtype) for s in ((T, F), (F, T)) * 2]
+    grid = (triton.cdiv(T, c["BT"]), triton.cdiv(F, c["BF"]))
+    _pair_cast_kernel[grid](a, b, scale, *out, T, F, FP8_MAX=torch.finfo(dtype).max, BT=c["BT"], BF=c["BF"],
+                            num_warps=c["num_warps"])
+    return out

@@ -11,6 +11,9 @@ H100, benchmarks/RESULTS.md, 2026-12-07, session 41). Whole 1.3B steps +1.7%. qu
 3-20% slower than cuBLAS's, so only these two ops offer it; model/cublaslt.py and model/bias_grad.py time every
 way once per problem and keep the fastest (`cublaslt.pick`).
 
+A third use, for FP8 SwiGLU MLPs (model/fp8_mlp.py, opt-in, not yet measured): the down projection's FP8
+input-gradient GEMM with SwiGLU's backward and both gradients' amaxes in its epilogue (`mm_dswiglu_amax`).
+
 quack-kernels is optional (the `quack` extra) and used only where it loads, on CUDA sm_90 or newer, in bf16 and
 fp16, for operands whose rows are 16-byte aligned; elsewhere its functions return None and the other ways serve.
 quack compiles each kernel on first use (~3 s; its own disk cache, under ~/.quack or QUACK_CACHE_DIR, keeps them)
@@ -92,13 +95,53 @@ def _dgelu_sums() -> Optional[Any]:
     return dgelu_sums
 
 
+@functools.cache
+def _dswiglu_amax() -> Optional[Any]:
+    """quack's GEMM with SwiGLU's gradients and both their amaxes in its epilogue (element mode: the gate and up
+    pre-activations as two full-tile operands, d up written as D and d gate as a second output), or None where
+    quack does not import."""
+    try:
+        from quack.activation import dswiglu
+        from quack.epilogue.frontend import gemm_epilogue
+        from quack.epilogue.ops import ColVecReduce
+    except Exception:   # noqa: BLE001 (as _gemm_act's)
+        return None
+
+    @gemm_epilogue(outputs=("dg",), reduces={"amax_u": ColVecReduce("amax_u", combine="max_abs"),
+                                             "amax_g": ColVecReduce("amax_g", combine="max_abs")})
+    def dswiglu_amax(acc, g, u, s):
+        dg, du, _ = dswiglu(g, u, acc * s)
+        return {"D": du, "dg": dg, "amax_u": du, "amax_g": dg}
+    return dswiglu_amax
+
+
 def available() -> bool:
     return _gemm_act() is not None
+
+
+def dswiglu_available() -> bool:
+    """Whether quack's FP8 SwiGLU-gradient epilogue (`mm_dswiglu_amax`) loads here."""
+    return _dswiglu_amax() is not None
 
 
 def applies(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> bool:
     """Whether quack's way is offered for these operands: `takes` them and quack-kernels loads."""
     return takes(a, b, c) and available()
+
+
+def takes_fp8(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether `mm_dswiglu_amax` would try these operands: CUDA sm_90 or newer, a [M, K] row-major and b [K, N]
+    column-major of 8-bit floats (quack's FP8 GEMMs take K-major operands only), g and u [M, N] row-major bf16 or
+    fp16, each `loadable`, K a multiple of 16."""
+    if a.dim() != 2 or b.dim() != 2:
+        return False
+    m, n = a.shape[0], b.shape[1]
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    return (a.is_cuda and a.dtype in fp8 and b.dtype in fp8 and g.dtype in (torch.bfloat16, torch.float16)
+            and u.dtype == g.dtype and b.shape[0] == a.shape[1] and g.shape == u.shape == (m, n)
+            and min(m, n) > 0 and a.shape[1] % 16 == 0 and n % 8 == 0 and a.stride(1) == 1 and b.stride(0) == 1
+            and g.stride(1) == 1 and u.stride(1) == 1 and all(loadable(t) for t in (a, b, g, u))
+            and torch.cuda.get_device_capability(a.device)[0] >= 9)
 
 
 def installed() -> bool:
@@ -129,3 +172,20 @@ def mm_dgelu_sums(a: torch.Tensor, b: torch.Tensor, pre: torch.Tensor) -> Option
     launches += 1
     r = mod(a, b, pre, tuned=False)
     return r["D"], r["dbias"].float()
+
+
+def mm_dswiglu_amax(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor, g: torch.Tensor,
+                    u: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(d up, d gate, their amaxes [2] in fp32) of SwiGLU(g, u) = SiLU(g) * u, given da = (a @ b) * inv_a * inv_b
+    (FP8 operands, fp32 accumulation with quack's periodic promotion): d up = da * SiLU(g), d gate = da * u *
+    SiLU'(g), each rounded once to g's dtype (da and SiLU(g) are not rounded on the way; the amaxes are of the
+    fp32 values, whose rounding gives the rounded values' amax). None where it does not apply (`takes_fp8`,
+    quack loads); raises what quack raises."""
+    mod = _dswiglu_amax()
+    if mod is None or not takes_fp8(a, b, g, u):
+        return None
+    global launches
+    launches += 1
+    r = mod(a, b, g=g, u=u, s=(inv_a * inv_b).reshape(1).float(), out_dtype=g.dtype, tuned=False)
+    amax = torch.stack([r["amax_u"].amax(), r["amax_g"].amax()]).to(g.dtype).float()   # the rounded values'
+    return r["D"], r["dg"], amax
