@@ -353,7 +353,8 @@ def check_dgrad_epilogue() -> bool:
 
 def mlp_bench(swiglu: bool) -> None:
     """The whole MLP, compiled, forward + backward: bf16, FP8 per linear, FP8 as one function (1.3B's GeLU
-    MLP, T=16384 H=2048 F=8192, with a bias; the Llama shape's SwiGLU, T=8192 H=2048 F=8192, without)."""
+    MLP, T=16384 H=2048 F=8192, with a bias; the Llama shape's SwiGLU, T=8192 H=2048 F=8192, without). The
+    SwiGLU function as training builds it: with the dgrad epilogue where quack-kernels loads (since session 43)."""
     import torch.nn.functional as Fn
     from gpt3d.model.fp8 import Float8Matmul, _fused_mlp
     T, H, F = (8192, 2048, 8192) if swiglu else (16384, 2048, 8192)
@@ -362,7 +363,7 @@ def mlp_bench(swiglu: bool) -> None:
     w1 = (torch.randn(F, H, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
     w2 = (torch.randn(H, F, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
     dy = torch.randn(T, H, device="cuda", dtype=torch.bfloat16) * 1e-2
-    fused = _fused_mlp(Float8Matmul("tensorwise"), swiglu, "none", torch.bfloat16, torch.device("cuda"))
+    fused = _fused_mlp(Float8Matmul("tensorwise"), swiglu, "none", torch.device("cuda"))
     if swiglu:
         wg = (torch.randn(F, H, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
         weights, leaves, names = (wg, None, w1, None, w2), (x, wg, w1, w2), "y, dx, dwg, dw1, dw2"

@@ -141,7 +141,7 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
         for m in model.modules():
             if isinstance(m, MLP) and (fused_swiglu or not m.swiglu) and all(
                     x._matmul is matmul for x in (m.fc1, m.fc2) + ((m.gate,) if m.swiglu else ())):
-                m.set_fused(_fused_mlp(matmul, m.swiglu, m.gelu_approximation, m.fc1.weight.dtype, device))
+                m.set_fused(_fused_mlp(matmul, m.swiglu, m.gelu_approximation, device))
     if fused_qkv and functions:
         from .fp8_qkv import Float8QKV
         for m in model.modules():
@@ -156,7 +156,7 @@ def _fast(c) -> tuple[bool, bool, bool]:
             c.gemm_config_grad_weight.use_fast_accum)
 
 
-def _fused_mlp(matmul: Float8Matmul, swiglu: bool, approximate: str, dtype: torch.dtype, device: torch.device):
+def _fused_mlp(matmul: Float8Matmul, swiglu: bool, approximate: str, device: torch.device):
     from .fp8_mlp import Float8MLP, dgrad_epilogue_loads
 
     def per_linear(x, *w):
@@ -166,4 +166,4 @@ def _fused_mlp(matmul: Float8Matmul, swiglu: bool, approximate: str, dtype: torc
         w1, b1, w2 = w
         return matmul(F.gelu(matmul(x, w1, b1), approximate=approximate), w2, None)
     return Float8MLP(swiglu, approximate == "tanh", _fast(matmul.config), per_linear,
-                     epilogue=swiglu and dgrad_epilogue_loads(device, dtype))
+                     epilogue=swiglu and dgrad_epilogue_loads(device))

@@ -17,10 +17,11 @@ GEMMs' inner dimension) the per-linear path runs instead.
 A SwiGLU MLP's backward can skip writing da altogether where quack-kernels loads (`dgrad_epilogue_loads`):
 the down projection's input-gradient GEMM computes d up, d gate and their amaxes in its epilogue
 (`swiglu_dgrad`, model/quack_gemm.py), and one pass casts the two gradients (`cast_pair`), instead of the
-stats and cast passes each reading g, u and da. Its rounding differs in one place: da and SiLU(g) are not
-rounded to bf16 on the way (one rounding of each gradient). Not measured on a GPU yet (benchmarks/RESULTS.md,
-session 43): `benchmarks/fp8_mlp_check.py --only epilogue` checks and times it, `profile_step.py` option `fp8s`
-runs it end to end; SwiGLU MLPs still run per linear by default.
+stats and cast passes each reading g, u and da. Its rounding differs: only the two final gradients are rounded
+to bf16 (the path above also rounds da, SiLU(g), da * u and SiLU's backward on the way), and a NaN gradient
+does not make the amax NaN (the epilogue's max drops NaN; the NaN entries still cast to NaN). Not measured on a
+GPU yet (benchmarks/RESULTS.md, 2026-12-07, session 43): `benchmarks/fp8_mlp_check.py --only epilogue` checks and
+times it, `profile_step.py` option `fp8s` runs it end to end; SwiGLU MLPs still run per linear by default.
 
 The activation ops (stats, cast; each with a forward and a backward mode; GeLU and SwiGLU) are custom ops:
 a torch reference (CPU, and the spec the Triton kernels are checked against by benchmarks/fp8_mlp_check.py)
@@ -29,6 +30,7 @@ and the Triton kernels on CUDA; torch.compile keeps them whole. On CPU (tests) t
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -217,11 +219,26 @@ def _register_triton(k) -> bool:
     return True
 
 
-@swiglu_dgrad.register_kernel("cuda")
-def _(dy8, w2_8t, inv_dy, inv_w2, g, u):
-    # operands quack declines (e.g. misaligned): the reference, eager
-    return (quack_gemm.mm_dswiglu_amax(dy8, w2_8t.t(), inv_dy, inv_w2, g, u)
-            or _swiglu_dgrad_ref(dy8, w2_8t, inv_dy, inv_w2, g, u))
+_QUACK_FAILED: list[str] = []   # quack's epilogue raised once (e.g. its first compile): the reference serves since
+
+
+def _swiglu_dgrad_quack(dy8, w2_8t, inv_dy, inv_w2, g, u) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """swiglu_dgrad on CUDA: quack's epilogue, else the reference."""
+    if not _QUACK_FAILED:
+        try:
+            got = quack_gemm.mm_dswiglu_amax(dy8, w2_8t.t(), inv_dy, inv_w2, g, u)
+        except Exception as e:   # noqa: BLE001 (a third-party kernel's error: the reference computes the same)
+            _QUACK_FAILED.append(f"{type(e).__name__}: {e}")
+            warnings.warn(f"gpt3d: quack's SwiGLU-gradient epilogue raised {_QUACK_FAILED[0]}; its reference (slower) "
+                          "serves from now on", RuntimeWarning, stacklevel=2)
+        else:
+            if got is not None:
+                return got
+    # operands quack declines (e.g. misaligned) or a failed quack: the reference, eager
+    return _swiglu_dgrad_ref(dy8, w2_8t, inv_dy, inv_w2, g, u)
+
+
+swiglu_dgrad.register_kernel("cuda")(_swiglu_dgrad_quack)
 
 
 _KERNELS = triton_kernels(".fp8_mlp_triton", __package__)
@@ -229,14 +246,15 @@ if _KERNELS is not None:
     _register_triton(_KERNELS)
 
 
-def dgrad_epilogue_loads(device: torch.device, dtype: torch.dtype) -> bool:
+def dgrad_epilogue_loads(device: torch.device) -> bool:
     """Whether a SwiGLU MLP's backward on `device` can run the down projection's input-gradient GEMM with
     SwiGLU's backward and the amaxes in its epilogue (`swiglu_dgrad`: quack-kernels, model/quack_gemm.py)
     instead of writing da and reading it back twice (`swiglu_stats`, `swiglu_cast`): CUDA sm_90+ where quack's
-    epilogue loads, activations (`dtype`) in bf16 or fp16. Asked once, when the function is built (importing
-    quack is no work for a traced backward); tests patch it to run the op's reference on CPU."""
-    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-            and torch.cuda.get_device_capability(device)[0] >= 9 and quack_gemm.dswiglu_available())
+    epilogue loads (activations are bf16: --fp8 needs --bf16; quack declines others and the op's reference serves).
+    Asked once, when the function is built, before the parameters take the model dtype (importing quack is no work
+    for a traced backward); tests patch it to run the op's reference on CPU."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and quack_gemm.dswiglu_available())
 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor, out_dtype: torch.dtype,

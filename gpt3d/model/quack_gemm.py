@@ -12,7 +12,8 @@ H100, benchmarks/RESULTS.md, 2026-12-07, session 41). Whole 1.3B steps +1.7%. qu
 way once per problem and keep the fastest (`cublaslt.pick`).
 
 A third use, for FP8 SwiGLU MLPs (model/fp8_mlp.py, opt-in, not yet measured): the down projection's FP8
-input-gradient GEMM with SwiGLU's backward and both gradients' amaxes in its epilogue (`mm_dswiglu_amax`).
+input-gradient GEMM with SwiGLU's backward and both gradients' amaxes in its epilogue (`mm_dswiglu_amax`); not
+a timed way: where quack raises there, fp8_mlp warns once and its reference serves.
 
 quack-kernels is optional (the `quack` extra) and used only where it loads, on CUDA sm_90 or newer, in bf16 and
 fp16, for operands whose rows are 16-byte aligned; elsewhere its functions return None and the other ways serve.
@@ -132,7 +133,7 @@ def applies(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> bool:
 def takes_fp8(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> bool:
     """Whether `mm_dswiglu_amax` would try these operands: CUDA sm_90 or newer, a [M, K] row-major and b [K, N]
     column-major of 8-bit floats (quack's FP8 GEMMs take K-major operands only), g and u [M, N] row-major bf16 or
-    fp16, each `loadable`, K a multiple of 16."""
+    fp16, each `loadable`, K a multiple of 16 and N of 8."""
     if a.dim() != 2 or b.dim() != 2:
         return False
     m, n = a.shape[0], b.shape[1]
@@ -179,8 +180,8 @@ def mm_dswiglu_amax(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b
     """(d up, d gate, their amaxes [2] in fp32) of SwiGLU(g, u) = SiLU(g) * u, given da = (a @ b) * inv_a * inv_b
     (FP8 operands, fp32 accumulation with quack's periodic promotion): d up = da * SiLU(g), d gate = da * u *
     SiLU'(g), each rounded once to g's dtype (da and SiLU(g) are not rounded on the way; the amaxes are of the
-    fp32 values, whose rounding gives the rounded values' amax). None where it does not apply (`takes_fp8`,
-    quack loads); raises what quack raises."""
+    fp32 values, whose rounding gives the rounded values' amax; its max drops NaN, PTX's max.abs). None where it
+    does not apply (`takes_fp8`, quack loads); raises what quack raises."""
     mod = _dswiglu_amax()
     if mod is None or not takes_fp8(a, b, g, u):
         return None

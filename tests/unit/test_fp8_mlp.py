@@ -41,15 +41,18 @@ ORDER = {"gelu": ["fwd"] * 2 + ["dgrad", "wgrad"] * 2,
 
 # the SwiGLU backward with the down projection's dgrad epilogue (fp8_mlp.swiglu_dgrad): fc2's wgrad first, then
 # its input gradient inside swiglu_dgrad, without fast accumulation (the epilogue serves only where dgrad asks
-# for none: its flag "" here), then the first linears'
+# for none: its flag "" here, "dgrad" where it asks for it), then the first linears'
 EPILOGUE_ORDER = ["fwd"] * 3 + ["wgrad", False, "", "", "wgrad", "wgrad"]
 
 
 @fuzz(40)
 @given(tokens=st.integers(1, 40), h=st.integers(1, 24), f=st.integers(1, 40), swiglu=st.booleans(),
-       tanh=st.booleans(), bias=st.booleans(), epilogue=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
-def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, swiglu, tanh, bias, epilogue, seed):
-    """Also with the SwiGLU backward's dgrad epilogue (run here by its torch reference), which biases rule out."""
+       tanh=st.booleans(), bias=st.booleans(), epilogue=st.booleans(), fast_dgrad=st.booleans(),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, swiglu, tanh, bias, epilogue, fast_dgrad,
+                                                             seed):
+    """Also with the SwiGLU backward's dgrad epilogue (run here by its torch reference), which biases and fast
+    accumulation in dgrad rule out."""
     with pytest.MonkeyPatch.context() as mp:
         calls = _exact_quantization(mp)
         rand = scaled_leaves(torch.Generator().manual_seed(seed))
@@ -58,14 +61,17 @@ def test_the_function_is_the_mlp_when_quantization_is_exact(tokens, h, f, swiglu
         w2 = rand(h, f)
         weights = [t for pair in firsts for t in pair] + [w2]
         if swiglu:
-            y = fp8_mlp._SwiGLUMLP.apply(x, *weights, ("fwd", "" if epilogue else "dgrad", "wgrad"), epilogue)
+            flag = "dgrad" if fast_dgrad or not epilogue else ""   # truthy: fast accumulation asked for
+            y = fp8_mlp._SwiGLUMLP.apply(x, *weights, ("fwd", flag, "wgrad"), epilogue)
         else:
             y = fp8_mlp._GeluMLP.apply(x, *weights, tanh, ("fwd", "dgrad", "wgrad"))
         y.backward(dy)
         leaves = [x] + [t for t in weights if t is not None]
         got = [y.detach()] + [t.grad for t in leaves]
-        plain = [c if not (epilogue and swiglu) or c != "dgrad" else "" for c in ORDER["swiglu" if swiglu else "gelu"]]
-        assert [c[0] for c in calls] == (EPILOGUE_ORDER if epilogue and swiglu and not bias else plain)
+        flag = "dgrad" if fast_dgrad or not (epilogue and swiglu) else ""
+        plain = [flag if c == "dgrad" else c for c in ORDER["swiglu" if swiglu else "gelu"]]
+        used = epilogue and swiglu and not bias and not fast_dgrad
+        assert [c[0] for c in calls] == (EPILOGUE_ORDER if used else plain)
         assert all(c[1] == torch.float64 for c in calls)
         ref = [t.detach().clone().requires_grad_() if t is not None else None for t in [x] + weights]
         lin = [F.linear(ref[0], ref[1 + 2 * i], ref[2 + 2 * i]) for i in range(len(firsts))]
@@ -170,8 +176,60 @@ def test_the_dgrad_epilogue_ops_are_their_spec(rows, cols, hidden, spread, seed)
         assert torch.equal(_bytes(out[2 * i + 1]), _bytes(out[2 * i].t().contiguous()))
 
 
-def test_the_dgrad_epilogue_is_not_offered_on_cpu():
-    assert not any(fp8_mlp.dgrad_epilogue_loads(torch.device("cpu"), dt) for dt in (torch.bfloat16, torch.float32))
+def test_a_failing_quack_epilogue_warns_once_and_the_reference_serves(monkeypatch):
+    """swiglu_dgrad's CUDA kernel (run here on CPU tensors): where quack raises (e.g. its first compile), one
+    warning, the reference's result, and quack not tried again."""
+    monkeypatch.setattr(fp8_mlp, "_QUACK_FAILED", [])
+    tried = []
+
+    def broken(*a):
+        tried.append(1)
+        raise RuntimeError("compile failed")
+    monkeypatch.setattr(fp8_mlp.quack_gemm, "mm_dswiglu_amax", broken)
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(16, 32, generator=g).to(torch.bfloat16) for _ in range(2))
+    dy8, _, inv_dy = fp8_mlp.cast(torch.randn(16, 16, generator=g).to(torch.bfloat16), fp8_mlp.E5M2)
+    _, w2_8t, inv_w2 = fp8_mlp.cast(torch.randn(16, 32, generator=g).to(torch.bfloat16), fp8_mlp.E4M3)
+    args = (dy8, w2_8t, inv_dy, inv_w2, gate, up)
+    with pytest.warns(RuntimeWarning, match="compile failed"):
+        first = fp8_mlp._swiglu_dgrad_quack(*args)
+    second = fp8_mlp._swiglu_dgrad_quack(*args)
+    want = fp8_mlp.swiglu_dgrad(*args)
+    assert all(torch.equal(a, b) and torch.equal(b, c) for a, b, c in zip(first, second, want, strict=True))
+    assert tried == [1]
+
+
+@pytest.mark.parametrize("epilogue", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("fast_dgrad", [False, True])
+def test_the_epilogue_runs_only_without_biases_and_fast_dgrad(monkeypatch, epilogue, bias, fast_dgrad):
+    """Every combination: swiglu_dgrad runs exactly where the function has the epilogue, the MLP no biases (no
+    column sums in that epilogue) and dgrad no fast accumulation (quack's FP8 GEMMs promote periodically)."""
+    seen = []
+    real = fp8_mlp.swiglu_dgrad
+    monkeypatch.setattr(fp8_mlp, "swiglu_dgrad", lambda *a: seen.append(1) or real(*a))
+    rand = scaled_leaves(torch.Generator().manual_seed(5))
+    x, dy = rand(16, 16), rand(16, 16).detach()
+    weights = [rand(32, 16), rand(32) if bias else None, rand(32, 16), rand(32) if bias else None, rand(16, 32)]
+    fast = (True, fast_dgrad, False)
+    with pytest.MonkeyPatch.context() as mp:
+        _exact_quantization(mp)
+        fp8_mlp._SwiGLUMLP.apply(x, *weights, fast, epilogue).backward(dy)
+    assert len(seen) == int(epilogue and not bias and not fast_dgrad)
+
+
+@pytest.mark.parametrize("loads", [False, True])
+def test_enable_fp8_gives_swiglu_functions_the_dgrad_epilogue_where_it_loads(monkeypatch, loads):
+    """Asked once per function with the model's device, and only SwiGLU MLPs take it (GeLU's backward has its
+    own passes); not offered on CPU."""
+    assert not fp8_mlp.dgrad_epilogue_loads(torch.device("cpu"))
+    asked = []
+    monkeypatch.setattr(fp8_mlp, "dgrad_epilogue_loads", lambda device: asked.append(device) or loads)
+    for arch, swiglu in ((SWIGLU, True), ({}, False)):
+        m = _model(tiny_config(**GPT, **arch, disable_bias_linear=True), fused=True)
+        fused = [mlp._fused for mlp in m.modules() if isinstance(mlp, MLP)]
+        assert len(fused) == GPT["num_layers"] and all(f.epilogue is (loads and swiglu) for f in fused)
+    assert asked == [torch.device("cpu")] * GPT["num_layers"]
 
 
 def _model(cfg, fused: bool):
@@ -207,7 +265,7 @@ def test_the_fused_model_trains_like_the_per_linear_one(arch):
 def test_the_model_with_the_dgrad_epilogue_trains_like_the_per_linear_one(monkeypatch):
     """The SwiGLU MLP's backward through swiglu_dgrad and cast_pair (their references, on CPU): loss and gradients
     as the per-linear FP8 model's within FP8's rounding."""
-    monkeypatch.setattr(fp8_mlp, "dgrad_epilogue_loads", lambda device, dtype: True)
+    monkeypatch.setattr(fp8_mlp, "dgrad_epilogue_loads", lambda device: True)
     seen = []
     real = fp8_mlp.swiglu_dgrad
     monkeypatch.setattr(fp8_mlp, "swiglu_dgrad", lambda *a: seen.append(1) or real(*a))
