@@ -134,8 +134,13 @@ def _(g, u, da, sums):
 def swiglu_cast(g: torch.Tensor, u: torch.Tensor, da: Optional[torch.Tensor], scale: torch.Tensor,
                 dtype: torch.dtype) -> list[torch.Tensor]:
     """[a, a transposed] (da None) or [d u, its transpose, d g, its transpose], value i scaled by scale[i]."""
+    return _both_layouts(_swiglu_values(g, u, da), scale, dtype)
+
+
+def _both_layouts(values, scale: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """[v0 cast, v0 cast and transposed (contiguous), v1 cast, ...], value i scaled by scale[i]."""
     out = []
-    for i, v in enumerate(_swiglu_values(g, u, da)):
+    for i, v in enumerate(values):
         q = quantize(v, scale[i], dtype)
         out += [q, q.t().clone(memory_format=torch.contiguous_format)]
     return out
@@ -180,11 +185,7 @@ def _(dy8, w2_8t, inv_dy, inv_w2, g, u):
 @torch.library.custom_op("gpt3d::fp8_cast_pair", mutates_args=())
 def cast_pair(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     """[a, a transposed, b, b transposed], a scaled by scale[0] and b by scale[1], cast to `dtype`."""
-    out = []
-    for i, v in enumerate((a, b)):
-        q = quantize(v, scale[i], dtype)
-        out += [q, q.t().clone(memory_format=torch.contiguous_format)]
-    return out
+    return _both_layouts((a, b), scale, dtype)
 
 
 @cast_pair.register_fake
