@@ -17,6 +17,8 @@ the FP8 tensors: backward reuses them (a transpose of FP8 bytes instead of anoth
 What backward keeps is then FP8 input and weight copies rather than the bf16 input and a view of the weight;
 compiled, Inductor's partitioner decides what is kept either way (peak memory measured the same). The
 rowwise recipes scale the backward's copies along the other axis, so they cast inside torchao's function.
+Where a step would cast a weight more than once, the train step casts it once for the step instead
+(gpt3d/model/fp8_weights.py); `__call__` and the functions below then take that copy.
 With `tensorwise` a GeLU MLP's linears run as one FP8 function instead (gpt3d/model/fp8_mlp.py, same recipe),
 whose casts between the GEMMs are Triton kernels, faster there than Inductor's (SwiGLU: opt-in, not faster),
 and the attention's QKV linear as one function returning q, k and v (gpt3d/model/fp8_qkv.py), whose output
@@ -27,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 from .attention import SelfAttention
+from .fp8_mlp import WEIGHT_CAST
 from .gpt import MLP
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
@@ -63,7 +66,8 @@ class Float8Matmul:
             from torchao.float8 import Float8LinearConfig
             from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
             from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
-            from torchao.float8.float8_training_tensor import GemmInputRole, LinearMMConfig, ScaledMMConfig
+            from torchao.float8.float8_training_tensor import (Float8TrainingTensor, GemmInputRole, LinearMMConfig,
+                                                               ScaledMMConfig)
             from torchao.float8.config import ScalingGranularity, ScalingType
         except ImportError:
             raise ConfigError("--fp8 needs torchao's float8 training: pip install -e \".[fp8]\"") from None
@@ -82,6 +86,7 @@ class Float8Matmul:
                                                           "weight_for_grad_input")]
         # (cast input, cast weight) as torchao's forward would, for its backward to reuse; None: torchao casts
         self._cast_once: Optional[tuple[Callable, Callable]] = None
+        self._held = (Float8TrainingTensor, GemmInputRole.WEIGHT)   # for weights cast once a step
         if all(k.scaling_type is ScalingType.DYNAMIC and k.scaling_granularity is ScalingGranularity.TENSORWISE
                for k in casts):
             cast = functools.partial(hp_tensor_to_float8_dynamic, linear_mm_config=self.mm_config,
@@ -96,9 +101,25 @@ class Float8Matmul:
         w = weight.t()
         if self._cast_once is not None:
             cast_x, cast_w = self._cast_once
-            x, w = cast_x(x), cast_w(w)
+            held = getattr(weight, WEIGHT_CAST, None)   # cast once for the step (model/fp8_weights.py)
+            x = cast_x(x)
+            w = cast_w(w) if held is None else _HeldCast.apply(w, held[0].t(), held[2], self.mm_config, *self._held)
         y = self._fn.apply(x, w, self.mm_config, self.config)   # [*, in] @ [in, out] -> [*, out]
         return y if bias is None else y + bias.to(y.dtype)
+
+
+class _HeldCast(torch.autograd.Function):
+    """A weight's FP8 copy cast for the step (model/fp8_weights.py) as the tensor torchao's function takes, its
+    gradient passed to the weight unchanged, as torchao's own cast passes it."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, mm_config, tensor_type,
+                role) -> torch.Tensor:
+        return tensor_type(data, scale, w.dtype, mm_config, role)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return grad, None, None, None, None, None
 
 
 def fp8_eligible(out_features: int, in_features: int) -> bool:

@@ -57,9 +57,28 @@ def quantize(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
 def cast(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(FP8 data, the same transposed and contiguous, inverse scale) of a 2-D tensor, torchao's tensorwise
     cast: scale from the flat amax."""
+    q, q_t, _, inv = cast_with_scale(t, dtype)
+    return q, q_t, inv
+
+
+def cast_with_scale(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """`cast`'s (data, transposed data, scale, inverse scale): torchao's tensors hold the scale itself."""
     scale = to_scale(t.abs().max(), dtype)
     q = quantize(t, scale, dtype)
-    return q, q.t().contiguous(), scale.reciprocal()
+    return q, q.t().contiguous(), scale, scale.reciprocal()
+
+
+# the attribute a weight carries while model/fp8_weights.py holds its cast: cast_with_scale(weight, E4M3)
+WEIGHT_CAST = "_gpt3d_fp8_cast"
+
+
+def cast_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`cast(w, E4M3)` of a weight: the copy cast once for the step where model/fp8_weights.py holds one (the
+    same bits), else cast here."""
+    held = getattr(w, WEIGHT_CAST, None)
+    if held is None:
+        return cast(w, E4M3)
+    return held[0], held[1], held[3]
 
 
 def _gelu_value(h: torch.Tensor, da: Optional[torch.Tensor], tanh: bool) -> torch.Tensor:
@@ -281,8 +300,8 @@ class _GeluMLP(torch.autograd.Function):
                 tanh: bool, fast: tuple[bool, bool, bool]) -> torch.Tensor:
         dt = x.dtype
         x8, x8_t, inv_x = cast(x, E4M3)
-        w1_8, w1_8t, inv_w1 = cast(w1, E4M3)
-        w2_8, w2_8t, inv_w2 = cast(w2, E4M3)
+        w1_8, w1_8t, inv_w1 = cast_weight(w1)
+        w2_8, w2_8t, inv_w2 = cast_weight(w2)
         h = scaled_mm(x8, w1_8.t(), inv_x, inv_w1, dt, fast[0], None if b1 is None else b1.to(dt))
         amax, _ = gelu_stats(h, None, tanh)
         scale_a = to_scale(amax, E4M3)
@@ -319,9 +338,9 @@ class _SwiGLUMLP(torch.autograd.Function):
                 epilogue: bool = False) -> torch.Tensor:
         dt = x.dtype
         x8, x8_t, inv_x = cast(x, E4M3)
-        wg8, wg8_t, inv_wg = cast(wg, E4M3)
-        w1_8, w1_8t, inv_w1 = cast(w1, E4M3)
-        w2_8, w2_8t, inv_w2 = cast(w2, E4M3)
+        wg8, wg8_t, inv_wg = cast_weight(wg)
+        w1_8, w1_8t, inv_w1 = cast_weight(w1)
+        w2_8, w2_8t, inv_w2 = cast_weight(w2)
         g = scaled_mm(x8, wg8.t(), inv_x, inv_wg, dt, fast[0], None if bg is None else bg.to(dt))
         u = scaled_mm(x8, w1_8.t(), inv_x, inv_w1, dt, fast[0], None if b1 is None else b1.to(dt))
         amax, _ = swiglu_stats(g, u, None, False)

@@ -89,7 +89,7 @@ class _QKV(torch.autograd.Function):
                 fast: tuple[bool, bool, bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dt = x.dtype
         x8, x8_t, inv_x = fp8_mlp.cast(x, E4M3)
-        w8, w8_t, inv_w = fp8_mlp.cast(w, E4M3)
+        w8, w8_t, inv_w = fp8_mlp.cast_weight(w)
         y = fp8_mlp.scaled_mm(x8, w8.t(), inv_x, inv_w, dt, fast[0], None if b is None else b.to(dt))
         ctx.save_for_backward(x8_t, inv_x, w8_t, inv_w)
         ctx.fast, ctx.dtypes = fast, (w.dtype, None if b is None else b.dtype)

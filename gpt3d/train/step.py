@@ -9,6 +9,7 @@ deciding anything itself: when to stop and what to print belong to stop.py and r
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 from collections.abc import Iterable
@@ -18,7 +19,8 @@ import torch.nn as nn
 
 from ..config import Config
 from ..model.attention import sdpa_backend_context
-from ..model.build import ModelChunks, param_dtype
+from ..model.build import ModelChunks, compile_enabled, param_dtype
+from ..model.fp8_weights import fp8_weights, held_casts, holds_casts
 from ..optim.grad_buffer import GradBuffer
 from ..optim.grad_scaler import DynamicLossScaler
 from ..optim.lr_schedule import LRSchedule
@@ -86,10 +88,18 @@ class TrainStep:
         self.hidden_shape = (cfg.training.micro_batch_size, s, m.hidden_size)   # sent between stages
         self.dtype = param_dtype(cfg.precision)
         self.chunks = list(model)
+        self.fp8_weights = fp8_weights(mod for c in self.chunks for mod in c.modules())
 
     def _attention_kernels(self):
         """The SDPA kernel choice, entered outside any compiled region so the trace bakes it in."""
         return sdpa_backend_context(self.cfg.model.attention_backend, self.ps.device)
+
+    def _fp8_weights_once(self, hold: bool):
+        """With `hold`, the FP8 weights cast once for every forward inside (model/fp8_weights.py); nothing to do
+        without tensorwise FP8."""
+        if not self.fp8_weights or not hold:
+            return contextlib.nullcontext()
+        return held_casts(self.fp8_weights, compile_enabled(self.cfg.training, self.ps.device))
 
     def _forward_backward(self, microbatches: list[dict], forward_only: bool,
                           loss_scale: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
@@ -103,7 +113,8 @@ class TrainStep:
         self.model.train()
         self.grads.zero_grad()
         scale = self.scaler.scale if self.scaler else None
-        with self._attention_kernels():
+        hold = holds_casts(len(microbatches), self.cfg.model.recompute_granularity)
+        with self._attention_kernels(), self._fp8_weights_once(hold):
             loss = self._forward_backward(microbatches, forward_only=False, loss_scale=scale)
         self.grads.finish_grad_sync()
         lr = self.schedule.lr(self.state.iteration, self.state.tokens)
@@ -130,7 +141,7 @@ class TrainStep:
         """Mean loss over `batches` (each a global batch's micro-batches) on the last stage, None elsewhere."""
         self.model.train(False)
         total, n = torch.zeros(1, device=self.ps.device), 0
-        with self._attention_kernels():
+        with self._attention_kernels(), self._fp8_weights_once(True):   # eval-iters batches of micro-batches
             for microbatches in batches:
                 loss = self._forward_backward(microbatches, forward_only=True)
                 if loss is not None:

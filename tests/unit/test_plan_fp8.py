@@ -29,10 +29,10 @@ H100 = resolve_gpu("h100-80gb")
 MBS, SEQ, LAYERS, MICRO = 2, 128, 4, 2
 
 
-def _cfg(fp8: bool, recipe: str = "tensorwise", **shape):
+def _cfg(fp8: bool, recipe: str = "tensorwise", micro: int = MICRO, **shape):
     """bf16 without the GeLU epilogues (--no-gemm-tuning: FP8 runs have none, test_plan_gelu_epilogues.py models
     them), so that the difference is the FP8 term alone."""
-    return tiny_config(num_layers=LAYERS, micro_batch_size=MBS, global_batch_size=MBS * MICRO, seq_length=SEQ,
+    return tiny_config(num_layers=LAYERS, micro_batch_size=MBS, global_batch_size=MBS * micro, seq_length=SEQ,
                        max_position_embeddings=SEQ, bf16=True, compile=True, fp8=fp8, fp8_recipe=recipe,
                        gemm_tuning=False, **shape)
 
@@ -53,29 +53,36 @@ def _fp8_linears(cfg, ps: Optional[ParallelState] = None) -> list[tuple[int, int
 
 @fuzz(16)
 @given(hidden=st.sampled_from([32, 40, 64]), heads=st.sampled_from([2, 4]), gqa=st.booleans(),
-       ffn=st.sampled_from([None, 96, 88]), swiglu=st.booleans(), recompute=st.sampled_from([None, "full"]))
-def test_fp8_term_counts_the_linears_the_model_switches(hidden, heads, gqa, ffn, swiglu, recompute):
-    """Against the model itself: the casts are every switched linear's input, weight and output gradient at
-    FP8_CAST_BYTES per element (again in a full recompute's forward), and the layers' GEMM time drops by those
-    linears' share over FP8_GEMM_SPEEDUP; a model with no linear FP8 can run is predicted as bf16 exactly."""
+       ffn=st.sampled_from([None, 96, 88]), swiglu=st.booleans(), recompute=st.sampled_from([None, "full"]),
+       micro=st.sampled_from([1, MICRO, 5]))
+def test_fp8_term_counts_the_linears_the_model_switches(hidden, heads, gqa, ffn, swiglu, recompute, micro):
+    """Against the model itself: the casts are every switched linear's input and output gradient at
+    FP8_CAST_BYTES per element (the input again in a full recompute's forward) and its weight once a step where
+    the step holds the weights' casts (model/fp8_weights.py: several micro-batches or full recompute), else once
+    a micro-batch; the layers' GEMM time drops by those linears' share over FP8_GEMM_SPEEDUP; a model with no
+    linear FP8 can run is predicted as bf16 exactly."""
     shape = dict(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=1 if gqa else heads,
-                 ffn_hidden_size=ffn, swiglu=swiglu, recompute_granularity=recompute)
+                 ffn_hidden_size=ffn, swiglu=swiglu, recompute_granularity=recompute, micro=micro)
     bf16, fp8 = _predict(_cfg(False, **shape)), _predict(_cfg(True, **shape))
     linears = _fp8_linears(_cfg(True, **shape))
     if not linears:
         assert "FP8 casts" not in fp8.time.parts and fp8.time.seconds == bf16.time.seconds
         return
-    tokens, n = MBS * SEQ, LAYERS * MICRO
+    tokens, n = MBS * SEQ, LAYERS * micro
     cal = H100.calibration
     per_element = FP8_CAST_BYTES / (cal.ew_gbps * 1e9)
-    forward = n * sum(tokens * i + i * o for i, o in linears) * per_element            # cast seconds
+    held = micro > 1 or recompute == "full"
+    inputs = n * sum(tokens * i for i, o in linears) * per_element                      # cast seconds
+    weights = (LAYERS if held else n) * sum(i * o for i, o in linears) * per_element
+    forward = inputs + weights
     backward = n * sum(tokens * o for _, o in linears) * per_element
     assert fp8.time.parts["FP8 casts"] == pytest.approx(forward + backward, rel=1e-9)
     saved = n * sum(2 * tokens * i * o for i, o in linears) * (1 - 1 / FP8_GEMM_SPEEDUP) / (cal.gemm_tflops * 1e12)
     layers = bf16.time.parts["layers (compute)"] - fp8.time.parts["layers (compute)"]
     assert layers == pytest.approx(3 * saved, rel=1e-9)          # forward and the backward's two GEMMs
     again = fp8.time.parts.get("recompute", 0.0) - bf16.time.parts.get("recompute", 0.0)
-    assert again == pytest.approx(forward - saved if recompute == "full" else 0.0, rel=1e-9, abs=1e-15)
+    assert again == pytest.approx((inputs if held else forward) - saved if recompute == "full" else 0.0,
+                                  rel=1e-9, abs=1e-15)
     assert fp8.peak_bytes == bf16.peak_bytes and fp8.notes and not bf16.notes   # memory: bf16's, and said
 
 
@@ -109,7 +116,8 @@ def test_fp8_casts_per_tp_rank_cover_the_whole_sequence(sp, swiglu, gqa):
     p = predict_layout(cfg, layout_of(cfg, 2), H100, vocab_size=256)
     linears = _fp8_linears(cfg, ParallelState.tp_rank_view(2, sequence_parallel=sp))
     tokens = MBS * SEQ
-    elements = LAYERS * MICRO * sum(tokens * i + i * o + tokens * o for i, o in linears)
+    # MICRO micro-batches: each weight cast once a step (model/fp8_weights.py)
+    elements = LAYERS * sum(MICRO * (tokens * i + tokens * o) + i * o for i, o in linears)
     assert linears and p.time.parts["FP8 casts"] == pytest.approx(
         elements * FP8_CAST_BYTES / (H100.calibration.ew_gbps * 1e9), rel=1e-9)
 
