@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 from .attention import SelfAttention
+from . import fp8_mlp
 from .fp8_mlp import WEIGHT_CAST
 from .gpt import MLP
 
@@ -96,6 +97,15 @@ class Float8Matmul:
                                   gemm_input_role=GemmInputRole.INPUT),
                 functools.partial(cast, float8_dtype=c.cast_config_weight.target_dtype,
                                   gemm_input_role=GemmInputRole.WEIGHT))
+
+    @property
+    def casts_once(self) -> bool:
+        """Whether input and weight are cast once in forward for the backward too (dynamic tensorwise scales):
+        then a weight's cast is `fp8_mlp.cast(weight, E4M3)`'s bits, which the fused functions and
+        model/fp8_weights.py use as well."""
+        w = self.config.cast_config_weight
+        return (self._cast_once is not None and w.target_dtype == torch.float8_e4m3fn
+                and not self.config.round_scales_to_power_of_2)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
         w = weight.t()
@@ -157,7 +167,7 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
                 n += 1
     # the functions: tensorwise; not where FP8 is emulated on a GPU without FP8 GEMMs (they call _scaled_mm
     # themselves; the CPU has one, which the tests use)
-    functions = matmul._cast_once is not None and (not emulate or device.type == "cpu")
+    functions = matmul.casts_once and (not emulate or device.type == "cpu")
     if fused_mlp and functions:
         for m in model.modules():
             if isinstance(m, MLP) and (fused_swiglu or not m.swiglu) and all(
@@ -178,13 +188,11 @@ def _fast(c) -> tuple[bool, bool, bool]:
 
 
 def _fused_mlp(matmul: Float8Matmul, swiglu: bool, approximate: str, device: torch.device):
-    from .fp8_mlp import Float8MLP, dgrad_epilogue_loads
-
     def per_linear(x, *w):
         if swiglu:
             wg, bg, w1, b1, w2 = w
             return matmul(F.silu(matmul(x, wg, bg)) * matmul(x, w1, b1), w2, None)
         w1, b1, w2 = w
         return matmul(F.gelu(matmul(x, w1, b1), approximate=approximate), w2, None)
-    return Float8MLP(swiglu, approximate == "tanh", _fast(matmul.config), per_linear,
-                     epilogue=swiglu and dgrad_epilogue_loads(device))
+    return fp8_mlp.Float8MLP(swiglu, approximate == "tanh", _fast(matmul.config), per_linear,
+                             epilogue=swiglu and fp8_mlp.dgrad_epilogue_loads(device))

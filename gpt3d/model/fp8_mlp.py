@@ -61,24 +61,25 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
     return q, q_t, inv
 
 
-def cast_with_scale(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """`cast`'s (data, transposed data, scale, inverse scale): torchao's tensors hold the scale itself."""
+def cast_with_scale(t: torch.Tensor, dtype: torch.dtype, transposed: bool = True) -> tuple:
+    """`cast`'s (data, transposed data or None without `transposed`, scale, inverse scale): torchao's tensors
+    hold the scale itself."""
     scale = to_scale(t.abs().max(), dtype)
     q = quantize(t, scale, dtype)
-    return q, q.t().contiguous(), scale, scale.reciprocal()
+    return q, q.t().contiguous() if transposed else None, scale, scale.reciprocal()
 
 
-# the attribute a weight carries while model/fp8_weights.py holds its cast: cast_with_scale(weight, E4M3)
+# the attribute a weight carries while model/fp8_weights.py holds its cast: cast_with_scale(weight, E4M3, ...)
 WEIGHT_CAST = "_gpt3d_fp8_cast"
 
 
 def cast_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`cast(w, E4M3)` of a weight: the copy cast once for the step where model/fp8_weights.py holds one (the
-    same bits), else cast here."""
+    same bits; transposed here if it was held without), else cast here."""
     held = getattr(w, WEIGHT_CAST, None)
     if held is None:
         return cast(w, E4M3)
-    return held[0], held[1], held[3]
+    return held[0], held[1] if held[1] is not None else held[0].t().contiguous(), held[3]
 
 
 def _gelu_value(h: torch.Tensor, da: Optional[torch.Tensor], tanh: bool) -> torch.Tensor:

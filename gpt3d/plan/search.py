@@ -71,14 +71,15 @@ def unmodelled(cfg: Config) -> list[str]:
     recipe (timing.py: FP8 GEMMs and their casts); its memory is not: FP8 keeps FP8 copies of the linears'
     inputs (and the fused MLP a transposed one), measured against bf16 on one H100: 43.4 against 48.0 GiB at
     1.3B 8x1, 36.1 against 37.6 at the Llama shape 4x1, 15.2 against 14.5 at 125M 16x1 (benchmarks/RESULTS.md
-    2026-12-06)."""
+    2026-12-06), and where a step holds the weights' FP8 copies (model/fp8_weights.py) those too, not measured."""
     if not cfg.precision.fp8:
         return []
     if cfg.precision.fp8_recipe != "tensorwise":
         return [f"--fp8-recipe {cfg.precision.fp8_recipe} is not modelled: memory and speed are bf16's (measured "
                 "at 1.3B: rowwise 0.96x, rowwise_with_gw_hp 1.02x of bf16; docs/performance.md)"]
     return ["--fp8 memory is not modelled: it is bf16's (measured: 0.90x of it at 1.3B, 1.05x at 125M; "
-            "docs/planning.md)"]
+            "docs/planning.md; before the FP8 weight copies held for a step with several micro-batches, up to 2 "
+            "bytes a weight parameter, were added)"]
 
 
 def fp8_modelled(cfg: Config, gpu: Gpu) -> bool:

@@ -166,7 +166,7 @@ class Trainer:
                 if i:
                     self.watchdog.progress(f"validation batch {i} of {t.eval_iters}")
                 yield self.microbatches(loader)
-        loss = self.step.evaluate(batches())
+        loss = self.step.evaluate(batches(), forwards=t.eval_iters * self.num_micro)
         return dp_mean(loss, self.ps) if loss is not None else None
 
     def checkpoint_parts(self) -> dict:

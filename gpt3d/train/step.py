@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..config import Config
 from ..model.attention import sdpa_backend_context
 from ..model.build import ModelChunks, compile_enabled, param_dtype
-from ..model.fp8_weights import fp8_weights, held_casts, holds_casts
+from ..model.fp8_weights import fp8_weights, held_casts, holds_casts, weight_caster
 from ..optim.grad_buffer import GradBuffer
 from ..optim.grad_scaler import DynamicLossScaler
 from ..optim.lr_schedule import LRSchedule
@@ -89,17 +89,18 @@ class TrainStep:
         self.dtype = param_dtype(cfg.precision)
         self.chunks = list(model)
         self.fp8_weights = fp8_weights(mod for c in self.chunks for mod in c.modules())
+        self.fp8_cast = weight_caster(compile_enabled(cfg.training, ps.device))
 
     def _attention_kernels(self):
         """The SDPA kernel choice, entered outside any compiled region so the trace bakes it in."""
         return sdpa_backend_context(self.cfg.model.attention_backend, self.ps.device)
 
-    def _fp8_weights_once(self, hold: bool):
-        """With `hold`, the FP8 weights cast once for every forward inside (model/fp8_weights.py); nothing to do
-        without tensorwise FP8."""
-        if not self.fp8_weights or not hold:
+    def _fp8_weights_once(self, forwards: int, recompute: Optional[str], training: bool = True):
+        """The FP8 weights cast once for all `forwards` inside where that saves casts (model/fp8_weights.py;
+        `training`: with the transposed copies backward reads); nothing to do without tensorwise FP8."""
+        if not self.fp8_weights or not holds_casts(forwards, recompute):
             return contextlib.nullcontext()
-        return held_casts(self.fp8_weights, compile_enabled(self.cfg.training, self.ps.device))
+        return held_casts(self.fp8_weights, self.fp8_cast, transposes=training)
 
     def _forward_backward(self, microbatches: list[dict], forward_only: bool,
                           loss_scale: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
@@ -113,8 +114,8 @@ class TrainStep:
         self.model.train()
         self.grads.zero_grad()
         scale = self.scaler.scale if self.scaler else None
-        hold = holds_casts(len(microbatches), self.cfg.model.recompute_granularity)
-        with self._attention_kernels(), self._fp8_weights_once(hold):
+        with self._attention_kernels(), self._fp8_weights_once(len(microbatches),
+                                                               self.cfg.model.recompute_granularity):
             loss = self._forward_backward(microbatches, forward_only=False, loss_scale=scale)
         self.grads.finish_grad_sync()
         lr = self.schedule.lr(self.state.iteration, self.state.tokens)
@@ -137,11 +138,12 @@ class TrainStep:
         return bad
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[list[dict]]) -> Optional[torch.Tensor]:
-        """Mean loss over `batches` (each a global batch's micro-batches) on the last stage, None elsewhere."""
+    def evaluate(self, batches: Iterable[list[dict]], forwards: int = 1) -> Optional[torch.Tensor]:
+        """Mean loss over `batches` (each a global batch's micro-batches; `forwards` of them in all) on the last
+        stage, None elsewhere."""
         self.model.train(False)
         total, n = torch.zeros(1, device=self.ps.device), 0
-        with self._attention_kernels(), self._fp8_weights_once(True):   # eval-iters batches of micro-batches
+        with self._attention_kernels(), self._fp8_weights_once(forwards, None, training=False):
             for microbatches in batches:
                 loss = self._forward_backward(microbatches, forward_only=True)
                 if loss is not None:
