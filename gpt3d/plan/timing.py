@@ -94,22 +94,23 @@ def attention_dropout_time(m: ModelConfig, scores: int, gpu: Gpu) -> tuple[float
 
 
 def fp8_layer(m: ModelConfig, lay: Candidate, sh: Shape) -> tuple[float, float, float, float]:
-    """With --fp8 (tensorwise): (forward matmul FLOPs that run in FP8, elements the forward casts, of them the
-    weights' share, elements the backward casts) for one layer, one micro-batch, one TP rank. A linear runs FP8
-    where fp8_eligible says so (gpt3d/model/fp8.py); its forward casts its input (the whole sequence: sequence
-    parallelism gathers it first) and its weight, which backward reuses; its backward casts the output gradient.
+    """With --fp8 (tensorwise): (forward matmul FLOPs that run in FP8, elements the forward casts, elements a
+    full recompute's replay of it casts, elements the backward casts) for one layer, one micro-batch, one TP
+    rank. A linear runs FP8 where fp8_eligible says so (gpt3d/model/fp8.py); its forward casts its input (the
+    whole sequence: sequence parallelism gathers it first) and its weight, which backward reuses; its backward
+    casts the output gradient.
     Where a step would cast a weight more than once (fp8_weights.holds_casts) it casts it once for the step:
     per micro-batch, 1/num_micro of it, and a full recompute's replay casts only the inputs."""
-    flops = fwd = weights = bwd = 0.0
+    flops = inputs = weights = bwd = 0.0
     for i, o in layer_linears(m, lay.tp):
         if fp8_eligible(o, i):
             flops += 2 * sh.tokens * i * o
-            fwd += sh.tokens * i
+            inputs += sh.tokens * i
             weights += i * o
             bwd += sh.tokens * o
     if holds_casts(lay.num_micro, lay.recompute):
-        weights /= lay.num_micro
-    return flops, fwd + weights, weights, bwd
+        return flops, inputs + weights / lay.num_micro, inputs, bwd
+    return flops, inputs + weights, inputs + weights, bwd
 
 
 def layer_time(m: ModelConfig, lay: Candidate, gpu: Gpu, link: Links, sh: Shape, recompute,
@@ -119,11 +120,10 @@ def layer_time(m: ModelConfig, lay: Candidate, gpu: Gpu, link: Links, sh: Shape,
     quack's GeLU epilogues in the fc1 GEMMs (presets.GELU_EPILOGUE_EW_SHARE)."""
     cal = gpu.calibration
     gemm, attn = layer_flops(m, lay, sh)
-    fp8_flops, cast_f, cast_w, cast_b = fp8_layer(m, lay, sh) if fp8 else (0.0, 0.0, 0.0, 0.0)
+    fp8_flops, cast_f, recast, cast_b = fp8_layer(m, lay, sh) if fp8 else (0.0, 0.0, 0.0, 0.0)
     gemm -= fp8_flops * (1 - 1 / FP8_GEMM_SPEEDUP)
     cast_rate = cal.ew_gbps * 1e9 / (FP8_CAST_BYTES * ew_factor)
-    cast_f, cast_b = cast_f / cast_rate, cast_b / cast_rate
-    recast = cast_f - (cast_w / cast_rate if holds_casts(lay.num_micro, lay.recompute) else 0.0)   # the replay's
+    cast_f, recast, cast_b = cast_f / cast_rate, recast / cast_rate, cast_b / cast_rate
     matmuls = 5 if m.swiglu else 4
     gemm_s = gemm / (cal.gemm_tflops * 1e12) + matmuls * GEMM_OVERHEAD_S          # forward; backward is twice it
     attn_s = attn / (cal.attn_tflops * 1e12 * attention_efficiency(sh.s, m.head_dim))
