@@ -17,6 +17,7 @@ with OPTIONS joined by '+':
   nobg (without gpt3d/model/bias_grad.py's functions, which training installs on CUDA in bf16/fp16)
   nolt (GEMMs left to torch: without gpt3d/model/cublaslt.py, which training uses where nvmath-python loads)
   mk (Inductor multi_kernel: wider persistent reductions, benchmarked) | pdl (enable_pdl) | combo (combo_kernels)
+  hold (FP8 weights cast once a step even with one micro-batch: model/fp8_weights.py's holds_casts always true)
   mat (Inductor max_autotune_gemm: cuBLAS or Triton GEMM templates with fused epilogues) | tma (mat + TMA templates)
   lt (cuBLASLt as torch's preferred BLAS library) | nrr (no reduced-precision reductions in half GEMMs)
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
@@ -134,6 +135,9 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
                 return R._mix32(R._as_int32(i & R._M32) ^ k1 ^ R._as_int32(i >> 32))
             return R._mix32(i ^ k1)
         R.hash_index = one_round
+    if "hold" in opts:   # FP8 weights cast once a step even with one micro-batch (model/fp8_weights.py)
+        import gpt3d.train.step as S
+        S.holds_casts = lambda num_micro, recompute: True
     if "ro" in opts:
         compile_chunks = gpt3d.model.build.compile_chunks
 

@@ -19,9 +19,11 @@ the down projection's input-gradient GEMM computes d up, d gate and their amaxes
 (`swiglu_dgrad`, model/quack_gemm.py), and one pass casts the two gradients (`cast_pair`), instead of the
 stats and cast passes each reading g, u and da. Its rounding differs: only the two final gradients are rounded
 to bf16 (the path above also rounds da, SiLU(g), da * u and SiLU's backward on the way), and a NaN gradient
-does not make the amax NaN (the epilogue's max drops NaN; the NaN entries still cast to NaN). Not measured on a
-GPU yet (benchmarks/RESULTS.md, 2026-12-07, session 43): `benchmarks/fp8_mlp_check.py --only epilogue` checks and
-times it, `profile_step.py` option `fp8s` runs it end to end; SwiGLU MLPs still run per linear by default.
+does not make the amax NaN (the epilogue's max drops NaN; the NaN entries still cast to NaN). On one H100 it
+passed its check but ran slow with quack's default tile (3.5 ms a layer against 0.6 ms for the GEMM and the
+passes; a whole Llama step 165.6 ms against 117.1; benchmarks/RESULTS.md, session 45); model/quack_gemm.py says
+why and what tile it runs now. `benchmarks/fp8_mlp_check.py --only epilogue` checks and times it,
+`profile_step.py` option `fp8s` runs it end to end; SwiGLU MLPs run per linear by default.
 
 The activation ops (stats, cast; each with a forward and a backward mode; GeLU and SwiGLU) are custom ops:
 a torch reference (CPU, and the spec the Triton kernels are checked against by benchmarks/fp8_mlp_check.py)
