@@ -119,8 +119,9 @@ VOCAB_PARALLEL_LOSS_OF_EW = 1030.4 / 2666.4
 # rate (a cast reads the tensor for its amax and again to write both FP8 layouts; fused kernels also take the
 # activation's own bf16 work off). FP8_CAST_BYTES is fitted to one end-to-end step (1.3B 8x1, 2026-12-06
 # session 34, with direct gradients) and checked at the Llama shape there (+2.4%). (Session 33's fit, 4.7, had
-# the gradient hooks' copy in the step, charged at the default 1000 GB/s; FP8 runs that keep the buffer, with
-# several micro-batches or DP > 1, are not re-checked at 5.5.)
+# the gradient hooks' copy in the step, charged at the default 1000 GB/s.) With the hooks at their measured rate
+# (H100_MEASURED's grad_gbps), a run that keeps the buffer: Llama FP8 4 micro-batches of 4, +3.7% (76,580 tok/s
+# measured, session 45; at 1000 GB/s it was -4.3%), one micro-batch of 4 +3.9% there.
 FP8_GEMM_SPEEDUP = 1.94
 FP8_CAST_BYTES = 5.5
 
@@ -163,10 +164,13 @@ class Gpu:
 # parameter instead, which read 23.3 ms at 1.3B for the old optimizer where profile_step read 21.6). The loss's,
 # 2026-12-06 session 35: the TP=1 loss's Triton kernels (parallel/cross_entropy_triton.py) at the 1.3B shape, 1.897 ms
 # forward + backward over 16,384 x 50,304 bf16 logits (benchmarks/cross_entropy_probe.py); Inductor's read 1030.4.
+# The gradient hooks', 2026-12-06 session 30: the bf16 -> fp32 copy 2.69 TB/s and add 2.83 TB/s over the 1.3B
+# shape's large gradients (benchmarks/accumulate_check.py; optim/accumulate_triton.py); before, the default 1000.
 H100_MEASURED = Calibration(gemm_tflops=793.9, attn_tflops=517.3, ew_gbps=2666.4, loss_gbps=2606.8,
-                            optimizer_ns_per_param=0.01208,
+                            optimizer_ns_per_param=0.01208, grad_gbps=2770.0,
                             source="measured on an H100 80GB HBM3 at the 1.3B shape (benchmarks/RESULTS.md "
-                                   "2026-11-25; optimizer 2026-12-06; loss 2026-12-06 session 35)")
+                                   "2026-11-25; optimizer 2026-12-06; loss 2026-12-06 session 35; gradient hooks "
+                                   "2026-12-06 session 30)")
 
 _H100 = dict(tflops=989.0, hbm_gbps=3350.0)
 PRESETS = {
