@@ -3,7 +3,8 @@
 Why: with tensorwise scaling a weight's FP8 copy (data, its transpose, scale) depends on the weight alone, and
 the weights do not change between an optimizer step's micro-batches, nor when full recompute replays a forward.
 Each forward would otherwise take every weight's amax and cast it again (~2 ms a micro-batch at the Llama
-shape on one H100, benchmarks/RESULTS.md session 40), the cost Transformer Engine's FP8 weight caching avoids.
+shape on one H100, benchmarks/RESULTS.md session 40), the cost Transformer Engine's FP8 weight caching avoids
+(held there: +1.7% tokens/s at 4 micro-batches of 4, session 45).
 `held_casts` casts the FP8 linears' weights once on entry and the FP8 functions (fp8.Float8Matmul, fp8_mlp,
 fp8_qkv, all through `fp8_mlp.cast_weight`) use those copies until it exits: the same bits they would cast
 themselves. Only the weights of the MLP and QKV functions, whose backward reads the weight's transpose, hold a
