@@ -39,7 +39,6 @@ from ..errors import ConfigError
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 from .attention import SelfAttention
 from . import fp8_mlp
-from .fp8_mlp import WEIGHT_CAST
 from .gpt import MLP
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
@@ -111,7 +110,7 @@ class Float8Matmul:
         w = weight.t()
         if self._cast_once is not None:
             cast_x, cast_w = self._cast_once
-            held = getattr(weight, WEIGHT_CAST, None)   # cast once for the step (model/fp8_weights.py)
+            held = getattr(weight, fp8_mlp.WEIGHT_CAST, None)   # cast once for the step (model/fp8_weights.py)
             x = cast_x(x)
             w = cast_w(w) if held is None else _HeldCast.apply(w, held[0].t(), held[2], self.mm_config, *self._held)
         y = self._fn.apply(x, w, self.mm_config, self.config)   # [*, in] @ [in, out] -> [*, out]
