@@ -18,6 +18,7 @@ with OPTIONS joined by '+':
   nolt (GEMMs left to torch: without gpt3d/model/cublaslt.py, which training uses where nvmath-python loads)
   mk (Inductor multi_kernel: wider persistent reductions, benchmarked) | pdl (enable_pdl) | combo (combo_kernels)
   hold (FP8 weights cast once a step even with one micro-batch: model/fp8_weights.py's holds_casts always true)
+  nogaf (--no-gradient-accumulation-fusion: weight gradients made apart and added by the buffer's hooks)
   mat (Inductor max_autotune_gemm: cuBLAS or Triton GEMM templates with fused epilogues) | tma (mat + TMA templates)
   lt (cuBLASLt as torch's preferred BLAS library) | nrr (no reduced-precision reductions in half GEMMs)
   drop (hidden and attention dropout 0.1) | hdrop (hidden only) | adrop (attention only)
@@ -58,7 +59,7 @@ OUT = os.environ.get("OUT", ".")
 OPTIONS = {"bf16", "fp16", "fp8", "fp8u", "fp8s", "fp8row", "fp8gw", "fp8d", "fp8r", "fp8dr", "fp8o", "nq", "fce",
            "seq1024", "full", "selective", "layer", "chunk", "eager", "cudnn", "flash", "efficient", "math",
            "gqaexp", "ro", "cdt", "ndt", "map", "nobg", "mk", "pdl", "combo", "mat", "tma", "lt", "nolt", "nrr", "drop",
-           "hdrop", "adrop", "h1", "gaps"}
+           "hdrop", "adrop", "h1", "gaps", "hold", "nogaf"}
 
 
 def build(shape: str, opts: set, mbs=None, micro: int = 1):
@@ -146,6 +147,7 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
         gpt3d.model.build.compile_chunks = _compile   # build_model_chunks calls it by this name
     cfg.model.bias_grad_fusion = "nobg" not in opts
     cfg.model.gemm_tuning = "nolt" not in opts
+    cfg.model.no_gradient_accumulation_fusion = "nogaf" in opts
     tr = Trainer(cfg, ParallelState.single(torch.device("cuda")))
     from gpt3d.model import bias_grad, cublaslt
     fused = [m for c in tr.model for x in c.modules() for m in (getattr(x, "_fused", None),
@@ -155,7 +157,8 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
     linears = sum(getattr(x, "_matmul", None) is cublaslt.linear for c in tr.model for x in c.modules())
     print(f"bias-gradient fusions installed: {n} (Triton {'loaded' if bias_grad.TRITON else 'missing'}); "
           f"through cuBLASLt: {n_lt} fused functions, {linears} linears "
-          f"(nvmath-python {'loaded' if cublaslt.LOADED else 'missing'})")
+          f"(nvmath-python {'loaded' if cublaslt.LOADED else 'missing'}); weights accumulating in backward: "
+          f"{len(tr.grads._fused)}")
     return cfg, tr
 
 

@@ -99,8 +99,10 @@ class ModelConfig:
     no_bias_dropout_fusion: bool = opt(False, "accepted, no effect: bias, dropout and residual add are plain "
                                               "PyTorch ops (fused by --compile, same values)",
                                        flag="--no-bias-dropout-fusion")
-    no_gradient_accumulation_fusion: bool = opt(False, "accepted, no effect: weight gradients are computed by "
-                                                       "autograd and added into gpt3d's fp32 gradient buffer",
+    no_gradient_accumulation_fusion: bool = opt(False, "compute weight gradients apart and add them into the "
+                                                       "fp32 gradient buffer afterwards; by default the "
+                                                       "weight-gradient GEMMs of all but FP8's linears add into "
+                                                       "it themselves (gpt3d/model/grad_accumulation.py)",
                                                 flag="--no-gradient-accumulation-fusion")
     no_persist_layer_norm: bool = opt(False, "accepted, no effect: LayerNorm is torch's (no apex persistent "
                                              "kernel)", flag="--no-persist-layer-norm")

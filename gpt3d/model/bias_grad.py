@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..triton_kernels import triton_kernels
 from . import cublaslt, quack_gemm
+from .grad_accumulation import main_grad_of, weight_grad
 from .attention import SelfAttention, split_qkv
 from .fp8_qkv import assemble
 from .gpt import MLP
@@ -145,6 +146,12 @@ def _mm(a: torch.Tensor, b: torch.Tensor, lt: bool, bias: Optional[torch.Tensor]
     return a @ b if bias is None else torch.addmm(bias, a, b)
 
 
+def _wgrad(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, main_grad: Optional[torch.Tensor],
+           lt: bool) -> torch.Tensor:
+    """dy^T x, or added into the gradient buffer (model/grad_accumulation.py)."""
+    return weight_grad(dy, x, w, main_grad, lambda a, b: _mm(a, b, lt))
+
+
 class _MLP(torch.autograd.Function):
     """GeLU(x W1^T + b1) W2^T on [T, H] (fc2's bias stays with fc2); fc1's bias gradient summed in the GeLU
     gradient's pass; with `lt` and the tanh GeLU, the GeLU in a GEMM epilogue (cuBLASLt's or quack's, whichever
@@ -153,14 +160,15 @@ class _MLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                tanh: bool, lt: bool) -> torch.Tensor:
+                tanh: bool, lt: bool, g1: Optional[torch.Tensor],
+                g2: Optional[torch.Tensor]) -> torch.Tensor:
         if lt and tanh:
             a, h = cublaslt.lt_mm_gelu(x, w1.t(), b1)
         else:
             h = _mm(x, w1.t(), lt, b1)
             a = F.gelu(h, approximate="tanh" if tanh else "none")
         ctx.save_for_backward(x, w1, w2, h, a)
-        ctx.tanh, ctx.lt, ctx.b_dtype = tanh, lt, b1.dtype
+        ctx.tanh, ctx.lt, ctx.b_dtype, ctx.main_grads = tanh, lt, b1.dtype, (g1, g2)
         return _mm(a, w2.t(), lt)
 
     @staticmethod
@@ -170,8 +178,9 @@ class _MLP(torch.autograd.Function):
             dh, db1 = gelu_grad_sums_mm(dy, w2, h)
         else:
             dh, db1 = gelu_grad_sums(_mm(dy, w2, ctx.lt), h, ctx.tanh)
-        return (_mm(dh, w1, ctx.lt), _mm(dh.t(), x, ctx.lt), db1.to(ctx.b_dtype), _mm(dy.t(), a, ctx.lt),
-                None, None)
+        g1, g2 = ctx.main_grads
+        return (_mm(dh, w1, ctx.lt), _wgrad(dh, x, w1, g1, ctx.lt), db1.to(ctx.b_dtype),
+                _wgrad(dy, a, w2, g2, ctx.lt), None, None, None, None)
 
 
 class _QKV(torch.autograd.Function):
@@ -179,40 +188,45 @@ class _QKV(torch.autograd.Function):
     query/key/value gradients are assembled."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kv: int,
-                hd: int, lt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kv: int, hd: int, lt: bool,
+                main_grad: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(x, w)
-        ctx.b_dtype, ctx.lt = b.dtype, lt
+        ctx.b_dtype, ctx.lt, ctx.main_grad = b.dtype, lt, main_grad
         return split_qkv(_mm(x, w.t(), lt, b), kv, hd)
 
     @staticmethod
     def backward(ctx: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple:
         x, w = ctx.saved_tensors
         g, db = qkv_grad_sums(dq, dk, dv)
-        return _mm(g, w, ctx.lt), _mm(g.t(), x, ctx.lt), db.to(ctx.b_dtype), None, None, None
+        return _mm(g, w, ctx.lt), _wgrad(g, x, w, ctx.main_grad, ctx.lt), db.to(ctx.b_dtype), None, None, None, None
 
 
 class FusedGeluMLP:
     """`MLP.set_fused`'s function for a biased GeLU MLP: `mlp(x, fc1.weight, fc1.bias, fc2.weight)`; `lt`: its
     GEMMs through model/cublaslt.py."""
 
+    fuses_wgrad = True   # model/grad_accumulation.py
+
     def __init__(self, tanh: bool, lt: bool = False):
         self.tanh, self.lt = tanh, lt
 
     def __call__(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        y = _MLP.apply(x.reshape(-1, x.shape[-1]), w1, b1, w2, self.tanh, self.lt)
+        y = _MLP.apply(x.reshape(-1, x.shape[-1]), w1, b1, w2, self.tanh, self.lt, main_grad_of(w1),
+                       main_grad_of(w2))
         return y.reshape(*x.shape[:-1], w2.shape[0])
 
 
 class FusedQKV:
     """`SelfAttention.set_fused_qkv`'s function for a biased QKV linear; `lt` as FusedGeluMLP's."""
 
+    fuses_wgrad = True   # model/grad_accumulation.py
+
     def __init__(self, lt: bool = False):
         self.lt = lt
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kv: int,
                  hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _QKV.apply(x.reshape(-1, x.shape[-1]), w, b, kv, hd, self.lt)
+        return _QKV.apply(x.reshape(-1, x.shape[-1]), w, b, kv, hd, self.lt, main_grad_of(w))
 
 
 def bias_grad_fusion_applies(device: torch.device, dtype: torch.dtype) -> bool:

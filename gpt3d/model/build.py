@@ -26,6 +26,7 @@ from ..parallel.state import ParallelState
 from .bias_grad import bias_grad_fusion_applies, enable_bias_grad_fusion
 from .cublaslt import cublaslt_applies, enable_cublaslt
 from .fp8 import enable_fp8, uses_fp8
+from .grad_accumulation import enable_grad_accumulation_fusion
 from .gpt import GPTModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,8 +122,9 @@ def refuse_a_vocabulary_beyond_memory(cfg: Config, ps: ParallelState, vocab_size
 def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size: int) -> ModelChunks:
     """This rank's pipeline stage, initialised (layout-independent weights), with --fp8 its TP linears' GEMMs
     in float8 (model/fp8.py), the remaining biased linears' bias gradients fused where that applies
-    (model/bias_grad.py), the other GEMMs through cuBLASLt where `gemm_tuning` says (model/cublaslt.py), cast and
-    compiled (`compile_enabled`)."""
+    (model/bias_grad.py), the other GEMMs through cuBLASLt where `gemm_tuning` says (model/cublaslt.py), the
+    weight gradients of all but FP8's added into the gradient buffer by their GEMMs (model/grad_accumulation.py,
+    unless --no-gradient-accumulation-fusion), cast and compiled (`compile_enabled`)."""
     refuse_a_vocabulary_beyond_memory(cfg, ps, vocab_size)
     p = cfg.parallel
     lt = gemm_tuning(cfg, ps.device)
@@ -140,8 +142,10 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size
         if cfg.model.bias_grad_fusion and bias_grad_fusion_applies(ps.device, param_dtype(cfg.precision)):
             # after FP8, whose linears it skips
             enable_bias_grad_fusion(m, lt)
-        if lt:   # last: the linears that neither FP8 nor the fused functions took
+        if lt:   # the linears that neither FP8 nor the fused functions took
             enable_cublaslt(m)
+        if not cfg.model.no_gradient_accumulation_fusion:   # last: it asks each GEMM function whether it can
+            enable_grad_accumulation_fusion(m)
         chunks.append(m.cast_parameters(param_dtype(cfg.precision)))
     if compile_enabled(cfg.training, ps.device):
         compile_chunks(chunks, ps, cfg.training.compile_granularity)
@@ -257,12 +261,15 @@ class _NoRandomInit(TorchFunctionMode):
 def build_meta_chunk(cfg: ModelConfig, vocab_size: int, tp: int, sequence_parallel: bool, layer_ids: list,
                      pre_process: bool, post_process: bool) -> GPTModel:
     """One tensor-parallel rank's model chunk on the meta device: its parameters' names (in registration order),
-    shapes and metadata as `build_model_chunks` makes them, with nothing allocated or initialised (the planner
-    reads its parameter list from it)."""
+    shapes and metadata as `build_model_chunks` makes them (gradient-accumulation fusion's marks as without
+    FP8), with nothing allocated or initialised (the planner reads its parameter list from it)."""
     ps = ParallelState.tp_rank_view(tp, sequence_parallel)
     with _NoRandomInit():
-        return GPTModel(cfg, ps, TPRNG(0, ps), vocab_size=vocab_size, layer_ids=layer_ids, pre_process=pre_process,
-                        post_process=post_process)
+        m = GPTModel(cfg, ps, TPRNG(0, ps), vocab_size=vocab_size, layer_ids=layer_ids, pre_process=pre_process,
+                     post_process=post_process)
+    if not cfg.no_gradient_accumulation_fusion:   # the weights it marks (without FP8, which takes fewer)
+        enable_grad_accumulation_fusion(m)
+    return m
 
 
 def build_inference_model(cfg: ModelConfig, vocab_size: int, tensors: dict, device: torch.device,

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import quack_gemm
+from .grad_accumulation import fusing, main_grad_of, weight_grad
 
 try:   # the optional GPU extra; its absence only means the references run
     import numpy as np
@@ -392,10 +393,11 @@ class _Linear(torch.autograd.Function):
     """F.linear(x, w, b) with its three GEMMs through the ops above."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+                main_grad: Optional[torch.Tensor]) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x2, w)
-        ctx.shape, ctx.bias = x.shape, b is not None
+        ctx.shape, ctx.bias, ctx.main_grad = x.shape, b is not None, main_grad
         return lt_mm(x2, w.t(), b).view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
@@ -403,14 +405,20 @@ class _Linear(torch.autograd.Function):
         x2, w = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = lt_mm(dy2, w, None).view(ctx.shape) if ctx.needs_input_grad[0] else None
-        dw = lt_mm(dy2.t(), x2, None) if ctx.needs_input_grad[1] else None
+        dw = weight_grad(dy2, x2, w, ctx.main_grad, _lt_mm2) if ctx.needs_input_grad[1] else None
         db = dy2.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        return dx, dw, db, None
 
 
+def _lt_mm2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return lt_mm(a, b, None)
+
+
+@fusing
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`set_matmul`'s function (parallel/layers.py): F.linear through cuBLASLt."""
-    return _Linear.apply(x, w, b)
+    """`set_matmul`'s function (parallel/layers.py): F.linear through cuBLASLt, its weight gradient added into
+    the gradient buffer where that is on (model/grad_accumulation.py)."""
+    return _Linear.apply(x, w, b, main_grad_of(w))
 
 
 def enable_cublaslt(model: torch.nn.Module) -> int:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..model.grad_accumulation import accumulates_in_backward
 from ..parallel.param_meta import param_meta
 from ..parallel.state import ParallelState
 from .accumulate import accumulate
@@ -93,6 +94,9 @@ class GradBuffer:
                 self._offsets[p] = off
                 p.register_post_accumulate_grad_hook(self._keep if self.direct else self._make_hook(b))
         self._untouched: set[torch.Tensor] = set()
+        # weights whose backward adds into `main_grad` itself (model/grad_accumulation.py): their hooks get a
+        # placeholder, and the buffer is zeroed each step
+        self._fused = {p for p in self._offsets if accumulates_in_backward(p)}
 
     # ----- layout -------------------------------------------------------------------------------------------
     def _late(self, p) -> tuple[bool, bool]:
@@ -143,10 +147,11 @@ class GradBuffer:
 
     def _make_hook(self, bucket: Bucket) -> Callable:
         def hook(p: torch.Tensor) -> None:
-            first = p in self._untouched   # first gradient of the step: a copy, so zero_grad need not clear
-            accumulate(p.main_grad, p.grad, first)  # type: ignore[attr-defined, arg-type]  # view set in __init__
-            if first:
-                self._untouched.discard(p)
+            if p not in self._fused:   # (a fused weight's gradient is in `main_grad` already)
+                first = p in self._untouched   # first gradient of the step: a copy, so zero_grad need not clear
+                accumulate(p.main_grad, p.grad, first)  # type: ignore[attr-defined, arg-type]  # set in __init__
+                if first:
+                    self._untouched.discard(p)
             p.grad = None
             if self.overlap and self._sync and not bucket.late:
                 bucket.pending -= 1
@@ -169,8 +174,13 @@ class GradBuffer:
     def zero_grad(self) -> None:
         """Lazy: each parameter's first gradient overwrites its slot (one fp32 pass fewer per step);
         `finish_grad_sync` clears the slots of parameters that got no gradient. Padding stays zero.
+        With fused weights (which only add) the whole buffer is zeroed instead, in one pass.
         Direct: forgets the gradients kept from the last step, if any."""
-        self._untouched = set() if self.direct else set(self._offsets)   # direct: `_kept` says who got one
+        if self._fused:
+            self.grad_data.zero_()
+            self._untouched = set()
+        else:
+            self._untouched = set() if self.direct else set(self._offsets)   # direct: `_kept` says who got one
         self._kept = {}
         for b in self.buckets:
             b.pending, b.handle = len(b.params), None

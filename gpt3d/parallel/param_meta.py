@@ -1,5 +1,6 @@
 """What gpt3d knows about each parameter beyond its tensor: how tensor parallelism splits it, how it is
-initialised, whether its gradient is partial per TP rank, and whether it is (a copy of) the tied embedding.
+initialised, whether its gradient is partial per TP rank, whether it is (a copy of) the tied embedding, and
+whether backward adds its gradient into the gradient buffer itself.
 
 Why its own module: init, gradient sync, clipping, the optimizer's shards and checkpoints all read this, so it
 is one typed record (`ParamMeta`) set when the layer creates the parameter and read through one accessor
@@ -25,6 +26,8 @@ class ParamMeta:
     sequence_parallel: bool = False       # gradient partial per TP rank (saw only its tokens): summed over TP
     tied_to: Optional[str] = None         # the last stage's copy of this global parameter (the tied embedding)
     shared_embedding: bool = False        # the word embedding that the output head reuses (tied models)
+    fuses_wgrad: bool = False             # its linear's backward adds its gradient into `main_grad` itself, where
+                                          # it has one (model/grad_accumulation.py)
 
     @property
     def tied_across_stages(self) -> bool:

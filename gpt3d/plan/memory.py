@@ -99,6 +99,8 @@ class Persistent:
     late_elements: int        # buffer elements reduced after backward (SP norms, tied embedding)
     largest_param: int = 0    # elements
     direct: bool = False      # the optimizer reads autograd's gradients (optim/buckets.py direct_gradients)
+    fused_elements: int = 0   # parameter elements whose backward adds into the buffer (gradient-accumulation
+                              # fusion, without FP8: model/grad_accumulation.py); the hooks move the others
 
     @property
     def optimizer(self) -> int:
@@ -127,7 +129,8 @@ def persistent_bytes(params: list[ParamInfo], lay: Candidate, *, dp_rank: int = 
                       adam_moments=8 * shard, adam_steps=4 * len(pieces), elements=start,
                       param_elements=sum(p.numel for p in params), shard_elements=shard, buckets=len(buckets),
                       late_elements=late_elements, largest_param=max((p.numel for p in params), default=0),
-                      direct=direct)
+                      direct=direct, fused_elements=0 if direct else sum(p.numel for p in params
+                                                                          if p.meta.fuses_wgrad))
 
 
 # ----- activations ------------------------------------------------------------------------------------------

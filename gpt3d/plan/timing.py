@@ -201,9 +201,14 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_pe
             if lay.pp > 1:
                 parts["pipeline send/receive"] += 2 * p2p
         # each parameter's hook copies (first micro-batch) or adds (the rest) its bf16 gradient into fp32;
-        # with direct gradients there is no buffer to move them into
-        pers = persistent[r]
-        moved = 0 if pers.direct else pers.param_elements * (6 + 10 * (lay.num_micro - 1)) / lay.num_micro
+        # with direct gradients there is no buffer to move them into. Where weights' GEMMs add into it
+        # themselves (gradient-accumulation fusion, not FP8's), the buffer is zeroed once a step and the hooks
+        # add the other gradients every micro-batch (optim/grad_buffer.py zero_grad)
+        pers, n = persistent[r], lay.num_micro
+        fused = 0 if fp8 else pers.fused_elements
+        unfused = pers.param_elements - fused
+        moved = 0 if pers.direct else (unfused * (6 + 10 * (n - 1)) if not fused else
+                                       4 * pers.param_elements + unfused * 10 * n) / n
         parts["gradient accumulation"] = moved / (cal.grad_gbps * 1e9)
         host_micro.append(sum(len(ids) for ids in chunks) * cal.host_layer_s *
                           (4 / 3 if lay.recompute == "full" else 1.0))

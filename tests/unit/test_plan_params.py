@@ -2,7 +2,9 @@
 position and set of layers, `plan.memory.chunk_params` (read from a one-layer chunk built on the meta device,
 its layer repeated under each id) equals the `named_parameters()` of the chunk gpt3d trains, built for real on
 the CPU at any TP rank: names in registration order (the optimizer's bucket order), element counts and the
-typed metadata (split dim, init, sequence-parallel, tied copy, shared embedding) that buckets read."""
+typed metadata (split dim, init, sequence-parallel, tied copy, shared embedding) that buckets read, and the
+gradient-accumulation fusion's marks that the planner's gradient-accumulation time reads (as training sets them
+without FP8)."""
 from __future__ import annotations
 
 from hypothesis import given, strategies as st
@@ -10,6 +12,7 @@ from hypothesis import given, strategies as st
 from tests.support.fuzz import fuzz
 
 from gpt3d.model.gpt import GPTModel
+from gpt3d.model.grad_accumulation import enable_grad_accumulation_fusion
 from gpt3d.parallel.param_meta import param_meta
 from gpt3d.parallel.random import seed_everything
 from gpt3d.parallel.state import ParallelState
@@ -48,6 +51,7 @@ def test_the_planners_parameter_list_is_the_real_models(c):
     ps = ParallelState(tp=c["tp"], pp=2, rank=c["tp_rank"], sequence_parallel=c["sp"])
     model = GPTModel(m, ps, seed_everything(1, ps), vocab_size=c["vocab"], layer_ids=c["ids"],
                      pre_process=c["pre"], post_process=c["post"])
+    enable_grad_accumulation_fusion(model)   # as model/build.py's build_model_chunks does by default
     want = [(n, p.numel(), param_meta(p)) for n, p in model.named_parameters()]
     got = [(p.name, p.numel, p.meta) for p in chunk_params(m, c["vocab"], c["tp"], c["sp"], c["ids"], c["pre"],
                                                            c["post"])]
