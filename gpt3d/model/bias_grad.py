@@ -146,10 +146,9 @@ def _mm(a: torch.Tensor, b: torch.Tensor, lt: bool, bias: Optional[torch.Tensor]
     return a @ b if bias is None else torch.addmm(bias, a, b)
 
 
-def _wgrad(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, main_grad: Optional[torch.Tensor],
-           lt: bool) -> torch.Tensor:
+def _wgrad(dy: torch.Tensor, x: torch.Tensor, main_grad: Optional[torch.Tensor], lt: bool) -> torch.Tensor:
     """dy^T x, or added into the gradient buffer (model/grad_accumulation.py)."""
-    return weight_grad(dy, x, w, main_grad, lambda a, b: _mm(a, b, lt))
+    return weight_grad(dy, x, main_grad, lambda a, b: _mm(a, b, lt))
 
 
 class _MLP(torch.autograd.Function):
@@ -179,8 +178,8 @@ class _MLP(torch.autograd.Function):
         else:
             dh, db1 = gelu_grad_sums(_mm(dy, w2, ctx.lt), h, ctx.tanh)
         g1, g2 = ctx.main_grads
-        return (_mm(dh, w1, ctx.lt), _wgrad(dh, x, w1, g1, ctx.lt), db1.to(ctx.b_dtype),
-                _wgrad(dy, a, w2, g2, ctx.lt), None, None, None, None)
+        return (_mm(dh, w1, ctx.lt), _wgrad(dh, x, g1, ctx.lt), db1.to(ctx.b_dtype),
+                _wgrad(dy, a, g2, ctx.lt), None, None, None, None)
 
 
 class _QKV(torch.autograd.Function):
@@ -198,7 +197,7 @@ class _QKV(torch.autograd.Function):
     def backward(ctx: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple:
         x, w = ctx.saved_tensors
         g, db = qkv_grad_sums(dq, dk, dv)
-        return _mm(g, w, ctx.lt), _wgrad(g, x, w, ctx.main_grad, ctx.lt), db.to(ctx.b_dtype), None, None, None, None
+        return _mm(g, w, ctx.lt), _wgrad(g, x, ctx.main_grad, ctx.lt), db.to(ctx.b_dtype), None, None, None, None
 
 
 class FusedGeluMLP:

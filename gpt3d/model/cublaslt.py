@@ -405,7 +405,7 @@ class _Linear(torch.autograd.Function):
         x2, w = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = lt_mm(dy2, w, None).view(ctx.shape) if ctx.needs_input_grad[0] else None
-        dw = weight_grad(dy2, x2, w, ctx.main_grad, _lt_mm2) if ctx.needs_input_grad[1] else None
+        dw = weight_grad(dy2, x2, ctx.main_grad, _lt_mm2) if ctx.needs_input_grad[1] else None
         db = dy2.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 

@@ -58,29 +58,30 @@ def main_grad_of(w: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 @torch.library.custom_op("gpt3d::wgrad_accumulate", mutates_args=("main_grad",))
-def wgrad_accumulate(main_grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
-    """main_grad += dy^T x, for dy [T, out] and x [T, in]."""
+def wgrad_accumulate(main_grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """main_grad += dy^T x, for dy [T, out] and x [T, in]; returns an uninitialised [out, in] tensor in dy's
+    dtype, the placeholder autograd hands the hooks (made here, once the GEMM is queued, so a compiled backward
+    cannot allocate it ahead of the layer's other buffers)."""
     if main_grad.is_cuda and main_grad.dtype == torch.float32 and dy.dtype in (torch.bfloat16, torch.float16):
         torch.addmm(main_grad, dy.t(), x, out_dtype=torch.float32, out=main_grad)
     elif dy.dtype == main_grad.dtype:
         main_grad.addmm_(dy.t(), x)
     else:   # no half -> fp32 GEMM here: the product in dy's dtype, then the hooks' add
         main_grad.add_(dy.t() @ x)
+    return dy.new_empty(main_grad.shape)
 
 
 @wgrad_accumulate.register_fake
 def _(main_grad, dy, x):
-    return None
+    return dy.new_empty(main_grad.shape)
 
 
-def weight_grad(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, main_grad: Optional[torch.Tensor],
-                mm=None) -> torch.Tensor:
+def weight_grad(dy: torch.Tensor, x: torch.Tensor, main_grad: Optional[torch.Tensor], mm=None) -> torch.Tensor:
     """dy^T x for 2-D `dy` [T, out] and `x` [T, in] (`mm(a, b)`, default torch's, computes a @ b), or, where
-    `main_grad` is given, that product added into it and a placeholder of `w`'s shape returned."""
+    `main_grad` is given, that product added into it and a placeholder of the weight's shape returned."""
     if main_grad is None:
         return dy.t() @ x if mm is None else mm(dy.t(), x)
-    torch.ops.gpt3d.wgrad_accumulate(main_grad, dy, x)
-    return torch.empty_like(w)
+    return torch.ops.gpt3d.wgrad_accumulate(main_grad, dy, x)
 
 
 class _Linear(torch.autograd.Function):
@@ -98,7 +99,7 @@ class _Linear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dy @ w if ctx.needs_input_grad[0] else None
-        dw = weight_grad(dy2, x.reshape(-1, x.shape[-1]), w, ctx.main_grad) if ctx.needs_input_grad[1] else None
+        dw = weight_grad(dy2, x.reshape(-1, x.shape[-1]), ctx.main_grad) if ctx.needs_input_grad[1] else None
         db = dy2.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 
