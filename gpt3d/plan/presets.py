@@ -105,6 +105,12 @@ GELU_EPILOGUE_EW_SHARE = 0.5
 # Other GPUs scale it with their calibrated attention speed against H100_MEASURED's.
 DROPOUT_HASH_BYTES = 4.5
 DROPOUT_MASK_BYTES = 2
+# Gradient-accumulation fusion (model/grad_accumulation.py): a weight-gradient GEMM that adds into the fp32 buffer
+# took 0.006-0.017 ms more than the bf16 GEMM at the Llama and 1.3B weights (one H100, benchmarks/RESULTS.md
+# 2026-12-07 session 46), ~0.28 of what the hook's add took (10 bytes an element at grad_gbps): charged as 3 bytes
+# an element at grad_gbps. Whole steps against the hooks: Llama bf16 4x4 +1.2% predicted (68,464 tok/s), level
+# to +0.3% measured (65,289); 1.3B 8x2 +0.5% predicted (65,581), +0.5% measured (64,810).
+FUSED_GEMM_BYTES = 3
 ATTN_DROPOUT_S_PER_SCORE = 0.75e-12    # forward + backward
 LOSS_PASSES = 3    # the fused loss reads the logits, its backward reads them and writes their gradient
 # The vocab-parallel loss (TP > 1: ~5 fp32 passes of eager ops) was charged at the fused loss's calibrated rate

@@ -25,7 +25,8 @@ from .memory import Persistent, Shape, layer_terms, shape_of
 from .presets import (ATTN_BACKWARD_FACTOR, ATTN_DROPOUT_S_PER_SCORE, COMM_EFFICIENCY, COMM_LATENCY_S,
                       GELU_EPILOGUE_EW_SHARE,
                       DIRECT_OPTIMIZER_FACTOR, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, EW_PASSES, FP8_CAST_BYTES,
-                      FP8_GEMM_SPEEDUP, GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES, VOCAB_PARALLEL_LOSS_OF_EW, Gpu,
+                      FP8_GEMM_SPEEDUP, FUSED_GEMM_BYTES,
+                      GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES, VOCAB_PARALLEL_LOSS_OF_EW, Gpu,
                       attention_efficiency)
 from .schedule import pipeline_time
 
@@ -202,13 +203,14 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_pe
                 parts["pipeline send/receive"] += 2 * p2p
         # each parameter's hook copies (first micro-batch) or adds (the rest) its bf16 gradient into fp32;
         # with direct gradients there is no buffer to move them into. Where weights' GEMMs add into it
-        # themselves (gradient-accumulation fusion, not FP8's), the buffer is zeroed once a step and the hooks
-        # add the other gradients every micro-batch (optim/grad_buffer.py zero_grad)
+        # themselves (gradient-accumulation fusion, not FP8's), the buffer is zeroed once a step, the hooks
+        # add the other gradients every micro-batch (optim/grad_buffer.py zero_grad), and each fused GEMM's
+        # fp32 output costs what FUSED_GEMM_BYTES would at the hooks' rate
         pers, n = persistent[r], lay.num_micro
         fused = 0 if fp8 else pers.fused_elements
         unfused = pers.param_elements - fused
         moved = 0 if pers.direct else (unfused * (6 + 10 * (n - 1)) if not fused else
-                                       4 * pers.param_elements + unfused * 10 * n) / n
+                                       4 * pers.param_elements + (unfused * 10 + fused * FUSED_GEMM_BYTES) * n) / n
         parts["gradient accumulation"] = moved / (cal.grad_gbps * 1e9)
         host_micro.append(sum(len(ids) for ids in chunks) * cal.host_layer_s *
                           (4 / 3 if lay.recompute == "full" else 1.0))
