@@ -158,7 +158,7 @@ def build(shape: str, opts: set, mbs=None, micro: int = 1):
     print(f"bias-gradient fusions installed: {n} (Triton {'loaded' if bias_grad.TRITON else 'missing'}); "
           f"through cuBLASLt: {n_lt} fused functions, {linears} linears "
           f"(nvmath-python {'loaded' if cublaslt.LOADED else 'missing'}); weights accumulating in backward: "
-          f"{len(tr.grads._fused)}")
+          f"{len(tr.grads.fused())}")
     return cfg, tr
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
+from ..parallel.param_meta import set_meta
 from ..parallel.random import recompute
 from ..parallel.state import ParallelState
 from .rope import RotaryEmbedding, apply_rotary
@@ -88,8 +89,9 @@ class SelfAttention(nn.Module):
         """`fused(x, qkv.weight, qkv.bias, kv_heads, head_dim)` -> (q, k, v) [tokens, heads|kv, hd] runs the QKV
         GEMM and its split as one (e.g. FP8, gpt3d/model/fp8_qkv.py); the TP layer keeps its communication.
         None: the linear, then split_qkv. q, k, v may be views made inside an autograd function: nothing here may
-        modify them in place."""
+        modify them in place. Clears the QKV weight's gradient-accumulation mark, as MLP.set_fused does."""
         object.__setattr__(self, "_fused_qkv", fused)   # a plain attribute, never a submodule: names stay the same
+        set_meta(self.qkv.weight, fuses_wgrad=False)
 
     def fused_linears(self) -> tuple[nn.Module, ...]:
         """The linears whose GEMMs a fused function runs (`set_fused_qkv`: the QKV linear; none without one)."""

@@ -76,8 +76,11 @@ class MLP(nn.Module):
     def set_fused(self, fused) -> None:
         """`fused(x, [gate.weight, gate.bias,] fc1.weight, fc1.bias, fc2.weight)` runs the MLP's GEMM work in one
         (e.g. FP8, gpt3d/model/fp8_mlp.py); the TP layers keep their communication and fc2's bias (the gate
-        and fc1 share fc1's input gather). None: per linear."""
+        and fc1 share fc1's input gather). None: per linear. Clears the linears' gradient-accumulation marks
+        (model/grad_accumulation.py sets them, asking the GEMM function that runs them)."""
         object.__setattr__(self, "_fused", fused)   # a plain attribute, never a submodule: names stay the same
+        for linear in ((self.gate,) if self.swiglu else ()) + (self.fc1, self.fc2):
+            set_meta(linear.weight, fuses_wgrad=False)
 
     def fused_linears(self) -> tuple[nn.Module, ...]:
         """The linears whose GEMMs the fused function runs (none without one): their own GEMM path is bypassed."""

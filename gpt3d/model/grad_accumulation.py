@@ -3,11 +3,12 @@ fusion).
 
 Why: with a gradient buffer (several micro-batches, or DP > 1: optim/grad_buffer.py) each weight gradient is
 made in the parameter's dtype and a hook then copies or adds it into its fp32 slot, 10 bytes a parameter every
-micro-batch (~5 ms a micro-batch at the Llama-1.5B shape on one H100, benchmarks/RESULTS.md session 30). Here
-the weight-gradient GEMM adds its product into the slot itself (`main_grad += dy^T x`; on CUDA with an fp32
-output from bf16/fp16 operands, which costs what the half GEMM does: RESULTS.md session 30) and autograd gets
-an uninitialised gradient of the weight's shape instead, so the per-parameter hooks still fire (bucket counts,
-overlapped reductions) but add nothing (`accumulates_in_backward`). The buffer is then zeroed once a step.
+micro-batch. Here the weight-gradient GEMM adds its product into the slot itself (`main_grad += dy^T x`; on CUDA
+an fp32-output GEMM on the bf16/fp16 operands) and autograd gets an uninitialised gradient of the weight's shape
+instead, so the per-parameter hooks still fire (bucket counts, overlapped reductions) but add nothing
+(`accumulates_in_backward`). The buffer is then zeroed once a step. On one H100 (benchmarks/RESULTS.md, session
+46) the layers' weight gradients took 2.2 ms less a micro-batch at the Llama-1.5B shape (4 x 2048) and 2.7 ms at
+1.3B (8 x 2048); whole steps: level to +0.3% at the Llama shape 4 micro-batches of 4, +0.5% at 1.3B 2 of 8.
 
 Which weights: those of the TP linears whose GEMM function takes this path (`fuses_wgrad`: this module's
 `linear`, cuBLASLt's, model/bias_grad.py's fused GeLU MLP and QKV), marked by `enable_grad_accumulation_fusion`;
@@ -17,8 +18,15 @@ where autograd's gradient is used as made). `--no-gradient-accumulation-fusion` 
 
 Numerics: on CUDA the half-precision product is added in fp32 without first being rounded to bf16/fp16 (one
 rounding fewer than the hooks' add); with fp32/fp64 parameters it is `addmm_` in their dtype; elsewhere (a CPU
-run in bf16) exactly the hooks' arithmetic. The op is a custom op mutating `main_grad`, which Inductor calls in
-place inside a compiled backward (no copy of the slot).
+run in bf16) exactly the hooks' arithmetic.
+
+`main_grad` travels from forward to backward as a tensor (on ctx, or saved by a compiled graph, which checks saved
+tensors against in-place changes: a compiled layer with selective recompute does). So each weight's `main_grad`
+has a version counter of its own (optim/grad_buffer.py makes it so, not a view sharing the buffer's), and the op
+leaves it unchanged: its additions are all that ever change that tensor between a forward and its backward (1F1B
+pipelines run other micro-batches' backward in between), and they are not changes a saved value could miss,
+since no graph reads `main_grad`. The op is therefore declared as mutating nothing; the placeholder it returns,
+which autograd consumes, keeps it in the graph.
 """
 from __future__ import annotations
 
@@ -57,17 +65,19 @@ def main_grad_of(w: torch.Tensor) -> Optional[torch.Tensor]:
     return w.main_grad if accumulates_in_backward(w) else None   # type: ignore[attr-defined]
 
 
-@torch.library.custom_op("gpt3d::wgrad_accumulate", mutates_args=("main_grad",))
+@torch.library.custom_op("gpt3d::wgrad_accumulate", mutates_args=())
 def wgrad_accumulate(main_grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """main_grad += dy^T x, for dy [T, out] and x [T, in]; returns an uninitialised [out, in] tensor in dy's
-    dtype, the placeholder autograd hands the hooks (made here, once the GEMM is queued, so a compiled backward
-    cannot allocate it ahead of the layer's other buffers)."""
-    if main_grad.is_cuda and main_grad.dtype == torch.float32 and dy.dtype in (torch.bfloat16, torch.float16):
-        torch.addmm(main_grad, dy.t(), x, out_dtype=torch.float32, out=main_grad)
-    elif dy.dtype == main_grad.dtype:
-        main_grad.addmm_(dy.t(), x)
-    else:   # no half -> fp32 GEMM here: the product in dy's dtype, then the hooks' add
-        main_grad.add_(dy.t() @ x)
+    """main_grad += dy^T x, for dy [T, out] and x [T, in], main_grad's version counter unchanged (module
+    docstring); returns an uninitialised [out, in] tensor in dy's dtype, the placeholder autograd hands the hooks
+    (made here, once the GEMM is queued, so a compiled backward cannot allocate it ahead of the layer's other
+    buffers)."""
+    with torch.autograd._unsafe_preserve_version_counter(main_grad):
+        if main_grad.is_cuda and main_grad.dtype == torch.float32 and dy.dtype in (torch.bfloat16, torch.float16):
+            torch.addmm(main_grad, dy.t(), x, out_dtype=torch.float32, out=main_grad)
+        elif dy.dtype == main_grad.dtype:
+            main_grad.addmm_(dy.t(), x)
+        else:   # no half -> fp32 GEMM here: the product in dy's dtype, then the hooks' add
+            main_grad.add_(dy.t() @ x)
     return dy.new_empty(main_grad.shape)
 
 

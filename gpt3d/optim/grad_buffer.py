@@ -14,7 +14,9 @@ DP-averaged gradient. What to do with it (clip, step, all-gather) is the ZeRO op
 
 Where nothing adds to or reduces a gradient (buckets.direct_gradients: DP 1, one micro-batch, no late
 reduction) there is no fp32 buffer: the hooks keep autograd's gradients as they are (`direct`), and the
-optimizer reads them from there (`gradient`).
+optimizer reads them from there (`gradient`). Weights whose backward adds into `main_grad` itself
+(model/grad_accumulation.py) hand their hooks a placeholder, which is not added; the buffer is then zeroed once a
+step instead of each slot being overwritten by its first gradient.
 """
 from __future__ import annotations
 
@@ -90,13 +92,12 @@ class GradBuffer:
                 self.param_data[off:off + n].copy_(p.detach().reshape(-1))
                 p.data = self.param_data[off:off + n].view_as(p)
                 if not self.direct:
-                    p.main_grad = self.grad_data[off:off + n].view_as(p)
+                    p.main_grad = _slot(self.grad_data, off, p.shape)
+                elif hasattr(p, "main_grad"):   # an earlier buffer's: no backward may add into it now
+                    del p.main_grad
                 self._offsets[p] = off
                 p.register_post_accumulate_grad_hook(self._keep if self.direct else self._make_hook(b))
         self._untouched: set[torch.Tensor] = set()
-        # weights whose backward adds into `main_grad` itself (model/grad_accumulation.py): their hooks get a
-        # placeholder, and the buffer is zeroed each step
-        self._fused = {p for p in self._offsets if accumulates_in_backward(p)}
 
     # ----- layout -------------------------------------------------------------------------------------------
     def _late(self, p) -> tuple[bool, bool]:
@@ -134,6 +135,11 @@ class GradBuffer:
         allocator before the next forward)."""
         self._kept = {}
 
+    def fused(self) -> list[torch.Tensor]:
+        """The parameters whose backward adds into `main_grad` itself (model/grad_accumulation.py): their hooks
+        get a placeholder, and the buffer is zeroed each step. Read as the GEMM functions read it, each time."""
+        return [p for p in self._offsets if accumulates_in_backward(p)]
+
     # ----- gradient sync ------------------------------------------------------------------------------------
     def _keep(self, p: torch.Tensor) -> None:
         """Direct: the gradient autograd accumulated is this step's whole gradient; keep it, in the parameter's
@@ -147,7 +153,7 @@ class GradBuffer:
 
     def _make_hook(self, bucket: Bucket) -> Callable:
         def hook(p: torch.Tensor) -> None:
-            if p not in self._fused:   # (a fused weight's gradient is in `main_grad` already)
+            if not accumulates_in_backward(p):   # (else its gradient is in `main_grad` already)
                 first = p in self._untouched   # first gradient of the step: a copy, so zero_grad need not clear
                 accumulate(p.main_grad, p.grad, first)  # type: ignore[attr-defined, arg-type]  # set in __init__
                 if first:
@@ -176,7 +182,7 @@ class GradBuffer:
         `finish_grad_sync` clears the slots of parameters that got no gradient. Padding stays zero.
         With fused weights (which only add) the whole buffer is zeroed instead, in one pass.
         Direct: forgets the gradients kept from the last step, if any."""
-        if self._fused:
+        if self.fused():
             self.grad_data.zero_()
             self._untouched = set()
         else:
@@ -218,6 +224,14 @@ class GradBuffer:
         for b in self.buckets:
             if b.handle is not None:
                 b.handle.wait()
+
+
+def _slot(buffer: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
+    """`buffer[offset:offset + numel].view(shape)`, but a tensor of its own, with its own version counter rather
+    than the view's shared one: a `main_grad` that a compiled graph saves for backward is checked against
+    in-place changes, and the buffer's other slots change all through backward (model/grad_accumulation.py)."""
+    t = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
+    return t.set_(buffer.untyped_storage(), buffer.storage_offset() + offset, shape)
 
 
 def _all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:

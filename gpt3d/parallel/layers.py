@@ -89,8 +89,10 @@ class ColumnParallelLinear(nn.Module):
         self._matmul = None
 
     def set_matmul(self, matmul) -> None:
-        """`matmul(x, weight, bias)` replaces F.linear (same parameters, another GEMM); None restores it."""
+        """`matmul(x, weight, bias)` replaces F.linear (same parameters, another GEMM); None restores it. The
+        weight's gradient-accumulation mark goes: only model/grad_accumulation.py, asking the new GEMM, sets it."""
         object.__setattr__(self, "_matmul", matmul)   # a plain attribute, never a submodule: names stay the same
+        set_meta(self.weight, fuses_wgrad=False)
 
     def gather_input(self, x: torch.Tensor) -> torch.Tensor:
         """The TP communication before the GEMM (for callers that run the GEMM themselves, e.g. a fused MLP)."""
@@ -122,6 +124,7 @@ class RowParallelLinear(nn.Module):
     def set_matmul(self, matmul) -> None:
         """As ColumnParallelLinear.set_matmul; the bias is added after the reduction, not by `matmul`."""
         object.__setattr__(self, "_matmul", matmul)
+        set_meta(self.weight, fuses_wgrad=False)
 
     def reduce_output(self, y: torch.Tensor) -> torch.Tensor:
         """What follows the GEMM: the partial sums' reduction, then the bias."""

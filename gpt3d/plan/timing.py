@@ -159,11 +159,12 @@ class StepTime:
 
 def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_per_node: int,
               persistent: list[Persistent], *, param_bytes: int = 2, overlap_grad_reduce: bool = True,
-              fused_loss: bool = True, compiled: bool = True, fp8: bool = False,
+              fused_loss: bool = True, compiled: bool = True, fp8: bool = False, fp8_linears: bool = False,
               gelu_epilogues: bool = False) -> StepTime:
     """`persistent`: each stage's optimizer layout (from memory.stage_memory), for bucket sizes and shards;
-    `fp8`: the layers' linears run FP8 GEMMs (tensorwise), the output head stays bf16; `gelu_epilogues`: as
-    layer_time's."""
+    `fp8`: the layers' linears run FP8 GEMMs (tensorwise), the output head stays bf16; `fp8_linears`: --fp8 with
+    any recipe, whose FP8 linears' weight gradients the hooks add (no gradient-accumulation fusion for them);
+    `gelu_epilogues`: as layer_time's."""
     cal, link = gpu.calibration, links(lay, gpu, gpus_per_node)
     ew_factor = 1.0 if compiled else EAGER_EW_FACTOR
     sh = shape_of(m, lay, param_bytes)
@@ -173,6 +174,8 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_pe
     p2p_bytes = sh.e * sh.seq_tokens * h
     p2p = (p2p_bytes / (link.pp_gbps * 1e9) + COMM_LATENCY_S) if lay.pp > 1 else 0.0
     stage_times, per_stage_parts, host_micro = [], [], []
+    # a layer's weight elements on FP8 GEMMs (one rank): marked for the fusion as the meta chunk is, yet hooked
+    fp8_weights = sum(i * o for i, o in layer_linears(m, t) if fp8_eligible(o, i)) if fp8 or fp8_linears else 0
     per_mode = {rc: layer_time(m, lay, gpu, link, sh, rc, ew_factor, fp8, gelu_epilogues)
                 for rc in {None, lay.recompute}}
     for r in range(lay.pp):
@@ -207,7 +210,7 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_pe
         # add the other gradients every micro-batch (optim/grad_buffer.py zero_grad), and each fused GEMM's
         # fp32 output costs what FUSED_GEMM_BYTES would at the hooks' rate
         pers, n = persistent[r], lay.num_micro
-        fused = 0 if fp8 else pers.fused_elements
+        fused = max(0, pers.fused_elements - sum(len(ids) for ids in chunks) * fp8_weights)
         unfused = pers.param_elements - fused
         moved = 0 if pers.direct else (unfused * (6 + 10 * (n - 1)) if not fused else
                                        4 * pers.param_elements + (unfused * 10 + fused * FUSED_GEMM_BYTES) * n) / n
