@@ -231,7 +231,8 @@ def _slot(buffer: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
     than the view's shared one: a `main_grad` that a compiled graph saves for backward is checked against
     in-place changes, and the buffer's other slots change all through backward (model/grad_accumulation.py)."""
     t = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
-    return t.set_(buffer.untyped_storage(), buffer.storage_offset() + offset, shape)
+    stride = torch.empty(shape, device="meta").stride()   # contiguous
+    return t.set_(buffer.untyped_storage(), buffer.storage_offset() + offset, shape, stride)
 
 
 def _all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
