@@ -110,9 +110,10 @@ class Float8Matmul:
         w = weight.t()
         if self._cast_once is not None:
             cast_x, cast_w = self._cast_once
-            held = getattr(weight, fp8_mlp.WEIGHT_CAST, None)   # cast once for the step (model/fp8_weights.py)
+            held = fp8_mlp.held_cast(weight)   # cast once for the step (model/fp8_weights.py)
             x = cast_x(x)
-            w = cast_w(w) if held is None else _HeldCast.apply(w, held[0].t(), held[2], self.mm_config, *self._held)
+            w = cast_w(w) if held is None else _HeldCast.apply(w, held.data.t(), held.scale, self.mm_config,
+                                                               *self._held)
         y = self._fn.apply(x, w, self.mm_config, self.config)   # [*, in] @ [in, out] -> [*, out]
         return y if bias is None else y + bias.to(y.dtype)
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,25 +63,38 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
     return q, q_t, inv
 
 
-def cast_with_scale(t: torch.Tensor, dtype: torch.dtype, transposed: bool = True) -> tuple:
-    """`cast`'s (data, transposed data or None without `transposed`, scale, inverse scale): torchao's tensors
-    hold the scale itself."""
+class ScaledCast(NamedTuple):
+    """`cast_with_scale`'s result, and what a weight carries while model/fp8_weights.py holds its cast."""
+    data: torch.Tensor
+    data_t: Optional[torch.Tensor]   # the data transposed and contiguous; None where not asked for
+    scale: torch.Tensor
+    inv_scale: torch.Tensor
+
+
+def cast_with_scale(t: torch.Tensor, dtype: torch.dtype, transposed: bool = True) -> ScaledCast:
+    """`cast`'s data, transposed data (None without `transposed`) and inverse scale, with the scale itself
+    (torchao's tensors hold it)."""
     scale = to_scale(t.abs().max(), dtype)
     q = quantize(t, scale, dtype)
-    return q, q.t().contiguous() if transposed else None, scale, scale.reciprocal()
+    return ScaledCast(q, q.t().contiguous() if transposed else None, scale, scale.reciprocal())
 
 
 # the attribute a weight carries while model/fp8_weights.py holds its cast: cast_with_scale(weight, E4M3, ...)
 WEIGHT_CAST = "_gpt3d_fp8_cast"
 
 
+def held_cast(w: torch.Tensor) -> Optional[ScaledCast]:
+    """The FP8 cast of weight `w` held for this step (model/fp8_weights.py), or None."""
+    return getattr(w, WEIGHT_CAST, None)
+
+
 def cast_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`cast(w, E4M3)` of a weight: the copy cast once for the step where model/fp8_weights.py holds one (the
     same bits; transposed here if it was held without), else cast here."""
-    held = getattr(w, WEIGHT_CAST, None)
+    held = held_cast(w)
     if held is None:
         return cast(w, E4M3)
-    return held[0], held[1] if held[1] is not None else held[0].t().contiguous(), held[3]
+    return held.data, held.data_t if held.data_t is not None else held.data.t().contiguous(), held.inv_scale
 
 
 def _gelu_value(h: torch.Tensor, da: Optional[torch.Tensor], tanh: bool) -> torch.Tensor:

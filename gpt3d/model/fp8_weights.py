@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 from .attention import SelfAttention
 from .fp8 import Float8Matmul
-from .fp8_mlp import E4M3, WEIGHT_CAST, Float8MLP, cast_with_scale
+from .fp8_mlp import E4M3, WEIGHT_CAST, Float8MLP, ScaledCast, cast_with_scale
 from .fp8_qkv import Float8QKV
 from .gpt import MLP
 
@@ -53,11 +53,11 @@ def fp8_weights(modules: Iterable[nn.Module]) -> list[tuple[nn.Parameter, bool]]
             and isinstance(m._matmul, Float8Matmul) and m._matmul.casts_once]
 
 
-def _cast(w: torch.Tensor, transposed: bool) -> tuple:
+def _cast(w: torch.Tensor, transposed: bool) -> ScaledCast:
     return cast_with_scale(w, E4M3, transposed)
 
 
-def weight_caster(compiled: bool) -> Callable[[torch.Tensor, bool], tuple]:
+def weight_caster(compiled: bool) -> Callable[[torch.Tensor, bool], ScaledCast]:
     """`held_casts`'s cast: `compiled`, one compiled function (Inductor's kernels, as a compiled model's own
     casts are) instead of eager passes; made once, for the run."""
     return torch.compile(_cast) if compiled else _cast

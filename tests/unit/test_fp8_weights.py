@@ -20,7 +20,7 @@ import gpt3d.model.build as build
 from gpt3d.model import fp8_mlp, fp8_weights
 from gpt3d.model.build import compile_chunks
 from gpt3d.model.fp8 import enable_fp8
-from gpt3d.model.fp8_mlp import E4M3, WEIGHT_CAST, cast_with_scale
+from gpt3d.model.fp8_mlp import E4M3, WEIGHT_CAST, ScaledCast, cast_with_scale
 from gpt3d.model.fp8_weights import fp8_weights as weights_of, held_casts, holds_casts, weight_caster
 from gpt3d.model.gpt import GPTModel
 from gpt3d.parallel.random import seed_everything
@@ -95,7 +95,7 @@ def test_transposed_copies_only_where_a_backward_reads_them(arch, fused_mlp, fus
     assert all(t is want[names[id(w)]] for w, t in held)
     for transposes in (True, False):
         with held_casts(held, transposes=transposes):
-            assert all((getattr(w, WEIGHT_CAST)[1] is not None) is (t and transposes) for w, t in held)
+            assert all((getattr(w, WEIGHT_CAST).data_t is not None) is (t and transposes) for w, t in held)
 
 
 @pytest.mark.parametrize("arch,fused", [("gpt", True), ("gpt", False), ("llama", True), ("llama", False)])
@@ -111,8 +111,8 @@ def test_every_fp8_path_uses_the_held_copies(arch, fused):
             w8, w8_t, scale, inv = getattr(w, WEIGHT_CAST)
             with torch.no_grad():
                 assert torch.equal(m(tokens, tokens), want)
-            setattr(w, WEIGHT_CAST, (torch.zeros_like(w8), None if w8_t is None else torch.zeros_like(w8_t), scale,
-                                     inv))
+            zeros_t = None if w8_t is None else torch.zeros_like(w8_t)
+            setattr(w, WEIGHT_CAST, ScaledCast(torch.zeros_like(w8), zeros_t, scale, inv))
             with torch.no_grad():
                 assert not torch.equal(m(tokens, tokens), want)
 
@@ -121,7 +121,7 @@ def test_each_entry_casts_the_weights_as_they_are_then():
     m = _model("llama", True, True)
     weights = weights_of(m.modules())
     with held_casts(weights):
-        first = [getattr(w, WEIGHT_CAST)[0].clone() for w, _ in weights]
+        first = [getattr(w, WEIGHT_CAST).data.clone() for w, _ in weights]
     with torch.no_grad():
         for w, _ in weights:
             w.mul_(1.5).add_(0.01)
@@ -130,7 +130,7 @@ def test_each_entry_casts_the_weights_as_they_are_then():
             held = getattr(w, WEIGHT_CAST)
             fresh = cast_with_scale(w.detach(), E4M3, t)
             assert all(a is b is None or torch.equal(a, b) for a, b in zip(held, fresh))
-            assert not torch.equal(held[0], old)
+            assert not torch.equal(held.data, old)
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
