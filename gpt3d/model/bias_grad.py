@@ -139,7 +139,11 @@ _KERNELS = triton_kernels(".bias_grad_triton", __package__)
 TRITON = _KERNELS is not None and _register_triton(_KERNELS)
 
 
-_mm = cublaslt.mm   # a @ b (+ bias) through model/cublaslt.py's op (`lt`) or torch's
+def _mm(a: torch.Tensor, b: torch.Tensor, lt: bool, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b (+ bias) through model/cublaslt.py's op (`lt`) or torch's."""
+    if lt:
+        return cublaslt.lt_mm(a, b, bias)
+    return a @ b if bias is None else torch.addmm(bias, a, b)
 
 
 def _wgrad(dy: torch.Tensor, x: torch.Tensor, main_grad: Optional[torch.Tensor], lt: bool) -> torch.Tensor:

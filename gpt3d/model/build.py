@@ -24,7 +24,7 @@ from ..parallel.random import TPRNG
 from ..parallel.precision import full_dtype
 from ..parallel.state import ParallelState
 from .bias_grad import bias_grad_fusion_applies, enable_bias_grad_fusion
-from .cublaslt import cublaslt_applies, enable_cublaslt, torch_linear
+from .cublaslt import cublaslt_applies, enable_cublaslt
 from .fp8 import enable_fp8, uses_fp8
 from .grad_accumulation import enable_grad_accumulation_fusion
 from .gpt import GPTModel
@@ -145,7 +145,7 @@ def build_model_chunks(cfg: Config, ps: ParallelState, tp_rng: TPRNG, vocab_size
         if lt:   # the linears that neither FP8 nor the fused functions took
             enable_cublaslt(m)
         if not cfg.model.no_gradient_accumulation_fusion:   # last: it asks each GEMM function whether it can
-            enable_grad_accumulation_fusion(m, torch_linear)
+            enable_grad_accumulation_fusion(m)
         chunks.append(m.cast_parameters(param_dtype(cfg.precision)))
     if compile_enabled(cfg.training, ps.device):
         compile_chunks(chunks, ps, cfg.training.compile_granularity)
@@ -268,7 +268,7 @@ def build_meta_chunk(cfg: ModelConfig, vocab_size: int, tp: int, sequence_parall
         m = GPTModel(cfg, ps, TPRNG(0, ps), vocab_size=vocab_size, layer_ids=layer_ids, pre_process=pre_process,
                      post_process=post_process)
     if not cfg.no_gradient_accumulation_fusion:   # the weights it marks (without FP8, which takes fewer)
-        enable_grad_accumulation_fusion(m, torch_linear)
+        enable_grad_accumulation_fusion(m)
     return m
 
 

@@ -389,48 +389,36 @@ def cublaslt_applies(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and LOADED and dtype in _DTYPES and _library_loads()
 
 
-def mm(a: torch.Tensor, b: torch.Tensor, lt: bool, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a @ b (+ bias) through `lt_mm` (`lt`) or torch's GEMM."""
-    if lt:
-        return lt_mm(a, b, bias)
-    return a @ b if bias is None else torch.addmm(bias, a, b)
-
-
 class _Linear(torch.autograd.Function):
-    """F.linear(x, w, b) with its three GEMMs through `mm` (`lt`: the ops above), the weight gradient added into
-    the gradient buffer where `main_grad` is given (model/grad_accumulation.py)."""
+    """F.linear(x, w, b) with its three GEMMs through the ops above."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
-                main_grad: Optional[torch.Tensor], lt: bool) -> torch.Tensor:
+                main_grad: Optional[torch.Tensor]) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x2, w)
-        ctx.shape, ctx.bias, ctx.main_grad, ctx.lt = x.shape, b is not None, main_grad, lt
-        return mm(x2, w.t(), lt, b).view(*x.shape[:-1], w.shape[0])
+        ctx.shape, ctx.bias, ctx.main_grad = x.shape, b is not None, main_grad
+        return lt_mm(x2, w.t(), b).view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
         x2, w = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = mm(dy2, w, ctx.lt).view(ctx.shape) if ctx.needs_input_grad[0] else None
-        dw = weight_grad(dy2, x2, ctx.main_grad, lambda a, b: mm(a, b, ctx.lt)) if ctx.needs_input_grad[1] \
-            else None
+        dx = lt_mm(dy2, w, None).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        dw = weight_grad(dy2, x2, ctx.main_grad, _lt_mm2) if ctx.needs_input_grad[1] else None
         db = dy2.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None
+        return dx, dw, db, None
+
+
+def _lt_mm2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return lt_mm(a, b, None)
 
 
 @fusing
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`set_matmul`'s function (parallel/layers.py): F.linear through cuBLASLt, its weight gradient added into
     the gradient buffer where that is on (model/grad_accumulation.py)."""
-    return _Linear.apply(x, w, b, main_grad_of(w), True)
-
-
-@fusing
-def torch_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear with torch's GEMMs, as `linear` otherwise: what model/grad_accumulation.py gives the linears no
-    other function took, so that their weight gradients can add into the buffer too."""
-    return _Linear.apply(x, w, b, main_grad_of(w), False)
+    return _Linear.apply(x, w, b, main_grad_of(w))
 
 
 def enable_cublaslt(model: torch.nn.Module) -> int:

@@ -10,12 +10,11 @@ instead, so the per-parameter hooks still fire (bucket counts, overlapped reduct
 46) the layers' weight gradients took 2.2 ms less a micro-batch at the Llama-1.5B shape (4 x 2048) and 2.7 ms at
 1.3B (8 x 2048); whole steps: level to +0.3% at the Llama shape 4 micro-batches of 4, +0.5% at 1.3B 2 of 8.
 
-Which weights: those of the TP linears whose GEMM function takes this path (`fuses_wgrad`: model/cublaslt.py's
-`linear` and `torch_linear`, model/bias_grad.py's fused GeLU MLP and QKV), marked by
-`enable_grad_accumulation_fusion`; FP8's GEMMs cannot (`_scaled_mm` has no C input), nor can a weight used twice
-(the tied embedding). A marked weight accumulates in backward only while it has a `main_grad` (the buffer's slot:
-not with direct gradients, where autograd's gradient is used as made). `--no-gradient-accumulation-fusion` leaves
-every weight to the hooks.
+Which weights: those of the TP linears whose GEMM function takes this path (`fuses_wgrad`: this module's
+`linear`, cuBLASLt's, model/bias_grad.py's fused GeLU MLP and QKV), marked by `enable_grad_accumulation_fusion`;
+FP8's GEMMs cannot (`_scaled_mm` has no C input), nor can a weight used twice (the tied embedding). A marked
+weight accumulates in backward only while it has a `main_grad` (the buffer's view: not with direct gradients,
+where autograd's gradient is used as made). `--no-gradient-accumulation-fusion` leaves every weight to the hooks.
 
 Numerics: on CUDA the half-precision product is added in fp32 without first being rounded to bf16/fp16 (one
 rounding fewer than the hooks' add); with fp32/fp64 parameters it is `addmm_` in their dtype; elsewhere (a CPU
@@ -35,6 +34,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..parallel.param_meta import param_meta, set_meta
 
@@ -86,19 +86,44 @@ def _(main_grad, dy, x):
     return dy.new_empty(main_grad.shape)
 
 
-def weight_grad(dy: torch.Tensor, x: torch.Tensor, main_grad: Optional[torch.Tensor], mm) -> torch.Tensor:
-    """dy^T x for 2-D `dy` [T, out] and `x` [T, in] (`mm(a, b)` computes a @ b: the caller's GEMM), or, where
+def weight_grad(dy: torch.Tensor, x: torch.Tensor, main_grad: Optional[torch.Tensor], mm=None) -> torch.Tensor:
+    """dy^T x for 2-D `dy` [T, out] and `x` [T, in] (`mm(a, b)`, default torch's, computes a @ b), or, where
     `main_grad` is given, that product added into it and a placeholder of the weight's shape returned."""
     if main_grad is None:
-        return mm(dy.t(), x)
+        return dy.t() @ x if mm is None else mm(dy.t(), x)
     return torch.ops.gpt3d.wgrad_accumulate(main_grad, dy, x)
 
 
-def enable_grad_accumulation_fusion(model: nn.Module, plain_linear) -> int:
+class _Linear(torch.autograd.Function):
+    """F.linear(x, w, b), its weight gradient through `weight_grad`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+                main_grad: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.bias, ctx.main_grad = b is not None, main_grad
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
+        x, w = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dy @ w if ctx.needs_input_grad[0] else None
+        dw = weight_grad(dy2, x.reshape(-1, x.shape[-1]), ctx.main_grad) if ctx.needs_input_grad[1] else None
+        db = dy2.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+@fusing
+def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`set_matmul`'s function for a linear with torch's GEMMs."""
+    return _Linear.apply(x, w, b, main_grad_of(w))
+
+
+def enable_grad_accumulation_fusion(model: nn.Module) -> int:
     """Mark the weights of every TP linear of `model` whose GEMM function `can_fuse`, giving the linears still on
-    torch's F.linear `plain_linear` (model/cublaslt.py's `torch_linear`: torch's GEMMs still, passed in because
-    that module builds on this one); returns how many weights. Last of the model's GEMM switches (FP8, the fused
-    functions and cuBLASLt choose first)."""
+    torch's F.linear this module's `linear`; returns how many weights. Last of the model's GEMM switches (FP8,
+    the fused functions and cuBLASLt choose first)."""
     from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
     from .attention import SelfAttention
     from .gpt import MLP
@@ -117,7 +142,7 @@ def enable_grad_accumulation_fusion(model: nn.Module, plain_linear) -> int:
     for m in model.modules():
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and id(m) not in bypassed:
             if m._matmul is None:
-                m.set_matmul(plain_linear)
+                m.set_matmul(linear)
             if can_fuse(m._matmul):
                 marked.append(m.weight)
     for w in marked:

@@ -14,7 +14,6 @@ import gpt3d.optim.grad_buffer as gb
 from gpt3d.config import ModelConfig
 from gpt3d.model.bias_grad import enable_bias_grad_fusion
 from gpt3d.model.build import compile_chunks
-from gpt3d.model.cublaslt import torch_linear
 from gpt3d.model.fp8 import enable_fp8
 from gpt3d.model.grad_accumulation import accumulates_in_backward, enable_grad_accumulation_fusion
 from gpt3d.model.gpt import GPTModel
@@ -43,7 +42,7 @@ def _model(arch: str, fused_functions: bool, fusion: bool, layers: int = 2, dtyp
     if fused_functions:   # model/bias_grad.py's GeLU MLP and QKV functions (their torch references on CPU)
         enable_bias_grad_fusion(model)
     if fusion:
-        enable_grad_accumulation_fusion(model, torch_linear)
+        enable_grad_accumulation_fusion(model)
     return model
 
 

@@ -12,7 +12,6 @@ from hypothesis import given, strategies as st
 from tests.support.fuzz import fuzz
 
 from gpt3d.model.gpt import GPTModel
-from gpt3d.model.cublaslt import torch_linear
 from gpt3d.model.grad_accumulation import enable_grad_accumulation_fusion
 from gpt3d.parallel.param_meta import param_meta
 from gpt3d.parallel.random import seed_everything
@@ -52,7 +51,7 @@ def test_the_planners_parameter_list_is_the_real_models(c):
     ps = ParallelState(tp=c["tp"], pp=2, rank=c["tp_rank"], sequence_parallel=c["sp"])
     model = GPTModel(m, ps, seed_everything(1, ps), vocab_size=c["vocab"], layer_ids=c["ids"],
                      pre_process=c["pre"], post_process=c["post"])
-    enable_grad_accumulation_fusion(model, torch_linear)   # as model/build.py's build_model_chunks does by default
+    enable_grad_accumulation_fusion(model)   # as model/build.py's build_model_chunks does by default
     want = [(n, p.numel(), param_meta(p)) for n, p in model.named_parameters()]
     got = [(p.name, p.numel, p.meta) for p in chunk_params(m, c["vocab"], c["tp"], c["sp"], c["ids"], c["pre"],
                                                            c["post"])]
