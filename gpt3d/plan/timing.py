@@ -210,12 +210,13 @@ def step_time(m: ModelConfig, vocab_size: int, lay: Candidate, gpu: Gpu, gpus_pe
         # add the other gradients every micro-batch (optim/grad_buffer.py zero_grad), and each fused GEMM's
         # fp32 output costs what FUSED_GEMM_BYTES would at the hooks' rate
         pers, n = persistent[r], lay.num_micro
-        fused = max(0, pers.fused_elements - sum(len(ids) for ids in chunks) * fp8_weights)
+        layers_here = sum(len(ids) for ids in chunks)
+        fused = max(0, pers.fused_elements - layers_here * fp8_weights)
         unfused = pers.param_elements - fused
         moved = 0 if pers.direct else (unfused * (6 + 10 * (n - 1)) if not fused else
                                        4 * pers.param_elements + (unfused * 10 + fused * FUSED_GEMM_BYTES) * n) / n
         parts["gradient accumulation"] = moved / (cal.grad_gbps * 1e9)
-        host_micro.append(sum(len(ids) for ids in chunks) * cal.host_layer_s *
+        host_micro.append(layers_here * cal.host_layer_s *
                           (4 / 3 if lay.recompute == "full" else 1.0))
         stage_times.append(sum(parts.values()))
         per_stage_parts.append(parts)
