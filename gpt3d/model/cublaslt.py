@@ -390,21 +390,21 @@ def cublaslt_applies(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class _Linear(torch.autograd.Function):
-    """F.linear(x, w, b) with its three GEMMs through the ops above."""
+    """F.linear(x2, w, b) on a 2-D x2 with its three GEMMs through the ops above. It returns the GEMM's own
+    output, never a view of it: the caller views it in the input's shape outside, since autograd forbids
+    in-place changes (the row-parallel all-reduce's) to a view made inside a custom function."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+    def forward(ctx: Any, x2: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
                 main_grad: Optional[torch.Tensor]) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x2, w)
-        ctx.shape, ctx.bias, ctx.main_grad = x.shape, b is not None, main_grad
-        return lt_mm(x2, w.t(), b).view(*x.shape[:-1], w.shape[0])
+        ctx.bias, ctx.main_grad = b is not None, main_grad
+        return lt_mm(x2, w.t(), b)
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
+    def backward(ctx: Any, dy2: torch.Tensor) -> tuple:
         x2, w = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = lt_mm(dy2, w, None).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        dx = lt_mm(dy2, w, None) if ctx.needs_input_grad[0] else None
         dw = weight_grad(dy2, x2, ctx.main_grad, _lt_mm2) if ctx.needs_input_grad[1] else None
         db = dy2.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
@@ -418,7 +418,8 @@ def _lt_mm2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`set_matmul`'s function (parallel/layers.py): F.linear through cuBLASLt, its weight gradient added into
     the gradient buffer where that is on (model/grad_accumulation.py)."""
-    return _Linear.apply(x, w, b, main_grad_of(w))
+    y = _Linear.apply(x.reshape(-1, x.shape[-1]), w, b, main_grad_of(w))
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
 def enable_cublaslt(model: torch.nn.Module) -> int:
