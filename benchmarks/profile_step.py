@@ -6,8 +6,8 @@ Run on the GPU machine, e.g.
 A run is SHAPE:OPTIONS[:MBS[:MICRO]] (SHAPE: a `gpt3d bench` shape, or 2.7B = 32 layers, 2560 hidden, 32 heads)
 with OPTIONS joined by '+':
   bf16 (default) | fp16 | fp8 | fp8row (rowwise recipe) | fp8gw (rowwise_with_gw_hp)
-  fp8u (tensorwise, the GeLU MLP per linear instead of gpt3d/model/fp8_mlp.py's one function)
-  fp8s (tensorwise, a SwiGLU MLP as one function too: enable_fp8's fused_swiglu)
+  fp8u (tensorwise, the MLP per linear instead of gpt3d/model/fp8_mlp.py's one function)
+  fp8s (tensorwise, a SwiGLU MLP as one function even where quack does not load: enable_fp8's fused_swiglu)
   nq (with fp8: the QKV linear per linear, not gpt3d/model/fp8_qkv.py's function)
   fp8o | fp8r | fp8d | fp8dr (probes, benchmarks/fp8_scaling_probe.py: own casts; per-row amax; delayed; both)
   fce (fused linear + cross entropy, chunked)

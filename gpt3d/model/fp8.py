@@ -20,9 +20,9 @@ rowwise recipes scale the backward's copies along the other axis, so they cast i
 Where a step would cast a weight more than once, the train step casts it once for the step instead
 (gpt3d/model/fp8_weights.py); `__call__` and the functions below then take that copy.
 With `tensorwise` a GeLU MLP's linears run as one FP8 function instead (gpt3d/model/fp8_mlp.py, same recipe),
-whose casts between the GEMMs are Triton kernels, faster there than Inductor's (SwiGLU: opt-in, not faster),
-and the attention's QKV linear as one function returning q, k and v (gpt3d/model/fp8_qkv.py), whose output
-gradient is cast where attention's backward leaves it.
+whose casts between the GEMMs are Triton kernels, faster there than Inductor's (a SwiGLU MLP's: where
+quack-kernels gives its backward an epilogue), and the attention's QKV linear as one function returning q, k
+and v (gpt3d/model/fp8_qkv.py), whose output gradient is cast where attention's backward leaves it.
 """
 from __future__ import annotations
 
@@ -144,13 +144,14 @@ def uses_fp8(model: nn.Module) -> bool:
 
 
 def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: bool = False,
-               fused_mlp: bool = True, fused_swiglu: bool = False, fused_qkv: bool = True) -> int:
+               fused_mlp: bool = True, fused_swiglu: Optional[bool] = None, fused_qkv: bool = True) -> int:
     """Route every TP linear of `model` whose (local) dims suit FP8 GEMMs (multiples of 16) through float8;
     returns how many. The output head is not a TP linear and stays bf16. With `tensorwise` scaling a GeLU
     MLP whose linears all switched runs as one FP8 function (gpt3d/model/fp8_mlp.py: the same recipe, its
     casts in fewer passes) unless `fused_mlp` is False (benchmarks compare the two). A SwiGLU MLP does so
-    only with `fused_swiglu`: at the Llama shape it measured no faster than per linear (Inductor's casts
-    there already run at ~1.7 TB/s; benchmarks/RESULTS.md, 2026-12-06), so benchmarks opt in. Likewise the
+    where `fused_swiglu` says, by default where its backward's epilogue loads (`fp8_mlp.dgrad_epilogue_loads`:
+    +1.7% a Llama 4x1 step on one H100); without that epilogue the function measured no faster than per
+    linear (Inductor's casts run at ~1.7 TB/s there; benchmarks/RESULTS.md, sessions 28 and 47). Likewise the
     attention's QKV linear, unless `fused_qkv` is False, runs as one function handing back q, k and v
     (gpt3d/model/fp8_qkv.py) where its head dim is a multiple of 16."""
     if not emulate:
@@ -168,11 +169,13 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
     # the functions: tensorwise; not where FP8 is emulated on a GPU without FP8 GEMMs (they call _scaled_mm
     # themselves; the CPU has one, which the tests use)
     functions = matmul.casts_once and (not emulate or device.type == "cpu")
+    epilogue = functions and fp8_mlp.dgrad_epilogue_loads(device)
+    fused_swiglu = epilogue if fused_swiglu is None else fused_swiglu
     if fused_mlp and functions:
         for m in model.modules():
             if isinstance(m, MLP) and (fused_swiglu or not m.swiglu) and all(
                     x._matmul is matmul for x in (m.fc1, m.fc2) + ((m.gate,) if m.swiglu else ())):
-                m.set_fused(_fused_mlp(matmul, m.swiglu, m.gelu_approximation, device))
+                m.set_fused(_fused_mlp(matmul, m.swiglu, m.gelu_approximation, m.swiglu and epilogue))
     if fused_qkv and functions:
         from .fp8_qkv import Float8QKV
         for m in model.modules():
@@ -187,7 +190,7 @@ def _fast(c) -> tuple[bool, bool, bool]:
             c.gemm_config_grad_weight.use_fast_accum)
 
 
-def _fused_mlp(matmul: Float8Matmul, swiglu: bool, approximate: str, device: torch.device):
+def _fused_mlp(matmul: Float8Matmul, swiglu: bool, approximate: str, epilogue: bool):
     def per_linear(x, *w):
         if swiglu:
             wg, bg, w1, b1, w2 = w
@@ -195,4 +198,4 @@ def _fused_mlp(matmul: Float8Matmul, swiglu: bool, approximate: str, device: tor
         w1, b1, w2 = w
         return matmul(F.gelu(matmul(x, w1, b1), approximate=approximate), w2, None)
     return fp8_mlp.Float8MLP(swiglu, approximate == "tanh", _fast(matmul.config), per_linear,
-                             epilogue=swiglu and fp8_mlp.dgrad_epilogue_loads(device))
+                             epilogue=epilogue)

@@ -20,10 +20,11 @@ the down projection's input-gradient GEMM computes d up, d gate and their amaxes
 stats and cast passes each reading g, u and da. Its rounding differs: only the two final gradients are rounded
 to bf16 (the path above also rounds da, SiLU(g), da * u and SiLU's backward on the way), and a NaN gradient
 does not make the amax NaN (the epilogue's max drops NaN; the NaN entries still cast to NaN). On one H100 it
-passed its check but ran slow with quack's default tile (3.5 ms a layer against 0.6 ms for the GEMM and the
-passes; a whole Llama step 165.6 ms against 117.1; benchmarks/RESULTS.md, session 45); model/quack_gemm.py says
-why and what tile it runs now. `benchmarks/fp8_mlp_check.py --only epilogue` checks and times it,
-`profile_step.py` option `fp8s` runs it end to end; SwiGLU MLPs run per linear by default.
+passed its check but ran slow with quack's default tile (session 45); model/quack_gemm.py says why and what
+tile it runs now, with which the GEMM and the cast take 566 us a layer against 598 us for the passes, and a
+Llama 4x1 step 1.7% less (benchmarks/RESULTS.md, session 47). So a SwiGLU MLP runs as this function by default
+where the epilogue loads (model/fp8.py), per linear elsewhere. `benchmarks/fp8_mlp_check.py --only epilogue`
+checks and times it, `profile_step.py` options `fp8s` / `fp8u` force the function / per linear.
 
 The activation ops (stats, cast; each with a forward and a backward mode; GeLU and SwiGLU) are custom ops:
 a torch reference (CPU, and the spec the Triton kernels are checked against by benchmarks/fp8_mlp_check.py)

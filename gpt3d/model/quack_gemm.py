@@ -11,13 +11,15 @@ H100, benchmarks/RESULTS.md, 2026-12-07, session 41). Whole 1.3B steps +1.7%. qu
 3-20% slower than cuBLAS's, so only these two ops offer it; model/cublaslt.py and model/bias_grad.py time every
 way once per problem and keep the fastest (`cublaslt.pick`).
 
-A third use, for FP8 SwiGLU MLPs (model/fp8_mlp.py, opt-in): the down projection's FP8 input-gradient GEMM
+A third use, for FP8 SwiGLU MLPs (model/fp8_mlp.py): the down projection's FP8 input-gradient GEMM
 with SwiGLU's backward and both gradients' amaxes in its epilogue (`mm_dswiglu_amax`); not a timed way: where
 quack raises there, fp8_mlp warns once and its reference serves. With quack's default tile it measured 3.54 ms
 against cuBLAS's plain FP8 GEMM's 0.21 ms at the Llama shape (one H100, benchmarks/RESULTS.md, session 45): on
 sm_90 quack's FP8 GEMM accumulates without fast accumulation by adding each k-tile's product into a second fp32
 accumulator, which doubles the accumulator registers, and the default 128x192 pingpong tile (192 a thread, 384
-doubled) spills. So this GEMM runs a 128x128 cooperative tile (64 a thread, 128 doubled); not yet measured.
+doubled) spills. Tiles whose doubled accumulator fits measured 338-435 us (session 47); this GEMM runs the
+fastest, 128x96 pingpong on clusters of 2 (96 a thread, 192 doubled): 0.36 ms with the epilogue, and with the
+cast of its two outputs 566 us against the unfused backward's 598-620 us; a Llama 4x1 FP8 step +1.7%.
 
 quack-kernels is optional (the `quack` extra) and used only where it loads, on CUDA sm_90 or newer, in bf16 and
 fp16, for operands whose rows are 16-byte aligned; elsewhere its functions return None and the other ways serve.
@@ -183,7 +185,7 @@ def mm_dgelu_sums(a: torch.Tensor, b: torch.Tensor, pre: torch.Tensor) -> Option
 def _fp8_config() -> Any:
     """`mm_dswiglu_amax`'s tile: one whose doubled accumulator fits the registers (module docstring)."""
     from quack.gemm_config import GemmConfig
-    return GemmConfig(tile_m=128, tile_n=128, pingpong=False, cluster_m=2, is_dynamic_persistent=False)
+    return GemmConfig(tile_m=128, tile_n=96, pingpong=True, cluster_m=2, is_dynamic_persistent=False)
 
 
 def mm_dswiglu_amax(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor, g: torch.Tensor,

@@ -220,8 +220,8 @@ def test_the_epilogue_runs_only_without_biases_and_fast_dgrad(monkeypatch, epilo
 
 @pytest.mark.parametrize("loads", [False, True])
 def test_enable_fp8_gives_swiglu_functions_the_dgrad_epilogue_where_it_loads(monkeypatch, loads):
-    """Asked once per function with the model's device, and only SwiGLU MLPs take it (GeLU's backward has its
-    own passes); not offered on CPU."""
+    """Asked once per model with its device, and only SwiGLU MLPs take it (GeLU's backward has its own passes);
+    not offered on CPU. By default a SwiGLU MLP runs as one function exactly where the epilogue loads."""
     assert not fp8_mlp.dgrad_epilogue_loads(torch.device("cpu"))
     asked = []
     monkeypatch.setattr(fp8_mlp, "dgrad_epilogue_loads", lambda device: asked.append(device) or loads)
@@ -229,7 +229,13 @@ def test_enable_fp8_gives_swiglu_functions_the_dgrad_epilogue_where_it_loads(mon
         m = _model(tiny_config(**GPT, **arch, disable_bias_linear=True), fused=True)
         fused = [mlp._fused for mlp in m.modules() if isinstance(mlp, MLP)]
         assert len(fused) == GPT["num_layers"] and all(f.epilogue is (loads and swiglu) for f in fused)
-    assert asked == [torch.device("cpu")] * GPT["num_layers"]
+    assert asked == [torch.device("cpu")] * 2
+    ps = ParallelState()
+    m = GPTModel(tiny_config(**GPT, **SWIGLU, disable_bias_linear=True).model, ps, seed_everything(3, ps),
+                 vocab_size=250)
+    enable_fp8(m, "tensorwise", ps.device, emulate=True)   # the default, as build_model_chunks calls it
+    fused = [mlp._fused for mlp in m.modules() if isinstance(mlp, MLP)]
+    assert all((f is not None and f.epilogue) if loads else f is None for f in fused)
 
 
 def _model(cfg, fused: bool):
@@ -237,8 +243,8 @@ def _model(cfg, fused: bool):
 
 
 def test_enable_fp8_fuses_the_mlp_only_with_tensorwise_scales():
-    """GeLU MLPs by default; SwiGLU ones only when asked (fused_swiglu: measured no faster at the Llama shape);
-    never with the rowwise recipes."""
+    """GeLU MLPs by default; SwiGLU ones when asked (fused_swiglu) or where their backward's epilogue loads
+    (not on CPU: the test below); never with the rowwise recipes."""
     cfg = tiny_config(**GPT)
     ps = ParallelState()
     for recipe, arch, swiglu_too, fused in (("tensorwise", {}, False, True), ("rowwise", {}, False, False),
