@@ -169,7 +169,9 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
     # the functions: tensorwise; not where FP8 is emulated on a GPU without FP8 GEMMs (they call _scaled_mm
     # themselves; the CPU has one, which the tests use)
     functions = matmul.casts_once and (not emulate or device.type == "cpu")
-    epilogue = functions and fp8_mlp.dgrad_epilogue_loads(device)
+    # asked only of models with a SwiGLU MLP: the answer imports quack (~11 s)
+    epilogue = functions and any(isinstance(m, MLP) and m.swiglu for m in model.modules()) and \
+        fp8_mlp.dgrad_epilogue_loads(device)
     fused_swiglu = epilogue if fused_swiglu is None else fused_swiglu
     if fused_mlp and functions:
         for m in model.modules():
