@@ -19,6 +19,7 @@ from tests.support.fuzz import fuzz
 from gpt3d.config import ParallelConfig
 from gpt3d.errors import ConfigError
 from gpt3d.model.attention import SelfAttention
+from gpt3d.model import fp8_mlp
 from gpt3d.model.fp8 import RECIPES, Float8Matmul, enable_fp8
 from gpt3d.model.gpt import MLP, GPTModel
 from gpt3d.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -120,15 +121,21 @@ def test_fp8_with_recompute_gives_the_same_step(arch):
 ARCH = {"gpt": GPT, "llama": LLAMA, "swiglu+bias": dict(LLAMA, disable_bias_linear=False)}
 
 
-def _tp_fp8(rank: int, world: int, arch: str = "llama", sp: bool = False) -> dict:
+def _tp_fp8(rank: int, world: int, arch: str = "llama", sp: bool = False, epilogue: bool = False) -> dict:
     cfg = tiny_config(**ARCH[arch])
     ps = build_parallel_state(ParallelConfig(tensor_model_parallel_size=world, sequence_parallel=sp), world, rank,
                               torch.device("cpu"))
+    seen = []
+    if epilogue:   # the SwiGLU backward through swiglu_dgrad + cast_pair (their references), as where quack loads
+        fp8_mlp.dgrad_epilogue_loads = lambda device: True
+        real = fp8_mlp.swiglu_dgrad
+        fp8_mlp.swiglu_dgrad = lambda *a: seen.append(1) or real(*a)
     m, n = _model(cfg, ps, fp8=True)
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(2))
     loss, grads = _loss_and_grads(m, tokens)
     fused = all(mlp._fused is not None for mlp in m.modules() if isinstance(mlp, MLP)) and all(
         a._fused_qkv is not None for a in m.modules() if isinstance(a, SelfAttention))   # QKV's function too
+    assert len(seen) == (cfg.model.num_layers if epilogue else 0)
     mlp = {k: grads[f"layers.0.mlp.{k}"] for k in MLP_GRADS if f"layers.0.mlp.{k}" in grads}
     return {"loss": float(loss), "swapped": n, "qkv_grad": grads["layers.0.attention.qkv.weight"], "fused": fused,
             "mlp": mlp}
@@ -137,13 +144,15 @@ def _tp_fp8(rank: int, world: int, arch: str = "llama", sp: bool = False) -> dic
 MLP_GRADS = {"fc1.weight": 0, "fc2.weight": 1, "gate.weight": 0, "fc1.bias": 0, "gate.bias": 0}   # split dims
 
 
-@pytest.mark.parametrize("arch,sp", [("llama", False), ("llama", True), ("gpt", False), ("gpt", True),
-                                     ("swiglu+bias", True)])
-def test_fp8_with_tensor_parallel_sharded_linears(arch, sp):
+@pytest.mark.parametrize("arch,sp,epilogue", [("llama", False, False), ("llama", True, False), ("gpt", False, False),
+                                              ("gpt", True, False), ("swiglu+bias", True, False),
+                                              ("llama", True, True)])
+def test_fp8_with_tensor_parallel_sharded_linears(arch, sp, epilogue):
     """TP=2: each rank's sharded linears run FP8 GEMMs; loss and gradients match one process within FP8's error.
     The MLP (GeLU or SwiGLU) runs as one FP8 function on each rank's shards, the TP layers' communication
-    around it (with sequence parallelism: the all-gather before fc1 and the reduce-scatter after fc2)."""
-    out = distributed.run(2, _tp_fp8, arch, sp)
+    around it (with sequence parallelism: the all-gather before fc1 and the reduce-scatter after fc2); also
+    with SwiGLU's backward through the dgrad epilogue's ops, as on a GPU where quack loads."""
+    out = distributed.run(2, _tp_fp8, arch, sp, epilogue)
     ps = ParallelState()
     ref, _ = _model(tiny_config(**ARCH[arch]), ps, fp8=True)
     tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(2))
