@@ -102,7 +102,7 @@ GELU_EPILOGUE_EW_SHARE = 0.5
 # kernel as the extra step time of attention dropout 0.1 over 0 (benchmarks/RESULTS.md 2026-12-06 session 28):
 # 0.68 ps per score at 1.3B (head size 128), 0.73-0.91 at the Llama shape (64, GQA); at 125M (64) 0.75 from the
 # attention kernels' own growth (session 23's kernel table, which gives 0.97-0.99 at the other two shapes).
-# Other GPUs scale it with their calibrated attention speed against H100_MEASURED's.
+# Other GPUs scale it with their calibrated attention speed against the H100's (h100_calibration).
 DROPOUT_HASH_BYTES = 4.5
 DROPOUT_MASK_BYTES = 2
 # Gradient-accumulation fusion (model/grad_accumulation.py): a weight-gradient GEMM that adds into the fp32 buffer
@@ -126,7 +126,7 @@ VOCAB_PARALLEL_LOSS_OF_EW = 1030.4 / 2666.4
 # activation's own bf16 work off). FP8_CAST_BYTES is fitted to one end-to-end step (1.3B 8x1, 2026-12-06
 # session 34, with direct gradients) and checked at the Llama shape there (+2.4%). (Session 33's fit, 4.7, had
 # the gradient hooks' copy in the step, charged at the default 1000 GB/s.) With the hooks at their measured rate
-# (H100_MEASURED's grad_gbps), a run that keeps the buffer: Llama FP8 4 micro-batches of 4, +3.7% (76,580 tok/s
+# (the H100 calibration's grad_gbps), a run that keeps the buffer: Llama FP8 4 micro-batches of 4, +3.7% (76,580 tok/s
 # measured, session 45; at 1000 GB/s it was -4.3%), one micro-batch of 4 +3.9% there.
 FP8_GEMM_SPEEDUP = 1.94
 FP8_CAST_BYTES = 5.5
@@ -161,22 +161,20 @@ class Gpu:
                 f"GB/s, InfiniBand {self.ib_gbps:g} GB/s per GPU; kernels: {self.calibration.source}")
 
 
-# Measured on one H100 80GB HBM3 by benchmarks/plan_check.py at the 1.3B shape, micro-batch 8
-# (benchmarks/RESULTS.md, 2026-11-25): the layer's GEMMs, cuDNN attention, the rest of a compiled layer, the
-# loss, and clipping + AdamW. The GEMM and attention rates measured there (778.9 and 347.5 TFLOP/s at
-# that shape) are restated for the cost curves above: 793.9 without 12 x GEMM_OVERHEAD_S, and 347.5 /
-# attention_efficiency(2048, 128) = 517.3. The optimizer's, 2026-12-06: the flat AdamW step (optim/adamw.py),
-# 15.9 ms over the whole 1.3B model's parameters as profile_step times it (`--calibrate` times one ~100M-element
-# parameter instead, which read 23.3 ms at 1.3B for the old optimizer where profile_step read 21.6). The loss's,
-# 2026-12-06 session 35: the TP=1 loss's Triton kernels (parallel/cross_entropy_triton.py) at the 1.3B shape, 1.897 ms
-# forward + backward over 16,384 x 50,304 bf16 logits (benchmarks/cross_entropy_probe.py); Inductor's read 1030.4.
-# The gradient hooks', 2026-12-06 session 30: the bf16 -> fp32 copy 2.69 TB/s and add 2.83 TB/s over the 1.3B
-# shape's large gradients (benchmarks/accumulate_check.py; optim/accumulate_triton.py); before, the default 1000.
-H100_MEASURED = Calibration(gemm_tflops=793.9, attn_tflops=517.3, ew_gbps=2666.4, loss_gbps=2606.8,
-                            optimizer_ns_per_param=0.01208, grad_gbps=2770.0,
-                            source="measured on an H100 80GB HBM3 at the 1.3B shape (benchmarks/RESULTS.md "
-                                   "2026-11-25; optimizer 2026-12-06; loss 2026-12-06 session 35; gradient hooks "
-                                   "2026-12-06 session 30)")
+# The H100's kernel speeds are the packaged calibration (calibration.json, below; benchmarks/RESULTS.md's last
+# plan-calibration line): measured by benchmarks/plan_check.py at the 1.3B shape, micro-batch 8 (2026-11-25; the
+# GEMM and attention rates restated for the cost curves above on 2026-12-08, as `--calibrate` computes them:
+# 778.9 TFLOP/s measured -> 793.9 without 12 x GEMM_OVERHEAD_S, 347.5 / attention_efficiency(2048, 128) ->
+# 517.2), the optimizer's 2026-12-06 (the flat AdamW step, optim/adamw.py, 15.9 ms over the 1.3B model's
+# parameters as profile_step times it), the loss's 2026-12-06 session 35 (parallel/cross_entropy_triton.py, 1.897 ms
+# over 16,384 x 50,304 bf16 logits), the gradient hooks' 2026-12-06 session 30 (bf16 -> fp32 copy 2.69 TB/s, add
+# 2.83 TB/s; optim/accumulate_triton.py).
+
+
+def h100_calibration() -> Calibration:
+    """The H100 presets' calibration, and the reference other GPUs' figures are scaled from."""
+    return measured_calibration()
+
 
 _H100 = dict(tflops=989.0, hbm_gbps=3350.0)
 PRESETS = {
@@ -190,10 +188,11 @@ ALIASES = {"h100": "h100-80gb", "h200": "h200-141gb", "a100": "a100-80gb", "v100
 
 
 def _default_calibration(g: Gpu) -> Calibration:
+    h100 = h100_calibration()
     if g.name.startswith("h100"):
-        return H100_MEASURED
-    return H100_MEASURED.scaled(g.tflops / _H100["tflops"], g.hbm_gbps / _H100["hbm_gbps"],
-                                f"H100 figures scaled to {g.name} by peak FLOPs and HBM bandwidth")
+        return h100
+    return h100.scaled(g.tflops / _H100["tflops"], g.hbm_gbps / _H100["hbm_gbps"],
+                       f"H100 figures scaled to {g.name} by peak FLOPs and HBM bandwidth")
 
 
 def resolve_gpu(name: Optional[str] = "h100-80gb", *, tflops: Optional[float] = None,

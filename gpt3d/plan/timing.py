@@ -23,11 +23,9 @@ from ..perf.flops import layer_flops, layer_linears
 from .layout import Candidate
 from .memory import Persistent, Shape, layer_terms, shape_of
 from .presets import (ATTN_BACKWARD_FACTOR, ATTN_DROPOUT_S_PER_SCORE, COMM_EFFICIENCY, COMM_LATENCY_S,
-                      GELU_EPILOGUE_EW_SHARE,
                       DIRECT_OPTIMIZER_FACTOR, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, EW_PASSES, FP8_CAST_BYTES,
-                      FP8_GEMM_SPEEDUP, FUSED_GEMM_BYTES,
-                      GEMM_OVERHEAD_S, H100_MEASURED, LOSS_PASSES, VOCAB_PARALLEL_LOSS_OF_EW, Gpu,
-                      attention_efficiency)
+                      FP8_GEMM_SPEEDUP, FUSED_GEMM_BYTES, GELU_EPILOGUE_EW_SHARE, GEMM_OVERHEAD_S, LOSS_PASSES,
+                      VOCAB_PARALLEL_LOSS_OF_EW, Gpu, attention_efficiency, h100_calibration)
 from .schedule import pipeline_time
 
 # Eager execution runs each norm, activation and residual as its own kernels. Rough factor from
@@ -89,7 +87,7 @@ def attention_dropout_time(m: ModelConfig, scores: int, gpu: Gpu) -> tuple[float
     decides what a recompute of the attention adds."""
     if m.attention_dropout <= 0:
         return 0.0, 0.0
-    total = scores * ATTN_DROPOUT_S_PER_SCORE * H100_MEASURED.attn_tflops / gpu.calibration.attn_tflops
+    total = scores * ATTN_DROPOUT_S_PER_SCORE * h100_calibration().attn_tflops / gpu.calibration.attn_tflops
     share = total / (1 + ATTN_BACKWARD_FACTOR)
     return share, ATTN_BACKWARD_FACTOR * share
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tests.support.fuzz import fuzz
 
 from gpt3d.plan.layout import layout_of
-from gpt3d.plan.presets import (ATTN_DROPOUT_S_PER_SCORE, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, H100_MEASURED,
+from gpt3d.plan.presets import (ATTN_DROPOUT_S_PER_SCORE, DROPOUT_HASH_BYTES, DROPOUT_MASK_BYTES, h100_calibration,
                                 resolve_gpu)
 from gpt3d.plan.search import predict_layout
 
@@ -41,7 +41,7 @@ def test_dropout_term(hidden, attention, recompute):
     sites = (2 * 4 + 1) * 2 * elements * (DROPOUT_HASH_BYTES + DROPOUT_MASK_BYTES) / rate if hidden else 0.0
     # attention: every score (b x heads x s x s) of 4 layers, 2 micro-batches, at the H100's measured cost
     scores = 2 * 4 * 8 * 16 * 2048 * 2048
-    attn = scores * ATTN_DROPOUT_S_PER_SCORE * H100_MEASURED.attn_tflops / H100.calibration.attn_tflops \
+    attn = scores * ATTN_DROPOUT_S_PER_SCORE * h100_calibration().attn_tflops / H100.calibration.attn_tflops \
         if attention else 0.0
     assert p.time.parts["dropout"] == pytest.approx(sites + attn, rel=1e-9)
 
@@ -74,7 +74,7 @@ def test_attention_dropout_per_rank_scaled_and_recomputed(tp, kv_heads, gpu, rec
         return predict_layout(cfg, layout_of(cfg, tp), g, vocab_size=256).time.parts
     on, off = pred(0.1), pred(0.0)
     total = 2 * 4 * 8 * (16 // tp) * 2048 * 2048 * ATTN_DROPOUT_S_PER_SCORE * \
-        H100_MEASURED.attn_tflops / g.calibration.attn_tflops   # 2 micro-batches, 4 layers, b x heads/tp x s^2
+        h100_calibration().attn_tflops / g.calibration.attn_tflops   # 2 micro-batches, 4 layers, b x heads/tp x s^2
     assert on["dropout"] == pytest.approx(total, rel=1e-9) and "dropout" not in off
     again = on.get("recompute", 0.0) - off.get("recompute", 0.0)
     assert again == pytest.approx(total / 3.5 if recompute else 0.0, rel=1e-9, abs=1e-15)
