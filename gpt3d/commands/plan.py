@@ -15,7 +15,7 @@ import sys
 
 from ..errors import ConfigError
 from ..config.rules import NON_NEGATIVE, POSITIVE, check_flags, check_values
-from ..plan.presets import GIB, PRESETS, calibration_to_json, load_calibration, measured_calibration, resolve_gpu
+from ..plan.presets import GIB, PRESETS, calibration_to_json, load_calibration, resolve_gpu
 from .output import Column, emit, table_line
 
 
@@ -37,7 +37,8 @@ def register(sub) -> None:
                    help="kernel speeds: a JSON from --calibrate, or a markdown log with plan-calibration lines")
     g.add_argument("--calibrate", action="store_true",
                    help="measure one layer's forward/backward, the loss and the optimizer step on this GPU "
-                        "(without a GPU: the calibration shipped with gpt3d, gpt3d/plan/calibration.json)")
+                        "(without a GPU: the calibration shipped with gpt3d, gpt3d/plan/calibration.json, scaled "
+                        "to --gpu as its presets are)")
     g.add_argument("--save-calibration", metavar="FILE", help="write the calibration used to FILE (JSON)")
     g.add_argument("--micro-batch-sizes", type=int, nargs="+", help="micro-batch sizes to try (default 1..16)")
     g.add_argument("--top", type=int, default=15, help="layouts that fit to show, fastest first")
@@ -54,8 +55,7 @@ def _gpu(args):
         if torch.cuda.is_available():
             from ..plan.calibrate import calibrate
             cal = calibrate(_config(args))
-        else:
-            cal = measured_calibration()
+        # else the preset's own figures: the packaged H100 calibration (presets.h100_calibration), scaled to it
     elif args.calibration:
         cal = load_calibration(args.calibration)
     name = None if args.gpu == "custom" else args.gpu

@@ -149,9 +149,10 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
     returns how many. The output head is not a TP linear and stays bf16. With `tensorwise` scaling a GeLU
     MLP whose linears all switched runs as one FP8 function (gpt3d/model/fp8_mlp.py: the same recipe, its
     casts in fewer passes) unless `fused_mlp` is False (benchmarks compare the two). A SwiGLU MLP does so
-    where `fused_swiglu` says, by default where its backward's epilogue loads (`fp8_mlp.dgrad_epilogue_loads`:
-    +1.7% a Llama 4x1 step on one H100); without that epilogue the function measured no faster than per
-    linear (Inductor's casts run at ~1.7 TB/s there; benchmarks/RESULTS.md, sessions 28 and 47). Likewise the
+    where `fused_swiglu` says, by default where its backward takes the epilogue (`fp8_mlp.dgrad_epilogue_loads`
+    and `epilogue_takes`: no biases; +1.7% a Llama 4x1 step on one H100); without it the function measured no
+    faster than per linear (Inductor's casts run at ~1.7 TB/s there; benchmarks/RESULTS.md, sessions 29 and 47).
+    Likewise the
     attention's QKV linear, unless `fused_qkv` is False, runs as one function handing back q, k and v
     (gpt3d/model/fp8_qkv.py) where its head dim is a multiple of 16."""
     if not emulate:
@@ -169,14 +170,18 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
     # the functions: tensorwise; not where FP8 is emulated on a GPU without FP8 GEMMs (they call _scaled_mm
     # themselves; the CPU has one, which the tests use)
     functions = matmul.casts_once and (not emulate or device.type == "cpu")
-    # asked only of models with a SwiGLU MLP: the answer imports quack (~11 s)
-    epilogue = functions and any(isinstance(m, MLP) and m.swiglu for m in model.modules()) and \
-        fp8_mlp.dgrad_epilogue_loads(device)
-    fused_swiglu = epilogue if fused_swiglu is None else fused_swiglu
+    # asked only where a SwiGLU MLP could take it: the answer imports quack (~11 s)
+    epilogue = fused_mlp and functions and fused_swiglu is not False and \
+        any(isinstance(m, MLP) and m.swiglu for m in model.modules()) and fp8_mlp.dgrad_epilogue_loads(device)
     if fused_mlp and functions:
         for m in model.modules():
-            if isinstance(m, MLP) and (fused_swiglu or not m.swiglu) and all(
-                    x._matmul is matmul for x in (m.fc1, m.fc2) + ((m.gate,) if m.swiglu else ())):
+            if not isinstance(m, MLP) or not all(x._matmul is matmul for x in
+                                                 (m.fc1, m.fc2) + ((m.gate,) if m.swiglu else ())):
+                continue
+            # by default a SwiGLU MLP runs as the function where its backward takes the epilogue
+            takes = m.swiglu and epilogue and fp8_mlp.epilogue_takes(m.gate.bias is not None or m.fc1.bias is not None,
+                                                                     _fast(matmul.config)[1])
+            if not m.swiglu or (takes if fused_swiglu is None else fused_swiglu):
                 m.set_fused(_fused_mlp(matmul, m.swiglu, m.gelu_approximation, m.swiglu and epilogue))
     if fused_qkv and functions:
         from .fp8_qkv import Float8QKV

@@ -21,7 +21,7 @@ stats and cast passes each reading g, u and da. Its rounding differs: only the t
 to bf16 (the path above also rounds da, SiLU(g), da * u and SiLU's backward on the way), and a NaN gradient
 does not make the amax NaN (the epilogue's max drops NaN; the NaN entries still cast to NaN). On one H100 it
 passed its check but ran slow with quack's default tile (session 45); model/quack_gemm.py says why and what
-tile it runs now, with which the GEMM and the cast take 566 us a layer against 598 us for the passes, and a
+tile it runs now, with which the GEMM and the cast take 566 us a layer against 598 us per linear, and a
 Llama 4x1 step 1.7% less (benchmarks/RESULTS.md, session 47). So a SwiGLU MLP runs as this function by default
 where the epilogue loads (model/fp8.py), per linear elsewhere. `benchmarks/fp8_mlp_check.py --only epilogue`
 checks and times it, `profile_step.py` options `fp8s` / `fp8u` force the function / per linear.
@@ -286,12 +286,20 @@ if _KERNELS is not None:
 def dgrad_epilogue_loads(device: torch.device) -> bool:
     """Whether a SwiGLU MLP's backward on `device` can run the down projection's input-gradient GEMM with
     SwiGLU's backward and the amaxes in its epilogue (`swiglu_dgrad`: quack-kernels, model/quack_gemm.py)
-    instead of writing da and reading it back twice (`swiglu_stats`, `swiglu_cast`): CUDA sm_90+ where quack's
-    epilogue loads (activations are bf16: --fp8 needs --bf16; quack declines others and the op's reference serves).
-    Asked once, when the function is built, before the parameters take the model dtype (importing quack is no work
-    for a traced backward); tests patch it to run the op's reference on CPU."""
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    instead of writing da and reading it back twice (`swiglu_stats`, `swiglu_cast`): CUDA sm_90 (Hopper, where its
+    tile was chosen and measured; quack_gemm.py) where quack's epilogue loads (activations are bf16: --fp8 needs
+    --bf16; quack declines others and the op's reference serves). Asked once, when the functions are built, before
+    the parameters take the model dtype (importing quack is no work for a traced backward); tests patch it to run
+    the op's reference on CPU."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
             and quack_gemm.dswiglu_available())
+
+
+def epilogue_takes(biased: bool, fast_dgrad: bool) -> bool:
+    """Whether a SwiGLU MLP's backward runs through the dgrad epilogue where it loads: not with biases (no column
+    sums in that epilogue) nor with fast accumulation in the input-gradient GEMM (quack's FP8 GEMMs promote
+    periodically, as torchao's recipe asks of input gradients)."""
+    return not biased and not fast_dgrad
 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor, out_dtype: torch.dtype,
@@ -376,9 +384,7 @@ class _SwiGLUMLP(torch.autograd.Function):
         dt, (_, fast_dgrad, fast_wgrad) = dy.dtype, ctx.fast
         t_wg, t_bg, t_w1, t_b1, t_w2 = ctx.dtypes
         biased = t_bg is not None or t_b1 is not None
-        # where it loads, without fast accumulation (quack's FP8 GEMMs promote periodically, as torchao's recipe
-        # asks of input gradients) and biases (no column sums in that epilogue): da never written
-        if ctx.epilogue and not fast_dgrad and not biased:
+        if ctx.epilogue and epilogue_takes(biased, fast_dgrad):   # da never written
             dy8, dy8_t, inv_dy = cast(dy.contiguous(), E5M2)
             dw2 = scaled_mm(dy8_t, a8_t.t(), inv_dy, inv_a, t_w2, fast_wgrad)
             du, dg, amax = swiglu_dgrad(dy8, w2_8t, inv_dy, inv_w2, g, u)

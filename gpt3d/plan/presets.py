@@ -9,6 +9,7 @@ assumption, not measured: no multi-GPU machine was available).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -245,14 +246,19 @@ CALIBRATION_DATA = "calibration.json"
 
 
 def measured_calibration() -> Calibration:
-    """The packaged calibration (gpt3d/plan/calibration.json)."""
+    """The packaged calibration (gpt3d/plan/calibration.json): a copy of its own, read once a process."""
+    return dataclasses.replace(_packaged_calibration())
+
+
+@functools.cache
+def _packaged_calibration() -> Calibration:
     from importlib import resources
     try:
         text = resources.files(__package__).joinpath(CALIBRATION_DATA).read_text()
         return calibration_from_dict(json.loads(text))
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"the packaged calibration gpt3d/plan/{CALIBRATION_DATA} is unreadable ({e}); "
-                          "reinstall gpt3d or give --calibration FILE") from None
+                          "reinstall gpt3d") from None
 
 
 def calibration_to_json(c: Calibration) -> str:

@@ -138,15 +138,18 @@ def test_custom_gpu_and_calibration_files(tmp_path, capsys):
     assert measured_calibration().source.startswith("measured on NVIDIA H100")   # --calibrate without a GPU
 
 
-def test_calibrate_without_a_gpu_predicts_what_the_h100_preset_does(capsys):
-    """One home for the H100's kernel speeds: the preset is the packaged calibration that `--calibrate` falls back
-    to without a GPU, in the cost curves' terms (the packaged file once held the 1.3B shape's raw GEMM and
-    attention rates, which predicted 1.3B 8.6% slower than the preset)."""
+@pytest.mark.parametrize("gpu", ["h100", "a100", "h200"])
+def test_calibrate_without_a_gpu_predicts_what_the_preset_does(capsys, monkeypatch, gpu):
+    """One home for the H100's kernel speeds: the H100 preset is the packaged calibration, in the cost curves'
+    terms (the packaged file once held the 1.3B shape's raw GEMM and attention rates, which predicted 1.3B 8.6%
+    slower than the preset), and `--calibrate` without a GPU takes the preset's figures (H100's scaled to it)."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_gpu("h100").calibration == measured_calibration()
     rows = []
     for extra in ([], ["--calibrate"]):
         rc, out, _ = _run(capsys, "--config", str(ROOT / "configs" / "gpt-1.3B.yaml"), "--gpus", "1", "--gpu",
-                          "h100", "--compile", "--micro-batch-sizes", "8", "--json", *extra)
+                          gpu, "--compile", "--micro-batch-sizes", "8", "--json", *extra)
         assert rc == 0
         rows.append([(r["label"], r["tokens_per_s"]) for r in json.loads(out)["layouts"]])
     assert rows[0] and rows[0] == rows[1]

@@ -232,11 +232,18 @@ def test_enable_fp8_gives_swiglu_functions_the_dgrad_epilogue_where_it_loads(mon
         assert len(fused) == GPT["num_layers"] and all(f.epilogue is (loads and swiglu) for f in fused)
     assert asked == [torch.device("cpu")]
     ps = ParallelState()
-    m = GPTModel(tiny_config(**GPT, **SWIGLU, disable_bias_linear=True).model, ps, seed_everything(3, ps),
-                 vocab_size=250)
-    enable_fp8(m, "tensorwise", ps.device, emulate=True)   # the default, as build_model_chunks calls it
-    fused = [mlp._fused for mlp in m.modules() if isinstance(mlp, MLP)]
-    assert all((f is not None and f.epilogue) if loads else f is None for f in fused)
+    for bias, kw in ((False, {}), (True, {}), (False, dict(fused_swiglu=False)), (False, dict(fused_mlp=False))):
+        asked.clear()
+        m = GPTModel(tiny_config(**GPT, **SWIGLU, disable_bias_linear=not bias).model, ps, seed_everything(3, ps),
+                     vocab_size=250)
+        enable_fp8(m, "tensorwise", ps.device, emulate=True, **kw)   # by default, as build_model_chunks calls it
+        fused = [mlp._fused for mlp in m.modules() if isinstance(mlp, MLP)]
+        # the function exactly where its backward takes the epilogue: no biases; fused_swiglu=False (or no fused
+        # MLP at all) runs per linear and does not ask (asking imports quack)
+        taken = loads and not bias and not kw
+        assert len(fused) == GPT["num_layers"] and all((f is not None and f.epilogue) if taken else f is None
+                                                       for f in fused)
+        assert len(asked) == (0 if kw else 1)
 
 
 def _model(cfg, fused: bool):
