@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
 from ..errors import ConfigError
 from ..config.rules import NON_NEGATIVE, POSITIVE, check_flags, check_values
@@ -85,7 +86,7 @@ PLAN_KEYS = {"gpus", "gpus_per_node", "gpu", "gpu_tflops", "gpu_memory_gib", "hb
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..plan.layout import layout_of
+    from ..plan.layout import own_layout
     from ..plan.search import plan, unmodelled, vocab_of
     check_flags(args, PLAN_RULES)
     cfg = _config(args)      # a ConfigError reaches gpt3d/cli.py, which prints it as one line (exit 2)
@@ -96,13 +97,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("the plan needs --global-batch-size")
     gpu = _gpu(args)
     preds = plan(cfg, world, gpu, args.gpus_per_node, micro_batch_sizes=args.micro_batch_sizes)
-    try:
-        own = layout_of(cfg, world)
-    except ConfigError:
-        own = None
+    own, refused = own_layout(cfg, world)
     if args.json:
         emit({"gpus": world, "gpus_per_node": args.gpus_per_node, "gpu": gpu.describe(), "notes": unmodelled(cfg),
-              "config_layout": own.as_dict() if own else None,
+              "config_layout": own.as_dict() if own else None, "config_layout_refused": refused,
               "layouts": [x.as_dict() for x in preds]}, as_json=True, indent=1)
         return 0
     summary = (f"gpt3d plan: {m.num_layers}L/{m.hidden_size}h/{m.num_attention_heads} heads, seq {m.seq_length}, "
@@ -112,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                f"{world} GPUs, {args.gpus_per_node} per node")
     notes = [f"  note: {n}" for n in unmodelled(cfg)]
     emit("\n".join([summary, f"  {gpu.describe()}", *notes,
-                     table(preds, own, args.top, sys.stdout.isatty(), args.show_unfit)]))
+                     table(preds, own, args.top, sys.stdout.isatty(), args.show_unfit, refused)]))
     return 0
 
 
@@ -125,15 +123,20 @@ LEGEND = ("model TFLOPs: the model's FLOPs per GPU-second (gpt3d/perf/flops.py, 
           "recomputed work (x4/3 with any recompute), so with recompute it is above the model's figure.")
 
 
-def table(preds: list, own, top: int, tty: bool = False, show_unfit: int = 3) -> str:
+def table(preds: list, own, top: int, tty: bool = False, show_unfit: int = 3, refused: Optional[str] = None) -> str:
     """The `top` fastest layouts that fit, ranked 1, 2, ... among those; then the config's own layout if it
     was not among them; then the `show_unfit` fastest that do not fit, struck out (the config's own always).
+    `refused`: why `gpt3d train` would not run the config's own layout (plan.layout.own_layout), said instead.
     `step s` is the predicted time of one optimizer step (`step_s` in --json)."""
     head = table_line(COLUMNS)
     lines = [head, "-" * len(head)]
     fit = [p for p in preds if p.fits]
     unfit = [p for p in preds if not p.fits]
-    mine = [own is not None and p.layout == own for p in fit]
+    own = None if refused else own
+
+    def is_own(p) -> bool:
+        return own is not None and p.layout.key() == own.key()
+    mine = [is_own(p) for p in fit]
     for rank, (p, is_mine) in enumerate(zip(fit, mine), 1):
         if rank <= top or is_mine:
             if rank > top + 1 and not any(mine[top:rank - 1]):
@@ -145,7 +148,7 @@ def table(preds: list, own, top: int, tty: bool = False, show_unfit: int = 3) ->
         lines.append("      no layout fits: fewer GPUs per model replica, more recompute or smaller micro-batches")
     shown = 0
     for p in unfit:
-        is_mine = own is not None and p.layout == own
+        is_mine = is_own(p)
         if shown < show_unfit or is_mine:
             if shown == 0:
                 lines.append(f"{len(unfit)} layouts do not fit; the fastest of them (--show-unfit N):")
@@ -153,8 +156,10 @@ def table(preds: list, own, top: int, tty: bool = False, show_unfit: int = 3) ->
             shown += 1
     if unfit and not shown:
         lines.append(f"({len(unfit)} layouts do not fit: --show-unfit N lists the fastest of them)")
-    if own is not None and not any(p.layout == own for p in preds):
-        lines.append(f"      the config's layout ({own.label()}) is not valid for these GPUs")
+    if refused:
+        lines.append(f"      the config's own layout is not valid for these GPUs: {refused}")
+    elif own is not None and not any(is_own(p) for p in preds):
+        lines.append(f"      the config's layout ({own.label()}) is not among those predicted")
     lines.append(LEGEND)
     return "\n".join(lines)
 

@@ -56,12 +56,23 @@ class Candidate:
     def zero_effective(self) -> int:
         return effective_zero_stage(self.zero, self.dp)
 
+    def key(self) -> tuple:
+        """What makes two candidates the same run: the runtime's layout and the choices on top, ZeRO as it takes
+        effect (stage 1 at DP 1 is stage 0)."""
+        return self.runtime() + (self.recompute, self.zero_effective, self.split,
+                                 self.recompute_num_layers if self.recompute == "full" else None)
+
     def label(self) -> str:
         parts = [f"TP{self.tp}", f"PP{self.pp}" + (f"x{self.vp}v" if self.vp > 1 else ""), f"DP{self.dp}",
                  f"mb{self.mbs}x{self.num_micro}"]
+        if self.split:
+            parts.append(f"split {self.split}")
         if self.sp:
             parts.append("SP")
-        parts.append({None: "no-recompute", "selective": "selective", "full": "full-recompute"}[self.recompute])
+        recompute = {None: "no-recompute", "selective": "selective", "full": "full-recompute"}[self.recompute]
+        if self.recompute == "full" and self.recompute_num_layers:
+            recompute += f"({self.recompute_num_layers})"
+        parts.append(recompute)
         parts.append(f"ZeRO{self.zero_effective}")
         return " ".join(parts)
 
@@ -82,6 +93,27 @@ def layout_of(cfg: Config, world: int) -> Candidate:
     return Candidate(tp=tp, pp=pp, dp=dp, mbs=mbs, num_micro=num_micro, vp=vp, sp=p.sequence_parallel and tp > 1,
                   recompute=m.recompute_granularity, zero=p.zero_stage, split=p.pipeline_model_parallel_split,
                   recompute_num_layers=m.recompute_num_layers)
+
+
+def own_layout(cfg: Config, world: int) -> tuple[Optional[Candidate], Optional[str]]:
+    """The config's own layout at `world` GPUs (None where the world size does not split into TP x PP x DP) and,
+    where `gpt3d train` would refuse the config itself, the one-line reason (None where it runs that layout)."""
+    try:
+        own = layout_of(cfg, world)
+    except ConfigError as e:
+        return None, str(e)
+    return own, _refusal(cfg, own)
+
+
+def _refusal(cfg: Config, lay: Candidate) -> Optional[str]:
+    """Why `gpt3d train` would not run `cfg` as `lay` (its validation's or the runtime's error), or None."""
+    try:
+        cfg.validate(lay.world)
+        r = runtime.resolve(cfg, lay.world)
+    except ConfigError as e:
+        return str(e)
+    got = (r.tp, r.pp, r.dp, r.micro_batch_size, r.num_micro, r.vp, r.sequence_parallel)
+    return None if got == lay.runtime() else f"the runtime resolves it to another layout {got}"
 
 
 def apply_layout(cfg: Config, lay: Candidate) -> Config:
@@ -106,13 +138,7 @@ def apply_layout(cfg: Config, lay: Candidate) -> Config:
 def is_valid(cfg: Config, lay: Candidate) -> bool:
     """`gpt train` accepts `lay` (its config validates) and runs exactly `lay` (the runtime resolves that config
     back to it)."""
-    c = apply_layout(cfg, lay)
-    try:
-        c.validate(lay.world)
-        r = runtime.resolve(c, lay.world)
-    except ConfigError:
-        return False
-    return (r.tp, r.pp, r.dp, r.micro_batch_size, r.num_micro, r.vp, r.sequence_parallel) == lay.runtime()
+    return _refusal(apply_layout(cfg, lay), lay) is None
 
 
 def _divisors(n: int) -> list[int]:

@@ -21,7 +21,7 @@ from ..model import quack_gemm
 from ..model.build import compile_enabled, gelu_epilogues
 from ..parallel.layout import padded_vocab_size
 from ..parallel.state import ParallelState
-from .layout import Candidate, apply_layout, enumerate_layouts, layout_of
+from .layout import Candidate, apply_layout, enumerate_layouts, layout_of, own_layout
 from .memory import StageMemory, plan_memory
 from .presets import GIB, Gpu, gpu_for_device, resolve_gpu
 from .timing import StepTime, step_time
@@ -173,6 +173,9 @@ def plan(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_p
         raise ConfigError("--gpus and --gpus-per-node must be positive")
     g = _gpu(gpu)
     layouts = enumerate_layouts(cfg, world_size, gpus_per_node, micro_batch_sizes=micro_batch_sizes)
+    own, refused = own_layout(cfg, world_size)   # with what the search does not vary: ZeRO 0 at DP 1, a split, ...
+    if own is not None and refused is None and not any(lay.key() == own.key() for lay in layouts):
+        layouts.append(own)
     if not layouts:
         raise ConfigError(f"no layout of {world_size} GPUs fits the model and global batch "
                           f"{cfg.training.global_batch_size} (TP must divide the heads, PP the layers, "

@@ -70,6 +70,44 @@ def test_table_marks_the_configs_layout_and_strikes_out_what_does_not_fit(capsys
     assert len(fitting) == 5
 
 
+SMALL = ["--num-layers", "8", "--hidden-size", "256", "--num-attention-heads", "4", "--seq-length", "512",
+         "--max-position-embeddings", "512", "--global-batch-size", "16", "--micro-batch-size", "2", "--mock-data",
+         "--train-iters", "1", "--gpu", "h100", "--micro-batch-sizes", "2", "--json"]
+
+
+@pytest.mark.parametrize("gpus,flags", [
+    (1, ["--zero-stage", "0"]),   # the search runs ZeRO 1 at DP 1 (the same run: the key compares effect)
+    (2, ["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-split", "3,5"]),
+    (1, ["--recompute-granularity", "full", "--recompute-num-layers", "3"]),
+    (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"])])
+def test_the_configs_own_layout_is_predicted_with_what_the_search_does_not_vary(capsys, gpus, flags):
+    """A layout `gpt3d train` runs is predicted and marked as the config's, whatever the search's ranges."""
+    rc, out, _ = _run(capsys, *SMALL, "--gpus", str(gpus), *flags)
+    doc = json.loads(out)
+    own = Candidate(**doc["config_layout"])
+    assert rc == 0 and doc["config_layout_refused"] is None
+    assert [Candidate(**r["layout"]).key() for r in doc["layouts"]].count(own.key()) == 1
+    rc, out, _ = _run(capsys, *SMALL[:-1], "--gpus", str(gpus), *flags)
+    assert rc == 0 and sum("<- the config's layout" in ln and own.label() in ln for ln in out.splitlines()) == 1
+
+
+@pytest.mark.parametrize("per_stage", [3, 5, 6])
+def test_a_config_train_refuses_is_said_refused_not_marked_on_a_rounded_layout(capsys, per_stage):
+    """Layers per virtual stage that do not divide the stage's layers: `gpt3d train` refuses the config, so the
+    plan says why instead of marking the layout the rounding would give."""
+    flags = ["--gpus", "2", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
+             str(per_stage)]
+    with pytest.raises(ConfigError):
+        Config.from_dict({"num_layers": 8, "hidden_size": 256, "num_attention_heads": 4, "seq_length": 512,
+                          "global_batch_size": 16, "micro_batch_size": 2, "mock_data": True, "train_iters": 1,
+                          "pipeline_model_parallel_size": 2,
+                          "num_layers_per_virtual_pipeline_stage": per_stage}).validate(2)
+    rc, out, _ = _run(capsys, *SMALL, *flags)
+    assert rc == 0 and "divisible" in json.loads(out)["config_layout_refused"]
+    rc, out, _ = _run(capsys, *SMALL[:-1], *flags)
+    assert "<- the config's layout" not in out and "the config's own layout is not valid for these GPUs: " in out
+
+
 def test_the_table_leads_with_the_fastest_layouts_that_fit(capsys, plan_13b_64):
     """Issue 26: the 13B example's first 15 rows used to be struck out (the first layout that fits was row 79).
     Now: the `--top` fastest that fit, ranked 1.. among those, then the config's own, then `--show-unfit` struck
