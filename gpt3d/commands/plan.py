@@ -87,7 +87,7 @@ PLAN_KEYS = {"gpus", "gpus_per_node", "gpu", "gpu_tflops", "gpu_memory_gib", "hb
 
 def run(args: argparse.Namespace) -> int:
     from ..plan.layout import own_layout
-    from ..plan.search import plan, unmodelled, vocab_of
+    from ..plan.search import plan, planned_vocab, unmodelled
     check_flags(args, PLAN_RULES)
     cfg = _config(args)      # a ConfigError reaches gpt3d/cli.py, which prints it as one line (exit 2)
     check_values(cfg)        # ranges and NaN/inf of the config's settings, as `gpt3d train` checks them
@@ -98,18 +98,19 @@ def run(args: argparse.Namespace) -> int:
     gpu = _gpu(args)
     preds = plan(cfg, world, gpu, args.gpus_per_node, micro_batch_sizes=args.micro_batch_sizes)
     own, refused = own_layout(cfg, world)
+    vocab, vocab_note = planned_vocab(cfg)
+    notes = unmodelled(cfg) + ([vocab_note] if vocab_note else [])
     if args.json:
-        emit({"gpus": world, "gpus_per_node": args.gpus_per_node, "gpu": gpu.describe(), "notes": unmodelled(cfg),
+        emit({"gpus": world, "gpus_per_node": args.gpus_per_node, "gpu": gpu.describe(), "notes": notes,
               "config_layout": own.as_dict() if own else None, "config_layout_refused": refused,
               "layouts": [x.as_dict() for x in preds]}, as_json=True, indent=1)
         return 0
     summary = (f"gpt3d plan: {m.num_layers}L/{m.hidden_size}h/{m.num_attention_heads} heads, seq {m.seq_length}, "
-               f"vocab {vocab_of(cfg)}, global batch {cfg.training.global_batch_size}, "
+               f"vocab {vocab}, global batch {cfg.training.global_batch_size}, "
                f"{'bf16' if cfg.precision.bf16 else 'fp16' if cfg.precision.fp16 else 'fp32'}, "
                f"{'eager (--no-compile)' if cfg.training.compile is False else 'compiled'}; "
                f"{world} GPUs, {args.gpus_per_node} per node")
-    notes = [f"  note: {n}" for n in unmodelled(cfg)]
-    emit("\n".join([summary, f"  {gpu.describe()}", *notes,
+    emit("\n".join([summary, f"  {gpu.describe()}", *(f"  note: {n}" for n in notes),
                      table(preds, own, args.top, sys.stdout.isatty(), args.show_unfit, refused)]))
     return 0
 

@@ -13,8 +13,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..config import DEFAULT_VOCAB_SIZE, Config
-from ..errors import ConfigError
+from ..config import Config
+from ..errors import ConfigError, Gpt3dError
 from ..perf.flops import model_flops_per_iter
 from ..perf.flops import megatron_flops_per_iter
 from ..model import quack_gemm
@@ -61,7 +61,25 @@ class Prediction:
 
 
 def vocab_of(cfg: Config, vocab_size: Optional[int] = None) -> int:
-    return vocab_size or cfg.model.vocab_size or DEFAULT_VOCAB_SIZE
+    """`vocab_size` if given, else the vocabulary `gpt3d train` would build the model with (`planned_vocab`)."""
+    return vocab_size or planned_vocab(cfg)[0]
+
+
+def planned_vocab(cfg: Config) -> tuple[int, Optional[str]]:
+    """The vocabulary `gpt3d train` builds the model with (tokenizers/factory.model_vocab_size, as train/loop.py
+    asks it: --padded-vocab-size, --vocab-size, the tokenizer's), and a note where the tokenizer it names cannot
+    be read here (then --vocab-size or GPT-2's 50,257 is taken, and the note says so)."""
+    from ..tokenizers.factory import model_vocab_size, tokenizer_from_config
+    m, d = cfg.model, cfg.data
+    if d.mock_data or m.padded_vocab_size:
+        return model_vocab_size(None, m.vocab_size, m.padded_vocab_size), None
+    try:
+        tok = tokenizer_from_config(d, m.vocab_size, quiet=True)
+    except Gpt3dError as e:
+        v = model_vocab_size(None, m.vocab_size)
+        return v, (f"vocabulary taken as {v:,}: the tokenizer is not readable here ({e}); --padded-vocab-size or "
+                   f"--vocab-size sets it")
+    return model_vocab_size(tok, m.vocab_size, m.padded_vocab_size), None
 
 
 def unmodelled(cfg: Config) -> list[str]:
@@ -181,7 +199,8 @@ def plan(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_p
                           f"{cfg.training.global_batch_size} (TP must divide the heads, PP the layers, "
                           "DP x micro-batch the global batch)")
     cache: dict = {}
-    preds = [predict_layout(cfg, lay, g, gpus_per_node, cache=cache) for lay in layouts]
+    vocab = vocab_of(cfg)   # once: the layouts' configs are mock data (apply_layout)
+    preds = [predict_layout(cfg, lay, g, gpus_per_node, vocab_size=vocab, cache=cache) for lay in layouts]
     preds.sort(key=lambda p: -p.tokens_per_s)
     return preds
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..config.schema import DEFAULT_VOCAB_SIZE
 from ..errors import TokenizerError, warn
 from .base import CHECKPOINT_DIR, TYPES, GPT2BPETokenizer, NullTokenizer, Tokenizer, sha256_file
 
@@ -94,10 +95,12 @@ def tokenizer_from_config(data, vocab_size: Optional[int] = None, quiet: bool = 
                            tokenizer_model=data.tokenizer_model, vocab_size=vocab_size, quiet=quiet)
 
 
-def model_vocab_size(tok: Tokenizer, requested: Optional[int], padded: Optional[int] = None) -> int:
+def model_vocab_size(tok: Optional[Tokenizer], requested: Optional[int], padded: Optional[int] = None) -> int:
     """The vocabulary the model is built with: --padded-vocab-size if given (Megatron-DeepSpeed's padded
     vocabulary, every row in the loss), else --vocab-size if given (NullTokenizer: its ids plus eod), else the
-    tokenizer's."""
+    tokenizer's; with no tokenizer (mock data) GPT-2's 50,257 where neither size is given."""
+    if tok is None:
+        return padded or requested or DEFAULT_VOCAB_SIZE
     base = tok.vocab_size if isinstance(tok, NullTokenizer) or not requested else requested
     if base < tok.vocab_size:
         raise TokenizerError(f"--vocab-size {requested} is smaller than the tokenizer's vocabulary "

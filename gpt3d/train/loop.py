@@ -21,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from .. import checkpoint as ckpt
 from . import determinism
 from ..checkpoint import megatron_deepspeed
-from ..config import DEFAULT_VOCAB_SIZE, Config
+from ..config import Config
 from ..data import stream
 from ..data.sampler import MockGPTDataset, build_data_loader
 from ..data.sizing import train_iterations, train_valid_test_num_samples
@@ -120,10 +120,8 @@ class Trainer:
 
     def _vocab(self):
         d, m = self.cfg.data, self.cfg.model
-        if d.mock_data:
-            return m.padded_vocab_size or m.vocab_size or DEFAULT_VOCAB_SIZE, None
         from ..tokenizers.factory import model_vocab_size, tokenizer_from_config
-        tok = tokenizer_from_config(d, m.vocab_size, quiet=self.ps.rank != 0)
+        tok = None if d.mock_data else tokenizer_from_config(d, m.vocab_size, quiet=self.ps.rank != 0)
         return model_vocab_size(tok, m.vocab_size, m.padded_vocab_size), tok
 
     def _num_samples(self) -> tuple[int, int, int]:

@@ -61,12 +61,13 @@ def test_table_marks_the_configs_layout_and_strikes_out_what_does_not_fit(capsys
     assert "40L/5120h/40 heads" in lines[0] and "64 GPUs, 8 per node" in lines[0]
     mine = [ln for ln in lines if "<- the config's layout" in ln]
     assert len(mine) == 1 and "TP4 PP8 DP2 mb1x512" in mine[0] and "full-recompute" in mine[0]
-    assert "step s" in lines[2]
+    head = next(i for i, ln in enumerate(lines) if "step s" in ln)   # after the summary, GPU and note lines
+    assert head == 2 + sum(ln.startswith("  note: ") for ln in lines[:head])
     step, tokens_per_s = re.search(r" (\d+\.\d{3}) +([\d,]+) ", mine[0]).groups()   # step s, tok/s columns
     assert float(step) * float(tokens_per_s.replace(",", "")) == pytest.approx(1024 * 2048, rel=1e-3)
     struck = [ln for ln in lines if "(does not fit)" in ln]
     assert struck and all(ln.startswith("~~") and ">73" in ln for ln in struck)   # memory > usable, shown
-    fitting = [ln for ln in lines[4:] if re.match(r" +\d+  TP", ln) and "<-" not in ln]
+    fitting = [ln for ln in lines[head + 2:] if re.match(r" +\d+  TP", ln) and "<-" not in ln]
     assert len(fitting) == 5
 
 
@@ -108,6 +109,39 @@ def test_a_config_train_refuses_is_said_refused_not_marked_on_a_rounded_layout(c
     assert "<- the config's layout" not in out and "the config's own layout is not valid for these GPUs: " in out
 
 
+def _figures(capsys, *flags) -> tuple:
+    rc, out, _ = _run(capsys, *SMALL, "--gpus", "1", *flags)
+    doc = json.loads(out)
+    assert rc == 0
+    return [(r["label"], r["peak_gib"], r["tokens_per_s"]) for r in doc["layouts"]], doc["notes"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm"])
+@pytest.mark.parametrize("padded", [None, 70_000])
+def test_the_plan_builds_the_vocabulary_training_would(capsys, hf_bpe, spm_model, kind, padded):
+    """--padded-vocab-size, else the tokenizer's (train/loop.py's rule, tokenizers/factory.model_vocab_size): the
+    plan's memory and speed are those of the model `gpt3d train` builds (it took 50,257 whatever the tokenizer,
+    and ignored --padded-vocab-size)."""
+    from gpt3d.tokenizers.factory import build_tokenizer
+    from tests.support.textgen import tokenizer_flags
+    flags = tokenizer_flags(kind, hf_bpe, spm_model)
+    size = padded or build_tokenizer(None, None, tokenizer_type=flags[1], tokenizer_model=flags[3]).vocab_size
+    extra = ["--padded-vocab-size", str(padded)] if padded else []
+    real = [f for f in SMALL if f != "--mock-data"]
+    rc, out, _ = _run(capsys, *real, "--gpus", "1", *flags, *extra)
+    got = [(r["label"], r["peak_gib"], r["tokens_per_s"]) for r in json.loads(out)["layouts"]]
+    assert rc == 0 and got == _figures(capsys, "--vocab-size", str(size))[0]
+    assert got != _figures(capsys, "--vocab-size", str(size + 4096))[0]
+
+
+def test_a_tokenizer_not_readable_here_is_said_in_a_note(capsys):
+    real = [f for f in SMALL if f != "--mock-data"]
+    rc, out, _ = _run(capsys, *real, "--gpus", "1", "--vocab-file", "no/such/vocab.json", "--merge-file", "m.txt")
+    doc = json.loads(out)
+    assert rc == 0 and any("vocabulary taken as 50,257" in n and "no/such/vocab.json" in n for n in doc["notes"])
+    assert [(r["label"], r["tokens_per_s"]) for r in doc["layouts"]] == [(a, c) for a, _, c in _figures(capsys)[0]]
+
+
 def test_the_table_leads_with_the_fastest_layouts_that_fit(capsys, plan_13b_64):
     """Issue 26: the 13B example's first 15 rows used to be struck out (the first layout that fits was row 79).
     Now: the `--top` fastest that fit, ranked 1.. among those, then the config's own, then `--show-unfit` struck
@@ -124,7 +158,7 @@ def test_the_table_leads_with_the_fastest_layouts_that_fit(capsys, plan_13b_64):
     assert labels == [p.layout.label() for p in fit[:4] + [fit[own]] + unfit[:2]]
     assert [ln.split()[0] for ln in rows[:5]] == ["1", "2", "3", "4", str(own + 1)]
     assert not any("(does not fit)" in ln for ln in rows[:5]) and all("(does not fit)" in ln for ln in rows[5:])
-    head = out.splitlines()[2]
+    head = next(ln for ln in out.splitlines() if "step s" in ln)
     assert "model TFLOPs" in head and "hw TFLOPs" in head and "counts recomputed work" in out
     for p in preds:   # the two figures: the model's FLOPs (MFU's numerator), and the formula counting recompute
         assert p.mfu == pytest.approx(p.model_tflops_per_gpu / 989.0)
