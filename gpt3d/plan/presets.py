@@ -151,6 +151,7 @@ class Gpu:
     reserve_gib: float = 2.0   # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers: outside torch's allocator
     fragmentation: float = 0.05  # caching-allocator slack on top of the bytes torch allocates
     fp8: bool = True           # FP8 tensor cores (compute capability 8.9+), which --fp8 needs
+    hopper: bool = True        # compute capability 9.0+: where quack-kernels' epilogues run (model/quack_gemm.py)
 
     @property
     def usable_bytes(self) -> float:
@@ -181,9 +182,9 @@ _H100 = dict(tflops=989.0, hbm_gbps=3350.0)
 PRESETS = {
     "h100-80gb": Gpu("h100-80gb", 989.0, 79.2, 3350.0, 450.0, 50.0),
     "h200-141gb": Gpu("h200-141gb", 989.0, 139.8, 4800.0, 450.0, 50.0),
-    "a100-80gb": Gpu("a100-80gb", 312.0, 79.2, 2039.0, 300.0, 25.0, fp8=False),
-    "a100-40gb": Gpu("a100-40gb", 312.0, 39.4, 1555.0, 300.0, 25.0, fp8=False),
-    "v100-32gb": Gpu("v100-32gb", 125.0, 31.7, 900.0, 150.0, 12.5, fp8=False),
+    "a100-80gb": Gpu("a100-80gb", 312.0, 79.2, 2039.0, 300.0, 25.0, fp8=False, hopper=False),
+    "a100-40gb": Gpu("a100-40gb", 312.0, 39.4, 1555.0, 300.0, 25.0, fp8=False, hopper=False),
+    "v100-32gb": Gpu("v100-32gb", 125.0, 31.7, 900.0, 150.0, 12.5, fp8=False, hopper=False),
 }
 ALIASES = {"h100": "h100-80gb", "h200": "h200-141gb", "a100": "a100-80gb", "v100": "v100-32gb"}
 
@@ -233,6 +234,7 @@ def gpu_for_device(device) -> Gpu:
               if key.split("-")[0] in name and abs(p.memory_gib - mem) < 0.1 * p.memory_gib), None) \
         or resolve_gpu("h100-80gb", memory_gib=mem)
     g.fp8 = (props.major, props.minor) >= (8, 9)   # what the device has, whichever preset it resembles
+    g.hopper = props.major >= 9
     return g
 
 

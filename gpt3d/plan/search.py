@@ -129,7 +129,7 @@ def predict_layout(cfg: Config, lay: Candidate, gpu: Gpu, gpus_per_node: int = 8
     t = step_time(m, vocab, lay, gpu, gpus_per_node, [s.persistent for s in stages], param_bytes=pb,
                   overlap_grad_reduce=c.parallel.overlap_grad_reduce, fused_loss=fused, compiled=compiled,
                   fp8=fp8_modelled(c, gpu), fp8_linears=c.precision.fp8,
-                  gelu_epilogues=device == "cuda" and gelu_epilogues(c) and quack_gemm.installed())
+                  gelu_epilogues=device == "cuda" and gpu.hopper and gelu_epilogues(c) and quack_gemm.installed())
     gbs = lay.global_batch
     pv = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
     flops = megatron_flops_per_iter(m, pv, gbs, recompute=lay.recompute is not None)

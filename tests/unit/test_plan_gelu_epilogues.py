@@ -79,3 +79,8 @@ def test_only_the_share_of_the_mlp_intermediates_is_charged(hidden, ffn):
     def rest(p):
         return {k: v for k, v in p.time.parts.items() if k != "layers (compute)" and not k.startswith("host")}
     assert rest(p_on) == rest(p_off)
+    a100 = resolve_gpu("a100")   # quack's kernels need sm_90: no credit for a GPU they do not run on
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quack_gemm, "installed", lambda: True)
+        assert predict_layout(on, layout_of(on, 1), a100, vocab_size=256).time.parts == \
+            predict_layout(off, layout_of(off, 1), a100, vocab_size=256).time.parts
