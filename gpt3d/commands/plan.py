@@ -41,7 +41,7 @@ def register(sub) -> None:
                         "(without a GPU: the calibration shipped with gpt3d, gpt3d/plan/calibration.json, scaled "
                         "to --gpu as its presets are)")
     g.add_argument("--save-calibration", metavar="FILE", help="write the calibration used to FILE (JSON)")
-    g.add_argument("--micro-batch-sizes", type=int, nargs="+", help="micro-batch sizes to try (default 1..16)")
+    g.add_argument("--micro-batch-sizes", type=int, nargs="+", help="micro-batch sizes to try (default: 1 2 4 8 16)")
     g.add_argument("--top", type=int, default=15, help="layouts that fit to show, fastest first")
     g.add_argument("--show-unfit", type=int, default=3, metavar="N",
                    help="layouts that do not fit to list after those that do (struck out, fastest first)")

@@ -247,7 +247,7 @@ class TrainingConfig:
     log_file: Optional[str] = opt(None, "JSON-lines metrics file, with a .png of its curves beside it at the end "
                                         "(default: metrics.jsonl in the run directory)")
     tensorboard_dir: Optional[str] = opt(None, "TensorBoard log directory (default: no TensorBoard)")
-    tensorboard_queue_size: int = opt(10, "TensorBoard events buffered before a write (Megatron's default is 1000)")
+    tensorboard_queue_size: int = opt(10, "TensorBoard events buffered before a write (Megatron-DeepSpeed uses 1000)")
     log_timers_to_tensorboard: bool = opt(False, "TensorBoard: iteration-time (gpt3d times whole steps only)")
     log_batch_size_to_tensorboard: bool = opt(False, "TensorBoard: global batch size")
     log_validation_ppl_to_tensorboard: bool = opt(False, "TensorBoard: validation perplexity")
