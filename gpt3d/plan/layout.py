@@ -102,7 +102,7 @@ def own_layout(cfg: Config, world: int) -> tuple[Optional[Candidate], Optional[s
         own = layout_of(cfg, world)
     except ConfigError as e:
         return None, str(e)
-    return own, _refusal(cfg, own)
+    return own, _refusal(_plannable(cfg), own)
 
 
 def _refusal(cfg: Config, lay: Candidate) -> Optional[str]:
@@ -116,11 +116,23 @@ def _refusal(cfg: Config, lay: Candidate) -> Optional[str]:
     return None if got == lay.runtime() else f"the runtime resolves it to another layout {got}"
 
 
-def apply_layout(cfg: Config, lay: Candidate) -> Config:
-    """A copy of `cfg` set to `lay` (data settings made irrelevant: the plan reads no files)."""
-    c = copy.copy(cfg)   # only the sections changed here are copied (cheap: the search calls this per layout)
+def _plannable(cfg: Config) -> Config:
+    """A copy of `cfg` whose parallel, model, training and data sections may be changed (only those are copied:
+    cheap, the search calls this per layout), with what a plan need not be given made irrelevant: the run's
+    length (one iteration where none is given) and the data (mock: the plan reads no files)."""
+    c = copy.copy(cfg)
     c.parallel, c.model, c.training, c.data = (copy.copy(s) for s in (cfg.parallel, cfg.model, cfg.training,
                                                                         cfg.data))
+    t = c.training
+    if t.train_iters is None and t.train_samples is None and t.train_tokens is None:
+        t.train_iters = 1
+    c.data.mock_data = True
+    return c
+
+
+def apply_layout(cfg: Config, lay: Candidate) -> Config:
+    """A copy of `cfg` set to `lay` (`_plannable`)."""
+    c = _plannable(cfg)
     p, m = c.parallel, c.model
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = lay.tp, lay.pp
     p.sequence_parallel, p.zero_stage, p.pipeline_model_parallel_split = lay.sp, lay.zero, lay.split
@@ -129,9 +141,6 @@ def apply_layout(cfg: Config, lay: Candidate) -> Config:
     m.recompute_num_layers = lay.recompute_num_layers if lay.recompute == "full" else None
     c.training.micro_batch_size = lay.mbs
     c.training.global_batch_size = lay.global_batch
-    if c.training.train_iters is None and c.training.train_tokens is None:
-        c.training.train_iters = 1
-    c.data.mock_data = True
     return c
 
 

@@ -92,6 +92,16 @@ def test_the_configs_own_layout_is_predicted_with_what_the_search_does_not_vary(
     assert rc == 0 and sum("<- the config's layout" in ln and own.label() in ln for ln in out.splitlines()) == 1
 
 
+@pytest.mark.parametrize("run", [[], ["--train-samples", "1600"], ["--train-tokens", "819200"]])
+def test_a_plan_needs_no_run_length_nor_data_and_takes_any_kind(capsys, run):
+    """The config's own layout is judged as training would judge its layout, not its run length or data files:
+    with no length, or a length in samples (every layout was refused: the plan added --train-iters beside it)."""
+    small = [f for f in SMALL if f not in ("--mock-data", "--train-iters", "1")]
+    rc, out, _ = _run(capsys, *small, "--gpus", "1", "--data-path", "no/such/corpus", *run)
+    doc = json.loads(out)
+    assert rc == 0 and doc["config_layout_refused"] is None and doc["layouts"]
+
+
 @pytest.mark.parametrize("per_stage", [3, 5, 6])
 def test_a_config_train_refuses_is_said_refused_not_marked_on_a_rounded_layout(capsys, per_stage):
     """Layers per virtual stage that do not divide the stage's layers: `gpt3d train` refuses the config, so the
