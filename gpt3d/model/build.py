@@ -184,7 +184,7 @@ def compile_enabled(t: TrainingConfig, device: torch.device) -> bool:
 REGIONAL_FROM_LAYERS = 16
 
 
-def compile_granularity(granularity: str, ps: ParallelState, layers: int = 0, dropout: bool = False,
+def compile_granularity(granularity: str, tp: int, dp: int, layers: int = 0, dropout: bool = False,
                         fp8: bool = False) -> str:
     """`chunk` or `layer` for --compile-granularity, given the deepest chunk's `layers`, whether any dropout
     is on and whether the linears run FP8 GEMMs. `auto`: `layer` with TP or DP > 1, with FP8, and for a chunk
@@ -199,7 +199,7 @@ def compile_granularity(granularity: str, ps: ParallelState, layers: int = 0, dr
     where the whole chunk's took 96-216 s (115.6 s at 1.3B, for +0.8% speed, 2026-12-06)."""
     if granularity != "auto":
         return granularity
-    if ps.tp > 1 or ps.dp > 1 or fp8 or (dropout and layers >= REGIONAL_FROM_LAYERS):
+    if tp > 1 or dp > 1 or fp8 or (dropout and layers >= REGIONAL_FROM_LAYERS):
         return "layer"
     return "chunk"
 
@@ -220,7 +220,7 @@ def compile_chunks(chunks: list[GPTModel], ps: ParallelState, granularity: str =
     keep_loss_out_of_graphs()
     layers = max((len(c.layers) for c in chunks), default=0)
     dropout = any(c.cfg.hidden_dropout > 0 or c.cfg.attention_dropout > 0 for c in chunks)
-    mode = compile_granularity(granularity, ps, layers, dropout, any(uses_fp8(c) for c in chunks))
+    mode = compile_granularity(granularity, ps.tp, ps.dp, layers, dropout, any(uses_fp8(c) for c in chunks))
     for c in chunks:
         if mode == "chunk":
             c.compile(**options)

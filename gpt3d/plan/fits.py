@@ -54,7 +54,8 @@ def refuse_what_cannot_fit(cfg: Config, ps: ParallelState, vocab_size: int, inde
         stages = plan_memory(m, vocab_size, lay, param_bytes=param_bytes, bucket_size_mb=p.bucket_size_mb,
                              compiled=compile_enabled(cfg.training, ps.device),
                              fused_loss=lay.tp == 1 and ps.device.type == "cuda",
-                             device=ps.device.type)
+                             device=ps.device.type, granularity=cfg.training.compile_granularity,
+                             fp8=cfg.precision.fp8)
         def fp8_saved(s: StageMemory) -> float:
             return FP8_MOST_ACTIVATIONS_SAVED * s.breakdown()["activations"] if cfg.precision.fp8 else 0.0
         busiest = max(stages, key=lambda s: s.peak - fp8_saved(s))

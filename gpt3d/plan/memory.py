@@ -20,7 +20,7 @@ from typing import Optional
 
 from ..config import ModelConfig
 from ..optim.buckets import bucket_layout, direct_gradients, late_reduction, local_pieces
-from ..model.build import build_meta_chunk
+from ..model.build import build_meta_chunk, compile_granularity
 from ..model.gpt import layer_prefix
 from ..parallel.layout import padded_vocab_size
 from ..parallel.cross_entropy import CHUNK_BYTES
@@ -270,13 +270,15 @@ def _stage_persistent(m: ModelConfig, vocab_size: int, lay: Candidate, pp_rank: 
 
 def stage_memory(m: ModelConfig, vocab_size: int, lay: Candidate, pp_rank: int, *, param_bytes: int = 2,
                  bucket_size_mb: float = 40.0, compiled: bool = True, fused_loss: bool = True,
-                 device: str = "cuda", cache: Optional[dict] = None) -> StageMemory:
+                 device: str = "cuda", cache: Optional[dict] = None, granularity: str = "auto",
+                 fp8: bool = False) -> StageMemory:
     """Peak of stage `pp_rank` = persistent + activations of the micro-batches in flight + the largest transient.
 
     `fused_loss`: TP=1 on GPU, the compiled cross entropy keeps the bf16 logits; otherwise the vocab-parallel
     loss keeps fp32 softmax. With `--cross-entropy-loss-fusion` (`linear_loss`) neither: the logits never exist
     whole, and the output layer's input and fp32 weight gradients, computed in forward, are kept instead.
-    `cache` (a dict) reuses the persistent layout across layouts that share it."""
+    `granularity` (--compile-granularity) and `fp8` (--fp8) decide, as training does, whether a compiled chunk is
+    one graph. `cache` (a dict) reuses the persistent layout across layouts that share it."""
     e = param_bytes
     linear_loss = m.cross_entropy_loss_fusion
     sh = shape_of(m, lay, e)
@@ -326,7 +328,10 @@ def stage_memory(m: ModelConfig, vocab_size: int, lay: Candidate, pp_rank: int, 
     # graph, benchmarks/RESULTS.md): a layer's weight gradients in the parameter dtype plus a residual-stream
     # gradient, or the output layer's weight gradient; with full recompute, one layer's recomputed activations
     # plus its MLP backward's gradients. Per-layer graphs and eager also hold that MLP workspace.
-    whole_graph = compiled and lay.tp == 1 and lay.dp == 1
+    # one graph for the whole chunk or one per layer: the rule training compiles by (model/build.py)
+    deepest = max((len(ids) for ids in layer_ids), default=0)
+    whole_graph = compiled and compile_granularity(granularity, lay.tp, lay.dp, deepest, m.hidden_dropout > 0
+                                                   or m.attention_dropout > 0, fp8) == "chunk"
     f_t = m.ffn_size // t
     first_layer = layer_ids[0][0] if layer_ids and layer_ids[0] else None
     layer_params = sum(p.numel for p in params if p.name.startswith(layer_prefix(first_layer))) \

@@ -124,7 +124,8 @@ def predict_layout(cfg: Config, lay: Candidate, gpu: Gpu, gpus_per_node: int = 8
     compiled = compile_enabled(c.training, torch.device(device))
     fused = lay.tp == 1 and device == "cuda"
     stages: list[StageMemory] = plan_memory(m, vocab, lay, param_bytes=pb, bucket_size_mb=c.parallel.bucket_size_mb,
-                                            compiled=compiled, fused_loss=fused, device=device, cache=cache)
+                                            compiled=compiled, fused_loss=fused, device=device, cache=cache,
+                                            granularity=c.training.compile_granularity, fp8=c.precision.fp8)
     busiest = max(stages, key=lambda s: s.peak)
     t = step_time(m, vocab, lay, gpu, gpus_per_node, [s.persistent for s in stages], param_bytes=pb,
                   overlap_grad_reduce=c.parallel.overlap_grad_reduce, fused_loss=fused, compiled=compiled,

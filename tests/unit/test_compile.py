@@ -33,9 +33,9 @@ def test_auto_granularity(tp, dp, layers, dropout, fp8):
     otherwise. An explicit choice is kept whatever the run."""
     ps = ParallelState(tp=tp, dp=dp)
     whole = tp == dp == 1 and not fp8 and not (dropout and layers >= 16)
-    assert compile_granularity("auto", ps, layers, dropout, fp8) == ("chunk" if whole else "layer")
-    assert compile_granularity("layer", ps, layers, dropout, fp8) == "layer"
-    assert compile_granularity("chunk", ps, layers, dropout, fp8) == "chunk"
+    assert compile_granularity("auto", ps.tp, ps.dp, layers, dropout, fp8) == ("chunk" if whole else "layer")
+    assert compile_granularity("layer", ps.tp, ps.dp, layers, dropout, fp8) == "layer"
+    assert compile_granularity("chunk", ps.tp, ps.dp, layers, dropout, fp8) == "chunk"
 
 
 @pytest.mark.parametrize("fp8", [False, True])

@@ -83,7 +83,9 @@ def test_fp8_term_counts_the_linears_the_model_switches(hidden, heads, gqa, ffn,
     again = fp8.time.parts.get("recompute", 0.0) - bf16.time.parts.get("recompute", 0.0)
     assert again == pytest.approx((inputs if held else forward) - saved if recompute == "full" else 0.0,
                                   rel=1e-9, abs=1e-15)
-    assert fp8.peak_bytes == bf16.peak_bytes and fp8.notes and not bf16.notes   # memory: bf16's, and said
+    # memory: bf16's with the per-layer graphs FP8 compiles to (model/build.compile_granularity), and said
+    per_layer = _predict(_cfg(False, compile_granularity="layer", **shape))
+    assert fp8.peak_bytes == per_layer.peak_bytes and fp8.notes and not bf16.notes
 
 
 def test_rowwise_recipes_are_predicted_as_bf16_and_say_so():
@@ -132,3 +134,23 @@ def test_the_run_gpu_has_fp8_as_its_device_does(monkeypatch, name, gib, cc, fp8)
     props = types.SimpleNamespace(name=name, total_memory=gib * GIB, major=cc[0], minor=cc[1])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     assert gpu_for_device(0).fp8 is fp8
+
+
+@fuzz(12)
+@given(layers=st.sampled_from([4, 16]), dropout=st.booleans(), fp8=st.booleans(),
+       granularity=st.sampled_from(["auto", "chunk", "layer"]))
+def test_memory_follows_the_graphs_training_compiles(layers, dropout, fp8, granularity):
+    """The memory model's compiled-graph terms follow model/build.compile_granularity, the rule training compiles
+    by (--compile-granularity; auto: per layer with FP8, or with dropout from 16 layers): a prediction equals the
+    one for the granularity that rule picks, and per-layer graphs hold the MLP backward's workspace a whole-chunk
+    graph does not."""
+    from gpt3d.model.build import compile_granularity
+
+    def peak(g: str) -> float:
+        cfg = tiny_config(num_layers=layers, micro_batch_size=MBS, global_batch_size=MBS, seq_length=SEQ,
+                          max_position_embeddings=SEQ, bf16=True, compile=True, fp8=fp8, gemm_tuning=False,
+                          hidden_dropout=0.1 if dropout else 0.0, attention_dropout=0.0, compile_granularity=g)
+        return _predict(cfg).peak_bytes
+    picked = compile_granularity(granularity, 1, 1, layers, dropout, fp8)
+    assert peak(granularity) == peak(picked)
+    assert peak("layer") > peak("chunk")
