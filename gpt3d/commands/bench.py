@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "installed, as `gpt3d train` runs them; each row's gemm_tuning says which ran, and "
                         "quack_epilogues how many GEMMs took quack-kernels' GeLU epilogues)")
     p.add_argument("--peak-tflops", type=float, default=D.peak_tflops,
-                   help="per-device peak for MFU (H100 bf16 dense)")
+                   help="per-device peak for MFU (default: the GPU's bf16 dense peak: H100 and H200 989, A100 312, "
+                        "V100 125; 989 elsewhere)")
     p.add_argument("--json", action="store_true", help="print one JSON line per result")
 
 

@@ -263,7 +263,8 @@ class TrainingConfig:
     deepspeed_config: Optional[str] = opt(None, "DeepSpeed JSON config: batch sizes, ZeRO stage, fp16/bf16 and "
                                                 "loss scaling, clipping (see config/deepspeed.py; default: none)",
                                           flag="--deepspeed_config", aliases=("--deepspeed-config",))
-    peak_tflops: float = opt(989.0, "per-device peak for MFU (H100 bf16 dense)")
+    peak_tflops: Optional[float] = opt(None, "per-device peak for MFU (default: the GPU's bf16 dense peak: H100 and "
+                                             "H200 989, A100 312, V100 125; 989 elsewhere)")
     compile: Optional[bool] = opt(None, "torch.compile the model (default: on with CUDA, off on the CPU; "
                                         "--no-compile runs eager)")
     compile_granularity: str = opt(

@@ -87,3 +87,22 @@ def test_layer_linears_are_the_linears_each_tp_rank_builds(tp, sp, heads, gqa, s
     built = [(x.weight.shape[1], x.weight.shape[0]) for x in layer.modules()
              if isinstance(x, (ColumnParallelLinear, RowParallelLinear))]
     assert sorted(built) == sorted(layer_linears(cfg, tp)) and len(built) == (5 if swiglu else 4)
+
+
+@pytest.mark.parametrize("name,memory_gib", [("NVIDIA H100 80GB HBM3", 79.2), ("NVIDIA A100-SXM4-80GB", 79.2),
+                                             ("NVIDIA A100-SXM4-40GB", 39.4), ("Tesla V100-SXM2-32GB", 31.7),
+                                             ("NVIDIA H200", 139.8), ("Some Future GPU", 200.0)])
+def test_mfu_is_against_the_gpus_own_peak_unless_given(monkeypatch, name, memory_gib):
+    """MFU's denominator: --peak-tflops where given; else the device's bf16 dense peak as the planner's presets
+    know it (an A100's MFU was reported against an H100's 989), the H100's for a GPU they do not know and the CPU."""
+    import types
+    from gpt3d.perf.throughput import peak_tflops
+    from gpt3d.plan.presets import ALIASES, PRESETS
+    props = types.SimpleNamespace(name=name, total_memory=memory_gib * 2 ** 30, major=8, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    want = next((p.tflops for key, p in PRESETS.items() if key.split("-")[0] in name.lower()
+                 and abs(p.memory_gib - memory_gib) < 0.1 * p.memory_gib), PRESETS[ALIASES["h100"]].tflops)
+    assert peak_tflops(None, torch.device("cuda")) == want
+    assert want == {"H100": 989.0, "A100": 312.0, "V100": 125.0, "H200": 989.0}.get(name.split()[1][:4], 989.0)
+    assert peak_tflops(123.0, torch.device("cuda")) == 123.0
+    assert peak_tflops(None, torch.device("cpu")) == 989.0
