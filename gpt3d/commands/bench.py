@@ -78,6 +78,10 @@ def table(rows: list) -> str:
 
 def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)})
+    import torch
+    from ..plan.presets import mfu_peak_tflops
+    if torch.cuda.is_available():   # without a GPU `measure` refuses in one line
+        opts.peak_tflops = mfu_peak_tflops(opts.peak_tflops, torch.device("cuda"))
 
     def each_shape(rows: list) -> None:
         for r in rows:

@@ -22,7 +22,7 @@ import torch
 
 from ..config import DEFAULT_VOCAB_SIZE as VOCAB, Config
 from ..errors import ConfigError
-from .throughput import Throughput, peak_tflops
+from .throughput import Throughput
 
 LLAMA = dict(use_rotary_position_embeddings=True, normalization="rmsnorm", swiglu=True, disable_bias_linear=True,
              untie_embeddings_and_output_weights=True)
@@ -58,7 +58,7 @@ class BenchOptions:
     fp8_recipe: str = "tensorwise"
     ce_fusion: bool = False
     gemm_tuning: bool = True                    # model/cublaslt.py where it applies, as in training
-    peak_tflops: Optional[float] = None         # perf/throughput.peak_tflops: the GPU's own where None
+    peak_tflops: Optional[float] = None         # None: the GPU's own (`gpt3d bench` resolves it first)
 
 
 def _config(shape: str, args: BenchOptions) -> Config:
@@ -211,7 +211,7 @@ def measure(args: BenchOptions, on_shape: Optional[Callable[[list], None]] = Non
         from ..parallel.layout import padded_vocab_size
         v = cfg.model.vocab_size
         tp = Throughput(cfg.model, v, padded_vocab_size(v, cfg.model.make_vocab_size_divisible_by, 1),
-                        cfg.training.global_batch_size, 1, peak_tflops(args.peak_tflops, torch.device("cuda")))
+                        cfg.training.global_batch_size, 1, args.peak_tflops)
         runners = [("gpt3d", bench_gpt3d)] + ([(peer_name(cfg), bench_hf)] if args.peer == "hf" else [])
         if args.peer_first:
             runners.reverse()

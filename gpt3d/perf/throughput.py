@@ -11,22 +11,8 @@ causal attention as half of s^2; no recompute) over `peak_tflops`, and reports t
 """
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
-
 from ..config import ModelConfig
 from .flops import megatron_flops_per_iter, model_flops_per_token, palm_flops_per_iter
-
-def peak_tflops(given: Optional[float], device: torch.device) -> float:
-    """MFU's denominator: --peak-tflops where given, else the device's bf16 dense peak as gpt3d's GPU presets
-    know it (plan/presets.py `gpu_for_device`: H100 and H200 989, A100 312, V100 125; an unknown GPU and the CPU
-    989, the H100's), so that an A100's MFU is not reported against an H100's peak."""
-    from ..plan.presets import PRESETS, gpu_for_device
-    if given is not None:
-        return given
-    return gpu_for_device(device).tflops if device.type == "cuda" else PRESETS["h100-80gb"].tflops
-
 
 class Throughput:
     """Per-iteration FLOPs of a config, turned into TFLOPs/GPU and MFU for a measured time."""

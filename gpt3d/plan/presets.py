@@ -225,6 +225,15 @@ def resolve_gpu(name: Optional[str] = "h100-80gb", *, tflops: Optional[float] = 
     return g
 
 
+def mfu_peak_tflops(given: Optional[float], device) -> float:
+    """MFU's denominator: --peak-tflops where given, else the device's bf16 dense peak as these presets know it
+    (`gpu_for_device`: H100 and H200 989, A100 312, V100 125; an unknown GPU and the CPU 989, the H100's), so
+    that an A100's MFU is not reported against an H100's peak."""
+    if given is not None:
+        return given
+    return gpu_for_device(device).tflops if device.type == "cuda" else PRESETS["h100-80gb"].tflops
+
+
 def gpu_for_device(device) -> Gpu:
     """The preset matching a visible CUDA device (by name and memory), or an H100-speed custom GPU of that size."""
     import torch

@@ -26,7 +26,7 @@ from ..data import stream
 from ..data.sampler import MockGPTDataset, build_data_loader
 from ..data.sizing import train_iterations, train_valid_test_num_samples
 from ..errors import CheckpointError, DataError, Gpt3dError, warn
-from ..perf.throughput import Throughput, peak_tflops
+from ..perf.throughput import Throughput
 from ..model.build import build_model_chunks, compile_enabled
 from ..model.gpt import count_parameters
 from ..optim.grad_buffer import GradBuffer
@@ -38,6 +38,7 @@ from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState, build_parallel_state, init_distributed, launch_env
 from ..plan.advice import advise
 from ..plan.fits import refuse_what_cannot_fit
+from ..plan.presets import mfu_peak_tflops
 from ..plan.search import for_run as plan_for_run
 from ..plan.search import run_gpu
 from ..console.progress import Activity
@@ -104,7 +105,7 @@ class Trainer:
         self.step = TrainStep(cfg, ps, self.model, self.grads, self.optimizer, self.schedule, self.scaler,
                               self.state, self.global_batch)
         throughput = Throughput(cfg.model, self.vocab_size, self.model.padded_vocab, self.global_batch,
-                                ps.world_size, peak_tflops(t.peak_tflops, ps.device))
+                                ps.world_size, mfu_peak_tflops(t.peak_tflops, ps.device))
         self.report = Reporter(t, ps, throughput, self.train_iters, self.global_batch, optimizer=self.optimizer,
                                sharded_state=cfg.parallel.zero_stage == 1 and ps.dp > 1, plan=self.plan)
         self.last_checkpoint: Optional[str] = None

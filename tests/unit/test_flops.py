@@ -96,7 +96,7 @@ def test_mfu_is_against_the_gpus_own_peak_unless_given(monkeypatch, name, memory
     """MFU's denominator: --peak-tflops where given; else the device's bf16 dense peak as the planner's presets
     know it (an A100's MFU was reported against an H100's 989), the H100's for a GPU they do not know and the CPU."""
     import types
-    from gpt3d.perf.throughput import peak_tflops
+    from gpt3d.plan.presets import mfu_peak_tflops as peak_tflops
     from gpt3d.plan.presets import ALIASES, PRESETS
     props = types.SimpleNamespace(name=name, total_memory=memory_gib * 2 ** 30, major=8, minor=0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
