@@ -152,9 +152,8 @@ def enable_fp8(model: nn.Module, recipe: str, device: torch.device, emulate: boo
     where `fused_swiglu` says, by default where its backward takes the epilogue (`fp8_mlp.dgrad_epilogue_loads`
     and `epilogue_takes`: no biases; +1.7% a Llama 4x1 step on one H100); without it the function measured no
     faster than per linear (Inductor's casts run at ~1.7 TB/s there; benchmarks/RESULTS.md, sessions 29 and 47).
-    Likewise the
-    attention's QKV linear, unless `fused_qkv` is False, runs as one function handing back q, k and v
-    (gpt3d/model/fp8_qkv.py) where its head dim is a multiple of 16."""
+    Likewise the attention's QKV linear, unless `fused_qkv` is False, runs as one function handing back q, k and
+    v (gpt3d/model/fp8_qkv.py) where its head dim is a multiple of 16."""
     if not emulate:
         check_fp8_supported(device)
     for m in model.modules():   # one set first would keep its GEMMs where no FP8 function replaces it

@@ -14,6 +14,7 @@ from __future__ import annotations
 from ..config import ModelConfig
 from .flops import megatron_flops_per_iter, model_flops_per_token, palm_flops_per_iter
 
+
 class Throughput:
     """Per-iteration FLOPs of a config, turned into TFLOPs/GPU and MFU for a measured time."""
 
