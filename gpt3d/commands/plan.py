@@ -96,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.training.global_batch_size:
         raise ConfigError("the plan needs --global-batch-size")
     gpu = _gpu(args)
-    preds = plan(cfg, world, gpu, args.gpus_per_node, micro_batch_sizes=args.micro_batch_sizes)
+    vocab, vocab_note = planned_vocab(cfg)   # reads the tokenizer once
+    preds = plan(cfg, world, gpu, args.gpus_per_node, micro_batch_sizes=args.micro_batch_sizes, vocab_size=vocab)
     own, refused = own_layout(cfg, world)
-    vocab, vocab_note = planned_vocab(cfg)
     notes = unmodelled(cfg) + ([vocab_note] if vocab_note else [])
     if args.json:
         emit({"gpus": world, "gpus_per_node": args.gpus_per_node, "gpu": gpu.describe(), "notes": notes,

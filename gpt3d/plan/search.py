@@ -186,8 +186,9 @@ def for_run(cfg: Config, ps: ParallelState, vocab_size: int,
 
 
 def plan(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_per_node: int = 8, *,
-         micro_batch_sizes: Optional[list] = None) -> list[Prediction]:
-    """Every valid layout, fastest first (layouts that do not fit included, marked by `fits`)."""
+         micro_batch_sizes: Optional[list] = None, vocab_size: Optional[int] = None) -> list[Prediction]:
+    """Every valid layout, fastest first (layouts that do not fit included, marked by `fits`); `vocab_size`: the
+    vocabulary where the caller already has it (`planned_vocab`), else found here."""
     if world_size < 1 or gpus_per_node < 1:
         raise ConfigError("--gpus and --gpus-per-node must be positive")
     g = _gpu(gpu)
@@ -200,7 +201,7 @@ def plan(cfg: Config, world_size: int, gpu: Union[str, Gpu, None] = None, gpus_p
                           f"{cfg.training.global_batch_size} (TP must divide the heads, PP the layers, "
                           "DP x micro-batch the global batch)")
     cache: dict = {}
-    vocab = vocab_of(cfg)   # once: the layouts' configs are mock data (apply_layout)
+    vocab = vocab_of(cfg, vocab_size)   # once: the layouts' configs are mock data (apply_layout)
     preds = [predict_layout(cfg, lay, g, gpus_per_node, vocab_size=vocab, cache=cache) for lay in layouts]
     preds.sort(key=lambda p: -p.tokens_per_s)
     return preds
